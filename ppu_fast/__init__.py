@@ -1,0 +1,27 @@
+"""ppu_fast: Pseudo-Probability Unlearning with a fast dual-Newton refinement solver.
+
+Public API: :func:`refine`, :func:`solve`, :func:`targets`, :class:`RefineInfo`,
+:class:`ConvergenceWarning`; and, imported on first use, :func:`unlearn`,
+:class:`UnlearnResult` and :func:`finetune`. Importing the package loads torch and numpy only.
+"""
+
+from .api import refine, solve, targets
+from .solver import ConvergenceWarning, RefineInfo
+
+__version__ = "0.1.0"
+
+__all__ = ["refine", "solve", "targets", "RefineInfo", "ConvergenceWarning", "unlearn",
+           "UnlearnResult", "finetune", "__version__"]
+
+_LAZY = {"unlearn": ("ppu_fast.unlearn", "unlearn"),
+         "UnlearnResult": ("ppu_fast.unlearn", "UnlearnResult"),
+         "finetune": ("ppu_fast.finetune", "finetune")}
+
+
+def __getattr__(name):
+    # Unlearning pulls in models, data and scikit-learn: load it only when asked for.
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'ppu_fast' has no attribute {name!r}")

@@ -1,0 +1,91 @@
+"""Backend registry: picks the backend that runs ``step`` / ``materialize`` for a tensor.
+
+Order (DESIGN.md §2): CUDA tensors try triton, cuda, torch; CPU tensors try cpu, torch.
+``backend="auto"`` takes the first whose ``not_supported_reasons`` is empty; the environment
+variable ``PPU_FAST_BACKEND`` replaces "auto" by a name; a named backend that cannot serve the
+call raises with its reasons. Compiled and Triton backends are imported lazily, and a failed
+import becomes a reason, never an import error of ``ppu_fast``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Dict, List, Tuple
+
+import torch
+
+from .base import Backend
+
+# name -> (module, class); modules are imported on first use only.
+_SPECS: Dict[str, Tuple[str, str]] = {
+    "triton": ("ppu_fast.backends.triton", "TritonBackend"),
+    "cuda": ("ppu_fast.backends.cuda", "CudaBackend"),
+    "cpu": ("ppu_fast.backends.cpu", "CpuBackend"),
+    "torch": ("ppu_fast.backends.torch_ref", "TorchBackend"),
+}
+BACKEND_NAMES: Tuple[str, ...] = tuple(_SPECS)
+_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+_cache: Dict[str, object] = {}
+
+
+def load(name: str) -> Tuple[Backend | None, List[str]]:
+    """Instantiate backend ``name``; returns (backend, []) or (None, [why it cannot load])."""
+    if name not in _SPECS:
+        raise ValueError(f"backend: unknown name {name!r}; expected 'auto' or one of "
+                         f"{list(BACKEND_NAMES)}")
+    if name not in _cache:
+        module, cls = _SPECS[name]
+        try:
+            _cache[name] = getattr(importlib.import_module(module), cls)()
+        except Exception as exc:  # any failure (missing module, no Triton) becomes a reason
+            _cache[name] = [f"cannot import {module}: {type(exc).__name__}: {exc}"]
+    got = _cache[name]
+    if isinstance(got, list):
+        return None, list(got)
+    return got, []  # type: ignore[return-value]
+
+
+def reasons(name: str, log_p: torch.Tensor) -> List[str]:
+    """Why backend ``name`` cannot serve a call on ``log_p`` (empty: it can)."""
+    backend, why = load(name)
+    if backend is None:
+        return why
+    return backend.available_reasons() + backend.not_supported_reasons(log_p)
+
+
+def get_backend(name: str, log_p: torch.Tensor) -> Backend:
+    """Resolve ``name`` ("auto" or a backend name) to a backend able to run on ``log_p``."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a string, got {type(name).__name__}")
+    if name == "auto":
+        name = os.environ.get("PPU_FAST_BACKEND", "auto") or "auto"
+    if name == "auto":
+        order = _ORDER["cuda" if log_p.device.type == "cuda" else "cpu"]
+        tried = []
+        for cand in order:
+            why = reasons(cand, log_p)
+            if not why:
+                return load(cand)[0]  # type: ignore[return-value]
+            tried.append(f"{cand}: {'; '.join(why)}")
+        raise RuntimeError("backend: no backend can run on this input:\n  " + "\n  ".join(tried))
+    if name not in _SPECS:
+        raise ValueError(f"backend: unknown name {name!r}; expected 'auto' or one of "
+                         f"{list(BACKEND_NAMES)}")
+    why = reasons(name, log_p)
+    if why:
+        raise RuntimeError(f"backend: {name!r} cannot run on this input ({log_p.dtype}, "
+                           f"{tuple(log_p.shape)}, {log_p.device}): " + "; ".join(why))
+    return load(name)[0]  # type: ignore[return-value]
+
+
+def describe() -> List[Tuple[str, bool, str]]:
+    """(name, available, why-not) for every backend, judged without a particular input."""
+    rows = []
+    for name in BACKEND_NAMES:
+        backend, why = load(name)
+        if backend is not None:
+            why = backend.available_reasons()
+        rows.append((name, not why, "; ".join(why)))
+    return rows

@@ -1,0 +1,39 @@
+"""Shared fixtures: synthetic classifiers, the GPU skip, the optional shared data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# ../shared beside the repository; a user's clone has none, and tests that read it skip.
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR10_DIR = SHARED / "data" / "cifar10"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def confident_classifier(n: int, k: int, seed: int = 0, margin: float = 6.0):
+    """Labels (n,) and probabilities (n x k) of a confident classifier: true-class logit +margin."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    logits = torch.randn(n, k, generator=g)
+    logits[torch.arange(n), y] += margin
+    return y, torch.softmax(logits, dim=1)
+
+
+@pytest.fixture
+def small_problem():
+    """A small refine problem: (probs 300 x 5, forget mask with 30 rows)."""
+    y, p = confident_classifier(300, 5, seed=1)
+    mask = torch.zeros(300, dtype=torch.bool)
+    mask[torch.nonzero(y == 2)[:30, 0]] = True
+    return p, mask

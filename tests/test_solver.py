@@ -1,0 +1,277 @@
+"""The solver core on the reference backend: optimality, agreement with POT, scenarios, edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ppu_fast
+from ppu_fast.backends.torch_ref import shifted_logits
+from conftest import confident_classifier
+
+
+def p_hat_of(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """P with forget rows replaced by uniform pseudo-probabilities (float64)."""
+    ph = p.double().clone()
+    ph[mask] = 1.0 / p.shape[1]
+    return ph
+
+
+def retain_marginals(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return p[~mask].double().sum(0) * (p.shape[0] / int((~mask).sum()))
+
+
+def assert_kkt(q: torch.Tensor, log_p_hat: torch.Tensor, inv_c: torch.Tensor, m: torch.Tensor,
+               tol: float = 1e-5) -> None:
+    """Rows on the simplex, column sums M, and log q - log p^ + alpha/c constant along rows."""
+    q = q.double()
+    n = q.shape[0]
+    assert (q >= 0).all()
+    assert torch.allclose(q.sum(1), torch.ones(n, dtype=torch.float64), atol=tol)
+    assert float((q.sum(0) - m).abs().sum()) / n <= tol
+    # Recover alpha from the stationarity condition by least squares, then check the residual:
+    # log q_ik - log p^_ik = -alpha_k inv_c_i + b_i.
+    d = torch.log(q) - log_p_hat
+    a_hat = -((d - d.mean(1, keepdim=True)) * inv_c[:, None]).sum(0) / (inv_c ** 2).sum()
+    r = d + inv_c[:, None].double() * a_hat[None, :]
+    spread = (r - r.mean(1, keepdim=True)).abs().max()
+    assert float(spread) <= tol, f"stationarity violated by {float(spread):.3g}"
+
+
+SCENARIOS = [(n, k, kind, lam, marg)
+             for n, k in ((50_000, 10), (50_000, 100))
+             for kind in ("class", "selective")
+             for lam in (0.5, 1.0, 3.0)
+             for marg in ("retain", "original")]
+
+
+@pytest.mark.parametrize("n,k,kind,lam,marg", SCENARIOS)
+def test_paper_scenarios_newton_within_10_passes(n, k, kind, lam, marg):
+    y, p = confident_classifier(n, k, seed=k)
+    mask = (y == 5) if kind == "class" else torch.zeros(n, dtype=torch.bool)
+    if kind == "selective":
+        mask[torch.nonzero(y == 5)[:100, 0]] = True
+    q, info = ppu_fast.refine(p, mask, lam=lam, marginals=marg, return_info=True)
+    assert info.converged and info.residual <= 1e-6
+    assert info.iterations <= 10, info.history
+    assert len(info.history) == info.iterations
+    m = retain_marginals(p, mask) if marg == "retain" else p.double().sum(0)
+    assert float((q.double().sum(0) - m).abs().sum()) / n <= 1e-6 * 1.01
+    # Sinkhorn reaches the same answer (gradient ascent is checked on k = 10 below).
+    q_s, info_s = ppu_fast.refine(p, mask, lam=lam, marginals=marg, method="sinkhorn",
+                                  return_info=True)
+    assert info_s.converged and info_s.iterations > info.iterations
+    assert float((q_s - q).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["class", "selective"])
+@pytest.mark.parametrize("lam", [0.5, 3.0])
+def test_three_methods_agree(kind, lam):
+    y, p = confident_classifier(50_000, 10, seed=3)
+    mask = (y == 5) if kind == "class" else torch.zeros(50_000, dtype=torch.bool)
+    if kind == "selective":
+        mask[torch.nonzero(y == 5)[:100, 0]] = True
+    qs, infos = [], []
+    for method in ("newton", "sinkhorn", "gradient"):
+        q, info = ppu_fast.refine(p, mask, lam=lam, method=method, return_info=True)
+        assert info.converged, (method, info.residual)
+        qs.append(q)
+        infos.append(info)
+    assert infos[0].iterations < infos[1].iterations
+    assert infos[0].iterations < infos[2].iterations
+    for q in qs[1:]:
+        assert float((q - qs[0]).abs().max()) < 1e-4
+
+
+def test_matches_pot_sinkhorn_log_when_lam_is_one():
+    ot = pytest.importorskip("ot")
+    y, p = confident_classifier(200, 7, seed=11)
+    mask = torch.zeros(200, dtype=torch.bool)
+    mask[torch.nonzero(y == 3)[:20, 0]] = True
+    for marg in ("retain", "original"):
+        q = ppu_fast.refine(p.double(), mask, lam=1.0, marginals=marg, tol=1e-7)
+        ph = p_hat_of(p, mask)
+        m = retain_marginals(p, mask) if marg == "retain" else p.double().sum(0)
+        pi = ot.bregman.sinkhorn_log(np.ones(200), m.numpy(), (-torch.log(ph)).numpy(), reg=1.0,
+                                     numItermax=20_000, stopThr=1e-6)
+        assert np.abs(q.numpy() - pi).max() < 1e-5
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(2, 200), k=st.integers(2, 12), lam=st.floats(0.1, 10.0),
+       frac=st.floats(0.0, 1.0), seed=st.integers(0, 10_000),
+       pseudo=st.sampled_from(["uniform", "random", "prior"]),
+       marg=st.sampled_from(["retain", "original"]))
+def test_kkt_conditions_hold(n, k, lam, frac, seed, pseudo, marg):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(n, k, generator=g, dtype=torch.float64) * 2, dim=1)
+    mask = torch.rand(n, generator=g) < frac
+    q, info = ppu_fast.refine(p, mask, lam=lam, pseudo=pseudo, marginals=marg, tol=1e-7,
+                              generator=torch.Generator().manual_seed(seed), return_info=True)
+    # Rebuild P^ the same way (same generator seed for "random").
+    ph = p.clone()
+    nf = int(mask.sum())
+    if nf:
+        if pseudo == "uniform":
+            ph[mask] = 1.0 / k
+        elif pseudo == "random":
+            z = torch.randn(nf, k, generator=torch.Generator().manual_seed(seed))
+            ph[mask] = torch.softmax(z, 1).double()
+        else:
+            prior = p[~mask].mean(0) if (~mask).any() else torch.full((k,), 1.0 / k)
+            ph[mask] = prior.float().double()
+    if marg == "original":
+        m = p.sum(0)
+    elif (~mask).any():
+        m = retain_marginals(p, mask)
+    else:
+        m = ph.sum(0)
+    inv_c = torch.where(mask, 1.0, 1.0 / lam).double()
+    assert_kkt(q, torch.log(ph.float().double()), inv_c, m)
+
+
+def test_solve_and_targets_low_level():
+    y, p = confident_classifier(2000, 6, seed=5)
+    log_p = torch.log(p)
+    w = torch.where(y == 1, 1.0, 2.5)
+    m = torch.full((6,), 2000 / 6, dtype=torch.float64)
+    alpha, info = ppu_fast.solve(log_p, w, m)
+    assert info.converged and alpha.shape == (6,) and alpha.dtype == torch.float64
+    assert abs(float(alpha.sum())) < 1e-8  # gauge fixed
+    q = ppu_fast.targets(log_p, w, alpha)
+    assert q.shape == p.shape and q.dtype == p.dtype
+    assert float((q.double().sum(0) - m).abs().sum()) / 2000 <= 1e-6 * 1.01
+    assert_kkt(q, log_p.double(), 1 / w.double(), m)
+    # Rows need not be normalised: a per-row shift changes nothing.
+    alpha2, _ = ppu_fast.solve(log_p + torch.randn(2000, 1), w, m)
+    assert torch.allclose(alpha, alpha2, atol=1e-4)
+
+
+def test_zero_probabilities_stay_zero():
+    y, p = confident_classifier(500, 5, seed=2)
+    p = p.clone()
+    p[::3, 4] = 0.0
+    p = p / p.sum(1, keepdim=True)
+    mask = torch.zeros(500, dtype=torch.bool)
+    mask[:20] = True
+    q = ppu_fast.refine(p, mask)
+    assert (q[~mask][p[~mask] == 0] == 0).all()
+
+
+def test_k_equal_one_returns_ones():
+    q, info = ppu_fast.refine(torch.ones(5, 1), torch.tensor([1, 3]), return_info=True)
+    assert torch.equal(q, torch.ones(5, 1)) and info.converged
+
+
+def test_empty_forget_set_keeps_probabilities(small_problem):
+    p, _ = small_problem
+    q = ppu_fast.refine(p, torch.zeros(p.shape[0], dtype=torch.bool))
+    assert torch.allclose(q, p, atol=1e-5)
+    q2 = ppu_fast.refine(p, torch.tensor([], dtype=torch.long))
+    assert torch.allclose(q2, q)
+
+
+def test_all_forget_set_works(small_problem):
+    p, _ = small_problem
+    for pseudo in ("uniform", "prior", "random"):
+        for marg in ("retain", "original"):
+            q, info = ppu_fast.refine(p, torch.ones(p.shape[0], dtype=torch.bool), pseudo=pseudo,
+                                      marginals=marg, return_info=True)
+            assert info.converged
+            assert torch.allclose(q.sum(1), torch.ones(p.shape[0]), atol=1e-5)
+
+
+def test_index_mask_equals_bool_mask(small_problem):
+    p, mask = small_problem
+    q1 = ppu_fast.refine(p, mask)
+    q2 = ppu_fast.refine(p, torch.nonzero(mask)[:, 0])
+    q3 = ppu_fast.refine(p, torch.nonzero(mask)[:, 0].numpy())
+    assert torch.equal(q1, q2) and torch.equal(q1, q3)
+
+
+def test_numpy_in_numpy_out(small_problem):
+    p, mask = small_problem
+    q = ppu_fast.refine(p.numpy(), mask.numpy())
+    assert isinstance(q, np.ndarray) and q.dtype == np.float32
+    assert np.allclose(q, ppu_fast.refine(p, mask).numpy())
+    q64 = ppu_fast.refine(p.double().numpy(), mask.numpy())
+    assert q64.dtype == np.float64
+
+
+def test_logits_input_matches_probs():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(300, 8, generator=g) * 3
+    mask = torch.rand(300, generator=g) < 0.1
+    q1 = ppu_fast.refine(logits=logits, forget_mask=mask)
+    q2 = ppu_fast.refine(torch.softmax(logits, 1), mask)
+    assert torch.allclose(q1, q2, atol=1e-5)
+
+
+def test_non_contiguous_input(small_problem):
+    p, mask = small_problem
+    wide = torch.cat([p, p], dim=1)[:, ::2]  # a strided view (not the same values as p)
+    wide = wide / wide.sum(1, keepdim=True)
+    q = ppu_fast.refine(wide, mask)
+    q_ref = ppu_fast.refine(wide.contiguous(), mask)
+    assert torch.allclose(q, q_ref, atol=1e-6)
+    assert ppu_fast.refine(p.T.contiguous().T, mask).shape == p.shape
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_half_inputs_compute_in_float32(small_problem, dtype, atol):
+    p, mask = small_problem
+    ph = p.to(dtype)
+    q, info = ppu_fast.refine(ph, mask, return_info=True)
+    assert q.dtype == dtype and info.converged
+    q32 = ppu_fast.refine(ph.float() / ph.float().sum(1, keepdim=True), mask)
+    assert float((q.float() - q32).abs().max()) < atol
+
+
+def test_max_iter_warns_and_reports(small_problem):
+    p, mask = small_problem
+    with pytest.warns(ppu_fast.ConvergenceWarning, match="did not converge"):
+        q, info = ppu_fast.refine(p, mask, method="gradient", max_iter=3, return_info=True)
+    assert not info.converged and info.iterations == 3 and info.residual > 1e-6
+    assert "max_iter" in info.message
+
+
+def test_gradient_step_size_override(small_problem):
+    p, mask = small_problem
+    _, a = ppu_fast.refine(p, mask, method="gradient", return_info=True)
+    _, b = ppu_fast.refine(p, mask, method="gradient", step_size=0.02, return_info=True)
+    assert a.converged and b.converged and a.iterations != b.iterations
+
+
+def test_info_fields(small_problem):
+    p, mask = small_problem
+    _, info = ppu_fast.refine(p, mask, return_info=True)
+    assert isinstance(info, ppu_fast.RefineInfo)
+    assert info.method == "newton" and info.backend in ("torch", "cpu")
+    assert info.seconds > 0 and np.isfinite(info.dual_value)
+    assert info.alpha.shape == (5,) and info.history[-1] == info.residual
+
+
+def test_random_pseudo_is_reproducible(small_problem):
+    p, mask = small_problem
+    a = ppu_fast.refine(p, mask, pseudo="random", generator=torch.Generator().manual_seed(7))
+    b = ppu_fast.refine(p, mask, pseudo="random", generator=torch.Generator().manual_seed(7))
+    c = ppu_fast.refine(p, mask, pseudo="random", generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_large_shift_does_not_overflow():
+    # A forgotten class whose marginal is tiny drives alpha far from zero.
+    y, p = confident_classifier(5000, 4, seed=9, margin=12.0)
+    mask = y == 0
+    q, info = ppu_fast.refine(p, mask, marginals="retain", return_info=True)
+    assert info.converged and torch.isfinite(q).all()
+    assert float(info.alpha.abs().max()) > 5
+
+
+def test_shifted_logits_is_the_single_formula():
+    lp = torch.log_softmax(torch.randn(4, 3), 1)
+    x = shifted_logits(lp, torch.tensor([1.0, 0.5, 2.0, 1.0]), torch.tensor([0.1, -0.2, 0.1]))
+    assert torch.allclose(x[1], lp[1] - 0.5 * torch.tensor([0.1, -0.2, 0.1]))

@@ -1,0 +1,182 @@
+"""Bad input: a clear error naming the argument, and the caller's tensors untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ppu_fast
+
+
+@pytest.fixture
+def problem(small_problem):
+    p, mask = small_problem
+    return p.clone(), mask.clone()
+
+
+def call_and_check_unchanged(fn, *tensors):
+    before = [t.clone() for t in tensors]
+    try:
+        return fn()
+    finally:
+        for b, t in zip(before, tensors):
+            assert torch.equal(b, t) or (torch.isnan(b).any() and torch.equal(b.isnan(), t.isnan())), \
+                "an input tensor was modified"
+
+
+def bad(p, i, value):
+    p = p.clone()
+    p[i] = value
+    return p
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: bad(p, (7, 1), float("nan")), r"probs: row 7 contains NaN or Inf"),
+    (lambda p: bad(p, (9, 0), float("inf")), r"probs: row 9 contains NaN or Inf"),
+    (lambda p: bad(p, (4, 2), -0.1), r"probs: row 4 has a negative entry"),
+    (lambda p: bad(p, 11, p[11] * 1.01), r"probs: row 11 sums to 1.01.*simplex"),
+    (lambda p: p[:0], r"probs: N == 0"),
+    (lambda p: p[0], r"probs: expected a 2-D"),
+])
+def test_bad_probs(problem, make, match):
+    p, mask = problem
+    x = make(p)
+    m = mask[: x.shape[0]] if x.dim() == 2 else mask
+    with pytest.raises(ValueError, match=match):
+        call_and_check_unchanged(lambda: ppu_fast.refine(x, m), x)
+
+
+def test_bad_logits(problem):
+    p, mask = problem
+    lg = torch.randn(p.shape)
+    lg[3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"logits: row 3 contains NaN"):
+        call_and_check_unchanged(lambda: ppu_fast.refine(logits=lg, forget_mask=mask), lg)
+
+
+def test_probs_and_logits_exclusive(problem):
+    p, mask = problem
+    with pytest.raises(ValueError, match="exactly one.*both"):
+        ppu_fast.refine(p, mask, logits=torch.log(p))
+    with pytest.raises(ValueError, match="exactly one.*neither"):
+        ppu_fast.refine(forget_mask=mask)
+
+
+@pytest.mark.parametrize("mask,exc,match", [
+    (torch.zeros(10, dtype=torch.bool), ValueError, r"forget_mask: bool mask has length 10; expected N = 300"),
+    (torch.tensor([0, 300]), ValueError, r"forget_mask: row index 300 is out of range"),
+    (torch.tensor([0.0, 1.0]), TypeError, r"forget_mask: expected bool or integer"),
+    (torch.zeros(3, 3, dtype=torch.bool), ValueError, r"forget_mask: expected 1-D"),
+])
+def test_bad_mask(problem, mask, exc, match):
+    p, _ = problem
+    with pytest.raises(exc, match=match):
+        call_and_check_unchanged(lambda: ppu_fast.refine(p, mask), p, mask)
+
+
+def test_missing_mask(problem):
+    p, _ = problem
+    with pytest.raises(ValueError, match="forget_mask: required"):
+        ppu_fast.refine(p)
+
+
+@pytest.mark.parametrize("pseudo,exc,match", [
+    ("gaussian", ValueError, r"pseudo: unknown name 'gaussian'.*uniform.*random.*prior"),
+    (torch.full((29, 5), 0.2), ValueError, r"pseudo: shape \(29, 5\); expected \(N_forget, k\) = \(30, 5\)"),
+    (torch.full((30, 5), 0.3), ValueError, r"pseudo: row 0 sums to 1.5"),
+    (torch.ones(30, 5, dtype=torch.long), TypeError, r"pseudo: expected a floating-point"),
+])
+def test_bad_pseudo(problem, pseudo, exc, match):
+    p, mask = problem
+    with pytest.raises(exc, match=match):
+        call_and_check_unchanged(lambda: ppu_fast.refine(p, mask, pseudo=pseudo), p, mask)
+
+
+@pytest.mark.parametrize("marg,match", [
+    ("balanced", r"marginals: unknown name 'balanced'.*retain.*original"),
+    (torch.full((4,), 75.0), r"marginals: shape \(4,\); expected \(5,\)"),
+    (torch.tensor([100.0, 100.0, 100.0, 100.0, -100.0]), r"marginals: class 4 is negative"),
+    (torch.full((5,), 61.0), r"marginals: sum to 305; expected N = 300"),
+    (torch.tensor([60.0, 60.0, float("nan"), 60.0, 60.0]), r"marginals: class 2 is NaN"),
+])
+def test_bad_marginals(problem, marg, match):
+    p, mask = problem
+    with pytest.raises(ValueError, match=match):
+        call_and_check_unchanged(lambda: ppu_fast.refine(p, mask, marginals=marg), p, mask)
+
+
+def test_infeasible_marginals_name_the_class(problem):
+    p, mask = problem
+    p = p.clone()
+    p[:, 3] = 0.0
+    p = p / p.sum(1, keepdim=True)
+    pseudo = p[mask].clone()  # pseudo rows also give class 3 nothing
+    with pytest.raises(ValueError, match=r"marginals: infeasible: class 3"):
+        ppu_fast.refine(p, mask, pseudo=pseudo, marginals=torch.full((5,), 60.0))
+
+
+@pytest.mark.parametrize("lam", [0.0, -1.0, float("nan"), float("inf"), "1"])
+def test_bad_lam(problem, lam):
+    p, mask = problem
+    with pytest.raises(ValueError, match="lam: expected a finite number > 0"):
+        ppu_fast.refine(p, mask, lam=lam)
+
+
+def test_unknown_method_and_backend(problem):
+    p, mask = problem
+    with pytest.raises(ValueError, match=r"method: unknown 'lbfgs'.*newton.*sinkhorn.*gradient"):
+        ppu_fast.refine(p, mask, method="lbfgs")
+    with pytest.raises(ValueError, match=r"backend: unknown name 'jax'.*torch"):
+        ppu_fast.refine(p, mask, backend="jax")
+
+
+def test_bad_tol_and_max_iter(problem):
+    p, mask = problem
+    with pytest.raises(ValueError, match="tol: expected a positive number"):
+        ppu_fast.refine(p, mask, tol=0)
+    with pytest.raises(ValueError, match="max_iter: expected a positive int"):
+        ppu_fast.refine(p, mask, max_iter=0)
+    with pytest.raises(ValueError, match="step_size: expected a positive number"):
+        ppu_fast.refine(p, mask, method="gradient", step_size=-1.0)
+
+
+def test_wrong_types(problem):
+    p, mask = problem
+    with pytest.raises(TypeError, match="probs: expected a torch.Tensor or numpy.ndarray, got list"):
+        ppu_fast.refine(p.tolist(), mask)
+    with pytest.raises(TypeError, match="probs: expected a floating-point dtype"):
+        ppu_fast.refine(torch.ones(3, 2, dtype=torch.long), torch.tensor([0]))
+
+
+def test_solve_bad_inputs():
+    lp = torch.log_softmax(torch.randn(50, 4), 1)
+    w = torch.ones(50)
+    m = torch.full((4,), 12.5)
+    with pytest.raises(ValueError, match=r"weights: row 2 has weight 0"):
+        ppu_fast.solve(lp, w.index_fill(0, torch.tensor([2]), 0.0), m)
+    with pytest.raises(ValueError, match=r"weights: shape \(49,\); expected \(50,\)"):
+        ppu_fast.solve(lp, w[:49], m)
+    bad = lp.clone()
+    bad[5] = float("-inf")
+    with pytest.raises(ValueError, match=r"log_p: row 5 is entirely -inf"):
+        ppu_fast.solve(bad, w, m)
+    bad = lp.clone()
+    bad[6, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"log_p: row 6 contains NaN or \+Inf"):
+        ppu_fast.solve(bad, w, m)
+    with pytest.raises(ValueError, match=r"alpha: shape \(3,\); expected \(4,\)"):
+        ppu_fast.targets(lp, w, torch.zeros(3))
+
+
+def test_inputs_unchanged_after_successful_refine(problem):
+    p, mask = problem
+    pseudo = torch.softmax(torch.randn(30, 5), 1)
+    m = torch.full((5,), 60.0)
+    before = [t.clone() for t in (p, mask, pseudo, m)]
+    ppu_fast.refine(p, mask, pseudo=pseudo, marginals=m)
+    for b, t in zip(before, (p, mask, pseudo, m)):
+        assert torch.equal(b, t)
+    lg = torch.randn(300, 5)
+    lg0 = lg.clone()
+    ppu_fast.refine(logits=lg, forget_mask=mask)
+    assert torch.equal(lg, lg0)
