@@ -16,14 +16,12 @@ from .solver import RefineInfo, solve_dual
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
-def _fill_log_p(out: torch.Tensor, probs: Optional[torch.Tensor],
-                logits: Optional[torch.Tensor]) -> None:
+def _fill_log_p(out: torch.Tensor, x: torch.Tensor, is_probs: bool) -> None:
     """out <- log P (or log_softmax(logits)), computed in float32 chunk by chunk."""
-    x = probs if probs is not None else logits
     n, k = x.shape
     for sl in pb.row_chunks(n, k):
         c = x[sl].float()
-        out[sl] = torch.log(c) if probs is not None else torch.log_softmax(c, dim=1)
+        out[sl] = torch.log(c) if is_probs else torch.log_softmax(c, dim=1)
 
 
 def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
@@ -64,21 +62,15 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     n, k = pb.check_matrix(x, name)
     if not isinstance(lam, (int, float)) or not lam > 0 or not np.isfinite(lam):
         raise ValueError(f"lam: expected a finite number > 0, got {lam!r}")
-    if probs is not None:
-        pb.check_probs(x, name)
-        p, lg = x, None
-    else:
-        pb.check_logits(x, name)
-        p, lg = None, x
     mask = pb.forget_rows(forget_mask, n)
-    retain = ~mask
+    mask_dev = mask.to(x.device)
     n_forget = int(mask.sum())
+    colsum_retain, colsum_forget = pb.scan_rows(x, probs is not None, mask_dev, name)
     prior = None
     if isinstance(pseudo, str) and pseudo == "prior":
-        if retain.any():
-            prior = pb.colsum_probs(p, lg, retain.to(x.device)).cpu() / int(retain.sum())
-        else:  # no retain rows to average: the uninformative prior
-            prior = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        # The retain rows' mean distribution; with none retained, the uninformative prior.
+        prior = (colsum_retain / (n - n_forget) if n_forget < n
+                 else torch.full((k,), 1.0 / k, dtype=torch.float64))
     pseudo_t = pb.pseudo_probs(pseudo, n_forget, k, prior, generator)
     if k == 1:
         info = RefineInfo(iterations=0, converged=True, residual=0.0, history=[0.0],
@@ -89,23 +81,24 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         q = q.numpy() if from_numpy else q
         return (q, info) if return_info else q
 
+    pseudo_colsum = pseudo_t.double().sum(dim=0)
+    # With no retain rows, "retain" marginals fall back to P^'s own totals (then Q = P^).
+    m = pb.target_marginals(marginals, colsum_retain, colsum_forget, n, k, pseudo_colsum)
+    # A class has support in P^ when a retained row or a pseudo row gives it probability.
+    pb.check_feasible((colsum_retain > 0) | (pseudo_colsum > 0), m)
+
     # The output buffer holds log P^ while solving and is overwritten by Q in place at the end,
     # so a refine needs no N x k temporary besides its result.
     out = torch.empty(x.shape, dtype=pb.solver_dtype(x.dtype), device=x.device)
-    _fill_log_p(out, p, lg)
-    mask_dev = mask.to(x.device)
+    _fill_log_p(out, x, probs is not None)
     if n_forget:
         out[mask_dev] = torch.log(pseudo_t).to(device=x.device, dtype=out.dtype)
-    # With no retain rows, "retain" marginals fall back to P^'s own totals (then Q = P^).
-    p_hat_colsum = None if retain.any() else pseudo_t.double().sum(dim=0)
-    m = pb.target_marginals(marginals, p, lg, retain, n, k, p_hat_colsum)
-    pb.check_feasible(out, m)
     inv_c = torch.where(mask_dev, torch.tensor(1.0, device=x.device),
                         torch.tensor(1.0 / float(lam), device=x.device)).float()
     be = get_backend(backend, out)
     info = solve_dual(be, out, inv_c, m, method=method, tol=tol, max_iter=max_iter,
                       step_size=step_size)
-    be.materialize(out, inv_c, info.alpha, out)
+    be.materialize(out, inv_c, info.alpha.to(out.device), out)
     q = out if out.dtype == x.dtype else out.to(x.dtype)
     info.seconds = time.perf_counter() - t0
     if from_numpy:
@@ -132,18 +125,18 @@ def solve(log_p: ArrayLike, weights: ArrayLike, marginals: ArrayLike, *, method:
         marginals: M (k,), >= 0, summing to N.
 
     Returns:
-        (alpha (k,) float64 on log_p's device, info). ``targets(log_p, weights, alpha)`` gives Q.
+        (alpha (k,) float64 on log_p's device, info); ``info.alpha`` is the same on the CPU. ``targets(log_p, weights, alpha)`` gives Q.
     """
     lp, _ = _prepare_log_p(log_p)
     n, k = lp.shape
     c = pb.check_weights(weights, n)
     m = pb.check_marginals(marginals, n, k)
-    pb.check_feasible(lp, m)
+    pb.check_feasible(pb.support_of(lp), m)
     inv_c = (1.0 / c).float().to(lp.device)
     be = get_backend(backend, lp)
     info = solve_dual(be, lp, inv_c, m, method=method, tol=tol, max_iter=max_iter,
                       step_size=step_size)
-    return info.alpha, info
+    return info.alpha.to(lp.device), info
 
 
 def targets(log_p: ArrayLike, weights: ArrayLike, alpha: ArrayLike, *,

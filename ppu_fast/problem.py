@@ -56,37 +56,49 @@ def check_matrix(x: torch.Tensor, name: str) -> Tuple[int, int]:
     return n, k
 
 
-def check_probs(probs: torch.Tensor, name: str = "probs") -> None:
-    """Finite, non-negative rows that sum to 1 within ROW_SUM_TOL (within 2 ulps of 1 for half
-    dtypes, whose rounding alone moves a row sum by more than 1e-3)."""
-    n, k = probs.shape
-    tol = max(ROW_SUM_TOL, 2 * torch.finfo(probs.dtype).eps)
-    for sl in row_chunks(n, k):
-        c = probs[sl]
-        bad = ~torch.isfinite(c).all(dim=1)
-        if bad.any():
-            i = _first_row(bad, sl.start)
-            raise ValueError(f"{name}: row {i} contains NaN or Inf; expected finite probabilities")
-        bad = (c < 0).any(dim=1)
-        if bad.any():
-            i = _first_row(bad, sl.start)
-            raise ValueError(f"{name}: row {i} has a negative entry "
-                             f"({float(probs[i].min()):.3g}); expected probabilities >= 0")
-        s = c.sum(dim=1, dtype=torch.float64)
-        bad = (s - 1).abs() > tol
-        if bad.any():
-            i = _first_row(bad, sl.start)
-            raise ValueError(f"{name}: row {i} sums to {float(s[i - sl.start]):.6g}; expected rows "
-                             f"on the simplex (sum 1 within {tol:.3g})")
+def scan_rows(x: torch.Tensor, is_probs: bool, forget: Optional[torch.Tensor] = None,
+              name: str = "probs") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Validate probabilities (or logits) and sum their normalised rows, in one chunked pass.
 
-
-def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
-    n, k = logits.shape
+    Probabilities must be finite, non-negative, with rows summing to 1 within ROW_SUM_TOL
+    (within 2 ulps of 1 for half dtypes, whose rounding alone moves a row sum by more than 1e-3);
+    logits must be finite. Returns the column sums (k,) float64 on the CPU of the rows of
+    softmax(logits) or of P normalised to sum exactly 1, over the retained rows and over the
+    ``forget`` rows (a bool mask (N,) on x's device; None means no forget rows).
+    """
+    n, k = x.shape
+    tol = max(ROW_SUM_TOL, 2 * torch.finfo(x.dtype).eps)
+    sums = torch.zeros(k, 2, dtype=torch.float64, device=x.device)
     for sl in row_chunks(n, k):
-        bad = ~torch.isfinite(logits[sl]).all(dim=1)
+        c = x[sl].double()
+        rs = c.sum(dim=1)
+        bad = ~torch.isfinite(rs)  # a NaN or +-Inf anywhere in the row
         if bad.any():
             i = _first_row(bad, sl.start)
-            raise ValueError(f"{name}: row {i} contains NaN or Inf; expected finite logits")
+            kind = "probabilities" if is_probs else "logits"
+            raise ValueError(f"{name}: row {i} contains NaN or Inf; expected finite {kind}")
+        if is_probs:
+            bad = c.amin(dim=1) < 0
+            if bad.any():
+                i = _first_row(bad, sl.start)
+                raise ValueError(f"{name}: row {i} has a negative entry "
+                                 f"({float(x[i].min()):.3g}); expected probabilities >= 0")
+            bad = (rs - 1).abs() > tol
+            if bad.any():
+                i = _first_row(bad, sl.start)
+                raise ValueError(f"{name}: row {i} sums to {float(rs[i - sl.start]):.6g}; expected "
+                                 f"rows on the simplex (sum 1 within {tol:.3g})")
+            # Normalising keeps sum(M) == N exactly although rows only sum to 1 within tol.
+            w = 1.0 / rs
+        else:
+            c = torch.softmax(c, dim=1)
+            w = torch.ones_like(rs)
+        f = (forget[sl] if forget is not None
+             else torch.zeros(c.shape[0], dtype=torch.bool, device=x.device))
+        weights = torch.stack([torch.where(f, 0.0, w), torch.where(f, w, 0.0)], dim=1)
+        sums += c.T @ weights
+    sums = sums.cpu()
+    return sums[:, 0].contiguous(), sums[:, 1].contiguous()
 
 
 def check_log_p(log_p: torch.Tensor, name: str = "log_p") -> None:
@@ -155,43 +167,26 @@ def pseudo_probs(pseudo, n_forget: int, k: int, prior: torch.Tensor,
     if not t.is_floating_point():
         raise TypeError(f"pseudo: expected a floating-point dtype, got {t.dtype}")
     if n_forget:
-        check_probs(t, "pseudo")
+        scan_rows(t, True, name="pseudo")
     return t.detach().cpu().float()
 
 
-def colsum_probs(probs: Optional[torch.Tensor], logits: Optional[torch.Tensor],
-                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Column sums (k,) float64 of P over ``rows`` (a bool mask on P's device, or all rows)."""
-    x = probs if probs is not None else logits
-    n, k = x.shape
-    total = torch.zeros(k, dtype=torch.float64, device=x.device)
-    for sl in row_chunks(n, k):
-        c = x[sl]
-        if probs is not None:
-            # Rows are on the simplex only within a tolerance; normalising keeps sum(M) == N.
-            p = c.double()
-            p = p / p.sum(dim=1, keepdim=True)
-        else:
-            p = torch.softmax(c.double(), dim=1)
-        if rows is not None:
-            p = p[rows[sl]]
-        total += p.sum(dim=0)
-    return total
+def target_marginals(marginals, colsum_retain: torch.Tensor, colsum_forget: torch.Tensor,
+                     n: int, k: int, p_hat_colsum: torch.Tensor) -> torch.Tensor:
+    """The class totals M (k,) float64 on the CPU, summing to N (DESIGN.md §1).
 
-
-def target_marginals(marginals, probs, logits, retain: torch.Tensor, n: int, k: int,
-                     p_hat_colsum: torch.Tensor) -> torch.Tensor:
-    """The class totals M (k,) float64 on the CPU, summing to N."""
+    ``colsum_retain`` / ``colsum_forget``: column sums of P over the retain / forget rows;
+    ``p_hat_colsum``: column sums of P^, the fallback for "retain" when nothing is retained.
+    """
     if isinstance(marginals, str):
         if marginals == "original":
-            return colsum_probs(probs, logits).cpu()
+            return colsum_retain + colsum_forget
         if marginals == "retain":
-            n_retain = int(retain.sum())
-            if n_retain == 0:
+            n_retain = float(colsum_retain.sum())
+            if n_retain < 0.5:
                 # Nothing is retained: the retain mix is undefined; keep P^'s own totals.
-                return p_hat_colsum.cpu()
-            dev = (probs if probs is not None else logits).device
-            return colsum_probs(probs, logits, retain.to(dev)).cpu() * (n / n_retain)
+                return p_hat_colsum
+            return colsum_retain * (n / n_retain)
         raise ValueError(f"marginals: unknown name {marginals!r}; expected one of "
                          f"{list(MARGINAL_NAMES)} or a tensor (k,) summing to N")
     return check_marginals(marginals, n, k)
@@ -217,13 +212,18 @@ def check_marginals(marginals, n: int, k: int) -> torch.Tensor:
     return t
 
 
-def check_feasible(log_p: torch.Tensor, m: torch.Tensor, name: str = "marginals") -> None:
-    """A class with M_k > 0 needs at least one row of P^ with non-zero probability on it."""
+def support_of(log_p: torch.Tensor) -> torch.Tensor:
+    """Which classes (k,) bool have a non-zero probability in some row of ``log_p``."""
     n, k = log_p.shape
     support = torch.zeros(k, dtype=torch.bool, device=log_p.device)
     for sl in row_chunks(n, k):
         support |= (log_p[sl] > float("-inf")).any(dim=0)
-    bad = (~support.cpu()) & (m > 0)
+    return support.cpu()
+
+
+def check_feasible(support: torch.Tensor, m: torch.Tensor, name: str = "marginals") -> None:
+    """A class with M_k > 0 needs at least one row of P^ with non-zero probability on it."""
+    bad = (~support) & (m > 0)
     if bad.any():
         j = int(torch.nonzero(bad)[0, 0])
         raise ValueError(f"{name}: infeasible: class {j} has target total {float(m[j]):.6g} > 0 "

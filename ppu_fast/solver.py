@@ -40,7 +40,7 @@ class RefineInfo:
     residual: the final ``||colsum(Q) - M||_1 / N``.
     history: the residual after each pass, first entry at the starting alpha.
     dual_value: the dual objective g(alpha) at the returned alpha.
-    alpha: the dual variables (k,) float64, gauge-fixed to sum zero.
+    alpha: the dual variables (k,) float64 on the CPU, gauge-fixed to sum zero.
     method, backend: what ran; seconds: wall time of the solve.
     """
 
@@ -69,7 +69,13 @@ class _Evaluator:
 
     def __call__(self, alpha: torch.Tensor, hessian=None):
         h_mode = self.hessian if hessian is None else hessian
-        colsum, wlogz, h = self.backend.step(self.log_p, self.inv_c, alpha, h_mode)
+        dev = self.log_p.device
+        colsum, wlogz, h = self.backend.step(self.log_p, self.inv_c,
+                                             alpha.to(dev, non_blocking=True), h_mode)
+        # The k-dimensional algebra runs on the host: one device-to-host copy per pass instead
+        # of a synchronising scalar read per operation.
+        colsum, wlogz = colsum.cpu(), wlogz.cpu()
+        h = None if h is None else h.cpu()
         self.passes += 1
         grad = colsum - self.m
         g = float(-wlogz - alpha @ self.m)
@@ -117,7 +123,8 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                alpha0: Optional[torch.Tensor] = None) -> RefineInfo:
     """Maximise the dual for ``log_p`` (N x k), ``inv_c`` (N,) and ``marginals`` M (k,).
 
-    Returns a :class:`RefineInfo` whose ``alpha`` (k,) float64 defines Q(alpha). Warns with
+    Returns a :class:`RefineInfo` whose ``alpha`` (k,) float64 (on the CPU) defines Q(alpha).
+    Warns with
     :class:`ConvergenceWarning` when ``tol`` is not reached.
     """
     if method not in METHODS:
@@ -130,25 +137,24 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
         raise ValueError(f"tol: expected a positive number, got {tol!r}")
     t_start = time.perf_counter()
     n, k = log_p.shape
-    dev = log_p.device
-    m = marginals.to(device=dev, dtype=torch.float64)
-    alpha = (torch.zeros(k, dtype=torch.float64, device=dev) if alpha0 is None
-             else alpha0.to(device=dev, dtype=torch.float64).clone())
+    m = marginals.to(device="cpu", dtype=torch.float64)
+    alpha = (torch.zeros(k, dtype=torch.float64) if alpha0 is None
+             else alpha0.to(device="cpu", dtype=torch.float64).clone())
     hessian = False
     if method == "newton":
         hessian = True if k <= DENSE_HESSIAN_MAX_K else "diag"
     ev = _Evaluator(backend, log_p, inv_c, m, hessian, max_iter)
     grad, g, h, res = ev(alpha)
     message = ""
-    inv_c64 = inv_c.double()
+    inv_c_sum = float(inv_c.sum(dtype=torch.float64))
     if method == "sinkhorn":
         # Harmonic mean of the weights: exact IPF when all weights are equal.
-        c_bar = n / float(inv_c64.sum())
+        c_bar = n / inv_c_sum
         m_safe = m.clamp_min(1e-300)
     elif method == "gradient":
         # lambda_max(diag(q) - q q^T) <= 1/2 (Gershgorin), so g is L-smooth with
         # L = sum_i inv_c_i / 2 and eta = 1/L ascends monotonically.
-        eta = step_size if step_size is not None else 2.0 / float(inv_c64.sum())
+        eta = step_size if step_size is not None else 2.0 / inv_c_sum
         if not eta > 0:
             raise ValueError(f"step_size: expected a positive number, got {step_size!r}")
     while res > tol and ev.passes < max_iter:
