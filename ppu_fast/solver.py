@@ -74,8 +74,12 @@ class _Evaluator:
                                              alpha.to(dev, non_blocking=True), h_mode)
         # The k-dimensional algebra runs on the host: one device-to-host copy per pass instead
         # of a synchronising scalar read per operation.
-        colsum, wlogz = colsum.cpu(), wlogz.cpu()
-        h = None if h is None else h.cpu()
+        if dev.type != "cpu":
+            parts = [colsum, wlogz.reshape(1)] + ([] if h is None else [h.reshape(-1)])
+            flat = torch.cat(parts).cpu()
+            k = colsum.shape[0]
+            colsum, wlogz = flat[:k], flat[k]
+            h = None if h is None else flat[k + 1:].reshape(h.shape)
         self.passes += 1
         grad = colsum - self.m
         g = float(-wlogz - alpha @ self.m)
