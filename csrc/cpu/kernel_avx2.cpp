@@ -1,0 +1,120 @@
+// AVX2 + FMA + F16C instantiation of kernel.h: 8 rows per vector in the small-k path.
+// Compiled with -mavx2 -mfma -mf16c (CMakeLists.txt); only called after a run-time CPU check.
+#include <immintrin.h>
+#include <cstdint>
+
+#define PPU_NS isa_avx2
+namespace ppu_cpu {
+namespace isa_avx2 {
+struct Avx2 {
+  static constexpr int W = 8;
+  // 2^n is built from exponent bits, valid down to n = -126; below the clamp the result is
+  // forced to exactly 0 (q < 1e-38 relative to the row max: nothing lost).
+  static constexpr float EXP_LO = -87.3f;
+  using V = __m256;
+  using I = __m256i;
+  using M = __m256;
+  struct D { __m256d lo, hi; };
+  static V set1(float a) { return _mm256_set1_ps(a); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_load_ps(p); }
+  static V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_store_ps(p, v); }
+  static void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale2(V p, V n, V x) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const V r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(r, _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LO), _CMP_GE_OQ));  // -inf, NaN -> 0
+  }
+  static M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static V blend(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
+  static void frexp12(V x, V& m, V& e) {  // x positive and normal
+    const __m256i u = _mm256_castps_si256(x);
+    e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(u, 23), _mm256_set1_epi32(127)));
+    m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffff)),
+                                            _mm256_set1_epi32(0x3f800000)));
+  }
+  static float hmax(V a) {
+    __m128 v = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    v = _mm_max_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_max_ss(v, _mm_shuffle_ps(v, v, 1));
+    return _mm_cvtss_f32(v);
+  }
+  static float hsum(V a) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+    return _mm_cvtss_f32(v);
+  }
+  static double hsum_d4(__m256d a) {
+    __m128d v = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    v = _mm_add_sd(v, _mm_unpackhi_pd(v, v));
+    return _mm_cvtsd_f64(v);
+  }
+  static double hsum_d(V a) {
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1));
+    return hsum_d4(_mm256_add_pd(lo, hi));
+  }
+  static I lane_idx(int64_t stride) {
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                              _mm256_set1_epi32(static_cast<int>(stride)));
+  }
+  static V gather_f32(const float* base, I idx) { return _mm256_i32gather_ps(base, idx, 4); }
+  static __m128i pack_lo16(__m256i g) {  // low 16 bits of each 32-bit lane -> 8 x uint16
+    const __m256i sh = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i t = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(g, sh), 0x08);
+    return _mm256_castsi256_si128(t);
+  }
+  static V gather_f16(const uint16_t* base, I idx) {
+    const __m256i g = _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 2);
+    return _mm256_cvtph_ps(pack_lo16(g));
+  }
+  static V gather_bf16(const uint16_t* base, I idx) {
+    const __m256i g = _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 2);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(g, 16));
+  }
+  static V load_f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static V load_bf16(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static void store_f16(uint16_t* p, V v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void store_bf16(uint16_t* p, V v) {
+    __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack_lo16(u));
+  }
+  static constexpr bool TILE = false;  // gathers (see kernel_avx512.cpp for the tile path)
+  static void load_tile(const void*, int, int64_t, int64_t, int, float*) {}
+  static D dzero() { return {_mm256_setzero_pd(), _mm256_setzero_pd()}; }
+  static void dacc_div(D& d, V num, V den) {
+    d.lo = _mm256_add_pd(d.lo, _mm256_div_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(num)),
+                                             _mm256_cvtps_pd(_mm256_castps256_ps128(den))));
+    d.hi = _mm256_add_pd(d.hi, _mm256_div_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(num, 1)),
+                                             _mm256_cvtps_pd(_mm256_extractf128_ps(den, 1))));
+  }
+  static double dsum(const D& d) { return hsum_d4(_mm256_add_pd(d.lo, d.hi)); }
+};
+}  // namespace isa_avx2
+}  // namespace ppu_cpu
+
+#include "kernel.h"
+
+namespace ppu_cpu {
+void run_avx2(const Params& p) { isa_avx2::run_all<isa_avx2::Avx2>(p); }
+}  // namespace ppu_cpu

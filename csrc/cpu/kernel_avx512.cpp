@@ -1,0 +1,144 @@
+// AVX-512 (F, BW, DQ, VL) instantiation of kernel.h: 16 rows per vector in the small-k path.
+// Compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma -mf16c (CMakeLists.txt);
+// only called after a run-time CPU check (bindings.cpp).
+#include <immintrin.h>
+#include <cstdint>
+
+#define PPU_NS isa_avx512
+namespace ppu_cpu {
+namespace isa_avx512 {
+struct Avx512 {
+  static constexpr int W = 16;
+  // scalef handles denormal and zero results itself, so the clamp only has to keep the
+  // Cody-Waite reduction finite: exp(-150) is 0 in float32.
+  static constexpr float EXP_LO = -150.0f;
+  using V = __m512;
+  using I = __m512i;
+  using M = __mmask16;
+  struct D { __m512d lo, hi; };
+  static V set1(float a) { return _mm512_set1_ps(a); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_load_ps(p); }
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_store_ps(p, v); }
+  static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale2(V p, V n, V) { return _mm512_scalef_ps(p, n); }
+  static M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static V blend(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
+  static void frexp12(V x, V& m, V& e) {
+    m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+    e = _mm512_getexp_ps(x);
+  }
+  static float hmax(V a) { return _mm512_reduce_max_ps(a); }
+  static float hsum(V a) { return _mm512_reduce_add_ps(a); }
+  static double hsum_d(V a) {
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+  }
+  static I lane_idx(int64_t stride) {
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32(static_cast<int>(stride)));
+  }
+  static V gather_f32(const float* base, I idx) { return _mm512_i32gather_ps(idx, base, 4); }
+  // 16-bit elements: gather 32 bits at each element's address, keep the low half.
+  static V gather_f16(const uint16_t* base, I idx) {
+    const __m512i g = _mm512_i32gather_epi32(idx, base, 2);
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+  }
+  static V gather_bf16(const uint16_t* base, I idx) {
+    const __m512i g = _mm512_i32gather_epi32(idx, base, 2);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(g, 16));
+  }
+  static V load_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static V load_bf16(const uint16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static void store_f16(uint16_t* p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void store_bf16(uint16_t* p, V v) {  // round to nearest even (q is never NaN here)
+    __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+  }
+  // 16 rows x cols (<= 16) contiguous columns starting at element `off`, row stride sr:
+  // masked row loads (never touching memory past the row's cols elements), then the standard
+  // 16 x 16 in-register transpose; column j goes to dst + 16 j.
+  static constexpr bool TILE = true;
+  __attribute__((always_inline)) static inline void load_tile(const void* base, int dtype, int64_t off, int64_t sr, int cols, float* dst) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << cols) - 1u);
+    V r[16];
+    if (dtype == 0) {
+      const float* p = static_cast<const float*>(base) + off;
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(mk, p + i * sr);
+    } else {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + off;
+      for (int i = 0; i < 16; ++i) {
+        const __m256i h = _mm256_maskz_loadu_epi16(mk, p + i * sr);
+        r[i] = dtype == 1 ? _mm512_cvtph_ps(h)
+                          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      }
+    }
+    V u[16];
+    for (int g = 0; g < 4; ++g) {
+      const V t0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
+      const V t1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+      const V t2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
+      const V t3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+      u[4 * g + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
+      u[4 * g + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
+      u[4 * g + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
+      u[4 * g + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
+    }
+    // u[4g + m], lane l: rows 4g..4g+3 of column 4l + m.
+    for (int m = 0; m < 4; ++m) {
+      const V v0 = _mm512_shuffle_f32x4(u[m], u[m + 4], 0x88);
+      const V v1 = _mm512_shuffle_f32x4(u[m], u[m + 4], 0xdd);
+      const V v2 = _mm512_shuffle_f32x4(u[m + 8], u[m + 12], 0x88);
+      const V v3 = _mm512_shuffle_f32x4(u[m + 8], u[m + 12], 0xdd);
+      if (m < cols) _mm512_store_ps(dst + 16 * m, _mm512_shuffle_f32x4(v0, v2, 0x88));
+      if (m + 4 < cols) _mm512_store_ps(dst + 16 * (m + 4), _mm512_shuffle_f32x4(v1, v3, 0x88));
+      if (m + 8 < cols) _mm512_store_ps(dst + 16 * (m + 8), _mm512_shuffle_f32x4(v0, v2, 0xdd));
+      if (m + 12 < cols) _mm512_store_ps(dst + 16 * (m + 12), _mm512_shuffle_f32x4(v1, v3, 0xdd));
+    }
+  }
+  static D dzero() { return {_mm512_setzero_pd(), _mm512_setzero_pd()}; }
+  static __m512d lo_pd(V a) { return _mm512_cvtps_pd(_mm512_castps512_ps256(a)); }
+  static __m512d hi_pd(V a) {
+    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  }
+  // d += num / den in float64 without a float64 division (two vdivpd per 16 rows cost ~10% of
+  // the small-k step): q0 = num * rcp14(den) is within ~2^-14 of the quotient, the remainder
+  // r = num - q0 * den is formed exactly enough by one FMA, and q0 + r / den (the tiny
+  // correction again through rcp14) is the quotient to ~2^-38 relative.
+  static void dacc_div(D& d, V num, V den) {
+    const V inv = _mm512_rcp14_ps(den);
+    const V q0 = _mm512_mul_ps(num, inv);
+    const V c = _mm512_mul_ps(_mm512_fnmadd_ps(q0, den, num), inv);
+    d.lo = _mm512_add_pd(d.lo, _mm512_add_pd(lo_pd(q0), lo_pd(c)));
+    d.hi = _mm512_add_pd(d.hi, _mm512_add_pd(hi_pd(q0), hi_pd(c)));
+  }
+  static double dsum(const D& d) { return _mm512_reduce_add_pd(_mm512_add_pd(d.lo, d.hi)); }
+};
+}  // namespace isa_avx512
+}  // namespace ppu_cpu
+
+#include "kernel.h"
+
+namespace ppu_cpu {
+void run_avx512(const Params& p) { isa_avx512::run_all<isa_avx512::Avx512>(p); }
+}  // namespace ppu_cpu
