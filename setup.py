@@ -109,7 +109,9 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "tqdm", "matplotlib", "scikit-learn"],
     extras_require={
-        "test": ["pytest", "hypothesis", "POT", "scikit-learn", "pytest-benchmark"],
+        # pybind11, cmake and ninja: tests/test_build.py configures the CMake project itself.
+        "test": ["pytest", "hypothesis", "POT", "scikit-learn", "pytest-benchmark", "pybind11",
+                 "cmake", "ninja"],
         "bench": ["pytest-benchmark"],
     },
     entry_points={"console_scripts": ["ppu-fast = ppu_fast.cli:main"]},
