@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# GPU check: install, report backends, run the GPU tests, run the GPU benchmarks.
+#
+#   benchmarks/gpu/check.sh OUTDIR
+#
+# Meant for a one-GPU machine with no network (torch, triton, nvcc, pybind11, cmake, ninja,
+# numpy, pytest preinstalled; POT, hypothesis, tqdm, matplotlib optional). Every phase has its
+# own timeout and log, a failing phase does not stop the later ones, and the exit status is
+# non-zero if any phase failed. Total worst case ~7 min (120 + 60 + 120 + 180 s caps); a normal
+# run takes well under 6.
+#
+# Files written into OUTDIR (flat, at most 8): install.log, info.txt, tests.log, tests.xml,
+# bench.log, cuda-<stamp>.json, cuda-<stamp>.md, cuda-<stamp>.png.
+#
+# Environment:
+#   PYTHON=...        interpreter to use (default: python)
+#   SKIP_INSTALL=1    skip the pip install (e.g. testing this script on a machine where the
+#                     package is already importable, without touching that environment)
+#   BENCH_DEVICE=cpu  benchmark the CPU instead (for testing this script without a GPU)
+#   BENCH_ARGS="..."  extra arguments for benchmarks/run.py (e.g. --sizes 50000x10 --quick)
+#   INSTALL_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT  phase limits in seconds (120, 120, 180);
+#                     the benchmark stops starting new cases 40 s before its limit
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."   # the repository root
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+BENCH_DEVICE=${BENCH_DEVICE:-cuda}
+INSTALL_TIMEOUT=${INSTALL_TIMEOUT:-120}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-120}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
+BENCH_DEADLINE=$(( BENCH_TIMEOUT > 80 ? BENCH_TIMEOUT - 40 : BENCH_TIMEOUT / 2 ))
+read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
+
+declare -a NAMES=() RESULTS=() SECONDS_TAKEN=()
+FAILED=0
+
+# run_phase NAME LIMIT_S LOGFILE CMD...: runs CMD under `timeout`, stdout+stderr to LOGFILE,
+# records PASS / FAIL (rc) / TIMEOUT. Never exits the script (set -e is suspended around it).
+run_phase() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local t0 rc
+    t0=$(date +%s)
+    echo "== $name (limit ${limit}s): $*" >&2
+    set +e
+    timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+    rc=$?
+    set -e
+    local res=PASS
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        res="TIMEOUT (${limit}s)"
+        FAILED=1
+    elif [[ $rc -ne 0 ]]; then
+        res="FAIL (rc $rc)"
+        FAILED=1
+    fi
+    NAMES+=("$name"); RESULTS+=("$res"); SECONDS_TAKEN+=("$(( $(date +%s) - t0 ))")
+    echo "   -> $res; last lines of $(basename "$log"):" >&2
+    tail -n 15 "$log" >&2 || true
+}
+
+record() {  # record NAME RESULT (a phase decided without running a command)
+    NAMES+=("$1"); RESULTS+=("$2"); SECONDS_TAKEN+=(0)
+    [[ $2 == PASS* || $2 == SKIP* ]] || FAILED=1
+}
+
+# 1. Install (build the C++ and CUDA modules in place). The CUDA module takes minutes to build
+# for three targets on few cores, so build only the device's own architecture here; a module
+# prebuilt from the same sources for this Python (PPU_FAST_PREBUILT_CUDA=1, the .so placed in
+# ppu_fast/ beforehand) is kept as it is.
+EXT_SUFFIX=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+if [[ ${PPU_FAST_PREBUILT_CUDA:-0} == 1 && -f ppu_fast/_cuda$EXT_SUFFIX ]]; then
+    echo "install: keeping the prebuilt ppu_fast/_cuda$EXT_SUFFIX" >&2
+    export PPU_FAST_SKIP_CUDA=1
+else
+    CC_ARCH=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}-real")' \
+              2>/dev/null || echo "80-real;90-real;90-virtual")
+    export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=$CC_ARCH"
+fi
+if [[ ${SKIP_INSTALL:-0} == 1 ]]; then
+    record install "SKIP (SKIP_INSTALL=1)"
+    echo "install skipped (SKIP_INSTALL=1)" > "$OUT/install.log"
+else
+    run_phase install "$INSTALL_TIMEOUT" "$OUT/install.log" \
+        "$PY" -m pip install --no-build-isolation --no-deps -e .
+fi
+
+# 2. Backends report.
+run_phase info 60 "$OUT/info.txt" "$PY" -m ppu_fast.info
+cat "$OUT/info.txt"
+
+# Is there a device, and can the GPU backends run on it? (A GPU box whose cuda/triton backend
+# is unavailable is a failed check, not a quiet fallback to torch.)
+HAVE_GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
+if [[ $HAVE_GPU == 1 ]]; then
+    if "$PY" - >> "$OUT/info.txt" 2>&1 <<'PYEOF'
+import sys
+from ppu_fast.backends import describe
+bad = [f"{n}: {why}" for n, ok, why in describe() if n in ("cuda", "triton") and not ok]
+print("GPU backends: " + ("all available" if not bad else "UNAVAILABLE " + " | ".join(bad)))
+sys.exit(1 if bad else 0)
+PYEOF
+    then record gpu-backends PASS
+    else record gpu-backends "FAIL (see info.txt)"
+    fi
+else
+    echo "no CUDA device (torch.cuda.is_available() is False)" | tee -a "$OUT/info.txt" >&2
+    record gpu-backends "FAIL (no CUDA device)"
+fi
+
+# 3. GPU tests. Name the files explicitly (collecting all of tests/ would import modules that
+# need packages absent here, e.g. hypothesis); leave out files that import hypothesis at top
+# level when it is not installed.
+HAVE_HYP=$("$PY" -c 'import hypothesis' >/dev/null 2>&1 && echo 1 || echo 0)
+TEST_FILES=()
+while IFS= read -r f; do
+    if [[ $HAVE_HYP == 0 ]] && grep -qE '^(import|from) hypothesis' "$f"; then
+        echo "tests: leaving out $f (imports hypothesis, not installed)" >&2
+        continue
+    fi
+    TEST_FILES+=("$f")
+done < <( { ls tests/test_backend_triton.py tests/test_backend_cuda.py 2>/dev/null || true
+            grep -rlE 'mark\.gpu|marks=.*gpu' tests --include='test_*.py' 2>/dev/null || true; } \
+          | awk '!seen[$0]++')
+if [[ ${#TEST_FILES[@]} -eq 0 ]]; then
+    record tests "FAIL (no test files with gpu tests found)"
+    echo "no test files found" > "$OUT/tests.log"
+else
+    run_phase tests "$TESTS_TIMEOUT" "$OUT/tests.log" \
+        "$PY" -m pytest -m gpu -p no:cacheprovider -q -rs --junitxml "$OUT/tests.xml" \
+        "${TEST_FILES[@]}"
+fi
+
+# 4. Benchmarks. run.py stops starting new cases at --deadline-s and caps torch.compile's
+# compilation at --compile-budget-s, so it ends (and writes its tables) inside the timeout;
+# it writes after every size, so even a killed run leaves what it measured.
+run_phase bench "$BENCH_TIMEOUT" "$OUT/bench.log" \
+    "$PY" benchmarks/run.py --device "$BENCH_DEVICE" --out "$OUT" --no-latest \
+    --budget 0.5 --max-case-s 8 --deadline-s "$BENCH_DEADLINE" --compile-budget-s 60 \
+    ${BENCH_EXTRA[@]+"${BENCH_EXTRA[@]}"}
+
+# 5. Summary (last thing printed).
+echo
+echo "================ summary ================"
+printf '%-14s %-28s %6s\n' phase result seconds
+for i in "${!NAMES[@]}"; do
+    printf '%-14s %-28s %6s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECONDS_TAKEN[$i]}"
+done
+"$PY" - "$OUT" <<'PYEOF' || true
+import json, sys
+from pathlib import Path
+files = sorted(Path(sys.argv[1]).glob("*-*.json"))
+if not files:
+    print("no benchmark JSON written"); sys.exit()
+doc = json.loads(files[-1].read_text())
+cp = doc.get("copy_bandwidth") or {}
+if cp:
+    print(f"copy bandwidth: {cp['GB_s']:.0f} GB/s")
+print(f"{'size':>13} {'impl':<18} {'op':<11} {'median ms':>10} {'GB/s':>7} {'%copy':>6} "
+      f"{'x(a)':>6} {'x(b)':>6}  target")
+for r in doc["rows"]:
+    if r.get("op") not in ("step", "refine") or "median_ms" not in r:
+        continue
+    f = lambda key, fmt: (fmt % r[key]) if r.get(key) is not None else ""
+    tgt = (("MET " if r["target_met"] else "MISSED ") + r["target"]) if "target" in r else ""
+    print(f"{r['size']:>13} {r['impl']:<18} {r['op']:<11} {r['median_ms']:>10.3f} "
+          f"{f('GB_s', '%.3g'):>7} {f('pct_copy_bw', '%.0f'):>6} {f('x_vs_a', '%.1f'):>6} "
+          f"{f('x_vs_b', '%.1f'):>6}  {tgt}")
+PYEOF
+echo "files in $OUT:"; ls -1 "$OUT"
+if [[ $FAILED -ne 0 ]]; then
+    echo "GPU check: FAILED (see the phases above)"
+    exit 1
+fi
+echo "GPU check: all phases passed"
