@@ -53,7 +53,12 @@ def _version(module: str) -> Optional[str]:
 
 
 def git_commit() -> str:
-    """HEAD, with "-dirty" when the working tree differs from it (numbers from uncommitted code)."""
+    """HEAD, with "-dirty" when the working tree differs from it (numbers from uncommitted code).
+
+    A copy without .git (the GPU machine gets the working tree alone) reads PPU_FAST_COMMIT,
+    which benchmarks/gpu/check.sh's caller sets to the commit it sent."""
+    if os.environ.get("PPU_FAST_COMMIT"):
+        return os.environ["PPU_FAST_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()

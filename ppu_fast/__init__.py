@@ -13,7 +13,9 @@ __version__ = "0.1.0"
 __all__ = ["refine", "solve", "targets", "RefineInfo", "ConvergenceWarning", "unlearn",
            "UnlearnResult", "finetune", "__version__"]
 
-_LAZY = {"unlearn": ("ppu_fast.unlearn", "unlearn"),
+# ``unlearn`` is a callable subpackage (ppu_fast/unlearn/__init__.py): once imported, Python binds
+# the package to this name, so return the package itself, which calls through to the function.
+_LAZY = {"unlearn": ("ppu_fast.unlearn", None),
          "UnlearnResult": ("ppu_fast.unlearn", "UnlearnResult"),
          "finetune": ("ppu_fast.finetune", "finetune")}
 
@@ -23,5 +25,6 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        mod = importlib.import_module(module)
+        return mod if attr is None else getattr(mod, attr)
     raise AttributeError(f"module 'ppu_fast' has no attribute {name!r}")

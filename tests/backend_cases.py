@@ -46,10 +46,12 @@ def make_case(n: int, k: int, dtype: torch.dtype = torch.float32, *, shift: floa
     return log_p.to(device), inv_c.to(device), alpha.to(device)
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(x: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:
+    """||x - ref|| / max(||ref||, scale): relative, except that a reference far below its natural
+    ``scale`` (a Hessian of nearly one-hot rows is ~0) is judged on that scale instead."""
     x, ref = x.double().cpu(), ref.double().cpu()
     assert not torch.isnan(x).any(), "NaN in backend output"
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
+    return float((x - ref).norm() / max(float(ref.norm()), scale, 1e-300))
 
 
 def check_step(backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
@@ -65,7 +67,9 @@ def check_step(backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.T
             continue
         assert g.dtype == torch.float64, f"{name}: dtype {g.dtype}, expected float64"
         assert g.shape == o.shape, f"{name}: shape {tuple(g.shape)}, expected {tuple(o.shape)}"
-        e_got, e_ref = rel_err(g, o), rel_err(r, o)
+        # ||H|| <= sum_i inv_c_i / 2; float32 rounding is relative to that bound, not to ||H||.
+        scale = 1e-3 * float(inv_c.double().sum()) if name == "hessian" else 0.0
+        e_got, e_ref = rel_err(g, o, scale), rel_err(r, o, scale)
         assert e_got <= 2 * e_ref + FLOOR, f"{name}: error {e_got:.3g} vs reference {e_ref:.3g}"
 
 
