@@ -1,0 +1,388 @@
+"""Datasets and the paper's unlearning splits (after SCRUB, Kurmanji et al. 2024).
+
+Every dataset is held in memory as a :class:`ArrayDataset` (images and integer labels), so that splits
+are plain index arrays and a seed fixes all of them. Nothing is ever downloaded: the CIFAR sets and any
+ImageFolder tree are read from a local folder, and a missing folder is an error that says where the
+files go.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+SMALL_SCALE = ("digits5", "cifar5")
+LARGE_SCALE = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = SMALL_SCALE + LARGE_SCALE
+SCENARIOS = ("selective", "class")
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+
+
+class ArrayDataset(Dataset):
+    """Images and labels held in memory.
+
+    Args:
+        images: (N, H, W, C) uint8 pixels, or (N, C, H, W) float32 already scaled.
+        targets: (N,) integer labels.
+        mean, std: per-channel normalisation applied to uint8 pixels after scaling to [0, 1].
+
+    Items are ``(x, y)`` with ``x`` a (C, H, W) float32 tensor and ``y`` an int64 scalar tensor.
+    """
+
+    def __init__(self, images: np.ndarray | torch.Tensor, targets: Sequence[int] | np.ndarray | torch.Tensor,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        images = torch.as_tensor(images)
+        targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        if images.dim() != 4:
+            raise ValueError(f"images must have 4 dimensions (N, H, W, C) or (N, C, H, W), got shape "
+                             f"{tuple(images.shape)}")
+        if images.shape[0] != targets.shape[0]:
+            raise ValueError(f"images and targets disagree on N: {images.shape[0]} != {targets.shape[0]}")
+        if images.dtype == torch.uint8:
+            # Keep pixels as uint8 (4x smaller than float) and convert per item.
+            self.images = images.permute(0, 3, 1, 2).contiguous()
+            c = self.images.shape[1]
+            self._mean = torch.tensor(mean if mean is not None else [0.5] * c).view(c, 1, 1)
+            self._std = torch.tensor(std if std is not None else [0.5] * c).view(c, 1, 1)
+        else:
+            self.images = images.float()
+            self._mean = self._std = None
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i]
+        if self._mean is not None:
+            x = (x.float() / 255.0 - self._mean) / self._std
+        return x, self.targets[i]
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def fingerprint_bytes(self) -> list[bytes]:
+        """Raw bytes that identify the data (for cache keys)."""
+        parts = [self.images.numpy().tobytes(), self.targets.numpy().tobytes()]
+        if self._mean is not None:
+            parts += [self._mean.numpy().tobytes(), self._std.numpy().tobytes()]
+        return parts
+
+
+@dataclass
+class Split:
+    """A dataset split for unlearning.
+
+    ``train`` is the original model's training set; ``forget_idx`` and ``retain_idx`` partition it
+    (indices into ``train``). ``val`` and ``test`` are held out. ``forget_classes`` are the classes that
+    occur in the forget set (the membership-inference attack and the "val" selection policy look only at
+    them).
+    """
+
+    name: str
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+    forget_idx: np.ndarray
+    retain_idx: np.ndarray
+    num_classes: int
+    scenario: str
+    seed: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def forget(self) -> Subset:
+        return Subset(self.train, self.forget_idx.tolist())
+
+    @property
+    def retain(self) -> Subset:
+        return Subset(self.train, self.retain_idx.tolist())
+
+    @property
+    def forget_classes(self) -> list[int]:
+        return sorted(set(self.train.targets[self.forget_idx].tolist()))
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.num_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.train.image_size
+
+    def describe(self) -> dict:
+        return {"dataset": self.name, "scenario": self.scenario, "seed": self.seed,
+                "num_classes": self.num_classes, "train": len(self.train), "val": len(self.val),
+                "test": len(self.test), "forget": int(len(self.forget_idx)),
+                "retain": int(len(self.retain_idx)), "forget_classes": self.forget_classes, **self.info}
+
+
+def dataset_targets(data: Dataset | DataLoader) -> torch.Tensor:
+    """Labels (N,) of a dataset, a ``Subset`` of one, or a loader's dataset, without loading images
+    when the dataset exposes ``targets``."""
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(data, Subset):
+        return dataset_targets(data.dataset)[torch.as_tensor(list(data.indices), dtype=torch.long)]
+    targets = getattr(data, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    return torch.as_tensor([int(data[i][1]) for i in range(len(data))], dtype=torch.long)
+
+
+def make_loader(data: Dataset | DataLoader, batch_size: int = 256, shuffle: bool = False,
+                seed: int | None = None) -> DataLoader:
+    """A DataLoader over ``data`` (a loader is returned unchanged unless shuffling is asked for)."""
+    if isinstance(data, DataLoader):
+        if not shuffle:
+            return data
+        data = data.dataset
+    generator = None
+    if shuffle:
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------- pools
+@dataclass
+class _Pool:
+    """Labels of a train or test pool, and a way to decode selected images (so that a small split of a
+    large JPEG tree decodes only what it uses)."""
+
+    targets: np.ndarray
+    load: Callable[[np.ndarray], np.ndarray]  # indices -> (n, H, W, C) uint8
+    classes: list[str]
+
+
+def _missing(root: Path, what: str, expected: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{what}: no data at '{root}'. Nothing is downloaded; put the files there yourself. Expected "
+        f"{expected}.")
+
+
+def _cifar_official(root: Path, hundred: bool) -> tuple[_Pool, _Pool] | None:
+    folder = "cifar-100-python" if hundred else "cifar-10-batches-py"
+    base = root / folder if (root / folder).is_dir() else root
+    train_files = ["train"] if hundred else [f"data_batch_{i}" for i in range(1, 6)]
+    test_files = ["test"] if hundred else ["test_batch"]
+    if not all((base / f).is_file() for f in train_files + test_files):
+        return None
+    key = b"fine_labels" if hundred else b"labels"
+
+    def read(files: list[str]) -> _Pool:
+        xs, ys = [], []
+        for f in files:
+            with open(base / f, "rb") as fh:
+                d = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(d[key], dtype=np.int64))
+        x = np.concatenate(xs)
+        n_classes = 100 if hundred else 10
+        return _Pool(np.concatenate(ys), lambda idx: x[idx], [str(c) for c in range(n_classes)])
+
+    return read(train_files), read(test_files)
+
+
+def _image_folder(root: Path, image_size: int | None, progress: bool) -> tuple[_Pool, _Pool] | None:
+    if not ((root / "train").is_dir() and (root / "test").is_dir()):
+        return None
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        return None
+    index = {c: i for i, c in enumerate(classes)}
+
+    def read(sub: str) -> _Pool:
+        paths, ys = [], []
+        for c in classes:
+            folder = root / sub / c
+            if not folder.is_dir():
+                continue
+            for p in sorted(folder.iterdir()):
+                if p.suffix.lower() in _IMAGE_EXTENSIONS:
+                    paths.append(p)
+                    ys.append(index[c])
+
+        def load(idx: np.ndarray) -> np.ndarray:
+            from PIL import Image
+            from tqdm.auto import tqdm
+
+            out = []
+            for i in tqdm(idx.tolist(), desc=f"decode {sub}", disable=not progress or len(idx) < 2000,
+                          leave=False):
+                with Image.open(paths[i]) as im:
+                    im = im.convert("RGB")
+                    if image_size is not None and im.size != (image_size, image_size):
+                        im = im.resize((image_size, image_size), Image.BILINEAR)
+                    out.append(np.asarray(im, dtype=np.uint8))
+            return np.stack(out)
+
+        return _Pool(np.asarray(ys, dtype=np.int64), load, classes)
+
+    return read("train"), read("test")
+
+
+def _digits_pools(seed: int, train_per_class: int | None) -> tuple[_Pool, _Pool]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # 8x8 pixels in 0..16; scale to [-1, 1] once.
+    x = (d.images.astype(np.float32)[:, None] / 8.0 - 1.0)
+    y = d.target.astype(np.int64)
+    # scikit-learn's digits has no test split: hold out a seeded share of each class.
+    rng = np.random.default_rng(seed + 7919)
+    test = []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n = len(idx) - train_per_class if train_per_class is not None else len(idx) // 5
+        test.append(idx[:n])
+    test = np.sort(np.concatenate(test))
+    train = np.setdiff1d(np.arange(len(y)), test)
+    names = [str(c) for c in range(10)]
+    return (_Pool(y[train], lambda idx: x[train][idx], names),
+            _Pool(y[test], lambda idx: x[test][idx], names))
+
+
+def _pools(name: str, root: str | Path | None, seed: int, image_size: int | None,
+           progress: bool) -> tuple[_Pool, _Pool, tuple | None]:
+    if name in ("digits", "digits5"):
+        # digits5 keeps 125 per class for train+val and the rest (52-58 per class) as its test set;
+        # digits holds out a fifth of each class as its test set.
+        train, test = _digits_pools(seed, 125 if name == "digits5" else None)
+        return train, test, None
+    if root is None:
+        raise ValueError(f"dataset '{name}' needs data_root: a folder with the official python batches "
+                         f"or an ImageFolder tree (train/<class>/*.jpg, test/<class>/*.jpg)")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise _missing(root, f"dataset '{name}'", "train/<class>/ and test/<class>/ image folders" +
+                       ("" if name == "imagefolder" else
+                        " or torchvision's python batches (cifar-10-batches-py/ or cifar-100-python/)"))
+    pools = None
+    if name in ("cifar5", "cifar10", "cifar100"):
+        pools = _cifar_official(root, hundred=name == "cifar100")
+    if pools is None:
+        pools = _image_folder(root, 32 if image_size is None else image_size, progress)
+    if pools is None:
+        raise _missing(root, f"dataset '{name}'", "train/<class>/ and test/<class>/ image folders" +
+                       ("" if name == "imagefolder" else
+                        " or torchvision's python batches (cifar-10-batches-py/ or cifar-100-python/)"))
+    norm = (CIFAR_MEAN, CIFAR_STD) if name.startswith("cifar") else ((0.5,) * 3, (0.5,) * 3)
+    return pools[0], pools[1], norm
+
+
+def _per_class(rng: np.random.Generator, targets: np.ndarray, classes: Sequence[int],
+               n: int | None) -> dict[int, np.ndarray]:
+    out = {}
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(targets == c))
+        if n is not None:
+            if len(idx) < n:
+                raise ValueError(f"class {c} has {len(idx)} examples, the split needs {n}")
+            idx = idx[:n]
+        out[c] = idx
+    return out
+
+
+def make_split(name: str = "digits5", *, data_root: str | Path | None = None, scenario: str = "selective",
+               forget_class: int | None = None, num_forget: int | None = None,
+               forget_indices: Sequence[int] | None = None, val_fraction: float = 0.05, seed: int = 0,
+               image_size: int | None = None, progress: bool = True) -> Split:
+    """Build the paper's split of a dataset.
+
+    Small scale (``digits5``, ``cifar5``): classes 0-4; 125 training images per class, split 100 train /
+    25 val; 100 test images per class (digits5: the ~55 per class that scikit-learn's digits has left);
+    the forget set is 25 training samples of class 0 (``scenario`` is ignored).
+
+    Large scale (``digits``, ``cifar10``, ``cifar100``, ``imagefolder``): all classes and all training
+    images except ``val_fraction`` of each class, held out as the validation set. ``scenario="class"``
+    forgets every training sample of ``forget_class`` (default 5); ``"selective"`` forgets ``num_forget``
+    (default 100) samples of it.
+
+    ``forget_indices`` (indices into the training set) overrides the scenario. ``seed`` fixes every
+    choice. Returns a :class:`Split`.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; expected one of {', '.join(DATASETS)}")
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario '{scenario}'; expected one of {', '.join(SCENARIOS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    train_pool, test_pool, norm = _pools(name, data_root, seed, image_size, progress)
+    rng = np.random.default_rng(seed)
+    num_classes = len(train_pool.classes)
+    if name in SMALL_SCALE:
+        classes = list(range(5))
+        chosen = _per_class(rng, train_pool.targets, classes, 125)
+        tr = np.sort(np.concatenate([v[:100] for v in chosen.values()]))
+        va = np.sort(np.concatenate([v[100:] for v in chosen.values()]))
+        n_test = 100 if name == "cifar5" else None
+        te = np.sort(np.concatenate(list(_per_class(rng, test_pool.targets, classes, n_test).values())))
+        num_classes = 5
+        default_class, default_forget = 0, 25
+        scenario = "selective"
+    else:
+        classes = list(range(num_classes))
+        chosen = _per_class(rng, train_pool.targets, classes, None)
+        n_val = {c: max(1, int(round(val_fraction * len(v)))) if val_fraction > 0 else 0
+                 for c, v in chosen.items()}
+        tr = np.sort(np.concatenate([v[n_val[c]:] for c, v in chosen.items()]))
+        va = np.sort(np.concatenate([v[:n_val[c]] for c, v in chosen.items()]))
+        te = np.arange(len(test_pool.targets))
+        default_class, default_forget = 5, 100
+
+    def build(pool: _Pool, idx: np.ndarray) -> ArrayDataset:
+        # An empty part (val_fraction=0) keeps the pool's image shape.
+        images = pool.load(idx) if len(idx) else pool.load(np.arange(1))[:0]
+        mean, std = norm if norm else (None, None)
+        return ArrayDataset(images, pool.targets[idx], mean, std)
+
+    train, val, test = build(train_pool, tr), build(train_pool, va), build(test_pool, te)
+    forget_idx = _forget_indices(train.targets.numpy(), rng, scenario, forget_class, num_forget,
+                                 forget_indices, default_class, default_forget, num_classes)
+    retain_idx = np.setdiff1d(np.arange(len(train)), forget_idx)
+    info = {"data_root": str(data_root) if data_root is not None else None}
+    return Split(name, train, val, test, forget_idx, retain_idx, num_classes, scenario, seed, info)
+
+
+def _forget_indices(targets: np.ndarray, rng: np.random.Generator, scenario: str, forget_class: int | None,
+                    num_forget: int | None, forget_indices: Sequence[int] | None, default_class: int,
+                    default_forget: int, num_classes: int) -> np.ndarray:
+    n = len(targets)
+    if forget_indices is not None:
+        idx = np.asarray(forget_indices)
+        if idx.ndim != 1 or idx.size == 0:
+            raise ValueError("forget_indices must be a non-empty 1-D sequence of training-set indices")
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise TypeError(f"forget_indices must be integers, got dtype {idx.dtype}")
+        if idx.min() < 0 or idx.max() >= n:
+            raise ValueError(f"forget_indices must lie in the training set [0, {n}); got values in "
+                             f"[{idx.min()}, {idx.max()}]")
+        if len(np.unique(idx)) != len(idx):
+            raise ValueError("forget_indices contains repeated indices")
+        return np.sort(idx.astype(np.int64))
+    c = default_class if forget_class is None else int(forget_class)
+    if not 0 <= c < num_classes:
+        raise ValueError(f"forget_class must be in [0, {num_classes}), got {forget_class}")
+    of_class = np.flatnonzero(targets == c)
+    if scenario == "class":
+        return of_class.astype(np.int64)
+    k = default_forget if num_forget is None else int(num_forget)
+    if k <= 0:
+        raise ValueError(f"num_forget must be positive (an empty forget set forgets nothing), got {k}")
+    if k > len(of_class):
+        raise ValueError(f"num_forget={k} but class {c} has only {len(of_class)} training samples")
+    return np.sort(rng.permutation(of_class)[:k]).astype(np.int64)

@@ -1,0 +1,123 @@
+"""The paper's architectures: ALL-CNN (as in SCRUB), ResNet-18 for 32x32 inputs, and a small CNN for
+scikit-learn's 8x8 digits. Every model maps (B, C, H, W) images to (B, num_classes) logits."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODELS = ("smallcnn", "allcnn", "resnet18")
+
+
+def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    # bias is redundant before BatchNorm (its shift absorbs it), as in SCRUB's Conv block.
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding=(kernel - 1) // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(channels * width))
+
+
+class SmallCNN(nn.Module):
+    """Three Conv-BN-ReLU blocks (16, 32, 64 channels x width; the last two stride 2), global average
+    pooling and a linear layer: a few thousand parameters, enough for 8x8 digits in seconds on a CPU."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> None:
+        super().__init__()
+        c1, c2, c3 = (_scaled(c, width) for c in (16, 32, 64))
+        self.features = nn.Sequential(_conv_bn(in_channels, c1), _conv_bn(c1, c2, stride=2),
+                                      _conv_bn(c2, c3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(c3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class AllCNN(nn.Module):
+    """ALL-CNN (Springenberg et al. 2014) as SCRUB uses it: Conv-BN-ReLU blocks
+    3->96->96->192 (stride 2)->192->192->192 (stride 2)->192 (3x3)->192 (1x1), average pooling, linear.
+    ``width`` scales the channel counts (SCRUB's ``filters_percentage``)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        a, b = _scaled(96, width), _scaled(192, width)
+        self.features = nn.Sequential(
+            _conv_bn(in_channels, a), _conv_bn(a, a), _conv_bn(a, b, stride=2),
+            _conv_bn(b, b), _conv_bn(b, b), _conv_bn(b, b, stride=2),
+            _conv_bn(b, b), _conv_bn(b, b, kernel=1),
+            # Adaptive pooling equals SCRUB's AvgPool2d(8) on 32x32 inputs and also accepts other sizes.
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(b, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 layout for 32x32 inputs: a 3x3 stride-1 stem and no max-pool, then four
+    stages of two basic blocks (64, 128, 256, 512 channels x ``width``). At ``width=1`` it has exactly
+    the parameters of ``torchvision.models.resnet18`` with that stem. (torchvision's own class cannot
+    scale the width of basic blocks, hence this copy of its layout.)"""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        widths = [_scaled(c, width) for c in (64, 128, 256, 512)]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        stages, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(_BasicBlock(cin, w, stride), _BasicBlock(w, w, 1)))
+            cin = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    """Construct ``smallcnn``, ``allcnn`` or ``resnet18`` for ``num_classes`` classes."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; expected one of {', '.join(MODELS)}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not width > 0:
+        raise ValueError(f"width must be positive, got {width}")
+    cls = {"smallcnn": SmallCNN, "allcnn": AllCNN, "resnet18": ResNet18}[name]
+    return cls(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def reset_parameters(model: nn.Module, seed: int | None = None) -> nn.Module:
+    """Re-initialise every submodule that can (in place; returns ``model``), for retraining a copy of
+    an arbitrary model from scratch."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if hasattr(m, "reset_running_stats"):
+            m.reset_running_stats()
+    return model

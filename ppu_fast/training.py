@@ -1,0 +1,179 @@
+"""The one standard supervised training loop (cross-entropy, SGD) for original and retrained models and
+for the fine-tuning baseline, with an on-disk cache so that a second run does not retrain.
+
+The cache lives in ``$PPU_FAST_CACHE``, else ``$XDG_CACHE_HOME/ppu_fast``, else ``~/.cache/ppu_fast``.
+A cached model is keyed by a hash of everything that determines it: the architecture, its initial
+weights, the training data (bytes and labels), the :class:`TrainConfig` and a format version.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .data import ArrayDataset
+
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`fit`. ``schedule`` is ``"cosine"`` (annealed to 0 over the run) or
+    ``"constant"``; ``augment`` applies random crops (padding 4) and horizontal flips, for 32x32 images."""
+
+    epochs: int = 30
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    schedule: str = "cosine"
+    augment: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+
+
+def cache_dir() -> Path:
+    """The user's cache folder for ppu_fast (not created here)."""
+    if os.environ.get("PPU_FAST_CACHE"):
+        return Path(os.environ["PPU_FAST_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "ppu_fast"
+    return Path.home() / ".cache" / "ppu_fast"
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding 4 and random horizontal flip, per example. x: (B, C, H, W)."""
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1).to(x.device), x.flip(-1), x)
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (b,), generator=generator).tolist()
+    dx = torch.randint(0, 9, (b,), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
+        device: str | torch.device | None = None, progress: bool = True, desc: str = "train") -> nn.Module:
+    """Train ``model`` in place with cross-entropy and SGD (momentum, weight decay) on ``data``, whose
+    items are ``(x (C, H, W), y)``; returns ``model``. ``config.seed`` fixes the shuffling and the
+    augmentation."""
+    from tqdm.auto import tqdm
+
+    if len(data) == 0:
+        raise ValueError("data is empty: nothing to train on")
+    device = torch.device(device) if device is not None else model_device(model)
+    model.to(device)
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay)
+    sched = None
+    if config.schedule == "cosine" and config.epochs > 0:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * len(loader))
+    bar = tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        model.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for x, y in loader:
+            if config.augment:
+                x = augment_batch(x, gen)
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += len(y)
+            correct += int((out.argmax(1) == y).sum())
+            loss_sum += float(loss.detach()) * len(y)
+        bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{100 * correct / total:.1f}")
+    model.eval()
+    return model
+
+
+def _data_digest(h: "hashlib._Hash", data: Dataset) -> None:
+    if isinstance(data, Subset):
+        _data_digest(h, data.dataset)
+        h.update(torch.as_tensor(list(data.indices), dtype=torch.long).numpy().tobytes())
+    elif isinstance(data, ArrayDataset):
+        for part in data.fingerprint_bytes():
+            h.update(part)
+    else:
+        # Any other dataset: hash what it yields (slower, but exact).
+        for i in range(len(data)):
+            x, y = data[i]
+            h.update(torch.as_tensor(x).cpu().numpy().tobytes())
+            h.update(str(int(y)).encode())
+
+
+def cache_key(model: nn.Module, data: Dataset, config: TrainConfig) -> str:
+    """Hex digest identifying the result of ``fit(model, data, config)``."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": _CACHE_VERSION, "config": dataclasses.asdict(config),
+                         "arch": repr(model)}, sort_keys=True).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    _data_digest(h, data)
+    return h.hexdigest()[:32]
+
+
+def fit_cached(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
+               device: str | torch.device | None = None, progress: bool = True, desc: str = "train",
+               cache: bool = True) -> tuple[nn.Module, dict]:
+    """:func:`fit` on a copy of ``model`` (the argument is not modified), loading the result from the
+    cache when the same model, data and config were trained before.
+
+    Returns ``(trained, meta)`` with ``meta = {"cached": bool, "train_seconds": float, "path": str}``;
+    ``train_seconds`` is the training time when the model was trained (so a cached result still
+    reports what training costs)."""
+    import time
+
+    trained = copy.deepcopy(model)
+    device = torch.device(device) if device is not None else model_device(model)
+    path = cache_dir() / "models" / f"{cache_key(model, data, config)}.pt" if cache else None
+    if path is not None and path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            trained.load_state_dict(state["state_dict"])
+            return trained.to(device).eval(), {"cached": True, "train_seconds": float(state["seconds"]),
+                                               "path": str(path)}
+        except (RuntimeError, KeyError, EOFError, OSError, ValueError):
+            pass  # a truncated or foreign file: retrain and overwrite it
+    t0 = time.perf_counter()
+    fit(trained, data, config, device=device, progress=progress, desc=desc)
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"state_dict": {k: v.cpu() for k, v in trained.state_dict().items()},
+                    "config": dataclasses.asdict(config), "seconds": seconds}, tmp)
+        # rename is atomic, so a concurrent run never reads a half-written file.
+        os.replace(tmp, path)
+    return trained, {"cached": False, "train_seconds": seconds, "path": str(path) if path else None}

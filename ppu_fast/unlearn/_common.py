@@ -1,0 +1,54 @@
+"""Helpers shared by the unlearning methods: evaluation during fine-tuning and device handling."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from ..data import dataset_targets
+from ..metrics import error, restrict_to_classes
+from ..training import model_device
+
+
+def working_copy(model: nn.Module, inplace: bool, device: str | torch.device | None) -> nn.Module:
+    """``model`` itself when ``inplace``, else a deep copy; moved to ``device`` if given."""
+    work = model if inplace else copy.deepcopy(model)
+    return work.to(torch.device(device)) if device is not None else work
+
+
+def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else model_device(model)
+
+
+def sample(data: Dataset, limit: int | None, seed: int) -> Dataset:
+    """At most ``limit`` examples of ``data``, drawn once with ``seed`` (all of them if fewer)."""
+    if limit is None or len(data) <= limit:
+        return data
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
+    return Subset(data, sorted(idx.tolist()))
+
+
+def make_evaluator(forget: Dataset, retain: Dataset, val: Dataset | None, *, retain_limit: int | None,
+                   seed: int, device: torch.device) -> Callable[[nn.Module], dict]:
+    """The per-epoch evaluation of PPU's history: forget error, retain error (on at most
+    ``retain_limit`` retain examples, drawn once) and the validation error on the forget classes."""
+    retain_eval = sample(retain, retain_limit, seed)
+    val_forget = None
+    if val is not None:
+        classes = dataset_targets(forget).unique().tolist()
+        val_forget = restrict_to_classes(val, classes)
+        if len(val_forget) == 0:
+            raise ValueError(f"val has no examples of the forget classes {classes}; the 'val' selection "
+                             f"policy compares against them")
+
+    def evaluate(model: nn.Module) -> dict:
+        row = {"forget_error": error(model, forget, device=device),
+               "retain_error": error(model, retain_eval, device=device)}
+        if val_forget is not None:
+            row["val_error"] = error(model, val_forget, device=device)
+        return row
+
+    return evaluate

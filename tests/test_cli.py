@@ -1,0 +1,111 @@
+"""The ppu-fast command on tiny configurations."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ppu_fast
+from ppu_fast.cli import main
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPU_FAST_CACHE", str(tmp_path / "cache"))
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # the demo sets one thread for its tiny model
+
+
+def test_demo_writes_table_and_files(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Method | Test error | Retain error | Forget error" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == ["original", "retrain", "finetune", "ppu", "ppu-bias", "ppu-random"]
+    for name, entry in res["methods"].items():
+        assert {"test_error", "retain_error", "forget_error", "val_error", "mia", "seconds",
+                "std"} <= set(entry)
+        assert 0 <= entry["test_error"] <= 100 and 0 <= entry["mia"] <= 100
+        assert f"{entry['forget_error']:.2f}" in printed
+    assert res["methods"]["original"]["retain_error"] < 5
+    assert res["config"]["dataset"] == "digits5" and res["config"]["split"]["forget"] == 25
+    assert (out / "results.md").read_text().count("\n| ") == 7
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run loads the original and retrained models from the cache
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    assert "loaded from cache" in capsys.readouterr().out
+
+
+def test_run_over_seeds_reports_mean_and_std(tmp_path):
+    out = tmp_path / "run"
+    code = main(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.5", "--methods",
+                 "original,ppu,ppu-random", "--seeds", "1,2", "--epochs", "2", "--unlearn-epochs", "1",
+                 "--threads", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["seeds"] == [1, 2] and len(res["per_seed"]) == 2
+    errs = [run["original"]["test_error"] for run in res["per_seed"]]
+    assert res["methods"]["original"]["test_error"] == pytest.approx(np.mean(errs))
+    assert res["methods"]["original"]["std"]["test_error"] == pytest.approx(np.std(errs))
+    assert "±" in (out / "results.md").read_text()
+    assert res["config"]["method_options"]["ppu"] == {"epochs": "1"}
+
+
+@pytest.mark.parametrize("ext", [".npy", ".pt"])
+def test_refine_on_files(tmp_path, ext, capsys):
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(50, 4, generator=g), 1)
+    mask = torch.zeros(50, dtype=torch.bool)
+    mask[:5] = True
+    if ext == ".npy":
+        np.save(tmp_path / "p.npy", probs.numpy())
+        np.save(tmp_path / "m.npy", mask.numpy())
+    else:
+        torch.save(probs, tmp_path / "p.pt")
+        torch.save(mask, tmp_path / "m.pt")
+    out = tmp_path / f"q{ext}"
+    assert main(["refine", "--probs", str(tmp_path / f"p{ext}"), "--forget", str(tmp_path / f"m{ext}"),
+                 "--lam", "2", "--out", str(out)]) == 0
+    q = np.load(out) if ext == ".npy" else torch.load(out).numpy()
+    expected = ppu_fast.refine(probs, mask, lam=2.0).numpy()
+    assert np.allclose(q, expected, atol=1e-6)
+    assert "converged True" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--dataset", "digits5", "--model", "smallcnn", "--methods", "ppu,forget-all", "--out", "x"],
+     "unknown method(s) forget-all"),
+    (["run", "--dataset", "cifar10", "--model", "allcnn", "--data-root", "/nonexistent/cifar",
+      "--out", "x"], "/nonexistent/cifar"),
+    (["refine", "--probs", "/nonexistent/p.npy", "--forget", "m.npy", "--out", "q.npy"], "--probs"),
+    (["refine", "--probs", "p.npy", "--forget", "m.npy", "--out", "q.csv"], "--out"),
+])
+def test_bad_input_is_reported(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_choices_exit_with_usage(capsys):
+    for argv in (["run", "--dataset", "mnist", "--model", "smallcnn", "--out", "x"],
+                 ["run", "--dataset", "digits5", "--model", "vgg", "--out", "x"], ["frobnicate"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_report_summary_table_and_nan(tmp_path):
+    from ppu_fast.report import format_table, summarize, write_results
+    runs = [{"ppu": {"test_error": 10.0, "retain_error": 0.0, "forget_error": 20.0, "val_error": float("nan"),
+                     "mia": 50.0, "seconds": 1.0}},
+            {"ppu": {"test_error": 14.0, "retain_error": 2.0, "forget_error": 30.0, "val_error": float("nan"),
+                     "mia": 54.0, "seconds": 3.0}}]
+    methods = summarize(runs)
+    assert methods["ppu"]["test_error"] == 12.0 and methods["ppu"]["std"]["test_error"] == 2.0
+    table = format_table(methods, with_std=True)
+    assert "| PPU (privacy) | 12.00 ± 2.00 | 1.00 ± 1.00 | 25.00 ± 5.00 | - | 52.00 ± 2.00 |" in table
+    paths = write_results(tmp_path, {"dataset": "x"}, methods, per_seed=runs)
+    res = json.loads(paths["json"].read_text())
+    assert res["methods"]["ppu"]["val_error"] is None and res["per_seed"][0]["ppu"]["val_error"] is None

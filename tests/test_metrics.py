@@ -1,0 +1,82 @@
+"""Error and the membership-inference attack, on constructed models and losses."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ppu_fast.metrics import error, losses, mia, mia_from_losses
+
+
+class LogitsAreInputs(nn.Module):
+    """A 'model' whose logits are its inputs, so losses can be set exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x + 0 * self.dummy
+
+
+def test_error_in_percent():
+    x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
+    y = torch.tensor([0, 0, 0, 1])
+    assert error(LogitsAreInputs(), TensorDataset(x, y)) == pytest.approx(25.0)
+    assert np.allclose(losses(LogitsAreInputs(), TensorDataset(x, y)),
+                       torch.nn.functional.cross_entropy(x, y, reduction="none").numpy())
+
+
+def test_error_restores_training_mode():
+    m = LogitsAreInputs().train()
+    error(m, TensorDataset(torch.randn(3, 2), torch.zeros(3, dtype=torch.long)))
+    assert m.training
+
+
+def test_mia_separable_losses_near_100():
+    rng = np.random.default_rng(0)
+    forget = rng.uniform(0.0, 0.1, 200)
+    test = rng.uniform(2.0, 3.0, 200)
+    assert mia_from_losses(forget, test, seed=1) > 97
+
+
+def test_mia_identical_distributions_near_50():
+    rng = np.random.default_rng(1)
+    scores = [mia_from_losses(rng.exponential(1.0, 400), rng.exponential(1.0, 400), seed=s) for s in range(4)]
+    assert 40 < np.mean(scores) < 60
+
+
+def test_mia_balances_and_is_deterministic():
+    rng = np.random.default_rng(2)
+    forget, test = rng.exponential(0.5, 30), rng.exponential(1.0, 300)
+    assert mia_from_losses(forget, test, seed=3) == mia_from_losses(forget, test, seed=3)
+    # heavily unbalanced sides would give ~91 % by always answering "test"; balancing removes that
+    assert mia_from_losses(rng.exponential(1.0, 30), rng.exponential(1.0, 300), seed=0) < 75
+
+
+def test_mia_clips_extreme_losses():
+    forget = np.r_[np.full(50, 0.01), [1e9]]
+    test = np.r_[np.full(50, 5.0), [np.float64(1e12)]]
+    assert 90 < mia_from_losses(forget, test, seed=0) <= 100
+
+
+def test_mia_needs_enough_examples():
+    with pytest.raises(ValueError, match="at least 5"):
+        mia_from_losses([0.1, 0.2], [0.3] * 10)
+
+
+def test_mia_restricts_test_to_forget_classes():
+    g = torch.Generator().manual_seed(0)
+    def confident(n, cls, k=3):  # correct and confident: loss near 0, with noise
+        x = torch.randn(n, k, generator=g)
+        x[:, cls] += 8
+        return x
+    forget = TensorDataset(confident(60, 0), torch.zeros(60, dtype=torch.long))
+    same = TensorDataset(confident(60, 0), torch.zeros(60, dtype=torch.long))
+    # other classes: confidently wrong (huge loss); included, they would make the attack easy
+    wrong = TensorDataset(confident(60, 2), torch.ones(60, dtype=torch.long))
+    test = torch.utils.data.ConcatDataset([same, wrong])
+    score = mia(LogitsAreInputs(), forget, test, seed=0)
+    assert 30 < score < 70
+    with pytest.raises(ValueError, match="forget classes"):
+        mia(LogitsAreInputs(), forget, wrong)
