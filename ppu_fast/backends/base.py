@@ -21,7 +21,7 @@ N x k during ``step``.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -81,3 +81,30 @@ def check_step_args(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tenso
                              f"{tuple(out.shape)} on {out.device}")
         if not out.is_floating_point():
             raise TypeError(f"out: expected a floating-point tensor, got {out.dtype}")
+
+
+def hessian_by_chunks(materialize_chunk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                  None],
+                      log_p: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
+    """The dense Hessian ``sum_i inv_c_i (diag(q_i) - q_i q_i^T)`` (k x k float64) for large k.
+
+    Where a kernel cannot hold k x k accumulators, Q is materialised one row chunk at a time by
+    ``materialize_chunk(log_p_rows, inv_c_rows, out_rows)`` into a float32 buffer and multiplied
+    by a float32 GEMM (exact float32 unless the caller enabled TF32), accumulated in float64.
+    Temporaries: one chunk of ``chunk_rows(N, k)`` rows.
+    """
+    from .torch_ref import chunk_rows  # torch_ref imports this module
+
+    n, k = log_p.shape
+    rows = chunk_rows(n, k)
+    buf = torch.empty((rows, k), dtype=torch.float32, device=log_p.device)
+    weighted = torch.zeros(k, dtype=torch.float64, device=log_p.device)
+    outer = torch.zeros((k, k), dtype=torch.float64, device=log_p.device)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        q = buf[: stop - start]
+        materialize_chunk(log_p[start:stop], inv_c[start:stop], q)
+        qw = q * inv_c[start:stop, None]
+        weighted += qw.sum(dim=0, dtype=torch.float64)
+        outer += (qw.T @ q).double()
+    return torch.diag(weighted) - outer

@@ -41,8 +41,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .base import Backend, Hessian, StepOut, check_step_args
-from .torch_ref import chunk_rows
+from .base import Backend, Hessian, StepOut, check_step_args, hessian_by_chunks
 
 # Element type codes of ppu_fast._cuda (csrc/cuda/ppu_cuda.h).
 _IN_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -182,22 +181,9 @@ class CudaBackend(Backend):
 
     def _hessian_by_chunks(self, log_p: torch.Tensor, inv_c: torch.Tensor,
                            alpha32: torch.Tensor) -> torch.Tensor:
-        """Full k x k Hessian for k > 32: float32 GEMMs on materialised row chunks of Q,
-        accumulated in float64. Temporaries: one float32 chunk of ``chunk_rows(N, k)`` rows."""
-        n, k = log_p.shape
-        dev = log_p.device
-        rows = chunk_rows(n, k)
-        buf = torch.empty((rows, k), dtype=torch.float32, device=dev)
-        weighted = torch.zeros(k, dtype=torch.float64, device=dev)
-        outer = torch.zeros((k, k), dtype=torch.float64, device=dev)
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            q = buf[: stop - start]
-            _launch_materialize(log_p[start:stop], inv_c[start:stop], alpha32, q)
-            qw = q * inv_c[start:stop, None]
-            weighted += qw.sum(dim=0, dtype=torch.float64)
-            outer += (qw.T @ q).double()
-        return torch.diag(weighted) - outer
+        """Full k x k Hessian for k > 32 (see :func:`hessian_by_chunks`)."""
+        return hessian_by_chunks(lambda lp, ic, q: _launch_materialize(lp, ic, alpha32, q),
+                                 log_p, inv_c)
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     out: torch.Tensor) -> torch.Tensor:

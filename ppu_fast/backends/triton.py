@@ -60,8 +60,8 @@ try:  # the registry imports this module lazily and turns an ImportError into a 
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"triton not installed ({exc})") from exc
 
-from .base import SUPPORTED_DTYPES, Backend, Hessian, StepOut, check_step_args
-from .torch_ref import chunk_rows
+from .base import (SUPPORTED_DTYPES, Backend, Hessian, StepOut, check_step_args,
+                   hessian_by_chunks)
 
 # Decided once, at import: triton.jit wraps kernels for the interpreter only if the variable was
 # set before the kernels below were decorated.
@@ -601,21 +601,11 @@ class TritonBackend(Backend):
 
     def _hessian_by_chunks(self, log_p: torch.Tensor, inv_c: torch.Tensor,
                            alpha32: torch.Tensor) -> torch.Tensor:
-        """H = sum_i ic_i (diag(q_i) - q_i q_i^T) (k x k f64) from materialised float32 chunks."""
-        n, k = log_p.shape
-        rows = chunk_rows(n, k)
-        buf = torch.empty(rows, k, dtype=torch.float32, device=log_p.device)
-        outer = torch.zeros(k, k, dtype=torch.float64, device=log_p.device)
-        wsum = torch.zeros(k, dtype=torch.float64, device=log_p.device)
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            q = buf[: stop - start]
-            _launch_materialize(log_p[start:stop], inv_c[start:stop], alpha32, q,
-                                self.max_single_block_k, self.online_block_k)
-            qw = q * inv_c[start:stop, None]
-            wsum += qw.sum(dim=0, dtype=torch.float64)
-            outer += (qw.T @ q).double()
-        return torch.diag(wsum) - outer
+        """H = sum_i ic_i (diag(q_i) - q_i q_i^T) (k x k f64); see :func:`hessian_by_chunks`."""
+        return hessian_by_chunks(
+            lambda lp, ic, q: _launch_materialize(lp, ic, alpha32, q, self.max_single_block_k,
+                                                  self.online_block_k),
+            log_p, inv_c)
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     out: torch.Tensor) -> torch.Tensor:
