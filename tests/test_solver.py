@@ -109,7 +109,7 @@ def test_kkt_conditions_hold(n, k, lam, frac, seed, pseudo, marg):
     g = torch.Generator().manual_seed(seed)
     p = torch.softmax(torch.randn(n, k, generator=g, dtype=torch.float64) * 2, dim=1)
     mask = torch.rand(n, generator=g) < frac
-    q, info = ppu_fast.refine(p, mask, lam=lam, pseudo=pseudo, marginals=marg, tol=1e-7,
+    q, info = ppu_fast.refine(p, mask, lam=lam, pseudo=pseudo, marginals=marg,
                               generator=torch.Generator().manual_seed(seed), return_info=True)
     # Rebuild P^ the same way (same generator seed for "random").
     ph = p.clone()
