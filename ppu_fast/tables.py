@@ -1,0 +1,370 @@
+"""The paper's tables, reproduced from an experiment's results with the paper's numbers beside ours.
+
+``ppu-fast run`` calls :func:`write_tables` beside ``results.json``; ``python -m ppu_fast.tables DIR``
+does the same for a finished run, and ``python -m ppu_fast.tables DIR1 DIR2 ... --out DIR`` first
+merges runs of single seeds into one (mean ± std over all their seeds).
+
+The paper's numbers live only in ``paper_numbers.json`` (read off the paper's text, with table and
+row); every number that this module prints beside them is measured. Which paper tables a run is set
+beside follows from its configuration:
+
+- small scale (``digits5``, ``cifar5``): Table 1 (ResNet-18, bias removal) and Table 6 (ALL-CNN, with
+  SCRUB + PPU);
+- large scale, selective: Table 2 (bias removal), Table 3 (privacy), Tables 9 and 10 (SCRUB + PPU);
+- large scale, class: Tables 7 and 8 (SCRUB + PPU);
+- large scale, either: Table 4 (MIA, the run's scenario) and §5.7's Finetune + PPU numbers.
+
+Tables 3 (privacy) and 4 (MIA) are always printed, without paper numbers where the paper has none for
+the run's setting. The paper's CIFAR columns stand beside ``cifar*`` and ``digits*`` runs, its Lacuna
+columns beside ``imagefolder`` runs (the Lacuna sets are VGGFace2 image folders). Figure 3 (time per
+method) is a PNG; the paper prints no times, only the claim that PPU needs under half of SCRUB's time,
+which the time table tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+PAPER_FILE = Path(__file__).with_name("paper_numbers.json")
+SMALL_SCALE = ("digits5", "cifar5")
+METRIC_NAMES = {"test_error": "Test error", "retain_error": "Retain error", "forget_error": "Forget error",
+                "mia": "MIA"}
+MODEL_NAMES = {"resnet18": "ResNet-18", "allcnn": "ALL-CNN", "smallcnn": "small CNN"}
+# Our row label for a method that the paper table at hand does not list.
+LABELS = {"original": "Original", "retrain": "Retrain", "finetune": "Finetune", "fisher": "Fisher",
+          "neggrad+": "NegGrad+", "cf-k": "CF-k", "eu-k": "EU-k", "bad-t": "Bad-T", "scrub": "SCRUB",
+          "scrub+r": "SCRUB+R", "ppu": "PPU", "ppu-bias": "PPU w/ uniform", "ppu-random": "PPU w/ random",
+          "scrub+ppu": "SCRUB + PPU", "finetune+ppu": "Finetune + PPU"}
+DASH = "—"
+
+
+@lru_cache(maxsize=1)
+def paper_numbers() -> dict:
+    """The paper's reported numbers (``paper_numbers.json``), parsed once."""
+    return json.loads(PAPER_FILE.read_text(encoding="utf-8"))
+
+
+def context(config: Mapping[str, Any]) -> dict:
+    """What of a run's configuration decides its paper tables: scale, scenario, model, paper column."""
+    for key in ("dataset", "model"):
+        if key not in config:
+            raise ValueError(f"config: missing '{key}' (expected the 'config' of a results.json)")
+    dataset = str(config["dataset"])
+    small = dataset in SMALL_SCALE
+    return {"dataset": dataset, "model": str(config["model"]), "scale": "small" if small else "large",
+            "scenario": None if small else str(config.get("scenario", "selective")),
+            "column": 1 if dataset == "imagefolder" else 0}
+
+
+def applies(table: Mapping[str, Any], ctx: Mapping[str, Any]) -> bool:
+    """Whether the paper reports ``table`` for the run's scale and scenario."""
+    if table["scale"] != ctx["scale"]:
+        return False
+    return table.get("scenario") is None or ctx["scenario"] is None or table["scenario"] == ctx["scenario"]
+
+
+def _fmt(value: float | None) -> str:
+    return DASH if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def _ours(methods: Mapping[str, Mapping[str, Any]], name: str | None, metric: str, with_std: bool) -> str:
+    if name is None:
+        return "not implemented"
+    if name not in methods:
+        return "not run"
+    entry = methods[name]
+    mean = entry.get(metric)
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return DASH
+    std = (entry.get("std") or {}).get(metric)
+    if with_std and std is not None and not (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.2f}"
+
+
+def _rows(table: Mapping[str, Any] | None, methods: Mapping[str, Any]) -> list[tuple[str, str | None, dict]]:
+    """(label, our method, paper row) for the paper's rows in its order, then our other methods."""
+    out: list[tuple[str, str | None, dict]] = []
+    named = set()
+    for row in (table or {}).get("rows", []):
+        out.append((row["row"], row["method"], row))
+        named.add(row["method"])
+    for name in methods:
+        if name not in named:
+            out.append((LABELS.get(name, name), name, {}))
+    return out
+
+
+def _setting(table: Mapping[str, Any], ctx: Mapping[str, Any], column: str) -> str:
+    paper_model = MODEL_NAMES.get(table.get("model") or "", "ResNet-18 and ALL-CNN")
+    ours = f"{MODEL_NAMES.get(ctx['model'], ctx['model'])} on {ctx['dataset']}"
+    if ctx["scenario"]:
+        ours += f" ({ctx['scenario']})"
+    same = " (same architecture)" if table.get("model") == ctx["model"] else ""
+    return f"Paper: {paper_model} on {column}. This run: {ours}{same}."
+
+
+def error_table(tid: str, methods: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any], *,
+                with_std: bool = True) -> str:
+    """Paper table ``tid`` (1, 2, 3, 6-10 or 5.7) as Markdown: per metric, ours (mean ± std over
+    seeds) beside the paper's number. The paper's numbers are left out when the paper reports the
+    table for another scale or scenario than the run's."""
+    table = paper_numbers()["tables"][tid]
+    ctx = context(config)
+    column = table["datasets"][min(ctx["column"], len(table["datasets"]) - 1)]
+    with_paper = applies(table, ctx)
+    title = table["caption"] if tid != "5.7" else "§5.7: PPU after fine-tuning"
+    lines = [f"### {title}", ""]
+    if tid == "5.7":
+        lines += [table["caption"], ""]
+    lines.append(_setting(table, ctx, column) if with_paper else
+                 f"The paper reports this table only at {table['scale']} scale"
+                 f"{' (' + table['scenario'] + ')' if table.get('scenario') else ''}: ours alone.")
+    if table.get("note"):
+        lines.append(f"Note: {table['note']}")
+    lines.append("")
+    metrics = table["metrics"]
+    head = ["Method"]
+    for m in metrics:
+        head += [f"{METRIC_NAMES[m]} (ours)"] + ([f"{METRIC_NAMES[m]} (paper, {column})"] if with_paper else [])
+    lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for label, name, row in _rows(table if with_paper else _rows_only(table), methods):
+        cells = [label]
+        for m in metrics:
+            cells.append(_ours(methods, name, m, with_std))
+            if with_paper:
+                paper = row.get("values", {}).get(column, {}).get(m) if row else None
+                cells.append(_fmt(paper))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _rows_only(table: Mapping[str, Any]) -> dict:
+    # Without paper numbers the table still lists the paper's methods, so its shape stays the paper's.
+    return {"rows": [{"row": r["row"], "method": r["method"]} for r in table["rows"]]}
+
+
+def mia_table(methods: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any], *,
+              with_std: bool = True) -> str:
+    """Table 4 (membership-inference attack, 50 is ideal): ours beside the paper's mean ± std for the
+    run's scenario with ResNet-18 and with ALL-CNN (large scale only)."""
+    table = paper_numbers()["tables"]["4"]
+    ctx = context(config)
+    with_paper = applies(table, ctx)
+    cols = [c for c in table["columns"] if ctx["scenario"] and c.endswith("/" + ctx["scenario"])] \
+        if with_paper else []
+    lines = [f"### {table['caption']}", ""]
+    if with_paper:
+        lines.append(f"Paper: {table['datasets'][0]}, {ctx['scenario']} unlearning. This run: "
+                     f"{MODEL_NAMES.get(ctx['model'], ctx['model'])} on {ctx['dataset']} ({ctx['scenario']}).")
+        if table.get("note"):
+            lines.append(f"Note: {table['note']}")
+    else:
+        lines.append("The paper reports the attack only at large scale: ours alone.")
+    lines.append("")
+    head = ["Method", "MIA (ours)"] + [f"MIA (paper, {MODEL_NAMES[c.split('/')[0]]})" for c in cols]
+    lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for label, name, row in _rows(table, methods):
+        cells = [label, _ours(methods, name, "mia", with_std)]
+        for c in cols:
+            v = row.get("values", {}).get(c) if row else None
+            cells.append(f"{v['mean']:.2f} ± {v['std']:.2f}" if v else DASH)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def time_ratio(methods: Mapping[str, Mapping[str, Any]], name: str, reference: str = "scrub") -> float:
+    """Mean seconds of ``name`` over mean seconds of ``reference``; NaN when either did not run."""
+    try:
+        a, b = float(methods[name]["seconds"]), float(methods[reference]["seconds"])
+    except (KeyError, TypeError):
+        return float("nan")
+    return a / b if b > 0 else float("nan")
+
+
+def time_table(methods: Mapping[str, Mapping[str, Any]], *, with_std: bool = True) -> str:
+    """Figure 3 as a table: unlearning seconds per method (PPU's include collecting the probabilities
+    and the refine; Retrain's are its training time), their ratio to SCRUB's, and the paper's claim
+    (§5.6) that PPU needs under half of SCRUB's time, checked."""
+    fig = paper_numbers()["figure_3"]
+    bound = float(fig["ppu_over_scrub_below"])
+    lines = ["### Figure 3: time needed for the unlearning method (ours; see figure3_time.png)", "",
+             f"Paper: {fig['claim']} {fig['note']}", "",
+             "| Method | Seconds (ours) | × SCRUB's time |", "|---|---:|---:|"]
+    for name in methods:
+        r = time_ratio(methods, name)
+        lines.append(f"| {LABELS.get(name, name)} | {_ours(methods, name, 'seconds', with_std)} | "
+                     f"{DASH if math.isnan(r) else f'{r:.2f}'} |")
+    lines.append("")
+    for name in ("ppu", "ppu-bias", "ppu-random"):
+        r = time_ratio(methods, name)
+        if not math.isnan(r):
+            verdict = "holds" if r < bound else "does not hold"
+            lines.append(f"- {LABELS[name]} / SCRUB = {r:.2f} (paper: below {bound:g}): the claim {verdict} "
+                         f"on this run.")
+    if "scrub" not in methods:
+        lines.append("- SCRUB did not run: the paper's time claim cannot be checked on this run.")
+    return "\n".join(lines)
+
+
+def table_ids(config: Mapping[str, Any]) -> list[str]:
+    """The paper tables set beside a run (error tables), in the paper's order."""
+    ctx = context(config)
+    tables = paper_numbers()["tables"]
+    return [tid for tid in tables if tid not in ("3", "4") and applies(tables[tid], ctx)]
+
+
+def render(config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], *, seeds: int = 1) -> str:
+    """The whole Markdown document: the applicable paper tables, Table 3, Table 4 and the time table."""
+    with_std = seeds > 1
+    ctx = context(config)
+    parts = [f"# The paper's tables: {ctx['dataset']} / {ctx['model']}"
+             f"{' / ' + ctx['scenario'] if ctx['scenario'] else ''}", "",
+             f"Ours: {'mean ± std over ' + str(seeds) + ' seeds' if with_std else 'one seed'}; errors and "
+             f"MIA in %. Paper: the numbers printed in the paper (ppu_fast/paper_numbers.json), as a "
+             f"reference measured elsewhere (CIFAR-100 pre-training, other data, other hardware)."]
+    ids = table_ids(config)
+    ordered = [t for t in ids if t in ("1", "2")] + ["3", "4"] + [t for t in ids if t not in ("1", "2")]
+    for tid in ordered:
+        parts += ["", mia_table(methods, config, with_std=with_std) if tid == "4" else
+                  error_table(tid, methods, config, with_std=with_std)]
+    parts += ["", time_table(methods, with_std=with_std), ""]
+    return "\n".join(parts)
+
+
+def plot_time(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Figure 3 for our run: unlearning seconds per method (mean, std as error bars), Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def seconds(n: str) -> float:
+        v = methods[n].get("seconds")
+        return float("nan") if v is None else float(v)
+
+    names = [n for n in methods if not math.isnan(seconds(n))]
+    secs = [seconds(n) for n in names]
+    errs = [float((methods[n].get("std") or {}).get("seconds") or 0.0) for n in names]
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(names) + 1.4))
+    colors = ["tab:orange" if n.startswith("ppu") or n.endswith("+ppu") else "tab:blue" for n in names]
+    ax.barh(range(len(names)), secs, xerr=errs, color=colors)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels([LABELS.get(n, n) for n in names], fontsize=8)
+    ax.invert_yaxis()
+    positive = [s for s in secs if s > 0]
+    if positive and max(positive) / min(positive) > 100:
+        ax.set_xscale("log")
+    for i, (s, e) in enumerate(zip(secs, errs)):
+        # Right of the error bar, so the label does not sit on it.
+        ax.text(s + e, i, f" {s:.2f}s", va="center", fontsize=7)
+    ax.set_xlabel("unlearning time (s); Retrain: training time")
+    ax.set_title(title or "Time needed for the unlearning method", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_tables(out_dir: str | Path, config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]],
+                 *, seeds: int = 1) -> dict[str, Path]:
+    """Write ``tables.md`` and ``figure3_time.png`` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"tables": out / "tables.md", "figure3": out / "figure3_time.png"}
+    paths["tables"].write_text(render(config, methods, seeds=seeds), encoding="utf-8")
+    ctx = context(config)
+    plot_time(methods, paths["figure3"], title=f"Time needed for the unlearning method: {ctx['dataset']} / "
+                                                f"{ctx['model']}{' / ' + ctx['scenario'] if ctx['scenario'] else ''}")
+    return paths
+
+
+def load_results(folder: str | Path) -> dict:
+    """A run's ``results.json``; a clear error when the folder has none."""
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results.json in '{folder}' (run `ppu-fast run ... --out {folder}` first)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _nan(obj: Any) -> Any:
+    # results.json writes NaN as null; summaries want NaN back.
+    if obj is None:
+        return float("nan")
+    if isinstance(obj, dict):
+        return {k: _nan(v) for k, v in obj.items()}
+    return obj
+
+
+def merge(folders: Sequence[str | Path]) -> dict:
+    """Runs of the same experiment as one result: runs of other seeds add seeds, runs of the same
+    seed with other methods add methods to that seed (so a long experiment can be split into several
+    calls, e.g. on a GPU machine with a time limit per call). The config is the first run's, with the
+    union of seeds and methods and the summed wall time; the history is the union of the runs'.
+    Raises if the runs differ in dataset, model, width or scenario."""
+    runs = [load_results(f) for f in folders]
+    if not runs:
+        raise ValueError("folders: name at least one run folder")
+    key = ("dataset", "model", "width", "scenario")
+    first = runs[0]["config"]
+    for f, r in zip(folders, runs):
+        if any(r["config"].get(k) != first.get(k) for k in key):
+            raise ValueError(f"'{f}' is a different experiment: {[r['config'].get(k) for k in key]} vs "
+                             f"{[first.get(k) for k in key]}")
+    by_seed: dict[Any, dict] = {}
+    methods: list[str] = []
+    history: dict = {}
+    for f, r in zip(folders, runs):
+        seeds = r["config"].get("seeds") or []
+        rows = r.get("per_seed", [])
+        if len(seeds) != len(rows):
+            raise ValueError(f"'{f}': {len(seeds)} seeds but {len(rows)} per-seed rows")
+        for seed, row in zip(seeds, rows):
+            by_seed.setdefault(seed, {}).update(_nan(row))
+            methods += [m for m in row if m not in methods]
+        for name, h in (r.get("history") or {}).items():
+            history.setdefault(name, h)
+    config = {**first, "seeds": list(by_seed), "methods": methods}
+    if all("wall_seconds" in r["config"] for r in runs):
+        config["wall_seconds"] = round(sum(float(r["config"]["wall_seconds"]) for r in runs), 2)
+    # Method order: the first run's, then the others' in order of appearance.
+    per_seed = [{m: row[m] for m in methods if m in row} for row in by_seed.values()]
+    return {"config": config, "per_seed": per_seed, "history": history}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ppu_fast.tables DIR [DIR ...] [--out OUT]``: write the tables (and, for several
+    folders, the merged results.json / .md / .png) of finished runs."""
+    from .report import summarize, write_results
+
+    p = argparse.ArgumentParser(prog="python -m ppu_fast.tables", description=__doc__.split("\n")[0])
+    p.add_argument("folders", nargs="+", help="run folders holding results.json")
+    p.add_argument("--out", default=None, help="output folder (default: the single input folder)")
+    args = p.parse_args(argv)
+    try:
+        if len(args.folders) == 1 and args.out is None:
+            res = load_results(args.folders[0])
+            methods = {k: _nan(v) for k, v in res["methods"].items()}
+            paths = write_tables(args.folders[0], res["config"], methods, seeds=len(res.get("per_seed", [])) or 1)
+        else:
+            if args.out is None:
+                raise ValueError("--out is required when merging several folders")
+            res = merge(args.folders)
+            methods = summarize(res["per_seed"])
+            write_results(args.out, res["config"], methods, per_seed=res["per_seed"], history=res["history"])
+            paths = write_tables(args.out, res["config"], methods, seeds=len(res["per_seed"]))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ppu_fast.tables: error: {exc}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

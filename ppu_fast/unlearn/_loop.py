@@ -1,0 +1,276 @@
+"""The one gradient loop that the baselines of issue 5 share (NegGrad+, CF-k, EU-k, Bad-T, SCRUB,
+SCRUB+R), and the helpers they have in common: the paper's settings (small scale, large-scale
+selective, class unlearning), freezing all but the last block, and seeded loaders.
+
+Each baseline states *what* it optimises as a list of passes per epoch, ``(batches, loss_fn)``; this
+module owns *how*: device moves, zero_grad / backward / step, the learning-rate schedule, frozen
+modules kept in eval mode, per-epoch checkpoints and evaluation, timing. The Finetune baseline and the
+training of the original and retrained models use :func:`ppu_fast.training.fit`, which is the same
+cross-entropy SGD step without these hooks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data import dataset_targets
+
+SETTINGS = ("small", "selective", "class")
+LossFn = Callable[[nn.Module, tuple], torch.Tensor]
+Passes = Callable[[int], Sequence[tuple[Iterable, LossFn]]]
+SMALL_SCALE_MAX_TRAIN = 1000
+
+
+def infer_setting(forget: Dataset, retain: Dataset) -> str:
+    """The paper's experimental setting that a forget / retain pair looks like.
+
+    ``"class"`` when no retain example shares a class with the forget set (a whole class is
+    forgotten); otherwise ``"small"`` when forget + retain hold at most ``SMALL_SCALE_MAX_TRAIN``
+    examples (the paper's small scale, CIFAR-5 / Lacuna-5, trains on 500), else ``"selective"``.
+    The command line passes the setting explicitly (:func:`setting_for`); this guess serves callers of
+    the API who do not."""
+    forget_classes = dataset_targets(forget).unique()
+    if not bool(torch.isin(dataset_targets(retain), forget_classes).any()):
+        return "class"
+    return "small" if len(forget) + len(retain) <= SMALL_SCALE_MAX_TRAIN else "selective"
+
+
+def setting_for(dataset: str, scenario: str) -> str:
+    """The setting of a named experiment: the small-scale datasets (``digits5``, ``cifar5``) are
+    ``"small"`` whatever the scenario; the others are their scenario (``"selective"``, ``"class"``)."""
+    from ..data import SMALL_SCALE
+
+    if dataset in SMALL_SCALE:
+        return "small"
+    if scenario not in ("selective", "class"):
+        raise ValueError(f"scenario must be 'selective' or 'class', got {scenario!r}")
+    return scenario
+
+
+def resolve_setting(setting: str, forget: Dataset, retain: Dataset) -> str:
+    """``setting`` checked, with ``"auto"`` replaced by :func:`infer_setting`."""
+    if setting == "auto":
+        return infer_setting(forget, retain)
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be 'auto' or one of {', '.join(SETTINGS)}, got {setting!r}")
+    return setting
+
+
+def pick(value: object, preset: dict, key: str) -> object:
+    """An explicit option wins over the setting's preset (``None`` means "use the preset")."""
+    return preset[key] if value is None else value
+
+
+def loader(data: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+    """A loader whose order is fixed by ``seed`` (its own generator, so other draws do not shift it)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def cycle(batches: Iterable) -> Iterator:
+    """Endless iteration over a loader, reshuffling on every pass (``itertools.cycle`` would replay
+    the first pass's order and keep every batch in memory)."""
+    while True:
+        yield from batches
+
+
+def paired(first: Iterable, second: Iterable) -> Iterator[tuple]:
+    """One pass over ``first``, each batch joined with the next batch of ``second`` (cycled): the
+    retain / forget pairing of NegGrad+. Yields ``(*batch_first, *batch_second)``."""
+    for a, b in zip(first, cycle(second)):
+        yield (*a, *b)
+
+
+# ----------------------------------------------------------------------------------------- freezing
+def last_block(model: nn.Module) -> list[str]:
+    """Names of the modules that CF-k and EU-k train, after SCRUB: ALL-CNN's last (1x1) conv block,
+    ResNet-18's ``layer4``, the small CNN's last conv block. Other models must name theirs."""
+    from ..models import AllCNN, ResNet18, SmallCNN
+
+    if isinstance(model, AllCNN):
+        convs = [name for name, m in model.features.named_children() if isinstance(m, nn.Sequential)]
+        return [f"features.{convs[-1]}"]
+    if isinstance(model, SmallCNN):
+        convs = [name for name, m in model.features.named_children() if isinstance(m, nn.Sequential)]
+        return [f"features.{convs[-1]}"]
+    if isinstance(model, ResNet18) or isinstance(getattr(model, "layer4", None), nn.Module):
+        return ["layer4"]
+    raise ValueError(f"cannot tell the last block of a {type(model).__name__}: pass layers=[...] with "
+                     f"module names from model.named_modules()")
+
+
+def modules_named(model: nn.Module, names: Sequence[str], arg: str = "layers") -> list[nn.Module]:
+    """The submodules of ``model`` called ``names``; a clear error for a name it lacks."""
+    table = dict(model.named_modules())
+    if isinstance(names, str) or not names:
+        raise ValueError(f"{arg} must be a non-empty list of module names, got {names!r}")
+    missing = [n for n in names if n not in table or n == ""]
+    if missing:
+        some = ", ".join(n for n in list(table)[1:12])
+        raise ValueError(f"{arg}: the model has no module {', '.join(map(repr, missing))} (it has e.g. "
+                         f"{some}, ...)")
+    return [table[n] for n in names]
+
+
+def freeze_all_but(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    """Turn off gradients of every parameter outside the modules ``names``; returns those modules."""
+    keep = modules_named(model, names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in keep:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return keep
+
+
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that own parameters, none of them trainable. The loop keeps them in eval mode, so a
+    frozen block's BatchNorm statistics stay as they were: "frozen" means bit-identical."""
+    out = []
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            out.append(m)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- loop
+def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """SGD (with ``momentum``) or Adam over ``params``."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: every parameter is frozen")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+
+
+@dataclass
+class LoopResult:
+    """``history``: one row per epoch (epoch 0 = the starting model) with the mean loss of each pass
+    and what ``evaluate`` returned; ``checkpoints``: state dicts per epoch (only when asked for);
+    ``seconds``: time spent in the training steps (evaluation excluded)."""
+
+    history: list[dict] = field(default_factory=list)
+    checkpoints: dict[int, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer, *, epochs: int,
+             device: torch.device, lr_at: Callable[[int], float] | None = None,
+             evaluate: Callable[[nn.Module], dict] | None = None, keep_checkpoints: bool = False,
+             progress: bool = True, desc: str = "unlearn") -> LoopResult:
+    """Train ``model`` in place for ``epochs`` epochs.
+
+    Each epoch (1-based) sets the learning rate to ``lr_at(epoch)`` when given, then runs the passes
+    that ``passes(epoch)`` lists, in order: for every batch (a tuple of tensors, moved to ``device``)
+    ``loss = loss_fn(model, batch)``, backward, optimiser step. Modules whose parameters are all frozen
+    stay in eval mode. ``evaluate`` (eval mode, before the first epoch and after each) and
+    ``keep_checkpoints`` serve the rewinding of SCRUB+R."""
+    from tqdm.auto import tqdm
+
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    model.to(device)
+    frozen = frozen_modules(model)
+    result = LoopResult()
+
+    def record(epoch: int, losses: dict) -> None:
+        row = {"epoch": epoch, **losses}
+        if evaluate is not None:
+            model.eval()
+            row.update(evaluate(model))
+        result.history.append(row)
+
+    record(0, {})
+    bar = tqdm(range(1, epochs + 1), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch)
+        model.train()
+        for m in frozen:
+            m.eval()
+        losses: dict[str, float] = {}
+        for j, (batches, loss_fn) in enumerate(passes(epoch)):
+            total, count = 0.0, 0
+            for batch in batches:
+                batch = tuple(t.to(device, non_blocking=True) for t in batch)
+                loss = loss_fn(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach())
+                count += 1
+            losses[f"loss_{j}"] = total / max(count, 1)
+        result.seconds += time.perf_counter() - t0
+        if keep_checkpoints:
+            result.checkpoints[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        record(epoch, losses)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+    model.eval()
+    return result
+
+
+def milestone_lr(base: float, milestones: Sequence[int], decay: float) -> Callable[[int], float]:
+    """SCRUB's ``adjust_learning_rate``: ``base * decay ** (number of milestones below epoch)``."""
+    marks = sorted(int(m) for m in milestones)
+    return lambda epoch: base * decay ** sum(epoch > m for m in marks)
+
+
+# ------------------------------------------------------------------------------ experiment presets
+# ``--methods all``: every registered method of the paper's comparison, in the paper's row order.
+ALL_METHODS = ("original", "retrain", "finetune", "neggrad+", "cf-k", "eu-k", "fisher", "bad-t", "scrub",
+               "scrub+r", "ppu", "ppu-bias", "ppu-random", "scrub+ppu", "finetune+ppu")
+COMPOSITES = {"scrub+ppu": "scrub_options", "finetune+ppu": "finetune_options"}
+
+
+def expand_methods(names: Sequence[str]) -> list[str]:
+    """``names`` with ``all`` replaced by :data:`ALL_METHODS` (duplicates dropped, order kept)."""
+    out: list[str] = []
+    for name in names:
+        for n in (ALL_METHODS if name == "all" else (name,)):
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def baseline_kwargs(dataset: str, scenario: str, methods: Sequence[str],
+                    ppu_step: dict | None = None) -> dict[str, dict]:
+    """Options that an experiment on ``dataset`` / ``scenario`` gives the baselines: the setting of
+    SCRUB's hyper-parameters (:func:`setting_for`) to every method with a ``setting`` option
+    (and to SCRUB inside ``scrub+ppu``), and ``ppu_step`` (e.g. the command line's PPU epochs and lr)
+    to the PPU step of the composites. Methods without such options are left out."""
+    from . import method_options
+
+    setting = setting_for(dataset, scenario)
+    out: dict[str, dict] = {}
+    for name in methods:
+        accepted = method_options(name)
+        kw: dict = {}
+        if "setting" in accepted:
+            kw["setting"] = setting
+        if name in COMPOSITES:
+            first = COMPOSITES[name]
+            if "setting" in method_options(first.split("_")[0]):
+                kw[first] = {"setting": setting}
+            if ppu_step:
+                kw["ppu_options"] = dict(ppu_step)
+        if kw:
+            out[name] = kw
+    return out

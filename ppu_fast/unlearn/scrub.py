@@ -1,0 +1,154 @@
+"""SCRUB (Kurmanji et al. 2024) and SCRUB+R, as in the SCRUB code that the paper follows.
+
+The student (a copy of the model) is trained against the frozen original (the teacher): for the first
+``msteps`` epochs a max-step pass over the forget set pushes the student away from the teacher
+(loss ``-KL``), then every epoch a min-step pass over the retain set pulls it back
+(``gamma * CE + alpha * KL``), KL taken at temperature T and scaled by T^2 (SCRUB's ``DistillKL``).
+SCRUB+R keeps a checkpoint per epoch and rewinds to the one whose forget error is closest to the
+validation error on the forget classes.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..finetune import select_val
+from . import UnlearnResult, register
+from ._common import make_evaluator, resolve_device, working_copy
+from ._loop import loader, make_optimizer, milestone_lr, pick, resolve_setting, run_loop
+
+# SCRUB's hyper-parameters per setting. Small scale: the CIFAR-5 / Lacuna-5 notebook; "selective":
+# CIFAR-10 selective unlearning, which changes optimiser, epochs, temperature, weight decay and batch
+# sizes; "class": class unlearning, which further changes epochs, msteps, gamma, alpha, batch sizes.
+_SMALL = {"optimizer": "adam", "lr": 5e-4, "epochs": 10, "msteps": 3, "temperature": 2.0, "gamma": 1.0,
+          "alpha": 0.5, "lr_milestones": (5, 8, 9), "weight_decay": 0.1, "batch_size": 32,
+          "forget_batch_size": 64}
+_SELECTIVE = {**_SMALL, "optimizer": "sgd", "lr": 5e-4, "epochs": 5, "msteps": 3, "temperature": 4.0,
+              "weight_decay": 5e-4, "batch_size": 32, "forget_batch_size": 16}
+_CLASS = {**_SELECTIVE, "epochs": 3, "msteps": 2, "gamma": 0.99, "alpha": 0.001, "batch_size": 256,
+          "forget_batch_size": 512}
+PRESETS = {"small": _SMALL, "selective": _SELECTIVE, "class": _CLASS}
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SCRUB's ``DistillKL``: KL(softmax(t / T) || softmax(s / T)) summed, times T^2, per example."""
+    log_s = F.log_softmax(student / temperature, dim=1)
+    p_t = F.softmax(teacher / temperature, dim=1)
+    return F.kl_div(log_s, p_t, reduction="sum") * temperature ** 2 / student.shape[0]
+
+
+def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None,
+           seed: int, device: str | torch.device | None, inplace: bool, progress: bool, setting: str,
+           select: str, history_retain: int | None, **given: Any) -> UnlearnResult:
+    setting = resolve_setting(setting, forget, retain)
+    hp = {k: pick(v, PRESETS[setting], k) for k, v in given.items()}
+    if not 0 <= int(hp["msteps"]) <= int(hp["epochs"]):
+        raise ValueError(f"msteps must be in [0, epochs={hp['epochs']}], got {hp['msteps']}")
+    if not hp["temperature"] > 0:
+        raise ValueError(f"temperature must be positive, got {hp['temperature']}")
+    if select not in ("last", "val"):
+        raise ValueError(f"select must be 'last' or 'val', got {select!r}")
+    if select == "val" and val is None:
+        raise ValueError(f"{name} rewinds to the epoch whose forget error is closest to the validation "
+                         f"error on the forget classes: pass val=...")
+    dev = resolve_device(model, device)
+    work = working_copy(model, inplace, device).to(dev)
+    teacher = copy.deepcopy(work).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    T, gamma, alpha = float(hp["temperature"]), float(hp["gamma"]), float(hp["alpha"])
+
+    def max_step(m: nn.Module, batch: tuple) -> torch.Tensor:
+        x, _ = batch
+        with torch.no_grad():
+            t = teacher(x)
+        return -distill_kl(m(x), t, T)
+
+    def min_step(m: nn.Module, batch: tuple) -> torch.Tensor:
+        x, y = batch
+        with torch.no_grad():
+            t = teacher(x)
+        out = m(x)
+        return gamma * F.cross_entropy(out, y) + alpha * distill_kl(out, t, T)
+
+    torch.manual_seed(seed)
+    forget_batches = loader(forget, int(hp["forget_batch_size"]), seed + 1)
+    retain_batches = loader(retain, int(hp["batch_size"]), seed)
+
+    def passes(epoch: int) -> list:
+        steps = [(retain_batches, min_step)]
+        return [(forget_batches, max_step)] + steps if epoch <= int(hp["msteps"]) else steps
+
+    opt = make_optimizer(work.parameters(), str(hp["optimizer"]), float(hp["lr"]), momentum=0.9,
+                         weight_decay=float(hp["weight_decay"]))
+    evaluate = None
+    if select == "val":
+        evaluate = make_evaluator(forget, retain, val, retain_limit=history_retain, seed=seed, device=dev)
+    t0 = time.perf_counter()
+    loop = run_loop(work, passes, opt, epochs=int(hp["epochs"]), device=dev,
+                    lr_at=milestone_lr(float(hp["lr"]), hp["lr_milestones"], float(hp["lr_decay"])),
+                    evaluate=evaluate, keep_checkpoints=select == "val", progress=progress, desc=name)
+    chosen = int(hp["epochs"])
+    if select == "val":
+        chosen = select_val(loop.history)
+        work.load_state_dict(loop.checkpoints[chosen])
+    work.eval()
+    options = {"setting": setting, "select": select,
+               **{k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()}}
+    return UnlearnResult(work, name, history=loop.history if select == "val" else [],
+                         selected_epoch=chosen, timings={"train": time.perf_counter() - t0},
+                         options=options)
+
+
+@register("scrub")
+def scrub(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None, seed: int = 0,
+          device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,
+          setting: str = "auto", optimizer: str | None = None, lr: float | None = None,
+          epochs: int | None = None, msteps: int | None = None, temperature: float | None = None,
+          gamma: float | None = None, alpha: float | None = None,
+          lr_milestones: Sequence[int] | None = None, lr_decay: float = 0.1,
+          weight_decay: float | None = None, batch_size: int | None = None,
+          forget_batch_size: int | None = None, select: str = "last",
+          history_retain: int | None = 1000) -> UnlearnResult:
+    """SCRUB. ``setting`` (``"small"``, ``"selective"``, ``"class"``, or ``"auto"``: see
+    :func:`ppu_fast.unlearn._loop.infer_setting`) fills every hyper-parameter left at None:
+
+    - small: Adam lr 5e-4, 10 epochs, msteps 3, T 2, gamma 1, alpha 0.5, lr x0.1 after epochs 5, 8
+      and 9, weight decay 0.1, batch sizes 32 (retain) / 64 (forget);
+    - selective: SGD (momentum 0.9) lr 5e-4, 5 epochs, msteps 3, T 4, weight decay 5e-4, batch sizes
+      32 / 16, the rest as small;
+    - class: as selective with 3 epochs, msteps 2, gamma 0.99, alpha 0.001, batch sizes 256 / 512.
+
+    ``select="val"`` is SCRUB+R's rewinding (needs ``val``; ``history_retain`` caps the retain
+    examples evaluated per epoch)."""
+    return _scrub("scrub" if select == "last" else "scrub+r", model, forget, retain, val=val, seed=seed,
+                  device=device, inplace=inplace, progress=progress, setting=setting, select=select,
+                  history_retain=history_retain, optimizer=optimizer, lr=lr, epochs=epochs,
+                  msteps=msteps, temperature=temperature, gamma=gamma, alpha=alpha,
+                  lr_milestones=lr_milestones, lr_decay=lr_decay, weight_decay=weight_decay,
+                  batch_size=batch_size, forget_batch_size=forget_batch_size)
+
+
+@register("scrub+r")
+def scrub_r(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
+            seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
+            progress: bool = True, setting: str = "auto", optimizer: str | None = None,
+            lr: float | None = None, epochs: int | None = None, msteps: int | None = None,
+            temperature: float | None = None, gamma: float | None = None, alpha: float | None = None,
+            lr_milestones: Sequence[int] | None = None, lr_decay: float = 0.1,
+            weight_decay: float | None = None, batch_size: int | None = None,
+            forget_batch_size: int | None = None, history_retain: int | None = 1000) -> UnlearnResult:
+    """SCRUB+R: :func:`scrub` with a checkpoint per epoch, keeping the epoch whose forget error is
+    closest to the validation error on the forget classes (``val`` is required)."""
+    return scrub(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
+                 progress=progress, setting=setting, optimizer=optimizer, lr=lr, epochs=epochs,
+                 msteps=msteps, temperature=temperature, gamma=gamma, alpha=alpha,
+                 lr_milestones=lr_milestones, lr_decay=lr_decay, weight_decay=weight_decay,
+                 batch_size=batch_size, forget_batch_size=forget_batch_size, select="val",
+                 history_retain=history_retain)

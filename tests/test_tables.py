@@ -1,0 +1,219 @@
+"""The paper-shaped tables: the paper's numbers file, the tables set beside a run, Figure 3, merging
+seeds, and ``ppu-fast run --methods all`` end to end on a tiny configuration."""
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from ppu_fast import tables
+from ppu_fast.tables import (context, error_table, merge, mia_table, paper_numbers, plot_time, render,
+                             table_ids, time_ratio, time_table, write_tables)
+from ppu_fast.unlearn import methods as registered
+from ppu_fast.unlearn._loop import ALL_METHODS, expand_methods
+
+PAPER_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "paper" / "ppu-paper.txt"
+
+
+def fake_methods(seed=0, with_std=True):
+    """Measured-looking numbers for every method (distinct, so a test can find each in the output)."""
+    out = {}
+    for i, name in enumerate(ALL_METHODS):
+        base = 1.0 + 3.1 * i + 0.01 * seed
+        out[name] = {"test_error": base, "retain_error": base / 2, "forget_error": base * 2,
+                     "val_error": base, "mia": 50 + base / 3, "seconds": 10.0 + i,
+                     "std": {k: (0.5 if with_std else 0.0) for k in
+                             ("test_error", "retain_error", "forget_error", "val_error", "mia", "seconds")}}
+    return out
+
+
+def config_for(table):
+    """A run configuration that the paper's table applies to."""
+    dataset = "cifar5" if table["scale"] == "small" else "cifar10"
+    return {"dataset": dataset, "model": table.get("model") or "allcnn",
+            "scenario": table.get("scenario") or "selective"}
+
+
+def test_paper_numbers_parse_with_table_and_row():
+    doc = paper_numbers()
+    assert set(doc["tables"]) == {"1", "2", "3", "4", "6", "7", "8", "9", "10", "5.7"}
+    known = set(registered())
+    for tid, t in doc["tables"].items():
+        assert t["caption"] and t["scale"] in ("small", "large") and t["rows"], tid
+        assert t.get("scenario") in (None, "selective", "class")
+        for row in t["rows"]:
+            assert row["method"] is None or row["method"] in known, (tid, row["row"])
+            for col, vals in row["values"].items():
+                for v in vals.values():
+                    assert isinstance(v, float) and 0 <= v <= 100, (tid, row["row"], col)
+        names = [r["row"] for r in t["rows"]]
+        assert len(names) == len(set(names)), tid
+    assert 0 < doc["figure_3"]["ppu_over_scrub_below"] < 1
+
+
+@pytest.mark.skipif(not PAPER_TEXT.is_file(), reason="the paper's text is not beside the repository")
+def test_paper_numbers_are_the_papers():
+    # Every row of every table, re-read from the paper's tab-separated lines: same numbers, same order.
+    text = PAPER_TEXT.read_text()
+    for tid, t in paper_numbers()["tables"].items():
+        if tid == "5.7":
+            for phrase in ("2.5% retain error and a 60% forget error", "2% retain error and a 16% forget"):
+                assert phrase in text
+            continue
+        block = text[text.index(f"Table {tid}:"):]
+        for row in t["rows"]:
+            line = re.search(rf"^{re.escape(row['row'])}\t(.*)$", block, re.M).group(1)
+            printed = [float(c) for c in line.split("\t")]
+            if tid == "4":
+                ours = [x for c in t["columns"] for x in (row["values"][c]["mean"], row["values"][c]["std"])]
+            else:
+                ours = [row["values"][d][m] for d in t["datasets"] for m in t["metrics"]]
+            assert ours == printed, (tid, row["row"])
+
+
+@pytest.mark.parametrize("tid", ["1", "2", "3", "6", "7", "8", "9", "10", "5.7"])
+def test_every_paper_row_is_in_our_table(tid):
+    table = paper_numbers()["tables"][tid]
+    ours = fake_methods()
+    text = error_table(tid, ours, config_for(table))
+    column = table["datasets"][0]
+    for row in table["rows"]:
+        line = next((l for l in text.splitlines() if l.startswith(f"| {row['row']} |")), None)
+        assert line is not None, f"Table {tid} lacks the paper's row {row['row']}"
+        for m in table["metrics"]:
+            assert f"{row['values'][column][m]:.2f}" in line
+            if row["method"] is not None:
+                assert f"{ours[row['method']][m]:.2f} ± 0.50" in line
+        if row["method"] is None:
+            assert "not implemented" in line
+    # our methods that the paper's table lacks are listed too, without paper numbers
+    listed = {r["method"] for r in table["rows"]}
+    for name in ALL_METHODS:
+        if name not in listed:
+            assert f"| {tables.LABELS[name]} | {ours[name][table['metrics'][0]]:.2f} ± 0.50 | — |" in text
+
+
+def test_mia_table_puts_both_architectures_beside_ours():
+    ours = fake_methods()
+    text = mia_table(ours, {"dataset": "cifar10", "model": "resnet18", "scenario": "class"})
+    t4 = paper_numbers()["tables"]["4"]
+    for row in t4["rows"]:
+        line = next(l for l in text.splitlines() if l.startswith(f"| {row['row']} |"))
+        for col in ("resnet18/class", "allcnn/class"):
+            v = row["values"][col]
+            assert f"{v['mean']:.2f} ± {v['std']:.2f}" in line
+        assert f"{row['values']['resnet18/selective']['mean']:.2f} ±" not in line or \
+            row["values"]["resnet18/selective"]["mean"] in (row["values"]["resnet18/class"]["mean"],
+                                                             row["values"]["allcnn/class"]["mean"])
+    small = mia_table(ours, {"dataset": "digits5", "model": "smallcnn"})
+    assert "ours alone" in small and "(paper" not in small
+
+
+def test_tables_follow_the_runs_setting():
+    assert table_ids({"dataset": "digits5", "model": "smallcnn"}) == ["1", "6"]
+    assert table_ids({"dataset": "cifar10", "model": "allcnn", "scenario": "selective"}) == ["2", "9", "10", "5.7"]
+    assert table_ids({"dataset": "digits", "model": "smallcnn", "scenario": "class"}) == ["7", "8", "5.7"]
+    assert context({"dataset": "imagefolder", "model": "resnet18", "scenario": "class"})["column"] == 1
+    text = error_table("7", fake_methods(), {"dataset": "imagefolder", "model": "resnet18", "scenario": "class"})
+    assert "(paper, Lacuna-10)" in text and "(same architecture)" in text
+    with pytest.raises(ValueError, match="dataset"):
+        context({"model": "allcnn"})
+
+
+def test_time_table_checks_the_papers_claim():
+    ours = fake_methods()
+    ours["scrub"]["seconds"], ours["ppu"]["seconds"], ours["ppu-bias"]["seconds"] = 10.0, 4.0, 6.0
+    assert time_ratio(ours, "ppu") == pytest.approx(0.4)
+    text = time_table(ours)
+    assert "PPU / SCRUB = 0.40 (paper: below 0.5): the claim holds" in text
+    assert "PPU w/ uniform / SCRUB = 0.60 (paper: below 0.5): the claim does not hold" in text
+    del ours["scrub"]
+    assert math.isnan(time_ratio(ours, "ppu")) and "SCRUB did not run" in time_table(ours)
+
+
+def test_write_tables_and_figure3(tmp_path):
+    cfg = {"dataset": "cifar5", "model": "allcnn", "width": 1.0, "scenario": "selective"}
+    paths = write_tables(tmp_path, cfg, fake_methods(), seeds=3)
+    md = paths["tables"].read_text()
+    assert md.count("\n### ") == 5 and "mean ± std over 3 seeds" in md
+    assert paths["figure3"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_time({"original": {"seconds": 0.0, "std": {}}}, tmp_path / "one.png").is_file()
+    one = render(cfg, fake_methods(with_std=False), seeds=1)
+    assert "±" not in one.split("### Table 3")[1].split("###")[0]
+
+
+def test_merge_seeds(tmp_path):
+    for seed in (1, 2):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        per = {k: {m: v for m, v in e.items() if m != "std"} for k, e in fake_methods(seed).items()}
+        per["original"]["val_error"] = None  # results.json writes NaN as null
+        (d / "results.json").write_text(json.dumps({
+            "config": {"dataset": "cifar5", "model": "allcnn", "width": 1.0, "scenario": "selective",
+                       "seeds": [seed], "wall_seconds": 5.0},
+            "methods": {}, "per_seed": [per], "history": {}}))
+    res = merge([tmp_path / "s1", tmp_path / "s2"])
+    assert res["config"]["seeds"] == [1, 2] and res["config"]["wall_seconds"] == 10.0
+    assert len(res["per_seed"]) == 2 and math.isnan(res["per_seed"][0]["original"]["val_error"])
+    assert tables.main([str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["methods"]["scrub"]["test_error"] == pytest.approx(1.0 + 3.1 * 8 + 0.015)
+    assert (tmp_path / "m" / "tables.md").is_file()
+    other = tmp_path / "s3"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"config": {"dataset": "cifar5", "model": "resnet18"},
+                                                    "per_seed": []}))
+    with pytest.raises(ValueError, match="different experiment"):
+        merge([tmp_path / "s1", other])
+    assert tables.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_expand_methods():
+    assert expand_methods(["all"]) == list(ALL_METHODS)
+    assert expand_methods(["ppu", "all"])[0] == "ppu" and len(expand_methods(["ppu", "all"])) == len(ALL_METHODS)
+    assert set(ALL_METHODS) <= set(registered())
+
+
+@pytest.mark.slow
+def test_run_with_all_methods(tmp_path, monkeypatch):
+    import torch
+
+    from ppu_fast.cli import main
+
+    monkeypatch.setenv("PPU_FAST_CACHE", str(tmp_path / "cache"))
+    n = torch.get_num_threads()
+    out = tmp_path / "run"
+    try:
+        code = main(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.25", "--methods",
+                     "all", "--seeds", "1", "--epochs", "2", "--unlearn-epochs", "1", "--threads", "1",
+                     "--out", str(out), "--no-progress"])
+    finally:
+        torch.set_num_threads(n)
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == list(ALL_METHODS)
+    for name, entry in res["methods"].items():
+        assert {"test_error", "retain_error", "forget_error", "val_error", "mia", "seconds"} <= set(entry), name
+        assert entry["seconds"] >= 0 and 0 <= entry["mia"] <= 100
+    md = (out / "tables.md").read_text()
+    for row in paper_numbers()["tables"]["1"]["rows"]:
+        assert f"| {row['row']} |" in md
+    assert (out / "figure3_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the baselines got the small-scale setting, the composites the command's PPU epochs
+    assert res["config"]["method_options"]["scrub"] == {"setting": "small"}
+
+
+def test_merge_methods_of_one_seed(tmp_path):
+    ours = fake_methods()
+    parts = [["original", "retrain"], ["scrub", "ppu"]]
+    for i, names in enumerate(parts):
+        d = tmp_path / f"p{i}"
+        d.mkdir()
+        per = {n: {m: v for m, v in ours[n].items() if m != "std"} for n in names}
+        (d / "results.json").write_text(json.dumps({
+            "config": {"dataset": "cifar10", "model": "allcnn", "width": 1.0, "scenario": "class",
+                       "seeds": [1], "wall_seconds": 1.0}, "per_seed": [per], "history": {}}))
+    res = merge([tmp_path / "p0", tmp_path / "p1"])
+    assert res["config"]["seeds"] == [1] and list(res["per_seed"][0]) == ["original", "retrain", "scrub", "ppu"]
+    assert res["config"]["methods"] == ["original", "retrain", "scrub", "ppu"]
