@@ -31,6 +31,15 @@ def confident_classifier(n: int, k: int, seed: int = 0, margin: float = 6.0):
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: for tiny models, thread synchronisation costs dominate."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def small_problem():
     """A small refine problem: (probs 300 x 5, forget mask with 30 rows)."""
     y, p = confident_classifier(300, 5, seed=1)

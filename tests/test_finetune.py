@@ -7,13 +7,7 @@ from torch.utils.data import TensorDataset
 from ppu_fast.finetune import finetune, select_val
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one thread avoids thread synchronisation costs that dominate on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy(n=64, d=6, k=4, seed=0):

@@ -13,13 +13,7 @@ from ppu_fast.training import TrainConfig, fit, fit_cached
 from ppu_fast.unlearn import UnlearnResult, method_options, methods, register, unlearn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one thread avoids thread synchronisation costs that dominate on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
