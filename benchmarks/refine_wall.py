@@ -1,0 +1,47 @@
+"""Median wall time of ``ppu_fast.refine`` (Newton, class unlearning, lam 1) per backend and size.
+
+    python benchmarks/refine_wall.py [--sizes 50000x10 1000000x100] [--reps 15]
+
+Prints one Markdown row per (size, backend): median ms, passes, residual. The input is the
+synthetic confident classifier of the benchmarks (true-class logit + 6), forgetting class 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import ppu_fast
+from ppu_fast.__main__ import synthetic_probs
+from ppu_fast.backends import reasons
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sizes", nargs="+", default=["50000x10", "1000000x100"])
+    ap.add_argument("--reps", type=int, default=15)
+    args = ap.parse_args()
+    print(f"torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print("| size | backend | median ms | passes | residual |\n|---|---|--:|--:|--:|")
+    for size in args.sizes:
+        n, k = map(int, size.split("x"))
+        y, p = synthetic_probs(n, k)
+        mask = y == 5
+        for backend in ("cpu", "torch"):
+            if reasons(backend, p):
+                continue
+            ppu_fast.refine(p, mask, backend=backend)  # warm-up
+            times = []
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                _, info = ppu_fast.refine(p, mask, backend=backend, return_info=True)
+                times.append(time.perf_counter() - t)
+            print(f"| {n:,} x {k:,} | {backend} | {statistics.median(times) * 1e3:.1f} | "
+                  f"{info.iterations} | {info.residual:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
