@@ -106,11 +106,12 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     return (q, info) if return_info else q
 
 
-def _prepare_log_p(log_p: ArrayLike) -> Tuple[torch.Tensor, bool]:
+def _prepare_log_p(log_p: ArrayLike) -> Tuple[torch.Tensor, bool, torch.dtype]:
+    """(log_p in a dtype the backends take, came_from_numpy, the caller's dtype)."""
     lp, from_numpy = pb.to_tensor(log_p, "log_p")
     pb.check_matrix(lp, "log_p")
     pb.check_log_p(lp)
-    return lp.to(pb.solver_dtype(lp.dtype)), from_numpy
+    return lp.to(pb.solver_dtype(lp.dtype)), from_numpy, lp.dtype
 
 
 def solve(log_p: ArrayLike, weights: ArrayLike, marginals: ArrayLike, *, method: str = "newton",
@@ -127,7 +128,7 @@ def solve(log_p: ArrayLike, weights: ArrayLike, marginals: ArrayLike, *, method:
     Returns:
         (alpha (k,) float64 on log_p's device, info); ``info.alpha`` is the same on the CPU. ``targets(log_p, weights, alpha)`` gives Q.
     """
-    lp, _ = _prepare_log_p(log_p)
+    lp, _, _ = _prepare_log_p(log_p)
     n, k = lp.shape
     c = pb.check_weights(weights, n)
     m = pb.check_marginals(marginals, n, k)
@@ -143,8 +144,7 @@ def targets(log_p: ArrayLike, weights: ArrayLike, alpha: ArrayLike, *,
             backend: str = "auto") -> ArrayLike:
     """Q(alpha) (N x k): ``q_ik = softmax_k(log_p_ik - alpha_k / c_i)``, in log_p's dtype (float32
     for float64 input is computed, then cast back) and device; numpy in, numpy out."""
-    lp, from_numpy = _prepare_log_p(log_p)
-    orig_dtype = pb.to_tensor(log_p, "log_p")[0].dtype
+    lp, from_numpy, orig_dtype = _prepare_log_p(log_p)
     n, k = lp.shape
     c = pb.check_weights(weights, n)
     a, _ = pb.to_tensor(alpha, "alpha")

@@ -30,6 +30,16 @@ def confident_classifier(n: int, k: int, seed: int = 0, margin: float = 6.0):
     return y, torch.softmax(logits, dim=1)
 
 
+def state(model):
+    """A detached copy of a model's state dict, to compare before and after."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b, keys=None) -> bool:
+    """Whether two state dicts are bit-identical (on ``keys``, or all of ``a``'s)."""
+    return all(torch.equal(a[k], b[k]) for k in (keys if keys is not None else a))
+
+
 @pytest.fixture
 def one_thread():
     """Run a test on one torch thread: for tiny models, thread synchronisation costs dominate."""

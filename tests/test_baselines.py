@@ -17,6 +17,7 @@ from ppu_fast.unlearn import bad_teacher, cf_k, composite, eu_k, fisher, neggrad
 from ppu_fast.unlearn._loop import infer_setting, last_block, milestone_lr, setting_for
 from ppu_fast.unlearn.fisher import diagonal_fisher
 from ppu_fast.unlearn.scrub import distill_kl
+from conftest import same, state
 
 # Tiny versions of each method: one or two epochs, so the whole file stays fast.
 TINY = {
@@ -44,14 +45,6 @@ def setup():
     model = fit(build_model("smallcnn", 5, 1, width=0.5), split.train,
                 TrainConfig(epochs=5, lr=0.05, batch_size=32), progress=False)
     return split, model
-
-
-def state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same(a, b, keys=None):
-    return all(torch.equal(a[k], b[k]) for k in (keys if keys is not None else a))
 
 
 def run(model, split, name, seed=0, **extra):

@@ -11,6 +11,7 @@ from ppu_fast.metrics import error, predict
 from ppu_fast.models import build_model
 from ppu_fast.training import TrainConfig, fit, fit_cached
 from ppu_fast.unlearn import UnlearnResult, method_options, methods, register, unlearn
+from conftest import same, state
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,14 +26,6 @@ def setup():
     model = fit(copy.deepcopy(init), split.train, TrainConfig(epochs=6, lr=0.05, batch_size=32),
                 progress=False)
     return split, init, model
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_registry_lists_the_methods():
