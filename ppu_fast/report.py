@@ -81,7 +81,8 @@ def plot(methods: Mapping[str, Mapping[str, Any]], history: Mapping[str, Sequenc
 
     names = list(methods)
     shown = ("test_error", "retain_error", "forget_error", "mia")
-    curves = {k: v for k, v in (history or {}).items() if v}
+    # Methods that kept their last epoch record only the loss per epoch: no curve to draw.
+    curves = {k: v for k, v in (history or {}).items() if v and "forget_error" in v[-1]}
     fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(13 if curves else 8, 4.2), squeeze=False)
     ax = axes[0][0]
     width = 0.8 / len(shown)

@@ -80,6 +80,22 @@ def test_ppu_bias_targets_are_p_hat(setup):
     assert res.refine_info is None
 
 
+def test_ppu_history_only_when_selection_needs_it(setup):
+    # Keeping the last epoch needs no per-epoch evaluation, and that evaluation counts as
+    # unlearning time: bias mode skips it unless asked, privacy mode with val must keep it.
+    split, _, model = setup
+    quiet = unlearn(model, split.forget, split.retain, method="ppu-bias", val=split.val, epochs=2,
+                    progress=False)
+    assert [set(h) for h in quiet.history] == [{"epoch", "loss"}] * 3
+    asked = unlearn(model, split.forget, split.retain, method="ppu-bias", val=split.val, epochs=2,
+                    history=True, progress=False)
+    assert {"forget_error", "retain_error", "val_error"} <= set(asked.history[2])
+    assert same(state(quiet.model), state(asked.model)), "evaluating must not change the training"
+    with pytest.raises(ValueError, match="history=False with select='val'"):
+        unlearn(model, split.forget, split.retain, method="ppu", val=split.val, epochs=1, history=False,
+                progress=False)
+
+
 def test_ppu_random_is_seeded(setup):
     split, _, model = setup
     a = unlearn(model, split.forget, split.retain, method="ppu-random", epochs=1, seed=3, progress=False)

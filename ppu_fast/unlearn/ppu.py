@@ -49,12 +49,14 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         backend: str = "auto", epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd",
         momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64,
         retain_per_epoch: int | None = None, select: str | Callable[[list[dict]], int] | None = None,
-        history_retain: int | None = 1000) -> UnlearnResult:
+        history: bool | None = None, history_retain: int | None = 1000) -> UnlearnResult:
     """PPU. ``mode="privacy"`` refines P^ with :func:`ppu_fast.refine` (``pseudo``, ``lam``,
     ``marginals``, ``refine_method``, ``tol``, ``backend`` pass through); ``mode="bias"`` (§5.4) uses
     P^ itself. Then :func:`ppu_fast.finetune` (``epochs``, ``lr``, ``optimizer``, ``momentum``,
     ``weight_decay``, ``batch_size``, ``retain_per_epoch``) with selection ``select``: by default
-    ``"val"`` in privacy mode when ``val`` is given, else ``"last"``. ``history_retain`` caps the
+    ``"val"`` in privacy mode when ``val`` is given, else ``"last"``. ``history``: evaluate forget,
+    retain and validation error after every epoch; by default only when ``select`` chooses among
+    epochs, because that evaluation is part of the unlearning time. ``history_retain`` caps the
     retain examples evaluated per epoch (None: all)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -62,6 +64,11 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         select = "val" if (mode == "privacy" and val is not None) else "last"
     if select == "val" and val is None:
         raise ValueError("select='val' needs a validation set: pass val=...")
+    if history is None:
+        history = select != "last"
+    if select == "val" and not history:
+        raise ValueError("history=False with select='val': the selection reads the per-epoch "
+                         "forget and validation errors; pass history=True or select='last'")
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device)
     timings: dict[str, float] = {}
@@ -92,7 +99,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         targets[:n_forget] = pseudo_rows(pseudo, probs[n_forget:], n_forget, k, gen).to(targets)
     timings["refine"] = time.perf_counter() - t0
 
-    evaluate = make_evaluator(forget, retain, val, retain_limit=history_retain, seed=seed, device=dev)
+    evaluate = make_evaluator(forget, retain, val, retain_limit=history_retain, seed=seed,
+                              device=dev) if history else None
     ft = finetune(work, both, targets, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
                   weight_decay=weight_decay, batch_size=batch_size, forget_mask=forget_mask,
                   retain_per_epoch=retain_per_epoch, evaluate=evaluate, select=select, seed=seed,
@@ -113,13 +121,14 @@ def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset
              progress: bool = True, pseudo: str | torch.Tensor = "uniform", epochs: int = 10,
              lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
              batch_size: int = 64, retain_per_epoch: int | None = None,
-             select: str | Callable[[list[dict]], int] = "last", history_retain: int | None = 1000
-             ) -> UnlearnResult:
+             select: str | Callable[[list[dict]], int] = "last", history: bool | None = None,
+             history_retain: int | None = 1000) -> UnlearnResult:
     """PPU for bias removal (§5.4, "PPU w/ uniform"): targets are P^ (uniform forget rows), no solve."""
     return ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
                progress=progress, mode="bias", pseudo=pseudo, epochs=epochs, lr=lr, optimizer=optimizer,
                momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
-               retain_per_epoch=retain_per_epoch, select=select, history_retain=history_retain)
+               retain_per_epoch=retain_per_epoch, select=select, history=history,
+               history_retain=history_retain)
 
 
 @register("ppu-random")
@@ -128,9 +137,10 @@ def ppu_random(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Datas
                progress: bool = True, epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd",
                momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64,
                retain_per_epoch: int | None = None, select: str | Callable[[list[dict]], int] = "last",
-               history_retain: int | None = 1000) -> UnlearnResult:
+               history: bool | None = None, history_retain: int | None = 1000) -> UnlearnResult:
     """PPU for bias removal with random pseudo-probabilities (§5.4, "PPU w/ random")."""
     return ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
                progress=progress, mode="bias", pseudo="random", epochs=epochs, lr=lr, optimizer=optimizer,
                momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
-               retain_per_epoch=retain_per_epoch, select=select, history_retain=history_retain)
+               retain_per_epoch=retain_per_epoch, select=select, history=history,
+               history_retain=history_retain)
