@@ -22,9 +22,13 @@
 #
 # Data. CIFAR-10 must be on the device machine: DATA_ROOT (default shared/data/cifar10 inside the
 # checkout) holds torchvision's python batches (cifar-10-batches-py/) or an ImageFolder tree with
-# train/ and test/. The repository's ../shared/data/cifar10 (JPEG tree, 236 MB) is larger than the
-# 64 MiB working tree that travels to a device machine, so it has to be put there some other way;
-# the script stops with a clear message when the folder is missing.
+# train/ and test/. The JPEG tree ../shared/data/cifar10 holds 56.9 MB of file contents (236 MB on
+# disk only because of 4 KiB blocks per file), so with the ~1 MB repository it fits the 64 MiB that
+# travel to a device machine. The device tool sends a `shared/` folder inside the checkout but not
+# the ../shared beside it, so before the calls, on the development machine:
+#   mkdir -p shared/data && cp -r ../shared/data/cifar10 shared/data/ && echo /shared/ >> .git/info/exclude
+# (ignored by git: the data is never committed). The script stops with a clear message when the
+# folder is missing.
 #
 # Time. Every part trains the original model (30 epochs of CIFAR-10 minus 5 % validation, unless
 # it is in PPU_FAST_CACHE from an earlier part on the same machine), so each call is self-contained;
@@ -56,6 +60,7 @@ usage() {
 
 [[ $# -ge 2 ]] || usage
 if [[ $2 == plan ]]; then
+    echo "mkdir -p shared/data && cp -r ../shared/data/cifar10 shared/data/ && echo /shared/ >> .git/info/exclude"
     for m in allcnn resnet18; do for s in class selective; do
         for p in a b c; do echo "benchmarks/gpu/unlearn_gpu.sh $1 $m $s $p"; done
         echo "python -m ppu_fast.tables $1/${m}_${s}_a $1/${m}_${s}_b $1/${m}_${s}_c --out docs/results/cifar10_${m}_${s}"
@@ -83,7 +88,7 @@ LOG="$OUT/run.log"
 
 if [[ ! -d $DATA_ROOT ]]; then
     echo "no CIFAR-10 at DATA_ROOT='$DATA_ROOT': put torchvision's python batches or the train/ and" \
-         "test/ image folders there (the 236 MB ../shared/data/cifar10 does not travel)" | tee "$LOG" >&2
+         "test/ image folders there (copy ../shared/data/cifar10 to shared/data/cifar10 before the call: see the header)" | tee "$LOG" >&2
     exit 3
 fi
 
