@@ -56,3 +56,19 @@ def small_problem():
     mask = torch.zeros(300, dtype=torch.bool)
     mask[torch.nonzero(y == 2)[:30, 0]] = True
     return p, mask
+
+
+def image_tree(root: Path, classes, counts: dict, size: tuple = (32, 32), ext: str = "jpg") -> Path:
+    """An ImageFolder tree of random RGB images: ``root/<split>/<class>/<i>.<ext>``, ``counts[split]``
+    images per class, each ``size`` (height, width)."""
+    Image = pytest.importorskip("PIL.Image")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in counts.items():
+        for c in classes:
+            d = root / split / str(c)
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(d / f"{i:04d}.{ext}")
+    return root

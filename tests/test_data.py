@@ -1,6 +1,5 @@
 """Splits (sizes, disjointness, determinism), the CIFAR / ImageFolder loaders and their errors."""
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 from ppu_fast.data import CIFAR_MEAN, CIFAR_STD, ArrayDataset, dataset_targets, make_split
 
-SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+from conftest import CIFAR10_DIR as SHARED_CIFAR10, image_tree
 
 
 def _check_partition(split):
@@ -143,14 +142,7 @@ def test_cifar5_and_cifar100_official(tmp_path):
 
 
 def test_imagefolder_tree_resized(tmp_path):
-    Image = pytest.importorskip("PIL.Image")
-    rng = np.random.default_rng(0)
-    for sub, n in (("train", 6), ("test", 2)):
-        for c in ("alice", "bob"):
-            (tmp_path / sub / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
-                    tmp_path / sub / c / f"{i}.png")
+    image_tree(tmp_path, ("alice", "bob"), {"train": 6, "test": 2}, size=(40, 50), ext="png")
     s = make_split("imagefolder", data_root=tmp_path, forget_class=1, num_forget=2, val_fraction=0.2,
                    progress=False)
     assert s.num_classes == 2 and s.train[0][0].shape == (3, 32, 32)

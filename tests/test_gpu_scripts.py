@@ -7,27 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from conftest import image_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "unlearn_gpu.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
-
-
-def tiny_cifar(root: Path, train: int = 12, test: int = 6) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("test", test)):
-        for c in range(10):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:04d}.jpg")
-    return root
 
 
 def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
@@ -58,7 +46,7 @@ def test_bad_model_is_named(tmp_path):
 
 
 def test_part_a_runs_and_merges(tmp_path):
-    data = tiny_cifar(tmp_path / "cifar10")
+    data = image_tree(tmp_path / "cifar10", [f"class{c}" for c in range(10)], {"train": 12, "test": 6})
     out = tmp_path / "out"
     res = run([str(out), "allcnn", "class", "a"], tmp_path, DATA_ROOT=str(data), EPOCHS="1", WIDTH="0.25")
     assert res.returncode == 0, res.stdout + res.stderr

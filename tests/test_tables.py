@@ -3,7 +3,6 @@ seeds, and ``ppu-fast run --methods all`` end to end on a tiny configuration."""
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,9 @@ from ppu_fast.tables import (context, error_table, merge, mia_table, paper_numbe
 from ppu_fast.unlearn import methods as registered
 from ppu_fast.unlearn._loop import ALL_METHODS, expand_methods
 
-PAPER_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "paper" / "ppu-paper.txt"
+from conftest import SHARED
+
+PAPER_TEXT = SHARED / "paper" / "ppu-paper.txt"
 
 
 def fake_methods(seed=0, with_std=True):
