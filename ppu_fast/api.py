@@ -1,5 +1,10 @@
 """Public entry points: ``refine`` (probabilities in, refined targets out), ``solve`` and ``targets``
-(the low-level pair for front ends that build their own P^ and weights)."""
+(the low-level pair for front ends that build their own P^ and weights).
+
+A ``refine`` reads the input once (the backend's ``prepare``: validation, log P^, the column sums
+behind the targets and the solver's first evaluation), reads the solver's buffer once per further
+solver pass, and overwrites that buffer with Q once: nothing else touches the N x k data.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +16,9 @@ import torch
 
 from . import problem as pb
 from .backends import get_backend
-from .solver import RefineInfo, solve_dual
+from .solver import RefineInfo, hessian_mode, solve_dual
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
-
-
-def _fill_log_p(out: torch.Tensor, x: torch.Tensor, is_probs: bool) -> None:
-    """out <- log P (or log_softmax(logits)), computed in float32 chunk by chunk."""
-    n, k = x.shape
-    for sl in pb.row_chunks(n, k):
-        c = x[sl].float()
-        out[sl] = torch.log(c) if is_probs else torch.log_softmax(c, dim=1)
 
 
 def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
@@ -45,10 +42,10 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         marginals: "retain" | "original" | class totals (k,) summing to N.
         method: "newton" | "sinkhorn" | "gradient" (``step_size`` sets the gradient's eta).
         tol: stop when ``||colsum(Q) - M||_1 / N <= tol``.
-        max_iter: most passes over the matrix (default per method).
+        max_iter: most dual evaluations (passes over the matrix; default per method).
         backend: "auto" or a backend name (see ``python -m ppu_fast.info``).
         generator: torch.Generator for ``pseudo="random"``.
-        return_info: also return a :class:`RefineInfo`.
+        return_info: also return a :class:`RefineInfo` (``info.timings`` breaks the call down).
 
     Returns:
         Q (N x k) with the dtype and device of the input (numpy in, numpy out), or (Q, info).
@@ -58,20 +55,14 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         raise ValueError("probs, logits: pass exactly one of them (got "
                          f"{'both' if probs is not None else 'neither'})")
     name = "probs" if probs is not None else "logits"
+    mode = name
     x, from_numpy = pb.to_tensor(probs if probs is not None else logits, name)
     n, k = pb.check_matrix(x, name)
     if not isinstance(lam, (int, float)) or not lam > 0 or not np.isfinite(lam):
         raise ValueError(f"lam: expected a finite number > 0, got {lam!r}")
     mask = pb.forget_rows(forget_mask, n)
-    mask_dev = mask.to(x.device)
     n_forget = int(mask.sum())
-    colsum_retain, colsum_forget = pb.scan_rows(x, probs is not None, mask_dev, name)
-    prior = None
-    if isinstance(pseudo, str) and pseudo == "prior":
-        # The retain rows' mean distribution; with none retained, the uninformative prior.
-        prior = (colsum_retain / (n - n_forget) if n_forget < n
-                 else torch.full((k,), 1.0 / k, dtype=torch.float64))
-    pseudo_t = pb.pseudo_probs(pseudo, n_forget, k, prior, generator)
+    kind, pseudo_t = pb.pseudo_log(pseudo, n_forget, k, generator)
     if k == 1:
         info = RefineInfo(iterations=0, converged=True, residual=0.0, history=[0.0],
                           dual_value=0.0, alpha=torch.zeros(1, dtype=torch.float64),
@@ -81,37 +72,74 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         q = q.numpy() if from_numpy else q
         return (q, info) if return_info else q
 
-    pseudo_colsum = pseudo_t.double().sum(dim=0)
+    dev = x.device
+    mask_dev = mask.to(dev) if n_forget else None
+    # The output buffer holds log P^ while solving and is overwritten by Q in place at the end,
+    # so a refine needs no N x k temporary besides its result.
+    out = torch.empty(x.shape, dtype=pb.solver_dtype(x.dtype), device=dev)
+    inv_c = torch.full((n,), 1.0 / float(lam), dtype=torch.float32, device=dev)
+    if mask_dev is not None:
+        inv_c.masked_fill_(mask_dev, 1.0)
+    be = get_backend(backend, out)
+    fill = pseudo_t.to(dev) if kind == "vector" and n_forget else None
+    # With the forget rows known now, prepare's pass also gives the solver's first evaluation.
+    final_rows = n_forget == 0 or fill is not None
+    hmode = hessian_mode(method, k)
+    tol_rows = pb.row_sum_tol(x.dtype)
+    t1 = time.perf_counter()
+    prep = be.prepare(x, mode, mask_dev, fill, out, inv_c if final_rows else None, hmode, tol_rows)
+    pb.raise_row_error(prep.error, x, mode, name, tol_rows)
+    t2 = time.perf_counter()
+    colsum_retain, colsum_forget = prep.retain_sums, prep.forget_sums
+    n_retain = n - n_forget
+    if kind == "vector":
+        pseudo_colsum = torch.exp(pseudo_t.double()) * n_forget
+    elif kind == "prior":
+        # The retain rows' mean distribution; with none retained, the uninformative prior.
+        prior = (colsum_retain / n_retain if n_retain
+                 else torch.full((k,), 1.0 / k, dtype=torch.float64))
+        pseudo_t = torch.log(prior.float())
+        pseudo_colsum = prior.float().double() * n_forget
+    else:
+        pseudo_colsum = torch.exp(pseudo_t.double()).sum(dim=0)
+    if not final_rows:
+        rows = pseudo_t.to(dev, out.dtype)
+        out[mask_dev] = rows.expand(n_forget, k) if rows.dim() == 1 else rows
     # With no retain rows, "retain" marginals fall back to P^'s own totals (then Q = P^).
     m = pb.target_marginals(marginals, colsum_retain, colsum_forget, n, k, pseudo_colsum)
     # A class has support in P^ when a retained row or a pseudo row gives it probability.
     pb.check_feasible((colsum_retain > 0) | (pseudo_colsum > 0), m)
-
-    # The output buffer holds log P^ while solving and is overwritten by Q in place at the end,
-    # so a refine needs no N x k temporary besides its result.
-    out = torch.empty(x.shape, dtype=pb.solver_dtype(x.dtype), device=x.device)
-    _fill_log_p(out, x, probs is not None)
-    if n_forget:
-        out[mask_dev] = torch.log(pseudo_t).to(device=x.device, dtype=out.dtype)
-    inv_c = torch.where(mask_dev, torch.tensor(1.0, device=x.device),
-                        torch.tensor(1.0 / float(lam), device=x.device)).float()
-    be = get_backend(backend, out)
+    t3 = time.perf_counter()
     info = solve_dual(be, out, inv_c, m, method=method, tol=tol, max_iter=max_iter,
-                      step_size=step_size)
-    be.materialize(out, inv_c, info.alpha.to(out.device), out)
+                      step_size=step_size, first=prep.first)
+    t4 = time.perf_counter()
+    be.materialize(out, inv_c, info.alpha.to(dev), out)
     q = out if out.dtype == x.dtype else out.to(x.dtype)
-    info.seconds = time.perf_counter() - t0
     if from_numpy:
         q = q.cpu().numpy()
+    t5 = time.perf_counter()
+    info.timings = {"setup": t1 - t0, "prepare": t2 - t1, "targets": t3 - t2, "solve": t4 - t3,
+                    "materialize": t5 - t4}
+    info.seconds = t5 - t0
     return (q, info) if return_info else q
 
 
-def _prepare_log_p(log_p: ArrayLike) -> Tuple[torch.Tensor, bool, torch.dtype]:
-    """(log_p in a dtype the backends take, came_from_numpy, the caller's dtype)."""
+def _validated_log_p(log_p: ArrayLike, backend: str, inv_c: Optional[torch.Tensor] = None,
+                     hessian=False):
+    """(log_p in a solver dtype, came_from_numpy, the caller's dtype, backend, prepare's result):
+    one ``prepare`` pass validates the rows (no NaN, no +inf, a finite entry per row), converts
+    float64 to float32 and, with ``inv_c``, gives the solver's first evaluation."""
     lp, from_numpy = pb.to_tensor(log_p, "log_p")
     pb.check_matrix(lp, "log_p")
-    pb.check_log_p(lp)
-    return lp.to(pb.solver_dtype(lp.dtype)), from_numpy, lp.dtype
+    dtype = pb.solver_dtype(lp.dtype)
+    out = None if lp.dtype == dtype else torch.empty(lp.shape, dtype=dtype, device=lp.device)
+    buf = lp if out is None else out
+    be = get_backend(backend, buf)
+    if inv_c is not None:
+        inv_c = inv_c.to(lp.device)
+    prep = be.prepare(lp, "log_p", None, None, out, inv_c, hessian)
+    pb.raise_row_error(prep.error, lp, "log_p", "log_p", 0.0)
+    return buf, from_numpy, lp.dtype, be, prep
 
 
 def solve(log_p: ArrayLike, weights: ArrayLike, marginals: ArrayLike, *, method: str = "newton",
@@ -126,17 +154,21 @@ def solve(log_p: ArrayLike, weights: ArrayLike, marginals: ArrayLike, *, method:
         marginals: M (k,), >= 0, summing to N.
 
     Returns:
-        (alpha (k,) float64 on log_p's device, info); ``info.alpha`` is the same on the CPU. ``targets(log_p, weights, alpha)`` gives Q.
+        (alpha (k,) float64 on log_p's device, info); ``info.alpha`` is the same on the CPU.
+        ``targets(log_p, weights, alpha)`` gives Q.
     """
-    lp, _, _ = _prepare_log_p(log_p)
-    n, k = lp.shape
+    t0 = time.perf_counter()
+    if not isinstance(log_p, (torch.Tensor, np.ndarray)):
+        pb.to_tensor(log_p, "log_p")  # raises the TypeError
+    n, k = pb.check_matrix(pb.to_tensor(log_p, "log_p")[0], "log_p")
     c = pb.check_weights(weights, n)
     m = pb.check_marginals(marginals, n, k)
-    pb.check_feasible(pb.support_of(lp), m)
-    inv_c = (1.0 / c).float().to(lp.device)
-    be = get_backend(backend, lp)
-    info = solve_dual(be, lp, inv_c, m, method=method, tol=tol, max_iter=max_iter,
-                      step_size=step_size)
+    inv_c = (1.0 / c).float()
+    lp, _, _, be, prep = _validated_log_p(log_p, backend, inv_c, hessian_mode(method, k))
+    pb.check_feasible(prep.support, m)
+    info = solve_dual(be, lp, inv_c.to(lp.device), m, method=method, tol=tol,
+                      max_iter=max_iter, step_size=step_size, first=prep.first)
+    info.seconds = time.perf_counter() - t0
     return info.alpha.to(lp.device), info
 
 
@@ -144,15 +176,14 @@ def targets(log_p: ArrayLike, weights: ArrayLike, alpha: ArrayLike, *,
             backend: str = "auto") -> ArrayLike:
     """Q(alpha) (N x k): ``q_ik = softmax_k(log_p_ik - alpha_k / c_i)``, in log_p's dtype (float32
     for float64 input is computed, then cast back) and device; numpy in, numpy out."""
-    lp, from_numpy, orig_dtype = _prepare_log_p(log_p)
-    n, k = lp.shape
+    n, k = pb.check_matrix(pb.to_tensor(log_p, "log_p")[0], "log_p")
     c = pb.check_weights(weights, n)
     a, _ = pb.to_tensor(alpha, "alpha")
     if a.shape != (k,):
         raise ValueError(f"alpha: shape {tuple(a.shape)}; expected ({k},)")
-    a = a.detach().to(device=lp.device, dtype=torch.float64)
+    lp, from_numpy, orig_dtype, be, _ = _validated_log_p(log_p, backend)
+    a = a.to(device=lp.device, dtype=torch.float64)
     inv_c = (1.0 / c).float().to(lp.device)
-    be = get_backend(backend, lp)
     out = torch.empty(lp.shape, dtype=lp.dtype, device=lp.device)
     be.materialize(lp, inv_c, a, out)
     q = out.to(orig_dtype)

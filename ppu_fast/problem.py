@@ -1,45 +1,36 @@
-"""Building the refinement problem: P^ (as log-probabilities), the row weights and the targets M.
+"""Building the refinement problem: the forget mask, pseudo-probabilities, row weights and targets M.
 
 Every check here raises a ValueError / TypeError naming the argument, what was wrong (with the
-first offending row or class) and what is expected. Nothing passed in is modified. Large inputs
-are scanned in row chunks so that validation needs no N x k temporaries.
+first offending row or class) and what is expected. Nothing passed in is modified. The per-row
+checks of the N x k input run inside the backends' ``prepare`` pass (one pass, no N x k
+temporaries); :func:`raise_row_error` words what a backend reported.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from .backends.base import SUPPORTED_DTYPES
-from .backends.torch_ref import chunk_rows
+from .backends.base import (ERR_ALL_NEG_INF, ERR_NEGATIVE, ERR_NONFINITE, ERR_ROWSUM,
+                            ROW_SUM_TOL, SUPPORTED_DTYPES)
 
 PSEUDO_NAMES = ("uniform", "random", "prior")
 MARGINAL_NAMES = ("retain", "original")
-ROW_SUM_TOL = 1e-3
 MARGINAL_RTOL = 1e-6
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
 def to_tensor(x, name: str) -> Tuple[torch.Tensor, bool]:
-    """(tensor, came_from_numpy). Numpy arrays are wrapped without copying."""
+    """(tensor, came_from_numpy). Numpy arrays are wrapped without copying; tensors are detached
+    (``refine`` produces targets, not a differentiable layer)."""
     if isinstance(x, torch.Tensor):
-        return x, False
+        return x.detach(), False
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x), True
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-
-
-def row_chunks(n: int, k: int) -> Iterator[slice]:
-    rows = chunk_rows(n, k)
-    for start in range(0, n, rows):
-        yield slice(start, min(n, start + rows))
-
-
-def _first_row(bad_rows: torch.Tensor, offset: int) -> int:
-    return offset + int(torch.nonzero(bad_rows)[0, 0])
 
 
 def check_matrix(x: torch.Tensor, name: str) -> Tuple[int, int]:
@@ -54,68 +45,6 @@ def check_matrix(x: torch.Tensor, name: str) -> Tuple[int, int]:
     if k == 0:
         raise ValueError(f"{name}: k == 0 classes; expected at least one column")
     return n, k
-
-
-def scan_rows(x: torch.Tensor, is_probs: bool, forget: Optional[torch.Tensor] = None,
-              name: str = "probs") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Validate probabilities (or logits) and sum their normalised rows, in one chunked pass.
-
-    Probabilities must be finite, non-negative, with rows summing to 1 within ROW_SUM_TOL
-    (within 2 ulps of 1 for half dtypes, whose rounding alone moves a row sum by more than 1e-3);
-    logits must be finite. Returns the column sums (k,) float64 on the CPU of the rows of
-    softmax(logits) or of P normalised to sum exactly 1, over the retained rows and over the
-    ``forget`` rows (a bool mask (N,) on x's device; None means no forget rows).
-    """
-    n, k = x.shape
-    tol = max(ROW_SUM_TOL, 2 * torch.finfo(x.dtype).eps)
-    sums = torch.zeros(k, 2, dtype=torch.float64, device=x.device)
-    for sl in row_chunks(n, k):
-        c = x[sl].double()
-        rs = c.sum(dim=1)
-        bad = ~torch.isfinite(rs)  # a NaN or +-Inf anywhere in the row
-        if bad.any():
-            i = _first_row(bad, sl.start)
-            kind = "probabilities" if is_probs else "logits"
-            raise ValueError(f"{name}: row {i} contains NaN or Inf; expected finite {kind}")
-        if is_probs:
-            # A global min is several times cheaper than a per-row one; rows only on failure.
-            if bool(c.min() < 0):
-                i = _first_row(c.amin(dim=1) < 0, sl.start)
-                raise ValueError(f"{name}: row {i} has a negative entry "
-                                 f"({float(x[i].min()):.3g}); expected probabilities >= 0")
-            bad = (rs - 1).abs() > tol
-            if bad.any():
-                i = _first_row(bad, sl.start)
-                raise ValueError(f"{name}: row {i} sums to {float(rs[i - sl.start]):.6g}; expected "
-                                 f"rows on the simplex (sum 1 within {tol:.3g})")
-            # Normalising keeps sum(M) == N exactly although rows only sum to 1 within tol.
-            w = 1.0 / rs
-        else:
-            c = torch.softmax(c, dim=1)
-            w = torch.ones_like(rs)
-        f = (forget[sl] if forget is not None
-             else torch.zeros(c.shape[0], dtype=torch.bool, device=x.device))
-        weights = torch.stack([torch.where(f, 0.0, w), torch.where(f, w, 0.0)], dim=1)
-        sums += (weights.T @ c).T  # (2 x r) @ (r x k): BLAS's fast orientation here
-    sums = sums.cpu()
-    return sums[:, 0].contiguous(), sums[:, 1].contiguous()
-
-
-def check_log_p(log_p: torch.Tensor, name: str = "log_p") -> None:
-    """Log-probabilities (rows need not be normalised): no NaN, no +inf, a finite entry per row."""
-    n, k = log_p.shape
-    for sl in row_chunks(n, k):
-        c = log_p[sl]
-        bad = torch.isnan(c).any(dim=1) | (c == float("inf")).any(dim=1)
-        if bad.any():
-            i = _first_row(bad, sl.start)
-            raise ValueError(f"{name}: row {i} contains NaN or +Inf; expected log-probabilities "
-                             f"(finite or -inf)")
-        bad = ~torch.isfinite(c).any(dim=1)
-        if bad.any():
-            i = _first_row(bad, sl.start)
-            raise ValueError(f"{name}: row {i} is entirely -inf (all probabilities zero); "
-                             f"expected at least one finite entry per row")
 
 
 def forget_rows(forget_mask, n: int) -> torch.Tensor:
@@ -147,17 +76,53 @@ def forget_rows(forget_mask, n: int) -> torch.Tensor:
     return mask
 
 
-def pseudo_probs(pseudo, n_forget: int, k: int, prior: torch.Tensor,
-                 generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Pseudo-probabilities for the forget rows, float32 (N_forget x k), on the CPU."""
+def row_sum_tol(dtype: torch.dtype) -> float:
+    """Tolerance on a probability row's sum: ROW_SUM_TOL, or two ulps of 1 for half dtypes (whose
+    rounding alone moves a row sum by more than 1e-3)."""
+    return max(ROW_SUM_TOL, 2 * torch.finfo(dtype).eps)
+
+
+def raise_row_error(error: Optional[Tuple[int, int]], x: torch.Tensor, mode: str, name: str,
+                    tol: float) -> None:
+    """Raise the ValueError for a fault ``(kind, row)`` that ``prepare`` reported (no-op: None)."""
+    if error is None:
+        return
+    kind, i = error
+    if kind == ERR_NONFINITE:
+        if mode == "log_p":
+            raise ValueError(f"{name}: row {i} contains NaN or +Inf; expected log-probabilities "
+                             f"(finite or -inf)")
+        what = "probabilities" if mode == "probs" else "logits"
+        raise ValueError(f"{name}: row {i} contains NaN or Inf; expected finite {what}")
+    if kind == ERR_NEGATIVE:
+        raise ValueError(f"{name}: row {i} has a negative entry ({float(x[i].min()):.3g}); "
+                         f"expected probabilities >= 0")
+    if kind == ERR_ROWSUM:
+        s = float(x[i].double().sum())
+        raise ValueError(f"{name}: row {i} sums to {s:.6g}; expected rows on the simplex (sum 1 "
+                         f"within {tol:.3g})")
+    if kind == ERR_ALL_NEG_INF:
+        raise ValueError(f"{name}: row {i} is entirely -inf (all probabilities zero); expected at "
+                         f"least one finite entry per row")
+    raise RuntimeError(f"{name}: a backend reported unknown fault kind {kind} at row {i}")
+
+
+def pseudo_log(pseudo, n_forget: int, k: int, generator: Optional[torch.Generator]
+               ) -> Tuple[str, Optional[torch.Tensor]]:
+    """What the forget rows of log P^ hold, on the CPU in float32:
+
+    ("vector", log v (k,)) for "uniform"; ("prior", None) for "prior" (known only after the input
+    pass); ("rows", log rows (N_forget x k), each row normalised) for "random" or a tensor, which
+    is validated like probabilities.
+    """
     if isinstance(pseudo, str):
         if pseudo == "uniform":
-            return torch.full((n_forget, k), 1.0 / k)
+            return "vector", torch.full((k,), -float(np.log(k)), dtype=torch.float32)
         if pseudo == "random":
             z = torch.randn(n_forget, k, generator=generator)
-            return torch.softmax(z, dim=1)
+            return "rows", torch.log_softmax(z, dim=1)
         if pseudo == "prior":
-            return prior.float().expand(n_forget, k)
+            return "prior", None
         raise ValueError(f"pseudo: unknown name {pseudo!r}; expected one of {list(PSEUDO_NAMES)} "
                          f"or a tensor (N_forget x k) of probabilities")
     t, _ = to_tensor(pseudo, "pseudo")
@@ -166,9 +131,14 @@ def pseudo_probs(pseudo, n_forget: int, k: int, prior: torch.Tensor,
                          f"({n_forget}, {k})")
     if not t.is_floating_point():
         raise TypeError(f"pseudo: expected a floating-point dtype, got {t.dtype}")
+    t = t.cpu()
+    out = torch.empty((n_forget, k), dtype=torch.float32)
     if n_forget:
-        scan_rows(t, True, name="pseudo")
-    return t.detach().cpu().float()
+        from .backends.torch_ref import reference_prepare
+        tol = row_sum_tol(t.dtype)
+        got = reference_prepare(t, "probs", None, None, out, tol=tol)
+        raise_row_error(got.error, t, "probs", "pseudo", tol)
+    return "rows", out
 
 
 def target_marginals(marginals, colsum_retain: torch.Tensor, colsum_forget: torch.Tensor,
@@ -210,15 +180,6 @@ def check_marginals(marginals, n: int, k: int) -> torch.Tensor:
         raise ValueError(f"marginals: sum to {s:.10g}; expected N = {n} (relative tolerance "
                          f"{MARGINAL_RTOL})")
     return t
-
-
-def support_of(log_p: torch.Tensor) -> torch.Tensor:
-    """Which classes (k,) bool have a non-zero probability in some row of ``log_p``."""
-    n, k = log_p.shape
-    support = torch.zeros(k, dtype=torch.bool, device=log_p.device)
-    for sl in row_chunks(n, k):
-        support |= (log_p[sl] > float("-inf")).any(dim=0)
-    return support.cpu()
 
 
 def check_feasible(support: torch.Tensor, m: torch.Tensor, name: str = "marginals") -> None:

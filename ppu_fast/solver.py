@@ -12,26 +12,39 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
-from .backends.base import Backend
+from .backends.base import Backend, StepOut
 
 METHODS = ("newton", "sinkhorn", "gradient")
 DEFAULT_MAX_ITER = {"newton": 100, "sinkhorn": 10_000, "gradient": 100_000}
-# Above this k, Newton uses the diagonal of the Hessian: a dense k x k Hessian costs N k^2 flops
-# per pass against N k for the pass itself. Measured with the reference on the paper-like
-# scenarios: at k = 1000 the diagonal needs the same passes or one more and takes 30-45 % less
-# time; at k = 100 the two are within noise.
+# Above this k, Newton uses the diagonal of the Hessian: even sampled, the dense part costs
+# O(|S| k^2), and at k = 1000 the diagonal needs the same passes or one more (measured with the
+# reference on the paper-like scenarios). Below it the dense Hessian matters: with the diagonal
+# alone, k = 10 class unlearning with "original" marginals took 17-100 passes instead of 6-11.
 DENSE_HESSIAN_MAX_K = 128
-# Up to this k the compiled kernels accumulate the dense Hessian in the pass itself, nearly free;
-# above it the Hessian is a GEMM over materialised rows, so Newton reuses the last one (a chord
-# step) while the residual keeps falling fast, and asks for a fresh one only when it does not.
-IN_PASS_HESSIAN_MAX_K = 32
-FRESH_HESSIAN_RATIO = 0.25
 ARMIJO_C1 = 1e-4
 MIN_STEP = 1e-10
+# A line search starts from a step that changes no row's logits (alpha_j / c_i) by more than this.
+# On a confident model the curvature at alpha = 0 is ~1e-13 and the full Newton step ~1e11 logits,
+# a region where float32 log Z is noise; backtracking from there wastes a pass per halving.
+# (A tighter cap, 20, slowed lam = 0.01 problems 4x: it binds on classes the heavy rows ignore.)
+MAX_LOGIT_STEP = 100.0
+# Residual ratio per unit step that marks the exponential tail (e^-1 = 0.37 in the middle).
+TAIL_RHO = (0.25, 0.6)
+# Relative rounding noise of the dual value (float32 log Z summed in float64).
+G_NOISE_REL = 1e-7
+MAX_EXTRAPOLATION = 64.0
+
+
+def hessian_mode(method: str, k: int):
+    """The Hessian ``method`` asks of every pass: True (dense), "diag" or False (none)."""
+    if method != "newton":
+        return False
+    return True if k <= DENSE_HESSIAN_MAX_K else "diag"
 
 
 class ConvergenceWarning(UserWarning):
@@ -42,13 +55,16 @@ class ConvergenceWarning(UserWarning):
 class RefineInfo:
     """What a solve did.
 
-    iterations: passes over the N x k matrix (calls of ``backend.step``).
+    iterations: evaluations of the dual (each is a pass over the N x k matrix; the first one is
+        taken from ``prepare``'s pass when the caller had it, see ``steps``).
+    steps: calls of ``backend.step`` (``iterations`` less the evaluation ``prepare`` provided).
     converged: whether ``residual <= tol``.
     residual: the final ``||colsum(Q) - M||_1 / N``.
-    history: the residual after each pass, first entry at the starting alpha.
+    history: the residual after each evaluation, first entry at the starting alpha.
     dual_value: the dual objective g(alpha) at the returned alpha.
     alpha: the dual variables (k,) float64 on the CPU, gauge-fixed to sum zero.
-    method, backend: what ran; seconds: wall time of the solve.
+    method, backend: what ran; seconds: wall time of the call that returned this info.
+    timings: seconds per phase of that call (``refine``: "prepare", "solve", "materialize", ...).
     """
 
     iterations: int
@@ -61,68 +77,88 @@ class RefineInfo:
     backend: str = "torch"
     seconds: float = 0.0
     message: str = ""
+    steps: int = 0
+    timings: Dict[str, float] = field(default_factory=dict)
 
 
 class _Evaluator:
-    """Wraps backend.step: counts passes, computes g and the residual for one alpha."""
+    """Wraps backend.step: counts passes, computes g and the residual for one alpha (numpy)."""
 
     def __init__(self, backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
-                 marginals: torch.Tensor, hessian, max_passes: int) -> None:
+                 marginals: np.ndarray, hessian, max_passes: int) -> None:
         self.backend, self.log_p, self.inv_c, self.m = backend, log_p, inv_c, marginals
         self.hessian, self.max_passes = hessian, max_passes
         self.n = log_p.shape[0]
-        self.passes = 0
+        self.passes = 0  # evaluations, the one taken from prepare included
+        self.steps = 0
         self.history: List[float] = []
+        self.g_noise = 0.0
+        self.log_k_sum_c = math.log(max(log_p.shape[1], 2)) * float(
+            (1.0 / inv_c.double()).sum()) if self.n else 0.0
 
-    def __call__(self, alpha: torch.Tensor, hessian=None):
+    def __call__(self, alpha: np.ndarray, hessian=None):
         h_mode = self.hessian if hessian is None else hessian
         dev = self.log_p.device
+        a = torch.from_numpy(alpha)
         colsum, wlogz, h = self.backend.step(self.log_p, self.inv_c,
-                                             alpha.to(dev, non_blocking=True), h_mode)
-        # The k-dimensional algebra runs on the host: one device-to-host copy per pass instead
-        # of a synchronising scalar read per operation.
+                                             a if dev.type == "cpu" else a.to(dev), h_mode)
+        self.steps += 1
         if dev.type != "cpu":
+            # One device-to-host copy per pass instead of a synchronising read per quantity.
             parts = [colsum, wlogz.reshape(1)] + ([] if h is None else [h.reshape(-1)])
             flat = torch.cat(parts).cpu()
             k = colsum.shape[0]
             colsum, wlogz = flat[:k], flat[k]
             h = None if h is None else flat[k + 1:].reshape(h.shape)
+        return self.record(alpha, colsum, wlogz, h)
+
+    def record(self, alpha: np.ndarray, colsum: torch.Tensor, wlogz, h):
+        """Turn a step's (colsum, wlogz, H) on the host into (grad, g, H, residual)."""
         self.passes += 1
-        grad = colsum - self.m
-        g = float(-wlogz - alpha @ self.m)
-        res = float(grad.abs().sum()) / self.n
+        grad = colsum.numpy() - self.m
+        wl, am = float(wlogz), float(alpha @ self.m)
+        g = -wl - am
+        # g sums N float32-rounded terms c_i log Z_i, log Z_i = max_j x_ij + log s_i, each about
+        # as large as |alpha_j| / c_i + log k (rows of log P^ are normalised): changes of g below
+        # eps32 times the sum of their magnitudes are noise.
+        self.g_noise = G_NOISE_REL * (abs(wl) + abs(am) + self.n * float(np.abs(alpha).max())
+                                      + self.log_k_sum_c)
+        res = float(np.abs(grad).sum()) / self.n
         self.history.append(res)
-        return grad, g, h, res
+        return grad, g, (None if h is None else h.numpy()), res
 
 
-def _newton_direction(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _newton_direction(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
     """Solve H d = grad on the subspace sum(d) = 0 (H is PSD with null vector 1)."""
-    if h.dim() == 1:  # diagonal Hessian
-        d = grad / h.clamp_min(1e-12 * float(h.max().clamp_min(1e-300)))
+    if h.ndim == 1:  # diagonal Hessian
+        d = grad / np.maximum(h, 1e-12 * max(float(h.max()), 1e-300))
         return d - d.mean()
     k = h.shape[0]
-    scale = float(torch.diagonal(h).mean().clamp_min(1e-300))
+    scale = max(float(np.diagonal(h).mean()), 1e-300)
     # The rank-one term fixes the gauge; the tiny ridge handles classes whose column is empty.
-    a = h + (scale / k) * torch.ones_like(h) + 1e-12 * scale * torch.eye(k, dtype=h.dtype,
-                                                                          device=h.device)
+    a = h + scale / k + 1e-12 * scale * np.eye(k)
     try:
-        d = torch.linalg.solve(a, grad)
-    except RuntimeError:
-        d = torch.linalg.lstsq(a, grad.unsqueeze(1)).solution.squeeze(1)
+        d = np.linalg.solve(a, grad)
+    except np.linalg.LinAlgError:
+        d = np.linalg.lstsq(a, grad, rcond=None)[0]
     return d - d.mean()
 
 
 def _line_search(ev: _Evaluator, alpha, d, grad, g, res, t0: float = 1.0, hessian=None):
-    """Armijo backtracking on g; near the optimum g's float rounding hides real progress, so a
-    sufficient decrease of the residual is accepted too. Returns the new state, or None when no step
-    is accepted within the pass budget."""
+    """Armijo backtracking on g. Near the optimum g's float rounding hides real progress: a gain
+    in g only counts when it exceeds g's rounding noise, and a step that leaves g unchanged
+    within that noise is accepted when it decreases the residual sufficiently. Returns the new state, or None when no step is accepted within
+    the pass budget."""
     slope = float(grad @ d)
     t = t0
+    noise = ev.g_noise
     while t >= MIN_STEP and ev.passes < ev.max_passes:
         a_new = alpha + t * d
         grad_n, g_n, h_n, res_n = ev(a_new, hessian)
-        if math.isfinite(g_n) and (g_n >= g + ARMIJO_C1 * t * slope
-                                   or res_n <= (1.0 - ARMIJO_C1 * t) * res):
+        noise_n = max(noise, ev.g_noise)
+        if math.isfinite(g_n) and (g_n >= g + max(ARMIJO_C1 * t * slope, noise_n)
+                                   or (g_n >= g - noise_n
+                                       and res_n <= (1.0 - ARMIJO_C1 * t) * res)):
             return a_new, grad_n, g_n, h_n, res_n, t
         t *= 0.5
     return None
@@ -131,55 +167,70 @@ def _line_search(ev: _Evaluator, alpha, d, grad, g, res, t0: float = 1.0, hessia
 def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                marginals: torch.Tensor, *, method: str = "newton", tol: float = 1e-6,
                max_iter: Optional[int] = None, step_size: Optional[float] = None,
-               alpha0: Optional[torch.Tensor] = None) -> RefineInfo:
+               alpha0: Optional[torch.Tensor] = None, first: Optional[StepOut] = None,
+               ) -> RefineInfo:
     """Maximise the dual for ``log_p`` (N x k), ``inv_c`` (N,) and ``marginals`` M (k,).
 
+    ``first``: the step at alpha = 0 with the Hessian ``hessian_mode(method, k)`` asks for, on the
+    CPU, as ``prepare`` returns it; it replaces the solver's first pass (alpha0 must be None).
     Returns a :class:`RefineInfo` whose ``alpha`` (k,) float64 (on the CPU) defines Q(alpha).
-    Warns with
-    :class:`ConvergenceWarning` when ``tol`` is not reached.
+    Warns with :class:`ConvergenceWarning` when ``tol`` is not reached.
     """
     if method not in METHODS:
         raise ValueError(f"method: unknown {method!r}; expected one of {list(METHODS)}")
     if max_iter is None:
         max_iter = DEFAULT_MAX_ITER[method]
-    if not isinstance(max_iter, int) or max_iter < 1:
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol: expected a positive number, got {tol!r}")
     t_start = time.perf_counter()
     n, k = log_p.shape
-    m = marginals.to(device="cpu", dtype=torch.float64)
-    alpha = (torch.zeros(k, dtype=torch.float64) if alpha0 is None
-             else alpha0.to(device="cpu", dtype=torch.float64).clone())
-    hessian = False
-    if method == "newton":
-        hessian = True if k <= DENSE_HESSIAN_MAX_K else "diag"
+    m = marginals.to(device="cpu", dtype=torch.float64).numpy()
+    alpha = (np.zeros(k) if alpha0 is None
+             else alpha0.to(device="cpu", dtype=torch.float64).numpy().copy())
+    hessian = hessian_mode(method, k)
     ev = _Evaluator(backend, log_p, inv_c, m, hessian, max_iter)
-    grad, g, h, res = ev(alpha)
-    lazy_hessian = hessian is True and k > IN_PASS_HESSIAN_MAX_K
-    ratio = 1.0  # residual contraction of the last accepted step
-    message = ""
     inv_c_sum = float(inv_c.sum(dtype=torch.float64))
+    inv_c_max = float(inv_c.max()) if n else 1.0
     if method == "sinkhorn":
         # Harmonic mean of the weights: exact IPF when all weights are equal.
         c_bar = n / inv_c_sum
-        m_safe = m.clamp_min(1e-300)
+        m_safe = np.maximum(m, 1e-300)
     elif method == "gradient":
         # lambda_max(diag(q) - q q^T) <= 1/2 (Gershgorin), so g is L-smooth with
         # L = sum_i inv_c_i / 2 and eta = 1/L ascends monotonically.
         eta = step_size if step_size is not None else 2.0 / inv_c_sum
         if not eta > 0:
             raise ValueError(f"step_size: expected a positive number, got {step_size!r}")
+    if first is not None and alpha0 is None:
+        grad, g, h, res = ev.record(alpha, *first)
+    else:
+        grad, g, h, res = ev(alpha)
+    message = ""
+    t_next, rho_prev = 1.0, 0.0
     while res > tol and ev.passes < max_iter:
         if method == "newton":
             d = _newton_direction(h, grad)
-            fresh = not lazy_hessian or ratio > FRESH_HESSIAN_RATIO
-            out = _line_search(ev, alpha, d, grad, g, res, hessian=hessian if fresh else False)
+            spread = float(d.max() - d.min()) * inv_c_max
+            t0 = min(t_next, MAX_LOGIT_STEP / spread) if spread > 0 else t_next
+            out = _line_search(ev, alpha, d, grad, g, res, t0)
+            if out is not None and out[5] >= t0 >= 1.0:
+                # Full (or longer) steps that gain the same factor pass after pass are the
+                # exponential tail (a forget row's mass on a class decaying like exp(-alpha)
+                # towards ~0), where a step t gains e^t: double the next step. Anything else
+                # (a damped step, quadratic convergence) returns to t = 1.
+                rho = (out[4] / res) ** (1.0 / out[5]) if res > 0 else 0.0
+                tail = (TAIL_RHO[0] <= rho <= TAIL_RHO[1] and rho_prev > 0
+                        and abs(math.log(rho / rho_prev)) < math.log(1.5))
+                t_next = min(2.0 * out[5], MAX_EXTRAPOLATION) if tail else 1.0
+                rho_prev = rho
+            else:
+                t_next, rho_prev = 1.0, 0.0
         elif method == "sinkhorn":
-            colsum = (grad + m).clamp_min(1e-300)
-            d = c_bar * (torch.log(colsum) - torch.log(m_safe))
-            d = torch.where(m > 0, d, torch.where(colsum > 1e-300, torch.full_like(d, 50.0 * c_bar),
-                                                  torch.zeros_like(d)))
+            colsum = np.maximum(grad + m, 1e-300)
+            d = c_bar * (np.log(colsum) - np.log(m_safe))
+            d = np.where(m > 0, d, np.where(colsum > 1e-300, 50.0 * c_bar, 0.0))
             d = d - d.mean()
             out = _line_search(ev, alpha, d, grad, g, res)
         else:
@@ -191,17 +242,16 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                 message = ("line search failed: no step improves the dual or the residual "
                            "(tol below the float32 precision floor?)")
             break
-        alpha, grad, g, h_new, res_new, _ = out
+        alpha, grad, g, h_new, res, _ = out
         h = h if h_new is None else h_new
-        ratio, res = res_new / res, res_new
         alpha = alpha - alpha.mean()
     converged = res <= tol
     if not converged and not message:
         message = f"reached max_iter={max_iter} passes"
     info = RefineInfo(iterations=ev.passes, converged=converged, residual=res,
-                      history=ev.history, dual_value=g, alpha=alpha, method=method,
-                      backend=backend.name, seconds=time.perf_counter() - t_start,
-                      message=message)
+                      history=ev.history, dual_value=g, alpha=torch.from_numpy(alpha),
+                      method=method, backend=backend.name,
+                      seconds=time.perf_counter() - t_start, message=message, steps=ev.steps)
     if not converged:
         warnings.warn(f"ppu_fast: {method} did not converge: {message}; residual {res:.3g} > "
                       f"tol {tol:.3g} after {ev.passes} passes (see info.converged)",

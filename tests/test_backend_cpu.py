@@ -1,8 +1,9 @@
 """Tests of the ``cpu`` backend (ppu_fast._C via ppu_fast.backends.cpu).
 
 Every kernel variant this CPU runs is tested: "auto" (AVX-512 here) on all shared cases, and the
-AVX2 and generic kernels on a subset (they share the code, compiled for other vector widths).
-Skipped as a whole only if ppu_fast._C is not built (CI builds it with ``pip install -e .``).
+AVX2 and generic kernels on a subset (they share the code, compiled for other vector widths);
+``prepare`` on every mode, dtype and bad input on all of them. Skipped as a whole only if
+ppu_fast._C is not built (CI builds it with ``pip install -e .``).
 
 Timing is not tested here (benchmarks/ does that); the numbers quoted in
 ppu_fast/backends/cpu.py came from median-of-N ``time.perf_counter`` loops around ``step``.
@@ -10,6 +11,7 @@ ppu_fast/backends/cpu.py came from median-of-N ``time.perf_counter`` loops aroun
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -17,7 +19,8 @@ import torch
 
 _C = pytest.importorskip("ppu_fast._C", reason="ppu_fast._C is not built (pip install -e .)")
 
-from backend_cases import cases, check_materialize, check_step, make_case  # noqa: E402
+from backend_cases import (bad_inputs, cases, check_materialize, check_prepare,  # noqa: E402
+                           check_step, make_case, onehot_cases, prepare_inputs)
 from ppu_fast.backends import get_backend  # noqa: E402
 from ppu_fast.backends.cpu import CpuBackend  # noqa: E402
 from ppu_fast.backends.torch_ref import reference_step  # noqa: E402
@@ -106,28 +109,129 @@ def test_broadcast_and_transposed_inputs(backend: CpuBackend, k: int) -> None:
         check_materialize(backend, log_p, inv_c, alpha)
 
 
-def test_gemm_hessian_matches_kernel_hessian() -> None:
-    """For k < 32 the Hessian can come from either route; they agree to float32 accuracy."""
-    log_p, inv_c, alpha = make_case(4099, 10, seed=3)
-    _, _, h_kernel = CpuBackend().step(log_p, inv_c, alpha, True)
-    _, _, h_gemm = CpuBackend(gemm_hessian_min_k=1).step(log_p, inv_c, alpha, True)
-    _, _, h_ref = reference_step(log_p, inv_c, alpha, True)
-    torch.testing.assert_close(h_kernel, h_ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(h_gemm, h_ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(h_kernel, h_kernel.T, rtol=0, atol=0)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k,margin", onehot_cases())
+def test_hessian_of_one_hot_rows(isa: str, n: int, k: int, margin: float) -> None:
+    """The diagonal and the Newton Hessian stay within 1e-3 of the float64 oracle on rows whose
+    1 - q is 1e-13 (margin 30) or 1e-26 (margin 60), and the Hessian is PSD."""
+    log_p, inv_c, alpha = make_case(n, k, margin=margin, seed=k)
+    be = CpuBackend(isa=isa)
+    check_step(be, log_p, inv_c, alpha, "diag")
+    if k <= 128:
+        check_step(be, log_p, inv_c, alpha, True)
 
 
-@pytest.mark.parametrize("n,k", [(20011, 10), (3001, 100), (2003, 1000)])
+PREP_KS = (1, 2, 3, 10, 17, 31, 32, 33, 100, 1000, 1023)
+PREP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
+@pytest.mark.parametrize("k", PREP_KS)
+def test_prepare_matches_reference(backend: CpuBackend, mode: str, k: int) -> None:
+    """Every dtype (float64 input too), contiguous and strided, with and without a forget set,
+    fill and first evaluation, every Hessian mode: the reference's values within its own error."""
+    n = 257 if k >= 32 else 1009
+    for dtype in PREP_DTYPES:
+        for noncontig in (False, True):
+            x = prepare_inputs(n, k, mode, dtype, seed=k, noncontig=noncontig)
+            forget = torch.rand(n, generator=torch.Generator().manual_seed(k)) < 0.25
+            fill = torch.full((k,), -math.log(k))
+            inv_c = torch.where(forget, 1.0, 0.5).float()
+            outs = ((None, torch.float32) if mode == "log_p" and dtype != torch.float64
+                    else (torch.float32, torch.bfloat16))
+            for out_dtype in outs:
+                for hessian in (False, "diag", True):
+                    if hessian is True and k > 128:
+                        continue
+                    if mode == "log_p":
+                        check_prepare(backend, x, mode, None, None, out_dtype, inv_c, hessian)
+                    else:
+                        check_prepare(backend, x, mode, forget, fill, out_dtype, inv_c, hessian)
+                check_prepare(backend, x, mode, None if mode == "log_p" else forget, None,
+                              out_dtype)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
+@pytest.mark.parametrize("k", [1, 5, 17, 40, 1000])
+def test_prepare_reports_every_bad_input(isa: str, mode: str, k: int) -> None:
+    """Each fault is reported with the reference's kind and first row, by every kernel."""
+    be = CpuBackend(isa=isa)
+    x = prepare_inputs(203, k, mode, seed=2)
+    for name, make, kind in bad_inputs(mode):
+        bad = make(x)
+        check_prepare(be, bad, mode, None, None, None if mode == "log_p" else torch.float32)
+        got = be.prepare(bad, mode, None, None,
+                         None if mode == "log_p" else torch.empty(203, k))
+        assert got.error == (kind, 37), (name, got.error)
+
+
+@pytest.mark.skipif(not OTHER_ISAS, reason="this CPU runs only one kernel variant")
+@pytest.mark.parametrize("isa", OTHER_ISAS)
+@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
+@pytest.mark.parametrize("k", [3, 17, 100, 1023])
+def test_prepare_other_isas(isa: str, mode: str, k: int) -> None:
+    be = CpuBackend(isa=isa)
+    n = 257
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = prepare_inputs(n, k, mode, dtype, seed=k + 1, noncontig=dtype == torch.bfloat16)
+        forget = torch.rand(n, generator=torch.Generator().manual_seed(3)) < 0.3
+        inv_c = torch.where(forget, 1.0, 2.0).float()
+        fill = torch.full((k,), -math.log(k))
+        hessian = True if k <= 128 else "diag"
+        if mode == "log_p":
+            check_prepare(be, x, mode, None, None, torch.float32, inv_c, hessian)
+        else:
+            check_prepare(be, x, mode, forget, fill, torch.float32, inv_c, hessian)
+
+
+def test_prepare_writes_log_p_hat_and_first_evaluation(backend: CpuBackend) -> None:
+    """The buffer holds log(p / sum p) with fill on forget rows, and the first evaluation equals a
+    step at alpha = 0 on it (to float32 rounding)."""
+    x = prepare_inputs(3001, 12, "probs", seed=9)
+    forget = torch.zeros(3001, dtype=torch.bool)
+    forget[::7] = True
+    fill = torch.log(torch.full((12,), 1.0 / 12))
+    inv_c = torch.where(forget, 1.0, 4.0).float()
+    out = torch.empty(3001, 12)
+    got = backend.prepare(x, "probs", forget, fill, out, inv_c, True)
+    assert torch.equal(out[forget], fill.expand(int(forget.sum()), 12))
+    want = torch.log(x[~forget].double() / x[~forget].double().sum(1, keepdim=True))
+    torch.testing.assert_close(out[~forget].double(), want, rtol=0, atol=2e-6)
+    colsum, wlogz, h = backend.step(out, inv_c, torch.zeros(12, dtype=torch.float64), True)
+    torch.testing.assert_close(got.first[0], colsum, rtol=1e-6, atol=1e-4)
+    assert abs(float(got.first[1]) - float(wlogz)) < 1e-3
+    torch.testing.assert_close(got.first[2], h, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,k", [(200_011, 10), (30_011, 100), (3_001, 1000)])
 @pytest.mark.parametrize("hessian", HESSIANS)
 def test_deterministic(n: int, k: int, hessian) -> None:
-    """Bit-identical results across runs and across thread counts (fixed ranges, fixed order)."""
+    """Bit-identical results across runs and across 1, 2 and 4 threads (fixed ranges, fixed
+    order; the pool decides only who runs a range). The sizes give every call several threads."""
+    if hessian is True and k > 128:
+        pytest.skip("Newton asks for the dense Hessian only up to k = 128")
     log_p, inv_c, alpha = make_case(n, k, seed=11)
-    runs = [CpuBackend(num_threads=t).step(log_p, inv_c, alpha, hessian) for t in (2, 2, 1, 3)]
+    assert _C.threads_for(n, k, 4) >= 2
+    runs = [CpuBackend(num_threads=t).step(log_p, inv_c, alpha, hessian) for t in (2, 2, 1, 4)]
     for colsum, wlogz, h in runs[1:]:
         assert torch.equal(colsum, runs[0][0])
         assert torch.equal(wlogz, runs[0][1])
         if hessian is not False:
             assert torch.equal(h, runs[0][2])
+    x = prepare_inputs(n, k, "probs", seed=12)
+    forget = torch.arange(n) % 9 == 0
+    fill = torch.full((k,), -math.log(k))
+    outs = []
+    for t in (2, 1, 4):
+        out = torch.empty(n, k)
+        res = CpuBackend(num_threads=t).prepare(x, "probs", forget, fill, out, inv_c, hessian)
+        outs.append((out, res))
+    for out, res in outs[1:]:
+        assert torch.equal(out, outs[0][0])
+        assert torch.equal(res.retain_sums, outs[0][1].retain_sums)
+        for a, b in zip(res.first, outs[0][1].first):
+            assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_python_threads_share_the_backend(backend: CpuBackend) -> None:
@@ -185,8 +289,6 @@ def test_bad_inputs(backend: CpuBackend) -> None:
         backend.materialize(log_p, inv_c, alpha, torch.empty(20, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="isa"):
         CpuBackend(isa="sse9")
-    with pytest.raises(ValueError, match="gemm_hessian_min_k"):
-        CpuBackend(gemm_hessian_min_k=64)
     meta = torch.empty(20, 3, device="meta")
     assert any("CPU" in r for r in backend.not_supported_reasons(meta))
     with pytest.raises(ValueError, match="device|CPU"):
@@ -197,11 +299,26 @@ def test_bad_inputs(backend: CpuBackend) -> None:
 
 def test_raw_binding_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="dtype"):
-        _C.step(1, 7, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1)
+        _C.step(1, 7, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 1)
     with pytest.raises(ValueError, match="full Hessian"):
-        _C.step(1, 0, 1, 40, 40, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1)
+        _C.step(1, 0, 1, 2000, 2000, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1)
+    with pytest.raises(ValueError, match="hstride"):
+        _C.step(1, 0, 1, 4, 4, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 1)
     with pytest.raises(ValueError, match="isa"):
-        _C.step(1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, "sse9")
+        _C.step(1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 1, "sse9")
+    with pytest.raises(ValueError, match="mode"):
+        _C.prepare(1, 0, 1, 2, 2, 1, 5, 0, 0, 1, 0, 2, 1, 0, 0, 1, 1e-3, 1, 6, 1)
+    with pytest.raises(ValueError, match="packed"):
+        _C.prepare(1, 0, 1, 2, 2, 1, 0, 0, 0, 1, 0, 2, 1, 0, 0, 1, 1e-3, 1, 5, 1)
+    with pytest.raises(ValueError, match="out: required"):
+        _C.prepare(1, 0, 1, 2, 2, 1, 0, 0, 0, 0, 0, 2, 1, 0, 0, 1, 1e-3, 1, 6, 1)
+
+
+def test_small_problems_stay_on_one_thread() -> None:
+    assert _C.threads_for(50_000, 1, 8) == 1
+    assert _C.threads_for(1_000_000, 100, 2) == 2
+    assert _C.threads_for(1_000_000, 100, 64) == 64
+    assert _C.threads_for(300_000, 1, 64) == 300_000 // _C.MIN_WORK
 
 
 def test_registry_picks_cpu_for_cpu_tensors() -> None:

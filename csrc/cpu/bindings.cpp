@@ -1,9 +1,10 @@
-// pybind11 module ppu_fast._C: run-time ISA dispatch and the fixed-order combination of the
-// per-range partial sums. No libtorch: the Python launcher (ppu_fast/backends/cpu.py) validates
-// the tensors and passes data pointers, sizes and strides.
+// pybind11 module ppu_fast._C: run-time ISA dispatch, the plan of fixed row ranges and threads, and
+// the fixed-order combination of the per-range partial sums. No libtorch: the Python launcher
+// (ppu_fast/backends/cpu.py) validates the tensors and passes data pointers, sizes and strides.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -67,6 +68,9 @@ Fn pick(const std::string& isa_in) {
 template <class T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
+// The full Hessian's W partials are k x k per range: beyond this k Newton uses the diagonal.
+constexpr int64_t MAX_FULL_K = 1024;
+
 void check_common(int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc, uintptr_t lp,
                   uintptr_t inv_c, uintptr_t alpha, int nthreads) {
   if (lp_dtype < 0 || lp_dtype > 2) throw py::value_error("log_p dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
@@ -76,13 +80,14 @@ void check_common(int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc, ui
   if (nthreads < 1) throw py::value_error("nthreads must be >= 1");
 }
 
-// Ranges depend on (n, k) only, never on the thread count, so results are bit-identical for any
-// number of threads. A range holds at least ~8k elements (amortising its flushes), there are at
-// most 256 of them, and their partials (nranges x k doubles) stay under 32 MB.
-void make_ranges(int64_t n, int64_t k, Params& p) {
+// Ranges depend on (n, k, the partials' size) only, never on the thread count, so results are
+// bit-identical for any number of threads. A range holds at least ~8k elements (amortising its
+// flushes), there are at most 256 of them, and all their partials stay under ~2 MB (a k x k
+// Hessian sample per range at k = 128 allows 15 ranges).
+void make_ranges(int64_t n, int64_t k, int64_t part_doubles, Params& p) {
   int64_t nr = (n * k) / 8192;
   if (nr > 256) nr = 256;
-  const int64_t cap = (int64_t(1) << 22) / k;
+  const int64_t cap = (int64_t(1) << 18) / (part_doubles > 0 ? part_doubles : 1);
   if (nr > cap) nr = cap;
   if (nr < 1) nr = 1;
   int64_t rows = (n + nr - 1) / nr;
@@ -92,14 +97,24 @@ void make_ranges(int64_t n, int64_t k, Params& p) {
   p.nranges = n > 0 ? (n + rows - 1) / rows : 0;
 }
 
-// Tiny inputs are not worth waking a thread team (a fork/join costs a few microseconds).
+// Each thread gets at least MIN_WORK elements (~50-100 us of a step): below that, waking a helper
+// costs more than it saves, and a small problem stays on the calling thread.
+constexpr int64_t MIN_WORK = int64_t(1) << 17;
+
 int threads_for(int64_t n, int64_t k, int nthreads) {
-  return n * k < 32768 ? 1 : nthreads;
+  const int64_t by_work = (n * k) / MIN_WORK;
+  if (by_work < 2) return 1;
+  return static_cast<int>(by_work < nthreads ? by_work : nthreads);
 }
 
-Params base_params(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc,
+int64_t hsize(int hmode, int64_t k) {
+  return hmode == H_FULL ? k + k * k : (hmode == H_DIAG ? k : 0);
+}
+
+Params base_params(int op, uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc,
                    uintptr_t inv_c, const std::vector<float>& alpha32, int nthreads) {
   Params p{};
+  p.op = op;
   p.lp = ptr<const void>(lp);
   p.lp_dtype = lp_dtype;
   p.n = n; p.k = k; p.sr = sr; p.sc = sc;
@@ -107,8 +122,8 @@ Params base_params(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr,
   p.alpha = alpha32.data();
   p.out = nullptr;
   p.out_dtype = 0; p.osr = 0; p.osc = 0;
+  p.hstride = 1;
   p.nthreads = threads_for(n, k, nthreads);
-  make_ranges(n, k, p);
   return p;
 }
 
@@ -120,54 +135,49 @@ std::vector<float> alpha_to_f32(uintptr_t alpha, int64_t k) {
   return out;
 }
 
+// Adds the ranges' partials in range order: deterministic for any thread count.
+void combine(const std::vector<double>& part, int64_t nranges, int64_t width, double* dst) {
+  for (int64_t t = 0; t < width; ++t) dst[t] = 0.0;
+  for (int64_t r = 0; r < nranges; ++r) {
+    const double* src = part.data() + r * width;
+    for (int64_t t = 0; t < width; ++t) dst[t] += src[t];
+  }
+}
+
 void step(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc,
           uintptr_t inv_c, uintptr_t alpha, uintptr_t colsum_out, uintptr_t wlogz_out,
-          int hmode, uintptr_t h_out, uintptr_t out, int out_dtype, int64_t osr, int64_t osc,
-          int nthreads, const std::string& isa) {
+          int hmode, int64_t hstride, uintptr_t h_out, uintptr_t out, int out_dtype, int64_t osr,
+          int64_t osc, int nthreads, const std::string& isa) {
   check_common(lp_dtype, n, k, sr, sc, lp, inv_c, alpha, nthreads);
   if (hmode < 0 || hmode > 2) throw py::value_error("hessian mode must be 0 (none), 1 (full) or 2 (diag)");
-  if (hmode == H_FULL && k >= LANES_MAX_K)
-    throw py::value_error("hessian: the full Hessian is accumulated in the kernel only for k < " +
-                          std::to_string(LANES_MAX_K) + " (the launcher uses a GEMM above)");
+  if (hmode == H_FULL && k > MAX_FULL_K)
+    throw py::value_error("hessian: the full Hessian is formed only for k <= " +
+                          std::to_string(MAX_FULL_K) + " (use the diagonal above)");
+  if (hstride < 1) throw py::value_error("hstride must be >= 1");
   if (!colsum_out || !wlogz_out || (hmode != H_NONE && !h_out)) throw py::value_error("null output pointer");
   if (out && (out_dtype < 0 || out_dtype > 2 || osr < 0 || osc < 0))
     throw py::value_error("out: bad dtype code or strides");
   const Fn fn = pick(isa);
   const std::vector<float> a32 = alpha_to_f32(alpha, k);
-  Params p = base_params(lp, lp_dtype, n, k, sr, sc, inv_c, a32, nthreads);
+  Params p = base_params(OP_STEP, lp, lp_dtype, n, k, sr, sc, inv_c, a32, nthreads);
+  const int64_t hsz = hsize(hmode, k);
+  make_ranges(n, k, k + 1 + hsz, p);
   p.stats = 1;
   p.hmode = hmode;
+  p.hstride = hstride;
   p.out = ptr<void>(out);
   p.out_dtype = out_dtype; p.osr = osr; p.osc = osc;
-  const int64_t hsz = hmode == H_FULL ? k * k : (hmode == H_DIAG ? k : 0);
   std::vector<double> cpart(static_cast<size_t>(p.nranges * k));
   std::vector<double> wpart(static_cast<size_t>(p.nranges));
   std::vector<double> hpart(static_cast<size_t>(p.nranges * hsz));
   p.colsum_part = cpart.data();
   p.wlogz_part = wpart.data();
   p.h_part = hpart.data();
-  {
-    py::gil_scoped_release release;
-    if (n > 0) fn(p);
-    // Fixed-order combination of the range partials: deterministic for any thread count.
-    double* cs = ptr<double>(colsum_out);
-    for (int64_t j = 0; j < k; ++j) cs[j] = 0.0;
-    double w = 0.0;
-    for (int64_t r = 0; r < p.nranges; ++r) {
-      const double* src = cpart.data() + r * k;
-      for (int64_t j = 0; j < k; ++j) cs[j] += src[j];
-      w += wpart[r];
-    }
-    *ptr<double>(wlogz_out) = w;
-    if (hsz) {
-      double* h = ptr<double>(h_out);
-      for (int64_t t = 0; t < hsz; ++t) h[t] = 0.0;
-      for (int64_t r = 0; r < p.nranges; ++r) {
-        const double* src = hpart.data() + r * hsz;
-        for (int64_t t = 0; t < hsz; ++t) h[t] += src[t];
-      }
-    }
-  }
+  py::gil_scoped_release release;
+  if (n > 0) fn(p);
+  combine(cpart, p.nranges, k, ptr<double>(colsum_out));
+  combine(wpart, p.nranges, 1, ptr<double>(wlogz_out));
+  if (hsz) combine(hpart, p.nranges, hsz, ptr<double>(h_out));
 }
 
 void materialize(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc,
@@ -179,7 +189,8 @@ void materialize(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, i
   if (n > 0 && !out) throw py::value_error("out: null data pointer");
   const Fn fn = pick(isa);
   const std::vector<float> a32 = alpha_to_f32(alpha, k);
-  Params p = base_params(lp, lp_dtype, n, k, sr, sc, inv_c, a32, nthreads);
+  Params p = base_params(OP_MATERIALIZE, lp, lp_dtype, n, k, sr, sc, inv_c, a32, nthreads);
+  make_ranges(n, k, 0, p);
   p.stats = 0;
   p.hmode = H_NONE;
   p.out = ptr<void>(out);
@@ -188,31 +199,174 @@ void materialize(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, i
   if (n > 0) fn(p);
 }
 
+// Writes the packed float64 result of ppu_fast/backends/base.py (unpack_prepare):
+// [kind, row, A (k), B (k), colsum (k), wlogz, d (k) if hmode, W (k*k) if H_FULL].
+void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc, int mode,
+             uintptr_t forget, uintptr_t fill, uintptr_t out, int out_dtype, int64_t osr,
+             int64_t osc, uintptr_t inv_c, int hmode, int64_t hstride, double tol,
+             uintptr_t packed, int64_t packed_len, int nthreads, const std::string& isa) {
+  if (x_dtype < 0 || x_dtype > 3) throw py::value_error("x dtype code must be 0 (f32), 1 (f16), 2 (bf16) or 3 (f64)");
+  if (n < 0 || k < 1) throw py::value_error("x: expected n >= 0 rows and k >= 1 columns");
+  if (sr < 0 || sc < 0 || osr < 0 || osc < 0) throw py::value_error("strides must be non-negative");
+  if (mode < 0 || mode > 2) throw py::value_error("mode must be 0 (probs), 1 (logits) or 2 (log_p)");
+  if (n > 0 && !x) throw py::value_error("x: null data pointer");
+  if (!out && mode != MODE_LOGP) throw py::value_error("out: required unless mode is log_p");
+  if (out && (out_dtype < 0 || out_dtype > 2)) throw py::value_error("out dtype code must be 0, 1 or 2");
+  if (hmode < 0 || hmode > 2) throw py::value_error("hessian mode must be 0, 1 or 2");
+  if (hmode == H_FULL && k > MAX_FULL_K)
+    throw py::value_error("hessian: the full Hessian is formed only for k <= " + std::to_string(MAX_FULL_K));
+  if (hstride < 1 || nthreads < 1) throw py::value_error("hstride and nthreads must be >= 1");
+  const bool first = inv_c != 0;
+  const int64_t hsz = first ? hsize(hmode, k) : 0;
+  const int64_t want = 2 + 2 * k + (first ? k + 1 + hsz : 0);
+  if (packed_len != want)
+    throw py::value_error("packed: expected " + std::to_string(want) + " doubles, got " +
+                          std::to_string(packed_len));
+  const Fn fn = pick(isa);
+  const std::vector<float> a32(static_cast<size_t>(k), 0.0f);
+  Params p = base_params(OP_PREPARE, x, x_dtype, n, k, sr, sc, inv_c, a32, nthreads);
+  const int64_t ssz = mode == MODE_LOGP ? k : 2 * k;
+  make_ranges(n, k, ssz + 1 + (first ? k + 1 + hsz : 0), p);
+  p.mode = mode;
+  p.forget = ptr<const uint8_t>(forget);
+  p.fill = ptr<const float>(fill);
+  p.tol = static_cast<float>(tol);
+  p.out = ptr<void>(out);
+  p.out_dtype = out_dtype; p.osr = osr; p.osc = osc;
+  p.stats = first ? 1 : 0;
+  p.hmode = first ? hmode : H_NONE;
+  p.hstride = hstride;
+  // softmax(fill) and logsumexp(fill), as a step would compute them; 1 - q of fill from the
+  // other entries (double precision), for the forget rows' analytic part of the Hessian.
+  std::vector<float> qfill(static_cast<size_t>(k), 0.0f);
+  std::vector<double> qfd(static_cast<size_t>(k), 0.0), dfill(static_cast<size_t>(k), 0.0);
+  if (p.fill) {
+    float m = -INFINITY;
+    for (int64_t j = 0; j < k; ++j) m = p.fill[j] > m ? p.fill[j] : m;
+    double s = 0.0;
+    for (int64_t j = 0; j < k; ++j) s += std::exp(static_cast<double>(p.fill[j] - m));
+    for (int64_t j = 0; j < k; ++j) {
+      qfd[j] = std::exp(static_cast<double>(p.fill[j] - m)) / s;
+      qfill[j] = static_cast<float>(qfd[j]);
+    }
+    // sum_{l != j} q_l as prefix + suffix sums of the others: no cancellation against q_j.
+    std::vector<double> suffix(static_cast<size_t>(k + 1), 0.0);
+    for (int64_t j = k - 1; j >= 0; --j) suffix[j] = suffix[j + 1] + qfd[j];
+    double prefix = 0.0;
+    for (int64_t j = 0; j < k; ++j) {
+      dfill[j] = qfd[j] * (prefix + suffix[j + 1]);
+      prefix += qfd[j];
+    }
+    p.lzfill = static_cast<float>(m + std::log(s));
+    p.qfill = qfill.data();
+  }
+  std::vector<double> cpart(static_cast<size_t>(first ? p.nranges * k : 0));
+  std::vector<double> wpart(static_cast<size_t>(first ? p.nranges : 0));
+  std::vector<double> hpart(static_cast<size_t>(p.nranges * hsz));
+  std::vector<double> spart(static_cast<size_t>(p.nranges * ssz));
+  std::vector<int64_t> epart(static_cast<size_t>(p.nranges));
+  std::vector<double> fpart(static_cast<size_t>(p.nranges * 4));
+  p.fill_part = fpart.data();
+  p.colsum_part = cpart.data();
+  p.wlogz_part = wpart.data();
+  p.h_part = hpart.data();
+  p.sums_part = spart.data();
+  p.err_part = epart.data();
+  py::gil_scoped_release release;
+  if (n > 0) fn(p);
+  double* o = ptr<double>(packed);
+  int64_t bad = -1;
+  for (int64_t r = 0; r < p.nranges; ++r) {
+    if (epart[r] >= 0) {  // ranges are in row order: the first with a fault has the first row
+      bad = epart[r];
+      break;
+    }
+  }
+  o[0] = bad >= 0 ? static_cast<double>(bad % 8) : 0.0;
+  o[1] = bad >= 0 ? static_cast<double>(bad / 8) : 0.0;
+  if (mode == MODE_LOGP) {
+    for (int64_t j = 0; j < k; ++j) {
+      double v = -INFINITY;
+      for (int64_t r = 0; r < p.nranges; ++r) v = spart[r * k + j] > v ? spart[r * k + j] : v;
+      o[2 + j] = v;
+      o[2 + k + j] = 0.0;
+    }
+  } else {
+    combine(spart, p.nranges, 2 * k, o + 2);
+  }
+  if (first) {
+    double* colsum = o + 2 + 2 * k;
+    double* wlogz = o + 2 + 3 * k;
+    double* h = o + 3 + 3 * k;
+    combine(wpart, p.nranges, 1, wlogz);
+    if (hsz) combine(hpart, p.nranges, hsz, h);
+    if (mode == MODE_LOGP) {
+      combine(cpart, p.nranges, k, colsum);
+    } else {
+      // Retained rows: q = the normalised row, whose column sums are the retained sums (log Z =
+      // 0). Forget rows all hold fill: q = softmax(fill), log Z = logsumexp(fill), added here.
+      double fsum[4] = {0.0, 0.0, 0.0, 0.0};
+      for (int64_t r = 0; r < p.nranges; ++r)
+        for (int t = 0; t < 4; ++t) fsum[t] += fpart[r * 4 + t];
+      for (int64_t j = 0; j < k; ++j) colsum[j] = o[2 + j] + fsum[0] * qfill[j];
+      *wlogz += fsum[2] * static_cast<double>(p.lzfill);
+      if (hmode != H_NONE && fsum[0] > 0.0) {
+        for (int64_t j = 0; j < k; ++j) h[j] += fsum[1] * dfill[j];
+        if (hmode == H_FULL && fsum[3] > 0.0) {
+          for (int64_t j = 0; j < k; ++j)
+            for (int64_t l = j + 1; l < k; ++l)
+              h[k + j * k + l] += fsum[3] * static_cast<double>(qfill[j]) * qfill[l];
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "ppu_fast CPU kernels: fused softmax-with-column-shift step and materialize "
-            "(C++17, OpenMP, run-time AVX-512 / AVX2 / generic dispatch). Private: use "
-            "ppu_fast.backends.cpu.";
+  m.doc() = "ppu_fast CPU kernels: fused prepare (validate + log P^ + sums), the "
+            "softmax-with-column-shift step and materialize (C++17, a small thread pool, run-time "
+            "AVX-512 / AVX2 / generic dispatch). Private: use ppu_fast.backends.cpu.";
   m.attr("LANES_MAX_K") = LANES_MAX_K;
+  m.attr("MAX_FULL_K") = MAX_FULL_K;
+  m.attr("MIN_WORK") = MIN_WORK;
   m.def("supported_isas", &supported_isas,
         "Instruction sets this CPU and build can run, best first (e.g. ['avx512', 'avx2', 'generic']).");
   m.def("best_isa", &best_isa, "The instruction set 'auto' picks on this CPU.");
+  m.def("threads_for", &threads_for, py::arg("n"), py::arg("k"), py::arg("nthreads"),
+        "Threads a call on an n x k matrix uses when allowed nthreads (at least MIN_WORK "
+        "elements each).");
   m.def("step", &step,
         "One pass over log_p (n x k, dtype code 0 f32 / 1 f16 / 2 bf16, element (i, j) at "
         "lp + i*sr + j*sc): writes colsum (k,) f64 to colsum_out, sum_i log Z_i / inv_c_i (f64) "
-        "to wlogz_out and, for hmode 1 (full, k < LANES_MAX_K) / 2 (diag), the Hessian "
-        "sum_i inv_c_i (diag(q_i) - q_i q_i^T) (k x k or its diagonal, f64) to h_out. If out "
+        "to wlogz_out and, for hmode 2 (diag) the Hessian's exact diagonal d (k), for hmode 1 "
+        "(full, k <= MAX_FULL_K) d (k) followed by W (k x k, strict upper triangle: the sum over "
+        "the rows of the 16-row blocks b with b % hstride == 0 of inv_c q_j q_l) to h_out. If out "
         "is non-zero, Q is also written there (dtype code out_dtype, strides osr, osc). "
         "inv_c: (n,) f32 contiguous; alpha: (k,) f64 contiguous. Releases the GIL.",
         py::arg("lp"), py::arg("lp_dtype"), py::arg("n"), py::arg("k"), py::arg("sr"), py::arg("sc"),
         py::arg("inv_c"), py::arg("alpha"), py::arg("colsum_out"), py::arg("wlogz_out"),
-        py::arg("hmode"), py::arg("h_out"), py::arg("out"), py::arg("out_dtype"), py::arg("osr"),
-        py::arg("osc"), py::arg("nthreads"), py::arg("isa") = "auto");
+        py::arg("hmode"), py::arg("hstride"), py::arg("h_out"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("osr"), py::arg("osc"), py::arg("nthreads"),
+        py::arg("isa") = "auto");
   m.def("materialize", &materialize,
         "Writes Q (n x k) into out (dtype code out_dtype, strides osr, osc). Same input "
         "conventions as step. Releases the GIL.",
         py::arg("lp"), py::arg("lp_dtype"), py::arg("n"), py::arg("k"), py::arg("sr"), py::arg("sc"),
         py::arg("inv_c"), py::arg("alpha"), py::arg("out"), py::arg("out_dtype"), py::arg("osr"),
         py::arg("osc"), py::arg("nthreads"), py::arg("isa") = "auto");
+  m.def("prepare", &prepare,
+        "One pass over x (n x k, dtype code 0 f32 / 1 f16 / 2 bf16 / 3 f64, strides sr, sc) in "
+        "mode 0 (probs), 1 (logits) or 2 (log_p): validates every row, writes log P^ into out "
+        "(dtype code out_dtype, strides osr, osc; may be 0 in log_p mode), forget rows (uint8 "
+        "mask, may be 0) getting fill (k f32, may be 0), and writes the packed float64 result "
+        "of ppu_fast.backends.base.unpack_prepare into packed (packed_len doubles): [kind, row, "
+        "retain sums or column max (k), forget sums (k), and, when inv_c is non-zero, the first "
+        "evaluation colsum (k), wlogz, d (k) if hmode, W (k*k) if hmode 1]. Releases the GIL.",
+        py::arg("x"), py::arg("x_dtype"), py::arg("n"), py::arg("k"), py::arg("sr"), py::arg("sc"),
+        py::arg("mode"), py::arg("forget"), py::arg("fill"), py::arg("out"), py::arg("out_dtype"),
+        py::arg("osr"), py::arg("osc"), py::arg("inv_c"), py::arg("hmode"), py::arg("hstride"),
+        py::arg("tol"), py::arg("packed"), py::arg("packed_len"), py::arg("nthreads"),
+        py::arg("isa") = "auto");
 }

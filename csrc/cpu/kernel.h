@@ -1,30 +1,40 @@
-// The fused softmax-with-column-shift kernel, written once over a small SIMD "traits" type and
-// compiled three times: kernel_avx512.cpp (16 lanes), kernel_avx2.cpp (8 lanes) and
-// kernel_generic.cpp (1 lane, plain C++). Each of those defines PPU_NS (a namespace of its own,
-// so no inline symbol is shared between translation units built with different -m flags) and
-// PPU_TRAITS before including this file.
+// The fused CPU kernels, written once over a small SIMD "traits" type and compiled three times:
+// kernel_avx512.cpp (16 lanes), kernel_avx2.cpp (8 lanes) and kernel_generic.cpp (1 lane, plain
+// C++). Each of those defines PPU_NS (a namespace of its own, so no inline symbol is shared
+// between translation units built with different -m flags) before including this file.
 //
-// For every row i: x_ij = log_p_ij - alpha_j * inv_c_i, m_i = max_j x_ij,
-// e_ij = exp(x_ij - m_i), s_i = sum_j e_ij, q_ij = e_ij / s_i, log Z_i = m_i + log s_i.
-// step accumulates colsum_j = sum_i q_ij, wlogz = sum_i log Z_i / inv_c_i and optionally
-// H = sum_i inv_c_i (diag(q_i) - q_i q_i^T) or its diagonal; materialize writes q.
+// Three operations (ppu_fast/backends/base.py has the contract):
+//  * step: for every row i, x_ij = log_p_ij - alpha_j * inv_c_i, m_i = max_j x_ij,
+//    e_ij = exp(x_ij - m_i), s_i = sum_j e_ij, q_ij = e_ij / s_i, log Z_i = m_i + log s_i;
+//    accumulates colsum_j = sum_i q_ij, wlogz = sum_i log Z_i / inv_c_i and optionally the
+//    Hessian's exact diagonal d_j = sum_i inv_c_i q_ij (1 - q_ij) and the sampled weights
+//    W_jl = sum_{i in S} inv_c_i q_ij q_il (j < l). Reads N*k*sizeof(log_p) + 4N, writes nothing
+//    N x k.
+//  * materialize: writes q. Reads as step, writes N*k*sizeof(out).
+//  * prepare: reads the user's input once (any dtype, F64 included), validates each row, writes
+//    log P^ and sums the normalised rows over the retained / forgotten rows; optionally the first
+//    solver evaluation at alpha = 0 from the normalised rows themselves (no extra exp). Reads
+//    N*k*sizeof(x) + N (forget mask), writes N*k*sizeof(out).
 //
-// Bytes moved per step: N*k*sizeof(log_p) + 4*N (inv_c) read once, nothing N x k written; the
-// partial sums are nranges*k doubles. materialize also writes N*k*sizeof(out).
+// 1 - q_ij is never formed as 1 - q in float32 for the row maximum (it is 0 for a one-hot row):
+// for entries equal to the row's largest q it is the sum of the smaller entries plus
+// (count of maxima - 1) * max; every other entry has q <= 1/2 and 1 - q loses nothing.
 //
 // Two shapes of loop:
-//  * k < LANES_MAX_K: W rows at once, one row per SIMD lane, one vector per column (a gather, or
-//    a staged transpose for the last block). Row max / sum are then plain vector ops across the
-//    k column vectors, with no horizontal reductions.
-//  * k >= LANES_MAX_K: one row at a time along the vector, in three passes over the row, which
-//    sits in L1/L2 (max of x; exp(x - max) into a row buffer and its sum; normalise and
-//    accumulate, two rows at a time in the hot case).
+//  * k < LANES_MAX_K: W rows at once, one row per SIMD lane, one vector per column (a gather, a
+//    tile transpose, or a staged transpose for the last block). Row max / sum are plain vector
+//    ops across the k column vectors, with no horizontal reductions; the sampled weights are k(k-1)/2
+//    per-lane FMAs per block of sampled rows.
+//  * k >= LANES_MAX_K: one row at a time along the vector, in passes over the row, which sits in
+//    L1/L2. The sampled rows of a 16-row block are gathered and their weights formed by a
+//    register-tiled rank-16 update (4 classes x one vector of classes per tile).
 // Column sums are accumulated per lane in float32 for at most FLUSH_BLOCKS blocks (lanes path)
 // or FLUSH_ROWS rows (row path) and then added into the range's float64 partials.
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <cmath>
+#include <initializer_list>
 
 #include "params.h"
 
@@ -90,6 +100,7 @@ static inline uint16_t float_to_bf16(float f) {
 
 static inline float load_scalar(const void* base, int dtype, int64_t off) {
   if (dtype == F32) return static_cast<const float*>(base)[off];
+  if (dtype == F64) return static_cast<float>(static_cast<const double*>(base)[off]);
   const uint16_t h = static_cast<const uint16_t*>(base)[off];
   return dtype == F16 ? half_to_float(h) : bf16_to_float(h);
 }
@@ -162,6 +173,51 @@ static inline typename S::V vlog(typename S::V x) {
   return S::fmadd(e, S::set1(0.693359375f), r);
 }
 
+// log for any x >= 0: exact -inf at 0, subnormals scaled into the normal range first. (Negative
+// and NaN inputs give garbage: prepare reports such rows as faults before anything uses them.)
+template <class S>
+static inline typename S::V vlog_any(typename S::V x) {
+  using V = typename S::V;
+  const auto sub = S::lt(x, S::set1(1.17549435e-38f));
+  const V xs = S::blend(sub, S::mul(x, S::set1(16777216.0f)), x);  // * 2^24
+  V y = vlog<S>(xs);
+  y = S::blend(sub, S::sub(y, S::set1(16.6355323f)), y);  // - 24 ln 2
+  return S::blend(S::eq(x, S::zero()), S::set1(-INFINITY), y);
+}
+
+// Rows whose sum of exp(x - max) is below this are "confident": their 1 - q_max = (s - 1) / s
+// needs the smaller entries summed on their own (s - 1 would keep too few bits).
+constexpr float CONFIDENT = 1.0009765625f;  // 1 + 2^-10: s - 1 keeps >= 13 bits above it
+
+static inline bool sampled_row(const Params& P, int64_t i) {
+  return P.hmode == H_FULL && ((i / ROW_UNIT) % P.hstride) == 0;
+}
+
+// The exact fault kind of row i of the input (scalar; only for rows the vector checks flagged).
+static int classify_row(const Params& P, int64_t i) {
+  const int64_t k = P.k;
+  bool nonfinite = false, negative = false, nan_or_pinf = false, any_finite = false;
+  double s = 0.0;
+  for (int64_t j = 0; j < k; ++j) {
+    double v;
+    if (P.lp_dtype == F64) {
+      v = static_cast<const double*>(P.lp)[i * P.sr + j * P.sc];
+    } else {
+      v = load_scalar(P.lp, P.lp_dtype, i * P.sr + j * P.sc);
+    }
+    if (!std::isfinite(v)) nonfinite = true;
+    if (std::isnan(v) || v == INFINITY) nan_or_pinf = true;
+    if (v > -INFINITY) any_finite = true;
+    if (v < 0) negative = true;
+    s += v;
+  }
+  if (P.mode == MODE_LOGP) return nan_or_pinf ? ERR_NONFINITE : (any_finite ? ERR_NONE : ERR_ALL_NEG_INF);
+  if (nonfinite) return ERR_NONFINITE;
+  if (P.mode == MODE_LOGITS) return ERR_NONE;
+  if (negative) return ERR_NEGATIVE;
+  return std::fabs(s - 1.0) > P.tol ? ERR_ROWSUM : ERR_NONE;
+}
+
 // ------------------------------------------------------------------------------------------
 // Rows in lanes (k < LANES_MAX_K): blocks of W rows; column j of a block is one vector.
 // ------------------------------------------------------------------------------------------
@@ -170,46 +226,262 @@ constexpr int KL = static_cast<int>(LANES_MAX_K);
 
 template <class S>
 struct LaneScratch {
-  alignas(64) float x[KL * S::W];    // x_j, then e_j, then q_j, for each column j
+  alignas(64) float x[KL * S::W];    // x_j, then e_j, then q_j (or log P^ in prepare)
   alignas(64) float acc[KL * S::W];  // colsum partials per lane
-  alignas(64) float accd[KL * S::W]; // hdiag partials, or sum_i inv_c_i q_ij for H_FULL
+  alignas(64) float accd[KL * S::W]; // Hessian diagonal partials
+  alignas(64) float sret[KL * S::W]; // prepare: sums over retained rows, or the column max
+  alignas(64) float sfor[KL * S::W]; // prepare: sums over forgotten rows
   alignas(64) float stage[KL * S::W];
   alignas(64) float icst[S::W];
   alignas(64) float mask[S::W];
-  float* acch;                       // H_FULL: k(k+1)/2 vectors of sum inv_c q_j q_l
+  alignas(64) float fmask[S::W];
+  alignas(64) float flag[S::W];
+  float* acch;                       // H_FULL: k(k-1)/2 vectors of sum inv_c q_j q_l, j < l
 };
 
 template <class S>
 static void lanes_flush(const Params& P, LaneScratch<S>& sc, double* colsum, double* hpart) {
   const int k = static_cast<int>(P.k);
   const int W = S::W;
-  for (int j = 0; j < k; ++j) {
-    colsum[j] += S::hsum_d(S::load(sc.acc + j * W));
-    S::store(sc.acc + j * W, S::zero());
+  if (colsum) {
+    for (int j = 0; j < k; ++j) {
+      colsum[j] += S::hsum_d(S::load(sc.acc + j * W));
+      S::store(sc.acc + j * W, S::zero());
+    }
   }
-  if (P.hmode == H_DIAG) {
+  if (P.hmode != H_NONE) {
     for (int j = 0; j < k; ++j) {
       hpart[j] += S::hsum_d(S::load(sc.accd + j * W));
       S::store(sc.accd + j * W, S::zero());
     }
-  } else if (P.hmode == H_FULL) {
+  }
+  if (P.hmode == H_FULL) {
+    double* w = hpart + k;
     int t = 0;
     for (int j = 0; j < k; ++j) {
-      hpart[j * k + j] += S::hsum_d(S::load(sc.accd + j * W));
-      S::store(sc.accd + j * W, S::zero());
-      for (int l = j; l < k; ++l, ++t) {
-        const double v = S::hsum_d(S::load(sc.acch + t * W));
+      for (int l = j + 1; l < k; ++l, ++t) {
+        w[j * k + l] += S::hsum_d(S::load(sc.acch + t * W));
         S::store(sc.acch + t * W, S::zero());
-        hpart[j * k + l] -= v;
-        if (l != j) hpart[l * k + j] -= v;
       }
     }
   }
 }
 
 template <class S>
+static void lanes_flush_sums(const Params& P, LaneScratch<S>& sc, double* sums) {
+  const int k = static_cast<int>(P.k);
+  const int W = S::W;
+  if (P.mode == MODE_LOGP) return;  // the column max is folded in at the end of the range
+  for (int j = 0; j < k; ++j) {
+    sums[j] += S::hsum_d(S::load(sc.sret + j * W));
+    sums[k + j] += S::hsum_d(S::load(sc.sfor + j * W));
+    S::store(sc.sret + j * W, S::zero());
+    S::store(sc.sfor + j * W, S::zero());
+  }
+}
+
+// Hessian pieces of a block: rows' q_j at q + j W. A row's maximal entries are those equal to
+// qmax (its largest q), whose 1 - q is rtop (from the smaller entries); every other entry's
+// 1 - q is formed directly. w = inv_c (times the lane mask on a tail block, 0 on rows that carry
+// no statistics).
+template <class S>
+static inline void lanes_hessian(const Params& P, LaneScratch<S>& sc, const float* q,
+                                 typename S::V qmax, typename S::V rtop, typename S::V w,
+                                 bool sampled) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int k = static_cast<int>(P.k);
+  for (int j = 0; j < k; ++j) {
+    const V v = S::load(q + j * W);
+    const V r = S::blend(S::eq(v, qmax), rtop, S::sub(S::set1(1.0f), v));
+    S::store(sc.accd + j * W, S::fmadd(S::mul(v, r), w, S::load(sc.accd + j * W)));
+  }
+  if (P.hmode == H_FULL && sampled) {
+    int t = 0;
+    for (int j = 0; j < k; ++j) {
+      const V qw = S::mul(S::load(q + j * W), w);
+      for (int l = j + 1; l < k; ++l, ++t)
+        S::store(sc.acch + t * W, S::fmadd(qw, S::load(q + l * W), S::load(sc.acch + t * W)));
+    }
+  }
+}
+
+// prepare: the raw input values of block b (nv rows) into sc.stage, column j at stage + j W;
+// rows past nv get a valid filler row (uniform probabilities, or zeros) and lane mask 0.
+template <class S>
+static inline void lanes_load_raw(const Params& P, LaneScratch<S>& sc, int64_t b, int nv) {
+  constexpr int W = S::W;
+  const int k = static_cast<int>(P.k);
+  const int dt = P.lp_dtype;
+  const float filler = P.mode == MODE_PROBS ? 1.0f / static_cast<float>(k) : 0.0f;
+  if (S::TILE && nv == W && P.sc == 1 && dt != F64) {
+    for (int c0 = 0; c0 < k; c0 += W)
+      S::load_tile(P.lp, dt, b * P.sr + c0, P.sr, static_cast<int>(imin(W, k - c0)),
+                   sc.stage + c0 * W);
+    return;
+  }
+  for (int r = 0; r < W; ++r) {
+    const bool ok = r < nv;
+    for (int j = 0; j < k; ++j)
+      sc.stage[j * W + r] = ok ? load_scalar(P.lp, dt, (b + r) * P.sr + j * P.sc) : filler;
+  }
+}
+
+// Writes the block's rows (columns in sc.x) to out: tile stores for contiguous rows, else a
+// scalar transpose.
+template <class S>
+static inline void lanes_store_out(const Params& P, LaneScratch<S>& sc, int64_t b, int nv) {
+  constexpr int W = S::W;
+  const int k = static_cast<int>(P.k);
+  if (S::TILE && nv == W && P.osc == 1) {
+    for (int c0 = 0; c0 < k; c0 += W)
+      S::store_tile(P.out, P.out_dtype, b * P.osr + c0, P.osr, static_cast<int>(imin(W, k - c0)),
+                    sc.x + c0 * W);
+    return;
+  }
+  for (int r = 0; r < nv; ++r)
+    for (int j = 0; j < k; ++j)
+      store_scalar(P.out, P.out_dtype, (b + r) * P.osr + j * P.osc, sc.x[j * W + r]);
+}
+
+// prepare, one block: validate (a row sum and min / max per lane; exact kinds on the rare rows
+// flagged), form log P^ into sc.x, add the normalised rows to the retained / forgotten sums (or
+// the column max) and, with stats, the first evaluation of the retained rows. log_p mode leaves
+// sc.x = the values for the softmax that follows.
+template <class S>
+static inline void lanes_prepare_block(const Params& P, LaneScratch<S>& sc, int64_t b, int nv,
+                                       typename S::V ic, typename S::V msk, bool tail,
+                                       int64_t* err, double* fpart) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int k = static_cast<int>(P.k);
+  lanes_load_raw<S>(P, sc, b, nv);
+  bool any_forget = false;
+  for (int r = 0; r < W; ++r) {
+    const bool fr = r < nv && P.forget && P.forget[b + r];
+    sc.fmask[r] = fr ? 1.0f : 0.0f;
+    any_forget |= fr;
+  }
+  const V f = S::load(sc.fmask);
+  const V one = S::set1(1.0f);
+  V s = S::zero(), mn = S::set1(INFINITY), mx = S::set1(-INFINITY);
+  for (int j = 0; j < k; ++j) {
+    const V x = S::load(sc.stage + j * W);
+    s = S::add(s, x);
+    mn = S::min(mn, x);
+    mx = S::max(mx, x);
+  }
+  // Rows needing a closer look: a non-finite sum (a NaN / inf entry), a negative entry or a sum
+  // off the simplex (probs), a NaN / +inf or no finite entry (log_p).
+  V flag;
+  if (P.mode == MODE_PROBS) {
+    const V dev = S::sub(s, one);
+    const V adev = S::max(dev, S::sub(S::zero(), dev));
+    flag = S::blend(S::gt(adev, S::set1(P.tol)), one, S::zero());            // NaN s: not > tol
+    flag = S::max(flag, S::blend(S::eq(S::sub(s, s), S::zero()), S::zero(), one));
+    flag = S::max(flag, S::blend(S::lt(mn, S::zero()), one, S::zero()));
+  } else if (P.mode == MODE_LOGITS) {
+    flag = S::blend(S::eq(S::sub(s, s), S::zero()), S::zero(), one);
+  } else {
+    // -inf entries are fine: s is then -inf; a NaN or +inf makes it NaN or +inf.
+    flag = S::blend(S::lt(s, S::set1(INFINITY)), S::zero(), one);
+    flag = S::max(flag, S::blend(S::gt(mx, S::set1(-INFINITY)), S::zero(), one));
+  }
+  if (tail) flag = S::mul(flag, msk);
+  if (S::hmax(flag) > 0.0f && *err < 0) {
+    S::store(sc.flag, flag);
+    for (int r = 0; r < nv; ++r) {
+      if (sc.flag[r] > 0.0f) {
+        const int kind = classify_row(P, b + r);
+        if (kind != ERR_NONE) {
+          *err = (b + r) * 8 + kind;
+          break;
+        }
+      }
+    }
+  }
+  if (P.mode == MODE_LOGP) {
+    for (int j = 0; j < k; ++j) {
+      const V x = S::load(sc.stage + j * W);
+      S::store(sc.x + j * W, x);
+      S::store(sc.sret + j * W, S::max(S::load(sc.sret + j * W),
+                                       tail ? S::blend(S::gt(msk, S::zero()), x, S::set1(-INFINITY)) : x));
+    }
+    return;
+  }
+  // log P^ into sc.x, the normalised row into sc.stage.
+  V inv_s;
+  if (P.mode == MODE_PROBS) {
+    const V lshift = vlog<S>(S::max(s, S::set1(1e-30f)));
+    inv_s = S::div(one, s);
+    for (int j = 0; j < k; ++j) {
+      const V x = S::load(sc.stage + j * W);
+      S::store(sc.x + j * W, S::sub(vlog_any<S>(x), lshift));
+      S::store(sc.stage + j * W, S::mul(x, inv_s));
+    }
+  } else {
+    V se = S::zero();
+    for (int j = 0; j < k; ++j) {
+      const V e = vexp<S>(S::sub(S::load(sc.stage + j * W), mx));
+      se = S::add(se, e);
+      S::store(sc.x + j * W, e);
+    }
+    const V lshift = S::add(mx, vlog<S>(se));
+    inv_s = S::div(one, se);
+    for (int j = 0; j < k; ++j) {
+      const V x = S::load(sc.stage + j * W);
+      S::store(sc.stage + j * W, S::mul(S::load(sc.x + j * W), inv_s));
+      S::store(sc.x + j * W, S::sub(x, lshift));
+    }
+  }
+  // Sums of the normalised rows over retained (1 - f) and forgotten (f) lanes.
+  const V fr = tail ? S::mul(f, msk) : f;
+  const V rr = tail ? S::mul(S::sub(one, f), msk) : S::sub(one, f);
+  for (int j = 0; j < k; ++j) {
+    const V pn = S::load(sc.stage + j * W);
+    if (any_forget) S::store(sc.sfor + j * W, S::fmadd(pn, fr, S::load(sc.sfor + j * W)));
+    S::store(sc.sret + j * W, S::fmadd(pn, rr, S::load(sc.sret + j * W)));
+  }
+  if (P.fill && any_forget) {
+    const auto fz = S::gt(f, S::zero());
+    for (int j = 0; j < k; ++j)
+      S::store(sc.x + j * W, S::blend(fz, S::set1(P.fill[j]), S::load(sc.x + j * W)));
+  }
+  if (!P.stats) return;
+  // The first evaluation of the retained rows (q = pn, log Z = 0; their column sums are the
+  // retained sums); the forget rows, all equal to fill, are added by the binding.
+  if (any_forget) {
+    const bool samp = sampled_row(P, b);
+    for (int r = 0; r < nv; ++r) {
+      if (sc.fmask[r] > 0.0f) {
+        const double w = P.inv_c[b + r];
+        fpart[0] += 1.0;
+        fpart[1] += w;
+        fpart[2] += 1.0 / w;
+        if (samp) fpart[3] += w;
+      }
+    }
+  }
+  if (P.hmode == H_NONE) return;
+  // The row's largest probability pmax = mx * inv_s (probs) or inv_s (logits, e = 1 at the max).
+  const V pmax = P.mode == MODE_PROBS ? S::mul(mx, inv_s) : inv_s;
+  V rest = S::zero(), ones = S::zero();
+  for (int j = 0; j < k; ++j) {
+    const V pn = S::load(sc.stage + j * W);
+    const auto top = S::eq(pn, pmax);
+    rest = S::add(rest, S::blend(top, S::zero(), pn));
+    ones = S::add(ones, S::blend(top, one, S::zero()));
+  }
+  const V rtop = S::fmadd(S::sub(ones, one), pmax, rest);
+  // Forget lanes carry no statistics here (their part is analytic).
+  V w = tail ? S::mul(ic, msk) : ic;
+  if (any_forget) w = S::mul(w, S::sub(one, f));
+  lanes_hessian<S>(P, sc, sc.stage, pmax, rtop, w, sampled_row(P, b));
+}
+
+template <class S>
 static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum, double* wlogz,
-                        double* hpart) {
+                        double* hpart, double* sums, int64_t* err, double* fpart) {
   using V = typename S::V;
   using I = typename S::I;
   constexpr int W = S::W;
@@ -218,12 +490,22 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
   LaneScratch<S>& sc = *scp;
   sc.acch = nullptr;
   const bool stats = P.stats != 0;
-  if (stats && P.hmode == H_FULL) {
-    sc.acch = static_cast<float*>(aalloc(sizeof(float) * W * (k * (k + 1) / 2)));
-    std::memset(sc.acch, 0, sizeof(float) * W * (k * (k + 1) / 2));
+  const bool prep = P.op == OP_PREPARE;
+  // Statistics prepare adds itself (probs / logits fold the column sums into the retained sums).
+  const bool prep_pn = prep && P.mode != MODE_LOGP;
+  const int npairs = k * (k - 1) / 2;
+  if (stats && P.hmode == H_FULL && npairs > 0) {
+    sc.acch = static_cast<float*>(aalloc(sizeof(float) * W * npairs));
+    std::memset(sc.acch, 0, sizeof(float) * W * npairs);
   }
   std::memset(sc.acc, 0, sizeof(sc.acc));
   std::memset(sc.accd, 0, sizeof(sc.accd));
+  std::memset(sc.sfor, 0, sizeof(sc.sfor));
+  if (prep && P.mode == MODE_LOGP) {
+    for (int t = 0; t < KL * W; ++t) sc.sret[t] = -INFINITY;
+  } else {
+    std::memset(sc.sret, 0, sizeof(sc.sret));
+  }
   typename S::D wacc = S::dzero();
 
   // Gather indices r * sr (+ j * sc via the base pointer) must fit in int32; otherwise every
@@ -233,51 +515,76 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
   const int dt = P.lp_dtype;
   const bool tile = S::TILE && P.sc == 1;
   int since_flush = 0;
+  const V one = S::set1(1.0f);
 
   for (int64_t b = r0; b < r1; b += W) {
     const int nv = static_cast<int>(imin(W, r1 - b));
-    // A 16-bit gather reads 4 bytes per element: only the element with the highest address,
-    // (n - 1, k - 1), could read past the tensor, and it lies in the block holding row n - 1.
-    const bool staged = nv < W || (!tile && (!idx_ok || (dt != F32 && b + W >= P.n)));
-    V ic;
-    if (!staged && tile) {
-      // Contiguous rows: masked row loads and an in-register transpose (cheaper than gathers).
-      ic = S::loadu(P.inv_c + b);
-      for (int c0 = 0; c0 < k; c0 += W)
-        S::load_tile(P.lp, dt, b * P.sr + c0, P.sr, static_cast<int>(imin(W, k - c0)),
-                     sc.stage + c0 * W);
-      for (int j = 0; j < k; ++j)
-        S::store(sc.x + j * W, S::fnmadd(ic, S::set1(P.alpha[j]), S::load(sc.stage + j * W)));
-    } else if (!staged) {
-      ic = S::loadu(P.inv_c + b);
-      if (dt == F32) {
-        const float* base = static_cast<const float*>(P.lp) + b * P.sr;
-        for (int j = 0; j < k; ++j)
-          S::store(sc.x + j * W, S::fnmadd(ic, S::set1(P.alpha[j]),
-                                           S::gather_f32(base + j * P.sc, ridx)));
-      } else {
-        const uint16_t* base = static_cast<const uint16_t*>(P.lp) + b * P.sr;
-        for (int j = 0; j < k; ++j) {
-          const V v = dt == F16 ? S::gather_f16(base + j * P.sc, ridx)
-                                : S::gather_bf16(base + j * P.sc, ridx);
-          S::store(sc.x + j * W, S::fnmadd(ic, S::set1(P.alpha[j]), v));
-        }
-      }
-    } else {
-      // Scalar transpose into the staging tile; missing rows get x = 0, inv_c = 1 (finite) and
-      // are masked out of every accumulation.
+    const bool tail = nv < W;
+    if (tail) {
       for (int r = 0; r < W; ++r) {
-        const bool ok = r < nv;
-        sc.icst[r] = ok ? P.inv_c[b + r] : 1.0f;
-        sc.mask[r] = ok ? 1.0f : 0.0f;
-        for (int j = 0; j < k; ++j)
-          sc.stage[j * W + r] = ok ? load_scalar(P.lp, dt, (b + r) * P.sr + j * P.sc) : 0.0f;
+        sc.mask[r] = r < nv ? 1.0f : 0.0f;
+        sc.icst[r] = (r < nv && P.inv_c) ? P.inv_c[b + r] : 1.0f;
       }
-      ic = S::load(sc.icst);
-      for (int j = 0; j < k; ++j)
-        S::store(sc.x + j * W, S::fnmadd(ic, S::set1(P.alpha[j]), S::load(sc.stage + j * W)));
     }
-    // Row max across the column vectors, then exp and the row sums.
+    const V msk = tail ? S::load(sc.mask) : one;
+    V ic;
+    if (prep) {
+      ic = tail ? S::load(sc.icst) : (P.inv_c ? S::loadu(P.inv_c + b) : one);
+      lanes_prepare_block<S>(P, sc, b, nv, ic, msk, tail, err, fpart);
+      if (P.out) lanes_store_out<S>(P, sc, b, nv);
+      if (prep_pn || !stats) {
+        if (++since_flush == FLUSH_BLOCKS) {
+          if (stats) lanes_flush<S>(P, sc, nullptr, hpart);
+          lanes_flush_sums<S>(P, sc, sums);
+          since_flush = 0;
+        }
+        continue;
+      }
+      // log_p: sc.x holds the values; evaluate them at alpha = 0 below.
+    } else {
+      // A 16-bit gather reads 4 bytes per element: only the element with the highest address,
+      // (n - 1, k - 1), could read past the tensor, and it lies in the block holding row n - 1.
+      const bool staged = tail || (!tile && (!idx_ok || (dt != F32 && b + W >= P.n)));
+      if (!staged && tile) {
+        // Contiguous rows: masked row loads and an in-register transpose (cheaper than gathers).
+        ic = S::loadu(P.inv_c + b);
+        for (int c0 = 0; c0 < k; c0 += W)
+          S::load_tile(P.lp, dt, b * P.sr + c0, P.sr, static_cast<int>(imin(W, k - c0)),
+                       sc.stage + c0 * W);
+        for (int j = 0; j < k; ++j)
+          S::store(sc.x + j * W, S::fnmadd(ic, S::set1(P.alpha[j]), S::load(sc.stage + j * W)));
+      } else if (!staged) {
+        ic = S::loadu(P.inv_c + b);
+        if (dt == F32) {
+          const float* base = static_cast<const float*>(P.lp) + b * P.sr;
+          for (int j = 0; j < k; ++j)
+            S::store(sc.x + j * W, S::fnmadd(ic, S::set1(P.alpha[j]),
+                                             S::gather_f32(base + j * P.sc, ridx)));
+        } else {
+          const uint16_t* base = static_cast<const uint16_t*>(P.lp) + b * P.sr;
+          for (int j = 0; j < k; ++j) {
+            const V v = dt == F16 ? S::gather_f16(base + j * P.sc, ridx)
+                                  : S::gather_bf16(base + j * P.sc, ridx);
+            S::store(sc.x + j * W, S::fnmadd(ic, S::set1(P.alpha[j]), v));
+          }
+        }
+      } else {
+        // Scalar transpose into the staging tile; missing rows get x = 0, inv_c = 1 (finite) and
+        // are masked out of every accumulation.
+        for (int r = 0; r < W; ++r) {
+          const bool ok = r < nv;
+          if (!tail) sc.icst[r] = P.inv_c[b + r];
+          for (int j = 0; j < k; ++j)
+            sc.stage[j * W + r] = ok ? load_scalar(P.lp, dt, (b + r) * P.sr + j * P.sc) : 0.0f;
+        }
+        ic = S::load(sc.icst);
+        for (int j = 0; j < k; ++j)
+          S::store(sc.x + j * W, S::fnmadd(ic, S::set1(P.alpha[j]), S::load(sc.stage + j * W)));
+      }
+    }
+    // Row max across the column vectors, then exp and the row sums (with the Hessian: also the
+    // sum of the entries below the maximum, whose e is 1, and the count of maxima).
+    const bool hess = stats && P.hmode != H_NONE;
     V m = S::load(sc.x);
     for (int j = 1; j < k; ++j) m = S::max(m, S::load(sc.x + j * W));
     V s = S::zero();
@@ -286,50 +593,39 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
       S::store(sc.x + j * W, e);
       s = S::add(s, e);
     }
-    const V inv_s = S::div(S::set1(1.0f), s);
-    const bool tail = nv < W;
-    const V msk = tail ? S::load(sc.mask) : S::set1(1.0f);
+    const V inv_s = S::div(one, s);
     if (stats) {
-      const V w = tail ? S::mul(ic, msk) : ic;
-      if (P.hmode == H_NONE && !tail && !P.out) {  // the hot loop of step
+      const V logz = S::add(m, vlog<S>(s));
+      if (!hess && !tail && !P.out) {  // the hot loop of step
         for (int j = 0; j < k; ++j)
           S::store(sc.acc + j * W, S::fmadd(S::load(sc.x + j * W), inv_s, S::load(sc.acc + j * W)));
-      } else if (P.hmode == H_NONE) {
+        S::dacc_div(wacc, logz, ic);
+      } else {
         for (int j = 0; j < k; ++j) {
-          V q = S::mul(S::load(sc.x + j * W), inv_s);
-          if (P.out) S::store(sc.x + j * W, q);
-          if (tail) q = S::mul(q, msk);
-          S::store(sc.acc + j * W, S::add(S::load(sc.acc + j * W), q));
-        }
-      } else if (P.hmode == H_DIAG) {
-        for (int j = 0; j < k; ++j) {
-          V q = S::mul(S::load(sc.x + j * W), inv_s);
-          if (P.out) S::store(sc.x + j * W, q);
-          if (tail) q = S::mul(q, msk);
-          S::store(sc.acc + j * W, S::add(S::load(sc.acc + j * W), q));
-          const V t = S::fnmadd(q, q, q);  // q (1 - q)
-          S::store(sc.accd + j * W, S::fmadd(t, w, S::load(sc.accd + j * W)));
-        }
-      } else {  // H_FULL: accumulate sum inv_c q_j and sum inv_c q_j q_l (l >= j)
-        for (int j = 0; j < k; ++j) {
-          V q = S::mul(S::load(sc.x + j * W), inv_s);
-          if (tail) q = S::mul(q, msk);
+          const V q = S::mul(S::load(sc.x + j * W), inv_s);
           S::store(sc.x + j * W, q);
-          S::store(sc.acc + j * W, S::add(S::load(sc.acc + j * W), q));
+          S::store(sc.acc + j * W, S::add(S::load(sc.acc + j * W), tail ? S::mul(q, msk) : q));
         }
-        int t = 0;
-        for (int j = 0; j < k; ++j) {
-          const V qw = S::mul(S::load(sc.x + j * W), w);
-          S::store(sc.accd + j * W, S::add(S::load(sc.accd + j * W), qw));
-          for (int l = j; l < k; ++l, ++t)
-            S::store(sc.acch + t * W,
-                     S::fmadd(qw, S::load(sc.x + l * W), S::load(sc.acch + t * W)));
+        S::dacc_div(wacc, tail ? S::mul(logz, msk) : logz, ic);
+        if (hess) {
+          // The maxima have e = 1, q = 1 / s, and 1 - q = (s - 1) / s, which float32 forms
+          // exactly enough unless s < 1 + 2^-10 (a confident row): then s - 1 is the sum of the
+          // entries below the maximum (a single maximum, or s would be >= 2).
+          V sm1 = S::sub(s, one);
+          const V thr = S::set1(CONFIDENT);
+          if (S::hmax(S::blend(S::gt(s, thr), S::zero(), one)) > 0.0f) {
+            V rest = S::zero();
+            const V qtop = inv_s;
+            for (int j = 0; j < k; ++j) {
+              const V q = S::load(sc.x + j * W);
+              rest = S::add(rest, S::blend(S::eq(q, qtop), S::zero(), S::mul(q, s)));
+            }
+            sm1 = S::blend(S::gt(s, thr), sm1, rest);
+          }
+          lanes_hessian<S>(P, sc, sc.x, inv_s, S::mul(sm1, inv_s), tail ? S::mul(ic, msk) : ic,
+                           sampled_row(P, b));
         }
       }
-      // log Z = m + log s; sum log Z / inv_c in float64 per lane (as the reference divides).
-      V logz = S::add(m, vlog<S>(s));
-      if (tail) logz = S::mul(logz, msk);
-      S::dacc_div(wacc, logz, ic);
       if (++since_flush == FLUSH_BLOCKS) {
         lanes_flush<S>(P, sc, colsum, hpart);
         since_flush = 0;
@@ -337,16 +633,21 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
     } else {
       for (int j = 0; j < k; ++j) S::store(sc.x + j * W, S::mul(S::load(sc.x + j * W), inv_s));
     }
-    if (P.out) {
-      // Scalar transpose back out (materialize runs once per solve, not per iteration).
-      for (int r = 0; r < nv; ++r)
-        for (int j = 0; j < k; ++j)
-          store_scalar(P.out, P.out_dtype, (b + r) * P.osr + j * P.osc, sc.x[j * W + r]);
-    }
+    if (P.out && !prep) lanes_store_out<S>(P, sc, b, nv);
   }
   if (stats) {
-    lanes_flush<S>(P, sc, colsum, hpart);
+    lanes_flush<S>(P, sc, prep_pn ? nullptr : colsum, hpart);
     *wlogz += S::dsum(wacc);
+  }
+  if (prep) {
+    if (P.mode == MODE_LOGP) {
+      for (int j = 0; j < k; ++j) {
+        const double v = S::hmax(S::load(sc.sret + j * W));
+        if (v > sums[j]) sums[j] = v;
+      }
+    } else {
+      lanes_flush_sums<S>(P, sc, sums);
+    }
   }
   if (sc.acch) std::free(sc.acch);
   std::free(scp);
@@ -356,11 +657,12 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
 // One row along the vector (k >= LANES_MAX_K).
 // row_exp: pass 1 finds the row max of x = log_p - alpha * inv_c (contiguous rows: without
 // storing x; strided rows: x goes to the buffer), pass 2 writes e = exp(x - m) to the buffer
-// (recomputing x from log_p, which is still in L1/L2) and sums it. Pass 3 normalises and
-// accumulates; in the hot case (step, no Hessian, no output) two rows share one read-modify-write
-// of the float32 column accumulators, halving that traffic.
+// (recomputing x from log_p, which is still in L1/L2) and sums it. In the hot case (step, no
+// Hessian, no output) two rows share one read-modify-write of the float32 column accumulators.
 // ------------------------------------------------------------------------------------------
 constexpr int FLUSH_ROWS = 32;
+// The sampled weights W are accumulated in float32 over at most this many 16-row blocks.
+constexpr int W_FLUSH_BLOCKS = 16;
 
 template <class S>
 static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, float& s_out) {
@@ -422,137 +724,421 @@ static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, 
   s_out = s;
 }
 
+// Per-range scratch of the row path.
+struct RowScratch {
+  float *xb, *xb2, *acc, *accd, *sret, *sfor;
+  float *qb, *qwb, *wacc;  // H_FULL: 16 sampled rows of q and inv_c q; W accumulator (k x kp)
+  int64_t qstride;
+  int nq = 0, wblocks = 0;
+};
+
+// W += sum over the nq rows in qb of (inv_c q)^T q, upper part: tiles of 4 classes j (broadcast
+// from qwb) by one vector of classes l (loaded from qb), all nq rows accumulated in registers.
 template <class S>
-static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, double* wlogz,
-                       double* hpart) {
+static void rows_gram_block(const Params& P, RowScratch& rs) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int64_t k = P.k;
+  const int64_t kp = ((k + W - 1) / W) * W;
+  const int64_t st = rs.qstride;
+  for (int64_t j0 = 0; j0 < k; j0 += 4) {
+    for (int64_t c = (j0 / W) * W; c < kp; c += W) {
+      V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
+      for (int r = 0; r < rs.nq; ++r) {
+        const V q = S::load(rs.qb + r * st + c);
+        const float* wq = rs.qwb + r * st + j0;
+        a0 = S::fmadd(S::set1(wq[0]), q, a0);
+        a1 = S::fmadd(S::set1(wq[1]), q, a1);
+        a2 = S::fmadd(S::set1(wq[2]), q, a2);
+        a3 = S::fmadd(S::set1(wq[3]), q, a3);
+      }
+      float* w = rs.wacc + j0 * kp + c;
+      S::store(w, S::add(S::load(w), a0));
+      if (j0 + 1 < k) S::store(w + kp, S::add(S::load(w + kp), a1));
+      if (j0 + 2 < k) S::store(w + 2 * kp, S::add(S::load(w + 2 * kp), a2));
+      if (j0 + 3 < k) S::store(w + 3 * kp, S::add(S::load(w + 3 * kp), a3));
+    }
+  }
+  rs.nq = 0;
+  ++rs.wblocks;
+}
+
+static void rows_flush_w(const Params& P, RowScratch& rs, int64_t kp, double* hpart) {
+  const int64_t k = P.k;
+  double* w = hpart + k;
+  for (int64_t j = 0; j < k; ++j)
+    for (int64_t l = j + 1; l < k; ++l) w[j * k + l] += rs.wacc[j * kp + l];
+  std::memset(rs.wacc, 0, sizeof(float) * k * kp);
+  rs.wblocks = 0;
+}
+
+// The sum of a row's entries other than its (single) maximum vtop: 1 - q_max of a confident row.
+template <class S>
+static inline float row_rest(const Params& P, const float* v, float vtop) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int64_t kp = ((P.k + W - 1) / W) * W;
+  const V VT = S::set1(vtop);
+  V r = S::zero();
+  for (int64_t j = 0; j < kp; j += W) {
+    const V x = S::load(v + j);
+    r = S::add(r, S::blend(S::eq(x, VT), S::zero(), x));
+  }
+  return S::hsum(r);
+}
+
+// One pass over a row held as v (kp entries, zero padded) with q = v * scale: adds q to the
+// column sums (colsum), the Hessian's diagonal (entries with v == vtop have 1 - q = rtop) and,
+// for a sampled row, q and inv_c q to the gram block; with keep, q is written back to v.
+template <class S>
+static inline void row_pass(const Params& P, RowScratch& rs, float* v, float scale, float vtop,
+                            float rtop, float icf, bool colsum, bool hess, bool sampled, bool keep) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int64_t kp = ((P.k + W - 1) / W) * W;
+  const V SC = S::set1(scale), VT = S::set1(vtop), RT = S::set1(rtop), WW = S::set1(icf);
+  const V one = S::set1(1.0f);
+  float* dq = sampled ? rs.qb + rs.nq * rs.qstride : nullptr;
+  float* dw = sampled ? rs.qwb + rs.nq * rs.qstride : nullptr;
+  for (int64_t j = 0; j < kp; j += W) {
+    const V x = S::load(v + j);
+    const V q = S::mul(x, SC);
+    if (colsum) S::store(rs.acc + j, S::add(S::load(rs.acc + j), q));
+    if (hess) {
+      const V r = S::blend(S::eq(x, VT), RT, S::sub(one, q));
+      S::store(rs.accd + j, S::fmadd(S::mul(q, r), WW, S::load(rs.accd + j)));
+    }
+    if (sampled) {
+      S::store(dq + j, q);
+      S::store(dw + j, S::mul(q, WW));
+    }
+    if (keep) S::store(v + j, q);
+  }
+  if (sampled) ++rs.nq;
+}
+
+// Stores row i of out from the float buffer v (converted to out's dtype).
+template <class S>
+static inline void row_store_out(const Params& P, int64_t i, const float* v) {
+  constexpr int W = S::W;
+  const int64_t k = P.k;
+  const int64_t kv = (k / W) * W;
+  int64_t j = 0;
+  if (P.osc == 1 && W > 1) {
+    if (P.out_dtype == F32) {
+      float* o = static_cast<float*>(P.out) + i * P.osr;
+      for (; j < kv; j += W) S::storeu(o + j, S::load(v + j));
+    } else if (P.out_dtype == F16) {
+      uint16_t* o = static_cast<uint16_t*>(P.out) + i * P.osr;
+      for (; j < kv; j += W) S::store_f16(o + j, S::load(v + j));
+    } else {
+      uint16_t* o = static_cast<uint16_t*>(P.out) + i * P.osr;
+      for (; j < kv; j += W) S::store_bf16(o + j, S::load(v + j));
+    }
+  }
+  for (; j < k; ++j) store_scalar(P.out, P.out_dtype, i * P.osr + j * P.osc, v[j]);
+}
+
+// prepare, one row. Pass A loads the row (converted to float32) and reduces it: the sum (a NaN or
+// inf entry makes it non-finite) and min / max; rows failing the quick checks get their exact
+// fault from classify_row. Pass B writes log P^ (or fill), adds the normalised row to the retained
+// / forgotten sums and, for the Hessian of a retained row's first evaluation, sums its entries
+// below the maximum; pass C (Hessian only) adds the diagonal and the sampled row. log_p mode leaves
+// the values in rs.xb for the evaluation that follows.
+template <class S>
+static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64_t* err,
+                               double* fpart) {
   using V = typename S::V;
   constexpr int W = S::W;
   const int64_t k = P.k;
   const int64_t kv = (k / W) * W;
   const int64_t kp = ((k + W - 1) / W) * W;
-  float* xb = static_cast<float*>(aalloc(sizeof(float) * kp));
-  float* xb2 = static_cast<float*>(aalloc(sizeof(float) * kp));
-  float* acc = static_cast<float*>(aalloc(sizeof(float) * kp));
-  float* accd = static_cast<float*>(aalloc(sizeof(float) * kp));
-  std::memset(acc, 0, sizeof(float) * kp);
-  std::memset(accd, 0, sizeof(float) * kp);
+  const int dt = P.lp_dtype;
+  const bool f = P.forget && P.forget[i];
+  float* x = rs.xb;
+  const V one = S::set1(1.0f);
+  // Pass A.
+  V vs = S::zero(), vmn = S::set1(INFINITY), vmx = S::set1(-INFINITY);
+  int64_t j = 0;
+  if (P.sc == 1 && W > 1) {
+    for (; j < kv; j += W) {
+      V v;
+      if (dt == F32) v = S::loadu(static_cast<const float*>(P.lp) + i * P.sr + j);
+      else if (dt == F64) v = S::load_f64(static_cast<const double*>(P.lp) + i * P.sr + j);
+      else if (dt == F16) v = S::load_f16(static_cast<const uint16_t*>(P.lp) + i * P.sr + j);
+      else v = S::load_bf16(static_cast<const uint16_t*>(P.lp) + i * P.sr + j);
+      S::store(x + j, v);
+      vs = S::add(vs, v);
+      vmn = S::min(vmn, v);
+      vmx = S::max(vmx, v);
+    }
+  }
+  double s_tail = 0.0;
+  float mn = S::hmax(S::sub(S::zero(), vmn)), mx = S::hmax(vmx);
+  mn = -mn;
+  for (; j < k; ++j) {
+    const float v = load_scalar(P.lp, dt, i * P.sr + j * P.sc);
+    x[j] = v;
+    s_tail += v;
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  for (j = k; j < kp; ++j) x[j] = P.mode == MODE_PROBS ? 0.0f : -INFINITY;
+  const double s = static_cast<double>(S::hsum(vs)) + s_tail;
+  bool flagged;
+  if (P.mode == MODE_PROBS) flagged = !(std::fabs(s - 1.0) <= P.tol) || !(mn >= 0.0f);
+  else if (P.mode == MODE_LOGITS) flagged = !std::isfinite(s);
+  else flagged = !(s < INFINITY) || !(mx > -INFINITY);  // NaN, +inf, or no finite entry
+  if (flagged && *err < 0) {
+    const int kind = classify_row(P, i);
+    if (kind != ERR_NONE) *err = i * 8 + kind;
+  }
+  if (P.mode == MODE_LOGP) {
+    for (j = 0; j < kp; j += W) S::store(rs.sret + j, S::max(S::load(rs.sret + j), S::load(x + j)));
+    if (P.out) row_store_out<S>(P, i, x);
+    return;
+  }
+  // Pass B: log P^ into x, the normalised row into xb2 (probs: x / s; logits: its softmax).
+  float* pn = rs.xb2;
+  float inv_s, vtop;
+  if (P.mode == MODE_PROBS) {
+    const float sf = static_cast<float>(s);
+    inv_s = 1.0f / sf;
+    vtop = mx;
+    const V SH = S::set1(std::log(sf)), IS = S::set1(inv_s);
+    for (j = 0; j < kp; j += W) {
+      const V v = S::load(x + j);
+      S::store(pn + j, S::mul(v, IS));
+      S::store(x + j, S::sub(vlog_any<S>(v), SH));
+    }
+  } else {
+    const V M = S::set1(mx);
+    V se = S::zero();
+    for (j = 0; j < kp; j += W) {
+      const V e = vexp<S>(S::sub(S::load(x + j), M));
+      S::store(pn + j, e);
+      se = S::add(se, e);
+    }
+    const float sf = S::hsum(se);
+    inv_s = 1.0f / sf;
+    vtop = 1.0f;  // e of the maximum
+    const V SH = S::set1(mx + std::log(sf)), IS = S::set1(inv_s);
+    for (j = 0; j < kp; j += W) {
+      S::store(pn + j, S::mul(S::load(pn + j), IS));
+      S::store(x + j, S::sub(S::load(x + j), SH));
+    }
+  }
+  float* dst = f ? rs.sfor : rs.sret;
+  for (j = 0; j < kp; j += W) S::store(dst + j, S::add(S::load(dst + j), S::load(pn + j)));
+  if (P.out) row_store_out<S>(P, i, (f && P.fill) ? P.fill : x);
+  if (!P.stats) return;
+  if (f) {  // all forget rows hold fill: their first evaluation is added analytically
+    const double w = P.inv_c[i];
+    fpart[0] += 1.0;
+    fpart[1] += w;
+    fpart[2] += 1.0 / w;
+    if (sampled_row(P, i)) fpart[3] += w;
+    return;
+  }
+  if (P.hmode == H_NONE) return;
+  // The largest probability is pmax = mx / s (probs) or 1 / s (logits); its 1 - pmax is
+  // (s - mx) / s (probs) or (s - 1) / s (logits) unless the row is confident, when it is the sum
+  // of the smaller entries (a single maximum then).
+  const float pmax = P.mode == MODE_PROBS ? mx * inv_s : inv_s;
+  const bool confident = P.mode == MODE_PROBS ? !(mx < s * (1.0 - 1.0 / 1024))
+                                              : !(1.0f / inv_s > CONFIDENT);
+  const float rtop = confident ? row_rest<S>(P, pn, pmax)
+                               : (P.mode == MODE_PROBS ? static_cast<float>((s - mx) / s)
+                                                       : 1.0f - pmax);
+  row_pass<S>(P, rs, pn, 1.0f, pmax, rtop, P.inv_c[i], false, true, sampled_row(P, i), false);
+}
+
+template <class S>
+static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, double* wlogz,
+                       double* hpart, double* sums, int64_t* err, double* fpart) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int64_t k = P.k;
+  const int64_t kp = ((k + W - 1) / W) * W;
+  RowScratch rs;
+  auto fl = [&](int64_t count) { return static_cast<float*>(aalloc(sizeof(float) * count)); };
+  rs.xb = fl(kp);
+  rs.xb2 = fl(kp);
+  rs.acc = fl(kp);
+  rs.accd = fl(kp);
+  rs.sret = fl(kp);
+  rs.sfor = fl(kp);
+  std::memset(rs.acc, 0, sizeof(float) * kp);
+  std::memset(rs.accd, 0, sizeof(float) * kp);
+  std::memset(rs.sfor, 0, sizeof(float) * kp);
+  const bool prep = P.op == OP_PREPARE;
+  const bool prep_pn = prep && P.mode != MODE_LOGP;
+  if (prep && P.mode == MODE_LOGP) {
+    for (int64_t j = 0; j < kp; ++j) rs.sret[j] = -INFINITY;
+  } else {
+    std::memset(rs.sret, 0, sizeof(float) * kp);
+  }
   const bool stats = P.stats != 0;
-  const bool diag = stats && P.hmode == H_DIAG;
-  const bool hot = stats && !diag && !P.out;
+  const bool full = stats && P.hmode == H_FULL;
+  const bool hess = stats && P.hmode != H_NONE;
+  rs.qb = rs.qwb = rs.wacc = nullptr;
+  rs.qstride = ((kp + 4 + W - 1) / W) * W;  // room for the 4-class tiles past k (zero)
+  if (full) {
+    rs.qb = fl(ROW_UNIT * rs.qstride);
+    rs.qwb = fl(ROW_UNIT * rs.qstride);
+    rs.wacc = fl(k * kp);
+    std::memset(rs.qb, 0, sizeof(float) * ROW_UNIT * rs.qstride);
+    std::memset(rs.qwb, 0, sizeof(float) * ROW_UNIT * rs.qstride);
+    std::memset(rs.wacc, 0, sizeof(float) * k * kp);
+  }
+  const bool hot = stats && !hess && !P.out && !prep;
   double wl = 0.0;
   int since_flush = 0;
 
   for (int64_t i = r0; i < r1;) {
     if (hot && i + 1 < r1) {
       float m0, s0, m1, s1;
-      row_exp<S>(P, i, xb, m0, s0);
-      row_exp<S>(P, i + 1, xb2, m1, s1);
+      row_exp<S>(P, i, rs.xb, m0, s0);
+      row_exp<S>(P, i + 1, rs.xb2, m1, s1);
       const V is0 = S::set1(1.0f / s0), is1 = S::set1(1.0f / s1);
       for (int64_t j = 0; j < kp; j += W)
-        S::store(acc + j, S::fmadd(S::load(xb2 + j), is1,
-                                   S::fmadd(S::load(xb + j), is0, S::load(acc + j))));
+        S::store(rs.acc + j, S::fmadd(S::load(rs.xb2 + j), is1,
+                                      S::fmadd(S::load(rs.xb + j), is0, S::load(rs.acc + j))));
       wl += static_cast<double>(m0 + std::log(s0)) / static_cast<double>(P.inv_c[i]);
       wl += static_cast<double>(m1 + std::log(s1)) / static_cast<double>(P.inv_c[i + 1]);
       i += 2;
       since_flush += 2;
     } else {
-      float m, s;
-      row_exp<S>(P, i, xb, m, s);
-      const float icf = P.inv_c[i];
-      const V ic = S::set1(icf);
-      const V inv_s = S::set1(1.0f / s);
-      int64_t j;
-      if (stats) {
-        if (diag) {
-          for (j = 0; j < kp; j += W) {
-            const V q = S::mul(S::load(xb + j), inv_s);
-            if (P.out) S::store(xb + j, q);
-            S::store(acc + j, S::add(S::load(acc + j), q));
-            S::store(accd + j, S::fmadd(S::fnmadd(q, q, q), ic, S::load(accd + j)));
+      if (prep) row_prepare<S>(P, rs, i, err, fpart);
+      if (!prep || (P.mode == MODE_LOGP && stats)) {
+        // A step row, or log_p mode's evaluation of the stored values at alpha = 0: e in xb.
+        float m, s, rest = 0.0f;
+        if (prep) {
+          // x is in xb already: the max, then e = exp(x - m) in place.
+          V vm = S::set1(-INFINITY);
+          for (int64_t j = 0; j < kp; j += W) vm = S::max(vm, S::load(rs.xb + j));
+          m = S::hmax(vm);
+          const V M = S::set1(m);
+          V vs = S::zero();
+          for (int64_t j = 0; j < kp; j += W) {
+            const V e = vexp<S>(S::sub(S::load(rs.xb + j), M));
+            S::store(rs.xb + j, e);
+            vs = S::add(vs, e);
           }
-        } else if (P.out) {
-          for (j = 0; j < kp; j += W) {
-            const V q = S::mul(S::load(xb + j), inv_s);
-            S::store(xb + j, q);
-            S::store(acc + j, S::add(S::load(acc + j), q));
-          }
+          s = S::hsum(vs);
+          if (hess && !(s > CONFIDENT)) rest = row_rest<S>(P, rs.xb, 1.0f);
         } else {
-          for (j = 0; j < kp; j += W)
-            S::store(acc + j, S::fmadd(S::load(xb + j), inv_s, S::load(acc + j)));
+          row_exp<S>(P, i, rs.xb, m, s);
+          if (hess && !(s > CONFIDENT)) rest = row_rest<S>(P, rs.xb, 1.0f);
         }
-        wl += static_cast<double>(m + std::log(s)) / static_cast<double>(icf);
-        ++since_flush;
-      } else {
-        for (j = 0; j < kp; j += W) S::store(xb + j, S::mul(S::load(xb + j), inv_s));
-      }
-      if (P.out) {
-        j = 0;
-        if (P.osc == 1) {
-          if (P.out_dtype == F32) {
-            float* o = static_cast<float*>(P.out) + i * P.osr;
-            for (; j < kv; j += W) S::storeu(o + j, S::load(xb + j));
-          } else if (P.out_dtype == F16) {
-            uint16_t* o = static_cast<uint16_t*>(P.out) + i * P.osr;
-            for (; j < kv; j += W) S::store_f16(o + j, S::load(xb + j));
-          } else {
-            uint16_t* o = static_cast<uint16_t*>(P.out) + i * P.osr;
-            for (; j < kv; j += W) S::store_bf16(o + j, S::load(xb + j));
-          }
+        const float inv_s = 1.0f / s;
+        if (stats) {
+          const bool samp = full && sampled_row(P, i);
+          // e of a maximum is 1 and its 1 - q is (s - 1) / s; for a confident row s - 1 is the
+          // sum of the smaller entries (rest).
+          const float sm1 = s > CONFIDENT ? s - 1.0f : rest;
+          row_pass<S>(P, rs, rs.xb, inv_s, 1.0f, sm1 * inv_s, P.inv_c[i], true, hess, samp,
+                      P.out && !prep);
+          wl += static_cast<double>(m + std::log(s)) / static_cast<double>(P.inv_c[i]);
+        } else {
+          const V IS = S::set1(inv_s);
+          for (int64_t j = 0; j < kp; j += W) S::store(rs.xb + j, S::mul(S::load(rs.xb + j), IS));
         }
-        for (; j < k; ++j) store_scalar(P.out, P.out_dtype, i * P.osr + j * P.osc, xb[j]);
+        if (P.out && !prep) row_store_out<S>(P, i, rs.xb);
       }
+      if (full && rs.nq > 0 && ((i + 1) % ROW_UNIT == 0 || i + 1 == r1)) {
+        rows_gram_block<S>(P, rs);
+        if (rs.wblocks == W_FLUSH_BLOCKS) rows_flush_w(P, rs, kp, hpart);
+      }
+      ++since_flush;
       i += 1;
     }
-    if (stats && since_flush >= FLUSH_ROWS) {
-      for (int64_t j = 0; j < k; ++j) colsum[j] += acc[j];
-      std::memset(acc, 0, sizeof(float) * kp);
-      if (diag) {
-        for (int64_t j = 0; j < k; ++j) hpart[j] += accd[j];
-        std::memset(accd, 0, sizeof(float) * kp);
+    if (since_flush >= FLUSH_ROWS) {
+      if (stats) {
+        if (!prep_pn) {
+          for (int64_t j = 0; j < k; ++j) colsum[j] += rs.acc[j];
+          std::memset(rs.acc, 0, sizeof(float) * kp);
+        }
+        if (hess) {
+          for (int64_t j = 0; j < k; ++j) hpart[j] += rs.accd[j];
+          std::memset(rs.accd, 0, sizeof(float) * kp);
+        }
+      }
+      if (prep_pn) {
+        for (int64_t j = 0; j < k; ++j) {
+          sums[j] += rs.sret[j];
+          sums[k + j] += rs.sfor[j];
+        }
+        std::memset(rs.sret, 0, sizeof(float) * kp);
+        std::memset(rs.sfor, 0, sizeof(float) * kp);
       }
       since_flush = 0;
     }
   }
   if (stats) {
-    for (int64_t j = 0; j < k; ++j) colsum[j] += acc[j];
-    if (diag)
-      for (int64_t j = 0; j < k; ++j) hpart[j] += accd[j];
+    if (!prep_pn)
+      for (int64_t j = 0; j < k; ++j) colsum[j] += rs.acc[j];
+    if (hess)
+      for (int64_t j = 0; j < k; ++j) hpart[j] += rs.accd[j];
+    if (full) {
+      if (rs.nq > 0) rows_gram_block<S>(P, rs);
+      rows_flush_w(P, rs, kp, hpart);
+    }
     *wlogz += wl;
   }
-  std::free(xb);
-  std::free(xb2);
-  std::free(acc);
-  std::free(accd);
+  if (prep) {
+    if (P.mode == MODE_LOGP) {
+      for (int64_t j = 0; j < k; ++j)
+        if (rs.sret[j] > sums[j]) sums[j] = rs.sret[j];
+    } else {
+      for (int64_t j = 0; j < k; ++j) {
+        sums[j] += rs.sret[j];
+        sums[k + j] += rs.sfor[j];
+      }
+    }
+  }
+  for (float* p : {rs.xb, rs.xb2, rs.acc, rs.accd, rs.sret, rs.sfor, rs.qb, rs.qwb, rs.wacc})
+    std::free(p);
 }
 
 // ------------------------------------------------------------------------------------------
-// Entry point: ranges in parallel; each range owns its partials (zeroed here).
+// Entry point: ranges on the thread pool; each range owns its partials (initialised here).
 // ------------------------------------------------------------------------------------------
 template <class S>
-static void run_all(const Params& P) {
-  const int64_t nr = P.nranges;
+static void run_range(const void* ctx, int64_t r) {
+  const Params& P = *static_cast<const Params*>(ctx);
   const int64_t k = P.k;
-  const int64_t hsz = P.hmode == H_FULL ? k * k : (P.hmode == H_DIAG ? k : 0);
-  const bool lanes = k < LANES_MAX_K;
-  const int nt = static_cast<int>(imax(1, imin(P.nthreads, nr)));
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t r = 0; r < nr; ++r) {
-    double* colsum = P.stats ? P.colsum_part + r * k : nullptr;
-    double* wlogz = P.stats ? P.wlogz_part + r : nullptr;
-    double* hpart = (P.stats && hsz) ? P.h_part + r * hsz : nullptr;
-    if (P.stats) {
-      std::memset(colsum, 0, sizeof(double) * k);
-      *wlogz = 0.0;
-      if (hpart) std::memset(hpart, 0, sizeof(double) * hsz);
-    }
-    const int64_t r0 = r * P.range_rows;
-    const int64_t r1 = imin(P.n, r0 + P.range_rows);
-    if (r0 >= r1) continue;
-    if (lanes)
-      lanes_range<S>(P, r0, r1, colsum, wlogz, hpart);
-    else
-      rows_range<S>(P, r0, r1, colsum, wlogz, hpart);
+  const int64_t hsz = P.hmode == H_FULL ? k + k * k : (P.hmode == H_DIAG ? k : 0);
+  const bool prep = P.op == OP_PREPARE;
+  double* colsum = P.stats ? P.colsum_part + r * k : nullptr;
+  double* wlogz = P.stats ? P.wlogz_part + r : nullptr;
+  double* hpart = (P.stats && hsz) ? P.h_part + r * hsz : nullptr;
+  const int64_t ssz = prep ? (P.mode == MODE_LOGP ? k : 2 * k) : 0;
+  double* sums = prep ? P.sums_part + r * ssz : nullptr;
+  int64_t* err = prep ? P.err_part + r : nullptr;
+  double* fpart = prep ? P.fill_part + r * 4 : nullptr;
+  if (P.stats) {
+    std::memset(colsum, 0, sizeof(double) * k);
+    *wlogz = 0.0;
+    if (hpart) std::memset(hpart, 0, sizeof(double) * hsz);
   }
+  if (prep) {
+    for (int64_t j = 0; j < ssz; ++j) sums[j] = P.mode == MODE_LOGP ? -INFINITY : 0.0;
+    *err = -1;
+    for (int t = 0; t < 4; ++t) fpart[t] = 0.0;
+  }
+  const int64_t r0 = r * P.range_rows;
+  const int64_t r1 = imin(P.n, r0 + P.range_rows);
+  if (r0 >= r1) return;
+  if (k < LANES_MAX_K)
+    lanes_range<S>(P, r0, r1, colsum, wlogz, hpart, sums, err, fpart);
+  else
+    rows_range<S>(P, r0, r1, colsum, wlogz, hpart, sums, err, fpart);
+}
+
+template <class S>
+static void run_all(const Params& P) {
+  parallel_ranges(P.nranges, P.nthreads, &run_range<S>, &P);
 }
 
 }  // namespace PPU_NS

@@ -26,6 +26,7 @@ struct Avx2 {
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V div(V a, V b) { return _mm256_div_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
   static V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -35,6 +36,13 @@ struct Avx2 {
     return _mm256_and_ps(r, _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LO), _CMP_GE_OQ));  // -inf, NaN -> 0
   }
   static M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static M eq(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+  static V load_f64(const double* p) {  // 8 doubles -> 8 floats (round to nearest)
+    const __m128 lo = _mm256_cvtpd_ps(_mm256_loadu_pd(p));
+    const __m128 hi = _mm256_cvtpd_ps(_mm256_loadu_pd(p + 4));
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+  }
   static V blend(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
   static void frexp12(V x, V& m, V& e) {  // x positive and normal
     const __m256i u = _mm256_castps_si256(x);
@@ -101,6 +109,7 @@ struct Avx2 {
   }
   static constexpr bool TILE = false;  // gathers (see kernel_avx512.cpp for the tile path)
   static void load_tile(const void*, int, int64_t, int64_t, int, float*) {}
+  static void store_tile(void*, int, int64_t, int64_t, int, const float*) {}
   static D dzero() { return {_mm256_setzero_pd(), _mm256_setzero_pd()}; }
   static void dacc_div(D& d, V num, V den) {
     d.lo = _mm256_add_pd(d.lo, _mm256_div_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(num)),

@@ -27,11 +27,19 @@ struct Avx512 {
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V div(V a, V b) { return _mm512_div_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
   static V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static V scale2(V p, V n, V) { return _mm512_scalef_ps(p, n); }
   static M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static M eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  static V load_f64(const double* p) {  // 16 doubles -> 16 floats (round to nearest)
+    const __m256 lo = _mm512_cvtpd_ps(_mm512_loadu_pd(p));
+    const __m256 hi = _mm512_cvtpd_ps(_mm512_loadu_pd(p + 8));
+    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+  }
   static V blend(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
   static void frexp12(V x, V& m, V& e) {
     m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
@@ -75,30 +83,14 @@ struct Avx512 {
     u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
   }
-  // 16 rows x cols (<= 16) contiguous columns starting at element `off`, row stride sr:
-  // masked row loads (never touching memory past the row's cols elements), then the standard
-  // 16 x 16 in-register transpose; column j goes to dst + 16 j.
-  static constexpr bool TILE = true;
-  __attribute__((always_inline)) static inline void load_tile(const void* base, int dtype, int64_t off, int64_t sr, int cols, float* dst) {
-    const __mmask16 mk = static_cast<__mmask16>((1u << cols) - 1u);
-    V r[16];
-    if (dtype == 0) {
-      const float* p = static_cast<const float*>(base) + off;
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(mk, p + i * sr);
-    } else {
-      const uint16_t* p = static_cast<const uint16_t*>(base) + off;
-      for (int i = 0; i < 16; ++i) {
-        const __m256i h = _mm256_maskz_loadu_epi16(mk, p + i * sr);
-        r[i] = dtype == 1 ? _mm512_cvtph_ps(h)
-                          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      }
-    }
+  // The standard 16 x 16 in-register transpose: v[i] lane l becomes t[l] lane i (t = v^T).
+  __attribute__((always_inline)) static inline void transpose16(const V* v, V* t) {
     V u[16];
     for (int g = 0; g < 4; ++g) {
-      const V t0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
-      const V t1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
-      const V t2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
-      const V t3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+      const V t0 = _mm512_unpacklo_ps(v[4 * g], v[4 * g + 1]);
+      const V t1 = _mm512_unpackhi_ps(v[4 * g], v[4 * g + 1]);
+      const V t2 = _mm512_unpacklo_ps(v[4 * g + 2], v[4 * g + 3]);
+      const V t3 = _mm512_unpackhi_ps(v[4 * g + 2], v[4 * g + 3]);
       u[4 * g + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
       u[4 * g + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
       u[4 * g + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
@@ -110,10 +102,57 @@ struct Avx512 {
       const V v1 = _mm512_shuffle_f32x4(u[m], u[m + 4], 0xdd);
       const V v2 = _mm512_shuffle_f32x4(u[m + 8], u[m + 12], 0x88);
       const V v3 = _mm512_shuffle_f32x4(u[m + 8], u[m + 12], 0xdd);
-      if (m < cols) _mm512_store_ps(dst + 16 * m, _mm512_shuffle_f32x4(v0, v2, 0x88));
-      if (m + 4 < cols) _mm512_store_ps(dst + 16 * (m + 4), _mm512_shuffle_f32x4(v1, v3, 0x88));
-      if (m + 8 < cols) _mm512_store_ps(dst + 16 * (m + 8), _mm512_shuffle_f32x4(v0, v2, 0xdd));
-      if (m + 12 < cols) _mm512_store_ps(dst + 16 * (m + 12), _mm512_shuffle_f32x4(v1, v3, 0xdd));
+      t[m] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+      t[m + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+      t[m + 8] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+      t[m + 12] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
+    }
+  }
+  // 16 rows x cols (<= 16) contiguous columns starting at element `off`, row stride sr:
+  // masked row loads (never touching memory past the row's cols elements), then the transpose;
+  // column j goes to dst + 16 j.
+  static constexpr bool TILE = true;
+  __attribute__((always_inline)) static inline void load_tile(const void* base, int dtype, int64_t off, int64_t sr, int cols, float* dst) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << cols) - 1u);
+    V r[16], t[16];
+    if (dtype == 0) {
+      const float* p = static_cast<const float*>(base) + off;
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(mk, p + i * sr);
+    } else {
+      const uint16_t* p = static_cast<const uint16_t*>(base) + off;
+      for (int i = 0; i < 16; ++i) {
+        const __m256i h = _mm256_maskz_loadu_epi16(mk, p + i * sr);
+        r[i] = dtype == 1 ? _mm512_cvtph_ps(h)
+                          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      }
+    }
+    transpose16(r, t);
+    for (int m = 0; m < cols; ++m) _mm512_store_ps(dst + 16 * m, t[m]);
+  }
+  // The inverse: columns src + 16 j (j < cols) become 16 rows of cols elements at element `off`
+  // of base (row stride sr, dtype 0 f32 / 1 f16 / 2 bf16), written with masked stores.
+  __attribute__((always_inline)) static inline void store_tile(void* base, int dtype, int64_t off, int64_t sr, int cols, const float* src) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << cols) - 1u);
+    V c[16], r[16];
+    for (int j = 0; j < 16; ++j) c[j] = j < cols ? _mm512_load_ps(src + 16 * j) : _mm512_setzero_ps();
+    transpose16(c, r);
+    if (dtype == 0) {
+      float* p = static_cast<float*>(base) + off;
+      for (int i = 0; i < 16; ++i) _mm512_mask_storeu_ps(p + i * sr, mk, r[i]);
+    } else {
+      uint16_t* p = static_cast<uint16_t*>(base) + off;
+      for (int i = 0; i < 16; ++i) {
+        __m256i h;
+        if (dtype == 1) {
+          h = _mm512_cvtps_ph(r[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        } else {  // bfloat16, round to nearest even (values here are never NaN)
+          __m512i u = _mm512_castps_si512(r[i]);
+          const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+          u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+          h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+        }
+        _mm256_mask_storeu_epi16(p + i * sr, mk, h);
+      }
     }
   }
   static D dzero() { return {_mm512_setzero_pd(), _mm512_setzero_pd()}; }

@@ -25,6 +25,7 @@ struct Scalar {
   static V mul(V a, V b) { return a * b; }
   static V div(V a, V b) { return a / b; }
   static V max(V a, V b) { return a > b ? a : b; }  // NaN a -> b (the clamp), as maxps does
+  static V min(V a, V b) { return a < b ? a : b; }
   static V fmadd(V a, V b, V c) { return a * b + c; }
   static V fnmadd(V a, V b, V c) { return c - a * b; }
   static V round(V a) {  // round to nearest even for |a| < 2^22 (the reduction keeps it small)
@@ -40,6 +41,9 @@ struct Scalar {
     return p * s;
   }
   static M gt(V a, V b) { return a > b; }
+  static M lt(V a, V b) { return a < b; }
+  static M eq(V a, V b) { return a == b; }
+  static V load_f64(const double* p) { return static_cast<float>(*p); }
   static V blend(M m, V a, V b) { return m ? a : b; }
   static void frexp12(V x, V& m, V& e) {  // x positive and normal
     uint32_t u;
@@ -61,6 +65,7 @@ struct Scalar {
   static void store_bf16(uint16_t* p, V v);
   static constexpr bool TILE = false;  // gathers (see kernel_avx512.cpp for the tile path)
   static void load_tile(const void*, int, int64_t, int64_t, int, float*) {}
+  static void store_tile(void*, int, int64_t, int64_t, int, const float*) {}
   static D dzero() { return 0.0; }
   static void dacc_div(D& d, V num, V den) { d += static_cast<double>(num) / static_cast<double>(den); }
   static double dsum(const D& d) { return d; }

@@ -1,27 +1,62 @@
 """The backend contract (DESIGN.md §2) shared by every backend.
 
-A backend implements two operations over an N x k matrix of log-probabilities ``log_p``
-(float32, float16 or bfloat16) with per-row inverse weights ``inv_c`` (N,) float32 and the dual
-variables ``alpha`` (k,) float64:
+A backend implements three operations over an N x k matrix. ``log_p`` is the solver's buffer of
+log-probabilities (float32, float16 or bfloat16), ``inv_c`` (N,) float32 the inverse row weights and
+``alpha`` (k,) float64 the dual variables; ``q_ik = softmax_k(log_p_ik - alpha_k * inv_c_i)``.
 
+* ``prepare(x, mode, forget, fill, out, inv_c=None, hessian=False, tol=ROW_SUM_TOL)`` ->
+  :class:`PrepareOut`: ONE pass over the user's input ``x`` (N x k; float32, float16, bfloat16 or
+  float64; any non-negative strides) that
+    - validates every row (``mode`` "probs": finite, >= 0, summing to 1 within ``tol``; "logits":
+      finite; "log_p": no NaN, no +inf and at least one finite entry) and reports the first
+      offending row and its kind (``ERR_*``) instead of raising, so that the caller words the error;
+    - writes log P^ into ``out`` (N x k, a solver dtype): ``log p_ij - log sum_j p_ij`` ("probs"),
+      ``log_softmax`` ("logits") or ``x`` itself ("log_p"); rows flagged in ``forget`` (N,) bool
+      get ``fill`` (k,) float32 instead when it is given (otherwise they are written like the
+      others and the caller overwrites them). ``out`` may be None in "log_p" mode (validate only);
+    - sums the normalised input rows (p / sum p, or softmax) in float64 over the retained and over
+      the forgotten rows ("probs" / "logits"), or finds the classes with a finite entry ("log_p");
+    - when ``inv_c`` is given (the caller guarantees that the rows written are final), also returns
+      the solver's first evaluation, ``step(out, inv_c, 0, hessian)``, so Newton's first pass
+      costs nothing more. At alpha = 0, Q is P^ row-normalised: "probs" / "logits" take it from
+      the normalised input rows (``log Z_i = 0``) and, on forget rows, ``softmax(fill)`` (``log Z``
+      = logsumexp(fill)) -- the stored float32 rows represent exactly these to rounding, so no
+      exp is recomputed; a float16 / bfloat16 ``out`` rounds too coarsely for that and gets no
+      first evaluation. "log_p" mode evaluates the values as stored.
+  Everything comes back on the CPU after one device-to-host copy.
 * ``step(log_p, inv_c, alpha, hessian=False)`` -> ``(colsum, wlogz, H)``
     - ``colsum`` (k,) float64: column sums of Q(alpha),
     - ``wlogz`` 0-dim float64: ``sum_i c_i log Z_i(alpha)``,
-    - ``H``: ``None`` (``hessian=False``), the k x k float64 matrix
-      ``sum_i inv_c_i (diag(q_i) - q_i q_i^T)`` (``hessian=True``), or its diagonal (k,)
-      (``hessian="diag"``).
+    - ``H``: ``None`` (``hessian=False``), the k x k Newton Hessian (``hessian=True``, see below) or
+      the exact diagonal (k,) of ``sum_i inv_c_i (diag(q_i) - q_i q_i^T)`` (``hessian="diag"``).
 * ``materialize(log_p, inv_c, alpha, out)`` -> ``out``: writes Q(alpha) (N x k) into ``out``.
   ``out`` may be ``log_p`` itself (``refine`` keeps log P^ in its result buffer and turns it into
   Q in place), so every backend reads a row completely before writing any of it.
 
-where ``q_ik = softmax_k(log_p_ik - alpha_k * inv_c_i)``. Arithmetic is float32, column sums
-accumulate in float64. All returned tensors live on ``log_p``'s device. No backend writes anything
-N x k during ``step``.
+Arithmetic is float32, sums over rows accumulate in float64. Results of ``step`` / ``materialize``
+live on ``log_p``'s device. No backend writes anything N x k during ``step``.
+
+**The Hessian.** ``-hess g = sum_i inv_c_i (diag(q_i) - q_i q_i^T)`` is, row by row, the Laplacian
+of the complete graph with edge weights ``q_ij q_il``: its diagonal is ``q_ij (1 - q_ij)`` and
+``1 - q_ij`` must come from the other entries of the row (``sum_{l != j} q_il``), never from
+``1 - q_ij`` in float32, which is 0 for a confident row (the cancellation that stalled Newton on
+one-hot rows). Every backend computes
+
+    d_j  = sum_i inv_c_i q_ij (1 - q_ij)        over all rows, with 1 - q accurate   ("diag")
+    W_jl = sum_{i in S} inv_c_i q_ij q_il       j != l, over a row sample S
+
+and ``hessian=True`` returns :func:`assemble_hessian` (d, W): the Laplacian of W, rescaled on both
+sides so that its diagonal is exactly d. It is positive semi-definite by construction (a congruence
+of a Laplacian with non-negative weights), has the exact diagonal, and takes its off-diagonal
+structure from S: the 16-row blocks ``b`` with ``b % m == 0``, ``m = hessian_stride(N, k)``. For
+N*k small m is 1 and H is the exact Hessian; for large problems the sample keeps the O(N k^2) part to
+a fraction of a step (Newton with an inexact Hessian keeps an exact gradient; measured: the same
+number of passes as the exact Hessian on the paper-like scenarios, see docs/solver.md).
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -29,7 +64,85 @@ Hessian = Union[bool, str]
 StepOut = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# prepare also reads float64 input (it writes the solver's buffer in a SUPPORTED_DTYPE).
+INPUT_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 HESSIAN_MODES = (False, True, "diag")
+PREPARE_MODES = ("probs", "logits", "log_p")
+MODE_CODE = {"probs": 0, "logits": 1, "log_p": 2}
+
+# Validation: probabilities must sum to 1 within this (or two ulps of a half dtype, whose rounding
+# alone moves a row sum by more).
+ROW_SUM_TOL = 1e-3
+
+# The first offending row's kind, as prepare reports it (0: none). A row with several faults
+# reports the first of: non-finite, negative, off the simplex (all -inf for "log_p").
+ERR_NONE, ERR_NONFINITE, ERR_NEGATIVE, ERR_ROWSUM, ERR_ALL_NEG_INF = 0, 1, 2, 3, 4
+
+# Rows per chunk are chosen so one chunk holds about this many elements (16 MB of float32):
+# large enough to amortise kernel launches, small enough to keep temporaries bounded.
+CHUNK_ELEMS = 1 << 22
+
+# The Hessian's row sample: 16-row blocks (the widest SIMD width of the CPU kernels; a block never
+# straddles a CPU range), every m-th block. The sample holds at least HESS_MIN_ROWS rows (all rows
+# below that) and about HESS_ROWS_PER_ELEM * N / k rows, so its O(|S| k^2) work is a few FMAs per
+# element of the matrix, against a step's ~20 instructions per element.
+HESS_BLOCK = 16
+HESS_MIN_ROWS = 4096
+HESS_ROWS_PER_ELEM = 2
+
+
+def chunk_rows(n: int, k: int, chunk_elems: int = CHUNK_ELEMS) -> int:
+    """Rows per chunk for an n x k matrix."""
+    return max(1, min(n, chunk_elems // max(k, 1)))
+
+
+def hessian_stride(n: int, k: int) -> int:
+    """m: the Hessian's off-diagonal part uses the 16-row blocks b with b % m == 0."""
+    want = max(HESS_MIN_ROWS, -(-HESS_ROWS_PER_ELEM * n // max(k, 1)))
+    return max(1, n // want)
+
+
+def hessian_sample_rows(n: int, m: int, start: int = 0, stop: Optional[int] = None,
+                        device=None) -> torch.Tensor:
+    """Indices (relative to ``start``) of the sampled rows in [start, stop): int64 (R,)."""
+    stop = n if stop is None else stop
+    rows = torch.arange(start, stop, device=device)
+    return torch.nonzero((rows // HESS_BLOCK) % m == 0)[:, 0]
+
+
+def assemble_hessian(diag: torch.Tensor, offdiag: torch.Tensor) -> torch.Tensor:
+    """Newton's Hessian (k x k float64) from the exact diagonal ``d`` (k,) and the sampled weights
+    ``W`` (k x k; only its strict upper triangle is read): ``S L S`` with ``L`` the Laplacian of
+    ``W`` and ``S = diag(sqrt(d / diag(L)))``; a class that no sampled row reaches (diag(L) = 0)
+    keeps ``d_j`` on the diagonal alone. Positive semi-definite by construction."""
+    d = diag.to(torch.float64)
+    w = torch.triu(offdiag.to(torch.float64), diagonal=1)
+    w = w + w.T
+    lap_diag = w.sum(dim=1)
+    reached = lap_diag > 0
+    s = torch.where(reached, torch.sqrt(d.clamp_min(0) / torch.where(reached, lap_diag, 1.0)), 0.0)
+    h = -(s[:, None] * w * s[None, :])
+    h.diagonal().copy_(torch.where(reached, s * s * lap_diag, d.clamp_min(0)))
+    return h
+
+
+class PrepareOut(NamedTuple):
+    """What ``prepare`` returns (everything on the CPU).
+
+    error: ``(kind, row)`` of the first offending row (``ERR_*`` kind) or None.
+    retain_sums, forget_sums: (k,) float64 column sums of the normalised input rows over the
+        retained / forgotten rows ("probs" / "logits" modes; None for "log_p").
+    support: (k,) bool, whether a class has a finite entry in some row ("log_p" mode; else None).
+    first: the step at alpha = 0, ``(colsum, wlogz, H)`` with the Hessian asked for, when
+        ``inv_c`` was given and ``out`` (or, without ``out``, x) is float32 or the mode is
+        "log_p" (else None).
+    """
+
+    error: Optional[Tuple[int, int]]
+    retain_sums: Optional[torch.Tensor]
+    forget_sums: Optional[torch.Tensor]
+    support: Optional[torch.Tensor]
+    first: Optional[StepOut]
 
 
 class Backend:
@@ -45,6 +158,12 @@ class Backend:
         """Reasons this backend cannot run at all on this machine (empty: it can run somewhere)."""
         return []
 
+    def prepare(self, x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
+                fill: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                inv_c: Optional[torch.Tensor] = None, hessian: Hessian = False,
+                tol: float = ROW_SUM_TOL) -> PrepareOut:
+        raise NotImplementedError
+
     def step(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
              hessian: Hessian = False) -> StepOut:
         raise NotImplementedError
@@ -54,15 +173,19 @@ class Backend:
         raise NotImplementedError
 
 
+def _check_matrix(t, name: str, dtypes) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor (N x k), got {type(t).__name__} with "
+                         f"shape {getattr(t, 'shape', None)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported; expected one of "
+                        f"{[str(d) for d in dtypes]}")
+
+
 def check_step_args(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     hessian: Hessian = False, out: Optional[torch.Tensor] = None) -> None:
     """Validate the arguments of ``step`` / ``materialize``; raise with a clear message."""
-    if not isinstance(log_p, torch.Tensor) or log_p.dim() != 2:
-        raise ValueError(f"log_p: expected a 2-D tensor (N x k), got "
-                         f"{type(log_p).__name__} with shape {getattr(log_p, 'shape', None)}")
-    if log_p.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"log_p: dtype {log_p.dtype} is not supported; expected one of "
-                        f"{[str(d) for d in SUPPORTED_DTYPES]}")
+    _check_matrix(log_p, "log_p", SUPPORTED_DTYPES)
     n, k = log_p.shape
     if inv_c.shape != (n,) or inv_c.dtype != torch.float32:
         raise ValueError(f"inv_c: expected a float32 tensor of shape ({n},), got {inv_c.dtype} "
@@ -83,28 +206,118 @@ def check_step_args(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tenso
             raise TypeError(f"out: expected a floating-point tensor, got {out.dtype}")
 
 
-def hessian_by_chunks(materialize_chunk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                                                  None],
-                      log_p: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
-    """The dense Hessian ``sum_i inv_c_i (diag(q_i) - q_i q_i^T)`` (k x k float64) for large k.
+def check_prepare_args(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
+                       fill: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                       inv_c: Optional[torch.Tensor], hessian: Hessian) -> None:
+    """Validate the arguments of ``prepare``; raise with a clear message."""
+    _check_matrix(x, "x", INPUT_DTYPES)
+    if mode not in PREPARE_MODES:
+        raise ValueError(f"mode: expected one of {PREPARE_MODES}, got {mode!r}")
+    n, k = x.shape
+    dev = x.device
+    if any(s < 0 for s in x.stride()):
+        raise ValueError("x: negative strides are not supported")
+    if forget is not None and (forget.shape != (n,) or forget.dtype != torch.bool
+                               or forget.device != dev):
+        raise ValueError(f"forget: expected a bool tensor ({n},) on {dev}, got {forget.dtype} "
+                         f"{tuple(forget.shape)} on {forget.device}")
+    if fill is not None and (fill.shape != (k,) or fill.dtype != torch.float32
+                             or fill.device != dev):
+        raise ValueError(f"fill: expected a float32 tensor ({k},) on {dev}, got {fill.dtype} "
+                         f"{tuple(fill.shape)} on {fill.device}")
+    if out is None:
+        if mode != "log_p" or x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError("out: required unless mode is 'log_p' and x is already in a "
+                             "solver dtype (float32, float16, bfloat16)")
+    else:
+        if out.shape != (n, k) or out.device != dev:
+            raise ValueError(f"out: expected shape {(n, k)} on {dev}, got {tuple(out.shape)} on "
+                             f"{out.device}")
+        if out.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"out: dtype {out.dtype} is not a solver dtype "
+                            f"{[str(d) for d in SUPPORTED_DTYPES]}")
+        if any(s < 0 for s in out.stride()):
+            raise ValueError("out: negative strides are not supported")
+    if inv_c is not None:
+        if inv_c.shape != (n,) or inv_c.dtype != torch.float32 or inv_c.device != dev:
+            raise ValueError(f"inv_c: expected a float32 tensor ({n},) on {dev}, got "
+                             f"{inv_c.dtype} {tuple(inv_c.shape)} on {inv_c.device}")
+        if forget is not None and fill is None and mode != "log_p":
+            raise ValueError("inv_c: the first evaluation needs final rows; pass fill for the "
+                             "forget rows, or no inv_c")
+    if hessian not in HESSIAN_MODES:
+        raise ValueError(f"hessian: expected one of {HESSIAN_MODES}, got {hessian!r}")
 
-    Where a kernel cannot hold k x k accumulators, Q is materialised one row chunk at a time by
-    ``materialize_chunk(log_p_rows, inv_c_rows, out_rows)`` into a float32 buffer and multiplied
-    by a float32 GEMM (exact float32 unless the caller enabled TF32), accumulated in float64.
-    Temporaries: one chunk of ``chunk_rows(N, k)`` rows.
+
+def unpack_prepare(buf: torch.Tensor, k: int, mode: str, first: bool, hessian: Hessian
+                   ) -> PrepareOut:
+    """Split prepare's packed float64 result (on the CPU) into a :class:`PrepareOut`.
+
+    Layout: ``[kind, row, A (k), B (k), colsum (k), wlogz, d (k) if hessian, W (k*k) if
+    hessian is True]``; A, B are the retain / forget sums ("probs", "logits") or, in "log_p" mode,
+    A is the column maximum (-inf: no finite entry) and B unused.
     """
-    from .torch_ref import chunk_rows  # torch_ref imports this module
+    kind, row = int(buf[0]), int(buf[1])
+    a, b = buf[2:2 + k], buf[2 + k:2 + 2 * k]
+    o = 2 + 2 * k
+    error = (kind, row) if kind != ERR_NONE else None
+    if mode == "log_p":
+        retain, forget_s, support = None, None, a > float("-inf")
+    else:
+        retain, forget_s, support = a.clone(), b.clone(), None
+    step = None
+    if first:
+        colsum, wlogz = buf[o:o + k].clone(), buf[o + k].clone()
+        o += k + 1
+        h = None
+        if hessian == "diag":
+            h = buf[o:o + k].clone()
+        elif hessian is True:
+            h = assemble_hessian(buf[o:o + k], buf[o + k:o + k + k * k].view(k, k))
+        step = (colsum, wlogz, h)
+    return PrepareOut(error, retain, forget_s, support, step)
 
+
+def packed_size(k: int, first: bool, hessian: Hessian) -> int:
+    """Doubles in prepare's packed result (see :func:`unpack_prepare`)."""
+    size = 2 + 2 * k
+    if first:
+        size += k + 1 + (k if hessian else 0) + (k * k if hessian is True else 0)
+    return size
+
+
+def sampled_gram_by_chunks(materialize_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                      None],
+                           log_p: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
+    """``W = sum_{i in S} inv_c_i q_i q_i^T`` (k x k float64) over the Hessian's row sample S, for
+    backends whose kernels do not accumulate it: the sampled rows are gathered a chunk at a time,
+    Q is materialised for them by ``materialize_rows(log_p_rows, inv_c_rows, out_rows)`` into a
+    float32 buffer, and a float32 GEMM (no TF32: the precision is forced for the call) forms the
+    chunk's product, accumulated in float64. Only W's off-diagonal entries are used (sums of
+    non-negative products: no cancellation). Temporaries: one chunk of rows.
+    """
     n, k = log_p.shape
-    rows = chunk_rows(n, k)
+    m = hessian_stride(n, k)
+    idx = hessian_sample_rows(n, m, device=log_p.device)
+    rows = chunk_rows(idx.numel(), k)
     buf = torch.empty((rows, k), dtype=torch.float32, device=log_p.device)
-    weighted = torch.zeros(k, dtype=torch.float64, device=log_p.device)
-    outer = torch.zeros((k, k), dtype=torch.float64, device=log_p.device)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        q = buf[: stop - start]
-        materialize_chunk(log_p[start:stop], inv_c[start:stop], q)
-        qw = q * inv_c[start:stop, None]
-        weighted += qw.sum(dim=0, dtype=torch.float64)
-        outer += (qw.T @ q).double()
-    return torch.diag(weighted) - outer
+    w = torch.zeros((k, k), dtype=torch.float64, device=log_p.device)
+    for start in range(0, idx.numel(), rows):
+        sel = idx[start:start + rows]
+        q = buf[: sel.numel()]
+        materialize_rows(log_p.index_select(0, sel), inv_c.index_select(0, sel).contiguous(), q)
+        qw = q * inv_c.index_select(0, sel)[:, None]
+        with _ieee_matmul():
+            w += (qw.T @ q).double()
+    return w
+
+
+class _ieee_matmul:
+    """float32 matmuls in full float32 precision (TF32 off) for the duration of the block."""
+
+    def __enter__(self) -> None:
+        self.prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+
+    def __exit__(self, *exc) -> None:
+        torch.set_float32_matmul_precision(self.prev)

@@ -1,23 +1,27 @@
-"""The ``cpu`` backend: launcher for the compiled C++/OpenMP kernels in ``ppu_fast._C``.
+"""The ``cpu`` backend: launcher for the compiled C++ kernels in ``ppu_fast._C``.
 
-Three layers (DESIGN.md §4): the kernel (csrc/cpu/kernel.h, one fused pass per row block), its
-binding (csrc/cpu/bindings.cpp: run-time AVX-512 / AVX2 / generic dispatch, fixed-order
-reduction of per-range partials) and this launcher, which validates the tensors and passes data
+Three layers (DESIGN.md §4): the kernels (csrc/cpu/kernel.h: one fused pass per row block for
+``prepare``, ``step`` and ``materialize``), their binding (csrc/cpu/bindings.cpp: run-time AVX-512 /
+AVX2 / generic dispatch, fixed row ranges, fixed-order reduction of per-range partials; the thread
+pool in csrc/cpu/pool.cpp) and this launcher, which validates the tensors and passes data
 pointers, sizes and strides. ``ppu_fast._C`` does not link libtorch.
 
-Bytes moved by one ``step``: N*k*sizeof(log_p) + 4*N read, nothing N x k written; about
-N*k exps. ``materialize`` also writes N*k*sizeof(out).
+Bytes moved: ``prepare`` reads N*k*sizeof(x) + N (the forget mask) and writes N*k*sizeof(out);
+``step`` reads N*k*sizeof(log_p) + 4N and writes nothing N x k; ``materialize`` also writes
+N*k*sizeof(out). The exps: ``step`` and ``materialize`` N*k each; ``prepare`` N*k logs ("probs")
+or exps ("logits") and none for its first evaluation, which it takes from the normalised rows.
 
-The full Hessian (``hessian=True``) is accumulated inside the kernel for k < ``_C.LANES_MAX_K``
-(32): k(k+1)/2 per-lane FMAs per block of rows, no extra memory traffic. For larger k the launcher
-writes Q for a chunk of rows into a float32 buffer (in the same pass that produces the column
-sums) and forms ``sum_i inv_c_i q_i q_i^T`` with a float32 GEMM per chunk (as the reference
-does), adding the chunks' products in float64. Measured on the 2-core development CPU (50,000 x
-10 float32, median of 200 calls, kernel on 1 thread, other jobs running): in-kernel 0.59 ms for
-the whole step with H vs 79 ms through the GEMM route (torch's k x N by N x k GEMM alone: 1.6 ms
-on one thread, 40+ ms on two threads of the busy machine). At k = 100 the GEMM costs ~40 ms per step on one thread,
-against ~2.5 ms for a step without H: Newton should ask for the full H only for k < 32 and use
-"diag" above (which the kernel accumulates at about 10 % extra cost).
+The Hessian (see ``ppu_fast.backends.base``): the exact diagonal in the same pass (about 10 % of
+a step), and for ``hessian=True`` the sampled weights W: k(k-1)/2 per-lane FMAs per sampled block
+of rows for k < 32, a register-tiled rank-16 update per sampled 16-row block above; with the
+sample sizes of ``base.hessian_stride`` this stays a fraction of a step (``benchmarks/run.py``
+reports it). No GEMM, no materialised rows, no torch call, so results do not depend on the
+thread count.
+
+Threads: each call uses at most ``num_threads`` (default ``torch.get_num_threads()``) and at
+least ``_C.MIN_WORK`` elements per thread, so small problems stay on the calling thread; the pool
+never waits for a helper that has not started (see csrc/cpu/pool.cpp), so a loaded machine does
+not make more threads slower than one.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from typing import List, Optional
 
 import torch
 
-from .base import Backend, Hessian, StepOut, check_step_args
+from .base import (MODE_CODE, ROW_SUM_TOL, Backend, Hessian, PrepareOut, StepOut,
+                   assemble_hessian, check_prepare_args, check_step_args, hessian_stride,
+                   packed_size, unpack_prepare)
 
 try:  # a missing build is a reason, never an import error (DESIGN.md §2)
     from .. import _C  # type: ignore[attr-defined]
@@ -37,9 +43,8 @@ except Exception as exc:  # pragma: no cover - exercised only without a build
     _IMPORT_ERROR = f"ppu_fast._C is not built or failed to load ({type(exc).__name__}: {exc})"
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_X_CODE = {**_DTYPE_CODE, torch.float64: 3}
 _HMODE = {False: 0, True: 1, "diag": 2}
-# Rows of Q held at once when the Hessian goes through a GEMM (about 16 MB of float32).
-GEMM_CHUNK_ELEMS = 1 << 22
 
 
 def _isa_from_env() -> str:
@@ -47,25 +52,19 @@ def _isa_from_env() -> str:
 
 
 class CpuBackend(Backend):
-    """Fused C++ kernels for CPU tensors (float32 / float16 / bfloat16, any strides).
+    """Fused C++ kernels for CPU tensors (float32 / float16 / bfloat16, any strides; ``prepare``
+    also reads float64).
 
     ``isa`` picks the kernel: "auto" (the best this CPU runs; the environment variable
-    ``PPU_FAST_CPU_ISA`` overrides), "avx512", "avx2" or "generic". ``gemm_hessian_min_k``: from
-    this k up the full Hessian is formed by a GEMM on chunks of Q (it must be <= 32, the largest
-    k the kernel accumulates it for). ``num_threads``: None follows ``torch.get_num_threads()``.
-    Results do not depend on the thread count (fixed row ranges, partials added in order).
+    ``PPU_FAST_CPU_ISA`` overrides), "avx512", "avx2" or "generic". ``num_threads``: None follows
+    ``torch.get_num_threads()``. Results do not depend on the thread count (fixed row ranges,
+    partials added in order).
     """
 
     name = "cpu"
 
-    def __init__(self, isa: Optional[str] = None, gemm_hessian_min_k: Optional[int] = None,
-                 num_threads: Optional[int] = None) -> None:
+    def __init__(self, isa: Optional[str] = None, num_threads: Optional[int] = None) -> None:
         self.isa = isa or _isa_from_env()
-        lanes_max = int(_C.LANES_MAX_K) if _C is not None else 32
-        self.gemm_hessian_min_k = lanes_max if gemm_hessian_min_k is None else gemm_hessian_min_k
-        if not 1 <= self.gemm_hessian_min_k <= lanes_max:
-            raise ValueError(f"gemm_hessian_min_k: expected 1..{lanes_max}, "
-                             f"got {self.gemm_hessian_min_k}")
         self.num_threads = num_threads
         if _C is not None and self.isa != "auto" and self.isa not in _C.supported_isas():
             raise ValueError(f"isa: {self.isa!r} is not supported here; this CPU/build runs "
@@ -94,10 +93,13 @@ class CpuBackend(Backend):
     def _threads(self) -> int:
         return max(1, int(self.num_threads or torch.get_num_threads()))
 
-    def _check(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
-               hessian: Hessian, out: Optional[torch.Tensor] = None) -> None:
+    def _require(self) -> None:
         if _C is None:
             raise RuntimeError(f"backend 'cpu' is unavailable: {_IMPORT_ERROR}")
+
+    def _check(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+               hessian: Hessian, out: Optional[torch.Tensor] = None) -> None:
+        self._require()
         check_step_args(log_p, inv_c, alpha, hessian, out)
         if log_p.device.type != "cpu":
             raise ValueError(f"log_p: on {log_p.device}; the cpu backend takes CPU tensors")
@@ -110,11 +112,41 @@ class CpuBackend(Backend):
                 raise ValueError(f"{name}: negative strides are not supported")
 
     # -- the contract -----------------------------------------------------------------------------
+    def prepare(self, x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
+                fill: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                inv_c: Optional[torch.Tensor] = None, hessian: Hessian = False,
+                tol: float = ROW_SUM_TOL) -> PrepareOut:
+        """Validate x, write log P^ into out, sum the rows (one pass); see ``base``."""
+        self._require()
+        check_prepare_args(x, mode, forget, fill, out, inv_c, hessian)
+        if x.device.type != "cpu":
+            raise ValueError(f"x: on {x.device}; the cpu backend takes CPU tensors")
+        n, k = x.shape
+        buf = out if out is not None else x
+        # The first evaluation from the normalised rows stands for a float32 buffer only.
+        first = inv_c is not None and (mode == "log_p" or buf.dtype == torch.float32)
+        inv_c = inv_c.contiguous() if first else None
+        fmask = forget.contiguous().view(torch.uint8) if forget is not None else None
+        fill = fill.contiguous() if fill is not None else None
+        packed = torch.empty(packed_size(k, first, hessian), dtype=torch.float64)
+        sr, sc = x.stride()
+        osr, osc = out.stride() if out is not None else (0, 0)
+        _C.prepare(x.data_ptr(), _X_CODE[x.dtype], n, k, sr, sc, MODE_CODE[mode],
+                   fmask.data_ptr() if fmask is not None else 0,
+                   fill.data_ptr() if fill is not None else 0,
+                   out.data_ptr() if out is not None else 0,
+                   _DTYPE_CODE[out.dtype] if out is not None else 0, osr, osc,
+                   inv_c.data_ptr() if first else 0, _HMODE[hessian] if first else 0,
+                   hessian_stride(n, k), float(tol), packed.data_ptr(), packed.numel(),
+                   self._threads(), self.isa)
+        return unpack_prepare(packed, k, mode, first, hessian if first else False)
+
     def step(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
              hessian: Hessian = False) -> StepOut:
         """One fused pass over ``log_p`` (N x k): (colsum (k,) f64, wlogz () f64, H or None).
 
-        ``H`` is k x k (``hessian=True``) or its diagonal (k,) (``hessian="diag"``), float64.
+        ``H`` is the k x k Newton Hessian (``hessian=True``) or the exact diagonal (k,)
+        (``hessian="diag"``), float64; see ``ppu_fast.backends.base``.
         """
         self._check(log_p, inv_c, alpha, hessian)
         n, k = log_p.shape
@@ -122,43 +154,18 @@ class CpuBackend(Backend):
         alpha = alpha.contiguous()
         colsum = torch.empty(k, dtype=torch.float64)
         wlogz = torch.empty((), dtype=torch.float64)
-        if hessian is True and k >= self.gemm_hessian_min_k:
-            return self._step_gemm_hessian(log_p, inv_c, alpha, colsum, wlogz)
         h = None
         if hessian is True:
-            h = torch.empty(k, k, dtype=torch.float64)
+            h = torch.empty(k + k * k, dtype=torch.float64)
         elif hessian == "diag":
             h = torch.empty(k, dtype=torch.float64)
         sr, sc = log_p.stride()
         _C.step(log_p.data_ptr(), _DTYPE_CODE[log_p.dtype], n, k, sr, sc, inv_c.data_ptr(),
                 alpha.data_ptr(), colsum.data_ptr(), wlogz.data_ptr(), _HMODE[hessian],
-                h.data_ptr() if h is not None else 0, 0, 0, 0, 0, self._threads(), self.isa)
-        return colsum, wlogz, h
-
-    def _step_gemm_hessian(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
-                           colsum: torch.Tensor, wlogz: torch.Tensor) -> StepOut:
-        """hessian=True for large k: Q per chunk (same pass as the sums), then Q^T diag(inv_c) Q."""
-        n, k = log_p.shape
-        rows = max(1, min(n, GEMM_CHUNK_ELEMS // k))
-        h = torch.zeros(k, k, dtype=torch.float64)
-        colsum.zero_()
-        wlogz.zero_()
-        c_part = torch.empty(k, dtype=torch.float64)
-        w_part = torch.empty((), dtype=torch.float64)
-        qbuf = torch.empty(rows, k, dtype=torch.float32)
-        sr, sc = log_p.stride()
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            lp = log_p[start:stop]
-            q = qbuf[: stop - start]
-            _C.step(lp.data_ptr(), _DTYPE_CODE[log_p.dtype], stop - start, k, sr, sc,
-                    inv_c[start:stop].data_ptr(), alpha.data_ptr(), c_part.data_ptr(),
-                    w_part.data_ptr(), 0, 0, q.data_ptr(), 0, k, 1, self._threads(), self.isa)
-            colsum += c_part
-            wlogz += w_part
-            qw = q * inv_c[start:stop, None]
-            h -= (qw.T @ q).double()
-            h.diagonal().add_(qw.sum(dim=0, dtype=torch.float64))
+                hessian_stride(n, k), h.data_ptr() if h is not None else 0, 0, 0, 0, 0,
+                self._threads(), self.isa)
+        if hessian is True:
+            h = assemble_hessian(h[:k], h[k:].view(k, k))
         return colsum, wlogz, h
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,

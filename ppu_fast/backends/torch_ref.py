@@ -2,7 +2,8 @@
 
 It works over row chunks so that its temporaries stay a small multiple of one chunk
 (``CHUNK_ELEMS`` elements), never several N x k matrices: a 1,000,000 x 100 float32 refine needs
-far less than its own size again.
+far less than its own size again. Per-chunk results stay on the device (the first offending row
+of ``prepare`` included) and come back to the host once per call.
 """
 
 from __future__ import annotations
@@ -11,16 +12,14 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .base import Backend, Hessian, StepOut, check_step_args
+from .base import (CHUNK_ELEMS, ERR_ALL_NEG_INF, ERR_NEGATIVE, ERR_NONFINITE, ERR_ROWSUM,
+                   ROW_SUM_TOL, Backend, Hessian, PrepareOut, StepOut, assemble_hessian,
+                   check_prepare_args, check_step_args, chunk_rows, hessian_sample_rows,
+                   hessian_stride, packed_size, unpack_prepare)
 
-# Rows per chunk are chosen so one chunk holds about this many elements (16 MB of float32):
-# large enough to amortise kernel launches, small enough to keep temporaries bounded.
-CHUNK_ELEMS = 1 << 22
-
-
-def chunk_rows(n: int, k: int, chunk_elems: int = CHUNK_ELEMS) -> int:
-    """Rows per chunk for an n x k matrix."""
-    return max(1, min(n, chunk_elems // max(k, 1)))
+__all__ = ["TorchBackend", "chunk_rows", "shifted_logits", "step_chunk", "stats_from_q",
+           "gram_chunk", "gram_from_q", "q_chunk",
+           "reference_step", "reference_materialize", "reference_prepare"]
 
 
 def shifted_logits(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
@@ -31,36 +30,92 @@ def shifted_logits(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor
 
 
 def step_chunk(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
-               hessian: Hessian = False, compute_dtype: torch.dtype = torch.float32,
+               diag: bool = False, compute_dtype: torch.dtype = torch.float32,
                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """One chunk of ``step``: rows (r x k) -> colsum (k,) f64, sum_i c_i log Z_i f64, H or None.
+    """One chunk of ``step``: rows (r x k) -> colsum (k,) f64, sum_i c_i log Z_i f64 and, with
+    ``diag``, the Hessian's diagonal (k,) f64 (see :func:`stats_from_q`).
 
     Kept free of Python control flow over data so that ``torch.compile`` can fuse it; the
-    benchmarks compile exactly this function. ``compute_dtype=torch.float64`` gives the
-    high-precision oracle that tests measure every backend's error against.
+    benchmarks compile exactly this function.
     """
-    inv_c = inv_c.to(compute_dtype)
     x = shifted_logits(log_p, inv_c, alpha, compute_dtype)
     m = x.amax(dim=1, keepdim=True)
     e = torch.exp(x - m)
     s = e.sum(dim=1, keepdim=True)
-    q = e / s
+    return stats_from_q(e / s, (m + torch.log(s)).squeeze(1), inv_c.to(compute_dtype), diag)
+
+
+def stats_from_q(q: torch.Tensor, log_z: torch.Tensor, inv_c: torch.Tensor, diag: bool = False,
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """colsum (k,) f64, ``sum_i log Z_i / inv_c_i`` f64 and, with ``diag``, the Hessian's diagonal
+    ``sum_i inv_c_i q_ij (1 - q_ij)`` (k,) f64 from rows ``q`` (r x k) and their ``log_z`` (r,).
+
+    ``1 - q_ij`` is taken from the row's other entries: for the row maximum (the entries equal to
+    max_j q_ij) it is the sum of the smaller entries plus (count of maxima - 1) times the maximum,
+    which keeps a one-hot row's ``1 - q`` of 1e-13 instead of rounding it to 0; every other entry
+    has ``q <= 1/2`` and ``1 - q`` loses nothing.
+    """
     colsum = q.sum(dim=0, dtype=torch.float64)
-    log_z = (m + torch.log(s)).squeeze(1)
     wlogz = (log_z.double() / inv_c.double()).sum()
-    h = None
-    if hessian is True:
-        qw = q * inv_c[:, None]
-        h = torch.diag(qw.sum(dim=0, dtype=torch.float64)) - (qw.T @ q).double()
-    elif hessian == "diag":
-        h = (q * inv_c[:, None] * (1.0 - q)).sum(dim=0, dtype=torch.float64)
-    return colsum, wlogz, h
+    d = None
+    if diag:
+        qmax = q.amax(dim=1, keepdim=True)
+        top = q == qmax
+        rest = (torch.where(top, 0.0, q).sum(dim=1, keepdim=True)
+                + (top.sum(dim=1, keepdim=True).to(q.dtype) - 1.0) * qmax)
+        r = torch.where(top, rest, 1.0 - q)
+        d = (q * r * inv_c[:, None]).sum(dim=0, dtype=torch.float64)
+    return colsum, wlogz, d
+
+
+def gram_chunk(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+               compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``sum_i inv_c_i q_i q_i^T`` (k x k f64) over the given rows."""
+    return gram_from_q(q_chunk(log_p, inv_c, alpha, compute_dtype), inv_c.to(compute_dtype))
+
+
+def gram_from_q(q: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
+    """``sum_i inv_c_i q_i q_i^T`` (k x k f64): a float32 GEMM (TF32 off), accumulated in f64."""
+    qw = q * inv_c[:, None]
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return (qw.T @ q).double()
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 def q_chunk(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
             compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Q for one chunk of rows in ``compute_dtype`` (r x k)."""
     return torch.softmax(shifted_logits(log_p, inv_c, alpha, compute_dtype), dim=1)
+
+
+def _row_faults(x: torch.Tensor, mode: str, tol: float) -> torch.Tensor:
+    """The fault kind (int64, 0 = none) of each row of x (r x k) for ``mode``."""
+    if mode == "log_p":
+        bad = torch.isnan(x).any(dim=1) | (x == float("inf")).any(dim=1)
+        empty = ~(x > float("-inf")).any(dim=1)
+        return torch.where(bad, ERR_NONFINITE, torch.where(empty, ERR_ALL_NEG_INF, 0))
+    nonfinite = ~torch.isfinite(x).all(dim=1)
+    if mode == "logits":
+        return torch.where(nonfinite, ERR_NONFINITE, 0)
+    negative = (x < 0).any(dim=1)
+    off = (x.double().sum(dim=1) - 1.0).abs() > tol
+    return torch.where(nonfinite, ERR_NONFINITE,
+                       torch.where(negative, ERR_NEGATIVE, torch.where(off, ERR_ROWSUM, 0)))
+
+
+def _log_rows(x: torch.Tensor, mode: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(log P^ rows in float32, the normalised rows (p / sum p or softmax) or None)."""
+    if mode == "probs":
+        s = x.double().sum(dim=1, keepdim=True).float()
+        xf = x.float()
+        return torch.log(xf) - torch.log(s), xf / s
+    if mode == "logits":
+        lp = torch.log_softmax(x.float(), dim=1)
+        return lp, torch.exp(lp)
+    return x.float(), None
 
 
 class TorchBackend(Backend):
@@ -74,6 +129,89 @@ class TorchBackend(Backend):
     def not_supported_reasons(self, log_p: torch.Tensor) -> List[str]:
         return []
 
+    # -- prepare ----------------------------------------------------------------------------------
+    def prepare(self, x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
+                fill: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                inv_c: Optional[torch.Tensor] = None, hessian: Hessian = False,
+                tol: float = ROW_SUM_TOL) -> PrepareOut:
+        """Validate x, write log P^ into out, sum the rows; see :mod:`ppu_fast.backends.base`."""
+        check_prepare_args(x, mode, forget, fill, out, inv_c, hessian)
+        n, k = x.shape
+        dev = x.device
+        f64 = dict(dtype=torch.float64, device=dev)
+        # The first evaluation: at alpha = 0, Q is the normalised input (pn) and log Z is 0 (or,
+        # on forget rows, softmax(fill) and logsumexp(fill)); "log_p" mode evaluates the stored
+        # values themselves. Half buffers round log P^ too coarsely for pn to stand in for them.
+        first = inv_c is not None and (mode == "log_p" or out.dtype == torch.float32)
+        if first and fill is not None:
+            q_fill = torch.softmax(fill, dim=0)
+            lz_fill = torch.logsumexp(fill, dim=0)
+        # First fault as row * 8 + kind: the minimum over chunks is the first offending row.
+        key = torch.full((), 8 * n, dtype=torch.int64, device=dev)
+        a = torch.full((k,), float("-inf"), **f64) if mode == "log_p" else torch.zeros(k, **f64)
+        b = torch.zeros(k, **f64)
+        colsum, wlogz = torch.zeros(k, **f64), torch.zeros((), **f64)
+        d = torch.zeros(k, **f64)
+        w = torch.zeros(k, k, **f64)
+        m = hessian_stride(n, k)
+        zero = torch.zeros(k, **f64)
+        rows = chunk_rows(n, k, self.chunk_elems)
+        for start in range(0, n, rows):
+            sl = slice(start, min(n, start + rows))
+            xc = x[sl]
+            kinds = _row_faults(xc, mode, tol)
+            idx = torch.arange(sl.start, sl.stop, device=dev)
+            key = torch.minimum(key, torch.where(kinds > 0, idx * 8 + kinds, 8 * n).min())
+            lp, pn = _log_rows(xc, mode)
+            fc = forget[sl] if forget is not None else None
+            if fc is not None and fill is not None:
+                lp = torch.where(fc[:, None], fill[None, :], lp)
+            if mode == "log_p":
+                a = torch.maximum(a, lp.amax(dim=0).double())
+            else:
+                pd = pn.double()
+                if fc is None:
+                    a += pd.sum(dim=0)
+                else:
+                    a += torch.where(fc[:, None], 0.0, pd).sum(dim=0)
+                    b += torch.where(fc[:, None], pd, 0.0).sum(dim=0)
+            if out is not None:
+                out[sl] = lp
+                stored = out[sl]
+            else:
+                stored = xc
+            if first:
+                if mode == "log_p":
+                    q = q_chunk(stored, inv_c[sl], zero)
+                    x0 = stored.float()
+                    mx = x0.amax(dim=1)
+                    lz = mx + torch.log(torch.exp(x0 - mx[:, None]).sum(dim=1))
+                else:
+                    q, lz = pn, torch.zeros(pn.shape[0], device=dev)
+                    if fc is not None:
+                        q = torch.where(fc[:, None], q_fill[None, :], q)
+                        lz = torch.where(fc, lz_fill, lz)
+                c, z, dd = stats_from_q(q, lz, inv_c[sl], diag=bool(hessian))
+                colsum += c
+                wlogz += z
+                if hessian:
+                    d += dd
+                if hessian is True:
+                    sel = hessian_sample_rows(n, m, sl.start, sl.stop, device=dev)
+                    w += gram_from_q(q.index_select(0, sel), inv_c[sl].index_select(0, sel))
+        key_f = torch.stack([torch.remainder(key, 8), torch.div(key, 8, rounding_mode="floor")])
+        parts = [torch.where(key >= 8 * n, 0, key_f).double(), a, b]
+        if first:
+            parts += [colsum, wlogz.reshape(1)]
+            if hessian:
+                parts.append(d)
+            if hessian is True:
+                parts.append(w.reshape(-1))
+        buf = torch.cat(parts).cpu()  # the one device-to-host copy
+        assert buf.numel() == packed_size(k, first, hessian)
+        return unpack_prepare(buf, k, mode, first, hessian)
+
+    # -- step ---------------------------------------------------------------------------------------
     def step(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
              hessian: Hessian = False) -> StepOut:
         """One pass over ``log_p`` (N x k). See :mod:`ppu_fast.backends.base` for the contract."""
@@ -82,20 +220,30 @@ class TorchBackend(Backend):
         alpha32 = alpha.float()
         colsum = torch.zeros(k, dtype=torch.float64, device=log_p.device)
         wlogz = torch.zeros((), dtype=torch.float64, device=log_p.device)
-        h = None
-        if hessian is True:
-            h = torch.zeros(k, k, dtype=torch.float64, device=log_p.device)
-        elif hessian == "diag":
-            h = torch.zeros(k, dtype=torch.float64, device=log_p.device)
+        d = torch.zeros(k, dtype=torch.float64, device=log_p.device) if hessian else None
         rows = chunk_rows(n, k, self.chunk_elems)
         for start in range(0, n, rows):
             sl = slice(start, min(n, start + rows))
-            c, w, hc = step_chunk(log_p[sl], inv_c[sl], alpha32, hessian)
+            c, w, dc = step_chunk(log_p[sl], inv_c[sl], alpha32, bool(hessian))
             colsum += c
             wlogz += w
-            if h is not None:
-                h += hc
-        return colsum, wlogz, h
+            if d is not None:
+                d += dc
+        if hessian is True:
+            return colsum, wlogz, assemble_hessian(d, self.sampled_gram(log_p, inv_c, alpha32))
+        return colsum, wlogz, d
+
+    def sampled_gram(self, log_p: torch.Tensor, inv_c: torch.Tensor,
+                     alpha32: torch.Tensor) -> torch.Tensor:
+        """``sum_{i in S} inv_c_i q_i q_i^T`` over the Hessian's row sample S (k x k f64)."""
+        n, k = log_p.shape
+        idx = hessian_sample_rows(n, hessian_stride(n, k), device=log_p.device)
+        w = torch.zeros(k, k, dtype=torch.float64, device=log_p.device)
+        rows = chunk_rows(idx.numel(), k, self.chunk_elems)
+        for start in range(0, idx.numel(), rows):
+            sel = idx[start:start + rows]
+            w += gram_chunk(log_p.index_select(0, sel), inv_c.index_select(0, sel), alpha32)
+        return w
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     out: torch.Tensor) -> torch.Tensor:
@@ -124,12 +272,9 @@ def reference_materialize(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch
     return TorchBackend().materialize(log_p, inv_c, alpha, out)
 
 
-def oracle_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
-                hessian: Hessian = False) -> StepOut:
-    """``step`` computed entirely in float64 in one piece: the accuracy oracle for tests."""
-    return step_chunk(log_p, inv_c, alpha, hessian, compute_dtype=torch.float64)
-
-
-def oracle_q(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Q computed in float64 (N x k): the accuracy oracle for ``materialize``."""
-    return q_chunk(log_p, inv_c, alpha, compute_dtype=torch.float64)
+def reference_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
+                      fill: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                      inv_c: Optional[torch.Tensor] = None, hessian: Hessian = False,
+                      tol: float = ROW_SUM_TOL) -> PrepareOut:
+    """Module-level shortcut to the reference ``prepare``."""
+    return TorchBackend().prepare(x, mode, forget, fill, out, inv_c, hessian, tol)
