@@ -61,7 +61,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     if not isinstance(lam, (int, float)) or not lam > 0 or not np.isfinite(lam):
         raise ValueError(f"lam: expected a finite number > 0, got {lam!r}")
     mask = pb.forget_rows(forget_mask, n)
-    n_forget = int(mask.sum())
+    n_forget = int(np.count_nonzero(mask))
     kind, pseudo_t = pb.pseudo_log(pseudo, n_forget, k, generator)
     if k == 1:
         info = RefineInfo(iterations=0, converged=True, residual=0.0, history=[0.0],
@@ -73,13 +73,14 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         return (q, info) if return_info else q
 
     dev = x.device
-    mask_dev = mask.to(dev) if n_forget else None
+    mask_dev = torch.from_numpy(mask).to(dev) if n_forget else None
     # The output buffer holds log P^ while solving and is overwritten by Q in place at the end,
     # so a refine needs no N x k temporary besides its result.
     out = torch.empty(x.shape, dtype=pb.solver_dtype(x.dtype), device=dev)
-    inv_c = torch.full((n,), 1.0 / float(lam), dtype=torch.float32, device=dev)
-    if mask_dev is not None:
-        inv_c.masked_fill_(mask_dev, 1.0)
+    inv_c_np = np.full(n, 1.0 / float(lam), dtype=np.float32)
+    inv_c_np[mask] = 1.0
+    inv_c = torch.from_numpy(inv_c_np).to(dev)
+    weight_sums = pb.weight_sums(inv_c_np)
     be = get_backend(backend, out)
     fill = pseudo_t.to(dev) if kind == "vector" and n_forget else None
     # With the forget rows known now, prepare's pass also gives the solver's first evaluation.
@@ -111,7 +112,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     pb.check_feasible((colsum_retain > 0) | (pseudo_colsum > 0), m)
     t3 = time.perf_counter()
     info = solve_dual(be, out, inv_c, m, method=method, tol=tol, max_iter=max_iter,
-                      step_size=step_size, first=prep.first)
+                      step_size=step_size, first=prep.first, weight_sums=weight_sums)
     t4 = time.perf_counter()
     be.materialize(out, inv_c, info.alpha.to(dev), out)
     q = out if out.dtype == x.dtype else out.to(x.dtype)
@@ -167,7 +168,8 @@ def solve(log_p: ArrayLike, weights: ArrayLike, marginals: ArrayLike, *, method:
     lp, _, _, be, prep = _validated_log_p(log_p, backend, inv_c, hessian_mode(method, k))
     pb.check_feasible(prep.support, m)
     info = solve_dual(be, lp, inv_c.to(lp.device), m, method=method, tol=tol,
-                      max_iter=max_iter, step_size=step_size, first=prep.first)
+                      max_iter=max_iter, step_size=step_size, first=prep.first,
+                      weight_sums=pb.weight_sums(inv_c.numpy()))
     info.seconds = time.perf_counter() - t0
     return info.alpha.to(lp.device), info
 

@@ -47,31 +47,34 @@ def check_matrix(x: torch.Tensor, name: str) -> Tuple[int, int]:
     return n, k
 
 
-def forget_rows(forget_mask, n: int) -> torch.Tensor:
-    """A bool mask (N,) from a bool mask or integer row indices (tensor, array or sequence)."""
+def forget_rows(forget_mask, n: int) -> np.ndarray:
+    """A bool mask (N,) (numpy) from a bool mask or integer row indices (tensor, array or
+    sequence). Built with numpy: torch's CPU ops on N-sized data wake its thread pool."""
     if forget_mask is None:
         raise ValueError("forget_mask: required; pass a bool mask (N,) or row indices "
                          "(an empty index tensor forgets nothing)")
-    if isinstance(forget_mask, np.ndarray):
-        forget_mask = torch.from_numpy(forget_mask)
-    elif not isinstance(forget_mask, torch.Tensor):
-        forget_mask = torch.as_tensor(list(forget_mask), dtype=torch.long)
-    fm = forget_mask.detach().cpu()
-    if fm.dim() != 1:
+    if isinstance(forget_mask, torch.Tensor):
+        fm = forget_mask.detach().cpu().numpy()
+    elif isinstance(forget_mask, np.ndarray):
+        fm = forget_mask
+    else:
+        fm = np.asarray(list(forget_mask), dtype=np.int64)
+    if fm.ndim != 1:
         raise ValueError(f"forget_mask: expected 1-D (a bool mask (N,) or row indices), got shape "
                          f"{tuple(fm.shape)}")
-    if fm.dtype == torch.bool:
-        if fm.numel() != n:
-            raise ValueError(f"forget_mask: bool mask has length {fm.numel()}; expected N = {n}")
-        return fm.clone()
-    if fm.is_floating_point() or fm.is_complex():
-        raise TypeError(f"forget_mask: expected bool or integer dtype, got {fm.dtype}")
-    fm = fm.long()
-    if fm.numel() and (int(fm.min()) < -n or int(fm.max()) >= n):
+    if fm.dtype == np.bool_:
+        if fm.size != n:
+            raise ValueError(f"forget_mask: bool mask has length {fm.size}; expected N = {n}")
+        return fm.copy()
+    if not np.issubdtype(fm.dtype, np.integer):
+        raise TypeError(f"forget_mask: expected bool or integer dtype, got "
+                        f"{getattr(forget_mask, 'dtype', fm.dtype)}")
+    fm = fm.astype(np.int64, copy=False)
+    if fm.size and (int(fm.min()) < -n or int(fm.max()) >= n):
         bad = fm[(fm < -n) | (fm >= n)][0]
         raise ValueError(f"forget_mask: row index {int(bad)} is out of range; expected indices in "
                          f"[0, {n})")
-    mask = torch.zeros(n, dtype=torch.bool)
+    mask = np.zeros(n, dtype=bool)
     mask[fm] = True
     return mask
 
@@ -205,6 +208,12 @@ def check_weights(weights, n: int) -> torch.Tensor:
         raise ValueError(f"weights: row {i} has weight {float(t[i]):.6g}; expected finite "
                          f"weights > 0")
     return t
+
+
+def weight_sums(inv_c: np.ndarray) -> Tuple[float, float, float]:
+    """(sum inv_c, max inv_c, sum 1 / inv_c) in float64: what the solver needs of the weights."""
+    ic = inv_c.astype(np.float64)
+    return float(ic.sum()), float(ic.max()) if ic.size else 1.0, float((1.0 / ic).sum())
 
 
 def solver_dtype(dtype: torch.dtype) -> torch.dtype:

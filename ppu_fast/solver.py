@@ -85,7 +85,7 @@ class _Evaluator:
     """Wraps backend.step: counts passes, computes g and the residual for one alpha (numpy)."""
 
     def __init__(self, backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
-                 marginals: np.ndarray, hessian, max_passes: int) -> None:
+                 marginals: np.ndarray, hessian, max_passes: int, c_sum: float) -> None:
         self.backend, self.log_p, self.inv_c, self.m = backend, log_p, inv_c, marginals
         self.hessian, self.max_passes = hessian, max_passes
         self.n = log_p.shape[0]
@@ -93,8 +93,7 @@ class _Evaluator:
         self.steps = 0
         self.history: List[float] = []
         self.g_noise = 0.0
-        self.log_k_sum_c = math.log(max(log_p.shape[1], 2)) * float(
-            (1.0 / inv_c.double()).sum()) if self.n else 0.0
+        self.log_k_sum_c = math.log(max(log_p.shape[1], 2)) * c_sum
 
     def __call__(self, alpha: np.ndarray, hessian=None):
         h_mode = self.hessian if hessian is None else hessian
@@ -168,11 +167,13 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                marginals: torch.Tensor, *, method: str = "newton", tol: float = 1e-6,
                max_iter: Optional[int] = None, step_size: Optional[float] = None,
                alpha0: Optional[torch.Tensor] = None, first: Optional[StepOut] = None,
-               ) -> RefineInfo:
+               weight_sums: Optional[tuple] = None) -> RefineInfo:
     """Maximise the dual for ``log_p`` (N x k), ``inv_c`` (N,) and ``marginals`` M (k,).
 
     ``first``: the step at alpha = 0 with the Hessian ``hessian_mode(method, k)`` asks for, on the
     CPU, as ``prepare`` returns it; it replaces the solver's first pass (alpha0 must be None).
+    ``weight_sums``: (sum inv_c, max inv_c, sum 1 / inv_c) when the caller knows them (else they
+    are reduced from ``inv_c``).
     Returns a :class:`RefineInfo` whose ``alpha`` (k,) float64 (on the CPU) defines Q(alpha).
     Warns with :class:`ConvergenceWarning` when ``tol`` is not reached.
     """
@@ -190,9 +191,12 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
     alpha = (np.zeros(k) if alpha0 is None
              else alpha0.to(device="cpu", dtype=torch.float64).numpy().copy())
     hessian = hessian_mode(method, k)
-    ev = _Evaluator(backend, log_p, inv_c, m, hessian, max_iter)
-    inv_c_sum = float(inv_c.sum(dtype=torch.float64))
-    inv_c_max = float(inv_c.max()) if n else 1.0
+    if weight_sums is None:
+        icd = inv_c.double()
+        weight_sums = (float(icd.sum()), float(icd.max()) if n else 1.0,
+                       float((1.0 / icd).sum()))
+    inv_c_sum, inv_c_max, c_sum = weight_sums
+    ev = _Evaluator(backend, log_p, inv_c, m, hessian, max_iter, c_sum)
     if method == "sinkhorn":
         # Harmonic mean of the weights: exact IPF when all weights are equal.
         c_bar = n / inv_c_sum

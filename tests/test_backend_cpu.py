@@ -325,3 +325,20 @@ def test_registry_picks_cpu_for_cpu_tensors() -> None:
     log_p, _, _ = make_case(10, 3)
     assert get_backend("cpu", log_p).name == "cpu"
     assert get_backend("auto", log_p).name in ("cpu", "torch")  # PPU_FAST_BACKEND may override
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [4, 40])
+def test_prepare_logs_tiny_and_zero_probabilities(isa: str, k: int) -> None:
+    """Subnormal probabilities get their exact log and zeros -inf (row and lane paths)."""
+    row = torch.full((k,), 0.0, dtype=torch.float64)
+    row[:3] = torch.tensor([1e-40, 1e-45, 0.0], dtype=torch.float64)
+    row[3:] = (1.0 - 1e-40 - 1e-45) / (k - 3)
+    x = row.float().expand(37, k).contiguous()
+    out = torch.empty(37, k)
+    res = CpuBackend(isa=isa).prepare(x, "probs", None, None, out)
+    assert res.error is None
+    want = torch.log(x.double() / x.double().sum(1, keepdim=True))
+    assert torch.isneginf(out[:, 2]).all()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(out.double()[finite], want[finite], rtol=1e-6, atol=2e-6)

@@ -275,3 +275,30 @@ def test_shifted_logits_is_the_single_formula():
     lp = torch.log_softmax(torch.randn(4, 3), 1)
     x = shifted_logits(lp, torch.tensor([1.0, 0.5, 2.0, 1.0]), torch.tensor([0.1, -0.2, 0.1]))
     assert torch.allclose(x[1], lp[1] - 0.5 * torch.tensor([0.1, -0.2, 0.1]))
+
+
+def _backends_here():
+    from ppu_fast.backends import BACKEND_NAMES, reasons
+    probe = torch.zeros(2, 2)
+    out = [b for b in ("cpu", "torch") if not reasons(b, probe)]
+    if torch.cuda.is_available():
+        dev = torch.zeros(2, 2, device="cuda")
+        out += [b for b in ("triton", "cuda") if b in BACKEND_NAMES and not reasons(b, dev)]
+    return out
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+@pytest.mark.parametrize("k", [10, 40])
+@pytest.mark.parametrize("marg", ["retain", "original"])
+@pytest.mark.parametrize("margin", [30.0, 60.0])
+def test_newton_on_a_confident_model(backend, k, marg, margin):
+    """Logit margins of 30 / 60 make 1 - q ~ 1e-13 / 1e-26: the Hessian must keep it (the old
+    float32 route cancelled it to 0 and stalled Newton for 100 passes)."""
+    y, p = confident_classifier(20_000, k, seed=1, margin=margin)
+    dev = "cuda" if backend in ("triton", "cuda") else "cpu"
+    p = p.to(dev)
+    q, info = ppu_fast.refine(p, (y == 0).to(dev), marginals=marg, backend=backend,
+                              return_info=True)
+    assert info.converged and info.iterations <= 15, (info.iterations, info.history)
+    m = (retain_marginals(p.cpu(), y == 0) if marg == "retain" else p.cpu().double().sum(0))
+    assert float((q.cpu().double().sum(0) - m).abs().sum()) / 20_000 <= 1e-6 * 1.01

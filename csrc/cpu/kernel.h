@@ -178,6 +178,9 @@ static inline typename S::V vlog(typename S::V x) {
 template <class S>
 static inline typename S::V vlog_any(typename S::V x) {
   using V = typename S::V;
+  if constexpr (S::FREXP_SUBNORMAL) {  // frexp12 normalises subnormals itself: only 0 is special
+    return S::blend(S::eq(x, S::zero()), S::set1(-INFINITY), vlog<S>(x));
+  }
   const auto sub = S::lt(x, S::set1(1.17549435e-38f));
   const V xs = S::blend(sub, S::mul(x, S::set1(16777216.0f)), x);  // * 2^24
   V y = vlog<S>(xs);

@@ -44,6 +44,8 @@ struct Avx2 {
     return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
   }
   static V blend(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
+  // Whether frexp12 returns the true exponent and a mantissa in [1, 2) for subnormal inputs too.
+  static constexpr bool FREXP_SUBNORMAL = false;
   static void frexp12(V x, V& m, V& e) {  // x positive and normal
     const __m256i u = _mm256_castps_si256(x);
     e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(u, 23), _mm256_set1_epi32(127)));

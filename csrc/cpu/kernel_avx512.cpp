@@ -41,6 +41,8 @@ struct Avx512 {
     return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
   }
   static V blend(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
+  // Whether frexp12 returns the true exponent and a mantissa in [1, 2) for subnormal inputs too.
+  static constexpr bool FREXP_SUBNORMAL = true;
   static void frexp12(V x, V& m, V& e) {
     m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
     e = _mm512_getexp_ps(x);

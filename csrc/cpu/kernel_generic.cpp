@@ -45,6 +45,8 @@ struct Scalar {
   static M eq(V a, V b) { return a == b; }
   static V load_f64(const double* p) { return static_cast<float>(*p); }
   static V blend(M m, V a, V b) { return m ? a : b; }
+  // Whether frexp12 returns the true exponent and a mantissa in [1, 2) for subnormal inputs too.
+  static constexpr bool FREXP_SUBNORMAL = false;
   static void frexp12(V x, V& m, V& e) {  // x positive and normal
     uint32_t u;
     std::memcpy(&u, &x, 4);

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 Hessian = Union[bool, str]
@@ -114,7 +115,12 @@ def assemble_hessian(diag: torch.Tensor, offdiag: torch.Tensor) -> torch.Tensor:
     """Newton's Hessian (k x k float64) from the exact diagonal ``d`` (k,) and the sampled weights
     ``W`` (k x k; only its strict upper triangle is read): ``S L S`` with ``L`` the Laplacian of
     ``W`` and ``S = diag(sqrt(d / diag(L)))``; a class that no sampled row reaches (diag(L) = 0)
-    keeps ``d_j`` on the diagonal alone. Positive semi-definite by construction."""
+    keeps ``d_j`` on the diagonal alone. Positive semi-definite by construction. Computed in numpy
+    for CPU tensors (torch's small CPU ops would wake its thread pool), in torch on a device."""
+    if diag.device.type == "cpu":
+        h = _assemble_np(diag.numpy().astype(np.float64, copy=False),
+                         offdiag.numpy().astype(np.float64, copy=False))
+        return torch.from_numpy(h)
     d = diag.to(torch.float64)
     w = torch.triu(offdiag.to(torch.float64), diagonal=1)
     w = w + w.T
@@ -122,7 +128,19 @@ def assemble_hessian(diag: torch.Tensor, offdiag: torch.Tensor) -> torch.Tensor:
     reached = lap_diag > 0
     s = torch.where(reached, torch.sqrt(d.clamp_min(0) / torch.where(reached, lap_diag, 1.0)), 0.0)
     h = -(s[:, None] * w * s[None, :])
-    h.diagonal().copy_(torch.where(reached, s * s * lap_diag, d.clamp_min(0)))
+    h.diagonal().copy_(d.clamp_min(0))
+    return h
+
+
+def _assemble_np(d: np.ndarray, offdiag: np.ndarray) -> np.ndarray:
+    w = np.triu(offdiag, 1)
+    w = w + w.T
+    lap_diag = w.sum(axis=1)
+    reached = lap_diag > 0
+    s = np.zeros_like(d)
+    s[reached] = np.sqrt(np.maximum(d[reached], 0.0) / lap_diag[reached])
+    h = -(s[:, None] * w * s[None, :])
+    np.fill_diagonal(h, np.maximum(d, 0.0))  # s_j^2 L_jj = d_j where the sample reaches class j
     return h
 
 
@@ -257,23 +275,25 @@ def unpack_prepare(buf: torch.Tensor, k: int, mode: str, first: bool, hessian: H
     hessian is True]``; A, B are the retain / forget sums ("probs", "logits") or, in "log_p" mode,
     A is the column maximum (-inf: no finite entry) and B unused.
     """
-    kind, row = int(buf[0]), int(buf[1])
-    a, b = buf[2:2 + k], buf[2 + k:2 + 2 * k]
+    b = buf.numpy()
+    kind, row = int(b[0]), int(b[1])
+    a, bb = b[2:2 + k], b[2 + k:2 + 2 * k]
     o = 2 + 2 * k
     error = (kind, row) if kind != ERR_NONE else None
     if mode == "log_p":
-        retain, forget_s, support = None, None, a > float("-inf")
+        retain, forget_s, support = None, None, torch.from_numpy(a > -np.inf)
     else:
-        retain, forget_s, support = a.clone(), b.clone(), None
+        retain, forget_s, support = torch.from_numpy(a.copy()), torch.from_numpy(bb.copy()), None
     step = None
     if first:
-        colsum, wlogz = buf[o:o + k].clone(), buf[o + k].clone()
+        colsum, wlogz = torch.from_numpy(b[o:o + k].copy()), torch.tensor(float(b[o + k]),
+                                                                           dtype=torch.float64)
         o += k + 1
         h = None
         if hessian == "diag":
-            h = buf[o:o + k].clone()
+            h = torch.from_numpy(b[o:o + k].copy())
         elif hessian is True:
-            h = assemble_hessian(buf[o:o + k], buf[o + k:o + k + k * k].view(k, k))
+            h = torch.from_numpy(_assemble_np(b[o:o + k], b[o + k:o + k + k * k].reshape(k, k)))
         step = (colsum, wlogz, h)
     return PrepareOut(error, retain, forget_s, support, step)
 
