@@ -144,6 +144,28 @@ void combine(const std::vector<double>& part, int64_t nranges, int64_t width, do
   }
 }
 
+// Newton's Hessian H = S L S from the exact diagonal d (k) and the sampled weights W (k x k,
+// strict upper triangle read): L the Laplacian of W, S = diag(sqrt(d / diag L)); a class no
+// sampled row reaches keeps d_j alone. Same as ppu_fast.backends.base.assemble_hessian, here
+// because numpy's per-call overhead made a 10 x 10 assembly cost more than the pass itself.
+void assemble(const double* d, const double* w, int64_t k, double* h) {
+  std::vector<double> ld(static_cast<size_t>(k), 0.0), s(static_cast<size_t>(k), 0.0);
+  for (int64_t j = 0; j < k; ++j)
+    for (int64_t l = j + 1; l < k; ++l) {
+      ld[j] += w[j * k + l];
+      ld[l] += w[j * k + l];
+    }
+  for (int64_t j = 0; j < k; ++j) s[j] = ld[j] > 0 ? std::sqrt((d[j] > 0 ? d[j] : 0.0) / ld[j]) : 0.0;
+  for (int64_t j = 0; j < k; ++j) {
+    h[j * k + j] = d[j] > 0 ? d[j] : 0.0;
+    for (int64_t l = j + 1; l < k; ++l) {
+      const double v = -s[j] * w[j * k + l] * s[l];
+      h[j * k + l] = v;
+      h[l * k + j] = v;
+    }
+  }
+}
+
 void step(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc,
           uintptr_t inv_c, uintptr_t alpha, uintptr_t colsum_out, uintptr_t wlogz_out,
           int hmode, int64_t hstride, uintptr_t h_out, uintptr_t out, int out_dtype, int64_t osr,
@@ -177,7 +199,12 @@ void step(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t 
   if (n > 0) fn(p);
   combine(cpart, p.nranges, k, ptr<double>(colsum_out));
   combine(wpart, p.nranges, 1, ptr<double>(wlogz_out));
-  if (hsz) combine(hpart, p.nranges, hsz, ptr<double>(h_out));
+  if (hmode == H_DIAG) combine(hpart, p.nranges, hsz, ptr<double>(h_out));
+  if (hmode == H_FULL) {  // h_out receives the assembled k x k Hessian
+    std::vector<double> dw(static_cast<size_t>(hsz));
+    combine(hpart, p.nranges, hsz, dw.data());
+    assemble(dw.data(), dw.data() + k, k, ptr<double>(h_out));
+  }
 }
 
 void materialize(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc,
@@ -341,8 +368,9 @@ PYBIND11_MODULE(_C, m) {
         "One pass over log_p (n x k, dtype code 0 f32 / 1 f16 / 2 bf16, element (i, j) at "
         "lp + i*sr + j*sc): writes colsum (k,) f64 to colsum_out, sum_i log Z_i / inv_c_i (f64) "
         "to wlogz_out and, for hmode 2 (diag) the Hessian's exact diagonal d (k), for hmode 1 "
-        "(full, k <= MAX_FULL_K) d (k) followed by W (k x k, strict upper triangle: the sum over "
-        "the rows of the 16-row blocks b with b % hstride == 0 of inv_c q_j q_l) to h_out. If out "
+        "(full, k <= MAX_FULL_K) Newton's Hessian (k x k, row-major): the exact diagonal d and "
+        "the Laplacian of W = the sum over the rows of the 16-row blocks b with "
+        "b % hstride == 0 of inv_c q q^T, rescaled to d (ppu_fast.backends.base) to h_out. If out "
         "is non-zero, Q is also written there (dtype code out_dtype, strides osr, osc). "
         "inv_c: (n,) f32 contiguous; alpha: (k,) f64 contiguous. Releases the GIL.",
         py::arg("lp"), py::arg("lp_dtype"), py::arg("n"), py::arg("k"), py::arg("sr"), py::arg("sc"),

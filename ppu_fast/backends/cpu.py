@@ -29,11 +29,12 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from .base import (MODE_CODE, ROW_SUM_TOL, Backend, Hessian, PrepareOut, StepOut,
-                   assemble_hessian, check_prepare_args, check_step_args, hessian_stride,
-                   packed_size, unpack_prepare)
+                   check_prepare_args, check_step_args, hessian_stride, packed_size,
+                   unpack_prepare)
 
 try:  # a missing build is a reason, never an import error (DESIGN.md §2)
     from .. import _C  # type: ignore[attr-defined]
@@ -152,21 +153,16 @@ class CpuBackend(Backend):
         n, k = log_p.shape
         inv_c = inv_c.contiguous()
         alpha = alpha.contiguous()
-        colsum = torch.empty(k, dtype=torch.float64)
-        wlogz = torch.empty((), dtype=torch.float64)
-        h = None
-        if hessian is True:
-            h = torch.empty(k + k * k, dtype=torch.float64)
-        elif hessian == "diag":
-            h = torch.empty(k, dtype=torch.float64)
+        # numpy buffers: cheaper to allocate than torch's, wrapped without copies.
+        colsum, wlogz = np.empty(k), np.empty(())
+        h = np.empty((k, k) if hessian is True else k) if hessian else None
         sr, sc = log_p.stride()
         _C.step(log_p.data_ptr(), _DTYPE_CODE[log_p.dtype], n, k, sr, sc, inv_c.data_ptr(),
-                alpha.data_ptr(), colsum.data_ptr(), wlogz.data_ptr(), _HMODE[hessian],
-                hessian_stride(n, k), h.data_ptr() if h is not None else 0, 0, 0, 0, 0,
+                alpha.data_ptr(), colsum.ctypes.data, wlogz.ctypes.data, _HMODE[hessian],
+                hessian_stride(n, k), h.ctypes.data if h is not None else 0, 0, 0, 0, 0,
                 self._threads(), self.isa)
-        if hessian is True:
-            h = assemble_hessian(h[:k], h[k:].view(k, k))
-        return colsum, wlogz, h
+        return (torch.from_numpy(colsum), torch.from_numpy(wlogz),
+                None if h is None else torch.from_numpy(h))
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     out: torch.Tensor) -> torch.Tensor:
