@@ -138,7 +138,9 @@ def check_prepare(backend, x: torch.Tensor, mode: str, forget: Optional[torch.Te
 
     got, out = run(backend)
     ref, out_ref = run(_Ref())
-    ora = oracle_prepare(x, mode, forget, fill, inv_c, hessian, tol)
+    stored = out_dtype if out_dtype is not None else (x.dtype if x.dtype in SUPPORTED_DTYPES
+                                                      else torch.float32)
+    ora = oracle_prepare(x, mode, forget, fill, inv_c, hessian, tol, stored)
     assert ref.error == ora["error"], f"reference error {ref.error} vs oracle {ora['error']}"
     assert got.error == ref.error, f"first bad row: {got.error} vs reference {ref.error}"
     if got.error is not None:

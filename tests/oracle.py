@@ -116,10 +116,11 @@ def row_faults(x: np.ndarray, mode: str, tol: float) -> np.ndarray:
 
 
 def oracle_prepare(x, mode: str, forget=None, fill=None, inv_c=None, hessian=False,
-                   tol: float = 1e-3):
+                   tol: float = 1e-3, stored_dtype=None):
     """What ``prepare`` must return, in float64: dict with error (kind, row) or None, log_p (the
     rows to write, N x k), retain_sums / forget_sums (probs, logits) or support (log_p) and
-    first (colsum, wlogz, H) when inv_c is given."""
+    first (colsum, wlogz, H) when inv_c is given. ``stored_dtype``: the solver buffer's dtype,
+    whose rounded values "log_p" mode evaluates (the contract: the values as stored)."""
     xv = _np(x)
     n, k = xv.shape
     kinds = row_faults(xv, mode, tol)
@@ -146,7 +147,8 @@ def oracle_prepare(x, mode: str, forget=None, fill=None, inv_c=None, hessian=Fal
     if inv_c is not None and out["error"] is None:
         ic = _np(inv_c)
         if mode == "log_p":
-            q, lz = softmax_rows(lp)
+            stored = lp if stored_dtype is None else _np(torch.from_numpy(lp).to(stored_dtype))
+            q, lz = softmax_rows(stored)
         else:
             q, lz = pn.copy(), np.zeros(n)
             if fill is not None and f.any():

@@ -3,8 +3,12 @@
 * On the CPU (CI): the kernels run under Triton's interpreter, which must be enabled before Triton
   is imported, so ``test_kernels_under_interpreter`` runs ``tests/triton_interp`` in a fresh
   ``pytest`` process with ``TRITON_INTERPRET=1`` (that directory skips itself otherwise).
-* In this process (interpreter off): how the backend reports itself to the registry.
-* On a GPU (``-m gpu``): the shared cases, determinism and the wide-row kernels on CUDA tensors.
+* In this process (interpreter off): how the backend reports itself to the registry, and (slow)
+  that every kernel variant compiles for sm_90 without spills (``tests/triton_interp/
+  sm90_compile.py``: Triton's own compiler and ptxas, no GPU needed).
+* On a GPU (``-m gpu``): the shared cases (step, materialize, prepare), one-hot Hessians, bad
+  inputs, determinism, no host synchronisation in ``step``, and the wide-row kernels on CUDA
+  tensors.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend_cases import cases, check_materialize, check_step, make_case
+from backend_cases import (KS, bad_inputs, cases, check_materialize, check_step, make_case,
+                           onehot_cases, prepare_inputs)
 from ppu_fast.backends import load, reasons
 
 ROOT = Path(__file__).resolve().parents[1]
 INNER = ROOT / "tests" / "triton_interp"
+sys.path.insert(0, str(INNER))
+from prepare_cases import CONFIGS, MODES, prepare_case  # noqa: E402
 HAVE_TRITON = load("triton")[0] is not None
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton not importable: "
                                   + "; ".join(load("triton")[1]))
@@ -57,6 +64,21 @@ def test_inner_module_skips_without_interpreter():
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 5 or "skipped" in proc.stdout, proc.stdout[-2000:]
     assert " passed" not in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+@needs_triton
+def test_kernels_compile_for_sm90():
+    """Every launcher path's kernels compile for sm_90 (H100 / H200) with Triton's compiler and
+    ptxas, without spills: the interpreter does not compile, and GPU sessions are rare."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(INNER / "sm90_compile.py"), "--check"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    if proc.returncode == 77:  # pragma: no cover - a Triton without its bundled ptxas
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0 and "FAILED" not in proc.stdout, out[-6000:]
 
 
 @needs_triton
@@ -142,3 +164,119 @@ def test_gpu_registry_picks_triton_first():
     assert reasons("triton", log_p) == []
     if os.environ.get("PPU_FAST_BACKEND", "auto") in ("", "auto"):
         assert get_backend("auto", log_p).name == "triton"
+
+
+
+
+def gpu_test(fn):
+    """GPU-marked; needs Triton and a CUDA device."""
+    for mark in (pytest.mark.skipif(not HAVE_GPU, reason="no CUDA device"), needs_triton,
+                 pytest.mark.gpu):
+        fn = mark(fn)
+    return fn
+
+
+# prepare: the interpreter's rotation of options over (k, mode), every option of CONFIGS.
+PREP = [(k, mode, i) for k in KS for mode in MODES for i in range(len(CONFIGS))
+        if (i + KS.index(k) + MODES.index(mode)) % 2 == 0]
+
+
+@pytest.mark.parametrize("k,mode,cfg", PREP, ids=[f"k{k}-{m}-c{i}" for k, m, i in PREP])
+@gpu_test
+def test_gpu_prepare(k, mode, cfg):
+    n = 257 if k >= 100 else 1009
+    for b in _backends(k):
+        prepare_case(b, n, k, mode, CONFIGS[cfg], seed=k + cfg, device="cuda")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@gpu_test
+def test_gpu_prepare_bad_inputs(mode):
+    """Every fault, the reference's (kind, row), also when the fault lies in a late tile."""
+    from ppu_fast.backends.torch_ref import reference_prepare
+
+    n, k = 1009, 40
+    for b in _backends(k):
+        for dtype in (torch.float32, torch.float64):
+            x = prepare_inputs(n, k, mode, dtype=dtype, seed=2, device="cuda")
+            for name, make, kind in bad_inputs(mode):
+                bad = make(x)
+                for inv_c in (None, torch.ones(n, device="cuda")):
+                    out = torch.empty(n, k, device="cuda")
+                    ref = reference_prepare(bad, mode, None, None, torch.empty_like(out), inv_c)
+                    got = b.prepare(bad, mode, None, None, out, inv_c)
+                    assert ref.error == (kind, 37) and got.error == ref.error, (name, got.error)
+            late = x.clone()
+            late[n - 1, 0] = float("nan")
+            late[n - 3, 1] = float("nan")
+            assert b.prepare(late, mode, None, None, torch.empty(n, k, device="cuda")).error \
+                == (1, n - 3)
+
+
+@pytest.mark.parametrize("n,k,margin", onehot_cases(), ids=[f"n{n}-k{k}-m{m:g}"
+                                                             for n, k, m in onehot_cases()])
+@gpu_test
+def test_gpu_onehot_hessians(n, k, margin):
+    """Near one-hot rows: the diagonal from the other entries of a row (never 1 - q in float32),
+    in-kernel W (k <= 32), by chunks (hessian_kernel_max_k=0) and on the wide-row kernels."""
+    from ppu_fast.backends.triton import TritonBackend
+
+    log_p, inv_c, alpha = make_case(n, k, margin=margin, seed=k, device="cuda")
+    backends = _backends(k) + [TritonBackend(hessian_kernel_max_k=0)]
+    for b in backends:
+        for hessian in (False, "diag", True):
+            check_step(b, log_p, inv_c, alpha, hessian)
+        check_step(b, log_p, inv_c, torch.zeros_like(alpha), True)
+    for mode in ("probs", "logits"):
+        m = margin if mode == "probs" else margin / 3
+        for b in _backends(k):
+            prepare_case(b, n, k, mode, (torch.float32, torch.float32, False, "fill", True, True),
+                         seed=k, margin=m, device="cuda")
+
+
+@pytest.mark.parametrize("n,k", [(100_003, 10), (20_011, 1000), (2_003, 5000), (509, 32_000)])
+@gpu_test
+def test_gpu_prepare_large_deterministic(n, k):
+    """Many tiles per program and the default wide-row path: bit-identical reruns (log P^, sums,
+    first evaluation) and the shared accuracy checks."""
+    from ppu_fast.backends.triton import TritonBackend
+
+    b = TritonBackend()
+    x = prepare_inputs(n, k, "logits", seed=k, device="cuda")
+    forget = torch.arange(n, device="cuda") % 7 == 0
+    fill = torch.full((k,), -float(torch.log(torch.tensor(float(k)))), device="cuda")
+    inv_c = torch.where(forget, 1.0, 0.5).float()
+    hessian = True if k <= 1000 else "diag"
+    runs = []
+    for _ in range(2):
+        out = torch.empty(n, k, device="cuda")
+        runs.append((b.prepare(x, "logits", forget, fill, out, inv_c, hessian), out))
+    (r1, o1), (r2, o2) = runs
+    assert torch.equal(o1, o2)
+    for u, v in ((r1.retain_sums, r2.retain_sums), (r1.forget_sums, r2.forget_sums),
+                 *zip(r1.first, r2.first)):
+        assert torch.equal(u, v), "two runs differ"
+    prepare_case(b, n, k, "probs", (torch.float32, torch.float32, False, "fill", True, hessian),
+                 seed=1, device="cuda")
+
+
+@gpu_test
+def test_gpu_step_does_not_synchronise():
+    """step queues its kernels and device reductions only (the solver copies the results once);
+    the in-kernel W route included.  (hessian=True above hessian_kernel_max_k goes through
+    base.hessian_sample_rows, whose nonzero synchronises: not checked here.)"""
+    from ppu_fast.backends.triton import TritonBackend
+
+    for k, hessians in ((10, (False, "diag", True)), (1000, (False, "diag")),
+                        (32_000, (False, "diag"))):
+        log_p, inv_c, alpha = make_case(4099 if k < 32_000 else 67, k, device="cuda")
+        b = TritonBackend()
+        for hessian in hessians:
+            b.step(log_p, inv_c, alpha, hessian)  # compile and size the grid first
+            torch.cuda.synchronize()
+            prev = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                b.step(log_p, inv_c, alpha, hessian)
+            finally:
+                torch.cuda.set_sync_debug_mode(prev)

@@ -16,7 +16,7 @@ import torch
 from backend_cases import (HESS_TOL, bad_inputs, check_prepare, hessian_floor, make_case,
                            prepare_inputs, rel_err)
 from oracle import hessian_error, oracle_q, oracle_step
-from ppu_fast.backends.base import assemble_hessian
+from ppu_fast.backends.base import assemble_hessian, hessian_sample_rows
 from ppu_fast.backends.torch_ref import TorchBackend, reference_materialize, reference_step
 
 REF = TorchBackend()
@@ -128,3 +128,15 @@ def test_prepare_writes_fill_and_sums_both_sets():
     np.testing.assert_allclose(res.forget_sums.numpy(), x[forget].double().sum(0).numpy(),
                                rtol=1e-6)
     assert res.first is None
+
+
+def test_hessian_sample_rows_is_every_mth_block():
+    """The sample's rows, built without a device sync, are exactly the rows of the 16-row blocks
+    b with b % m == 0, for any window [start, stop)."""
+    for n, m in ((1, 1), (100, 3), (1000, 5), (4099, 12)):
+        for start, stop in ((0, n), (1, n), (17, min(n, 200)), (48, min(n, 49)), (33, 33)):
+            if stop < start:
+                continue
+            rows = torch.arange(start, stop)
+            want = torch.nonzero((rows // 16) % m == 0)[:, 0]
+            assert torch.equal(hessian_sample_rows(n, m, start, stop), want), (n, m, start, stop)

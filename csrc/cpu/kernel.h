@@ -534,7 +534,15 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
     if (prep) {
       ic = tail ? S::load(sc.icst) : (P.inv_c ? S::loadu(P.inv_c + b) : one);
       lanes_prepare_block<S>(P, sc, b, nv, ic, msk, tail, err, fpart);
-      if (P.out) lanes_store_out<S>(P, sc, b, nv);
+      if (P.out) {
+        lanes_store_out<S>(P, sc, b, nv);
+        if (P.mode == MODE_LOGP && stats && P.out_dtype != F32) {
+          // The first evaluation is of the values as stored: read back the rounded block.
+          for (int r = 0; r < nv; ++r)
+            for (int j = 0; j < k; ++j)
+              sc.x[j * W + r] = load_scalar(P.out, P.out_dtype, (b + r) * P.osr + j * P.osc);
+        }
+      }
       if (prep_pn || !stats) {
         if (++since_flush == FLUSH_BLOCKS) {
           if (stats) lanes_flush<S>(P, sc, nullptr, hpart);
@@ -898,7 +906,13 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
   }
   if (P.mode == MODE_LOGP) {
     for (j = 0; j < kp; j += W) S::store(rs.sret + j, S::max(S::load(rs.sret + j), S::load(x + j)));
-    if (P.out) row_store_out<S>(P, i, x);
+    if (P.out) {
+      row_store_out<S>(P, i, x);
+      if (P.stats && P.out_dtype != F32) {
+        // The first evaluation is of the values as stored: read back the rounded row.
+        for (j = 0; j < k; ++j) x[j] = load_scalar(P.out, P.out_dtype, i * P.osr + j * P.osc);
+      }
+    }
     return;
   }
   // Pass B: log P^ into x, the normalised row into xb2 (probs: x / s; logits: its softmax).

@@ -105,10 +105,21 @@ def hessian_stride(n: int, k: int) -> int:
 
 def hessian_sample_rows(n: int, m: int, start: int = 0, stop: Optional[int] = None,
                         device=None) -> torch.Tensor:
-    """Indices (relative to ``start``) of the sampled rows in [start, stop): int64 (R,)."""
+    """Indices (relative to ``start``) of the sampled rows in [start, stop): int64 (R,), ascending.
+
+    arange arithmetic with the count known on the host, so it never waits for a device (a
+    ``nonzero`` would)."""
     stop = n if stop is None else stop
-    rows = torch.arange(start, stop, device=device)
-    return torch.nonzero((rows // HESS_BLOCK) % m == 0)[:, 0]
+    b_lo = -(-(start // HESS_BLOCK) // m) * m  # first sampled block not before start's block
+    nb = max(0, -(-(-(-stop // HESS_BLOCK) - b_lo) // m))  # sampled blocks that begin < stop
+    if nb == 0 or stop <= start:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    blocks = torch.arange(nb, device=device) * m + b_lo
+    rows = (blocks[:, None] * HESS_BLOCK + torch.arange(HESS_BLOCK, device=device)).reshape(-1)
+    last = (b_lo + (nb - 1) * m) * HESS_BLOCK
+    lo_cut = max(0, start - b_lo * HESS_BLOCK)
+    hi_cut = nb * HESS_BLOCK - max(0, last + HESS_BLOCK - stop)
+    return rows[lo_cut:hi_cut] - start
 
 
 def assemble_hessian(diag: torch.Tensor, offdiag: torch.Tensor) -> torch.Tensor:

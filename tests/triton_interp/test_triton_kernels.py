@@ -3,10 +3,20 @@
 The interpreter must be switched on before Triton is imported, so this module runs in its own
 process: ``tests/test_backend_triton.py`` launches ``pytest`` on this directory with the variable
 set.  In a normal pytest run (variable unset) the whole module skips itself, so nothing runs twice.
+
+Every kernel and launcher path is exercised: the single-read kernels (default backend), the
+wide-row kernels (``max_single_block_k=16``: forced for k > 16, with several k-blocks), the
+in-kernel sampled Hessian weights (k <= 32) and the chunked route (``hessian_kernel_max_k=0``),
+for ``step`` / ``materialize`` on the shared cases and near one-hot rows, and ``prepare`` in its
+three modes on awkward k, input and buffer dtypes, strides, forget masks with and without fill,
+with and without the first evaluation, and every bad input.  The interpreter is slow: N is a
+small prime (131, 257) and the prepare matrix rotates through its options instead of taking
+their full product.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -17,10 +27,19 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import torch  # noqa: E402
 
-from backend_cases import cases, check_materialize, check_step, make_case  # noqa: E402
+from backend_cases import (KS, bad_inputs, cases, check_materialize, check_prepare,  # noqa: E402
+                           check_step, make_case, onehot_cases, prepare_inputs)
+from prepare_cases import CONFIGS, MODES, check_half_first, prepare_case  # noqa: E402
+from oracle import oracle_q  # noqa: E402
 from ppu_fast.backends import load  # noqa: E402
-from ppu_fast.backends.torch_ref import oracle_q, reference_step  # noqa: E402
-from ppu_fast.backends.triton import INTERPRET, TritonBackend  # noqa: E402
+from ppu_fast.backends.base import hessian_sample_rows, hessian_stride  # noqa: E402
+from ppu_fast.backends.torch_ref import reference_prepare, reference_step  # noqa: E402
+from ppu_fast.backends.triton import (INTERPRET, TritonBackend,  # noqa: E402
+                                      _sample_weight_mask)
+
+# log(0) of zero probabilities and the NaN of planted bad rows are expected in the interpreter's
+# numpy arithmetic.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 # The interpreter is slow: every k and dtype of cases() is kept, but rows of 1000+ entries use the
 # smaller prime N of cases() (131 instead of 257).
@@ -35,6 +54,18 @@ def wide(k: int) -> TritonBackend:
     return TritonBackend(max_single_block_k=16, online_block_k=64 if k <= 100 else 512)
 
 
+def hessians(k: int, full: bool = True):
+    """Hessian modes to check.  For k >= 1000 the dense one only where ``full``: the shared check's
+    eigvalsh of a 1000 x 1000 Hessian takes seconds here, and above k = 32 the dense route is the
+    same launcher code for every k (materialize kernel on the sampled rows + GEMM)."""
+    return (False, "diag", True) if k < 1000 or full else (False, "diag")
+
+
+def chunked() -> TritonBackend:
+    """The sampled Hessian weights by chunks (materialize kernel + GEMM) for every k."""
+    return TritonBackend(hessian_kernel_max_k=0)
+
+
 def test_interpreter_is_on():
     assert INTERPRET
     assert TritonBackend().available_reasons() == []
@@ -43,13 +74,18 @@ def test_interpreter_is_on():
     assert backend.not_supported_reasons(torch.zeros(2, 2)) == []
 
 
+# ----------------------------------------------------------------------------------------------
+# step / materialize
+# ----------------------------------------------------------------------------------------------
+
 @pytest.mark.parametrize("n,k,dtype,shift,neg_inf,noncontig", CASES, ids=IDS)
 def test_single_read_kernels(n, k, dtype, shift, neg_inf, noncontig):
     log_p, inv_c, alpha = make_case(n, k, dtype, shift=shift, neg_inf=neg_inf,
                                     noncontig=noncontig, seed=n + k)
     before = (log_p.clone(), inv_c.clone(), alpha.clone())
     b = TritonBackend()
-    for hessian in (False, True, "diag"):
+    for hessian in hessians(k, dtype == torch.float32 and shift == 3.0 and not neg_inf
+                            and n > 7 and k == 1000):
         check_step(b, log_p, inv_c, alpha, hessian)
     check_materialize(b, log_p, inv_c, alpha)
     for t, t0 in zip((log_p, inv_c, alpha), before):  # inputs untouched
@@ -57,8 +93,8 @@ def test_single_read_kernels(n, k, dtype, shift, neg_inf, noncontig):
 
 
 # k <= 16 takes the single-read path even in wide(k); the wide-row variant keeps every longer k and
-# dtype, with the smaller N from k = 100 on.
-WIDE = [(min(n, 131) if k >= 100 else n, k, *rest) for n, k, *rest in CASES if k > 16]
+# dtype, with smaller N (257, and 131 from k = 100 on).
+WIDE = [(min(n, 131 if k >= 100 else 257), k, *rest) for n, k, *rest in CASES if k > 16]
 WIDE_IDS = [f"n{w[0]}-{i.split('-', 1)[1]}" for w, i in zip(WIDE, [i for c, i in zip(CASES, IDS)
                                                                    if c[1] > 16])]
 
@@ -68,26 +104,80 @@ def test_wide_row_kernels(n, k, dtype, shift, neg_inf, noncontig):
     log_p, inv_c, alpha = make_case(n, k, dtype, shift=shift, neg_inf=neg_inf,
                                     noncontig=noncontig, seed=7 * n + k)
     b = wide(k)
-    for hessian in (False, True, "diag"):
+    for hessian in hessians(k, dtype == torch.float32 and k == 1000 and shift == 3.0
+                            and not neg_inf and n > 7):
         check_step(b, log_p, inv_c, alpha, hessian)
     check_materialize(b, log_p, inv_c, alpha)
 
 
+# Near one-hot rows (logit margins 30 and 60): the Hessian's diagonal must come from the other
+# entries of a row, never from 1 - q in float32.  N is cut to keep the interpreter quick; k = 40
+# and 100 run the chunked W route by default, k = 3 and 10 the in-kernel one.
+ONEHOT = [(min(n, 257 if k < 40 else 131), k, margin) for n, k, margin in onehot_cases()
+          if k < 1000 or margin == 60.0]
+
+
+@pytest.mark.parametrize("n,k,margin", ONEHOT, ids=[f"n{n}-k{k}-m{m:g}" for n, k, m in ONEHOT])
+def test_onehot_hessians(n, k, margin):
+    log_p, inv_c, alpha = make_case(n, k, margin=margin, seed=k + int(margin))
+    backends = [TritonBackend()]
+    if k > 16:
+        backends.append(wide(k))
+    if k <= 32:
+        backends.append(chunked())
+    for b in backends:
+        for hessian in hessians(k, b is backends[0]):
+            check_step(b, log_p, inv_c, alpha, hessian)
+    # alpha = 0: the rows stay one-hot (the case that stalled Newton)
+    zero = torch.zeros_like(alpha)
+    for hessian in hessians(k, False)[1:]:
+        check_step(backends[0], log_p, inv_c, zero, hessian)
+    d = backends[0].step(log_p, inv_c, zero, "diag")[2]
+    assert float(d.min()) > 0, "a one-hot row's diagonal rounded to 0"
+
+
 @pytest.mark.parametrize("k", [3, 17])
-def test_hessian_by_chunks_for_small_k(k):
-    """The GEMM-on-materialised-chunks Hessian (used above hessian_kernel_max_k) on small k."""
+def test_sampled_gram_by_chunks_for_small_k(k):
+    """The GEMM-on-materialised-chunks W (used above hessian_kernel_max_k) on small k."""
     log_p, inv_c, alpha = make_case(1009, k, torch.float32, seed=k)
-    check_step(TritonBackend(hessian_kernel_max_k=0), log_p, inv_c, alpha, True)
+    check_step(chunked(), log_p, inv_c, alpha, True)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_sampled_rows_with_a_stride(monkeypatch, m):
+    """m = hessian_stride(N, k) > 1 (which takes N >= 8192 for real; patched here, in base, in
+    the reference, this backend and the oracle alike, to keep N small): the in-kernel W uses the sampled
+    16-row blocks only (k = 32: tiles of 32 rows; with m = 3 most tiles have none and skip the
+    dot), the same rows as base.hessian_sample_rows; the chunked route agrees."""
+    import oracle
+    import ppu_fast.backends.base as base
+    import ppu_fast.backends.torch_ref as ref
+    import ppu_fast.backends.triton as tri
+    for mod in (base, ref, tri, oracle):
+        monkeypatch.setattr(mod, "hessian_stride", lambda n, k: m)
+    n, k = 1009, 32
+    log_p, inv_c, alpha = make_case(n, k, torch.float32, seed=m)
+    for mode in ("probs", "log_p"):
+        prepare_case(TritonBackend(), n, k, mode,
+                      (torch.float32, torch.float32, False, "fill", True, True), seed=m)
+    check_step(TritonBackend(), log_p, inv_c, alpha, True)
+    h1 = TritonBackend().step(log_p, inv_c, alpha, True)[2]
+    h2 = chunked().step(log_p, inv_c, alpha, True)[2]
+    assert torch.allclose(h1, h2, rtol=1e-5, atol=1e-9 * float(h1.abs().max()))
+    for nn, mm in ((n, m), (100, 1), (1000, 7), (16 * 7 + 3, 2)):
+        idx = hessian_sample_rows(nn, mm)
+        assert torch.equal(torch.nonzero(_sample_weight_mask(nn, mm, "cpu"))[:, 0], idx)
 
 
 @pytest.mark.parametrize("k", [10, 100])
 def test_hessian_is_symmetric_and_annihilates_ones(k):
+    """With every row sampled (small N: m = 1) the assembled Hessian is the exact one: symmetric
+    and zero on the gauge direction (to the float32 rounding of W)."""
     log_p, inv_c, alpha = make_case(263, k, torch.float32, seed=k + 1)
-    for b in (TritonBackend(), TritonBackend(hessian_kernel_max_k=0), wide(k)):
+    assert hessian_stride(263, k) == 1
+    for b in (TritonBackend(), chunked(), wide(k)):
         _, _, h = b.step(log_p, inv_c, alpha, True)
-        # float32 products (ic q_j) q_k and (ic q_k) q_j round differently: symmetric to ~1e-7
         assert torch.allclose(h, h.T, rtol=0, atol=1e-6 * h.abs().max())
-        # sum_k H_jk = sum_i ic_i q_ij (1 - sum_k q_ik) = 0 (gauge direction)
         assert h.sum(dim=1).abs().max() <= 1e-5 * h.abs().max()
 
 
@@ -125,7 +215,7 @@ def test_neg_inf_blocks_and_rows(make_backend):
     b.materialize(log_p, inv_c, alpha, out)
     assert (out[torch.isinf(log_p)] == 0).all()
     assert out[3, 0] == 1.0 and out[4, -1] == 1.0
-    ora = oracle_q(log_p, inv_c, alpha)
+    ora = torch.from_numpy(oracle_q(log_p, inv_c, alpha))
     assert torch.allclose(out.double(), ora, rtol=0, atol=1e-6)
 
 
@@ -141,7 +231,7 @@ def test_materialize_out_dtypes_and_strides(make_backend, out_dtype):
     inv_c_strided = torch.stack([inv_c, inv_c], dim=1)[:, 0]
     out = torch.full((k, 131), float("nan"), dtype=out_dtype).T
     b.materialize(log_p, inv_c_strided, alpha, out)
-    ref = oracle_q(log_p, inv_c, alpha)
+    ref = torch.from_numpy(oracle_q(log_p, inv_c, alpha))
     tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(out_dtype, 1e-6)
     assert torch.allclose(out.double(), ref, rtol=tol, atol=tol)
 
@@ -150,7 +240,7 @@ def test_tiny_shapes():
     for n, k in ((1, 1), (1, 2), (2, 1), (1, 1000), (3, 17)):
         log_p, inv_c, alpha = make_case(n, k, torch.float32, seed=n * k)
         for b in (TritonBackend(), wide(k)):
-            for hessian in (False, True, "diag"):
+            for hessian in hessians(k, full=False):
                 check_step(b, log_p, inv_c, alpha, hessian)
             check_materialize(b, log_p, inv_c, alpha)
 
@@ -180,3 +270,166 @@ def test_agrees_with_reference_at_large_shift():
         got = b.step(log_p, inv_c, alpha)[0]
         ref = reference_step(log_p, inv_c, alpha)[0]
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare
+# ----------------------------------------------------------------------------------------------
+
+PREP = [(k, mode, i) for k in KS for mode in MODES for i in range(len(CONFIGS))
+        if (i + KS.index(k) + MODES.index(mode)) % 3 == 0 or (i == 0 and k >= 1000)]
+
+
+@pytest.mark.parametrize("k,mode,cfg", PREP, ids=[f"k{k}-{m}-c{i}" for k, m, i in PREP])
+def test_prepare_single_read(k, mode, cfg):
+    n = 131 if k >= 1000 else 257
+    prepare_case(TritonBackend(), n, k, mode, CONFIGS[cfg], seed=k + cfg)
+
+
+PREP_WIDE = [(k, mode, i) for k in (17, 100, 1023) for mode in MODES
+             for i in range(len(CONFIGS)) if (i + MODES.index(mode) + k) % 4 == 0]
+
+
+@pytest.mark.parametrize("k,mode,cfg", PREP_WIDE, ids=[f"k{k}-{m}-c{i}" for k, m, i in PREP_WIDE])
+def test_prepare_wide_rows(k, mode, cfg):
+    prepare_case(wide(k), 131, k, mode, CONFIGS[cfg], seed=3 * k + cfg)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("k", [3, 17, 100])
+@pytest.mark.parametrize("hessian", [False, "diag", True])
+def test_prepare_first_evaluation(mode, k, hessian):
+    """The first evaluation, every Hessian mode, in-kernel W (k <= 32), the chunked W, and the
+    wide rows, with fill rows in "probs" / "logits" (the launcher adds their terms)."""
+    backends = ([TritonBackend()] + ([wide(k)] if k > 16 else [])
+                + ([chunked()] if k <= 32 and hessian is True else []))
+    fk = None if mode == "log_p" else "fill"
+    for i, b in enumerate(backends):
+        prepare_case(b, 131, k, mode, (torch.float32, torch.float32, False, fk, True, hessian),
+                      seed=k + i)
+
+
+@pytest.mark.parametrize("mode", ["probs", "logits"])
+@pytest.mark.parametrize("margin", [30.0, 60.0])
+def test_prepare_onehot_rows(mode, margin):
+    """Confident rows: the first evaluation's Hessian diagonal from the other entries of a row."""
+    m = margin if mode == "probs" else margin / 3  # prepare_inputs' logits are 3 z
+    for k, b in ((10, TritonBackend()), (40, TritonBackend()), (40, wide(40))):
+        for hessian in ("diag", True):
+            prepare_case(b, 257, k, mode, (torch.float32, torch.float32, False, "fill", True,
+                                            hessian), seed=k, margin=m)
+
+
+@pytest.mark.parametrize("make_backend", [lambda k: TritonBackend(), wide], ids=["single", "wide"])
+@pytest.mark.parametrize("mode", MODES)
+def test_prepare_bad_inputs(make_backend, mode):
+    """Every fault, planted in row 37 (and a later one in row 90): the reference's kind and row.
+    k = 20 runs several k-blocks of the wide kernels; float64 input (faults judged in it)."""
+    n, k = 131, 20
+    b = make_backend(k)
+    for dtype in (torch.float32, torch.float64):
+        x = prepare_inputs(n, k, mode, dtype=dtype, seed=2)
+        for name, make, kind in bad_inputs(mode):
+            bad = make(x)
+            for inv_c in ((None, torch.ones(n)) if dtype == torch.float32 else (None,)):
+                out = torch.empty(n, k)
+                ref = reference_prepare(bad, mode, None, None, torch.empty(n, k), inv_c)
+                got = b.prepare(bad, mode, None, None, out, inv_c)
+                assert ref.error == (kind, 37), (name, ref.error)
+                assert got.error == ref.error, (name, dtype, got.error, ref.error)
+        # the first offending row is the minimum over programs: plant faults in late tiles too
+        bad = bad_inputs(mode)[0][1](x)
+        late = bad.clone()
+        late[37] = x[37]
+        late[n - 1, 0] = float("nan")
+        late[n - 2, 1] = float("nan")
+        got = b.prepare(late, mode, None, None, torch.empty(n, k))
+        assert got.error == (1, n - 2)
+        got = b.prepare(bad, mode, None, None, torch.empty(n, k))
+        assert got.error == (1, 37)
+
+
+def test_prepare_row_sum_tolerance_is_float64():
+    """tol travels as float32 hi + lo and is compared in float64 like the reference's."""
+    n, k = 64, 4
+    x = torch.full((n, k), 0.25, dtype=torch.float64)
+    x[5] *= 1 + 1.00000001e-3   # just past tol = 1e-3 (float32 1e-3 is 1.0000000475e-3)
+    x[9] *= 1 + 0.99999999e-3   # just inside
+    for b in (TritonBackend(), TritonBackend(max_single_block_k=16, online_block_k=16)):
+        got = b.prepare(x, "probs", None, None, torch.empty(n, k))
+        ref = reference_prepare(x, "probs", None, None, torch.empty(n, k))
+        assert got.error == ref.error == (3, 5)
+
+
+def test_prepare_writes_fill_and_sums_both_sets():
+    n, k = 300, 4
+    x = prepare_inputs(n, k, "probs", seed=5)
+    forget = torch.zeros(n, dtype=torch.bool)
+    forget[::3] = True
+    fill = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    for b in (TritonBackend(), wide(k)):
+        out = torch.empty(n, k)
+        res = b.prepare(x, "probs", forget, fill, out)
+        assert torch.equal(out[forget], fill.expand(100, k))
+        torch.testing.assert_close(res.retain_sums, x[~forget].double().sum(0), rtol=1e-6,
+                                   atol=0)
+        torch.testing.assert_close(res.forget_sums, x[forget].double().sum(0), rtol=1e-6, atol=0)
+        assert res.first is None and res.support is None and res.error is None
+
+
+def test_prepare_log_p_support_and_stored_rounding():
+    """"log_p": support from the column maxima (-inf columns), and the first evaluation from the
+    values as stored in a half buffer (not from x)."""
+    n, k = 131, 40
+    x = prepare_inputs(n, k, "log_p", seed=9)
+    x[:, 7] = float("-inf")
+    x[:, 39] = float("-inf")
+    x[3, 39] = -2.0
+    inv_c = torch.full((n,), 0.5)
+    for b in (TritonBackend(), wide(k)):
+        got = b.prepare(x, "log_p", None, None, None, inv_c, "diag")
+        assert got.support.tolist() == [j != 7 for j in range(k)]
+        for out_dtype in (torch.float16, torch.bfloat16):
+            check_prepare(b, x, "log_p", None, None, out_dtype, inv_c, False)
+            check_half_first(b, x, None, None, out_dtype, inv_c, "diag")
+            out = torch.empty(n, k, dtype=out_dtype)
+            got = b.prepare(x, "log_p", None, None, out, inv_c, False)
+            assert torch.equal(out, x.to(out_dtype)), "bfloat16 / float16 rounding"
+            step = reference_step(out, inv_c, torch.zeros(k, dtype=torch.float64))
+            torch.testing.assert_close(got.first[0], step[0], rtol=1e-5, atol=1e-6)
+
+
+def test_prepare_deterministic_and_input_untouched():
+    n, k = 257, 17
+    x = prepare_inputs(n, k, "logits", seed=4)
+    forget = torch.arange(n) % 5 == 0
+    fill = torch.full((k,), -math.log(k))
+    inv_c = torch.where(forget, 1.0, 0.25).float()
+    for b in (TritonBackend(), wide(k)):
+        res = []
+        for _ in range(2):
+            out = torch.empty(n, k)
+            res.append((b.prepare(x, "logits", forget, fill, out, inv_c, True), out))
+        (a, oa), (c, oc) = res
+        assert torch.equal(oa, oc)
+        for u, v in ((a.retain_sums, c.retain_sums), (a.forget_sums, c.forget_sums),
+                     *zip(a.first, c.first)):
+            assert torch.equal(u, v)
+
+
+def test_prepare_empty_and_errors():
+    b = TritonBackend()
+    x = prepare_inputs(5, 4, "probs", seed=1)
+    res = b.prepare(x[:0], "probs", None, None, torch.empty(0, 4), torch.ones(0), True)
+    ref = reference_prepare(x[:0], "probs", None, None, torch.empty(0, 4), torch.ones(0), True)
+    assert res.error is None and torch.equal(res.retain_sums, ref.retain_sums)
+    assert torch.equal(res.first[2], ref.first[2])
+    res = b.prepare(x[:0], "log_p", None, None, None, None)
+    assert res.support.tolist() == [False] * 4
+    with pytest.raises(ValueError, match="mode"):
+        b.prepare(x, "probabilities", None, None, torch.empty(5, 4))
+    with pytest.raises(ValueError, match="out"):
+        b.prepare(x, "probs", None, None, None)
+    with pytest.raises(ValueError, match="fill"):
+        b.prepare(x, "probs", torch.zeros(5, dtype=torch.bool), None, torch.empty(5, 4),
+                  torch.ones(5))
