@@ -290,14 +290,18 @@ static void lanes_flush_sums(const Params& P, LaneScratch<S>& sc, double* sums) 
 template <class S>
 static inline void lanes_hessian(const Params& P, LaneScratch<S>& sc, const float* q,
                                  typename S::V qmax, typename S::V rtop, typename S::V w,
-                                 bool sampled) {
+                                 bool sampled, bool top_fix) {
   using V = typename S::V;
   constexpr int W = S::W;
   const int k = static_cast<int>(P.k);
   for (int j = 0; j < k; ++j) {
     const V v = S::load(q + j * W);
-    const V r = S::blend(S::eq(v, qmax), rtop, S::sub(S::set1(1.0f), v));
-    S::store(sc.accd + j * W, S::fmadd(S::mul(v, r), w, S::load(sc.accd + j * W)));
+    if (top_fix) {  // some row of the block is confident
+      const V r = S::blend(S::eq(v, qmax), rtop, S::sub(S::set1(1.0f), v));
+      S::store(sc.accd + j * W, S::fmadd(S::mul(v, r), w, S::load(sc.accd + j * W)));
+    } else {        // q - q^2 loses at most eps / (1 - q) <= 2^10 eps on these rows
+      S::store(sc.accd + j * W, S::fmadd(S::fnmadd(v, v, v), w, S::load(sc.accd + j * W)));
+    }
   }
   if (P.hmode == H_FULL && sampled) {
     int t = 0;
@@ -479,7 +483,7 @@ static inline void lanes_prepare_block(const Params& P, LaneScratch<S>& sc, int6
   // Forget lanes carry no statistics here (their part is analytic).
   V w = tail ? S::mul(ic, msk) : ic;
   if (any_forget) w = S::mul(w, S::sub(one, f));
-  lanes_hessian<S>(P, sc, sc.stage, pmax, rtop, w, sampled_row(P, b));
+  lanes_hessian<S>(P, sc, sc.stage, pmax, rtop, w, sampled_row(P, b), true);
 }
 
 template <class S>
@@ -624,7 +628,8 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
           // entries below the maximum (a single maximum, or s would be >= 2).
           V sm1 = S::sub(s, one);
           const V thr = S::set1(CONFIDENT);
-          if (S::hmax(S::blend(S::gt(s, thr), S::zero(), one)) > 0.0f) {
+          const bool any_confident = S::hmax(S::blend(S::gt(s, thr), S::zero(), one)) > 0.0f;
+          if (any_confident) {
             V rest = S::zero();
             const V qtop = inv_s;
             for (int j = 0; j < k; ++j) {
@@ -634,7 +639,7 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
             sm1 = S::blend(S::gt(s, thr), sm1, rest);
           }
           lanes_hessian<S>(P, sc, sc.x, inv_s, S::mul(sm1, inv_s), tail ? S::mul(ic, msk) : ic,
-                           sampled_row(P, b));
+                           sampled_row(P, b), any_confident);
         }
       }
       if (++since_flush == FLUSH_BLOCKS) {
@@ -799,11 +804,13 @@ static inline float row_rest(const Params& P, const float* v, float vtop) {
 }
 
 // One pass over a row held as v (kp entries, zero padded) with q = v * scale: adds q to the
-// column sums (colsum), the Hessian's diagonal (entries with v == vtop have 1 - q = rtop) and,
-// for a sampled row, q and inv_c q to the gram block; with keep, q is written back to v.
+// column sums (colsum), the Hessian's diagonal and, for a sampled row, q and inv_c q to the gram
+// block; with keep, q is written back to v. The diagonal's q (1 - q) is q - q^2, except on a
+// confident row (top_fix), where the entries with v == vtop take 1 - q = rtop.
 template <class S>
 static inline void row_pass(const Params& P, RowScratch& rs, float* v, float scale, float vtop,
-                            float rtop, float icf, bool colsum, bool hess, bool sampled, bool keep) {
+                            float rtop, float icf, bool colsum, bool hess, bool sampled, bool keep,
+                            bool top_fix) {
   using V = typename S::V;
   constexpr int W = S::W;
   const int64_t kp = ((P.k + W - 1) / W) * W;
@@ -816,8 +823,12 @@ static inline void row_pass(const Params& P, RowScratch& rs, float* v, float sca
     const V q = S::mul(x, SC);
     if (colsum) S::store(rs.acc + j, S::add(S::load(rs.acc + j), q));
     if (hess) {
-      const V r = S::blend(S::eq(x, VT), RT, S::sub(one, q));
-      S::store(rs.accd + j, S::fmadd(S::mul(q, r), WW, S::load(rs.accd + j)));
+      if (top_fix) {  // a confident row: the maximum's 1 - q comes from the other entries
+        const V r = S::blend(S::eq(x, VT), RT, S::sub(one, q));
+        S::store(rs.accd + j, S::fmadd(S::mul(q, r), WW, S::load(rs.accd + j)));
+      } else {        // q - q^2 loses at most eps / (1 - q) <= 2^10 eps here
+        S::store(rs.accd + j, S::fmadd(S::fnmadd(q, q, q), WW, S::load(rs.accd + j)));
+      }
     }
     if (sampled) {
       S::store(dq + j, q);
@@ -964,10 +975,9 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
   const float pmax = P.mode == MODE_PROBS ? mx * inv_s : inv_s;
   const bool confident = P.mode == MODE_PROBS ? !(mx < s * (1.0 - 1.0 / 1024))
                                               : !(1.0f / inv_s > CONFIDENT);
-  const float rtop = confident ? row_rest<S>(P, pn, pmax)
-                               : (P.mode == MODE_PROBS ? static_cast<float>((s - mx) / s)
-                                                       : 1.0f - pmax);
-  row_pass<S>(P, rs, pn, 1.0f, pmax, rtop, P.inv_c[i], false, true, sampled_row(P, i), false);
+  const float rtop = confident ? row_rest<S>(P, pn, pmax) : 1.0f - pmax;
+  row_pass<S>(P, rs, pn, 1.0f, pmax, rtop, P.inv_c[i], false, true, sampled_row(P, i), false,
+              confident);
 }
 
 template <class S>
@@ -1053,9 +1063,9 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
           const bool samp = full && sampled_row(P, i);
           // e of a maximum is 1 and its 1 - q is (s - 1) / s; for a confident row s - 1 is the
           // sum of the smaller entries (rest).
-          const float sm1 = s > CONFIDENT ? s - 1.0f : rest;
-          row_pass<S>(P, rs, rs.xb, inv_s, 1.0f, sm1 * inv_s, P.inv_c[i], true, hess, samp,
-                      P.out && !prep);
+          const bool confident = !(s > CONFIDENT);
+          row_pass<S>(P, rs, rs.xb, inv_s, 1.0f, (confident ? rest : s - 1.0f) * inv_s,
+                      P.inv_c[i], true, hess, samp, P.out && !prep, confident);
           wl += static_cast<double>(m + std::log(s)) / static_cast<double>(P.inv_c[i]);
         } else {
           const V IS = S::set1(inv_s);

@@ -1,397 +1,506 @@
-// CUDA kernels of ppu_fast._cuda: the CUDA C++ fallback behind the Triton backend.
+// CUDA kernels of ppu_fast._cuda (step and materialize; prepare lives in prepare.cu): the CUDA
+// C++ fallback behind the Triton backend.
 //
 // For q_ik = softmax_k(x_ik), x_ik = log_p_ik - alpha_k * inv_c_i, one `step` pass returns
 //   colsum_k = sum_i q_ik,   wlogz = sum_i log Z_i / inv_c_i,
-//   and optionally H = sum_i inv_c_i (diag(q_i) - q_i q_i^T) (full for k <= kSmallK) or its diagonal.
-// `materialize` writes Q. Arithmetic is float32 (expf / logf / IEEE division, never the fast-math
-// intrinsics, so results track the float32 PyTorch reference); every sum over rows is float64.
+//   and optionally the Hessian's diagonal d_k = sum_i inv_c_i q_ik (1 - q_ik) with 1 - q of a
+//   row's maximum taken from the row's other entries (see common.cuh), and, for k <= kSmallK,
+//   the sampled weights W_ab = sum_{i in S} inv_c_i q_ia q_ib (a < b) over the contract's row
+//   sample S (16-row blocks b with b % m == 0); the launcher assembles H = assemble_hessian(d, W).
+// `materialize` writes Q. Conventions (float32 arithmetic, float64 row sums, determinism without
+// atomics): common.cuh. Design and measurements: docs/cuda_notes.md.
 //
-// Determinism without float atomics: each block owns one row of a workspace (grid x width doubles)
-// and adds its rows into it in a fixed order (grid-stride loop, fixed thread <-> row/column
-// mapping, fixed-shape shuffle/shared-memory trees); a second kernel then sums the workspace rows
-// in block order. The grid depends only on (n, k, dtype, mode) and the device (its SM count and
-// the kernel's occupancy there), so two runs on one device give bit-identical results.
-//
-// Kernels by k (the threshold kSmallK = 32 lives in ppu_cuda.h):
-//   k <= 32  one row per thread, the row held in registers (KMAX = 4, 8, 16 or 32 slots):
-//            read once. Full Hessian: each 256-row tile of q goes to shared memory and every
-//            thread accumulates fixed entries (a, b) of the k x k matrix over the tile.
-//   k > 32   a block works on tiles of kTileRows rows: phase 1, one warp per row, single-pass
-//            online max/sum; phase 2, thread j owns columns j, j + blockDim, ... and re-reads the
-//            tile to add q (and inv_c q (1 - q)) into its block's workspace row. No full Hessian
-//            here: the Python launcher builds it from materialised row chunks with a GEMM.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cmath>
-#include <cstdint>
-#include <limits>
-#include <map>
-#include <mutex>
-#include <stdexcept>
-#include <string>
-#include <tuple>
-
-#include "ppu_cuda.h"
+// Kernel families by k (thresholds kSmallK = 32 and kRowK = 1024 in ppu_cuda.h):
+//   k <= 32         "small": one row per thread, held in registers (KMAX = 4, 8, 16, 32 slots),
+//                   read once. Column sums: per warp of 32 rows, a recursive-halving shuffle
+//                   reduction (warp_colreduce) leaves each lane one column's float sum, added in
+//                   float64 to one register per lane. W: each 256-row tile with a sampled block
+//                   goes to shared memory; threads own fixed pairs (a < b) and row groups.
+//   32 < k <= 1024  "row": one row per warp (per pair of warps for k > 512: EPL <= 16 entries
+//                   per lane), held in registers, read once. Each lane keeps float sums of its
+//                   columns over 16 rows; then the block stages them in shared memory and each
+//                   thread adds its columns to float64 registers. The workspace is written once
+//                   per block. (materialize: one warp per row, EPL <= 32.)
+//   k > 1024        "wide": two kernels. row_stats (a warp per row, streamed in chunks, online
+//                   max / sum) writes (max, 1 / sum, 1 - q_top) per row; colsum (a block per
+//                   1024-column slab and row group, a thread per 4 columns) re-reads the matrix
+//                   and accumulates. Two reads of the matrix (the second from L2 when it fits).
+// Then reduce_partials sums the workspace rows in block order into `out`.
+#include "common.cuh"
 
 namespace ppu_cuda {
 namespace {
 
-constexpr int kBlock = 256;          // threads per block (the large-k step may use fewer)
-constexpr int kTileRows = 16;        // rows per tile of the large-k step kernel
-constexpr unsigned kFullMask = 0xffffffffu;
+using namespace detail;
 
-// ---------------------------------------------------------------------------------------------
-// Host-side error handling: every CUDA call is checked; failures become std::runtime_error
-// (Python RuntimeError) naming the call and the CUDA error, e.g. cudaErrorInsufficientDriver (35).
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("ppu_fast._cuda: ") + what + " failed: " +
-                             cudaGetErrorName(err) + " (" + std::to_string(static_cast<int>(err)) +
-                             "): " + cudaGetErrorString(err));
-  }
-}
-
-// Makes `device` current for the runtime linked into this module (it keeps its own current
-// device, separate from torch's) and restores the previous one on exit.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != device) {
-      check(cudaSetDevice(device), "cudaSetDevice");
-      switched_ = true;
-    }
-  }
-  ~DeviceGuard() {
-    if (switched_) cudaSetDevice(prev_);  // best effort: a destructor must not throw
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-  bool switched_ = false;
-};
-
-// ---------------------------------------------------------------------------------------------
-// Device helpers.
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// The output dtype is a runtime switch (uniform across the grid): materialize is not the hot
-// path, and this keeps the number of kernel instantiations down.
-__device__ __forceinline__ void store(void* out, int64_t off, int dtype, float q) {
-  switch (dtype) {
-    case kFloat32: static_cast<float*>(out)[off] = q; break;
-    case kFloat16: static_cast<__half*>(out)[off] = __float2half_rn(q); break;
-    case kBFloat16: static_cast<__nv_bfloat16*>(out)[off] = __float2bfloat16_rn(q); break;
-    default: static_cast<double*>(out)[off] = static_cast<double>(q); break;
-  }
-}
-
-// Online softmax state (m = running max, s = sum exp(x - m)); (-inf, 0) is the empty state.
-__device__ __forceinline__ void online_merge(float& m, float& s, float m2, float s2) {
-  const float mx = fmaxf(m, m2);
-  if (mx == -INFINITY) return;  // both empty
-  s = s * expf(m - mx) + s2 * expf(m2 - mx);
-  m = mx;
-}
-
-// Warp-level (m, s) merge down to lane 0 in a fixed shuffle tree; the result is broadcast.
-__device__ __forceinline__ void warp_merge(float& m, float& s) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float m2 = __shfl_down_sync(kFullMask, m, off);
-    const float s2 = __shfl_down_sync(kFullMask, s, off);
-    online_merge(m, s, m2, s2);
-  }
-  m = __shfl_sync(kFullMask, m, 0);
-  s = __shfl_sync(kFullMask, s, 0);
-}
-
-// One warp's (m, s) of a row of k entries, lanes taking columns lane, lane + 32, ...: each lane
-// loads kChunk entries at a time (independent loads in flight, which is what keeps the memory
-// system busy), folds the chunk's max into its running max once, then adds the chunk's exps.
-// Result broadcast to every lane.
-constexpr int kChunk = 8;
-
-template <typename T>
-__device__ __forceinline__ void row_stats_warp(const T* __restrict__ r, int64_t scol, int k,
-                                               float w, const float* __restrict__ alpha,
-                                               float& m, float& s) {
-  const int lane = threadIdx.x & 31;
-  m = -INFINITY;
-  s = 0.0f;
-  for (int64_t j0 = lane; j0 < k; j0 += 32 * kChunk) {
-    float x[kChunk];
-    float cm = -INFINITY;
-#pragma unroll
-    for (int u = 0; u < kChunk; ++u) {
-      const int64_t j = j0 + 32 * u;
-      x[u] = j < k ? to_float(r[j * scol]) - w * alpha[j] : -INFINITY;
-      cm = fmaxf(cm, x[u]);
-    }
-    if (cm > m) {
-      s *= expf(m - cm);  // m == -inf: s is 0 and stays 0
-      m = cm;
-    }
-#pragma unroll
-    for (int u = 0; u < kChunk; ++u) {
-      if (x[u] != -INFINITY) s += expf(x[u] - m);  // skip -inf: never exp(-inf - (-inf))
-    }
-  }
-  warp_merge(m, s);
-}
-
-// Deterministic block sum of one double per thread (fixed shuffle tree, then warps in order).
-// Every thread of the block must call it; the result is valid in thread 0.
-__device__ double block_sum(double v, double* sred) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(kFullMask, v, off);
-  if (lane == 0) sred[warp] = v;
-  __syncthreads();
-  double total = 0.0;
-  if (threadIdx.x == 0) {
-    const int nwarps = blockDim.x >> 5;
-    for (int w = 0; w < nwarps; ++w) total += sred[w];
-  }
-  __syncthreads();  // sred may be reused by the next call
-  return total;
-}
-
-// Softmax of one row with k <= KMAX held in registers. On return q[j] = q_j for j < k (0 beyond),
-// and m, s are the row's max and sum exp(x - m), so log Z = m + logf(s).
-template <int KMAX, typename T>
+// One row of k <= KMAX entries in registers: on return q[j] = q_j (0 for j >= k), qmax = the
+// row's largest q (1 / sum) and lz = log Z; with kTop also rest = 1 - qmax accumulated without
+// cancellation. "Top" entries are those with q == qmax, the reference's rule (stats_from_q):
+// exp(x - max) == 1 exactly, i.e. the max and any entry within rounding of it, whose 1 - q is
+// rest to float precision. Branch-free: expf(-inf) = 0 for -inf entries and the padding (q =
+// -inf beyond k; m is finite on a valid row); a conditional expf compiles to a branch per entry
+// (a convergence barrier and the constants rematerialised: ~20 instructions).
+template <int KMAX, typename T, bool kTop>
 __device__ __forceinline__ void row_softmax_small(const T* __restrict__ r, int64_t scol, int k,
                                                   float w, const float* __restrict__ alpha,
-                                                  float (&q)[KMAX], float& m, float& s) {
-  m = -INFINITY;
+                                                  float (&q)[KMAX], float& qmax, float& rest,
+                                                  float& lz) {
+  float m = -INFINITY;
 #pragma unroll
   for (int j = 0; j < KMAX; ++j) {
     q[j] = -INFINITY;
     if (j < k) {
-      q[j] = to_float(r[j * scol]) - w * alpha[j];
+      q[j] = shifted(to_float(r[j * scol]), w, alpha[j]);
       m = fmaxf(m, q[j]);
     }
   }
-  s = 0.0f;
+  float sr = 0.0f, cnt = 0.0f;
 #pragma unroll
   for (int j = 0; j < KMAX; ++j) {
-    if (j < k) {
-      q[j] = expf(q[j] - m);  // -inf entries give exactly 0
-      s += q[j];
+    q[j] = expf(q[j] - m);
+    if (kTop) {
+      const bool t = q[j] == 1.0f;
+      cnt += t ? 1.0f : 0.0f;
+      sr += t ? 0.0f : q[j];
+    } else {
+      sr += q[j];
     }
   }
+  const float s = sr + cnt;
+  const float rinv = 1.0f / s;
 #pragma unroll
-  for (int j = 0; j < KMAX; ++j) q[j] = (j < k) ? q[j] / s : 0.0f;
+  for (int j = 0; j < KMAX; ++j) q[j] *= rinv;
+  qmax = rinv;
+  rest = (sr + (cnt - 1.0f)) * rinv;
+  lz = m + logf(s);
 }
 
 // ---------------------------------------------------------------------------------------------
 // step, k <= 32: one row per thread, rows in registers.
-// Bytes moved: reads n*k*sizeof(T) (log_p, once) + 4n (inv_c) + 4k per thread (alpha, L1-cached);
-// writes grid*width*8 (workspace). The matrix is read exactly once.
+// Bytes moved: reads n*k*sizeof(T) (log_p, once) + 4n (inv_c) + 4k per row (alpha, L1 hits);
+// writes grid*width*8 (workspace). Shared memory: 2.3 KB, + 35 KB for the W tile (MODE 2).
+// Workspace row: [0, k) colsum | [k] sum log Z / inv_c | [k+1, 2k+1) d (MODE >= 1) |
+//   [2k+1, 2k+1+k*k) W row-major, strict upper triangle (MODE 2).
 
+// (An explicit minimum of blocks per SM: without one, ptxas capped the W variant at 64
+// registers and spilled.)
 template <int KMAX, typename T, int MODE>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, MODE == kFullHessian ? 2 : 1)
     step_small_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow, int64_t scol,
                       const float* __restrict__ inv_c, const float* __restrict__ alpha,
-                      double* __restrict__ ws, int64_t width) {
-  constexpr int kPad = KMAX + 1;  // shared row stride: avoids bank conflicts on writes
+                      int64_t hstride, double* __restrict__ ws, int64_t width) {
+  constexpr bool kDiag = MODE != kNoHessian;
   constexpr bool kFull = MODE == kFullHessian;
-  constexpr bool kDiag = MODE == kDiagHessian;
-  constexpr int kEntries = kFull ? (KMAX * KMAX + kBlock - 1) / kBlock : 1;
-  __shared__ float sq[kFull ? kBlock * kPad : 1];
-  __shared__ float sw[kFull ? kBlock : 1];
-  __shared__ double sred[kBlock / 32];
+  using PW = PairWork<KMAX>;
+  __shared__ float sq[kFull ? kBlock * PW::kS : 1];
+  __shared__ float sx[kFull ? (PW::kStoreWq ? kBlock * PW::kS : kBlock) : 1];
+  __shared__ double sW[kFull ? kBlock : 1];
+  __shared__ double sred[kWarps * KMAX];
 
   const int tid = threadIdx.x;
-  double cs[KMAX];
-  double dg[kDiag ? KMAX : 1];
-  double hacc[kEntries];
-#pragma unroll
-  for (int j = 0; j < KMAX; ++j) cs[j] = 0.0;
-#pragma unroll
-  for (int j = 0; j < (kDiag ? KMAX : 1); ++j) dg[j] = 0.0;
-#pragma unroll
-  for (int h = 0; h < kEntries; ++h) hacc[h] = 0.0;
-  double wl = 0.0;
+  double acc_c = 0.0, acc_d = 0.0, wl = 0.0;
+  PW pw;
+  if (kFull) pw.init(k);
 
-  // The loop bounds depend on blockIdx only, so every thread runs the same iterations (needed
-  // for the __syncthreads of the full-Hessian tile).
+  // Loop bounds depend on blockIdx only: every thread runs the same iterations, which the
+  // warp shuffles and the W tile's __syncthreads need.
   for (int64_t tile = static_cast<int64_t>(blockIdx.x) * kBlock; tile < n;
        tile += static_cast<int64_t>(gridDim.x) * kBlock) {
     const int64_t row = tile + tid;
     float q[KMAX];
-    float w = 0.0f;
+    float w = 0.0f, rest = 0.0f, qmax = 2.0f;  // (no q reaches 2 on the empty rows)
     if (row < n) {
       w = inv_c[row];
-      float m, s;
-      row_softmax_small<KMAX, T>(lp + row * srow, scol, k, w, alpha, q, m, s);
-      wl += static_cast<double>(m + logf(s)) / static_cast<double>(w);
-#pragma unroll
-      for (int j = 0; j < KMAX; ++j) {
-        if (j < k) {
-          cs[j] += static_cast<double>(q[j]);
-          if (kDiag) dg[j] += static_cast<double>(w * q[j] * (1.0f - q[j]));
-        }
-      }
+      float lz;
+      row_softmax_small<KMAX, T, kDiag>(lp + row * srow, scol, k, w, alpha, q, qmax, rest, lz);
+      wl += static_cast<double>(lz) / static_cast<double>(w);
     } else {
 #pragma unroll
       for (int j = 0; j < KMAX; ++j) q[j] = 0.0f;
     }
     if (kFull) {
-      __syncthreads();  // the previous tile's readers are done with sq / sw
-#pragma unroll
-      for (int j = 0; j < KMAX; ++j) sq[tid * kPad + j] = q[j];
-      sw[tid] = w;
-      __syncthreads();
-      const int rows = static_cast<int>(n - tile < kBlock ? n - tile : kBlock);
-#pragma unroll
-      for (int h = 0; h < kEntries; ++h) {
-        const int e = tid + h * kBlock;  // this thread's fixed entry (a, b) of H
-        if (e < k * k) {
-          const int a = e / k;
-          const int b = e - a * k;
-          const float delta = (a == b) ? 1.0f : 0.0f;
-          double acc = 0.0;
-          for (int r = 0; r < rows; ++r) {
-            acc += static_cast<double>(sw[r] * sq[r * kPad + a]) *
-                   static_cast<double>(delta - sq[r * kPad + b]);
-          }
-          hacc[h] += acc;
-        }
+      const unsigned mask = tile_mask(tile, hstride);
+      if (mask != 0) {    // uniform across the block
+        __syncthreads();  // the previous tile's readers are done with sq / sx
+        PW::put(sq, sx, q, w);
+        __syncthreads();
+        pw.tile(sq, sx, mask);
       }
     }
+    if (kDiag) {
+      float t[KMAX];
+#pragma unroll
+      for (int j = 0; j < KMAX; ++j)
+        t[j] = (q[j] * (q[j] == qmax ? rest : 1.0f - q[j])) * w;
+      acc_d += static_cast<double>(warp_colreduce<KMAX>(t));
+    }
+    acc_c += static_cast<double>(warp_colreduce<KMAX>(q));
+  }
+
+  double* out = ws + static_cast<int64_t>(blockIdx.x) * width;
+  block_columns<KMAX>(acc_c, sred, out, k);
+  if (kDiag) block_columns<KMAX>(acc_d, sred, out + k + 1, k);
+  const double z = block_sum(wl, sred);
+  if (tid == 0) out[k] = z;
+  if (kFull) pw.finish(k, out + 2 * k + 1, sW);
+}
+
+// ---------------------------------------------------------------------------------------------
+// step, 32 < k <= 1024: one row per warp (WPR = 1; k <= 512) or per pair of warps (WPR = 2;
+// 512 < k <= 1024), held in registers: lane holds columns col0 + lane + 32 u, u < EPL (EPL <= 16),
+// col0 = 32 EPL * (warp's half of the row). A pair exchanges its max and sums through shared
+// memory under a 64-thread named barrier: one warp holding 32 entries per lane needed 152 (254
+// with the diagonal) registers, i.e. 8 warps per SM, where EPL = 16 fits 128 (16 warps per SM).
+// Rounds of 16 consecutive rows per row-owner: each lane sums q (and the diagonal's terms) of its
+// columns in float32 over those 16 rows, then the block stages the sums in shared memory and
+// thread t adds columns t, t + 256, ... (row-owners in order) to float64 registers.
+// Bytes moved: reads n*k*sizeof(T) once + 4n; alpha once per block (shared memory); writes
+// grid*width*8 once. Shared memory: 32 EPL (8 + WPR) floats (stage + alpha; 20 KB at most).
+
+constexpr int kRowsPerOwner = 16;
+
+__device__ __forceinline__ void pair_sync(int id) {
+#ifdef PPU_CUDA_EMULATE
+  ::ppu_emu::named_barrier(id, 64);
+#else
+  asm volatile("bar.sync %0, 64;" ::"r"(id) : "memory");
+#endif
+}
+
+// alpha (k floats) into shared memory; the caller synchronises before use.
+__device__ __forceinline__ void stage_alpha(const float* __restrict__ alpha, int k, float* salpha) {
+  for (int j = threadIdx.x; j < k; j += blockDim.x) salpha[j] = alpha[j];
+}
+
+// One row (k <= 32 * EPL * WPR entries): on return e[u] = exp(x - max) of column col0 + lane +
+// 32 u (0 for padding) and the row-uniform m = max and s = sum of exp(x - max); with kTop also
+// rest = s - 1 accumulated without cancellation (the entries below 1 plus count(e == 1) - 1; the
+// top rule of row_softmax_small). alpha comes from shared memory (reloading it from L1 per row
+// kept EPL more values live next to the loads in flight); contiguous rows (scol == 1, a uniform
+// branch) address every load from one base register. WPR = 2: xch = the pair's 8 exchange
+// words, bar = its named barrier, h = 0 / 1.
+template <int EPL, int WPR, typename T, bool kTop>
+__device__ __forceinline__ void row_exp(const T* __restrict__ r, int64_t scol, int k, float w,
+                                        const float* salpha, float (&e)[EPL], float& m, float& s,
+                                        float& rest, float* xch, int bar, int h) {
+  const int lane = threadIdx.x & 31;
+  const int c0 = h * 32 * EPL + lane;
+  if (scol == 1) {
+#pragma unroll
+    for (int u = 0; u < EPL; ++u) {
+      const int j = c0 + 32 * u;
+      e[u] = j < k ? to_float(r[j]) : -INFINITY;
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < EPL; ++u) {
+      const int j = c0 + 32 * u;
+      e[u] = j < k ? to_float(r[j * scol]) : -INFINITY;
+    }
+  }
+  m = -INFINITY;
+#pragma unroll
+  for (int u = 0; u < EPL; ++u) {
+    const int j = c0 + 32 * u;
+    if (j < k) e[u] = shifted(e[u], w, salpha[j]);
+    m = fmaxf(m, e[u]);
+  }
+  m = warp_max(m);
+  if (WPR == 2) {
+    if (lane == 0) xch[h] = m;
+    pair_sync(bar);
+    m = fmaxf(xch[0], xch[1]);  // same operands in both warps
+  }
+  float sr = 0.0f, cnt = 0.0f;
+#pragma unroll
+  for (int u = 0; u < EPL; ++u) {  // branch-free (padding is -inf)
+    e[u] = expf(e[u] - m);
+    if (kTop) {
+      const bool t = e[u] == 1.0f;
+      cnt += t ? 1.0f : 0.0f;
+      sr += t ? 0.0f : e[u];
+    } else {
+      sr += e[u];
+    }
+  }
+  sr = warp_sum(sr);
+  if (kTop) cnt = warp_sum(cnt);  // exact: small integers
+  if (WPR == 2) {
+    // xch[0..1] (the maxima) were read by both warps before either got past the barrier above,
+    // and xch[2..5] of the previous row were read before the partner reached that barrier.
+    if (lane == 0) {
+      xch[2 + h] = sr;
+      xch[4 + h] = cnt;
+    }
+    pair_sync(bar);
+    sr = xch[2] + xch[3];
+    cnt = xch[4] + xch[5];
+  }
+  s = sr + cnt;
+  rest = sr + (cnt - 1.0f);
+}
+
+// Adds the block's staged float sums of column j (written by the row-owner o that holds it, at
+// stage[o * kCols + j]) to the float64 registers of the thread owning j (j = tid + 256 c),
+// owners in order. Every thread must call it.
+template <int EPL, int WPR>
+__device__ __forceinline__ void stage_flush(const float (&f)[EPL], float* stage,
+                                            double (&acc)[(32 * EPL * WPR + kBlock - 1) / kBlock],
+                                            int k) {
+  constexpr int kCols = 32 * EPL * WPR;
+  constexpr int kPer = (kCols + kBlock - 1) / kBlock;
+  constexpr int kOwners = kWarps / WPR;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int c0 = (warp % WPR) * 32 * EPL + lane;
+  float* mine = stage + (warp / WPR) * kCols;
+#pragma unroll
+  for (int u = 0; u < EPL; ++u) {
+    const int j = c0 + 32 * u;
+    if (j < k) mine[j] = f[u];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    const int j = tid + kBlock * c;
+    if (j < k) {
+      double s = 0.0;
+#pragma unroll
+      for (int o = 0; o < kOwners; ++o) s += static_cast<double>(stage[o * kCols + j]);
+      acc[c] += s;
+    }
+  }
+  __syncthreads();  // the stage is rewritten next
+}
+
+template <int EPL, int WPR, typename T, bool DIAG>
+__global__ void __launch_bounds__(kBlock, 2)
+    step_row_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow, int64_t scol,
+                    const float* __restrict__ inv_c, const float* __restrict__ alpha,
+                    double* __restrict__ ws, int64_t width) {
+  constexpr int kCols = 32 * EPL * WPR;
+  constexpr int kPer = (kCols + kBlock - 1) / kBlock;
+  constexpr int kOwners = kWarps / WPR;
+  constexpr int kRowsPerRound = kOwners * kRowsPerOwner;
+  __shared__ float stage[kOwners * kCols];
+  __shared__ float salpha[kCols];
+  __shared__ float xch[kOwners * 8];
+  __shared__ double sred[kWarps];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int owner = warp / WPR, h = warp % WPR;
+  stage_alpha(alpha, k, salpha);
+  __syncthreads();
+  double dc[kPer], dd[kPer];
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) {
+    dc[c] = 0.0;
+    dd[c] = 0.0;
+  }
+  double wl = 0.0;  // lanes of each row-owner's first warp: one row per lane and round
+
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kRowsPerRound; base < n;
+       base += static_cast<int64_t>(gridDim.x) * kRowsPerRound) {  // uniform across the block
+    float fc[EPL], fd[EPL];  // fd is dead code without DIAG
+#pragma unroll
+    for (int u = 0; u < EPL; ++u) {
+      fc[u] = 0.0f;
+      fd[u] = 0.0f;
+    }
+    // Row i's (max, sum, inv_c) stay in lane i; its log Z / inv_c (a logf and a float64 division)
+    // is formed once per round by that lane instead of per row by the whole warp.
+    float my_m = 0.0f, my_s = 1.0f, my_w = 1.0f;
+    const int64_t r0 = base + static_cast<int64_t>(owner) * kRowsPerOwner;
+    int done = 0;
+    for (int i = 0; i < kRowsPerOwner; ++i) {
+      const int64_t row = r0 + i;
+      if (row >= n) break;  // uniform across the row-owner's warps
+      const float w = inv_c[row];
+      float e[EPL];
+      float m, s, rest;
+      row_exp<EPL, WPR, T, DIAG>(lp + row * srow, scol, k, w, salpha, e, m, s, rest,
+                                 xch + owner * 8, 1 + owner, h);
+      const float rinv = 1.0f / s;
+      my_m = lane == i ? m : my_m;
+      my_s = lane == i ? s : my_s;
+      my_w = lane == i ? w : my_w;
+      ++done;
+      rest *= rinv;
+#pragma unroll
+      for (int u = 0; u < EPL; ++u) {
+        const float q = e[u] * rinv;
+        fc[u] += q;
+        if (DIAG) fd[u] += (q * (e[u] == 1.0f ? rest : 1.0f - q)) * w;
+      }
+    }
+    if (h == 0 && lane < done)
+      wl += static_cast<double>(my_m + logf(my_s)) / static_cast<double>(my_w);
+    stage_flush<EPL, WPR>(fc, stage, dc, k);
+    if (DIAG) stage_flush<EPL, WPR>(fd, stage, dd, k);
   }
 
   double* out = ws + static_cast<int64_t>(blockIdx.x) * width;
 #pragma unroll
-  for (int j = 0; j < KMAX; ++j) {
-    if (j < k) {  // k is uniform, so every thread reaches the same block_sum calls
-      const double v = block_sum(cs[j], sred);
-      if (tid == 0) out[j] = v;
-      if (kDiag) {
-        const double d = block_sum(dg[j], sred);
-        if (tid == 0) out[k + 1 + j] = d;
-      }
+  for (int c = 0; c < kPer; ++c) {
+    const int j = tid + kBlock * c;
+    if (j < k) {
+      out[j] = dc[c];
+      if (DIAG) out[k + 1 + j] = dd[c];
     }
   }
-  const double v = block_sum(wl, sred);
-  if (tid == 0) out[k] = v;
-  if (kFull) {
-#pragma unroll
-    for (int h = 0; h < kEntries; ++h) {
-      const int e = tid + h * kBlock;
-      if (e < k * k) out[k + 1 + e] = hacc[h];
-    }
-  }
+  const double z = block_sum(wl, sred);
+  if (tid == 0) out[k] = z;
 }
 
 // ---------------------------------------------------------------------------------------------
-// step, k > 32: tiles of kTileRows rows; phase 1 (warp per row, online max/sum) reads the tile,
-// phase 2 (thread per column) reads it again and accumulates into the block's workspace row.
-// Bytes moved: 2 * n*k*sizeof(T) reads of log_p, of which the second hits L2 while the tiles in
-// flight fit there (grid * kTileRows * k * sizeof(T): 396 blocks x 16 rows x 1000 x 4 B = 25 MB
-// on an H100 for k = 1000; for very large k, e.g. 32,000, the re-read comes from HBM and the step
-// costs about two reads of the matrix); + 4n (inv_c) + 4k (alpha) per tile (L1/L2);
-// workspace: grid*width*8 written once to zero, then 16 B (read + write) per column per tile and
-// per accumulated quantity, i.e. 1 B per element per quantity with 16-row tiles, in L2.
+// step, k > 1024, pass 1: a warp per row streams it in chunks (8 entries per lane for 4-byte
+// types, 16 for 2-byte; the next chunk's loads issued before the current one is folded in: 2 KB
+// per warp in flight) with the online max / sum / top count, and writes
+// stats[row] = (max, 1 / sum, accurate 1 - q_top, 0); sum log Z / inv_c per block -> zpart.
+// Bytes: reads n*k*sizeof(T) + 4n + 4k per row (L1); writes 16n + 8 * grid.
 
-template <typename T, int MODE>
+template <typename T>
 __global__ void __launch_bounds__(kBlock)
-    step_large_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow, int64_t scol,
-                      const float* __restrict__ inv_c, const float* __restrict__ alpha,
-                      double* __restrict__ ws, int64_t width) {
-  constexpr bool kDiag = MODE == kDiagHessian;
-  __shared__ float sm[kTileRows];
-  __shared__ float ss[kTileRows];
-  __shared__ float sw[kTileRows];
-  __shared__ double sred[kBlock / 32];
-
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int nwarps = blockDim.x >> 5;
-  double* acc = ws + static_cast<int64_t>(blockIdx.x) * width;
-  // Column j of the workspace row is only ever touched by thread j % blockDim: no races, and
-  // its additions happen in tile order.
-  for (int j = tid; j < k; j += blockDim.x) {
-    acc[j] = 0.0;
-    if (kDiag) acc[k + 1 + j] = 0.0;
-  }
-  double wl = 0.0;  // lane 0 of each warp: sum of log Z / inv_c over the rows this warp did
-
-  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * kTileRows; tile < n;
-       tile += static_cast<int64_t>(gridDim.x) * kTileRows) {
-    const int rows = static_cast<int>(n - tile < kTileRows ? n - tile : kTileRows);
-    for (int rr = warp; rr < rows; rr += nwarps) {  // warp-uniform loop
-      const int64_t row = tile + rr;
-      const float w = inv_c[row];
-      float m, s;
-      row_stats_warp(lp + row * srow, scol, k, w, alpha, m, s);
-      if (lane == 0) {
-        sm[rr] = m;
-        ss[rr] = s;
-        sw[rr] = w;
-        wl += static_cast<double>(m + logf(s)) / static_cast<double>(w);
-      }
+    row_stats_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow, int64_t scol,
+                     const float* __restrict__ inv_c, const float* __restrict__ alpha,
+                     float4* __restrict__ stats, double* __restrict__ zpart) {
+  constexpr int kChunk = sizeof(T) == 2 ? 16 : 8;
+  __shared__ double sred[kWarps];
+  const int lane = threadIdx.x & 31;
+  double wl = 0.0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < n;
+       row += stride) {  // warp-uniform
+    const float w = inv_c[row];
+    const Online st = warp_row_online<kChunk, T>(lp + row * srow, scol, k, w, alpha);
+    const float s = st.r + static_cast<float>(st.c);
+    const float rinv = 1.0f / s;
+    if (lane == 0) {
+      stats[row] = make_float4(st.m, rinv, (st.r + static_cast<float>(st.c - 1)) * rinv, 0.0f);
+      wl += static_cast<double>(st.m + logf(s)) / static_cast<double>(w);
     }
-    __syncthreads();
-    for (int j = tid; j < k; j += blockDim.x) {
-      const float a = alpha[j];
-      const T* col = lp + tile * srow + j * scol;
-      double c = 0.0, d = 0.0;
-#pragma unroll
-      for (int rr = 0; rr < kTileRows; ++rr) {  // unrolled: the tile's loads issue together
-        if (rr < rows) {
-          const float x = to_float(col[rr * srow]) - sw[rr] * a;
-          const float q = expf(x - sm[rr]) / ss[rr];
-          c += static_cast<double>(q);
-          if (kDiag) d += static_cast<double>(sw[rr] * q * (1.0f - q));
-        }
-      }
-      acc[j] += c;
-      if (kDiag) acc[k + 1 + j] += d;
-    }
-    __syncthreads();  // the next tile overwrites sm / ss / sw
   }
-  const double v = block_sum(wl, sred);  // lanes other than 0 contribute +0.0
-  if (tid == 0) acc[k] = v;
+  const double z = block_sum(wl, sred);
+  if (threadIdx.x == 0) zpart[blockIdx.x] = z;
 }
 
-// Second stage: out[c] = sum over blocks g = 0, 1, ... of ws[g][c], in that order.
-// Bytes moved: reads grid*width*8, writes width*8.
-__global__ void reduce_partials_kernel(const double* __restrict__ ws, int64_t grid, int64_t width,
+// step, k > 1024, pass 2: block (slab, group) = columns [1024 slab, 1024 slab + 1024) x rows
+// [group * rows_per_group, ...); thread t owns columns t + 256 c (c < 4: coalesced 128-byte
+// loads per warp instruction for float32) and keeps 4 rows (16 loads) in flight. float32 sums
+// over 32 rows, then float64 registers; writes its group's workspace row once.
+// Bytes: reads n*k*sizeof(T) (again; from L2 if the matrix fits) + 16n per slab (stats, L1/L2
+// broadcast) + 4n per slab; writes G*width*8.
+
+constexpr int kWideCols = 4;
+constexpr int kWideSlab = kBlock * kWideCols;
+constexpr int kWideUnroll = 4;
+constexpr int kWideFlush = 32;
+
+template <typename T, bool DIAG>
+__global__ void __launch_bounds__(kBlock)
+    colsum_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow, int64_t scol,
+                  const float* __restrict__ inv_c, const float* __restrict__ alpha,
+                  const float4* __restrict__ stats, int64_t rows_per_group,
+                  double* __restrict__ ws, int64_t width) {
+  const int tid = threadIdx.x;
+  const int64_t g = blockIdx.y;
+  const int64_t rb = g * rows_per_group;
+  const int64_t re = rb + rows_per_group < n ? rb + rows_per_group : n;
+  int j[kWideCols];
+  bool ok[kWideCols];
+  float a[kWideCols], fc[kWideCols], fd[kWideCols];
+  double dc[kWideCols], dd[kWideCols];
+  // Loads are unconditional, on clamped addresses (a column past k re-reads this thread's first
+  // column or column 0, a row past the group re-reads the group's first row) and the
+  // contributions are masked: predicated loads made nvcc sink a 64-bit row * srow + j * scol into
+  // a branch per load (~18 instructions each).
+  const int jb = static_cast<int>(blockIdx.x) * kWideSlab + tid;
+  const int64_t cbase = static_cast<int64_t>(jb < k ? jb : 0) * scol;
+  int64_t coff[kWideCols];
+#pragma unroll
+  for (int c = 0; c < kWideCols; ++c) {
+    j[c] = jb + kBlock * c;
+    ok[c] = j[c] < k;
+    a[c] = ok[c] ? alpha[j[c]] : 0.0f;
+    coff[c] = ok[c] ? static_cast<int64_t>(kBlock) * c * scol : 0;
+    fc[c] = fd[c] = 0.0f;
+    dc[c] = dd[c] = 0.0;
+  }
+  int since = 0;
+  for (int64_t row0 = rb; row0 < re; row0 += kWideUnroll) {
+    float v[kWideUnroll][kWideCols];
+    float4 st[kWideUnroll];
+    float w[kWideUnroll];
+    bool rok[kWideUnroll];
+#pragma unroll
+    for (int i = 0; i < kWideUnroll; ++i) {
+      rok[i] = row0 + i < re;
+      const int64_t row = rok[i] ? row0 + i : row0;
+      st[i] = stats[row];
+      w[i] = inv_c[row];
+      const T* __restrict__ rp = lp + (cbase + row * srow);
+#pragma unroll
+      for (int c = 0; c < kWideCols; ++c) v[i][c] = to_float(rp[coff[c]]);
+    }
+#pragma unroll
+    for (int i = 0; i < kWideUnroll; ++i) {
+#pragma unroll
+      for (int c = 0; c < kWideCols; ++c) {
+        const bool use = rok[i] && ok[c];
+        const float e = expf(shifted(v[i][c], w[i], a[c]) - st[i].x);  // the bits row_stats saw
+        const float q = e * st[i].y;
+        fc[c] += use ? q : 0.0f;
+        // e == 1: the row max or within rounding of it (1 - q is st.z to float precision)
+        if (DIAG) fd[c] += use ? (q * (e == 1.0f ? st[i].z : 1.0f - q)) * w[i] : 0.0f;
+      }
+    }
+    since += kWideUnroll;
+    if (since >= kWideFlush) {
+#pragma unroll
+      for (int c = 0; c < kWideCols; ++c) {
+        dc[c] += static_cast<double>(fc[c]);
+        dd[c] += static_cast<double>(fd[c]);
+        fc[c] = fd[c] = 0.0f;
+      }
+      since = 0;
+    }
+  }
+  double* out = ws + g * width;
+#pragma unroll
+  for (int c = 0; c < kWideCols; ++c) {
+    if (!ok[c]) continue;
+    out[j[c]] = dc[c] + static_cast<double>(fc[c]);
+    if (DIAG) out[k + 1 + j[c]] = dd[c] + static_cast<double>(fd[c]);
+  }
+  if (blockIdx.x == 0 && tid == 0) out[k] = 0.0;  // sum log Z comes from row_stats' zpart
+}
+
+// Second stage: out[c] = sum over rows g = 0, 1, ... of ws[g][c], in that order.
+// Bytes moved: reads rows*width*8, writes width*8.
+__global__ void reduce_partials_kernel(const double* __restrict__ ws, int64_t rows, int64_t width,
                                        double* __restrict__ out) {
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < width;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     double s = 0.0;
-    for (int64_t g = 0; g < grid; ++g) s += ws[g * width + c];
+    for (int64_t g = 0; g < rows; ++g) s += ws[g * width + c];
     out[c] = s;
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // materialize, k <= 32: one row per thread. Bytes: reads n*k*sizeof(T) + 4n, writes
-// n*k*sizeof(out).
+// n*k*sizeof(out). The row is in registers before any of it is written (out may be log_p).
 template <int KMAX, typename T>
 __global__ void __launch_bounds__(kBlock)
     materialize_small_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow,
                              int64_t scol, const float* __restrict__ inv_c,
-                             const float* __restrict__ alpha, void* __restrict__ out, int odt,
-                             int64_t orow, int64_t ocol) {
+                             const float* __restrict__ alpha, void* out, int odt, int64_t orow,
+                             int64_t ocol) {
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < n;
        row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float q[KMAX];
-    float m, s;
-    row_softmax_small<KMAX, T>(lp + row * srow, scol, k, inv_c[row], alpha, q, m, s);
+    float qmax, rest, lz;
+    row_softmax_small<KMAX, T, false>(lp + row * srow, scol, k, inv_c[row], alpha, q, qmax, rest,
+                                      lz);
 #pragma unroll
     for (int j = 0; j < KMAX; ++j) {
       if (j < k) store(out, row * orow + j * ocol, odt, q[j]);
@@ -399,46 +508,69 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// materialize, k > 32: one warp per row; the second read of the row (by the same warp, right
-// after the first) comes from L1/L2. Bytes: reads n*k*sizeof(T) from DRAM (twice from cache) +
-// 4n, writes n*k*sizeof(out).
+// materialize, 32 < k <= 1024: one row per warp in registers, read once (the warp's shuffles
+// order every load of the row before any store: out may be log_p). Bytes: reads n*k*sizeof(T)
+// + 4n, writes n*k*sizeof(out).
+template <int EPL, typename T>
+__global__ void __launch_bounds__(kBlock)
+    materialize_row_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow,
+                           int64_t scol, const float* __restrict__ inv_c,
+                           const float* __restrict__ alpha, void* out, int odt, int64_t orow,
+                           int64_t ocol) {
+  __shared__ float salpha[32 * EPL];
+  const int lane = threadIdx.x & 31;
+  stage_alpha(alpha, k, salpha);
+  __syncthreads();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < n;
+       row += stride) {  // warp-uniform
+    float e[EPL];
+    float m, s, rest;
+    row_exp<EPL, 1, T, false>(lp + row * srow, scol, k, inv_c[row], salpha, e, m, s, rest, nullptr,
+                              0, 0);
+    const float rinv = 1.0f / s;
+#pragma unroll
+    for (int u = 0; u < EPL; ++u) {
+      const int j = lane + 32 * u;
+      if (j < k) store(out, row * orow + j * ocol, odt, e[u] * rinv);
+    }
+  }
+}
+
+// materialize, k > 1024: one warp per row, streamed twice: the online stats, then the write
+// pass re-reading the row (the same warp just read it: L1/L2 hits). A lane reads each of its
+// columns before writing it, after the whole warp finished the first pass (out may be log_p).
+// Bytes: reads n*k*sizeof(T) from DRAM (twice from cache) + 4n, writes n*k*sizeof(out).
 template <typename T>
 __global__ void __launch_bounds__(kBlock)
-    materialize_large_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow,
-                             int64_t scol, const float* __restrict__ inv_c,
-                             const float* __restrict__ alpha, void* __restrict__ out, int odt,
-                             int64_t orow, int64_t ocol) {
+    materialize_wide_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow,
+                            int64_t scol, const float* __restrict__ inv_c,
+                            const float* __restrict__ alpha, void* out, int odt, int64_t orow,
+                            int64_t ocol) {
+  constexpr int kChunk = sizeof(T) == 2 ? 16 : 8;
   const int lane = threadIdx.x & 31;
-  const int64_t wpb = blockDim.x >> 5;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * wpb + (threadIdx.x >> 5); row < n;
-       row += static_cast<int64_t>(gridDim.x) * wpb) {  // warp-uniform loop
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < n;
+       row += stride) {  // warp-uniform
     const float w = inv_c[row];
     const T* r = lp + row * srow;
-    float m, s;
-    row_stats_warp(r, scol, k, w, alpha, m, s);
+    const Online st = warp_row_online<kChunk, T>(r, scol, k, w, alpha);
+    const float rinv = 1.0f / (st.r + static_cast<float>(st.c));
 #pragma unroll 4
     for (int j = lane; j < k; j += 32) {
-      const float x = to_float(r[j * scol]) - w * alpha[j];
-      store(out, row * orow + j * ocol, odt, expf(x - m) / s);
+      const float e = expf(shifted(to_float(r[j * scol]), w, alpha[j]) - st.m);
+      store(out, row * orow + j * ocol, odt, e * rinv);
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host dispatch. Kernels are picked as function pointers and launched with cudaLaunchKernel, so
-// that the grid can be sized from the kernel's own occupancy: a persistent grid of exactly the
-// blocks that fit on the device at once (capped at kMaxBlocksPerSM per SM), never a second
-// partial wave.
+// Host dispatch. Kernels are picked as function pointers and launched with cudaLaunchKernel;
+// persistent grids are sized from the kernel's own occupancy (resident_blocks).
 
-constexpr int kMaxBlocksPerSM = 8;  // bounds the workspace (grid x width doubles)
+enum Family { kSmall, kRow, kWide };
 
-struct Choice {
-  const void* func;        // the kernel
-  int threads;             // block size
-  int64_t rows_per_block;  // rows one block handles per sweep (sizes grids for small n)
-};
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+Family family_for(int64_t k) { return k <= kSmallK ? kSmall : k <= kRowK ? kRow : kWide; }
 
 // Doubles per workspace row (see ppu_cuda.h); validates mode against k.
 int64_t width_for(int64_t k, int mode) {
@@ -446,10 +578,10 @@ int64_t width_for(int64_t k, int mode) {
     throw std::invalid_argument("ppu_fast._cuda: mode must be 0, 1 or 2, got " +
                                 std::to_string(mode));
   if (mode == kFullHessian && k > kSmallK)
-    throw std::invalid_argument("ppu_fast._cuda: the full Hessian is accumulated in the kernel "
-                                "only for k <= " + std::to_string(kSmallK) + ", got k = " +
-                                std::to_string(k));
-  return k + 1 + (mode == kDiagHessian ? k : 0) + (mode == kFullHessian ? k * k : 0);
+    throw std::invalid_argument("ppu_fast._cuda: the full Hessian's sampled W is accumulated in "
+                                "the kernel only for k <= " + std::to_string(kSmallK) +
+                                ", got k = " + std::to_string(k));
+  return k + 1 + (mode != kNoHessian ? k : 0) + (mode == kFullHessian ? k * k : 0);
 }
 
 void check_shape(int dtype, int64_t n, int64_t k) {
@@ -462,151 +594,249 @@ void check_shape(int dtype, int64_t n, int64_t k) {
                                 std::to_string(k));
 }
 
-void check_launch(int64_t stride_row, int64_t stride_col, int64_t grid) {
+void check_strides(int64_t stride_row, int64_t stride_col) {
   if (stride_row < 0 || stride_col < 0)
     throw std::invalid_argument("ppu_fast._cuda: strides must be >= 0");
-  if (grid < 1 || grid > std::numeric_limits<int>::max())
-    throw std::invalid_argument("ppu_fast._cuda: grid must be >= 1, got " + std::to_string(grid));
 }
-
-int kmax_for(int64_t k) { return k <= 4 ? 4 : k <= 8 ? 8 : k <= 16 ? 16 : 32; }
 
 template <int KM, typename T>
 const void* small_step_func(int mode) {
-  if (mode == kNoHessian) return reinterpret_cast<const void*>(step_small_kernel<KM, T, kNoHessian>);
+  if (mode == kNoHessian) return PPU_KERNEL(step_small_kernel<KM, T, kNoHessian>);
   if (mode == kDiagHessian)
-    return reinterpret_cast<const void*>(step_small_kernel<KM, T, kDiagHessian>);
-  return reinterpret_cast<const void*>(step_small_kernel<KM, T, kFullHessian>);
+    return PPU_KERNEL(step_small_kernel<KM, T, kDiagHessian>);
+  return PPU_KERNEL(step_small_kernel<KM, T, kFullHessian>);
+}
+
+template <int EPL, int WPR, typename T>
+const void* row_step_func(int mode) {
+  return mode == kNoHessian ? PPU_KERNEL(step_row_kernel<EPL, WPR, T, false>)
+                            : PPU_KERNEL(step_row_kernel<EPL, WPR, T, true>);
+}
+
+// Rows per round of step_row_kernel: 16 per row-owner (a warp, or a pair for k > 512).
+int64_t row_rows_per_round(int64_t k) { return (k > 512 ? kWarps / 2 : kWarps) * kRowsPerOwner; }
+
+template <typename T>
+const void* step_func_t(int64_t k, int mode) {
+  switch (family_for(k)) {
+    case kSmall:
+      switch (kmax_for(k)) {
+        case 4: return small_step_func<4, T>(mode);
+        case 8: return small_step_func<8, T>(mode);
+        case 16: return small_step_func<16, T>(mode);
+        default: return small_step_func<32, T>(mode);
+      }
+    case kRow:
+      switch (epl_for(k)) {
+        case 2: return row_step_func<2, 1, T>(mode);
+        case 4: return row_step_func<4, 1, T>(mode);
+        case 8: return row_step_func<8, 1, T>(mode);
+        case 16: return row_step_func<16, 1, T>(mode);
+        default: return row_step_func<16, 2, T>(mode);  // k > 512: a pair of warps per row
+      }
+    default:
+      return PPU_KERNEL(row_stats_kernel<T>);
+  }
 }
 
 template <typename T>
-Choice choose_step_t(int64_t k, int mode) {
-  if (k <= kSmallK) {
-    const void* f = nullptr;
-    switch (kmax_for(k)) {
-      case 4: f = small_step_func<4, T>(mode); break;
-      case 8: f = small_step_func<8, T>(mode); break;
-      case 16: f = small_step_func<16, T>(mode); break;
-      default: f = small_step_func<32, T>(mode); break;
-    }
-    return {f, kBlock, kBlock};
-  }
-  // Enough threads to cover a row's columns in one sweep, in whole warps, 64..256.
-  const int64_t want = ceil_div(k, 32) * 32;
-  const int threads = want > kBlock ? kBlock : (want < 64 ? 64 : static_cast<int>(want));
-  const void* f = mode == kNoHessian
-                      ? reinterpret_cast<const void*>(step_large_kernel<T, kNoHessian>)
-                      : reinterpret_cast<const void*>(step_large_kernel<T, kDiagHessian>);
-  return {f, threads, kTileRows};
+const void* colsum_func_t(int mode) {
+  return mode == kNoHessian ? PPU_KERNEL(colsum_kernel<T, false>)
+                            : PPU_KERNEL(colsum_kernel<T, true>);
 }
 
-Choice choose_step(int dtype, int64_t k, int mode) {
+const void* step_func(int dtype, int64_t k, int mode) {
   switch (dtype) {
-    case kFloat32: return choose_step_t<float>(k, mode);
-    case kFloat16: return choose_step_t<__half>(k, mode);
-    default: return choose_step_t<__nv_bfloat16>(k, mode);
+    case kFloat32: return step_func_t<float>(k, mode);
+    case kFloat16: return step_func_t<__half>(k, mode);
+    default: return step_func_t<__nv_bfloat16>(k, mode);
+  }
+}
+
+const void* colsum_func(int dtype, int mode) {
+  switch (dtype) {
+    case kFloat32: return colsum_func_t<float>(mode);
+    case kFloat16: return colsum_func_t<__half>(mode);
+    default: return colsum_func_t<__nv_bfloat16>(mode);
   }
 }
 
 template <typename T>
-Choice choose_materialize_t(int64_t k) {
-  if (k <= kSmallK) {
-    const void* f = nullptr;
-    switch (kmax_for(k)) {
-      case 4: f = reinterpret_cast<const void*>(materialize_small_kernel<4, T>); break;
-      case 8: f = reinterpret_cast<const void*>(materialize_small_kernel<8, T>); break;
-      case 16: f = reinterpret_cast<const void*>(materialize_small_kernel<16, T>); break;
-      default: f = reinterpret_cast<const void*>(materialize_small_kernel<32, T>); break;
-    }
-    return {f, kBlock, kBlock};
+const void* materialize_func_t(int64_t k) {
+  switch (family_for(k)) {
+    case kSmall:
+      switch (kmax_for(k)) {
+        case 4: return PPU_KERNEL(materialize_small_kernel<4, T>);
+        case 8: return PPU_KERNEL(materialize_small_kernel<8, T>);
+        case 16: return PPU_KERNEL(materialize_small_kernel<16, T>);
+        default: return PPU_KERNEL(materialize_small_kernel<32, T>);
+      }
+    case kRow:
+      switch (epl_for(k)) {
+        case 2: return PPU_KERNEL(materialize_row_kernel<2, T>);
+        case 4: return PPU_KERNEL(materialize_row_kernel<4, T>);
+        case 8: return PPU_KERNEL(materialize_row_kernel<8, T>);
+        case 16: return PPU_KERNEL(materialize_row_kernel<16, T>);
+        default: return PPU_KERNEL(materialize_row_kernel<32, T>);
+      }
+    default:
+      return PPU_KERNEL(materialize_wide_kernel<T>);
   }
-  return {reinterpret_cast<const void*>(materialize_large_kernel<T>), kBlock, kBlock / 32};
 }
 
-Choice choose_materialize(int dtype, int64_t k) {
+const void* materialize_func(int dtype, int64_t k) {
   switch (dtype) {
-    case kFloat32: return choose_materialize_t<float>(k);
-    case kFloat16: return choose_materialize_t<__half>(k);
-    default: return choose_materialize_t<__nv_bfloat16>(k);
+    case kFloat32: return materialize_func_t<float>(k);
+    case kFloat16: return materialize_func_t<__half>(k);
+    default: return materialize_func_t<__nv_bfloat16>(k);
   }
 }
 
-// Blocks of kernel `c` resident on `device` at once (at most kMaxBlocksPerSM per SM). Asked of
-// the runtime once per (kernel, block size, device) and cached: it is fixed for a device.
-int64_t resident_blocks(const Choice& c, int device) {
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, int>, int64_t> cache;
-  const auto key = std::make_tuple(c.func, c.threads, device);
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    const auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
+// The step's launch plan; everything in it is a function of (n, k, mode, dtype, device).
+struct StepPlan {
+  int64_t grid;       // blocks of the main kernel (small, row) or of row_stats (wide)
+  int64_t rows;       // workspace rows of partial sums (small, row: grid; wide: row groups)
+  int64_t width;      // doubles per workspace row
+  int64_t slabs;      // wide: 1024-column slabs (grid.x of colsum)
+  int64_t rows_per_group;  // wide
+  int64_t zpart_off;  // wide: offset (doubles) of row_stats' per-block sums of log Z / inv_c
+  int64_t stats_off;  // wide: offset (doubles, even) of the per-row float4 stats
+  int64_t size;       // workspace doubles
+};
+
+constexpr int64_t kMaxWorkspacePartials = int64_t{1} << 22;  // 32 MB of float64 partial rows
+
+StepPlan make_step_plan(int64_t n, int64_t k, int mode, int dtype, int device) {
+  StepPlan p{};
+  p.width = width_for(k, mode);
+  const void* f = step_func(dtype, k, mode);
+  switch (family_for(k)) {
+    case kSmall:
+      p.grid = persistent_grid(f, kBlock, n, kBlock, device);
+      p.rows = p.grid;
+      p.size = p.rows * p.width;
+      break;
+    case kRow:
+      p.grid = persistent_grid(f, kBlock, n, row_rows_per_round(k), device);
+      p.rows = p.grid;
+      p.size = p.rows * p.width;
+      break;
+    default: {
+      p.grid = persistent_grid(f, kBlock, n, kWarps, device);
+      p.slabs = ceil_div(k, kWideSlab);
+      // About two waves of colsum blocks, each group at least 64 rows, the partial rows at most
+      // kMaxWorkspacePartials doubles.
+      const int64_t resident = resident_blocks(colsum_func(dtype, mode), kBlock, device);
+      int64_t groups = ceil_div(2 * resident, p.slabs);
+      const int64_t by_rows = ceil_div(n, 64);
+      if (groups > by_rows) groups = by_rows;
+      const int64_t by_mem = kMaxWorkspacePartials / p.width;
+      if (groups > by_mem) groups = by_mem;
+      if (groups > 65535) groups = 65535;
+      if (groups < 1) groups = 1;
+      p.rows_per_group = n > 0 ? ceil_div(n, groups) : 1;
+      p.rows = n > 0 ? ceil_div(n, p.rows_per_group) : 1;
+      p.zpart_off = p.rows * p.width;
+      p.stats_off = p.zpart_off + p.grid;
+      p.stats_off += p.stats_off & 1;  // float4 alignment
+      p.size = p.stats_off + 2 * n;
+      break;
+    }
   }
-  int sms = 0, per_sm = 0;
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-        "cudaDeviceGetAttribute(MultiProcessorCount)");
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, c.func, c.threads, 0),
-        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  if (per_sm < 1) per_sm = 1;
-  if (per_sm > kMaxBlocksPerSM) per_sm = kMaxBlocksPerSM;
-  const int64_t blocks = static_cast<int64_t>(per_sm) * (sms > 0 ? sms : 1);
-  std::lock_guard<std::mutex> lock(mutex);
-  cache[key] = blocks;
-  return blocks;
+  return p;
 }
 
-// Blocks for `c` on n rows: min(blocks needed, resident blocks) on the current device.
-// Deterministic for a given (kernel, n, device).
-int64_t grid_for(const Choice& c, int64_t n, int device) {
-  const int64_t cap = resident_blocks(c, device);
-  const int64_t need = ceil_div(n, c.rows_per_block);
-  return need < 1 ? 1 : (need > cap ? cap : need);
+void launch(const void* func, int64_t grid, void** args, cudaStream_t st, const char* what,
+            dim3 grid3 = dim3(0)) {
+  const dim3 g = grid3.x ? grid3 : dim3(static_cast<unsigned>(grid));
+  check(cudaLaunchKernel(func, g, dim3(kBlock), args, 0, st), what);
+  check(cudaGetLastError(), what);
+}
+
+void launch_reduce(const double* ws, int64_t rows, int64_t width, double* out, cudaStream_t st) {
+  const int64_t rblocks = ceil_div(width, kBlock);
+  const int rgrid = static_cast<int>(rblocks < 1024 ? rblocks : 1024);
+  void* args[] = {&ws, &rows, &width, &out};
+  check(cudaLaunchKernel(PPU_KERNEL(reduce_partials_kernel), dim3(rgrid), dim3(kBlock), args, 0,
+                         st),
+        "launch of reduce_partials_kernel");
 }
 
 }  // namespace
 
-std::pair<int64_t, int64_t> plan_step(int64_t n, int64_t k, int mode, int dtype, int device) {
+std::tuple<int64_t, int64_t, int64_t> plan_step(int64_t n, int64_t k, int mode, int dtype,
+                                                int device) {
   check_shape(dtype, n, k);
-  const int64_t width = width_for(k, mode);
+  width_for(k, mode);  // validates mode before any CUDA call
   DeviceGuard guard(device);
-  return {grid_for(choose_step(dtype, k, mode), n, device), width};
+  const StepPlan p = make_step_plan(n, k, mode, dtype, device);
+  return {p.rows, p.width, p.size};
 }
 
 int64_t plan_materialize(int64_t n, int64_t k, int dtype, int device) {
   check_shape(dtype, n, k);
   DeviceGuard guard(device);
-  return grid_for(choose_materialize(dtype, k), n, device);
+  const int64_t rows_per_block = family_for(k) == kSmall ? kBlock : kWarps;
+  return persistent_grid(materialize_func(dtype, k), kBlock, n, rows_per_block, device);
 }
 
 void step(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row, int64_t stride_col,
-          uintptr_t inv_c, uintptr_t alpha, int mode, uintptr_t workspace, int64_t grid,
-          int64_t width, uintptr_t out, int device, uintptr_t stream) {
+          uintptr_t inv_c, uintptr_t alpha, int mode, int64_t hess_stride, uintptr_t workspace,
+          int64_t workspace_size, uintptr_t out, int device, uintptr_t stream) {
   check_shape(dtype, n, k);
-  check_launch(stride_row, stride_col, grid);
-  const int64_t expect = width_for(k, mode);
-  if (width != expect)
-    throw std::invalid_argument("ppu_fast._cuda: workspace width " + std::to_string(width) +
-                                " does not match k and mode (expected " + std::to_string(expect) +
-                                ")");
-  const Choice c = choose_step(dtype, k, mode);
+  check_strides(stride_row, stride_col);
+  width_for(k, mode);
+  if (hess_stride < 1)
+    throw std::invalid_argument("ppu_fast._cuda: hess_stride must be >= 1, got " +
+                                std::to_string(hess_stride));
+  if (workspace % 16 != 0)
+    throw std::invalid_argument("ppu_fast._cuda: workspace must be 16-byte aligned");
   DeviceGuard guard(device);
+  const StepPlan p = make_step_plan(n, k, mode, dtype, device);
+  if (workspace_size < p.size)
+    throw std::invalid_argument("ppu_fast._cuda: workspace holds " +
+                                std::to_string(workspace_size) + " doubles, the plan needs " +
+                                std::to_string(p.size));
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   // Kernel arguments, in the exact types of the kernel's parameters.
-  const void* lp = reinterpret_cast<const void*>(log_p);
-  int64_t a_n = n, a_srow = stride_row, a_scol = stride_col, a_width = width;
+  const void* a_lp = reinterpret_cast<const void*>(log_p);
+  int64_t a_n = n, a_srow = stride_row, a_scol = stride_col, a_width = p.width;
+  int64_t a_m = hess_stride, a_rpg = p.rows_per_group;
   int a_k = static_cast<int>(k);
   const float* a_inv = reinterpret_cast<const float*>(inv_c);
   const float* a_alpha = reinterpret_cast<const float*>(alpha);
   double* a_ws = reinterpret_cast<double*>(workspace);
-  void* args[] = {&lp, &a_n, &a_k, &a_srow, &a_scol, &a_inv, &a_alpha, &a_ws, &a_width};
-  check(cudaLaunchKernel(c.func, dim3(static_cast<unsigned>(grid)), dim3(c.threads), args, 0, st),
-        k <= kSmallK ? "launch of step_small_kernel" : "launch of step_large_kernel");
-  check(cudaGetLastError(), "step kernel launch");
-  const int64_t rblocks = ceil_div(width, kBlock);
-  const int rgrid = static_cast<int>(rblocks < 1024 ? rblocks : 1024);
-  reduce_partials_kernel<<<rgrid, kBlock, 0, st>>>(a_ws, grid, width,
-                                                   reinterpret_cast<double*>(out));
-  check(cudaGetLastError(), "launch of reduce_partials_kernel");
+  double* a_out = reinterpret_cast<double*>(out);
+  const void* f = step_func(dtype, k, mode);
+  switch (family_for(k)) {
+    case kSmall: {
+      void* args[] = {&a_lp, &a_n, &a_k, &a_srow, &a_scol, &a_inv, &a_alpha, &a_m, &a_ws, &a_width};
+      launch(f, p.grid, args, st, "launch of step_small_kernel");
+      launch_reduce(a_ws, p.rows, p.width, a_out, st);
+      break;
+    }
+    case kRow: {
+      void* args[] = {&a_lp, &a_n, &a_k, &a_srow, &a_scol, &a_inv, &a_alpha, &a_ws, &a_width};
+      launch(f, p.grid, args, st, "launch of step_row_kernel");
+      launch_reduce(a_ws, p.rows, p.width, a_out, st);
+      break;
+    }
+    default: {
+      float4* a_stats = reinterpret_cast<float4*>(a_ws + p.stats_off);
+      double* a_zpart = a_ws + p.zpart_off;
+      const float4* a_cstats = a_stats;
+      void* args1[] = {&a_lp, &a_n, &a_k, &a_srow, &a_scol, &a_inv, &a_alpha, &a_stats, &a_zpart};
+      launch(f, p.grid, args1, st, "launch of row_stats_kernel");
+      void* args2[] = {&a_lp,    &a_n,     &a_k,   &a_srow, &a_scol, &a_inv,
+                       &a_alpha, &a_cstats, &a_rpg, &a_ws,   &a_width};
+      launch(colsum_func(dtype, mode), 0, args2, st, "launch of colsum_kernel",
+             dim3(static_cast<unsigned>(p.slabs), static_cast<unsigned>(p.rows)));
+      launch_reduce(a_ws, p.rows, p.width, a_out, st);
+      // out[k] (zero from the partial rows) becomes the sum of row_stats' blocks.
+      launch_reduce(a_zpart, p.grid, 1, a_out + k, st);
+      break;
+    }
+  }
 }
 
 void materialize(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row,
@@ -614,14 +844,16 @@ void materialize(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t strid
                  int out_dtype, int64_t out_row, int64_t out_col, int64_t grid, int device,
                  uintptr_t stream) {
   check_shape(dtype, n, k);
-  check_launch(stride_row, stride_col, grid);
+  check_strides(stride_row, stride_col);
+  if (grid < 1 || grid > std::numeric_limits<int>::max())
+    throw std::invalid_argument("ppu_fast._cuda: grid must be >= 1, got " + std::to_string(grid));
   if (out_dtype != kFloat32 && out_dtype != kFloat16 && out_dtype != kBFloat16 &&
       out_dtype != kFloat64)
     throw std::invalid_argument("ppu_fast._cuda: out dtype code must be 0, 1, 2 or 3, got " +
                                 std::to_string(out_dtype));
   if (out_row < 0 || out_col < 0)
     throw std::invalid_argument("ppu_fast._cuda: out strides must be >= 0");
-  const Choice c = choose_materialize(dtype, k);
+  const void* f = materialize_func(dtype, k);
   DeviceGuard guard(device);
   if (n == 0) return;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
@@ -633,14 +865,15 @@ void materialize(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t strid
   void* a_out = reinterpret_cast<void*>(out);
   void* args[] = {&lp, &a_n, &a_k, &a_srow, &a_scol, &a_inv, &a_alpha, &a_out, &a_odt,
                   &a_orow, &a_ocol};
-  check(cudaLaunchKernel(c.func, dim3(static_cast<unsigned>(grid)), dim3(c.threads), args, 0, st),
-        k <= kSmallK ? "launch of materialize_small_kernel" : "launch of materialize_large_kernel");
-  check(cudaGetLastError(), "materialize kernel launch");
+  launch(f, grid, args, st,
+         family_for(k) == kSmall ? "launch of materialize_small_kernel"
+         : family_for(k) == kRow ? "launch of materialize_row_kernel"
+                                 : "launch of materialize_wide_kernel");
 }
 
 int device_count() {
   int count = 0;
-  check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  detail::check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
   return count;
 }
 

@@ -88,7 +88,7 @@ CHUNK_ELEMS = 1 << 22
 # below that) and about HESS_ROWS_PER_ELEM * N / k rows, so its O(|S| k^2) work is a few FMAs per
 # element of the matrix, against a step's ~20 instructions per element.
 HESS_BLOCK = 16
-HESS_MIN_ROWS = 4096
+HESS_MIN_ROWS = 2048
 HESS_ROWS_PER_ELEM = 2
 
 

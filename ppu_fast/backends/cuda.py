@@ -1,9 +1,10 @@
 """CUDA C++ backend: launchers for the compiled module ``ppu_fast._cuda`` (the fallback behind Triton).
 
-Three layers, as in the Triton backend: the kernels live in ``csrc/cuda/kernels.cu`` (bound in
-``csrc/cuda/bindings.cpp``); this module holds the launchers (``_launch_step``,
-``_launch_materialize``: validate, plan the grid, pass pointers) and :class:`CudaBackend`, the
-registry's ``"cuda"`` backend.
+Three layers, as in the Triton backend: the kernels live in ``csrc/cuda/kernels.cu`` (step,
+materialize) and ``csrc/cuda/prepare.cu`` (prepare), bound in ``csrc/cuda/bindings.cpp``; this
+module holds the launchers (``_launch_step``, ``_launch_materialize``, ``_launch_prepare``:
+validate, plan, pass pointers) and :class:`CudaBackend`, the registry's ``"cuda"`` backend. The
+contract (semantics, the Hessian, the packed prepare result) is ``ppu_fast/backends/base.py``.
 
 The compiled module does not link libtorch: the launchers hand it ``tensor.data_ptr()``, sizes,
 element strides, the device index and ``torch.cuda.current_stream().cuda_stream``; it launches
@@ -12,24 +13,33 @@ asynchronously on that stream, and any CUDA error comes back as a ``RuntimeError
 torch tensors allocated on the same stream, so the caching allocator keeps them valid until the
 kernels that use them have run.
 
-Kernels (details and byte counts in ``kernels.cu``):
+Kernel families (details, byte counts and register use in the .cu files, the analysis in
+``docs/cuda_notes.md``):
 
-* ``k <= 32``: one row per thread, held in registers, read once;
-* ``k > 32``: tiles of 16 rows per block, a warp per row for a single-pass online max/sum, then a
-  thread per column re-reads the tile (from L2 for moderate k) to add q into the block's row of the
-  workspace.
+* ``k <= 32``: one row per thread, held in registers, read once; column sums by a shuffle
+  reduce-scatter per warp of 32 rows;
+* ``32 < k <= 1024``: one row per warp (a pair of warps for k > 512), held in registers, read
+  once; per-lane float32 column sums over 16 rows, staged through shared memory into float64
+  registers, the workspace written once per block;
+* ``k > 1024``: a row-statistics kernel (a warp per row, streamed) and a column kernel (a block per
+  1024-column slab and row group): two reads of the matrix, the second from L2 when it fits.
 
-Determinism: every block writes its partial sums to its own row of a ``grid x width`` float64
-workspace (grid = min(blocks needed, the kernel's resident blocks per SM, at most 8, x SM count):
-a persistent grid with no partial second wave), and a second kernel sums the rows in block order. No float atomics, so two runs on one device give bit-identical results.
+``prepare`` is one fused pass over the input: one row per thread for ``k <= 32``; 16-row tiles
+(a warp per row for validation and the row statistics, then a thread per column re-reading the
+tile from L1/L2 to write log P^ and accumulate) for larger k. Its per-block partials are reduced
+on the device into ``base.unpack_prepare``'s packed layout and copied to the host once.
 
-Hessian: ``hessian="diag"`` is accumulated in the kernel for every k. ``hessian=True`` is
-accumulated in the kernel for ``k <= 32`` (per-block float64 sums of ``inv_c q_a (delta_ab - q_b)``
-over 256-row tiles of q in shared memory); for larger k the launcher materialises float32 row
-chunks of Q (``torch_ref.chunk_rows`` rows) with the materialize kernel and forms
-``diag(sum inv_c q) - (Q * inv_c)^T Q`` with a float32 torch GEMM per chunk, accumulating the
-chunks in float64 (a second pass over the matrix and an O(N k^2) GEMM; the GEMM follows torch's
-float32 matmul precision setting, exact float32 unless the caller enabled TF32).
+Determinism: every block writes its partial sums to its own row of a float64 workspace (grids
+are persistent and sized from the kernel's occupancy on the device, or fixed by the problem
+size), and a second kernel sums the rows in block order. No float atomics, so two runs on one
+device give bit-identical results.
+
+Hessian (``base``'s contract): ``hessian="diag"`` is accumulated in the kernels for every k, with
+``1 - q`` of a row's maximum from the row's other entries. ``hessian=True`` is
+``assemble_hessian(d, W)``: the kernels give the diagonal d over all rows; the sampled weights W
+(the 16-row blocks b with ``b % hessian_stride(N, k) == 0``) are accumulated in the kernel for
+``k <= 32`` and formed by :func:`base.sampled_gram_by_chunks` (the materialize kernel on gathered
+rows, then a float32 GEMM accumulated in float64) for larger k.
 """
 
 from __future__ import annotations
@@ -41,11 +51,14 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .base import Backend, Hessian, StepOut, check_step_args, hessian_by_chunks
+from .base import (MODE_CODE, ROW_SUM_TOL, Backend, Hessian, PrepareOut, StepOut,
+                   assemble_hessian, check_prepare_args, check_step_args, hessian_stride,
+                   packed_size, sampled_gram_by_chunks, unpack_prepare)
 
 # Element type codes of ppu_fast._cuda (csrc/cuda/ppu_cuda.h).
 _IN_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_PREP_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _NO_HESSIAN, _DIAG_HESSIAN, _FULL_HESSIAN = 0, 1, 2
 
 
@@ -80,22 +93,28 @@ def _module() -> ModuleType:
     return mod
 
 
+def _stream(dev: torch.device) -> int:
+    return torch.cuda.current_stream(dev).cuda_stream
+
+
 def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
                  mode: int) -> torch.Tensor:
     """Run the step kernels on ``log_p`` (N x k, CUDA, any strides); returns the float64 vector
-    ``[colsum (k) | wlogz (1) | Hessian diagonal (k, mode 1) or k x k row-major (mode 2)]``.
+    ``[colsum (k) | wlogz (1) | d (k, modes 1 and 2) | W (k x k row-major, mode 2)]``.
 
     ``inv_c`` (N,) float32 and ``alpha32`` (k,) float32 must be contiguous on ``log_p``'s device.
     """
     mod = _module()
     n, k = log_p.shape
     dev = log_p.device
-    grid, width = mod.plan_step(n, k, mode, _IN_CODES[log_p.dtype], dev.index)
-    workspace = torch.empty((grid, width), dtype=torch.float64, device=dev)
+    code = _IN_CODES[log_p.dtype]
+    _, width, size = mod.plan_step(n, k, mode, code, dev.index)
+    workspace = torch.empty(max(size, 2), dtype=torch.float64, device=dev)
     out = torch.empty(width, dtype=torch.float64, device=dev)
-    mod.step(log_p.data_ptr(), _IN_CODES[log_p.dtype], n, k, log_p.stride(0), log_p.stride(1),
-             inv_c.data_ptr(), alpha32.data_ptr(), mode, workspace.data_ptr(), grid, width,
-             out.data_ptr(), dev.index, torch.cuda.current_stream(dev).cuda_stream)
+    m = hessian_stride(n, k) if mode == _FULL_HESSIAN else 1
+    mod.step(log_p.data_ptr(), code, n, k, log_p.stride(0), log_p.stride(1), inv_c.data_ptr(),
+             alpha32.data_ptr(), mode, m, workspace.data_ptr(), workspace.numel(), out.data_ptr(),
+             dev.index, _stream(dev))
     return out
 
 
@@ -111,7 +130,74 @@ def _launch_materialize(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch
     mod.materialize(log_p.data_ptr(), _IN_CODES[log_p.dtype], n, k, log_p.stride(0),
                     log_p.stride(1), inv_c.data_ptr(), alpha32.data_ptr(), out.data_ptr(),
                     _OUT_CODES[out.dtype], out.stride(0), out.stride(1), grid, dev.index,
-                    torch.cuda.current_stream(dev).cuda_stream)
+                    _stream(dev))
+
+
+def _sampled_gram(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor) -> torch.Tensor:
+    """W over the Hessian's row sample for k > 32 (:func:`base.sampled_gram_by_chunks` with the
+    materialize kernel)."""
+    return sampled_gram_by_chunks(lambda lp, ic, q: _launch_materialize(lp, ic, alpha32, q),
+                                  log_p, inv_c)
+
+
+def _fill_first(fill: torch.Tensor) -> torch.Tensor:
+    """[softmax(fill) (k) | its q (1 - q) terms (k) | logsumexp(fill)] float32: what a forget row
+    written with ``fill`` contributes to the first evaluation, computed as the reference does
+    (``torch_ref.stats_from_q``: 1 - q of the row's maximum from its other entries)."""
+    q = torch.softmax(fill, dim=0)
+    lz = torch.logsumexp(fill, dim=0)
+    qmax = q.max()
+    top = q == qmax
+    rest = torch.where(top, 0.0, q).sum() + (top.sum().to(q.dtype) - 1.0) * qmax
+    r = torch.where(top, rest, 1.0 - q)
+    return torch.cat([q, q * r, lz.reshape(1)]).contiguous()
+
+
+def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
+                    fill: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                    inv_c: Optional[torch.Tensor], hess: int, tol: float,
+                    result: torch.Tensor) -> int:
+    """Run the prepare kernels; the packed result (see ``base.unpack_prepare``, without W for
+    k > 32) lands in ``result[:width]`` on the device. Returns width."""
+    mod = _module()
+    n, k = x.shape
+    dev = x.device
+    code = _PREP_CODES[x.dtype]
+    mcode = MODE_CODE[mode]
+    first = inv_c is not None
+    _, width, size = mod.plan_prepare(n, k, mcode, code, first, hess, dev.index)
+    workspace = torch.empty(max(size, 2), dtype=torch.float64, device=dev)
+    # Temporaries stay referenced until the launch is queued; the caching allocator's stream
+    # order keeps their memory valid until the kernels have run.
+    keep = []
+    forget_ptr = fill_ptr = ffirst_ptr = 0
+    if forget is not None:
+        f8 = forget.contiguous().view(torch.uint8)
+        keep.append(f8)
+        forget_ptr = f8.data_ptr()
+        if fill is not None:
+            fill32 = fill.contiguous()
+            keep.append(fill32)
+            fill_ptr = fill32.data_ptr()
+            if first and mode != "log_p":
+                ff = _fill_first(fill32)
+                keep.append(ff)
+                ffirst_ptr = ff.data_ptr()
+    inv_ptr = 0
+    if first:
+        inv_c = inv_c.contiguous()
+        keep.append(inv_c)
+        inv_ptr = inv_c.data_ptr()
+    out_ptr, out_code, out_row, out_col = 0, 0, 0, 0
+    if out is not None:
+        out_ptr, out_code = out.data_ptr(), _IN_CODES[out.dtype]
+        out_row, out_col = out.stride(0), out.stride(1)
+    m = hessian_stride(n, k) if hess == _FULL_HESSIAN else 1
+    mod.prepare(x.data_ptr(), code, n, k, x.stride(0), x.stride(1), mcode, forget_ptr, fill_ptr,
+                ffirst_ptr, out_ptr, out_code, out_row, out_col, inv_ptr, hess, m, float(tol),
+                workspace.data_ptr(), workspace.numel(), result.data_ptr(), dev.index,
+                _stream(dev))
+    return width
 
 
 class CudaBackend(Backend):
@@ -141,21 +227,58 @@ class CudaBackend(Backend):
                            f"bfloat16)")
         return reasons
 
-    def _require(self, log_p: torch.Tensor) -> None:
-        why = self.not_supported_reasons(log_p)
+    def _require(self, t: torch.Tensor, any_dtype: bool = False) -> None:
+        """Raise with every reason this backend cannot run on ``t`` (``any_dtype``: prepare's
+        input, which float64 may be too)."""
+        why = ([] if t.device.type == "cuda" else
+               [f"input is on {t.device}; the cuda backend serves CUDA tensors only"]) \
+            if any_dtype else self.not_supported_reasons(t)
         if not why:
             why = self.available_reasons()
         if why:
-            raise RuntimeError(f"cuda backend cannot run on this input ({log_p.dtype}, "
-                               f"{tuple(log_p.shape)}, {log_p.device}): " + "; ".join(why))
+            raise RuntimeError(f"cuda backend cannot run on this input ({t.dtype}, "
+                               f"{tuple(t.shape)}, {t.device}): " + "; ".join(why))
 
+    # -- prepare ----------------------------------------------------------------------------------
+    def prepare(self, x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
+                fill: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                inv_c: Optional[torch.Tensor] = None, hessian: Hessian = False,
+                tol: float = ROW_SUM_TOL) -> PrepareOut:
+        """Validate x, write log P^ into out, sum the rows and (with inv_c) give the first
+        evaluation, in one pass over x; see :mod:`ppu_fast.backends.base`. One device-to-host
+        copy of the packed result."""
+        check_prepare_args(x, mode, forget, fill, out, inv_c, hessian)
+        self._require(x, any_dtype=True)
+        n, k = x.shape
+        if n == 0 or k == 0:  # nothing to launch: the reference's answer, on the same device
+            from .torch_ref import TorchBackend
+            return TorchBackend().prepare(x, mode, forget, fill, out, inv_c, hessian, tol)
+        first = inv_c is not None and (mode == "log_p" or out.dtype == torch.float32)
+        hess = 0
+        if first and hessian is not False:
+            hess = _FULL_HESSIAN if (hessian is True and k <= _module().SMALL_K) else _DIAG_HESSIAN
+        result = torch.empty(packed_size(k, first, hessian), dtype=torch.float64, device=x.device)
+        width = _launch_prepare(x, mode, forget, fill, out, inv_c if first else None, hess, tol,
+                                result)
+        if first and hessian is True and hess != _FULL_HESSIAN:
+            # k > 32: W from the stored rows at alpha = 0 (softmax of the stored log P^ is the
+            # normalised input, or softmax(fill), to rounding), on the device before the copy.
+            stored = out if out is not None else x
+            alpha0 = torch.zeros(k, dtype=torch.float32, device=x.device)
+            w = _sampled_gram(stored, inv_c.contiguous(), alpha0)
+            result[width:].copy_(w.reshape(-1))
+        elif width != result.numel():
+            raise AssertionError(f"prepare: packed width {width} != {result.numel()}")
+        return unpack_prepare(result.cpu(), k, mode, first, hessian)  # the one device-to-host copy
+
+    # -- step / materialize -----------------------------------------------------------------------
     def step(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
              hessian: Hessian = False) -> StepOut:
         """One pass over ``log_p`` (N x k) -> (colsum (k,) f64, wlogz () f64, H).
 
-        H is None, the k x k float64 Hessian ``sum_i inv_c_i (diag(q_i) - q_i q_i^T)``
-        (``hessian=True``) or its diagonal (k,) (``hessian="diag"``); see
-        :mod:`ppu_fast.backends.base`. The returned tensors are views of one float64 buffer.
+        H is None, the contract's Newton Hessian ``assemble_hessian(d, W)`` (``hessian=True``)
+        or the exact diagonal d (k,) (``hessian="diag"``); see :mod:`ppu_fast.backends.base`.
+        colsum, wlogz and the diagonal are views of one float64 buffer.
         """
         check_step_args(log_p, inv_c, alpha, hessian)
         self._require(log_p)
@@ -165,25 +288,18 @@ class CudaBackend(Backend):
                              f"{tuple(log_p.shape)}")
         inv_c = inv_c.contiguous()
         alpha32 = alpha.to(torch.float32).contiguous()  # the reference shifts in float32 too
-        full_in_kernel = hessian is True and k <= _module().SMALL_K
-        mode = (_FULL_HESSIAN if full_in_kernel
-                else _DIAG_HESSIAN if hessian == "diag" else _NO_HESSIAN)
+        w_in_kernel = hessian is True and k <= _module().SMALL_K
+        mode = (_FULL_HESSIAN if w_in_kernel
+                else _DIAG_HESSIAN if hessian is not False else _NO_HESSIAN)
         out = _launch_step(log_p, inv_c, alpha32, mode)
         colsum, wlogz = out[:k], out[k]
-        h: Optional[torch.Tensor] = None
-        if mode == _FULL_HESSIAN:
-            h = out[k + 1:].view(k, k)
-        elif mode == _DIAG_HESSIAN:
-            h = out[k + 1:]
-        elif hessian is True:
-            h = self._hessian_by_chunks(log_p, inv_c, alpha32)
-        return colsum, wlogz, h
-
-    def _hessian_by_chunks(self, log_p: torch.Tensor, inv_c: torch.Tensor,
-                           alpha32: torch.Tensor) -> torch.Tensor:
-        """Full k x k Hessian for k > 32 (see :func:`hessian_by_chunks`)."""
-        return hessian_by_chunks(lambda lp, ic, q: _launch_materialize(lp, ic, alpha32, q),
-                                 log_p, inv_c)
+        if hessian is False:
+            return colsum, wlogz, None
+        d = out[k + 1:2 * k + 1]
+        if hessian == "diag":
+            return colsum, wlogz, d
+        w = out[2 * k + 1:].view(k, k) if w_in_kernel else _sampled_gram(log_p, inv_c, alpha32)
+        return colsum, wlogz, assemble_hessian(d, w)
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     out: torch.Tensor) -> torch.Tensor:

@@ -814,7 +814,9 @@ def _single_tile(k: int, full_hessian: bool = False, rows: int = 2) -> _Tile:
     bk = _next_pow2(k)
     if full_hessian:
         bk = max(bk, 16)
-        return _Tile(max(16, 1024 // bk), bk, 4)
+        # 8 warps at k = 32: with 4, prepare's logits variant (most per-row state) used local
+        # memory under ptxas for sm_90.
+        return _Tile(max(16, 1024 // bk), bk, 8 if bk >= 32 else 4)
     if INTERPRET:
         return _Tile(max(1, min(256, 32768 // bk)), bk, 4)
     if bk <= 256:
