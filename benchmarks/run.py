@@ -276,13 +276,14 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
                 if state.get("copy"):
                     r["pct_copy_bw"] = 100.0 * r["GB_s"] / state["copy"]["GB_s"]
 
-        def refine_call(i, reg_name=reg_name, be=be):
+        def refine_call(i, reg_name=reg_name, be=be, outs=None):
             ctx = common.forced_backend(be) if reg_name is None else contextlib.nullcontext()
             with ctx, warnings.catch_warnings():
                 warnings.simplefilter("ignore", ppu_fast.ConvergenceWarning)
                 q, info = ppu_fast.refine(ps[i % nb], forget, lam=1.0, tol=1e-6,
                                           method="newton", backend=reg_name or "torch",
-                                          return_info=True)
+                                          return_info=True,
+                                          out=None if outs is None else outs[i % nb])
             state["infos"].append(info)
             return q
 
@@ -299,19 +300,16 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
             r["note"] = "skipped in --quick (anchor refine above --quick-refine-max elements)"
             rows.append(r)
         else:
-            state["infos"] = []
-            r = record(label, "refine", refine_call)
-            infos = state["infos"]
-            if infos:
-                info = infos[-1]
-                r["passes"] = info.steps  # solver passes over the matrix (step calls)
-                r["evaluations"] = info.iterations  # the first may come from prepare's pass
-                r["converged"] = info.converged
-                r["residual"] = info.residual
-                # Phases of the timed calls (host clock; the solve phase holds its passes).
-                timed = infos[-r["reps"]:] if r.get("reps") else infos
-                r["phases_ms"] = {ph: statistics.median(i.timings.get(ph, 0.0) for i in timed)
-                                  * 1e3 for ph in PHASES}
+            ops = [("refine", None)]
+            if label not in (EAGER, COMPILED):
+                # The same call writing into reused buffers (out=): no fresh N x k allocation,
+                # whose first touch costs about two steps on a CPU.
+                ops.append(("refine out=", [torch.empty_like(p) for _ in range(nb)]))
+            for op_name, outs in ops:
+                state["infos"] = []
+                r = record(label, op_name, lambda i, outs=outs: refine_call(i, outs=outs))
+                _refine_details(r, state["infos"])
+            del ops
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -346,6 +344,20 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
     return rows
 
 
+def _refine_details(r: Dict[str, object], infos) -> None:
+    """Passes, convergence and the phase medians (host clock) of a refine row's timed calls."""
+    if not infos or "median_ms" not in r:
+        return
+    info = infos[-1]
+    r["passes"] = info.steps  # solver passes over the matrix after prepare's (step calls)
+    r["evaluations"] = info.iterations  # the first may come from prepare's pass
+    r["converged"] = info.converged
+    r["residual"] = info.residual
+    timed = infos[-r["reps"]:] if r.get("reps") else infos
+    r["phases_ms"] = {ph: statistics.median(i.timings.get(ph, 0.0) for i in timed) * 1e3
+                      for ph in PHASES}
+
+
 def add_ratios_and_targets(rows, device: str, state) -> None:
     """x vs (a) / (b): anchor time / this time for the same size and op (> 1: faster)."""
     ref = {}
@@ -356,7 +368,8 @@ def add_ratios_and_targets(rows, device: str, state) -> None:
     steps = {(r["size"], r["impl"]): r["median_ms"] for r in rows
              if r.get("op") == "step" and r.get("median_ms")}
     for r in rows:
-        if r.get("op") == "refine" and r.get("median_ms") and (r["size"], r["impl"]) in steps:
+        if (r.get("op") in ("refine", "refine out=") and r.get("median_ms")
+                and (r["size"], r["impl"]) in steps):
             r["refine_over_step"] = r["median_ms"] / steps[(r["size"], r["impl"])]
     for r in rows:
         r.pop("targets", None)  # recomputed after every size
@@ -364,11 +377,13 @@ def add_ratios_and_targets(rows, device: str, state) -> None:
         if not t:
             continue
         for impl, key in ((EAGER, "x_vs_a"), (COMPILED, "x_vs_b")):
-            a = ref.get((r["size"], r["op"], impl))
+            op = "refine" if r["op"] == "refine out=" else r["op"]  # anchors: default call
+            a = ref.get((r["size"], op, impl))
             if a:
                 r[key] = a / t
         for tg in TARGETS:
-            if tg["device"] != device or tg["op"] != r["op"] or (r["n"], r["k"]) != tg["size"]:
+            op = "refine" if r["op"] == "refine out=" else r["op"]
+            if tg["device"] != device or tg["op"] != op or (r["n"], r["k"]) != tg["size"]:
                 continue
             if r["impl"] in (EAGER, COMPILED, POT):
                 continue  # targets are for the package's backends

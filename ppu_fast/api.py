@@ -26,7 +26,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
            marginals="retain", method: str = "newton", tol: float = 1e-6,
            max_iter: Optional[int] = None, backend: str = "auto",
            generator: Optional[torch.Generator] = None, return_info: bool = False,
-           step_size: Optional[float] = None):
+           step_size: Optional[float] = None, out: Optional[ArrayLike] = None):
     """Refine a model's training-set probabilities into PPU targets.
 
     Replaces the forget rows of P by pseudo-probabilities (P^), then solves
@@ -46,9 +46,14 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         backend: "auto" or a backend name (see ``python -m ppu_fast.info``).
         generator: torch.Generator for ``pseudo="random"``.
         return_info: also return a :class:`RefineInfo` (``info.timings`` breaks the call down).
+        out: where to write Q (N x k, the input's dtype, device and kind: tensor or array), as
+            torch's ``out=``: reusing a buffer saves allocating and first-touching N x k memory,
+            which costs about as much as two solver passes on a CPU. It may be the input itself,
+            which is then overwritten with Q.
 
     Returns:
-        Q (N x k) with the dtype and device of the input (numpy in, numpy out), or (Q, info).
+        Q (N x k) with the dtype and device of the input (numpy in, numpy out), or (Q, info);
+        Q is ``out`` when it is given.
     """
     t0 = time.perf_counter()
     if (probs is None) == (logits is None):
@@ -68,15 +73,21 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
                           dual_value=0.0, alpha=torch.zeros(1, dtype=torch.float64),
                           method=method, backend="none", seconds=time.perf_counter() - t0,
                           message="k == 1: the only distribution is [1]")
-        q = torch.ones_like(x)
-        q = q.numpy() if from_numpy else q
+        user_out = pb.check_out(out, x, from_numpy)
+        q = torch.ones_like(x) if user_out is None else user_out.fill_(1.0)
+        q = (out if out is not None else q.numpy()) if from_numpy else q
         return (q, info) if return_info else q
 
     dev = x.device
+    outarg = out
+    user_out = pb.check_out(out, x, from_numpy)
     mask_dev = torch.from_numpy(mask).to(dev) if n_forget else None
     # The output buffer holds log P^ while solving and is overwritten by Q in place at the end,
     # so a refine needs no N x k temporary besides its result.
-    out = torch.empty(x.shape, dtype=pb.solver_dtype(x.dtype), device=dev)
+    if user_out is not None and user_out.dtype == pb.solver_dtype(x.dtype):
+        out = user_out
+    else:
+        out = torch.empty(x.shape, dtype=pb.solver_dtype(x.dtype), device=dev)
     inv_c_np = np.full(n, 1.0 / float(lam), dtype=np.float32)
     inv_c_np[mask] = 1.0
     inv_c = torch.from_numpy(inv_c_np).to(dev)
@@ -115,9 +126,14 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
                       step_size=step_size, first=prep.first, weight_sums=weight_sums)
     t4 = time.perf_counter()
     be.materialize(out, inv_c, info.alpha.to(dev), out)
-    q = out if out.dtype == x.dtype else out.to(x.dtype)
+    if user_out is not None:
+        if user_out is not out:
+            user_out.copy_(out)
+        q = user_out
+    else:
+        q = out if out.dtype == x.dtype else out.to(x.dtype)
     if from_numpy:
-        q = q.cpu().numpy()
+        q = outarg if outarg is not None else q.cpu().numpy()
     t5 = time.perf_counter()
     info.timings = {"setup": t1 - t0, "prepare": t2 - t1, "targets": t3 - t2, "solve": t4 - t3,
                     "materialize": t5 - t4}

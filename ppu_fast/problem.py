@@ -210,6 +210,40 @@ def check_weights(weights, n: int) -> torch.Tensor:
     return t
 
 
+def check_out(out, x: torch.Tensor, from_numpy: bool) -> Optional[torch.Tensor]:
+    """``refine``'s ``out=`` as a tensor (None when not given): the input's shape, dtype, device
+    and kind (numpy array for numpy input), non-negative strides, and either the input itself or
+    memory that does not overlap it."""
+    if out is None:
+        return None
+    kind = "numpy.ndarray" if from_numpy else "torch.Tensor"
+    if from_numpy != isinstance(out, np.ndarray) or not isinstance(out, (np.ndarray,
+                                                                         torch.Tensor)):
+        raise TypeError(f"out: expected a {kind} like the input, got {type(out).__name__}")
+    o = torch.from_numpy(out) if from_numpy else out
+    if o.shape != x.shape or o.dtype != x.dtype or o.device != x.device:
+        raise ValueError(f"out: expected shape {tuple(x.shape)}, dtype {x.dtype} on {x.device} "
+                         f"(the input's), got {tuple(o.shape)}, {o.dtype} on {o.device}")
+    if any(s < 0 for s in o.stride()):
+        raise ValueError("out: negative strides are not supported")
+    if o.requires_grad:
+        raise ValueError("out: a tensor that requires grad cannot receive the targets")
+    same = o.data_ptr() == x.data_ptr() and o.stride() == x.stride()
+    if not same and _overlaps(o, x):
+        raise ValueError("out: overlaps the input without being it; pass the input itself (to "
+                         "overwrite it) or separate memory")
+    return o
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    def span(t):
+        lo = t.data_ptr()
+        hi = lo + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) * t.element_size()
+        return lo, hi + t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def weight_sums(inv_c: np.ndarray) -> Tuple[float, float, float]:
     """(sum inv_c, max inv_c, sum 1 / inv_c) in float64: what the solver needs of the weights."""
     ic = inv_c.astype(np.float64)

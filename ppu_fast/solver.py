@@ -8,6 +8,7 @@ is k-dimensional algebra in float64 (DESIGN.md §1). The dual is
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -38,6 +39,24 @@ TAIL_RHO = (0.25, 0.6)
 # Relative rounding noise of the dual value (float32 log Z summed in float64).
 G_NOISE_REL = 1e-7
 MAX_EXTRAPOLATION = 64.0
+
+
+_BLAS = None
+
+
+def _one_blas_thread():
+    """numpy's BLAS on one thread for the k x k solves. OpenBLAS threads even a 100 x 100 solve
+    and its worker then busy-waits on another core for a while, which halved the speed of the C++
+    kernels' next pass (a 50,000 x 100 refine: 45 ms against 26 ms). The caller's setting is
+    restored when the solve returns."""
+    global _BLAS
+    try:
+        if _BLAS is None:
+            from threadpoolctl import ThreadpoolController
+            _BLAS = ThreadpoolController()
+        return _BLAS.limit(limits=1, user_api="blas")
+    except Exception:  # threadpoolctl missing or a BLAS it cannot drive: leave BLAS as it is
+        return contextlib.nullcontext()
 
 
 def hessian_mode(method: str, k: int):
@@ -197,6 +216,7 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                        float((1.0 / icd).sum()))
     inv_c_sum, inv_c_max, c_sum = weight_sums
     ev = _Evaluator(backend, log_p, inv_c, m, hessian, max_iter, c_sum)
+    c_bar = m_safe = eta = None
     if method == "sinkhorn":
         # Harmonic mean of the weights: exact IPF when all weights are equal.
         c_bar = n / inv_c_sum
@@ -207,6 +227,15 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
         eta = step_size if step_size is not None else 2.0 / inv_c_sum
         if not eta > 0:
             raise ValueError(f"step_size: expected a positive number, got {step_size!r}")
+    with _one_blas_thread():
+        return _solve_loop(backend, ev, method, m, alpha, first, alpha0, tol, max_iter,
+                           inv_c_max, c_bar, m_safe, eta, t_start)
+
+
+def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, alpha: np.ndarray,
+                first: Optional[StepOut], alpha0, tol: float, max_iter: int, inv_c_max: float,
+                c_bar, m_safe, eta, t_start: float) -> RefineInfo:
+    """The iterations of :func:`solve_dual` (numpy's BLAS held to one thread around it)."""
     if first is not None and alpha0 is None:
         grad, g, h, res = ev.record(alpha, *first)
     else:
@@ -259,5 +288,5 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
     if not converged:
         warnings.warn(f"ppu_fast: {method} did not converge: {message}; residual {res:.3g} > "
                       f"tol {tol:.3g} after {ev.passes} passes (see info.converged)",
-                      ConvergenceWarning, stacklevel=3)
+                      ConvergenceWarning, stacklevel=4)
     return info

@@ -302,3 +302,22 @@ def test_newton_on_a_confident_model(backend, k, marg, margin):
     assert info.converged and info.iterations <= 15, (info.iterations, info.history)
     m = (retain_marginals(p.cpu(), y == 0) if marg == "retain" else p.cpu().double().sum(0))
     assert float((q.cpu().double().sum(0) - m).abs().sum()) / 20_000 <= 1e-6 * 1.01
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("k", [6, 40])
+def test_out_buffer_and_in_place(backend, k):
+    """out= receives Q (the same values as a fresh result); out= the input itself overwrites it."""
+    y, p = confident_classifier(3001, k, seed=4)
+    mask = y == 1
+    q = ppu_fast.refine(p, mask, backend=backend)
+    buf = torch.full_like(p, float("nan"))
+    assert ppu_fast.refine(p, mask, backend=backend, out=buf) is buf
+    assert torch.equal(buf, q)
+    inplace = p.clone()
+    assert ppu_fast.refine(inplace, mask, backend=backend, out=inplace) is inplace
+    torch.testing.assert_close(inplace, q, rtol=0, atol=1e-6)
+    arr = p.numpy().copy()
+    out = np.empty_like(arr)
+    assert ppu_fast.refine(arr, mask.numpy(), backend=backend, out=out) is out
+    np.testing.assert_allclose(out, q.numpy(), atol=1e-6)

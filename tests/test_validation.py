@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +181,17 @@ def test_inputs_unchanged_after_successful_refine(problem):
     lg0 = lg.clone()
     ppu_fast.refine(logits=lg, forget_mask=mask)
     assert torch.equal(lg, lg0)
+
+
+def test_bad_out(problem):
+    p, mask = problem
+    with pytest.raises(ValueError, match=r"out: expected shape \(300, 5\), dtype torch.float32"):
+        ppu_fast.refine(p, mask, out=torch.empty(300, 4))
+    with pytest.raises(ValueError, match=r"out: expected .*dtype torch.float32.*got .*float64"):
+        ppu_fast.refine(p, mask, out=torch.empty(300, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="out: expected a torch.Tensor like the input, got ndarray"):
+        ppu_fast.refine(p, mask, out=np.empty((300, 5), np.float32))
+    big = torch.empty(301, 5)
+    big[:300] = p
+    with pytest.raises(ValueError, match="out: overlaps the input without being it"):
+        call_and_check_unchanged(lambda: ppu_fast.refine(big[:300], mask, out=big[1:]), big)

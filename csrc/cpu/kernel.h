@@ -926,17 +926,29 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
     }
     return;
   }
-  // Pass B: log P^ into x, the normalised row into xb2 (probs: x / s; logits: its softmax).
+  // Pass B: log P^ into x, the normalised row into xb2 (probs: x / s; logits: its softmax), the
+  // row added to the retained / forgotten sums and, for the first evaluation's Hessian of a
+  // retained row that is not confident, its diagonal term q - q^2 (a confident row's, whose
+  // maximum needs 1 - q from the other entries, takes a pass of its own below).
   float* pn = rs.xb2;
-  float inv_s, vtop;
+  float* dst = f ? rs.sfor : rs.sret;
+  const bool want_d = P.stats && P.hmode != H_NONE && !f;
+  const V WW = S::set1(want_d ? P.inv_c[i] : 0.0f);
+  float inv_s, pmax;
+  bool confident;
   if (P.mode == MODE_PROBS) {
     const float sf = static_cast<float>(s);
     inv_s = 1.0f / sf;
-    vtop = mx;
+    pmax = mx * inv_s;
+    confident = !(mx < s * (1.0 - 1.0 / 1024));
+    const bool fold = want_d && !confident;
     const V SH = S::set1(std::log(sf)), IS = S::set1(inv_s);
     for (j = 0; j < kp; j += W) {
       const V v = S::load(x + j);
-      S::store(pn + j, S::mul(v, IS));
+      const V q = S::mul(v, IS);
+      S::store(pn + j, q);
+      S::store(dst + j, S::add(S::load(dst + j), q));
+      if (fold) S::store(rs.accd + j, S::fmadd(S::fnmadd(q, q, q), WW, S::load(rs.accd + j)));
       S::store(x + j, S::sub(vlog_any<S>(v), SH));
     }
   } else {
@@ -949,15 +961,18 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
     }
     const float sf = S::hsum(se);
     inv_s = 1.0f / sf;
-    vtop = 1.0f;  // e of the maximum
+    pmax = inv_s;  // e of the maximum is 1
+    confident = !(sf > CONFIDENT);
+    const bool fold = want_d && !confident;
     const V SH = S::set1(mx + std::log(sf)), IS = S::set1(inv_s);
     for (j = 0; j < kp; j += W) {
-      S::store(pn + j, S::mul(S::load(pn + j), IS));
+      const V q = S::mul(S::load(pn + j), IS);
+      S::store(pn + j, q);
+      S::store(dst + j, S::add(S::load(dst + j), q));
+      if (fold) S::store(rs.accd + j, S::fmadd(S::fnmadd(q, q, q), WW, S::load(rs.accd + j)));
       S::store(x + j, S::sub(S::load(x + j), SH));
     }
   }
-  float* dst = f ? rs.sfor : rs.sret;
-  for (j = 0; j < kp; j += W) S::store(dst + j, S::add(S::load(dst + j), S::load(pn + j)));
   if (P.out) row_store_out<S>(P, i, (f && P.fill) ? P.fill : x);
   if (!P.stats) return;
   if (f) {  // all forget rows hold fill: their first evaluation is added analytically
@@ -969,14 +984,12 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
     return;
   }
   if (P.hmode == H_NONE) return;
-  // The largest probability is pmax = mx / s (probs) or 1 / s (logits); its 1 - pmax is
-  // (s - mx) / s (probs) or (s - 1) / s (logits) unless the row is confident, when it is the sum
-  // of the smaller entries (a single maximum then).
-  const float pmax = P.mode == MODE_PROBS ? mx * inv_s : inv_s;
-  const bool confident = P.mode == MODE_PROBS ? !(mx < s * (1.0 - 1.0 / 1024))
-                                              : !(1.0f / inv_s > CONFIDENT);
+  const bool samp = sampled_row(P, i);
+  if (!confident && !samp) return;  // the diagonal is in already
+  // A confident row: the largest probability's 1 - pmax is the sum of the smaller entries (a
+  // single maximum then); a sampled row goes to the gram block.
   const float rtop = confident ? row_rest<S>(P, pn, pmax) : 1.0f - pmax;
-  row_pass<S>(P, rs, pn, 1.0f, pmax, rtop, P.inv_c[i], false, true, sampled_row(P, i), false,
+  row_pass<S>(P, rs, pn, 1.0f, pmax, rtop, P.inv_c[i], false, confident, samp, false,
               confident);
 }
 
@@ -1019,6 +1032,7 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
     std::memset(rs.wacc, 0, sizeof(float) * k * kp);
   }
   const bool hot = stats && !hess && !P.out && !prep;
+  const bool pair_h = stats && hess && !P.out && !prep;
   double wl = 0.0;
   int since_flush = 0;
 
@@ -1033,6 +1047,51 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
                                       S::fmadd(S::load(rs.xb + j), is0, S::load(rs.acc + j))));
       wl += static_cast<double>(m0 + std::log(s0)) / static_cast<double>(P.inv_c[i]);
       wl += static_cast<double>(m1 + std::log(s1)) / static_cast<double>(P.inv_c[i + 1]);
+      i += 2;
+      since_flush += 2;
+    } else if (pair_h && i + 1 < r1) {
+      // A step with the Hessian, two rows at a time (they share the accumulators' read-modify-
+      // write, as in the hot loop); a confident row takes the single-row pass for its maximum.
+      float m0, s0, m1, s1;
+      row_exp<S>(P, i, rs.xb, m0, s0);
+      row_exp<S>(P, i + 1, rs.xb2, m1, s1);
+      const float is0 = 1.0f / s0, is1 = 1.0f / s1;
+      const float w0 = P.inv_c[i], w1 = P.inv_c[i + 1];
+      const bool sa = full && sampled_row(P, i);  // a pair never straddles a 16-row block
+      if (s0 > CONFIDENT && s1 > CONFIDENT) {
+        const V I0 = S::set1(is0), I1 = S::set1(is1), W0 = S::set1(w0), W1 = S::set1(w1);
+        float* dq0 = sa ? rs.qb + rs.nq * rs.qstride : nullptr;
+        float* dw0 = sa ? rs.qwb + rs.nq * rs.qstride : nullptr;
+        for (int64_t j = 0; j < kp; j += W) {
+          const V q0 = S::mul(S::load(rs.xb + j), I0), q1 = S::mul(S::load(rs.xb2 + j), I1);
+          S::store(rs.acc + j, S::add(S::load(rs.acc + j), S::add(q0, q1)));
+          const V d = S::fmadd(S::fnmadd(q1, q1, q1), W1,
+                               S::mul(S::fnmadd(q0, q0, q0), W0));
+          S::store(rs.accd + j, S::add(S::load(rs.accd + j), d));
+          if (sa) {
+            S::store(dq0 + j, q0);
+            S::store(dw0 + j, S::mul(q0, W0));
+            S::store(dq0 + rs.qstride + j, q1);
+            S::store(dw0 + rs.qstride + j, S::mul(q1, W1));
+          }
+        }
+        if (sa) rs.nq += 2;
+      } else {
+        for (int t = 0; t < 2; ++t) {
+          float* e = t ? rs.xb2 : rs.xb;
+          const float st = t ? s1 : s0;
+          const bool conf = !(st > CONFIDENT);
+          const float rest = conf ? row_rest<S>(P, e, 1.0f) : 0.0f;
+          row_pass<S>(P, rs, e, 1.0f / st, 1.0f, (conf ? rest : st - 1.0f) / st, t ? w1 : w0,
+                      true, true, sa, false, conf);
+        }
+      }
+      wl += static_cast<double>(m0 + std::log(s0)) / static_cast<double>(w0);
+      wl += static_cast<double>(m1 + std::log(s1)) / static_cast<double>(w1);
+      if (full && rs.nq > 0 && ((i + 2) % ROW_UNIT == 0 || i + 2 == r1)) {
+        rows_gram_block<S>(P, rs);
+        if (rs.wblocks == W_FLUSH_BLOCKS) rows_flush_w(P, rs, kp, hpart);
+      }
       i += 2;
       since_flush += 2;
     } else {

@@ -13,7 +13,9 @@ log-probabilities (float32, float16 or bfloat16), ``inv_c`` (N,) float32 the inv
     - writes log P^ into ``out`` (N x k, a solver dtype): ``log p_ij - log sum_j p_ij`` ("probs"),
       ``log_softmax`` ("logits") or ``x`` itself ("log_p"); rows flagged in ``forget`` (N,) bool
       get ``fill`` (k,) float32 instead when it is given (otherwise they are written like the
-      others and the caller overwrites them). ``out`` may be None in "log_p" mode (validate only);
+      others and the caller overwrites them). ``out`` may be None in "log_p" mode (validate only),
+      and may be ``x`` itself (``refine(out=probs)``): every backend reads a row (or tile) of x
+      completely before writing any of it;
     - sums the normalised input rows (p / sum p, or softmax) in float64 over the retained and over
       the forgotten rows ("probs" / "logits"), or finds the classes with a finite entry ("log_p");
     - when ``inv_c`` is given (the caller guarantees that the rows written are final), also returns
