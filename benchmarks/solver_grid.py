@@ -6,7 +6,7 @@
 20,000 x {5, 10, 40, 100} and 5,000 x 1,000 with margins 1 to 30, lam in {0.01, 1, 100}, class
 unlearning (class 0) and selective unlearning (1 % of the rows at random), "retain" and "original"
 marginals, tol 1e-6, max_iter 100. Counts, not timings: the numbers do not depend on the machine
-(only on the backend's float32 rounding). Writes ``solver-grid-<stamp>.md`` / ``.json``.
+(only on the backend's float32 rounding). Writes ``solver-grid-<backend>-<stamp>.md`` / ``.json``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> int:
     bad = sum(not r["converged"] for r in rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"solver-grid-{common.utc_now().strftime('%Y-%m-%dT%H%MZ')}"
+    stem = f"solver-grid-{args.backend}-{common.utc_now().strftime('%Y-%m-%dT%H%MZ')}"
     meta = common.metadata("cpu")
     common.write_json(out / f"{stem}.json", meta, rows, {"backend": args.backend,
                                                          "total_passes": total,
