@@ -16,7 +16,7 @@ import torch
 
 from . import problem as pb
 from .backends import get_backend
-from .solver import RefineInfo, hessian_mode, solve_dual
+from .solver import RefineInfo, check_options, hessian_mode, solve_dual
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -63,20 +63,15 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     mode = name
     x, from_numpy = pb.to_tensor(probs if probs is not None else logits, name)
     n, k = pb.check_matrix(x, name)
-    if not isinstance(lam, (int, float)) or not lam > 0 or not np.isfinite(lam):
-        raise ValueError(f"lam: expected a finite number > 0, got {lam!r}")
+    lam = pb.check_lam(lam)
+    method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
     mask = pb.forget_rows(forget_mask, n)
     n_forget = int(np.count_nonzero(mask))
     kind, pseudo_t = pb.pseudo_log(pseudo, n_forget, k, generator)
-    if k == 1:
-        info = RefineInfo(iterations=0, converged=True, residual=0.0, history=[0.0],
-                          dual_value=0.0, alpha=torch.zeros(1, dtype=torch.float64),
-                          method=method, backend="none", seconds=time.perf_counter() - t0,
-                          message="k == 1: the only distribution is [1]")
-        user_out = pb.check_out(out, x, from_numpy)
-        q = torch.ones_like(x) if user_out is None else user_out.fill_(1.0)
-        q = (out if out is not None else q.numpy()) if from_numpy else q
-        return (q, info) if return_info else q
+    if not isinstance(marginals, str):
+        pb.check_marginals(marginals, n, k)
+    elif marginals not in pb.MARGINAL_NAMES:
+        pb.target_marginals(marginals, None, None, n, k, None)  # raises the ValueError
 
     dev = x.device
     outarg = out
@@ -88,20 +83,32 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         out = user_out
     else:
         out = torch.empty(x.shape, dtype=pb.solver_dtype(x.dtype), device=dev)
-    inv_c_np = np.full(n, 1.0 / float(lam), dtype=np.float32)
-    inv_c_np[mask] = 1.0
+    # Weights c = lam (retain), 1 (forget), scaled so the largest 1 / c is 1: the dual variable
+    # then moves the most movable rows by O(1) for any lam (with 1 / lam itself, lam = 1e-40
+    # overflowed float32). alpha_caller = alpha_solver * c_min.
+    c_min = min(lam, 1.0)
+    inv_c_np = np.full(n, c_min / lam, dtype=np.float32)
+    inv_c_np[mask] = c_min
     inv_c = torch.from_numpy(inv_c_np).to(dev)
     weight_sums = pb.weight_sums(inv_c_np)
     be = get_backend(backend, out)
     fill = pseudo_t.to(dev) if kind == "vector" and n_forget else None
     # With the forget rows known now, prepare's pass also gives the solver's first evaluation.
-    final_rows = n_forget == 0 or fill is not None
-    hmode = hessian_mode(method, k)
+    final_rows = (n_forget == 0 or fill is not None) and k > 1
+    hmode = hessian_mode(method, k) if k > 1 else False
     tol_rows = pb.row_sum_tol(x.dtype)
     t1 = time.perf_counter()
     prep = be.prepare(x, mode, mask_dev, fill, out, inv_c if final_rows else None, hmode, tol_rows)
     pb.raise_row_error(prep.error, x, mode, name, tol_rows)
     t2 = time.perf_counter()
+    if k == 1:
+        info = RefineInfo(iterations=0, converged=True, residual=0.0, history=[0.0],
+                          dual_value=0.0, alpha=torch.zeros(1, dtype=torch.float64),
+                          method=method, backend=be.name, seconds=time.perf_counter() - t0,
+                          message="k == 1: the only distribution is [1]")
+        q = torch.ones_like(x) if user_out is None else user_out.fill_(1.0)
+        q = (outarg if outarg is not None else q.numpy()) if from_numpy else q
+        return (q, info) if return_info else q
     colsum_retain, colsum_forget = prep.retain_sums, prep.forget_sums
     n_retain = n - n_forget
     if kind == "vector":
@@ -123,15 +130,22 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     pb.check_feasible((colsum_retain > 0) | (pseudo_colsum > 0), m)
     t3 = time.perf_counter()
     info = solve_dual(be, out, inv_c, m, method=method, tol=tol, max_iter=max_iter,
-                      step_size=step_size, first=prep.first, weight_sums=weight_sums)
+                      step_size=step_size, first=prep.first, weight_sums=weight_sums,
+                      capacity=lambda: pb.check_capacity(out, m))
     t4 = time.perf_counter()
     be.materialize(out, inv_c, info.alpha.to(dev), out)
+    _to_caller_scale(info, c_min)
     if user_out is not None:
         if user_out is not out:
             user_out.copy_(out)
         q = user_out
     else:
         q = out if out.dtype == x.dtype else out.to(x.dtype)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        info.output_residual = _residual(q, m)
+        info.message = (info.message + "; " if info.message else "") + (
+            f"Q rounded to {q.dtype} has residual {info.output_residual:.3g} "
+            f"(info.output_residual)")
     if from_numpy:
         q = outarg if outarg is not None else q.cpu().numpy()
     t5 = time.perf_counter()
@@ -139,6 +153,23 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
                     "materialize": t5 - t4}
     info.seconds = t5 - t0
     return (q, info) if return_info else q
+
+
+def _to_caller_scale(info: RefineInfo, c_min: float) -> None:
+    """The solver ran on weights c / c_min: its alpha and dual value times c_min are the
+    caller's (Q depends on alpha_j / c_i only)."""
+    if c_min != 1.0:
+        info.alpha = info.alpha * c_min
+        info.dual_value = info.dual_value * c_min
+
+
+def _residual(q: torch.Tensor, m: torch.Tensor, chunk_rows: int = 1 << 16) -> float:
+    """``||colsum(Q) - M||_1 / N`` of a stored Q, summed in float64 by row chunks."""
+    n = q.shape[0]
+    col = torch.zeros(q.shape[1], dtype=torch.float64, device=q.device)
+    for i in range(0, n, chunk_rows):
+        col += q[i:i + chunk_rows].sum(0, dtype=torch.float64)
+    return float((col.cpu() - m.double()).abs().sum()) / n
 
 
 def _validated_log_p(log_p: ArrayLike, backend: str, inv_c: Optional[torch.Tensor] = None,
@@ -159,49 +190,64 @@ def _validated_log_p(log_p: ArrayLike, backend: str, inv_c: Optional[torch.Tenso
     return buf, from_numpy, lp.dtype, be, prep
 
 
-def solve(log_p: ArrayLike, weights: ArrayLike, marginals: ArrayLike, *, method: str = "newton",
+def solve(log_p: ArrayLike, weights, marginals, *, method: str = "newton",
           tol: float = 1e-6, max_iter: Optional[int] = None, backend: str = "auto",
-          step_size: Optional[float] = None) -> Tuple[torch.Tensor, RefineInfo]:
+          step_size: Optional[float] = None) -> Tuple[ArrayLike, RefineInfo]:
     """Solve the dual for a caller-built problem.
 
     Args:
         log_p: log P^ (N x k); rows need not be normalised (a per-row shift changes nothing);
             -inf marks zero probabilities.
-        weights: c (N,), > 0: the weight of each row's KL term.
-        marginals: M (k,), >= 0, summing to N.
+        weights: c (N,), > 0 (tensor, array or list): the weight of each row's KL term; max / min
+            at most 1e30.
+        marginals: M (k,), >= 0, summing to N (tensor, array or list).
 
     Returns:
-        (alpha (k,) float64 on log_p's device, info); ``info.alpha`` is the same on the CPU.
-        ``targets(log_p, weights, alpha)`` gives Q.
+        (alpha (k,) float64 on log_p's device, or a numpy array for numpy log_p; info), with
+        ``info.alpha`` the same as a CPU tensor. ``targets(log_p, weights, alpha)`` gives Q.
     """
     t0 = time.perf_counter()
-    if not isinstance(log_p, (torch.Tensor, np.ndarray)):
-        pb.to_tensor(log_p, "log_p")  # raises the TypeError
     n, k = pb.check_matrix(pb.to_tensor(log_p, "log_p")[0], "log_p")
+    method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
     c = pb.check_weights(weights, n)
     m = pb.check_marginals(marginals, n, k)
-    inv_c = (1.0 / c).float()
-    lp, _, _, be, prep = _validated_log_p(log_p, backend, inv_c, hessian_mode(method, k))
+    inv_c_np, c_min = pb.scaled_inv_weights(c.numpy())
+    inv_c = torch.from_numpy(inv_c_np)
+    lp, from_numpy, _, be, prep = _validated_log_p(log_p, backend, inv_c, hessian_mode(method, k))
     pb.check_feasible(prep.support, m)
     info = solve_dual(be, lp, inv_c.to(lp.device), m, method=method, tol=tol,
                       max_iter=max_iter, step_size=step_size, first=prep.first,
-                      weight_sums=pb.weight_sums(inv_c.numpy()))
+                      weight_sums=pb.weight_sums(inv_c_np),
+                      capacity=lambda: pb.check_capacity(lp, m, "marginals"))
+    _to_caller_scale(info, c_min)
     info.seconds = time.perf_counter() - t0
-    return info.alpha.to(lp.device), info
+    alpha = info.alpha.clone().numpy() if from_numpy else info.alpha.to(lp.device)
+    return alpha, info
 
 
-def targets(log_p: ArrayLike, weights: ArrayLike, alpha: ArrayLike, *,
-            backend: str = "auto") -> ArrayLike:
+def targets(log_p: ArrayLike, weights, alpha, *, backend: str = "auto") -> ArrayLike:
     """Q(alpha) (N x k): ``q_ik = softmax_k(log_p_ik - alpha_k / c_i)``, in log_p's dtype (float32
-    for float64 input is computed, then cast back) and device; numpy in, numpy out."""
+    for float64 input is computed, then cast back) and device; numpy in, numpy out.
+
+    Args:
+        log_p: log P^ (N x k), as for :func:`solve`.
+        weights: c (N,) > 0 (tensor, array or list).
+        alpha: the dual variables (k,), finite (tensor, array or list), e.g. from :func:`solve`.
+    """
     n, k = pb.check_matrix(pb.to_tensor(log_p, "log_p")[0], "log_p")
     c = pb.check_weights(weights, n)
-    a, _ = pb.to_tensor(alpha, "alpha")
+    a, _ = pb.to_tensor(alpha, "alpha", sequence=True)
     if a.shape != (k,):
         raise ValueError(f"alpha: shape {tuple(a.shape)}; expected ({k},)")
+    a = a.detach().cpu().double()
+    if not bool(torch.isfinite(a).all()):
+        j = int(torch.nonzero(~torch.isfinite(a))[0, 0])
+        raise ValueError(f"alpha: entry {j} is {float(a[j])}; expected finite dual variables")
     lp, from_numpy, orig_dtype, be, _ = _validated_log_p(log_p, backend)
-    a = a.to(device=lp.device, dtype=torch.float64)
-    inv_c = (1.0 / c).float().to(lp.device)
+    inv_c_np, c_min = pb.scaled_inv_weights(c.numpy())
+    # The kernels see alpha / c_min against 1 / c scaled to a largest value of 1 (as solve does).
+    a = (a / c_min).to(device=lp.device)
+    inv_c = torch.from_numpy(inv_c_np).to(lp.device)
     out = torch.empty(lp.shape, dtype=lp.dtype, device=lp.device)
     be.materialize(lp, inv_c, a, out)
     q = out.to(orig_dtype)

@@ -23,14 +23,23 @@ MARGINAL_RTOL = 1e-6
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
-def to_tensor(x, name: str) -> Tuple[torch.Tensor, bool]:
+def to_tensor(x, name: str, sequence: bool = False) -> Tuple[torch.Tensor, bool]:
     """(tensor, came_from_numpy). Numpy arrays are wrapped without copying; tensors are detached
-    (``refine`` produces targets, not a differentiable layer)."""
+    (``refine`` produces targets, not a differentiable layer). ``sequence``: also accept a list
+    or tuple of numbers (the vector arguments), read as float64."""
     if isinstance(x, torch.Tensor):
         return x.detach(), False
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x), True
-    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if sequence and isinstance(x, (list, tuple)):
+        try:
+            arr = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name}: a sequence that is not all numbers ({exc})") from None
+        return torch.from_numpy(arr), False
+    what = ("a torch.Tensor, numpy.ndarray or list of numbers" if sequence
+            else "a torch.Tensor or numpy.ndarray")
+    raise TypeError(f"{name}: expected {what}, got {type(x).__name__}")
 
 
 def check_matrix(x: torch.Tensor, name: str) -> Tuple[int, int]:
@@ -47,18 +56,41 @@ def check_matrix(x: torch.Tensor, name: str) -> Tuple[int, int]:
     return n, k
 
 
+MASK_HELP = ("pass a bool mask (e.g. mask.bool()) or integer row indices (e.g. "
+             "mask.nonzero()[0] / torch.nonzero(mask).flatten())")
+
+
 def forget_rows(forget_mask, n: int) -> np.ndarray:
-    """A bool mask (N,) (numpy) from a bool mask or integer row indices (tensor, array or
-    sequence). Built with numpy: torch's CPU ops on N-sized data wake its thread pool."""
+    """A bool mask (N,) (numpy) from what a user passes as the rows to forget.
+
+    The rule, chosen so that it cannot be misread: bool tensors / arrays and sequences of bools
+    are masks (length N); integer tensors / arrays / sequences are row indices, negative ones
+    counting from the end as in Python ([-N, N)); an integer vector of length N whose values are
+    all 0 or 1 is ambiguous (a 0/1 mask, or indices of rows 0 and 1?) and raises a ValueError.
+    Built with numpy: torch's CPU ops on N-sized data wake its thread pool.
+    """
     if forget_mask is None:
         raise ValueError("forget_mask: required; pass a bool mask (N,) or row indices "
-                         "(an empty index tensor forgets nothing)")
+                         "(an empty index list forgets nothing)")
     if isinstance(forget_mask, torch.Tensor):
         fm = forget_mask.detach().cpu().numpy()
     elif isinstance(forget_mask, np.ndarray):
         fm = forget_mask
+    elif isinstance(forget_mask, (str, bytes)) or not hasattr(forget_mask, "__len__"):
+        raise TypeError(f"forget_mask: expected a bool mask (N,) or integer row indices (tensor, "
+                        f"array or sequence), got {type(forget_mask).__name__}")
     else:
-        fm = np.asarray(list(forget_mask), dtype=np.int64)
+        items = list(forget_mask)
+        if items and all(isinstance(v, (bool, np.bool_)) for v in items):
+            fm = np.asarray(items, dtype=bool)
+        elif any(isinstance(v, (bool, np.bool_)) for v in items):
+            raise TypeError("forget_mask: a sequence mixing bools and integers; " + MASK_HELP)
+        elif all(isinstance(v, (int, np.integer)) for v in items):
+            fm = np.asarray(items, dtype=np.int64)
+        else:
+            bad = next(v for v in items if not isinstance(v, (int, np.integer)))
+            raise TypeError(f"forget_mask: a sequence element is {type(bad).__name__} "
+                            f"({bad!r}); " + MASK_HELP)
     if fm.ndim != 1:
         raise ValueError(f"forget_mask: expected 1-D (a bool mask (N,) or row indices), got shape "
                          f"{tuple(fm.shape)}")
@@ -68,15 +100,68 @@ def forget_rows(forget_mask, n: int) -> np.ndarray:
         return fm.copy()
     if not np.issubdtype(fm.dtype, np.integer):
         raise TypeError(f"forget_mask: expected bool or integer dtype, got "
-                        f"{getattr(forget_mask, 'dtype', fm.dtype)}")
+                        f"{getattr(forget_mask, 'dtype', fm.dtype)}; " + MASK_HELP)
     fm = fm.astype(np.int64, copy=False)
+    if fm.size == n and n and int(fm.min()) >= 0 and int(fm.max()) <= 1:
+        raise ValueError(f"forget_mask: an integer vector of length N = {n} holding only 0 and 1 "
+                         f"is ambiguous (a 0/1 mask or the indices of rows 0 and 1?); "
+                         + MASK_HELP)
     if fm.size and (int(fm.min()) < -n or int(fm.max()) >= n):
         bad = fm[(fm < -n) | (fm >= n)][0]
         raise ValueError(f"forget_mask: row index {int(bad)} is out of range; expected indices in "
-                         f"[0, {n})")
+                         f"[-{n}, {n}) (negative ones count from the end, as in Python)")
     mask = np.zeros(n, dtype=bool)
     mask[fm] = True
     return mask
+
+
+def as_float(value, name: str) -> float:
+    """A Python float from a number a user may pass: int, float, numpy scalar or 0-d tensor
+    (bools are refused: ``lam=True`` is a mistake, not 1.0)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype == torch.bool:
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} "
+                        f"({value!r})")
+    return float(value)
+
+
+def as_int(value, name: str) -> int:
+    """A Python int from int, numpy integer or 0-d integer tensor (bools and floats refused)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} ({value!r})")
+    return int(value)
+
+
+# The solver scales the row weights so that the largest 1 / c is 1 (the dual variable then
+# shifts the most movable rows by O(1) and the others by less); the smallest 1 / c must then
+# stay a normal float32. Weight ratios (and lam) beyond this range are refused.
+WEIGHT_RATIO_MAX = 1e30
+
+
+def check_lam(lam) -> float:
+    """``lam`` as a float in [1 / WEIGHT_RATIO_MAX, WEIGHT_RATIO_MAX]."""
+    lam = as_float(lam, "lam")
+    if not (np.isfinite(lam) and 1.0 / WEIGHT_RATIO_MAX <= lam <= WEIGHT_RATIO_MAX):
+        raise ValueError(f"lam: expected a finite number in [{1 / WEIGHT_RATIO_MAX:g}, "
+                         f"{WEIGHT_RATIO_MAX:g}] (the weight of retain rows relative to forget "
+                         f"rows), got {lam!r}")
+    return lam
+
+
+def scaled_inv_weights(c: np.ndarray) -> Tuple[np.ndarray, float]:
+    """(1 / c scaled to a largest value of 1, as float32; the scale c_min): the solver runs on
+    these and its alpha times c_min is the caller's alpha (Q depends on alpha_j / c_i only)."""
+    c_min = float(c.min())
+    return (c_min / c).astype(np.float32), c_min
 
 
 def row_sum_tol(dtype: torch.dtype) -> float:
@@ -146,7 +231,7 @@ def pseudo_log(pseudo, n_forget: int, k: int, generator: Optional[torch.Generato
 
 def target_marginals(marginals, colsum_retain: torch.Tensor, colsum_forget: torch.Tensor,
                      n: int, k: int, p_hat_colsum: torch.Tensor) -> torch.Tensor:
-    """The class totals M (k,) float64 on the CPU, summing to N (DESIGN.md §1).
+    """The class totals M (k,) float64 on the CPU, summing to N (docs/design.md §2).
 
     ``colsum_retain`` / ``colsum_forget``: column sums of P over the retain / forget rows;
     ``p_hat_colsum``: column sums of P^, the fallback for "retain" when nothing is retained.
@@ -167,7 +252,7 @@ def target_marginals(marginals, colsum_retain: torch.Tensor, colsum_forget: torc
 
 def check_marginals(marginals, n: int, k: int) -> torch.Tensor:
     """Validate user marginals: (k,), finite, >= 0, summing to N (relative tolerance 1e-6)."""
-    t, _ = to_tensor(marginals, "marginals")
+    t, _ = to_tensor(marginals, "marginals", sequence=True)
     t = t.detach().cpu()
     if t.shape != (k,):
         raise ValueError(f"marginals: shape {tuple(t.shape)}; expected ({k},), one total per class")
@@ -196,9 +281,10 @@ def check_feasible(support: torch.Tensor, m: torch.Tensor, name: str = "marginal
 
 
 def check_weights(weights, n: int) -> torch.Tensor:
-    """Row weights c (N,), positive and finite -> float64 on the CPU."""
-    t, _ = to_tensor(weights, "weights")
-    t = t.detach()
+    """Row weights c (N,), positive and finite, with max / min <= WEIGHT_RATIO_MAX -> float64 on
+    the CPU."""
+    t, _ = to_tensor(weights, "weights", sequence=True)
+    t = t.detach().cpu()
     if t.shape != (n,):
         raise ValueError(f"weights: shape {tuple(t.shape)}; expected ({n},), one weight per row")
     t = t.double()
@@ -207,7 +293,49 @@ def check_weights(weights, n: int) -> torch.Tensor:
         i = int(torch.nonzero(bad)[0, 0])
         raise ValueError(f"weights: row {i} has weight {float(t[i]):.6g}; expected finite "
                          f"weights > 0")
+    ratio = float(t.max() / t.min())
+    if ratio > WEIGHT_RATIO_MAX * (1 + 1e-6):  # slack: weights given in float32
+        raise ValueError(f"weights: max / min = {ratio:.3g}; expected at most "
+                         f"{WEIGHT_RATIO_MAX:g} (the solver represents 1 / c relative to the "
+                         f"largest in float32)")
     return t
+
+
+def check_capacity(log_p: torch.Tensor, m: torch.Tensor, name: str = "marginals",
+                   chunk_elems: int = 1 << 22) -> None:
+    """Raise "infeasible marginals" when a class total cannot be met by any Q on P^'s support.
+
+    Each row of Q sums to 1 and puts mass only where P^ does (log P^ > -inf), so class j can
+    receive at most the number of rows that give it probability, and must receive at least the
+    number of rows that give probability to j alone. (The general condition runs over every set
+    of classes; these two cover the practical cases.) One pass over log P^ (N x k): called only
+    when the solver cannot converge, never on the normal path.
+    """
+    n, k = log_p.shape
+    cap = torch.zeros(k, dtype=torch.float64)
+    only = torch.zeros(k, dtype=torch.float64)
+    rows = max(1, chunk_elems // max(k, 1))
+    for i in range(0, n, rows):
+        fin = log_p[i:i + rows] > float("-inf")
+        cap += fin.sum(0, dtype=torch.float64).cpu()
+        single = fin.sum(1) == 1
+        only += fin[single].sum(0, dtype=torch.float64).cpu()
+    m = m.double().cpu()
+    slack = 1e-9 * max(n, 1)
+    over = torch.nonzero(m > cap + slack).flatten()
+    if over.numel():
+        j = int(over[0])
+        raise ValueError(f"{name}: infeasible marginals: class {j} has target total "
+                         f"{float(m[j]):.6g} but only {int(cap[j])} rows of P^ give it "
+                         f"probability (each row of Q adds at most 1 to a class); expected "
+                         f"M_{j} <= {int(cap[j])}")
+    under = torch.nonzero(m < only - slack).flatten()
+    if under.numel():
+        j = int(under[0])
+        raise ValueError(f"{name}: infeasible marginals: class {j} has target total "
+                         f"{float(m[j]):.6g} but {int(only[j])} rows of P^ give probability to "
+                         f"class {j} alone (their rows of Q must be one-hot on it); expected "
+                         f"M_{j} >= {int(only[j])}")
 
 
 def check_out(out, x: torch.Tensor, from_numpy: bool) -> Optional[torch.Tensor]:

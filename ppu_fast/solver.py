@@ -1,7 +1,7 @@
 """The dual solver: Newton, Sinkhorn and gradient ascent on the k-dimensional concave dual.
 
 Backend-agnostic: every pass over the N x k matrix goes through ``backend.step``; everything here
-is k-dimensional algebra in float64 (DESIGN.md §1). The dual is
+is k-dimensional algebra in float64 (docs/design.md §1). The dual is
 
     g(alpha) = - sum_i c_i log Z_i(alpha) - alpha . M,   grad g = colsum(Q(alpha)) - M.
 """
@@ -13,12 +13,13 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from .backends.base import Backend, StepOut
+from .problem import as_float, as_int
 
 METHODS = ("newton", "sinkhorn", "gradient")
 DEFAULT_MAX_ITER = {"newton": 100, "sinkhorn": 10_000, "gradient": 100_000}
@@ -39,6 +40,9 @@ TAIL_RHO = (0.25, 0.6)
 # Relative rounding noise of the dual value (float32 log Z summed in float64).
 G_NOISE_REL = 1e-7
 MAX_EXTRAPOLATION = 64.0
+# A dual iterate that shifts some row's logits by more than this has left every float32
+# log-probability behind (they reach -104 at most): the marginals are infeasible or nearly so.
+DIVERGED_LOGIT = 1e4
 
 
 _BLAS = None
@@ -66,6 +70,30 @@ def hessian_mode(method: str, k: int):
     return True if k <= DENSE_HESSIAN_MAX_K else "diag"
 
 
+def check_options(method, tol, max_iter, step_size):
+    """The solver options validated (numpy and 0-d torch scalars accepted): (method, tol,
+    max_iter with its default filled in, step_size)."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method: unknown {method!r}; expected one of {list(METHODS)}")
+    tol = as_float(tol, "tol")
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol: expected a finite number > 0, got {tol!r}")
+    if max_iter is None:
+        max_iter = DEFAULT_MAX_ITER[method]
+    max_iter = as_int(max_iter, "max_iter")
+    if max_iter < 1:
+        raise ValueError(f"max_iter: expected an integer >= 1, got {max_iter!r}")
+    if step_size is not None:
+        if method != "gradient":
+            raise ValueError(f"step_size: only method='gradient' takes a step size (newton and "
+                             f"sinkhorn choose their own); got step_size={step_size!r} with "
+                             f"method={method!r}")
+        step_size = as_float(step_size, "step_size")
+        if not (step_size > 0 and math.isfinite(step_size)):
+            raise ValueError(f"step_size: expected a finite number > 0, got {step_size!r}")
+    return method, tol, max_iter, step_size
+
+
 class ConvergenceWarning(UserWarning):
     """The solver stopped at ``max_iter`` (or stagnated) before reaching ``tol``."""
 
@@ -84,6 +112,10 @@ class RefineInfo:
     alpha: the dual variables (k,) float64 on the CPU, gauge-fixed to sum zero.
     method, backend: what ran; seconds: wall time of the call that returned this info.
     timings: seconds per phase of that call (``refine``: "prepare", "solve", "materialize", ...).
+    output_residual: ``||colsum(Q) - M||_1 / N`` of the Q that ``refine`` returned, measured in
+        float64 when Q is float16 / bfloat16 (rounding Q to those dtypes adds ~1e-4 to the
+        solver's ``residual``); None for float32 / float64 results, whose rounding is below the
+        solver's float32 floor.
     """
 
     iterations: int
@@ -98,6 +130,7 @@ class RefineInfo:
     message: str = ""
     steps: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
+    output_residual: Optional[float] = None
 
 
 class _Evaluator:
@@ -186,24 +219,21 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                marginals: torch.Tensor, *, method: str = "newton", tol: float = 1e-6,
                max_iter: Optional[int] = None, step_size: Optional[float] = None,
                alpha0: Optional[torch.Tensor] = None, first: Optional[StepOut] = None,
-               weight_sums: Optional[tuple] = None) -> RefineInfo:
+               weight_sums: Optional[tuple] = None,
+               capacity: Optional[Callable[[], None]] = None) -> RefineInfo:
     """Maximise the dual for ``log_p`` (N x k), ``inv_c`` (N,) and ``marginals`` M (k,).
 
     ``first``: the step at alpha = 0 with the Hessian ``hessian_mode(method, k)`` asks for, on the
     CPU, as ``prepare`` returns it; it replaces the solver's first pass (alpha0 must be None).
     ``weight_sums``: (sum inv_c, max inv_c, sum 1 / inv_c) when the caller knows them (else they
     are reduced from ``inv_c``).
-    Returns a :class:`RefineInfo` whose ``alpha`` (k,) float64 (on the CPU) defines Q(alpha).
+    ``capacity``: called (at most once) when the iterates diverge or ``tol`` is not reached; it
+    raises when the marginals are infeasible (``problem.check_capacity``).
+    Returns a :class:`RefineInfo` whose ``alpha`` (k,) float64 (on the CPU) defines Q(alpha):
+    the last iterate, or the one with the smallest residual when ``tol`` was not reached.
     Warns with :class:`ConvergenceWarning` when ``tol`` is not reached.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: unknown {method!r}; expected one of {list(METHODS)}")
-    if max_iter is None:
-        max_iter = DEFAULT_MAX_ITER[method]
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter: expected a positive int, got {max_iter!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol: expected a positive number, got {tol!r}")
+    method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
     t_start = time.perf_counter()
     n, k = log_p.shape
     m = marginals.to(device="cpu", dtype=torch.float64).numpy()
@@ -225,16 +255,15 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
         # lambda_max(diag(q) - q q^T) <= 1/2 (Gershgorin), so g is L-smooth with
         # L = sum_i inv_c_i / 2 and eta = 1/L ascends monotonically.
         eta = step_size if step_size is not None else 2.0 / inv_c_sum
-        if not eta > 0:
-            raise ValueError(f"step_size: expected a positive number, got {step_size!r}")
     with _one_blas_thread():
         return _solve_loop(backend, ev, method, m, alpha, first, alpha0, tol, max_iter,
-                           inv_c_max, c_bar, m_safe, eta, t_start)
+                           inv_c_max, c_bar, m_safe, eta, t_start, capacity)
 
 
 def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, alpha: np.ndarray,
                 first: Optional[StepOut], alpha0, tol: float, max_iter: int, inv_c_max: float,
-                c_bar, m_safe, eta, t_start: float) -> RefineInfo:
+                c_bar, m_safe, eta, t_start: float,
+                capacity: Optional[Callable[[], None]] = None) -> RefineInfo:
     """The iterations of :func:`solve_dual` (numpy's BLAS held to one thread around it)."""
     if first is not None and alpha0 is None:
         grad, g, h, res = ev.record(alpha, *first)
@@ -242,7 +271,11 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
         grad, g, h, res = ev(alpha)
     message = ""
     t_next, rho_prev = 1.0, 0.0
+    best = (res, alpha, g)
     while res > tol and ev.passes < max_iter:
+        if capacity is not None and float(np.abs(alpha).max()) * inv_c_max > DIVERGED_LOGIT:
+            capacity()  # raises on infeasible marginals
+            capacity = None
         if method == "newton":
             d = _newton_direction(h, grad)
             spread = float(d.max() - d.min()) * inv_c_max
@@ -278,9 +311,18 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
         alpha, grad, g, h_new, res, _ = out
         h = h if h_new is None else h_new
         alpha = alpha - alpha.mean()
+        if res < best[0]:
+            best = (res, alpha, g)
     converged = res <= tol
-    if not converged and not message:
-        message = f"reached max_iter={max_iter} passes"
+    if not converged:
+        if capacity is not None:
+            capacity()
+        if not message:
+            message = f"reached max_iter={max_iter} passes"
+        if best[0] < res:
+            # Never hand back an iterate worse than one already seen.
+            res, alpha, g = best
+            message += f"; returning the iterate with the smallest residual ({res:.3g})"
     info = RefineInfo(iterations=ev.passes, converged=converged, residual=res,
                       history=ev.history, dual_value=g, alpha=torch.from_numpy(alpha),
                       method=method, backend=backend.name,

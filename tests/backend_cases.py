@@ -1,7 +1,7 @@
 """Shared cases and accuracy checks for every backend's ``prepare`` / ``step`` / ``materialize``.
 
 Each backend's test module parametrises over ``CASES`` and calls ``check_step`` /
-``check_materialize`` / ``check_prepare``. The rules (DESIGN.md §4):
+``check_materialize`` / ``check_prepare``. The rules:
 
 * column sums, sum c log Z and Q: a backend's error against the float64 oracle (tests/oracle.py,
   independent of every backend) may be at most twice the float32 reference's own error on the same

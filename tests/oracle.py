@@ -1,6 +1,6 @@
 """An independent float64 oracle for every backend operation, the torch reference included.
 
-Written in numpy from the formulas of DESIGN.md §1 and the backend contract
+Written in numpy from the formulas of docs/design.md §1 and the backend contract
 (ppu_fast/backends/base.py), sharing no code with the backends: the reference is judged against
 this, never against itself. ``1 - q_ij`` is formed as the exclusive sum of the row's other entries
 (prefix + suffix sums), which is exact to float64 rounding even for one-hot rows whose
@@ -168,3 +168,46 @@ def hessian_error(h, ref: np.ndarray, floor: float) -> float:
         return float(np.max(np.abs(hv - ref) / np.maximum(ref, floor)))
     dd = np.sqrt(np.maximum(np.diag(ref), floor))
     return float(np.max(np.abs(hv - ref) / dd[:, None] / dd[None, :]))
+
+
+def oracle_solve(log_p, c, m, tol: float = 1e-12, max_iter: int = 500
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """(alpha (k,), Q (N x k)) of the refinement problem, solved in float64 from the formulas:
+    ``q_ik = softmax_k(log_p_ik - alpha_k / c_i)``, damped Newton with the exact Hessian on the
+    dual, on the weights c / min(c) (only their ratios matter; the alpha returned is the caller's,
+    for c). Raises AssertionError if ``||colsum - M||_1 / N`` does not reach ``tol``."""
+    lp = _np(log_p)
+    c = _np(c)
+    m = _np(m)
+    n, k = lp.shape
+    c_min = float(c.min())
+    ic = c_min / c
+    cs = c / c_min
+
+    def evaluate(a):
+        q, log_z = softmax_rows(lp - ic[:, None] * a[None, :])
+        return q, -(cs * log_z).sum() - a @ m
+
+    a = np.zeros(k)
+    q, g = evaluate(a)
+    for _ in range(max_iter):
+        grad = q.sum(0) - m
+        if np.abs(grad).sum() / n <= tol:
+            return a * c_min, q
+        wq = ic[:, None] * q
+        h = np.diag(wq.sum(0)) - wq.T @ q
+        h += np.full((k, k), max(np.trace(h), 1e-300) / k)  # the gauge direction
+        d = np.linalg.lstsq(h, grad, rcond=None)[0]
+        d -= d.mean()
+        t, res = 1.0, np.abs(grad).sum() / n
+        while True:
+            q_n, g_n = evaluate(a + t * d)
+            # Near the optimum g's float64 rounding hides the gain: a smaller residual counts too.
+            if (g_n >= g + 1e-4 * t * (grad @ d) or np.abs(q_n.sum(0) - m).sum() / n < res
+                    or t < 1e-12):
+                break
+            t *= 0.5
+        a, q, g = a + t * d, q_n, g_n
+    res = np.abs(q.sum(0) - m).sum() / n
+    assert res <= tol, f"oracle_solve: residual {res:.3g} > {tol:.3g} after {max_iter} steps"
+    return a * c_min, q

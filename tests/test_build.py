@@ -1,4 +1,4 @@
-"""Build checks (DESIGN.md §2): the CUDA sources compile with nvcc for sm_80 + sm_90 + PTX and give
+"""Build checks (docs/design.md §4): the CUDA sources compile with nvcc for sm_80 + sm_90 + PTX and give
 an importable ``_cuda`` module; PPU_FAST_SKIP_CUDA skips it; the build never needs torch.
 
 The CUDA checks run wherever nvcc is installed (the development machine and CI have nvcc 13.0 and

@@ -116,10 +116,17 @@ def test_infeasible_marginals_name_the_class(problem):
         ppu_fast.refine(p, mask, pseudo=pseudo, marginals=torch.full((5,), 60.0))
 
 
-@pytest.mark.parametrize("lam", [0.0, -1.0, float("nan"), float("inf"), "1"])
+@pytest.mark.parametrize("lam", [0.0, -1.0, float("nan"), float("inf"), 1e-31, 1e31])
 def test_bad_lam(problem, lam):
     p, mask = problem
-    with pytest.raises(ValueError, match="lam: expected a finite number > 0"):
+    with pytest.raises(ValueError, match=r"lam: expected a finite number in \[1e-30, 1e\+30\]"):
+        ppu_fast.refine(p, mask, lam=lam)
+
+
+@pytest.mark.parametrize("lam", ["1", True, None, [1.0]])
+def test_lam_of_the_wrong_type(problem, lam):
+    p, mask = problem
+    with pytest.raises(TypeError, match="lam: expected a real number"):
         ppu_fast.refine(p, mask, lam=lam)
 
 
@@ -133,11 +140,11 @@ def test_unknown_method_and_backend(problem):
 
 def test_bad_tol_and_max_iter(problem):
     p, mask = problem
-    with pytest.raises(ValueError, match="tol: expected a positive number"):
+    with pytest.raises(ValueError, match="tol: expected a finite number > 0"):
         ppu_fast.refine(p, mask, tol=0)
-    with pytest.raises(ValueError, match="max_iter: expected a positive int"):
+    with pytest.raises(ValueError, match="max_iter: expected an integer >= 1"):
         ppu_fast.refine(p, mask, max_iter=0)
-    with pytest.raises(ValueError, match="step_size: expected a positive number"):
+    with pytest.raises(ValueError, match="step_size: expected a finite number > 0"):
         ppu_fast.refine(p, mask, method="gradient", step_size=-1.0)
 
 

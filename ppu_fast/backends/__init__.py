@@ -1,6 +1,6 @@
 """Backend registry: picks the backend that runs ``step`` / ``materialize`` for a tensor.
 
-Order (DESIGN.md §2): CUDA tensors try triton, cuda, torch; CPU tensors try cpu, torch.
+Order (docs/design.md §4): CUDA tensors try triton, cuda, torch; CPU tensors try cpu, torch.
 ``backend="auto"`` takes the first whose ``not_supported_reasons`` is empty; the environment
 variable ``PPU_FAST_BACKEND`` replaces "auto" by a name; a named backend that cannot serve the
 call raises with its reasons. Compiled and Triton backends are imported lazily, and a failed
@@ -61,6 +61,12 @@ def get_backend(name: str, log_p: torch.Tensor) -> Backend:
         raise TypeError(f"backend: expected a string, got {type(name).__name__}")
     if name == "auto":
         name = os.environ.get("PPU_FAST_BACKEND", "auto") or "auto"
+    if log_p.device.type == "cpu" and name in ("auto", "cpu"):
+        isa = os.environ.get("PPU_FAST_CPU_ISA", "")
+        if isa and isa != "auto":
+            # A typo here must not quietly hand the call to the torch reference.
+            from .cpu import check_isa
+            check_isa(isa, "PPU_FAST_CPU_ISA")
     if name == "auto":
         order = _ORDER["cuda" if log_p.device.type == "cuda" else "cpu"]
         tried = []

@@ -1,4 +1,4 @@
-"""The backend contract (DESIGN.md §2) shared by every backend.
+"""The backend contract (docs/design.md §4) shared by every backend.
 
 A backend implements three operations over an N x k matrix. ``log_p`` is the solver's buffer of
 log-probabilities (float32, float16 or bfloat16), ``inv_c`` (N,) float32 the inverse row weights and

@@ -1,7 +1,7 @@
 """The ``cpu`` backend: launcher for the compiled C++ kernels in ``ppu_fast._C``.
 
-Three layers (DESIGN.md §4): the kernels (csrc/cpu/kernel.h: one fused pass per row block for
-``prepare``, ``step`` and ``materialize``), their binding (csrc/cpu/bindings.cpp: run-time AVX-512 /
+Three layers: the kernels (csrc/cpu/kernel.h: one fused pass per row block for ``prepare``,
+``step`` and ``materialize``), their binding (csrc/cpu/bindings.cpp: run-time AVX-512 /
 AVX2 / generic dispatch, fixed row ranges, fixed-order reduction of per-range partials; the thread
 pool in csrc/cpu/pool.cpp) and this launcher, which validates the tensors and passes data
 pointers, sizes and strides. ``ppu_fast._C`` does not link libtorch.
@@ -36,7 +36,7 @@ from .base import (MODE_CODE, ROW_SUM_TOL, Backend, Hessian, PrepareOut, StepOut
                    check_prepare_args, check_step_args, hessian_stride, packed_size,
                    unpack_prepare)
 
-try:  # a missing build is a reason, never an import error (DESIGN.md §2)
+try:  # a missing build is a reason, never an import error (docs/design.md §4)
     from .. import _C  # type: ignore[attr-defined]
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # pragma: no cover - exercised only without a build
@@ -48,8 +48,20 @@ _X_CODE = {**_DTYPE_CODE, torch.float64: 3}
 _HMODE = {False: 0, True: 1, "diag": 2}
 
 
+ISA_NAMES = ("auto", "avx512", "avx2", "generic")
+
+
 def _isa_from_env() -> str:
     return os.environ.get("PPU_FAST_CPU_ISA", "auto") or "auto"
+
+
+def check_isa(isa: str, where: str = "isa") -> None:
+    """Raise a ValueError when ``isa`` is not a kernel name, or one this CPU / build cannot run."""
+    if isa not in ISA_NAMES:
+        raise ValueError(f"{where}: unknown CPU kernel {isa!r}; expected one of {list(ISA_NAMES)}")
+    if _C is not None and isa != "auto" and isa not in _C.supported_isas():
+        raise ValueError(f"{where}: {isa!r} is not supported here; this CPU/build runs "
+                         f"{_C.supported_isas()}")
 
 
 class CpuBackend(Backend):
@@ -67,9 +79,7 @@ class CpuBackend(Backend):
     def __init__(self, isa: Optional[str] = None, num_threads: Optional[int] = None) -> None:
         self.isa = isa or _isa_from_env()
         self.num_threads = num_threads
-        if _C is not None and self.isa != "auto" and self.isa not in _C.supported_isas():
-            raise ValueError(f"isa: {self.isa!r} is not supported here; this CPU/build runs "
-                             f"{_C.supported_isas()}")
+        check_isa(self.isa, "isa" if isa else "PPU_FAST_CPU_ISA")
 
     # -- capability -----------------------------------------------------------------------------
     def available_reasons(self) -> List[str]:

@@ -1,0 +1,302 @@
+"""Inputs a hostile or careless caller passes: each gives the right answer or a clear error, never a
+silent wrong one. Right answers are judged against the float64 oracle (tests/oracle.py), never
+against ppu_fast itself."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ppu_fast
+from oracle import oracle_solve
+from ppu_fast.solver import ConvergenceWarning
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ["cpu", "torch"]
+
+
+def _problem(n=400, k=5, seed=0, margin=3.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, k, (n,), generator=g)
+    logits[torch.arange(n), labels] += margin
+    return torch.softmax(logits, 1).to(dtype), labels
+
+
+def _oracle_refine(p, mask, lam=1.0, marginals="retain", pseudo="uniform"):
+    """The refine problem built in float64 from its definition and solved by the oracle."""
+    p = p.double().numpy()
+    p = p / p.sum(1, keepdims=True)  # refine normalises the rows it reads
+    mask = np.asarray(mask, bool)
+    n, k = p.shape
+    lp = np.log(p)
+    if pseudo == "uniform":
+        lp[mask] = -np.log(k)
+    c = np.where(mask, 1.0, lam)
+    if marginals == "retain":
+        m = p[~mask].sum(0) * n / (~mask).sum()
+    elif marginals == "original":
+        m = p.sum(0)
+    else:
+        m = np.asarray(marginals, float)
+    return oracle_solve(lp, c, m)
+
+
+def _residual(q, m):
+    q = torch.as_tensor(q).double()
+    return float((q.sum(0) - torch.as_tensor(m).double()).abs().sum()) / q.shape[0]
+
+
+# -- defect 1: what counts as a mask ----------------------------------------------------------------
+
+def test_bool_masks_in_every_form_forget_the_same_rows():
+    p, labels = _problem()
+    mask = labels == 2
+    expected = ppu_fast.refine(p, mask)
+    for form in (mask.tolist(), tuple(mask.tolist()), mask.numpy(),
+                 [bool(v) for v in mask.numpy()], list(mask.numpy())):  # np.bool_ elements too
+        assert torch.equal(ppu_fast.refine(p, form), expected), type(form)
+
+
+@pytest.mark.parametrize("make", [lambda m: m.to(torch.uint8), lambda m: m.long(),
+                                  lambda m: m.int().numpy(), lambda m: m.numpy().astype(np.uint8),
+                                  lambda m: [int(v) for v in m]])
+def test_an_integer_0_1_vector_of_length_n_is_refused_as_ambiguous(make):
+    p, labels = _problem()
+    with pytest.raises(ValueError, match=r"forget_mask: an integer vector of length N = 400 "
+                                         r"holding only 0 and 1 is ambiguous.*mask\.bool\(\).*"
+                                         r"nonzero"):
+        ppu_fast.refine(p, make(labels == 2))
+
+
+def test_integer_indices_stay_indices_and_negative_ones_count_from_the_end():
+    p, labels = _problem()
+    idx = torch.nonzero(labels == 2).flatten()
+    mask = labels == 2
+    expected = ppu_fast.refine(p, mask)
+    assert torch.equal(ppu_fast.refine(p, idx), expected)
+    assert torch.equal(ppu_fast.refine(p, idx.tolist()), expected)
+    assert torch.equal(ppu_fast.refine(p, (idx - 400).numpy()), expected)  # [-N, 0)
+    assert torch.equal(ppu_fast.refine(p, [0, 1]), ppu_fast.refine(p, [-400, -399]))
+    with pytest.raises(ValueError, match=re.escape("expected indices in [-400, 400) (negative")):
+        ppu_fast.refine(p, [-401])
+
+
+@pytest.mark.parametrize("bad,err,msg", [
+    ([True, 1, 0], TypeError, "mixing bools and integers"),
+    ([0.5, 2], TypeError, "a sequence element is float"),
+    ("0,1", TypeError, "forget_mask: expected a bool mask"),
+    (3, TypeError, "forget_mask: expected a bool mask"),
+])
+def test_malformed_masks(bad, err, msg):
+    p, _ = _problem()
+    with pytest.raises(err, match=msg):
+        ppu_fast.refine(p, bad)
+
+
+# -- defect 2: autograd inputs ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_requiring_grad_give_plain_targets(backend):
+    p, labels = _problem()
+    mask = labels == 1
+    expected = ppu_fast.refine(p, mask, backend=backend)
+    for kw in ({"probs": p.clone().requires_grad_()},
+               {"logits": torch.log(p).clone().requires_grad_()}):
+        leaf = next(iter(kw.values()))
+        q = ppu_fast.refine(forget_mask=mask, backend=backend, **kw)
+        assert not q.requires_grad and q.grad_fn is None
+        assert torch.allclose(q, expected, atol=1e-6)
+        assert leaf.grad is None
+    pseudo = torch.full((int(mask.sum()), 5), 0.2, requires_grad=True)
+    m = (p[~mask].double().sum(0) * 400 / int((~mask).sum())).requires_grad_()
+    q = ppu_fast.refine(p, mask, pseudo=pseudo, marginals=m, backend=backend)
+    assert not q.requires_grad and torch.allclose(q, expected, atol=1e-6)
+    lp = torch.log(p).requires_grad_()
+    w = torch.ones(400, requires_grad=True)
+    alpha, _ = ppu_fast.solve(lp, w, m, backend=backend)
+    q2 = ppu_fast.targets(lp, w, alpha.requires_grad_(), backend=backend)
+    assert not alpha.grad_fn and not q2.requires_grad
+
+
+# -- defect 3: lam over its whole range, weights of any scale ---------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [1e-30, 1e-12, 1e-8, 1e-6, 1e-2, 1e2, 1e8, 1e30])
+@pytest.mark.parametrize("scenario", ["class", "selective"])
+def test_refine_is_right_for_every_lam(backend, lam, scenario):
+    p, labels = _problem(seed=1)
+    mask = (labels == 0) if scenario == "class" else (torch.arange(400) % 37 == 0)
+    q, info = ppu_fast.refine(p, mask, lam=lam, backend=backend, tol=1e-7, return_info=True)
+    assert info.converged
+    alpha, q_ora = _oracle_refine(p, mask.numpy(), lam=lam)
+    assert np.abs(q.double().numpy() - q_ora).max() <= 2e-5
+    # info.alpha is the caller's alpha: targets() with the same weights reproduces Q.
+    c = torch.where(mask, torch.tensor(1.0, dtype=torch.float64), lam)
+    q_t = ppu_fast.targets(torch.log(p).masked_fill(mask[:, None], -np.log(5.0)), c, info.alpha,
+                           backend=backend)
+    assert torch.allclose(q_t, q, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e-200, 1.0, 1e200])
+def test_solve_with_weights_of_any_scale_and_a_wide_ratio(backend, scale):
+    p, labels = _problem(seed=2)
+    lp = torch.log(p)
+    g = torch.Generator().manual_seed(3)
+    c = torch.exp(torch.rand(400, generator=g, dtype=torch.float64) * np.log(1e20)) * scale
+    m = p.double().sum(0) * 0.5 + 0.5 * 80.0
+    m = m * 400 / m.sum()
+    alpha, info = ppu_fast.solve(lp, c, m, backend=backend, tol=1e-7)
+    a_ora, q_ora = oracle_solve(lp, c, m)
+    q = ppu_fast.targets(lp, c, alpha, backend=backend)
+    assert info.converged and np.abs(q.double().numpy() - q_ora).max() <= 2e-5
+    assert np.allclose(alpha.numpy(), a_ora - a_ora.mean(), rtol=1e-3,
+                       atol=1e-6 * float(np.abs(a_ora).max()))
+
+
+def test_weights_beyond_the_representable_ratio_are_refused():
+    p, _ = _problem()
+    c = torch.ones(400, dtype=torch.float64)
+    c[0] = 1e31
+    with pytest.raises(ValueError, match=r"weights: max / min = 1e\+31; expected at most 1e\+30"):
+        ppu_fast.solve(torch.log(p), c, torch.full((5,), 80.0))
+
+
+# -- defect 4: infeasible marginals -----------------------------------------------------------------
+
+def _sparse_probs():
+    """Probabilities with exact zeros: only rows 0-9 give class 2 any probability, and rows 10-59
+    give it to class 0 alone."""
+    p, _ = _problem(n=200, k=3, seed=4, dtype=torch.float64)
+    p[10:, 2] = 0.0
+    p[10:60] = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    return (p / p.sum(1, keepdim=True)).float()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_class_total_above_its_support_raises_infeasible(backend):
+    p = _sparse_probs()
+    m = torch.tensor([80.0, 70.0, 50.0])  # class 2: at most 10 rows can carry it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # the error comes before any warning
+        with pytest.raises(ValueError, match=r"marginals: infeasible marginals: class 2 has "
+                                             r"target total 50 but only 10 rows.*M_2 <= 10"):
+            ppu_fast.refine(p, [], marginals=m, backend=backend)
+        with pytest.raises(ValueError, match=r"infeasible marginals: class 2"):
+            ppu_fast.solve(torch.log(p), torch.ones(200), m, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_class_total_below_its_one_hot_rows_raises_infeasible(backend):
+    p = _sparse_probs()
+    # Within the upper bounds (class 1: 150 rows, class 2: 10), but rows 10-59 give class 0 alone.
+    m = torch.tensor([40.0, 150.0, 10.0])
+    with pytest.raises(ValueError, match=r"class 0 has target total 40 but 50 rows of P\^ give "
+                                         r"probability to class 0 alone.*M_0 >= 50"):
+        ppu_fast.refine(p, [], marginals=m, backend=backend)
+
+
+def test_a_feasible_problem_with_zeros_still_solves():
+    p = _sparse_probs()
+    m = torch.tensor([100.0, 95.0, 5.0])
+    q, info = ppu_fast.refine(p, [], marginals=m, tol=1e-7, return_info=True)
+    assert info.converged and _residual(q, m) < 1e-6
+
+
+def test_a_solver_stopped_short_returns_its_best_iterate():
+    p, labels = _problem(n=2000, k=10, seed=5, margin=30.0)
+    with pytest.warns(ConvergenceWarning):
+        q, info = ppu_fast.refine(p, labels == 0, marginals="original", method="gradient",
+                                  max_iter=25, return_info=True)
+    assert info.residual == min(info.history)
+    m = p.double().sum(0)
+    assert abs(_residual(q, m) - info.residual) <= 1e-6 + 1e-3 * info.residual
+
+
+# -- defect 5: half-precision results ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_results_report_the_residual_of_what_is_returned(dtype):
+    p, labels = _problem(n=3000, k=10, seed=6, dtype=dtype)
+    mask = labels == 3
+    q, info = ppu_fast.refine(p, mask, return_info=True)
+    assert q.dtype == dtype
+    pn = p.double() / p.double().sum(1, keepdim=True)  # the rows as refine reads them
+    m = pn[~mask].sum(0) * 3000 / int((~mask).sum())
+    measured = _residual(q, m)
+    assert info.output_residual == pytest.approx(measured, rel=1e-3)  # M's rounding
+    assert info.output_residual > 10 * info.residual
+    assert "info.output_residual" in info.message
+    _, info32 = ppu_fast.refine(pn.float(), mask, return_info=True)
+    assert info32.output_residual is None
+
+
+# -- smaller holes ----------------------------------------------------------------------------------
+
+def test_k1_checks_every_argument():
+    p = torch.ones(6, 1)
+    assert torch.equal(ppu_fast.refine(p, [0]), torch.ones(6, 1))
+    with pytest.raises(ValueError, match="method: unknown 'bogus'"):
+        ppu_fast.refine(p, [0], method="bogus")
+    with pytest.raises(ValueError, match="backend: unknown name 'jax'"):
+        ppu_fast.refine(p, [0], backend="jax")
+    with pytest.raises(ValueError, match="marginals: unknown name 'typo'"):
+        ppu_fast.refine(p, [0], marginals="typo")
+    with pytest.raises(ValueError, match="probs: row 2"):
+        ppu_fast.refine(torch.tensor([[1.0], [1.0], [0.5], [1.0]]), [0])
+
+
+def test_numpy_and_0d_torch_scalars_are_accepted():
+    p, labels = _problem()
+    mask = labels == 1
+    expected = ppu_fast.refine(p, mask, lam=0.5, tol=1e-6, max_iter=50)
+    for lam, tol, max_iter in [(np.float32(0.5), np.float64(1e-6), np.int64(50)),
+                               (torch.tensor(0.5), torch.tensor(1e-6), torch.tensor(50)),
+                               (np.array(0.5), 1e-6, np.int32(50))]:
+        got = ppu_fast.refine(p, mask, lam=lam, tol=tol, max_iter=max_iter)
+        assert torch.equal(got, expected)
+    with pytest.raises(TypeError, match="max_iter: expected an integer"):
+        ppu_fast.refine(p, mask, max_iter=5.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_targets_refuses_non_finite_alpha(bad):
+    p, _ = _problem()
+    alpha = [0.0, 0.1, bad, 0.0, -0.1]
+    with pytest.raises(ValueError, match="alpha: entry 2 is .*; expected finite dual variables"):
+        ppu_fast.targets(torch.log(p), torch.ones(400), alpha)
+
+
+def test_a_cpu_isa_typo_raises_instead_of_falling_back(monkeypatch):
+    p, labels = _problem()
+    monkeypatch.setenv("PPU_FAST_CPU_ISA", "avx-512")
+    with pytest.raises(ValueError, match=r"PPU_FAST_CPU_ISA: unknown CPU kernel 'avx-512'; "
+                                         r"expected one of \['auto', 'avx512', 'avx2', 'generic'\]"):
+        ppu_fast.refine(p, labels == 1)
+    monkeypatch.setenv("PPU_FAST_CPU_ISA", "generic")
+    _, info = ppu_fast.refine(p, labels == 1, return_info=True)
+    assert info.backend == "cpu"
+
+
+@pytest.mark.parametrize("method", ["newton", "sinkhorn"])
+def test_step_size_is_refused_where_it_would_be_ignored(method):
+    p, labels = _problem()
+    with pytest.raises(ValueError, match=f"step_size: only method='gradient'.*'{method}'"):
+        ppu_fast.refine(p, labels == 1, method=method, step_size=0.1)
+    with pytest.raises(ValueError, match="step_size: only method='gradient'"):
+        ppu_fast.solve(torch.log(p), torch.ones(400), torch.full((5,), 80.0), method=method,
+                       step_size=0.1)
+
+
+def test_the_design_doc_is_in_the_repository_and_linked():
+    assert (ROOT / "docs" / "design.md").is_file()
+    assert "docs/design.md" in (ROOT / "README.md").read_text()
+    for path in list((ROOT / "ppu_fast").rglob("*.py")) + [ROOT / "README.md"]:
+        text = path.read_text()
+        assert not re.search(r"(?<!docs/)DESIGN\.md", text), path
