@@ -16,7 +16,7 @@ import torch
 
 from . import problem as pb
 from .backends import get_backend
-from .solver import RefineInfo, check_options, hessian_mode, solve_dual
+from .solver import RefineInfo, check_options, gauge_for_kernels, hessian_mode, solve_dual
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -133,7 +133,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
                       step_size=step_size, first=prep.first, weight_sums=weight_sums,
                       capacity=lambda: pb.check_capacity(out, m))
     t4 = time.perf_counter()
-    be.materialize(out, inv_c, info.alpha.to(dev), out)
+    be.materialize(out, inv_c, torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev),
+                   out)
     _to_caller_scale(info, c_min)
     if user_out is not None:
         if user_out is not out:
@@ -246,7 +247,7 @@ def targets(log_p: ArrayLike, weights, alpha, *, backend: str = "auto") -> Array
     lp, from_numpy, orig_dtype, be, _ = _validated_log_p(log_p, backend)
     inv_c_np, c_min = pb.scaled_inv_weights(c.numpy())
     # The kernels see alpha / c_min against 1 / c scaled to a largest value of 1 (as solve does).
-    a = (a / c_min).to(device=lp.device)
+    a = torch.from_numpy(gauge_for_kernels((a / c_min).numpy())).to(device=lp.device)
     inv_c = torch.from_numpy(inv_c_np).to(lp.device)
     out = torch.empty(lp.shape, dtype=lp.dtype, device=lp.device)
     be.materialize(lp, inv_c, a, out)

@@ -150,6 +150,10 @@ class _Evaluator:
     def __call__(self, alpha: np.ndarray, hessian=None):
         h_mode = self.hessian if hessian is None else hessian
         dev = self.log_p.device
+        # The kernels form log_p - alpha_j * inv_c_i in float32: evaluate in the gauge where most
+        # alphas are near 0 (their median), so that their differences, which alone matter,
+        # survive rounding when a few are huge (1e9 at lam = 1e-8 while the rest differ by O(1)).
+        alpha = gauge_for_kernels(alpha)
         a = torch.from_numpy(alpha)
         colsum, wlogz, h = self.backend.step(self.log_p, self.inv_c,
                                              a if dev.type == "cpu" else a.to(dev), h_mode)
@@ -177,6 +181,13 @@ class _Evaluator:
         res = float(np.abs(grad).sum()) / self.n
         self.history.append(res)
         return grad, g, (None if h is None else h.numpy()), res
+
+
+def gauge_for_kernels(alpha: np.ndarray) -> np.ndarray:
+    """``alpha`` shifted by its median (Q is unchanged by a common shift): the representative
+    the kernels see, in which the float32 shift alpha_j * inv_c_i keeps the differences between
+    the bulk of the alphas even when a few are very large."""
+    return alpha - np.median(alpha)
 
 
 def _newton_direction(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
@@ -271,16 +282,21 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
         grad, g, h, res = ev(alpha)
     message = ""
     t_next, rho_prev = 1.0, 0.0
+    cap = MAX_LOGIT_STEP
     best = (res, alpha, g)
     while res > tol and ev.passes < max_iter:
-        if capacity is not None and float(np.abs(alpha).max()) * inv_c_max > DIVERGED_LOGIT:
+        if capacity is not None and float(np.ptp(alpha)) * inv_c_max > DIVERGED_LOGIT:
             capacity()  # raises on infeasible marginals
             capacity = None
         if method == "newton":
             d = _newton_direction(h, grad)
             spread = float(d.max() - d.min()) * inv_c_max
-            t0 = min(t_next, MAX_LOGIT_STEP / spread) if spread > 0 else t_next
+            t0 = min(t_next, cap / spread) if spread > 0 else t_next
             out = _line_search(ev, alpha, d, grad, g, res, t0)
+            # A capped step taken whole says the cap, not the model, limited it: when the rows
+            # that must move are heavy (inv_c << max inv_c, e.g. forget rows at lam = 1e-8) the
+            # solution lies ~1 / inv_c away, and a fixed cap would need a million passes.
+            cap = cap * 8.0 if out is not None and out[5] >= t0 and t0 < t_next else cap
             if out is not None and out[5] >= t0 >= 1.0:
                 # Full (or longer) steps that gain the same factor pass after pass are the
                 # exponential tail (a forget row's mass on a class decaying like exp(-alpha)

@@ -170,7 +170,7 @@ def hessian_error(h, ref: np.ndarray, floor: float) -> float:
     return float(np.max(np.abs(hv - ref) / dd[:, None] / dd[None, :]))
 
 
-def oracle_solve(log_p, c, m, tol: float = 1e-12, max_iter: int = 500
+def oracle_solve(log_p, c, m, tol: float = 1e-10, max_iter: int = 500
                  ) -> Tuple[np.ndarray, np.ndarray]:
     """(alpha (k,), Q (N x k)) of the refinement problem, solved in float64 from the formulas:
     ``q_ik = softmax_k(log_p_ik - alpha_k / c_i)``, damped Newton with the exact Hessian on the

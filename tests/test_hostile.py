@@ -144,6 +144,22 @@ def test_refine_is_right_for_every_lam(backend, lam, scenario):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [1e-8, 1e-4])
+def test_newton_when_the_heavy_forget_rows_must_move(backend, lam):
+    """Class unlearning, "retain" targets, a confident model and a tiny lam: the retain rows give
+    the forgotten class nothing to take back, so the forget rows (weight 1 >> lam) must move, at
+    alpha ~ 1 / lam, while the other alphas differ by O(1). (Newton stopped at residual 7e-3 when
+    the line search capped every step at 100 logits of the lightest rows, and the float32 shift
+    lost the O(1) differences next to 1e9.)"""
+    p, labels = _problem(n=1000, k=10, seed=2, margin=8.0)
+    mask = labels == 0
+    q, info = ppu_fast.refine(p, mask, lam=lam, backend=backend, tol=1e-7, return_info=True)
+    assert info.converged and info.iterations <= 60
+    _, q_ora = _oracle_refine(p, mask.numpy(), lam=lam)
+    assert np.abs(q.double().numpy() - q_ora).max() <= 2e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", [1e-200, 1.0, 1e200])
 def test_solve_with_weights_of_any_scale_and_a_wide_ratio(backend, scale):
     p, labels = _problem(seed=2)
