@@ -26,25 +26,36 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
            marginals="retain", method: str = "newton", tol: float = 1e-6,
            max_iter: Optional[int] = None, backend: str = "auto",
            generator: Optional[torch.Generator] = None, return_info: bool = False,
-           step_size: Optional[float] = None, out: Optional[ArrayLike] = None):
+           step_size: Optional[float] = None, out: Optional[ArrayLike] = None,
+           weights=None):
     """Refine a model's training-set probabilities into PPU targets.
 
     Replaces the forget rows of P by pseudo-probabilities (P^), then solves
     ``min_Q sum_i c_i KL(q_i || p^_i)`` with row sums 1 and column sums M (c_i = 1 on forget
-    rows, ``lam`` on retain rows).
+    rows, ``lam`` on retain rows, or ``weights``).
 
     Args:
         probs: probabilities (N x k), rows on the simplex; or pass ``logits`` instead.
-        forget_mask: bool (N,) or integer row indices of the rows to forget.
+        forget_mask: the rows to forget: a bool mask (N,) (tensor, array or list of bools) or
+            integer row indices (negative ones count from the end); an integer 0/1 vector of
+            length N is refused as ambiguous.
         logits: raw model outputs (N x k); log-softmax is taken inside.
-        lam: weight of the retain rows, > 0 (forget rows weigh 1).
-        pseudo: "uniform" | "random" | "prior" | probabilities (N_forget x k).
-        marginals: "retain" | "original" | class totals (k,) summing to N.
+        lam: weight of the retain rows, in [1e-30, 1e30] (forget rows weigh 1).
+        pseudo: what replaces the forget rows: "uniform"; "random" (softmax of standard-normal
+            draws, the paper's text); "random-simplex" (uniform draws normalised, the official
+            PPU code); "prior" (the retain rows' mean); probabilities (N_forget x k); or None:
+            the input's forget rows already hold their pseudo-probabilities (the input is P^).
+        marginals: the class totals M: "retain" (the retain rows' mix scaled to N), "original"
+            (the input's totals; with ``pseudo=None`` these are P^'s totals), "pseudo" (P^'s own
+            totals, the official PPU code's target) or class totals (k,) summing to N.
+        weights: (N,) each row's KL weight c_i > 0 (tensor, array or list), replacing the
+            1 / ``lam`` rule (e.g. the official notebook's 1 / entropy); not together with a
+            ``lam`` other than 1.
         method: "newton" | "sinkhorn" | "gradient" (``step_size`` sets the gradient's eta).
         tol: stop when ``||colsum(Q) - M||_1 / N <= tol``.
         max_iter: most dual evaluations (passes over the matrix; default per method).
         backend: "auto" or a backend name (see ``python -m ppu_fast.info``).
-        generator: torch.Generator for ``pseudo="random"``.
+        generator: torch.Generator for ``pseudo="random"`` / ``"random-simplex"``.
         return_info: also return a :class:`RefineInfo` (``info.timings`` breaks the call down).
         out: where to write Q (N x k, the input's dtype, device and kind: tensor or array), as
             torch's ``out=``: reusing a buffer saves allocating and first-touching N x k memory,
@@ -65,6 +76,12 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     n, k = pb.check_matrix(x, name)
     lam = pb.check_lam(lam)
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
+    c_user = None
+    if weights is not None:
+        if lam != 1.0:
+            raise ValueError(f"weights, lam: pass one of them (weights give every row's c_i; "
+                             f"lam = {lam!r} would set the retain rows' weight)")
+        c_user = pb.check_weights(weights, n).numpy()
     mask = pb.forget_rows(forget_mask, n)
     n_forget = int(np.count_nonzero(mask))
     kind, pseudo_t = pb.pseudo_log(pseudo, n_forget, k, generator)
@@ -86,19 +103,26 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     # Weights c = lam (retain), 1 (forget), scaled so the largest 1 / c is 1: the dual variable
     # then moves the most movable rows by O(1) for any lam (with 1 / lam itself, lam = 1e-40
     # overflowed float32). alpha_caller = alpha_solver * c_min.
-    c_min = min(lam, 1.0)
-    inv_c_np = np.full(n, c_min / lam, dtype=np.float32)
-    inv_c_np[mask] = c_min
+    if c_user is not None:
+        inv_c_np, c_min = pb.scaled_inv_weights(c_user)
+    else:
+        c_min = min(lam, 1.0)
+        inv_c_np = np.full(n, c_min / lam, dtype=np.float32)
+        inv_c_np[mask] = c_min
     inv_c = torch.from_numpy(inv_c_np).to(dev)
     weight_sums = pb.weight_sums(inv_c_np)
     be = get_backend(backend, out)
     fill = pseudo_t.to(dev) if kind == "vector" and n_forget else None
     # With the forget rows known now, prepare's pass also gives the solver's first evaluation.
-    final_rows = (n_forget == 0 or fill is not None) and k > 1
+    final_rows = (n_forget == 0 or fill is not None or kind == "given") and k > 1
     hmode = hessian_mode(method, k) if k > 1 else False
     tol_rows = pb.row_sum_tol(x.dtype)
     t1 = time.perf_counter()
-    prep = be.prepare(x, mode, mask_dev, fill, out, inv_c if final_rows else None, hmode, tol_rows)
+    # Rows the caller already replaced (pseudo=None) are read like the others: prepare then sums
+    # every row as retained, and the forget rows' share is split off below from a gather of them.
+    given = kind == "given" and n_forget > 0
+    prep = be.prepare(x, mode, None if given else mask_dev, fill, out,
+                      inv_c if final_rows else None, hmode, tol_rows)
     pb.raise_row_error(prep.error, x, mode, name, tol_rows)
     t2 = time.perf_counter()
     if k == 1:
@@ -110,6 +134,9 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         q = (outarg if outarg is not None else q.numpy()) if from_numpy else q
         return (q, info) if return_info else q
     colsum_retain, colsum_forget = prep.retain_sums, prep.forget_sums
+    if given:
+        colsum_forget = pb.normalised_row_sums(x[mask_dev], mode)
+        colsum_retain = colsum_retain - colsum_forget
     n_retain = n - n_forget
     if kind == "vector":
         pseudo_colsum = torch.exp(pseudo_t.double()) * n_forget
@@ -119,6 +146,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
                  else torch.full((k,), 1.0 / k, dtype=torch.float64))
         pseudo_t = torch.log(prior.float())
         pseudo_colsum = prior.float().double() * n_forget
+    elif kind == "given":
+        pseudo_colsum = colsum_forget
     else:
         pseudo_colsum = torch.exp(pseudo_t.double()).sum(dim=0)
     if not final_rows:

@@ -69,15 +69,22 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
 
     f = sub.add_parser("refine", help="refine probabilities from a file (the solver alone)")
-    f.add_argument("--probs", required=True, help="N x k probabilities, .pt or .npy")
+    src = f.add_mutually_exclusive_group(required=True)
+    src.add_argument("--probs", help="N x k probabilities, .pt or .npy")
+    src.add_argument("--logits", help="N x k logits (log-softmax is taken inside), .pt or .npy")
     f.add_argument("--forget", required=True, help="forget mask (N,) bool or row indices, .pt or .npy")
-    f.add_argument("--lam", type=float, default=1.0)
-    f.add_argument("--pseudo", default="uniform", choices=("uniform", "random", "prior"))
-    f.add_argument("--marginals", default="retain", choices=("retain", "original"))
+    f.add_argument("--lam", type=float, default=1.0, help="retain rows' weight (default 1)")
+    f.add_argument("--weights", default=None,
+                   help="(N,) each row's KL weight c_i, .pt or .npy (replaces --lam)")
+    f.add_argument("--pseudo", default="uniform",
+                   choices=("uniform", "random", "random-simplex", "prior", "none"),
+                   help="what replaces the forget rows; 'none': the input's forget rows already "
+                        "hold their pseudo-probabilities (default uniform)")
+    f.add_argument("--marginals", default="retain", choices=("retain", "original", "pseudo"))
     f.add_argument("--method", default="newton", choices=("newton", "sinkhorn", "gradient"))
     f.add_argument("--backend", default="auto")
     f.add_argument("--tol", type=float, default=1e-6)
-    f.add_argument("--seed", type=int, default=0, help="seed for --pseudo random")
+    f.add_argument("--seed", type=int, default=0, help="seed for --pseudo random / random-simplex")
     f.add_argument("--out", required=True, help="output Q, .pt or .npy")
     return p
 
@@ -175,15 +182,22 @@ def _refine(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".pt", ".npy"):
         raise ValueError(f"--out: '{out}' must end in .pt or .npy")
-    probs = _load_array(args.probs, "--probs")
+    flag = "--probs" if args.probs is not None else "--logits"
+    x = _load_array(args.probs if args.probs is not None else args.logits, flag)
     mask = _load_array(args.forget, "--forget")
-    if isinstance(mask, np.ndarray) and isinstance(probs, torch.Tensor):
+    weights = None if args.weights is None else _load_array(args.weights, "--weights")
+    if args.weights is not None and args.lam != 1.0:
+        raise ValueError("--weights, --lam: pass one of them")
+    if isinstance(mask, np.ndarray) and isinstance(x, torch.Tensor):
         mask = torch.from_numpy(mask)
-    elif isinstance(mask, torch.Tensor) and isinstance(probs, np.ndarray):
+    elif isinstance(mask, torch.Tensor) and isinstance(x, np.ndarray):
         mask = mask.numpy()
-    q, info = refine(probs, mask, lam=args.lam, pseudo=args.pseudo, marginals=args.marginals,
-                     method=args.method, backend=args.backend, tol=args.tol,
-                     generator=torch.Generator().manual_seed(args.seed), return_info=True)
+    inputs = {"probs": x} if args.probs is not None else {"logits": x}
+    q, info = refine(forget_mask=mask, lam=args.lam, weights=weights,
+                     pseudo=None if args.pseudo == "none" else args.pseudo,
+                     marginals=args.marginals, method=args.method, backend=args.backend,
+                     tol=args.tol, generator=torch.Generator().manual_seed(args.seed),
+                     return_info=True, **inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, q.numpy() if isinstance(q, torch.Tensor) else q)

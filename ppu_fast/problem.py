@@ -16,8 +16,8 @@ import torch
 from .backends.base import (ERR_ALL_NEG_INF, ERR_NEGATIVE, ERR_NONFINITE, ERR_ROWSUM,
                             ROW_SUM_TOL, SUPPORTED_DTYPES)
 
-PSEUDO_NAMES = ("uniform", "random", "prior")
-MARGINAL_NAMES = ("retain", "original")
+PSEUDO_NAMES = ("uniform", "random", "random-simplex", "prior")
+MARGINAL_NAMES = ("retain", "original", "pseudo")
 MARGINAL_RTOL = 1e-6
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -200,19 +200,27 @@ def pseudo_log(pseudo, n_forget: int, k: int, generator: Optional[torch.Generato
     """What the forget rows of log P^ hold, on the CPU in float32:
 
     ("vector", log v (k,)) for "uniform"; ("prior", None) for "prior" (known only after the input
-    pass); ("rows", log rows (N_forget x k), each row normalised) for "random" or a tensor, which
-    is validated like probabilities.
+    pass); ("given", None) for None (the input's forget rows already hold P^); ("rows", log rows
+    (N_forget x k), each row normalised) for "random" (softmax of standard-normal draws, as the
+    paper's text says), "random-simplex" (uniform draws normalised by their sum, as the official
+    PPU code does) or a tensor, which is validated like probabilities.
     """
+    if pseudo is None:
+        return "given", None
     if isinstance(pseudo, str):
         if pseudo == "uniform":
             return "vector", torch.full((k,), -float(np.log(k)), dtype=torch.float32)
         if pseudo == "random":
             z = torch.randn(n_forget, k, generator=generator)
             return "rows", torch.log_softmax(z, dim=1)
+        if pseudo == "random-simplex":
+            u = torch.rand(n_forget, k, generator=generator, dtype=torch.float64)
+            return "rows", torch.log(u / u.sum(dim=1, keepdim=True)).float()
         if pseudo == "prior":
             return "prior", None
-        raise ValueError(f"pseudo: unknown name {pseudo!r}; expected one of {list(PSEUDO_NAMES)} "
-                         f"or a tensor (N_forget x k) of probabilities")
+        raise ValueError(f"pseudo: unknown name {pseudo!r}; expected one of {list(PSEUDO_NAMES)}, "
+                         f"None (the input's forget rows are already pseudo-probabilities) or a "
+                         f"tensor (N_forget x k) of probabilities")
     t, _ = to_tensor(pseudo, "pseudo")
     if t.shape != (n_forget, k):
         raise ValueError(f"pseudo: shape {tuple(t.shape)}; expected (N_forget, k) = "
@@ -229,21 +237,32 @@ def pseudo_log(pseudo, n_forget: int, k: int, generator: Optional[torch.Generato
     return "rows", out
 
 
+def normalised_row_sums(rows: torch.Tensor, mode: str) -> torch.Tensor:
+    """Column sums (k,) float64 on the CPU of ``rows`` (M x k, already validated) as the solver
+    reads them: probabilities divided by their row sum, or the softmax of logits."""
+    r = rows.double()
+    r = torch.softmax(r, dim=1) if mode == "logits" else r / r.sum(dim=1, keepdim=True)
+    return r.sum(dim=0).cpu()
+
+
 def target_marginals(marginals, colsum_retain: torch.Tensor, colsum_forget: torch.Tensor,
                      n: int, k: int, p_hat_colsum: torch.Tensor) -> torch.Tensor:
     """The class totals M (k,) float64 on the CPU, summing to N (docs/design.md §2).
 
     ``colsum_retain`` / ``colsum_forget``: column sums of P over the retain / forget rows;
-    ``p_hat_colsum``: column sums of P^, the fallback for "retain" when nothing is retained.
+    ``p_hat_colsum``: column sums of P^'s forget rows (the pseudo-probabilities): "pseudo" is P^'s
+    own totals, and "retain" falls back to them when nothing is retained.
     """
     if isinstance(marginals, str):
         if marginals == "original":
             return colsum_retain + colsum_forget
+        if marginals == "pseudo":
+            return colsum_retain + p_hat_colsum
         if marginals == "retain":
             n_retain = float(colsum_retain.sum())
             if n_retain < 0.5:
                 # Nothing is retained: the retain mix is undefined; keep P^'s own totals.
-                return p_hat_colsum
+                return colsum_retain + p_hat_colsum
             return colsum_retain * (n / n_retain)
         raise ValueError(f"marginals: unknown name {marginals!r}; expected one of "
                          f"{list(MARGINAL_NAMES)} or a tensor (k,) summing to N")
