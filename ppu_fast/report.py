@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -57,6 +58,161 @@ def format_table(methods: Mapping[str, Mapping[str, Any]], *, with_std: bool = F
         cells = [_cell(entry[m], entry["std"][m], with_std) for m in METRICS]
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# What "closest to Retrain" compares, with the words the verdict uses for each.
+VERDICT_METRICS = {"forget_error": "forget error", "test_error": "test error", "mia": "attack"}
+
+
+@dataclass
+class Verdict:
+    """A results table read in plain words (:func:`judge`).
+
+    Attributes:
+        closest: the method nearest the reference (Retrain) on average, or None without one.
+        gaps: method -> mean absolute difference from the reference, in % points, over ``compared``.
+        compared: the metrics that ``gaps`` averages (the attack only when it is informative).
+        nearest: metric -> the method nearest the reference on that metric alone.
+        speedup: reference seconds / ``closest``'s seconds (NaN when either is missing or zero).
+        attack_informative: whether the attack separates the starting model from the reference by
+            more than ``luck`` (None when its sample size is unknown).
+        luck: how far chance alone moves the gap between two attack scores at this size (two
+            standard deviations, % points; NaN when unknown).
+        lines: the verdict, one sentence per line.
+        headline: its gist in a few words (the PNG's title), "" when nothing was ranked.
+    """
+
+    closest: str | None = None
+    gaps: dict[str, float] = field(default_factory=dict)
+    compared: tuple[str, ...] = ()
+    nearest: dict[str, str] = field(default_factory=dict)
+    speedup: float = float("nan")
+    attack_informative: bool | None = None
+    luck: float = float("nan")
+    lines: list[str] = field(default_factory=list)
+    headline: str = ""
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and not math.isnan(float(v))
+
+
+def _pct(v: float) -> str:
+    return f"{v:.1f} %"
+
+
+def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = None, n: int | None = None,
+          reference: str = "retrain", start: str = "original") -> Verdict:
+    """Read a results table (method -> metrics, as :func:`summarize` returns) against ``reference``.
+
+    The method closest to the reference is the one with the smallest mean absolute gap, in % points,
+    over forget error, test error and, when it is informative, the attack (ties: the first in table
+    order). ``chance`` is the standard deviation of the score of an attacker that knows nothing, with
+    ``n`` examples a side (:func:`attack_size`); the attack is informative when it scores ``start``
+    (the model before unlearning) and the reference more than ``2 * sqrt(2) * chance`` points apart
+    (two standard deviations of the difference of two such scores): closer, it cannot tell a model
+    that trained on the forget set from one that never saw it, so its scores say nothing.
+    Returns a :class:`Verdict`; without the reference its ``lines`` say so and nothing is ranked.
+    """
+    if reference not in methods:
+        return Verdict(lines=[f"No {LABELS.get(reference, reference)} row: nothing to compare against."])
+    ref = methods[reference]
+    orig = methods.get(start)
+    label = lambda name: LABELS.get(name, name)  # noqa: E731
+    out = Verdict()
+
+    gap_attack = abs(orig["mia"] - ref["mia"]) if orig is not None and _finite(orig.get("mia")) \
+        and _finite(ref.get("mia")) else float("nan")
+    out.luck = luck = 2 * math.sqrt(2) * float(chance) if _finite(chance) else float("nan")
+    if _finite(luck) and _finite(gap_attack):
+        out.attack_informative = gap_attack > luck
+    out.compared = tuple(m for m in VERDICT_METRICS if m != "mia" or out.attack_informative)
+
+    others = [m for m in methods if m not in (reference, start)]
+    for name in others:
+        diffs = [abs(methods[name][m] - ref[m]) for m in out.compared
+                 if _finite(methods[name].get(m)) and _finite(ref.get(m))]
+        if diffs:
+            out.gaps[name] = sum(diffs) / len(diffs)
+    for metric in VERDICT_METRICS:
+        near = [(abs(methods[m][metric] - ref[metric]), m) for m in others
+                if _finite(methods[m].get(metric)) and _finite(ref.get(metric))]
+        if near:
+            out.nearest[metric] = min(near, key=lambda t: t[0])[1]  # min keeps the first of ties
+    if out.gaps:
+        out.closest = min(out.gaps, key=out.gaps.get)
+
+    lines = out.lines
+    if out.closest is not None:
+        c = methods[out.closest]
+        shown = ", ".join(f"{VERDICT_METRICS[m]} {_pct(c[m])} ({label(reference)} {_pct(ref[m])})"
+                          for m in out.compared if _finite(c.get(m)) and _finite(ref.get(m)))
+        names = [VERDICT_METRICS[m] for m in out.compared]
+        what = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+        out.headline = f"Closest to {label(reference)}: {label(out.closest)}"
+        lines.append(f"Closest to {label(reference)}: {label(out.closest)}, {out.gaps[out.closest]:.1f} "
+                     f"points off on average over {what}: {shown}.")
+        alone = {m: name for m, name in out.nearest.items() if m in out.compared}
+        if set(alone.values()) == {out.closest}:
+            lines.append("It is also the nearest on each of them alone.")
+        else:
+            per = "; ".join(f"{VERDICT_METRICS[m]}: {label(name)}" for m, name in alone.items())
+            lines.append(f"Nearest to {label(reference)} on each alone: {per}.")
+    if orig is not None and _finite(orig.get("forget_error")) and _finite(ref.get("forget_error")):
+        f0, fr = orig["forget_error"], ref["forget_error"]
+        if abs(f0 - fr) < 10:
+            lines.append(f"{label(reference)}'s forget error ({_pct(fr)}) is close to the {label(start)}'s "
+                         f"({_pct(f0)}): in this setting forgetting hardly shows in the errors.")
+        else:
+            kept = [name for name in others if _finite(methods[name].get("forget_error"))
+                    and abs(methods[name]["forget_error"] - f0) < abs(methods[name]["forget_error"] - fr)]
+            if kept:
+                lines.append(f"Did not forget: {', '.join(label(k) for k in kept)}: forget error nearer the "
+                             f"{label(start)}'s ({_pct(f0)}) than {label(reference)}'s ({_pct(fr)}).")
+    if out.closest is not None:
+        secs, secs_ref = methods[out.closest].get("seconds"), ref.get("seconds")
+        if _finite(secs) and _finite(secs_ref) and secs > 0 and secs_ref > 0:
+            out.speedup = secs_ref / secs
+            how = (f"{out.speedup:.1f}x faster than" if out.speedup >= 1
+                   else f"{1 / out.speedup:.1f}x slower than")
+            lines.append(f"Time: {label(out.closest)} took {secs:.1f} s, {how} retraining from scratch "
+                         f"({secs_ref:.1f} s).")
+            out.headline += f", {how} {label(reference)}"
+    if _finite(gap_attack):
+        head = (f"Attack (50 % = it cannot tell the forget set from unseen data): {label(start)} "
+                f"{_pct(orig['mia'])}, {label(reference)} {_pct(ref['mia'])}.")
+        if out.attack_informative is None:
+            lines.append(head + " How far luck moves it at this size is unknown, so it was left out above.")
+        else:
+            size = f" with {n} examples a side" if n else ""
+            luck_says = f"Luck alone can put two of its scores about {luck:.0f} points apart{size}"
+            if out.attack_informative:
+                lines.append(head + f" {luck_says}, so this gap is real: a score near "
+                             f"{label(reference)}'s leaves about as little trace of the forget set as "
+                             f"retraining.")
+            else:
+                lines.append(head + f" {luck_says}, so at this size it cannot tell a model that trained "
+                             f"on the forget set from one that never saw it: its column says nothing "
+                             f"about privacy here, and was left out above.")
+    return out
+
+
+def attack_size(per_seed: Sequence[Mapping[str, Mapping[str, Any]]], reference: str = "retrain"
+                ) -> tuple[float | None, int | None]:
+    """``(chance, n)`` of the attack in an experiment's per-seed rows (``mia_chance`` and ``mia_n`` of
+    :func:`ppu_fast.unlearn.experiment.evaluate`, read from the ``reference`` rows): the standard
+    deviation of an uninformed attacker's mean score over the seeds (one seed's, divided by the square
+    root of the number of seeds) and the smallest number of examples a side; ``(None, None)`` when the
+    rows do not record them."""
+    rows = [run[reference] for run in per_seed if reference in run and _finite(run[reference].get("mia_chance"))]
+    if not rows:
+        return None, None
+    one = sum(r["mia_chance"] for r in rows) / len(rows)
+    return one / math.sqrt(len(rows)), min(int(r["mia_n"]) for r in rows)
 
 
 def _clean(obj: Any) -> Any:
@@ -117,22 +273,95 @@ def plot(methods: Mapping[str, Mapping[str, Any]], history: Mapping[str, Sequenc
     return path
 
 
+def plot_story(methods: Mapping[str, Mapping[str, Any]], verdict: Verdict | None, path: str | Path,
+               title: str = "", reference: str = "retrain") -> Path:
+    """The demo's picture: one row per method, four panels (forget error, test error, attack, seconds),
+    each with the ``reference`` (Retrain) value as a dashed line, so a bar that reaches the line did
+    what retraining does; the verdict's closest method is drawn in green, its headline is the title,
+    and its ``luck`` (what chance alone explains) is shaded around Retrain's attack score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(methods)
+    closest = verdict.closest if verdict is not None else None
+    colors = ["#555555" if n == reference else "#2ca02c" if n == closest else "#bbbbbb" if n == "original"
+              else "#1f77b4" for n in names]
+    noise = " - noise at this size" if verdict is not None and verdict.attack_informative is False else ""
+    panels = [("forget_error", "Forget error (%)"), ("test_error", "Test error (%)"),
+              ("mia", f"Attack (%; 50: can't tell){noise}"), ("seconds", "Seconds to unlearn")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(12, 0.42 * len(names) + 1.6), sharey=True)
+    ys = list(range(len(names)))[::-1]
+    ref = methods.get(reference)
+    luck = verdict.luck if verdict is not None and _finite(verdict.luck) else None
+    for ax, (metric, head) in zip(axes, panels):
+        vals = [methods[n][metric] for n in names]
+        shown = [0.0 if math.isnan(v) else v for v in vals]
+        ax.barh(ys, shown, color=colors, height=0.65, zorder=2)
+        top = max([v for v in shown if v > 0] + [1.0])
+        for y, v in zip(ys, vals):
+            if not math.isnan(v):
+                ax.text(v + top * 0.02, y, f"{v:.1f}", va="center", fontsize=7)
+        if ref is not None and not math.isnan(ref[metric]):
+            ax.axvline(ref[metric], color="#555555", ls="--", lw=1, zorder=3)
+            if metric == "mia" and luck:
+                ax.axvspan(ref[metric] - luck, ref[metric] + luck, color="#555555", alpha=0.12, lw=0,
+                           zorder=1)
+        if metric == "mia":
+            ax.axvline(50, color="#555555", ls=":", lw=0.8, zorder=3)
+        # Errors and the attack are percentages; test error and time use their own scale, or the
+        # bars of a few % would not show.
+        ax.set_xlim(0, 105 if metric in ("forget_error", "mia") else top * 1.3)
+        ax.set_title(head, fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].set_yticks(ys)
+    axes[0].set_yticklabels([LABELS.get(n, n) for n in names], fontsize=8)
+    caption = verdict.headline if verdict is not None and verdict.headline else "Unlearning results"
+    fig.suptitle(f"{title}: {caption}" if title else caption, fontsize=10)
+    fig.text(0.5, 0.01, "dashed: Retrain (the goal); green: closest to it"
+             + ("; shaded: what luck alone explains around Retrain's attack score" if luck else ""),
+             ha="center", fontsize=7, color="#555555")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_results(out_dir: str | Path, config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]],
-                  *, per_seed: Sequence[Mapping] = (), history: Mapping[str, Sequence[Mapping]] | None = None
-                  ) -> dict[str, Path]:
+                  *, per_seed: Sequence[Mapping] = (), history: Mapping[str, Sequence[Mapping]] | None = None,
+                  verdict: Verdict | None = None, story: bool = False) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir`` (created if needed).
-    Returns their paths by kind."""
+    ``verdict`` (:func:`judge`) goes into the JSON and below the table; ``story=True`` draws the PNG
+    with :func:`plot_story` (each method beside Retrain), else :func:`plot` (errors, MIA and the
+    per-epoch curves). Returns their paths by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with_std = len(per_seed) > 1
     payload = {"config": dict(config), "methods": {k: dict(v) for k, v in methods.items()},
                "per_seed": list(per_seed), "history": dict(history or {})}
+    if verdict is not None:
+        payload["verdict"] = {"closest": verdict.closest, "gaps": verdict.gaps, "compared": list(verdict.compared),
+                              "nearest": verdict.nearest, "speedup": verdict.speedup,
+                              "attack_informative": verdict.attack_informative, "luck": verdict.luck,
+                              "lines": verdict.lines}
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
     paths["json"].write_text(json.dumps(_clean(payload), indent=2) + "\n")
     cfg = ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, (dict, list)))
     paths["md"].write_text(
         f"# Unlearning results\n\n{cfg}\n\nErrors in %; MIA is the attacker's accuracy in % (50 is "
         f"ideal); Seconds is the unlearning time (Retrain: its training time)"
-        f"{'; mean ± std over seeds' if with_std else ''}.\n\n{format_table(methods, with_std=with_std)}\n")
-    plot(methods, history, paths["png"], title=f"{config.get('dataset', '')} / {config.get('model', '')}")
+        f"{'; mean ± std over seeds' if with_std else ''}.\n\n{format_table(methods, with_std=with_std)}\n"
+        + ("\n## Verdict\n\n" + "".join(f"- {line}\n" for line in verdict.lines) if verdict else ""))
+    title = f"{config.get('dataset', '')} / {config.get('model', '')}"
+    if story:
+        split = config.get("split") or {}
+        if split.get("scenario") == "class" and split.get("forget_classes"):
+            title += f", forget class {', '.join(str(c) for c in split['forget_classes'])}"
+        elif split.get("forget"):
+            title += f", forget {split['forget']} samples"
+        plot_story(methods, verdict, paths["png"], title=title)
+    else:
+        plot(methods, history, paths["png"], title=title)
     return paths

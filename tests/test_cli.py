@@ -1,5 +1,6 @@
 """The ppu-fast command on tiny configurations."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,11 +18,38 @@ def private_cache(tmp_path, monkeypatch):
     torch.set_num_threads(n)  # the demo sets one thread for its tiny model
 
 
-def test_demo_writes_table_and_files(tmp_path, capsys):
+@pytest.fixture
+def tiny_demo(monkeypatch):
+    """The demo's scenario with one epoch everywhere and a quarter-width CNN: the plumbing in seconds
+    (the full demo's numbers are in docs/unlearning.md)."""
+    import ppu_fast.cli as cli
+    monkeypatch.setattr(cli, "DEMO_TRAIN", {"epochs": 1})
+    monkeypatch.setattr(cli, "DEMO_WIDTH", 0.25)
+    monkeypatch.setattr(cli, "DEMO_OPTIONS", {m: {"epochs": 1} for m in cli.DEMO_METHODS[2:]})
+
+
+def _table(printed):
+    """The printed table: label -> {header: float}."""
+    lines = [ln for ln in printed.splitlines() if ln.startswith("| ")]
+    heads = [h.strip() for h in lines[0].strip("|").split("|")]
+    rows = {}
+    for ln in lines[1:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0]] = {h: float(c) if c != "-" else float("nan") for h, c in zip(heads[1:], cells[1:])}
+    return rows
+
+
+def test_demo_writes_table_verdict_and_files_without_redraws(tmp_path, capsys, tiny_demo):
+    from ppu_fast.report import LABELS
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+    # capsys: stdout and stderr are not terminals, so no bars unless asked for
+    assert main(["demo", "--out", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    assert "\r" not in printed and "\r" not in err and err == ""
     assert "| Method | Test error | Retain error | Forget error" in printed
+    for name in ("original", "retrain", "finetune", "ppu", "ppu-bias", "ppu-random"):  # one line each, timed
+        pattern = rf"\[seed 0\] {re.escape(name)} +test .* \(\d+\.\d s\)"
+        assert len([ln for ln in printed.splitlines() if re.fullmatch(pattern, ln)]) == 1, name
     res = json.loads((out / "results.json").read_text())
     assert list(res["methods"]) == ["original", "retrain", "finetune", "ppu", "ppu-bias", "ppu-random"]
     for name, entry in res["methods"].items():
@@ -29,13 +57,49 @@ def test_demo_writes_table_and_files(tmp_path, capsys):
                 "std"} <= set(entry)
         assert 0 <= entry["test_error"] <= 100 and 0 <= entry["mia"] <= 100
         assert f"{entry['forget_error']:.2f}" in printed
-    assert res["methods"]["original"]["retain_error"] < 5
-    assert res["config"]["dataset"] == "digits5" and res["config"]["split"]["forget"] == 25
+    split = res["config"]["split"]
+    assert res["config"]["dataset"] == "digits" and split["scenario"] == "class"
+    assert split["forget_classes"] == [5] and split["forget"] > 100
+    assert res["methods"]["retrain"]["forget_error"] == 100.0  # it never saw a 5
+    # The verdict names the method whose printed numbers are nearest Retrain's.
+    table, verdict = _table(printed), res["verdict"]
+    heads = {"forget_error": "Forget error", "test_error": "Test error", "mia": "MIA"}
+    ref = table["Retrain"]
+    gaps = {name: np.mean([abs(table[LABELS[name]][heads[m]] - ref[heads[m]]) for m in verdict["compared"]])
+            for name in ("finetune", "ppu", "ppu-bias", "ppu-random")}
+    assert {"forget_error", "test_error"} <= set(verdict["compared"])
+    # the table rounds to 2 decimals: a near tie may go either way, a clear winner may not
+    best = min(gaps.values())
+    assert gaps[verdict["closest"]] <= best + 0.01
+    assert f"- Closest to Retrain: {LABELS[verdict['closest']]}," in printed
+    assert "Verdict (computed from the table):" in printed and "- Attack (50 %" in printed
     assert (out / "results.md").read_text().count("\n| ") == 7
+    assert "## Verdict" in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # a second run loads the original and retrained models from the cache
-    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
-    assert "loaded from cache" in capsys.readouterr().out
+    # a second run loads the original and retrained models from the cache; --progress forces bars
+    assert main(["demo", "--out", str(out), "--progress"]) == 0
+    printed, err = capsys.readouterr()
+    assert "loaded from cache" in printed and "\r" in err
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import io
+
+    from ppu_fast.cli import _parser, _show_progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    args = _parser().parse_args(["demo"])
+    assert args.progress is None and _show_progress(args) is False  # pytest's stderr is no terminal
+    monkeypatch.setattr("sys.stderr", Tty())
+    assert _show_progress(args) is True
+    assert _show_progress(_parser().parse_args(["demo", "--no-progress"])) is False
+    assert _show_progress(_parser().parse_args(["run", "--dataset", "digits", "--model", "smallcnn",
+                                                "--out", "x", "--progress"])) is True
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["demo", "--progress", "--no-progress"])
 
 
 def test_run_over_seeds_reports_mean_and_std(tmp_path):

@@ -1,11 +1,13 @@
 """Error and the membership-inference attack, on constructed models and losses."""
+import math
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ppu_fast.metrics import error, losses, mia, mia_from_losses
+from ppu_fast.metrics import error, losses, mia, mia_detail, mia_from_losses
 
 
 class LogitsAreInputs(nn.Module):
@@ -80,3 +82,15 @@ def test_mia_restricts_test_to_forget_classes():
     assert 30 < score < 70
     with pytest.raises(ValueError, match="forget classes"):
         mia(LogitsAreInputs(), forget, wrong)
+
+
+def test_mia_detail_is_mia_with_its_sample_size():
+    g = torch.Generator().manual_seed(0)
+    forget = TensorDataset(torch.randn(60, 3, generator=g), torch.zeros(60, dtype=torch.long))
+    test = TensorDataset(torch.randn(80, 3, generator=g) + torch.tensor([1.0, 0, 0]),
+                         torch.zeros(80, dtype=torch.long))
+    d = mia_detail(LogitsAreInputs(), forget, test, seed=2)
+    assert d["mia"] == mia(LogitsAreInputs(), forget, test, seed=2)
+    assert d["mia"] == pytest.approx(np.mean(d["splits"])) and len(d["splits"]) == 5
+    # 60 a side after balancing; each of the 5 splits tests 10 % of the 120 examples
+    assert d["n"] == 60 and d["scored"] == 60 and d["chance"] == pytest.approx(50 / math.sqrt(60))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..data import Split, make_split
-from ..metrics import error, mia, restrict_to_classes
+from ..metrics import error, mia_detail, restrict_to_classes
 from ..models import build_model
 from ..training import TrainConfig, fit_cached
 from . import methods as registered, method_options, unlearn
@@ -32,13 +32,17 @@ def default_train_config(dataset: str, seed: int) -> TrainConfig:
 
 def evaluate(model: nn.Module, split: Split, *, seed: int, device: torch.device | None = None) -> dict:
     """The paper's measurements of one model on a split: test / retain / forget error (%), the
-    validation error on the forget classes (%) and the membership-inference attack (%)."""
+    validation error on the forget classes (%) and the membership-inference attack (%), with what the
+    attack rests on (:func:`ppu_fast.metrics.mia_detail`): ``mia_splits``, ``mia_n`` (examples per
+    side) and ``mia_chance`` (how far luck alone moves its score at this size, % points)."""
     val_forget = restrict_to_classes(split.val, split.forget_classes)
+    attack = mia_detail(model, split.forget, split.test, seed=seed, device=device)
     return {"test_error": error(model, split.test, device=device),
             "retain_error": error(model, split.retain, device=device),
             "forget_error": error(model, split.forget, device=device),
             "val_error": error(model, val_forget, device=device) if len(val_forget) else float("nan"),
-            "mia": mia(model, split.forget, split.test, seed=seed, device=device)}
+            "mia": attack["mia"], "mia_splits": attack["splits"], "mia_n": attack["n"],
+            "mia_chance": attack["chance"]}
 
 
 def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenario: str = "selective",
