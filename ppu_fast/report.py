@@ -1,5 +1,6 @@
-"""Results of an unlearning experiment: the paper-style table, ``results.json``, ``results.md`` and a
-PNG plot (matplotlib's Agg backend: no display needed)."""
+"""Results of an unlearning experiment: the paper-style table, a plain-words verdict computed from it
+(:func:`judge`), ``results.json``, ``results.md`` and a PNG plot (matplotlib's Agg backend: no
+display needed)."""
 from __future__ import annotations
 
 import json
@@ -94,6 +95,7 @@ class Verdict:
 
     @property
     def text(self) -> str:
+        """The lines joined by newlines."""
         return "\n".join(self.lines)
 
 
