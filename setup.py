@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -48,8 +49,36 @@ def _truthy(var: str) -> bool:
     return os.environ.get(var, "").strip().lower() in ("1", "on", "true", "yes")
 
 
+def _stable_pybind11(dest_root: Path) -> str | None:
+    """pybind11's CMake directory, from a copy at a path that does not change between builds.
+
+    pip's build isolation installs pybind11 under a new temporary directory for every build; its
+    include path is on every compile command line, so ninja would recompile everything (minutes
+    of nvcc) although nothing changed. A copy per pybind11 version keeps the command lines and the
+    headers' timestamps the same from one build to the next."""
+    try:
+        import pybind11
+    except ImportError:
+        return None  # let CMake search for it
+    dest = dest_root / f"pybind11-{pybind11.__version__}"
+    if not dest.is_dir():
+        tmp = dest_root / f".pybind11-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(Path(pybind11.__file__).parent, tmp,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        try:
+            tmp.rename(dest)
+        except OSError:  # another build got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return os.fspath(dest / "share" / "cmake" / "pybind11")
+
+
 class CMakeBuild(build_ext):
-    """Configure and build the CMake project into the package directory of ``ext``."""
+    """Configure and build the CMake project, then copy its modules into the package directory.
+
+    The CMake tree is build/cmake-<platform>-<python>, the same for ``pip install -e .``, ``pip
+    install .`` and ``pip wheel .`` from one checkout (setuptools would give an editable install a
+    fresh temporary directory each time), so a later build recompiles only what changed."""
 
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
@@ -59,20 +88,23 @@ class CMakeBuild(build_ext):
         cmake = _tool("cmake", "cmake")
         if cmake is None:
             raise RuntimeError("cmake not found: pip install cmake (a build requirement)")
+        build_dir = (Path(ext.sourcedir) / "build"
+                      / f"cmake-{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+        # The modules go to a fixed folder inside the tree and are copied from there: a changed
+        # output path would relink them (LTO makes linking _C a large part of its build).
+        modules = build_dir / "modules"
         build_type = os.environ.get("PPU_FAST_BUILD_TYPE", "Release")
         args = [
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}{os.sep}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={modules}{os.sep}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DPPU_FAST_SKIP_CUDA={'ON' if _truthy('PPU_FAST_SKIP_CUDA') else 'OFF'}",
             f"-DPPU_FAST_FORCE_CUDA={'ON' if _truthy('PPU_FAST_FORCE_CUDA') else 'OFF'}",
         ]
-        try:
-            import pybind11
-
-            args.append(f"-Dpybind11_DIR={pybind11.get_cmake_dir()}")
-        except ImportError:
-            pass  # let CMake search for it
+        build_dir.mkdir(parents=True, exist_ok=True)
+        pybind11_dir = _stable_pybind11(build_dir)
+        if pybind11_dir:
+            args.append(f"-Dpybind11_DIR={pybind11_dir}")
         if "CMAKE_GENERATOR" not in os.environ:
             ninja = _tool("ninja", "ninja")
             if ninja:
@@ -80,19 +112,18 @@ class CMakeBuild(build_ext):
         args += [a for a in os.environ.get("CMAKE_ARGS", "").split() if a]
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 2)
 
-        build_temp = Path(self.build_temp) / ext.name
-        build_temp.mkdir(parents=True, exist_ok=True)
-        subprocess.run([cmake, ext.sourcedir, *args], cwd=build_temp, check=True)
-        subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_temp, check=True)
+        subprocess.run([cmake, ext.sourcedir, *args], cwd=build_dir, check=True)
+        subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
 
-        # CMake also builds ppu_fast._cuda beside _C; setuptools copies only _C back into the
-        # source tree for editable installs, so copy every module it built.
+        # Only the modules of this configuration: the folder may hold a _cuda from an earlier one.
+        names = (build_dir / "ppu_fast_modules.txt").read_text().split()
+        extdir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy2(modules / name, extdir / name)
+        # setuptools copies only _C back into the source tree for editable installs.
         if getattr(self, "editable_mode", False) and not self.inplace:
-            pkg_src = ROOT / "ppu_fast"
-            for so in extdir.glob("_*.so"):
-                shutil.copy2(so, pkg_src / so.name)
-            for so in extdir.glob("_*.pyd"):
-                shutil.copy2(so, pkg_src / so.name)
+            for name in names:
+                shutil.copy2(modules / name, ROOT / "ppu_fast" / name)
 
 
 setup(
@@ -104,6 +135,8 @@ setup(
     if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ppu_fast", "ppu_fast.*"]),
+    # Files the package reads at run time; tests/test_packaging.py checks that none is missing.
+    package_data={"ppu_fast": ["paper_numbers.json"]},
     ext_modules=[CMakeExtension("ppu_fast._C", sourcedir=os.fspath(ROOT))],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
