@@ -9,11 +9,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import ppu_fast
-from oracle import oracle_solve
+from oracle import oracle_q, oracle_solve
 from ppu_fast.solver import ConvergenceWarning
 
 # Max |Q - Q*| allowed: the solver stops at tol 1e-7 (float32 arithmetic) and the result is
@@ -71,8 +71,16 @@ def _layout(x: torch.Tensor, layout: str):
     return x
 
 
+SATURATED = dict(  # found by a CI run: the float64 oracle's Newton did not converge here
+    logits=np.array([[2.2686, -6.2730, -4.9568], [-29.2976, 21.5965, 13.7300],
+                     [-3.9051, 9.2857, 3.3745]]),
+    mask=np.array([False, False, True]), form="bool_tensor", dtype=torch.float32,
+    layout="contiguous", as_logits=True, lam=1e-3, marginals="retain", backend="cpu")
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
+@example(SATURATED)
 def test_refine_equals_the_float64_oracle_or_raises(pb):
     n, k = pb["logits"].shape
     lg = torch.from_numpy(pb["logits"]).to(pb["dtype"])
@@ -122,7 +130,16 @@ def test_refine_equals_the_float64_oracle_or_raises(pb):
         assert info.message and info.residual <= info.history[0]
         event("not converged")
         return
-    _, q_ora = oracle_solve(lp, c, m, tol=1e-11)
+    try:
+        _, q_ora = oracle_solve(lp, c, m, tol=1e-11)
+        event("compared with the oracle")
+    except AssertionError:
+        # Plain Newton in the oracle crawls on some saturated problems (alpha in the thousands).
+        # The problem is convex: a Q of the form softmax(log p^ - alpha / c) whose column sums
+        # are M is THE optimum, so ppu_fast's alpha, evaluated in float64, certifies its Q.
+        q_ora = oracle_q(lp, 1.0 / c, info.alpha.numpy())
+        res = np.abs(q_ora.sum(0) - m).sum() / n
+        assert res <= 1e-6, f"ppu_fast's alpha is not optimal: float64 residual {res:.3g}"
+        event("certified by its own alpha in float64")
     err = np.abs(q_np - q_ora).max()
     assert err <= TOL[pb["dtype"]], f"max |Q - Q*| = {err:.3g}"
-    event("compared with the oracle")
