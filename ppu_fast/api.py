@@ -16,7 +16,9 @@ import torch
 
 from . import problem as pb
 from .backends import get_backend
-from .solver import RefineInfo, check_options, gauge_for_kernels, hessian_mode, solve_dual
+from .backends.base import compute_dtype
+from .solver import (RefineInfo, check_options, check_tol_floor, gauge_for_kernels, hessian_mode,
+                     solve_dual)
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -76,6 +78,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     n, k = pb.check_matrix(x, name)
     lam = pb.check_lam(lam)
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
+    sdt = pb.solver_dtype(x.dtype)
+    check_tol_floor(tol, sdt)
     c_user = None
     if weights is not None:
         if lam != 1.0:
@@ -84,7 +88,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         c_user = pb.check_weights(weights, n).numpy()
     mask = pb.forget_rows(forget_mask, n)
     n_forget = int(np.count_nonzero(mask))
-    kind, pseudo_t = pb.pseudo_log(pseudo, n_forget, k, generator)
+    kind, pseudo_t = pb.pseudo_log(pseudo, n_forget, k, generator, sdt)
     if not isinstance(marginals, str):
         pb.check_marginals(marginals, n, k)
     elif marginals not in pb.MARGINAL_NAMES:
@@ -96,18 +100,18 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     mask_dev = torch.from_numpy(mask).to(dev) if n_forget else None
     # The output buffer holds log P^ while solving and is overwritten by Q in place at the end,
     # so a refine needs no N x k temporary besides its result.
-    if user_out is not None and user_out.dtype == pb.solver_dtype(x.dtype):
+    if user_out is not None and user_out.dtype == sdt:
         out = user_out
     else:
-        out = torch.empty(x.shape, dtype=pb.solver_dtype(x.dtype), device=dev)
+        out = torch.empty(x.shape, dtype=sdt, device=dev)
     # Weights c = lam (retain), 1 (forget), scaled so the largest 1 / c is 1: the dual variable
     # then moves the most movable rows by O(1) for any lam (with 1 / lam itself, lam = 1e-40
     # overflowed float32). alpha_caller = alpha_solver * c_min.
     if c_user is not None:
-        inv_c_np, c_min = pb.scaled_inv_weights(c_user)
+        inv_c_np, c_min = pb.scaled_inv_weights(c_user, sdt)
     else:
         c_min = min(lam, 1.0)
-        inv_c_np = np.full(n, c_min / lam, dtype=np.float32)
+        inv_c_np = np.full(n, c_min / lam, dtype=pb.inv_c_dtype(sdt))
         inv_c_np[mask] = c_min
     inv_c = torch.from_numpy(inv_c_np).to(dev)
     weight_sums = pb.weight_sums(inv_c_np)
@@ -138,18 +142,20 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         colsum_forget = pb.normalised_row_sums(x[mask_dev], mode)
         colsum_retain = colsum_retain - colsum_forget
     n_retain = n - n_forget
+    # The pseudo rows' totals as Q sees them, softmax of the stored log rows (exp of float32-
+    # rounded logs sums to 1 only within 1e-7, which a float64 solve would have to chase).
     if kind == "vector":
-        pseudo_colsum = torch.exp(pseudo_t.double()) * n_forget
+        pseudo_colsum = torch.softmax(pseudo_t.double(), dim=0) * n_forget
     elif kind == "prior":
         # The retain rows' mean distribution; with none retained, the uninformative prior.
         prior = (colsum_retain / n_retain if n_retain
                  else torch.full((k,), 1.0 / k, dtype=torch.float64))
-        pseudo_t = torch.log(prior.float())
-        pseudo_colsum = prior.float().double() * n_forget
+        pseudo_t = torch.log(prior.to(compute_dtype(sdt)))
+        pseudo_colsum = torch.softmax(pseudo_t.double(), dim=0) * n_forget
     elif kind == "given":
         pseudo_colsum = colsum_forget
     else:
-        pseudo_colsum = torch.exp(pseudo_t.double()).sum(dim=0)
+        pseudo_colsum = torch.softmax(pseudo_t.double(), dim=1).sum(dim=0)
     if not final_rows:
         rows = pseudo_t.to(dev, out.dtype)
         out[mask_dev] = rows.expand(n_forget, k) if rows.dim() == 1 else rows
@@ -205,8 +211,8 @@ def _residual(q: torch.Tensor, m: torch.Tensor, chunk_rows: int = 1 << 16) -> fl
 def _validated_log_p(log_p: ArrayLike, backend: str, inv_c: Optional[torch.Tensor] = None,
                      hessian=False):
     """(log_p in a solver dtype, came_from_numpy, the caller's dtype, backend, prepare's result):
-    one ``prepare`` pass validates the rows (no NaN, no +inf, a finite entry per row), converts
-    float64 to float32 and, with ``inv_c``, gives the solver's first evaluation."""
+    one ``prepare`` pass validates the rows (no NaN, no +inf, a finite entry per row) and, with
+    ``inv_c``, gives the solver's first evaluation."""
     lp, from_numpy = pb.to_tensor(log_p, "log_p")
     pb.check_matrix(lp, "log_p")
     dtype = pb.solver_dtype(lp.dtype)
@@ -239,9 +245,11 @@ def solve(log_p: ArrayLike, weights, marginals, *, method: str = "newton",
     t0 = time.perf_counter()
     n, k = pb.check_matrix(pb.to_tensor(log_p, "log_p")[0], "log_p")
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
+    sdt = pb.solver_dtype(pb.to_tensor(log_p, "log_p")[0].dtype)
+    check_tol_floor(tol, sdt)
     c = pb.check_weights(weights, n)
     m = pb.check_marginals(marginals, n, k)
-    inv_c_np, c_min = pb.scaled_inv_weights(c.numpy())
+    inv_c_np, c_min = pb.scaled_inv_weights(c.numpy(), sdt)
     inv_c = torch.from_numpy(inv_c_np)
     lp, from_numpy, _, be, prep = _validated_log_p(log_p, backend, inv_c, hessian_mode(method, k))
     pb.check_feasible(prep.support, m)
@@ -256,8 +264,8 @@ def solve(log_p: ArrayLike, weights, marginals, *, method: str = "newton",
 
 
 def targets(log_p: ArrayLike, weights, alpha, *, backend: str = "auto") -> ArrayLike:
-    """Q(alpha) (N x k): ``q_ik = softmax_k(log_p_ik - alpha_k / c_i)``, in log_p's dtype (float32
-    for float64 input is computed, then cast back) and device; numpy in, numpy out.
+    """Q(alpha) (N x k): ``q_ik = softmax_k(log_p_ik - alpha_k / c_i)``, in log_p's dtype (float64
+    computed in float64, the others in float32) and device; numpy in, numpy out.
 
     Args:
         log_p: log P^ (N x k), as for :func:`solve`.
@@ -274,7 +282,7 @@ def targets(log_p: ArrayLike, weights, alpha, *, backend: str = "auto") -> Array
         j = int(torch.nonzero(~torch.isfinite(a))[0, 0])
         raise ValueError(f"alpha: entry {j} is {float(a[j])}; expected finite dual variables")
     lp, from_numpy, orig_dtype, be, _ = _validated_log_p(log_p, backend)
-    inv_c_np, c_min = pb.scaled_inv_weights(c.numpy())
+    inv_c_np, c_min = pb.scaled_inv_weights(c.numpy(), lp.dtype)
     # The kernels see alpha / c_min against 1 / c scaled to a largest value of 1 (as solve does).
     a = torch.from_numpy(gauge_for_kernels((a / c_min).numpy())).to(device=lp.device)
     inv_c = torch.from_numpy(inv_c_np).to(lp.device)

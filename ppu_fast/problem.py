@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .backends.base import (ERR_ALL_NEG_INF, ERR_NEGATIVE, ERR_NONFINITE, ERR_ROWSUM,
-                            ROW_SUM_TOL, SUPPORTED_DTYPES)
+                            ROW_SUM_TOL, SUPPORTED_DTYPES, compute_dtype)
 
 PSEUDO_NAMES = ("uniform", "random", "random-simplex", "prior")
 MARGINAL_NAMES = ("retain", "original", "pseudo")
@@ -157,11 +157,19 @@ def check_lam(lam) -> float:
     return lam
 
 
-def scaled_inv_weights(c: np.ndarray) -> Tuple[np.ndarray, float]:
-    """(1 / c scaled to a largest value of 1, as float32; the scale c_min): the solver runs on
-    these and its alpha times c_min is the caller's alpha (Q depends on alpha_j / c_i only)."""
+def inv_c_dtype(dtype: torch.dtype) -> type:
+    """The numpy dtype of the solver's inverse weights for a buffer of ``dtype``: float32, or
+    float64 for a float64 solve (1 / c rounded to float32 would move Q by ~1e-7 |alpha / c|)."""
+    return np.float64 if compute_dtype(dtype) == torch.float64 else np.float32
+
+
+def scaled_inv_weights(c: np.ndarray, dtype: torch.dtype = torch.float32
+                       ) -> Tuple[np.ndarray, float]:
+    """(1 / c scaled to a largest value of 1, in ``inv_c_dtype(dtype)``; the scale c_min): the
+    solver runs on these and its alpha times c_min is the caller's alpha (Q depends on
+    alpha_j / c_i only)."""
     c_min = float(c.min())
-    return (c_min / c).astype(np.float32), c_min
+    return (c_min / c).astype(inv_c_dtype(dtype)), c_min
 
 
 def row_sum_tol(dtype: torch.dtype) -> float:
@@ -195,9 +203,10 @@ def raise_row_error(error: Optional[Tuple[int, int]], x: torch.Tensor, mode: str
     raise RuntimeError(f"{name}: a backend reported unknown fault kind {kind} at row {i}")
 
 
-def pseudo_log(pseudo, n_forget: int, k: int, generator: Optional[torch.Generator]
-               ) -> Tuple[str, Optional[torch.Tensor]]:
-    """What the forget rows of log P^ hold, on the CPU in float32:
+def pseudo_log(pseudo, n_forget: int, k: int, generator: Optional[torch.Generator],
+               dtype: torch.dtype = torch.float32) -> Tuple[str, Optional[torch.Tensor]]:
+    """What the forget rows of log P^ hold, on the CPU in float32 (probabilities passed as a
+    tensor: in ``dtype``, the solver's, so that a float64 solve keeps them in float64):
 
     ("vector", log v (k,)) for "uniform"; ("prior", None) for "prior" (known only after the input
     pass); ("given", None) for None (the input's forget rows already hold P^); ("rows", log rows
@@ -228,7 +237,7 @@ def pseudo_log(pseudo, n_forget: int, k: int, generator: Optional[torch.Generato
     if not t.is_floating_point():
         raise TypeError(f"pseudo: expected a floating-point dtype, got {t.dtype}")
     t = t.cpu()
-    out = torch.empty((n_forget, k), dtype=torch.float32)
+    out = torch.empty((n_forget, k), dtype=dtype)
     if n_forget:
         from .backends.torch_ref import reference_prepare
         tol = row_sum_tol(t.dtype)
@@ -398,5 +407,6 @@ def weight_sums(inv_c: np.ndarray) -> Tuple[float, float, float]:
 
 
 def solver_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the backends run on for an input of ``dtype`` (float64 computes in float32)."""
+    """The dtype of the solver's buffer for an input of ``dtype``: the input's own (float64 is
+    solved in float64, float16 / bfloat16 are stored as such and evaluated in float32)."""
     return dtype if dtype in SUPPORTED_DTYPES else torch.float32

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .backends.base import Backend, StepOut
+from .backends.base import Backend, StepOut, compute_dtype
 from .problem import as_float, as_int
 
 METHODS = ("newton", "sinkhorn", "gradient")
@@ -37,11 +37,25 @@ MIN_STEP = 1e-10
 MAX_LOGIT_STEP = 100.0
 # Residual ratio per unit step that marks the exponential tail (e^-1 = 0.37 in the middle).
 TAIL_RHO = (0.25, 0.6)
-# Relative rounding noise of the dual value (float32 log Z summed in float64).
-G_NOISE_REL = 1e-7
+# Relative rounding noise of the dual value, by the dtype the kernels evaluate in (float16 /
+# bfloat16 buffers are evaluated in float32): float32 log Z summed in float64, about eps32 per
+# term; float64 throughout, a few eps64 per term plus the float64 sums over each range's rows.
+G_NOISE_REL = {torch.float32: 1e-7, torch.float64: 1e-15}
+# The smallest tol accepted, by the same dtype: the residual ||colsum - M||_1 / N a solve can be
+# trusted to reach, with a margin above the worst one measured (docs/solver.md, "Precision
+# floors"; benchmarks/precision_floor.py). A smaller tol is refused up front: it would only burn
+# max_iter passes.
+TOL_FLOOR = {torch.float32: 1e-7, torch.float64: 1e-13}
+# Below this residual a float64 Newton solve asks for the exact Hessian (every row in the
+# sample, hessian="exact"). The sampled one breaks H 1 = 0 by its per-class rescaling; down to
+# 1e-6 that costs no passes, but past it Newton wandered between 1e-8 and 4e-7 for 100 passes on
+# class unlearning at margin 30, lam = 0.01 (20,000 x 40), where the exact one took 11 passes
+# to 1e-13. It costs about k / 64 of a pass more (k <= DENSE_HESSIAN_MAX_K), for the last few.
+EXACT_HESSIAN_BELOW = 1e-6
 MAX_EXTRAPOLATION = 64.0
-# A dual iterate that shifts some row's logits by more than this has left every float32
-# log-probability behind (they reach -104 at most): the marginals are infeasible or nearly so.
+# A dual iterate that shifts some row's logits by more than this has left every log-probability
+# behind (float32 ones reach -104 at most, float64 ones -745): the marginals are infeasible or
+# nearly so.
 DIVERGED_LOGIT = 1e4
 
 
@@ -68,6 +82,22 @@ def hessian_mode(method: str, k: int):
     if method != "newton":
         return False
     return True if k <= DENSE_HESSIAN_MAX_K else "diag"
+
+
+def check_tol_floor(tol: float, dtype: torch.dtype) -> None:
+    """Refuse a ``tol`` below the precision floor of the dtype the kernels evaluate a buffer of
+    ``dtype`` in (``TOL_FLOOR``), before any pass over the data."""
+    cdt = compute_dtype(dtype)
+    floor = TOL_FLOOR[cdt]
+    if tol < floor:
+        name = str(dtype).split(".")[-1]
+        how = ("pass float64 input to solve in float64 (floor "
+               f"{TOL_FLOOR[torch.float64]:g}), or a larger tol" if cdt == torch.float32
+               else "a larger tol")
+        raise ValueError(f"tol: {tol:g} is below the precision floor {floor:g} of a {name} "
+                         f"solve (evaluated in {str(cdt).split('.')[-1]}): the residual "
+                         f"||colsum(Q) - M||_1 / N cannot be trusted below it; expected tol >= "
+                         f"{floor:g} ({how})")
 
 
 def check_options(method, tol, max_iter, step_size):
@@ -115,7 +145,7 @@ class RefineInfo:
     output_residual: ``||colsum(Q) - M||_1 / N`` of the Q that ``refine`` returned, measured in
         float64 when Q is float16 / bfloat16 (rounding Q to those dtypes adds ~1e-4 to the
         solver's ``residual``); None for float32 / float64 results, whose rounding is below the
-        solver's float32 floor.
+        solver's precision floor (``TOL_FLOOR``).
     """
 
     iterations: int
@@ -145,14 +175,16 @@ class _Evaluator:
         self.steps = 0
         self.history: List[float] = []
         self.g_noise = 0.0
+        self.noise_rel = G_NOISE_REL[compute_dtype(log_p.dtype)]
         self.log_k_sum_c = math.log(max(log_p.shape[1], 2)) * c_sum
 
     def __call__(self, alpha: np.ndarray, hessian=None):
         h_mode = self.hessian if hessian is None else hessian
         dev = self.log_p.device
-        # The kernels form log_p - alpha_j * inv_c_i in float32: evaluate in the gauge where most
-        # alphas are near 0 (their median), so that their differences, which alone matter,
-        # survive rounding when a few are huge (1e9 at lam = 1e-8 while the rest differ by O(1)).
+        # The kernels form log_p - alpha_j * inv_c_i in float32 (or float64): evaluate in the
+        # gauge where most alphas are near 0 (their median), so that their differences, which
+        # alone matter, survive rounding when a few are huge (1e9 at lam = 1e-8 while the rest
+        # differ by O(1)).
         alpha = gauge_for_kernels(alpha)
         a = torch.from_numpy(alpha)
         colsum, wlogz, h = self.backend.step(self.log_p, self.inv_c,
@@ -173,11 +205,11 @@ class _Evaluator:
         grad = colsum.numpy() - self.m
         wl, am = float(wlogz), float(alpha @ self.m)
         g = -wl - am
-        # g sums N float32-rounded terms c_i log Z_i, log Z_i = max_j x_ij + log s_i, each about
-        # as large as |alpha_j| / c_i + log k (rows of log P^ are normalised): changes of g below
-        # eps32 times the sum of their magnitudes are noise.
-        self.g_noise = G_NOISE_REL * (abs(wl) + abs(am) + self.n * float(np.abs(alpha).max())
-                                      + self.log_k_sum_c)
+        # g sums N rounded terms c_i log Z_i, log Z_i = max_j x_ij + log s_i, each about as large
+        # as |alpha_j| / c_i + log k (rows of log P^ are normalised): changes of g below the
+        # dtype's relative noise times the sum of their magnitudes are noise.
+        self.g_noise = self.noise_rel * (abs(wl) + abs(am) + self.n * float(np.abs(alpha).max())
+                                         + self.log_k_sum_c)
         res = float(np.abs(grad).sum()) / self.n
         self.history.append(res)
         return grad, g, (None if h is None else h.numpy()), res
@@ -245,6 +277,7 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
     Warns with :class:`ConvergenceWarning` when ``tol`` is not reached.
     """
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
+    check_tol_floor(tol, log_p.dtype)
     t_start = time.perf_counter()
     n, k = log_p.shape
     m = marginals.to(device="cpu", dtype=torch.float64).numpy()
@@ -266,16 +299,20 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
         # lambda_max(diag(q) - q q^T) <= 1/2 (Gershgorin), so g is L-smooth with
         # L = sum_i inv_c_i / 2 and eta = 1/L ascends monotonically.
         eta = step_size if step_size is not None else 2.0 / inv_c_sum
+    exact_below = (EXACT_HESSIAN_BELOW if hessian is True
+                   and compute_dtype(log_p.dtype) == torch.float64 else 0.0)
     with _one_blas_thread():
         return _solve_loop(backend, ev, method, m, alpha, first, alpha0, tol, max_iter,
-                           inv_c_max, c_bar, m_safe, eta, t_start, capacity)
+                           inv_c_max, c_bar, m_safe, eta, t_start, capacity, exact_below)
 
 
 def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, alpha: np.ndarray,
                 first: Optional[StepOut], alpha0, tol: float, max_iter: int, inv_c_max: float,
                 c_bar, m_safe, eta, t_start: float,
-                capacity: Optional[Callable[[], None]] = None) -> RefineInfo:
-    """The iterations of :func:`solve_dual` (numpy's BLAS held to one thread around it)."""
+                capacity: Optional[Callable[[], None]] = None,
+                exact_below: float = 0.0) -> RefineInfo:
+    """The iterations of :func:`solve_dual` (numpy's BLAS held to one thread around it);
+    Newton's passes ask for the exact Hessian once the residual is below ``exact_below``."""
     if first is not None and alpha0 is None:
         grad, g, h, res = ev.record(alpha, *first)
     else:
@@ -322,10 +359,13 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
         if out is None:
             if ev.passes < max_iter:
                 message = ("line search failed: no step improves the dual or the residual "
-                           "(tol below the float32 precision floor?)")
+                           f"(tol near the {str(compute_dtype(ev.log_p.dtype)).split('.')[-1]} "
+                           f"precision floor?)")
             break
         alpha, grad, g, h_new, res, _ = out
         h = h if h_new is None else h_new
+        if res <= exact_below:
+            ev.hessian = "exact"
         alpha = alpha - alpha.mean()
         if res < best[0]:
             best = (res, alpha, g)

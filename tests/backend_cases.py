@@ -4,10 +4,12 @@ Each backend's test module parametrises over ``CASES`` and calls ``check_step`` 
 ``check_materialize`` / ``check_prepare``. The rules:
 
 * column sums, sum c log Z and Q: a backend's error against the float64 oracle (tests/oracle.py,
-  independent of every backend) may be at most twice the float32 reference's own error on the same
-  input, plus a small floor for reordered float32 sums;
-* the Hessian (both forms) must be within ``HESS_TOL`` of the oracle in the error Newton feels
-  (``oracle.hessian_error``), in every backend and in the reference, on one-hot rows too;
+  independent of every backend) may be at most twice the reference's own error on the same input
+  (the float32 reference, or the float64 one for a float64 buffer), plus a small floor for
+  reordered sums (``FLOOR``, ``FLOOR_F64``);
+* the Hessian (both forms) must be within ``HESS_TOL`` (``HESS_TOL_F64``) of the oracle in the
+  error Newton feels (``oracle.hessian_error``), in every backend and in the reference, on one-hot
+  rows too;
 * ``prepare`` reports exactly the reference's first offending row and kind.
 """
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from oracle import hessian_error, oracle_prepare, oracle_q, oracle_step, wlogz_scale
-from ppu_fast.backends.base import SUPPORTED_DTYPES
+from ppu_fast.backends.base import SUPPORTED_DTYPES, compute_dtype
 from ppu_fast.backends.torch_ref import reference_materialize, reference_prepare, reference_step
 
 KS = (1, 2, 3, 10, 17, 100, 1000, 1023)
@@ -28,13 +30,27 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Floors on the relative error, per quantity: reordering float32 sums differs by a few ulps.
 FLOOR = 2e-6
 HESS_TOL = 1e-3
+# The same for float64 buffers, computed in float64 (measured errors: 1e-14 and below).
+FLOOR_F64 = 1e-12
+HESS_TOL_F64 = 1e-10
+
+
+def floor_for(dtype: torch.dtype) -> float:
+    """The relative-error floor of the 2x rule for a buffer of ``dtype``."""
+    return FLOOR_F64 if dtype == torch.float64 else FLOOR
+
+
+def hess_tol_for(dtype: torch.dtype) -> float:
+    """How close the Hessian must be to the oracle for a buffer of ``dtype``."""
+    return HESS_TOL_F64 if dtype == torch.float64 else HESS_TOL
 
 
 def make_case(n: int, k: int, dtype: torch.dtype = torch.float32, *, shift: float = 3.0,
               neg_inf: bool = False, noncontig: bool = False, seed: int = 0,
               device: str = "cpu", margin: float = 0.0
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fresh random (log_p (n x k) in ``dtype``, inv_c (n,) f32, alpha (k,) f64).
+    """Fresh random (log_p (n x k) in ``dtype``, inv_c (n,) f32 (f64 for a float64 log_p), alpha
+    (k,) f64).
 
     ``shift`` scales alpha so that |alpha * inv_c| reaches about ``shift``; ``neg_inf`` puts -inf
     entries (zero probabilities) in, never a whole row; ``noncontig`` returns a strided view;
@@ -53,8 +69,8 @@ def make_case(n: int, k: int, dtype: torch.dtype = torch.float32, *, shift: floa
     log_p = log_p.to(dtype)
     if noncontig:
         log_p = log_p[:, ::2]
-    inv_c = torch.where(torch.rand(n, generator=g) < 0.3, torch.tensor(1.0),
-                        torch.tensor(1.0 / 3.0)).float()
+    inv_c = torch.where(torch.rand(n, generator=g) < 0.3, torch.tensor(1.0, dtype=torch.float64),
+                        torch.tensor(1.0 / 3.0, dtype=torch.float64)).to(compute_dtype(dtype))
     alpha = torch.randn(k, generator=g, dtype=torch.float64) * shift
     return log_p.to(device), inv_c.to(device), alpha.to(device)
 
@@ -82,8 +98,8 @@ def hessian_floor(inv_c: torch.Tensor) -> float:
 
 def check_step(backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                hessian=False) -> None:
-    """Assert ``backend.step`` is as accurate as the float32 reference (2x rule + floor) and its
-    Hessian within HESS_TOL of the oracle."""
+    """Assert ``backend.step`` is as accurate as the reference (2x rule + floor) and its Hessian
+    within HESS_TOL (HESS_TOL_F64) of the oracle."""
     got = backend.step(log_p, inv_c, alpha, hessian)
     ref = reference_step(log_p, inv_c, alpha, hessian)
     ora = oracle_step(log_p, inv_c, alpha, hessian)
@@ -92,14 +108,16 @@ def check_step(backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.T
         assert g.dtype == torch.float64, f"{name}: dtype {g.dtype}, expected float64"
         assert tuple(g.shape) == np.shape(o), f"{name}: shape {tuple(g.shape)}"
         e_got, e_ref = _err(name, g, o, scale), _err(name, r, o, scale)
-        assert e_got <= 2 * e_ref + FLOOR, f"{name}: error {e_got:.3g} vs reference {e_ref:.3g}"
+        assert e_got <= 2 * e_ref + floor_for(log_p.dtype), \
+            f"{name}: error {e_got:.3g} vs reference {e_ref:.3g}"
     if ora[2] is None:
         assert got[2] is None, "hessian: expected None"
         return
     h = got[2]
     assert h.dtype == torch.float64 and tuple(h.shape) == ora[2].shape, f"hessian: {h.shape}"
     err = hessian_error(h, ora[2], hessian_floor(inv_c))
-    assert err <= HESS_TOL, f"hessian ({hessian}): error {err:.3g} > {HESS_TOL}"
+    tol = hess_tol_for(log_p.dtype)
+    assert err <= tol, f"hessian ({hessian}): error {err:.3g} > {tol}"
     if hessian is True:
         assert float(torch.linalg.eigvalsh(h.cpu()).min()) >= -1e-9 * float(h.diagonal().max()), \
             "hessian: not positive semi-definite"
@@ -117,7 +135,8 @@ def check_materialize(backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: 
                                 torch.empty(log_p.shape, dtype=out_dtype, device=log_p.device))
     ora = oracle_q(log_p, inv_c, alpha)
     e_got, e_ref = rel_err(out, ora), rel_err(ref, ora)
-    assert e_got <= 2 * e_ref + FLOOR, f"Q: error {e_got:.3g} vs reference {e_ref:.3g}"
+    floor = floor_for(log_p.dtype if out_dtype == torch.float64 else torch.float32)
+    assert e_got <= 2 * e_ref + floor, f"Q: error {e_got:.3g} vs reference {e_ref:.3g}"
     if torch.isinf(log_p).any():
         assert (out[torch.isinf(log_p)] == 0).all(), "-inf log-probabilities must give exact zeros"
 
@@ -140,6 +159,7 @@ def check_prepare(backend, x: torch.Tensor, mode: str, forget: Optional[torch.Te
     ref, out_ref = run(_Ref())
     stored = out_dtype if out_dtype is not None else (x.dtype if x.dtype in SUPPORTED_DTYPES
                                                       else torch.float32)
+    floor = floor_for(stored)
     ora = oracle_prepare(x, mode, forget, fill, inv_c, hessian, tol, stored)
     assert ref.error == ora["error"], f"reference error {ref.error} vs oracle {ora['error']}"
     assert got.error == ref.error, f"first bad row: {got.error} vs reference {ref.error}"
@@ -151,14 +171,14 @@ def check_prepare(backend, x: torch.Tensor, mode: str, forget: Optional[torch.Te
         assert np.array_equal(np.isfinite(o), ok), "log P^: -inf entries differ"
         e_got = rel_err(torch.from_numpy(o[ok]), ora["log_p"][ok])
         e_ref = rel_err(out_ref.cpu()[torch.from_numpy(ok)], ora["log_p"][ok])
-        assert e_got <= 2 * e_ref + FLOOR, f"log P^: error {e_got:.3g} vs reference {e_ref:.3g}"
+        assert e_got <= 2 * e_ref + floor, f"log P^: error {e_got:.3g} vs reference {e_ref:.3g}"
     if mode == "log_p":
         assert torch.equal(got.support, torch.from_numpy(ora["support"])), "support"
     else:
         for name in ("retain_sums", "forget_sums"):
             g, r, o = getattr(got, name), getattr(ref, name), ora[name]
             e_got, e_ref = rel_err(g, o), rel_err(r, o)
-            assert e_got <= 2 * e_ref + FLOOR, f"{name}: {e_got:.3g} vs reference {e_ref:.3g}"
+            assert e_got <= 2 * e_ref + floor, f"{name}: {e_got:.3g} vs reference {e_ref:.3g}"
     if ref.first is None:
         assert got.first is None, "first: the reference gives none for this call"
         return
@@ -166,10 +186,10 @@ def check_prepare(backend, x: torch.Tensor, mode: str, forget: Optional[torch.Te
     scale = ora["wlogz_scale"]
     for name, g, r, o in zip(("colsum", "wlogz"), got.first[:2], ref.first[:2], ora["first"][:2]):
         e_got, e_ref = _err(name, g, o, scale), _err(name, r, o, scale)
-        assert e_got <= 2 * e_ref + FLOOR, f"first {name}: {e_got:.3g} vs reference {e_ref:.3g}"
+        assert e_got <= 2 * e_ref + floor, f"first {name}: {e_got:.3g} vs reference {e_ref:.3g}"
     if hessian is not False:
         err = hessian_error(got.first[2], ora["first"][2], hessian_floor(inv_c))
-        assert err <= HESS_TOL, f"first hessian ({hessian}): error {err:.3g}"
+        assert err <= hess_tol_for(stored), f"first hessian ({hessian}): error {err:.3g}"
 
 
 class _Ref:
@@ -189,6 +209,12 @@ def cases(ks=KS, dtypes=DTYPES):
         out.append((131, k, torch.float32, 3.0, True, False))       # -inf entries
         out.append((131, k, torch.float16, 3.0, False, True))       # non-contiguous view
     return out
+
+
+def cases_f64(ks=KS):
+    """The shapes of :func:`cases` with float64 buffers (the float64 kernels and reference)."""
+    return [(n, k, torch.float64, shift, neg_inf, noncontig)
+            for n, k, _, shift, neg_inf, noncontig in cases(ks, dtypes=(torch.float32,))]
 
 
 def onehot_cases(ks=(3, 10, 40, 100, 1000)):

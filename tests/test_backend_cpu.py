@@ -19,21 +19,25 @@ import torch
 
 _C = pytest.importorskip("ppu_fast._C", reason="ppu_fast._C is not built (pip install -e .)")
 
-from backend_cases import (bad_inputs, cases, check_materialize, check_prepare,  # noqa: E402
-                           check_step, make_case, onehot_cases, prepare_inputs)
+from backend_cases import (bad_inputs, cases, cases_f64, check_materialize,  # noqa: E402
+                           check_prepare, check_step, make_case, onehot_cases, prepare_inputs)
 from ppu_fast.backends import get_backend  # noqa: E402
+from ppu_fast.backends.base import ROW_SUM_ULPS, compute_dtype  # noqa: E402
 from ppu_fast.backends.cpu import CpuBackend  # noqa: E402
 from ppu_fast.backends.torch_ref import reference_step  # noqa: E402
 
 HESSIANS = (False, True, "diag")
 ISAS = tuple(_C.supported_isas())
 OTHER_ISAS = tuple(i for i in ISAS if i != _C.best_isa())
-CASES = cases()
+# float64 buffers (cases_f64) take the float64 kernels, judged against the float64 reference.
+CASES = cases() + cases_f64()
 # The other kernels share the code at other vector widths: both code paths (k < 32 in lanes,
 # k >= 32 along the row) with float32 / bfloat16, the awkward cases (tiny N, huge shifts, -inf,
 # non-contiguous float16) for k = 3 and 17, and one k = 1023 row-path case with a ragged tail.
-SUBSET = ([c for c in CASES if c[1] <= 100 and (c[2] != torch.float16 or c[5])]
-          + [c for c in CASES if c[1] == 1023 and c[2] == torch.bfloat16])
+SUBSET = ([c for c in CASES if c[1] <= 100 and c[2] != torch.float64
+           and (c[2] != torch.float16 or c[5])]
+          + [c for c in CASES if c[1] == 1023 and c[2] == torch.bfloat16]
+          + [c for c in CASES if c[2] == torch.float64 and c[1] in (3, 17, 100, 1023)])
 
 
 def _id(case) -> str:
@@ -125,21 +129,19 @@ PREP_KS = (1, 2, 3, 10, 17, 31, 32, 33, 100, 1000, 1023)
 PREP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
-@pytest.mark.parametrize("k", PREP_KS)
-def test_prepare_matches_reference(backend: CpuBackend, mode: str, k: int) -> None:
-    """Every dtype (float64 input too), contiguous and strided, with and without a forget set,
-    fill and first evaluation, every Hessian mode: the reference's values within its own error."""
+def _check_prepare_matrix(backend: CpuBackend, mode: str, k: int, dtypes, outs) -> None:
+    """check_prepare on every input dtype of ``dtypes``, contiguous and strided, into each buffer
+    dtype of ``outs(dtype)`` (None: no out, x is the buffer), with and without a forget set, fill
+    and the first evaluation in every Hessian mode."""
     n = 257 if k >= 32 else 1009
-    for dtype in PREP_DTYPES:
+    for dtype in dtypes:
         for noncontig in (False, True):
             x = prepare_inputs(n, k, mode, dtype, seed=k, noncontig=noncontig)
             forget = torch.rand(n, generator=torch.Generator().manual_seed(k)) < 0.25
             fill = torch.full((k,), -math.log(k))
-            inv_c = torch.where(forget, 1.0, 0.5).float()
-            outs = ((None, torch.float32) if mode == "log_p" and dtype != torch.float64
-                    else (torch.float32, torch.bfloat16))
-            for out_dtype in outs:
+            for out_dtype in outs(dtype):
+                buf = x.dtype if out_dtype is None else out_dtype
+                inv_c = torch.where(forget, 1.0, 0.5).to(compute_dtype(buf))
                 for hessian in (False, "diag", True):
                     if hessian is True and k > 128:
                         continue
@@ -149,6 +151,17 @@ def test_prepare_matches_reference(backend: CpuBackend, mode: str, k: int) -> No
                         check_prepare(backend, x, mode, forget, fill, out_dtype, inv_c, hessian)
                 check_prepare(backend, x, mode, None if mode == "log_p" else forget, None,
                               out_dtype)
+
+
+@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
+@pytest.mark.parametrize("k", PREP_KS)
+def test_prepare_matches_reference(backend: CpuBackend, mode: str, k: int) -> None:
+    """Float32 and bfloat16 buffers from every input dtype (float64 too): the reference's values
+    within its own error."""
+    _check_prepare_matrix(
+        backend, mode, k, PREP_DTYPES,
+        lambda dt: ((None, torch.float32) if mode == "log_p" and dt != torch.float64
+                    else (torch.float32, torch.bfloat16)))
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -267,8 +280,8 @@ def test_outputs_and_edge_shapes(backend: CpuBackend) -> None:
 
 def test_bad_inputs(backend: CpuBackend) -> None:
     log_p, inv_c, alpha = make_case(20, 3, seed=2)
-    with pytest.raises(TypeError, match="log_p"):
-        backend.step(log_p.double(), inv_c, alpha)
+    with pytest.raises(ValueError, match="inv_c: expected a float64"):
+        backend.step(log_p.double(), inv_c, alpha)  # a float64 log_p takes float64 weights
     with pytest.raises(ValueError, match="log_p"):
         backend.step(log_p[0], inv_c, alpha)
     with pytest.raises(ValueError, match="inv_c"):
@@ -293,8 +306,9 @@ def test_bad_inputs(backend: CpuBackend) -> None:
     assert any("CPU" in r for r in backend.not_supported_reasons(meta))
     with pytest.raises(ValueError, match="device|CPU"):
         backend.step(meta, inv_c.to("meta"), alpha.to("meta"))
-    assert any("float64" in r for r in backend.not_supported_reasons(log_p.double()))
+    assert backend.not_supported_reasons(log_p.double()) == []
     assert backend.not_supported_reasons(log_p) == []
+    assert any("int32" in r for r in backend.not_supported_reasons(log_p.int()))
 
 
 def test_raw_binding_rejects_bad_arguments() -> None:
@@ -342,3 +356,127 @@ def test_prepare_logs_tiny_and_zero_probabilities(isa: str, k: int) -> None:
     assert torch.isneginf(out[:, 2]).all()
     finite = torch.isfinite(want)
     torch.testing.assert_close(out.double()[finite], want[finite], rtol=1e-6, atol=2e-6)
+
+
+# -- float64 buffers: the float64 kernels (csrc/cpu/kernel_f64.h; step and materialize on the
+# shared cases are in test_step_and_materialize / test_other_isas) ------------------------------
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k,margin", onehot_cases())
+def test_float64_hessian_of_one_hot_rows(isa: str, n: int, k: int, margin: float) -> None:
+    """Rows whose 1 - q is 1e-13 (margin 30) or 1e-26 (margin 60): the float64 diagonal and
+    Newton Hessian within 1e-10 of the oracle, PSD."""
+    log_p, inv_c, alpha = make_case(n, k, torch.float64, margin=margin, seed=k)
+    be = CpuBackend(isa=isa)
+    check_step(be, log_p, inv_c, alpha, "diag")
+    if k <= 128:
+        check_step(be, log_p, inv_c, alpha, True)
+
+
+@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
+@pytest.mark.parametrize("k", PREP_KS)
+def test_float64_prepare_matches_reference(backend: CpuBackend, mode: str, k: int) -> None:
+    """A float64 out (or, in log_p mode, a float64 x without out) is written and summed in
+    float64, from float64, float32 and bfloat16 input, contiguous and strided, with a forget
+    set, fill and the first evaluation in every Hessian mode."""
+    _check_prepare_matrix(
+        backend, mode, k, (torch.float64, torch.float32, torch.bfloat16),
+        lambda dt: ((torch.float64, None) if mode == "log_p" and dt == torch.float64
+                    else (torch.float64,)))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
+@pytest.mark.parametrize("k", [1, 5, 40, 1000])
+def test_float64_prepare_reports_every_bad_input(isa: str, mode: str, k: int) -> None:
+    be = CpuBackend(isa=isa)
+    x = prepare_inputs(203, k, mode, torch.float64, seed=2)
+    for name, make, kind in bad_inputs(mode):
+        bad = make(x)
+        check_prepare(be, bad, mode, None, None, None if mode == "log_p" else torch.float64)
+        got = be.prepare(bad, mode, None, None,
+                         None if mode == "log_p" else torch.empty(203, k, dtype=torch.float64))
+        assert got.error == (kind, 37), (name, got.error)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [3, 40])
+def test_float64_in_place_and_strides(isa: str, k: int) -> None:
+    """out may be the input itself (a row is read whole before it is written), column-major or a
+    strided slice; inputs may be broadcast (row stride 0) or transposed."""
+    be = CpuBackend(isa=isa)
+    log_p, inv_c, alpha = make_case(509, k, torch.float64, seed=k)
+    want = torch.softmax(log_p - inv_c[:, None] * alpha[None, :], dim=1)
+    buf = log_p.clone()
+    be.materialize(buf, inv_c, alpha, buf)
+    torch.testing.assert_close(buf, want, rtol=1e-13, atol=1e-15)
+    colmajor = torch.full((k, 509), float("nan"), dtype=torch.float64).T
+    be.materialize(log_p, inv_c, alpha, colmajor)
+    torch.testing.assert_close(colmajor, want, rtol=1e-13, atol=1e-15)
+    wide = torch.full((509, 2 * k), -7.0, dtype=torch.float64)
+    be.materialize(log_p, inv_c, alpha, wide[:, 1::2])
+    torch.testing.assert_close(wide[:, 1::2], want, rtol=1e-13, atol=1e-15)
+    assert (wide[:, 0::2] == -7.0).all(), "materialize wrote outside out's elements"
+    g = torch.Generator().manual_seed(k)
+    row = torch.log_softmax(torch.randn(1, k, generator=g, dtype=torch.float64), dim=1)
+    for lp in (row.expand(509, k), log_p.T.contiguous().T):
+        assert not lp.is_contiguous()
+        for hessian in HESSIANS:
+            check_step(be, lp, inv_c, alpha, hessian)
+        check_materialize(be, lp, inv_c, alpha)
+    x = prepare_inputs(509, k, "probs", torch.float64, seed=k)
+    ref = x.clone()
+    got = be.prepare(x, "probs", None, None, x)  # refine(out=probs): log P^ over the input
+    assert got.error is None
+    torch.testing.assert_close(x, torch.log(ref / ref.sum(1, keepdim=True)), rtol=1e-14,
+                               atol=1e-14)
+
+
+@pytest.mark.parametrize("n,k", [(200_011, 10), (30_011, 100), (3_001, 1000)])
+def test_float64_deterministic(n: int, k: int) -> None:
+    """The float64 kernels too: bit-identical at 1, 2 and 4 threads (step in every Hessian mode,
+    materialize and prepare)."""
+    log_p, inv_c, alpha = make_case(n, k, torch.float64, seed=11)
+    assert _C.threads_for(n, k, 4) >= 2
+    for hessian in HESSIANS:
+        if hessian is True and k > 128:
+            continue
+        runs = [CpuBackend(num_threads=t).step(log_p, inv_c, alpha, hessian) for t in (2, 1, 4)]
+        for colsum, wlogz, h in runs[1:]:
+            assert torch.equal(colsum, runs[0][0]) and torch.equal(wlogz, runs[0][1])
+            assert hessian is False or torch.equal(h, runs[0][2])
+    qs = []
+    for t in (2, 1, 4):
+        q = torch.empty_like(log_p)
+        CpuBackend(num_threads=t).materialize(log_p, inv_c, alpha, q)
+        qs.append(q)
+    assert all(torch.equal(q, qs[0]) for q in qs[1:])
+    x = prepare_inputs(n, k, "probs", torch.float64, seed=12)
+    forget = torch.arange(n) % 9 == 0
+    fill = torch.full((k,), -math.log(k))
+    hessian = True if k <= 128 else "diag"
+    outs = []
+    for t in (2, 1, 4):
+        out = torch.empty(n, k, dtype=torch.float64)
+        res = CpuBackend(num_threads=t).prepare(x, "probs", forget, fill, out, inv_c, hessian)
+        outs.append((out, res))
+    for out, res in outs[1:]:
+        assert torch.equal(out, outs[0][0])
+        assert torch.equal(res.retain_sums, outs[0][1].retain_sums)
+        for a, b in zip(res.first, outs[0][1].first):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [2, 3, 10, 17, 31, 32, 40, 100, 1000, 1023])
+def test_float32_rows_sum_to_one_within_two_ulps(isa: str, k: int) -> None:
+    """Rows of a float32 Q sum to 1 within ROW_SUM_ULPS float32 ulps (2^-23 each; before the
+    compensated row sums: 6 at k = 1000), in the lanes path (k < 32) and the row path, with
+    contiguous and strided out, at moderate and large shifts."""
+    be = CpuBackend(isa=isa)
+    ulp = 2.0 ** -23
+    for shift in (3.0, 30.0):
+        log_p, inv_c, alpha = make_case(2003 if k < 1000 else 301, k, shift=shift, seed=k)
+        for out in (torch.empty(log_p.shape), torch.empty(log_p.shape[1], log_p.shape[0]).T):
+            be.materialize(log_p, inv_c, alpha, out)
+            dev = float((out.double().sum(1) - 1.0).abs().max()) / ulp
+            assert dev <= ROW_SUM_ULPS, f"shift {shift}: a row sums to 1 +- {dev:.2f} ulps"

@@ -31,7 +31,8 @@ from backend_cases import (bad_inputs, cases, check_materialize, check_prepare, 
                            make_case, onehot_cases, prepare_inputs)
 from oracle import oracle_q
 from ppu_fast.backends import get_backend
-from ppu_fast.backends.base import ERR_NONFINITE, hessian_stride
+from ppu_fast.backends.base import (ERR_NONFINITE, FLOAT64_GPU_REASON, ROW_SUM_ULPS,
+                                   hessian_stride)
 from ppu_fast.backends.cuda import CudaBackend, _load_module
 from ppu_fast.backends.torch_ref import reference_prepare, reference_step
 
@@ -67,6 +68,14 @@ def test_not_supported_reasons_for_cpu_and_float64_inputs():
     assert any("CUDA tensors only" in r for r in why), why
     why = backend.not_supported_reasons(torch.randn(5, 3, dtype=torch.float64))
     assert any("dtype torch.float64" in r for r in why), why
+    assert FLOAT64_GPU_REASON in why  # it says who solves float64 instead
+    # A float64 solver buffer is refused by prepare too (float64 input into a float32 buffer is
+    # read; test_registry_refuses_cpu_tensors_with_reasons).
+    x = prepare_inputs(11, 4, "probs", dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float64"):
+        backend.prepare(x, "probs", None, None, torch.empty(11, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="float64"):
+        backend.prepare(torch.log(x), "log_p", None, None, None)
 
 
 def test_registry_refuses_cpu_tensors_with_reasons():
@@ -515,6 +524,19 @@ def test_emulated_step_and_materialize(emulated, case):
             continue  # the oracle's dense k x k work dominates; the GPU tests cover it
         check_step(emulated, log_p, inv_c, alpha, hessian)
     check_materialize(emulated, log_p, inv_c, alpha)
+
+
+@pytest.mark.parametrize("k", [3, 17, 32, 33, 100, 1000])
+def test_emulated_float32_rows_sum_to_one(emulated, k):
+    """The small (k <= 32) and row (k <= 1024) materialize kernels normalise by a float64 sum:
+    rows of a float32 Q within ROW_SUM_ULPS float32 ulps of 1. (k > 1024's two-pass kernel keeps
+    its float32 online sum.)"""
+    for shift in (3.0, 30.0):
+        log_p, inv_c, alpha = make_case(1009 if k < 1000 else 131, k, shift=shift, seed=k)
+        q = torch.empty(log_p.shape)
+        emulated.materialize(log_p, inv_c, alpha, q)
+        dev = float((q.double().sum(1) - 1.0).abs().max()) / 2.0 ** -23
+        assert dev <= ROW_SUM_ULPS, f"shift {shift}: {dev:.2f} ulps"
 
 
 @pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])

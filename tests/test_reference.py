@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from backend_cases import (HESS_TOL, bad_inputs, check_prepare, hessian_floor, make_case,
-                           prepare_inputs, rel_err)
-from oracle import hessian_error, oracle_q, oracle_step
-from ppu_fast.backends.base import assemble_hessian, hessian_sample_rows
+from backend_cases import (HESS_TOL, HESS_TOL_F64, bad_inputs, check_prepare, hessian_floor,
+                           make_case, prepare_inputs, rel_err)
+from oracle import hessian_error, oracle_prepare, oracle_q, oracle_step
+from ppu_fast.backends.base import ROW_SUM_ULPS, assemble_hessian, hessian_sample_rows
 from ppu_fast.backends.torch_ref import TorchBackend, reference_materialize, reference_step
 
 REF = TorchBackend()
@@ -140,3 +140,66 @@ def test_hessian_sample_rows_is_every_mth_block():
             rows = torch.arange(start, stop)
             want = torch.nonzero((rows // 16) % m == 0)[:, 0]
             assert torch.equal(hessian_sample_rows(n, m, start, stop), want), (n, m, start, stop)
+
+
+# -- float64 buffers: the reference computes in float64 (it serves float64 on every device) -------
+TOL_F64 = {"colsum": 1e-13, "wlogz": 1e-14, "q": 1e-12}
+
+
+@pytest.mark.parametrize("n,k,margin,shift,inv_c_big", _cases(),
+                         ids=lambda v: f"{v:g}" if isinstance(v, float) else str(v))
+def test_float64_step_and_q_against_oracle(n, k, margin, shift, inv_c_big):
+    """Within ~1e-13 of the oracle (|alpha / c| up to 1e4 costs ~eps64 * 1e4 in each shifted
+    logit, hence the looser Q), the Hessian within HESS_TOL_F64 on one-hot rows too."""
+    log_p, inv_c, alpha = make_case(n, k, torch.float64, shift=shift, margin=margin, seed=n + k)
+    if inv_c_big != 1.0:
+        inv_c = torch.where(inv_c < 0.5, inv_c_big, 1.0).double()
+    for hessian in (False, "diag", True):
+        got = reference_step(log_p, inv_c, alpha, hessian)
+        ora = oracle_step(log_p, inv_c, alpha, hessian)
+        assert rel_err(got[0], ora[0]) <= TOL_F64["colsum"]
+        scale = max(abs(ora[1]), float((alpha.abs().max() / inv_c * inv_c).sum()), 1.0)
+        assert abs(float(got[1]) - ora[1]) <= TOL_F64["wlogz"] * scale, (float(got[1]), ora[1])
+        if hessian is not False:
+            err = hessian_error(got[2], ora[2], hessian_floor(inv_c))
+            assert err <= HESS_TOL_F64, f"{hessian}: {err:.3g}"
+    q = reference_materialize(log_p, inv_c, alpha, torch.empty(n, k, dtype=torch.float64))
+    assert rel_err(q, oracle_q(log_p, inv_c, alpha)) <= TOL_F64["q"]
+
+
+@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
+@pytest.mark.parametrize("k", [3, 10, 100])
+def test_float64_prepare_against_oracle(mode, k):
+    """float64 input into a float64 buffer: log P^, the sums and the first evaluation to ~1e-14."""
+    x = prepare_inputs(601, k, mode, torch.float64, seed=k)
+    forget = torch.rand(601, generator=torch.Generator().manual_seed(1)) < 0.2
+    fill = torch.full((k,), -math.log(k))
+    inv_c = torch.where(forget, 1.0, 0.5).double()
+    f, fl = (None, None) if mode == "log_p" else (forget, fill)
+    for hessian in (False, "diag", True):
+        out = torch.empty(601, k, dtype=torch.float64)
+        res = REF.prepare(x, mode, f, fl, out, inv_c, hessian)
+        ora = oracle_prepare(x, mode, f, fl, inv_c, hessian, stored_dtype=torch.float64)
+        assert res.error is None
+        ok = np.isfinite(ora["log_p"])
+        np.testing.assert_allclose(out.numpy()[ok], ora["log_p"][ok], rtol=1e-14, atol=1e-14)
+        if mode != "log_p":
+            np.testing.assert_allclose(res.retain_sums.numpy(), ora["retain_sums"], rtol=1e-13)
+            np.testing.assert_allclose(res.forget_sums.numpy(), ora["forget_sums"], rtol=1e-13)
+        colsum, wlogz, h = res.first
+        np.testing.assert_allclose(colsum.numpy(), ora["first"][0], rtol=1e-13)
+        assert abs(float(wlogz) - ora["first"][1]) <= 1e-13 * max(ora["wlogz_scale"], 1.0)
+        if hessian is not False:
+            assert hessian_error(h, ora["first"][2], hessian_floor(inv_c)) <= HESS_TOL_F64
+
+
+@pytest.mark.parametrize("k", [2, 3, 10, 40, 100, 1000])
+def test_float32_rows_sum_to_one_within_two_ulps(k):
+    """The reference's float32 Q is normalised by a float64 row sum: rows within ROW_SUM_ULPS
+    float32 ulps of 1 (torch's float32 softmax left them 6 ulps off at k = 1000)."""
+    for shift in (3.0, 30.0):
+        log_p, inv_c, alpha = make_case(2003 if k < 1000 else 301, k, shift=shift, seed=k)
+        for dtype in (torch.float32, torch.bfloat16):
+            q = reference_materialize(log_p.to(dtype), inv_c, alpha)
+            dev = float((q.double().sum(1) - 1.0).abs().max()) / 2.0 ** -23
+            assert dev <= ROW_SUM_ULPS, f"shift {shift}, {dtype}: {dev:.2f} ulps"

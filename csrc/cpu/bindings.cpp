@@ -1,6 +1,8 @@
 // pybind11 module ppu_fast._C: run-time ISA dispatch, the plan of fixed row ranges and threads, and
 // the fixed-order combination of the per-range partial sums. No libtorch: the Python launcher
 // (ppu_fast/backends/cpu.py) validates the tensors and passes data pointers, sizes and strides.
+// A float64 solver buffer (dtype code 3) runs the float64 kernels (kernel_f64.h), whose inv_c and
+// alpha are float64 too; the float32 / float16 / bfloat16 buffers run kernel.h.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -53,16 +55,19 @@ std::string best_isa() { return supported_isas().front(); }
 
 using Fn = void (*)(const Params&);
 
-Fn pick(const std::string& isa_in) {
+Fn pick(const std::string& isa_in, bool f64 = false) {
   const std::string isa = isa_in == "auto" ? best_isa() : isa_in;
   if (isa != "avx512" && isa != "avx2" && isa != "generic")
     throw py::value_error("isa: expected 'auto', 'avx512', 'avx2' or 'generic', got '" + isa + "'");
   if (!cpu_has(isa)) throw py::value_error("isa: '" + isa + "' is not supported by this CPU/build");
 #ifdef PPU_HAVE_X86_KERNELS
+  // float64 has an AVX2 kernel and a generic one: AVX-512 machines run the AVX2 one (an
+  // AVX-512 double kernel could not be tested where it was written).
+  if (f64) return isa == "generic" ? run_f64_generic : run_f64_avx2;
   if (isa == "avx512") return run_avx512;
   if (isa == "avx2") return run_avx2;
 #endif
-  return run_generic;
+  return f64 ? run_f64_generic : run_generic;
 }
 
 template <class T>
@@ -73,7 +78,7 @@ constexpr int64_t MAX_FULL_K = 1024;
 
 void check_common(int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc, uintptr_t lp,
                   uintptr_t inv_c, uintptr_t alpha, int nthreads) {
-  if (lp_dtype < 0 || lp_dtype > 2) throw py::value_error("log_p dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
+  if (lp_dtype < 0 || lp_dtype > 3) throw py::value_error("log_p dtype code must be 0 (f32), 1 (f16), 2 (bf16) or 3 (f64)");
   if (n < 0 || k < 1) throw py::value_error("log_p: expected n >= 0 rows and k >= 1 columns");
   if (sr < 0 || sc < 0) throw py::value_error("log_p: strides must be non-negative");
   if (n > 0 && (!lp || !inv_c || !alpha)) throw py::value_error("null data pointer");
@@ -111,14 +116,17 @@ int64_t hsize(int hmode, int64_t k) {
   return hmode == H_FULL ? k + k * k : (hmode == H_DIAG ? k : 0);
 }
 
+// f64: inv_c (and alpha64, set by the caller) are float64, for the float64 kernels.
 Params base_params(int op, uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc,
-                   uintptr_t inv_c, const std::vector<float>& alpha32, int nthreads) {
+                   uintptr_t inv_c, const std::vector<float>& alpha32, int nthreads,
+                   bool f64 = false) {
   Params p{};
   p.op = op;
   p.lp = ptr<const void>(lp);
   p.lp_dtype = lp_dtype;
   p.n = n; p.k = k; p.sr = sr; p.sc = sc;
-  p.inv_c = ptr<const float>(inv_c);
+  p.inv_c = f64 ? nullptr : ptr<const float>(inv_c);
+  p.inv_c64 = f64 ? ptr<const double>(inv_c) : nullptr;
   p.alpha = alpha32.data();
   p.out = nullptr;
   p.out_dtype = 0; p.osr = 0; p.osc = 0;
@@ -177,11 +185,13 @@ void step(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, int64_t 
                           std::to_string(MAX_FULL_K) + " (use the diagonal above)");
   if (hstride < 1) throw py::value_error("hstride must be >= 1");
   if (!colsum_out || !wlogz_out || (hmode != H_NONE && !h_out)) throw py::value_error("null output pointer");
-  if (out && (out_dtype < 0 || out_dtype > 2 || osr < 0 || osc < 0))
+  const bool f64 = lp_dtype == F64;
+  if (out && (out_dtype < 0 || out_dtype > (f64 ? 3 : 2) || osr < 0 || osc < 0))
     throw py::value_error("out: bad dtype code or strides");
-  const Fn fn = pick(isa);
-  const std::vector<float> a32 = alpha_to_f32(alpha, k);
-  Params p = base_params(OP_STEP, lp, lp_dtype, n, k, sr, sc, inv_c, a32, nthreads);
+  const Fn fn = pick(isa, f64);
+  const std::vector<float> a32 = f64 ? std::vector<float>() : alpha_to_f32(alpha, k);
+  Params p = base_params(OP_STEP, lp, lp_dtype, n, k, sr, sc, inv_c, a32, nthreads, f64);
+  p.alpha64 = f64 ? ptr<const double>(alpha) : nullptr;
   const int64_t hsz = hsize(hmode, k);
   make_ranges(n, k, k + 1 + hsz, p);
   p.stats = 1;
@@ -211,12 +221,15 @@ void materialize(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, i
                  uintptr_t inv_c, uintptr_t alpha, uintptr_t out, int out_dtype, int64_t osr,
                  int64_t osc, int nthreads, const std::string& isa) {
   check_common(lp_dtype, n, k, sr, sc, lp, inv_c, alpha, nthreads);
-  if (out_dtype < 0 || out_dtype > 2) throw py::value_error("out dtype code must be 0, 1 or 2");
+  const bool f64 = lp_dtype == F64;
+  if (out_dtype < 0 || out_dtype > (f64 ? 3 : 2))
+    throw py::value_error(f64 ? "out dtype code must be 0, 1, 2 or 3" : "out dtype code must be 0, 1 or 2");
   if (osr < 0 || osc < 0) throw py::value_error("out: strides must be non-negative");
   if (n > 0 && !out) throw py::value_error("out: null data pointer");
-  const Fn fn = pick(isa);
-  const std::vector<float> a32 = alpha_to_f32(alpha, k);
-  Params p = base_params(OP_MATERIALIZE, lp, lp_dtype, n, k, sr, sc, inv_c, a32, nthreads);
+  const Fn fn = pick(isa, f64);
+  const std::vector<float> a32 = f64 ? std::vector<float>() : alpha_to_f32(alpha, k);
+  Params p = base_params(OP_MATERIALIZE, lp, lp_dtype, n, k, sr, sc, inv_c, a32, nthreads, f64);
+  p.alpha64 = f64 ? ptr<const double>(alpha) : nullptr;
   make_ranges(n, k, 0, p);
   p.stats = 0;
   p.hmode = H_NONE;
@@ -238,7 +251,7 @@ void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t
   if (mode < 0 || mode > 2) throw py::value_error("mode must be 0 (probs), 1 (logits) or 2 (log_p)");
   if (n > 0 && !x) throw py::value_error("x: null data pointer");
   if (!out && mode != MODE_LOGP) throw py::value_error("out: required unless mode is log_p");
-  if (out && (out_dtype < 0 || out_dtype > 2)) throw py::value_error("out dtype code must be 0, 1 or 2");
+  if (out && (out_dtype < 0 || out_dtype > 3)) throw py::value_error("out dtype code must be 0, 1, 2 or 3");
   if (hmode < 0 || hmode > 2) throw py::value_error("hessian mode must be 0, 1 or 2");
   if (hmode == H_FULL && k > MAX_FULL_K)
     throw py::value_error("hessian: the full Hessian is formed only for k <= " + std::to_string(MAX_FULL_K));
@@ -249,9 +262,11 @@ void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t
   if (packed_len != want)
     throw py::value_error("packed: expected " + std::to_string(want) + " doubles, got " +
                           std::to_string(packed_len));
-  const Fn fn = pick(isa);
+  // The solver's buffer decides the kernel: out, or x itself in log_p mode without out.
+  const bool f64 = (out ? out_dtype : x_dtype) == F64;
+  const Fn fn = pick(isa, f64);
   const std::vector<float> a32(static_cast<size_t>(k), 0.0f);
-  Params p = base_params(OP_PREPARE, x, x_dtype, n, k, sr, sc, inv_c, a32, nthreads);
+  Params p = base_params(OP_PREPARE, x, x_dtype, n, k, sr, sc, inv_c, a32, nthreads, f64);
   const int64_t ssz = mode == MODE_LOGP ? k : 2 * k;
   make_ranges(n, k, ssz + 1 + (first ? k + 1 + hsz : 0), p);
   p.mode = mode;
@@ -267,6 +282,7 @@ void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t
   // other entries (double precision), for the forget rows' analytic part of the Hessian.
   std::vector<float> qfill(static_cast<size_t>(k), 0.0f);
   std::vector<double> qfd(static_cast<size_t>(k), 0.0), dfill(static_cast<size_t>(k), 0.0);
+  double lzfill64 = 0.0;
   if (p.fill) {
     float m = -INFINITY;
     for (int64_t j = 0; j < k; ++j) m = p.fill[j] > m ? p.fill[j] : m;
@@ -284,7 +300,8 @@ void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t
       dfill[j] = qfd[j] * (prefix + suffix[j + 1]);
       prefix += qfd[j];
     }
-    p.lzfill = static_cast<float>(m + std::log(s));
+    lzfill64 = m + std::log(s);
+    p.lzfill = static_cast<float>(lzfill64);
     p.qfill = qfill.data();
   }
   std::vector<double> cpart(static_cast<size_t>(first ? p.nranges * k : 0));
@@ -335,14 +352,17 @@ void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t
       double fsum[4] = {0.0, 0.0, 0.0, 0.0};
       for (int64_t r = 0; r < p.nranges; ++r)
         for (int t = 0; t < 4; ++t) fsum[t] += fpart[r * 4 + t];
-      for (int64_t j = 0; j < k; ++j) colsum[j] = o[2 + j] + fsum[0] * qfill[j];
-      *wlogz += fsum[2] * static_cast<double>(p.lzfill);
+      // The float32 kernels' forget rows hold softmax(fill) rounded to float32, the float64
+      // kernels' the double values.
+      auto qf = [&](int64_t j) { return f64 ? qfd[j] : static_cast<double>(qfill[j]); };
+      for (int64_t j = 0; j < k; ++j) colsum[j] = o[2 + j] + fsum[0] * qf(j);
+      *wlogz += fsum[2] * (f64 ? lzfill64 : static_cast<double>(p.lzfill));
       if (hmode != H_NONE && fsum[0] > 0.0) {
         for (int64_t j = 0; j < k; ++j) h[j] += fsum[1] * dfill[j];
         if (hmode == H_FULL && fsum[3] > 0.0) {
           for (int64_t j = 0; j < k; ++j)
             for (int64_t l = j + 1; l < k; ++l)
-              h[k + j * k + l] += fsum[3] * static_cast<double>(qfill[j]) * qfill[l];
+              h[k + j * k + l] += fsum[3] * qf(j) * qf(l);
         }
       }
     }
@@ -365,29 +385,31 @@ PYBIND11_MODULE(_C, m) {
         "Threads a call on an n x k matrix uses when allowed nthreads (at least MIN_WORK "
         "elements each).");
   m.def("step", &step,
-        "One pass over log_p (n x k, dtype code 0 f32 / 1 f16 / 2 bf16, element (i, j) at "
+        "One pass over log_p (n x k, dtype code 0 f32 / 1 f16 / 2 bf16 / 3 f64, element (i, j) at "
         "lp + i*sr + j*sc): writes colsum (k,) f64 to colsum_out, sum_i log Z_i / inv_c_i (f64) "
         "to wlogz_out and, for hmode 2 (diag) the Hessian's exact diagonal d (k), for hmode 1 "
         "(full, k <= MAX_FULL_K) Newton's Hessian (k x k, row-major): the exact diagonal d and "
         "the Laplacian of W = the sum over the rows of the 16-row blocks b with "
         "b % hstride == 0 of inv_c q q^T, rescaled to d (ppu_fast.backends.base) to h_out. If out "
         "is non-zero, Q is also written there (dtype code out_dtype, strides osr, osc). "
-        "inv_c: (n,) f32 contiguous; alpha: (k,) f64 contiguous. Releases the GIL.",
+        "inv_c: (n,) contiguous, f32 (f64 for an f64 log_p); alpha: (k,) f64 contiguous. "
+        "Releases the GIL.",
         py::arg("lp"), py::arg("lp_dtype"), py::arg("n"), py::arg("k"), py::arg("sr"), py::arg("sc"),
         py::arg("inv_c"), py::arg("alpha"), py::arg("colsum_out"), py::arg("wlogz_out"),
         py::arg("hmode"), py::arg("hstride"), py::arg("h_out"), py::arg("out"),
         py::arg("out_dtype"), py::arg("osr"), py::arg("osc"), py::arg("nthreads"),
         py::arg("isa") = "auto");
   m.def("materialize", &materialize,
-        "Writes Q (n x k) into out (dtype code out_dtype, strides osr, osc). Same input "
-        "conventions as step. Releases the GIL.",
+        "Writes Q (n x k) into out (dtype code out_dtype, strides osr, osc; 3 (f64) only for an "
+        "f64 log_p). Same input conventions as step. Releases the GIL.",
         py::arg("lp"), py::arg("lp_dtype"), py::arg("n"), py::arg("k"), py::arg("sr"), py::arg("sc"),
         py::arg("inv_c"), py::arg("alpha"), py::arg("out"), py::arg("out_dtype"), py::arg("osr"),
         py::arg("osc"), py::arg("nthreads"), py::arg("isa") = "auto");
   m.def("prepare", &prepare,
         "One pass over x (n x k, dtype code 0 f32 / 1 f16 / 2 bf16 / 3 f64, strides sr, sc) in "
         "mode 0 (probs), 1 (logits) or 2 (log_p): validates every row, writes log P^ into out "
-        "(dtype code out_dtype, strides osr, osc; may be 0 in log_p mode), forget rows (uint8 "
+        "(dtype code out_dtype 0-3, strides osr, osc; may be 0 in log_p mode; inv_c is f64 when "
+        "the buffer, out or else x, is f64), forget rows (uint8 "
         "mask, may be 0) getting fill (k f32, may be 0), and writes the packed float64 result "
         "of ppu_fast.backends.base.unpack_prepare into packed (packed_len doubles): [kind, row, "
         "retain sums or column max (k), forget sums (k), and, when inv_c is non-zero, the first "

@@ -192,6 +192,30 @@ static inline typename S::V vlog_any(typename S::V x) {
 // needs the smaller entries summed on their own (s - 1 would keep too few bits).
 constexpr float CONFIDENT = 1.0009765625f;  // 1 + 2^-10: s - 1 keeps >= 13 bits above it
 
+// s + e with the rounding error of the addition carried in c (Knuth's TwoSum; no -ffast-math, and
+// no products for -ffp-contract to fuse). Rows written out as Q are normalised by a sum kept this
+// way: a plain float32 sum of k terms left the rows of Q up to 6 ulps from summing to 1 at
+// k = 1000, the compensated one leaves them within 1 (base.ROW_SUM_ULPS allows 2).
+template <class S>
+static inline void two_sum(typename S::V& s, typename S::V& c, typename S::V e) {
+  using V = typename S::V;
+  const V t = S::add(s, e);
+  const V bp = S::sub(t, s);
+  c = S::add(c, S::add(S::sub(s, S::sub(t, bp)), S::sub(e, bp)));
+  s = t;
+}
+
+// 1 / (s + c) to about float32 rounding: one Newton step from 1 / s on the residual
+// 1 - (s + c) / s, formed with an FMA.
+template <class S>
+static inline typename S::V inv_sum(typename S::V s, typename S::V c) {
+  using V = typename S::V;
+  const V one = S::set1(1.0f);
+  const V i0 = S::div(one, s);
+  const V r = S::sub(S::fnmadd(s, i0, one), S::mul(c, i0));
+  return S::fmadd(i0, r, i0);
+}
+
 static inline bool sampled_row(const Params& P, int64_t i) {
   return P.hmode == H_FULL && ((i / ROW_UNIT) % P.hstride) == 0;
 }
@@ -602,13 +626,16 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
     const bool hess = stats && P.hmode != H_NONE;
     V m = S::load(sc.x);
     for (int j = 1; j < k; ++j) m = S::max(m, S::load(sc.x + j * W));
-    V s = S::zero();
+    // Rows that are written out (materialize) are normalised by a compensated sum.
+    const bool exact = !prep && (!stats || P.out);
+    V s = S::zero(), sc_lo = S::zero();
     for (int j = 0; j < k; ++j) {
       const V e = vexp<S>(S::sub(S::load(sc.x + j * W), m));
       S::store(sc.x + j * W, e);
-      s = S::add(s, e);
+      if (exact) two_sum<S>(s, sc_lo, e);
+      else s = S::add(s, e);
     }
-    const V inv_s = S::div(one, s);
+    const V inv_s = exact ? inv_sum<S>(s, sc_lo) : S::div(one, s);
     if (stats) {
       const V logz = S::add(m, vlog<S>(s));
       if (!hess && !tail && !P.out) {  // the hot loop of step
@@ -681,7 +708,9 @@ constexpr int FLUSH_ROWS = 32;
 constexpr int W_FLUSH_BLOCKS = 16;
 
 template <class S>
-static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, float& s_out) {
+// s_exact: when given, also the row sum to float64 accuracy (compensated), for rows written as Q.
+static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, float& s_out,
+                           double* s_exact = nullptr) {
   using V = typename S::V;
   constexpr int W = S::W;
   const int64_t k = P.k;
@@ -726,15 +755,18 @@ static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, 
       sd += e;
     }
     s = static_cast<float>(sd);
+    if (s_exact) *s_exact = sd;
   } else {
-    V vs = S::zero();
+    V vs = S::zero(), vc = S::zero();
     for (j = 0; j < kp; j += W) {
       const V x = (contig && j < kv) ? xvec(j) : S::load(xb + j);
       const V e = vexp<S>(S::sub(x, M));
       S::store(xb + j, e);
-      vs = S::add(vs, e);
+      if (s_exact) two_sum<S>(vs, vc, e);
+      else vs = S::add(vs, e);
     }
     s = S::hsum(vs);
+    if (s_exact) *s_exact = S::hsum_d(vs) + S::hsum_d(vc);
   }
   m_out = m;
   s_out = s;
@@ -750,8 +782,9 @@ struct RowScratch {
 
 // W += sum over the nq rows in qb of (inv_c q)^T q, upper part: tiles of 4 classes j (broadcast
 // from qwb) by one vector of classes l (loaded from qb), all nq rows accumulated in registers.
-template <class S>
-static void rows_gram_block(const Params& P, RowScratch& rs) {
+// Also the float64 kernels' (kernel_f64.h: S a double traits, Scratch its F64Scratch).
+template <class S, class Scratch = RowScratch>
+static void rows_gram_block(const Params& P, Scratch& rs) {
   using V = typename S::V;
   constexpr int W = S::W;
   const int64_t k = P.k;
@@ -762,13 +795,13 @@ static void rows_gram_block(const Params& P, RowScratch& rs) {
       V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
       for (int r = 0; r < rs.nq; ++r) {
         const V q = S::load(rs.qb + r * st + c);
-        const float* wq = rs.qwb + r * st + j0;
+        const auto* wq = rs.qwb + r * st + j0;
         a0 = S::fmadd(S::set1(wq[0]), q, a0);
         a1 = S::fmadd(S::set1(wq[1]), q, a1);
         a2 = S::fmadd(S::set1(wq[2]), q, a2);
         a3 = S::fmadd(S::set1(wq[3]), q, a3);
       }
-      float* w = rs.wacc + j0 * kp + c;
+      auto* w = rs.wacc + j0 * kp + c;
       S::store(w, S::add(S::load(w), a0));
       if (j0 + 1 < k) S::store(w + kp, S::add(S::load(w + kp), a1));
       if (j0 + 2 < k) S::store(w + 2 * kp, S::add(S::load(w + 2 * kp), a2));
@@ -1099,6 +1132,9 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
       if (!prep || (P.mode == MODE_LOGP && stats)) {
         // A step row, or log_p mode's evaluation of the stored values at alpha = 0: e in xb.
         float m, s, rest = 0.0f;
+        // Rows written out as Q (materialize) are normalised by their float64 sum.
+        double s_exact = 0.0;
+        const bool exact = !prep && P.out;
         if (prep) {
           // x is in xb already: the max, then e = exp(x - m) in place.
           V vm = S::set1(-INFINITY);
@@ -1114,10 +1150,10 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
           s = S::hsum(vs);
           if (hess && !(s > CONFIDENT)) rest = row_rest<S>(P, rs.xb, 1.0f);
         } else {
-          row_exp<S>(P, i, rs.xb, m, s);
+          row_exp<S>(P, i, rs.xb, m, s, exact ? &s_exact : nullptr);
           if (hess && !(s > CONFIDENT)) rest = row_rest<S>(P, rs.xb, 1.0f);
         }
-        const float inv_s = 1.0f / s;
+        const float inv_s = exact ? static_cast<float>(1.0 / s_exact) : 1.0f / s;
         if (stats) {
           const bool samp = full && sampled_row(P, i);
           // e of a maximum is 1 and its 1 - q is (s - 1) / s; for a confident row s - 1 is the
@@ -1188,9 +1224,23 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
 }
 
 // ------------------------------------------------------------------------------------------
-// Entry point: ranges on the thread pool; each range owns its partials (initialised here).
+// Entry point: ranges on the thread pool; each range owns its partials (initialised here) and
+// hands them to Body for its rows [r0, r1) (kernel_f64.h runs its own Body through this too).
 // ------------------------------------------------------------------------------------------
+using RangeBody = void (*)(const Params& P, int64_t r0, int64_t r1, double* colsum,
+                           double* wlogz, double* hpart, double* sums, int64_t* err,
+                           double* fpart);
+
 template <class S>
+static void f32_range(const Params& P, int64_t r0, int64_t r1, double* colsum, double* wlogz,
+                      double* hpart, double* sums, int64_t* err, double* fpart) {
+  if (P.k < LANES_MAX_K)
+    lanes_range<S>(P, r0, r1, colsum, wlogz, hpart, sums, err, fpart);
+  else
+    rows_range<S>(P, r0, r1, colsum, wlogz, hpart, sums, err, fpart);
+}
+
+template <RangeBody Body>
 static void run_range(const void* ctx, int64_t r) {
   const Params& P = *static_cast<const Params*>(ctx);
   const int64_t k = P.k;
@@ -1215,16 +1265,12 @@ static void run_range(const void* ctx, int64_t r) {
   }
   const int64_t r0 = r * P.range_rows;
   const int64_t r1 = imin(P.n, r0 + P.range_rows);
-  if (r0 >= r1) return;
-  if (k < LANES_MAX_K)
-    lanes_range<S>(P, r0, r1, colsum, wlogz, hpart, sums, err, fpart);
-  else
-    rows_range<S>(P, r0, r1, colsum, wlogz, hpart, sums, err, fpart);
+  if (r0 < r1) Body(P, r0, r1, colsum, wlogz, hpart, sums, err, fpart);
 }
 
 template <class S>
 static void run_all(const Params& P) {
-  parallel_ranges(P.nranges, P.nthreads, &run_range<S>, &P);
+  parallel_ranges(P.nranges, P.nthreads, &run_range<&f32_range<S>>, &P);
 }
 
 }  // namespace PPU_NS

@@ -1,5 +1,6 @@
-// Portable instantiation of kernel.h: one lane (plain C++ floats), for CPUs without AVX2 and
-// for non-x86 builds. The compiler may still auto-vectorise it for the baseline ISA.
+// Portable instantiation of kernel.h and kernel_f64.h: one lane (plain C++ floats / doubles),
+// for CPUs without AVX2 and for non-x86 builds. The compiler may still auto-vectorise it for the
+// baseline ISA.
 #include <cstdint>
 #include <cmath>
 #include <cstring>
@@ -72,10 +73,38 @@ struct Scalar {
   static void dacc_div(D& d, V num, V den) { d += static_cast<double>(num) / static_cast<double>(den); }
   static double dsum(const D& d) { return d; }
 };
+// One double; exp and log are the C library's.
+struct ScalarD {
+  static constexpr int W = 1;
+  using V = double;
+  using M = bool;
+  static V set1(double a) { return a; }
+  static V zero() { return 0.0; }
+  static V load(const double* p) { return *p; }
+  static V loadu(const double* p) { return *p; }
+  static void store(double* p, V v) { *p = v; }
+  static void storeu(double* p, V v) { *p = v; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  static V div(V a, V b) { return a / b; }
+  static V max(V a, V b) { return a > b ? a : b; }
+  static V min(V a, V b) { return a < b ? a : b; }
+  static V fmadd(V a, V b, V c) { return a * b + c; }
+  static V fnmadd(V a, V b, V c) { return c - a * b; }
+  static M eq(V a, V b) { return a == b; }
+  static M lt(V a, V b) { return a < b; }
+  static V blend(M m, V a, V b) { return m ? a : b; }
+  static double hsum(V a) { return a; }
+  static double hmax(V a) { return a; }
+  static V exp(V x) { return std::exp(x); }
+  static V log(V x) { return std::log(x); }
+};
 }  // namespace isa_generic
 }  // namespace ppu_cpu
 
 #include "kernel.h"
+#include "kernel_f64.h"
 
 namespace ppu_cpu {
 namespace isa_generic {
@@ -87,4 +116,5 @@ void Scalar::store_f16(uint16_t* p, float v) { *p = float_to_half(v); }
 void Scalar::store_bf16(uint16_t* p, float v) { *p = float_to_bf16(v); }
 }  // namespace isa_generic
 void run_generic(const Params& p) { isa_generic::run_all<isa_generic::Scalar>(p); }
+void run_f64_generic(const Params& p) { isa_generic::run_all_f64<isa_generic::ScalarD>(p); }
 }  // namespace ppu_cpu

@@ -1,6 +1,6 @@
 // Plain-data interface between the pybind11 binding (bindings.cpp), the thread pool (pool.cpp)
 // and the per-ISA kernel translation units (kernel_avx512.cpp, kernel_avx2.cpp,
-// kernel_generic.cpp).
+// kernel_generic.cpp; the float64 kernels of kernel_f64.h are built into the last two).
 //
 // Nothing here is an inline function or template: every ISA translation unit is compiled with
 // its own -m flags, and an inline function shared between them could be linked in its AVX-512
@@ -35,6 +35,11 @@ struct Params {
   int64_t n, k, sr, sc;
   const float* inv_c;   // (n,) contiguous; prepare: may be null (no first evaluation)
   const float* alpha;   // (k,) contiguous, already rounded to float32 (as the reference does)
+  // The float64 kernels (a float64 solver buffer: log_p for step / materialize, out for
+  // prepare, or x in log_p mode without out) read these instead of inv_c / alpha: rounding
+  // 1 / c or alpha to float32 would move Q by ~1e-7 |alpha / c|, far above float64's precision.
+  const double* inv_c64;
+  const double* alpha64;
   // Output (materialize: Q; step: optionally Q; prepare: log P^, may be null in log_p mode):
   // element (i, j) at out + i*osr + j*osc, dtype out_dtype.
   void* out;
@@ -76,5 +81,11 @@ struct Params {
 // waits only for ranges a helper has already started.
 using RangeFn = void (*)(const void* ctx, int64_t r);
 void parallel_ranges(int64_t nranges, int nthreads, RangeFn fn, const void* ctx);
+
+// The float64 kernels (kernel_f64.h), by instruction set; bindings.cpp picks one.
+void run_f64_generic(const Params& p);
+#ifdef PPU_HAVE_X86_KERNELS
+void run_f64_avx2(const Params& p);
+#endif
 
 }  // namespace ppu_cpu

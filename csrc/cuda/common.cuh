@@ -146,6 +146,15 @@ __device__ __forceinline__ void store(void* out, int64_t off, int dtype, float q
   }
 }
 
+// A float64 q stored with one rounding (float64 out keeps it whole).
+__device__ __forceinline__ void store_d(void* out, int64_t off, int dtype, double q) {
+  if (dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16) {
+    store(out, off, dtype, __double2float_rn(q));
+  } else {
+    static_cast<double*>(out)[off] = q;
+  }
+}
+
 // The value a store of q into dtype `dtype` keeps, read back as float.
 __device__ __forceinline__ float round_to(int dtype, float q) {
   switch (dtype) {
@@ -170,6 +179,12 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+__device__ __forceinline__ double warp_sum_double(double v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
   return v;

@@ -489,6 +489,9 @@ __global__ void reduce_partials_kernel(const double* __restrict__ ws, int64_t ro
 // ---------------------------------------------------------------------------------------------
 // materialize, k <= 32: one row per thread. Bytes: reads n*k*sizeof(T) + 4n, writes
 // n*k*sizeof(out). The row is in registers before any of it is written (out may be log_p).
+// The stored q are renormalised by their float64 sum (one rounding per element): a float32 row
+// sum left rows of Q several ulps from summing to 1, this leaves them within 1
+// (base.ROW_SUM_ULPS allows 2).
 template <int KMAX, typename T>
 __global__ void __launch_bounds__(kBlock)
     materialize_small_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow,
@@ -501,16 +504,22 @@ __global__ void __launch_bounds__(kBlock)
     float qmax, rest, lz;
     row_softmax_small<KMAX, T, false>(lp + row * srow, scol, k, inv_c[row], alpha, q, qmax, rest,
                                       lz);
+    double sd = 0.0;
 #pragma unroll
     for (int j = 0; j < KMAX; ++j) {
-      if (j < k) store(out, row * orow + j * ocol, odt, q[j]);
+      if (j < k) sd += q[j];
+    }
+    const double rd = 1.0 / sd;
+#pragma unroll
+    for (int j = 0; j < KMAX; ++j) {
+      if (j < k) store_d(out, row * orow + j * ocol, odt, q[j] * rd);
     }
   }
 }
 
 // materialize, 32 < k <= 1024: one row per warp in registers, read once (the warp's shuffles
 // order every load of the row before any store: out may be log_p). Bytes: reads n*k*sizeof(T)
-// + 4n, writes n*k*sizeof(out).
+// + 4n, writes n*k*sizeof(out). Normalised by the float64 (warp-reduced) sum of e, as above.
 template <int EPL, typename T>
 __global__ void __launch_bounds__(kBlock)
     materialize_row_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow,
@@ -528,11 +537,16 @@ __global__ void __launch_bounds__(kBlock)
     float m, s, rest;
     row_exp<EPL, 1, T, false>(lp + row * srow, scol, k, inv_c[row], salpha, e, m, s, rest, nullptr,
                               0, 0);
-    const float rinv = 1.0f / s;
+    double sd = 0.0;
+#pragma unroll
+    for (int u = 0; u < EPL; ++u) {
+      if (lane + 32 * u < k) sd += e[u];
+    }
+    const double rd = 1.0 / warp_sum_double(sd);
 #pragma unroll
     for (int u = 0; u < EPL; ++u) {
       const int j = lane + 32 * u;
-      if (j < k) store(out, row * orow + j * ocol, odt, e[u] * rinv);
+      if (j < k) store_d(out, row * orow + j * ocol, odt, e[u] * rd);
     }
   }
 }

@@ -73,12 +73,6 @@ __device__ __forceinline__ float vload(T v) {
 }
 __device__ __forceinline__ double vload(double v) { return v; }
 
-__device__ __forceinline__ double warp_sum_double(double v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;
-}
-
 template <int MODE>
 __device__ __forceinline__ int fault_kind(bool nonfin, bool neg, bool nanpinf, bool anyfin,
                                           double dsum, double tol) {

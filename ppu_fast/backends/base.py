@@ -1,8 +1,14 @@
 """The backend contract (docs/design.md §4) shared by every backend.
 
 A backend implements three operations over an N x k matrix. ``log_p`` is the solver's buffer of
-log-probabilities (float32, float16 or bfloat16), ``inv_c`` (N,) float32 the inverse row weights and
-``alpha`` (k,) float64 the dual variables; ``q_ik = softmax_k(log_p_ik - alpha_k * inv_c_i)``.
+log-probabilities (float32, float16, bfloat16 or float64), ``inv_c`` (N,) the inverse row weights
+(float32; float64 with a float64 buffer: :func:`compute_dtype`) and ``alpha`` (k,) float64 the dual
+variables; ``q_ik = softmax_k(log_p_ik - alpha_k * inv_c_i)``.
+
+**Precision.** A float32, float16 or bfloat16 buffer is evaluated in float32 (every backend); a
+float64 buffer in float64 throughout -- the shift, exp, the row sums, Q and the Hessian's pieces --
+by the cpu and torch backends (the triton and cuda backends refuse it in
+``not_supported_reasons``). Sums over rows accumulate in float64 either way.
 
 * ``prepare(x, mode, forget, fill, out, inv_c=None, hessian=False, tol=ROW_SUM_TOL)`` ->
   :class:`PrepareOut`: ONE pass over the user's input ``x`` (N x k; float32, float16, bfloat16 or
@@ -10,33 +16,39 @@ log-probabilities (float32, float16 or bfloat16), ``inv_c`` (N,) float32 the inv
     - validates every row (``mode`` "probs": finite, >= 0, summing to 1 within ``tol``; "logits":
       finite; "log_p": no NaN, no +inf and at least one finite entry) and reports the first
       offending row and its kind (``ERR_*``) instead of raising, so that the caller words the error;
-    - writes log P^ into ``out`` (N x k, a solver dtype): ``log p_ij - log sum_j p_ij`` ("probs"),
-      ``log_softmax`` ("logits") or ``x`` itself ("log_p"); rows flagged in ``forget`` (N,) bool
-      get ``fill`` (k,) float32 instead when it is given (otherwise they are written like the
-      others and the caller overwrites them). ``out`` may be None in "log_p" mode (validate only),
-      and may be ``x`` itself (``refine(out=probs)``): every backend reads a row (or tile) of x
-      completely before writing any of it;
+    - writes log P^ into ``out`` (N x k, a solver dtype), computed in ``compute_dtype(out.dtype)``:
+      ``log p_ij - log sum_j p_ij`` ("probs"), ``log_softmax`` ("logits") or ``x`` itself
+      ("log_p"); rows flagged in ``forget`` (N,) bool get ``fill`` (k,) float32 instead when it is
+      given (otherwise they are written like the others and the caller overwrites them). ``out``
+      may be None in "log_p" mode (validate only; x is then the buffer), and may be ``x`` itself
+      (``refine(out=probs)``): every backend reads a row (or tile) of x completely before writing
+      any of it;
     - sums the normalised input rows (p / sum p, or softmax) in float64 over the retained and over
       the forgotten rows ("probs" / "logits"), or finds the classes with a finite entry ("log_p");
     - when ``inv_c`` is given (the caller guarantees that the rows written are final), also returns
       the solver's first evaluation, ``step(out, inv_c, 0, hessian)``, so Newton's first pass
       costs nothing more. At alpha = 0, Q is P^ row-normalised: "probs" / "logits" take it from
       the normalised input rows (``log Z_i = 0``) and, on forget rows, ``softmax(fill)`` (``log Z``
-      = logsumexp(fill)) -- the stored float32 rows represent exactly these to rounding, so no
-      exp is recomputed; a float16 / bfloat16 ``out`` rounds too coarsely for that and gets no
-      first evaluation. "log_p" mode evaluates the values as stored.
+      = logsumexp(fill)) -- the stored float32 / float64 rows represent exactly these to rounding,
+      so no exp is recomputed; a float16 / bfloat16 ``out`` rounds too coarsely for that and gets
+      no first evaluation. "log_p" mode evaluates the values as stored.
   Everything comes back on the CPU after one device-to-host copy.
 * ``step(log_p, inv_c, alpha, hessian=False)`` -> ``(colsum, wlogz, H)``
     - ``colsum`` (k,) float64: column sums of Q(alpha),
     - ``wlogz`` 0-dim float64: ``sum_i c_i log Z_i(alpha)``,
-    - ``H``: ``None`` (``hessian=False``), the k x k Newton Hessian (``hessian=True``, see below) or
-      the exact diagonal (k,) of ``sum_i inv_c_i (diag(q_i) - q_i q_i^T)`` (``hessian="diag"``).
+    - ``H``: ``None`` (``hessian=False``), the k x k Newton Hessian (``hessian=True``, see below),
+      the exact diagonal (k,) of ``sum_i inv_c_i (diag(q_i) - q_i q_i^T)`` (``hessian="diag"``)
+      or, for a float64 buffer only, the k x k Hessian with every row in the sample (m = 1: the
+      exact ``-hess g``; ``hessian="exact"``, asked for by the solver near convergence).
 * ``materialize(log_p, inv_c, alpha, out)`` -> ``out``: writes Q(alpha) (N x k) into ``out``.
   ``out`` may be ``log_p`` itself (``refine`` keeps log P^ in its result buffer and turns it into
-  Q in place), so every backend reads a row completely before writing any of it.
+  Q in place), so every backend reads a row completely before writing any of it. Each row is
+  normalised by a sum accurate to well below float32 rounding, so the rows of a float32 Q sum to
+  1 within 2 float32 ulps (``ROW_SUM_ULPS``) -- except on the two-pass wide-row GPU kernels (cuda
+  for k > 1,024, triton above its ``max_single_block_k``), whose online sums are float32.
 
-Arithmetic is float32, sums over rows accumulate in float64. Results of ``step`` / ``materialize``
-live on ``log_p``'s device. No backend writes anything N x k during ``step``.
+Results of ``step`` / ``materialize`` live on ``log_p``'s device. No backend writes anything
+N x k during ``step``.
 
 **The Hessian.** ``-hess g = sum_i inv_c_i (diag(q_i) - q_i q_i^T)`` is, row by row, the Laplacian
 of the complete graph with edge weights ``q_ij q_il``: its diagonal is ``q_ij (1 - q_ij)`` and
@@ -66,10 +78,20 @@ import torch
 Hessian = Union[bool, str]
 StepOut = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# prepare also reads float64 input (it writes the solver's buffer in a SUPPORTED_DTYPE).
-INPUT_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
+# Buffers evaluated in float32, by every backend.
+FLOAT32_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The solver dtypes: float64 is evaluated in float64, by the cpu and torch backends only.
+SUPPORTED_DTYPES = FLOAT32_DTYPES + (torch.float64,)
+INPUT_DTYPES = SUPPORTED_DTYPES
+# Rows of a float32 Q sum to 1 within this many float32 ulps of 1 (2^-23 each).
+ROW_SUM_ULPS = 2
+# Why the GPU kernels (float32 arithmetic) refuse a float64 buffer; "auto" then picks torch.
+FLOAT64_GPU_REASON = ("log_p dtype torch.float64: this backend's kernels compute in float32; "
+                      "float64 is solved in float64 by the torch backend (any device) and the "
+                      "cpu backend")
 HESSIAN_MODES = (False, True, "diag")
+# step only, float64 buffers only: the dense Hessian from every row.
+STEP_HESSIAN_MODES = HESSIAN_MODES + ("exact",)
 PREPARE_MODES = ("probs", "logits", "log_p")
 MODE_CODE = {"probs": 0, "logits": 1, "log_p": 2}
 
@@ -94,13 +116,20 @@ HESS_MIN_ROWS = 2048
 HESS_ROWS_PER_ELEM = 2
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic of ``step`` / ``materialize`` on a buffer of ``dtype``, and the dtype of
+    ``inv_c`` with it: float64 for float64, float32 for the others."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def chunk_rows(n: int, k: int, chunk_elems: int = CHUNK_ELEMS) -> int:
     """Rows per chunk for an n x k matrix."""
     return max(1, min(n, chunk_elems // max(k, 1)))
 
 
 def hessian_stride(n: int, k: int) -> int:
-    """m: the Hessian's off-diagonal part uses the 16-row blocks b with b % m == 0."""
+    """m: the Hessian's off-diagonal part uses the 16-row blocks b with b % m == 0 (``step`` with
+    ``hessian="exact"`` uses every row, m = 1)."""
     want = max(HESS_MIN_ROWS, -(-HESS_ROWS_PER_ELEM * n // max(k, 1)))
     return max(1, n // want)
 
@@ -218,8 +247,10 @@ def check_step_args(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tenso
     """Validate the arguments of ``step`` / ``materialize``; raise with a clear message."""
     _check_matrix(log_p, "log_p", SUPPORTED_DTYPES)
     n, k = log_p.shape
-    if inv_c.shape != (n,) or inv_c.dtype != torch.float32:
-        raise ValueError(f"inv_c: expected a float32 tensor of shape ({n},), got {inv_c.dtype} "
+    want = compute_dtype(log_p.dtype)
+    if inv_c.shape != (n,) or inv_c.dtype != want:
+        raise ValueError(f"inv_c: expected a {str(want).split('.')[-1]} tensor of shape ({n},) "
+                         f"for a {str(log_p.dtype).split('.')[-1]} log_p, got {inv_c.dtype} "
                          f"{tuple(inv_c.shape)}")
     if alpha.shape != (k,) or alpha.dtype != torch.float64:
         raise ValueError(f"alpha: expected a float64 tensor of shape ({k},), got {alpha.dtype} "
@@ -227,8 +258,11 @@ def check_step_args(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tenso
     for name, t in (("inv_c", inv_c), ("alpha", alpha)):
         if t.device != log_p.device:
             raise ValueError(f"{name}: on {t.device}, expected log_p's device {log_p.device}")
-    if hessian not in HESSIAN_MODES:
-        raise ValueError(f"hessian: expected one of {HESSIAN_MODES}, got {hessian!r}")
+    if hessian not in STEP_HESSIAN_MODES:
+        raise ValueError(f"hessian: expected one of {STEP_HESSIAN_MODES}, got {hessian!r}")
+    if hessian == "exact" and log_p.dtype != torch.float64:
+        raise ValueError(f"hessian: 'exact' is for float64 buffers (log_p is {log_p.dtype}); "
+                         f"expected one of {HESSIAN_MODES}")
     if out is not None:
         if out.shape != log_p.shape or out.device != log_p.device:
             raise ValueError(f"out: expected shape {tuple(log_p.shape)} on {log_p.device}, got "
@@ -257,9 +291,8 @@ def check_prepare_args(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor
         raise ValueError(f"fill: expected a float32 tensor ({k},) on {dev}, got {fill.dtype} "
                          f"{tuple(fill.shape)} on {fill.device}")
     if out is None:
-        if mode != "log_p" or x.dtype not in SUPPORTED_DTYPES:
-            raise ValueError("out: required unless mode is 'log_p' and x is already in a "
-                             "solver dtype (float32, float16, bfloat16)")
+        if mode != "log_p":
+            raise ValueError("out: required unless mode is 'log_p'")
     else:
         if out.shape != (n, k) or out.device != dev:
             raise ValueError(f"out: expected shape {(n, k)} on {dev}, got {tuple(out.shape)} on "
@@ -270,9 +303,11 @@ def check_prepare_args(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor
         if any(s < 0 for s in out.stride()):
             raise ValueError("out: negative strides are not supported")
     if inv_c is not None:
-        if inv_c.shape != (n,) or inv_c.dtype != torch.float32 or inv_c.device != dev:
-            raise ValueError(f"inv_c: expected a float32 tensor ({n},) on {dev}, got "
-                             f"{inv_c.dtype} {tuple(inv_c.shape)} on {inv_c.device}")
+        want = compute_dtype((x if out is None else out).dtype)
+        if inv_c.shape != (n,) or inv_c.dtype != want or inv_c.device != dev:
+            raise ValueError(f"inv_c: expected a {str(want).split('.')[-1]} tensor ({n},) on "
+                             f"{dev} for this buffer, got {inv_c.dtype} {tuple(inv_c.shape)} on "
+                             f"{inv_c.device}")
         if forget is not None and fill is None and mode != "log_p":
             raise ValueError("inv_c: the first evaluation needs final rows; pass fill for the "
                              "forget rows, or no inv_c")

@@ -1,7 +1,9 @@
 """The ``cpu`` backend: launcher for the compiled C++ kernels in ``ppu_fast._C``.
 
 Three layers: the kernels (csrc/cpu/kernel.h: one fused pass per row block for ``prepare``,
-``step`` and ``materialize``), their binding (csrc/cpu/bindings.cpp: run-time AVX-512 /
+``step`` and ``materialize`` on float32 / float16 / bfloat16 buffers, in float32;
+csrc/cpu/kernel_f64.h: the same three on a float64 buffer, in float64, a row at a time with AVX2
+or plain C++), their binding (csrc/cpu/bindings.cpp: run-time AVX-512 /
 AVX2 / generic dispatch, fixed row ranges, fixed-order reduction of per-range partials; the thread
 pool in csrc/cpu/pool.cpp) and this launcher, which validates the tensors and passes data
 pointers, sizes and strides. ``ppu_fast._C`` does not link libtorch.
@@ -43,9 +45,9 @@ except Exception as exc:  # pragma: no cover - exercised only without a build
     _C = None
     _IMPORT_ERROR = f"ppu_fast._C is not built or failed to load ({type(exc).__name__}: {exc})"
 
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_X_CODE = {**_DTYPE_CODE, torch.float64: 3}
-_HMODE = {False: 0, True: 1, "diag": 2}
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_X_CODE = _DTYPE_CODE
+_HMODE = {False: 0, True: 1, "diag": 2, "exact": 1}  # "exact": the full Hessian, stride 1
 
 
 ISA_NAMES = ("auto", "avx512", "avx2", "generic")
@@ -65,8 +67,8 @@ def check_isa(isa: str, where: str = "isa") -> None:
 
 
 class CpuBackend(Backend):
-    """Fused C++ kernels for CPU tensors (float32 / float16 / bfloat16, any strides; ``prepare``
-    also reads float64).
+    """Fused C++ kernels for CPU tensors (float32 / float16 / bfloat16 computed in float32,
+    float64 in float64; any non-negative strides).
 
     ``isa`` picks the kernel: "auto" (the best this CPU runs; the environment variable
     ``PPU_FAST_CPU_ISA`` overrides), "avx512", "avx2" or "generic". ``num_threads``: None follows
@@ -90,7 +92,7 @@ class CpuBackend(Backend):
         if log_p.device.type != "cpu":
             why.append(f"log_p is on {log_p.device}; the cpu backend serves CPU tensors only")
         if log_p.dtype not in _DTYPE_CODE:
-            why.append(f"log_p dtype {log_p.dtype} is not float32/float16/bfloat16")
+            why.append(f"log_p dtype {log_p.dtype} is not float32/float16/bfloat16/float64")
         if log_p.dim() != 2:
             why.append(f"log_p must be 2-D (N x k), got {log_p.dim()}-D")
         return why
@@ -115,7 +117,11 @@ class CpuBackend(Backend):
         if log_p.device.type != "cpu":
             raise ValueError(f"log_p: on {log_p.device}; the cpu backend takes CPU tensors")
         if out is not None and out.dtype not in _DTYPE_CODE:
-            raise TypeError(f"out: dtype {out.dtype} is not float32/float16/bfloat16")
+            raise TypeError(f"out: dtype {out.dtype} is not float32/float16/bfloat16/float64")
+        if out is not None and out.dtype == torch.float64 and log_p.dtype != torch.float64:
+            # The float32 kernels write float32 / 16-bit rows only.
+            raise TypeError(f"out: float64 Q from a {log_p.dtype} log_p is not supported; "
+                            f"expected float32, float16 or bfloat16")
         if log_p.shape[1] == 0:
             raise ValueError("log_p: expected at least one column (k >= 1)")
         for name, t in (("log_p", log_p), ("out", out)):
@@ -134,8 +140,9 @@ class CpuBackend(Backend):
             raise ValueError(f"x: on {x.device}; the cpu backend takes CPU tensors")
         n, k = x.shape
         buf = out if out is not None else x
-        # The first evaluation from the normalised rows stands for a float32 buffer only.
-        first = inv_c is not None and (mode == "log_p" or buf.dtype == torch.float32)
+        # The first evaluation from the normalised rows stands for a float32 / float64 buffer only.
+        first = inv_c is not None and (mode == "log_p"
+                                       or buf.dtype in (torch.float32, torch.float64))
         inv_c = inv_c.contiguous() if first else None
         fmask = forget.contiguous().view(torch.uint8) if forget is not None else None
         fill = fill.contiguous() if fill is not None else None
@@ -165,18 +172,20 @@ class CpuBackend(Backend):
         alpha = alpha.contiguous()
         # numpy buffers: cheaper to allocate than torch's, wrapped without copies.
         colsum, wlogz = np.empty(k), np.empty(())
-        h = np.empty((k, k) if hessian is True else k) if hessian else None
+        h = np.empty((k, k) if hessian in (True, "exact") else k) if hessian else None
         sr, sc = log_p.stride()
         _C.step(log_p.data_ptr(), _DTYPE_CODE[log_p.dtype], n, k, sr, sc, inv_c.data_ptr(),
                 alpha.data_ptr(), colsum.ctypes.data, wlogz.ctypes.data, _HMODE[hessian],
-                hessian_stride(n, k), h.ctypes.data if h is not None else 0, 0, 0, 0, 0,
+                1 if hessian == "exact" else hessian_stride(n, k),
+                h.ctypes.data if h is not None else 0, 0, 0, 0, 0,
                 self._threads(), self.isa)
         return (torch.from_numpy(colsum), torch.from_numpy(wlogz),
                 None if h is None else torch.from_numpy(h))
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     out: torch.Tensor) -> torch.Tensor:
-        """Write Q(alpha) (N x k) into ``out`` (float32/16/bf16, any strides); returns ``out``."""
+        """Write Q(alpha) (N x k) into ``out`` (float32/16/bf16, or also float64 for a float64
+        ``log_p``; any strides); returns ``out``."""
         self._check(log_p, inv_c, alpha, False, out)
         n, k = log_p.shape
         inv_c = inv_c.contiguous()

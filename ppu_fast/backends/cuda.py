@@ -51,9 +51,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .base import (MODE_CODE, ROW_SUM_TOL, Backend, Hessian, PrepareOut, StepOut,
-                   assemble_hessian, check_prepare_args, check_step_args, hessian_stride,
-                   packed_size, sampled_gram_by_chunks, unpack_prepare)
+from .base import (FLOAT64_GPU_REASON, MODE_CODE, ROW_SUM_TOL, Backend, Hessian, PrepareOut,
+                   StepOut, assemble_hessian, check_prepare_args, check_step_args,
+                   hessian_stride, packed_size, sampled_gram_by_chunks, unpack_prepare)
 
 # Element type codes of ppu_fast._cuda (csrc/cuda/ppu_cuda.h).
 _IN_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -222,17 +222,16 @@ class CudaBackend(Backend):
         reasons = []
         if log_p.device.type != "cuda":
             reasons.append(f"log_p is on {log_p.device}; the cuda backend serves CUDA tensors only")
-        if log_p.dtype not in _IN_CODES:
+        if log_p.dtype == torch.float64:
+            reasons.append(FLOAT64_GPU_REASON)
+        elif log_p.dtype not in _IN_CODES:
             reasons.append(f"log_p dtype {log_p.dtype} is not supported (float32, float16, "
                            f"bfloat16)")
         return reasons
 
-    def _require(self, t: torch.Tensor, any_dtype: bool = False) -> None:
-        """Raise with every reason this backend cannot run on ``t`` (``any_dtype``: prepare's
-        input, which float64 may be too)."""
-        why = ([] if t.device.type == "cuda" else
-               [f"input is on {t.device}; the cuda backend serves CUDA tensors only"]) \
-            if any_dtype else self.not_supported_reasons(t)
+    def _require(self, t: torch.Tensor) -> None:
+        """Raise with every reason this backend cannot run on the solver buffer ``t``."""
+        why = self.not_supported_reasons(t)
         if not why:
             why = self.available_reasons()
         if why:
@@ -248,7 +247,8 @@ class CudaBackend(Backend):
         evaluation, in one pass over x; see :mod:`ppu_fast.backends.base`. One device-to-host
         copy of the packed result."""
         check_prepare_args(x, mode, forget, fill, out, inv_c, hessian)
-        self._require(x, any_dtype=True)
+        # x may be float64 with a float32 buffer: the buffer (out, else x) decides.
+        self._require(out if out is not None else x)
         n, k = x.shape
         if n == 0 or k == 0:  # nothing to launch: the reference's answer, on the same device
             from .torch_ref import TorchBackend

@@ -3,7 +3,8 @@
 It works over row chunks so that its temporaries stay a small multiple of one chunk
 (``CHUNK_ELEMS`` elements), never several N x k matrices: a 1,000,000 x 100 float32 refine needs
 far less than its own size again. Per-chunk results stay on the device (the first offending row
-of ``prepare`` included) and come back to the host once per call.
+of ``prepare`` included) and come back to the host once per call. A float64 buffer is computed in
+float64 (``base.compute_dtype``), on any device: it is the backend that serves float64 on GPUs.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 
 from .base import (CHUNK_ELEMS, ERR_ALL_NEG_INF, ERR_NEGATIVE, ERR_NONFINITE, ERR_ROWSUM,
                    ROW_SUM_TOL, Backend, Hessian, PrepareOut, StepOut, assemble_hessian,
-                   check_prepare_args, check_step_args, chunk_rows, hessian_sample_rows,
-                   hessian_stride, packed_size, unpack_prepare)
+                   check_prepare_args, check_step_args, chunk_rows, compute_dtype,
+                   hessian_sample_rows, hessian_stride, packed_size, unpack_prepare)
 
 __all__ = ["TorchBackend", "chunk_rows", "shifted_logits", "step_chunk", "stats_from_q",
            "gram_chunk", "gram_from_q", "q_chunk",
@@ -87,8 +88,13 @@ def gram_from_q(q: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
 
 def q_chunk(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
             compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Q for one chunk of rows in ``compute_dtype`` (r x k)."""
-    return torch.softmax(shifted_logits(log_p, inv_c, alpha, compute_dtype), dim=1)
+    """Q for one chunk of rows in ``compute_dtype`` (r x k).
+
+    The row sums of exp(x - max) are taken in float64: torch's float32 softmax left rows of a
+    float32 Q up to 6 ulps from summing to 1 at k = 1000, this leaves them within 1."""
+    x = shifted_logits(log_p, inv_c, alpha, compute_dtype)
+    e = torch.exp(x - x.amax(dim=1, keepdim=True))
+    return e * e.sum(dim=1, keepdim=True, dtype=torch.float64).reciprocal().to(compute_dtype)
 
 
 def _row_faults(x: torch.Tensor, mode: str, tol: float) -> torch.Tensor:
@@ -106,16 +112,17 @@ def _row_faults(x: torch.Tensor, mode: str, tol: float) -> torch.Tensor:
                        torch.where(negative, ERR_NEGATIVE, torch.where(off, ERR_ROWSUM, 0)))
 
 
-def _log_rows(x: torch.Tensor, mode: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(log P^ rows in float32, the normalised rows (p / sum p or softmax) or None)."""
+def _log_rows(x: torch.Tensor, mode: str, dtype: torch.dtype = torch.float32
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(log P^ rows in ``dtype``, the normalised rows (p / sum p or softmax) or None)."""
     if mode == "probs":
-        s = x.double().sum(dim=1, keepdim=True).float()
-        xf = x.float()
+        s = x.double().sum(dim=1, keepdim=True).to(dtype)
+        xf = x.to(dtype)
         return torch.log(xf) - torch.log(s), xf / s
     if mode == "logits":
-        lp = torch.log_softmax(x.float(), dim=1)
+        lp = torch.log_softmax(x.to(dtype), dim=1)
         return lp, torch.exp(lp)
-    return x.float(), None
+    return x.to(dtype), None
 
 
 class TorchBackend(Backend):
@@ -139,13 +146,15 @@ class TorchBackend(Backend):
         n, k = x.shape
         dev = x.device
         f64 = dict(dtype=torch.float64, device=dev)
+        cdt = compute_dtype((x if out is None else out).dtype)
         # The first evaluation: at alpha = 0, Q is the normalised input (pn) and log Z is 0 (or,
         # on forget rows, softmax(fill) and logsumexp(fill)); "log_p" mode evaluates the stored
         # values themselves. Half buffers round log P^ too coarsely for pn to stand in for them.
-        first = inv_c is not None and (mode == "log_p" or out.dtype == torch.float32)
+        first = inv_c is not None and (mode == "log_p" or out.dtype in (torch.float32,
+                                                                        torch.float64))
         if first and fill is not None:
-            q_fill = torch.softmax(fill, dim=0)
-            lz_fill = torch.logsumexp(fill, dim=0)
+            q_fill = torch.softmax(fill.to(cdt), dim=0)
+            lz_fill = torch.logsumexp(fill.to(cdt), dim=0)
         # First fault as row * 8 + kind: the minimum over chunks is the first offending row.
         key = torch.full((), 8 * n, dtype=torch.int64, device=dev)
         a = torch.full((k,), float("-inf"), **f64) if mode == "log_p" else torch.zeros(k, **f64)
@@ -162,10 +171,10 @@ class TorchBackend(Backend):
             kinds = _row_faults(xc, mode, tol)
             idx = torch.arange(sl.start, sl.stop, device=dev)
             key = torch.minimum(key, torch.where(kinds > 0, idx * 8 + kinds, 8 * n).min())
-            lp, pn = _log_rows(xc, mode)
+            lp, pn = _log_rows(xc, mode, cdt)
             fc = forget[sl] if forget is not None else None
             if fc is not None and fill is not None:
-                lp = torch.where(fc[:, None], fill[None, :], lp)
+                lp = torch.where(fc[:, None], fill.to(cdt)[None, :], lp)
             if mode == "log_p":
                 a = torch.maximum(a, lp.amax(dim=0).double())
             else:
@@ -182,12 +191,12 @@ class TorchBackend(Backend):
                 stored = xc
             if first:
                 if mode == "log_p":
-                    q = q_chunk(stored, inv_c[sl], zero)
-                    x0 = stored.float()
+                    q = q_chunk(stored, inv_c[sl], zero, cdt)
+                    x0 = stored.to(cdt)
                     mx = x0.amax(dim=1)
                     lz = mx + torch.log(torch.exp(x0 - mx[:, None]).sum(dim=1))
                 else:
-                    q, lz = pn, torch.zeros(pn.shape[0], device=dev)
+                    q, lz = pn, torch.zeros(pn.shape[0], dtype=cdt, device=dev)
                     if fc is not None:
                         q = torch.where(fc[:, None], q_fill[None, :], q)
                         lz = torch.where(fc, lz_fill, lz)
@@ -217,32 +226,38 @@ class TorchBackend(Backend):
         """One pass over ``log_p`` (N x k). See :mod:`ppu_fast.backends.base` for the contract."""
         check_step_args(log_p, inv_c, alpha, hessian)
         n, k = log_p.shape
-        alpha32 = alpha.float()
+        cdt = compute_dtype(log_p.dtype)
+        alpha_c = alpha.to(cdt)  # float32 like the kernels (float64 for a float64 buffer)
         colsum = torch.zeros(k, dtype=torch.float64, device=log_p.device)
         wlogz = torch.zeros((), dtype=torch.float64, device=log_p.device)
         d = torch.zeros(k, dtype=torch.float64, device=log_p.device) if hessian else None
         rows = chunk_rows(n, k, self.chunk_elems)
         for start in range(0, n, rows):
             sl = slice(start, min(n, start + rows))
-            c, w, dc = step_chunk(log_p[sl], inv_c[sl], alpha32, bool(hessian))
+            c, w, dc = step_chunk(log_p[sl], inv_c[sl], alpha_c, bool(hessian), cdt)
             colsum += c
             wlogz += w
             if d is not None:
                 d += dc
-        if hessian is True:
-            return colsum, wlogz, assemble_hessian(d, self.sampled_gram(log_p, inv_c, alpha32))
+        if hessian in (True, "exact"):
+            w = self.sampled_gram(log_p, inv_c, alpha_c, 1 if hessian == "exact" else None)
+            return colsum, wlogz, assemble_hessian(d, w)
         return colsum, wlogz, d
 
-    def sampled_gram(self, log_p: torch.Tensor, inv_c: torch.Tensor,
-                     alpha32: torch.Tensor) -> torch.Tensor:
-        """``sum_{i in S} inv_c_i q_i q_i^T`` over the Hessian's row sample S (k x k f64)."""
+    def sampled_gram(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha_c: torch.Tensor,
+                     m: Optional[int] = None) -> torch.Tensor:
+        """``sum_{i in S} inv_c_i q_i q_i^T`` over the Hessian's row sample S (k x k f64; the
+        blocks b % m == 0, ``m`` by default ``hessian_stride``), computed in ``alpha_c``'s
+        dtype."""
         n, k = log_p.shape
-        idx = hessian_sample_rows(n, hessian_stride(n, k), device=log_p.device)
+        m = hessian_stride(n, k) if m is None else m
+        idx = hessian_sample_rows(n, m, device=log_p.device)
         w = torch.zeros(k, k, dtype=torch.float64, device=log_p.device)
         rows = chunk_rows(idx.numel(), k, self.chunk_elems)
         for start in range(0, idx.numel(), rows):
             sel = idx[start:start + rows]
-            w += gram_chunk(log_p.index_select(0, sel), inv_c.index_select(0, sel), alpha32)
+            w += gram_chunk(log_p.index_select(0, sel), inv_c.index_select(0, sel), alpha_c,
+                            alpha_c.dtype)
         return w
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
@@ -250,11 +265,12 @@ class TorchBackend(Backend):
         """Write Q(alpha) (N x k) into ``out`` (any float dtype, same shape and device)."""
         check_step_args(log_p, inv_c, alpha, out=out)
         n, k = log_p.shape
-        alpha32 = alpha.float()
+        cdt = compute_dtype(log_p.dtype)
+        alpha_c = alpha.to(cdt)
         rows = chunk_rows(n, k, self.chunk_elems)
         for start in range(0, n, rows):
             sl = slice(start, min(n, start + rows))
-            out[sl] = q_chunk(log_p[sl], inv_c[sl], alpha32)
+            out[sl] = q_chunk(log_p[sl], inv_c[sl], alpha_c, cdt)
         return out
 
 

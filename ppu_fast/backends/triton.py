@@ -92,7 +92,7 @@ try:  # the registry imports this module lazily and turns an ImportError into a 
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"triton not installed ({exc})") from exc
 
-from .base import (HESS_BLOCK, MODE_CODE, ROW_SUM_TOL, SUPPORTED_DTYPES, Backend, Hessian,
+from .base import (FLOAT32_DTYPES, FLOAT64_GPU_REASON, HESS_BLOCK, MODE_CODE, ROW_SUM_TOL, Backend, Hessian,
                    PrepareOut, StepOut, assemble_hessian, check_prepare_args, check_step_args,
                    hessian_stride, packed_size, sampled_gram_by_chunks, unpack_prepare)
 
@@ -347,7 +347,9 @@ def _q_tile_kernel(lp_ptr, ic_ptr, a_ptr, out_ptr, n, k_q, s_n, s_k, s_c, o_n, o
                    num_tiles, nprog, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
                    IDX64: tl.constexpr, SN: tl.constexpr, ON: tl.constexpr,
                    KM: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Single-read materialize: Q into out (its dtype, any strides).
+    """Single-read materialize: Q into out (its dtype, any strides). Rows are normalised by
+    their float64 sum (one rounding per stored element): the float32 tree sum left rows of Q
+    several ulps from summing to 1, this leaves them within 1 (base.ROW_SUM_ULPS allows 2).
 
     Bytes moved: reads N*k*elem_size + 4N, writes N*k*out_elem_size.
     """
@@ -360,9 +362,9 @@ def _q_tile_kernel(lp_ptr, ic_ptr, a_ptr, out_ptr, n, k_q, s_n, s_k, s_c, o_n, o
                                         IDX64, SN)
         m = tl.max(x, axis=1)
         m = tl.where(m == float("-inf"), 0.0, m)
-        e = tl.exp(x - m[:, None])
+        e = tl.exp(x - m[:, None]).to(tl.float64)
         s = tl.where(row_ok, tl.sum(e, axis=1), 1.0)
-        q = e / s[:, None]
+        q = e * (1.0 / s)[:, None]
         ri = rows.to(tl.int64) if IDX64 else rows
         ci = cols.to(tl.int64) if IDX64 else cols
         optrs = out_ptr + (ri * o_n * ON)[:, None] + ci[None, :] * o_k
@@ -1237,9 +1239,11 @@ class TritonBackend(Backend):
                        "tensors only in its interpreter)")
         elif dev not in ("cpu", "cuda"):
             why.append(f"log_p is on {log_p.device}; triton serves CUDA tensors")
-        if log_p.dtype not in SUPPORTED_DTYPES:
+        if log_p.dtype == torch.float64:
+            why.append(FLOAT64_GPU_REASON)
+        elif log_p.dtype not in FLOAT32_DTYPES:
             why.append(f"log_p dtype {log_p.dtype} not supported; expected one of "
-                       f"{[str(d) for d in SUPPORTED_DTYPES]}")
+                       f"{[str(d) for d in FLOAT32_DTYPES]}")
         return why
 
     def _require(self, t: torch.Tensor) -> None:

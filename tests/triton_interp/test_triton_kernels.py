@@ -32,7 +32,8 @@ from backend_cases import (KS, bad_inputs, cases, check_materialize, check_prepa
 from prepare_cases import CONFIGS, MODES, check_half_first, prepare_case  # noqa: E402
 from oracle import oracle_q  # noqa: E402
 from ppu_fast.backends import load  # noqa: E402
-from ppu_fast.backends.base import hessian_sample_rows, hessian_stride  # noqa: E402
+from ppu_fast.backends.base import (ROW_SUM_ULPS, hessian_sample_rows,  # noqa: E402
+                                   hessian_stride)
 from ppu_fast.backends.torch_ref import reference_prepare, reference_step  # noqa: E402
 from ppu_fast.backends.triton import (INTERPRET, TritonBackend,  # noqa: E402
                                       _sample_weight_mask)
@@ -90,6 +91,18 @@ def test_single_read_kernels(n, k, dtype, shift, neg_inf, noncontig):
     check_materialize(b, log_p, inv_c, alpha)
     for t, t0 in zip((log_p, inv_c, alpha), before):  # inputs untouched
         assert torch.equal(t, t0)
+
+
+@pytest.mark.parametrize("k", [3, 17, 100, 1000])
+def test_single_read_materialize_rows_sum_to_one(k):
+    """The single-read materialize normalises by a float64 row sum: rows of a float32 Q within
+    ROW_SUM_ULPS float32 ulps of 1. (The wide-row kernels keep their float32 online sum.)"""
+    for shift in (3.0, 30.0):
+        log_p, inv_c, alpha = make_case(257 if k < 1000 else 131, k, shift=shift, seed=k)
+        q = torch.empty(log_p.shape)
+        TritonBackend().materialize(log_p, inv_c, alpha, q)
+        dev = float((q.double().sum(1) - 1.0).abs().max()) / 2.0 ** -23
+        assert dev <= ROW_SUM_ULPS, f"shift {shift}: {dev:.2f} ulps"
 
 
 # k <= 16 takes the single-read path even in wide(k); the wide-row variant keeps every longer k and

@@ -1,0 +1,237 @@
+"""float64 solved in float64, the precision floors of ``tol``, the row sums of a float32 Q.
+
+A float64 input is solved in float64 by the cpu and torch backends (docs/design.md §3): to tol
+1e-11 and within 1e-9 in Q of an independent float64 solve (tests/oracle.py ``oracle_solve``).
+A tol below the floor of the dtype being solved is refused before any pass over the data. The
+GPU backends compute in float32 and refuse float64 with a reason, so ``backend="auto"`` hands a
+CUDA float64 tensor to the torch reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ppu_fast
+from oracle import oracle_solve
+from ppu_fast import solver
+import ppu_fast.backends as registry
+from ppu_fast.backends import get_backend, load, reasons
+from ppu_fast.backends.base import FLOAT64_GPU_REASON, ROW_SUM_ULPS
+
+BACKENDS = ["cpu", "torch"]
+
+
+def _classifier(n: int, k: int, margin: float, seed: int) -> tuple:
+    """Labels and float64 probabilities of a synthetic classifier (true class + margin)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    z = torch.randn(n, k, generator=g, dtype=torch.float64)
+    z[torch.arange(n), y] += margin
+    return y, torch.softmax(z, dim=1)
+
+
+def _weights(forget: torch.Tensor, lam: float) -> torch.Tensor:
+    """refine's row weights in float64: 1 on forget rows, lam elsewhere (a float32 lam, as
+    torch.where with Python scalars gives, moved Q by 2e-9)."""
+    c = torch.full(forget.shape, lam, dtype=torch.float64)
+    c[forget] = 1.0
+    return c
+
+
+def _targets(p: torch.Tensor, forget: torch.Tensor, marginals: str) -> torch.Tensor:
+    n = p.shape[0]
+    if marginals == "original":
+        return p.sum(0)
+    return p[~forget].sum(0) * (n / int((~forget).sum()))
+
+
+# (n, k, margin, lam, marginals): selective forgetting (the oracle's plain Newton converges
+# there; class forgetting's exponential tail is tested against the KKT conditions below).
+PROBLEMS = [(2000, 10, 6.0, 0.1, "retain"), (2000, 10, 6.0, 10.0, "original"),
+            (1000, 40, 30.0, 1.0, "retain"), (600, 3, 2.0, 1.0, "retain"),
+            (400, 200, 6.0, 0.5, "original")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k,margin,lam,marginals", PROBLEMS)
+def test_float64_refine_matches_the_float64_oracle(backend, n, k, margin, lam, marginals):
+    """numpy float64 in: Q float64 out, converged to tol 1e-11 (the residual measured on the
+    returned Q too) and within 1e-9 of the oracle's Q."""
+    _, p = _classifier(n, k, margin, seed=k)
+    forget = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.1
+    q, info = ppu_fast.refine(p.numpy(), forget.numpy(), lam=lam, marginals=marginals,
+                              backend=backend, tol=1e-11, return_info=True)
+    assert isinstance(q, np.ndarray) and q.dtype == np.float64
+    assert info.converged and info.residual <= 1e-11, info
+    m = _targets(p, forget, marginals)
+    assert np.abs(q.sum(0) - m.numpy()).sum() / n <= 2e-11
+    log_p_hat = torch.log(p)
+    log_p_hat[forget] = -np.log(k)
+    c = _weights(forget, lam)
+    _, q_ora = oracle_solve(log_p_hat, c, m, tol=1e-13)
+    assert np.abs(q - q_ora).max() <= 1e-9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_solve_and_targets_match_the_oracle(backend):
+    """A caller's own weights (not 1 / lam) and tol 1e-12: alpha and Q(alpha) from ``targets``
+    agree with the oracle's."""
+    n, k = 1500, 12
+    _, p = _classifier(n, k, 4.0, seed=3)
+    log_p = torch.log(p)
+    c = 0.5 + torch.rand(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 3
+    m = torch.softmax(torch.randn(k, generator=torch.Generator().manual_seed(5),
+                                  dtype=torch.float64) * 0.3, 0) * n
+    alpha, info = ppu_fast.solve(log_p, c, m, backend=backend, tol=1e-12)
+    assert info.converged and info.residual <= 1e-12 and alpha.dtype == torch.float64
+    q = ppu_fast.targets(log_p, c, alpha, backend=backend)
+    assert q.dtype == torch.float64
+    a_ora, q_ora = oracle_solve(log_p, c, m, tol=1e-13)
+    assert float((q - torch.from_numpy(q_ora)).abs().max()) <= 1e-9
+    assert np.abs((alpha - alpha.mean()).numpy() - (a_ora - a_ora.mean())).max() <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [0.01, 1.0, 100.0])
+def test_float64_class_unlearning_reaches_1e_11(backend, lam):
+    """Class unlearning on a confident model (exponential tails, forget rows far from P^): the
+    float64 solve reaches tol 1e-11, and the returned Q satisfies the KKT form
+    Q = softmax(log P^ - alpha / c) with colsum(Q) = M."""
+    n, k = 3000, 10
+    y, p = _classifier(n, k, 8.0, seed=1)
+    forget = y == 0
+    q, info = ppu_fast.refine(p, forget, lam=lam, backend=backend, tol=1e-11, return_info=True)
+    assert q.dtype == torch.float64 and info.converged and info.residual <= 1e-11, info
+    m = _targets(p, forget, "retain")
+    assert float((q.sum(0) - m).abs().sum()) / n <= 2e-11
+    log_p_hat = torch.log(p)
+    log_p_hat[forget] = -np.log(k)
+    c = _weights(forget, lam)
+    want = torch.softmax(log_p_hat - info.alpha[None, :] / c[:, None], dim=1)
+    assert float((q - want).abs().max()) <= 1e-9
+
+
+@pytest.mark.parametrize("dtype,tol,floor", [(torch.float32, 5e-8, 1e-7),
+                                             (torch.float16, 5e-8, 1e-7),
+                                             (torch.bfloat16, 1e-10, 1e-7),
+                                             (torch.float64, 1e-14, 1e-13)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tol_below_the_dtype_floor_is_refused_up_front(monkeypatch, dtype, tol, floor,
+                                                       backend):
+    """A ValueError naming tol and the floor, before any pass over the data (prepare and step
+    would fail this test if called)."""
+    assert solver.TOL_FLOOR[torch.float64 if dtype == torch.float64 else torch.float32] == floor
+    be = load(backend)[0]
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass over the data ran before tol was checked")
+
+    monkeypatch.setattr(type(be), "prepare", no_pass)
+    monkeypatch.setattr(type(be), "step", no_pass)
+    _, p = _classifier(200, 4, 3.0, seed=0)
+    p = p.to(dtype)
+    mask = torch.arange(200) < 20
+    with pytest.raises(ValueError, match=rf"tol: .*below the precision floor {floor:g}"):
+        ppu_fast.refine(p, mask, tol=tol, backend=backend)
+    with pytest.raises(ValueError, match=rf"tol: .*below the precision floor {floor:g}"):
+        ppu_fast.solve(torch.log(p.double()).to(dtype), torch.ones(200),
+                       torch.full((4,), 50.0), tol=tol, backend=backend)
+
+
+def test_tol_at_the_floor_is_accepted():
+    """The floors themselves are accepted (and reached on a small problem)."""
+    _, p = _classifier(500, 5, 3.0, seed=2)
+    mask = torch.arange(500) < 50
+    for x, tol in ((p.float(), solver.TOL_FLOOR[torch.float32]),
+                   (p, solver.TOL_FLOOR[torch.float64])):
+        _, info = ppu_fast.refine(x, mask, tol=tol, return_info=True)
+        assert info.converged, (x.dtype, info.message)
+
+
+def test_solve_dual_checks_the_floor_too():
+    log_p = torch.log_softmax(torch.randn(50, 3, dtype=torch.float64), dim=1)
+    be = load("torch")[0]
+    with pytest.raises(ValueError, match="tol: .*floor 1e-13"):
+        solver.solve_dual(be, log_p, torch.ones(50, dtype=torch.float64),
+                          torch.full((3,), 50 / 3, dtype=torch.float64), tol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [10, 1000])
+def test_float32_q_rows_sum_to_one_within_two_ulps(backend, k):
+    _, p = _classifier(3000 if k < 1000 else 400, k, 3.0, seed=k)
+    mask = torch.arange(p.shape[0]) % 7 == 0
+    q = ppu_fast.refine(p.float(), mask, backend=backend)
+    assert q.dtype == torch.float32
+    dev = float((q.double().sum(1) - 1.0).abs().max()) / 2.0 ** -23
+    assert dev <= ROW_SUM_ULPS, f"a row of Q sums to 1 +- {dev:.2f} float32 ulps"
+
+
+def test_gpu_backends_refuse_float64_with_a_reason(monkeypatch):
+    """triton and cuda compute in float32: their reasons name float64 (asked on CPU tensors here,
+    no GPU needed); forcing them raises with it; "auto" in the CUDA order then picks torch."""
+    t64 = torch.zeros(8, 3, dtype=torch.float64)
+    from ppu_fast.backends.cuda import CudaBackend
+    assert FLOAT64_GPU_REASON in CudaBackend().not_supported_reasons(t64)
+    assert FLOAT64_GPU_REASON not in CudaBackend().not_supported_reasons(t64.float())
+    triton_be, why = load("triton")
+    if triton_be is not None:
+        assert FLOAT64_GPU_REASON in triton_be.not_supported_reasons(t64)
+        assert FLOAT64_GPU_REASON not in triton_be.not_supported_reasons(t64.float())
+    for name in ("triton", "cuda"):
+        with pytest.raises(RuntimeError, match=f"backend: '{name}' cannot run"):
+            get_backend(name, t64)
+    assert reasons("torch", t64) == []
+    monkeypatch.setitem(registry._ORDER, "cpu", registry._ORDER["cuda"])
+    monkeypatch.delenv("PPU_FAST_BACKEND", raising=False)
+    assert get_backend("auto", t64).name == "torch"
+    if torch.cuda.is_available():
+        assert get_backend("auto", t64.cuda()).name == "torch"
+        q = ppu_fast.refine(torch.softmax(torch.randn(100, 4, dtype=torch.float64), 1).cuda(),
+                            torch.arange(100) < 10, tol=1e-11)
+        assert q.dtype == torch.float64 and q.is_cuda
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k,shift", [(20011, 10, 3.0), (2003, 100, 100.0), (1009, 3, 1e4)])
+def test_float64_dual_value_is_within_the_solver_noise_bound(backend, n, k, shift):
+    """The line search treats changes of g below G_NOISE_REL[float64] times the sum of its
+    terms' magnitudes as rounding: sum c log Z from a float64 step must be that accurate
+    (against a long-double evaluation; measured 2e-16 at worst, the bound is 1e-15)."""
+    from backend_cases import make_case
+
+    log_p, inv_c, alpha = make_case(n, k, torch.float64, shift=shift, seed=k)
+    _, wlogz, _ = load(backend)[0].step(log_p, inv_c, alpha)
+    ld = np.longdouble
+    x = log_p.numpy().astype(ld) - inv_c.numpy().astype(ld)[:, None] * alpha.numpy().astype(ld)
+    mx = x.max(1, keepdims=True)
+    lz = mx[:, 0] + np.log(np.exp(x - mx).sum(1))
+    exact = (lz / inv_c.numpy().astype(ld)).sum()
+    # The scale the solver's noise bound uses (solver._Evaluator.record).
+    scale = float((np.abs(lz) / inv_c.numpy().astype(ld)).sum()) + n * float(alpha.abs().max()) \
+        + np.log(k) * float((1.0 / inv_c).sum())
+    assert abs(float(wlogz) - float(exact)) <= solver.G_NOISE_REL[torch.float64] * scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_hessian_takes_every_row(backend):
+    """hessian="exact" (what a float64 Newton solve asks for below EXACT_HESSIAN_BELOW) is the
+    Hessian over every row, also where the sample of hessian=True skips rows; float64 only."""
+    from backend_cases import make_case
+    from oracle import hessian_error, newton_hessian, one_minus, oracle_q
+    from ppu_fast.backends.base import hessian_stride
+
+    n, k = 20011, 10
+    assert hessian_stride(n, k) > 1
+    log_p, inv_c, alpha = make_case(n, k, torch.float64, seed=3)
+    be = load(backend)[0]
+    _, _, h = be.step(log_p, inv_c, alpha, "exact")
+    q, ic = oracle_q(log_p, inv_c, alpha), inv_c.numpy()
+    h_ora = newton_hessian((ic[:, None] * q * one_minus(q)).sum(0), (q * ic[:, None]).T @ q)
+    assert hessian_error(h, h_ora, 1e-300) <= 1e-12
+    _, _, h_sampled = be.step(log_p, inv_c, alpha, True)
+    assert hessian_error(h_sampled, h_ora, 1e-300) > 1e-6  # the sample is not the whole
+    with pytest.raises(ValueError, match="'exact' is for float64"):
+        be.step(log_p.float(), inv_c.float(), alpha, "exact")
