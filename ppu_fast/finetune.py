@@ -16,19 +16,23 @@ from torch.utils.data import DataLoader, Dataset
 from .training import model_device
 
 SELECT_POLICIES = ("last", "val")
+TRAINABLE = ("all", "last-block", "head")
+RETAIN_SAMPLING = ("uniform", "weighted")
 
 
 @dataclass
 class FinetuneResult:
     """``model``: the selected model. ``history``: one dict per epoch (epoch 0 is the starting model,
-    never selected) with the mean ``loss`` and whatever ``evaluate`` returned. ``selected_epoch``: the
+    never selected) with the mean ``loss``, ``wall_seconds`` (time since the call began, evaluation
+    included) and whatever ``evaluate`` returned. ``selected_epoch``: the
     epoch whose weights ``model`` holds. ``seconds``: wall time of the training epochs (evaluation
-    excluded)."""
+    excluded). ``stopped_early``: ``early_stop`` ended the run before ``epochs``."""
 
     model: nn.Module
     history: list[dict] = field(default_factory=list)
     selected_epoch: int = 0
     seconds: float = 0.0
+    stopped_early: bool = False
 
 
 class _Indexed(Dataset):
@@ -60,8 +64,70 @@ def select_val(history: Sequence[dict]) -> int:
     return best
 
 
+def val_rule_is_settled(history: Sequence[dict]) -> bool:
+    """Whether later epochs can no longer win SCRUB+R's rule (:func:`select_val`), assuming the forget
+    error keeps moving the way it moved: the last epoch's forget error is on the far side of the
+    target (the validation error) from where the starting model was, and its distance to the target
+    grew since the epoch before; or the last epoch hit the target exactly (ties go to the earliest).
+
+    The forget error of PPU's fine-tuning rises towards the pseudo-probabilities' error and stays
+    there, so once it has overshot and moves away, every later gap is larger. A trajectory that
+    turns back could still win later; ``early_stop`` trades that case for the epochs it saves."""
+    rows = [h for h in history if "forget_error" in h and "val_error" in h]
+    if len(rows) < 2 or rows[-1]["epoch"] < 1:
+        return False
+    start, prev, last = rows[0], rows[-2], rows[-1]
+    d_last = last["forget_error"] - last["val_error"]
+    if d_last == 0:
+        return True
+    d_start = start["forget_error"] - start["val_error"]
+    crossed = d_start == 0 or (d_last > 0) != (d_start > 0)
+    return prev["epoch"] >= 1 and crossed and abs(d_last) > abs(prev["forget_error"] - prev["val_error"])
+
+
+def _module_params(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for m in modules:
+        for p in m.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
+    """The modules whose parameters ``trainable=which`` fine-tunes.
+
+    ``"all"``: the model. ``"head"``: the last ``nn.Linear`` (the classifier of every model in
+    :mod:`ppu_fast.models`). ``"last-block"``: the head and the last block before it: the last
+    top-level child with parameters other than the head, or, when that child is an ``nn.Sequential``
+    (a stage of blocks, a feature stack), its last child with parameters (ResNet-18: ``layer4[1]``;
+    ALL-CNN and SmallCNN: the last conv-BN block).
+    """
+    if which not in TRAINABLE:
+        raise ValueError(f"trainable: unknown value {which!r}; expected one of {TRAINABLE}")
+    if which == "all":
+        return [model]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"trainable={which!r}: the model has no nn.Linear head; expected a "
+                         f"classifier ending in nn.Linear (or pass trainable='all')")
+    head = linears[-1]
+    if which == "head":
+        return [head]
+    body = [c for c in model.children() if c is not head and any(True for _ in c.parameters())
+            and not any(m is head for m in c.modules())]
+    if not body:
+        return [head]
+    block = body[-1]
+    if isinstance(block, nn.Sequential):
+        inner = [c for c in block.children() if any(True for _ in c.parameters())]
+        block = inner[-1] if inner else block
+    return [block, head]
+
+
 def _check(model: object, data: object, targets: object, epochs: int, lr: float, batch_size: int,
-           optimizer: str, select: object, forget_mask: object, retain_per_epoch: object) -> None:
+           optimizer: str, select: object, forget_mask: object, retain_per_epoch: object,
+           retain_fraction: object, retain_sampling: object, retain_weights: object,
+           forget_repeats: object, early_stop: object, trainable: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(data, Dataset):
@@ -91,13 +157,44 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
             raise ValueError("retain_per_epoch needs forget_mask (which rows are the forget set)")
         if not isinstance(retain_per_epoch, int) or retain_per_epoch < 1:
             raise ValueError(f"retain_per_epoch must be a positive int, got {retain_per_epoch!r}")
+    if retain_fraction is not None:
+        if isinstance(retain_fraction, bool) or not isinstance(retain_fraction, (int, float)) \
+                or not 0.0 < float(retain_fraction) <= 1.0:
+            raise ValueError(f"retain_fraction must be a number in (0, 1] (the share of retain rows "
+                             f"each epoch uses), got {retain_fraction!r}")
+        if retain_per_epoch is not None:
+            raise ValueError("retain_fraction, retain_per_epoch: pass one of them (both set how many "
+                             "retain rows an epoch uses)")
+    if (retain_fraction is not None or forget_repeats != 1 or retain_sampling != "uniform") \
+            and forget_mask is None:
+        raise ValueError("retain_fraction / forget_repeats / retain_sampling need forget_mask (which "
+                         "rows are the forget set)")
+    if retain_sampling not in RETAIN_SAMPLING:
+        raise ValueError(f"retain_sampling: unknown value {retain_sampling!r}; expected one of "
+                         f"{RETAIN_SAMPLING}")
+    if (retain_sampling == "weighted") != (retain_weights is not None):
+        raise ValueError("retain_sampling='weighted' and retain_weights go together: pass "
+                         "retain_weights (N,) non-negative with retain_sampling='weighted'")
+    if isinstance(forget_repeats, bool) or not isinstance(forget_repeats, int) or forget_repeats < 1:
+        raise ValueError(f"forget_repeats must be a positive int (how many times an epoch visits each "
+                         f"forget row), got {forget_repeats!r}")
+    if not isinstance(early_stop, bool):
+        raise ValueError(f"early_stop must be a bool, got {early_stop!r}")
+    if early_stop and select != "val":
+        raise ValueError(f"early_stop=True needs select='val' (it stops when that rule is settled), "
+                         f"got select={select!r}")
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable: unknown value {trainable!r}; expected one of {TRAINABLE}")
 
 
 def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: int = 10, lr: float = 0.01,
              optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64,
              forget_mask: torch.Tensor | np.ndarray | None = None, retain_per_epoch: int | None = None,
+             retain_fraction: float | None = None, retain_sampling: str = "uniform",
+             retain_weights: torch.Tensor | None = None, forget_repeats: int = 1,
              evaluate: Callable[[nn.Module], dict] | None = None,
-             select: str | Callable[[list[dict]], int] = "last", seed: int = 0,
+             select: str | Callable[[list[dict]], int] = "last", early_stop: bool = False,
+             trainable: str = "all", seed: int = 0,
              device: str | torch.device | None = None, inplace: bool = False,
              progress: bool = True) -> FinetuneResult:
     """Fine-tune ``model`` so that ``softmax(model(x_i))`` approaches ``targets[i]``.
@@ -107,13 +204,26 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         data: N examples ``(x, y)`` (labels unused), row i paired with ``targets[i]``.
         targets: (N, k) probabilities. Loss: KL(target || softmax(model(x))), mean over the batch.
         epochs, lr, optimizer ("sgd" with ``momentum`` or "adam"), weight_decay, batch_size: the loop.
-        forget_mask: (N,) bool, the forget rows; only needed for ``retain_per_epoch``.
+        forget_mask: (N,) bool, the forget rows; needed by the options below that treat forget
+            and retain rows apart.
         retain_per_epoch: if given, each epoch uses every forget row and this many retain rows drawn
             afresh (a cheaper epoch on large retain sets).
+        retain_fraction: the same as a share in (0, 1] of the retain rows (at least one); 1 or None
+            uses them all. A retained row's target is the model's own output up to the dual shift,
+            so its gradient starts near 0: retain rows anchor the model rather than teach it.
+        retain_sampling: ``"uniform"``, or ``"weighted"``: rows drawn without replacement with
+            probability proportional to ``retain_weights`` (N,) (e.g. KL(q_i || p_i) at the start,
+            so the rows the targets moved most are visited first).
+        forget_repeats: each epoch visits every forget row this many times (in the same shuffled
+            stream as the retain rows).
         evaluate: called with the model (eval mode) after every epoch and before the first; the dicts
             it returns make up the history.
         select: ``"last"`` keeps the final weights; ``"val"`` (SCRUB+R's rule, see :func:`select_val`)
             and a callable (history -> epoch) choose among per-epoch checkpoints, kept in memory.
+        early_stop: with ``select="val"``, stop once :func:`val_rule_is_settled` says later epochs
+            cannot win (saves the remaining epochs and their evaluations).
+        trainable: ``"all"``, ``"last-block"`` or ``"head"`` (see :func:`trainable_modules`); the
+            other parameters, and the BatchNorm statistics outside the trained modules, stay fixed.
         seed: fixes the shuffling and retain subsampling.
         inplace: train ``model`` itself; by default a deep copy is trained and ``model`` is untouched.
 
@@ -122,44 +232,90 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
     """
     from tqdm.auto import tqdm
 
-    _check(model, data, targets, epochs, lr, batch_size, optimizer, select, forget_mask, retain_per_epoch)
+    _check(model, data, targets, epochs, lr, batch_size, optimizer, select, forget_mask, retain_per_epoch,
+           retain_fraction, retain_sampling, retain_weights, forget_repeats, early_stop, trainable)
     if select == "val" and evaluate is None:
         raise ValueError("select='val' needs evaluate=... returning 'forget_error' and 'val_error'")
     work = model if inplace else copy.deepcopy(model)
     device = torch.device(device) if device is not None else model_device(model)
     work.to(device)
     targets = targets.detach().to(device=device, dtype=torch.float32)
+    trained = trainable_modules(work, trainable)
+    params = _module_params(trained)
+    ids = {id(p) for p in params}
+    frozen = [p for p in work.parameters() if id(p) not in ids]
+    for p in frozen:
+        p.requires_grad_(False)
     if optimizer == "sgd":
-        opt = torch.optim.SGD(work.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
-        opt = torch.optim.Adam(work.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     indexed = _Indexed(data)
-    if retain_per_epoch is not None:
+    if retain_fraction is not None and float(retain_fraction) >= 1.0:
+        retain_fraction = None
+    split = retain_per_epoch is not None or retain_fraction is not None or forget_repeats != 1
+    if split or retain_weights is not None:
         fmask = torch.as_tensor(np.asarray(forget_mask), dtype=torch.bool).view(-1)
         if fmask.shape[0] != len(data):
             raise ValueError(f"forget_mask has {fmask.shape[0]} entries but data has {len(data)}")
         forget_rows, retain_rows = torch.nonzero(fmask).view(-1), torch.nonzero(~fmask).view(-1)
+        n_take = len(retain_rows)
+        if retain_per_epoch is not None:
+            n_take = min(retain_per_epoch, n_take)
+        elif retain_fraction is not None:
+            n_take = max(1, int(round(float(retain_fraction) * len(retain_rows))))
+        draw_w = None
+        if retain_weights is not None:
+            w = torch.as_tensor(retain_weights, dtype=torch.float64).detach().cpu().view(-1)
+            if w.shape[0] != len(data) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise ValueError(f"retain_weights must be (N,) = ({len(data)},) finite and "
+                                 f"non-negative, got shape {tuple(w.shape)}")
+            draw_w = w[retain_rows]
+            # A floor keeps every row reachable: rows whose targets did not move (weight 0) still
+            # anchor the model now and then.
+            draw_w = draw_w + max(float(draw_w.mean()), 1e-12) * 0.1
+
+    def epoch_rows() -> list[int]:
+        if n_take >= len(retain_rows) and retain_per_epoch is None:
+            take = retain_rows
+        elif draw_w is not None:
+            take = retain_rows[torch.multinomial(draw_w, n_take, replacement=False, generator=gen)]
+        else:
+            take = retain_rows[torch.randperm(len(retain_rows), generator=gen)[:n_take]]
+        return torch.cat([forget_rows] * forget_repeats + [take]).tolist()
+
+    def set_train_mode() -> None:
+        work.train()
+        if trainable != "all":
+            # Frozen parts keep their BatchNorm statistics too: only the trained modules learn.
+            work.eval()
+            for m in trained:
+                m.train()
+
+    started = time.perf_counter()
 
     def run_eval(epoch: int, loss: float) -> dict:
         row = {"epoch": epoch, "loss": loss}
         if evaluate is not None:
             work.eval()
             row.update(evaluate(work))
+        # What a caller has waited for so far (training and evaluation): the x axis of a
+        # forget-error-versus-time trajectory.
+        row["wall_seconds"] = time.perf_counter() - started
         return row
 
     history = [run_eval(0, float("nan"))]
     checkpoints: dict[int, dict] = {}
     seconds = 0.0
+    stopped_early = False
+    last_epoch = epochs
     bar = tqdm(range(1, epochs + 1), desc="finetune", disable=not progress, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
-        subset = indexed
-        if retain_per_epoch is not None:
-            take = retain_rows[torch.randperm(len(retain_rows), generator=gen)[:retain_per_epoch]]
-            subset = torch.utils.data.Subset(indexed, torch.cat([forget_rows, take]).tolist())
-        work.train()
+        subset = torch.utils.data.Subset(indexed, epoch_rows()) if split else indexed
+        set_train_mode()
         loss_sum, n = 0.0, 0
         for x, i in DataLoader(subset, batch_size=batch_size, shuffle=True, generator=gen):
             out = work(x.to(device))
@@ -174,13 +330,18 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
             checkpoints[epoch] = {k: v.detach().clone() for k, v in work.state_dict().items()}
         history.append(run_eval(epoch, loss_sum / n))
         bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+        if early_stop and epoch < epochs and val_rule_is_settled(history):
+            stopped_early, last_epoch = True, epoch
+            break
+    for p in frozen:
+        p.requires_grad_(True)
     if select == "last":
-        chosen = epochs
+        chosen = last_epoch
     else:
         chosen = select_val(history) if select == "val" else int(select(history))
-    if chosen not in range(1, epochs + 1):
-        raise ValueError(f"select returned epoch {chosen}; expected 1..{epochs}")
-    if chosen != epochs:
+    if chosen not in range(1, last_epoch + 1):
+        raise ValueError(f"select returned epoch {chosen}; expected 1..{last_epoch}")
+    if chosen != last_epoch:
         work.load_state_dict(checkpoints[chosen])
     work.eval()
-    return FinetuneResult(work, history, chosen, seconds)
+    return FinetuneResult(work, history, chosen, seconds, stopped_early)

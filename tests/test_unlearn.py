@@ -43,8 +43,10 @@ def test_package_attribute_is_callable():
 def test_ppu_privacy_end_to_end(setup):
     split, _, model = setup
     before = state(model)
+    # The paper's schedule runs every epoch and records retain error per epoch (tests/test_schedule.py
+    # covers the fast default).
     res = ppu_fast.unlearn(model, split.forget, split.retain, method="ppu", val=split.val, epochs=3,
-                           lr=0.02, progress=False)
+                           lr=0.02, progress=False, schedule="paper")
     assert isinstance(res, UnlearnResult) and res.method == "ppu"
     assert same(before, state(model)), "the caller's model must not change"
     assert res.model is not model
@@ -86,7 +88,7 @@ def test_ppu_history_only_when_selection_needs_it(setup):
     split, _, model = setup
     quiet = unlearn(model, split.forget, split.retain, method="ppu-bias", val=split.val, epochs=2,
                     progress=False)
-    assert [set(h) for h in quiet.history] == [{"epoch", "loss"}] * 3
+    assert [set(h) for h in quiet.history] == [{"epoch", "loss", "wall_seconds"}] * 3
     asked = unlearn(model, split.forget, split.retain, method="ppu-bias", val=split.val, epochs=2,
                     history=True, progress=False)
     assert {"forget_error", "retain_error", "val_error"} <= set(asked.history[2])

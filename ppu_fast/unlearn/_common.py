@@ -34,7 +34,8 @@ def sample(data: Dataset, limit: int | None, seed: int) -> Dataset:
 def make_evaluator(forget: Dataset, retain: Dataset, val: Dataset | None, *, retain_limit: int | None,
                    seed: int, device: torch.device) -> Callable[[nn.Module], dict]:
     """The per-epoch evaluation of PPU's history: forget error, retain error (on at most
-    ``retain_limit`` retain examples, drawn once) and the validation error on the forget classes."""
+    ``retain_limit`` retain examples, drawn once; 0: none, no retain error) and the validation error
+    on the forget classes."""
     retain_eval = sample(retain, retain_limit, seed)
     val_forget = None
     if val is not None:
@@ -45,8 +46,9 @@ def make_evaluator(forget: Dataset, retain: Dataset, val: Dataset | None, *, ret
                              f"policy compares against them")
 
     def evaluate(model: nn.Module) -> dict:
-        row = {"forget_error": error(model, forget, device=device),
-               "retain_error": error(model, retain_eval, device=device)}
+        row = {"forget_error": error(model, forget, device=device)}
+        if retain_limit != 0:
+            row["retain_error"] = error(model, retain_eval, device=device)
         if val_forget is not None:
             row["val_error"] = error(model, val_forget, device=device)
         return row

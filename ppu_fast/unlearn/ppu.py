@@ -16,6 +16,21 @@ from ._common import make_evaluator, resolve_device, working_copy
 
 MODES = ("privacy", "bias")
 
+# Fine-tuning schedules, per mode. "paper": every forget and retain row each epoch, all epochs,
+# every layer, retain error evaluated each epoch (the paper's and this package's earlier default).
+# "fast": the levers measured in docs/ppu_schedule.md; they change how much work the fine-tuning
+# does, not what it aims at (the same targets, loss, optimiser and selection rule). Privacy mode
+# stops once the "val" rule is settled and evaluates only what that rule reads; bias mode (which
+# keeps its last epoch) visits a quarter of the retain rows per epoch and each forget row 4 times.
+_PAPER = {"retain_fraction": 1.0, "retain_sampling": "uniform", "forget_repeats": 1, "early_stop": False,
+          "trainable": "all", "history_retain": 1000}
+SCHEDULES: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {"privacy": dict(_PAPER), "bias": dict(_PAPER)},
+    "fast": {"privacy": {**_PAPER, "early_stop": True, "history_retain": 0},
+             "bias": {**_PAPER, "retain_fraction": 0.25, "forget_repeats": 4, "history_retain": 0}},
+}
+SCHEDULE_KEYS = tuple(_PAPER)
+
 
 def pseudo_rows(pseudo: str | torch.Tensor, retain_probs: torch.Tensor, n_forget: int, k: int,
                 generator: torch.Generator) -> torch.Tensor:
@@ -49,23 +64,54 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         backend: str = "auto", epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd",
         momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64,
         retain_per_epoch: int | None = None, select: str | Callable[[list[dict]], int] | None = None,
-        history: bool | None = None, history_retain: int | None = 1000) -> UnlearnResult:
+        history: bool | None = None, history_retain: int | None | str = "auto",
+        schedule: str = "fast", retain_fraction: float | None = None,
+        retain_sampling: str | None = None, forget_repeats: int | None = None,
+        early_stop: bool | None = None, trainable: str | None = None) -> UnlearnResult:
     """PPU. ``mode="privacy"`` refines P^ with :func:`ppu_fast.refine` (``pseudo``, ``lam``,
     ``marginals``, ``refine_method``, ``tol``, ``backend`` pass through); ``mode="bias"`` (§5.4) uses
     P^ itself. Then :func:`ppu_fast.finetune` (``epochs``, ``lr``, ``optimizer``, ``momentum``,
     ``weight_decay``, ``batch_size``, ``retain_per_epoch``) with selection ``select``: by default
     ``"val"`` in privacy mode when ``val`` is given, else ``"last"``. ``history``: evaluate forget,
-    retain and validation error after every epoch; by default only when ``select`` chooses among
+    (retain) and validation error after every epoch; by default only when ``select`` chooses among
     epochs, because that evaluation is part of the unlearning time. ``history_retain`` caps the
-    retain examples evaluated per epoch (None: all)."""
+    retain examples evaluated per epoch (None: all; 0: no retain error in the history).
+
+    ``schedule`` picks the fine-tuning's work (:data:`SCHEDULES`, per mode): ``"fast"`` (the default)
+    stops once the ``"val"`` rule is settled (``early_stop``, privacy mode) and evaluates only what
+    the selection reads, and in bias mode visits a share ``retain_fraction`` of the retain rows per
+    epoch and each forget row ``forget_repeats`` times; ``"paper"`` runs every row every epoch, as
+    the paper does. ``retain_fraction``, ``retain_sampling`` (``"uniform"``, or
+    ``"weighted"``: by KL(q_i || p_i), how far each row's target moved), ``forget_repeats``,
+    ``early_stop``, ``trainable`` (``"all"``, ``"last-block"``, ``"head"``) and ``history_retain``
+    override the schedule's values one by one (see :func:`ppu_fast.finetune`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: unknown value {schedule!r}; expected one of {tuple(SCHEDULES)}")
+    given = {"retain_fraction": retain_fraction, "retain_sampling": retain_sampling,
+             "forget_repeats": forget_repeats, "early_stop": early_stop, "trainable": trainable,
+             "history_retain": history_retain}
+    plan = {key: (SCHEDULES[schedule][mode][key] if given[key] is None or
+                  (key == "history_retain" and given[key] == "auto") else given[key])
+            for key in SCHEDULE_KEYS}
+    if history_retain is None:
+        plan["history_retain"] = None  # None keeps its meaning: every retain example
+    if retain_per_epoch is not None and retain_fraction is None:
+        plan["retain_fraction"] = None  # the explicit count wins over the schedule's share
     if select is None:
         select = "val" if (mode == "privacy" and val is not None) else "last"
+    if plan["early_stop"] and select != "val":
+        if early_stop:
+            raise ValueError(f"early_stop=True needs select='val' (it stops once that rule is "
+                             f"settled), got select={select!r}")
+        plan["early_stop"] = False  # the schedule's early stop applies to the 'val' selection only
     if select == "val" and val is None:
         raise ValueError("select='val' needs a validation set: pass val=...")
     if history is None:
         history = select != "last"
+    elif history and history_retain == "auto":
+        plan["history_retain"] = _PAPER["history_retain"]  # a history asked for shows retain error
     if select == "val" and not history:
         raise ValueError("history=False with select='val': the selection reads the per-epoch "
                          "forget and validation errors; pass history=True or select='last'")
@@ -99,18 +145,31 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         targets[:n_forget] = pseudo_rows(pseudo, probs[n_forget:], n_forget, k, gen).to(targets)
     timings["refine"] = time.perf_counter() - t0
 
-    evaluate = make_evaluator(forget, retain, val, retain_limit=history_retain, seed=seed,
+    retain_weights = None
+    if plan["retain_sampling"] == "weighted":
+        # KL(q_i || p_i): how far refining moved each row's target from the model's own output.
+        logp = torch.log_softmax(logits.to(dev).float(), dim=1)
+        q = targets.float()
+        retain_weights = (torch.xlogy(q, q) - q * logp).sum(1).clamp_min(0).cpu()
+    evaluate = make_evaluator(forget, retain, val, retain_limit=plan["history_retain"], seed=seed,
                               device=dev) if history else None
     ft = finetune(work, both, targets, epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum,
                   weight_decay=weight_decay, batch_size=batch_size, forget_mask=forget_mask,
-                  retain_per_epoch=retain_per_epoch, evaluate=evaluate, select=select, seed=seed,
+                  retain_per_epoch=retain_per_epoch, retain_fraction=plan["retain_fraction"],
+                  retain_sampling=plan["retain_sampling"], retain_weights=retain_weights,
+                  forget_repeats=plan["forget_repeats"], evaluate=evaluate, select=select,
+                  early_stop=plan["early_stop"], trainable=plan["trainable"], seed=seed,
                   device=dev, inplace=True, progress=progress)
     timings["finetune"] = ft.seconds
+    before = timings["probabilities"] + timings["refine"]
+    for row in ft.history:
+        row["wall_seconds"] += before  # from the original model, as the method's total counts
     options: dict[str, Any] = dict(mode=mode, pseudo=pseudo if isinstance(pseudo, str) else "tensor",
                                    lam=lam, marginals=marginals if isinstance(marginals, str) else "tensor",
                                    refine_method=refine_method, epochs=epochs, lr=lr, optimizer=optimizer,
                                    batch_size=batch_size,
-                                   select=select if isinstance(select, str) else "custom")
+                                   select=select if isinstance(select, str) else "custom",
+                                   schedule=schedule, **plan, epochs_run=len(ft.history) - 1)
     return UnlearnResult(ft.model, "ppu", targets.detach().cpu(), info, ft.history, ft.selected_epoch,
                          timings, options)
 
@@ -122,13 +181,19 @@ def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset
              lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
              batch_size: int = 64, retain_per_epoch: int | None = None,
              select: str | Callable[[list[dict]], int] = "last", history: bool | None = None,
-             history_retain: int | None = 1000) -> UnlearnResult:
-    """PPU for bias removal (§5.4, "PPU w/ uniform"): targets are P^ (uniform forget rows), no solve."""
+             history_retain: int | None | str = "auto", schedule: str = "fast",
+             retain_fraction: float | None = None, retain_sampling: str | None = None,
+             forget_repeats: int | None = None, early_stop: bool | None = None,
+             trainable: str | None = None) -> UnlearnResult:
+    """PPU for bias removal (§5.4, "PPU w/ uniform"): targets are P^ (uniform forget rows), no solve.
+    The schedule options are :func:`ppu`'s."""
     return ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
                progress=progress, mode="bias", pseudo=pseudo, epochs=epochs, lr=lr, optimizer=optimizer,
                momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
                retain_per_epoch=retain_per_epoch, select=select, history=history,
-               history_retain=history_retain)
+               history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
+               retain_sampling=retain_sampling, forget_repeats=forget_repeats,
+               early_stop=early_stop, trainable=trainable)
 
 
 @register("ppu-random")
@@ -137,10 +202,16 @@ def ppu_random(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Datas
                progress: bool = True, epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd",
                momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64,
                retain_per_epoch: int | None = None, select: str | Callable[[list[dict]], int] = "last",
-               history: bool | None = None, history_retain: int | None = 1000) -> UnlearnResult:
-    """PPU for bias removal with random pseudo-probabilities (§5.4, "PPU w/ random")."""
+               history: bool | None = None, history_retain: int | None | str = "auto",
+               schedule: str = "fast", retain_fraction: float | None = None,
+               retain_sampling: str | None = None, forget_repeats: int | None = None,
+               early_stop: bool | None = None, trainable: str | None = None) -> UnlearnResult:
+    """PPU for bias removal with random pseudo-probabilities (§5.4, "PPU w/ random"). The schedule
+    options are :func:`ppu`'s."""
     return ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
                progress=progress, mode="bias", pseudo="random", epochs=epochs, lr=lr, optimizer=optimizer,
                momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
                retain_per_epoch=retain_per_epoch, select=select, history=history,
-               history_retain=history_retain)
+               history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
+               retain_sampling=retain_sampling, forget_repeats=forget_repeats,
+               early_stop=early_stop, trainable=trainable)

@@ -1,0 +1,174 @@
+"""PPU's fine-tuning schedule, lever by lever (issue 12): what each one does to the unlearning time,
+forget / retain / test error and the attack, beside SCRUB and SCRUB+R measured in the same process.
+
+Time is each method's ``timings["total"]``: from the original model to the unlearned one, with the
+probabilities, the refine, the fine-tuning and the per-epoch evaluation that the method's own
+selection reads (SCRUB+R's and PPU (privacy)'s), not the final reporting. Retrain's row gives the
+spread that PPU (privacy)'s forget error is judged against.
+
+    PYTHONPATH=. python benchmarks/ppu_schedule.py --settings digits-class,digits-selective,digits5 \\
+        --seeds 1,2,3 [--variants paper,fast,...]
+
+Settings: ``digits-class`` / ``digits-selective`` (digits, forget class 5 / 100 of its examples,
+PPU at 30 epochs, lr 0.05, as docs/results record them), ``digits5`` (25 zeros of classes 0-4, same
+PPU options), ``cifar5-allcnn`` / ``cifar5-resnet18`` (25 airplanes, PPU at the API's 10 epochs,
+lr 0.01; needs ../shared/data/cifar10 or --data-root). Writes
+``benchmarks/results/ppu-schedule-<stamp>.{json,md}``; original and retrained models go to the
+usual cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, metadata, utc_now  # noqa: E402
+
+from ppu_fast.data import make_split  # noqa: E402
+from ppu_fast.models import build_model  # noqa: E402
+from ppu_fast.training import fit_cached  # noqa: E402
+from ppu_fast.unlearn import unlearn  # noqa: E402
+from ppu_fast.unlearn.experiment import default_train_config, evaluate  # noqa: E402
+
+SETTINGS = {
+    "digits-class": dict(dataset="digits", scenario="class", forget_class=5, model="smallcnn",
+                         ppu=dict(epochs=30, lr=0.05), scrub="class"),
+    "digits-selective": dict(dataset="digits", scenario="selective", forget_class=5, model="smallcnn",
+                             ppu=dict(epochs=30, lr=0.05), scrub="selective"),
+    "digits5": dict(dataset="digits5", scenario="selective", forget_class=None, model="smallcnn",
+                    ppu=dict(epochs=30, lr=0.05), scrub="small"),
+    "cifar5-allcnn": dict(dataset="cifar5", scenario="selective", forget_class=None, model="allcnn",
+                          ppu={}, scrub="small"),
+    "cifar5-resnet18": dict(dataset="cifar5", scenario="selective", forget_class=None, model="resnet18",
+                            width=0.4, ppu={}, scrub="small"),
+}
+# Each variant: the schedule and the levers changed from it. "paper" is the earlier default.
+VARIANTS = {
+    "paper": dict(schedule="paper"),
+    "paper + retain 25 %": dict(schedule="paper", retain_fraction=0.25),
+    "paper + retain 10 %": dict(schedule="paper", retain_fraction=0.1),
+    "paper + early stop": dict(schedule="paper", early_stop=True, history_retain=0),
+    "paper + retain 25 % + forget x2": dict(schedule="paper", forget_repeats=2, retain_fraction=0.25),
+    "paper + retain 25 % + forget x4": dict(schedule="paper", forget_repeats=4, retain_fraction=0.25),
+    "paper + retain 50 % + forget x2": dict(schedule="paper", forget_repeats=2, retain_fraction=0.5),
+    "paper + last block": dict(schedule="paper", trainable="last-block"),
+    "paper + head": dict(schedule="paper", trainable="head"),
+    "fast": dict(schedule="fast"),
+    "fast + weighted retain": dict(schedule="fast", retain_sampling="weighted"),
+}
+PPU_KINDS = ("ppu", "ppu-bias")
+# Early stopping reads the "val" selection, which only PPU (privacy) makes.
+PRIVACY_ONLY = ("paper + early stop",)
+METRICS = ("seconds", "forget_error", "retain_error", "test_error", "mia")
+
+
+def run_setting(name: str, seed: int, variants: list[str], data_root: str | None) -> dict:
+    cfg = SETTINGS[name]
+    split = make_split(cfg["dataset"], data_root=data_root, scenario=cfg["scenario"],
+                       forget_class=cfg["forget_class"], seed=seed, progress=False)
+    tcfg = default_train_config(cfg["dataset"], seed)
+    torch.manual_seed(seed)
+    init = build_model(cfg["model"], split.num_classes, split.in_channels, cfg.get("width", 1.0))
+    original, _ = fit_cached(init, split.train, tcfg, progress=False, cache=True)
+    rows: dict[str, dict] = {"original": {**evaluate(original, split, seed=seed), "seconds": 0.0}}
+    runs = [("retrain", "retrain", {"config": tcfg, "init": init}),
+            ("scrub", "scrub", {"setting": cfg["scrub"]}),
+            ("scrub+r", "scrub+r", {"setting": cfg["scrub"]})]
+    runs += [(f"{kind} | {v}", kind, {**cfg["ppu"], **VARIANTS[v]}) for v in variants for kind in PPU_KINDS
+             if kind == "ppu" or v not in PRIVACY_ONLY]
+    for label, method, kw in runs:
+        res = unlearn(original, split.forget, split.retain, method=method, val=split.val, seed=seed,
+                      progress=False, **kw)
+        seconds = res.timings["train"] if method == "retrain" else res.timings["total"]
+        row = {**evaluate(res.model, split, seed=seed), "seconds": seconds}
+        if res.history:
+            row["epochs_run"] = len(res.history) - 1
+            row["selected_epoch"] = res.selected_epoch
+        rows[label] = row
+        print(f"{name} seed {seed} {label:<40} {seconds:7.2f} s  forget {row['forget_error']:6.2f}  "
+              f"retain {row['retain_error']:5.2f}  test {row['test_error']:5.2f}  MIA {row['mia']:6.2f}",
+              flush=True)
+    return {"setting": name, "seed": seed, "rows": rows, "loadavg_after": os.getloadavg()}
+
+
+def summarise(results: list[dict]) -> str:
+    """One table per setting: mean over seeds of every metric, time relative to SCRUB (bias
+    variants) and SCRUB+R (privacy variants), both measured in the same runs."""
+    out = []
+    for setting in dict.fromkeys(r["setting"] for r in results):
+        runs = [r for r in results if r["setting"] == setting]
+        labels = list(runs[0]["rows"])
+        mean = {lab: {m: statistics.fmean(r["rows"][lab][m] for r in runs) for m in METRICS}
+                for lab in labels}
+        body = []
+        for lab in labels:
+            ref = "scrub+r" if lab.startswith("ppu |") else "scrub"
+            ratio = (f"{mean[lab]['seconds'] / mean[ref]['seconds']:.2f}x {ref}"
+                     if lab.startswith("ppu") else "")
+            epochs = [r["rows"][lab].get("epochs_run") for r in runs]
+            body.append([lab, f"{mean[lab]['seconds']:.2f}", ratio,
+                         *(f"{mean[lab][m]:.2f}" for m in METRICS[1:]),
+                         "" if epochs[0] is None else "/".join(str(e) for e in epochs)])
+        out.append(f"### {setting} (means over seeds {', '.join(str(r['seed']) for r in runs)})\n")
+        out.append(markdown_table(["method | schedule", "seconds", "time vs", "forget %", "retain %",
+                                   "test %", "MIA %", "epochs run"], body))
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", default="digits-class,digits-selective,digits5")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--variants", default=";".join(VARIANTS), help="semicolon-separated")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="folder (default benchmarks/results)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    variants = args.variants.split(";")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
+    settings = args.settings.split(",")
+    data_root = args.data_root
+    if data_root is None and any(s.startswith("cifar") for s in settings):
+        data_root = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")
+    stamp = utc_now().strftime("%Y-%m-%dT%H%MZ")
+    out = Path(args.out or Path(__file__).resolve().parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**metadata("cpu"), "command": "python benchmarks/ppu_schedule.py " + " ".join(argv or sys.argv[1:]),
+            "threads": args.threads, "loadavg_start": os.getloadavg()}
+    results = []
+    t0 = time.perf_counter()
+    for setting in settings:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            results.append(run_setting(setting, seed, variants, data_root))
+            (out / f"ppu-schedule-{stamp}.json").write_text(json.dumps(
+                {"meta": meta, "variants": {v: VARIANTS[v] for v in variants}, "runs": results}, indent=1))
+    meta["wall_seconds"] = time.perf_counter() - t0
+    (out / f"ppu-schedule-{stamp}.json").write_text(json.dumps(
+        {"meta": meta, "variants": {v: VARIANTS[v] for v in variants}, "runs": results}, indent=1))
+    head = ["# PPU's fine-tuning schedule, lever by lever", "",
+            f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`; "
+            f"CPU: {meta['machine']['cpu_model']} ({meta['machine']['cpu_cores']} cores); "
+            f"torch {torch.__version__}; {args.threads} thread(s); load average at start "
+            f"{meta['loadavg_start'][0]:.1f}; wall {meta['wall_seconds']:.0f} s",
+            f"- command: `{meta['command']}`",
+            "- seconds: the method's whole call (probabilities, refine, fine-tuning, the per-epoch "
+            "evaluation its selection reads); time vs: PPU w/ uniform (ppu-bias) against SCRUB, "
+            "PPU (privacy) (ppu) against SCRUB+R, in the same runs; epochs run: per seed", ""]
+    (out / f"ppu-schedule-{stamp}.md").write_text("\n".join(head) + summarise(results) + "\n")
+    print(out / f"ppu-schedule-{stamp}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
