@@ -87,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--marginals", default=None, choices=("retain", "original"))
     r.add_argument("--select", default=None, choices=("last", "val"), help="PPU (privacy) epoch choice")
     r.add_argument("--retain-per-epoch", type=int, default=None)
+    r.add_argument("--ppu-schedule", default=None, choices=("fast", "paper"),
+                   help="PPU's fine-tuning schedule (default fast: early stop at the settled 'val' rule, "
+                        "and in bias mode a quarter of the retain rows per epoch; paper: every row, "
+                        "every epoch, as the paper runs it); also the +ppu methods' PPU step")
+    r.add_argument("--retain-fraction", type=float, default=None,
+                   help="share of the retain rows each PPU epoch visits, in (0, 1] (default: the schedule's)")
+    r.add_argument("--trainable", default=None, choices=("all", "last-block", "head"),
+                   help="which layers PPU fine-tunes (default all)")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--no-cache", action="store_true")
@@ -134,8 +142,8 @@ def _finish(result: dict, out: str, started: float, tables: bool = False, story:
         # The paper's tables (its numbers beside ours) and Figure 3, beside results.json.
         from .tables import write_tables
 
-        extra = write_tables(out, config, methods, seeds=len(result["per_seed"]))
-        print(f"wrote {extra['tables']}, {extra['figure3']}")
+        extra = write_tables(out, config, methods, seeds=len(result["per_seed"]), history=result["history"])
+        print(f"wrote {extra['tables']}, {extra['figure3']}, {extra['trajectory']}")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -174,7 +182,9 @@ def _run(args: argparse.Namespace) -> int:
     train = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
              if v is not None}
     common = {k: v for k, v in (("epochs", args.unlearn_epochs), ("lr", args.unlearn_lr),
-                                ("retain_per_epoch", args.retain_per_epoch)) if v is not None}
+                                ("retain_per_epoch", args.retain_per_epoch),
+                                ("schedule", args.ppu_schedule), ("retain_fraction", args.retain_fraction),
+                                ("trainable", args.trainable)) if v is not None}
     privacy = {k: v for k, v in (("lam", args.lam), ("pseudo", args.pseudo), ("marginals", args.marginals),
                                  ("select", args.select)) if v is not None}
     from .unlearn._loop import baseline_kwargs, expand_methods

@@ -272,16 +272,60 @@ def plot_time(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title:
     return path
 
 
+def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
+                    history: Mapping[str, Sequence[Mapping[str, Any]]] | None, path: str | Path,
+                    title: str = "") -> Path:
+    """Forget error against seconds: each method whose history records ``wall_seconds`` (PPU's
+    fine-tuning, from the original model on) as its trajectory over the epochs it ran, the selected
+    model marked; every method's final result (mean over seeds) as a point. Retrain's forget error is
+    the dashed line the privacy protocol aims at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    cmap = plt.get_cmap("tab20")
+    for i, (name, row) in enumerate(methods.items()):
+        secs, fe = row.get("seconds"), row.get("forget_error")
+        if name == "original" or secs is None or fe is None or math.isnan(float(secs)):
+            continue
+        color = cmap(i % 20)
+        rows = [h for h in (history or {}).get(name, ()) if "wall_seconds" in h and "forget_error" in h]
+        if rows:
+            ax.plot([h["wall_seconds"] for h in rows], [h["forget_error"] for h in rows], "-", lw=1,
+                    color=color, alpha=0.7)
+        marker = "s" if name.startswith("ppu") or name.endswith("+ppu") else "o"
+        ax.plot([secs], [fe], marker, color=color, ms=7, label=LABELS.get(name, name))
+    if "retrain" in methods and methods["retrain"].get("forget_error") is not None:
+        ax.axhline(float(methods["retrain"]["forget_error"]), color="grey", ls="--", lw=0.8)
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("seconds from the original model (Retrain: its training)")
+    ax.set_ylabel("forget error %")
+    ax.set_title(title or "Forget error versus time (lines: PPU's epochs, first seed)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_tables(out_dir: str | Path, config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]],
-                 *, seeds: int = 1) -> dict[str, Path]:
-    """Write ``tables.md`` and ``figure3_time.png`` into ``out_dir``; returns their paths."""
+                 *, seeds: int = 1,
+                 history: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Path]:
+    """Write ``tables.md``, ``figure3_time.png`` and ``forget_vs_seconds.png`` into ``out_dir``;
+    returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"tables": out / "tables.md", "figure3": out / "figure3_time.png"}
+    paths = {"tables": out / "tables.md", "figure3": out / "figure3_time.png",
+             "trajectory": out / "forget_vs_seconds.png"}
     paths["tables"].write_text(render(config, methods, seeds=seeds), encoding="utf-8")
     ctx = context(config)
-    plot_time(methods, paths["figure3"], title=f"Time needed for the unlearning method: {ctx['dataset']} / "
-                                                f"{ctx['model']}{' / ' + ctx['scenario'] if ctx['scenario'] else ''}")
+    where = f"{ctx['dataset']} / {ctx['model']}{' / ' + ctx['scenario'] if ctx['scenario'] else ''}"
+    plot_time(methods, paths["figure3"], title=f"Time needed for the unlearning method: {where}")
+    plot_trajectory(methods, history, paths["trajectory"],
+                    title=f"Forget error versus time: {where} (lines: PPU's epochs, first seed)")
     return paths
 
 
@@ -351,14 +395,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(args.folders) == 1 and args.out is None:
             res = load_results(args.folders[0])
             methods = {k: _nan(v) for k, v in res["methods"].items()}
-            paths = write_tables(args.folders[0], res["config"], methods, seeds=len(res.get("per_seed", [])) or 1)
+            paths = write_tables(args.folders[0], res["config"], methods,
+                                 seeds=len(res.get("per_seed", [])) or 1, history=res.get("history"))
         else:
             if args.out is None:
                 raise ValueError("--out is required when merging several folders")
             res = merge(args.folders)
             methods = summarize(res["per_seed"])
             write_results(args.out, res["config"], methods, per_seed=res["per_seed"], history=res["history"])
-            paths = write_tables(args.out, res["config"], methods, seeds=len(res["per_seed"]))
+            paths = write_tables(args.out, res["config"], methods, seeds=len(res["per_seed"]),
+                                 history=res["history"])
     except (ValueError, FileNotFoundError) as exc:
         print(f"ppu_fast.tables: error: {exc}", file=sys.stderr)
         return 2

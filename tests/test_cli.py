@@ -117,6 +117,25 @@ def test_run_over_seeds_reports_mean_and_std(tmp_path):
     assert res["config"]["method_options"]["ppu"] == {"epochs": "1"}
 
 
+def test_run_passes_the_ppu_schedule_to_ppu_and_the_ppu_steps(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.5", "--methods",
+                 "original,ppu-bias,finetune+ppu", "--seeds", "1", "--epochs", "1", "--unlearn-epochs", "1",
+                 "--ppu-schedule", "paper", "--retain-fraction", "0.5", "--trainable", "head",
+                 "--threads", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    opts = res["config"]["method_options"]
+    assert opts["ppu-bias"] == {"epochs": "1", "schedule": "paper", "retain_fraction": "0.5",
+                                "trainable": "head"}
+    assert "'schedule': 'paper'" in opts["finetune+ppu"]["ppu_options"]
+    assert (out / "forget_vs_seconds.png").is_file() and (out / "figure3_time.png").is_file()
+    assert main(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.5", "--methods",
+                 "ppu-bias", "--epochs", "1", "--retain-fraction", "1.5", "--threads", "1",
+                 "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "retain_fraction must be a number in (0, 1]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("ext", [".npy", ".pt"])
 def test_refine_on_files(tmp_path, ext, capsys):
     g = torch.Generator().manual_seed(0)

@@ -140,8 +140,36 @@ def test_write_tables_and_figure3(tmp_path):
     assert md.count("\n### ") == 5 and "mean ± std over 3 seeds" in md
     assert paths["figure3"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_time({"original": {"seconds": 0.0, "std": {}}}, tmp_path / "one.png").is_file()
+    assert paths["trajectory"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     one = render(cfg, fake_methods(with_std=False), seeds=1)
     assert "±" not in one.split("### Table 3")[1].split("###")[0]
+
+
+def test_forget_error_versus_seconds_plot(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        drawn.append((list(args[0]), list(args[1]), kwargs.get("label")))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    methods = {"original": {"seconds": 0.0, "forget_error": 0.0},
+               "scrub": {"seconds": 4.0, "forget_error": 20.0},
+               "ppu": {"seconds": 1.5, "forget_error": 40.0}}
+    history = {"ppu": [{"epoch": 0, "wall_seconds": 0.2, "forget_error": 0.0},
+                       {"epoch": 1, "wall_seconds": 0.9, "forget_error": 30.0},
+                       {"epoch": 2, "wall_seconds": 1.5, "forget_error": 40.0}],
+               "scrub": [{"epoch": 1, "loss": 0.3}]}  # no wall_seconds: a point only
+    from ppu_fast.tables import plot_trajectory
+
+    assert plot_trajectory(methods, history, tmp_path / "t.png").is_file()
+    lines = [d for d in drawn if d[2] is None]
+    points = {d[2]: (d[0][0], d[1][0]) for d in drawn if d[2] is not None}
+    assert lines == [([0.2, 0.9, 1.5], [0.0, 30.0, 40.0], None)]
+    assert points == {"SCRUB": (4.0, 20.0), "PPU": (1.5, 40.0)}
 
 
 def test_merge_seeds(tmp_path):
