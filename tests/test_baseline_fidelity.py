@@ -264,3 +264,39 @@ def test_fk_schedule_is_scrubs_adjust_learning_rate():
     assert got[16:21] == pytest.approx([5e-6] * 5)
     assert got[21:] == pytest.approx([5e-7] * 9)
     assert fk_lr(0.01, [10, 15, 20], 0.1, None)(12) == pytest.approx(1e-3)
+
+
+# ------------------------------------------------------------------------------------------- Fisher
+def test_fisher_variance_is_scrubs_get_mean_var():
+    from ppu_fast.unlearn.fisher import mean_var
+
+    alpha = 1e-6
+    # a kernel (2 output rows): 1 / F capped at 1e3, then averaged over the input dimension
+    p = torch.ones(2, 3)
+    F = torch.tensor([[1e-9, 1e-2, 1.0], [1e-1, 1e-1, 1e-1]])
+    mu, var = mean_var(p, F, alpha=alpha, is_head=False)
+    row0 = alpha * (1e3 + 1 / (1e-2 + 1e-8) + 1 / (1 + 1e-8)) / 3
+    row1 = alpha / (1e-1 + 1e-8)
+    assert torch.equal(mu, p)
+    assert torch.allclose(var, torch.tensor([[row0] * 3, [row1] * 3]), rtol=1e-5)
+    # 1-D parameters (BatchNorm, biases): times 10
+    _, var1 = mean_var(torch.ones(2), torch.tensor([1e-9, 1.0]), alpha=alpha, is_head=False)
+    assert torch.allclose(var1, torch.tensor([10 * alpha * 1e3, 10 * alpha / (1 + 1e-8)]), rtol=1e-5)
+    # the classifier: cap 1e2, times 10; forgotten class rows: mean 0, variance 1e-4 times 10
+    mu_h, var_h = mean_var(torch.ones(3, 2), torch.full((3, 2), 1e-9), alpha=alpha, is_head=True,
+                           forget_rows=[1])
+    assert torch.allclose(var_h[0], torch.full((2,), 10 * alpha * 1e2), rtol=1e-5)
+    assert torch.equal(mu_h[1], torch.zeros(2)) and torch.allclose(var_h[1], torch.full((2,), 1e-3))
+
+
+def test_fisher_reports_the_share_of_capped_weights(tiny):
+    _, forget, retain, _, model = tiny
+    from ppu_fast.unlearn.fisher import diagonal_fisher
+
+    res = unlearn(model, forget, retain, method="fisher", setting="small", progress=False)
+    fisher = diagonal_fisher(copy.deepcopy(model), retain, device=torch.device("cpu"))
+    cap = {k: (1e-2 if k.startswith("classifier.") else 1e-3) for k in fisher}
+    capped = sum(int((f + 1e-8 <= cap[k]).sum()) for k, f in fisher.items())
+    total = sum(f.numel() for f in fisher.values())
+    assert 0 < capped < total
+    assert res.options["capped_fraction"] == pytest.approx(capped / total)
