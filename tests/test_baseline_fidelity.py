@@ -27,7 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL_NB = "small_scale_unlearning.ipynb"
 LARGE_NB = "large_scale_unlearning.ipynb"
 BADT_NB = "BadT_experiments.ipynb"
-HELPER = f"{SMALL_NB} 'Finetune and Fisher Helper' (finetune / negative_grad / fk_fientune, run_train_epoch, l2_penalty)"
+HELPER = (f"{SMALL_NB} 'Finetune and Fisher Helper' (finetune / negative_grad / fk_fientune, "
+          f"run_train_epoch, l2_penalty)")
 LARGE = ("selective", "class")
 
 # (method, settings, {option: SCRUB's value}, source)
@@ -139,7 +140,8 @@ def used(tiny):
 def test_option_equals_scrubs(used, method, setting, option, value, source):
     got = used(method, setting)
     assert option in got, f"{method} does not report {option!r} (SCRUB: {value}, {source})"
-    assert got[option] == value, f"{method} [{setting}] {option} = {got[option]!r}, SCRUB's {value!r} ({source})"
+    assert got[option] == value, \
+        f"{method} [{setting}] {option} = {got[option]!r}, SCRUB's {value!r} ({source})"
 
 
 def test_every_baseline_has_rows():
