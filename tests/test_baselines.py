@@ -91,7 +91,9 @@ def test_frozen_layers_stay_bit_identical(setup, name):
     res = run(model, split, name, epochs=2)
     before, after = state(model), state(res.model)
     inside = [k for k in before if any(k.startswith(t + ".") for t in trained)]
-    outside = [k for k in before if k not in inside]
+    # EU-k also puts the classifier back to its initial weights (SCRUB's ALL-CNN rule), untrained
+    reset = [k for k in before if k.startswith("classifier.")] if name == "eu-k" else []
+    outside = [k for k in before if k not in inside and k not in reset]
     assert inside and outside
     # parameters and BatchNorm statistics outside the block: untouched
     assert same(before, after, outside)
@@ -153,9 +155,10 @@ def test_distill_kl_is_scrubs():
     assert distill_kl(t, t, 2.0) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_scrub_r_rewinds_to_the_closest_epoch(setup):
+def test_scrub_r_keeps_the_closest_epoch_rule_as_an_option(setup):
     split, model = setup
-    res = run(model, split, "scrub+r", epochs=3)
+    res = run(model, split, "scrub+r", epochs=3, rewind="closest")
+    assert res.options["rewind"] == "closest"
     gaps = {h["epoch"]: abs(h["forget_error"] - h["val_error"]) for h in res.history[1:]}
     assert res.selected_epoch == min(gaps, key=lambda e: (gaps[e], e))
     assert error(res.model, split.forget) == pytest.approx(res.history[res.selected_epoch]["forget_error"])
@@ -165,7 +168,10 @@ def test_scrub_r_rewinds_to_the_closest_epoch(setup):
 
 def test_neggrad_ascends_on_the_forget_set(setup):
     split, model = setup
-    res = run(model, split, "neggrad+", alpha=0.5, epochs=2)
+    # SCRUB's small-scale steps are gentle (no momentum, 4 batches an epoch): the mechanism is checked
+    # with our earlier options
+    res = run(model, split, "neggrad+", alpha=0.5, epochs=2, momentum=0.9, weight_decay=5e-4,
+              batch_size=64, forget_batch_size=64, l2_pull=0.0, mode="train")
     assert losses(res.model, split.forget).mean() > losses(model, split.forget).mean() + 1.0
 
 

@@ -152,6 +152,8 @@ def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, momentu
         raise ValueError(f"lr must be positive, got {lr}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
@@ -170,21 +172,46 @@ class LoopResult:
     seconds: float = 0.0
 
 
+MODES = ("train", "train-all", "eval")
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` checked against :data:`MODES` (see :func:`run_loop`)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def set_mode(model: nn.Module, mode: str, frozen: Sequence[nn.Module] = ()) -> None:
+    """Put ``model`` in the training-time ``mode`` of :func:`run_loop`."""
+    if mode == "eval":
+        model.eval()
+        return
+    model.train()
+    if mode == "train":
+        for m in frozen:
+            m.eval()
+
+
 def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer, *, epochs: int,
              device: torch.device, lr_at: Callable[[int], float] | None = None,
              evaluate: Callable[[nn.Module], dict] | None = None, keep_checkpoints: bool = False,
-             progress: bool = True, desc: str = "unlearn") -> LoopResult:
+             progress: bool = True, desc: str = "unlearn", mode: str = "train") -> LoopResult:
     """Train ``model`` in place for ``epochs`` epochs.
 
     Each epoch (1-based) sets the learning rate to ``lr_at(epoch)`` when given, then runs the passes
     that ``passes(epoch)`` lists, in order: for every batch (a tuple of tensors, moved to ``device``)
-    ``loss = loss_fn(model, batch)``, backward, optimiser step. Modules whose parameters are all frozen
-    stay in eval mode. ``evaluate`` (eval mode, before the first epoch and after each) and
-    ``keep_checkpoints`` serve the rewinding of SCRUB+R."""
+    ``loss = loss_fn(model, batch)``, backward, optimiser step. ``mode`` is the module mode during the
+    steps: ``"train"`` (modules whose parameters are all frozen stay in eval mode, so their BatchNorm
+    statistics do not move), ``"train-all"`` (every module in train mode, frozen ones included, as
+    SCRUB's ``train_vanilla``), ``"eval"`` (BatchNorm uses and keeps its running statistics, as
+    SCRUB's small-scale ``run_train_epoch``). ``evaluate`` (eval mode, before the first epoch and after
+    each) and ``keep_checkpoints`` serve the rewinding of SCRUB+R."""
     from tqdm.auto import tqdm
 
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    check_mode(mode)
     model.to(device)
     frozen = frozen_modules(model)
     result = LoopResult()
@@ -203,9 +230,7 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch)
-        model.train()
-        for m in frozen:
-            m.eval()
+        set_mode(model, mode, frozen)
         losses: dict[str, float] = {}
         for j, (batches, loss_fn) in enumerate(passes(epoch)):
             total, count = 0.0, 0
@@ -231,6 +256,44 @@ def milestone_lr(base: float, milestones: Sequence[int], decay: float) -> Callab
     """SCRUB's ``adjust_learning_rate``: ``base * decay ** (number of milestones below epoch)``."""
     marks = sorted(int(m) for m in milestones)
     return lambda epoch: base * decay ** sum(epoch > m for m in marks)
+
+
+def fk_lr(lr: float, milestones: Sequence[int], decay: float,
+          decayed_base: float | None) -> Callable[[int], float]:
+    """The schedule of SCRUB's ``fk_fientune`` (CF-k, EU-k; small_scale_unlearning.ipynb, "Finetune
+    and Fisher Helper"), 1-based epochs: ``lr`` until an epoch passes a milestone, then
+    ``decayed_base * decay ** (milestones passed)``. SCRUB's loop counts epochs from 0 and its
+    ``adjust_learning_rate`` decays ``args.sgda_learning_rate`` (SCRUB's own lr, 5e-4), not the
+    CF-k / EU-k lr: so with milestones [10, 15, 20] EU-k's 30 epochs run 11 at 0.01, then 5e-5, 5e-6,
+    5e-7. ``decayed_base=None`` decays ``lr`` itself instead."""
+    marks = sorted(int(m) for m in milestones)
+    base = lr if decayed_base is None else decayed_base
+
+    def at(epoch: int) -> float:
+        steps = sum(epoch - 1 > m for m in marks)
+        return lr if steps == 0 else base * decay ** steps
+
+    return at
+
+
+def l2_pull(model: nn.Module, weight: float) -> Callable[[nn.Module], torch.Tensor]:
+    """SCRUB's ``l2_penalty`` as a closure: ``weight / 2 * sum ||p - p0||^2`` over the parameters
+    that are trainable now, ``p0`` their values now. SCRUB's small-scale baselines add it to the loss
+    with ``weight = args.weight_decay = 0.1`` (small_scale_unlearning.ipynb, "Finetune and Fisher
+    Helper"), which pulls them back toward the model they started from, where plain weight decay would
+    pull toward zero."""
+    if not weight >= 0:
+        raise ValueError(f"l2 pull weight must be >= 0, got {weight}")
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def penalty(m: nn.Module) -> torch.Tensor:
+        terms = [(p - anchor[n].to(p.device)).pow(2).sum() for n, p in m.named_parameters()
+                 if n in anchor and p.requires_grad]
+        if weight == 0 or not terms:
+            return torch.zeros((), device=next(m.parameters()).device)
+        return weight / 2.0 * torch.stack(terms).sum()
+
+    return penalty
 
 
 # ------------------------------------------------------------------------------ experiment presets

@@ -1,6 +1,6 @@
 """Bad-T (Chundawat et al. 2023, "bad teaching"): distil into the model from two teachers, the original
 model on retain examples and a randomly initialised copy (the incompetent teacher) on forget
-examples, with KL at temperature T."""
+examples, with KL at temperature T; by default as SCRUB's code runs it."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +14,20 @@ from torch.utils.data import ConcatDataset, Dataset
 from ..models import reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, sample, working_copy
-from ._loop import loader, make_optimizer, run_loop
+from ._loop import loader, make_optimizer, paired, run_loop
+from .scrub import distill_kl
+
+VARIANTS = ("scrub", "chundawat")
+# variant "scrub": BadT_experiments.ipynb, ``badt(gteacher, bteacher, student)`` (Adam, bt_learning_rate
+# 1e-3, bt_weight_decay 5e-4, bt_kd_T 4, bt_alpha = bt_beta = 1, one epoch) with the loaders of its
+# per-seed cell (retain_bs 128, forget_bs 512, the whole retain set) and loops.py ``train_bad_teacher``.
+# SCRUB has Bad-T at large scale only; the same values serve every setting.
+# variant "chundawat": our earlier reading of Chundawat et al. (30 % of retain mixed with forget in
+# batches of 256, KL without the T^2 factor, no weight decay).
+PRESETS = {"scrub": {"batch_size": 128, "forget_batch_size": 512, "retain_fraction": 1.0,
+                     "weight_decay": 5e-4},
+           "chundawat": {"batch_size": 256, "forget_batch_size": None, "retain_fraction": 0.3,
+                         "weight_decay": 0.0}}
 
 
 class _Flagged(Dataset):
@@ -35,11 +48,32 @@ class _Flagged(Dataset):
 def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                 seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                 progress: bool = True, epochs: int = 1, lr: float = 1e-3, temperature: float = 4.0,
-                batch_size: int = 256, retain_fraction: float = 0.3) -> UnlearnResult:
-    """Adam at ``lr`` for ``epochs`` over forget plus a seeded ``retain_fraction`` of retain
-    (Chundawat et al. distil on 30 % of it); the target of each example is the softmax at
-    ``temperature`` of the bad teacher (forget) or of the original model (retain); the loss is
-    KL(target || softmax(student / T)), mean over the batch."""
+                batch_size: int | None = None, retain_fraction: float | None = None,
+                variant: str = "scrub", forget_batch_size: int | None = None,
+                weight_decay: float | None = None, alpha: float = 1.0,
+                beta: float = 1.0) -> UnlearnResult:
+    """Adam at ``lr`` for ``epochs``, student in train mode, teachers in eval mode.
+
+    ``variant="scrub"`` (default) follows SCRUB's BadT_experiments.ipynb ``badt`` and loops.py
+    ``train_bad_teacher``: each retain batch (``batch_size`` 128) is paired with the next batch of a
+    cycled forget loader (``forget_batch_size`` 512); the loss is ``alpha * KL_T(student, original)``
+    on the retain batch plus ``beta * KL_T(student, bad teacher)`` on the forget batch, SCRUB's
+    ``DistillKL`` (scaled by T^2); Adam with ``weight_decay`` 5e-4; the whole retain set
+    (``retain_fraction`` 1). ``variant="chundawat"`` is our earlier layout: forget plus a seeded
+    ``retain_fraction`` (0.3) of retain, shuffled together in batches of 256, each example's target the
+    softmax at ``temperature`` of its teacher, KL mean over the batch, no weight decay.
+    Options left at None take the variant's value."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    preset = PRESETS[variant]
+    batch_size = preset["batch_size"] if batch_size is None else batch_size
+    retain_fraction = preset["retain_fraction"] if retain_fraction is None else retain_fraction
+    weight_decay = preset["weight_decay"] if weight_decay is None else weight_decay
+    if variant == "scrub":
+        forget_batch_size = preset["forget_batch_size"] if forget_batch_size is None else forget_batch_size
+    elif forget_batch_size is not None:
+        raise ValueError("forget_batch_size applies to variant='scrub' only (the chundawat variant mixes "
+                         "forget and retain examples in one batch)")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if not 0.0 < retain_fraction <= 1.0:
@@ -48,23 +82,45 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     work = working_copy(model, inplace, device).to(dev)
     good = copy.deepcopy(work).eval()
     bad = reset_parameters(copy.deepcopy(work), seed).to(dev).eval()
+    for p in list(good.parameters()) + list(bad.parameters()):
+        p.requires_grad_(False)
     kept = sample(retain, max(1, int(round(retain_fraction * len(retain)))), seed)
-    data = ConcatDataset([_Flagged(forget, 1), _Flagged(kept, 0)])
-    batches = loader(data, batch_size, seed)
+    T = float(temperature)
 
-    def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:
-        x, _, flag = batch
-        with torch.no_grad():
-            good_p = F.softmax(good(x) / temperature, dim=1)
-            bad_p = F.softmax(bad(x) / temperature, dim=1)
-            target = flag[:, None] * bad_p + (1.0 - flag[:, None]) * good_p
-        return F.kl_div(F.log_softmax(m(x) / temperature, dim=1), target, reduction="batchmean")
+    if variant == "scrub":
+        retain_batches = loader(kept, batch_size, seed)
+        forget_batches = loader(forget, forget_batch_size, seed + 1)
+        batches = None
+
+        def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:
+            xr, _, xf, _ = batch
+            with torch.no_grad():
+                t_good, t_bad = good(xr), bad(xf)
+            return alpha * distill_kl(m(xr), t_good, T) + beta * distill_kl(m(xf), t_bad, T)
+
+        def passes(epoch: int) -> list:
+            return [(paired(retain_batches, forget_batches), loss_fn)]
+    else:
+        batches = loader(ConcatDataset([_Flagged(forget, 1), _Flagged(kept, 0)]), batch_size, seed)
+
+        def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:
+            x, _, flag = batch
+            with torch.no_grad():
+                good_p = F.softmax(good(x) / T, dim=1)
+                bad_p = F.softmax(bad(x) / T, dim=1)
+                target = flag[:, None] * bad_p + (1.0 - flag[:, None]) * good_p
+            return F.kl_div(F.log_softmax(m(x) / T, dim=1), target, reduction="batchmean")
+
+        def passes(epoch: int) -> list:
+            return [(batches, loss_fn)]
 
     torch.manual_seed(seed)
-    opt = make_optimizer(work.parameters(), "adam", lr)
+    opt = make_optimizer(work.parameters(), "adam", lr, weight_decay=weight_decay)
     t0 = time.perf_counter()
-    run_loop(work, lambda epoch: [(batches, loss_fn)], opt, epochs=epochs, device=dev, progress=progress,
-             desc="bad-t")
-    return UnlearnResult(work, "bad-t", timings={"train": time.perf_counter() - t0},
-                         options={"epochs": epochs, "lr": lr, "temperature": temperature,
-                                  "batch_size": batch_size, "retain_fraction": retain_fraction})
+    run_loop(work, passes, opt, epochs=epochs, device=dev, progress=progress, desc="bad-t")
+    options = {"variant": variant, "epochs": epochs, "lr": lr, "temperature": temperature,
+               "batch_size": batch_size, "retain_fraction": retain_fraction,
+               "weight_decay": weight_decay, "optimizer": "adam"}
+    if variant == "scrub":
+        options.update(forget_batch_size=forget_batch_size, alpha=alpha, beta=beta)
+    return UnlearnResult(work, "bad-t", timings={"train": time.perf_counter() - t0}, options=options)

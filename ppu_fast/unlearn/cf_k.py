@@ -1,6 +1,5 @@
 """CF-k (Goel et al. 2022, "catastrophic forgetting of the last k layers"): freeze everything but the
-last block and fine-tune that block on the retain set. Nothing outside the block changes, BatchNorm
-statistics included (frozen modules stay in eval mode)."""
+last block and fine-tune that block on the retain set, as SCRUB's ``fk_fientune`` runs it."""
 from __future__ import annotations
 
 import time
@@ -13,7 +12,35 @@ from torch.utils.data import Dataset
 
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
-from ._loop import freeze_all_but, last_block, loader, make_optimizer, run_loop
+from ._loop import (check_mode, fk_lr, freeze_all_but, last_block, loader, make_optimizer, pick,
+                    resolve_setting, run_loop)
+from ._loop import l2_pull as make_l2_pull
+
+# SCRUB's code. Small scale: small_scale_unlearning.ipynb, cells "Catastrophic Forgetting k layers"
+# (cfk_lr 0.01, cfk_epochs 10, lr_decay_epochs [10, 15, 20]) and "Finetune and Fisher Helper"
+# (``fk_fientune``: SGD without momentum or weight decay, ``sgda_adjust_learning_rate`` each epoch,
+# ``run_train_epoch``: eval mode plus ``l2_penalty`` of weight args.weight_decay = 0.1 over the
+# trainable parameters), retain batches of 128 ("Finetune"). Large scale: BadT_experiments.ipynb
+# ``cfk_unlearn`` (cfk_bs 64; its ``fk_fientune`` calls loops.py ``train_vanilla``: the whole model in
+# train mode, frozen blocks' BatchNorm statistics included, no penalty).
+_SMALL = {"epochs": 10, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.1,
+          "batch_size": 128, "mode": "eval", "lr_milestones": (10, 15, 20), "lr_decay": 0.1,
+          "lr_decayed_base": 5e-4}
+_LARGE = {**_SMALL, "l2_pull": 0.0, "batch_size": 64, "mode": "train-all"}
+PRESETS = {"small": _SMALL, "selective": _LARGE, "class": _LARGE}
+
+
+def resolve_block_options(setting: str, presets: dict, given: dict) -> dict:
+    """The hyper-parameters of CF-k / EU-k: ``given`` where not None, else ``presets[setting]``;
+    checked; tuples as lists (so that ``UnlearnResult.options`` reads like the presets)."""
+    hp = {k: pick(v, presets[setting], k) for k, v in given.items()}
+    check_mode(str(hp["mode"]))
+    if not hp["lr_decay"] > 0:
+        raise ValueError(f"lr_decay must be positive, got {hp['lr_decay']}")
+    if hp["lr_decayed_base"] is not None and not hp["lr_decayed_base"] > 0:
+        raise ValueError(f"lr_decayed_base must be positive or None, got {hp['lr_decayed_base']}")
+    hp["lr_milestones"] = [int(m) for m in hp["lr_milestones"]]
+    return hp
 
 
 def _cross_entropy(m: nn.Module, batch: tuple) -> torch.Tensor:
@@ -23,18 +50,28 @@ def _cross_entropy(m: nn.Module, batch: tuple) -> torch.Tensor:
 
 def train_block(work: nn.Module, retain: Dataset, layers: Sequence[str], *, epochs: int, lr: float,
                 momentum: float, weight_decay: float, batch_size: int, seed: int, device: torch.device,
-                progress: bool, desc: str) -> float:
-    """Cross-entropy SGD on ``retain`` of the modules ``layers`` of ``work`` alone (in place); the
-    shared part of CF-k and EU-k. Returns the training seconds. Gradients are switched back on
-    afterwards, so the returned model is an ordinary trainable model."""
+                progress: bool, desc: str, l2_pull: float = 0.0, mode: str = "train",
+                lr_milestones: Sequence[int] = (), lr_decay: float = 0.1,
+                lr_decayed_base: float | None = None) -> float:
+    """Cross-entropy SGD on ``retain`` of the modules ``layers`` of ``work`` alone (in place), plus
+    an L2 pull of weight ``l2_pull`` toward the block's weights at the start; the shared part of CF-k
+    and EU-k. The schedule is :func:`~ppu_fast.unlearn._loop.fk_lr`, ``mode`` that of
+    :func:`~ppu_fast.unlearn._loop.run_loop`. Returns the training seconds. Gradients are switched
+    back on afterwards, so the returned model is an ordinary trainable model."""
     freeze_all_but(work, layers)
     try:
         torch.manual_seed(seed)
         opt = make_optimizer(work.parameters(), "sgd", lr, momentum, weight_decay)
         batches = loader(retain, batch_size, seed)
+        penalty = make_l2_pull(work, l2_pull)
+
+        def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:
+            return _cross_entropy(m, batch) + penalty(m)
+
         t0 = time.perf_counter()
-        run_loop(work, lambda epoch: [(batches, _cross_entropy)], opt, epochs=epochs, device=device,
-                 progress=progress, desc=desc)
+        run_loop(work, lambda epoch: [(batches, loss_fn)], opt, epochs=epochs, device=device,
+                 lr_at=fk_lr(lr, lr_milestones, lr_decay, lr_decayed_base), progress=progress,
+                 desc=desc, mode=mode)
         return time.perf_counter() - t0
     finally:
         for p in work.parameters():
@@ -44,15 +81,32 @@ def train_block(work: nn.Module, retain: Dataset, layers: Sequence[str], *, epoc
 @register("cf-k")
 def cf_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None, seed: int = 0,
          device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,
-         layers: Sequence[str] | None = None, epochs: int = 10, lr: float = 0.01, momentum: float = 0.9,
-         weight_decay: float = 5e-4, batch_size: int = 64) -> UnlearnResult:
+         layers: Sequence[str] | None = None, setting: str = "auto", epochs: int | None = None,
+         lr: float | None = None, momentum: float | None = None, weight_decay: float | None = None,
+         batch_size: int | None = None, l2_pull: float | None = None, mode: str | None = None,
+         lr_milestones: Sequence[int] | None = None, lr_decay: float | None = None,
+         lr_decayed_base: float | None = None) -> UnlearnResult:
     """Fine-tune only ``layers`` (module names; default :func:`~ppu_fast.unlearn._loop.last_block`:
-    ALL-CNN's 1x1 conv block, ResNet-18's ``layer4``) on ``retain`` with SGD (SCRUB: 10 epochs,
-    lr 0.01). ``forget`` and ``val`` are not used beyond the common checks."""
+    ALL-CNN's 1x1 conv block, ResNet-18's ``layer4``; the classifier stays frozen, as in SCRUB) on
+    ``retain``, as SCRUB's CF-k (small_scale_unlearning.ipynb "Catastrophic Forgetting k layers" with
+    ``fk_fientune`` from "Finetune and Fisher Helper"; large scale BadT_experiments.ipynb
+    ``cfk_unlearn``).
+
+    ``setting`` (see :func:`ppu_fast.unlearn._loop.infer_setting`) fills the options left at None:
+    10 epochs of SGD at lr 0.01, no momentum, no weight decay, SCRUB's milestones [10, 15, 20] (which
+    10 epochs never pass); small scale: batches of 128, eval mode and an L2 pull of weight 0.1 toward
+    the starting weights; large scale: batches of 64, ``mode="train-all"`` (the frozen blocks'
+    BatchNorm statistics move, as in SCRUB's ``train_vanilla``; ``mode="train"`` keeps everything
+    outside ``layers`` bit-identical), no pull. ``forget`` and ``val`` are not used beyond the common
+    checks."""
+    setting = resolve_setting(setting, forget, retain)
+    hp = resolve_block_options(setting, PRESETS, {
+        "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+        "batch_size": batch_size, "l2_pull": l2_pull, "mode": mode, "lr_milestones": lr_milestones,
+        "lr_decay": lr_decay, "lr_decayed_base": lr_decayed_base})
     work = working_copy(model, inplace, device)
     layers = list(layers) if layers is not None else last_block(work)
-    seconds = train_block(work, retain, layers, epochs=epochs, lr=lr, momentum=momentum,
-                          weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                          device=resolve_device(model, device), progress=progress, desc="cf-k")
+    seconds = train_block(work, retain, layers, seed=seed, device=resolve_device(model, device),
+                          progress=progress, desc="cf-k", **hp)
     return UnlearnResult(work, "cf-k", timings={"train": seconds},
-                         options={"layers": layers, "epochs": epochs, "lr": lr, "batch_size": batch_size})
+                         options={"setting": setting, "layers": layers, **hp})

@@ -1,45 +1,102 @@
-"""EU-k (Goel et al. 2022, "exact unlearning of the last k layers"): re-initialise the last block and
-train it from scratch on the retain set, everything else frozen (as CF-k, whose training it reuses)."""
+"""EU-k (Goel et al. 2022, "exact unlearning of the last k layers"): put the last block back to its
+initial weights and train it on the retain set, everything else frozen (as CF-k, whose training it
+reuses), as SCRUB's code runs it."""
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..models import AllCNN, SmallCNN, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
-from ._loop import last_block, modules_named, pick, resolve_setting
-from .cf_k import train_block
+from ._loop import last_block, modules_named, resolve_setting
+from .cf_k import resolve_block_options, train_block
 
-PRESETS = {"small": {"epochs": 30}, "selective": {"epochs": 25}, "class": {"epochs": 25}}
+# SCRUB's code: as CF-k (see cf_k.py) with euk_epochs = training_epochs, 30 at small scale
+# (small_scale_unlearning.ipynb "Exact Unlearning k layers", "Logs") and 25 at large scale
+# (BadT_experiments.ipynb ``euk_unlearn``, euk_bs 64). The schedule matters here: SCRUB's
+# ``adjust_learning_rate`` drops the lr to args.sgda_learning_rate * 0.1 = 5e-5 after epoch 10.
+_SMALL = {"epochs": 30, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.1,
+          "batch_size": 128, "mode": "eval", "lr_milestones": (10, 15, 20), "lr_decay": 0.1,
+          "lr_decayed_base": 5e-4}
+_LARGE = {**_SMALL, "epochs": 25, "l2_pull": 0.0, "batch_size": 64, "mode": "train-all"}
+PRESETS = {"small": _SMALL, "selective": _LARGE, "class": _LARGE}
+
+
+def default_reset(model: nn.Module) -> list[str]:
+    """The modules whose weights SCRUB's EU-k puts back to their initial values: the last block and,
+    for ALL-CNN, the classifier (which then stays frozen: SCRUB trains the block alone); ResNet-18's
+    ``layer4`` alone. Our small CNN has ALL-CNN's layout and follows its rule."""
+    block = last_block(model)
+    if isinstance(model, (AllCNN, SmallCNN)):
+        return block + ["classifier"]
+    return block
+
+
+def copy_initial(work: nn.Module, init_state: dict[str, torch.Tensor], names: Sequence[str]) -> None:
+    """Copy the parameters (not the BatchNorm statistics, as SCRUB copies only ``weight`` and
+    ``bias``) of the modules ``names`` from ``init_state`` into ``work``."""
+    with torch.no_grad():
+        for name, module in zip(names, modules_named(work, names, arg="reset")):
+            for pname, p in module.named_parameters():
+                key = f"{name}.{pname}"
+                if key not in init_state:
+                    raise ValueError(f"init has no entry {key!r}: it must be a state dict (or model) of "
+                                     f"the same architecture as model")
+                src = init_state[key]
+                if tuple(src.shape) != tuple(p.shape):
+                    raise ValueError(f"init[{key!r}] has shape {tuple(src.shape)}, the model's parameter "
+                                     f"{tuple(p.shape)}: init must be of the same architecture")
+                p.copy_(src.to(p.device, p.dtype))
 
 
 @register("eu-k")
 def eu_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None, seed: int = 0,
          device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,
          setting: str = "auto", layers: Sequence[str] | None = None, epochs: int | None = None,
-         lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
-         batch_size: int = 64) -> UnlearnResult:
-    """Re-initialise ``layers`` (default: the last block, as CF-k) with ``seed`` and train them on
-    ``retain`` with SGD at ``lr``; ``epochs`` defaults to the setting's (SCRUB: 30 small scale, 25
-    large scale)."""
+         lr: float | None = None, momentum: float | None = None, weight_decay: float | None = None,
+         batch_size: int | None = None, init: nn.Module | dict | None = None,
+         reset: Sequence[str] | None = None, l2_pull: float | None = None, mode: str | None = None,
+         lr_milestones: Sequence[int] | None = None, lr_decay: float | None = None,
+         lr_decayed_base: float | None = None) -> UnlearnResult:
+    """EU-k as SCRUB's code runs it (small_scale_unlearning.ipynb "Exact Unlearning k layers" with
+    ``fk_fientune`` from "Finetune and Fisher Helper"; large scale BadT_experiments.ipynb
+    ``euk_unlearn``): the parameters of the modules ``reset`` (default :func:`default_reset`) are
+    copied from ``init``, the weights the original model's training started from (a model or state
+    dict of the same architecture; ``ppu-fast run`` passes them), then ``layers`` (default the last
+    block, as CF-k) are trained on ``retain`` with an L2 pull toward those initial weights at small
+    scale. Without ``init`` the copied weights are a fresh initialisation drawn with ``seed``
+    (``options["init"] == "random"``), our earlier behaviour.
+
+    ``setting`` (see :func:`ppu_fast.unlearn._loop.infer_setting`) fills the options left at None:
+    SGD at lr 0.01 without momentum or weight decay, 30 epochs at small scale (batches of 128, eval
+    mode, pull 0.1) and 25 at large scale (batches of 64, ``mode="train-all"``, no pull); after epoch
+    10 the lr follows SCRUB's ``adjust_learning_rate`` (see :func:`~ppu_fast.unlearn._loop.fk_lr`):
+    5e-5, then 5e-6 after 15, 5e-7 after 20."""
     setting = resolve_setting(setting, forget, retain)
-    epochs = int(pick(epochs, PRESETS[setting], "epochs"))
+    hp = resolve_block_options(setting, PRESETS, {
+        "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+        "batch_size": batch_size, "l2_pull": l2_pull, "mode": mode, "lr_milestones": lr_milestones,
+        "lr_decay": lr_decay, "lr_decayed_base": lr_decayed_base})
     work = working_copy(model, inplace, device)
     layers = list(layers) if layers is not None else last_block(work)
-    # Seeded here, so that the seed alone fixes the new weights.
-    torch.manual_seed(seed)
-    for block in modules_named(work, layers):
-        for m in block.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-            if hasattr(m, "reset_running_stats"):
-                m.reset_running_stats()
-    seconds = train_block(work, retain, layers, epochs=epochs, lr=lr, momentum=momentum,
-                          weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                          device=resolve_device(model, device), progress=progress, desc="eu-k")
+    reset = list(reset) if reset is not None else default_reset(work)
+    if isinstance(init, nn.Module):
+        init_state, source = init.state_dict(), "given"
+    elif isinstance(init, dict):
+        init_state, source = init, "given"
+    elif init is None:
+        # Seeded, so that the seed alone fixes the new weights.
+        init_state, source = reset_parameters(copy.deepcopy(work), seed).state_dict(), "random"
+    else:
+        raise TypeError(f"init must be a torch.nn.Module, a state dict or None, got {type(init).__name__}")
+    copy_initial(work, init_state, reset)
+    seconds = train_block(work, retain, layers, seed=seed, device=resolve_device(model, device),
+                          progress=progress, desc="eu-k", **hp)
     return UnlearnResult(work, "eu-k", timings={"train": seconds},
-                         options={"setting": setting, "layers": layers, "epochs": epochs, "lr": lr,
-                                  "batch_size": batch_size})
+                         options={"setting": setting, "layers": layers, "reset": reset, "init": source,
+                                  **hp})

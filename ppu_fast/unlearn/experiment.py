@@ -96,6 +96,9 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
             if name == "retrain":
                 # Same initial weights and recipe as the original: only the data differs.
                 kw = {"config": tcfg, "init": init, "cache": cache, **kw}
+            elif name == "eu-k":
+                # SCRUB's EU-k puts the block back to the weights the original's training started from.
+                kw = {"init": init, **kw}
             # Every method gets val: PPU and SCRUB+R select epochs with it, the others ignore it.
             val = split.val
             t0 = time.perf_counter()

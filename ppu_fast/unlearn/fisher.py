@@ -5,6 +5,7 @@ gradients over the retain set."""
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ from . import UnlearnResult, register
 from ._common import resolve_device, sample, working_copy
 from ._loop import loader, pick, resolve_setting
 
+# alpha: small_scale_unlearning.ipynb "Fisher Noise in Weights" (1e-6; the 1e-7 of the cell before
+# only measures information), large_scale_unlearning.ipynb "Fisher" (1e-7).
 PRESETS = {"small": {"alpha": 1e-6}, "selective": {"alpha": 1e-7}, "class": {"alpha": 1e-7}}
 # Floats of per-example gradients held at once (about 800 MB in float32).
 _GRAD_BUDGET = 200_000_000
@@ -58,18 +61,44 @@ def diagonal_fisher(model: nn.Module, data: Dataset, *, device: torch.device, pr
     return {k: v / n for k, v in fisher.items()}
 
 
+def mean_var(p: torch.Tensor, fisher: torch.Tensor, *, alpha: float, is_head: bool,
+             forget_rows: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCRUB's ``get_mean_var`` for one parameter tensor ``p`` with diagonal Fisher ``fisher``: the
+    mean and variance of its Gaussian. ``var = alpha * min(1 / (F + 1e-8), 1e3)`` (cap 1e2 for the
+    classifier), averaged over the input dimension of weight matrices and kernels, times 10 for the
+    classifier and for 1-D parameters (BatchNorm, biases); ``mu = p``; the classifier rows
+    ``forget_rows`` (class unlearning) get mean 0 and variance 1e-4 (times 10)."""
+    var = (1.0 / (fisher + 1e-8)).clamp(max=1e3)
+    if is_head:
+        var = var.clamp(max=1e2)
+    var = alpha * var
+    if p.dim() > 1:
+        var = var.mean(dim=1, keepdim=True).expand_as(p).clone()
+    mu = p.detach().clone()
+    if is_head and len(forget_rows):
+        mu[list(forget_rows)] = 0.0
+        var[list(forget_rows)] = 1e-4
+    if is_head or p.dim() == 1:
+        var = var * 10
+    return mu, var
+
+
 @register("fisher")
 def fisher_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                       seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                       progress: bool = True, setting: str = "auto", alpha: float | None = None,
                       max_samples: int | None = None) -> UnlearnResult:
-    """Weights become ``mu + sqrt(var) * N(0, 1)`` with, per parameter tensor (SCRUB's
-    ``get_mean_var``): ``var = alpha / (F + 1e-8)`` clamped to 1e3 (1e2 for the classifier),
-    averaged over the input dimension of weight matrices and kernels, times 10 for the classifier and
-    for 1-D parameters (BatchNorm, biases); ``mu`` the current weights. In class unlearning the
-    classifier rows of the forgotten classes get mean 0 and variance 1e-4. ``alpha`` defaults to
-    the setting's (1e-6 small scale, 1e-7 large scale). ``max_samples`` caps the retain examples
-    used for the Fisher estimate (None: all, as SCRUB)."""
+    """Fisher forgetting as SCRUB's code runs it (small_scale_unlearning.ipynb, "Fisher": ``hessian``
+    and ``get_mean_var``, then "Fisher Noise in Weights" with alpha 1e-6; large_scale_unlearning.ipynb,
+    "Fisher", alpha 1e-7): weights become ``mu + sqrt(var) * N(0, 1)`` (:func:`mean_var`) with the
+    diagonal Fisher of the retain set (:func:`diagonal_fisher`). ``alpha`` defaults to the setting's.
+    The classifier is the model's last ``nn.Linear`` (SCRUB: the parameters whose first dimension is
+    the number of classes, the same tensors for ALL-CNN and ResNet-18). ``max_samples`` caps the retain
+    examples used for the Fisher estimate (None: all, as SCRUB).
+
+    ``options["capped_fraction"]`` reports the share of weights whose variance sits at the cap
+    (F < 1e-3): there the noise no longer depends on the data, and a model fitted to near-certainty
+    gets isotropic noise of std ``sqrt(1e3 * alpha)`` on every weight (see docs/baselines.md)."""
     setting = resolve_setting(setting, forget, retain)
     alpha = float(pick(alpha, PRESETS[setting], "alpha"))
     if not alpha >= 0:
@@ -82,28 +111,21 @@ def fisher_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val
     if not linears:
         raise ValueError(f"fisher: {type(work).__name__} has no nn.Linear classifier layer")
     head = {id(p) for p in linears[-1].parameters()}
-    forget_classes = dataset_targets(forget).unique().tolist()
+    forget_rows = dataset_targets(forget).unique().tolist() if setting == "class" else []
 
     t0 = time.perf_counter()
     fisher = diagonal_fisher(work, sample(retain, max_samples, seed), device=dev, progress=progress)
     gen = torch.Generator(device=dev).manual_seed(seed)
+    capped, total = 0, 0
     with torch.no_grad():
         for name, p in work.named_parameters():
             is_head = id(p) in head
-            var = (1.0 / (fisher[name] + 1e-8)).clamp(max=1e3)
-            if is_head:
-                var = var.clamp(max=1e2)
-            var = alpha * var
-            if p.dim() > 1:
-                var = var.mean(dim=1, keepdim=True).expand_as(p).clone()
-            mu = p.detach().clone()
-            if is_head and setting == "class":
-                mu[forget_classes] = 0.0
-                var[forget_classes] = 1e-4
-            if is_head or p.dim() == 1:
-                var = var * 10
+            mu, var = mean_var(p, fisher[name], alpha=alpha, is_head=is_head, forget_rows=forget_rows)
+            capped += int((fisher[name] + 1e-8 <= (1e-2 if is_head else 1e-3)).sum())
+            total += p.numel()
             noise = torch.randn(p.shape, generator=gen, device=dev, dtype=p.dtype)
             p.copy_(mu + var.sqrt() * noise)
     work.eval()
     return UnlearnResult(work, "fisher", timings={"train": time.perf_counter() - t0},
-                         options={"setting": setting, "alpha": alpha, "max_samples": max_samples})
+                         options={"setting": setting, "alpha": alpha, "max_samples": max_samples,
+                                  "capped_fraction": capped / max(total, 1)})

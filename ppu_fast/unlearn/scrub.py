@@ -3,9 +3,10 @@
 The student (a copy of the model) is trained against the frozen original (the teacher): for the first
 ``msteps`` epochs a max-step pass over the forget set pushes the student away from the teacher
 (loss ``-KL``), then every epoch a min-step pass over the retain set pulls it back
-(``gamma * CE + alpha * KL``), KL taken at temperature T and scaled by T^2 (SCRUB's ``DistillKL``).
-SCRUB+R keeps a checkpoint per epoch and rewinds to the one whose forget error is closest to the
-validation error on the forget classes.
+(``gamma * CE + alpha * KL``), KL taken at temperature T and scaled by T^2 (SCRUB's ``DistillKL``);
+thirdparty/repdistiller/helper/loops.py ``train_distill``, student in train mode.
+SCRUB+R keeps a checkpoint per epoch and rewinds by the rule of BadT_experiments.ipynb
+``scrub(teacher, student)`` (:func:`scrub_rewind`).
 """
 from __future__ import annotations
 
@@ -23,16 +24,36 @@ from . import UnlearnResult, register
 from ._common import make_evaluator, resolve_device, working_copy
 from ._loop import loader, make_optimizer, milestone_lr, pick, resolve_setting, run_loop
 
-# SCRUB's hyper-parameters per setting. Small scale: the CIFAR-5 / Lacuna-5 notebook; "selective":
-# CIFAR-10 selective unlearning, which changes optimiser, epochs, temperature, weight decay and batch
-# sizes; "class": class unlearning, which further changes epochs, msteps, gamma, alpha, batch sizes.
+# SCRUB's hyper-parameters per setting. Small scale: small_scale_unlearning.ipynb, "SCRUB Forgetting"
+# (Adam, args.sgda_* and lr_decay_epochs [5, 8, 9]) and "Data Loader" (retain_bs 32, forget_bs 64).
+# "class": large_scale_unlearning.ipynb, "SCRUB Forgetting" (SGD momentum 0.9, 3 epochs, msteps 2,
+# gamma 0.99, alpha 0.001, T 4, wd 5e-4, lr_decay_epochs [3, 5, 9]) and "Data Loader" (retain 256,
+# forget 512). "selective": SCRUB's code has no cell of its own; epochs, msteps, T and batch sizes are
+# the paper's selective values, optimiser, weight decay and milestones those of the large-scale cell.
 _SMALL = {"optimizer": "adam", "lr": 5e-4, "epochs": 10, "msteps": 3, "temperature": 2.0, "gamma": 1.0,
           "alpha": 0.5, "lr_milestones": (5, 8, 9), "weight_decay": 0.1, "batch_size": 32,
           "forget_batch_size": 64}
 _SELECTIVE = {**_SMALL, "optimizer": "sgd", "lr": 5e-4, "epochs": 5, "msteps": 3, "temperature": 4.0,
-              "weight_decay": 5e-4, "batch_size": 32, "forget_batch_size": 16}
+              "weight_decay": 5e-4, "batch_size": 32, "forget_batch_size": 16, "lr_milestones": (3, 5, 9)}
 _CLASS = {**_SELECTIVE, "epochs": 3, "msteps": 2, "gamma": 0.99, "alpha": 0.001, "batch_size": 256,
           "forget_batch_size": 512}
+REWIND_RULES = ("scrub", "closest")
+
+
+def scrub_rewind(history: Sequence[dict]) -> int:
+    """SCRUB+R's rule as SCRUB's code has it (BadT_experiments.ipynb, ``scrub(teacher, student)``):
+    the first epoch, epoch 0 (the original model) included, whose forget error exceeds the validation
+    error on the forget classes of the *final* model; the last epoch when none does."""
+    if not history:
+        raise ValueError("the rewinding rule needs at least one evaluated epoch")
+    for h in history:
+        if "forget_error" not in h or "val_error" not in h:
+            raise ValueError("the rewinding rule needs 'forget_error' and 'val_error' in every epoch")
+    final = history[-1]["val_error"]
+    for h in history:
+        if h["forget_error"] > final:
+            return int(h["epoch"])
+    return int(history[-1]["epoch"])
 PRESETS = {"small": _SMALL, "selective": _SELECTIVE, "class": _CLASS}
 
 
@@ -45,7 +66,7 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float)
 
 def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None,
            seed: int, device: str | torch.device | None, inplace: bool, progress: bool, setting: str,
-           select: str, history_retain: int | None, **given: Any) -> UnlearnResult:
+           select: str, history_retain: int | None, rewind: str = "scrub", **given: Any) -> UnlearnResult:
     setting = resolve_setting(setting, forget, retain)
     hp = {k: pick(v, PRESETS[setting], k) for k, v in given.items()}
     if not 0 <= int(hp["msteps"]) <= int(hp["epochs"]):
@@ -54,9 +75,11 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
         raise ValueError(f"temperature must be positive, got {hp['temperature']}")
     if select not in ("last", "val"):
         raise ValueError(f"select must be 'last' or 'val', got {select!r}")
+    if rewind not in REWIND_RULES:
+        raise ValueError(f"rewind must be one of {', '.join(REWIND_RULES)}, got {rewind!r}")
     if select == "val" and val is None:
-        raise ValueError(f"{name} rewinds to the epoch whose forget error is closest to the validation "
-                         f"error on the forget classes: pass val=...")
+        raise ValueError(f"{name} rewinds by comparing forget errors with the validation error on the "
+                         f"forget classes: pass val=...")
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
     teacher = copy.deepcopy(work).eval()
@@ -96,10 +119,11 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
                     evaluate=evaluate, keep_checkpoints=select == "val", progress=progress, desc=name)
     chosen = int(hp["epochs"])
     if select == "val":
-        chosen = select_val(loop.history)
-        work.load_state_dict(loop.checkpoints[chosen])
+        chosen = scrub_rewind(loop.history) if rewind == "scrub" else select_val(loop.history)
+        # Epoch 0 is the original model, the teacher's weights.
+        work.load_state_dict(loop.checkpoints[chosen] if chosen > 0 else teacher.state_dict())
     work.eval()
-    options = {"setting": setting, "select": select,
+    options = {"setting": setting, "select": select, **({"rewind": rewind} if select == "val" else {}),
                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()}}
     return UnlearnResult(work, name, history=loop.history if select == "val" else [],
                          selected_epoch=chosen, timings={"train": time.perf_counter() - t0},
@@ -115,24 +139,28 @@ def scrub(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | 
           lr_milestones: Sequence[int] | None = None, lr_decay: float = 0.1,
           weight_decay: float | None = None, batch_size: int | None = None,
           forget_batch_size: int | None = None, select: str = "last",
-          history_retain: int | None = 1000) -> UnlearnResult:
+          history_retain: int | None = 1000, rewind: str = "scrub") -> UnlearnResult:
     """SCRUB. ``setting`` (``"small"``, ``"selective"``, ``"class"``, or ``"auto"``: see
     :func:`ppu_fast.unlearn._loop.infer_setting`) fills every hyper-parameter left at None:
 
-    - small: Adam lr 5e-4, 10 epochs, msteps 3, T 2, gamma 1, alpha 0.5, lr x0.1 after epochs 5, 8
-      and 9, weight decay 0.1, batch sizes 32 (retain) / 64 (forget);
-    - selective: SGD (momentum 0.9) lr 5e-4, 5 epochs, msteps 3, T 4, weight decay 5e-4, batch sizes
-      32 / 16, the rest as small;
-    - class: as selective with 3 epochs, msteps 2, gamma 0.99, alpha 0.001, batch sizes 256 / 512.
+    - small (small_scale_unlearning.ipynb, "SCRUB Forgetting" and "Data Loader"): Adam lr 5e-4,
+      10 epochs, msteps 3, T 2, gamma 1, alpha 0.5, lr x0.1 after epochs 5, 8 and 9, weight decay
+      0.1, batch sizes 32 (retain) / 64 (forget);
+    - selective: SGD (momentum 0.9) lr 5e-4, 5 epochs, msteps 3, T 4, weight decay 5e-4, lr x0.1
+      after epochs 3, 5 and 9, batch sizes 32 / 16, the rest as small;
+    - class (large_scale_unlearning.ipynb, "SCRUB Forgetting" and "Data Loader"): as selective with
+      3 epochs, msteps 2, gamma 0.99, alpha 0.001, batch sizes 256 / 512.
 
     ``select="val"`` is SCRUB+R's rewinding (needs ``val``; ``history_retain`` caps the retain
-    examples evaluated per epoch)."""
+    examples evaluated per epoch): ``rewind="scrub"`` is SCRUB's rule (:func:`scrub_rewind`),
+    ``rewind="closest"`` our earlier one, the epoch >= 1 whose forget error is closest to the same
+    epoch's validation error on the forget classes (:func:`ppu_fast.finetune.select_val`)."""
     return _scrub("scrub" if select == "last" else "scrub+r", model, forget, retain, val=val, seed=seed,
                   device=device, inplace=inplace, progress=progress, setting=setting, select=select,
                   history_retain=history_retain, optimizer=optimizer, lr=lr, epochs=epochs,
                   msteps=msteps, temperature=temperature, gamma=gamma, alpha=alpha,
                   lr_milestones=lr_milestones, lr_decay=lr_decay, weight_decay=weight_decay,
-                  batch_size=batch_size, forget_batch_size=forget_batch_size)
+                  batch_size=batch_size, forget_batch_size=forget_batch_size, rewind=rewind)
 
 
 @register("scrub+r")
@@ -143,12 +171,15 @@ def scrub_r(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset 
             temperature: float | None = None, gamma: float | None = None, alpha: float | None = None,
             lr_milestones: Sequence[int] | None = None, lr_decay: float = 0.1,
             weight_decay: float | None = None, batch_size: int | None = None,
-            forget_batch_size: int | None = None, history_retain: int | None = 1000) -> UnlearnResult:
-    """SCRUB+R: :func:`scrub` with a checkpoint per epoch, keeping the epoch whose forget error is
-    closest to the validation error on the forget classes (``val`` is required)."""
+            forget_batch_size: int | None = None, history_retain: int | None = 1000,
+            rewind: str = "scrub") -> UnlearnResult:
+    """SCRUB+R: :func:`scrub` with a checkpoint per epoch, rewound by SCRUB's rule
+    (:func:`scrub_rewind`, BadT_experiments.ipynb ``scrub(teacher, student)``) to the first epoch,
+    the original included, whose forget error exceeds the final model's validation error on the
+    forget classes (``val`` is required); ``rewind="closest"`` is our earlier rule."""
     return scrub(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
                  progress=progress, setting=setting, optimizer=optimizer, lr=lr, epochs=epochs,
                  msteps=msteps, temperature=temperature, gamma=gamma, alpha=alpha,
                  lr_milestones=lr_milestones, lr_decay=lr_decay, weight_decay=weight_decay,
                  batch_size=batch_size, forget_batch_size=forget_batch_size, select="val",
-                 history_retain=history_retain)
+                 history_retain=history_retain, rewind=rewind)
