@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..data import Split, make_split
-from ..metrics import error, mia_detail, restrict_to_classes
+from ..metrics import error, lira, mia_detail, restrict_to_classes
 from ..models import build_model
 from ..training import TrainConfig, fit_cached
 from . import methods as registered, method_options, unlearn
@@ -34,15 +34,21 @@ def evaluate(model: nn.Module, split: Split, *, seed: int, device: torch.device 
     """The paper's measurements of one model on a split: test / retain / forget error (%), the
     validation error on the forget classes (%) and the membership-inference attack (%), with what the
     attack rests on (:func:`ppu_fast.metrics.mia_detail`): ``mia_splits``, ``mia_n`` (examples per
-    side) and ``mia_chance`` (how far luck alone moves its score at this size, % points)."""
+    side) and ``mia_chance`` (how far luck alone moves its score at this size, % points); beside it the
+    offline LiRA-style attack (:func:`ppu_fast.metrics.lira`, members: forget set, non-members: test
+    examples of the forget classes): ``mia_auc``, ``mia_tpr_at_1fpr`` and ``mia_tpr_at_5fpr`` (%),
+    with ``lira_n_members`` / ``lira_n_nonmembers``."""
     val_forget = restrict_to_classes(split.val, split.forget_classes)
     attack = mia_detail(model, split.forget, split.test, seed=seed, device=device)
+    roc = lira(model, split.forget, split.test, device=device)
     return {"test_error": error(model, split.test, device=device),
             "retain_error": error(model, split.retain, device=device),
             "forget_error": error(model, split.forget, device=device),
             "val_error": error(model, val_forget, device=device) if len(val_forget) else float("nan"),
             "mia": attack["mia"], "mia_splits": attack["splits"], "mia_n": attack["n"],
-            "mia_chance": attack["chance"]}
+            "mia_chance": attack["chance"], "mia_auc": roc["auc"], "mia_tpr_at_1fpr": roc["tpr_at_1fpr"],
+            "mia_tpr_at_5fpr": roc["tpr_at_5fpr"], "lira_n_members": roc["n_members"],
+            "lira_n_nonmembers": roc["n_nonmembers"]}
 
 
 def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenario: str = "selective",
@@ -111,6 +117,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                     history[name] = res.history
             rows[name] = row
             say(f"[seed {seed}] {name:<10} test {row['test_error']:6.2f}  retain {row['retain_error']:6.2f}  "
-                f"forget {row['forget_error']:6.2f}  MIA {row['mia']:6.2f}  ({seconds:.1f} s)")
+                f"forget {row['forget_error']:6.2f}  MIA {row['mia']:6.2f}  AUC {row['mia_auc']:6.2f}  "
+                f"TPR@1%FPR {row['mia_tpr_at_1fpr']:6.2f}  ({seconds:.1f} s)")
         per_seed.append(rows)
     return {"config": config, "per_seed": per_seed, "history": history}
