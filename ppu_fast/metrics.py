@@ -1,12 +1,12 @@
 """The paper's measurements: error (%) on a set and the membership-inference attack of SCRUB
 (Kurmanji et al. 2024), which the paper follows (§5.5); beside it, an attack with signal at low false
 positive rates (a population / offline LiRA-style score, :func:`lira`) reported as ROC AUC and TPR at a
-fixed FPR."""
+fixed FPR; and the retrain gap (:func:`retrain_gap`), the mean distance to Retrain's numbers."""
 from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -318,3 +318,28 @@ def lira(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | DataLoa
     t = true_class_features(tl, ty)["logit_confidence"]
     return attack_from_features(f, fy.numpy(), t, ty.numpy())
 
+
+# The metrics the retrain gap averages: the paper's four columns.
+RETRAIN_GAP_METRICS = ("test_error", "retain_error", "forget_error", "mia")
+
+
+def retrain_gap(row: Mapping[str, float], reference: Mapping[str, float]) -> float:
+    """Mean absolute difference (percent points) between one model's metrics and Retrain's, over test,
+    retain and forget error and SCRUB's MIA (:data:`RETRAIN_GAP_METRICS`), the average-gap summary of
+    recent unlearning benchmarks; measured on one seed, so both rows must come from the same split.
+    Retrain's own gap is 0. NaN when any of the four is missing or NaN on either side."""
+    diffs = []
+    for m in RETRAIN_GAP_METRICS:
+        a, b = row.get(m), reference.get(m)
+        if a is None or b is None or math.isnan(float(a)) or math.isnan(float(b)):
+            return float("nan")
+        diffs.append(abs(float(a) - float(b)))
+    return sum(diffs) / len(diffs)
+
+
+def add_retrain_gaps(rows: Mapping[str, Mapping[str, Any]], reference: str = "retrain") -> dict[str, dict]:
+    """One seed's rows (method -> metrics) with ``retrain_gap`` set on each: against ``reference``'s row
+    of the same seed, NaN for every method where the reference did not run. Returns new dicts."""
+    ref = rows.get(reference)
+    return {name: {**row, "retrain_gap": retrain_gap(row, ref) if ref is not None else float("nan")}
+            for name, row in rows.items()}

@@ -307,7 +307,10 @@ def merge(folders: Sequence[str | Path]) -> dict:
     seed with other methods add methods to that seed (so a long experiment can be split into several
     calls, e.g. on a GPU machine with a time limit per call). The config is the first run's, with the
     union of seeds and methods and the summed wall time; the history is the union of the runs'.
-    Raises if the runs differ in dataset, model, width or scenario."""
+    Each seed's ``retrain_gap`` is recomputed against that seed's merged Retrain row. Raises if the
+    runs differ in dataset, model, width or scenario."""
+    from .metrics import add_retrain_gaps  # lazily: metrics imports torch, the tables alone need none
+
     runs = [load_results(f) for f in folders]
     if not runs:
         raise ValueError("folders: name at least one run folder")
@@ -334,7 +337,8 @@ def merge(folders: Sequence[str | Path]) -> dict:
     if all("wall_seconds" in r["config"] for r in runs):
         config["wall_seconds"] = round(sum(float(r["config"]["wall_seconds"]) for r in runs), 2)
     # Method order: the first run's, then the others' in order of appearance.
-    per_seed = [{m: row[m] for m in methods if m in row} for row in by_seed.values()]
+    # The retrain gap again: a seed's Retrain may come from another run than the method's row.
+    per_seed = [add_retrain_gaps({m: row[m] for m in methods if m in row}) for row in by_seed.values()]
     return {"config": config, "per_seed": per_seed, "history": history}
 
 

@@ -1,5 +1,5 @@
 """The attack with signal (offline LiRA-style score, ROC AUC, TPR at low FPR) on synthetic losses and
-constructed models whose separability is known."""
+constructed models whose separability is known, and the retrain gap."""
 import math
 
 import numpy as np
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ppu_fast.metrics import (attack_from_features, lira, logit_confidence_from_losses,
-                              offline_lira_scores, roc_auc, roc_curve, tpr_at_fpr,
+from ppu_fast.metrics import (add_retrain_gaps, attack_from_features, lira, logit_confidence_from_losses,
+                              offline_lira_scores, retrain_gap, roc_auc, roc_curve, tpr_at_fpr,
                               true_class_features)
 
 
@@ -153,3 +153,14 @@ def test_lira_on_a_model_restricts_test_to_the_forget_classes():
     with pytest.raises(ValueError, match="forget classes"):
         lira(LogitsAreInputs(), forget, other)
 
+
+def test_retrain_gap_of_retrain_is_zero_and_others_by_hand():
+    ref = {"test_error": 10.0, "retain_error": 0.0, "forget_error": 100.0, "mia": 50.0, "val_error": 3.0}
+    other = {"test_error": 12.0, "retain_error": 1.0, "forget_error": 60.0, "mia": 57.0, "val_error": 90.0}
+    assert retrain_gap(ref, ref) == 0.0
+    assert retrain_gap(other, ref) == pytest.approx((2 + 1 + 40 + 7) / 4)  # val_error is not averaged
+    rows = add_retrain_gaps({"retrain": ref, "ppu": other})
+    assert rows["retrain"]["retrain_gap"] == 0.0 and rows["ppu"]["retrain_gap"] == pytest.approx(12.5)
+    assert "retrain_gap" not in other  # the input is left alone
+    assert math.isnan(add_retrain_gaps({"ppu": other})["ppu"]["retrain_gap"])  # no Retrain this seed
+    assert math.isnan(retrain_gap({**other, "mia": float("nan")}, ref))

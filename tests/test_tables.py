@@ -217,4 +217,9 @@ def test_merge_methods_of_one_seed(tmp_path):
                        "seeds": [1], "wall_seconds": 1.0}, "per_seed": [per], "history": {}}))
     res = merge([tmp_path / "p0", tmp_path / "p1"])
     assert res["config"]["seeds"] == [1] and list(res["per_seed"][0]) == ["original", "retrain", "scrub", "ppu"]
+    # the gap of a method is taken against the Retrain row of another part of the same seed
+    row, ref = res["per_seed"][0]["scrub"], ours["retrain"]
+    assert res["per_seed"][0]["retrain"]["retrain_gap"] == 0.0
+    assert row["retrain_gap"] == pytest.approx(sum(abs(row[m] - ref[m]) for m in
+                                                   ("test_error", "retain_error", "forget_error", "mia")) / 4)
     assert res["config"]["methods"] == ["original", "retrain", "scrub", "ppu"]

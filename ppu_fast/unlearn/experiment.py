@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..data import Split, make_split
-from ..metrics import error, lira, mia_detail, restrict_to_classes
+from ..metrics import add_retrain_gaps, error, lira, mia_detail, restrict_to_classes
 from ..models import build_model
 from ..training import TrainConfig, fit_cached
 from . import methods as registered, method_options, unlearn
@@ -63,7 +63,8 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     ``train`` overrides fields of :func:`default_train_config`; ``method_kwargs`` maps a method name
     to extra options for :func:`ppu_fast.unlearn`. ``log`` receives one line per step (None: silent).
     Returns ``{"config": ..., "per_seed": [{method: metrics}], "history": {method: epochs of the
-    first seed}}``, metrics as in :func:`evaluate` plus ``seconds``.
+    first seed}}``, metrics as in :func:`evaluate` plus ``seconds`` and ``retrain_gap``
+    (:func:`ppu_fast.metrics.retrain_gap` against the same seed's Retrain; NaN without one).
     """
     unknown = [m for m in methods if m not in registered()]
     if unknown:
@@ -119,5 +120,10 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
             say(f"[seed {seed}] {name:<10} test {row['test_error']:6.2f}  retain {row['retain_error']:6.2f}  "
                 f"forget {row['forget_error']:6.2f}  MIA {row['mia']:6.2f}  AUC {row['mia_auc']:6.2f}  "
                 f"TPR@1%FPR {row['mia_tpr_at_1fpr']:6.2f}  ({seconds:.1f} s)")
+        # Per seed, against this seed's Retrain: the same split and starting weights on both sides.
+        rows = add_retrain_gaps(rows)
+        if "retrain" in rows:
+            say(f"[seed {seed}] retrain gap (mean |difference| to Retrain over test, retain, forget error "
+                f"and MIA): " + ", ".join(f"{n} {r['retrain_gap']:.2f}" for n, r in rows.items()))
         per_seed.append(rows)
     return {"config": config, "per_seed": per_seed, "history": history}
