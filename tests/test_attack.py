@@ -1,5 +1,5 @@
 """The attack with signal (offline LiRA-style score, ROC AUC, TPR at low FPR) on synthetic losses and
-constructed models whose separability is known, and the retrain gap."""
+constructed models whose separability is known, the retrain gap and the Welch test."""
 import math
 
 import numpy as np
@@ -164,3 +164,31 @@ def test_retrain_gap_of_retrain_is_zero_and_others_by_hand():
     assert "retrain_gap" not in other  # the input is left alone
     assert math.isnan(add_retrain_gaps({"ppu": other})["ppu"]["retrain_gap"])  # no Retrain this seed
     assert math.isnan(retrain_gap({**other, "mia": float("nan")}, ref))
+
+
+def test_welch_test_by_hand():
+    from ppu_fast.report import welch_samples, welch_test
+
+    a, b = [1.0, 2.0, 3.0, 4.0, 5.0], [4.0, 6.0, 8.0, 10.0]
+    # by hand: means 3 and 7; sample variances 2.5 and 20/3, so s^2/n = 0.5 and 5/3
+    va, vb = 0.5, 5 / 3
+    t, df, p = welch_samples(a, b)
+    assert t == pytest.approx(-4 / math.sqrt(va + vb))  # -2.71746
+    assert df == pytest.approx((va + vb) ** 2 / (va ** 2 / 4 + vb ** 2 / 3))  # 4.74941
+    assert p == pytest.approx(0.0442248, abs=1e-6)  # scipy.stats.ttest_ind(a, b, equal_var=False)
+    assert welch_test(3.0, math.sqrt(va), 5, 7.0, math.sqrt(vb), 4) == pytest.approx((t, df, p))
+    assert p < 0.05 < welch_samples(a, [2.0, 3.0, 4.0, 5.0])[2]
+    assert all(math.isnan(v) for v in welch_samples([1.0], b))  # one sample: no test
+    assert welch_samples([1.0, 1.0], [2.0, 2.0])[2] == 0.0 and welch_samples([1.0, 1.0], [1.0, 1.0])[2] == 1.0
+
+
+def test_summaries_carry_the_standard_error():
+    from ppu_fast.report import summarize
+
+    runs = [{"ppu": {"test_error": v, "mia_auc": float("nan") if i == 0 else 60.0 + i}}
+            for i, v in enumerate([10.0, 12.0, 17.0])]
+    e = summarize(runs)["ppu"]
+    assert e["test_error"] == 13.0 and e["n"]["test_error"] == 3 and e["n"]["mia_auc"] == 2
+    assert e["sem"]["test_error"] == pytest.approx(np.std([10, 12, 17], ddof=1) / math.sqrt(3))
+    assert e["std"]["test_error"] == pytest.approx(np.std([10, 12, 17]))
+    assert e["sem"]["mia_auc"] == pytest.approx(0.5) and math.isnan(summarize(runs[:1])["ppu"]["sem"]["test_error"])

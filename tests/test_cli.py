@@ -102,6 +102,13 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
         _parser().parse_args(["demo", "--progress", "--no-progress"])
 
 
+def test_run_defaults_to_five_seeds():
+    from ppu_fast.cli import _parser
+
+    args = _parser().parse_args(["run", "--dataset", "digits5", "--model", "smallcnn", "--out", "x"])
+    assert args.seeds == [0, 1, 2, 3, 4]
+
+
 def test_run_over_seeds_reports_mean_and_std(tmp_path):
     out = tmp_path / "run"
     code = main(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.5", "--methods",
@@ -113,7 +120,14 @@ def test_run_over_seeds_reports_mean_and_std(tmp_path):
     errs = [run["original"]["test_error"] for run in res["per_seed"]]
     assert res["methods"]["original"]["test_error"] == pytest.approx(np.mean(errs))
     assert res["methods"]["original"]["std"]["test_error"] == pytest.approx(np.std(errs))
+    assert res["methods"]["original"]["sem"]["test_error"] == pytest.approx(np.std(errs, ddof=1) / np.sqrt(2))
+    assert res["config"]["num_seeds"] == 2 and res["config"]["init"] == "scratch"
+    for entry in res["methods"].values():
+        for key in ("mia_auc", "mia_tpr_at_1fpr", "mia_tpr_at_5fpr"):
+            assert 0 <= entry[key] <= 100 and key in entry["std"] and key in entry["sem"]
+        assert entry["retrain_gap"] is None  # no Retrain in this run
     assert "±" in (out / "results.md").read_text()
+    assert "standard error" in (out / "tables.md").read_text()
     assert res["config"]["method_options"]["ppu"] == {"epochs": "1"}
 
 

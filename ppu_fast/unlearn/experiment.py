@@ -92,7 +92,8 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         say(f"[seed {seed}] original model: {'loaded from cache' if meta['cached'] else 'trained'} "
             f"({meta['train_seconds']:.1f} s to train)")
         config = {"dataset": dataset, "model": model, "width": width, "scenario": split.scenario,
-                  "seeds": list(seeds), "methods": list(methods), "device": str(dev),
+                  "seeds": list(seeds), "num_seeds": len(seeds), "init": "scratch",
+                  "methods": list(methods), "device": str(dev),
                   "split": {k: v for k, v in split.describe().items() if k != "seed"},
                   "train": {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "seed"},
                   "method_options": {k: {o: str(v) for o, v in kw.items()}
