@@ -93,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--select", default=None, choices=("last", "val"), help="PPU (privacy) epoch choice")
     r.add_argument("--retain-per-epoch", type=int, default=None)
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    init = r.add_mutually_exclusive_group()
+    init.add_argument("--init-checkpoint", default=None, metavar="PATH",
+                      help="start Original and Retrain from this state dict of the chosen --model/--width "
+                           "(a head for another number of classes is re-initialised)")
+    init.add_argument("--pretrain", default=None, choices=("cifar10-other",),
+                      help="start from a model pre-trained on the CIFAR-10 classes the dataset does not use "
+                           "(cifar5: classes 5-9), a stand-in for the paper's CIFAR-100 pre-training")
+    r.add_argument("--pretrain-epochs", type=int, default=None, help="pre-training epochs (default 30)")
+    r.add_argument("--pretrain-per-class", type=int, default=None,
+                   help="pre-training images per class (default all: 5,000 for CIFAR-10)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--no-cache", action="store_true")
     _progress_flags(r)
@@ -184,6 +194,10 @@ def _run(args: argparse.Namespace) -> int:
                                  ("select", args.select)) if v is not None}
     from .unlearn._loop import baseline_kwargs, expand_methods
 
+    for flag, value in (("--pretrain-epochs", args.pretrain_epochs), ("--pretrain-per-class", args.pretrain_per_class)):
+        if value is not None and args.pretrain is None:
+            raise ValueError(f"{flag}: only with --pretrain (it sets how the pre-training runs)")
+
     args.methods = expand_methods(args.methods)
     kwargs = {m: dict(common, **(privacy if m == "ppu" else {})) for m in args.methods if m in PPU_METHODS}
     # The baselines take SCRUB's hyper-parameters for the run's setting; the "+ppu" methods' PPU step
@@ -194,7 +208,9 @@ def _run(args: argparse.Namespace) -> int:
                             forget_class=args.forget_class, num_forget=args.num_forget, methods=args.methods,
                             seeds=args.seeds, data_root=args.data_root, device=args.device, width=args.width,
                             train=train, method_kwargs=kwargs, cache=not args.no_cache,
-                            progress=_show_progress(args), log=_log)
+                            progress=_show_progress(args), log=_log, init_checkpoint=args.init_checkpoint,
+                            pretrain=args.pretrain, pretrain_per_class=args.pretrain_per_class,
+                            pretrain_train=None if args.pretrain_epochs is None else {"epochs": args.pretrain_epochs})
     _finish(result, args.out, started, tables=True)
     return 0
 

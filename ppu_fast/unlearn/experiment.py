@@ -13,7 +13,10 @@ from torch import nn
 
 from ..data import Split, make_split
 from ..metrics import add_retrain_gaps, error, lira, mia_detail, restrict_to_classes
+from ..data import other_classes_dataset
 from ..models import build_model
+from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
+                        transfer_body)
 from ..training import TrainConfig, fit_cached
 from . import methods as registered, method_options, unlearn
 
@@ -57,8 +60,20 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                    seeds: Sequence[int] = (0,), data_root: str | Path | None = None,
                    device: str | None = None, width: float = 1.0, train: dict | None = None,
                    method_kwargs: dict[str, dict] | None = None, cache: bool = True,
-                   progress: bool = True, log: Any = print) -> dict:
+                   progress: bool = True, log: Any = print, init_checkpoint: str | Path | None = None,
+                   pretrain: str | None = None, pretrain_train: dict | None = None,
+                   pretrain_per_class: int | None = None) -> dict:
     """Run ``methods`` on ``dataset`` with ``model`` for each seed.
+
+    Starting weights (Original's and Retrain's; every other method starts from Original): a fresh
+    initialisation per seed by default; ``init_checkpoint``, a state dict of the chosen architecture
+    (see :func:`ppu_fast.pretrain.load_checkpoint_into`; a head for another number of classes is
+    re-initialised); or ``pretrain="cifar10-other"``, a model pre-trained on the CIFAR-10 classes the
+    dataset does not use (:func:`ppu_fast.data.other_classes_dataset`; ``pretrain_per_class`` images
+    per class, default all; ``pretrain_train`` overrides fields of
+    :func:`ppu_fast.pretrain.pretrain_config`), cached like the other trained models, with a fresh
+    head per seed. ``config["init"]`` records which: ``"scratch"``, ``"cifar10-other"`` or
+    ``"sha256:<hex>"`` of the checkpoint file.
 
     ``train`` overrides fields of :func:`default_train_config`; ``method_kwargs`` maps a method name
     to extra options for :func:`ppu_fast.unlearn`. ``log`` receives one line per step (None: silent).
@@ -79,6 +94,29 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
             raise TypeError(f"method '{name}' does not accept option(s) {', '.join(bad)}")
     say = log or (lambda *_: None)
     dev = torch.device(device) if device else torch.device("cpu")
+    if init_checkpoint is not None and pretrain is not None:
+        raise ValueError("init_checkpoint, pretrain: pass one of them (both set the starting weights)")
+    if pretrain is not None and pretrain not in PRETRAIN_CHOICES:
+        raise ValueError(f"pretrain: unknown '{pretrain}'; expected one of {', '.join(PRETRAIN_CHOICES)}")
+    init_name, init_info, checkpoint, pretrained = "scratch", {}, None, None
+    if init_checkpoint is not None:
+        checkpoint, digest = read_checkpoint(init_checkpoint, arg="init_checkpoint (--init-checkpoint)")
+        init_name = f"sha256:{digest}"
+        init_info = {"init_checkpoint": str(init_checkpoint)}
+    elif pretrain is not None:
+        other, classes = other_classes_dataset(dataset, data_root=data_root, per_class=pretrain_per_class,
+                                               progress=progress)
+        pcfg = pretrain_config(**(pretrain_train or {}))
+        torch.manual_seed(pcfg.seed)
+        base = build_model(model, len(classes), other.num_channels, width).to(dev)
+        net, meta = fit_cached(base, other, pcfg, device=dev, progress=progress, desc="pretrain", cache=cache)
+        pretrained = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        init_name = pretrain
+        init_info = {"pretrain": {"classes": classes, "images": len(other), "per_class": pretrain_per_class,
+                                  "train": dataclasses.asdict(pcfg),
+                                  "train_seconds": round(meta["train_seconds"], 2)}}
+        say(f"pre-trained on CIFAR-10 classes {classes} ({len(other)} images): "
+            f"{'loaded from cache' if meta['cached'] else 'trained'} ({meta['train_seconds']:.1f} s to train)")
     per_seed, history = [], {}
     config: dict[str, Any] = {}
     for seed in seeds:
@@ -86,13 +124,22 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                            num_forget=num_forget, seed=seed, progress=progress)
         tcfg = dataclasses.replace(default_train_config(dataset, seed), **(train or {}))
         torch.manual_seed(seed)
-        init = build_model(model, split.num_classes, split.in_channels, width).to(dev)
+        init = build_model(model, split.num_classes, split.in_channels, width)
+        if checkpoint is not None:
+            init_info["init_head"] = load_checkpoint_into(
+                init, checkpoint, arg="init_checkpoint (--init-checkpoint)", source=f"'{init_checkpoint}'",
+                what=f"{model} (width {width:g}, {split.in_channels} input channel(s), "
+                     f"{split.num_classes} classes)")
+        elif pretrained is not None:
+            transfer_body(init, pretrained)
+            init_info["init_head"] = "re-initialised"
+        init = init.to(dev)
         original, meta = fit_cached(init, split.train, tcfg, device=dev, progress=progress,
                                     desc="original", cache=cache)
         say(f"[seed {seed}] original model: {'loaded from cache' if meta['cached'] else 'trained'} "
             f"({meta['train_seconds']:.1f} s to train)")
         config = {"dataset": dataset, "model": model, "width": width, "scenario": split.scenario,
-                  "seeds": list(seeds), "num_seeds": len(seeds), "init": "scratch",
+                  "seeds": list(seeds), "num_seeds": len(seeds), "init": init_name, **init_info,
                   "methods": list(methods), "device": str(dev),
                   "split": {k: v for k, v in split.describe().items() if k != "seed"},
                   "train": {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "seed"},
