@@ -358,18 +358,20 @@ def merge(folders: Sequence[str | Path]) -> dict:
     calls, e.g. on a GPU machine with a time limit per call). The config is the first run's, with the
     union of seeds and methods and the summed wall time; the history is the union of the runs'.
     Each seed's ``retrain_gap`` is recomputed against that seed's merged Retrain row. Raises if the
-    runs differ in dataset, model, width or scenario."""
+    runs differ in dataset, model, width, scenario or starting weights (``init``)."""
     from .metrics import add_retrain_gaps  # lazily: metrics imports torch, the tables alone need none
 
     runs = [load_results(f) for f in folders]
     if not runs:
         raise ValueError("folders: name at least one run folder")
-    key = ("dataset", "model", "width", "scenario")
+    key = ("dataset", "model", "width", "scenario", "init")
+    # Runs written before "init" was recorded all started from scratch.
+    get = lambda cfg, k: cfg.get(k, "scratch" if k == "init" else None)  # noqa: E731
     first = runs[0]["config"]
     for f, r in zip(folders, runs):
-        if any(r["config"].get(k) != first.get(k) for k in key):
-            raise ValueError(f"'{f}' is a different experiment: {[r['config'].get(k) for k in key]} vs "
-                             f"{[first.get(k) for k in key]}")
+        if any(get(r["config"], k) != get(first, k) for k in key):
+            raise ValueError(f"'{f}' is a different experiment: {[get(r['config'], k) for k in key]} vs "
+                             f"{[get(first, k) for k in key]}")
     by_seed: dict[Any, dict] = {}
     methods: list[str] = []
     history: dict = {}

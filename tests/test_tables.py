@@ -170,6 +170,16 @@ def test_merge_seeds(tmp_path):
                                                     "per_seed": []}))
     with pytest.raises(ValueError, match="different experiment"):
         merge([tmp_path / "s1", other])
+    # a pre-trained start is another experiment; a file without "init" started from scratch
+    pre = tmp_path / "s4"
+    pre.mkdir()
+    cfg = json.loads((tmp_path / "s1" / "results.json").read_text())
+    (pre / "results.json").write_text(json.dumps({**cfg, "config": {**cfg["config"], "init": "cifar10-other"}}))
+    with pytest.raises(ValueError, match="cifar10-other"):
+        merge([tmp_path / "s1", pre])
+    (pre / "results.json").write_text(json.dumps({**cfg, "config": {**cfg["config"], "init": "scratch",
+                                                                     "seeds": [4]}}))
+    assert merge([tmp_path / "s1", pre])["config"]["num_seeds"] == 2
     assert tables.main([str(tmp_path / "nothing")]) == 2
 
 
