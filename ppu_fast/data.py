@@ -358,6 +358,45 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
     return Split(name, train, val, test, forget_idx, retain_idx, num_classes, scenario, seed, info)
 
 
+# The CIFAR-10 classes each small-scale CIFAR set uses; the others are free for pre-training.
+_CIFAR10_USED = {"cifar5": list(range(5))}
+
+
+def other_classes_dataset(name: str, *, data_root: str | Path | None, per_class: int | None = None,
+                          seed: int = 0, image_size: int | None = None,
+                          progress: bool = True) -> tuple[ArrayDataset, list[int]]:
+    """The training images of the CIFAR-10 classes that dataset ``name`` does not use, for
+    pre-training (the stand-in for the paper's CIFAR-100 pre-training, which cannot be fetched here).
+
+    Only ``cifar5`` leaves classes free: it uses CIFAR-10 classes 0-4, so this returns classes 5-9
+    from the same ``data_root`` (official batches or an ImageFolder tree; folders in sorted order are
+    the classes), with labels renumbered 0, 1, ... in that order and the normalisation of ``name``'s
+    split. ``per_class`` keeps that many images of each class (a seeded choice; default all).
+    Returns ``(dataset, original class indices)``."""
+    if name not in _CIFAR10_USED:
+        raise ValueError(f"pretrain 'cifar10-other': dataset '{name}' leaves no CIFAR-10 classes free for "
+                         f"pre-training; expected one of {', '.join(_CIFAR10_USED)} (cifar5 uses classes "
+                         f"0-4 and pre-trains on 5-9)")
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"per_class must be a positive number of images per class, got {per_class}")
+    train_pool, _, norm = _pools(name, data_root, seed, image_size, progress)
+    used = set(_CIFAR10_USED[name])
+    other = [c for c in range(len(train_pool.classes)) if c not in used]
+    if len(other) < 2:
+        raise ValueError(f"pretrain 'cifar10-other': the data at '{data_root}' has {len(train_pool.classes)} "
+                         f"classes, so {len(other)} beside the {len(used)} that {name} uses; pre-training "
+                         f"needs at least 2 (CIFAR-10 has 10)")
+    rng = np.random.default_rng(seed)
+    chosen = _per_class(rng, train_pool.targets, other, None)
+    idx = np.sort(np.concatenate([v[:per_class] if per_class is not None else v for v in chosen.values()]))
+    if len(idx) == 0:
+        raise ValueError(f"pretrain 'cifar10-other': no training images of classes {other} at '{data_root}'")
+    remap = {c: i for i, c in enumerate(other)}
+    labels = np.array([remap[int(c)] for c in train_pool.targets[idx]], dtype=np.int64)
+    mean, std = norm if norm else (None, None)
+    return ArrayDataset(train_pool.load(idx), labels, mean, std), other
+
+
 def _forget_indices(targets: np.ndarray, rng: np.random.Generator, scenario: str, forget_class: int | None,
                     num_forget: int | None, forget_indices: Sequence[int] | None, default_class: int,
                     default_forget: int, num_classes: int) -> np.ndarray:

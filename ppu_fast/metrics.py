@@ -1,9 +1,12 @@
 """The paper's measurements: error (%) on a set and the membership-inference attack of SCRUB
-(Kurmanji et al. 2024), which the paper follows (§5.5)."""
+(Kurmanji et al. 2024), which the paper follows (§5.5); beside it, an attack with signal at low false
+positive rates (a population / offline LiRA-style score, :func:`lira`) reported as ROC AUC and TPR at a
+fixed FPR; and the retrain gap (:func:`retrain_gap`), the mean distance to Retrain's numbers."""
 from __future__ import annotations
 
+import math
 import random
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -138,3 +141,205 @@ def mia_detail(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | D
     scores, n, scored = _attack(f, t, seed)
     return {"mia": 100.0 * float(np.mean(scores)), "splits": [100.0 * float(s) for s in scores], "n": int(n),
             "scored": int(scored), "chance": 50.0 / float(np.sqrt(scored))}
+
+
+# ------------------------------------------------------------------------------------------------------
+# An attack with signal: per-class calibrated confidence, judged by ROC (Carlini et al. 2022, "Membership
+# inference attacks from first principles": report TPR at low FPR, not balanced accuracy).
+
+def true_class_features(logits: torch.Tensor | np.ndarray,
+                        labels: torch.Tensor | np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
+    """Per-example features of the true class from ``logits`` (N, k) and ``labels`` (N,).
+
+    Returns float64 arrays (N,): ``loss`` (cross-entropy, -log p_y), ``confidence`` (p_y) and
+    ``logit_confidence``, log(p_y / (1 - p_y)), computed as ``z_y - logsumexp_{j != y} z_j`` so that it
+    stays finite and ordered where p_y rounds to 1 (a well-fit training example's usual case, exactly
+    where members and non-members must be told apart)."""
+    z = torch.as_tensor(logits).double()
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+    if z.dim() != 2:
+        raise ValueError(f"logits must be (N, k), got shape {tuple(z.shape)}")
+    if z.shape[0] != y.shape[0]:
+        raise ValueError(f"logits and labels disagree on N: {z.shape[0]} != {y.shape[0]}")
+    if z.shape[1] < 2:
+        raise ValueError(f"logits need at least 2 classes for a confidence ratio, got k = {z.shape[1]}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= z.shape[1]):
+        raise ValueError(f"labels must lie in [0, {z.shape[1]}), got values in [{int(y.min())}, {int(y.max())}]")
+    rows = torch.arange(len(y))
+    true = z[rows, y]
+    others = z.clone()
+    others[rows, y] = -math.inf
+    rest = torch.logsumexp(others, dim=1)
+    loss = torch.logsumexp(z, dim=1) - true
+    return {"loss": loss.numpy(), "confidence": torch.exp(-loss).numpy(), "logit_confidence": (true - rest).numpy()}
+
+
+def logit_confidence_from_losses(losses: Sequence[float] | np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) with p = exp(-loss), for losses (N,) >= 0 (the cross-entropy of the true class):
+    ``-loss - log(-expm1(-loss))``. A loss of exactly 0 maps to +inf. Shape (N,), float64."""
+    loss = np.asarray(losses, dtype=np.float64).reshape(-1)
+    if np.any(np.isnan(loss)) or np.any(loss < 0):
+        raise ValueError("losses must be >= 0 and not NaN (cross-entropy of the true class)")
+    with np.errstate(divide="ignore"):
+        return -loss - np.log(-np.expm1(-loss))
+
+
+def _scores(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        raise ValueError(f"{name} is empty: the ROC needs at least one score per side")
+    if np.any(np.isnan(v)):
+        raise ValueError(f"{name} contains NaN at position {int(np.flatnonzero(np.isnan(v))[0])}")
+    return v
+
+
+def roc_curve(member_scores: Sequence[float] | np.ndarray,
+              nonmember_scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The attack's ROC: ``(fpr, tpr)``, each (T + 1,), for "member when score >= t" over every distinct
+    score t from high to low, starting at (0, 0) and ending at (1, 1). Higher scores mean "member"."""
+    pos = np.sort(_scores(member_scores, "member_scores"))
+    neg = np.sort(_scores(nonmember_scores, "nonmember_scores"))
+    thresholds = np.unique(np.concatenate([pos, neg]))[::-1]
+    # Count of scores >= t: everything from the first index where t would be inserted on the left.
+    tpr = (len(pos) - np.searchsorted(pos, thresholds, side="left")) / len(pos)
+    fpr = (len(neg) - np.searchsorted(neg, thresholds, side="left")) / len(neg)
+    return np.r_[0.0, fpr], np.r_[0.0, tpr]
+
+
+def roc_auc(member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray) -> float:
+    """Area under the ROC in [0, 1] (0.5: chance), as the Mann-Whitney statistic: the probability that
+    a random member outscores a random non-member, ties counting one half."""
+    pos = _scores(member_scores, "member_scores")
+    neg = _scores(nonmember_scores, "nonmember_scores")
+    both = np.concatenate([pos, neg])
+    values, inverse, counts = np.unique(both, return_inverse=True, return_counts=True)
+    # Average rank (1-based) of each distinct value: the ranks its tied copies share.
+    below = np.cumsum(counts) - counts
+    ranks = (below + (counts + 1) / 2.0)[inverse.reshape(-1)]
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))
+
+
+def tpr_at_fpr(member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray,
+               fpr: float) -> float:
+    """The largest true positive rate (fraction) of a threshold whose false positive rate is at most
+    ``fpr`` (a fraction in [0, 1]); no interpolation between thresholds. With fewer than 1 / ``fpr``
+    non-members this is the TPR at zero false positives."""
+    if not 0.0 <= float(fpr) <= 1.0:
+        raise ValueError(f"fpr must be a fraction in [0, 1], got {fpr}")
+    f, t = roc_curve(member_scores, nonmember_scores)
+    # The small slack keeps an FPR of exactly fpr (e.g. 1 of 100) from failing on rounding.
+    return float(t[f <= float(fpr) + 1e-12].max())
+
+
+def offline_lira_scores(member_values: Sequence[float] | np.ndarray,
+                        member_labels: Sequence[int] | np.ndarray,
+                        nonmember_values: Sequence[float] | np.ndarray,
+                        nonmember_labels: Sequence[int] | np.ndarray, *,
+                        min_std: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Offline LiRA-style membership scores without shadow models (the "population" reference).
+
+    For each class c the non-members of c (test examples never trained on) give an "out" Gaussian
+    N(mu_c, sigma_c^2) of the feature (use the logit-scaled confidence of
+    :func:`true_class_features`); an example's score is its z-score ``(value - mu_c) / sigma_c``,
+    which ranks examples of one class as offline LiRA's one-sided likelihood test does and puts classes
+    of unlike difficulty on one scale. Each non-member is scored against the Gaussian of the *other*
+    non-members of its class (leave one out), so it is not judged by a fit that contains it.
+
+    Shapes: member_values, member_labels (M,); nonmember_values, nonmember_labels (N,). Every class of
+    a member needs at least 3 non-members. ``sigma_c`` is floored at ``min_std``. Returns float64
+    ``(member_scores (M,), nonmember_scores (N,))``; higher means "member"."""
+    mv = np.asarray(member_values, dtype=np.float64).reshape(-1)
+    nv = np.asarray(nonmember_values, dtype=np.float64).reshape(-1)
+    ml = np.asarray(member_labels).reshape(-1)
+    nl = np.asarray(nonmember_labels).reshape(-1)
+    if len(mv) != len(ml):
+        raise ValueError(f"member_values and member_labels disagree on length: {len(mv)} != {len(ml)}")
+    if len(nv) != len(nl):
+        raise ValueError(f"nonmember_values and nonmember_labels disagree on length: {len(nv)} != {len(nl)}")
+    if not min_std > 0:
+        raise ValueError(f"min_std must be positive, got {min_std}")
+    # +inf (a loss of exactly 0, from logit_confidence_from_losses) would make every statistic NaN;
+    # the cap is far beyond any logit gap a network produces, so it changes no ranking in practice.
+    mv, nv = np.clip(mv, -1e4, 1e4), np.clip(nv, -1e4, 1e4)
+    m_scores = np.empty_like(mv)
+    n_scores = np.full_like(nv, np.nan)
+    for c in np.unique(np.concatenate([ml, nl])):
+        out = nv[nl == c]
+        ins = ml == c
+        if ins.any() and len(out) < 3:
+            raise ValueError(f"class {c}: {len(out)} non-member(s), the out Gaussian needs at least 3")
+        if len(out) < 3:
+            continue  # a class with no members needs no scores; its few non-members get them below
+        n = len(out)
+        mu, sd = out.mean(), out.std(ddof=1)
+        m_scores[ins] = (mv[ins] - mu) / max(sd, min_std)
+        # Leave-one-out mean and sample variance of the other n - 1, in closed form.
+        mu_loo = (n * mu - out) / (n - 1)
+        ss_loo = np.maximum((n - 1) * sd ** 2 - (out - mu) ** 2 * n / (n - 1), 0.0)
+        sd_loo = np.sqrt(ss_loo / (n - 2))
+        n_scores[nl == c] = (out - mu_loo) / np.maximum(sd_loo, min_std)
+    if np.isnan(n_scores).any():
+        c = nl[np.isnan(n_scores)][0]
+        raise ValueError(f"class {c}: fewer than 3 non-members, too few to score them")
+    return m_scores, n_scores
+
+
+ATTACK_FPRS = (0.01, 0.05)
+
+
+def attack_from_features(member_values: Sequence[float] | np.ndarray, member_labels: Sequence[int] | np.ndarray,
+                         nonmember_values: Sequence[float] | np.ndarray,
+                         nonmember_labels: Sequence[int] | np.ndarray) -> dict[str, float | int]:
+    """:func:`offline_lira_scores` judged by ROC: ``{"auc", "tpr_at_1fpr", "tpr_at_5fpr"}`` in percent
+    (AUC 50 and TPR@x%FPR = x: chance) and ``n_members`` / ``n_nonmembers``. Members are the forget
+    set, non-members the test examples of the forget set's classes."""
+    ms, ns = offline_lira_scores(member_values, member_labels, nonmember_values, nonmember_labels)
+    return {"auc": 100.0 * roc_auc(ms, ns),
+            "tpr_at_1fpr": 100.0 * tpr_at_fpr(ms, ns, ATTACK_FPRS[0]),
+            "tpr_at_5fpr": 100.0 * tpr_at_fpr(ms, ns, ATTACK_FPRS[1]),
+            "n_members": int(len(ms)), "n_nonmembers": int(len(ns))}
+
+
+def lira(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | DataLoader, *, batch_size: int = 256,
+         device: str | torch.device | None = None) -> dict[str, float | int]:
+    """The offline LiRA-style attack on ``model``: members are ``forget``, non-members the examples of
+    ``test`` of the classes present in ``forget`` (as SCRUB's attack restricts them); the feature is the
+    logit-scaled confidence of the true class. Returns :func:`attack_from_features`'s dict."""
+    classes = dataset_targets(forget).unique().tolist()
+    if not classes:
+        raise ValueError("forget is empty: the attack needs forget examples")
+    test_same = restrict_to_classes(test, classes)
+    fl, fy = predict(model, forget, batch_size=batch_size, device=device)
+    tl, ty = predict(model, test_same, batch_size=batch_size, device=device)
+    if len(ty) == 0:
+        raise ValueError(f"test has no examples of the forget classes {classes}")
+    f = true_class_features(fl, fy)["logit_confidence"]
+    t = true_class_features(tl, ty)["logit_confidence"]
+    return attack_from_features(f, fy.numpy(), t, ty.numpy())
+
+
+# The metrics the retrain gap averages: the paper's four columns.
+RETRAIN_GAP_METRICS = ("test_error", "retain_error", "forget_error", "mia")
+
+
+def retrain_gap(row: Mapping[str, float], reference: Mapping[str, float]) -> float:
+    """Mean absolute difference (percent points) between one model's metrics and Retrain's, over test,
+    retain and forget error and SCRUB's MIA (:data:`RETRAIN_GAP_METRICS`), the average-gap summary of
+    recent unlearning benchmarks; measured on one seed, so both rows must come from the same split.
+    Retrain's own gap is 0. NaN when any of the four is missing or NaN on either side."""
+    diffs = []
+    for m in RETRAIN_GAP_METRICS:
+        a, b = row.get(m), reference.get(m)
+        if a is None or b is None or math.isnan(float(a)) or math.isnan(float(b)):
+            return float("nan")
+        diffs.append(abs(float(a) - float(b)))
+    return sum(diffs) / len(diffs)
+
+
+def add_retrain_gaps(rows: Mapping[str, Mapping[str, Any]], reference: str = "retrain") -> dict[str, dict]:
+    """One seed's rows (method -> metrics) with ``retrain_gap`` set on each: against ``reference``'s row
+    of the same seed, NaN for every method where the reference did not run. Returns new dicts."""
+    ref = rows.get(reference)
+    return {name: {**row, "retrain_gap": retrain_gap(row, ref) if ref is not None else float("nan")}
+            for name, row in rows.items()}

@@ -9,15 +9,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-METRICS = ("test_error", "retain_error", "forget_error", "val_error", "mia", "seconds")
+METRICS = ("test_error", "retain_error", "forget_error", "val_error", "mia", "seconds", "mia_auc",
+           "mia_tpr_at_1fpr", "mia_tpr_at_5fpr", "retrain_gap")
 HEADERS = {"test_error": "Test error", "retain_error": "Retain error", "forget_error": "Forget error",
-           "val_error": "Val error (forget cl.)", "mia": "MIA", "seconds": "Seconds"}
+           "val_error": "Val error (forget cl.)", "mia": "MIA", "seconds": "Seconds", "mia_auc": "Attack AUC",
+           "mia_tpr_at_1fpr": "TPR@1%FPR", "mia_tpr_at_5fpr": "TPR@5%FPR", "retrain_gap": "Retrain gap"}
 LABELS = {"original": "Original", "retrain": "Retrain", "finetune": "Finetune", "ppu": "PPU (privacy)",
           "ppu-bias": "PPU w/ uniform (bias)", "ppu-random": "PPU w/ random (bias)"}
+# What "±" means in every table: the standard error of the mean over seeds.
+SPREAD = "mean ± standard error over seeds (sample std / √n)"
+
+
+def _finite_values(values: Sequence[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and not math.isnan(float(v))]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    vals = _finite_values(values)
     if not vals:
         return float("nan"), float("nan")
     mean = sum(vals) / len(vals)
@@ -26,37 +34,112 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
+def _sem(values: Sequence[float]) -> float:
+    # The standard error of the mean: sample std (ddof=1) / sqrt(n); undefined (NaN) for one run.
+    vals = _finite_values(values)
+    n = len(vals)
+    if n < 2:
+        return float("nan")
+    mean = sum(vals) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n)
+
+
 def summarize(runs: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, Any]]:
-    """Mean and std over seeds. ``runs``: one dict per seed, method name -> {metric: value}.
-    Returns method -> {metric: mean, ..., "std": {metric: std}}, methods in first-seen order."""
+    """Mean and spread over seeds. ``runs``: one dict per seed, method name -> {metric: value}.
+
+    Returns method -> {metric: mean, ..., "std": {metric: population std (ddof 0)}, "sem": {metric:
+    standard error of the mean, sample std (ddof 1) / sqrt(n), NaN for one seed}, "n": {metric: seeds
+    with a value}}, methods in first-seen order. ``sem`` and ``n`` are what :func:`welch_test` needs."""
     names: list[str] = []
     for run in runs:
         names += [n for n in run if n not in names]
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         rows = [run[name] for run in runs if name in run]
-        entry: dict[str, Any] = {"std": {}}
+        entry: dict[str, Any] = {"std": {}, "sem": {}, "n": {}}
         for metric in METRICS:
-            mean, std = _mean_std([row.get(metric, float("nan")) for row in rows])
+            values = [row.get(metric, float("nan")) for row in rows]
+            mean, std = _mean_std(values)
             entry[metric] = mean
             entry["std"][metric] = std
+            entry["sem"][metric] = _sem(values)
+            entry["n"][metric] = len(_finite_values(values))
         out[name] = entry
     return out
 
 
-def _cell(mean: float, std: float, with_std: bool) -> str:
-    if math.isnan(mean):
+def welch_test(mean_a: float, sem_a: float, n_a: int, mean_b: float, sem_b: float,
+               n_b: int) -> tuple[float, float, float]:
+    """Welch's unequal-variance t-test from two summaries (mean, standard error of the mean, sample
+    size), two-sided: ``(t, df, p)``. The standard error is the sample std (ddof 1) / sqrt(n), so
+    ``sem**2`` is Welch's s^2 / n. df by the Welch-Satterthwaite equation; p from scipy's Student t
+    (scipy comes with scikit-learn, a dependency). NaN when a side has fewer than 2 samples or a
+    value is missing; where both spreads are 0, p is 0 for unequal means and 1 for equal ones."""
+    values = (mean_a, sem_a, mean_b, sem_b)
+    if n_a is None or n_b is None or int(n_a) < 2 or int(n_b) < 2 or \
+            any(v is None or math.isnan(float(v)) for v in values):
+        return float("nan"), float("nan"), float("nan")
+    va, vb = float(sem_a) ** 2, float(sem_b) ** 2
+    diff = float(mean_a) - float(mean_b)
+    if va + vb == 0:
+        return (math.copysign(math.inf, diff) if diff else 0.0), float("nan"), (0.0 if diff else 1.0)
+    t = diff / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (int(n_a) - 1) + vb ** 2 / (int(n_b) - 1))
+    from scipy.stats import t as student_t
+
+    return t, df, float(2.0 * student_t.sf(abs(t), df))
+
+
+def welch_samples(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """:func:`welch_test` on two samples (NaNs dropped): ``(t, df, p)``."""
+    va, vb = _finite_values(a), _finite_values(b)
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    return welch_test(mean(va), _sem(va), len(va), mean(vb), _sem(vb), len(vb))
+
+
+def differs(methods: Mapping[str, Mapping[str, Any]], name: str, reference: str, metric: str,
+            alpha: float = 0.05) -> bool:
+    """Whether ``name`` and ``reference`` differ on ``metric`` by :func:`welch_test` at level ``alpha``,
+    from :func:`summarize`'s entries; False where the test cannot be made (a method missing, fewer than
+    2 seeds, or entries without ``sem`` / ``n``, as in results.json files written before them)."""
+    if name == reference or name not in methods or reference not in methods:
+        return False
+    a, b = methods[name], methods[reference]
+    try:
+        _, _, p = welch_test(a[metric], a["sem"][metric], a["n"][metric], b[metric], b["sem"][metric],
+                             b["n"][metric])
+    except (KeyError, TypeError):
+        return False
+    return not math.isnan(p) and p < alpha
+
+
+def _cell(mean: float, spread: float, with_std: bool) -> str:
+    if mean is None or math.isnan(mean):
         return "-"
-    return f"{mean:.2f} ± {std:.2f}" if with_std else f"{mean:.2f}"
+    if with_std and spread is not None and not math.isnan(spread):
+        return f"{mean:.2f} ± {spread:.2f}"
+    return f"{mean:.2f}"
+
+
+def spread(entry: Mapping[str, Any], metric: str) -> float:
+    """The ± of a table cell: the standard error (``sem``) where the entry has one, else its ``std``
+    (results.json files written before ``sem`` existed); NaN when neither."""
+    for key in ("sem", "std"):
+        v = (entry.get(key) or {}).get(metric)
+        if v is not None:
+            return float(v)
+    return float("nan")
 
 
 def format_table(methods: Mapping[str, Mapping[str, Any]], *, with_std: bool = False) -> str:
-    """A markdown table, one row per method: errors (%), MIA (%, 50 is ideal) and seconds."""
+    """A markdown table, one row per method: errors (%), MIA (%, 50 is ideal), seconds, the offline
+    LiRA-style attack's AUC and TPR at 1 % / 5 % FPR (%) and the retrain gap (% points); with
+    ``with_std``, mean ± standard error over seeds."""
     head = "| Method | " + " | ".join(HEADERS[m] for m in METRICS) + " |"
     rule = "|---|" + "---:|" * len(METRICS)
     lines = [head, rule]
     for name, entry in methods.items():
-        cells = [_cell(entry[m], entry["std"][m], with_std) for m in METRICS]
+        cells = [_cell(entry.get(m, float("nan")), spread(entry, m), with_std) for m in METRICS]
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -247,7 +330,7 @@ def plot(methods: Mapping[str, Mapping[str, Any]], history: Mapping[str, Sequenc
     for j, metric in enumerate(shown):
         xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(names))]
         ys = [methods[n][metric] for n in names]
-        es = [methods[n]["std"][metric] for n in names]
+        es = [0.0 if math.isnan(spread(methods[n], metric)) else spread(methods[n], metric) for n in names]
         ax.bar(xs, ys, width, yerr=es, label=HEADERS[metric])
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(names)))
@@ -354,7 +437,10 @@ def write_results(out_dir: str | Path, config: Mapping[str, Any], methods: Mappi
     paths["md"].write_text(
         f"# Unlearning results\n\n{cfg}\n\nErrors in %; MIA is the attacker's accuracy in % (50 is "
         f"ideal); Seconds is the unlearning time (Retrain: its training time)"
-        f"{'; mean ± std over seeds' if with_std else ''}.\n\n{format_table(methods, with_std=with_std)}\n"
+        f"; Attack AUC and TPR@x%FPR: the offline LiRA-style attack (members: forget set, non-members: "
+        f"test examples of its classes; AUC 50 and TPR@x%FPR = x are chance); Retrain gap: mean |difference| "
+        f"to Retrain over test, retain and forget error and MIA, per seed (% points)"
+        f"{'; ' + SPREAD if with_std else ''}.\n\n{format_table(methods, with_std=with_std)}\n"
         + ("\n## Verdict\n\n" + "".join(f"- {line}\n" for line in verdict.lines) if verdict else ""))
     title = f"{config.get('dataset', '')} / {config.get('model', '')}"
     if story:

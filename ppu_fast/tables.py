@@ -2,7 +2,13 @@
 
 ``ppu-fast run`` calls :func:`write_tables` beside ``results.json``; ``python -m ppu_fast.tables DIR``
 does the same for a finished run, and ``python -m ppu_fast.tables DIR1 DIR2 ... --out DIR`` first
-merges runs of single seeds into one (mean ± std over all their seeds).
+merges runs of single seeds into one (mean ± standard error over all their seeds).
+
+Our cells read mean ± standard error of the mean over seeds (sample std / √n; files written before
+the standard error was recorded fall back to their population std, and the caption says so). A † marks
+a method whose mean differs from PPU's (privacy) by Welch's t-test at p < 0.05
+(:func:`ppu_fast.report.welch_test`). Beside the paper's tables, "Attack with signal" lists the offline
+LiRA-style attack (ROC AUC, TPR at 1 % and 5 % FPR) and the retrain gap.
 
 The paper's numbers live only in ``paper_numbers.json`` (read off the paper's text, with table and
 row); every number that this module prints beside them is measured. Which paper tables a run is set
@@ -30,6 +36,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .report import differs, spread
+
 PAPER_FILE = Path(__file__).with_name("paper_numbers.json")
 SMALL_SCALE = ("digits5", "cifar5")
 METRIC_NAMES = {"test_error": "Test error", "retain_error": "Retain error", "forget_error": "Forget error",
@@ -41,6 +49,11 @@ LABELS = {"original": "Original", "retrain": "Retrain", "finetune": "Finetune", 
           "scrub+r": "SCRUB+R", "ppu": "PPU", "ppu-bias": "PPU w/ uniform", "ppu-random": "PPU w/ random",
           "scrub+ppu": "SCRUB + PPU", "finetune+ppu": "Finetune + PPU"}
 DASH = "—"
+# The method every other is tested against for the † marks.
+SIGNIFICANCE_REFERENCE = "ppu"
+MARK = "†"
+ATTACK_METRICS = {"mia": "MIA (SCRUB)", "mia_auc": "Attack AUC", "mia_tpr_at_1fpr": "TPR@1%FPR",
+                  "mia_tpr_at_5fpr": "TPR@5%FPR", "retrain_gap": "Retrain gap"}
 
 
 @lru_cache(maxsize=1)
@@ -81,10 +94,38 @@ def _ours(methods: Mapping[str, Mapping[str, Any]], name: str | None, metric: st
     mean = entry.get(metric)
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return DASH
-    std = (entry.get("std") or {}).get(metric)
-    if with_std and std is not None and not (isinstance(std, float) and math.isnan(std)):
-        return f"{mean:.2f} ± {std:.2f}"
-    return f"{mean:.2f}"
+    mark = f" {MARK}" if differs(methods, name, SIGNIFICANCE_REFERENCE, metric) else ""
+    sd = spread(entry, metric)
+    if with_std and not math.isnan(sd):
+        return f"{mean:.2f} ± {sd:.2f}{mark}"
+    return f"{mean:.2f}{mark}"
+
+
+def spread_kind(methods: Mapping[str, Mapping[str, Any]]) -> str:
+    """What the ± of our cells is: "standard error" where the entries record ``sem``, else
+    "population std" (results.json files written before it)."""
+    return "standard error" if any("sem" in e for e in methods.values()) else "population std"
+
+
+def attack_table(methods: Mapping[str, Mapping[str, Any]], *, with_std: bool = True) -> str:
+    """Our attack with signal beside SCRUB's MIA, per method: the offline LiRA-style attack's ROC AUC
+    and TPR at 1 % and 5 % FPR (%; chance: AUC 50, TPR@x%FPR = x) and the retrain gap (% points; 0 for
+    Retrain). The paper reports none of these."""
+    lines = ["### Attack with signal and the retrain gap (ours; the paper has no such table)", "",
+             "MIA (SCRUB): the paper's attack, balanced accuracy (50 ideal). Attack AUC, TPR@x%FPR: an "
+             "offline LiRA-style attack (each example's logit-scaled confidence z-scored against a "
+             "Gaussian of the test examples of its class; members: forget set, non-members: test "
+             "examples of the forget classes); Retrain's values are what an unlearned model should "
+             "show. Retrain gap: mean |difference| to Retrain over test, retain and forget error and "
+             "MIA, per seed, then averaged."
+             + (f" Cells: mean ± {spread_kind(methods)} over seeds; {MARK}: differs from PPU (privacy), "
+                f"Welch's t-test, p < 0.05." if with_std else ""), "",
+             "| Method | " + " | ".join(ATTACK_METRICS.values()) + " |",
+             "|---|" + "---:|" * len(ATTACK_METRICS)]
+    for name in methods:
+        lines.append(f"| {LABELS.get(name, name)} | "
+                     + " | ".join(_ours(methods, name, m, with_std) for m in ATTACK_METRICS) + " |")
+    return "\n".join(lines)
 
 
 def _rows(table: Mapping[str, Any] | None, methods: Mapping[str, Any]) -> list[tuple[str, str | None, dict]]:
@@ -111,8 +152,8 @@ def _setting(table: Mapping[str, Any], ctx: Mapping[str, Any], column: str) -> s
 
 def error_table(tid: str, methods: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any], *,
                 with_std: bool = True) -> str:
-    """Paper table ``tid`` (1, 2, 3, 6-10 or 5.7) as Markdown: per metric, ours (mean ± std over
-    seeds) beside the paper's number. The paper's numbers are left out when the paper reports the
+    """Paper table ``tid`` (1, 2, 3, 6-10 or 5.7) as Markdown: per metric, ours (mean ± standard error
+    over seeds, † where it differs from PPU's by Welch's t-test) beside the paper's number. The paper's numbers are left out when the paper reports the
     table for another scale or scenario than the run's."""
     table = paper_numbers()["tables"][tid]
     ctx = context(config)
@@ -220,25 +261,34 @@ def table_ids(config: Mapping[str, Any]) -> list[str]:
 
 
 def render(config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], *, seeds: int = 1) -> str:
-    """The whole Markdown document: the applicable paper tables, Table 3, Table 4 and the time table."""
+    """The whole Markdown document: the applicable paper tables, Table 3, Table 4, the attack with
+    signal and the time table."""
     with_std = seeds > 1
     ctx = context(config)
+    kind = spread_kind(methods)
+    ours = (f"mean ± {kind} over {seeds} seeds"
+            + (" (sample std / √n)" if kind == "standard error" else "")
+            + (f"; {MARK}: differs from PPU (privacy) by Welch's t-test, p < 0.05"
+               if SIGNIFICANCE_REFERENCE in methods else "; no PPU row, so no significance marks")
+            if with_std else "one seed")
     parts = [f"# The paper's tables: {ctx['dataset']} / {ctx['model']}"
              f"{' / ' + ctx['scenario'] if ctx['scenario'] else ''}", "",
-             f"Ours: {'mean ± std over ' + str(seeds) + ' seeds' if with_std else 'one seed'}; errors and "
-             f"MIA in %. Paper: the numbers printed in the paper (ppu_fast/paper_numbers.json), as a "
+             f"Ours: {ours}; errors and MIA in %. Starting weights: {config.get('init', 'scratch')}. Paper: the numbers printed in the paper (ppu_fast/paper_numbers.json), as a "
              f"reference measured elsewhere (CIFAR-100 pre-training, other data, other hardware)."]
     ids = table_ids(config)
     ordered = [t for t in ids if t in ("1", "2")] + ["3", "4"] + [t for t in ids if t not in ("1", "2")]
     for tid in ordered:
         parts += ["", mia_table(methods, config, with_std=with_std) if tid == "4" else
                   error_table(tid, methods, config, with_std=with_std)]
+        if tid == "4":
+            parts += ["", attack_table(methods, with_std=with_std)]
     parts += ["", time_table(methods, with_std=with_std), ""]
     return "\n".join(parts)
 
 
 def plot_time(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Figure 3 for our run: unlearning seconds per method (mean, std as error bars), Agg backend."""
+    """Figure 3 for our run: unlearning seconds per method (mean, standard error as error bars), Agg
+    backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,7 +300,7 @@ def plot_time(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title:
 
     names = [n for n in methods if not math.isnan(seconds(n))]
     secs = [seconds(n) for n in names]
-    errs = [float((methods[n].get("std") or {}).get("seconds") or 0.0) for n in names]
+    errs = [0.0 if math.isnan(spread(methods[n], "seconds")) else spread(methods[n], "seconds") for n in names]
     fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(names) + 1.4))
     colors = ["tab:orange" if n.startswith("ppu") or n.endswith("+ppu") else "tab:blue" for n in names]
     ax.barh(range(len(names)), secs, xerr=errs, color=colors)
@@ -351,16 +401,21 @@ def merge(folders: Sequence[str | Path]) -> dict:
     seed with other methods add methods to that seed (so a long experiment can be split into several
     calls, e.g. on a GPU machine with a time limit per call). The config is the first run's, with the
     union of seeds and methods and the summed wall time; the history is the union of the runs'.
-    Raises if the runs differ in dataset, model, width or scenario."""
+    Each seed's ``retrain_gap`` is recomputed against that seed's merged Retrain row. Raises if the
+    runs differ in dataset, model, width, scenario or starting weights (``init``)."""
+    from .metrics import add_retrain_gaps  # lazily: metrics imports torch, the tables alone need none
+
     runs = [load_results(f) for f in folders]
     if not runs:
         raise ValueError("folders: name at least one run folder")
-    key = ("dataset", "model", "width", "scenario")
+    key = ("dataset", "model", "width", "scenario", "init")
+    # Runs written before "init" was recorded all started from scratch.
+    get = lambda cfg, k: cfg.get(k, "scratch" if k == "init" else None)  # noqa: E731
     first = runs[0]["config"]
     for f, r in zip(folders, runs):
-        if any(r["config"].get(k) != first.get(k) for k in key):
-            raise ValueError(f"'{f}' is a different experiment: {[r['config'].get(k) for k in key]} vs "
-                             f"{[first.get(k) for k in key]}")
+        if any(get(r["config"], k) != get(first, k) for k in key):
+            raise ValueError(f"'{f}' is a different experiment: {[get(r['config'], k) for k in key]} vs "
+                             f"{[get(first, k) for k in key]}")
     by_seed: dict[Any, dict] = {}
     methods: list[str] = []
     history: dict = {}
@@ -374,11 +429,12 @@ def merge(folders: Sequence[str | Path]) -> dict:
             methods += [m for m in row if m not in methods]
         for name, h in (r.get("history") or {}).items():
             history.setdefault(name, h)
-    config = {**first, "seeds": list(by_seed), "methods": methods}
+    config = {**first, "seeds": list(by_seed), "num_seeds": len(by_seed), "methods": methods}
     if all("wall_seconds" in r["config"] for r in runs):
         config["wall_seconds"] = round(sum(float(r["config"]["wall_seconds"]) for r in runs), 2)
     # Method order: the first run's, then the others' in order of appearance.
-    per_seed = [{m: row[m] for m in methods if m in row} for row in by_seed.values()]
+    # The retrain gap again: a seed's Retrain may come from another run than the method's row.
+    per_seed = [add_retrain_gaps({m: row[m] for m in methods if m in row}) for row in by_seed.values()]
     return {"config": config, "per_seed": per_seed, "history": history}
 
 

@@ -102,6 +102,13 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
         _parser().parse_args(["demo", "--progress", "--no-progress"])
 
 
+def test_run_defaults_to_five_seeds():
+    from ppu_fast.cli import _parser
+
+    args = _parser().parse_args(["run", "--dataset", "digits5", "--model", "smallcnn", "--out", "x"])
+    assert args.seeds == [0, 1, 2, 3, 4]
+
+
 def test_run_over_seeds_reports_mean_and_std(tmp_path):
     out = tmp_path / "run"
     code = main(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.5", "--methods",
@@ -113,7 +120,14 @@ def test_run_over_seeds_reports_mean_and_std(tmp_path):
     errs = [run["original"]["test_error"] for run in res["per_seed"]]
     assert res["methods"]["original"]["test_error"] == pytest.approx(np.mean(errs))
     assert res["methods"]["original"]["std"]["test_error"] == pytest.approx(np.std(errs))
+    assert res["methods"]["original"]["sem"]["test_error"] == pytest.approx(np.std(errs, ddof=1) / np.sqrt(2))
+    assert res["config"]["num_seeds"] == 2 and res["config"]["init"] == "scratch"
+    for entry in res["methods"].values():
+        for key in ("mia_auc", "mia_tpr_at_1fpr", "mia_tpr_at_5fpr"):
+            assert 0 <= entry[key] <= 100 and key in entry["std"] and key in entry["sem"]
+        assert entry["retrain_gap"] is None  # no Retrain in this run
     assert "±" in (out / "results.md").read_text()
+    assert "standard error" in (out / "tables.md").read_text()
     assert res["config"]["method_options"]["ppu"] == {"epochs": "1"}
 
 
@@ -192,3 +206,90 @@ def test_report_summary_table_and_nan(tmp_path):
     paths = write_results(tmp_path, {"dataset": "x"}, methods, per_seed=runs)
     res = json.loads(paths["json"].read_text())
     assert res["methods"]["ppu"]["val_error"] is None and res["per_seed"][0]["ppu"]["val_error"] is None
+
+
+def _digits5_run(out, *extra):
+    return main(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.5", "--methods",
+                 "original,retrain", "--seeds", "0", "--threads", "1", "--out", str(out), "--no-progress",
+                 *extra])
+
+
+def test_init_checkpoint_starts_original_and_retrain_from_it(tmp_path):
+    import hashlib
+
+    from ppu_fast.data import make_split
+    from ppu_fast.metrics import error
+    from ppu_fast.models import build_model
+
+    torch.manual_seed(123)
+    net = build_model("smallcnn", 5, 1, 0.5)
+    ckpt = tmp_path / "start.pt"
+    torch.save(net.state_dict(), ckpt)
+    # no training epochs: Original and Retrain are the checkpoint itself, so their errors are its errors
+    assert _digits5_run(tmp_path / "run", "--epochs", "0", "--init-checkpoint", str(ckpt)) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    cfg = res["config"]
+    assert cfg["init"] == "sha256:" + hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert cfg["init_checkpoint"] == str(ckpt) and cfg["init_head"] == "loaded"
+    expected = error(net, make_split("digits5", seed=0, progress=False).test)
+    for name in ("original", "retrain"):
+        assert res["methods"][name]["test_error"] == pytest.approx(expected)
+    assert res["per_seed"][0]["retrain"]["retrain_gap"] == 0.0
+    # a checkpoint for another number of classes (here the 10 digits) keeps its body, not its head
+    torch.save({"state_dict": build_model("smallcnn", 10, 1, 0.5).state_dict()}, tmp_path / "ten.pt")
+    assert _digits5_run(tmp_path / "ten", "--epochs", "0", "--init-checkpoint", str(tmp_path / "ten.pt")) == 0
+    assert json.loads((tmp_path / "ten" / "results.json").read_text())["config"]["init_head"] == "re-initialised"
+
+
+def test_init_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
+    from ppu_fast.models import build_model
+
+    torch.save(build_model("allcnn", 5, 1, 0.1).state_dict(), tmp_path / "allcnn.pt")
+    assert _digits5_run(tmp_path / "a", "--init-checkpoint", str(tmp_path / "allcnn.pt")) == 2
+    err = capsys.readouterr().err
+    assert "--init-checkpoint" in err and "is not a state dict of smallcnn (width 0.5" in err
+    assert "unexpected keys features.3.0.weight" in err and "missing keys" not in err  # ALL-CNN has more layers
+    assert "features.0.0.weight: checkpoint (9, 1, 3, 3) vs model (8, 1, 3, 3)" in err
+    torch.save(build_model("resnet18", 5, 1, 0.1).state_dict(), tmp_path / "resnet.pt")
+    assert _digits5_run(tmp_path / "r", "--init-checkpoint", str(tmp_path / "resnet.pt")) == 2
+    err = capsys.readouterr().err
+    assert "missing keys features.0.0.weight" in err and "unexpected keys conv1.weight" in err
+    # same layers, other width: every conv's shape is named
+    torch.save(build_model("smallcnn", 5, 1, 1.0).state_dict(), tmp_path / "wide.pt")
+    assert _digits5_run(tmp_path / "b", "--init-checkpoint", str(tmp_path / "wide.pt")) == 2
+    err = capsys.readouterr().err
+    assert "shape mismatches features.0.0.weight: checkpoint (16, 1, 3, 3) vs model (8, 1, 3, 3)" in err
+    torch.save([1, 2], tmp_path / "list.pt")
+    assert _digits5_run(tmp_path / "c", "--init-checkpoint", str(tmp_path / "list.pt")) == 2
+    assert "expected a state dict" in capsys.readouterr().err
+    assert _digits5_run(tmp_path / "d", "--init-checkpoint", str(tmp_path / "none.pt")) == 2
+    assert "--init-checkpoint" in capsys.readouterr().err
+    assert _digits5_run(tmp_path / "e", "--pretrain-epochs", "1") == 2
+    assert "--pretrain-epochs: only with --pretrain" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _digits5_run(tmp_path / "f", "--pretrain", "cifar10-other", "--init-checkpoint", "x.pt")
+
+
+def test_pretrain_on_the_other_cifar10_classes_end_to_end(tmp_path, capsys):
+    from conftest import image_tree
+
+    # 10 class folders (sorted: c0..c9 are CIFAR-10's classes 0..9), 125 train and 100 test images
+    # each, as cifar5's split needs; tiny 8x8 JPEGs, resized to 32x32 on load
+    root = image_tree(tmp_path / "c10", [f"c{i}" for i in range(10)], {"train": 125, "test": 100}, size=(8, 8))
+    argv = ["run", "--dataset", "cifar5", "--data-root", str(root), "--model", "smallcnn", "--width", "0.25",
+            "--methods", "original,retrain,ppu", "--seeds", "0", "--epochs", "0", "--unlearn-epochs", "1",
+            "--pretrain", "cifar10-other", "--pretrain-epochs", "1", "--pretrain-per-class", "20",
+            "--threads", "1", "--no-progress"]
+    assert main(argv + ["--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "pre-trained on CIFAR-10 classes [5, 6, 7, 8, 9] (100 images): trained" in printed
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    cfg = res["config"]
+    assert cfg["init"] == "cifar10-other" and cfg["init_head"] == "re-initialised"
+    assert cfg["pretrain"]["classes"] == [5, 6, 7, 8, 9] and cfg["pretrain"]["train"]["epochs"] == 1
+    # no experiment epochs: Original and Retrain are both the pre-trained body with the same new head
+    o, r = res["methods"]["original"], res["methods"]["retrain"]
+    assert (o["test_error"], o["forget_error"]) == (r["test_error"], r["forget_error"])
+    assert "Starting weights: cifar10-other" in (tmp_path / "run" / "tables.md").read_text()
+    assert main(argv + ["--out", str(tmp_path / "again")]) == 0
+    assert "(100 images): loaded from cache" in capsys.readouterr().out

@@ -141,6 +141,27 @@ def test_cifar5_and_cifar100_official(tmp_path):
     assert s.num_classes == 100 and len(s.forget_idx) == 3 and len(s.test) == 100 and len(s.val) == 0
 
 
+def test_other_cifar10_classes_for_pretraining(tmp_path):
+    from ppu_fast.data import other_classes_dataset
+
+    batches = _write_official(tmp_path / "c10", False, 12, 2, 10)
+    data, classes = other_classes_dataset("cifar5", data_root=tmp_path / "c10", per_class=7, progress=False)
+    assert classes == [5, 6, 7, 8, 9] and len(data) == 35
+    assert torch.bincount(data.targets).tolist() == [7] * 5  # renumbered 0..4
+    # each image is one of the training images of the class it is labelled with (class 5 + label)
+    flat = np.concatenate([b[b"data"] for b in batches])
+    labels = np.concatenate([b[b"labels"] for b in batches])
+    x, y = data[0]
+    raw = (x * torch.tensor(CIFAR_STD).view(3, 1, 1) + torch.tensor(CIFAR_MEAN).view(3, 1, 1)) * 255
+    match = np.flatnonzero(np.abs(flat.astype(np.float32) - raw.reshape(-1).numpy()).max(1) < 0.5)
+    assert len(match) == 1 and labels[match[0]] == 5 + int(y)
+    for name in ("cifar10", "digits5"):
+        with pytest.raises(ValueError, match="leaves no CIFAR-10 classes free"):
+            other_classes_dataset(name, data_root=tmp_path / "c10")
+    with pytest.raises(ValueError, match="per_class must be a positive"):
+        other_classes_dataset("cifar5", data_root=tmp_path / "c10", per_class=0)
+
+
 def test_imagefolder_tree_resized(tmp_path):
     image_tree(tmp_path, ("alice", "bob"), {"train": 6, "test": 2}, size=(40, 50), ext="png")
     s = make_split("imagefolder", data_root=tmp_path, forget_class=1, num_forget=2, val_fraction=0.2,

@@ -25,6 +25,8 @@ def fake_methods(seed=0, with_std=True):
         out[name] = {"test_error": base, "retain_error": base / 2, "forget_error": base * 2,
                      "val_error": base, "mia": 50 + base / 3, "seconds": 10.0 + i,
                      "std": {k: (0.5 if with_std else 0.0) for k in
+                             ("test_error", "retain_error", "forget_error", "val_error", "mia", "seconds")},
+                     "sem": {k: (0.5 if with_std else float("nan")) for k in
                              ("test_error", "retain_error", "forget_error", "val_error", "mia", "seconds")}}
     return out
 
@@ -137,7 +139,8 @@ def test_write_tables_and_figure3(tmp_path):
     cfg = {"dataset": "cifar5", "model": "allcnn", "width": 1.0, "scenario": "selective"}
     paths = write_tables(tmp_path, cfg, fake_methods(), seeds=3)
     md = paths["tables"].read_text()
-    assert md.count("\n### ") == 5 and "mean ± std over 3 seeds" in md
+    assert md.count("\n### ") == 6 and "mean ± standard error over 3 seeds (sample std / √n)" in md
+    assert "### Attack with signal" in md
     assert paths["figure3"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_time({"original": {"seconds": 0.0, "std": {}}}, tmp_path / "one.png").is_file()
     assert paths["trajectory"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -195,7 +198,48 @@ def test_merge_seeds(tmp_path):
                                                     "per_seed": []}))
     with pytest.raises(ValueError, match="different experiment"):
         merge([tmp_path / "s1", other])
+    # a pre-trained start is another experiment; a file without "init" started from scratch
+    pre = tmp_path / "s4"
+    pre.mkdir()
+    cfg = json.loads((tmp_path / "s1" / "results.json").read_text())
+    (pre / "results.json").write_text(json.dumps({**cfg, "config": {**cfg["config"], "init": "cifar10-other"}}))
+    with pytest.raises(ValueError, match="cifar10-other"):
+        merge([tmp_path / "s1", pre])
+    (pre / "results.json").write_text(json.dumps({**cfg, "config": {**cfg["config"], "init": "scratch",
+                                                                     "seeds": [4]}}))
+    assert merge([tmp_path / "s1", pre])["config"]["num_seeds"] == 2
     assert tables.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_significance_marks_against_ppu():
+    from ppu_fast.report import summarize
+
+    # PPU's test error ~ 10, Finetune's ~ 20 (clearly apart), Retrain's ~ 10.5 (inside the noise)
+    runs = [{"ppu": {"test_error": 10.0 + d, "mia": 50.0 + d}, "finetune": {"test_error": 20.0 + d, "mia": 50.0 - d},
+             "retrain": {"test_error": 10.5 - d, "mia": 50.0}} for d in (-1.0, 0.0, 1.0, 0.5, -0.5)]
+    methods = summarize(runs)
+    cfg = {"dataset": "cifar5", "model": "allcnn"}
+    text = render(cfg, methods, seeds=5)
+    assert "†: differs from PPU (privacy) by Welch's t-test, p < 0.05" in text
+    line = lambda label, t: next(ln for ln in t.splitlines() if ln.startswith(f"| {label} |"))  # noqa: E731
+    sem = methods["finetune"]["sem"]["test_error"]
+    assert f"| 20.00 ± {sem:.2f} † |" in line("Finetune", error_table("1", methods, cfg))
+    assert "†" not in line("Retrain", error_table("1", methods, cfg))  # 10.5 vs 10: not significant
+    assert "†" not in line("PPU", error_table("6", methods, cfg))  # never against itself
+    attack = tables.attack_table(methods)
+    assert "†" not in line("Finetune", attack)  # equal MIA means
+    # one seed: no test, no marks; no PPU row: no marks and the caption says so
+    assert "†" not in render(cfg, summarize(runs[:1]), seeds=1)
+    no_ppu = summarize([{k: v for k, v in r.items() if k != "ppu"} for r in runs])
+    assert "no PPU row, so no significance marks" in render(cfg, no_ppu, seeds=5)
+
+
+def test_old_results_without_sem_say_std():
+    old = fake_methods()
+    for e in old.values():
+        del e["sem"]
+    text = render({"dataset": "cifar5", "model": "allcnn"}, old, seeds=3)
+    assert "mean ± population std over 3 seeds" in text
 
 
 def test_expand_methods():
@@ -245,4 +289,9 @@ def test_merge_methods_of_one_seed(tmp_path):
                        "seeds": [1], "wall_seconds": 1.0}, "per_seed": [per], "history": {}}))
     res = merge([tmp_path / "p0", tmp_path / "p1"])
     assert res["config"]["seeds"] == [1] and list(res["per_seed"][0]) == ["original", "retrain", "scrub", "ppu"]
+    # the gap of a method is taken against the Retrain row of another part of the same seed
+    row, ref = res["per_seed"][0]["scrub"], ours["retrain"]
+    assert res["per_seed"][0]["retrain"]["retrain_gap"] == 0.0
+    assert row["retrain_gap"] == pytest.approx(sum(abs(row[m] - ref[m]) for m in
+                                                   ("test_error", "retain_error", "forget_error", "mia")) / 4)
     assert res["config"]["methods"] == ["original", "retrain", "scrub", "ppu"]

@@ -12,8 +12,11 @@ import torch
 from torch import nn
 
 from ..data import Split, make_split
-from ..metrics import error, mia_detail, restrict_to_classes
+from ..metrics import add_retrain_gaps, error, lira, mia_detail, restrict_to_classes
+from ..data import other_classes_dataset
 from ..models import build_model
+from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
+                        transfer_body)
 from ..training import TrainConfig, fit_cached
 from . import methods as registered, method_options, unlearn
 
@@ -34,15 +37,21 @@ def evaluate(model: nn.Module, split: Split, *, seed: int, device: torch.device 
     """The paper's measurements of one model on a split: test / retain / forget error (%), the
     validation error on the forget classes (%) and the membership-inference attack (%), with what the
     attack rests on (:func:`ppu_fast.metrics.mia_detail`): ``mia_splits``, ``mia_n`` (examples per
-    side) and ``mia_chance`` (how far luck alone moves its score at this size, % points)."""
+    side) and ``mia_chance`` (how far luck alone moves its score at this size, % points); beside it the
+    offline LiRA-style attack (:func:`ppu_fast.metrics.lira`, members: forget set, non-members: test
+    examples of the forget classes): ``mia_auc``, ``mia_tpr_at_1fpr`` and ``mia_tpr_at_5fpr`` (%),
+    with ``lira_n_members`` / ``lira_n_nonmembers``."""
     val_forget = restrict_to_classes(split.val, split.forget_classes)
     attack = mia_detail(model, split.forget, split.test, seed=seed, device=device)
+    roc = lira(model, split.forget, split.test, device=device)
     return {"test_error": error(model, split.test, device=device),
             "retain_error": error(model, split.retain, device=device),
             "forget_error": error(model, split.forget, device=device),
             "val_error": error(model, val_forget, device=device) if len(val_forget) else float("nan"),
             "mia": attack["mia"], "mia_splits": attack["splits"], "mia_n": attack["n"],
-            "mia_chance": attack["chance"]}
+            "mia_chance": attack["chance"], "mia_auc": roc["auc"], "mia_tpr_at_1fpr": roc["tpr_at_1fpr"],
+            "mia_tpr_at_5fpr": roc["tpr_at_5fpr"], "lira_n_members": roc["n_members"],
+            "lira_n_nonmembers": roc["n_nonmembers"]}
 
 
 def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenario: str = "selective",
@@ -51,13 +60,26 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                    seeds: Sequence[int] = (0,), data_root: str | Path | None = None,
                    device: str | None = None, width: float = 1.0, train: dict | None = None,
                    method_kwargs: dict[str, dict] | None = None, cache: bool = True,
-                   progress: bool = True, log: Any = print) -> dict:
+                   progress: bool = True, log: Any = print, init_checkpoint: str | Path | None = None,
+                   pretrain: str | None = None, pretrain_train: dict | None = None,
+                   pretrain_per_class: int | None = None) -> dict:
     """Run ``methods`` on ``dataset`` with ``model`` for each seed.
+
+    Starting weights (Original's and Retrain's; every other method starts from Original): a fresh
+    initialisation per seed by default; ``init_checkpoint``, a state dict of the chosen architecture
+    (see :func:`ppu_fast.pretrain.load_checkpoint_into`; a head for another number of classes is
+    re-initialised); or ``pretrain="cifar10-other"``, a model pre-trained on the CIFAR-10 classes the
+    dataset does not use (:func:`ppu_fast.data.other_classes_dataset`; ``pretrain_per_class`` images
+    per class, default all; ``pretrain_train`` overrides fields of
+    :func:`ppu_fast.pretrain.pretrain_config`), cached like the other trained models, with a fresh
+    head per seed. ``config["init"]`` records which: ``"scratch"``, ``"cifar10-other"`` or
+    ``"sha256:<hex>"`` of the checkpoint file.
 
     ``train`` overrides fields of :func:`default_train_config`; ``method_kwargs`` maps a method name
     to extra options for :func:`ppu_fast.unlearn`. ``log`` receives one line per step (None: silent).
     Returns ``{"config": ..., "per_seed": [{method: metrics}], "history": {method: epochs of the
-    first seed}}``, metrics as in :func:`evaluate` plus ``seconds``.
+    first seed}}``, metrics as in :func:`evaluate` plus ``seconds`` and ``retrain_gap``
+    (:func:`ppu_fast.metrics.retrain_gap` against the same seed's Retrain; NaN without one).
     """
     unknown = [m for m in methods if m not in registered()]
     if unknown:
@@ -72,6 +94,29 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
             raise TypeError(f"method '{name}' does not accept option(s) {', '.join(bad)}")
     say = log or (lambda *_: None)
     dev = torch.device(device) if device else torch.device("cpu")
+    if init_checkpoint is not None and pretrain is not None:
+        raise ValueError("init_checkpoint, pretrain: pass one of them (both set the starting weights)")
+    if pretrain is not None and pretrain not in PRETRAIN_CHOICES:
+        raise ValueError(f"pretrain: unknown '{pretrain}'; expected one of {', '.join(PRETRAIN_CHOICES)}")
+    init_name, init_info, checkpoint, pretrained = "scratch", {}, None, None
+    if init_checkpoint is not None:
+        checkpoint, digest = read_checkpoint(init_checkpoint, arg="init_checkpoint (--init-checkpoint)")
+        init_name = f"sha256:{digest}"
+        init_info = {"init_checkpoint": str(init_checkpoint)}
+    elif pretrain is not None:
+        other, classes = other_classes_dataset(dataset, data_root=data_root, per_class=pretrain_per_class,
+                                               progress=progress)
+        pcfg = pretrain_config(**(pretrain_train or {}))
+        torch.manual_seed(pcfg.seed)
+        base = build_model(model, len(classes), other.num_channels, width).to(dev)
+        net, meta = fit_cached(base, other, pcfg, device=dev, progress=progress, desc="pretrain", cache=cache)
+        pretrained = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        init_name = pretrain
+        init_info = {"pretrain": {"classes": classes, "images": len(other), "per_class": pretrain_per_class,
+                                  "train": dataclasses.asdict(pcfg),
+                                  "train_seconds": round(meta["train_seconds"], 2)}}
+        say(f"pre-trained on CIFAR-10 classes {classes} ({len(other)} images): "
+            f"{'loaded from cache' if meta['cached'] else 'trained'} ({meta['train_seconds']:.1f} s to train)")
     per_seed, history = [], {}
     config: dict[str, Any] = {}
     for seed in seeds:
@@ -79,13 +124,23 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                            num_forget=num_forget, seed=seed, progress=progress)
         tcfg = dataclasses.replace(default_train_config(dataset, seed), **(train or {}))
         torch.manual_seed(seed)
-        init = build_model(model, split.num_classes, split.in_channels, width).to(dev)
+        init = build_model(model, split.num_classes, split.in_channels, width)
+        if checkpoint is not None:
+            init_info["init_head"] = load_checkpoint_into(
+                init, checkpoint, arg="init_checkpoint (--init-checkpoint)", source=f"'{init_checkpoint}'",
+                what=f"{model} (width {width:g}, {split.in_channels} input channel(s), "
+                     f"{split.num_classes} classes)")
+        elif pretrained is not None:
+            transfer_body(init, pretrained)
+            init_info["init_head"] = "re-initialised"
+        init = init.to(dev)
         original, meta = fit_cached(init, split.train, tcfg, device=dev, progress=progress,
                                     desc="original", cache=cache)
         say(f"[seed {seed}] original model: {'loaded from cache' if meta['cached'] else 'trained'} "
             f"({meta['train_seconds']:.1f} s to train)")
         config = {"dataset": dataset, "model": model, "width": width, "scenario": split.scenario,
-                  "seeds": list(seeds), "methods": list(methods), "device": str(dev),
+                  "seeds": list(seeds), "num_seeds": len(seeds), "init": init_name, **init_info,
+                  "methods": list(methods), "device": str(dev),
                   "split": {k: v for k, v in split.describe().items() if k != "seed"},
                   "train": {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "seed"},
                   "method_options": {k: {o: str(v) for o, v in kw.items()}
@@ -114,6 +169,12 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                     history[name] = res.history
             rows[name] = row
             say(f"[seed {seed}] {name:<10} test {row['test_error']:6.2f}  retain {row['retain_error']:6.2f}  "
-                f"forget {row['forget_error']:6.2f}  MIA {row['mia']:6.2f}  ({seconds:.1f} s)")
+                f"forget {row['forget_error']:6.2f}  MIA {row['mia']:6.2f}  AUC {row['mia_auc']:6.2f}  "
+                f"TPR@1%FPR {row['mia_tpr_at_1fpr']:6.2f}  ({seconds:.1f} s)")
+        # Per seed, against this seed's Retrain: the same split and starting weights on both sides.
+        rows = add_retrain_gaps(rows)
+        if "retrain" in rows:
+            say(f"[seed {seed}] retrain gap (mean |difference| to Retrain over test, retain, forget error "
+                f"and MIA): " + ", ".join(f"{n} {r['retrain_gap']:.2f}" for n, r in rows.items()))
         per_seed.append(rows)
     return {"config": config, "per_seed": per_seed, "history": history}
