@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--num-forget", type=int, default=None)
     r.add_argument("--methods", type=_name_list, default=list(DEMO_METHODS[:5]),
                    help="comma-separated (default original,retrain,finetune,ppu,ppu-bias), or all: every "
-                        "baseline, PPU variant and PPU-after-method of the paper's comparison")
+                        "baseline, PPU variant and PPU-after-method of the paper's comparison (NTK at "
+                        "small scale only)")
     # Five seeds by default, as the paper reports: one seed has no standard error and no significance
     # test. Cheap where the default comparison is cheap: digits5 with the default methods took 17 s a
     # seed on one thread (models trained, not cached); pass --seeds for a quick look or a large set.
@@ -208,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and args.pretrain is None:
             raise ValueError(f"{flag}: only with --pretrain (it sets how the pre-training runs)")
 
-    args.methods = expand_methods(args.methods)
+    args.methods = expand_methods(args.methods, args.dataset)
     kwargs = {m: dict(common, **(privacy if m == "ppu" else {})) for m in args.methods if m in PPU_METHODS}
     # The baselines take SCRUB's hyper-parameters for the run's setting; the "+ppu" methods' PPU step
     # takes the same --unlearn-* options as PPU itself.

@@ -45,7 +45,7 @@ METRIC_NAMES = {"test_error": "Test error", "retain_error": "Retain error", "for
 MODEL_NAMES = {"resnet18": "ResNet-18", "allcnn": "ALL-CNN", "smallcnn": "small CNN"}
 # Our row label for a method that the paper table at hand does not list.
 LABELS = {"original": "Original", "retrain": "Retrain", "finetune": "Finetune", "fisher": "Fisher",
-          "neggrad+": "NegGrad+", "cf-k": "CF-k", "eu-k": "EU-k", "bad-t": "Bad-T", "scrub": "SCRUB",
+          "ntk": "NTK", "neggrad+": "NegGrad+", "cf-k": "CF-k", "eu-k": "EU-k", "bad-t": "Bad-T", "scrub": "SCRUB",
           "scrub+r": "SCRUB+R", "ppu": "PPU", "ppu-bias": "PPU w/ uniform", "ppu-random": "PPU w/ random",
           "scrub+ppu": "SCRUB + PPU", "finetune+ppu": "Finetune + PPU"}
 DASH = "—"

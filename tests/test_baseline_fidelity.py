@@ -15,7 +15,7 @@ from torch.utils.data import Subset
 
 from ppu_fast.data import make_split
 from ppu_fast.models import build_model
-from ppu_fast.unlearn import unlearn
+from ppu_fast.unlearn import method_options, unlearn
 from ppu_fast.unlearn import scrub as scrub_module
 from ppu_fast.unlearn._loop import fk_lr, l2_pull
 from ppu_fast.unlearn.eu_k import copy_initial, default_reset
@@ -92,6 +92,9 @@ TABLE = [
      f"{LARGE_NB} 'SCRUB Forgetting' (SCRUB's code has no selective cell: these are the large-scale ones)"),
     ("scrub+r", ("small", "selective", "class"), {"rewind": "scrub", "select": "val"},
      f"{BADT_NB} scrub(teacher, student): selected_idx rule"),
+    ("ntk", ("small",), {"weight_decay": 0.1, "loss": "ce", "scale_rule": "predicted", "init": "given"},
+     f"{SMALL_NB} 'NTK based Forgetting' (delta_w_utils, w_lin(D) / w_lin(D_r) with args.weight_decay "
+     f"0.1 from 'Train the original model', 'Trapezium Trick' scale from init_checkpoint)"),
 ]
 ROWS = [(method, setting, option, value, source)
         for method, settings, values, source in TABLE for setting in settings
@@ -124,8 +127,8 @@ def used(tiny):
 
     def get(method: str, setting: str) -> dict:
         if (method, setting) not in cache:
-            extra = {"init": init} if method == "eu-k" else {}
-            if method != "bad-t":
+            extra = {"init": init} if method in ("eu-k", "ntk") else {}
+            if "setting" in method_options(method):
                 extra["setting"] = setting
             res = unlearn(model, forget, retain, method=method, val=split.val, seed=0, progress=False,
                           **extra)
@@ -146,7 +149,7 @@ def test_option_equals_scrubs(used, method, setting, option, value, source):
 
 def test_every_baseline_has_rows():
     assert {m for m, *_ in TABLE} == {"finetune", "neggrad+", "cf-k", "eu-k", "fisher", "bad-t", "scrub",
-                                      "scrub+r"}
+                                      "scrub+r", "ntk"}
 
 
 # ------------------------------------------------------------------------------------------ L2 pull

@@ -10,7 +10,7 @@ from ppu_fast import tables
 from ppu_fast.tables import (context, error_table, merge, mia_table, paper_numbers, plot_time, render,
                              table_ids, time_ratio, time_table, write_tables)
 from ppu_fast.unlearn import methods as registered
-from ppu_fast.unlearn._loop import ALL_METHODS, expand_methods
+from ppu_fast.unlearn._loop import ALL_METHODS, all_methods, expand_methods
 
 from conftest import SHARED
 
@@ -20,7 +20,8 @@ PAPER_TEXT = SHARED / "paper" / "ppu-paper.txt"
 def fake_methods(seed=0, with_std=True):
     """Measured-looking numbers for every method (distinct, so a test can find each in the output)."""
     out = {}
-    for i, name in enumerate(ALL_METHODS):
+    # NTK (small scale only) last, so that the other methods keep their numbers whatever the scale
+    for i, name in enumerate(ALL_METHODS + ("ntk",)):
         base = 1.0 + 3.1 * i + 0.01 * seed
         out[name] = {"test_error": base, "retain_error": base / 2, "forget_error": base * 2,
                      "val_error": base, "mia": 50 + base / 3, "seconds": 10.0 + i,
@@ -92,7 +93,7 @@ def test_every_paper_row_is_in_our_table(tid):
             assert "not implemented" in line
     # our methods that the paper's table lacks are listed too, without paper numbers
     listed = {r["method"] for r in table["rows"]}
-    for name in ALL_METHODS:
+    for name in ours:
         if name not in listed:
             assert f"| {tables.LABELS[name]} | {ours[name][table['metrics'][0]]:.2f} ± 0.50 | — |" in text
 
@@ -246,6 +247,11 @@ def test_expand_methods():
     assert expand_methods(["all"]) == list(ALL_METHODS)
     assert expand_methods(["ppu", "all"])[0] == "ppu" and len(expand_methods(["ppu", "all"])) == len(ALL_METHODS)
     assert set(ALL_METHODS) <= set(registered())
+    # NTK only at small scale, in the paper's row order (Tables 1 and 6: Fisher, NTK, NegGrad+)
+    for dataset in ("digits5", "cifar5"):
+        small = expand_methods(["all"], dataset)
+        assert small == list(ALL_METHODS[:7]) + ["ntk"] + list(ALL_METHODS[7:])
+    assert "ntk" not in expand_methods(["all"], "cifar10") and "ntk" in registered()
 
 
 @pytest.mark.slow
@@ -265,7 +271,7 @@ def test_run_with_all_methods(tmp_path, monkeypatch):
         torch.set_num_threads(n)
     assert code == 0
     res = json.loads((out / "results.json").read_text())
-    assert list(res["methods"]) == list(ALL_METHODS)
+    assert list(res["methods"]) == list(all_methods("digits5"))
     for name, entry in res["methods"].items():
         assert {"test_error", "retain_error", "forget_error", "val_error", "mia", "seconds"} <= set(entry), name
         assert entry["seconds"] >= 0 and 0 <= entry["mia"] <= 100

@@ -159,6 +159,6 @@ sys.modules[__name__].__class__ = _CallableModule
 
 # The built-in methods register themselves on import.
 from . import finetune, original, ppu, retrain  # noqa: E402,F401
-from . import bad_teacher, cf_k, composite, eu_k, fisher, neggrad, scrub  # noqa: E402,F401
+from . import bad_teacher, cf_k, composite, eu_k, fisher, neggrad, ntk, scrub  # noqa: E402,F401
 
 __all__ = ["unlearn", "UnlearnResult", "register", "methods", "method_options"]

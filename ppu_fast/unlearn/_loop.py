@@ -300,14 +300,30 @@ def l2_pull(model: nn.Module, weight: float) -> Callable[[nn.Module], torch.Tens
 # ``--methods all``: every registered method of the paper's comparison, in the paper's row order.
 ALL_METHODS = ("original", "retrain", "finetune", "neggrad+", "cf-k", "eu-k", "fisher", "bad-t", "scrub",
                "scrub+r", "ppu", "ppu-bias", "ppu-random", "scrub+ppu", "finetune+ppu")
+# Methods of the paper's small-scale tables only (Tables 1 and 6), each with the method it follows in
+# their row order. NTK forgetting holds the Jacobian over the whole training set: small scale only.
+SMALL_SCALE_ONLY = {"ntk": "fisher"}
 COMPOSITES = {"scrub+ppu": "scrub_options", "finetune+ppu": "finetune_options"}
 
 
-def expand_methods(names: Sequence[str]) -> list[str]:
-    """``names`` with ``all`` replaced by :data:`ALL_METHODS` (duplicates dropped, order kept)."""
+def all_methods(dataset: str | None = None) -> tuple[str, ...]:
+    """What ``--methods all`` runs on ``dataset``: :data:`ALL_METHODS`, and on the small-scale
+    datasets (``digits5``, ``cifar5``) also :data:`SMALL_SCALE_ONLY` in the paper's row order."""
+    from ..data import SMALL_SCALE
+
+    out = list(ALL_METHODS)
+    if dataset in SMALL_SCALE:
+        for name, after in SMALL_SCALE_ONLY.items():
+            out.insert(out.index(after) + 1, name)
+    return tuple(out)
+
+
+def expand_methods(names: Sequence[str], dataset: str | None = None) -> list[str]:
+    """``names`` with ``all`` replaced by :func:`all_methods` of ``dataset`` (duplicates dropped, order
+    kept)."""
     out: list[str] = []
     for name in names:
-        for n in (ALL_METHODS if name == "all" else (name,)):
+        for n in (all_methods(dataset) if name == "all" else (name,)):
             if n not in out:
                 out.append(n)
     return out
