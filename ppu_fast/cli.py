@@ -145,7 +145,7 @@ def _finish(result: dict, out: str, started: float, tables: bool = False, story:
     verdict = judge(methods, chance=chance, n=n)
     config = {**result["config"], "wall_seconds": round(time.perf_counter() - started, 2)}
     paths = write_results(out, config, methods, per_seed=result["per_seed"], history=result["history"],
-                          verdict=verdict, story=story)
+                          verdict=verdict, story=story, histories=result.get("histories"))
     print()
     print(format_table(methods, with_std=len(result["per_seed"]) > 1))
     print()
@@ -158,8 +158,9 @@ def _finish(result: dict, out: str, started: float, tables: bool = False, story:
         # The paper's tables (its numbers beside ours) and Figure 3, beside results.json.
         from .tables import write_tables
 
-        extra = write_tables(out, config, methods, seeds=len(result["per_seed"]), history=result["history"])
-        print(f"wrote {extra['tables']}, {extra['figure3']}, {extra['trajectory']}")
+        extra = write_tables(out, config, methods, seeds=len(result["per_seed"]), history=result["history"],
+                             histories=result.get("histories"))
+        print("wrote " + ", ".join(str(p) for p in extra.values()))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -416,16 +416,21 @@ def plot_story(methods: Mapping[str, Mapping[str, Any]], verdict: Verdict | None
 
 def write_results(out_dir: str | Path, config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]],
                   *, per_seed: Sequence[Mapping] = (), history: Mapping[str, Sequence[Mapping]] | None = None,
-                  verdict: Verdict | None = None, story: bool = False) -> dict[str, Path]:
+                  verdict: Verdict | None = None, story: bool = False,
+                  histories: Mapping[str, Sequence[Mapping]] | None = None) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir`` (created if needed).
     ``verdict`` (:func:`judge`) goes into the JSON and below the table; ``story=True`` draws the PNG
     with :func:`plot_story` (each method beside Retrain), else :func:`plot` (errors, MIA and the
-    per-epoch curves). Returns their paths by kind."""
+    per-epoch curves). ``histories`` (every seed's, see
+    :func:`ppu_fast.unlearn.experiment.run_experiment`) goes into the JSON beside ``history`` (the
+    first seed's, kept for older readers). Returns their paths by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with_std = len(per_seed) > 1
     payload = {"config": dict(config), "methods": {k: dict(v) for k, v in methods.items()},
                "per_seed": list(per_seed), "history": dict(history or {})}
+    if histories:
+        payload["histories"] = {k: list(v) for k, v in histories.items()}
     if verdict is not None:
         payload["verdict"] = {"closest": verdict.closest, "gaps": verdict.gaps, "compared": list(verdict.compared),
                               "nearest": verdict.nearest, "speedup": verdict.speedup,

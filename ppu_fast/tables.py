@@ -24,7 +24,8 @@ Tables 3 (privacy) and 4 (MIA) are always printed, without paper numbers where t
 the run's setting. The paper's CIFAR columns stand beside ``cifar*`` and ``digits*`` runs, its Lacuna
 columns beside ``imagefolder`` runs (the Lacuna sets are VGGFace2 image folders). Figure 3 (time per
 method) is a PNG; the paper prints no times, only the claim that PPU needs under half of SCRUB's time,
-which the time table tests.
+which the time table tests. Figure 2 (forget error per epoch, every seed, the selected epoch
+marked) and Figure 4 (SCRUB's MIA per method, standard error bars) are PNGs too.
 """
 from __future__ import annotations
 
@@ -361,19 +362,119 @@ def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
     return path
 
 
+def histories_from(history: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+                   per_seed: Sequence[Mapping[str, Mapping[str, Any]]] = (),
+                   seeds: Sequence[Any] = ()) -> dict[str, list[dict]]:
+    """Per-seed histories (the ``histories`` of results.json) for a file written before they were
+    kept: its first seed's ``history``, with that seed's ``selected_epoch`` where recorded."""
+    first = per_seed[0] if per_seed else {}
+    seed = seeds[0] if seeds else None
+    return {name: [{"seed": seed, "selected_epoch": (first.get(name) or {}).get("selected_epoch"),
+                    "history": list(rows)}]
+            for name, rows in (history or {}).items() if rows}
+
+
+def plot_forget_per_epoch(histories: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+                          methods: Mapping[str, Mapping[str, Any]], path: str | Path,
+                          title: str = "") -> Path:
+    """Figure 2: forget error per epoch for every method that kept a per-epoch history, one line per
+    seed (histories may differ in length: PPU's "fast" schedule stops early), the selected epoch of
+    each seed marked with a star; Retrain's mean forget error is the dashed line. ``histories``:
+    method -> [{"seed", "selected_epoch", "history": [{"epoch", "forget_error", ...}]}]. Methods
+    without a per-epoch forget error (PPU's bias mode unless run with ``history=True``, the one-shot
+    baselines) are not drawn; with none at all the figure says so. Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {name: [e for e in runs if any("forget_error" in h for h in e.get("history") or ())]
+              for name, runs in (histories or {}).items()}
+    curves = {name: runs for name, runs in curves.items() if runs}
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    cmap = plt.get_cmap("tab10")
+    for i, (name, runs) in enumerate(curves.items()):
+        color = cmap(i % 10)
+        for j, entry in enumerate(runs):
+            rows = [h for h in entry["history"] if "forget_error" in h]
+            ax.plot([h["epoch"] for h in rows], [h["forget_error"] for h in rows], "-", lw=1, alpha=0.8,
+                    color=color, label=f"{LABELS.get(name, name)} ({len(runs)} seed{'s' * (len(runs) > 1)})"
+                    if j == 0 else None)
+            chosen = [h for h in rows if h["epoch"] == entry.get("selected_epoch")]
+            if chosen:
+                ax.plot([chosen[0]["epoch"]], [chosen[0]["forget_error"]], "*", ms=11, color=color,
+                        markeredgecolor="black", markeredgewidth=0.5)
+    retrain = (methods.get("retrain") or {}).get("forget_error")
+    if retrain is not None and not math.isnan(float(retrain)):
+        ax.axhline(float(retrain), color="grey", ls="--", lw=0.8, label="Retrain (mean)")
+    if not curves:
+        ax.text(0.5, 0.5, "no method kept a per-epoch history\n(PPU's bias mode keeps none unless "
+                "history=True)", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+    ax.set_xlabel("epoch (0: the original model)")
+    ax.set_ylabel("forget error %")
+    ax.set_title(title or "Forget error per epoch (all seeds; ★ the selected epoch)", fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_mia(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Figure 4: SCRUB's membership-inference attack per method (mean over seeds, standard error as
+    error bars; 50 % is chance, the ideal), Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def mia(n: str) -> float:
+        v = methods[n].get("mia")
+        return float("nan") if v is None else float(v)
+
+    names = [n for n in methods if not math.isnan(mia(n))]
+    values = [mia(n) for n in names]
+    errs = [0.0 if math.isnan(spread(methods[n], "mia")) else spread(methods[n], "mia") for n in names]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(names) + 1.5), 4.2))
+    colors = ["tab:orange" if n.startswith("ppu") or n.endswith("+ppu") else "tab:blue" for n in names]
+    ax.bar(range(len(names)), values, yerr=errs, color=colors, capsize=3)
+    ax.axhline(50, color="grey", ls="--", lw=0.8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([LABELS.get(n, n) for n in names], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("MIA accuracy % (50: chance)")
+    ax.set_title(title or "Membership inference attack per method", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_tables(out_dir: str | Path, config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]],
                  *, seeds: int = 1,
-                 history: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Path]:
-    """Write ``tables.md``, ``figure3_time.png`` and ``forget_vs_seconds.png`` into ``out_dir``;
-    returns their paths."""
+                 history: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                 histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Path]:
+    """Write ``tables.md``, ``figure2_forget_per_epoch.png`` (:func:`plot_forget_per_epoch`, from
+    ``histories``, else from the first seed's ``history``), ``figure3_time.png``, ``figure4_mia.png``
+    and ``forget_vs_seconds.png`` into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"tables": out / "tables.md", "figure3": out / "figure3_time.png",
+    paths = {"tables": out / "tables.md", "figure2": out / "figure2_forget_per_epoch.png",
+             "figure3": out / "figure3_time.png", "figure4": out / "figure4_mia.png",
              "trajectory": out / "forget_vs_seconds.png"}
     paths["tables"].write_text(render(config, methods, seeds=seeds), encoding="utf-8")
     ctx = context(config)
     where = f"{ctx['dataset']} / {ctx['model']}{' / ' + ctx['scenario'] if ctx['scenario'] else ''}"
+    if not histories and history:
+        # Without per-seed records the first seed's curves are drawn, with no selection to mark.
+        histories = histories_from(history, (), (config.get("seeds") or [None])[:1])
+    plot_forget_per_epoch(histories, methods, paths["figure2"],
+                          title=f"Forget error per epoch: {where} (★ selected epoch)")
     plot_time(methods, paths["figure3"], title=f"Time needed for the unlearning method: {where}")
+    plot_mia(methods, paths["figure4"], title=f"Membership inference attack: {where} (50 is ideal)")
     plot_trajectory(methods, history, paths["trajectory"],
                     title=f"Forget error versus time: {where} (lines: PPU's epochs, first seed)")
     return paths
@@ -400,7 +501,9 @@ def merge(folders: Sequence[str | Path]) -> dict:
     """Runs of the same experiment as one result: runs of other seeds add seeds, runs of the same
     seed with other methods add methods to that seed (so a long experiment can be split into several
     calls, e.g. on a GPU machine with a time limit per call). The config is the first run's, with the
-    union of seeds and methods and the summed wall time; the history is the union of the runs'.
+    union of seeds and methods and the summed wall time; the history is the union of the runs', and
+    ``histories`` the union of their per-seed histories (a file without them contributes its first
+    seed's ``history``).
     Each seed's ``retrain_gap`` is recomputed against that seed's merged Retrain row. Raises if the
     runs differ in dataset, model, width, scenario or starting weights (``init``)."""
     from .metrics import add_retrain_gaps  # lazily: metrics imports torch, the tables alone need none
@@ -419,6 +522,7 @@ def merge(folders: Sequence[str | Path]) -> dict:
     by_seed: dict[Any, dict] = {}
     methods: list[str] = []
     history: dict = {}
+    histories: dict[str, list[dict]] = {}
     for f, r in zip(folders, runs):
         seeds = r["config"].get("seeds") or []
         rows = r.get("per_seed", [])
@@ -429,13 +533,17 @@ def merge(folders: Sequence[str | Path]) -> dict:
             methods += [m for m in row if m not in methods]
         for name, h in (r.get("history") or {}).items():
             history.setdefault(name, h)
+        runs_h = r.get("histories") or histories_from(r.get("history"), rows, seeds)
+        for name, entries in runs_h.items():
+            have = {e.get("seed") for e in histories.get(name, [])}
+            histories.setdefault(name, []).extend(e for e in entries if e.get("seed") not in have)
     config = {**first, "seeds": list(by_seed), "num_seeds": len(by_seed), "methods": methods}
     if all("wall_seconds" in r["config"] for r in runs):
         config["wall_seconds"] = round(sum(float(r["config"]["wall_seconds"]) for r in runs), 2)
     # Method order: the first run's, then the others' in order of appearance.
     # The retrain gap again: a seed's Retrain may come from another run than the method's row.
     per_seed = [add_retrain_gaps({m: row[m] for m in methods if m in row}) for row in by_seed.values()]
-    return {"config": config, "per_seed": per_seed, "history": history}
+    return {"config": config, "per_seed": per_seed, "history": history, "histories": histories}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -451,16 +559,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(args.folders) == 1 and args.out is None:
             res = load_results(args.folders[0])
             methods = {k: _nan(v) for k, v in res["methods"].items()}
+            histories = res.get("histories") or histories_from(
+                res.get("history"), res.get("per_seed", []), res["config"].get("seeds") or [])
             paths = write_tables(args.folders[0], res["config"], methods,
-                                 seeds=len(res.get("per_seed", [])) or 1, history=res.get("history"))
+                                 seeds=len(res.get("per_seed", [])) or 1, history=res.get("history"),
+                                 histories=histories)
         else:
             if args.out is None:
                 raise ValueError("--out is required when merging several folders")
             res = merge(args.folders)
             methods = summarize(res["per_seed"])
-            write_results(args.out, res["config"], methods, per_seed=res["per_seed"], history=res["history"])
+            write_results(args.out, res["config"], methods, per_seed=res["per_seed"], history=res["history"],
+                          histories=res["histories"])
             paths = write_tables(args.out, res["config"], methods, seeds=len(res["per_seed"]),
-                                 history=res["history"])
+                                 history=res["history"], histories=res["histories"])
     except (ValueError, FileNotFoundError) as exc:
         print(f"ppu_fast.tables: error: {exc}", file=sys.stderr)
         return 2

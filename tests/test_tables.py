@@ -176,6 +176,133 @@ def test_forget_error_versus_seconds_plot(tmp_path, monkeypatch):
     assert points == {"SCRUB": (4.0, 20.0), "PPU": (1.5, 40.0)}
 
 
+def _spy(monkeypatch, method):
+    """Record what ``matplotlib.axes.Axes.<method>`` is called with, then draw as usual."""
+    import matplotlib.axes
+
+    calls = []
+    real = getattr(matplotlib.axes.Axes, method)
+
+    def spy(self, *args, **kwargs):
+        calls.append((args, kwargs))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, method, spy)
+    return calls
+
+
+def ppu_histories():
+    # seed 0 stops early (the "fast" schedule), seed 1 runs all three epochs; SCRUB+R keeps one seed
+    return {"ppu": [{"seed": 0, "selected_epoch": 1,
+                     "history": [{"epoch": 0, "forget_error": 0.0}, {"epoch": 1, "forget_error": 20.0}]},
+                    {"seed": 1, "selected_epoch": 2,
+                     "history": [{"epoch": 0, "forget_error": 4.0}, {"epoch": 1, "forget_error": 12.0},
+                                 {"epoch": 2, "forget_error": 30.0}, {"epoch": 3, "forget_error": 44.0}]}],
+            "scrub+r": [{"seed": 0, "selected_epoch": 0,
+                         "history": [{"epoch": 0, "forget_error": 1.0}, {"epoch": 1, "forget_error": 9.0}]}],
+            "ppu-bias": [{"seed": 0, "selected_epoch": 2, "history": [{"epoch": 1, "loss_0": 0.4}]}]}
+
+
+def test_figure2_draws_every_seed_and_marks_the_selected_epoch(tmp_path, monkeypatch):
+    from ppu_fast.tables import plot_forget_per_epoch
+
+    calls = _spy(monkeypatch, "plot")
+    lines = []
+    monkeypatch.setattr("matplotlib.axes.Axes.axhline",
+                        lambda self, y, *a, **k: lines.append(y))
+    methods = {"retrain": {"forget_error": 25.0}, "ppu": {"forget_error": 25.0}}
+    assert plot_forget_per_epoch(ppu_histories(), methods, tmp_path / "f2.png").is_file()
+    drawn = [(list(a[0]), list(a[1]), a[2] if len(a) > 2 else None) for a, _ in calls]
+    curves = [(x, y) for x, y, fmt in drawn if fmt == "-"]
+    stars = [(x, y) for x, y, fmt in drawn if fmt == "*"]
+    # every seed's curve, different lengths kept; the bias-mode run without forget error left out
+    assert curves == [([0, 1], [0.0, 20.0]), ([0, 1, 2, 3], [4.0, 12.0, 30.0, 44.0]), ([0, 1], [1.0, 9.0])]
+    assert stars == [([1], [20.0]), ([2], [30.0]), ([0], [1.0])]
+    assert lines == [25.0]
+
+
+def test_figure2_without_any_history_says_so(tmp_path, monkeypatch):
+    from ppu_fast.tables import plot_forget_per_epoch
+
+    texts = _spy(monkeypatch, "text")
+    assert plot_forget_per_epoch({}, {"ppu": {"forget_error": 3.0}}, tmp_path / "f2.png").is_file()
+    assert any("no method kept a per-epoch history" in a[2] for a, _ in texts)
+
+
+def test_figure4_bars_are_the_mia_means_with_standard_errors(tmp_path, monkeypatch):
+    from ppu_fast.tables import plot_mia
+
+    calls = _spy(monkeypatch, "bar")
+    methods = {"original": {"mia": 70.0, "sem": {"mia": 2.0}, "std": {"mia": 9.0}},
+               "retrain": {"mia": 51.0, "sem": {"mia": 1.5}},
+               "fisher": {"mia": float("nan")},  # not measured: no bar
+               "ppu": {"mia": 49.0, "sem": {"mia": float("nan")}}}  # one seed: no error bar
+    assert plot_mia(methods, tmp_path / "f4.png").is_file()
+    (args, kwargs), = calls
+    assert list(args[1]) == [70.0, 51.0, 49.0] and list(kwargs["yerr"]) == [2.0, 1.5, 0.0]
+
+
+def test_write_tables_writes_figures_2_and_4_from_per_seed_histories(tmp_path, monkeypatch):
+    from ppu_fast.report import write_results
+
+    cfg = {"dataset": "cifar5", "model": "allcnn", "width": 1.0, "scenario": "selective", "seeds": [0, 1]}
+    calls = _spy(monkeypatch, "plot")
+    paths = write_tables(tmp_path, cfg, fake_methods(), seeds=2, histories=ppu_histories())
+    for key, name in (("figure2", "figure2_forget_per_epoch.png"), ("figure4", "figure4_mia.png")):
+        assert paths[key] == tmp_path / name and paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ([0, 1, 2, 3], [4.0, 12.0, 30.0, 44.0]) in [(list(a[0]), list(a[1])) for a, _ in calls]
+    # results.json keeps the first seed's history and adds every seed's
+    write_results(tmp_path, cfg, fake_methods(), per_seed=[{}, {}],
+                  history={"ppu": ppu_histories()["ppu"][0]["history"]}, histories=ppu_histories())
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["histories"]["ppu"][1]["selected_epoch"] == 2 and len(saved["history"]["ppu"]) == 2
+
+
+def test_merge_keeps_every_seeds_history(tmp_path):
+    h = ppu_histories()
+    for seed, entry in zip((0, 1), h["ppu"]):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        per = {"ppu": {"test_error": 1.0, "retain_error": 1.0, "forget_error": 1.0, "mia": 50.0}}
+        (d / "results.json").write_text(json.dumps({
+            "config": {"dataset": "cifar5", "model": "allcnn", "width": 1.0, "seeds": [seed]},
+            "per_seed": [per], "history": {"ppu": entry["history"]}, "histories": {"ppu": [entry]}}))
+    # a file written before per-seed histories: its first seed's history stands in
+    old = tmp_path / "s2"
+    old.mkdir()
+    per = {"ppu": {"test_error": 1.0, "retain_error": 1.0, "forget_error": 1.0, "mia": 50.0,
+                   "selected_epoch": 1}}
+    (old / "results.json").write_text(json.dumps({
+        "config": {"dataset": "cifar5", "model": "allcnn", "width": 1.0, "seeds": [2]},
+        "per_seed": [per], "history": {"ppu": [{"epoch": 0, "forget_error": 5.0},
+                                               {"epoch": 1, "forget_error": 6.0}]}}))
+    res = merge([tmp_path / "s0", tmp_path / "s1", old])
+    assert [(e["seed"], e["selected_epoch"], len(e["history"])) for e in res["histories"]["ppu"]] == \
+        [(0, 1, 2), (1, 2, 4), (2, 1, 2)]
+
+
+def test_run_experiment_keeps_every_seeds_history(tmp_path, monkeypatch):
+    import torch
+
+    from ppu_fast.unlearn.experiment import run_experiment
+
+    monkeypatch.setenv("PPU_FAST_CACHE", str(tmp_path / "cache"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run_experiment(dataset="digits5", model="smallcnn", width=0.25, methods=["original", "ppu"],
+                             seeds=[0, 1], train={"epochs": 1}, method_kwargs={"ppu": {"epochs": 2}},
+                             progress=False, log=None)
+    finally:
+        torch.set_num_threads(n)
+    entries = res["histories"]["ppu"]
+    assert [e["seed"] for e in entries] == [0, 1] and "original" not in res["histories"]
+    for e, row in zip(entries, res["per_seed"]):
+        assert e["selected_epoch"] == row["ppu"]["selected_epoch"]
+        assert e["history"][0]["epoch"] == 0 and "forget_error" in e["history"][0]
+    assert res["history"]["ppu"] == entries[0]["history"]  # the first seed's, as before
+
+
 def test_merge_seeds(tmp_path):
     for seed in (1, 2):
         d = tmp_path / f"s{seed}"

@@ -79,8 +79,11 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     ``train`` overrides fields of :func:`default_train_config`; ``method_kwargs`` maps a method name
     to extra options for :func:`ppu_fast.unlearn`. ``log`` receives one line per step (None: silent).
     Returns ``{"config": ..., "per_seed": [{method: metrics}], "history": {method: epochs of the
-    first seed}}``, metrics as in :func:`evaluate` plus ``seconds`` and ``retrain_gap``
-    (:func:`ppu_fast.metrics.retrain_gap` against the same seed's Retrain; NaN without one).
+    first seed}, "histories": {method: [{"seed", "selected_epoch", "history"} per seed]}}``, metrics as
+    in :func:`evaluate` plus ``seconds`` and ``retrain_gap`` (:func:`ppu_fast.metrics.retrain_gap`
+    against the same seed's Retrain; NaN without one). ``histories`` lists only the seeds where the
+    method kept a per-epoch history (PPU's bias mode keeps none unless ``history=True``), and those
+    may differ in length (PPU's "fast" schedule stops early).
     """
     unknown = [m for m in methods if m not in registered()]
     if unknown:
@@ -119,6 +122,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         say(f"pre-trained on CIFAR-10 classes {classes} ({len(other)} images): "
             f"{'loaded from cache' if meta['cached'] else 'trained'} ({meta['train_seconds']:.1f} s to train)")
     per_seed, history = [], {}
+    histories: dict[str, list[dict]] = {}
     config: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for seed in seeds:
@@ -177,6 +181,8 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                 row["selected_epoch"] = res.selected_epoch
                 if seed == seeds[0]:
                     history[name] = res.history
+                histories.setdefault(name, []).append(
+                    {"seed": seed, "selected_epoch": res.selected_epoch, "history": res.history})
             rows[name] = row
             say(f"[seed {seed}] {name:<10} test {row['test_error']:6.2f}  retain {row['retain_error']:6.2f}  "
                 f"forget {row['forget_error']:6.2f}  MIA {row['mia']:6.2f}  AUC {row['mia_auc']:6.2f}  "
@@ -189,4 +195,4 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         per_seed.append(rows)
     if skipped:
         config["skipped"] = skipped
-    return {"config": config, "per_seed": per_seed, "history": history}
+    return {"config": config, "per_seed": per_seed, "history": history, "histories": histories}
