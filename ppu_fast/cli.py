@@ -30,6 +30,13 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _name_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -72,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--scenario", default="selective", choices=SCENARIOS)
     r.add_argument("--forget-class", type=int, default=None)
     r.add_argument("--num-forget", type=int, default=None)
-    r.add_argument("--methods", type=_name_list, default=list(DEMO_METHODS[:5]),
+    r.add_argument("--methods", type=_name_list, default=None,
                    help="comma-separated (default original,retrain,finetune,ppu,ppu-bias), or all: every "
                         "baseline, PPU variant and PPU-after-method of the paper's comparison (NTK at "
                         "small scale only)")
@@ -89,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--unlearn-epochs", type=int, default=None, help="PPU fine-tuning epochs (default 10)")
     r.add_argument("--unlearn-lr", type=float, default=None, help="PPU fine-tuning lr (default 0.01)")
     r.add_argument("--lam", type=float, default=None, help="PPU retain weight (default 1)")
+    r.add_argument("--lam-sweep", type=_float_list, default=None, metavar="L1,L2,...",
+                   help="the paper's Table 5: run PPU (privacy) once per λ, e.g. 0.1,0.5,1,2,5,10, on the "
+                        "same original model, beside Original and Retrain (replaces --methods and --lam)")
     r.add_argument("--pseudo", default=None, choices=("uniform", "random", "prior"))
     r.add_argument("--marginals", default=None, choices=("retain", "original"))
     r.add_argument("--select", default=None, choices=("last", "val"), help="PPU (privacy) epoch choice")
@@ -191,7 +201,7 @@ def _log(line: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from .unlearn.experiment import PPU_METHODS, run_experiment
+    from .unlearn.experiment import PPU_METHODS, lam_variants, run_experiment
 
     started = time.perf_counter()
     if args.threads is not None:
@@ -210,11 +220,21 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and args.pretrain is None:
             raise ValueError(f"{flag}: only with --pretrain (it sets how the pre-training runs)")
 
-    args.methods = expand_methods(args.methods, args.dataset)
+    variants = None
+    if args.lam_sweep is not None:
+        for flag, value in (("--methods", args.methods), ("--lam", args.lam)):
+            if value is not None:
+                raise ValueError(f"--lam-sweep, {flag}: pass one of them (the sweep runs Original, Retrain "
+                                 f"and PPU once per λ)")
+        variants = lam_variants(args.lam_sweep, dict(common, **privacy))
+        args.methods = ["original", "retrain", *variants]
+    else:
+        args.methods = expand_methods(args.methods or list(DEMO_METHODS[:5]), args.dataset)
     kwargs = {m: dict(common, **(privacy if m == "ppu" else {})) for m in args.methods if m in PPU_METHODS}
     # The baselines take SCRUB's hyper-parameters for the run's setting; the "+ppu" methods' PPU step
     # takes the same --unlearn-* options as PPU itself.
-    for m, extra in baseline_kwargs(args.dataset, args.scenario, args.methods, common or None).items():
+    registered = [m for m in args.methods if m not in (variants or {})]
+    for m, extra in baseline_kwargs(args.dataset, args.scenario, registered, common or None).items():
         kwargs.setdefault(m, {}).update(extra)
     result = run_experiment(dataset=args.dataset, model=args.model, scenario=args.scenario,
                             forget_class=args.forget_class, num_forget=args.num_forget, methods=args.methods,
@@ -222,7 +242,8 @@ def _run(args: argparse.Namespace) -> int:
                             train=train, method_kwargs=kwargs, cache=not args.no_cache,
                             progress=_show_progress(args), log=_log, init_checkpoint=args.init_checkpoint,
                             pretrain=args.pretrain, pretrain_per_class=args.pretrain_per_class,
-                            pretrain_train=None if args.pretrain_epochs is None else {"epochs": args.pretrain_epochs})
+                            pretrain_train=None if args.pretrain_epochs is None else {"epochs": args.pretrain_epochs},
+                            variants=variants)
     _finish(result, args.out, started, tables=True)
     return 0
 

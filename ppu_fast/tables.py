@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -55,6 +56,29 @@ SIGNIFICANCE_REFERENCE = "ppu"
 MARK = "†"
 ATTACK_METRICS = {"mia": "MIA (SCRUB)", "mia_auc": "Attack AUC", "mia_tpr_at_1fpr": "TPR@1%FPR",
                   "mia_tpr_at_5fpr": "TPR@5%FPR", "retrain_gap": "Retrain gap"}
+
+
+LAM_ROW = re.compile(r"^ppu\[lam=([^\]]+)\]$")
+
+
+def label(name: str) -> str:
+    """Our row label for method ``name``: :data:`LABELS`, "PPU (λ = x)" for a row of the λ sweep
+    (``ppu[lam=x]``), else the name itself."""
+    m = LAM_ROW.match(name)
+    return f"PPU (λ = {m.group(1)})" if m else LABELS.get(name, name)
+
+
+def lam_rows(methods: Mapping[str, Any]) -> list[tuple[float, str]]:
+    """The λ sweep's rows of a run, ``(λ, method name)`` in increasing λ."""
+    out = []
+    for name in methods:
+        m = LAM_ROW.match(name)
+        if m:
+            try:
+                out.append((float(m.group(1)), name))
+            except ValueError:
+                continue
+    return sorted(out)
 
 
 @lru_cache(maxsize=1)
@@ -124,7 +148,7 @@ def attack_table(methods: Mapping[str, Mapping[str, Any]], *, with_std: bool = T
              "| Method | " + " | ".join(ATTACK_METRICS.values()) + " |",
              "|---|" + "---:|" * len(ATTACK_METRICS)]
     for name in methods:
-        lines.append(f"| {LABELS.get(name, name)} | "
+        lines.append(f"| {label(name)} | "
                      + " | ".join(_ours(methods, name, m, with_std) for m in ATTACK_METRICS) + " |")
     return "\n".join(lines)
 
@@ -138,7 +162,7 @@ def _rows(table: Mapping[str, Any] | None, methods: Mapping[str, Any]) -> list[t
         named.add(row["method"])
     for name in methods:
         if name not in named:
-            out.append((LABELS.get(name, name), name, {}))
+            out.append((label(name), name, {}))
     return out
 
 
@@ -240,7 +264,7 @@ def time_table(methods: Mapping[str, Mapping[str, Any]], *, with_std: bool = Tru
              "| Method | Seconds (ours) | × SCRUB's time |", "|---|---:|---:|"]
     for name in methods:
         r = time_ratio(methods, name)
-        lines.append(f"| {LABELS.get(name, name)} | {_ours(methods, name, 'seconds', with_std)} | "
+        lines.append(f"| {label(name)} | {_ours(methods, name, 'seconds', with_std)} | "
                      f"{DASH if math.isnan(r) else f'{r:.2f}'} |")
     lines.append("")
     for name in ("ppu", "ppu-bias", "ppu-random"):
@@ -254,6 +278,41 @@ def time_table(methods: Mapping[str, Mapping[str, Any]], *, with_std: bool = Tru
     return "\n".join(lines)
 
 
+def lam_table(methods: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any], *,
+              with_std: bool = True) -> str:
+    """Table 5, the λ sweep (:func:`ppu_fast.unlearn.experiment.lam_variants`): retain and forget
+    error of PPU (privacy) per λ, ours (mean ± standard error over seeds) beside the paper's where it
+    prints that λ (1, 2, 3, 4; small scale only), with Retrain's and Original's errors as the
+    reference lines."""
+    table = paper_numbers()["table_5"]
+    ctx = context(config)
+    with_paper = ctx["scale"] == table["scale"]
+    paper = {float(k): v for k, v in table["values"].items()} if with_paper else {}
+    ours = dict(lam_rows(methods))
+    lines = [f"### {table['caption']}", ""]
+    if with_paper:
+        lines.append(f"Paper: {MODEL_NAMES[table['model']]} on {table['dataset']}. This run: "
+                     f"{MODEL_NAMES.get(ctx['model'], ctx['model'])} on {ctx['dataset']}. Note: {table['note']}")
+    else:
+        lines.append(f"The paper reports this table only at {table['scale']} scale: ours alone.")
+    lines.append("")
+    metrics = ("retain_error", "forget_error")
+    head = ["λ"] + [f"{METRIC_NAMES[m]} (ours)" for m in metrics] \
+        + ([f"{METRIC_NAMES[m]} (paper)" for m in metrics] if with_paper else [])
+    lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for lam in sorted(set(ours) | set(paper)):
+        cells = [f"{lam:g}"] + [_ours(methods, ours[lam], m, with_std) if lam in ours else "not run"
+                                for m in metrics]
+        if with_paper:
+            cells += [_fmt(paper.get(lam, {}).get(m)) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name in ("retrain", "original"):
+        if name in methods:
+            lines.append("| " + " | ".join([label(name)] + [_ours(methods, name, m, with_std) for m in metrics]
+                                           + ([DASH] * len(metrics) if with_paper else [])) + " |")
+    return "\n".join(lines)
+
+
 def table_ids(config: Mapping[str, Any]) -> list[str]:
     """The paper tables set beside a run (error tables), in the paper's order."""
     ctx = context(config)
@@ -263,7 +322,7 @@ def table_ids(config: Mapping[str, Any]) -> list[str]:
 
 def render(config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], *, seeds: int = 1) -> str:
     """The whole Markdown document: the applicable paper tables, Table 3, Table 4, the attack with
-    signal and the time table."""
+    signal, Table 5 when the run holds a λ sweep (:func:`lam_table`) and the time table."""
     with_std = seeds > 1
     ctx = context(config)
     kind = spread_kind(methods)
@@ -283,6 +342,8 @@ def render(config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], 
                   error_table(tid, methods, config, with_std=with_std)]
         if tid == "4":
             parts += ["", attack_table(methods, with_std=with_std)]
+    if lam_rows(methods):
+        parts += ["", lam_table(methods, config, with_std=with_std)]
     parts += ["", time_table(methods, with_std=with_std), ""]
     return "\n".join(parts)
 
@@ -306,7 +367,7 @@ def plot_time(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title:
     colors = ["tab:orange" if n.startswith("ppu") or n.endswith("+ppu") else "tab:blue" for n in names]
     ax.barh(range(len(names)), secs, xerr=errs, color=colors)
     ax.set_yticks(range(len(names)))
-    ax.set_yticklabels([LABELS.get(n, n) for n in names], fontsize=8)
+    ax.set_yticklabels([label(n) for n in names], fontsize=8)
     ax.invert_yaxis()
     positive = [s for s in secs if s > 0]
     if positive and max(positive) / min(positive) > 100:
@@ -347,7 +408,7 @@ def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
             ax.plot([h["wall_seconds"] for h in rows], [h["forget_error"] for h in rows], "-", lw=1,
                     color=color, alpha=0.7)
         marker = "s" if name.startswith("ppu") or name.endswith("+ppu") else "o"
-        ax.plot([secs], [fe], marker, color=color, ms=7, label=LABELS.get(name, name))
+        ax.plot([secs], [fe], marker, color=color, ms=7, label=label(name))
     if "retrain" in methods and methods["retrain"].get("forget_error") is not None:
         ax.axhline(float(methods["retrain"]["forget_error"]), color="grey", ls="--", lw=0.8)
     ax.set_xscale("symlog", linthresh=0.1)
@@ -398,7 +459,7 @@ def plot_forget_per_epoch(histories: Mapping[str, Sequence[Mapping[str, Any]]] |
         for j, entry in enumerate(runs):
             rows = [h for h in entry["history"] if "forget_error" in h]
             ax.plot([h["epoch"] for h in rows], [h["forget_error"] for h in rows], "-", lw=1, alpha=0.8,
-                    color=color, label=f"{LABELS.get(name, name)} ({len(runs)} seed{'s' * (len(runs) > 1)})"
+                    color=color, label=f"{label(name)} ({len(runs)} seed{'s' * (len(runs) > 1)})"
                     if j == 0 else None)
             chosen = [h for h in rows if h["epoch"] == entry.get("selected_epoch")]
             if chosen:
@@ -442,7 +503,7 @@ def plot_mia(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title: 
     ax.bar(range(len(names)), values, yerr=errs, color=colors, capsize=3)
     ax.axhline(50, color="grey", ls="--", lw=0.8)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([LABELS.get(n, n) for n in names], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([label(n) for n in names], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 100)
     ax.set_ylabel("MIA accuracy % (50: chance)")
     ax.set_title(title or "Membership inference attack per method", fontsize=10)

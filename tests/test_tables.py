@@ -428,3 +428,76 @@ def test_merge_methods_of_one_seed(tmp_path):
     assert row["retrain_gap"] == pytest.approx(sum(abs(row[m] - ref[m]) for m in
                                                    ("test_error", "retain_error", "forget_error", "mia")) / 4)
     assert res["config"]["methods"] == ["original", "retrain", "scrub", "ppu"]
+
+
+# ------------------------------------------------------------------------------- Table 5: λ sweep
+def test_lam_sweep_end_to_end(tmp_path, monkeypatch):
+    import torch
+
+    from ppu_fast.cli import main
+    from ppu_fast.unlearn import experiment
+
+    monkeypatch.setenv("PPU_FAST_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = experiment.unlearn
+
+    def spy(model, forget, retain, *, method, **kw):
+        calls.append((method, kw.get("lam"), kw["seed"], id(model)))
+        return real(model, forget, retain, method=method, **kw)
+
+    monkeypatch.setattr(experiment, "unlearn", spy)
+    n = torch.get_num_threads()
+    out = tmp_path / "sweep"
+    try:
+        code = main(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.25", "--seeds", "0",
+                     "--epochs", "1", "--unlearn-epochs", "1", "--threads", "1", "--lam-sweep", "0.1,1,2,10",
+                     "--out", str(out), "--no-progress"])
+    finally:
+        torch.set_num_threads(n)
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    names = ["ppu[lam=0.1]", "ppu[lam=1]", "ppu[lam=2]", "ppu[lam=10]"]
+    assert list(res["methods"]) == ["original", "retrain", *names]
+    # PPU once per λ, each with its λ and the command's PPU epochs, all on the same original model
+    ppu_calls = [c for c in calls if c[0] == "ppu"]
+    assert [c[1] for c in ppu_calls] == [0.1, 1.0, 2.0, 10.0]
+    assert len({c[3] for c in calls}) == 1
+    assert res["config"]["variants"]["ppu[lam=2]"] == {"method": "ppu", "epochs": "1", "lam": "2.0"}
+    md = (out / "tables.md").read_text()
+    t5 = md.split("### Table 5")[1].split("\n### ")[0]
+    ours = res["methods"]["ppu[lam=2]"]
+    assert f"| 2 | {ours['retain_error']:.2f} | {ours['forget_error']:.2f} | 0.00 | 56.00 |" in t5
+    assert "| 3 | not run | not run | 0.00 | 23.00 |" in t5 and "| 0.1 |" in t5
+    assert "| PPU (λ = 10) |" in md  # the sweep's rows in the other tables, labelled
+
+
+def test_lam_sweep_refuses_other_method_choices(capsys):
+    from ppu_fast.cli import main
+
+    assert main(["run", "--dataset", "digits5", "--model", "smallcnn", "--lam-sweep", "1,2", "--methods",
+                 "ppu", "--out", "x"]) == 2
+    assert "--lam-sweep, --methods: pass one of them" in capsys.readouterr().err
+    assert main(["run", "--dataset", "digits5", "--model", "smallcnn", "--lam-sweep", "1,0", "--out", "x"]) == 2
+    assert "every λ must be a positive number, got 0.0" in capsys.readouterr().err
+
+
+def test_lam_table_without_paper_numbers_at_large_scale():
+    from ppu_fast.tables import lam_table
+
+    ours = {"retrain": {"retain_error": 1.0, "forget_error": 9.0},
+            "ppu[lam=5]": {"retain_error": 2.0, "forget_error": 3.0},
+            "ppu[lam=0.5]": {"retain_error": 4.0, "forget_error": 6.0}}
+    text = lam_table(ours, {"dataset": "cifar10", "model": "allcnn", "scenario": "selective"}, with_std=False)
+    assert "ours alone" in text and "paper)" not in text
+    body = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| λ")]
+    assert body == ["| 0.5 | 4.00 | 6.00 |", "| 5 | 2.00 | 3.00 |", "| Retrain | 1.00 | 9.00 |"]
+
+
+@pytest.mark.skipif(not PAPER_TEXT.is_file(), reason="the paper's text is not beside the repository")
+def test_table_5_numbers_are_the_papers():
+    t5 = paper_numbers()["table_5"]
+    line = re.search(r"^PPU\t(.*)$", PAPER_TEXT.read_text()[PAPER_TEXT.read_text().index("Table 5:"):],
+                     re.M).group(1)
+    printed = [float(c) for c in line.split("\t")]
+    assert printed == [t5["values"][lam][m] for lam in ("1", "2", "3", "4")
+                       for m in ("retain_error", "forget_error")]

@@ -4,6 +4,7 @@ run each method, measure it. ``ppu-fast demo`` and ``ppu-fast run`` are thin wra
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,6 +56,23 @@ def evaluate(model: nn.Module, split: Split, *, seed: int, device: torch.device 
             "lira_n_nonmembers": roc["n_nonmembers"]}
 
 
+def lam_variants(lams: Sequence[float], options: dict | None = None) -> dict[str, tuple[str, dict]]:
+    """The λ sweep as :func:`run_experiment` variants: PPU (privacy) once per ``lams`` value, each row
+    named ``ppu[lam=<value>]`` (the value as ``%g`` prints it), with ``options`` (PPU's other options)
+    beside its ``lam``. Raises on a non-positive or repeated λ."""
+    out: dict[str, tuple[str, dict]] = {}
+    for lam in lams:
+        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
+            raise ValueError(f"lam sweep: every λ must be a positive number, got {lam!r}")
+        name = f"ppu[lam={lam:g}]"
+        if name in out:
+            raise ValueError(f"lam sweep: λ = {lam:g} is listed twice")
+        out[name] = ("ppu", {**(options or {}), "lam": float(lam)})
+    if not out:
+        raise ValueError("lam sweep: name at least one λ")
+    return out
+
+
 def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenario: str = "selective",
                    forget_class: int | None = None, num_forget: int | None = None,
                    methods: Sequence[str] = ("original", "retrain", "finetune", "ppu", "ppu-bias"),
@@ -63,7 +81,8 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                    method_kwargs: dict[str, dict] | None = None, cache: bool = True,
                    progress: bool = True, log: Any = print, init_checkpoint: str | Path | None = None,
                    pretrain: str | None = None, pretrain_train: dict | None = None,
-                   pretrain_per_class: int | None = None) -> dict:
+                   pretrain_per_class: int | None = None,
+                   variants: dict[str, tuple[str, dict]] | None = None) -> dict:
     """Run ``methods`` on ``dataset`` with ``model`` for each seed.
 
     Starting weights (Original's and Retrain's; every other method starts from Original): a fresh
@@ -77,7 +96,10 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     ``"sha256:<hex>"`` of the checkpoint file.
 
     ``train`` overrides fields of :func:`default_train_config`; ``method_kwargs`` maps a method name
-    to extra options for :func:`ppu_fast.unlearn`. ``log`` receives one line per step (None: silent).
+    to extra options for :func:`ppu_fast.unlearn`. ``variants`` maps further row names to
+    ``(registered method, options)``, so that one method runs several times on the same original
+    model under names of its own, e.g. ``{"ppu[lam=0.5]": ("ppu", {"lam": 0.5})}`` (the λ sweep,
+    :func:`lam_variants`); list those names in ``methods``. ``log`` receives one line per step (None: silent).
     Returns ``{"config": ..., "per_seed": [{method: metrics}], "history": {method: epochs of the
     first seed}, "histories": {method: [{"seed", "selected_epoch", "history"} per seed]}}``, metrics as
     in :func:`evaluate` plus ``seconds`` and ``retrain_gap`` (:func:`ppu_fast.metrics.retrain_gap`
@@ -85,15 +107,23 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     method kept a per-epoch history (PPU's bias mode keeps none unless ``history=True``), and those
     may differ in length (PPU's "fast" schedule stops early).
     """
-    unknown = [m for m in methods if m not in registered()]
+    variants = dict(variants or {})
+    for name, spec in variants.items():
+        if name in registered():
+            raise ValueError(f"variants: '{name}' is a registered method's name; give the variant its own")
+        if not (isinstance(spec, tuple) and len(spec) == 2 and spec[0] in registered()
+                and isinstance(spec[1], dict)):
+            raise ValueError(f"variants['{name}'] must be (registered method, options dict), got {spec!r}")
+    method_of = {m: variants[m][0] if m in variants else m for m in methods}
+    unknown = [m for m in methods if method_of[m] not in registered()]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of "
                          f"{', '.join(registered())}")
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     method_kwargs = dict(method_kwargs or {})
-    for name, kw in method_kwargs.items():
-        bad = sorted(set(kw) - set(method_options(name)))
+    for name, kw in [*method_kwargs.items(), *((n, v[1]) for n, v in variants.items())]:
+        bad = sorted(set(kw) - set(method_options(variants[name][0] if name in variants else name)))
         if bad:
             raise TypeError(f"method '{name}' does not accept option(s) {', '.join(bad)}")
     say = log or (lambda *_: None)
@@ -151,13 +181,17 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                   "train": {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "seed"},
                   "method_options": {k: {o: str(v) for o, v in kw.items()}
                                      for k, kw in method_kwargs.items()}}
+        if variants:
+            config["variants"] = {k: {"method": m, **{o: str(v) for o, v in kw.items()}}
+                                  for k, (m, kw) in variants.items() if k in methods}
         rows = {}
         for name in methods:
-            kw = dict(method_kwargs.get(name, {}))
-            if name == "retrain":
+            method = method_of[name]
+            kw = {**(variants[name][1] if name in variants else {}), **method_kwargs.get(name, {})}
+            if method == "retrain":
                 # Same initial weights and recipe as the original: only the data differs.
                 kw = {"config": tcfg, "init": init, "cache": cache, **kw}
-            elif name in ("eu-k", "ntk"):
+            elif method in ("eu-k", "ntk"):
                 # SCRUB's EU-k puts the block back to the weights the original's training started from;
                 # its NTK scale (the trapezium trick) measures the distance from them.
                 kw = {"init": init, **kw}
@@ -165,7 +199,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
             val = split.val
             t0 = time.perf_counter()
             try:
-                res = unlearn(original, split.forget, split.retain, method=name, val=val, seed=seed,
+                res = unlearn(original, split.forget, split.retain, method=method, val=val, seed=seed,
                               device=dev, progress=progress, **kw)
             except JacobianTooLarge as exc:
                 # A size refusal (NTK on a model too large for its Jacobian) should not cost the
@@ -173,7 +207,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                 skipped[name] = str(exc)
                 say(f"[seed {seed}] {name:<10} skipped: {exc}")
                 continue
-            seconds = res.timings.get("train", time.perf_counter() - t0) if name == "retrain" \
+            seconds = res.timings.get("train", time.perf_counter() - t0) if method == "retrain" \
                 else res.timings["total"]
             row = evaluate(res.model, split, seed=seed, device=dev)
             row["seconds"] = seconds
