@@ -81,7 +81,7 @@ def run_setting(name: str, seed: int, variants: list[str], data_root: str | None
     runs = [("retrain", "retrain", {"config": tcfg, "init": init}),
             ("scrub", "scrub", {"setting": cfg["scrub"]}),
             ("scrub+r", "scrub+r", {"setting": cfg["scrub"]})]
-    runs += [(f"{kind} | {v}", kind, {**cfg["ppu"], **VARIANTS[v]}) for v in variants for kind in PPU_KINDS
+    runs += [(f"{kind}: {v}", kind, {**cfg["ppu"], **VARIANTS[v]}) for v in variants for kind in PPU_KINDS
              if kind == "ppu" or v not in PRIVACY_ONLY]
     for label, method, kw in runs:
         res = unlearn(original, split.forget, split.retain, method=method, val=split.val, seed=seed,
@@ -109,7 +109,7 @@ def summarise(results: list[dict]) -> str:
                 for lab in labels}
         body = []
         for lab in labels:
-            ref = "scrub+r" if lab.startswith("ppu |") else "scrub"
+            ref = "scrub+r" if lab.startswith("ppu:") else "scrub"
             ratio = (f"{mean[lab]['seconds'] / mean[ref]['seconds']:.2f}x {ref}"
                      if lab.startswith("ppu") else "")
             epochs = [r["rows"][lab].get("epochs_run") for r in runs]
@@ -117,10 +117,33 @@ def summarise(results: list[dict]) -> str:
                          *(f"{mean[lab][m]:.2f}" for m in METRICS[1:]),
                          "" if epochs[0] is None else "/".join(str(e) for e in epochs)])
         out.append(f"### {setting} (means over seeds {', '.join(str(r['seed']) for r in runs)})\n")
-        out.append(markdown_table(["method | schedule", "seconds", "time vs", "forget %", "retain %",
+        out.append(markdown_table(["method: schedule", "seconds", "time vs", "forget %", "retain %",
                                    "test %", "MIA %", "epochs run"], body))
         out.append("")
     return "\n".join(out)
+
+
+def header(meta: dict) -> list[str]:
+    return ["# PPU's fine-tuning schedule, lever by lever", "",
+            f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`; "
+            f"CPU: {meta['machine']['cpu_model']} ({meta['machine']['cpu_cores']} cores); "
+            f"torch {meta['versions']['torch']}; {meta['threads']} thread(s); load average at start "
+            f"{meta['loadavg_start'][0]:.1f}; wall {meta.get('wall_seconds', float('nan')):.0f} s",
+            f"- command: `{meta['command']}`",
+            "- seconds: the method's whole call (probabilities, refine, fine-tuning, the per-epoch "
+            "evaluation its selection reads); time vs: PPU w/ uniform (ppu-bias) against SCRUB, "
+            "PPU (privacy) (ppu) against SCRUB+R, in the same runs; epochs run: per seed", "", ""]
+
+
+def render(path: Path) -> int:
+    """Rewrite ``path``'s .md from the JSON (labels written as "kind | variant" by the first
+    version of this script read as "kind: variant")."""
+    doc = json.loads(path.read_text())
+    for run in doc["runs"]:
+        run["rows"] = {k.replace(" | ", ": "): v for k, v in run["rows"].items()}
+    path.with_suffix(".md").write_text("\n".join(header(doc["meta"])) + summarise(doc["runs"]) + "\n")
+    print(path.with_suffix(".md"))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="folder (default benchmarks/results)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only rewrite the .md beside a finished run's JSON")
     args = p.parse_args(argv)
+    if args.render:
+        return render(Path(args.render))
     torch.set_num_threads(args.threads)
     variants = args.variants.split(";")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -156,16 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["wall_seconds"] = time.perf_counter() - t0
     (out / f"ppu-schedule-{stamp}.json").write_text(json.dumps(
         {"meta": meta, "variants": {v: VARIANTS[v] for v in variants}, "runs": results}, indent=1))
-    head = ["# PPU's fine-tuning schedule, lever by lever", "",
-            f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`; "
-            f"CPU: {meta['machine']['cpu_model']} ({meta['machine']['cpu_cores']} cores); "
-            f"torch {torch.__version__}; {args.threads} thread(s); load average at start "
-            f"{meta['loadavg_start'][0]:.1f}; wall {meta['wall_seconds']:.0f} s",
-            f"- command: `{meta['command']}`",
-            "- seconds: the method's whole call (probabilities, refine, fine-tuning, the per-epoch "
-            "evaluation its selection reads); time vs: PPU w/ uniform (ppu-bias) against SCRUB, "
-            "PPU (privacy) (ppu) against SCRUB+R, in the same runs; epochs run: per seed", ""]
-    (out / f"ppu-schedule-{stamp}.md").write_text("\n".join(head) + summarise(results) + "\n")
+    (out / f"ppu-schedule-{stamp}.md").write_text("\n".join(header(meta)) + summarise(results) + "\n")
     print(out / f"ppu-schedule-{stamp}.md")
     return 0
 
