@@ -550,6 +550,7 @@ def test_emulated_bad_rows_and_determinism(emulated, mode):
     for k in (5, 40):
         _check_bad_inputs(emulated, mode, k, "cpu")
     if mode == "probs":
-        # k = 1100's dense Hessian is slow to emulate, and emulated fibers run in a fixed order
-        # anyway: the families up to k = 100 here, all of them on a GPU.
-        _check_determinism(emulated, "cpu", rows=(3_001, 301), ks=(3, 17, 33, 100))
+        # Emulated fibers run in a fixed order, so this only guards the emulation's own plumbing
+        # (a buffer reused between calls, say): one small and one wide family, small sizes. The
+        # GPU tests check every family at full size, where the order is not fixed.
+        _check_determinism(emulated, "cpu", rows=(1_001, 301), ks=(3, 33))
