@@ -409,9 +409,14 @@ def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
                     color=color, alpha=0.7)
         marker = "s" if name.startswith("ppu") or name.endswith("+ppu") else "o"
         ax.plot([secs], [fe], marker, color=color, ms=7, label=label(name))
+    xs = [x for line in ax.get_lines() for x in line.get_xdata() if x > 0]
+    if xs:
+        # Seconds span decades (a refine-only epoch to Retrain's training): log, from the fastest.
+        ax.set_xscale("log")
+        ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+    # After the scale: axhline spans the axes in axes coordinates, not data.
     if "retrain" in methods and methods["retrain"].get("forget_error") is not None:
         ax.axhline(float(methods["retrain"]["forget_error"]), color="grey", ls="--", lw=0.8)
-    ax.set_xscale("symlog", linthresh=0.1)
     ax.set_xlabel("seconds from the original model (Retrain: its training)")
     ax.set_ylabel("forget error %")
     ax.set_title(title or "Forget error versus time (lines: PPU's epochs, first seed)", fontsize=10)
