@@ -194,7 +194,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
              retain_weights: torch.Tensor | None = None, forget_repeats: int = 1,
              evaluate: Callable[[nn.Module], dict] | None = None,
              select: str | Callable[[list[dict]], int] = "last", early_stop: bool = False,
-             trainable: str = "all", seed: int = 0,
+             forget_kl: float | None = None, trainable: str = "all", seed: int = 0,
              device: str | torch.device | None = None, inplace: bool = False,
              progress: bool = True) -> FinetuneResult:
     """Fine-tune ``model`` so that ``softmax(model(x_i))`` approaches ``targets[i]``.
@@ -222,6 +222,10 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
             and a callable (history -> epoch) choose among per-epoch checkpoints, kept in memory.
         early_stop: with ``select="val"``, stop once :func:`val_rule_is_settled` says later epochs
             cannot win (saves the remaining epochs and their evaluations).
+        forget_kl: stop after the first epoch in which the forget rows' mean KL(target || model),
+            taken from the training batches themselves (no extra pass), is at most this many nats:
+            the forget rows have reached their targets. Needs ``forget_mask``; each epoch's value
+            is recorded as ``forget_loss`` in the history. None: no such stop.
         trainable: ``"all"``, ``"last-block"`` or ``"head"`` (see :func:`trainable_modules`); the
             other parameters, and the BatchNorm statistics outside the trained modules, stay fixed.
         seed: fixes the shuffling and retain subsampling.
@@ -234,6 +238,12 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
 
     _check(model, data, targets, epochs, lr, batch_size, optimizer, select, forget_mask, retain_per_epoch,
            retain_fraction, retain_sampling, retain_weights, forget_repeats, early_stop, trainable)
+    if forget_kl is not None:
+        if isinstance(forget_kl, bool) or not isinstance(forget_kl, (int, float)) \
+                or not float(forget_kl) >= 0.0:
+            raise ValueError(f"forget_kl must be a non-negative number of nats, got {forget_kl!r}")
+        if forget_mask is None:
+            raise ValueError("forget_kl needs forget_mask (which rows are the forget set)")
     if select == "val" and evaluate is None:
         raise ValueError("select='val' needs evaluate=... returning 'forget_error' and 'val_error'")
     work = model if inplace else copy.deepcopy(model)
@@ -256,7 +266,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
     if retain_fraction is not None and float(retain_fraction) >= 1.0:
         retain_fraction = None
     split = retain_per_epoch is not None or retain_fraction is not None or forget_repeats != 1
-    if split or retain_weights is not None:
+    if split or retain_weights is not None or forget_kl is not None:
         fmask = torch.as_tensor(np.asarray(forget_mask), dtype=torch.bool).view(-1)
         if fmask.shape[0] != len(data):
             raise ValueError(f"forget_mask has {fmask.shape[0]} entries but data has {len(data)}")
@@ -317,9 +327,19 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         subset = torch.utils.data.Subset(indexed, epoch_rows()) if split else indexed
         set_train_mode()
         loss_sum, n = 0.0, 0
+        f_sum, f_n = 0.0, 0
         for x, i in DataLoader(subset, batch_size=batch_size, shuffle=True, generator=gen):
             out = work(x.to(device))
-            loss = F.kl_div(F.log_softmax(out, dim=1), targets[i.to(device)], reduction="batchmean")
+            if forget_kl is None:
+                loss = F.kl_div(F.log_softmax(out, dim=1), targets[i.to(device)], reduction="batchmean")
+            else:
+                # Per row, to follow the forget rows' share for the stopping test.
+                rows = F.kl_div(F.log_softmax(out, dim=1), targets[i.to(device)],
+                                reduction="none").sum(1)
+                loss = rows.mean()
+                is_f = fmask[i]
+                f_sum += float(rows.detach()[is_f.to(device)].sum())
+                f_n += int(is_f.sum())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -329,8 +349,15 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         if select != "last":
             checkpoints[epoch] = {k: v.detach().clone() for k, v in work.state_dict().items()}
         history.append(run_eval(epoch, loss_sum / n))
+        if forget_kl is not None:
+            history[-1]["forget_loss"] = f_sum / max(f_n, 1)
         bar.set_postfix(loss=f"{loss_sum / n:.4f}")
         if early_stop and epoch < epochs and val_rule_is_settled(history):
+            stopped_early, last_epoch = True, epoch
+            break
+        if forget_kl is not None and epoch < epochs and f_n and f_sum / f_n <= forget_kl:
+            # The forget rows sit at their targets (within forget_kl nats on average, measured
+            # while training through the epoch): the fine-tuning has reached what it aims at.
             stopped_early, last_epoch = True, epoch
             break
     for p in frozen:

@@ -252,8 +252,8 @@ def test_fast_schedule_with_full_retain_and_no_stop_reproduces_the_paper_schedul
     common = dict(val=split.val, epochs=3, lr=0.02, seed=7, progress=False)
     paper = ppu_fast.unlearn(model, split.forget, split.retain, method=method, schedule="paper", **common)
     fast = ppu_fast.unlearn(model, split.forget, split.retain, method=method, schedule="fast",
-                            retain_fraction=1.0, early_stop=False, forget_repeats=1, trainable="all",
-                            history_retain=1000, **common)
+                            retain_fraction=1.0, early_stop=False, forget_kl=0, forget_repeats=1,
+                            trainable="all", history_retain=1000, **common)
     assert same(state(paper.model), state(fast.model))
     assert paper.selected_epoch == fast.selected_epoch
     assert fast.options["schedule"] == "fast" and fast.options["retain_fraction"] == 1.0
@@ -271,3 +271,43 @@ def test_fast_schedule_is_the_default_and_records_its_plan(digits):
     assert res.options["epochs_run"] == len(res.history) - 1
     walls = [h["wall_seconds"] for h in res.history]
     assert walls[0] >= res.timings["probabilities"] + res.timings["refine"]
+
+
+@pytest.mark.parametrize("value,match", [(-0.1, "forget_kl must be a non-negative number"),
+                                         ("low", "forget_kl must be"), (True, "forget_kl must be")])
+def test_forget_kl_is_checked(value, match):
+    model, data, targets, mask = toy()
+    with pytest.raises(ValueError, match=match):
+        finetune(model, data, targets, forget_mask=mask, forget_kl=value, progress=False)
+    with pytest.raises(ValueError, match="forget_kl needs forget_mask"):
+        finetune(model, data, targets, forget_kl=0.1, progress=False)
+
+
+def test_forget_loss_is_the_forget_rows_mean_kl():
+    # lr = 0: the model does not move, so the epoch's forget loss is exactly the forget rows'
+    # KL(target || model) computed directly.
+    model, data, targets, mask = toy()
+    res = finetune(model, data, targets, epochs=2, lr=1e-30, forget_mask=mask, forget_kl=1e-12,
+                   progress=False)
+    x = data.tensors[0][:10]
+    with torch.no_grad():
+        logq = model(x).log_softmax(1).double()
+    t = targets[:10].double()
+    direct = float((t * (t.log() - logq)).sum(1).mean())
+    assert res.history[1]["forget_loss"] == pytest.approx(direct, rel=1e-5)
+    assert len(res.history) == 3 and not res.stopped_early
+
+
+def test_forget_kl_stops_at_the_first_epoch_that_reaches_it():
+    model, data, targets, mask = toy()
+    targets = targets.clone()
+    targets[:10] = 0.25  # uniform forget rows: a linear model gets there quickly
+    full = finetune(model, data, targets, epochs=30, lr=0.5, forget_mask=mask, forget_kl=1e-12, seed=3,
+                    progress=False)
+    losses = [h["forget_loss"] for h in full.history[1:]]
+    kl = sorted(losses)[len(losses) // 2]  # reached part-way through
+    first = next(e for e, v in enumerate(losses, 1) if v <= kl)
+    early = finetune(model, data, targets, epochs=30, lr=0.5, forget_mask=mask, forget_kl=kl, seed=3,
+                     progress=False)
+    assert early.stopped_early and len(early.history) - 1 == first == early.selected_epoch
+    assert [h["forget_loss"] for h in early.history[1:]] == losses[:first]

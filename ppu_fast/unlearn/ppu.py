@@ -21,13 +21,15 @@ MODES = ("privacy", "bias")
 # "fast": the levers measured in docs/ppu_schedule.md; they change how much work the fine-tuning
 # does, not what it aims at (the same targets, loss, optimiser and selection rule). Privacy mode
 # stops once the "val" rule is settled and evaluates only what that rule reads; bias mode (which
-# keeps its last epoch) visits a quarter of the retain rows per epoch and each forget row 4 times.
+# keeps its last epoch) visits a quarter of the retain rows per epoch and each forget row 4 times,
+# and stops once the forget rows are within 0.1 nats of their targets.
 _PAPER = {"retain_fraction": 1.0, "retain_sampling": "uniform", "forget_repeats": 1, "early_stop": False,
-          "trainable": "all", "history_retain": 1000}
+          "forget_kl": None, "trainable": "all", "history_retain": 1000}
 SCHEDULES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"privacy": dict(_PAPER), "bias": dict(_PAPER)},
     "fast": {"privacy": {**_PAPER, "early_stop": True, "history_retain": 0},
-             "bias": {**_PAPER, "retain_fraction": 0.25, "forget_repeats": 4, "history_retain": 0}},
+             "bias": {**_PAPER, "retain_fraction": 0.25, "forget_repeats": 4, "forget_kl": 0.1,
+                      "history_retain": 0}},
 }
 SCHEDULE_KEYS = tuple(_PAPER)
 
@@ -67,7 +69,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         history: bool | None = None, history_retain: int | None | str = "auto",
         schedule: str = "fast", retain_fraction: float | None = None,
         retain_sampling: str | None = None, forget_repeats: int | None = None,
-        early_stop: bool | None = None, trainable: str | None = None) -> UnlearnResult:
+        early_stop: bool | None = None, forget_kl: float | None = None,
+        trainable: str | None = None) -> UnlearnResult:
     """PPU. ``mode="privacy"`` refines P^ with :func:`ppu_fast.refine` (``pseudo``, ``lam``,
     ``marginals``, ``refine_method``, ``tol``, ``backend`` pass through); ``mode="bias"`` (§5.4) uses
     P^ itself. Then :func:`ppu_fast.finetune` (``epochs``, ``lr``, ``optimizer``, ``momentum``,
@@ -80,23 +83,26 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     ``schedule`` picks the fine-tuning's work (:data:`SCHEDULES`, per mode): ``"fast"`` (the default)
     stops once the ``"val"`` rule is settled (``early_stop``, privacy mode) and evaluates only what
     the selection reads, and in bias mode visits a share ``retain_fraction`` of the retain rows per
-    epoch and each forget row ``forget_repeats`` times; ``"paper"`` runs every row every epoch, as
-    the paper does. ``retain_fraction``, ``retain_sampling`` (``"uniform"``, or
+    epoch and each forget row ``forget_repeats`` times and stops once the forget rows' mean KL to
+    their targets is at most ``forget_kl`` nats (0 switches that stop off); ``"paper"`` runs every
+    row every epoch, as the paper does. ``retain_fraction``, ``retain_sampling`` (``"uniform"``, or
     ``"weighted"``: by KL(q_i || p_i), how far each row's target moved), ``forget_repeats``,
-    ``early_stop``, ``trainable`` (``"all"``, ``"last-block"``, ``"head"``) and ``history_retain``
+    ``early_stop``, ``forget_kl``, ``trainable`` (``"all"``, ``"last-block"``, ``"head"``) and ``history_retain``
     override the schedule's values one by one (see :func:`ppu_fast.finetune`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: unknown value {schedule!r}; expected one of {tuple(SCHEDULES)}")
     given = {"retain_fraction": retain_fraction, "retain_sampling": retain_sampling,
-             "forget_repeats": forget_repeats, "early_stop": early_stop, "trainable": trainable,
-             "history_retain": history_retain}
+             "forget_repeats": forget_repeats, "early_stop": early_stop, "forget_kl": forget_kl,
+             "trainable": trainable, "history_retain": history_retain}
     plan = {key: (SCHEDULES[schedule][mode][key] if given[key] is None or
                   (key == "history_retain" and given[key] == "auto") else given[key])
             for key in SCHEDULE_KEYS}
     if history_retain is None:
         plan["history_retain"] = None  # None keeps its meaning: every retain example
+    if forget_kl == 0:
+        plan["forget_kl"] = None  # 0 nats is never reached in practice: 0 switches the stop off
     if retain_per_epoch is not None and retain_fraction is None:
         plan["retain_fraction"] = None  # the explicit count wins over the schedule's share
     if select is None:
@@ -158,7 +164,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
                   retain_per_epoch=retain_per_epoch, retain_fraction=plan["retain_fraction"],
                   retain_sampling=plan["retain_sampling"], retain_weights=retain_weights,
                   forget_repeats=plan["forget_repeats"], evaluate=evaluate, select=select,
-                  early_stop=plan["early_stop"], trainable=plan["trainable"], seed=seed,
+                  early_stop=plan["early_stop"], forget_kl=plan["forget_kl"],
+                  trainable=plan["trainable"], seed=seed,
                   device=dev, inplace=True, progress=progress)
     timings["finetune"] = ft.seconds
     before = timings["probabilities"] + timings["refine"]
@@ -184,7 +191,7 @@ def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset
              history_retain: int | None | str = "auto", schedule: str = "fast",
              retain_fraction: float | None = None, retain_sampling: str | None = None,
              forget_repeats: int | None = None, early_stop: bool | None = None,
-             trainable: str | None = None) -> UnlearnResult:
+             forget_kl: float | None = None, trainable: str | None = None) -> UnlearnResult:
     """PPU for bias removal (§5.4, "PPU w/ uniform"): targets are P^ (uniform forget rows), no solve.
     The schedule options are :func:`ppu`'s."""
     return ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
@@ -193,7 +200,7 @@ def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset
                retain_per_epoch=retain_per_epoch, select=select, history=history,
                history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
                retain_sampling=retain_sampling, forget_repeats=forget_repeats,
-               early_stop=early_stop, trainable=trainable)
+               early_stop=early_stop, forget_kl=forget_kl, trainable=trainable)
 
 
 @register("ppu-random")
@@ -205,7 +212,8 @@ def ppu_random(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Datas
                history: bool | None = None, history_retain: int | None | str = "auto",
                schedule: str = "fast", retain_fraction: float | None = None,
                retain_sampling: str | None = None, forget_repeats: int | None = None,
-               early_stop: bool | None = None, trainable: str | None = None) -> UnlearnResult:
+               early_stop: bool | None = None, forget_kl: float | None = None,
+               trainable: str | None = None) -> UnlearnResult:
     """PPU for bias removal with random pseudo-probabilities (§5.4, "PPU w/ random"). The schedule
     options are :func:`ppu`'s."""
     return ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
@@ -214,4 +222,4 @@ def ppu_random(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Datas
                retain_per_epoch=retain_per_epoch, select=select, history=history,
                history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
                retain_sampling=retain_sampling, forget_repeats=forget_repeats,
-               early_stop=early_stop, trainable=trainable)
+               early_stop=early_stop, forget_kl=forget_kl, trainable=trainable)
