@@ -225,7 +225,8 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         forget_kl: stop after the first epoch in which the forget rows' mean KL(target || model),
             taken from the training batches themselves (no extra pass), is at most this many nats:
             the forget rows have reached their targets. Needs ``forget_mask``; each epoch's value
-            is recorded as ``forget_loss`` in the history. None: no such stop.
+            is recorded as ``forget_loss`` in the history (and the retain rows' as
+            ``retain_loss``). None: no such stop.
         trainable: ``"all"``, ``"last-block"`` or ``"head"`` (see :func:`trainable_modules`); the
             other parameters, and the BatchNorm statistics outside the trained modules, stay fixed.
         seed: fixes the shuffling and retain subsampling.
@@ -327,7 +328,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         subset = torch.utils.data.Subset(indexed, epoch_rows()) if split else indexed
         set_train_mode()
         loss_sum, n = 0.0, 0
-        f_sum, f_n = 0.0, 0
+        f_sum, f_n, r_sum = 0.0, 0, 0.0
         for x, i in DataLoader(subset, batch_size=batch_size, shuffle=True, generator=gen):
             out = work(x.to(device))
             if forget_kl is None:
@@ -340,6 +341,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
                 is_f = fmask[i]
                 f_sum += float(rows.detach()[is_f.to(device)].sum())
                 f_n += int(is_f.sum())
+                r_sum += float(rows.detach()[~is_f.to(device)].sum())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -351,6 +353,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         history.append(run_eval(epoch, loss_sum / n))
         if forget_kl is not None:
             history[-1]["forget_loss"] = f_sum / max(f_n, 1)
+            history[-1]["retain_loss"] = r_sum / max(n - f_n, 1)
         bar.set_postfix(loss=f"{loss_sum / n:.4f}")
         if early_stop and epoch < epochs and val_rule_is_settled(history):
             stopped_early, last_epoch = True, epoch
