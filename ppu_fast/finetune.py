@@ -26,7 +26,7 @@ class FinetuneResult:
     never selected) with the mean ``loss``, ``wall_seconds`` (time since the call began, evaluation
     included) and whatever ``evaluate`` returned. ``selected_epoch``: the
     epoch whose weights ``model`` holds. ``seconds``: wall time of the training epochs (evaluation
-    excluded). ``stopped_early``: ``early_stop`` ended the run before ``epochs``."""
+    excluded). ``stopped_early``: ``early_stop`` or ``forget_kl`` ended the run before ``epochs``."""
 
     model: nn.Module
     history: list[dict] = field(default_factory=list)
