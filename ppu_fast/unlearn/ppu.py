@@ -85,10 +85,11 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     the selection reads, and in bias mode visits a share ``retain_fraction`` of the retain rows per
     epoch and each forget row ``forget_repeats`` times; ``"paper"`` runs every row every epoch, as
     the paper does. ``forget_kl`` (off by default; 0 switches it off) stops once the forget rows'
-    mean KL to their targets is at most that many nats. ``retain_fraction``, ``retain_sampling`` (``"uniform"``, or
-    ``"weighted"``: by KL(q_i || p_i), how far each row's target moved), ``forget_repeats``,
-    ``early_stop``, ``forget_kl``, ``trainable`` (``"all"``, ``"last-block"``, ``"head"``) and ``history_retain``
-    override the schedule's values one by one (see :func:`ppu_fast.finetune`)."""
+    mean KL to their targets is at most that many nats. ``retain_fraction``, ``retain_sampling``
+    (``"uniform"``, or ``"weighted"``: by KL(q_i || p_i), how far each row's target moved),
+    ``forget_repeats``, ``early_stop``, ``forget_kl``, ``trainable`` (``"all"``, ``"last-block"``,
+    ``"head"``) and ``history_retain`` override the schedule's values one by one (see
+    :func:`ppu_fast.finetune`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if schedule not in SCHEDULES:
