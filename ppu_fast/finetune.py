@@ -127,7 +127,7 @@ def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
 def _check(model: object, data: object, targets: object, epochs: int, lr: float, batch_size: int,
            optimizer: str, select: object, forget_mask: object, retain_per_epoch: object,
            retain_fraction: object, retain_sampling: object, retain_weights: object,
-           forget_repeats: object, early_stop: object, trainable: object) -> None:
+           forget_repeats: object, early_stop: object, forget_kl: object, trainable: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(data, Dataset):
@@ -183,6 +183,12 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
     if early_stop and select != "val":
         raise ValueError(f"early_stop=True needs select='val' (it stops when that rule is settled), "
                          f"got select={select!r}")
+    if forget_kl is not None:
+        if isinstance(forget_kl, bool) or not isinstance(forget_kl, (int, float)) \
+                or not float(forget_kl) >= 0.0:
+            raise ValueError(f"forget_kl must be a non-negative number of nats, got {forget_kl!r}")
+        if forget_mask is None:
+            raise ValueError("forget_kl needs forget_mask (which rows are the forget set)")
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable: unknown value {trainable!r}; expected one of {TRAINABLE}")
 
@@ -238,13 +244,8 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
     from tqdm.auto import tqdm
 
     _check(model, data, targets, epochs, lr, batch_size, optimizer, select, forget_mask, retain_per_epoch,
-           retain_fraction, retain_sampling, retain_weights, forget_repeats, early_stop, trainable)
-    if forget_kl is not None:
-        if isinstance(forget_kl, bool) or not isinstance(forget_kl, (int, float)) \
-                or not float(forget_kl) >= 0.0:
-            raise ValueError(f"forget_kl must be a non-negative number of nats, got {forget_kl!r}")
-        if forget_mask is None:
-            raise ValueError("forget_kl needs forget_mask (which rows are the forget set)")
+           retain_fraction, retain_sampling, retain_weights, forget_repeats, early_stop, forget_kl,
+           trainable)
     if select == "val" and evaluate is None:
         raise ValueError("select='val' needs evaluate=... returning 'forget_error' and 'val_error'")
     work = model if inplace else copy.deepcopy(model)
@@ -298,12 +299,10 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         return torch.cat([forget_rows] * forget_repeats + [take]).tolist()
 
     def set_train_mode() -> None:
-        work.train()
-        if trainable != "all":
-            # Frozen parts keep their BatchNorm statistics too: only the trained modules learn.
-            work.eval()
-            for m in trained:
-                m.train()
+        # Frozen parts stay in eval mode, so their BatchNorm statistics do not move either.
+        work.train(trainable == "all")
+        for m in trained:
+            m.train()
 
     started = time.perf_counter()
 
@@ -330,18 +329,17 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         loss_sum, n = 0.0, 0
         f_sum, f_n, r_sum = 0.0, 0, 0.0
         for x, i in DataLoader(subset, batch_size=batch_size, shuffle=True, generator=gen):
-            out = work(x.to(device))
+            logq, t = F.log_softmax(work(x.to(device)), dim=1), targets[i.to(device)]
             if forget_kl is None:
-                loss = F.kl_div(F.log_softmax(out, dim=1), targets[i.to(device)], reduction="batchmean")
+                loss = F.kl_div(logq, t, reduction="batchmean")
             else:
                 # Per row, to follow the forget rows' share for the stopping test.
-                rows = F.kl_div(F.log_softmax(out, dim=1), targets[i.to(device)],
-                                reduction="none").sum(1)
+                rows = F.kl_div(logq, t, reduction="none").sum(1)
                 loss = rows.mean()
-                is_f = fmask[i]
-                f_sum += float(rows.detach()[is_f.to(device)].sum())
+                is_f = fmask[i].to(device)
+                f_sum += float(rows.detach()[is_f].sum())
                 f_n += int(is_f.sum())
-                r_sum += float(rows.detach()[~is_f.to(device)].sum())
+                r_sum += float(rows.detach()[~is_f].sum())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -355,12 +353,10 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
             history[-1]["forget_loss"] = f_sum / max(f_n, 1)
             history[-1]["retain_loss"] = r_sum / max(n - f_n, 1)
         bar.set_postfix(loss=f"{loss_sum / n:.4f}")
-        if early_stop and epoch < epochs and val_rule_is_settled(history):
-            stopped_early, last_epoch = True, epoch
-            break
-        if forget_kl is not None and epoch < epochs and f_n and f_sum / f_n <= forget_kl:
-            # The forget rows sit at their targets (within forget_kl nats on average, measured
-            # while training through the epoch): the fine-tuning has reached what it aims at.
+        # forget_kl: the forget rows sit at their targets (within forget_kl nats on average,
+        # measured while training through the epoch), which is what the fine-tuning aims at.
+        if epoch < epochs and ((early_stop and val_rule_is_settled(history)) or
+                               (forget_kl is not None and f_n and f_sum / f_n <= forget_kl)):
             stopped_early, last_epoch = True, epoch
             break
     for p in frozen:
