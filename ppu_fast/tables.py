@@ -348,24 +348,56 @@ def render(config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], 
     return "\n".join(parts)
 
 
-def plot_time(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Figure 3 for our run: unlearning seconds per method (mean, standard error as error bars), Agg
-    backend."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend: the figures are files, no display is needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def seconds(n: str) -> float:
-        v = methods[n].get("seconds")
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _is_ppu(name: str) -> bool:
+    return name.startswith("ppu") or name.endswith("+ppu")
+
+
+def _colors(names: Sequence[str]) -> list[str]:
+    """PPU and the +PPU methods in orange, the others in blue."""
+    return ["tab:orange" if _is_ppu(n) else "tab:blue" for n in names]
+
+
+def _per_method(methods: Mapping[str, Mapping[str, Any]], metric: str
+                ) -> tuple[list[str], list[float], list[float]]:
+    """(names, means, error bars) of the methods that report ``metric``; a missing spread draws
+    no bar."""
+    def value(n: str) -> float:
+        v = methods[n].get(metric)
         return float("nan") if v is None else float(v)
 
-    names = [n for n in methods if not math.isnan(seconds(n))]
-    secs = [seconds(n) for n in names]
-    errs = [0.0 if math.isnan(spread(methods[n], "seconds")) else spread(methods[n], "seconds") for n in names]
+    names = [n for n in methods if not math.isnan(value(n))]
+    errs = [0.0 if math.isnan(spread(methods[n], metric)) else spread(methods[n], metric) for n in names]
+    return names, [value(n) for n in names], errs
+
+
+def plot_time(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Figure 3 for our run: unlearning seconds per method (mean, standard error as error bars), Agg
+    backend."""
+    plt = _pyplot()
+
+    names, secs, errs = _per_method(methods, "seconds")
     fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(names) + 1.4))
-    colors = ["tab:orange" if n.startswith("ppu") or n.endswith("+ppu") else "tab:blue" for n in names]
-    ax.barh(range(len(names)), secs, xerr=errs, color=colors)
+    ax.barh(range(len(names)), secs, xerr=errs, color=_colors(names))
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels([label(n) for n in names], fontsize=8)
     ax.invert_yaxis()
@@ -377,11 +409,7 @@ def plot_time(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title:
         ax.text(s + e, i, f" {s:.2f}s", va="center", fontsize=7)
     ax.set_xlabel("unlearning time (s); Retrain: training time")
     ax.set_title(title or "Time needed for the unlearning method", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
@@ -391,10 +419,7 @@ def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
     fine-tuning, from the original model on) as its trajectory over the epochs it ran, the selected
     model marked; every method's final result (mean over seeds) as a point. Retrain's forget error is
     the dashed line the privacy protocol aims at."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     cmap = plt.get_cmap("tab20")
@@ -407,7 +432,7 @@ def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
         if rows:
             ax.plot([h["wall_seconds"] for h in rows], [h["forget_error"] for h in rows], "-", lw=1,
                     color=color, alpha=0.7)
-        marker = "s" if name.startswith("ppu") or name.endswith("+ppu") else "o"
+        marker = "s" if _is_ppu(name) else "o"
         ax.plot([secs], [fe], marker, color=color, ms=7, label=label(name))
     xs = [x for line in ax.get_lines() for x in line.get_xdata() if x > 0]
     if xs:
@@ -421,11 +446,7 @@ def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
     ax.set_ylabel("forget error %")
     ax.set_title(title or "Forget error versus time (lines: PPU's epochs, first seed)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def histories_from(history: Mapping[str, Sequence[Mapping[str, Any]]] | None,
@@ -449,10 +470,7 @@ def plot_forget_per_epoch(histories: Mapping[str, Sequence[Mapping[str, Any]]] |
     method -> [{"seed", "selected_epoch", "history": [{"epoch", "forget_error", ...}]}]. Methods
     without a per-epoch forget error (PPU's bias mode unless run with ``history=True``, the one-shot
     baselines) are not drawn; with none at all the figure says so. Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     curves = {name: [e for e in runs if any("forget_error" in h for h in e.get("history") or ())]
               for name, runs in (histories or {}).items()}
@@ -481,42 +499,24 @@ def plot_forget_per_epoch(histories: Mapping[str, Sequence[Mapping[str, Any]]] |
     ax.set_title(title or "Forget error per epoch (all seeds; ★ the selected epoch)", fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_mia(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
     """Figure 4: SCRUB's membership-inference attack per method (mean over seeds, standard error as
     error bars; 50 % is chance, the ideal), Agg backend."""
-    import matplotlib
+    plt = _pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def mia(n: str) -> float:
-        v = methods[n].get("mia")
-        return float("nan") if v is None else float(v)
-
-    names = [n for n in methods if not math.isnan(mia(n))]
-    values = [mia(n) for n in names]
-    errs = [0.0 if math.isnan(spread(methods[n], "mia")) else spread(methods[n], "mia") for n in names]
+    names, values, errs = _per_method(methods, "mia")
     fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(names) + 1.5), 4.2))
-    colors = ["tab:orange" if n.startswith("ppu") or n.endswith("+ppu") else "tab:blue" for n in names]
-    ax.bar(range(len(names)), values, yerr=errs, color=colors, capsize=3)
+    ax.bar(range(len(names)), values, yerr=errs, color=_colors(names), capsize=3)
     ax.axhline(50, color="grey", ls="--", lw=0.8)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([label(n) for n in names], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 100)
     ax.set_ylabel("MIA accuracy % (50: chance)")
     ax.set_title(title or "Membership inference attack per method", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_tables(out_dir: str | Path, config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]],
