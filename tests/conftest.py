@@ -72,3 +72,22 @@ def image_tree(root: Path, classes, counts: dict, size: tuple = (32, 32), ext: s
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(d / f"{i:04d}.{ext}")
     return root
+
+
+@pytest.fixture(scope="session")
+def digits5_trained():
+    """(split, init, model): digits5 and a width-0.5 small CNN trained on it for 6 epochs from
+    ``init``; shared by the unlearning tests, which must leave ``model`` untouched."""
+    import copy
+
+    from ppu_fast.data import make_split
+    from ppu_fast.models import build_model
+    from ppu_fast.training import TrainConfig, fit
+
+    torch.set_num_threads(1)
+    split = make_split("digits5", seed=0)
+    torch.manual_seed(0)
+    init = build_model("smallcnn", 5, 1, width=0.5)
+    model = fit(copy.deepcopy(init), split.train, TrainConfig(epochs=6, lr=0.05, batch_size=32),
+                progress=False)
+    return split, init, model

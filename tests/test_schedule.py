@@ -1,7 +1,5 @@
 """PPU's fine-tuning schedule (issue 12): retain sampling, forget repeats, early stopping at the
 "val" rule, trainable layers, and the "paper" / "fast" presets."""
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -11,7 +9,6 @@ import ppu_fast
 from ppu_fast.data import make_split
 from ppu_fast.finetune import finetune, select_val, trainable_modules, val_rule_is_settled
 from ppu_fast.models import build_model
-from ppu_fast.training import TrainConfig, fit
 from ppu_fast.unlearn.ppu import SCHEDULES
 from conftest import same, state
 
@@ -236,13 +233,8 @@ def test_history_records_the_wall_time_of_each_epoch():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    torch.set_num_threads(1)
-    split = make_split("digits5", seed=0)
-    torch.manual_seed(0)
-    init = build_model("smallcnn", 5, 1, width=0.5)
-    model = fit(copy.deepcopy(init), split.train, TrainConfig(epochs=4, lr=0.05, batch_size=32),
-                progress=False)
+def digits(digits5_trained):
+    split, _, model = digits5_trained
     return split, model
 
 

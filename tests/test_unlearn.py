@@ -6,9 +6,7 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 import ppu_fast
-from ppu_fast.data import make_split
 from ppu_fast.metrics import error, predict
-from ppu_fast.models import build_model
 from ppu_fast.training import TrainConfig, fit, fit_cached
 from ppu_fast.unlearn import UnlearnResult, method_options, methods, register, unlearn
 from conftest import same, state
@@ -18,14 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.set_num_threads(1)
-    split = make_split("digits5", seed=0)
-    torch.manual_seed(0)
-    init = build_model("smallcnn", 5, 1, width=0.5)
-    model = fit(copy.deepcopy(init), split.train, TrainConfig(epochs=6, lr=0.05, batch_size=32),
-                progress=False)
-    return split, init, model
+def setup(digits5_trained):
+    return digits5_trained
 
 
 def test_registry_lists_the_methods():
