@@ -5,23 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from ppu_fast.metrics import (add_retrain_gaps, attack_from_features, lira, logit_confidence_from_losses,
                               offline_lira_scores, retrain_gap, roc_auc, roc_curve, tpr_at_fpr,
                               true_class_features)
-
-
-class LogitsAreInputs(nn.Module):
-    """A 'model' whose logits are its inputs, so confidences can be set exactly."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        return x + 0 * self.dummy
+from conftest import LogitsAreInputs
 
 
 def _attack_on_losses(forget_losses, test_losses):

@@ -4,21 +4,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from ppu_fast.metrics import error, losses, mia, mia_detail, mia_from_losses
-
-
-class LogitsAreInputs(nn.Module):
-    """A 'model' whose logits are its inputs, so losses can be set exactly."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        return x + 0 * self.dummy
+from conftest import LogitsAreInputs
 
 
 def test_error_in_percent():
