@@ -36,7 +36,7 @@ def make_evaluator(forget: Dataset, retain: Dataset, val: Dataset | None, *, ret
     """The per-epoch evaluation of PPU's history: forget error, retain error (on at most
     ``retain_limit`` retain examples, drawn once; 0: none, no retain error) and the validation error
     on the forget classes."""
-    retain_eval = sample(retain, retain_limit, seed)
+    retain_eval = sample(retain, retain_limit, seed) if retain_limit != 0 else None
     val_forget = None
     if val is not None:
         classes = dataset_targets(forget).unique().tolist()
@@ -47,7 +47,7 @@ def make_evaluator(forget: Dataset, retain: Dataset, val: Dataset | None, *, ret
 
     def evaluate(model: nn.Module) -> dict:
         row = {"forget_error": error(model, forget, device=device)}
-        if retain_limit != 0:
+        if retain_eval is not None:
             row["retain_error"] = error(model, retain_eval, device=device)
         if val_forget is not None:
             row["val_error"] = error(model, val_forget, device=device)
