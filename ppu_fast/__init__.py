@@ -1,7 +1,7 @@
 """ppu_fast: Pseudo-Probability Unlearning with a fast dual-Newton refinement solver.
 
 Public API: :func:`refine`, :func:`solve`, :func:`targets`, :class:`RefineInfo`,
-:class:`ConvergenceWarning`; and, imported on first use, :func:`unlearn`,
+:class:`ConvergenceWarning`; and, imported on first use, :func:`refine_file`, :func:`unlearn`,
 :class:`UnlearnResult` and :func:`finetune`. Importing the package loads torch and numpy only.
 """
 
@@ -10,14 +10,16 @@ from .solver import ConvergenceWarning, RefineInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["refine", "solve", "targets", "RefineInfo", "ConvergenceWarning", "unlearn",
+__all__ = ["refine", "solve", "targets", "RefineInfo", "ConvergenceWarning", "refine_file",
+           "unlearn",
            "UnlearnResult", "finetune", "__version__"]
 
 # ``unlearn`` is a callable subpackage (ppu_fast/unlearn/__init__.py): once imported, Python binds
 # the package to this name, so return the package itself, which calls through to the function.
 _LAZY = {"unlearn": ("ppu_fast.unlearn", None),
          "UnlearnResult": ("ppu_fast.unlearn", "UnlearnResult"),
-         "finetune": ("ppu_fast.finetune", "finetune")}
+         "finetune": ("ppu_fast.finetune", "finetune"),
+         "refine_file": ("ppu_fast.stream", "refine_file")}
 
 
 def __getattr__(name):

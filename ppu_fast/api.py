@@ -29,7 +29,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
            max_iter: Optional[int] = None, backend: str = "auto",
            generator: Optional[torch.Generator] = None, return_info: bool = False,
            step_size: Optional[float] = None, out: Optional[ArrayLike] = None,
-           weights=None):
+           weights=None, process_group=None):
     """Refine a model's training-set probabilities into PPU targets.
 
     Replaces the forget rows of P by pseudo-probabilities (P^), then solves
@@ -63,6 +63,11 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
             torch's ``out=``: reusing a buffer saves allocating and first-touching N x k memory,
             which costs about as much as two solver passes on a CPU. It may be the input itself,
             which is then overwritten with Q.
+        process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``): each
+            rank passes its own rows (``probs`` / ``logits`` N_rank x k, ``forget_mask`` and
+            ``weights`` over those rows, ``pseudo`` tensors for its forget rows) and gets its own
+            rows of Q; every global quantity is all-reduced once per solver pass and every rank
+            ends with the same ``info.alpha`` (docs/scaling.md). A rank may hold zero rows.
 
     Returns:
         Q (N x k) with the dtype and device of the input (numpy in, numpy out), or (Q, info);
@@ -74,6 +79,13 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
                          f"{'both' if probs is not None else 'neither'})")
     name = "probs" if probs is not None else "logits"
     mode = name
+    if process_group is not None:
+        from .sharded import refine_sharded
+        return refine_sharded(probs if probs is not None else logits, name, forget_mask,
+                              process_group, out=out, weights=weights, return_info=return_info,
+                              lam=lam, pseudo=pseudo, marginals=marginals, method=method,
+                              tol=tol, max_iter=max_iter, backend=backend, generator=generator,
+                              step_size=step_size)
     x, from_numpy = pb.to_tensor(probs if probs is not None else logits, name)
     n, k = pb.check_matrix(x, name)
     lam = pb.check_lam(lam)
@@ -142,20 +154,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         colsum_forget = pb.normalised_row_sums(x[mask_dev], mode)
         colsum_retain = colsum_retain - colsum_forget
     n_retain = n - n_forget
-    # The pseudo rows' totals as Q sees them, softmax of the stored log rows (exp of float32-
-    # rounded logs sums to 1 only within 1e-7, which a float64 solve would have to chase).
-    if kind == "vector":
-        pseudo_colsum = torch.softmax(pseudo_t.double(), dim=0) * n_forget
-    elif kind == "prior":
-        # The retain rows' mean distribution; with none retained, the uninformative prior.
-        prior = (colsum_retain / n_retain if n_retain
-                 else torch.full((k,), 1.0 / k, dtype=torch.float64))
-        pseudo_t = torch.log(prior.to(compute_dtype(sdt)))
-        pseudo_colsum = torch.softmax(pseudo_t.double(), dim=0) * n_forget
-    elif kind == "given":
-        pseudo_colsum = colsum_forget
-    else:
-        pseudo_colsum = torch.softmax(pseudo_t.double(), dim=1).sum(dim=0)
+    pseudo_t, pseudo_colsum = pb.pseudo_totals(kind, pseudo_t, colsum_retain, colsum_forget,
+                                               n_retain, n_forget, k, sdt)
     if not final_rows:
         rows = pseudo_t.to(dev, out.dtype)
         out[mask_dev] = rows.expand(n_forget, k) if rows.dim() == 1 else rows
@@ -171,12 +171,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     be.materialize(out, inv_c, torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev),
                    out)
     _to_caller_scale(info, c_min)
-    if user_out is not None:
-        if user_out is not out:
-            user_out.copy_(out)
-        q = user_out
-    else:
-        q = out if out.dtype == x.dtype else out.to(x.dtype)
+    q = pb.result_tensor(out, user_out, x)
     if q.dtype in (torch.float16, torch.bfloat16):
         info.output_residual = _residual(q, m)
         info.message = (info.message + "; " if info.message else "") + (
@@ -228,7 +223,7 @@ def _validated_log_p(log_p: ArrayLike, backend: str, inv_c: Optional[torch.Tenso
 
 def solve(log_p: ArrayLike, weights, marginals, *, method: str = "newton",
           tol: float = 1e-6, max_iter: Optional[int] = None, backend: str = "auto",
-          step_size: Optional[float] = None) -> Tuple[ArrayLike, RefineInfo]:
+          step_size: Optional[float] = None, process_group=None) -> Tuple[ArrayLike, RefineInfo]:
     """Solve the dual for a caller-built problem.
 
     Args:
@@ -237,12 +232,19 @@ def solve(log_p: ArrayLike, weights, marginals, *, method: str = "newton",
         weights: c (N,), > 0 (tensor, array or list): the weight of each row's KL term; max / min
             at most 1e30.
         marginals: M (k,), >= 0, summing to N (tensor, array or list).
+        process_group: a ``torch.distributed`` process group: each rank passes its own rows of
+            ``log_p`` and ``weights`` and the same global ``marginals`` (summing to the total N
+            over the ranks); every rank gets the same alpha (docs/scaling.md).
 
     Returns:
         (alpha (k,) float64 on log_p's device, or a numpy array for numpy log_p; info), with
         ``info.alpha`` the same as a CPU tensor. ``targets(log_p, weights, alpha)`` gives Q.
     """
     t0 = time.perf_counter()
+    if process_group is not None:
+        from .sharded import solve_sharded
+        return solve_sharded(log_p, weights, marginals, process_group, method=method, tol=tol,
+                             max_iter=max_iter, backend=backend, step_size=step_size)
     n, k = pb.check_matrix(pb.to_tensor(log_p, "log_p")[0], "log_p")
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
     sdt = pb.solver_dtype(pb.to_tensor(log_p, "log_p")[0].dtype)

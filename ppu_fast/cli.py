@@ -144,6 +144,14 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--tol", type=float, default=1e-6)
     f.add_argument("--seed", type=int, default=0, help="seed for --pseudo random / random-simplex")
     f.add_argument("--out", required=True, help="output Q, .pt or .npy")
+    stream = f.add_mutually_exclusive_group()
+    stream.add_argument("--chunk-rows", type=int, default=None,
+                        help="stream a .npy input this many rows at a time (ppu_fast.refine_file)")
+    stream.add_argument("--memory-budget", default="1GiB",
+                        help="a .npy input larger than this is streamed in chunks that fit it "
+                             "(bytes or e.g. 512MiB, 2GB; default 1GiB)")
+    f.add_argument("--device", default="cpu", help="where a streamed refine runs (cpu, cuda)")
+    _progress_flags(f)
     return p
 
 
@@ -275,6 +283,8 @@ def _refine(args: argparse.Namespace) -> int:
     if out.suffix not in (".pt", ".npy"):
         raise ValueError(f"--out: '{out}' must end in .pt or .npy")
     flag = "--probs" if args.probs is not None else "--logits"
+    if _streams(args):
+        return _refine_streamed(args)
     x = _load_array(args.probs if args.probs is not None else args.logits, flag)
     mask = _load_array(args.forget, "--forget")
     weights = None if args.weights is None else _load_array(args.weights, "--weights")
@@ -297,6 +307,54 @@ def _refine(args: argparse.Namespace) -> int:
         torch.save(torch.as_tensor(q), out)
     print(f"refined {tuple(q.shape)} with {info.method} on {info.backend}: {info.iterations} iterations, "
           f"residual {info.residual:.2e}, converged {info.converged}, {info.seconds:.3f} s -> {out}")
+    return 0
+
+
+def _streams(args: argparse.Namespace) -> bool:
+    """Whether ``refine`` streams: a .npy input, and --chunk-rows given or the file larger than
+    --memory-budget."""
+    from .stream import parse_bytes
+
+    src = Path(args.probs if args.probs is not None else args.logits)
+    if src.suffix != ".npy":
+        if args.chunk_rows is not None:
+            raise ValueError(f"--chunk-rows: streaming reads .npy files; '{src}' is not one")
+        return False
+    budget = parse_bytes(args.memory_budget, "--memory-budget")
+    return args.chunk_rows is not None or (src.is_file() and src.stat().st_size > budget)
+
+
+def _refine_streamed(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .stream import refine_file
+
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise ValueError(f"--out: a streamed refine writes .npy; got '{out}'")
+    src = args.probs if args.probs is not None else args.logits
+    forget = args.forget if args.forget.endswith(".npy") else _load_array(args.forget, "--forget")
+    if isinstance(forget, str) and np.load(forget, mmap_mode="r").dtype != np.bool_:
+        forget = np.load(forget)  # integer row indices
+    if isinstance(forget, torch.Tensor):
+        forget = forget.numpy()
+    weights = None if args.weights is None else _load_array(args.weights, "--weights")
+    if args.weights is not None and args.lam != 1.0:
+        raise ValueError("--weights, --lam: pass one of them")
+    if isinstance(weights, torch.Tensor):
+        weights = weights.numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = refine_file(src, forget, out, logits=args.logits is not None,
+                       chunk_rows=args.chunk_rows, memory_budget=args.memory_budget,
+                       device=args.device, progress=_show_progress(args),
+                       weights=weights, lam=args.lam,
+                       pseudo=None if args.pseudo == "none" else args.pseudo,
+                       marginals=args.marginals, method=args.method, backend=args.backend,
+                       tol=args.tol, generator=torch.Generator().manual_seed(args.seed))
+    print(f"refined {src} in chunks of {int(info.timings['chunk_rows'])} rows with {info.method} "
+          f"on {info.backend}: {info.iterations} iterations, residual {info.residual:.2e}, "
+          f"converged {info.converged}, {info.seconds:.3f} s -> {out}")
     return 0
 
 

@@ -179,11 +179,15 @@ def row_sum_tol(dtype: torch.dtype) -> float:
 
 
 def raise_row_error(error: Optional[Tuple[int, int]], x: torch.Tensor, mode: str, name: str,
-                    tol: float) -> None:
-    """Raise the ValueError for a fault ``(kind, row)`` that ``prepare`` reported (no-op: None)."""
+                    tol: float, row_offset: int = 0) -> None:
+    """Raise the ValueError for a fault ``(kind, row)`` that ``prepare`` reported (no-op: None).
+
+    ``x`` holds the rows ``prepare`` read; the message names row ``row + row_offset`` (a chunk's
+    or a shard's rows are numbered from ``row_offset`` in what the caller passed)."""
     if error is None:
         return
-    kind, i = error
+    kind, i0 = error
+    i = i0 + row_offset
     if kind == ERR_NONFINITE:
         if mode == "log_p":
             raise ValueError(f"{name}: row {i} contains NaN or +Inf; expected log-probabilities "
@@ -191,10 +195,10 @@ def raise_row_error(error: Optional[Tuple[int, int]], x: torch.Tensor, mode: str
         what = "probabilities" if mode == "probs" else "logits"
         raise ValueError(f"{name}: row {i} contains NaN or Inf; expected finite {what}")
     if kind == ERR_NEGATIVE:
-        raise ValueError(f"{name}: row {i} has a negative entry ({float(x[i].min()):.3g}); "
+        raise ValueError(f"{name}: row {i} has a negative entry ({float(x[i0].min()):.3g}); "
                          f"expected probabilities >= 0")
     if kind == ERR_ROWSUM:
-        s = float(x[i].double().sum())
+        s = float(x[i0].double().sum())
         raise ValueError(f"{name}: row {i} sums to {s:.6g}; expected rows on the simplex (sum 1 "
                          f"within {tol:.3g})")
     if kind == ERR_ALL_NEG_INF:
@@ -339,6 +343,14 @@ def check_capacity(log_p: torch.Tensor, m: torch.Tensor, name: str = "marginals"
     of classes; these two cover the practical cases.) One pass over log P^ (N x k): called only
     when the solver cannot converge, never on the normal path.
     """
+    cap, only = capacity_counts(log_p, chunk_elems)
+    raise_if_over_capacity(cap, only, m, log_p.shape[0], name)
+
+
+def capacity_counts(log_p: torch.Tensor, chunk_elems: int = 1 << 22
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cap, only): per class (k,) float64 on the CPU, the rows of ``log_p`` with a finite entry
+    on it and the rows whose only finite entry it is (additive over row blocks)."""
     n, k = log_p.shape
     cap = torch.zeros(k, dtype=torch.float64)
     only = torch.zeros(k, dtype=torch.float64)
@@ -348,6 +360,12 @@ def check_capacity(log_p: torch.Tensor, m: torch.Tensor, name: str = "marginals"
         cap += fin.sum(0, dtype=torch.float64).cpu()
         single = fin.sum(1) == 1
         only += fin[single].sum(0, dtype=torch.float64).cpu()
+    return cap, only
+
+
+def raise_if_over_capacity(cap: torch.Tensor, only: torch.Tensor, m: torch.Tensor, n: int,
+                           name: str = "marginals") -> None:
+    """The check of :func:`check_capacity` from its counts (N rows in all)."""
     m = m.double().cpu()
     slack = 1e-9 * max(n, 1)
     over = torch.nonzero(m > cap + slack).flatten()
@@ -391,6 +409,17 @@ def check_out(out, x: torch.Tensor, from_numpy: bool) -> Optional[torch.Tensor]:
     return o
 
 
+def result_tensor(buf: torch.Tensor, user_out: Optional[torch.Tensor], x: torch.Tensor
+                  ) -> torch.Tensor:
+    """Q as the caller gets it from the solver's buffer ``buf``: in ``user_out`` (``out=``) when
+    given, else in the input's dtype."""
+    if user_out is not None:
+        if user_out is not buf:
+            user_out.copy_(buf)
+        return user_out
+    return buf if buf.dtype == x.dtype else buf.to(x.dtype)
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     def span(t):
         lo = t.data_ptr()
@@ -410,3 +439,30 @@ def solver_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the solver's buffer for an input of ``dtype``: the input's own (float64 is
     solved in float64, float16 / bfloat16 are stored as such and evaluated in float32)."""
     return dtype if dtype in SUPPORTED_DTYPES else torch.float32
+
+
+def pseudo_totals(kind: str, pseudo_t: Optional[torch.Tensor], colsum_retain: torch.Tensor,
+                  colsum_forget: torch.Tensor, n_retain: int, n_forget: int, k: int,
+                  dtype: torch.dtype, rows_colsum: Optional[torch.Tensor] = None
+                  ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(the pseudo rows' log values, their column sums (k,) float64 as Q sees them) once the
+    input's column sums are known; ``kind`` / ``pseudo_t`` as :func:`pseudo_log` returned them.
+
+    "prior" becomes the retain rows' mean (the uninformative prior when none is retained), in the
+    solver's compute dtype. Totals are softmaxes of the stored log rows: exp of float32-rounded
+    logs sums to 1 only within 1e-7, which a float64 solve would have to chase.
+    ``rows_colsum``: the "rows" kind's totals when the caller summed them (a sharded refine sums
+    them over every process); otherwise they are summed from ``pseudo_t``.
+    """
+    if kind == "vector":
+        return pseudo_t, torch.softmax(pseudo_t.double(), dim=0) * n_forget
+    if kind == "prior":
+        prior = (colsum_retain / n_retain if n_retain
+                 else torch.full((k,), 1.0 / k, dtype=torch.float64))
+        pseudo_t = torch.log(prior.to(compute_dtype(dtype)))
+        return pseudo_t, torch.softmax(pseudo_t.double(), dim=0) * n_forget
+    if kind == "given":
+        return pseudo_t, colsum_forget
+    if rows_colsum is not None:
+        return pseudo_t, rows_colsum
+    return pseudo_t, torch.softmax(pseudo_t.double(), dim=1).sum(dim=0)

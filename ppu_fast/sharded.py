@@ -1,0 +1,540 @@
+"""Refine over rows held in pieces: row chunks streamed from a file, and row shards on the
+processes of a ``torch.distributed`` group (docs/scaling.md).
+
+The dual has k variables, so a solver pass only needs sums over rows: the column sums of Q, the
+weighted log Z and the Hessian's pieces. :class:`ShardedBackend` computes them chunk by chunk
+with an ordinary backend (cpu, cuda, triton, torch), adds the chunks' partial sums in float64 in
+row order, and all-reduces them across the group once per pass; :func:`solver.solve_dual` runs
+on every rank with the same reduced numbers, so every rank ends with the same alpha. The rows'
+storage is a :class:`RowStore` (:class:`MemoryStore` here, ``stream.FileStore`` for ``.npy``
+files).
+
+The Newton Hessian keeps the single-process definition exactly: its diagonal is summed over every
+row, its off-diagonal part over the 16-row blocks ``b`` with ``b % hessian_stride(N, k) == 0`` of
+the *global* row numbering (the rows a chunk holds of that sample are gathered and their
+``inv_c q q^T`` summed here), so the solver takes the same path for any chunking or sharding.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import problem as pb
+from .backends import get_backend
+from .backends.base import (Backend, StepOut, assemble_hessian, compute_dtype,
+                            hessian_sample_rows, hessian_stride)
+from .solver import (RefineInfo, check_options, check_tol_floor, gauge_for_kernels, hessian_mode,
+                     solve_dual)
+
+
+class Comm:
+    """The collectives a sharded solve needs, over a ``torch.distributed`` process group, or
+    trivial ones for a single process (``group=None``). Sums travel as one float64 tensor per
+    call: on the current CUDA device for an NCCL group, on the CPU otherwise."""
+
+    def __init__(self, group=None) -> None:
+        self.group = group
+        self.rank, self.size = 0, 1
+        self.device = torch.device("cpu")
+        if group is not None:
+            import torch.distributed as dist
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError("process_group: torch.distributed is not initialised; call "
+                                 "torch.distributed.init_process_group first (or pass None)")
+            self.rank = dist.get_rank(group)
+            self.size = dist.get_world_size(group)
+            if dist.get_backend(group) == "nccl":
+                self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        if self.group is None:
+            return t.cpu()
+        import torch.distributed as dist
+        buf = t.to(self.device, torch.float64).contiguous()
+        dist.all_reduce(buf, op=getattr(dist.ReduceOp, op), group=self.group)
+        return buf.cpu()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over the ranks (float64, on the CPU)."""
+        return self._reduce(t, "SUM")
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over the ranks (float64, on the CPU)."""
+        return self._reduce(t, "MAX")
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        if self.group is None:
+            return [obj]
+        import torch.distributed as dist
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def where(self, rank: Optional[int] = None) -> str:
+        """' on rank r' in a sharded solve, '' otherwise (for error messages)."""
+        return "" if self.group is None else f" on rank {self.rank if rank is None else rank}"
+
+    def raise_first(self, message: Optional[str], exc: type = ValueError) -> None:
+        """Raise ``exc`` on every rank when any rank has an error ``message`` (the lowest rank's
+        message, which names its rank): a collective, so no rank waits for a peer that raised."""
+        msgs = self.gather(message)
+        for m in msgs:
+            if m is not None:
+                raise exc(m)
+
+
+class RowStore:
+    """Where a sharded solve's local rows live (the interface :class:`ShardedBackend` and
+    :func:`refine_rows` use): ``shape`` (local N, k), ``dtype`` (the solver buffer's),
+    ``device`` (where the kernels run) and three ways of visiting the rows chunk by chunk, in
+    row order, each chunk a ``(start, stop, ...)`` of local row numbers."""
+
+    shape: Tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def input_chunks(self) -> Iterator[Tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(start, stop, x rows, buffer rows to write log P^ into); written back after each."""
+        raise NotImplementedError
+
+    def buffer_chunks(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """(start, stop, buffer rows) to read."""
+        raise NotImplementedError
+
+    def update_chunks(self, want: Optional[Callable[[int, int], bool]] = None
+                      ) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """(start, stop, buffer rows) to modify in place (written back after each); only the
+        chunks for which ``want(start, stop)`` is true."""
+        raise NotImplementedError
+
+
+class MemoryStore(RowStore):
+    """Rows in memory: the input ``x`` and the solver's buffer ``buf`` (N x k tensors on one
+    device, ``buf`` may be ``x``), visited as views of ``chunk_rows`` rows (default: all)."""
+
+    def __init__(self, x: torch.Tensor, buf: torch.Tensor, chunk_rows: Optional[int] = None
+                 ) -> None:
+        self.x, self.buf = x, buf
+        self.shape = tuple(buf.shape)
+        self.dtype, self.device = buf.dtype, buf.device
+        self.chunk_rows = max(1, chunk_rows or self.shape[0] or 1)
+
+    def _ranges(self):
+        n = self.shape[0]
+        for s in range(0, n, self.chunk_rows):
+            yield s, min(n, s + self.chunk_rows)
+
+    def input_chunks(self):
+        for s, e in self._ranges():
+            yield s, e, self.x[s:e], self.buf[s:e]
+
+    def buffer_chunks(self):
+        for s, e in self._ranges():
+            yield s, e, self.buf[s:e]
+
+    def update_chunks(self, want=None):
+        for s, e in self._ranges():
+            if want is None or want(s, e):
+                yield s, e, self.buf[s:e]
+
+
+def sampled_gram(be: Backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+                 first_row: int, n: int, k: int) -> Optional[torch.Tensor]:
+    """``W = sum inv_c_i q_i q_i^T`` (k x k float64, on log_p's device) over the rows of this
+    chunk (global rows ``first_row ..``) that belong to the Hessian's row sample of the whole
+    N-row problem (``base.hessian_sample_rows``); None when it holds none. Q is materialised by
+    ``be`` for those rows only, in the compute dtype, and multiplied in float64."""
+    idx = hessian_sample_rows(n, hessian_stride(n, k), first_row, first_row + log_p.shape[0],
+                              device=log_p.device)
+    if idx.numel() == 0:
+        return None
+    lp = log_p.index_select(0, idx)
+    ic = inv_c.index_select(0, idx).contiguous()
+    q = torch.empty(lp.shape, dtype=compute_dtype(log_p.dtype), device=log_p.device)
+    be.materialize(lp, ic, alpha, q)
+    qd = q.double()
+    return (qd * ic.double()[:, None]).T @ qd
+
+
+class Rows:
+    """What the solver reads of its matrix when the rows are sharded: the global shape, the
+    buffer's dtype and the device the kernels run on (``solve_dual`` passes it to ``step``)."""
+
+    def __init__(self, n: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape = (n, k)
+        self.dtype, self.device = dtype, device
+
+
+class ShardedBackend(Backend):
+    """The backend contract's ``step`` over a :class:`RowStore` and a process group: the inner
+    backend's step per chunk, the partial sums added in float64 in row order, then one
+    all-reduce per pass. ``materialize`` is per chunk and needs no communication (see
+    :func:`materialize_store`)."""
+
+    def __init__(self, inner: Backend, store: RowStore, inv_c: torch.Tensor, comm: Comm,
+                 offset: int, n: int, k: int,
+                 progress: Optional[Callable[[Iterator], Iterator]] = None) -> None:
+        self.inner, self.store, self.inv_c, self.comm = inner, store, inv_c, comm
+        self.offset, self.n, self.k = offset, n, k
+        self.name = inner.name
+        self.progress = progress or (lambda it: it)
+        self.reduce_seconds = 0.0
+
+    def not_supported_reasons(self, log_p) -> List[str]:
+        return self.inner.not_supported_reasons(log_p)
+
+    def step(self, log_p, inv_c, alpha: torch.Tensor, hessian=False) -> StepOut:
+        """``(colsum, wlogz, H)`` over every row of every rank (``log_p`` and ``inv_c`` are the
+        solver's :class:`Rows` stand-ins and are not read)."""
+        k, dev = self.k, self.store.device
+        alpha = alpha.to(dev)
+        inner_h = "diag" if hessian is True else hessian
+        acc = Accumulator(k, hessian, dev)
+        for s, e, lp in self.progress(self.store.buffer_chunks()):
+            ic = self.inv_c[s:e]
+            c, z, h = self.inner.step(lp, ic, alpha, inner_h)
+            w = (sampled_gram(self.inner, lp, ic, alpha, self.offset + s, self.n, k)
+                 if hessian is True else None)
+            acc.add(c, z, h, w)
+        return acc.reduce(self.comm, self)
+
+    def materialize(self, log_p, inv_c, alpha, out):
+        raise NotImplementedError("a sharded solve materialises per chunk (materialize_store)")
+
+
+class Accumulator:
+    """Float64 partial sums of ``step`` results, added in the order given (on ``device``), packed
+    as ``[colsum (k), wlogz, d (k) | H (k*k)..., W (k*k)]`` for one all-reduce."""
+
+    def __init__(self, k: int, hessian, device: torch.device) -> None:
+        self.k, self.hessian = k, hessian
+        hk = {False: 0, None: 0, "diag": k, "exact": k * k}.get(hessian, k + k * k)
+        self.buf = torch.zeros(k + 1 + hk, dtype=torch.float64, device=device)
+
+    def add(self, colsum, wlogz, h, w=None) -> None:
+        k, b = self.k, self.buf
+        b[:k] += colsum.to(b.device)
+        b[k] += wlogz.to(b.device)
+        if self.hessian in (False, None):
+            return
+        if self.hessian == "exact":
+            b[k + 1:] += h.to(b.device).reshape(-1)
+            return
+        b[k + 1:2 * k + 1] += h.to(b.device)
+        if self.hessian is True and w is not None:
+            b[2 * k + 1:] += w.to(b.device).reshape(-1)
+
+    def reduce(self, comm: Comm, timer=None) -> StepOut:
+        """All-reduce over ``comm`` and unpack (on the CPU): ``(colsum, wlogz, H)``."""
+        t = time.perf_counter()
+        flat = comm.sum(self.buf) if comm.group is not None else self.buf.cpu()
+        if timer is not None and comm.group is not None:
+            timer.reduce_seconds += time.perf_counter() - t
+        k = self.k
+        colsum, wlogz = flat[:k].clone(), flat[k].clone()
+        h = None
+        if self.hessian == "diag":
+            h = flat[k + 1:].clone()
+        elif self.hessian == "exact":
+            h = flat[k + 1:].reshape(k, k).clone()
+        elif self.hessian is True:
+            h = assemble_hessian(flat[k + 1:2 * k + 1].clone(), flat[2 * k + 1:].reshape(k, k))
+        return colsum, wlogz, h
+
+
+def global_rows(comm: Comm, n_local: int, k: int, name: str) -> Tuple[int, int, List[int]]:
+    """(global N, this rank's first global row, every rank's row count); checks that every
+    rank has the same k."""
+    counts = comm.gather((int(n_local), int(k)))
+    ks = sorted({kk for _, kk in counts})
+    if len(ks) > 1:
+        per = ", ".join(f"rank {r}: k = {kk}" for r, (_, kk) in enumerate(counts))
+        raise ValueError(f"{name}: the ranks disagree on the number of classes ({per}); expected "
+                         f"the same k on every rank")
+    rows = [c for c, _ in counts]
+    return sum(rows), sum(rows[:comm.rank]), rows
+
+
+def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_dtype: torch.dtype,
+                lam: float = 1.0, weights: Optional[np.ndarray] = None, pseudo="uniform",
+                marginals="retain", method: str = "newton", tol: float = 1e-6,
+                max_iter: Optional[int] = None, backend: str = "auto",
+                generator: Optional[torch.Generator] = None, step_size: Optional[float] = None,
+                comm: Optional[Comm] = None, where: Callable[[int], str] = lambda row: "",
+                progress: Optional[Callable[[Iterator, str], Iterator]] = None,
+                first_row: int = 0) -> Tuple[RefineInfo, torch.Tensor]:
+    """``refine`` over a :class:`RowStore`: the store's buffer ends holding Q. Returns (info, M).
+    With ``mode="log_p"`` it is ``solve``: the store holds log P^ (validated, not changed),
+    ``marginals`` must be class totals and the buffer is not materialised.
+
+    ``mask`` (local N,) bool: this rank's forget rows; ``weights`` (local N,) float64 or None;
+    ``in_dtype``: the input's dtype (row-sum tolerance); ``where(row)``: how an error names the
+    local row ``row`` of this store (its file, its rank); ``first_row``: the store's first row in
+    what the caller numbers (a file range's start), added to reported rows.
+    Every option has :func:`ppu_fast.refine`'s meaning; with a ``comm`` over several processes
+    every global quantity is all-reduced, and every rank returns the same alpha.
+    """
+    t0 = time.perf_counter()
+    comm = comm or Comm(None)
+    bar = progress or (lambda it, desc: it)
+    n_local, k = store.shape
+    n, offset, _ = global_rows(comm, n_local, k, name)
+    if n == 0:
+        raise ValueError(f"{name}: N == 0 rows on every rank; expected at least one row")
+    method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
+    sdt, dev = store.dtype, store.device
+    check_tol_floor(tol, sdt)
+    n_forget_local = int(np.count_nonzero(mask))
+    # Scale the weights so that the largest 1 / c over all ranks is 1 (as refine does).
+    if weights is not None:
+        c_min = float(comm.max(torch.tensor([-float(weights.min()) if weights.size else -np.inf],
+                                            dtype=torch.float64))[0]) * -1.0
+        c_max = float(comm.max(torch.tensor([float(weights.max()) if weights.size else 0.0],
+                                            dtype=torch.float64))[0])
+        if c_max / c_min > pb.WEIGHT_RATIO_MAX * (1 + 1e-6):
+            raise ValueError(f"weights: max / min = {c_max / c_min:.3g} over all ranks; expected "
+                             f"at most {pb.WEIGHT_RATIO_MAX:g}")
+        inv_c_np = (c_min / weights).astype(pb.inv_c_dtype(sdt))
+    else:
+        c_min = min(lam, 1.0)
+        inv_c_np = np.full(n_local, c_min / lam, dtype=pb.inv_c_dtype(sdt))
+        inv_c_np[mask] = c_min
+    ic64 = inv_c_np.astype(np.float64)
+    sums = comm.sum(torch.tensor([ic64.sum(), (1.0 / ic64).sum(), float(n_forget_local)],
+                                 dtype=torch.float64))
+    ic_max = float(comm.max(torch.tensor([ic64.max() if ic64.size else 0.0],
+                                         dtype=torch.float64))[0])
+    weight_sums = (float(sums[0]), ic_max, float(sums[1]))
+    n_forget = int(round(float(sums[2])))
+    kind, pseudo_t = pb.pseudo_log(pseudo, n_forget_local, k, generator, sdt)
+    if not isinstance(marginals, str):
+        pb.check_marginals(marginals, n, k)
+    elif marginals not in pb.MARGINAL_NAMES:
+        pb.target_marginals(marginals, None, None, n, k, None)  # raises the ValueError
+    inv_c = torch.from_numpy(inv_c_np).to(dev)
+    mask_dev = torch.from_numpy(mask).to(dev)
+    be = get_backend(backend, torch.empty((1, k), dtype=sdt, device=dev))
+    fill = pseudo_t.to(dev) if kind == "vector" else None
+    # Every rank takes the same branch: decided from global counts only.
+    final_rows = (n_forget == 0 or kind in ("vector", "given")) and k > 1
+    hmode = hessian_mode(method, k) if k > 1 else False
+    inner_h = "diag" if hmode is True else hmode
+    tol_rows = pb.row_sum_tol(in_dtype)
+    given = kind == "given"
+    t1 = time.perf_counter()
+
+    # -- the input pass: validate, write log P^, column sums, the first evaluation ----------------
+    retain = torch.zeros(k, dtype=torch.float64, device=dev)
+    forget = torch.zeros(k, dtype=torch.float64, device=dev)
+    rows_sum = torch.zeros(k, dtype=torch.float64)
+    first_acc = Accumulator(k, hmode, dev) if final_rows else None
+    have_first = final_rows
+    message = None
+    fi = 0  # forget rows of this rank seen so far (indexes pseudo_t's rows)
+    solve_only = mode == "log_p"
+    support = torch.zeros(k, dtype=torch.float64)
+    for s, e, xc, oc in bar(store.input_chunks(), "prepare"):
+        if solve_only and oc.data_ptr() == xc.data_ptr():
+            oc = None  # the input is the buffer: validate only
+        mc = mask_dev[s:e]
+        nf = int(np.count_nonzero(mask[s:e]))
+        use_mask = nf > 0 and not given
+        ic = inv_c[s:e] if final_rows else None
+        prep = be.prepare(xc, mode, mc if use_mask else None, fill if use_mask else None, oc,
+                          ic, inner_h if final_rows else False, tol_rows)
+        if prep.error is not None:
+            try:
+                pb.raise_row_error(prep.error, xc, mode, name + where(s + prep.error[1]),
+                                   tol_rows, row_offset=first_row + s)
+            except ValueError as exc:
+                message = str(exc)
+            break
+        if solve_only:
+            support = torch.maximum(support, prep.support.double())
+            r = f = torch.zeros(k, dtype=torch.float64, device=dev)
+            oc = xc if oc is None else oc
+        else:
+            r, f = prep.retain_sums.to(dev), prep.forget_sums.to(dev)
+        if given and nf:
+            f = pb.normalised_row_sums(xc[mc], mode).to(dev)
+            r = r - f
+        retain += r
+        forget += f
+        if kind == "rows" and nf:
+            rows = pseudo_t[fi:fi + nf]
+            oc[mc] = rows.to(dev, oc.dtype)
+            rows_sum += torch.softmax(rows.double(), dim=1).sum(dim=0)
+        fi += nf
+        if final_rows:
+            if prep.first is None:
+                have_first = False
+            else:
+                c, z, h = prep.first
+                w = (sampled_gram(be, oc, ic, torch.zeros(k, dtype=torch.float64, device=dev),
+                                  offset + s, n, k) if hmode is True else None)
+                first_acc.add(c, z, h, w)
+    comm.raise_first(message)
+    # Float16 buffers give no first evaluation on any rank (a dtype rule, the same everywhere).
+    if k == 1 and not solve_only:
+        for s, e, buf in store.update_chunks():
+            buf.fill_(1.0)
+        info = RefineInfo(iterations=0, converged=True, residual=0.0, history=[0.0],
+                          dual_value=0.0, alpha=torch.zeros(1, dtype=torch.float64),
+                          method=method, backend=be.name, seconds=time.perf_counter() - t0,
+                          message="k == 1: the only distribution is [1]")
+        return info, torch.tensor([float(n)], dtype=torch.float64)
+    packed = comm.sum(torch.cat([retain.cpu(), forget.cpu(), rows_sum]))
+    colsum_retain, colsum_forget, rows_colsum = packed[:k], packed[k:2 * k], packed[2 * k:]
+    first = first_acc.reduce(comm) if (have_first and first_acc is not None) else None
+    t2 = time.perf_counter()
+    if solve_only:
+        m = pb.check_marginals(marginals, n, k)
+        pb.check_feasible(comm.max(support) > 0, m)
+        pseudo_colsum = None
+    else:
+        pseudo_t, pseudo_colsum = pb.pseudo_totals(kind, pseudo_t, colsum_retain, colsum_forget,
+                                                   n - n_forget, n_forget, k, sdt,
+                                                   rows_colsum if kind == "rows" else None)
+    if kind == "prior" and n_forget:
+        prior = pseudo_t.to(dev, sdt)
+        for s, e, buf in bar(store.update_chunks(lambda s, e: bool(mask[s:e].any())), "prior"):
+            buf[mask_dev[s:e]] = prior
+    if not solve_only:
+        m = pb.target_marginals(marginals, colsum_retain, colsum_forget, n, k, pseudo_colsum)
+        pb.check_feasible((colsum_retain > 0) | (pseudo_colsum > 0), m)
+    t3 = time.perf_counter()
+    sharded = ShardedBackend(be, store, inv_c, comm, offset, n, k,
+                             progress=lambda it: bar(it, "solve"))
+
+    def capacity() -> None:
+        cap = torch.zeros(2 * k, dtype=torch.float64)
+        for s, e, buf in store.buffer_chunks():
+            a, b = pb.capacity_counts(buf)
+            cap += torch.cat([a, b])
+        cap = comm.sum(cap)
+        pb.raise_if_over_capacity(cap[:k], cap[k:], m, n)
+
+    info = solve_dual(sharded, Rows(n, k, sdt, dev), inv_c, m, method=method, tol=tol,
+                      max_iter=max_iter, step_size=step_size, first=first,
+                      weight_sums=weight_sums, capacity=capacity)
+    t4 = time.perf_counter()
+    alpha = torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev)
+    colsum_q = torch.zeros(k, dtype=torch.float64, device=dev)
+    rounded = in_dtype in (torch.float16, torch.bfloat16) and not solve_only
+    for s, e, buf in bar(store.update_chunks(lambda s, e: not solve_only), "materialize"):
+        be.materialize(buf, inv_c[s:e], alpha, buf)
+        if rounded:
+            colsum_q += buf.sum(0, dtype=torch.float64)
+    if rounded:
+        info.output_residual = float((comm.sum(colsum_q) - m).abs().sum()) / n
+        info.message = (info.message + "; " if info.message else "") + (
+            f"Q rounded to {in_dtype} has residual {info.output_residual:.3g} "
+            f"(info.output_residual)")
+    if c_min != 1.0:
+        info.alpha = info.alpha * c_min
+        info.dual_value = info.dual_value * c_min
+    t5 = time.perf_counter()
+    info.timings = {"setup": t1 - t0, "prepare": t2 - t1, "targets": t3 - t2, "solve": t4 - t3,
+                    "materialize": t5 - t4}
+    if comm.group is not None:
+        info.timings["allreduce"] = sharded.reduce_seconds
+    info.seconds = t5 - t0
+    return info, m
+
+
+def local_mask(forget_mask, n_local: int, comm: Comm, name: str = "forget_mask") -> np.ndarray:
+    """This rank's forget mask (local N,) bool from what the caller passed (a mask or indices of
+    its own rows), with the rank named in the error."""
+    try:
+        return pb.forget_rows(forget_mask, n_local)
+    except (ValueError, TypeError) as exc:
+        if comm.group is None:
+            raise
+        raise type(exc)(f"{exc} ({name}{comm.where()}: local rows of this rank)") from None
+
+
+def check_shard(x: torch.Tensor, name: str) -> Tuple[int, int]:
+    """Shape / dtype checks of a rank's rows (0 rows allowed: the other ranks may hold all)."""
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D array (N x k), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: k == 0 classes; expected at least one column")
+    return tuple(x.shape)
+
+
+def collective_checks(comm: Comm, fn: Callable[[], object]):
+    """Run ``fn`` (input checks of this rank) and raise on every rank if it failed on any, so that
+    a bad argument on one rank never leaves the others waiting in a collective."""
+    msg, result, exc_type = None, None, ValueError
+    try:
+        result = fn()
+    except (ValueError, TypeError) as exc:
+        msg, exc_type = f"{exc}{comm.where() and ' [' + comm.where().strip() + ']'}", type(exc)
+    msgs = comm.gather(None if msg is None else (msg, exc_type.__name__))
+    for got in msgs:
+        if got is not None:
+            raise (TypeError if got[1] == "TypeError" else ValueError)(got[0])
+    return result
+
+
+def refine_sharded(x_arg, name: str, forget_mask, group, *, out=None, weights=None,
+                   return_info: bool = False, **options):
+    """``refine(..., process_group=group)`` on this rank's rows ``x_arg`` (see ``api.refine``):
+    the rows of Q for this rank, with the dtype, device and kind of its input."""
+    comm = Comm(group)
+
+    def checks():
+        x, from_numpy = pb.to_tensor(x_arg, name)
+        n_local, _ = check_shard(x, name)
+        mask = local_mask(forget_mask, n_local, comm)
+        c = None
+        if weights is not None:
+            c = (pb.check_weights(weights, n_local).numpy() if n_local
+                 else np.zeros(0, dtype=np.float64))
+        user_out = pb.check_out(out, x, from_numpy)
+        return x, from_numpy, mask, c, user_out
+
+    x, from_numpy, mask, c, user_out = collective_checks(comm, checks)
+    if c is not None and options.get("lam", 1.0) != 1.0:
+        raise ValueError(f"weights, lam: pass one of them (lam = {options['lam']!r})")
+    sdt = pb.solver_dtype(x.dtype)
+    buf = (user_out if user_out is not None and user_out.dtype == sdt
+           else torch.empty(x.shape, dtype=sdt, device=x.device))
+    store = MemoryStore(x, buf)
+    info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=x.dtype, weights=c,
+                          comm=comm, where=lambda row: comm.where(), **options)
+    q = pb.result_tensor(buf, user_out, x)
+    if from_numpy:
+        q = out if out is not None else q.cpu().numpy()
+    return (q, info) if return_info else q
+
+
+def solve_sharded(log_p, weights, marginals, group, **options):
+    """``solve(..., process_group=group)`` on this rank's rows of log P^ and its weights
+    (``marginals``: the global class totals, the same on every rank): (alpha, info), alpha the
+    same on every rank."""
+    comm = Comm(group)
+
+    def checks():
+        lp, from_numpy = pb.to_tensor(log_p, "log_p")
+        n_local, _ = check_shard(lp, "log_p")
+        c = (pb.check_weights(weights, n_local).numpy() if n_local
+             else np.zeros(0, dtype=np.float64))
+        return lp, from_numpy, c
+
+    lp, from_numpy, c = collective_checks(comm, checks)
+    sdt = pb.solver_dtype(lp.dtype)
+    buf = lp if lp.dtype == sdt else torch.empty(lp.shape, dtype=sdt, device=lp.device)
+    store = MemoryStore(lp, buf)
+    info, _ = refine_rows(store, np.zeros(lp.shape[0], dtype=bool), mode="log_p", name="log_p",
+                          in_dtype=lp.dtype, weights=c, pseudo=None, marginals=marginals,
+                          comm=comm, where=lambda row: comm.where(), **options)
+    alpha = info.alpha.clone().numpy() if from_numpy else info.alpha.to(lp.device)
+    return alpha, info

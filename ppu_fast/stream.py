@@ -1,0 +1,388 @@
+"""``refine_file``: refine an N x k ``.npy`` file chunk by chunk, in O(chunk) memory
+(docs/scaling.md).
+
+The input is read once (validation, log P^ and the column sums), the output file holds log P^
+while the solver runs (as ``refine``'s output buffer does in memory) and is read once per solver
+pass, then overwritten with Q once. Each chunk is an ``mmap`` of its rows only, unmapped before the
+next one is mapped, so the resident memory is one chunk of input and one of output (plus 5-9 bytes
+per row for the mask and the row weights) whatever N is; the page cache keeps what the machine
+has room for. The output is written to a temporary file next to ``out_path`` and renamed onto it
+when the refine succeeds: an error leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Tuple, Union
+
+import numpy as np
+import numpy.lib.format as npformat
+import torch
+
+from . import problem as pb
+from .sharded import Comm, RowStore, collective_checks, local_mask, refine_rows
+from .solver import RefineInfo
+
+PathLike = Union[str, os.PathLike]
+FILE_DTYPES = (np.float16, np.float32, np.float64)
+DEFAULT_MEMORY_BUDGET = 1 << 30
+_GRAN = mmap.ALLOCATIONGRANULARITY
+# madvise(MADV_POPULATE_WRITE) (Linux 5.14): map a chunk's pages writable up front. Without it
+# every 4 KiB page of an output chunk takes its own write fault, which tripled the time of the
+# materialising pass of a 500,000 x 1,000 refine.
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def parse_bytes(text: Union[str, int], name: str = "memory_budget") -> int:
+    """Bytes from an int or a size such as '1GiB', '512MiB', '2GB', '300M' (binary for 'iB' and
+    single letters, decimal for 'B' with a prefix)."""
+    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
+        value = int(text)
+    else:
+        s = str(text).strip().replace(" ", "")
+        units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+                 "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+                 "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12, "b": 1, "": 1}
+        i = len(s)
+        while i and not (s[i - 1].isdigit() or s[i - 1] == "."):
+            i -= 1
+        num, unit = s[:i], s[i:].lower()
+        try:
+            value = int(float(num) * units[unit])
+        except (KeyError, ValueError):
+            raise ValueError(f"{name}: cannot read {text!r} as a size; expected bytes or e.g. "
+                             f"'1GiB', '512MiB', '2GB'") from None
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive size, got {text!r}")
+    return value
+
+
+class NpyFile:
+    """A 2-D C-order ``.npy`` file of float16 / float32 / float64 whose rows are mapped a range
+    at a time."""
+
+    def __init__(self, path: PathLike, name: str = "probs_path") -> None:
+        self.path, self.name = Path(path), name
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{name}: no such file '{self.path}'")
+        with open(self.path, "rb") as f:
+            try:
+                version = npformat.read_magic(f)
+                reader = (npformat.read_array_header_1_0 if version == (1, 0)
+                          else npformat.read_array_header_2_0)
+                shape, fortran, dtype = reader(f)
+            except ValueError as exc:
+                raise ValueError(f"{name}: '{self.path}' is not a .npy file ({exc})") from None
+            self.offset = f.tell()
+        self._check(shape, fortran, dtype)
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        size = self.path.stat().st_size
+        if size < self.offset + self.shape[0] * self.row_bytes:
+            raise ValueError(f"{name}: '{self.path}' is truncated ({size} bytes; its header "
+                             f"announces {self.offset + self.shape[0] * self.row_bytes})")
+
+    def _check(self, shape, fortran, dtype) -> None:
+        if len(shape) != 2:
+            raise ValueError(f"{self.name}: '{self.path}' holds an array of shape {tuple(shape)}; "
+                             f"expected 2-D (N x k)")
+        if fortran and shape[0] > 1 and shape[1] > 1:
+            raise ValueError(f"{self.name}: '{self.path}' is in Fortran order; expected C order "
+                             f"(rows contiguous), e.g. np.save(path, np.ascontiguousarray(a))")
+        if np.dtype(dtype).newbyteorder("=") not in [np.dtype(d) for d in FILE_DTYPES] or \
+                not np.dtype(dtype).isnative:
+            raise TypeError(f"{self.name}: '{self.path}' has dtype {np.dtype(dtype)}; expected "
+                            f"native float16, float32 or float64")
+        if shape[1] == 0:
+            raise ValueError(f"{self.name}: '{self.path}' has k == 0 classes; expected at least "
+                             f"one column")
+
+    @staticmethod
+    def create(path: PathLike, shape: Tuple[int, int], dtype: np.dtype) -> "NpyFile":
+        """A new file of ``shape`` and ``dtype`` (its data a sparse hole until written)."""
+        header = {"descr": npformat.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                  "shape": tuple(shape)}
+        with open(path, "wb") as f:
+            npformat.write_array_header_2_0(f, header)
+            f.truncate(f.tell() + int(shape[0]) * int(shape[1]) * np.dtype(dtype).itemsize)
+        return NpyFile(path, "out_path")
+
+    @contextmanager
+    def rows(self, start: int, stop: int, write: bool = False) -> Iterator[np.ndarray]:
+        """Rows [start, stop) as an array backed by a mapping of those rows only (writes go to
+        the file); unmapped when the block exits."""
+        n_rows = stop - start
+        k = self.shape[1]
+        if n_rows <= 0:
+            yield np.empty((0, k), dtype=self.dtype)
+            return
+        lo = self.offset + start * self.row_bytes
+        hi = lo + n_rows * self.row_bytes
+        base = lo - lo % _GRAN
+        flags = mmap.MAP_SHARED | (0 if write else getattr(mmap, "MAP_POPULATE", 0))
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
+        with open(self.path, "r+b" if write else "rb") as f:
+            mm = mmap.mmap(f.fileno(), hi - base, flags=flags, prot=prot, offset=base)
+        if write:
+            try:
+                mm.madvise(_MADV_POPULATE_WRITE)
+            except OSError:  # an older kernel: pages fault in one by one
+                pass
+        arr = np.frombuffer(mm, dtype=self.dtype, count=n_rows * k, offset=lo - base)
+        try:
+            yield arr.reshape(n_rows, k)
+        finally:
+            del arr
+            # Drop the chunk's pages from this process now (they stay in the page cache, dirty
+            # ones are written back as usual): a caller may still hold a tensor over them, which
+            # would keep the mapping, and its pages resident, until it is collected.
+            mm.madvise(mmap.MADV_DONTNEED)
+            try:
+                mm.close()
+            except BufferError:
+                pass
+
+    def prefetch(self, start: int, stop: int) -> None:
+        """Ask the OS to read rows [start, stop) into the page cache in the background."""
+        if stop <= start or not hasattr(os, "posix_fadvise"):
+            return
+        with open(self.path, "rb") as f:
+            os.posix_fadvise(f.fileno(), self.offset + start * self.row_bytes,
+                             (stop - start) * self.row_bytes, os.POSIX_FADV_WILLNEED)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # A read-only mapping: torch warns that writes would be undefined; nothing writes it.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+class FileStore(RowStore):
+    """Rows ``[r0, r1)`` of an input ``.npy`` and the solver's buffer in the output ``.npy``,
+    visited ``chunk_rows`` rows at a time. On a CUDA ``device`` each chunk is copied through a
+    pinned host buffer to one of two device buffers on a side stream, so the next chunk's copy
+    overlaps the current chunk's kernels."""
+
+    def __init__(self, src: NpyFile, r0: int, r1: int, buf: NpyFile, chunk_rows: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.src, self.r0, self.r1, self.buf_file = src, r0, r1, buf
+        self.shape = (r1 - r0, src.shape[1])
+        self.dtype, self.device = dtype, device
+        self.chunk_rows = max(1, int(chunk_rows))
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            rows = min(self.chunk_rows, max(self.shape[0], 1))
+            self.pinned = [torch.empty((rows, self.shape[1]), dtype=dtype, pin_memory=True)
+                           for _ in range(2)]
+            self.dbuf = [torch.empty((rows, self.shape[1]), dtype=dtype, device=device)
+                         for _ in range(2)]
+            self.copy_stream = torch.cuda.Stream(device)
+            self.copied = [torch.cuda.Event() for _ in range(2)]
+            self.used = [torch.cuda.Event() for _ in range(2)]
+
+    def _ranges(self):
+        n = self.shape[0]
+        for s in range(0, n, self.chunk_rows):
+            yield s, min(n, s + self.chunk_rows)
+
+    def _to_device(self, host: np.ndarray, j: int) -> torch.Tensor:
+        rows = host.shape[0]
+        self.copied[j].synchronize()  # the pinned buffer's previous copy has left it
+        self.pinned[j][:rows].copy_(_tensor(host))
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.used[j])  # the device buffer's last reader is done
+            self.dbuf[j][:rows].copy_(self.pinned[j][:rows], non_blocking=True)
+            self.copied[j].record(self.copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(self.copied[j])
+        return self.dbuf[j][:rows]
+
+    def _release(self, j: int) -> None:
+        self.used[j].record(torch.cuda.current_stream(self.device))
+
+    def input_chunks(self):
+        for i, (s, e) in enumerate(self._ranges()):
+            self.src.prefetch(self.r0 + e, self.r0 + min(self.shape[0], e + self.chunk_rows))
+            with self.src.rows(self.r0 + s, self.r0 + e) as x, \
+                    self.buf_file.rows(s, e, write=True) as o:
+                if not self.cuda:
+                    yield s, e, _tensor(x), torch.from_numpy(o)
+                    continue
+                j = i % 2
+                xd = torch.empty(x.shape, dtype=_torch_dtype(x.dtype), device=self.device)
+                xd.copy_(_tensor(x).pin_memory(), non_blocking=True)
+                od = self.dbuf[j][: e - s]
+                yield s, e, xd, od
+                o[...] = od.cpu().numpy()
+                self._release(j)
+
+    def buffer_chunks(self):
+        for i, (s, e) in enumerate(self._ranges()):
+            self.buf_file.prefetch(e, min(self.shape[0], e + self.chunk_rows))
+            with self.buf_file.rows(s, e) as b:
+                if not self.cuda:
+                    yield s, e, _tensor(b)
+                    continue
+                j = i % 2
+                yield s, e, self._to_device(b, j)
+                self._release(j)
+
+    def update_chunks(self, want=None):
+        for i, (s, e) in enumerate(self._ranges()):
+            if want is not None and not want(s, e):
+                continue
+            with self.buf_file.rows(s, e, write=True) as b:
+                if not self.cuda:
+                    yield s, e, torch.from_numpy(b)
+                    continue
+                j = i % 2
+                d = self._to_device(b, j)
+                yield s, e, d
+                b[...] = d.cpu().numpy()
+                self._release(j)
+
+
+def _torch_dtype(dt: np.dtype) -> torch.dtype:
+    return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+            np.dtype(np.float64): torch.float64}[np.dtype(dt)]
+
+
+def chunk_rows_for(k: int, in_itemsize: int, buf_itemsize: int, budget: int,
+                   cuda: bool = False) -> int:
+    """Rows per chunk so that what a chunk keeps resident fits ``budget`` bytes: a mapped input
+    chunk and a mapped output chunk (the input pass), or on CUDA two pinned buffers beside them."""
+    per_row = k * (in_itemsize + buf_itemsize + (2 * buf_itemsize if cuda else 0)) + 16
+    return max(1, budget // per_row)
+
+
+def _forget_arg(forget, n: int):
+    """A forget argument of refine_file: a path to a bool .npy, or what ``refine`` takes."""
+    if isinstance(forget, (str, os.PathLike)):
+        path = Path(forget)
+        if not path.is_file():
+            raise FileNotFoundError(f"forget: no such file '{path}'")
+        arr = np.load(path, allow_pickle=False)
+        if arr.dtype != np.bool_:
+            raise TypeError(f"forget: '{path}' holds {arr.dtype}; expected a bool mask (N,) "
+                            f"(pass integer row indices as an array, not a file)")
+        if arr.ndim != 1 or arr.size != n:
+            raise ValueError(f"forget: '{path}' has shape {arr.shape}; expected ({n},), one bool "
+                             f"per row of the probabilities file")
+        return arr
+    return forget
+
+
+def refine_file(probs_path: PathLike, forget, out_path: PathLike, *, logits: bool = False,
+                chunk_rows: Optional[int] = None,
+                memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET,
+                device: Union[str, torch.device] = "cpu", rows: Optional[Tuple[int, int]] = None,
+                process_group=None, progress: Optional[bool] = None, weights=None,
+                generator: Optional[torch.Generator] = None, **options) -> RefineInfo:
+    """Refine the N x k probabilities (or logits) in a ``.npy`` file into ``out_path``, chunk by
+    chunk, without holding or mapping the file whole.
+
+    Args:
+        probs_path: a C-order 2-D ``.npy`` of float16, float32 or float64 (N x k).
+        forget: the rows to forget: a path to a bool ``.npy`` (N,), a bool array (N,) or integer
+            row indices (as ``refine``'s ``forget_mask``; with ``rows``, over those rows).
+        out_path: where Q goes (``.npy``, N x k, the input's dtype); written to a temporary file
+            beside it and renamed onto it on success (nothing is left behind on an error). It
+            may be ``probs_path`` itself.
+        logits: the file holds logits (log-softmax is taken inside).
+        chunk_rows: rows per chunk; None: as many as ``memory_budget`` allows.
+        memory_budget: bytes (or e.g. "1GiB") that a chunk may keep resident (default 1 GiB);
+            the peak resident memory is about this plus the interpreter, torch and 5-9 bytes
+            per row.
+        device: where the kernels run ("cpu" or a CUDA device: chunks are copied there through
+            pinned buffers, the next copy overlapping the current kernels).
+        rows: (start, stop): refine only these rows of the file (with ``process_group``: this
+            rank's share); ``out_path`` then holds those rows only.
+        process_group: a ``torch.distributed`` process group; each rank streams its own file
+            or row range and writes its own ``out_path``; every rank gets the same alpha.
+        progress: a tqdm bar per pass (default: when stderr is a terminal).
+        weights: (N,) row weights c_i, as ``refine``'s (in memory: 8 bytes per row).
+        generator, **options: ``refine``'s other options (lam, pseudo, marginals, method, tol,
+            max_iter, backend, step_size).
+
+    Returns:
+        :class:`RefineInfo` (``info.timings`` per phase; ``info.seconds`` the whole call).
+    """
+    t0 = time.perf_counter()
+    comm = Comm(process_group)
+    dev = torch.device(device)
+    name = "logits" if logits else "probs"
+    out_path = Path(out_path)
+
+    def open_input():
+        src = NpyFile(probs_path, "probs_path")
+        n_file, k = src.shape
+        r0, r1 = (0, n_file) if rows is None else _check_rows(rows, n_file)
+        mask = local_mask(_forget_arg(forget, r1 - r0), r1 - r0, comm, "forget")
+        c = None
+        if weights is not None:
+            c = (pb.check_weights(weights, r1 - r0).numpy() if r1 > r0
+                 else np.zeros(0, dtype=np.float64))
+        if out_path.suffix != ".npy":
+            raise ValueError(f"out_path: '{out_path}' must end in .npy")
+        if not out_path.parent.is_dir():
+            raise FileNotFoundError(f"out_path: no such directory '{out_path.parent}'")
+        if chunk_rows is not None and (pb.as_int(chunk_rows, "chunk_rows") < 1):
+            raise ValueError(f"chunk_rows: expected an integer >= 1, got {chunk_rows!r}")
+        return src, r0, r1, mask, c
+
+    src, r0, r1, mask, c = collective_checks(comm, open_input)
+    budget = parse_bytes(memory_budget)
+    k = src.shape[1]
+    in_dt = _torch_dtype(src.dtype)
+    sdt = pb.solver_dtype(in_dt)
+    rows_per = (int(chunk_rows) if chunk_rows is not None
+                else chunk_rows_for(k, src.dtype.itemsize, torch.finfo(sdt).bits // 8, budget,
+                                    dev.type == "cuda"))
+    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    bar = _bar(show, max(1, -(-(r1 - r0) // rows_per)), str(Path(probs_path).name))
+    where = (lambda row: f" (file '{src.path}'{comm.where()})")
+    try:
+        buf = NpyFile.create(tmp, (r1 - r0, k), np.dtype(str(sdt).split(".")[-1]))
+        store = FileStore(src, r0, r1, buf, rows_per, dev, sdt)
+        info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=in_dt, weights=c,
+                              generator=generator, comm=comm, where=where, progress=bar,
+                              first_row=r0, **options)
+        del store
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    info.timings["chunk_rows"] = float(rows_per)
+    info.seconds = time.perf_counter() - t0
+    return info
+
+
+def _check_rows(rows, n_file: int) -> Tuple[int, int]:
+    try:
+        r0, r1 = (pb.as_int(v, "rows") for v in rows)
+    except (TypeError, ValueError):
+        raise TypeError(f"rows: expected (start, stop) integers, got {rows!r}") from None
+    if not 0 <= r0 <= r1 <= n_file:
+        raise ValueError(f"rows: ({r0}, {r1}) is not a range of the file's {n_file} rows; "
+                         f"expected 0 <= start <= stop <= {n_file}")
+    return r0, r1
+
+
+def _bar(show: bool, chunks: int, label: str):
+    """A function wrapping a pass's chunk iterator in a tqdm bar (one bar per pass)."""
+    if not show:
+        return lambda it, desc: it
+    from tqdm.auto import tqdm
+
+    return lambda it, desc: tqdm(it, total=chunks, desc=f"{label} {desc}", unit="chunk",
+                                 leave=False)

@@ -1,0 +1,90 @@
+"""One rank of the torch.distributed tests in test_scaling.py (run as a script by them; the
+environment carries MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE, as torchrun sets them).
+
+    python dist_worker.py SCENARIO OUTDIR
+
+Each rank initialises a Gloo group, runs the scenario's refines on its own rows and saves what
+it got to OUTDIR/rank{RANK}.npz; errors a scenario expects are saved as their messages.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def problem():
+    """The shared test problem: probabilities (2,500 x 8, float64) and a forget mask."""
+    g = torch.Generator().manual_seed(11)
+    p = torch.softmax(torch.randn(2500, 8, generator=g, dtype=torch.float64) * 3, 1).numpy()
+    mask = np.zeros(len(p), dtype=bool)
+    mask[np.random.default_rng(12).permutation(len(p))[:250]] = True
+    return p, mask
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return "no error"
+
+
+def main(scenario: str, outdir: str) -> None:
+    import torch.distributed as dist
+
+    import ppu_fast
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.group.WORLD
+    p, mask = problem()
+    res = {}
+
+    def run(tag, splits, m=mask, **kw):
+        dtype = kw.pop("dtype", np.float64)
+        s, e = splits[rank], splits[rank + 1]
+        q, info = ppu_fast.refine(p[s:e].astype(dtype), m[s:e], return_info=True,
+                                  process_group=group, **kw)
+        res[f"{tag}_alpha"], res[f"{tag}_q"] = info.alpha.numpy(), q
+        res[f"{tag}_iters"] = np.array(info.iterations)
+
+    if scenario == "two":
+        splits = [0, 1234, len(p)]
+        run("uniform", splits)
+        run("prior", splits, pseudo="prior", lam=0.5)
+        run("f32", splits, dtype=np.float32)
+        s, e = splits[rank], splits[rank + 1]
+        c = np.where(mask, 1.0, 0.5)
+        alpha, _ = ppu_fast.solve(np.log(p[s:e]), c[s:e], p.sum(0), process_group=group)
+        res["solve_alpha"] = alpha
+        path = Path(outdir) / "p.npy"
+        if rank == 0:
+            np.save(path, p)
+        dist.barrier()
+        out = Path(outdir) / f"q{rank}.npy"
+        ppu_fast.refine_file(path, mask[s:e], out, rows=(s, e), chunk_rows=100,
+                             process_group=group)
+        res["file_q"] = np.load(out)
+        bad = p[s:e].copy()
+        if rank == 1:
+            bad[17, 3] = np.nan
+        res["nan_error"] = _error(lambda: ppu_fast.refine(bad, mask[s:e], process_group=group))
+        short = mask[s:e - 1] if rank == 0 else mask[s:e]
+        res["mask_error"] = _error(lambda: ppu_fast.refine(p[s:e], short, process_group=group))
+    elif scenario == "three":
+        run("empty", [0, 0, 1500, len(p)])
+        m2 = np.zeros(len(p), dtype=bool)
+        m2[2100:2300] = True
+        run("onerank", [0, 700, 2000, len(p)], m=m2, marginals="original")
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    np.savez(Path(outdir) / f"rank{rank}.npz", **res)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,309 @@
+"""Streaming refine (``refine_file``) and sharded refine / solve over ``torch.distributed``:
+both must give the in-memory single-process answer (docs/scaling.md).
+
+Tolerances: float64 files give alpha within 1e-9 of the in-memory refine; float32 / float16 ones
+within 1e-6 (the kernels keep float32 partial column sums over a few rows, so the chunking moves
+the sums by float32 rounding, ~1e-7 relative), and Q within 1e-6 (float16 Q: one float16 ulp).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ppu_fast
+from ppu_fast import refine, refine_file, solve
+from ppu_fast.stream import NpyFile, parse_bytes
+
+ALPHA_TOL = {np.float64: 1e-9, np.float32: 1e-6, np.float16: 1e-6}
+
+
+def _probs(n: int, k: int, dtype, seed: int = 0) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(n, k, generator=g, dtype=torch.float64) * 3, 1).numpy() \
+        .astype(dtype)
+
+
+def _mask(n: int, frac: float = 0.1, seed: int = 1) -> np.ndarray:
+    m = np.zeros(n, dtype=bool)
+    m[np.random.default_rng(seed).permutation(n)[: max(1, int(n * frac))]] = True
+    return m
+
+
+def _q_close(q: np.ndarray, q0: np.ndarray) -> None:
+    atol = 1e-6 if q.dtype != np.float16 else float(np.finfo(np.float16).eps)
+    np.testing.assert_allclose(q.astype(np.float64), q0.astype(np.float64), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("chunk", ["1", "7", "N-1", "N", "N+5", "budget"])
+def test_streaming_equals_in_memory(tmp_path, dtype, chunk):
+    n, k = 211, 10
+    p = _probs(n, k, dtype)
+    mask = _mask(n)
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "f.npy", mask)
+    q0, i0 = refine(p, mask, return_info=True)
+    rows = {"1": 1, "7": 7, "N-1": n - 1, "N": n, "N+5": n + 5, "budget": None}[chunk]
+    info = refine_file(tmp_path / "p.npy", tmp_path / "f.npy", tmp_path / "q.npy",
+                       chunk_rows=rows, memory_budget=4096)
+    q = np.load(tmp_path / "q.npy")
+    assert q.dtype == p.dtype and q.shape == p.shape
+    assert info.converged and info.iterations == i0.iterations
+    assert float((info.alpha - i0.alpha).abs().max()) <= ALPHA_TOL[dtype]
+    _q_close(q, q0)
+    if chunk == "budget":  # 4 KiB: a handful of rows per chunk
+        assert info.timings["chunk_rows"] < n
+    assert sorted(os.listdir(tmp_path)) == ["f.npy", "p.npy", "q.npy"]
+
+
+@pytest.mark.parametrize("opts", [
+    dict(pseudo="prior", marginals="original", lam=0.3),
+    dict(pseudo="random", marginals="retain"),
+    dict(pseudo=None, marginals="original"),
+    dict(method="sinkhorn"),
+])
+def test_streaming_options_match(tmp_path, opts):
+    """Every pseudo kind (prior: a second write pass; random: rows written per chunk; None: the
+    input's own rows) and another method stream to the in-memory answer; logits too."""
+    n, k = 300, 6
+    p = _probs(n, k, np.float64, seed=3)
+    mask = _mask(n, 0.2, seed=4)
+    np.save(tmp_path / "p.npy", p)
+    q0, i0 = refine(p, mask, return_info=True, generator=torch.Generator().manual_seed(7), **opts)
+    info = refine_file(tmp_path / "p.npy", np.flatnonzero(mask), tmp_path / "q.npy",
+                       chunk_rows=13, generator=torch.Generator().manual_seed(7), **opts)
+    assert float((info.alpha - i0.alpha).abs().max()) <= 1e-9
+    _q_close(np.load(tmp_path / "q.npy"), q0)
+    lg = np.log(p) + 2.0
+    np.save(tmp_path / "l.npy", lg)
+    ql, il = refine(logits=lg, forget_mask=mask, return_info=True,
+                    generator=torch.Generator().manual_seed(7), **opts)
+    info = refine_file(tmp_path / "l.npy", mask, tmp_path / "ql.npy", logits=True, chunk_rows=50,
+                       generator=torch.Generator().manual_seed(7), **opts)
+    assert float((info.alpha - il.alpha).abs().max()) <= 1e-9
+    _q_close(np.load(tmp_path / "ql.npy"), ql)
+
+
+def test_streaming_sampled_hessian_is_global(tmp_path):
+    """N large enough that Newton's Hessian samples every m-th 16-row block (m > 1): chunk edges
+    that cut blocks must not change which rows are sampled (same passes, same alpha)."""
+    from ppu_fast.backends.base import hessian_stride
+    n, k = 20_000, 10
+    assert hessian_stride(n, k) > 1
+    p = _probs(n, k, np.float64, seed=5)
+    mask = _mask(n, 0.05, seed=6)
+    np.save(tmp_path / "p.npy", p)
+    q0, i0 = refine(p, mask, return_info=True, marginals="original")
+    for rows in (997, 4096):
+        info = refine_file(tmp_path / "p.npy", mask, tmp_path / "q.npy", chunk_rows=rows,
+                           marginals="original")
+        assert info.history == pytest.approx(i0.history, rel=1e-6, abs=1e-12)
+        assert float((info.alpha - i0.alpha).abs().max()) <= 1e-9
+        _q_close(np.load(tmp_path / "q.npy"), q0)
+
+
+def test_streaming_in_place_and_row_range(tmp_path):
+    n, k = 120, 5
+    p = _probs(n, k, np.float32, seed=8)
+    mask = _mask(n, 0.1, seed=9)
+    np.save(tmp_path / "p.npy", p)
+    q0 = refine(p, mask)
+    refine_file(tmp_path / "p.npy", mask, tmp_path / "p.npy", chunk_rows=16)
+    _q_close(np.load(tmp_path / "p.npy"), q0)
+    np.save(tmp_path / "p.npy", p)
+    qr = refine(p[30:90], mask[30:90])
+    refine_file(tmp_path / "p.npy", mask[30:90], tmp_path / "r.npy", rows=(30, 90), chunk_rows=7)
+    _q_close(np.load(tmp_path / "r.npy"), qr)
+
+
+def _listing(d: Path):
+    return sorted(os.listdir(d))
+
+
+def test_streaming_errors_name_file_and_row(tmp_path):
+    n, k = 50, 4
+    p = _probs(n, k, np.float32)
+    mask = _mask(n)
+    with pytest.raises(FileNotFoundError, match=r"probs_path: no such file .*missing\.npy"):
+        refine_file(tmp_path / "missing.npy", mask, tmp_path / "q.npy")
+    np.save(tmp_path / "v.npy", p[0])
+    with pytest.raises(ValueError, match=r"v\.npy' holds an array of shape \(4,\); expected 2-D"):
+        refine_file(tmp_path / "v.npy", mask, tmp_path / "q.npy")
+    np.save(tmp_path / "i.npy", (p * 100).astype(np.int64))
+    with pytest.raises(TypeError, match=r"i\.npy' has dtype int64"):
+        refine_file(tmp_path / "i.npy", mask, tmp_path / "q.npy")
+    np.save(tmp_path / "fo.npy", np.asfortranarray(p))
+    with pytest.raises(ValueError, match="Fortran order; expected C order"):
+        refine_file(tmp_path / "fo.npy", mask, tmp_path / "q.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    with pytest.raises(ValueError, match="is not a .npy file"):
+        refine_file(tmp_path / "junk.npy", mask, tmp_path / "q.npy")
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "short.npy", mask[:-1])
+    with pytest.raises(ValueError, match=r"forget: .*short\.npy' has shape \(49,\); expected \(50,\)"):
+        refine_file(tmp_path / "p.npy", tmp_path / "short.npy", tmp_path / "q.npy")
+    with pytest.raises(ValueError, match="forget_mask: bool mask has length 49; expected N = 50"):
+        refine_file(tmp_path / "p.npy", mask[:-1], tmp_path / "q.npy")
+    bad = p.copy()
+    bad[37, 2] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    before = _listing(tmp_path)
+    for rows in (5, 50):
+        with pytest.raises(ValueError, match=r"probs \(file '.*nan\.npy'\): row 37 contains NaN"):
+            refine_file(tmp_path / "nan.npy", mask, tmp_path / "q.npy", chunk_rows=rows)
+        assert _listing(tmp_path) == before  # no partial output, no temporary left behind
+    with pytest.raises(ValueError, match=r"probs \(file .*\): row 37 contains NaN"):  # file row
+        refine_file(tmp_path / "nan.npy", mask[30:], tmp_path / "q.npy", rows=(30, 50))
+    with pytest.raises(ValueError, match="out_path: .* must end in .npy"):
+        refine_file(tmp_path / "p.npy", mask, tmp_path / "q.pt")
+    with pytest.raises(ValueError, match=r"rows: \(40, 60\) is not a range"):
+        refine_file(tmp_path / "p.npy", mask, tmp_path / "q.npy", rows=(40, 60))
+    with pytest.raises(ValueError, match="memory_budget: cannot read"):
+        refine_file(tmp_path / "p.npy", mask, tmp_path / "q.npy", memory_budget="lots")
+    assert not (tmp_path / "q.npy").exists()
+    p.tofile(tmp_path / "raw.bin")
+    with open(tmp_path / "trunc.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                 "shape": (n, k)})
+        f.write(p[:10].tobytes())
+    with pytest.raises(ValueError, match="is truncated"):
+        NpyFile(tmp_path / "trunc.npy")
+
+
+def test_parse_bytes():
+    assert parse_bytes("1GiB") == 1 << 30 and parse_bytes("512MiB") == 1 << 29
+    assert parse_bytes("2GB") == 2 * 10 ** 9 and parse_bytes(4096) == 4096
+    assert parse_bytes("1.5K") == 1536
+    for bad in ("0", "-3MiB", "GiB", "3 parsecs"):
+        with pytest.raises(ValueError, match="memory_budget"):
+            parse_bytes(bad)
+
+
+def test_cli_refine_streams(tmp_path, capsys):
+    from ppu_fast.cli import main
+    n, k = 400, 5
+    p = _probs(n, k, np.float32, seed=2)
+    mask = _mask(n)
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "f.npy", mask)
+    np.save(tmp_path / "i.npy", np.flatnonzero(mask))
+    q0 = refine(p, mask)
+    assert main(["refine", "--probs", str(tmp_path / "p.npy"), "--forget", str(tmp_path / "f.npy"),
+                 "--out", str(tmp_path / "q.npy"), "--chunk-rows", "33"]) == 0
+    assert "in chunks of 33 rows" in capsys.readouterr().out
+    _q_close(np.load(tmp_path / "q.npy"), q0)
+    assert main(["refine", "--probs", str(tmp_path / "p.npy"), "--forget", str(tmp_path / "i.npy"),
+                 "--out", str(tmp_path / "q2.npy"), "--memory-budget", "2KiB"]) == 0
+    assert "in chunks of" in capsys.readouterr().out
+    _q_close(np.load(tmp_path / "q2.npy"), q0)
+    # Under the budget: the in-memory refine, same answer.
+    assert main(["refine", "--probs", str(tmp_path / "p.npy"), "--forget", str(tmp_path / "f.npy"),
+                 "--out", str(tmp_path / "q3.npy")]) == 0
+    assert "in chunks" not in capsys.readouterr().out
+    _q_close(np.load(tmp_path / "q3.npy"), q0)
+    assert main(["refine", "--probs", str(tmp_path / "p.npy"), "--forget", str(tmp_path / "f.npy"),
+                 "--out", str(tmp_path / "q4.npy"), "--memory-budget", "lots"]) == 2
+    assert "--memory-budget: cannot read 'lots'" in capsys.readouterr().err
+
+
+# -- torch.distributed (Gloo on localhost, spawned processes) -----------------------------------
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(tmp_path: Path, scenario: str, world: int) -> list:
+    """Run ``dist_worker.py SCENARIO`` on ``world`` Gloo processes; each writes its results to
+    ``tmp_path/rank{r}.npz``; returns them in rank order (a hang fails after 240 s)."""
+    port = _free_port()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), scenario, str(tmp_path)],
+                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{scenario}: a rank hung")
+        outs.append(out)
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{out}"
+    return [dict(np.load(tmp_path / f"rank{r}.npz", allow_pickle=False)) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def problem():
+    from dist_worker import problem as make
+    return make()
+
+
+def test_distributed_two_ranks(tmp_path, problem):
+    """2 ranks, uneven split: alpha as the single process's, each rank its own rows of Q; the
+    same for solve() and for refine_file over row ranges of one file; errors on one rank raise
+    on every rank, naming it."""
+    p, mask = problem
+    res = _run_ranks(tmp_path, "two", 2)
+    splits = [0, 1234, len(p)]
+    for name, kw in (("uniform", {}), ("prior", dict(pseudo="prior", lam=0.5)),
+                     ("f32", dict(dtype=np.float32))):
+        x = p.astype(kw.pop("dtype", np.float64))
+        q0, i0 = refine(x, mask, return_info=True, **kw)
+        tol = 1e-9 if x.dtype == np.float64 else 1e-6
+        for r in range(2):
+            assert float(np.abs(res[r][f"{name}_alpha"] - i0.alpha.numpy()).max()) <= tol
+            _q_close(res[r][f"{name}_q"], q0[splits[r]:splits[r + 1]])
+            assert int(res[r][f"{name}_iters"]) == i0.iterations
+    np.testing.assert_array_equal(res[0]["uniform_alpha"], res[1]["uniform_alpha"])
+    # solve() on log P^ shards
+    lp = np.log(p)
+    c = np.where(mask, 1.0, 0.5)
+    a0, _ = solve(lp, c, p.sum(0))
+    for r in range(2):
+        assert float(np.abs(res[r]["solve_alpha"] - a0).max()) <= 1e-9
+    q0 = refine(p, mask)
+    for r in range(2):
+        _q_close(res[r]["file_q"], q0[splits[r]:splits[r + 1]])
+    for r in range(2):
+        msg = str(res[r]["nan_error"])
+        assert "on rank 1" in msg and "row 17 contains NaN" in msg, msg
+        assert "forget_mask" in str(res[r]["mask_error"]) and "rank 0" in str(res[r]["mask_error"])
+
+
+def test_distributed_three_ranks_edge_shards(tmp_path, problem):
+    """3 ranks: one with zero rows; then every forget row on one rank."""
+    p, mask = problem
+    res = _run_ranks(tmp_path, "three", 3)
+    q0, i0 = refine(p, mask, return_info=True)
+    splits = [0, 0, 1500, len(p)]
+    for r in range(3):
+        assert float(np.abs(res[r]["empty_alpha"] - i0.alpha.numpy()).max()) <= 1e-9
+        _q_close(res[r]["empty_q"], q0[splits[r]:splits[r + 1]])
+    m2 = np.zeros(len(p), dtype=bool)
+    m2[2100:2300] = True  # all on rank 2 of the split [0, 700, 2000, N]
+    q1, i1 = refine(p, m2, return_info=True, marginals="original")
+    splits = [0, 700, 2000, len(p)]
+    for r in range(3):
+        assert float(np.abs(res[r]["onerank_alpha"] - i1.alpha.numpy()).max()) <= 1e-9
+        _q_close(res[r]["onerank_q"], q1[splits[r]:splits[r + 1]])
+
+
+def test_process_group_documented():
+    assert "process_group" in ppu_fast.refine.__doc__ and "process_group" in solve.__doc__
