@@ -27,8 +27,8 @@ from . import problem as pb
 from .backends import get_backend
 from .backends.base import (Backend, StepOut, assemble_hessian, compute_dtype,
                             hessian_sample_rows, hessian_stride)
-from .solver import (RefineInfo, check_options, check_tol_floor, gauge_for_kernels, hessian_mode,
-                     solve_dual)
+from .solver import (RefineInfo, _one_blas_thread, check_options, check_tol_floor,
+                     gauge_for_kernels, hessian_mode, solve_dual)
 
 
 class Comm:
@@ -157,6 +157,13 @@ def sampled_gram(be: Backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: t
     ic = inv_c.index_select(0, idx).contiguous()
     q = torch.empty(lp.shape, dtype=compute_dtype(log_p.dtype), device=log_p.device)
     be.materialize(lp, ic, alpha, q)
+    if q.device.type == "cpu":
+        # numpy's BLAS (held to one thread inside solve_dual): a torch GEMM here left torch's
+        # worker threads spinning, and the C++ kernel's next pass took 1.3x as long.
+        # In the compute dtype, as the kernels accumulate their own sampled products.
+        qn = q.numpy()
+        w = (qn * ic.numpy().astype(qn.dtype)[:, None]).T @ qn
+        return torch.from_numpy(w.astype(np.float64))
     qd = q.double()
     return (qd * ic.double()[:, None]).T @ qd
 
@@ -338,46 +345,47 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     fi = 0  # forget rows of this rank seen so far (indexes pseudo_t's rows)
     solve_only = mode == "log_p"
     support = torch.zeros(k, dtype=torch.float64)
-    for s, e, xc, oc in bar(store.input_chunks(), "prepare"):
-        if solve_only and oc.data_ptr() == xc.data_ptr():
-            oc = None  # the input is the buffer: validate only
-        mc = mask_dev[s:e]
-        nf = int(np.count_nonzero(mask[s:e]))
-        use_mask = nf > 0 and not given
-        ic = inv_c[s:e] if final_rows else None
-        prep = be.prepare(xc, mode, mc if use_mask else None, fill if use_mask else None, oc,
-                          ic, inner_h if final_rows else False, tol_rows)
-        if prep.error is not None:
-            try:
-                pb.raise_row_error(prep.error, xc, mode, name + where(s + prep.error[1]),
-                                   tol_rows, row_offset=first_row + s)
-            except ValueError as exc:
-                message = str(exc)
-            break
-        if solve_only:
-            support = torch.maximum(support, prep.support.double())
-            r = f = torch.zeros(k, dtype=torch.float64, device=dev)
-            oc = xc if oc is None else oc
-        else:
-            r, f = prep.retain_sums.to(dev), prep.forget_sums.to(dev)
-        if given and nf:
-            f = pb.normalised_row_sums(xc[mc], mode).to(dev)
-            r = r - f
-        retain += r
-        forget += f
-        if kind == "rows" and nf:
-            rows = pseudo_t[fi:fi + nf]
-            oc[mc] = rows.to(dev, oc.dtype)
-            rows_sum += torch.softmax(rows.double(), dim=1).sum(dim=0)
-        fi += nf
-        if final_rows:
-            if prep.first is None:
-                have_first = False
+    with _one_blas_thread():  # sampled_gram's products, as in solve_dual
+        for s, e, xc, oc in bar(store.input_chunks(), "prepare"):
+            if solve_only and oc.data_ptr() == xc.data_ptr():
+                oc = None  # the input is the buffer: validate only
+            mc = mask_dev[s:e]
+            nf = int(np.count_nonzero(mask[s:e]))
+            use_mask = nf > 0 and not given
+            ic = inv_c[s:e] if final_rows else None
+            prep = be.prepare(xc, mode, mc if use_mask else None, fill if use_mask else None, oc,
+                              ic, inner_h if final_rows else False, tol_rows)
+            if prep.error is not None:
+                try:
+                    pb.raise_row_error(prep.error, xc, mode, name + where(s + prep.error[1]),
+                                       tol_rows, row_offset=first_row + s)
+                except ValueError as exc:
+                    message = str(exc)
+                break
+            if solve_only:
+                support = torch.maximum(support, prep.support.double())
+                r = f = torch.zeros(k, dtype=torch.float64, device=dev)
+                oc = xc if oc is None else oc
             else:
-                c, z, h = prep.first
-                w = (sampled_gram(be, oc, ic, torch.zeros(k, dtype=torch.float64, device=dev),
-                                  offset + s, n, k) if hmode is True else None)
-                first_acc.add(c, z, h, w)
+                r, f = prep.retain_sums.to(dev), prep.forget_sums.to(dev)
+            if given and nf:
+                f = pb.normalised_row_sums(xc[mc], mode).to(dev)
+                r = r - f
+            retain += r
+            forget += f
+            if kind == "rows" and nf:
+                rows = pseudo_t[fi:fi + nf]
+                oc[mc] = rows.to(dev, oc.dtype)
+                rows_sum += torch.softmax(rows.double(), dim=1).sum(dim=0)
+            fi += nf
+            if final_rows:
+                if prep.first is None:
+                    have_first = False
+                else:
+                    c, z, h = prep.first
+                    w = (sampled_gram(be, oc, ic, torch.zeros(k, dtype=torch.float64, device=dev),
+                                      offset + s, n, k) if hmode is True else None)
+                    first_acc.add(c, z, h, w)
     comm.raise_first(message)
     # Float16 buffers give no first evaluation on any rank (a dtype rule, the same everywhere).
     if k == 1 and not solve_only:
