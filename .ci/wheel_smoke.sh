@@ -79,6 +79,16 @@ assert q.shape == (500, 6) and q.dtype == np.float32, (q.shape, q.dtype)
 assert np.abs(q.sum(1) - 1).max() < 1e-5, np.abs(q.sum(1) - 1).max()
 EOF
 
+echo "== ppu-fast refine streaming the same file in chunks (ppu_fast.refine_file)"
+venv/bin/ppu-fast refine --probs probs.npy --forget forget.npy --backend cpu --out q_stream.npy \
+  --chunk-rows 64 --no-progress
+"$py" - <<'EOF'
+import numpy as np
+
+q, qs = np.load("q.npy"), np.load("q_stream.npy")
+assert np.abs(q - qs).max() < 1e-6, np.abs(q - qs).max()
+EOF
+
 echo "== ppu-fast run: the paper's tables (paper_numbers.json) beside a one-epoch run"
 PPU_FAST_CACHE="$work/cache" venv/bin/ppu-fast run --dataset digits5 --model smallcnn \
   --methods original,ppu --epochs 1 --unlearn-epochs 1 --threads 1 --no-progress --out run

@@ -18,7 +18,7 @@ the *global* row numbering (the rows a chunk holds of that sample are gathered a
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,65 +27,9 @@ from . import problem as pb
 from .backends import get_backend
 from .backends.base import (Backend, StepOut, assemble_hessian, compute_dtype,
                             hessian_sample_rows, hessian_stride)
+from .comm import Comm, collective_checks, global_rows
 from .solver import (RefineInfo, _one_blas_thread, check_options, check_tol_floor,
                      gauge_for_kernels, hessian_mode, solve_dual)
-
-
-class Comm:
-    """The collectives a sharded solve needs, over a ``torch.distributed`` process group, or
-    trivial ones for a single process (``group=None``). Sums travel as one float64 tensor per
-    call: on the current CUDA device for an NCCL group, on the CPU otherwise."""
-
-    def __init__(self, group=None) -> None:
-        self.group = group
-        self.rank, self.size = 0, 1
-        self.device = torch.device("cpu")
-        if group is not None:
-            import torch.distributed as dist
-            if not dist.is_available() or not dist.is_initialized():
-                raise ValueError("process_group: torch.distributed is not initialised; call "
-                                 "torch.distributed.init_process_group first (or pass None)")
-            self.rank = dist.get_rank(group)
-            self.size = dist.get_world_size(group)
-            if dist.get_backend(group) == "nccl":
-                self.device = torch.device("cuda", torch.cuda.current_device())
-
-    def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
-        if self.group is None:
-            return t.cpu()
-        import torch.distributed as dist
-        buf = t.to(self.device, torch.float64).contiguous()
-        dist.all_reduce(buf, op=getattr(dist.ReduceOp, op), group=self.group)
-        return buf.cpu()
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over the ranks (float64, on the CPU)."""
-        return self._reduce(t, "SUM")
-
-    def max(self, t: torch.Tensor) -> torch.Tensor:
-        """Element-wise maximum over the ranks (float64, on the CPU)."""
-        return self._reduce(t, "MAX")
-
-    def gather(self, obj) -> list:
-        """Every rank's ``obj`` (picklable), in rank order."""
-        if self.group is None:
-            return [obj]
-        import torch.distributed as dist
-        out: list = [None] * self.size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def where(self, rank: Optional[int] = None) -> str:
-        """' on rank r' in a sharded solve, '' otherwise (for error messages)."""
-        return "" if self.group is None else f" on rank {self.rank if rank is None else rank}"
-
-    def raise_first(self, message: Optional[str], exc: type = ValueError) -> None:
-        """Raise ``exc`` on every rank when any rank has an error ``message`` (the lowest rank's
-        message, which names its rank): a collective, so no rank waits for a peer that raised."""
-        msgs = self.gather(message)
-        for m in msgs:
-            if m is not None:
-                raise exc(m)
 
 
 class RowStore:
@@ -254,19 +198,6 @@ class Accumulator:
         return colsum, wlogz, h
 
 
-def global_rows(comm: Comm, n_local: int, k: int, name: str) -> Tuple[int, int, List[int]]:
-    """(global N, this rank's first global row, every rank's row count); checks that every
-    rank has the same k."""
-    counts = comm.gather((int(n_local), int(k)))
-    ks = sorted({kk for _, kk in counts})
-    if len(ks) > 1:
-        per = ", ".join(f"rank {r}: k = {kk}" for r, (_, kk) in enumerate(counts))
-        raise ValueError(f"{name}: the ranks disagree on the number of classes ({per}); expected "
-                         f"the same k on every rank")
-    rows = [c for c, _ in counts]
-    return sum(rows), sum(rows[:comm.rank]), rows
-
-
 def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_dtype: torch.dtype,
                 lam: float = 1.0, weights: Optional[np.ndarray] = None, pseudo="uniform",
                 marginals="retain", method: str = "newton", tol: float = 1e-6,
@@ -296,29 +227,10 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
     sdt, dev = store.dtype, store.device
     check_tol_floor(tol, sdt)
-    n_forget_local = int(np.count_nonzero(mask))
-    # Scale the weights so that the largest 1 / c over all ranks is 1 (as refine does).
-    if weights is not None:
-        c_min = float(comm.max(torch.tensor([-float(weights.min()) if weights.size else -np.inf],
-                                            dtype=torch.float64))[0]) * -1.0
-        c_max = float(comm.max(torch.tensor([float(weights.max()) if weights.size else 0.0],
-                                            dtype=torch.float64))[0])
-        if c_max / c_min > pb.WEIGHT_RATIO_MAX * (1 + 1e-6):
-            raise ValueError(f"weights: max / min = {c_max / c_min:.3g} over all ranks; expected "
-                             f"at most {pb.WEIGHT_RATIO_MAX:g}")
-        inv_c_np = (c_min / weights).astype(pb.inv_c_dtype(sdt))
-    else:
-        c_min = min(lam, 1.0)
-        inv_c_np = np.full(n_local, c_min / lam, dtype=pb.inv_c_dtype(sdt))
-        inv_c_np[mask] = c_min
-    ic64 = inv_c_np.astype(np.float64)
-    sums = comm.sum(torch.tensor([ic64.sum(), (1.0 / ic64).sum(), float(n_forget_local)],
-                                 dtype=torch.float64))
-    ic_max = float(comm.max(torch.tensor([ic64.max() if ic64.size else 0.0],
-                                         dtype=torch.float64))[0])
-    weight_sums = (float(sums[0]), ic_max, float(sums[1]))
-    n_forget = int(round(float(sums[2])))
-    kind, pseudo_t = pb.pseudo_log(pseudo, n_forget_local, k, generator, sdt)
+    inv_c_np, c_min, weight_sums, n_forget = _scaled_weights(comm, mask, weights, lam, sdt)
+    # A pseudo tensor of the wrong shape on one rank must raise on every rank.
+    kind, pseudo_t = collective_checks(comm, lambda: pb.pseudo_log(
+        pseudo, int(np.count_nonzero(mask)), k, generator, sdt))
     if not isinstance(marginals, str):
         pb.check_marginals(marginals, n, k)
     elif marginals not in pb.MARGINAL_NAMES:
@@ -330,64 +242,17 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     # Every rank takes the same branch: decided from global counts only.
     final_rows = (n_forget == 0 or kind in ("vector", "given")) and k > 1
     hmode = hessian_mode(method, k) if k > 1 else False
-    inner_h = "diag" if hmode is True else hmode
+    # prepare's first evaluation exists for float32 / float64 buffers (base.PrepareOut): a
+    # dtype rule, so every rank, the empty ones too, agrees on whether it is reduced.
+    first = final_rows and (mode == "log_p" or sdt in (torch.float32, torch.float64))
     tol_rows = pb.row_sum_tol(in_dtype)
-    given = kind == "given"
     t1 = time.perf_counter()
 
-    # -- the input pass: validate, write log P^, column sums, the first evaluation ----------------
-    retain = torch.zeros(k, dtype=torch.float64, device=dev)
-    forget = torch.zeros(k, dtype=torch.float64, device=dev)
-    rows_sum = torch.zeros(k, dtype=torch.float64)
-    first_acc = Accumulator(k, hmode, dev) if final_rows else None
-    have_first = final_rows
-    message = None
-    fi = 0  # forget rows of this rank seen so far (indexes pseudo_t's rows)
-    solve_only = mode == "log_p"
-    support = torch.zeros(k, dtype=torch.float64)
-    with _one_blas_thread():  # sampled_gram's products, as in solve_dual
-        for s, e, xc, oc in bar(store.input_chunks(), "prepare"):
-            if solve_only and oc.data_ptr() == xc.data_ptr():
-                oc = None  # the input is the buffer: validate only
-            mc = mask_dev[s:e]
-            nf = int(np.count_nonzero(mask[s:e]))
-            use_mask = nf > 0 and not given
-            ic = inv_c[s:e] if final_rows else None
-            prep = be.prepare(xc, mode, mc if use_mask else None, fill if use_mask else None, oc,
-                              ic, inner_h if final_rows else False, tol_rows)
-            if prep.error is not None:
-                try:
-                    pb.raise_row_error(prep.error, xc, mode, name + where(s + prep.error[1]),
-                                       tol_rows, row_offset=first_row + s)
-                except ValueError as exc:
-                    message = str(exc)
-                break
-            if solve_only:
-                support = torch.maximum(support, prep.support.double())
-                r = f = torch.zeros(k, dtype=torch.float64, device=dev)
-                oc = xc if oc is None else oc
-            else:
-                r, f = prep.retain_sums.to(dev), prep.forget_sums.to(dev)
-            if given and nf:
-                f = pb.normalised_row_sums(xc[mc], mode).to(dev)
-                r = r - f
-            retain += r
-            forget += f
-            if kind == "rows" and nf:
-                rows = pseudo_t[fi:fi + nf]
-                oc[mc] = rows.to(dev, oc.dtype)
-                rows_sum += torch.softmax(rows.double(), dim=1).sum(dim=0)
-            fi += nf
-            if final_rows:
-                if prep.first is None:
-                    have_first = False
-                else:
-                    c, z, h = prep.first
-                    w = (sampled_gram(be, oc, ic, torch.zeros(k, dtype=torch.float64, device=dev),
-                                      offset + s, n, k) if hmode is True else None)
-                    first_acc.add(c, z, h, w)
+    setup = _Setup(store, be, mode, name, mask, mask_dev, inv_c, kind, pseudo_t, fill,
+                   final_rows, first, hmode, tol_rows, where, first_row, offset, n)
+    retain, forget, rows_sum, support, first_acc, message = _input_pass(setup, bar)
     comm.raise_first(message)
-    # Float16 buffers give no first evaluation on any rank (a dtype rule, the same everywhere).
+    solve_only = mode == "log_p"
     if k == 1 and not solve_only:
         for s, e, buf in store.update_chunks():
             buf.fill_(1.0)
@@ -398,7 +263,7 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
         return info, torch.tensor([float(n)], dtype=torch.float64)
     packed = comm.sum(torch.cat([retain.cpu(), forget.cpu(), rows_sum]))
     colsum_retain, colsum_forget, rows_colsum = packed[:k], packed[k:2 * k], packed[2 * k:]
-    first = first_acc.reduce(comm) if (have_first and first_acc is not None) else None
+    first = first_acc.reduce(comm) if first_acc is not None else None
     t2 = time.perf_counter()
     if solve_only:
         m = pb.check_marginals(marginals, n, k)
@@ -455,15 +320,116 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     return info, m
 
 
-def local_mask(forget_mask, n_local: int, comm: Comm, name: str = "forget_mask") -> np.ndarray:
-    """This rank's forget mask (local N,) bool from what the caller passed (a mask or indices of
-    its own rows), with the rank named in the error."""
-    try:
-        return pb.forget_rows(forget_mask, n_local)
-    except (ValueError, TypeError) as exc:
-        if comm.group is None:
-            raise
-        raise type(exc)(f"{exc} ({name}{comm.where()}: local rows of this rank)") from None
+def _scaled_weights(comm: Comm, mask: np.ndarray, weights: Optional[np.ndarray], lam: float,
+                    dtype: torch.dtype):
+    """(inv_c (local N,) numpy, c_min, (sum inv_c, max inv_c, sum 1 / inv_c), global forget
+    count): the weights scaled so that the largest 1 / c over every rank is 1, as ``refine``
+    scales them."""
+    if weights is not None:
+        lo_hi = comm.max(torch.tensor([-float(weights.min()) if weights.size else -np.inf,
+                                       float(weights.max()) if weights.size else 0.0],
+                                      dtype=torch.float64))
+        c_min, c_max = -float(lo_hi[0]), float(lo_hi[1])
+        if c_max / c_min > pb.WEIGHT_RATIO_MAX * (1 + 1e-6):
+            raise ValueError(f"weights: max / min = {c_max / c_min:.3g} over all ranks; expected "
+                             f"at most {pb.WEIGHT_RATIO_MAX:g}")
+        inv_c = (c_min / weights).astype(pb.inv_c_dtype(dtype))
+    else:
+        c_min = min(lam, 1.0)
+        inv_c = np.full(mask.size, c_min / lam, dtype=pb.inv_c_dtype(dtype))
+        inv_c[mask] = c_min
+    ic64 = inv_c.astype(np.float64)
+    sums = comm.sum(torch.tensor([ic64.sum(), (1.0 / ic64).sum(), float(np.count_nonzero(mask))],
+                                 dtype=torch.float64))
+    ic_max = float(comm.max(torch.tensor([ic64.max() if ic64.size else 0.0],
+                                         dtype=torch.float64))[0])
+    return inv_c, c_min, (float(sums[0]), ic_max, float(sums[1])), int(round(float(sums[2])))
+
+
+class _Setup(NamedTuple):
+    """What the input pass of :func:`refine_rows` reads (fixed for the refine)."""
+
+    store: RowStore
+    be: Backend
+    mode: str
+    name: str
+    mask: np.ndarray
+    mask_dev: torch.Tensor
+    inv_c: torch.Tensor
+    kind: str
+    pseudo_t: Optional[torch.Tensor]
+    fill: Optional[torch.Tensor]
+    final_rows: bool
+    first: bool
+    hmode: object
+    tol_rows: float
+    where: Callable[[int], str]
+    first_row: int
+    offset: int
+    n: int
+
+
+def _input_pass(su: _Setup, bar):
+    """One pass over the input chunks: validate, write log P^ (and the pseudo rows given as
+    rows), sum the retained / forgotten rows and, when the rows are final, the solver's first
+    evaluation. Returns (retain sums, forget sums, the pseudo rows' sums, class support ("log_p"
+    mode), the first evaluation's Accumulator or None, the first error's message or None);
+    the sums are this rank's."""
+    k, dev = su.store.shape[1], su.store.device
+    solve_only, given = su.mode == "log_p", su.kind == "given"
+    inner_h = "diag" if su.hmode is True else su.hmode
+    retain = torch.zeros(k, dtype=torch.float64, device=dev)
+    forget = torch.zeros(k, dtype=torch.float64, device=dev)
+    rows_sum = torch.zeros(k, dtype=torch.float64)
+    first_acc = Accumulator(k, su.hmode, dev) if su.first else None
+    message = None
+    fi = 0  # forget rows of this rank seen so far (indexes pseudo_t's rows)
+    support = torch.zeros(k, dtype=torch.float64)
+    with _one_blas_thread():  # sampled_gram's products, as in solve_dual
+        for s, e, xc, oc in bar(su.store.input_chunks(), "prepare"):
+            if solve_only and oc.data_ptr() == xc.data_ptr():
+                oc = None  # the input is the buffer: validate only
+            mc = su.mask_dev[s:e]
+            nf = int(np.count_nonzero(su.mask[s:e]))
+            use_mask = nf > 0 and not given
+            ic = su.inv_c[s:e] if su.final_rows else None
+            prep = su.be.prepare(xc, su.mode, mc if use_mask else None,
+                                 su.fill if use_mask else None, oc, ic,
+                                 inner_h if su.final_rows else False, su.tol_rows)
+            if prep.error is not None:
+                try:
+                    pb.raise_row_error(prep.error, xc, su.mode,
+                                       su.name + su.where(s + prep.error[1]), su.tol_rows,
+                                       row_offset=su.first_row + s)
+                except ValueError as exc:
+                    message = str(exc)
+                break
+            if solve_only:
+                support = torch.maximum(support, prep.support.double())
+                r = f = torch.zeros(k, dtype=torch.float64, device=dev)
+                oc = xc if oc is None else oc
+            else:
+                r, f = prep.retain_sums.to(dev), prep.forget_sums.to(dev)
+            if given and nf:
+                f = pb.normalised_row_sums(xc[mc], su.mode).to(dev)
+                r = r - f
+            retain += r
+            forget += f
+            if su.kind == "rows" and nf:
+                rows = su.pseudo_t[fi:fi + nf]
+                oc[mc] = rows.to(dev, oc.dtype)
+                rows_sum += torch.softmax(rows.double(), dim=1).sum(dim=0)
+            fi += nf
+            if su.first:
+                if prep.first is None:
+                    raise RuntimeError(f"backend {su.be.name}: prepare gave no first "
+                                       f"evaluation for a {su.store.dtype} buffer")
+                c, z, h = prep.first
+                zero = torch.zeros(k, dtype=torch.float64, device=dev)
+                w = (sampled_gram(su.be, oc, ic, zero, su.offset + s, su.n, k)
+                     if su.hmode is True else None)
+                first_acc.add(c, z, h, w)
+    return retain, forget, rows_sum, support, first_acc, message
 
 
 def check_shard(x: torch.Tensor, name: str) -> Tuple[int, int]:
@@ -477,21 +443,6 @@ def check_shard(x: torch.Tensor, name: str) -> Tuple[int, int]:
     return tuple(x.shape)
 
 
-def collective_checks(comm: Comm, fn: Callable[[], object]):
-    """Run ``fn`` (input checks of this rank) and raise on every rank if it failed on any, so that
-    a bad argument on one rank never leaves the others waiting in a collective."""
-    msg, result, exc_type = None, None, ValueError
-    try:
-        result = fn()
-    except (ValueError, TypeError) as exc:
-        msg, exc_type = f"{exc}{comm.where() and ' [' + comm.where().strip() + ']'}", type(exc)
-    msgs = comm.gather(None if msg is None else (msg, exc_type.__name__))
-    for got in msgs:
-        if got is not None:
-            raise (TypeError if got[1] == "TypeError" else ValueError)(got[0])
-    return result
-
-
 def refine_sharded(x_arg, name: str, forget_mask, group, *, out=None, weights=None,
                    return_info: bool = False, **options):
     """``refine(..., process_group=group)`` on this rank's rows ``x_arg`` (see ``api.refine``):
@@ -501,7 +452,7 @@ def refine_sharded(x_arg, name: str, forget_mask, group, *, out=None, weights=No
     def checks():
         x, from_numpy = pb.to_tensor(x_arg, name)
         n_local, _ = check_shard(x, name)
-        mask = local_mask(forget_mask, n_local, comm)
+        mask = pb.forget_rows(forget_mask, n_local)
         c = None
         if weights is not None:
             c = (pb.check_weights(weights, n_local).numpy() if n_local

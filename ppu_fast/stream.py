@@ -26,7 +26,7 @@ import numpy.lib.format as npformat
 import torch
 
 from . import problem as pb
-from .sharded import Comm, RowStore, collective_checks, local_mask, refine_rows
+from .sharded import Comm, RowStore, collective_checks, refine_rows
 from .solver import RefineInfo
 
 PathLike = Union[str, os.PathLike]
@@ -323,7 +323,7 @@ def refine_file(probs_path: PathLike, forget, out_path: PathLike, *, logits: boo
         src = NpyFile(probs_path, "probs_path")
         n_file, k = src.shape
         r0, r1 = (0, n_file) if rows is None else _check_rows(rows, n_file)
-        mask = local_mask(_forget_arg(forget, r1 - r0), r1 - r0, comm, "forget")
+        mask = pb.forget_rows(_forget_arg(forget, r1 - r0), r1 - r0)
         c = None
         if weights is not None:
             c = (pb.check_weights(weights, r1 - r0).numpy() if r1 > r0

@@ -25,6 +25,11 @@ def problem():
     return p, mask
 
 
+def weights(mask):
+    """Row weights for the weights= scenario (three values, the largest ratio 100)."""
+    return np.where(mask, 1.0, 0.3) * (1.0 + 49.5 * (np.arange(len(mask)) % 3 == 0))
+
+
 def _error(fn) -> str:
     try:
         fn()
@@ -58,6 +63,10 @@ def main(scenario: str, outdir: str) -> None:
         run("prior", splits, pseudo="prior", lam=0.5)
         run("f32", splits, dtype=np.float32)
         s, e = splits[rank], splits[rank + 1]
+        w = weights(mask)
+        q, info = ppu_fast.refine(p[s:e], mask[s:e], weights=w[s:e], return_info=True,
+                                  process_group=group)
+        res["weights_alpha"], res["weights_q"] = info.alpha.numpy(), q
         c = np.where(mask, 1.0, 0.5)
         alpha, _ = ppu_fast.solve(np.log(p[s:e]), c[s:e], p.sum(0), process_group=group)
         res["solve_alpha"] = alpha
@@ -77,6 +86,7 @@ def main(scenario: str, outdir: str) -> None:
         res["mask_error"] = _error(lambda: ppu_fast.refine(p[s:e], short, process_group=group))
     elif scenario == "three":
         run("empty", [0, 0, 1500, len(p)])
+        run("empty16", [0, 0, 1500, len(p)], dtype=np.float16)
         m2 = np.zeros(len(p), dtype=bool)
         m2[2100:2300] = True
         run("onerank", [0, 700, 2000, len(p)], m=m2, marginals="original")

@@ -1,0 +1,97 @@
+"""The collectives of a sharded solve (``ppu_fast.sharded``) over a ``torch.distributed``
+process group, and their single-process stand-ins (``group=None``)."""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+
+class Comm:
+    """The collectives a sharded solve needs, over a ``torch.distributed`` process group, or
+    trivial ones for a single process (``group=None``). Sums travel as one float64 tensor per
+    call: on the current CUDA device for an NCCL group, on the CPU otherwise."""
+
+    def __init__(self, group=None) -> None:
+        self.group = group
+        self.rank, self.size = 0, 1
+        self.device = torch.device("cpu")
+        if group is not None:
+            import torch.distributed as dist
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError("process_group: torch.distributed is not initialised; call "
+                                 "torch.distributed.init_process_group first (or pass None)")
+            self.rank = dist.get_rank(group)
+            self.size = dist.get_world_size(group)
+            if dist.get_backend(group) == "nccl":
+                self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        if self.group is None:
+            return t.cpu()
+        import torch.distributed as dist
+        buf = t.to(self.device, torch.float64).contiguous()
+        dist.all_reduce(buf, op=getattr(dist.ReduceOp, op), group=self.group)
+        return buf.cpu()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over the ranks (float64, on the CPU)."""
+        return self._reduce(t, "SUM")
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over the ranks (float64, on the CPU)."""
+        return self._reduce(t, "MAX")
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        if self.group is None:
+            return [obj]
+        import torch.distributed as dist
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def where(self, rank: Optional[int] = None) -> str:
+        """' on rank r' in a sharded solve, '' otherwise (for error messages)."""
+        return "" if self.group is None else f" on rank {self.rank if rank is None else rank}"
+
+    def raise_first(self, message: Optional[str], exc: type = ValueError) -> None:
+        """Raise ``exc`` on every rank when any rank has an error ``message`` (the lowest rank's
+        message, which names its rank): a collective, so no rank waits for a peer that raised."""
+        msgs = self.gather(message)
+        for m in msgs:
+            if m is not None:
+                raise exc(m)
+
+
+def global_rows(comm: Comm, n_local: int, k: int, name: str) -> Tuple[int, int, List[int]]:
+    """(global N, this rank's first global row, every rank's row count); checks that every
+    rank has the same k."""
+    counts = comm.gather((int(n_local), int(k)))
+    ks = sorted({kk for _, kk in counts})
+    if len(ks) > 1:
+        per = ", ".join(f"rank {r}: k = {kk}" for r, (_, kk) in enumerate(counts))
+        raise ValueError(f"{name}: the ranks disagree on the number of classes ({per}); expected "
+                         f"the same k on every rank")
+    rows = [c for c, _ in counts]
+    return sum(rows), sum(rows[:comm.rank]), rows
+
+
+def collective_checks(comm: Comm, fn: Callable[[], object]):
+    """Run ``fn`` (input checks of this rank) and raise on every rank if it failed on any, so that
+    a bad argument on one rank never leaves the others waiting in a collective. The error keeps
+    its type (ValueError, TypeError, FileNotFoundError) and names the rank it came from."""
+    if comm.group is None:
+        return fn()
+    kinds = {"ValueError": ValueError, "TypeError": TypeError,
+             "FileNotFoundError": FileNotFoundError}
+    msg, result = None, None
+    try:
+        result = fn()
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        msg = (f"{exc} [on rank {comm.rank}]", type(exc).__name__)
+    for got in comm.gather(msg):
+        if got is not None:
+            raise kinds.get(got[1], ValueError)(got[0])
+    return result
