@@ -16,7 +16,6 @@ import torch
 
 from . import problem as pb
 from .backends import get_backend
-from .backends.base import compute_dtype
 from .solver import (RefineInfo, check_options, check_tol_floor, gauge_for_kernels, hessian_mode,
                      solve_dual)
 

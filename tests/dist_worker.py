@@ -44,7 +44,7 @@ def main(scenario: str, outdir: str) -> None:
     import ppu_fast
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     group = dist.group.WORLD
     p, mask = problem()
     res = {}
