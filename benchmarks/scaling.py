@@ -61,6 +61,22 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _time_passes(step, k: int, reps: int = 3) -> list:
+    """Seconds of ``reps`` calls of ``step(alpha, hessian)`` at alpha = 0, with the Hessian
+    Newton asks for at this k."""
+    import torch
+
+    from ppu_fast.solver import hessian_mode
+
+    alpha = torch.zeros(k, dtype=torch.float64)
+    passes = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        step(alpha, hessian_mode("newton", k))
+        passes.append(time.perf_counter() - t)
+    return passes
+
+
 def child_stream(path: str, out: str, budget: str, n: int) -> dict:
     import torch
 
@@ -81,12 +97,7 @@ def child_stream(path: str, out: str, budget: str, n: int) -> dict:
     store = FileStore(f, 0, n, f, rows, torch.device("cpu"), torch.float32)
     be = get_backend("auto", torch.empty((1, k)))
     sb = ShardedBackend(be, store, torch.ones(n), Comm(None), 0, n, k)
-    alpha = torch.zeros(k, dtype=torch.float64)
-    passes = []
-    for _ in range(3):
-        t = time.perf_counter()
-        sb.step(None, None, alpha, "diag" if k > 128 else True)
-        passes.append(time.perf_counter() - t)
+    passes = _time_passes(lambda a, h: sb.step(None, None, a, h), k)
     return {"refine_seconds": total, "timings": info.timings, "steps": info.steps,
             "iterations": info.iterations, "converged": info.converged,
             "residual": info.residual, "solve_seconds_per_step": info.timings["solve"]
@@ -114,12 +125,7 @@ def child_memory(path: str, n: int, max_bytes: int) -> dict:
             x[s:s + a.shape[0]] = torch.from_numpy(a.copy())
     be = get_backend("auto", x)
     ic = torch.ones(rows)
-    alpha = torch.zeros(k, dtype=torch.float64)
-    passes = []
-    for _ in range(3):
-        t = time.perf_counter()
-        be.step(x, ic, alpha, "diag" if k > 128 else True)
-        passes.append(time.perf_counter() - t)
+    passes = _time_passes(lambda a, h: be.step(x, ic, a, h), k)
     med = statistics.median(passes)
     return {"rows_in_memory": rows, "pass_seconds": passes, "pass_median": med,
             "pass_median_scaled_to_n": med * n / rows, "peak_rss_MiB": _peak_rss_mib(),

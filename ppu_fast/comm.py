@@ -3,7 +3,7 @@ process group, and their single-process stand-ins (``group=None``)."""
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -52,22 +52,20 @@ class Comm:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def where(self, rank: Optional[int] = None) -> str:
+    def where(self) -> str:
         """' on rank r' in a sharded solve, '' otherwise (for error messages)."""
-        return "" if self.group is None else f" on rank {self.rank if rank is None else rank}"
+        return "" if self.group is None else f" on rank {self.rank}"
 
-    def raise_first(self, message: Optional[str], exc: type = ValueError) -> None:
-        """Raise ``exc`` on every rank when any rank has an error ``message`` (the lowest rank's
-        message, which names its rank): a collective, so no rank waits for a peer that raised."""
-        msgs = self.gather(message)
-        for m in msgs:
+    def raise_first(self, message: Optional[str]) -> None:
+        """Raise a ValueError on every rank when any rank has an error ``message`` (the lowest
+        rank's, which names its rank): a collective, so no rank waits for a peer that raised."""
+        for m in self.gather(message):
             if m is not None:
-                raise exc(m)
+                raise ValueError(m)
 
 
-def global_rows(comm: Comm, n_local: int, k: int, name: str) -> Tuple[int, int, List[int]]:
-    """(global N, this rank's first global row, every rank's row count); checks that every
-    rank has the same k."""
+def global_rows(comm: Comm, n_local: int, k: int, name: str) -> Tuple[int, int]:
+    """(global N, this rank's first global row); checks that every rank has the same k."""
     counts = comm.gather((int(n_local), int(k)))
     ks = sorted({kk for _, kk in counts})
     if len(ks) > 1:
@@ -75,7 +73,7 @@ def global_rows(comm: Comm, n_local: int, k: int, name: str) -> Tuple[int, int, 
         raise ValueError(f"{name}: the ranks disagree on the number of classes ({per}); expected "
                          f"the same k on every rank")
     rows = [c for c, _ in counts]
-    return sum(rows), sum(rows[:comm.rank]), rows
+    return sum(rows), sum(rows[:comm.rank])
 
 
 def collective_checks(comm: Comm, fn: Callable[[], object]):

@@ -42,14 +42,15 @@ def to_tensor(x, name: str, sequence: bool = False) -> Tuple[torch.Tensor, bool]
     raise TypeError(f"{name}: expected {what}, got {type(x).__name__}")
 
 
-def check_matrix(x: torch.Tensor, name: str) -> Tuple[int, int]:
-    """Shape and dtype checks shared by probs, logits and log_p; returns (N, k)."""
+def check_matrix(x: torch.Tensor, name: str, allow_empty: bool = False) -> Tuple[int, int]:
+    """Shape and dtype checks shared by probs, logits and log_p; returns (N, k).
+    ``allow_empty``: N == 0 is accepted (one rank's rows of a sharded solve)."""
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D array (N x k), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}")
     n, k = x.shape
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise ValueError(f"{name}: N == 0 rows; expected at least one row")
     if k == 0:
         raise ValueError(f"{name}: k == 0 classes; expected at least one column")

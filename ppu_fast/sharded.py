@@ -203,7 +203,7 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
                 marginals="retain", method: str = "newton", tol: float = 1e-6,
                 max_iter: Optional[int] = None, backend: str = "auto",
                 generator: Optional[torch.Generator] = None, step_size: Optional[float] = None,
-                comm: Optional[Comm] = None, where: Callable[[int], str] = lambda row: "",
+                comm: Optional[Comm] = None, where: str = "",
                 progress: Optional[Callable[[Iterator, str], Iterator]] = None,
                 first_row: int = 0) -> Tuple[RefineInfo, torch.Tensor]:
     """``refine`` over a :class:`RowStore`: the store's buffer ends holding Q. Returns (info, M).
@@ -211,8 +211,8 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     ``marginals`` must be class totals and the buffer is not materialised.
 
     ``mask`` (local N,) bool: this rank's forget rows; ``weights`` (local N,) float64 or None;
-    ``in_dtype``: the input's dtype (row-sum tolerance); ``where(row)``: how an error names the
-    local row ``row`` of this store (its file, its rank); ``first_row``: the store's first row in
+    ``in_dtype``: the input's dtype (row-sum tolerance); ``where``: what an error names after the
+    argument (the file, the rank), e.g. " on rank 1"; ``first_row``: the store's first row in
     what the caller numbers (a file range's start), added to reported rows.
     Every option has :func:`ppu_fast.refine`'s meaning; with a ``comm`` over several processes
     every global quantity is all-reduced, and every rank returns the same alpha.
@@ -221,7 +221,7 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     comm = comm or Comm(None)
     bar = progress or (lambda it, desc: it)
     n_local, k = store.shape
-    n, offset, _ = global_rows(comm, n_local, k, name)
+    n, offset = global_rows(comm, n_local, k, name)
     if n == 0:
         raise ValueError(f"{name}: N == 0 rows on every rank; expected at least one row")
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
@@ -363,7 +363,7 @@ class _Setup(NamedTuple):
     first: bool
     hmode: object
     tol_rows: float
-    where: Callable[[int], str]
+    where: str
     first_row: int
     offset: int
     n: int
@@ -399,7 +399,7 @@ def _input_pass(su: _Setup, bar):
             if prep.error is not None:
                 try:
                     pb.raise_row_error(prep.error, xc, su.mode,
-                                       su.name + su.where(s + prep.error[1]), su.tol_rows,
+                                       su.name + su.where, su.tol_rows,
                                        row_offset=su.first_row + s)
                 except ValueError as exc:
                     message = str(exc)
@@ -432,17 +432,6 @@ def _input_pass(su: _Setup, bar):
     return retain, forget, rows_sum, support, first_acc, message
 
 
-def check_shard(x: torch.Tensor, name: str) -> Tuple[int, int]:
-    """Shape / dtype checks of a rank's rows (0 rows allowed: the other ranks may hold all)."""
-    if x.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D array (N x k), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}")
-    if x.shape[1] == 0:
-        raise ValueError(f"{name}: k == 0 classes; expected at least one column")
-    return tuple(x.shape)
-
-
 def refine_sharded(x_arg, name: str, forget_mask, group, *, out=None, weights=None,
                    return_info: bool = False, **options):
     """``refine(..., process_group=group)`` on this rank's rows ``x_arg`` (see ``api.refine``):
@@ -451,7 +440,7 @@ def refine_sharded(x_arg, name: str, forget_mask, group, *, out=None, weights=No
 
     def checks():
         x, from_numpy = pb.to_tensor(x_arg, name)
-        n_local, _ = check_shard(x, name)
+        n_local, _ = pb.check_matrix(x, name, allow_empty=True)
         mask = pb.forget_rows(forget_mask, n_local)
         c = None
         if weights is not None:
@@ -468,7 +457,7 @@ def refine_sharded(x_arg, name: str, forget_mask, group, *, out=None, weights=No
            else torch.empty(x.shape, dtype=sdt, device=x.device))
     store = MemoryStore(x, buf)
     info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=x.dtype, weights=c,
-                          comm=comm, where=lambda row: comm.where(), **options)
+                          comm=comm, where=comm.where(), **options)
     q = pb.result_tensor(buf, user_out, x)
     if from_numpy:
         q = out if out is not None else q.cpu().numpy()
@@ -483,7 +472,7 @@ def solve_sharded(log_p, weights, marginals, group, **options):
 
     def checks():
         lp, from_numpy = pb.to_tensor(log_p, "log_p")
-        n_local, _ = check_shard(lp, "log_p")
+        n_local, _ = pb.check_matrix(lp, "log_p", allow_empty=True)
         c = (pb.check_weights(weights, n_local).numpy() if n_local
              else np.zeros(0, dtype=np.float64))
         return lp, from_numpy, c
@@ -494,6 +483,6 @@ def solve_sharded(log_p, weights, marginals, group, **options):
     store = MemoryStore(lp, buf)
     info, _ = refine_rows(store, np.zeros(lp.shape[0], dtype=bool), mode="log_p", name="log_p",
                           in_dtype=lp.dtype, weights=c, pseudo=None, marginals=marginals,
-                          comm=comm, where=lambda row: comm.where(), **options)
+                          comm=comm, where=comm.where(), **options)
     alpha = info.alpha.clone().numpy() if from_numpy else info.alpha.to(lp.device)
     return alpha, info

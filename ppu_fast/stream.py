@@ -347,7 +347,7 @@ def refine_file(probs_path: PathLike, forget, out_path: PathLike, *, logits: boo
     tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     show = sys.stderr.isatty() if progress is None else bool(progress)
     bar = _bar(show, max(1, -(-(r1 - r0) // rows_per)), str(Path(probs_path).name))
-    where = (lambda row: f" (file '{src.path}'{comm.where()})")
+    where = f" (file '{src.path}'{comm.where()})"
     try:
         buf = NpyFile.create(tmp, (r1 - r0, k), np.dtype(str(sdt).split(".")[-1]))
         store = FileStore(src, r0, r1, buf, rows_per, dev, sdt)
