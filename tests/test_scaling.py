@@ -361,3 +361,25 @@ def test_streaming_on_cuda(tmp_path, dtype):
         q = np.load(tmp_path / "q.npy")
         atol = 1e-5 if dtype == np.float32 else float(np.finfo(np.float16).eps)
         np.testing.assert_allclose(q.astype(np.float64), q0.astype(np.float64), rtol=0, atol=atol)
+
+
+def test_streaming_float64_against_oracle(tmp_path):
+    """Independent float64 check of a streamed solve (numpy only, tests/oracle.py): the file Q
+    has the optimum's form softmax(log P^ - alpha / c) for the returned alpha, rows on the
+    simplex, and the "retain" class totals, to float64 accuracy."""
+    from oracle import oracle_q
+    n, k, lam = 500, 9, 0.5
+    p = _probs(n, k, np.float64, seed=41)
+    mask = _mask(n, 0.1, seed=42)
+    np.save(tmp_path / "p.npy", p)
+    info = refine_file(tmp_path / "p.npy", mask, tmp_path / "q.npy", chunk_rows=37, lam=lam,
+                       tol=1e-12)
+    q = np.load(tmp_path / "q.npy")
+    log_p_hat = np.log(p / p.sum(1, keepdims=True))
+    log_p_hat[mask] = -np.log(k)  # uniform pseudo-probabilities
+    inv_c = np.where(mask, 1.0, 1.0 / lam)
+    np.testing.assert_allclose(q, oracle_q(log_p_hat, inv_c, info.alpha.numpy()), rtol=0,
+                               atol=1e-12)
+    np.testing.assert_allclose(q.sum(1), 1.0, rtol=0, atol=1e-12)
+    m = p[~mask].sum(0) * n / (~mask).sum()
+    assert np.abs(q.sum(0) - m).sum() / n <= 1e-11
