@@ -339,11 +339,20 @@ def _scaled_weights(comm: Comm, mask: np.ndarray, weights: Optional[np.ndarray],
         inv_c = np.full(mask.size, c_min / lam, dtype=pb.inv_c_dtype(dtype))
         inv_c[mask] = c_min
     ic64 = inv_c.astype(np.float64)
-    sums = comm.sum(torch.tensor([ic64.sum(), (1.0 / ic64).sum(), float(np.count_nonzero(mask))],
-                                 dtype=torch.float64))
-    ic_max = float(comm.max(torch.tensor([ic64.max() if ic64.size else 0.0],
-                                         dtype=torch.float64))[0])
-    return inv_c, c_min, (float(sums[0]), ic_max, float(sums[1])), int(round(float(sums[2])))
+    sums = comm.sum(torch.tensor([ic64.sum(), (1.0 / ic64).sum(), float(np.count_nonzero(mask)),
+                                  float(mask.size)], dtype=torch.float64))
+    n_forget, n_rows = int(round(float(sums[2]))), int(round(float(sums[3])))
+    # The largest 1 / c over every rank follows from the global counts, with no collective of its
+    # own: with weights it is c_min / c_min = 1 exactly, else the retain or forget value, rounded
+    # to the dtype inv_c is stored in, as the rows hold it.
+    if weights is not None:
+        ic_max = 1.0 if n_rows else 0.0
+    else:
+        ic_dt = pb.inv_c_dtype(dtype)
+        held = ([float(ic_dt(c_min / lam))] if n_rows > n_forget else []) + \
+            ([float(ic_dt(c_min))] if n_forget else [])
+        ic_max = max(held, default=0.0)
+    return inv_c, c_min, (float(sums[0]), ic_max, float(sums[1])), n_forget
 
 
 class _Setup(NamedTuple):

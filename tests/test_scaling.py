@@ -383,3 +383,22 @@ def test_streaming_float64_against_oracle(tmp_path):
     np.testing.assert_allclose(q.sum(1), 1.0, rtol=0, atol=1e-12)
     m = p[~mask].sum(0) * n / (~mask).sum()
     assert np.abs(q.sum(0) - m).sum() / n <= 1e-11
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lam", [0.3, 1.0, 2.5])
+@pytest.mark.parametrize("forget_share", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_scaled_weights_max_from_counts(dtype, lam, forget_share, weighted):
+    # The sharded path derives max(1 / c) from global counts instead of a collective: it must be
+    # the value the in-memory path reads off the scaled weights themselves.
+    from ppu_fast import problem as pb
+    from ppu_fast.comm import Comm
+    from ppu_fast.sharded import _scaled_weights
+    rng = np.random.default_rng(7)
+    mask = rng.random(50) < forget_share
+    weights = rng.uniform(0.5, 4.0, 50) if weighted else None
+    inv_c, c_min, sums, n_forget = _scaled_weights(Comm(), mask, weights, lam, dtype)
+    assert n_forget == int(mask.sum())
+    assert inv_c.dtype == pb.inv_c_dtype(dtype)
+    assert sums == pb.weight_sums(inv_c)
