@@ -122,6 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--pretrain-epochs", type=int, default=None, help="pre-training epochs (default 30)")
     r.add_argument("--pretrain-per-class", type=int, default=None,
                    help="pre-training images per class (default all: 5,000 for CIFAR-10)")
+    r.add_argument("--train-per-class", type=int, default=None, metavar="N",
+                   help="large scale only: keep N training images per class (before the 5%% validation "
+                        "hold-out), a reduced run that fits a CPU (default all)")
+    r.add_argument("--test-per-class", type=int, default=None, metavar="N",
+                   help="large scale only: keep N test images per class (default all)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--no-cache", action="store_true")
     _progress_flags(r)
@@ -250,6 +255,7 @@ def _run(args: argparse.Namespace) -> int:
                             train=train, method_kwargs=kwargs, cache=not args.no_cache,
                             progress=_show_progress(args), log=_log, init_checkpoint=args.init_checkpoint,
                             pretrain=args.pretrain, pretrain_per_class=args.pretrain_per_class,
+                            train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                             pretrain_train=None if args.pretrain_epochs is None else {"epochs": args.pretrain_epochs},
                             variants=variants)
     _finish(result, args.out, started, tables=True)

@@ -285,13 +285,13 @@ def _pools(name: str, root: str | Path | None, seed: int, image_size: int | None
 
 
 def _per_class(rng: np.random.Generator, targets: np.ndarray, classes: Sequence[int],
-               n: int | None) -> dict[int, np.ndarray]:
+               n: int | None, arg: str = "the split") -> dict[int, np.ndarray]:
     out = {}
     for c in classes:
         idx = rng.permutation(np.flatnonzero(targets == c))
         if n is not None:
             if len(idx) < n:
-                raise ValueError(f"class {c} has {len(idx)} examples, the split needs {n}")
+                raise ValueError(f"{arg}: class {c} has {len(idx)} examples, {n} needed")
             idx = idx[:n]
         out[c] = idx
     return out
@@ -300,7 +300,8 @@ def _per_class(rng: np.random.Generator, targets: np.ndarray, classes: Sequence[
 def make_split(name: str = "digits5", *, data_root: str | Path | None = None, scenario: str = "selective",
                forget_class: int | None = None, num_forget: int | None = None,
                forget_indices: Sequence[int] | None = None, val_fraction: float = 0.05, seed: int = 0,
-               image_size: int | None = None, progress: bool = True) -> Split:
+               image_size: int | None = None, progress: bool = True, train_per_class: int | None = None,
+               test_per_class: int | None = None) -> Split:
     """Build the paper's split of a dataset.
 
     Small scale (``digits5``, ``cifar5``): classes 0-4; 125 training images per class, split 100 train /
@@ -312,6 +313,10 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
     forgets every training sample of ``forget_class`` (default 5); ``"selective"`` forgets ``num_forget``
     (default 100) samples of it.
 
+    ``train_per_class`` and ``test_per_class`` (large scale only) reduce a large-scale run to fit a
+    CPU: each class keeps that many of its training images (a seeded choice, made before the
+    validation hold-out, which stays ``val_fraction`` of them) and of its test images. Default: all.
+
     ``forget_indices`` (indices into the training set) overrides the scenario. ``seed`` fixes every
     choice. Returns a :class:`Split`.
     """
@@ -321,6 +326,14 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
         raise ValueError(f"unknown scenario '{scenario}'; expected one of {', '.join(SCENARIOS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    for arg, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
+        if value is None:
+            continue
+        if name in SMALL_SCALE:
+            raise ValueError(f"{arg}: only for the large-scale datasets ({', '.join(LARGE_SCALE)}); "
+                             f"'{name}' has the paper's fixed small-scale split")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg}: expected a positive number of images per class, got {value!r}")
     train_pool, test_pool, norm = _pools(name, data_root, seed, image_size, progress)
     rng = np.random.default_rng(seed)
     num_classes = len(train_pool.classes)
@@ -336,12 +349,13 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
         scenario = "selective"
     else:
         classes = list(range(num_classes))
-        chosen = _per_class(rng, train_pool.targets, classes, None)
+        chosen = _per_class(rng, train_pool.targets, classes, train_per_class, "train_per_class")
         n_val = {c: max(1, int(round(val_fraction * len(v)))) if val_fraction > 0 else 0
                  for c, v in chosen.items()}
         tr = np.sort(np.concatenate([v[n_val[c]:] for c, v in chosen.items()]))
         va = np.sort(np.concatenate([v[:n_val[c]] for c, v in chosen.items()]))
-        te = np.arange(len(test_pool.targets))
+        te = np.arange(len(test_pool.targets)) if test_per_class is None else np.sort(np.concatenate(
+            list(_per_class(rng, test_pool.targets, classes, test_per_class, "test_per_class").values())))
         default_class, default_forget = 5, 100
 
     def build(pool: _Pool, idx: np.ndarray) -> ArrayDataset:
@@ -355,6 +369,8 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
                                  forget_indices, default_class, default_forget, num_classes)
     retain_idx = np.setdiff1d(np.arange(len(train)), forget_idx)
     info = {"data_root": str(data_root) if data_root is not None else None}
+    if train_per_class is not None or test_per_class is not None:
+        info["reduced"] = {"train_per_class": train_per_class, "test_per_class": test_per_class}
     return Split(name, train, val, test, forget_idx, retain_idx, num_classes, scenario, seed, info)
 
 

@@ -293,3 +293,22 @@ def test_pretrain_on_the_other_cifar10_classes_end_to_end(tmp_path, capsys):
     assert "Starting weights: cifar10-other" in (tmp_path / "run" / "tables.md").read_text()
     assert main(argv + ["--out", str(tmp_path / "again")]) == 0
     assert "(100 images): loaded from cache" in capsys.readouterr().out
+
+
+def test_reduced_large_scale_run_end_to_end(tmp_path, capsys):
+    from conftest import image_tree
+
+    root = image_tree(tmp_path / "c10", [f"c{i}" for i in range(10)], {"train": 12, "test": 8}, size=(8, 8))
+    argv = ["run", "--dataset", "cifar10", "--data-root", str(root), "--model", "smallcnn", "--width", "0.25",
+            "--scenario", "class", "--methods", "original,retrain,ppu", "--seeds", "0", "--epochs", "1",
+            "--unlearn-epochs", "1", "--train-per-class", "10", "--test-per-class", "6", "--threads", "1",
+            "--no-progress", "--no-cache"]
+    assert main(argv + ["--out", str(tmp_path / "run")]) == 0
+    split = json.loads((tmp_path / "run" / "results.json").read_text())["config"]["split"]
+    assert (split["train"] + split["val"], split["test"]) == (100, 60)
+    assert split["reduced"] == {"train_per_class": 10, "test_per_class": 6}
+    # the small-scale split is the paper's, fixed: a reduction of it is refused by name
+    bad = ["run", "--dataset", "cifar5", "--data-root", str(root), "--model", "smallcnn",
+           "--train-per-class", "10", "--out", str(tmp_path / "bad")]
+    assert main(bad) == 2
+    assert "train_per_class: only for the large-scale" in capsys.readouterr().err

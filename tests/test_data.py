@@ -131,6 +131,36 @@ def test_cifar10_official_batches_selective(tmp_path):
     _check_partition(s)
 
 
+def test_reduced_large_scale_split(tmp_path):
+    _write_official(tmp_path, False, 30, 4, 10)
+    full = make_split("cifar10", data_root=tmp_path, scenario="class", seed=1, progress=False)
+    s = make_split("cifar10", data_root=tmp_path, scenario="class", seed=1, progress=False,
+                   train_per_class=20, test_per_class=3)
+    counts = np.bincount(s.train.targets.numpy(), minlength=10) + np.bincount(s.val.targets.numpy(), minlength=10)
+    assert counts.tolist() == [20] * 10 and len(s.val) == 10  # 5 % of 20 per class, at least 1
+    assert np.bincount(s.test.targets.numpy(), minlength=10).tolist() == [3] * 10
+    assert len(s.forget_idx) == int((s.train.targets == 5).sum())  # class scenario: the whole class
+    assert s.describe()["reduced"] == {"train_per_class": 20, "test_per_class": 3}
+    assert "reduced" not in full.describe() and len(full.train) + len(full.val) == 300
+    again = make_split("cifar10", data_root=tmp_path, scenario="class", seed=1, progress=False,
+                       train_per_class=20, test_per_class=3)
+    assert torch.equal(again.train.targets, s.train.targets) and torch.equal(again.train.images, s.train.images)
+    _check_partition(s)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"name": "cifar5", "train_per_class": 10}, "train_per_class: only for the large-scale"),
+    ({"name": "cifar10", "test_per_class": 0}, "test_per_class: expected a positive number"),
+    ({"name": "cifar10", "train_per_class": 2.5}, "train_per_class: expected a positive number"),
+    ({"name": "cifar10", "train_per_class": 31}, "train_per_class: class 0 has 30 examples, 31 needed"),
+])
+def test_reduced_split_bad_arguments(tmp_path, kwargs, match):
+    _write_official(tmp_path, False, 30, 4, 10)
+    name = kwargs.pop("name")
+    with pytest.raises(ValueError, match=match):
+        make_split(name, data_root=tmp_path, progress=False, **kwargs)
+
+
 def test_cifar5_and_cifar100_official(tmp_path):
     _write_official(tmp_path / "c10", False, 125, 100, 10)
     s = make_split("cifar5", data_root=tmp_path / "c10", seed=0, progress=False)

@@ -81,7 +81,8 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                    method_kwargs: dict[str, dict] | None = None, cache: bool = True,
                    progress: bool = True, log: Any = print, init_checkpoint: str | Path | None = None,
                    pretrain: str | None = None, pretrain_train: dict | None = None,
-                   pretrain_per_class: int | None = None,
+                   pretrain_per_class: int | None = None, train_per_class: int | None = None,
+                   test_per_class: int | None = None,
                    variants: dict[str, tuple[str, dict]] | None = None) -> dict:
     """Run ``methods`` on ``dataset`` with ``model`` for each seed.
 
@@ -94,6 +95,9 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     :func:`ppu_fast.pretrain.pretrain_config`), cached like the other trained models, with a fresh
     head per seed. ``config["init"]`` records which: ``"scratch"``, ``"cifar10-other"`` or
     ``"sha256:<hex>"`` of the checkpoint file.
+
+    ``train_per_class`` / ``test_per_class`` reduce a large-scale dataset to that many training /
+    test images per class (:func:`ppu_fast.data.make_split`; recorded in ``config["split"]``).
 
     ``train`` overrides fields of :func:`default_train_config`; ``method_kwargs`` maps a method name
     to extra options for :func:`ppu_fast.unlearn`. ``variants`` maps further row names to
@@ -157,7 +161,8 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     skipped: dict[str, str] = {}
     for seed in seeds:
         split = make_split(dataset, data_root=data_root, scenario=scenario, forget_class=forget_class,
-                           num_forget=num_forget, seed=seed, progress=progress)
+                           num_forget=num_forget, seed=seed, progress=progress,
+                           train_per_class=train_per_class, test_per_class=test_per_class)
         tcfg = dataclasses.replace(default_train_config(dataset, seed), **(train or {}))
         torch.manual_seed(seed)
         init = build_model(model, split.num_classes, split.in_channels, width)
