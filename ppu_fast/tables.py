@@ -445,7 +445,8 @@ def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
     ax.set_xlabel("seconds from the original model (Retrain: its training)")
     ax.set_ylabel("forget error %")
     ax.set_title(title or "Forget error versus time (lines: PPU's epochs, first seed)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # an Original-only run has nothing to label
+        ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
 

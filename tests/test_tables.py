@@ -176,6 +176,17 @@ def test_forget_error_versus_seconds_plot(tmp_path, monkeypatch):
     assert points == {"SCRUB": (4.0, 20.0), "PPU": (1.5, 40.0)}
 
 
+def test_trajectory_of_an_original_only_run_draws_without_a_legend_warning(tmp_path):
+    import warnings
+
+    from ppu_fast.tables import plot_trajectory
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" is a UserWarning
+        assert plot_trajectory({"original": {"seconds": 0.01, "forget_error": 0.0}}, None,
+                               tmp_path / "o.png").is_file()
+
+
 def _spy(monkeypatch, method):
     """Record what ``matplotlib.axes.Axes.<method>`` is called with, then draw as usual."""
     import matplotlib.axes
