@@ -311,14 +311,34 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def plot(methods: Mapping[str, Mapping[str, Any]], history: Mapping[str, Sequence[Mapping]] | None,
-         path: str | Path, title: str = "") -> Path:
-    """Bar chart of test / retain / forget error and MIA per method; beside it, when ``history`` is
-    given, the forget error of each fine-tuned method per epoch (the paper's Figure 2)."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend: the figures are files, no display is needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 110,
+                rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay ``fig`` out (inside ``rect`` when a caption needs room), write it to ``path`` and close it
+    (a run draws many figures: open ones would pile up in pyplot's registry)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(**({"rect": rect} if rect is not None else {}))
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot(methods: Mapping[str, Mapping[str, Any]], history: Mapping[str, Sequence[Mapping]] | None,
+         path: str | Path, title: str = "") -> Path:
+    """Bar chart of test / retain / forget error and MIA per method; beside it, when ``history`` is
+    given, the forget error of each fine-tuned method per epoch (the paper's Figure 2)."""
+    plt = pyplot()
 
     names = list(methods)
     shown = ("test_error", "retain_error", "forget_error", "mia")
@@ -351,11 +371,7 @@ def plot(methods: Mapping[str, Mapping[str, Any]], history: Mapping[str, Sequenc
         ax2.set_ylabel("error %")
         ax2.set_title("Forget error during fine-tuning", fontsize=10)
         ax2.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_story(methods: Mapping[str, Mapping[str, Any]], verdict: Verdict | None, path: str | Path,
@@ -364,10 +380,7 @@ def plot_story(methods: Mapping[str, Mapping[str, Any]], verdict: Verdict | None
     each with the ``reference`` (Retrain) value as a dashed line, so a bar that reaches the line did
     what retraining does; the verdict's closest method is drawn in green, its headline is the title,
     and its ``luck`` (what chance alone explains) is shaded around Retrain's attack score."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(methods)
     closest = verdict.closest if verdict is not None else None
@@ -407,11 +420,7 @@ def plot_story(methods: Mapping[str, Mapping[str, Any]], verdict: Verdict | None
     fig.text(0.5, 0.01, "dashed: Retrain (the goal); green: closest to it"
              + ("; shaded: what luck alone explains around Retrain's attack score" if luck else ""),
              ha="center", fontsize=7, color="#555555")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100, rect=(0, 0.04, 1, 1))
 
 
 def write_results(out_dir: str | Path, config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]],

@@ -38,7 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .report import differs, spread
+from .report import differs, pyplot as _pyplot, save_figure as _save, spread
 
 PAPER_FILE = Path(__file__).with_name("paper_numbers.json")
 SMALL_SCALE = ("digits5", "cifar5")
@@ -346,26 +346,6 @@ def render(config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], 
         parts += ["", lam_table(methods, config, with_std=with_std)]
     parts += ["", time_table(methods, with_std=with_std), ""]
     return "\n".join(parts)
-
-
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend: the figures are files, no display is needed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _is_ppu(name: str) -> bool:
