@@ -335,6 +335,11 @@ def render(config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], 
              f"{' / ' + ctx['scenario'] if ctx['scenario'] else ''}", "",
              f"Ours: {ours}; errors and MIA in %. Starting weights: {config.get('init', 'scratch')}. Paper: the numbers printed in the paper (ppu_fast/paper_numbers.json), as a "
              f"reference measured elsewhere (CIFAR-100 pre-training, other data, other hardware)."]
+    reduced = (config.get("split") or {}).get("reduced")
+    if reduced:
+        parts[-1] += (f" **Reduced run**: {reduced.get('train_per_class') or 'all'} training and "
+                      f"{reduced.get('test_per_class') or 'all'} test images per class "
+                      f"(`--train-per-class` / `--test-per-class`), not the paper's full dataset.")
     ids = table_ids(config)
     ordered = [t for t in ids if t in ("1", "2")] + ["3", "4"] + [t for t in ids if t not in ("1", "2")]
     for tid in ordered:

@@ -147,6 +147,11 @@ def test_write_tables_and_figure3(tmp_path):
     assert paths["trajectory"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     one = render(cfg, fake_methods(with_std=False), seeds=1)
     assert "±" not in one.split("### Table 3")[1].split("###")[0]
+    assert "Reduced run" not in one
+    reduced = {"dataset": "cifar10", "model": "resnet18", "scenario": "class",
+               "split": {"reduced": {"train_per_class": 200, "test_per_class": 100}}}
+    assert "**Reduced run**: 200 training and 100 test images per class" in \
+        render(reduced, fake_methods(with_std=False), seeds=1)
 
 
 def test_forget_error_versus_seconds_plot(tmp_path, monkeypatch):
