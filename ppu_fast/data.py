@@ -297,6 +297,19 @@ def _per_class(rng: np.random.Generator, targets: np.ndarray, classes: Sequence[
     return out
 
 
+def check_reduction(name: str, train_per_class: int | None, test_per_class: int | None) -> None:
+    """Raise ValueError, naming the argument, unless ``train_per_class`` / ``test_per_class`` are
+    None or positive image counts on a large-scale dataset (see :func:`make_split`)."""
+    for arg, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
+        if value is None:
+            continue
+        if name in SMALL_SCALE:
+            raise ValueError(f"{arg}: only for the large-scale datasets ({', '.join(LARGE_SCALE)}); "
+                             f"'{name}' has the paper's fixed small-scale split")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg}: expected a positive number of images per class, got {value!r}")
+
+
 def make_split(name: str = "digits5", *, data_root: str | Path | None = None, scenario: str = "selective",
                forget_class: int | None = None, num_forget: int | None = None,
                forget_indices: Sequence[int] | None = None, val_fraction: float = 0.05, seed: int = 0,
@@ -326,14 +339,7 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
         raise ValueError(f"unknown scenario '{scenario}'; expected one of {', '.join(SCENARIOS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    for arg, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
-        if value is None:
-            continue
-        if name in SMALL_SCALE:
-            raise ValueError(f"{arg}: only for the large-scale datasets ({', '.join(LARGE_SCALE)}); "
-                             f"'{name}' has the paper's fixed small-scale split")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg}: expected a positive number of images per class, got {value!r}")
+    check_reduction(name, train_per_class, test_per_class)
     train_pool, test_pool, norm = _pools(name, data_root, seed, image_size, progress)
     rng = np.random.default_rng(seed)
     num_classes = len(train_pool.classes)

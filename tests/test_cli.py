@@ -312,3 +312,7 @@ def test_reduced_large_scale_run_end_to_end(tmp_path, capsys):
            "--train-per-class", "10", "--out", str(tmp_path / "bad")]
     assert main(bad) == 2
     assert "train_per_class: only for the large-scale" in capsys.readouterr().err
+    # refused before a pre-training that would otherwise run first
+    assert main(bad[:-2] + ["--pretrain", "cifar10-other", "--out", str(tmp_path / "bad2")]) == 2
+    err = capsys.readouterr()
+    assert "train_per_class: only for the large-scale" in err.err and "pre-trained" not in err.out

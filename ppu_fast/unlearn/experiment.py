@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..data import Split, make_split
+from ..data import Split, check_reduction, make_split
 from ..metrics import add_retrain_gaps, error, lira, mia_detail, restrict_to_classes
 from ..data import other_classes_dataset
 from ..models import build_model
@@ -132,6 +132,8 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
             raise TypeError(f"method '{name}' does not accept option(s) {', '.join(bad)}")
     say = log or (lambda *_: None)
     dev = torch.device(device) if device else torch.device("cpu")
+    # Before any pre-training: a refused reduction should not cost its minutes first.
+    check_reduction(dataset, train_per_class, test_per_class)
     if init_checkpoint is not None and pretrain is not None:
         raise ValueError("init_checkpoint, pretrain: pass one of them (both set the starting weights)")
     if pretrain is not None and pretrain not in PRETRAIN_CHOICES:
