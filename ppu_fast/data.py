@@ -360,6 +360,8 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
                  for c, v in chosen.items()}
         tr = np.sort(np.concatenate([v[n_val[c]:] for c, v in chosen.items()]))
         va = np.sort(np.concatenate([v[:n_val[c]] for c, v in chosen.items()]))
+        # Not _per_class(..., None) for "all": it would draw from rng and so move the forget set of
+        # every unreduced split (and the models cached for it).
         te = np.arange(len(test_pool.targets)) if test_per_class is None else np.sort(np.concatenate(
             list(_per_class(rng, test_pool.targets, classes, test_per_class, "test_per_class").values())))
         default_class, default_forget = 5, 100

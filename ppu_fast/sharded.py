@@ -349,9 +349,8 @@ def _scaled_weights(comm: Comm, mask: np.ndarray, weights: Optional[np.ndarray],
         ic_max = 1.0 if n_rows else 0.0
     else:
         ic_dt = pb.inv_c_dtype(dtype)
-        held = ([float(ic_dt(c_min / lam))] if n_rows > n_forget else []) + \
-            ([float(ic_dt(c_min))] if n_forget else [])
-        ic_max = max(held, default=0.0)
+        ic_max = max(float(ic_dt(c_min / lam)) if n_rows > n_forget else 0.0,
+                     float(ic_dt(c_min)) if n_forget else 0.0)
     return inv_c, c_min, (float(sums[0]), ic_max, float(sums[1])), n_forget
 
 
