@@ -170,12 +170,15 @@ def hessian_error(h, ref: np.ndarray, floor: float) -> float:
     return float(np.max(np.abs(hv - ref) / dd[:, None] / dd[None, :]))
 
 
-def oracle_solve(log_p, c, m, tol: float = 1e-10, max_iter: int = 500
+def oracle_solve(log_p, c, m, tol: float = 1e-10, max_iter: int = 500, alpha0=None
                  ) -> Tuple[np.ndarray, np.ndarray]:
     """(alpha (k,), Q (N x k)) of the refinement problem, solved in float64 from the formulas:
     ``q_ik = softmax_k(log_p_ik - alpha_k / c_i)``, damped Newton with the exact Hessian on the
     dual, on the weights c / min(c) (only their ratios matter; the alpha returned is the caller's,
-    for c). Raises AssertionError if ``||colsum - M||_1 / N`` does not reach ``tol``."""
+    for c). ``alpha0``: the caller's alpha to start from (zero by default): the pure Newton step
+    crawls from zero on some saturated problems, yet converges quadratically from near the optimum,
+    so another solver's answer can seed it without the oracle trusting that answer. Raises
+    AssertionError if ``||colsum - M||_1 / N`` does not reach ``tol``."""
     lp = _np(log_p)
     c = _np(c)
     m = _np(m)
@@ -188,7 +191,7 @@ def oracle_solve(log_p, c, m, tol: float = 1e-10, max_iter: int = 500
         q, log_z = softmax_rows(lp - ic[:, None] * a[None, :])
         return q, -(cs * log_z).sum() - a @ m
 
-    a = np.zeros(k)
+    a = np.zeros(k) if alpha0 is None else _np(alpha0).astype(np.float64) / c_min
     q, g = evaluate(a)
     for _ in range(max_iter):
         grad = q.sum(0) - m
