@@ -38,7 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .report import differs, pyplot as _pyplot, save_figure as _save, spread
+from .report import differs, pyplot, save_figure, spread
 
 PAPER_FILE = Path(__file__).with_name("paper_numbers.json")
 SMALL_SCALE = ("digits5", "cifar5")
@@ -378,7 +378,7 @@ def _per_method(methods: Mapping[str, Mapping[str, Any]], metric: str
 def plot_time(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
     """Figure 3 for our run: unlearning seconds per method (mean, standard error as error bars), Agg
     backend."""
-    plt = _pyplot()
+    plt = pyplot()
 
     names, secs, errs = _per_method(methods, "seconds")
     fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(names) + 1.4))
@@ -394,7 +394,7 @@ def plot_time(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title:
         ax.text(s + e, i, f" {s:.2f}s", va="center", fontsize=7)
     ax.set_xlabel("unlearning time (s); Retrain: training time")
     ax.set_title(title or "Time needed for the unlearning method", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
@@ -404,7 +404,7 @@ def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
     fine-tuning, from the original model on) as its trajectory over the epochs it ran, the selected
     model marked; every method's final result (mean over seeds) as a point. Retrain's forget error is
     the dashed line the privacy protocol aims at."""
-    plt = _pyplot()
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     cmap = plt.get_cmap("tab20")
@@ -432,7 +432,7 @@ def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
     ax.set_title(title or "Forget error versus time (lines: PPU's epochs, first seed)", fontsize=10)
     if ax.get_legend_handles_labels()[0]:  # an Original-only run has nothing to label
         ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def histories_from(history: Mapping[str, Sequence[Mapping[str, Any]]] | None,
@@ -456,7 +456,7 @@ def plot_forget_per_epoch(histories: Mapping[str, Sequence[Mapping[str, Any]]] |
     method -> [{"seed", "selected_epoch", "history": [{"epoch", "forget_error", ...}]}]. Methods
     without a per-epoch forget error (PPU's bias mode unless run with ``history=True``, the one-shot
     baselines) are not drawn; with none at all the figure says so. Agg backend."""
-    plt = _pyplot()
+    plt = pyplot()
 
     curves = {name: [e for e in runs if any("forget_error" in h for h in e.get("history") or ())]
               for name, runs in (histories or {}).items()}
@@ -485,13 +485,13 @@ def plot_forget_per_epoch(histories: Mapping[str, Sequence[Mapping[str, Any]]] |
     ax.set_title(title or "Forget error per epoch (all seeds; ★ the selected epoch)", fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_mia(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
     """Figure 4: SCRUB's membership-inference attack per method (mean over seeds, standard error as
     error bars; 50 % is chance, the ideal), Agg backend."""
-    plt = _pyplot()
+    plt = pyplot()
 
     names, values, errs = _per_method(methods, "mia")
     fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(names) + 1.5), 4.2))
@@ -502,7 +502,7 @@ def plot_mia(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title: 
     ax.set_ylim(0, 100)
     ax.set_ylabel("MIA accuracy % (50: chance)")
     ax.set_title(title or "Membership inference attack per method", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_tables(out_dir: str | Path, config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]],

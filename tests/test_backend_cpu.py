@@ -24,7 +24,6 @@ from backend_cases import (bad_inputs, cases, cases_f64, check_materialize,  # n
 from ppu_fast.backends import get_backend  # noqa: E402
 from ppu_fast.backends.base import ROW_SUM_ULPS, compute_dtype  # noqa: E402
 from ppu_fast.backends.cpu import CpuBackend  # noqa: E402
-from ppu_fast.backends.torch_ref import reference_step  # noqa: E402
 
 HESSIANS = (False, True, "diag")
 ISAS = tuple(_C.supported_isas())
@@ -219,12 +218,14 @@ def test_prepare_writes_log_p_hat_and_first_evaluation(backend: CpuBackend) -> N
 
 @pytest.mark.parametrize("n,k", [(200_011, 10), (30_011, 100), (3_001, 1000)])
 @pytest.mark.parametrize("hessian", HESSIANS)
-def test_deterministic(n: int, k: int, hessian) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deterministic(n: int, k: int, hessian, dtype: torch.dtype) -> None:
     """Bit-identical results across runs and across 1, 2 and 4 threads (fixed ranges, fixed
-    order; the pool decides only who runs a range). The sizes give every call several threads."""
+    order; the pool decides only who runs a range), for step, prepare and materialize, in both
+    kernel dtypes. The sizes give every call several threads."""
     if hessian is True and k > 128:
         pytest.skip("Newton asks for the dense Hessian only up to k = 128")
-    log_p, inv_c, alpha = make_case(n, k, seed=11)
+    log_p, inv_c, alpha = make_case(n, k, dtype, seed=11)
     assert _C.threads_for(n, k, 4) >= 2
     runs = [CpuBackend(num_threads=t).step(log_p, inv_c, alpha, hessian) for t in (2, 2, 1, 4)]
     for colsum, wlogz, h in runs[1:]:
@@ -232,12 +233,19 @@ def test_deterministic(n: int, k: int, hessian) -> None:
         assert torch.equal(wlogz, runs[0][1])
         if hessian is not False:
             assert torch.equal(h, runs[0][2])
-    x = prepare_inputs(n, k, "probs", seed=12)
+    if hessian is False:  # materialize does not depend on the Hessian mode
+        qs = []
+        for t in (2, 1, 4):
+            q = torch.empty_like(log_p)
+            CpuBackend(num_threads=t).materialize(log_p, inv_c, alpha, q)
+            qs.append(q)
+        assert all(torch.equal(q, qs[0]) for q in qs[1:])
+    x = prepare_inputs(n, k, "probs", dtype, seed=12)
     forget = torch.arange(n) % 9 == 0
     fill = torch.full((k,), -math.log(k))
     outs = []
     for t in (2, 1, 4):
-        out = torch.empty(n, k)
+        out = torch.empty(n, k, dtype=dtype)
         res = CpuBackend(num_threads=t).prepare(x, "probs", forget, fill, out, inv_c, hessian)
         outs.append((out, res))
     for out, res in outs[1:]:
@@ -429,41 +437,6 @@ def test_float64_in_place_and_strides(isa: str, k: int) -> None:
     assert got.error is None
     torch.testing.assert_close(x, torch.log(ref / ref.sum(1, keepdim=True)), rtol=1e-14,
                                atol=1e-14)
-
-
-@pytest.mark.parametrize("n,k", [(200_011, 10), (30_011, 100), (3_001, 1000)])
-def test_float64_deterministic(n: int, k: int) -> None:
-    """The float64 kernels too: bit-identical at 1, 2 and 4 threads (step in every Hessian mode,
-    materialize and prepare)."""
-    log_p, inv_c, alpha = make_case(n, k, torch.float64, seed=11)
-    assert _C.threads_for(n, k, 4) >= 2
-    for hessian in HESSIANS:
-        if hessian is True and k > 128:
-            continue
-        runs = [CpuBackend(num_threads=t).step(log_p, inv_c, alpha, hessian) for t in (2, 1, 4)]
-        for colsum, wlogz, h in runs[1:]:
-            assert torch.equal(colsum, runs[0][0]) and torch.equal(wlogz, runs[0][1])
-            assert hessian is False or torch.equal(h, runs[0][2])
-    qs = []
-    for t in (2, 1, 4):
-        q = torch.empty_like(log_p)
-        CpuBackend(num_threads=t).materialize(log_p, inv_c, alpha, q)
-        qs.append(q)
-    assert all(torch.equal(q, qs[0]) for q in qs[1:])
-    x = prepare_inputs(n, k, "probs", torch.float64, seed=12)
-    forget = torch.arange(n) % 9 == 0
-    fill = torch.full((k,), -math.log(k))
-    hessian = True if k <= 128 else "diag"
-    outs = []
-    for t in (2, 1, 4):
-        out = torch.empty(n, k, dtype=torch.float64)
-        res = CpuBackend(num_threads=t).prepare(x, "probs", forget, fill, out, inv_c, hessian)
-        outs.append((out, res))
-    for out, res in outs[1:]:
-        assert torch.equal(out, outs[0][0])
-        assert torch.equal(res.retain_sums, outs[0][1].retain_sums)
-        for a, b in zip(res.first, outs[0][1].first):
-            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("isa", ISAS)
