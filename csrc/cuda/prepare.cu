@@ -104,6 +104,16 @@ __device__ __forceinline__ RawTop raw_merge(RawTop a, RawTop b) {
   return RawTop{a.mx, a.r + (b.r + raw_mass(b)), a.c};
 }
 
+// The max of a register row's first k entries (-inf for none); KMAX fixes the unrolled length.
+template <int KMAX>
+__device__ __forceinline__ float row_max(const float (&f)[KMAX], int k) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < KMAX; ++j)
+    if (j < k) m = fmaxf(m, f[j]);
+  return m;
+}
+
 // ---------------------------------------------------------------------------------------------
 // k <= 32: one row per thread, the row in registers; 256-row tiles per block iteration.
 // Bytes: reads n*k*sizeof(T) once (+ n forget bytes, + 4n inv_c); writes n*k*sizeof(out) and
@@ -178,10 +188,7 @@ __global__ void __launch_bounds__(kBlock, 1) prepare_small_kernel(const PrepPara
         f[j] = f[j] / s;
       }
     } else if (MODE == kLogits) {
-      float m = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < KMAX; ++j)
-        if (j < k) m = fmaxf(m, f[j]);
+      const float m = row_max<KMAX>(f, k);
       float se = 0.0f;
 #pragma unroll
       for (int j = 0; j < KMAX; ++j) {
@@ -242,10 +249,7 @@ __global__ void __launch_bounds__(kBlock, 1) prepare_small_kernel(const PrepPara
           lz = p.ffirst[2 * k];
         } else {
           // The reference's rule on q = the normalised row: top = entries equal to its max.
-          float qmax = -INFINITY;
-#pragma unroll
-          for (int j = 0; j < KMAX; ++j)
-            if (j < k) qmax = fmaxf(qmax, f[j]);
+          const float qmax = row_max<KMAX>(f, k);
           float sn = 0.0f;
           int cnt = 0;
           unsigned top = 0;
@@ -268,10 +272,7 @@ __global__ void __launch_bounds__(kBlock, 1) prepare_small_kernel(const PrepPara
           for (int j = 0; j < KMAX; ++j)
             if (j < k) f[j] = round_to(p.odt, filled ? p.fill[j] : f[j]);
         }
-        float m = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < KMAX; ++j)
-          if (j < k) m = fmaxf(m, f[j]);
+        const float m = row_max<KMAX>(f, k);
         float sr = 0.0f;
         int cnt = 0;
         unsigned top = 0;
