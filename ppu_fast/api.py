@@ -100,10 +100,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     mask = pb.forget_rows(forget_mask, n)
     n_forget = int(np.count_nonzero(mask))
     kind, pseudo_t = pb.pseudo_log(pseudo, n_forget, k, generator, sdt)
-    if not isinstance(marginals, str):
-        pb.check_marginals(marginals, n, k)
-    elif marginals not in pb.MARGINAL_NAMES:
-        pb.target_marginals(marginals, None, None, n, k, None)  # raises the ValueError
+    pb.check_marginals_arg(marginals, n, k)
 
     dev = x.device
     outarg = out

@@ -278,9 +278,18 @@ def target_marginals(marginals, colsum_retain: torch.Tensor, colsum_forget: torc
                 # Nothing is retained: the retain mix is undefined; keep P^'s own totals.
                 return colsum_retain + p_hat_colsum
             return colsum_retain * (n / n_retain)
+        check_marginals_arg(marginals, n, k)  # raises: the name is unknown
+    return check_marginals(marginals, n, k)
+
+
+def check_marginals_arg(marginals, n: int, k: int) -> None:
+    """Validate ``refine``'s ``marginals`` before any pass over the data: one of MARGINAL_NAMES,
+    or class totals as :func:`check_marginals` accepts them."""
+    if not isinstance(marginals, str):
+        check_marginals(marginals, n, k)
+    elif marginals not in MARGINAL_NAMES:
         raise ValueError(f"marginals: unknown name {marginals!r}; expected one of "
                          f"{list(MARGINAL_NAMES)} or a tensor (k,) summing to N")
-    return check_marginals(marginals, n, k)
 
 
 def check_marginals(marginals, n: int, k: int) -> torch.Tensor:

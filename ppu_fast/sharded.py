@@ -231,10 +231,7 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     # A pseudo tensor of the wrong shape on one rank must raise on every rank.
     kind, pseudo_t = collective_checks(comm, lambda: pb.pseudo_log(
         pseudo, int(np.count_nonzero(mask)), k, generator, sdt))
-    if not isinstance(marginals, str):
-        pb.check_marginals(marginals, n, k)
-    elif marginals not in pb.MARGINAL_NAMES:
-        pb.target_marginals(marginals, None, None, n, k, None)  # raises the ValueError
+    pb.check_marginals_arg(marginals, n, k)
     inv_c = torch.from_numpy(inv_c_np).to(dev)
     mask_dev = torch.from_numpy(mask).to(dev)
     be = get_backend(backend, torch.empty((1, k), dtype=sdt, device=dev))
