@@ -7,7 +7,7 @@ selection reads (SCRUB+R's and PPU (privacy)'s), not the final reporting. Retrai
 spread that PPU (privacy)'s forget error is judged against.
 
     PYTHONPATH=. python benchmarks/ppu_schedule.py --settings digits-class,digits-selective,digits5 \\
-        --seeds 1,2,3 [--variants paper,fast,...]
+        --seeds 1,2,3 [--variants "paper;fast;..."]
 
 Settings: ``digits-class`` / ``digits-selective`` (digits, forget class 5 / 100 of its examples,
 PPU at 30 epochs, lr 0.05, as docs/results record them), ``digits5`` (25 zeros of classes 0-4, same
@@ -62,10 +62,12 @@ VARIANTS = {
     "paper + head": dict(schedule="paper", trainable="head"),
     "fast": dict(schedule="fast"),
     "fast + weighted retain": dict(schedule="fast", retain_sampling="weighted"),
+    "fast + 4 evals/epoch": dict(schedule="fast", evals_per_epoch=4),
+    "fast + 8 evals/epoch": dict(schedule="fast", evals_per_epoch=8),
 }
 PPU_KINDS = ("ppu", "ppu-bias")
 # Early stopping reads the "val" selection, which only PPU (privacy) makes.
-PRIVACY_ONLY = ("paper + early stop",)
+PRIVACY_ONLY = ("paper + early stop", "fast + 4 evals/epoch", "fast + 8 evals/epoch")
 METRICS = ("seconds", "forget_error", "retain_error", "test_error", "mia")
 
 
@@ -89,7 +91,7 @@ def run_setting(name: str, seed: int, variants: list[str], data_root: str | None
         seconds = res.timings["train"] if method == "retrain" else res.timings["total"]
         row = {**evaluate(res.model, split, seed=seed), "seconds": seconds}
         if res.history:
-            row["epochs_run"] = len(res.history) - 1
+            row["epochs_run"] = res.history[-1]["epoch"]
             row["selected_epoch"] = res.selected_epoch
         rows[label] = row
         print(f"{name} seed {seed} {label:<40} {seconds:7.2f} s  forget {row['forget_error']:6.2f}  "

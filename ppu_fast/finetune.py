@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -22,15 +23,16 @@ RETAIN_SAMPLING = ("uniform", "weighted")
 
 @dataclass
 class FinetuneResult:
-    """``model``: the selected model. ``history``: one dict per epoch (epoch 0 is the starting model,
-    never selected) with the mean ``loss``, ``wall_seconds`` (time since the call began, evaluation
-    included) and whatever ``evaluate`` returned. ``selected_epoch``: the
-    epoch whose weights ``model`` holds. ``seconds``: wall time of the training epochs (evaluation
+    """``model``: the selected model. ``history``: one dict per evaluation (epoch 0 is the starting
+    model, never selected; with ``evals_per_epoch`` > 1 also fractional epochs such as 0.5) with the
+    mean ``loss`` of the epoch's batches so far, ``wall_seconds`` (time since the call began,
+    evaluation included) and whatever ``evaluate`` returned. ``selected_epoch``: the
+    (possibly fractional) epoch whose weights ``model`` holds. ``seconds``: wall time of the training epochs (evaluation
     excluded). ``stopped_early``: ``early_stop`` or ``forget_kl`` ended the run before ``epochs``."""
 
     model: nn.Module
     history: list[dict] = field(default_factory=list)
-    selected_epoch: int = 0
+    selected_epoch: float = 0
     seconds: float = 0.0
     stopped_early: bool = False
 
@@ -47,11 +49,12 @@ class _Indexed(Dataset):
 
 
 def select_val(history: Sequence[dict]) -> int:
-    """SCRUB+R's rewinding rule, the paper's privacy protocol: the epoch (>= 1) whose forget error is
-    closest to the validation error on the forget classes; ties go to the earliest."""
+    """SCRUB+R's rewinding rule, the paper's privacy protocol: the evaluated epoch (> 0; a fraction
+    such as 0.25 with ``evals_per_epoch``) whose forget error is closest to the validation error on
+    the forget classes; ties go to the earliest."""
     best, best_gap = None, math.inf
     for h in history:
-        if h["epoch"] < 1:
+        if h["epoch"] <= 0:
             continue
         if "forget_error" not in h or "val_error" not in h:
             raise ValueError("select='val' needs 'forget_error' and 'val_error' in every epoch's "
@@ -74,7 +77,7 @@ def val_rule_is_settled(history: Sequence[dict]) -> bool:
     there, so once it has overshot and moves away, every later gap is larger. A trajectory that
     turns back could still win later; ``early_stop`` trades that case for the epochs it saves."""
     rows = [h for h in history if "forget_error" in h and "val_error" in h]
-    if len(rows) < 2 or rows[-1]["epoch"] < 1:
+    if len(rows) < 2 or rows[-1]["epoch"] <= 0:
         return False
     start, prev, last = rows[0], rows[-2], rows[-1]
     d_last = last["forget_error"] - last["val_error"]
@@ -82,7 +85,7 @@ def val_rule_is_settled(history: Sequence[dict]) -> bool:
         return True
     d_start = start["forget_error"] - start["val_error"]
     crossed = d_start == 0 or (d_last > 0) != (d_start > 0)
-    return prev["epoch"] >= 1 and crossed and abs(d_last) > abs(prev["forget_error"] - prev["val_error"])
+    return prev["epoch"] > 0 and crossed and abs(d_last) > abs(prev["forget_error"] - prev["val_error"])
 
 
 def _module_params(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
@@ -127,7 +130,8 @@ def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
 def _check(model: object, data: object, targets: object, epochs: int, lr: float, batch_size: int,
            optimizer: str, select: object, forget_mask: object, retain_per_epoch: object,
            retain_fraction: object, retain_sampling: object, retain_weights: object,
-           forget_repeats: object, early_stop: object, forget_kl: object, trainable: object) -> None:
+           forget_repeats: object, early_stop: object, forget_kl: object, trainable: object,
+           evals_per_epoch: object = 1) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(data, Dataset):
@@ -191,6 +195,9 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
             raise ValueError("forget_kl needs forget_mask (which rows are the forget set)")
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable: unknown value {trainable!r}; expected one of {TRAINABLE}")
+    if isinstance(evals_per_epoch, bool) or not isinstance(evals_per_epoch, int) or evals_per_epoch < 1:
+        raise ValueError(f"evals_per_epoch must be a positive int (evaluations, and checkpoints to "
+                         f"select from, per epoch), got {evals_per_epoch!r}")
 
 
 def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: int = 10, lr: float = 0.01,
@@ -200,8 +207,8 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
              retain_weights: torch.Tensor | None = None, forget_repeats: int = 1,
              evaluate: Callable[[nn.Module], dict] | None = None,
              select: str | Callable[[list[dict]], int] = "last", early_stop: bool = False,
-             forget_kl: float | None = None, trainable: str = "all", seed: int = 0,
-             device: str | torch.device | None = None, inplace: bool = False,
+             forget_kl: float | None = None, trainable: str = "all", evals_per_epoch: int = 1,
+             seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
              progress: bool = True) -> FinetuneResult:
     """Fine-tune ``model`` so that ``softmax(model(x_i))`` approaches ``targets[i]``.
 
@@ -226,6 +233,10 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
             it returns make up the history.
         select: ``"last"`` keeps the final weights; ``"val"`` (SCRUB+R's rule, see :func:`select_val`)
             and a callable (history -> epoch) choose among per-epoch checkpoints, kept in memory.
+        evals_per_epoch: evaluate (and, when ``select`` chooses, checkpoint) this many times per
+            epoch, after equal shares of its batches, at epochs e - 1 + j / evals_per_epoch. A rule
+            that matches a target then need not take a whole epoch's step past it; early stopping
+            is tested at every evaluation. Each evaluation costs an ``evaluate`` call.
         early_stop: with ``select="val"``, stop once :func:`val_rule_is_settled` says later epochs
             cannot win (saves the remaining epochs and their evaluations).
         forget_kl: stop after the first epoch in which the forget rows' mean KL(target || model),
@@ -245,7 +256,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
 
     _check(model, data, targets, epochs, lr, batch_size, optimizer, select, forget_mask, retain_per_epoch,
            retain_fraction, retain_sampling, retain_weights, forget_repeats, early_stop, forget_kl,
-           trainable)
+           trainable, evals_per_epoch)
     if select == "val" and evaluate is None:
         raise ValueError("select='val' needs evaluate=... returning 'forget_error' and 'val_error'")
     work = model if inplace else copy.deepcopy(model)
@@ -317,18 +328,27 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         return row
 
     history = [run_eval(0, float("nan"))]
-    checkpoints: dict[int, dict] = {}
+    checkpoints: dict[float, dict] = {}
     seconds = 0.0
     stopped_early = False
-    last_epoch = epochs
+
+    def settled() -> bool:
+        return early_stop and val_rule_is_settled(history)
+
     bar = tqdm(range(1, epochs + 1), desc="finetune", disable=not progress, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
         subset = torch.utils.data.Subset(indexed, epoch_rows()) if split else indexed
+        loader = DataLoader(subset, batch_size=batch_size, shuffle=True, generator=gen)
+        # The batches after which a mid-epoch evaluation runs (the epoch's end is always one).
+        cuts = {round(j * len(loader) / evals_per_epoch): j for j in range(1, evals_per_epoch)}
+        cuts.pop(0, None)
+        cuts.pop(len(loader), None)
         set_train_mode()
         loss_sum, n = 0.0, 0
         f_sum, f_n, r_sum = 0.0, 0, 0.0
-        for x, i in DataLoader(subset, batch_size=batch_size, shuffle=True, generator=gen):
+        stop_mid = False
+        for b, (x, i) in enumerate(loader, start=1):
             logq, t = F.log_softmax(work(x.to(device)), dim=1), targets[i.to(device)]
             if forget_kl is None:
                 loss = F.kl_div(logq, t, reduction="batchmean")
@@ -345,7 +365,21 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
             opt.step()
             loss_sum += float(loss.detach()) * len(i)
             n += len(i)
+            if b in cuts:
+                seconds += time.perf_counter() - t0
+                point = round(epoch - 1 + cuts[b] / evals_per_epoch, 6)
+                if select != "last":
+                    checkpoints[point] = {k: v.detach().clone() for k, v in work.state_dict().items()}
+                history.append(run_eval(point, loss_sum / n))
+                set_train_mode()
+                t0 = time.perf_counter()
+                if settled():
+                    stop_mid = True
+                    break
         seconds += time.perf_counter() - t0
+        if stop_mid:
+            stopped_early = True
+            break
         if select != "last":
             checkpoints[epoch] = {k: v.detach().clone() for k, v in work.state_dict().items()}
         history.append(run_eval(epoch, loss_sum / n))
@@ -355,19 +389,24 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         bar.set_postfix(loss=f"{loss_sum / n:.4f}")
         # forget_kl: the forget rows sit at their targets (within forget_kl nats on average,
         # measured while training through the epoch), which is what the fine-tuning aims at.
-        if epoch < epochs and ((early_stop and val_rule_is_settled(history)) or
+        if epoch < epochs and (settled() or
                                (forget_kl is not None and f_n and f_sum / f_n <= forget_kl)):
-            stopped_early, last_epoch = True, epoch
+            stopped_early = True
             break
     for p in frozen:
         p.requires_grad_(True)
+    last = history[-1]["epoch"]
     if select == "last":
-        chosen = last_epoch
+        chosen = last
     else:
-        chosen = select_val(history) if select == "val" else int(select(history))
-    if chosen not in range(1, last_epoch + 1):
-        raise ValueError(f"select returned epoch {chosen}; expected 1..{last_epoch}")
-    if chosen != last_epoch:
+        chosen = select_val(history) if select == "val" else select(history)
+    if isinstance(chosen, numbers.Real) and float(chosen).is_integer():
+        chosen = int(chosen)  # whole epochs stay ints, as without evals_per_epoch
+    if chosen != last and chosen not in checkpoints:
+        points = [h["epoch"] for h in history[1:]]
+        raise ValueError(f"select returned epoch {chosen!r}; expected one of the evaluated epochs "
+                         f"{points}")
+    if chosen != last:
         work.load_state_dict(checkpoints[chosen])
     work.eval()
     return FinetuneResult(work, history, chosen, seconds, stopped_early)

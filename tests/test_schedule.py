@@ -52,6 +52,9 @@ class Counter(nn.Module):
     ({"early_stop": "yes"}, "early_stop must be a bool"),
     ({"retain_sampling": "kl"}, "retain_sampling: unknown value"),
     ({"retain_sampling": "weighted"}, "retain_weights"),
+    ({"evals_per_epoch": 0}, "evals_per_epoch must be a positive int"),
+    ({"evals_per_epoch": 2.0}, "evals_per_epoch must be a positive int"),
+    ({"evals_per_epoch": True}, "evals_per_epoch"),
 ])
 def test_schedule_options_are_checked(kwargs, match):
     model, data, targets, mask = toy()
@@ -303,3 +306,62 @@ def test_forget_kl_stops_at_the_first_epoch_that_reaches_it():
                      progress=False)
     assert early.stopped_early and len(early.history) - 1 == first == early.selected_epoch
     assert [h["forget_loss"] for h in early.history[1:]] == losses[:first]
+
+
+def _weights_sum(m):
+    # (Not the plain sum: the softmax KL gradient of a linear model sums to zero over classes.)
+    return {"w": float((m.weight.detach().double() ** 2).sum()), "forget_error": 0.0,
+            "val_error": 0.0}
+
+
+def test_evals_per_epoch_evaluates_between_epochs_without_changing_the_training():
+    model, data, targets, mask = toy()  # 60 rows, batch 8: 8 batches per epoch
+    one = finetune(model, data, targets, epochs=3, batch_size=8, evaluate=_weights_sum, seed=4,
+                   progress=False)
+    four = finetune(model, data, targets, epochs=3, batch_size=8, evaluate=_weights_sum,
+                    evals_per_epoch=4, seed=4, progress=False)
+    assert [h["epoch"] for h in one.history] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in four.history] == [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2,
+                                                  2.25, 2.5, 2.75, 3]
+    # Evaluating in between draws nothing and moves nothing: the same final weights, and the same
+    # weights at every whole epoch.
+    assert torch.equal(one.model.weight, four.model.weight)
+    whole = {h["epoch"]: h["w"] for h in four.history if float(h["epoch"]).is_integer()}
+    assert whole == {h["epoch"]: h["w"] for h in one.history}
+    assert four.selected_epoch == 3 and isinstance(four.selected_epoch, int)
+    ws = [h["w"] for h in four.history]
+    assert len(set(ws)) == len(ws)  # every point saw different weights
+
+
+def test_a_fractional_epoch_can_be_selected_and_its_weights_are_returned():
+    model, data, targets, mask = toy()
+    pick = finetune(model, data, targets, epochs=2, batch_size=8, evaluate=_weights_sum,
+                    evals_per_epoch=4, select=lambda hist: 1.25, seed=4, progress=False)
+    assert pick.selected_epoch == 1.25
+    recorded = [h["w"] for h in pick.history if h["epoch"] == 1.25][0]
+    assert _weights_sum(pick.model)["w"] == recorded
+    with pytest.raises(ValueError, match="select returned epoch 1.3; expected one of the evaluated"):
+        finetune(model, data, targets, epochs=2, batch_size=8, evaluate=_weights_sum,
+                 evals_per_epoch=4, select=lambda hist: 1.3, seed=4, progress=False)
+
+
+def test_early_stop_between_epochs_selects_what_the_full_run_selects():
+    # Scripted forget errors at quarter epochs: nearest the target (20 %) at 1.25, past it and
+    # farther from it at 1.5, where the rule is settled.
+    errors = [0.0, 3.0, 8.0, 14.0, 17.0, 19.0, 24.0, 30.0, 36.0, 40.0, 44.0, 47.0, 50.0]
+    model, data, targets, mask = toy()
+    full = finetune(model, data, targets, epochs=3, batch_size=8, evaluate=scripted(errors),
+                    select="val", evals_per_epoch=4, seed=1, progress=False)
+    early = finetune(model, data, targets, epochs=3, batch_size=8, evaluate=scripted(errors),
+                     select="val", evals_per_epoch=4, early_stop=True, seed=1, progress=False)
+    assert full.selected_epoch == early.selected_epoch == 1.25 == select_val(full.history)
+    assert early.stopped_early and early.history[-1]["epoch"] == 1.5
+    assert torch.equal(early.model.weight, full.model.weight)
+
+
+def test_ppu_passes_evals_per_epoch_through(digits):
+    split, original = digits
+    res = ppu_fast.unlearn(original, split.forget, split.retain, method="ppu", val=split.val,
+                           epochs=2, evals_per_epoch=2, early_stop=False, progress=False, seed=0)
+    assert [h["epoch"] for h in res.history] == [0, 0.5, 1, 1.5, 2]
+    assert res.options["evals_per_epoch"] == 2 and res.options["epochs_run"] == 2

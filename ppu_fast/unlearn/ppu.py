@@ -70,7 +70,7 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         schedule: str = "fast", retain_fraction: float | None = None,
         retain_sampling: str | None = None, forget_repeats: int | None = None,
         early_stop: bool | None = None, forget_kl: float | None = None,
-        trainable: str | None = None) -> UnlearnResult:
+        trainable: str | None = None, evals_per_epoch: int = 1) -> UnlearnResult:
     """PPU. ``mode="privacy"`` refines P^ with :func:`ppu_fast.refine` (``pseudo``, ``lam``,
     ``marginals``, ``refine_method``, ``tol``, ``backend`` pass through); ``mode="bias"`` (§5.4) uses
     P^ itself. Then :func:`ppu_fast.finetune` (``epochs``, ``lr``, ``optimizer``, ``momentum``,
@@ -89,7 +89,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     (``"uniform"``, or ``"weighted"``: by KL(q_i || p_i), how far each row's target moved),
     ``forget_repeats``, ``early_stop``, ``forget_kl``, ``trainable`` (``"all"``, ``"last-block"``,
     ``"head"``) and ``history_retain`` override the schedule's values one by one (see
-    :func:`ppu_fast.finetune`)."""
+    :func:`ppu_fast.finetune`). ``evals_per_epoch`` > 1 evaluates (and checkpoints, for the
+    selection) that many times per epoch, so that the ``"val"`` rule can stop between epochs."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if schedule not in SCHEDULES:
@@ -166,7 +167,7 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
                   retain_sampling=plan["retain_sampling"], retain_weights=retain_weights,
                   forget_repeats=plan["forget_repeats"], evaluate=evaluate, select=select,
                   early_stop=plan["early_stop"], forget_kl=plan["forget_kl"],
-                  trainable=plan["trainable"], seed=seed,
+                  trainable=plan["trainable"], evals_per_epoch=evals_per_epoch, seed=seed,
                   device=dev, inplace=True, progress=progress)
     timings["finetune"] = ft.seconds
     before = timings["probabilities"] + timings["refine"]
@@ -177,7 +178,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
                                    refine_method=refine_method, epochs=epochs, lr=lr, optimizer=optimizer,
                                    batch_size=batch_size,
                                    select=select if isinstance(select, str) else "custom",
-                                   schedule=schedule, **plan, epochs_run=len(ft.history) - 1)
+                                   schedule=schedule, **plan, evals_per_epoch=evals_per_epoch,
+                                   epochs_run=ft.history[-1]["epoch"])
     return UnlearnResult(ft.model, "ppu", targets.detach().cpu(), info, ft.history, ft.selected_epoch,
                          timings, options)
 
@@ -192,7 +194,8 @@ def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset
              history_retain: int | None | str = "auto", schedule: str = "fast",
              retain_fraction: float | None = None, retain_sampling: str | None = None,
              forget_repeats: int | None = None, early_stop: bool | None = None,
-             forget_kl: float | None = None, trainable: str | None = None) -> UnlearnResult:
+             forget_kl: float | None = None, trainable: str | None = None,
+             evals_per_epoch: int = 1) -> UnlearnResult:
     """PPU for bias removal (§5.4, "PPU w/ uniform"): targets are P^ (uniform forget rows), no solve.
     The schedule options are :func:`ppu`'s."""
     return ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
@@ -201,7 +204,8 @@ def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset
                retain_per_epoch=retain_per_epoch, select=select, history=history,
                history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
                retain_sampling=retain_sampling, forget_repeats=forget_repeats,
-               early_stop=early_stop, forget_kl=forget_kl, trainable=trainable)
+               early_stop=early_stop, forget_kl=forget_kl, trainable=trainable,
+               evals_per_epoch=evals_per_epoch)
 
 
 @register("ppu-random")
@@ -214,7 +218,7 @@ def ppu_random(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Datas
                schedule: str = "fast", retain_fraction: float | None = None,
                retain_sampling: str | None = None, forget_repeats: int | None = None,
                early_stop: bool | None = None, forget_kl: float | None = None,
-               trainable: str | None = None) -> UnlearnResult:
+               trainable: str | None = None, evals_per_epoch: int = 1) -> UnlearnResult:
     """PPU for bias removal with random pseudo-probabilities (§5.4, "PPU w/ random"). The schedule
     options are :func:`ppu`'s."""
     return ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
@@ -223,4 +227,5 @@ def ppu_random(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Datas
                retain_per_epoch=retain_per_epoch, select=select, history=history,
                history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
                retain_sampling=retain_sampling, forget_repeats=forget_repeats,
-               early_stop=early_stop, forget_kl=forget_kl, trainable=trainable)
+               early_stop=early_stop, forget_kl=forget_kl, trainable=trainable,
+               evals_per_epoch=evals_per_epoch)
