@@ -64,10 +64,27 @@ VARIANTS = {
     "fast + weighted retain": dict(schedule="fast", retain_sampling="weighted"),
     "fast + 4 evals/epoch": dict(schedule="fast", evals_per_epoch=4),
     "fast + 8 evals/epoch": dict(schedule="fast", evals_per_epoch=8),
+    # SCRUB+R's target (the last model's validation error) in place of each epoch's own; it needs
+    # the whole run, so no early stop.
+    "paper + final-val target": dict(schedule="paper", history_retain=0, select="final-val"),
+    "paper + final-val target + 4 evals/epoch": dict(schedule="paper", history_retain=0,
+                                                     select="final-val", evals_per_epoch=4),
 }
+
+
+def select_final_val(history: list[dict]) -> float:
+    """The evaluated epoch (> 0) whose forget error is nearest the last one's validation error on
+    the forget classes (SCRUB+R's rewinding target); ties go to the earliest."""
+    target = history[-1]["val_error"]
+    return min((h for h in history if h["epoch"] > 0),
+               key=lambda h: (abs(h["forget_error"] - target), h["epoch"]))["epoch"]
+
+
+SELECT_RULES = {"final-val": select_final_val}
 PPU_KINDS = ("ppu", "ppu-bias")
 # Early stopping reads the "val" selection, which only PPU (privacy) makes.
-PRIVACY_ONLY = ("paper + early stop", "fast + 4 evals/epoch", "fast + 8 evals/epoch")
+PRIVACY_ONLY = ("paper + early stop", "fast + 4 evals/epoch", "fast + 8 evals/epoch",
+                "paper + final-val target", "paper + final-val target + 4 evals/epoch")
 METRICS = ("seconds", "forget_error", "retain_error", "test_error", "mia")
 
 
@@ -86,6 +103,8 @@ def run_setting(name: str, seed: int, variants: list[str], data_root: str | None
     runs += [(f"{kind}: {v}", kind, {**cfg["ppu"], **VARIANTS[v]}) for v in variants for kind in PPU_KINDS
              if kind == "ppu" or v not in PRIVACY_ONLY]
     for label, method, kw in runs:
+        if kw.get("select") in SELECT_RULES:
+            kw = {**kw, "select": SELECT_RULES[kw["select"]]}
         res = unlearn(original, split.forget, split.retain, method=method, val=split.val, seed=seed,
                       progress=False, **kw)
         seconds = res.timings["train"] if method == "retrain" else res.timings["total"]
