@@ -69,6 +69,8 @@ VARIANTS = {
     "paper + final-val target": dict(schedule="paper", history_retain=0, select="final-val"),
     "paper + final-val target + 4 evals/epoch": dict(schedule="paper", history_retain=0,
                                                      select="final-val", evals_per_epoch=4),
+    # Not a schedule lever but the refine's class totals: the original model's, not the retain mix.
+    "fast + original marginals": dict(schedule="fast", marginals="original"),
 }
 
 
@@ -84,7 +86,8 @@ SELECT_RULES = {"final-val": select_final_val}
 PPU_KINDS = ("ppu", "ppu-bias")
 # Early stopping reads the "val" selection, which only PPU (privacy) makes.
 PRIVACY_ONLY = ("paper + early stop", "fast + 4 evals/epoch", "fast + 8 evals/epoch",
-                "paper + final-val target", "paper + final-val target + 4 evals/epoch")
+                "paper + final-val target", "paper + final-val target + 4 evals/epoch",
+                "fast + original marginals")
 METRICS = ("seconds", "forget_error", "retain_error", "test_error", "mia")
 
 
