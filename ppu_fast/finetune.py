@@ -26,9 +26,10 @@ class FinetuneResult:
     """``model``: the selected model. ``history``: one dict per evaluation (epoch 0 is the starting
     model, never selected; with ``evals_per_epoch`` > 1 also fractional epochs such as 0.5) with the
     mean ``loss`` of the epoch's batches so far, ``wall_seconds`` (time since the call began,
-    evaluation included) and whatever ``evaluate`` returned. ``selected_epoch``: the
-    (possibly fractional) epoch whose weights ``model`` holds. ``seconds``: wall time of the training epochs (evaluation
-    excluded). ``stopped_early``: ``early_stop`` or ``forget_kl`` ended the run before ``epochs``."""
+    evaluation included) and whatever ``evaluate`` returned. ``selected_epoch``: the (possibly
+    fractional) epoch whose weights ``model`` holds. ``seconds``: wall time of the training epochs
+    (evaluation excluded). ``stopped_early``: ``early_stop`` or ``forget_kl`` ended the run before
+    ``epochs``."""
 
     model: nn.Module
     history: list[dict] = field(default_factory=list)
@@ -48,7 +49,7 @@ class _Indexed(Dataset):
         return self.data[i][0], i
 
 
-def select_val(history: Sequence[dict]) -> int:
+def select_val(history: Sequence[dict]) -> float:
     """SCRUB+R's rewinding rule, the paper's privacy protocol: the evaluated epoch (> 0; a fraction
     such as 0.25 with ``evals_per_epoch``) whose forget error is closest to the validation error on
     the forget classes; ties go to the earliest."""
@@ -234,9 +235,10 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         select: ``"last"`` keeps the final weights; ``"val"`` (SCRUB+R's rule, see :func:`select_val`)
             and a callable (history -> epoch) choose among per-epoch checkpoints, kept in memory.
         evals_per_epoch: evaluate (and, when ``select`` chooses, checkpoint) this many times per
-            epoch, after equal shares of its batches, at epochs e - 1 + j / evals_per_epoch. A rule
-            that matches a target then need not take a whole epoch's step past it; early stopping
-            is tested at every evaluation. Each evaluation costs an ``evaluate`` call.
+            epoch, after equal shares of its batches, at epochs e - 1 + j / evals_per_epoch (fewer
+            when an epoch has fewer batches); early stopping is tested at every evaluation. Each
+            costs an ``evaluate`` call. With the "val" rule this did not help: on digits it locked
+            onto transient states that whole epochs step over (docs/ppu_schedule.md).
         early_stop: with ``select="val"``, stop once :func:`val_rule_is_settled` says later epochs
             cannot win (saves the remaining epochs and their evaluations).
         forget_kl: stop after the first epoch in which the forget rows' mean KL(target || model),
