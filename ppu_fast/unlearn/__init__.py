@@ -34,7 +34,8 @@ class UnlearnResult:
         history: one dict per fine-tuning epoch (epoch 0 = the starting model): ``loss``,
             ``forget_error``, ``retain_error`` and, with a validation set, ``val_error`` (on the forget
             classes), all in %.
-        selected_epoch: the epoch whose weights ``model`` holds (0 where there are no epochs).
+        selected_epoch: the epoch whose weights ``model`` holds (0 where there are no epochs; a
+            fraction such as 2.5 when PPU evaluated between epochs, ``evals_per_epoch``).
         timings: seconds per phase (e.g. ``probabilities``, ``refine``, ``finetune``, ``train``) and
             ``total`` (the whole call, evaluation included).
         options: the method's options as used.
@@ -45,7 +46,7 @@ class UnlearnResult:
     targets: torch.Tensor | None = None
     refine_info: Any = None
     history: list[dict] = field(default_factory=list)
-    selected_epoch: int = 0
+    selected_epoch: float = 0
     timings: dict[str, float] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 

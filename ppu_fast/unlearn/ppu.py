@@ -90,7 +90,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     ``forget_repeats``, ``early_stop``, ``forget_kl``, ``trainable`` (``"all"``, ``"last-block"``,
     ``"head"``) and ``history_retain`` override the schedule's values one by one (see
     :func:`ppu_fast.finetune`). ``evals_per_epoch`` > 1 evaluates (and checkpoints, for the
-    selection) that many times per epoch, so that the ``"val"`` rule can stop between epochs."""
+    selection) that many times per epoch, so that the ``"val"`` rule can stop between epochs (on
+    digits that made its choice worse: docs/ppu_schedule.md)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if schedule not in SCHEDULES:
