@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, metadata, utc_now  # noqa: E402
 
 from ppu_fast.data import make_split  # noqa: E402
+from ppu_fast.finetune import select_val  # noqa: E402
 from ppu_fast.models import build_model  # noqa: E402
 from ppu_fast.training import fit_cached  # noqa: E402
 from ppu_fast.unlearn import unlearn  # noqa: E402
@@ -78,8 +79,7 @@ def select_final_val(history: list[dict]) -> float:
     """The evaluated epoch (> 0) whose forget error is nearest the last one's validation error on
     the forget classes (SCRUB+R's rewinding target); ties go to the earliest."""
     target = history[-1]["val_error"]
-    return min((h for h in history if h["epoch"] > 0),
-               key=lambda h: (abs(h["forget_error"] - target), h["epoch"]))["epoch"]
+    return select_val([{**h, "val_error": target} for h in history])
 
 
 SELECT_RULES = {"final-val": select_final_val}

@@ -337,6 +337,12 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
     def settled() -> bool:
         return early_stop and val_rule_is_settled(history)
 
+    def evaluate_at(point: float, loss: float) -> None:
+        # Every evaluated point is a candidate for the selection, so its weights are kept.
+        if select != "last":
+            checkpoints[point] = {k: v.detach().clone() for k, v in work.state_dict().items()}
+        history.append(run_eval(point, loss))
+
     bar = tqdm(range(1, epochs + 1), desc="finetune", disable=not progress, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -369,10 +375,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
             n += len(i)
             if b in cuts:
                 seconds += time.perf_counter() - t0
-                point = round(epoch - 1 + cuts[b] / evals_per_epoch, 6)
-                if select != "last":
-                    checkpoints[point] = {k: v.detach().clone() for k, v in work.state_dict().items()}
-                history.append(run_eval(point, loss_sum / n))
+                evaluate_at(round(epoch - 1 + cuts[b] / evals_per_epoch, 6), loss_sum / n)
                 set_train_mode()
                 t0 = time.perf_counter()
                 if settled():
@@ -382,9 +385,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         if stop_mid:
             stopped_early = True
             break
-        if select != "last":
-            checkpoints[epoch] = {k: v.detach().clone() for k, v in work.state_dict().items()}
-        history.append(run_eval(epoch, loss_sum / n))
+        evaluate_at(epoch, loss_sum / n)
         if forget_kl is not None:
             history[-1]["forget_loss"] = f_sum / max(f_n, 1)
             history[-1]["retain_loss"] = r_sum / max(n - f_n, 1)
