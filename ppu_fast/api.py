@@ -16,6 +16,7 @@ import torch
 
 from . import problem as pb
 from .backends import get_backend
+from .backends.cpu import empty_buffer
 from .solver import (RefineInfo, check_options, check_tol_floor, gauge_for_kernels, hessian_mode,
                      solve_dual)
 
@@ -111,18 +112,20 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     if user_out is not None and user_out.dtype == sdt:
         out = user_out
     else:
-        out = torch.empty(x.shape, dtype=sdt, device=dev)
+        out = empty_buffer(x.shape, sdt, dev)
     # Weights c = lam (retain), 1 (forget), scaled so the largest 1 / c is 1: the dual variable
     # then moves the most movable rows by O(1) for any lam (with 1 / lam itself, lam = 1e-40
     # overflowed float32). alpha_caller = alpha_solver * c_min.
     if c_user is not None:
         inv_c_np, c_min = pb.scaled_inv_weights(c_user, sdt)
+        weight_sums = pb.weight_sums(inv_c_np)
     else:
         c_min = min(lam, 1.0)
-        inv_c_np = np.full(n, c_min / lam, dtype=pb.inv_c_dtype(sdt))
-        inv_c_np[mask] = c_min
+        levels = np.array([c_min / lam, c_min], dtype=pb.inv_c_dtype(sdt))
+        inv_c_np = np.full(n, levels[0], dtype=levels.dtype)
+        inv_c_np[mask] = levels[1]
+        weight_sums = pb.weight_sums_of_levels(levels, (n - n_forget, n_forget))
     inv_c = torch.from_numpy(inv_c_np).to(dev)
-    weight_sums = pb.weight_sums(inv_c_np)
     be = get_backend(backend, out)
     fill = pseudo_t.to(dev) if kind == "vector" and n_forget else None
     # With the forget rows known now, prepare's pass also gives the solver's first evaluation.
@@ -207,7 +210,7 @@ def _validated_log_p(log_p: ArrayLike, backend: str, inv_c: Optional[torch.Tenso
     lp, from_numpy = pb.to_tensor(log_p, "log_p")
     pb.check_matrix(lp, "log_p")
     dtype = pb.solver_dtype(lp.dtype)
-    out = None if lp.dtype == dtype else torch.empty(lp.shape, dtype=dtype, device=lp.device)
+    out = None if lp.dtype == dtype else empty_buffer(lp.shape, dtype, lp.device)
     buf = lp if out is None else out
     be = get_backend(backend, buf)
     if inv_c is not None:
@@ -284,7 +287,7 @@ def targets(log_p: ArrayLike, weights, alpha, *, backend: str = "auto") -> Array
     # The kernels see alpha / c_min against 1 / c scaled to a largest value of 1 (as solve does).
     a = torch.from_numpy(gauge_for_kernels((a / c_min).numpy())).to(device=lp.device)
     inv_c = torch.from_numpy(inv_c_np).to(lp.device)
-    out = torch.empty(lp.shape, dtype=lp.dtype, device=lp.device)
+    out = empty_buffer(lp.shape, lp.dtype, lp.device)
     be.materialize(lp, inv_c, a, out)
     q = out.to(orig_dtype)
     return q.cpu().numpy() if from_numpy else q

@@ -445,6 +445,19 @@ def weight_sums(inv_c: np.ndarray) -> Tuple[float, float, float]:
     return float(ic.sum()), float(ic.max()) if ic.size else 1.0, float((1.0 / ic).sum())
 
 
+def weight_sums_of_levels(levels: np.ndarray, counts) -> Tuple[float, float, float]:
+    """:func:`weight_sums` of inverse weights that take the values ``levels`` (as stored, e.g.
+    float32) ``counts`` times each: O(1) instead of three passes and two N-vectors (12 ms of a
+    150 ms refine at N = 1,000,000)."""
+    lv = np.asarray(levels).astype(np.float64)
+    cnt = np.asarray(counts, dtype=np.float64)
+    present = cnt > 0
+    if not present.any():
+        return 0.0, 1.0, 0.0
+    return (float((cnt * lv)[present].sum()), float(lv[present].max()),
+            float((cnt / lv)[present].sum()))
+
+
 def solver_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the solver's buffer for an input of ``dtype``: the input's own (float64 is
     solved in float64, float16 / bfloat16 are stored as such and evaluated in float32)."""

