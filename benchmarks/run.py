@@ -303,7 +303,7 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
             ops = [("refine", None)]
             if label not in (EAGER, COMPILED):
                 # The same call writing into reused buffers (out=): no fresh N x k allocation,
-                # whose first touch costs about two steps on a CPU.
+                # whose first touch (the kernel zeroing fresh pages) costs 1-1.5 steps on a CPU.
                 ops.append(("refine out=", [torch.empty_like(p) for _ in range(nb)]))
             for op_name, outs in ops:
                 state["infos"] = []

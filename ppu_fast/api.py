@@ -60,9 +60,10 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         generator: torch.Generator for ``pseudo="random"`` / ``"random-simplex"``.
         return_info: also return a :class:`RefineInfo` (``info.timings`` breaks the call down).
         out: where to write Q (N x k, the input's dtype, device and kind: tensor or array), as
-            torch's ``out=``: reusing a buffer saves allocating and first-touching N x k memory,
-            which costs about as much as two solver passes on a CPU. It may be the input itself,
-            which is then overwritten with Q.
+            torch's ``out=``: reusing a buffer saves allocating and first-touching N x k memory
+            (on a CPU, where the kernel zeroes every fresh page, about one to one and a half
+            solver passes even with the huge pages ``refine`` asks for). It may be the input
+            itself, which is then overwritten with Q.
         process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``): each
             rank passes its own rows (``probs`` / ``logits`` N_rank x k, ``forget_mask`` and
             ``weights`` over those rows, ``pseudo`` tensors for its forget rows) and gets its own
