@@ -475,3 +475,28 @@ def test_huge_page_advice_stays_inside_the_buffer() -> None:
     assert float(buf.double().sum()) == 0.25 * rows * 100
     small = empty_buffer((5, 3), torch.float16, torch.device("cpu"))
     assert small.shape == (5, 3) and small.dtype == torch.float16
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_large_prepare_streams_the_same_values(isa: str) -> None:
+    """From 64 MiB on, prepare writes log P^ with non-temporal stores (aligned vectors after a
+    scalar head): every value equals what the cached stores write for the same rows in chunks
+    below that size, on rows that start at every alignment (row stride k + 3, odd k), forget rows
+    holding fill included."""
+    n, k = 16_500, 1_021
+    assert n * k * 4 >= 64 << 20
+    g = torch.Generator().manual_seed(5)
+    x = torch.softmax(4 * torch.randn(n, k, generator=g), dim=1)
+    forget = torch.rand(n, generator=g) < 0.1
+    fill = torch.log_softmax(torch.randn(k, generator=g), dim=0)
+    be = CpuBackend(isa=isa)
+    big = torch.full((n, k + 3), float("nan"))[:, :k]
+    got = be.prepare(x, "probs", forget, fill, big)
+    assert got.error is None
+    chunks = torch.full((n, k), float("nan"))
+    for s in range(0, n, 4_000):
+        part = be.prepare(x[s:s + 4_000], "probs", forget[s:s + 4_000], fill,
+                          chunks[s:s + 4_000])
+        assert part.error is None
+    assert torch.equal(big, chunks)
+    assert torch.equal(big[forget], fill.expand(int(forget.sum()), k))

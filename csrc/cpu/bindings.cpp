@@ -109,6 +109,10 @@ void make_ranges(int64_t n, int64_t k, int64_t part_doubles, Params& p) {
 // Each thread gets at least MIN_WORK elements (~50-100 us of a step): below that, waking a helper
 // costs more than it saves, and a small problem stays on the calling thread.
 constexpr int64_t MIN_WORK = int64_t(1) << 17;
+// prepare writes log P^ with non-temporal stores (Params::stream_out) from this size on: twice
+// the 32 MiB last-level cache of the machines we measure on, so the solver's next pass could
+// not have found the rows in cache anyway.
+constexpr int64_t STREAM_MIN_BYTES = int64_t(64) << 20;
 
 int threads_for(int64_t n, int64_t k, int nthreads) {
   const int64_t by_work = (n * k) / MIN_WORK;
@@ -279,6 +283,8 @@ void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t
   p.tol = static_cast<float>(tol);
   p.out = ptr<void>(out);
   p.out_dtype = out_dtype; p.osr = osr; p.osc = osc;
+  p.stream_out = out && out != x && out_dtype == F32 && osc == 1 &&
+                 n * k * int64_t(sizeof(float)) >= STREAM_MIN_BYTES;
   p.stats = first ? 1 : 0;
   p.hmode = first ? hmode : H_NONE;
   p.hstride = hstride;

@@ -880,7 +880,15 @@ static inline void row_store_out(const Params& P, int64_t i, const float* v) {
   const int64_t kv = (k / W) * W;
   int64_t j = 0;
   if (P.osc == 1 && W > 1) {
-    if (P.out_dtype == F32) {
+    if (P.out_dtype == F32 && P.stream_out) {
+      float* o = static_cast<float*>(P.out) + i * P.osr;
+      // Non-temporal stores need whole aligned vectors: scalar head up to the alignment.
+      const int64_t head = imin(k, static_cast<int64_t>(
+          ((W * sizeof(float) - reinterpret_cast<uintptr_t>(o) % (W * sizeof(float))) %
+           (W * sizeof(float))) / sizeof(float)));
+      for (; j < head; ++j) o[j] = v[j];
+      for (; j + W <= k; j += W) S::stream(o + j, S::loadu(v + j));
+    } else if (P.out_dtype == F32) {
       float* o = static_cast<float*>(P.out) + i * P.osr;
       for (; j < kv; j += W) S::storeu(o + j, S::load(v + j));
     } else if (P.out_dtype == F16) {
@@ -1238,6 +1246,9 @@ static void f32_range(const Params& P, int64_t r0, int64_t r1, double* colsum, d
     lanes_range<S>(P, r0, r1, colsum, wlogz, hpart, sums, err, fpart);
   else
     rows_range<S>(P, r0, r1, colsum, wlogz, hpart, sums, err, fpart);
+  // Non-temporal stores are weakly ordered: make them visible before the pool reports the
+  // range done.
+  if (P.stream_out) S::sfence();
 }
 
 template <RangeBody Body>

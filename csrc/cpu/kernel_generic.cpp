@@ -21,6 +21,8 @@ struct Scalar {
   static V loadu(const float* p) { return *p; }
   static void store(float* p, V v) { *p = v; }
   static void storeu(float* p, V v) { *p = v; }
+  static void stream(float* p, V v) { *p = v; }
+  static void sfence() {}
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }

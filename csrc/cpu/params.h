@@ -45,6 +45,10 @@ struct Params {
   void* out;
   int out_dtype;
   int64_t osr, osc;
+  // 1: rows of a float32 out (osc 1) are written with non-temporal stores: out is large (past
+  // the last-level cache, so the next pass reads it from memory anyway) and is not the input,
+  // and a cached store would first read each line of out only to overwrite it.
+  int stream_out;
   int stats;            // 1: accumulate column sums and sum_i log Z_i / inv_c_i (+ Hessian)
   int hmode;            // H_NONE, H_FULL, H_DIAG
   // The Hessian's off-diagonal sample: the 16-row blocks b with b % hstride == 0.
