@@ -17,8 +17,8 @@ import torch
 from . import problem as pb
 from .backends import get_backend
 from .backends.cpu import empty_buffer
-from .solver import (RefineInfo, check_options, check_tol_floor, gauge_for_kernels, hessian_mode,
-                     solve_dual)
+from .solver import (FinalPass, RefineInfo, check_options, check_tol_floor, gauge_for_kernels,
+                     hessian_mode, solve_dual)
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -139,6 +139,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     given = kind == "given" and n_forget > 0
     prep = be.prepare(x, mode, None if given else mask_dev, fill, out,
                       inv_c if final_rows else None, hmode, tol_rows)
+    pseudo_rows = None
     pb.raise_row_error(prep.error, x, mode, name, tol_rows)
     t2 = time.perf_counter()
     if k == 1:
@@ -158,18 +159,29 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
                                                n_retain, n_forget, k, sdt)
     if not final_rows:
         rows = pseudo_t.to(dev, out.dtype)
-        out[mask_dev] = rows.expand(n_forget, k) if rows.dim() == 1 else rows
+        pseudo_rows = rows.expand(n_forget, k) if rows.dim() == 1 else rows
+        out[mask_dev] = pseudo_rows
     # With no retain rows, "retain" marginals fall back to P^'s own totals (then Q = P^).
     m = pb.target_marginals(marginals, colsum_retain, colsum_forget, n, k, pseudo_colsum)
     # A class has support in P^ when a retained row or a pseudo row gives it probability.
     pb.check_feasible((colsum_retain > 0) | (pseudo_colsum > 0), m)
     t3 = time.perf_counter()
+    final = None
+    if be.fused_materialize and not pb._overlaps(out, x):
+        # The input is intact, so log P^ can be rebuilt if the last pass was mispredicted.
+        def restore() -> None:
+            be.prepare(x, mode, None if given else mask_dev, fill, out, None, False, tol_rows)
+            if pseudo_rows is not None:
+                out[mask_dev] = pseudo_rows
+
+        final = FinalPass(lambda a: be.materialize_sums(out, inv_c, a.to(dev), out), restore)
     info = solve_dual(be, out, inv_c, m, method=method, tol=tol, max_iter=max_iter,
                       step_size=step_size, first=prep.first, weight_sums=weight_sums,
-                      capacity=lambda: pb.check_capacity(out, m))
+                      capacity=lambda: pb.check_capacity(out, m), final=final)
     t4 = time.perf_counter()
-    be.materialize(out, inv_c, torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev),
-                   out)
+    if not info.materialized:
+        be.materialize(out, inv_c,
+                       torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev), out)
     _to_caller_scale(info, c_min)
     q = pb.result_tensor(out, user_out, x)
     if q.dtype in (torch.float16, torch.bfloat16):

@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -134,7 +134,8 @@ class RefineInfo:
 
     iterations: evaluations of the dual (each is a pass over the N x k matrix; the first one is
         taken from ``prepare``'s pass when the caller had it, see ``steps``).
-    steps: calls of ``backend.step`` (``iterations`` less the evaluation ``prepare`` provided).
+    steps: the solver's own passes: calls of ``backend.step``, and the last pass when it wrote Q
+        (``materialized``) (``iterations`` less the evaluation ``prepare`` provided).
     converged: whether ``residual <= tol``.
     residual: the final ``||colsum(Q) - M||_1 / N``.
     history: the residual after each evaluation, first entry at the starting alpha.
@@ -146,6 +147,8 @@ class RefineInfo:
         float64 when Q is float16 / bfloat16 (rounding Q to those dtypes adds ~1e-4 to the
         solver's ``residual``); None for float32 / float64 results, whose rounding is below the
         solver's precision floor (``TOL_FLOOR``).
+    materialized: whether the last pass wrote Q(alpha) over the solver's buffer (see
+        :class:`FinalPass`); ``residual`` is then that of the Q written.
     """
 
     iterations: int
@@ -161,6 +164,22 @@ class RefineInfo:
     steps: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
     output_residual: Optional[float] = None
+    materialized: bool = False
+
+
+class FinalPass(NamedTuple):
+    """Lets Newton's last pass be the one that writes Q (``refine`` passes it; optional).
+
+    Near the optimum the next iterate is known to converge before it is evaluated (the residual
+    falls faster than linearly, pass after pass), and a pass that only certifies it, followed by
+    one that writes Q, is one pass too many. ``write(alpha)`` writes Q(alpha) (alpha (k,) float64,
+    the kernels' gauge) over the solver's buffer and returns ``(colsum (k,), wlogz)`` of the rows
+    it wrote, in the same pass; ``restore()`` puts log P^ back in the buffer, for the rare
+    prediction that fails (the solve then goes on exactly as without ``final``).
+    """
+
+    write: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+    restore: Callable[[], None]
 
 
 class _Evaluator:
@@ -219,7 +238,12 @@ def gauge_for_kernels(alpha: np.ndarray) -> np.ndarray:
     """``alpha`` shifted by its median (Q is unchanged by a common shift): the representative
     the kernels see, in which the float32 shift alpha_j * inv_c_i keeps the differences between
     the bulk of the alphas even when a few are very large."""
-    return alpha - np.median(alpha)
+    k = alpha.shape[0]
+    if k == 0:
+        return alpha.copy()
+    # np.median's generic machinery costs ~70 us per call at k = 100; one partition is ~5 us.
+    part = np.partition(alpha, ((k - 1) // 2, k // 2))
+    return alpha - 0.5 * (part[(k - 1) // 2] + part[k // 2])
 
 
 def _newton_direction(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
@@ -249,12 +273,36 @@ def _line_search(ev: _Evaluator, alpha, d, grad, g, res, t0: float = 1.0, hessia
     while t >= MIN_STEP and ev.passes < ev.max_passes:
         a_new = alpha + t * d
         grad_n, g_n, h_n, res_n = ev(a_new, hessian)
-        noise_n = max(noise, ev.g_noise)
-        if math.isfinite(g_n) and (g_n >= g + max(ARMIJO_C1 * t * slope, noise_n)
-                                   or (g_n >= g - noise_n
-                                       and res_n <= (1.0 - ARMIJO_C1 * t) * res)):
+        if _accepted(g_n, res_n, g, res, t, slope, max(noise, ev.g_noise)):
             return a_new, grad_n, g_n, h_n, res_n, t
         t *= 0.5
+    return None
+
+
+def _accepted(g_n: float, res_n: float, g: float, res: float, t: float, slope: float,
+              noise: float) -> bool:
+    """The line search's test of a trial step t: Armijo on g, or, where g's rounding noise hides
+    the gain, a sufficient decrease of the residual."""
+    return math.isfinite(g_n) and (g_n >= g + max(ARMIJO_C1 * t * slope, noise)
+                                   or (g_n >= g - noise and res_n <= (1.0 - ARMIJO_C1 * t) * res))
+
+
+def _write_final(ev: "_Evaluator", final: FinalPass, alpha: np.ndarray, d: np.ndarray, t0: float,
+                 grad: np.ndarray, g: float, res: float, tol: float):
+    """Newton's predicted last step, written as Q: the new state when Q(alpha + t0 d) is accepted
+    and converged (the buffer then holds it), else None with log P^ restored and the evaluator's
+    noise estimate as it was (the pass stays counted, and in ``history``)."""
+    a_new = alpha + t0 * d
+    noise = ev.g_noise
+    a_k = gauge_for_kernels(a_new)
+    colsum, wlogz = final.write(torch.from_numpy(a_k))
+    ev.steps += 1
+    grad_n, g_n, _, res_n = ev.record(a_k, colsum, wlogz, None)
+    if res_n <= tol and _accepted(g_n, res_n, g, res, t0, float(grad @ d),
+                                  max(noise, ev.g_noise)):
+        return a_new, grad_n, g_n, res_n
+    final.restore()
+    ev.g_noise = noise
     return None
 
 
@@ -263,7 +311,8 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                max_iter: Optional[int] = None, step_size: Optional[float] = None,
                alpha0: Optional[torch.Tensor] = None, first: Optional[StepOut] = None,
                weight_sums: Optional[tuple] = None,
-               capacity: Optional[Callable[[], None]] = None) -> RefineInfo:
+               capacity: Optional[Callable[[], None]] = None,
+               final: Optional[FinalPass] = None) -> RefineInfo:
     """Maximise the dual for ``log_p`` (N x k), ``inv_c`` (N,) and ``marginals`` M (k,).
 
     ``first``: the step at alpha = 0 with the Hessian ``hessian_mode(method, k)`` asks for, on the
@@ -272,6 +321,8 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
     are reduced from ``inv_c``).
     ``capacity``: called (at most once) when the iterates diverge or ``tol`` is not reached; it
     raises when the marginals are infeasible (``problem.check_capacity``).
+    ``final``: Newton may end on a pass that writes Q (:class:`FinalPass`); ``info.materialized``
+    says whether it did.
     Returns a :class:`RefineInfo` whose ``alpha`` (k,) float64 (on the CPU) defines Q(alpha):
     the last iterate, or the one with the smallest residual when ``tol`` was not reached.
     Warns with :class:`ConvergenceWarning` when ``tol`` is not reached.
@@ -303,14 +354,14 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                    and compute_dtype(log_p.dtype) == torch.float64 else 0.0)
     with _one_blas_thread():
         return _solve_loop(backend, ev, method, m, alpha, first, alpha0, tol, max_iter,
-                           inv_c_max, c_bar, m_safe, eta, t_start, capacity, exact_below)
+                           inv_c_max, c_bar, m_safe, eta, t_start, capacity, exact_below, final)
 
 
 def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, alpha: np.ndarray,
                 first: Optional[StepOut], alpha0, tol: float, max_iter: int, inv_c_max: float,
                 c_bar, m_safe, eta, t_start: float,
                 capacity: Optional[Callable[[], None]] = None,
-                exact_below: float = 0.0) -> RefineInfo:
+                exact_below: float = 0.0, final: Optional[FinalPass] = None) -> RefineInfo:
     """The iterations of :func:`solve_dual` (numpy's BLAS held to one thread around it);
     Newton's passes ask for the exact Hessian once the residual is below ``exact_below``."""
     if first is not None and alpha0 is None:
@@ -321,6 +372,8 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
     t_next, rho_prev = 1.0, 0.0
     cap = MAX_LOGIT_STEP
     best = (res, alpha, g)
+    res_prev = math.inf
+    materialized = False
     while res > tol and ev.passes < max_iter:
         if capacity is not None and float(np.ptp(alpha)) * inv_c_max > DIVERGED_LOGIT:
             capacity()  # raises on infeasible marginals
@@ -329,6 +382,19 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
             d = _newton_direction(h, grad)
             spread = float(d.max() - d.min()) * inv_c_max
             t0 = min(t_next, cap / spread) if spread > 0 else t_next
+            # Near the optimum the residual shrinks faster than linearly, so after a step taken
+            # whole res * (res / res_prev) bounds the next one: when that is below tol, write Q
+            # with this pass (once: a prediction that failed says the model does not hold here).
+            if (final is not None and t0 == t_next and res_prev < math.inf
+                    and res * (res / res_prev) <= tol and ev.passes < max_iter):
+                done = _write_final(ev, final, alpha, d, t0, grad, g, res, tol)
+                if done is not None:
+                    alpha, grad, g, res = done
+                    alpha = alpha - alpha.mean()
+                    materialized = True
+                    break
+                final = None
+            res_prev = res
             out = _line_search(ev, alpha, d, grad, g, res, t0)
             # A capped step taken whole says the cap, not the model, limited it: when the rows
             # that must move are heavy (inv_c << max inv_c, e.g. forget rows at lam = 1e-8) the
@@ -346,6 +412,8 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
                 rho_prev = rho
             else:
                 t_next, rho_prev = 1.0, 0.0
+            if out is None or out[5] < t0:
+                res_prev = math.inf  # a damped step says nothing of the rate
         elif method == "sinkhorn":
             colsum = np.maximum(grad + m, 1e-300)
             d = c_bar * (np.log(colsum) - np.log(m_safe))
@@ -382,7 +450,8 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
     info = RefineInfo(iterations=ev.passes, converged=converged, residual=res,
                       history=ev.history, dual_value=g, alpha=torch.from_numpy(alpha),
                       method=method, backend=backend.name,
-                      seconds=time.perf_counter() - t_start, message=message, steps=ev.steps)
+                      seconds=time.perf_counter() - t_start, message=message, steps=ev.steps,
+                      materialized=materialized)
     if not converged:
         warnings.warn(f"ppu_fast: {method} did not converge: {message}; residual {res:.3g} > "
                       f"tol {tol:.3g} after {ev.passes} passes (see info.converged)",

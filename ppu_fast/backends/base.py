@@ -209,6 +209,8 @@ class Backend:
     """Base class: a named backend that can say why it cannot serve a call."""
 
     name: str = "base"
+    # Whether materialize_sums is implemented (one pass that writes Q and sums it).
+    fused_materialize: bool = False
 
     def not_supported_reasons(self, log_p: torch.Tensor) -> List[str]:
         """Reasons this backend cannot run on ``log_p`` (empty list: it can)."""
@@ -230,6 +232,13 @@ class Backend:
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def materialize_sums(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+                         out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Optional (``fused_materialize``): ``materialize`` and the ``(colsum (k,), wlogz)`` of
+        ``step`` at the same alpha, in one pass; ``out`` may be ``log_p`` itself (each row is
+        read before it is written). The solver's last Newton pass (``solver.FinalPass``)."""
         raise NotImplementedError
 
 

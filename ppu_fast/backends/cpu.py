@@ -29,7 +29,7 @@ not make more threads slower than one.
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -200,6 +200,24 @@ class CpuBackend(Backend):
                 self._threads(), self.isa)
         return (torch.from_numpy(colsum), torch.from_numpy(wlogz),
                 None if h is None else torch.from_numpy(h))
+
+    fused_materialize = True
+
+    def materialize_sums(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+                         out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``materialize`` into ``out`` and ``step``'s (colsum (k,) f64, wlogz () f64) at the same
+        alpha, in one pass (the kernels' step with an output); ``out`` may be ``log_p``."""
+        self._check(log_p, inv_c, alpha, False, out)
+        n, k = log_p.shape
+        inv_c = inv_c.contiguous()
+        alpha = alpha.contiguous()
+        colsum, wlogz = np.empty(k), np.empty(())
+        sr, sc = log_p.stride()
+        osr, osc = out.stride()
+        _C.step(log_p.data_ptr(), _DTYPE_CODE[log_p.dtype], n, k, sr, sc, inv_c.data_ptr(),
+                alpha.data_ptr(), colsum.ctypes.data, wlogz.ctypes.data, 0, 1, 0,
+                out.data_ptr(), _DTYPE_CODE[out.dtype], osr, osc, self._threads(), self.isa)
+        return torch.from_numpy(colsum), torch.from_numpy(wlogz)
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     out: torch.Tensor) -> torch.Tensor:
