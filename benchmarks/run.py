@@ -421,7 +421,8 @@ def render_markdown(meta, rows, device, state, png_name: Optional[str]) -> str:
     la = state.get("load")
     if la:
         lines.append(f"- 1-min load average: {la[0]:.2f} at start, {la[1]:.2f} at the last "
-                     f"write (above the core count, timings are inflated by other processes)")
+                     f"write (the run itself adds up to its thread count; a load above the "
+                     f"core count means other processes competed and inflated the timings)")
     if state.get("copy"):
         c = state["copy"]
         lines.append(f"- device-to-device copy bandwidth: {common.fmt(c['GB_s'])} GB/s "
