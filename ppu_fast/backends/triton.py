@@ -343,19 +343,23 @@ def _colsum_kernel(lp_ptr, ic_ptr, a_ptr, m_ptr, s_ptr, r_ptr, ws_c_ptr, ws_d_pt
 
 
 @triton.jit
-def _q_tile_kernel(lp_ptr, ic_ptr, a_ptr, out_ptr, n, k_q, s_n, s_k, s_c, o_n, o_k,
-                   num_tiles, nprog, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+def _q_tile_kernel(lp_ptr, ic_ptr, a_ptr, out_ptr, ws_c_ptr, ws_z_ptr, n, k_q, s_n, s_k, s_c,
+                   o_n, o_k, num_tiles, nprog, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
                    IDX64: tl.constexpr, SN: tl.constexpr, ON: tl.constexpr,
-                   KM: tl.constexpr, NUM_STAGES: tl.constexpr):
+                   KM: tl.constexpr, NUM_STAGES: tl.constexpr, STATS: tl.constexpr):
     """Single-read materialize: Q into out (its dtype, any strides). Rows are normalised by
     their float64 sum (one rounding per stored element): the float32 tree sum left rows of Q
     several ulps from summing to 1, this leaves them within 1 (base.ROW_SUM_ULPS allows 2).
+    STATS: also the step's sums of the rows written (materialize_sums), per program into the
+    float64 workspaces ws_c (nprog x k: sum_i q_ik) and ws_z (nprog: sum_i log Z_i / inv_c_i).
 
     Bytes moved: reads N*k*elem_size + 4N, writes N*k*out_elem_size.
     """
     k = k_q * KM  # KM (constexpr) divides k: column masks then cover whole vectors
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
+    acc_c = tl.zeros([BLOCK_K], tl.float64)
+    acc_z = tl.zeros([BLOCK_ROWS], tl.float64)
     for t in tl.range(pid, num_tiles, nprog, num_stages=NUM_STAGES):
         rows = t * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         x, ic, row_ok, col_ok = _load_x(lp_ptr, ic_ptr, a_ptr, rows, cols, n, k, s_n, s_k, s_c,
@@ -369,6 +373,12 @@ def _q_tile_kernel(lp_ptr, ic_ptr, a_ptr, out_ptr, n, k_q, s_n, s_k, s_c, o_n, o
         ci = cols.to(tl.int64) if IDX64 else cols
         optrs = out_ptr + (ri * o_n * ON)[:, None] + ci[None, :] * o_k
         tl.store(optrs, q.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        if STATS:
+            acc_c += tl.sum(q, axis=0)
+            acc_z += tl.where(row_ok, (m.to(tl.float64) + tl.log(s)) / ic.to(tl.float64), 0.0)
+    if STATS:
+        tl.store(ws_c_ptr + pid * k + cols, acc_c, mask=cols < k)
+        tl.store(ws_z_ptr + pid, tl.sum(acc_z, axis=0))
 
 
 @triton.jit
@@ -987,17 +997,21 @@ def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor
 
 
 def _launch_materialize(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
-                        out: torch.Tensor, max_single_block_k: int, online_block_k: int) -> None:
-    """Write Q (N x k) into out (any strides, dtype in OUT_DTYPES); N, k >= 1."""
+                        out: torch.Tensor, max_single_block_k: int, online_block_k: int,
+                        stats: bool = False):
+    """Write Q (N x k) into out (any strides, dtype in OUT_DTYPES); N, k >= 1. With ``stats``
+    (single-read kernel only: rows of at most max_single_block_k), also return the step's
+    (colsum (k,), wlogz ()) float64 of the rows written, from the same pass."""
     n, k = log_p.shape
     dev = log_p.device
     if INTERPRET and out.dtype == torch.bfloat16:
         # Triton 3.8's interpreter casts float32 -> bfloat16 by truncation (it ignores the
         # rounding mode); compiled kernels round to nearest even.  Let torch do that cast here.
         buf = torch.empty(out.shape, dtype=torch.float32, device=dev)
-        _launch_materialize(log_p, inv_c, alpha32, buf, max_single_block_k, online_block_k)
+        res = _launch_materialize(log_p, inv_c, alpha32, buf, max_single_block_k, online_block_k,
+                                  stats)
         out.copy_(buf)
-        return
+        return res
     snq, sn = _split_stride(log_p.stride(0), log_p.element_size())
     onq, on = _split_stride(out.stride(0), out.element_size())
     kq, km = _split_stride(k, log_p.element_size())
@@ -1009,11 +1023,19 @@ def _launch_materialize(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch
                       IDX64=_needs_idx64(num_tiles * tile.block_rows, tile.block_k,
                                          log_p.stride(), out.stride(), inv_c.stride()),
                       SN=sn, ON=on, KM=km, NUM_STAGES=NUM_STAGES)
-        args = [log_p, inv_c, alpha32, out, n, kq, *strides, num_tiles, _PROBE]
+        consts["STATS"] = stats
+        dummy = torch.empty(1, dtype=torch.float64, device=dev)
+        args = [log_p, inv_c, alpha32, out, dummy, dummy, n, kq, *strides, num_tiles, _PROBE]
         p = min(num_tiles, _capacity(_q_tile_kernel, tuple(args), consts, tile.num_warps, dev))
+        ws_c = torch.empty(p, k, dtype=torch.float64, device=dev) if stats else dummy
+        ws_z = torch.empty(p, dtype=torch.float64, device=dev) if stats else dummy
+        args[4:6] = [ws_c, ws_z]
         args[-1] = p
         _q_tile_kernel[(p,)](*args, num_warps=tile.num_warps, **consts)
-        return
+        # A fixed-order sum over the programs: deterministic, no atomics.
+        return (ws_c.sum(dim=0), ws_z.sum()) if stats else None
+    if stats:
+        raise AssertionError("materialize with sums needs the single-read kernel")
     tile = _online_tiles(online_block_k)[1]
     num_tiles = triton.cdiv(n, tile.block_rows)
     idx64 = _needs_idx64(triton.cdiv(n, 64) * 64, triton.cdiv(k, online_block_k) * online_block_k,
@@ -1340,6 +1362,29 @@ class TritonBackend(Backend):
             _launch_materialize(log_p, inv_c, alpha.float().contiguous(), out,
                                 self.max_single_block_k, self.online_block_k)
         return out
+
+    fused_materialize = True
+
+    def materialize_sums(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+                         out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``materialize`` into ``out`` (may be ``log_p``) and ``step``'s (colsum (k,), wlogz ())
+        float64 at the same alpha: one pass for rows of at most ``max_single_block_k``; wider
+        rows take a step, then materialize (no pass saved, the same results)."""
+        check_step_args(log_p, inv_c, alpha, out=out)
+        if out.dtype not in OUT_DTYPES:
+            raise TypeError(f"out: dtype {out.dtype} not supported; expected one of "
+                            f"{[str(d) for d in OUT_DTYPES]}")
+        self._require(log_p)
+        n, k = log_p.shape
+        if k == 0:
+            raise ValueError("log_p: expected k >= 1 columns, got 0")
+        if n == 0 or _next_pow2(k) > self.max_single_block_k:
+            colsum, wlogz, _ = self.step(log_p, inv_c, alpha, False)
+            self.materialize(log_p, inv_c, alpha, out)
+            return colsum, wlogz
+        with _on_device(log_p.device):
+            return _launch_materialize(log_p, inv_c, alpha.float().contiguous(), out,
+                                       self.max_single_block_k, self.online_block_k, stats=True)
 
 
 class _on_device:

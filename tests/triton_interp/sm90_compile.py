@@ -108,6 +108,8 @@ def paths(k: int = 1000, n: int = 4099):
     yield "step", lambda: tri._launch_step(lp, ic, a, tri._H_NONE, big, online)
     yield "step diag", lambda: tri._launch_step(lp, ic, a, tri._H_DIAG, big, online)
     yield "materialize", lambda: tri._launch_materialize(lp, ic, a, torch.empty(n, k), big, online)
+    yield "materialize sums (in place)", lambda: tri._launch_materialize(
+        lp, ic, a, lp.clone(), big, online, True)
     forget = torch.zeros(n, dtype=torch.bool)
     fill = torch.zeros(k)
     x = lp.exp()
