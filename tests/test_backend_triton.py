@@ -280,3 +280,31 @@ def test_gpu_step_does_not_synchronise():
                 b.step(log_p, inv_c, alpha, hessian)
             finally:
                 torch.cuda.set_sync_debug_mode(prev)
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.skipif(not HAVE_GPU, reason="no CUDA device")
+@pytest.mark.parametrize("n,k", [(100_003, 10), (20_011, 1000), (2_003, 5000)])
+def test_gpu_materialize_sums_and_fused_refine(n, k):
+    """The fused last pass on CUDA tensors: materialize's Q bit for bit (in place), step's sums;
+    and a refine on the GPU that ends on it."""
+    import ppu_fast
+    from ppu_fast.backends.triton import TritonBackend
+
+    log_p, inv_c, alpha = make_case(n, k, torch.float32, seed=k, device="cuda")
+    b = TritonBackend()
+    q_ref = torch.empty_like(log_p)
+    b.materialize(log_p, inv_c, alpha, q_ref)
+    colsum_ref, wlogz_ref, _ = b.step(log_p, inv_c, alpha, False)
+    buf = log_p.clone()
+    colsum, wlogz = b.materialize_sums(buf, inv_c, alpha, buf)
+    assert torch.equal(buf, q_ref)
+    torch.testing.assert_close(colsum, colsum_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wlogz, wlogz_ref, rtol=1e-6, atol=0.0)
+    p = torch.softmax(log_p.float(), dim=1)
+    forget = torch.arange(n, device="cuda") % 10 == 0
+    q, info = ppu_fast.refine(p, forget, backend="triton", return_info=True)
+    q_cpu = ppu_fast.refine(p.cpu(), forget.cpu(), backend="cpu")
+    assert info.converged
+    torch.testing.assert_close(q.cpu(), q_cpu, rtol=0, atol=5e-6)
