@@ -72,6 +72,10 @@ VARIANTS = {
                                                      select="final-val", evals_per_epoch=4),
     # Not a schedule lever but the refine's class totals: the original model's, not the retain mix.
     "fast + original marginals": dict(schedule="fast", marginals="original"),
+    # Forget rows' pseudo-probabilities from a retain-only probe (ppu.probe_pseudo), a stand-in for
+    # Retrain's outputs, with P^'s own totals (the refine keeps them) or the retain mix.
+    "fast + probe": dict(schedule="fast", pseudo="probe", marginals="pseudo"),
+    "fast + probe + retain totals": dict(schedule="fast", pseudo="probe", marginals="retain"),
 }
 
 
@@ -87,7 +91,7 @@ PPU_KINDS = ("ppu", "ppu-bias")
 # Early stopping reads the "val" selection, which only PPU (privacy) makes.
 PRIVACY_ONLY = ("paper + early stop", "fast + 4 evals/epoch", "fast + 8 evals/epoch",
                 "paper + final-val target", "paper + final-val target + 4 evals/epoch",
-                "fast + original marginals")
+                "fast + original marginals", "fast + probe", "fast + probe + retain totals")
 METRICS = ("seconds", "forget_error", "retain_error", "test_error", "mia")
 
 

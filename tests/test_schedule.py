@@ -365,3 +365,41 @@ def test_ppu_passes_evals_per_epoch_through(digits):
                            epochs=2, evals_per_epoch=2, early_stop=False, progress=False, seed=0)
     assert [h["epoch"] for h in res.history] == [0, 0.5, 1, 1.5, 2]
     assert res.options["evals_per_epoch"] == 2 and res.options["epochs_run"] == 2
+
+
+def test_probe_pseudo_follows_the_classes_the_retain_rows_keep():
+    """probe_pseudo: a class with no retain rows gets (almost) no probability on the forget rows,
+    a class that keeps retain rows keeps its forgotten examples, and each row is a distribution."""
+    from ppu_fast.unlearn.ppu import probe_pseudo
+    g = torch.Generator().manual_seed(0)
+    n, k = 600, 4
+    y = torch.randint(0, k, (n,), generator=g)
+    logits = torch.randn(n, k, generator=g)
+    logits[torch.arange(n), y] += 5.0
+    gone = y == 2  # class unlearning: every example of class 2
+    q = probe_pseudo(logits, y, gone)
+    assert q.shape == (int(gone.sum()), k)
+    torch.testing.assert_close(q.sum(1).double(), torch.ones(q.shape[0], dtype=torch.float64))
+    assert float(q[:, 2].max()) < 0.05 and float(logits[gone].softmax(1)[:, 2].min()) > 0.5
+    some = gone & (torch.arange(n) % 3 == 0)  # selective: a third of class 2
+    q = probe_pseudo(logits, y, some)
+    assert float((q.argmax(1) == 2).float().mean()) > 0.9
+    with pytest.raises(ValueError, match="needs retain rows"):
+        probe_pseudo(logits, y, torch.ones(n, dtype=torch.bool))
+
+
+def test_ppu_with_probe_pseudo_probabilities(digits):
+    """pseudo="probe" in privacy mode: the forget rows' targets are the probe's rows (with P^'s own
+    totals the refine keeps them), and the run records the name and the probe's time."""
+    split, original = digits
+    res = ppu_fast.unlearn(original, split.forget, split.retain, method="ppu", val=split.val,
+                           epochs=2, pseudo="probe", marginals="pseudo", progress=False, seed=0)
+    assert res.options["pseudo"] == "probe" and res.timings["probe"] >= 0.0
+    n_forget = len(split.forget)
+    from ppu_fast.metrics import predict
+    from ppu_fast.unlearn.ppu import probe_pseudo
+    from torch.utils.data import ConcatDataset
+    logits, labels = predict(original, ConcatDataset([split.forget, split.retain]))
+    mask = torch.arange(len(labels)) < n_forget
+    torch.testing.assert_close(res.targets[:n_forget].float(), probe_pseudo(logits, labels, mask),
+                               rtol=0, atol=1e-4)

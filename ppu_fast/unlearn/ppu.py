@@ -54,8 +54,43 @@ def pseudo_rows(pseudo: str | torch.Tensor, retain_probs: torch.Tensor, n_forget
         return torch.softmax(torch.randn(n_forget, k, generator=generator), dim=1)
     if pseudo == "prior":
         return retain_probs.float().mean(0).cpu().expand(n_forget, k).clone()
-    raise ValueError(f"pseudo: unknown name {pseudo!r}; expected 'uniform', 'random', 'prior' or a "
-                     f"(N_forget, k) tensor")
+    raise ValueError(f"pseudo: unknown name {pseudo!r}; expected 'uniform', 'random', 'prior', "
+                     f"'probe' or a (N_forget, k) tensor")
+
+
+def probe_pseudo(logits: torch.Tensor, labels: torch.Tensor, forget_mask: torch.Tensor,
+                 iters: int = 50) -> torch.Tensor:
+    """Pseudo-probabilities (N_forget, k) from a retain-only probe, a cheap stand-in for what a
+    model retrained without the forget rows would output on them.
+
+    The probe is a multinomial logistic regression from the original model's log-probabilities
+    (k features) to the labels, fitted on the retain rows only (full-batch L-BFGS from the
+    identity map, so it starts as the original model). Classes absent from the retain rows get
+    no probability (class unlearning: the forget rows move to their other classes); a class that
+    keeps examples keeps predicting them (selective unlearning: a forgotten example of a
+    well-represented class stays in it, as Retrain keeps it). ``logits`` (N, k), ``labels`` (N,)
+    int, ``forget_mask`` (N,) bool; computed in float64 on the CPU.
+    """
+    z = torch.log_softmax(logits.detach().double().cpu(), dim=1)
+    y = labels.detach().long().cpu()
+    fm = forget_mask.detach().bool().cpu()
+    k = z.shape[1]
+    zr, yr = z[~fm], y[~fm]
+    if zr.shape[0] == 0:
+        raise ValueError("pseudo='probe': needs retain rows to fit the probe on")
+    w = torch.eye(k, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(zr @ w + b, yr)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return torch.softmax(z[fm] @ w + b, dim=1).float()
 
 
 @register("ppu")
@@ -73,7 +108,9 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         trainable: str | None = None, evals_per_epoch: int = 1) -> UnlearnResult:
     """PPU. ``mode="privacy"`` refines P^ with :func:`ppu_fast.refine` (``pseudo``, ``lam``,
     ``marginals``, ``refine_method``, ``tol``, ``backend`` pass through); ``mode="bias"`` (§5.4) uses
-    P^ itself. Then :func:`ppu_fast.finetune` (``epochs``, ``lr``, ``optimizer``, ``momentum``,
+    P^ itself. Besides refine's pseudo-probabilities, ``pseudo="probe"`` takes the forget rows'
+    from a retain-only probe (:func:`probe_pseudo`; with ``marginals="pseudo"`` the refine keeps
+    them; measured in docs/ppu_schedule.md). Then :func:`ppu_fast.finetune` (``epochs``, ``lr``, ``optimizer``, ``momentum``,
     ``weight_decay``, ``batch_size``, ``retain_per_epoch``) with selection ``select``: by default
     ``"val"`` in privacy mode when ``val`` is given, else ``"last"``. ``history``: evaluate forget,
     (retain) and validation error after every epoch; by default only when ``select`` chooses among
@@ -130,12 +167,17 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
 
     t0 = time.perf_counter()
     both = ConcatDataset([forget, retain])
-    logits, _ = predict(work, both, device=dev)
+    logits, labels = predict(work, both, device=dev)
     probs = torch.softmax(logits.to(dev), dim=1)
     n_forget, (n, k) = len(forget), probs.shape
     forget_mask = torch.zeros(n, dtype=torch.bool)
     forget_mask[:n_forget] = True
     timings["probabilities"] = time.perf_counter() - t0
+    pseudo_name = pseudo if isinstance(pseudo, str) else "tensor"
+    if isinstance(pseudo, str) and pseudo == "probe":
+        t0 = time.perf_counter()
+        pseudo = probe_pseudo(logits, labels, forget_mask)
+        timings["probe"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     # CPU generator: the solver draws random pseudo-probabilities on the CPU.
@@ -171,10 +213,10 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
                   trainable=plan["trainable"], evals_per_epoch=evals_per_epoch, seed=seed,
                   device=dev, inplace=True, progress=progress)
     timings["finetune"] = ft.seconds
-    before = timings["probabilities"] + timings["refine"]
+    before = timings["probabilities"] + timings.get("probe", 0.0) + timings["refine"]
     for row in ft.history:
         row["wall_seconds"] += before  # from the original model, as the method's total counts
-    options: dict[str, Any] = dict(mode=mode, pseudo=pseudo if isinstance(pseudo, str) else "tensor",
+    options: dict[str, Any] = dict(mode=mode, pseudo=pseudo_name,
                                    lam=lam, marginals=marginals if isinstance(marginals, str) else "tensor",
                                    refine_method=refine_method, epochs=epochs, lr=lr, optimizer=optimizer,
                                    batch_size=batch_size,
