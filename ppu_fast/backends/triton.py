@@ -1345,9 +1345,9 @@ class TritonBackend(Backend):
             log_p, inv_c)
 
     # -- materialize ------------------------------------------------------------------------------
-    def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
-                    out: torch.Tensor) -> torch.Tensor:
-        """Write Q(alpha) (N x k) into ``out`` (float32/16/bf16/64, any strides); returns out."""
+    def _check_materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+                           out: torch.Tensor) -> Tuple[int, int]:
+        """Validate materialize's arguments; returns (N, k)."""
         check_step_args(log_p, inv_c, alpha, out=out)
         if out.dtype not in OUT_DTYPES:
             raise TypeError(f"out: dtype {out.dtype} not supported; expected one of "
@@ -1356,6 +1356,12 @@ class TritonBackend(Backend):
         n, k = log_p.shape
         if k == 0:
             raise ValueError("log_p: expected k >= 1 columns, got 0")
+        return n, k
+
+    def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+        """Write Q(alpha) (N x k) into ``out`` (float32/16/bf16/64, any strides); returns out."""
+        n, k = self._check_materialize(log_p, inv_c, alpha, out)
         if n == 0:
             return out
         with _on_device(log_p.device):
@@ -1370,14 +1376,7 @@ class TritonBackend(Backend):
         """``materialize`` into ``out`` (may be ``log_p``) and ``step``'s (colsum (k,), wlogz ())
         float64 at the same alpha: one pass for rows of at most ``max_single_block_k``; wider
         rows take a step, then materialize (no pass saved, the same results)."""
-        check_step_args(log_p, inv_c, alpha, out=out)
-        if out.dtype not in OUT_DTYPES:
-            raise TypeError(f"out: dtype {out.dtype} not supported; expected one of "
-                            f"{[str(d) for d in OUT_DTYPES]}")
-        self._require(log_p)
-        n, k = log_p.shape
-        if k == 0:
-            raise ValueError("log_p: expected k >= 1 columns, got 0")
+        n, k = self._check_materialize(log_p, inv_c, alpha, out)
         if n == 0 or _next_pow2(k) > self.max_single_block_k:
             colsum, wlogz, _ = self.step(log_p, inv_c, alpha, False)
             self.materialize(log_p, inv_c, alpha, out)
