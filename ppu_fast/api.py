@@ -8,6 +8,7 @@ solver pass, and overwrites that buffer with Q once: nothing else touches the N 
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Optional, Tuple, Union
 
@@ -137,9 +138,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     # Rows the caller already replaced (pseudo=None) are read like the others: prepare then sums
     # every row as retained, and the forget rows' share is split off below from a gather of them.
     given = kind == "given" and n_forget > 0
-    prep = be.prepare(x, mode, None if given else mask_dev, fill, out,
-                      inv_c if final_rows else None, hmode, tol_rows)
-    pseudo_rows = None
+    fill_buffer = functools.partial(be.prepare, x, mode, None if given else mask_dev, fill, out)
+    prep = fill_buffer(inv_c if final_rows else None, hmode, tol_rows)
     pb.raise_row_error(prep.error, x, mode, name, tol_rows)
     t2 = time.perf_counter()
     if k == 1:
@@ -157,6 +157,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     n_retain = n - n_forget
     pseudo_t, pseudo_colsum = pb.pseudo_totals(kind, pseudo_t, colsum_retain, colsum_forget,
                                                n_retain, n_forget, k, sdt)
+    pseudo_rows = None
     if not final_rows:
         rows = pseudo_t.to(dev, out.dtype)
         pseudo_rows = rows.expand(n_forget, k) if rows.dim() == 1 else rows
@@ -170,7 +171,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     if be.fused_materialize and not pb._overlaps(out, x):
         # The input is intact, so log P^ can be rebuilt if the last pass was mispredicted.
         def restore() -> None:
-            be.prepare(x, mode, None if given else mask_dev, fill, out, None, False, tol_rows)
+            fill_buffer(None, False, tol_rows)
             if pseudo_rows is not None:
                 out[mask_dev] = pseudo_rows
 

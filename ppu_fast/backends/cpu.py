@@ -186,20 +186,7 @@ class CpuBackend(Backend):
         (``hessian="diag"``), float64; see ``ppu_fast.backends.base``.
         """
         self._check(log_p, inv_c, alpha, hessian)
-        n, k = log_p.shape
-        inv_c = inv_c.contiguous()
-        alpha = alpha.contiguous()
-        # numpy buffers: cheaper to allocate than torch's, wrapped without copies.
-        colsum, wlogz = np.empty(k), np.empty(())
-        h = np.empty((k, k) if hessian in (True, "exact") else k) if hessian else None
-        sr, sc = log_p.stride()
-        _C.step(log_p.data_ptr(), _DTYPE_CODE[log_p.dtype], n, k, sr, sc, inv_c.data_ptr(),
-                alpha.data_ptr(), colsum.ctypes.data, wlogz.ctypes.data, _HMODE[hessian],
-                1 if hessian == "exact" else hessian_stride(n, k),
-                h.ctypes.data if h is not None else 0, 0, 0, 0, 0,
-                self._threads(), self.isa)
-        return (torch.from_numpy(colsum), torch.from_numpy(wlogz),
-                None if h is None else torch.from_numpy(h))
+        return self._step(log_p, inv_c, alpha, hessian)
 
     fused_materialize = True
 
@@ -208,16 +195,29 @@ class CpuBackend(Backend):
         """``materialize`` into ``out`` and ``step``'s (colsum (k,) f64, wlogz () f64) at the same
         alpha, in one pass (the kernels' step with an output); ``out`` may be ``log_p``."""
         self._check(log_p, inv_c, alpha, False, out)
+        colsum, wlogz, _ = self._step(log_p, inv_c, alpha, False, out)
+        return colsum, wlogz
+
+    def _step(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+              hessian: Hessian, out: Optional[torch.Tensor] = None) -> StepOut:
+        """The kernels' step on checked arguments; with ``out``, Q is written there too."""
         n, k = log_p.shape
         inv_c = inv_c.contiguous()
         alpha = alpha.contiguous()
+        # numpy buffers: cheaper to allocate than torch's, wrapped without copies.
         colsum, wlogz = np.empty(k), np.empty(())
+        h = np.empty((k, k) if hessian in (True, "exact") else k) if hessian else None
         sr, sc = log_p.stride()
-        osr, osc = out.stride()
+        osr, osc = out.stride() if out is not None else (0, 0)
         _C.step(log_p.data_ptr(), _DTYPE_CODE[log_p.dtype], n, k, sr, sc, inv_c.data_ptr(),
-                alpha.data_ptr(), colsum.ctypes.data, wlogz.ctypes.data, 0, 1, 0,
-                out.data_ptr(), _DTYPE_CODE[out.dtype], osr, osc, self._threads(), self.isa)
-        return torch.from_numpy(colsum), torch.from_numpy(wlogz)
+                alpha.data_ptr(), colsum.ctypes.data, wlogz.ctypes.data, _HMODE[hessian],
+                1 if hessian == "exact" else hessian_stride(n, k),
+                h.ctypes.data if h is not None else 0,
+                out.data_ptr() if out is not None else 0,
+                _DTYPE_CODE[out.dtype] if out is not None else 0, osr, osc,
+                self._threads(), self.isa)
+        return (torch.from_numpy(colsum), torch.from_numpy(wlogz),
+                None if h is None else torch.from_numpy(h))
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     out: torch.Tensor) -> torch.Tensor:

@@ -110,8 +110,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     ``marginals``, ``refine_method``, ``tol``, ``backend`` pass through); ``mode="bias"`` (§5.4) uses
     P^ itself. Besides refine's pseudo-probabilities, ``pseudo="probe"`` takes the forget rows'
     from a retain-only probe (:func:`probe_pseudo`; with ``marginals="pseudo"`` the refine keeps
-    them; measured in docs/ppu_schedule.md). Then :func:`ppu_fast.finetune` (``epochs``, ``lr``, ``optimizer``, ``momentum``,
-    ``weight_decay``, ``batch_size``, ``retain_per_epoch``) with selection ``select``: by default
+    them; measured in docs/ppu_schedule.md). Then :func:`ppu_fast.finetune` (``epochs``, ``lr``,
+    ``optimizer``, ``momentum``, ``weight_decay``, ``batch_size``, ``retain_per_epoch``) with selection ``select``: by default
     ``"val"`` in privacy mode when ``val`` is given, else ``"last"``. ``history``: evaluate forget,
     (retain) and validation error after every epoch; by default only when ``select`` chooses among
     epochs, because that evaluation is part of the unlearning time. ``history_retain`` caps the
