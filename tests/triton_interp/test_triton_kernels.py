@@ -469,6 +469,11 @@ def test_materialize_sums(k, in_place, make_backend):
     assert torch.equal(out, q_ref)
     torch.testing.assert_close(colsum, colsum_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(wlogz, wlogz_ref.to(wlogz.dtype), rtol=1e-6, atol=0.0)
+    # and against the float64 formulas
+    x = log_p.double() - inv_c.double()[:, None] * alpha[None, :]
+    lz = torch.logsumexp(x, dim=1)
+    torch.testing.assert_close(colsum, torch.exp(x - lz[:, None]).sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wlogz, (lz / inv_c.double()).sum(), rtol=1e-5, atol=0.0)
 
 
 def test_refine_ends_on_the_pass_that_writes_q():
