@@ -75,7 +75,7 @@ TABLE = [
     ("bad-t", ("small",) + LARGE,
      {"variant": "scrub", "optimizer": "adam", "epochs": 1, "lr": 1e-3, "weight_decay": 5e-4,
       "temperature": 4.0, "alpha": 1.0, "beta": 1.0, "batch_size": 128, "forget_batch_size": 512,
-      "retain_fraction": 1.0},
+      "retain_fraction": 1.0, "mode": "train"},
      f"{BADT_NB} badt (bt_*) + per-seed cell (retain_bs 128, forget_bs 512) + loops.py train_bad_teacher"),
     ("scrub", ("small",),
      {"optimizer": "adam", "lr": 5e-4, "epochs": 10, "msteps": 3, "temperature": 2.0, "gamma": 1.0,

@@ -211,6 +211,23 @@ def test_bad_teacher_moves_forget_predictions(setup):
     assert p1 < p0 - 0.1
 
 
+def test_bad_teacher_mode(setup):
+    split, model = setup
+    with pytest.raises(ValueError, match="mode must be one of"):
+        run(model, split, "bad-t", mode="frozen")
+
+    def bn_stats(m):
+        return [b.running_mean.clone() for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+
+    before = bn_stats(model)
+    kept = run(model, split, "bad-t", mode="eval")
+    moved = run(model, split, "bad-t")
+    assert kept.options["mode"] == "eval" and moved.options["mode"] == "train"
+    assert all(torch.equal(a, b) for a, b in zip(before, bn_stats(kept.model)))
+    assert not all(torch.equal(a, b) for a, b in zip(before, bn_stats(moved.model)))
+    assert not same(state(model), state(kept.model)), "eval mode still trains the weights"
+
+
 def test_composite_is_ppu_after_the_method(setup):
     split, model = setup
     combo = run(model, split, "scrub+ppu", seed=3)

@@ -14,7 +14,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from ..models import reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, sample, working_copy
-from ._loop import loader, make_optimizer, paired, run_loop
+from ._loop import check_mode, loader, make_optimizer, paired, run_loop
 from .scrub import distill_kl
 
 VARIANTS = ("scrub", "chundawat")
@@ -51,7 +51,7 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
                 batch_size: int | None = None, retain_fraction: float | None = None,
                 variant: str = "scrub", forget_batch_size: int | None = None,
                 weight_decay: float | None = None, alpha: float = 1.0,
-                beta: float = 1.0) -> UnlearnResult:
+                beta: float = 1.0, mode: str = "train") -> UnlearnResult:
     """Adam at ``lr`` for ``epochs``, student in train mode, teachers in eval mode.
 
     ``variant="scrub"`` (default) follows SCRUB's BadT_experiments.ipynb ``badt`` and loops.py
@@ -62,6 +62,9 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     (``retain_fraction`` 1). ``variant="chundawat"`` is our earlier layout: forget plus a seeded
     ``retain_fraction`` (0.3) of retain, shuffled together in batches of 256, each example's target the
     softmax at ``temperature`` of its teacher, KL mean over the batch, no weight decay.
+    ``mode``: the student's module mode during the steps (:func:`ppu_fast.unlearn._loop.run_loop`):
+    ``"train"`` as SCRUB's ``train_bad_teacher``; ``"eval"`` keeps BatchNorm on its running
+    statistics (see docs/baselines.md for what that changes on small data).
     Options left at None take the variant's value."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -76,6 +79,7 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
                          "forget and retain examples in one batch)")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    check_mode(mode)
     if not 0.0 < retain_fraction <= 1.0:
         raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
     dev = resolve_device(model, device)
@@ -117,10 +121,10 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     torch.manual_seed(seed)
     opt = make_optimizer(work.parameters(), "adam", lr, weight_decay=weight_decay)
     t0 = time.perf_counter()
-    run_loop(work, passes, opt, epochs=epochs, device=dev, progress=progress, desc="bad-t")
+    run_loop(work, passes, opt, epochs=epochs, device=dev, progress=progress, desc="bad-t", mode=mode)
     options = {"variant": variant, "epochs": epochs, "lr": lr, "temperature": temperature,
                "batch_size": batch_size, "retain_fraction": retain_fraction,
-               "weight_decay": weight_decay, "optimizer": "adam"}
+               "weight_decay": weight_decay, "optimizer": "adam", "mode": mode}
     if variant == "scrub":
         options.update(forget_batch_size=forget_batch_size, alpha=alpha, beta=beta)
     return UnlearnResult(work, "bad-t", timings={"train": time.perf_counter() - t0}, options=options)
