@@ -25,6 +25,18 @@ struct Avx2 {
   static void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
   static void sfence() { _mm_sfence(); }
+  // The first n lanes (0 <= n <= W) of a row's last, partial vector: masked loads read nothing
+  // past them (no fault at the end of a buffer) and give 0 in the other lanes.
+  static M first_n(int n) {
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n),
+                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  }
+  static V loadu_n(const float* p, int n) {
+    return _mm256_maskload_ps(p, _mm256_castps_si256(first_n(n)));
+  }
+  static void storeu_n(float* p, V v, int n) {
+    _mm256_maskstore_ps(p, _mm256_castps_si256(first_n(n)), v);
+  }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }

@@ -24,6 +24,11 @@ struct Avx512 {
   static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
   static void sfence() { _mm_sfence(); }
+  // The first n lanes (0 <= n <= W) of a row's last, partial vector: masked loads read nothing
+  // past them (no fault at the end of a buffer) and give 0 in the other lanes.
+  static M first_n(int n) { return static_cast<M>((1u << n) - 1u); }
+  static V loadu_n(const float* p, int n) { return _mm512_maskz_loadu_ps(first_n(n), p); }
+  static void storeu_n(float* p, V v, int n) { _mm512_mask_storeu_ps(p, first_n(n), v); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }

@@ -23,6 +23,11 @@ struct Scalar {
   static void storeu(float* p, V v) { *p = v; }
   static void stream(float* p, V v) { *p = v; }
   static void sfence() {}
+  static M first_n(int n) { return n > 0; }
+  static V loadu_n(const float* p, int n) { return n > 0 ? *p : 0.0f; }
+  static void storeu_n(float* p, V v, int n) {
+    if (n > 0) *p = v;
+  }
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
