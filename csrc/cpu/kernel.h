@@ -767,16 +767,28 @@ static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, 
     s = static_cast<float>(sd);
     if (s_exact) *s_exact = sd;
   } else {
-    V vs = S::zero(), vc = S::zero();
+    // The compensated sum starts every lane at 1 (taken off at the end): each e = exp(x - m) is
+    // at most 1, so a lane's running sum is never below the term added, and Fast2Sum (3 extra
+    // operations) is exact where TwoSum took 6.
+    V vs = s_exact ? S::set1(1.0f) : S::zero(), vc = S::zero();
     for (j = 0; j < kp; j += W) {
       const V x = (contig && j < kv) ? xvec(j) : S::load(xb + j);
       const V e = vexp<S>(S::sub(x, M));
       S::store(xb + j, e);
-      if (s_exact) two_sum<S>(vs, vc, e);
-      else vs = S::add(vs, e);
+      if (s_exact) {
+        const V t = S::add(vs, e);
+        vc = S::add(vc, S::sub(e, S::sub(t, vs)));
+        vs = t;
+      } else {
+        vs = S::add(vs, e);
+      }
     }
-    s = S::hsum(vs);
-    if (s_exact) *s_exact = S::hsum_d(vs) + S::hsum_d(vc);
+    if (s_exact) {
+      *s_exact = (S::hsum_d(vs) - static_cast<double>(W)) + S::hsum_d(vc);
+      s = static_cast<float>(*s_exact);
+    } else {
+      s = S::hsum(vs);
+    }
   }
   m_out = m;
   s_out = s;
@@ -1168,6 +1180,10 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
         // Rows written out as Q (materialize) are normalised by their float64 sum.
         double s_exact = 0.0;
         const bool exact = !prep && P.out;
+        // Q straight to out (materialize, and the solver's last pass): one pass over e for the
+        // column sums and the stores instead of q written back to the buffer, then copied.
+        const bool direct = exact && !hess && P.out_dtype == F32 && P.osc == 1 && W > 1 &&
+                            !P.stream_out;
         if (prep) {
           // x is in xb already: the max, then e = exp(x - m) in place.
           V vm = S::set1(-INFINITY);
@@ -1187,7 +1203,23 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
           if (hess && !(s > CONFIDENT)) rest = row_rest<S>(P, rs.xb, 1.0f);
         }
         const float inv_s = exact ? static_cast<float>(1.0 / s_exact) : 1.0f / s;
-        if (stats) {
+        if (direct) {
+          float* o = static_cast<float*>(P.out) + i * P.osr;
+          const V IS = S::set1(inv_s);
+          const int64_t kv = (k / W) * W;
+          int64_t j = 0;
+          for (; j < kv; j += W) {
+            const V q = S::mul(S::load(rs.xb + j), IS);
+            if (stats) S::store(rs.acc + j, S::add(S::load(rs.acc + j), q));
+            S::storeu(o + j, q);
+          }
+          if (j < k) {  // padding lanes hold e = 0
+            const V q = S::mul(S::load(rs.xb + j), IS);
+            if (stats) S::store(rs.acc + j, S::add(S::load(rs.acc + j), q));
+            S::storeu_n(o + j, q, static_cast<int>(k - j));
+          }
+          if (stats) wl += static_cast<double>(m + std::log(s)) / static_cast<double>(P.inv_c[i]);
+        } else if (stats) {
           const bool samp = full && sampled_row(P, i);
           // e of a maximum is 1 and its 1 - q is (s - 1) / s; for a confident row s - 1 is the
           // sum of the smaller entries (rest).
@@ -1199,7 +1231,7 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
           const V IS = S::set1(inv_s);
           for (int64_t j = 0; j < kp; j += W) S::store(rs.xb + j, S::mul(S::load(rs.xb + j), IS));
         }
-        if (P.out && !prep) row_store_out<S>(P, i, rs.xb);
+        if (P.out && !prep && !direct) row_store_out<S>(P, i, rs.xb);
       }
       if (full && rs.nq > 0 && ((i + 1) % ROW_UNIT == 0 || i + 1 == r1)) {
         rows_gram_block<S>(P, rs);
