@@ -195,7 +195,8 @@ constexpr float CONFIDENT = 1.0009765625f;  // 1 + 2^-10: s - 1 keeps >= 13 bits
 // s + e with the rounding error of the addition carried in c (Knuth's TwoSum; no -ffast-math, and
 // no products for -ffp-contract to fuse). Rows written out as Q are normalised by a sum kept this
 // way: a plain float32 sum of k terms left the rows of Q up to 6 ulps from summing to 1 at
-// k = 1000, the compensated one leaves them within 1 (base.ROW_SUM_ULPS allows 2).
+// k = 1000, the compensated one leaves them within 1 (base.ROW_SUM_ULPS allows 2). The lanes path
+// uses it; the row path (row_exp) gets the same error terms from Fast2Sum, which its sums allow.
 template <class S>
 static inline void two_sum(typename S::V& s, typename S::V& c, typename S::V e) {
   using V = typename S::V;

@@ -52,7 +52,7 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
                 variant: str = "scrub", forget_batch_size: int | None = None,
                 weight_decay: float | None = None, alpha: float = 1.0,
                 beta: float = 1.0, mode: str = "train") -> UnlearnResult:
-    """Adam at ``lr`` for ``epochs``, student in train mode, teachers in eval mode.
+    """Adam at ``lr`` for ``epochs``, the student in ``mode`` (train), teachers in eval mode.
 
     ``variant="scrub"`` (default) follows SCRUB's BadT_experiments.ipynb ``badt`` and loops.py
     ``train_bad_teacher``: each retain batch (``batch_size`` 128) is paired with the next batch of a
