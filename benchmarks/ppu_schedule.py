@@ -62,6 +62,7 @@ VARIANTS = {
     "paper + last block": dict(schedule="paper", trainable="last-block"),
     "paper + head": dict(schedule="paper", trainable="head"),
     "fast": dict(schedule="fast"),
+    "fast + retain 40 %": dict(schedule="fast", retain_fraction=0.4),
     "fast + weighted retain": dict(schedule="fast", retain_sampling="weighted"),
     "fast + 4 evals/epoch": dict(schedule="fast", evals_per_epoch=4),
     "fast + 8 evals/epoch": dict(schedule="fast", evals_per_epoch=8),
