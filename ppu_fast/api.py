@@ -124,8 +124,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     else:
         c_min = min(lam, 1.0)
         levels = np.array([c_min / lam, c_min], dtype=pb.inv_c_dtype(sdt))
-        inv_c_np = np.full(n, levels[0], dtype=levels.dtype)
-        inv_c_np[mask] = levels[1]
+        inv_c_np = pb.two_levels(mask, levels)
         weight_sums = pb.weight_sums_of_levels(levels, (n - n_forget, n_forget))
     inv_c = torch.from_numpy(inv_c_np).to(dev)
     be = get_backend(backend, out)

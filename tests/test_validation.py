@@ -202,3 +202,31 @@ def test_bad_out(problem):
     big[:300] = p
     with pytest.raises(ValueError, match="out: overlaps the input without being it"):
         call_and_check_unchanged(lambda: ppu_fast.refine(big[:300], mask, out=big[1:]), big)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("levels", [(1.0, 1.0), (1e-8, 1.0), (1.0, 1e-30), (3e-39, 1e30),
+                                    (-0.0, 0.0)])
+def test_two_levels_selects_exactly(dtype, levels):
+    """The weights' bit-pattern select equals np.where bit for bit, for any pair of levels
+    (subnormal, signed zero, equal) and masks that are empty, full or random."""
+    from ppu_fast.problem import two_levels
+    lv = np.array(levels, dtype=dtype)
+    rng = np.random.default_rng(0)
+    for mask in (np.zeros(7, bool), np.ones(7, bool), rng.random(1001) < 0.3, np.zeros(0, bool)):
+        got = two_levels(mask, lv)
+        want = np.where(mask, lv[1], lv[0]).astype(dtype)
+        assert got.dtype == dtype and got.shape == mask.shape
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def test_refine_weights_follow_the_mask_with_lam():
+    """lam != 1 gives the retain and forget rows different weights: refine's Q equals the one
+    from the same weights passed explicitly (c_i = lam on retain rows, 1 on forget rows)."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(300, 5, generator=g) * 2, 1)
+    f = torch.rand(300, generator=g) < 0.2
+    q1 = ppu_fast.refine(p, f, lam=0.25)
+    w = torch.where(f, 1.0, 0.25)
+    q2 = ppu_fast.refine(p, f, weights=w)
+    torch.testing.assert_close(q1, q2, rtol=1e-5, atol=1e-6)
