@@ -209,14 +209,7 @@ class _Evaluator:
         colsum, wlogz, h = self.backend.step(self.log_p, self.inv_c,
                                              a if dev.type == "cpu" else a.to(dev), h_mode)
         self.steps += 1
-        if dev.type != "cpu":
-            # One device-to-host copy per pass instead of a synchronising read per quantity.
-            parts = [colsum, wlogz.reshape(1)] + ([] if h is None else [h.reshape(-1)])
-            flat = torch.cat(parts).cpu()
-            k = colsum.shape[0]
-            colsum, wlogz = flat[:k], flat[k]
-            h = None if h is None else flat[k + 1:].reshape(h.shape)
-        return self.record(alpha, colsum, wlogz, h)
+        return self.record(alpha, *to_host(colsum, wlogz, h))
 
     def record(self, alpha: np.ndarray, colsum: torch.Tensor, wlogz, h):
         """Turn a step's (colsum, wlogz, H) on the host into (grad, g, H, residual)."""
@@ -232,6 +225,17 @@ class _Evaluator:
         res = float(np.abs(grad).sum()) / self.n
         self.history.append(res)
         return grad, g, (None if h is None else h.numpy()), res
+
+
+def to_host(colsum: torch.Tensor, wlogz: torch.Tensor, h: Optional[torch.Tensor] = None):
+    """A pass's (colsum (k,), wlogz (), H or None) on the host: one device-to-host copy for
+    results on a GPU instead of a synchronising read per quantity; CPU ones as they are."""
+    if colsum.device.type == "cpu":
+        return colsum, wlogz, h
+    parts = [colsum, wlogz.reshape(1)] + ([] if h is None else [h.reshape(-1)])
+    flat = torch.cat(parts).cpu()
+    k = colsum.shape[0]
+    return flat[:k], flat[k], (None if h is None else flat[k + 1:].reshape(h.shape))
 
 
 def gauge_for_kernels(alpha: np.ndarray) -> np.ndarray:
@@ -295,7 +299,7 @@ def _write_final(ev: "_Evaluator", final: FinalPass, alpha: np.ndarray, d: np.nd
     a_new = alpha + t0 * d
     noise = ev.g_noise
     a_k = gauge_for_kernels(a_new)
-    colsum, wlogz = final.write(torch.from_numpy(a_k))
+    colsum, wlogz, _ = to_host(*final.write(torch.from_numpy(a_k)))
     ev.steps += 1
     grad_n, g_n, _, res_n = ev.record(a_k, colsum, wlogz, None)
     if res_n <= tol and _accepted(g_n, res_n, g, res, t0, float(grad @ d),

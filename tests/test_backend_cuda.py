@@ -27,9 +27,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import ppu_fast
+
 from backend_cases import (bad_inputs, cases, check_materialize, check_prepare, check_step,
                            make_case, onehot_cases, prepare_inputs)
-from oracle import oracle_q
+from oracle import oracle_q, oracle_step
 from ppu_fast.backends import get_backend
 from ppu_fast.backends.base import (ERR_NONFINITE, FLOAT64_GPU_REASON, ROW_SUM_ULPS,
                                    hessian_stride)
@@ -249,6 +251,50 @@ def _check_determinism(backend, device: str, rows=(20_011, 1_009),
                 assert torch.equal(ta, tb), (k, mode)
 
 
+FUSED_KS = (3, 17, 32, 33, 100, 512, 513, 1000, 1025)
+
+
+def _check_materialize_sums(backend, device: str, ks=FUSED_KS) -> None:
+    """Newton's last pass (``materialize_sums``, ``step_write`` for k <= 1024): materialize's Q
+    (bit for bit up to k = 512, where one warp holds a row as in materialize; within an ulp
+    above, where a pair of warps adds the row's float64 sum in another order), step's column
+    sums and sum of log Z, both also against the float64 oracle; in place and into another
+    buffer (which leaves log_p unchanged); half log_p with a float32 Q; rows sum to 1."""
+    for k in ks:
+        n = 1009 if k < 100 else 263
+        for dtype, out_dtype in ((torch.float32, torch.float32), (torch.float16, torch.float32),
+                                 (torch.bfloat16, torch.bfloat16)):
+            log_p, inv_c, alpha = make_case(n, k, dtype, shift=3.0, seed=k, device=device)
+            q_ref = torch.empty(log_p.shape, dtype=out_dtype, device=device)
+            backend.materialize(log_p, inv_c, alpha, q_ref)
+            colsum_ref, wlogz_ref, _ = backend.step(log_p, inv_c, alpha, False)
+            colsum64, wlogz64, _ = oracle_step(log_p.cpu(), inv_c.cpu(), alpha.cpu())
+            places = [False] + ([True] if out_dtype == dtype else [])
+            for in_place in places:
+                buf = log_p.clone()
+                out = buf if in_place else torch.full(log_p.shape, float("nan"), dtype=out_dtype,
+                                                      device=device)
+                colsum, wlogz = backend.materialize_sums(buf, inv_c, alpha, out)
+                what = (k, dtype, in_place)
+                if k <= 512 or k > 1024:
+                    assert torch.equal(out, q_ref), what
+                else:
+                    torch.testing.assert_close(out, q_ref, rtol=2.0 ** -22, atol=0.0, msg=str(what))
+                if not in_place:
+                    assert torch.equal(buf, log_p), ("materialize_sums modified log_p",) + what
+                # column sums of the values written, not of step's float q: float32 rounding
+                tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+                torch.testing.assert_close(colsum.cpu(), colsum_ref.cpu(), rtol=tol, atol=tol)
+                torch.testing.assert_close(wlogz.cpu(), wlogz_ref.cpu(), rtol=1e-6, atol=0.0)
+                torch.testing.assert_close(colsum.cpu(), torch.from_numpy(colsum64), rtol=tol,
+                                           atol=tol)
+                torch.testing.assert_close(wlogz.cpu(), torch.tensor(wlogz64, dtype=torch.float64),
+                                           rtol=1e-5, atol=0.0)
+                if out_dtype == torch.float32 and k <= 1024:
+                    dev = float((out.double().sum(1) - 1.0).abs().max()) / 2.0 ** -23
+                    assert dev <= ROW_SUM_ULPS, what + (dev,)
+
+
 def _step_cases():
     """The shared cases plus this backend's kernel boundaries: KMAX buckets (4 / 5, 8 / 9,
     16 / 17), k = 32 / 33 (small / row), 64 / 65 .. 512 / 513 (row: EPL buckets, one warp / a pair),
@@ -295,6 +341,23 @@ def test_step_and_materialize_match_oracle(backend, case):
             continue  # the same W route as k = 1025; the check's k x k eigvalsh is the cost
         check_step(backend, log_p, inv_c, alpha, hessian)
     check_materialize(backend, log_p, inv_c, alpha)
+
+
+@pytest.mark.gpu
+def test_materialize_sums_is_materialize_and_step(backend):
+    _check_materialize_sums(backend, "cuda")
+
+
+@pytest.mark.gpu
+def test_refine_ends_on_the_fused_pass(backend):
+    """A cuda refine writes Q with its last Newton pass and agrees with the cpu backend's."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(3 * torch.randn(20_000, 100, generator=g), 1)
+    mask = p.argmax(1) == 0
+    q, info = ppu_fast.refine(p.cuda(), mask.cuda(), backend="cuda", return_info=True)
+    q_cpu = ppu_fast.refine(p, mask, backend="cpu")
+    assert info.converged and info.materialized
+    torch.testing.assert_close(q.cpu(), q_cpu, rtol=0, atol=2e-6)
 
 
 @pytest.mark.gpu
@@ -524,6 +587,46 @@ def test_emulated_step_and_materialize(emulated, case):
             continue  # the oracle's dense k x k work dominates; the GPU tests cover it
         check_step(emulated, log_p, inv_c, alpha, hessian)
     check_materialize(emulated, log_p, inv_c, alpha)
+
+
+def test_emulated_materialize_sums(emulated):
+    _check_materialize_sums(emulated, "cpu")
+
+
+@pytest.mark.parametrize("k", [10, 40])
+def test_emulated_refine_ends_on_the_fused_pass(emulated, monkeypatch, k):
+    """The whole refine on the emulated kernels (prepare, steps, step_write as the last pass):
+    it ends on the pass that writes Q, and Q is the cpu backend's."""
+    import ppu_fast.api as api
+    g = torch.Generator().manual_seed(5)
+    p = torch.softmax(3 * torch.randn(3001, k, generator=g), 1)
+    mask = p.argmax(1) == 0
+    q_cpu, info_cpu = ppu_fast.refine(p, mask, backend="cpu", return_info=True)
+    monkeypatch.setattr(api, "get_backend", lambda name, t: emulated)
+    q, info = ppu_fast.refine(p, mask, return_info=True)
+    assert info.converged and info.materialized and info.backend == "cuda"
+    assert info.iterations == info_cpu.iterations
+    torch.testing.assert_close(q, q_cpu, rtol=0, atol=2e-6)
+
+
+def test_emulated_step_write_refuses_what_it_cannot_serve(emulated):
+    """step_write: k <= ROW_K, no Hessian mode, a known out dtype; named errors."""
+    from ppu_fast.backends import cuda as cb
+    mod = cb._module()
+    with pytest.raises(ValueError, match="step_write serves k <= 1024"):
+        mod.plan_step(10, 1025, 0, 0, 0, True)
+    with pytest.raises(ValueError, match="no Hessian"):
+        mod.plan_step(10, 10, 1, 0, 0, True)
+    log_p, inv_c, alpha = make_case(10, 4, seed=1)
+    a32 = alpha.float()
+    ws = torch.empty(4096, dtype=torch.float64)
+    res = torch.empty(8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="out dtype code"):
+        mod.step_write(log_p.data_ptr(), 0, 10, 4, 4, 1, inv_c.data_ptr(), a32.data_ptr(),
+                       ws.data_ptr(), 4096, res.data_ptr(), log_p.data_ptr(), 7, 4, 1, 0, 0)
+    with pytest.raises(ValueError, match="needs q_out"):
+        mod.step_write(log_p.data_ptr(), 0, 10, 4, 4, 1, inv_c.data_ptr(), a32.data_ptr(),
+                       ws.data_ptr(), 4096, res.data_ptr(), 0, 0, 4, 1, 0, 0)
 
 
 @pytest.mark.parametrize("k", [3, 17, 32, 33, 100, 1000])

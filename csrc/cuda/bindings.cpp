@@ -30,11 +30,12 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("LOG_P") = static_cast<int>(ppu_cuda::kLogP);
 
   m.def("plan_step", &ppu_cuda::plan_step, py::arg("n"), py::arg("k"), py::arg("mode"),
-        py::arg("dtype"), py::arg("device"),
+        py::arg("dtype"), py::arg("device"), py::arg("write") = false,
         "(rows, width, workspace) of step() on CUDA device `device`: the per-block partial rows "
         "the result sums, doubles per row, and the float64 workspace to allocate. Row layout: "
         "[0, k) column sums, [k] sum log Z / inv_c, then the Hessian diagonal (k, modes 1 and 2) "
-        "and the sampled W (k x k row-major, strict upper triangle, mode 2, k <= SMALL_K only).");
+        "and the sampled W (k x k row-major, strict upper triangle, mode 2, k <= SMALL_K only). "
+        "write: the plan of step_write (mode 0, k <= ROW_K).");
   m.def("plan_materialize", &ppu_cuda::plan_materialize, py::arg("n"), py::arg("k"),
         py::arg("dtype"), py::arg("device"), "Number of blocks materialize() uses on `device`.");
   m.def("step", &ppu_cuda::step, py::arg("log_p"), py::arg("dtype"), py::arg("n"), py::arg("k"),
@@ -48,6 +49,15 @@ PYBIND11_MODULE(_cuda, m) {
         "sample (mode 2); workspace: workspace_size float64 (at least plan_step's, 16-byte "
         "aligned); out: (width,) float64, receives the fixed-order sum of the partial rows. "
         "Asynchronous; raises RuntimeError naming the CUDA error if a launch fails.");
+  m.def("step_write", &ppu_cuda::step_write, py::arg("log_p"), py::arg("dtype"), py::arg("n"),
+        py::arg("k"), py::arg("stride_row"), py::arg("stride_col"), py::arg("inv_c"),
+        py::arg("alpha"), py::arg("workspace"), py::arg("workspace_size"), py::arg("out"),
+        py::arg("q_out"), py::arg("q_dtype"), py::arg("q_row"), py::arg("q_col"),
+        py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "step (mode 0) that also writes Q into q_out (dtype code q_dtype: float32, float16, "
+        "bfloat16 or float64; element strides q_row, q_col; may be log_p) and sums the values "
+        "written: Newton's last pass. k <= ROW_K; workspace: plan_step(..., write=True)'s. "
+        "Asynchronous.");
   m.def("materialize", &ppu_cuda::materialize, py::arg("log_p"), py::arg("dtype"), py::arg("n"),
         py::arg("k"), py::arg("stride_row"), py::arg("stride_col"), py::arg("inv_c"),
         py::arg("alpha"), py::arg("out"), py::arg("out_dtype"), py::arg("out_row"),

@@ -7,7 +7,8 @@
 //   row's maximum taken from the row's other entries (see common.cuh), and, for k <= kSmallK,
 //   the sampled weights W_ab = sum_{i in S} inv_c_i q_ia q_ib (a < b) over the contract's row
 //   sample S (16-row blocks b with b % m == 0); the launcher assembles H = assemble_hessian(d, W).
-// `materialize` writes Q. Conventions (float32 arithmetic, float64 row sums, determinism without
+// `materialize` writes Q; `step_write` is the step without a Hessian that also writes Q (the same
+// values as materialize's) over the rows it reads, for Newton's last pass (k <= kRowK). Conventions (float32 arithmetic, float64 row sums, determinism without
 // atomics): common.cuh. Design and measurements: docs/cuda_notes.md.
 //
 // Kernel families by k (thresholds kSmallK = 32 and kRowK = 1024 in ppu_cuda.h):
@@ -84,11 +85,18 @@ __device__ __forceinline__ void row_softmax_small(const T* __restrict__ r, int64
 
 // (An explicit minimum of blocks per SM: without one, ptxas capped the W variant at 64
 // registers and spilled.)
-template <int KMAX, typename T, int MODE>
-__global__ void __launch_bounds__(kBlock, MODE == kFullHessian ? 2 : 1)
+// kOut (MODE kNoHessian only): Q is also written into qout (dtype code qdt, element strides
+// qrow / qcol), the values materialize_small_kernel writes, and the column sums are of those
+// values. A thread holds its whole row in registers before storing any of it, so qout may be lp.
+// (kOut: at least 2 blocks per SM as well: left at 1, ptxas spent 238 registers on the float64
+// row sums' conversions and products, hoisted for ILP, and one block of 8 warps per SM.)
+template <int KMAX, typename T, int MODE, bool kOut = false>
+__global__ void __launch_bounds__(kBlock, MODE == kFullHessian || kOut ? 2 : 1)
     step_small_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow, int64_t scol,
                       const float* __restrict__ inv_c, const float* __restrict__ alpha,
-                      int64_t hstride, double* __restrict__ ws, int64_t width) {
+                      int64_t hstride, double* __restrict__ ws, int64_t width,
+                      void* qout = nullptr, int qdt = 0, int64_t qrow = 0, int64_t qcol = 0) {
+  static_assert(!kOut || MODE == kNoHessian, "step_write has no Hessian");
   constexpr bool kDiag = MODE != kNoHessian;
   constexpr bool kFull = MODE == kFullHessian;
   using PW = PairWork<KMAX>;
@@ -114,6 +122,40 @@ __global__ void __launch_bounds__(kBlock, MODE == kFullHessian ? 2 : 1)
       float lz;
       row_softmax_small<KMAX, T, kDiag>(lp + row * srow, scol, k, w, alpha, q, qmax, rest, lz);
       wl += static_cast<double>(lz) / static_cast<double>(w);
+      if (kOut) {  // materialize_small_kernel's arithmetic, to the bit
+        double sd = 0.0;
+#pragma unroll
+        for (int j = 0; j < KMAX; ++j) {
+          if (j < k) sd += q[j];
+        }
+        const double rd = 1.0 / sd;
+        // store_d's rounding, with the dtype's branch outside the loops: doubles shared by a
+        // float64 store and the float q (or kept across a branch per store) took KMAX = 32 from
+        // 96 to 232 registers.
+        if (qdt == kFloat64) {
+#pragma unroll
+          for (int j = 0; j < KMAX; ++j) {
+            const double v = q[j] * rd;
+            if (j < k) static_cast<double*>(qout)[row * qrow + j * qcol] = v;
+            q[j] = __double2float_rn(v);
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < KMAX; ++j) q[j] = __double2float_rn(q[j] * rd);  // padding: 0
+          if (qdt == kFloat32) {
+            float* o = static_cast<float*>(qout) + row * qrow;
+#pragma unroll
+            for (int j = 0; j < KMAX; ++j) {
+              if (j < k) o[j * qcol] = q[j];
+            }
+          } else {
+#pragma unroll
+            for (int j = 0; j < KMAX; ++j) {
+              if (j < k) store(qout, row * qrow + j * qcol, qdt, q[j]);
+            }
+          }
+        }
+      }
     } else {
 #pragma unroll
       for (int j = 0; j < KMAX; ++j) q[j] = 0.0f;
@@ -272,11 +314,18 @@ __device__ __forceinline__ void stage_flush(const float (&f)[EPL], float* stage,
   __syncthreads();  // the stage is rewritten next
 }
 
-template <int EPL, int WPR, typename T, bool DIAG>
+// kOut (not with DIAG): Q is also written into qout, normalised like materialize_row_kernel's by
+// the row's float64 sum of e (for a pair of warps, the two halves' float64 sums added, so a
+// stored value can differ from materialize's in the last bit), and the column sums are of the
+// values written. Every load of a row precedes the warp's (pair's) shuffles and barriers, and
+// each lane stores only entries it loaded: qout may be lp.
+template <int EPL, int WPR, typename T, bool DIAG, bool kOut = false>
 __global__ void __launch_bounds__(kBlock, 2)
     step_row_kernel(const T* __restrict__ lp, int64_t n, int k, int64_t srow, int64_t scol,
                     const float* __restrict__ inv_c, const float* __restrict__ alpha,
-                    double* __restrict__ ws, int64_t width) {
+                    double* __restrict__ ws, int64_t width, void* qout = nullptr, int qdt = 0,
+                    int64_t qrow = 0, int64_t qcol = 0) {
+  static_assert(!(kOut && DIAG), "step_write has no Hessian");
   constexpr int kCols = 32 * EPL * WPR;
   constexpr int kPer = (kCols + kBlock - 1) / kBlock;
   constexpr int kOwners = kWarps / WPR;
@@ -284,6 +333,7 @@ __global__ void __launch_bounds__(kBlock, 2)
   __shared__ float stage[kOwners * kCols];
   __shared__ float salpha[kCols];
   __shared__ float xch[kOwners * 8];
+  __shared__ double xchd[kOut && WPR == 2 ? kOwners * 2 : 1];
   __shared__ double sred[kWarps];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -325,11 +375,38 @@ __global__ void __launch_bounds__(kBlock, 2)
       my_w = lane == i ? w : my_w;
       ++done;
       rest *= rinv;
+      if (kOut) {
+        const int c0 = h * 32 * EPL + lane;
+        double sd = 0.0;
 #pragma unroll
-      for (int u = 0; u < EPL; ++u) {
-        const float q = e[u] * rinv;
-        fc[u] += q;
-        if (DIAG) fd[u] += (q * (e[u] == 1.0f ? rest : 1.0f - q)) * w;
+        for (int u = 0; u < EPL; ++u) {
+          if (c0 + 32 * u < k) sd += e[u];
+        }
+        sd = warp_sum_double(sd);
+        if (WPR == 2) {
+          // The pair's previous row read xchd before reaching row_exp's barriers of this row.
+          if (lane == 0) xchd[owner * 2 + h] = sd;
+          pair_sync(1 + owner);
+          sd = xchd[owner * 2] + xchd[owner * 2 + 1];  // same operands, same order, in both
+        }
+        const double rd = 1.0 / sd;
+#pragma unroll
+        for (int u = 0; u < EPL; ++u) {
+          const int j = c0 + 32 * u;
+          if (j < k) {  // store_d's rounding (padding entries have e = 0 and add nothing)
+            if (qdt == kFloat64) static_cast<double*>(qout)[row * qrow + j * qcol] = e[u] * rd;
+            const float q = __double2float_rn(e[u] * rd);
+            if (qdt != kFloat64) store(qout, row * qrow + j * qcol, qdt, q);
+            fc[u] += q;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < EPL; ++u) {
+          const float q = e[u] * rinv;
+          fc[u] += q;
+          if (DIAG) fd[u] += (q * (e[u] == 1.0f ? rest : 1.0f - q)) * w;
+        }
       }
     }
     if (h == 0 && lane < done)
@@ -613,8 +690,10 @@ void check_strides(int64_t stride_row, int64_t stride_col) {
     throw std::invalid_argument("ppu_fast._cuda: strides must be >= 0");
 }
 
+// mode -1: step_write's kernel (no Hessian, Q written).
 template <int KM, typename T>
 const void* small_step_func(int mode) {
+  if (mode < 0) return PPU_KERNEL(step_small_kernel<KM, T, kNoHessian, true>);
   if (mode == kNoHessian) return PPU_KERNEL(step_small_kernel<KM, T, kNoHessian>);
   if (mode == kDiagHessian)
     return PPU_KERNEL(step_small_kernel<KM, T, kDiagHessian>);
@@ -623,6 +702,7 @@ const void* small_step_func(int mode) {
 
 template <int EPL, int WPR, typename T>
 const void* row_step_func(int mode) {
+  if (mode < 0) return PPU_KERNEL(step_row_kernel<EPL, WPR, T, false, true>);
   return mode == kNoHessian ? PPU_KERNEL(step_row_kernel<EPL, WPR, T, false>)
                             : PPU_KERNEL(step_row_kernel<EPL, WPR, T, true>);
 }
@@ -720,10 +800,11 @@ struct StepPlan {
 
 constexpr int64_t kMaxWorkspacePartials = int64_t{1} << 22;  // 32 MB of float64 partial rows
 
-StepPlan make_step_plan(int64_t n, int64_t k, int mode, int dtype, int device) {
+// write: step_write's plan (mode kNoHessian, the kernels that also write Q; k <= kRowK).
+StepPlan make_step_plan(int64_t n, int64_t k, int mode, int dtype, int device, bool write = false) {
   StepPlan p{};
   p.width = width_for(k, mode);
-  const void* f = step_func(dtype, k, mode);
+  const void* f = step_func(dtype, k, write ? -1 : mode);
   switch (family_for(k)) {
     case kSmall:
       p.grid = persistent_grid(f, kBlock, n, kBlock, device);
@@ -778,12 +859,28 @@ void launch_reduce(const double* ws, int64_t rows, int64_t width, double* out, c
 
 }  // namespace
 
+static void check_write(int64_t k, int mode, int out_dtype, int64_t out_row, int64_t out_col) {
+  if (k > kRowK)
+    throw std::invalid_argument("ppu_fast._cuda: step_write serves k <= " +
+                                std::to_string(kRowK) + ", got k = " + std::to_string(k));
+  if (mode != kNoHessian)
+    throw std::invalid_argument("ppu_fast._cuda: step_write has no Hessian (mode 0), got " +
+                                std::to_string(mode));
+  if (out_dtype != kFloat32 && out_dtype != kFloat16 && out_dtype != kBFloat16 &&
+      out_dtype != kFloat64)
+    throw std::invalid_argument("ppu_fast._cuda: out dtype code must be 0, 1, 2 or 3, got " +
+                                std::to_string(out_dtype));
+  if (out_row < 0 || out_col < 0)
+    throw std::invalid_argument("ppu_fast._cuda: out strides must be >= 0");
+}
+
 std::tuple<int64_t, int64_t, int64_t> plan_step(int64_t n, int64_t k, int mode, int dtype,
-                                                int device) {
+                                                int device, bool write) {
   check_shape(dtype, n, k);
   width_for(k, mode);  // validates mode before any CUDA call
+  if (write) check_write(k, mode, kFloat32, 0, 0);
   DeviceGuard guard(device);
-  const StepPlan p = make_step_plan(n, k, mode, dtype, device);
+  const StepPlan p = make_step_plan(n, k, mode, dtype, device, write);
   return {p.rows, p.width, p.size};
 }
 
@@ -794,19 +891,26 @@ int64_t plan_materialize(int64_t n, int64_t k, int dtype, int device) {
   return persistent_grid(materialize_func(dtype, k), kBlock, n, rows_per_block, device);
 }
 
-void step(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row, int64_t stride_col,
-          uintptr_t inv_c, uintptr_t alpha, int mode, int64_t hess_stride, uintptr_t workspace,
-          int64_t workspace_size, uintptr_t out, int device, uintptr_t stream) {
+namespace {
+
+// step() and step_write(): q_out == 0 for the plain step.
+void step_impl(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row,
+               int64_t stride_col, uintptr_t inv_c, uintptr_t alpha, int mode,
+               int64_t hess_stride, uintptr_t workspace, int64_t workspace_size, uintptr_t out,
+               uintptr_t q_out, int q_dtype, int64_t q_row, int64_t q_col, int device,
+               uintptr_t stream) {
+  const bool write = q_out != 0;
   check_shape(dtype, n, k);
   check_strides(stride_row, stride_col);
   width_for(k, mode);
+  if (write) check_write(k, mode, q_dtype, q_row, q_col);
   if (hess_stride < 1)
     throw std::invalid_argument("ppu_fast._cuda: hess_stride must be >= 1, got " +
                                 std::to_string(hess_stride));
   if (workspace % 16 != 0)
     throw std::invalid_argument("ppu_fast._cuda: workspace must be 16-byte aligned");
   DeviceGuard guard(device);
-  const StepPlan p = make_step_plan(n, k, mode, dtype, device);
+  const StepPlan p = make_step_plan(n, k, mode, dtype, device, write);
   if (workspace_size < p.size)
     throw std::invalid_argument("ppu_fast._cuda: workspace holds " +
                                 std::to_string(workspace_size) + " doubles, the plan needs " +
@@ -821,16 +925,21 @@ void step(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row, 
   const float* a_alpha = reinterpret_cast<const float*>(alpha);
   double* a_ws = reinterpret_cast<double*>(workspace);
   double* a_out = reinterpret_cast<double*>(out);
-  const void* f = step_func(dtype, k, mode);
+  void* a_q = reinterpret_cast<void*>(q_out);
+  int a_qdt = q_dtype;
+  int64_t a_qrow = q_row, a_qcol = q_col;
+  const void* f = step_func(dtype, k, write ? -1 : mode);
   switch (family_for(k)) {
     case kSmall: {
-      void* args[] = {&a_lp, &a_n, &a_k, &a_srow, &a_scol, &a_inv, &a_alpha, &a_m, &a_ws, &a_width};
+      void* args[] = {&a_lp, &a_n,   &a_k,     &a_srow, &a_scol, &a_inv,  &a_alpha,
+                      &a_m,  &a_ws,  &a_width, &a_q,    &a_qdt,  &a_qrow, &a_qcol};
       launch(f, p.grid, args, st, "launch of step_small_kernel");
       launch_reduce(a_ws, p.rows, p.width, a_out, st);
       break;
     }
     case kRow: {
-      void* args[] = {&a_lp, &a_n, &a_k, &a_srow, &a_scol, &a_inv, &a_alpha, &a_ws, &a_width};
+      void* args[] = {&a_lp, &a_n,     &a_k, &a_srow, &a_scol, &a_inv, &a_alpha,
+                      &a_ws, &a_width, &a_q, &a_qdt,  &a_qrow, &a_qcol};
       launch(f, p.grid, args, st, "launch of step_row_kernel");
       launch_reduce(a_ws, p.rows, p.width, a_out, st);
       break;
@@ -851,6 +960,24 @@ void step(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row, 
       break;
     }
   }
+}
+
+}  // namespace
+
+void step(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row, int64_t stride_col,
+          uintptr_t inv_c, uintptr_t alpha, int mode, int64_t hess_stride, uintptr_t workspace,
+          int64_t workspace_size, uintptr_t out, int device, uintptr_t stream) {
+  step_impl(log_p, dtype, n, k, stride_row, stride_col, inv_c, alpha, mode, hess_stride,
+            workspace, workspace_size, out, 0, 0, 0, 0, device, stream);
+}
+
+void step_write(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row,
+                int64_t stride_col, uintptr_t inv_c, uintptr_t alpha, uintptr_t workspace,
+                int64_t workspace_size, uintptr_t out, uintptr_t q_out, int q_dtype,
+                int64_t q_row, int64_t q_col, int device, uintptr_t stream) {
+  if (q_out == 0) throw std::invalid_argument("ppu_fast._cuda: step_write needs q_out");
+  step_impl(log_p, dtype, n, k, stride_row, stride_col, inv_c, alpha, kNoHessian, 1, workspace,
+            workspace_size, out, q_out, q_dtype, q_row, q_col, device, stream);
 }
 
 void materialize(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row,

@@ -34,8 +34,9 @@ constexpr int64_t kRowK = 1024;
 // (16-byte aligned). Row layout: [0, k) column sums | [k] sum_i log Z_i / inv_c_i |
 //   [k+1, 2k+1) Hessian diagonal (modes 1, 2) | [2k+1, 2k+1+k*k) W row-major (mode 2; the strict
 //   upper triangle, zeros elsewhere).
+// write: the plan of step_write (mode 0, k <= kRowK).
 std::tuple<int64_t, int64_t, int64_t> plan_step(int64_t n, int64_t k, int mode, int dtype,
-                                                int device);
+                                                int device, bool write = false);
 
 // Number of blocks materialize() uses on `device`.
 int64_t plan_materialize(int64_t n, int64_t k, int dtype, int device);
@@ -48,6 +49,15 @@ int64_t plan_materialize(int64_t n, int64_t k, int dtype, int device);
 void step(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row, int64_t stride_col,
           uintptr_t inv_c, uintptr_t alpha, int mode, int64_t hess_stride, uintptr_t workspace,
           int64_t workspace_size, uintptr_t out, int device, uintptr_t stream);
+
+// step() without a Hessian (mode 0) that also writes Q into q_out (dtype code q_dtype, element
+// strides q_row / q_col; the values materialize writes, to the last bit for k <= 512), summing
+// the values written: Newton's last pass. q_out may be log_p. k <= kRowK; the workspace is
+// plan_step(..., write = true)'s.
+void step_write(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row,
+                int64_t stride_col, uintptr_t inv_c, uintptr_t alpha, uintptr_t workspace,
+                int64_t workspace_size, uintptr_t out, uintptr_t q_out, int q_dtype,
+                int64_t q_row, int64_t q_col, int device, uintptr_t stream);
 
 // Writes Q (n x k) into out (dtype code out_dtype, element strides out_row / out_col).
 void materialize(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t stride_row,

@@ -98,19 +98,27 @@ def _stream(dev: torch.device) -> int:
 
 
 def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
-                 mode: int) -> torch.Tensor:
+                 mode: int, q: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the step kernels on ``log_p`` (N x k, CUDA, any strides); returns the float64 vector
     ``[colsum (k) | wlogz (1) | d (k, modes 1 and 2) | W (k x k row-major, mode 2)]``.
 
     ``inv_c`` (N,) float32 and ``alpha32`` (k,) float32 must be contiguous on ``log_p``'s device.
+    ``q``: also write Q there (N x k, any strides, may be ``log_p``; mode 0, k <= ROW_K), in the
+    same pass (``step_write``); the column sums are then of the values written.
     """
     mod = _module()
     n, k = log_p.shape
     dev = log_p.device
     code = _IN_CODES[log_p.dtype]
-    _, width, size = mod.plan_step(n, k, mode, code, dev.index)
+    _, width, size = mod.plan_step(n, k, mode, code, dev.index, q is not None)
     workspace = torch.empty(max(size, 2), dtype=torch.float64, device=dev)
     out = torch.empty(width, dtype=torch.float64, device=dev)
+    if q is not None:
+        mod.step_write(log_p.data_ptr(), code, n, k, log_p.stride(0), log_p.stride(1),
+                       inv_c.data_ptr(), alpha32.data_ptr(), workspace.data_ptr(),
+                       workspace.numel(), out.data_ptr(), q.data_ptr(), _OUT_CODES[q.dtype],
+                       q.stride(0), q.stride(1), dev.index, _stream(dev))
+        return out
     m = hessian_stride(n, k) if mode == _FULL_HESSIAN else 1
     mod.step(log_p.data_ptr(), code, n, k, log_p.stride(0), log_p.stride(1), inv_c.data_ptr(),
              alpha32.data_ptr(), mode, m, workspace.data_ptr(), workspace.numel(), out.data_ptr(),
@@ -312,3 +320,26 @@ class CudaBackend(Backend):
                             f"expected one of {[str(d) for d in _OUT_CODES]}")
         _launch_materialize(log_p, inv_c.contiguous(), alpha.to(torch.float32).contiguous(), out)
         return out
+
+    fused_materialize = True
+
+    def materialize_sums(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+                         out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``materialize`` into ``out`` (may be ``log_p``) and ``step``'s (colsum (k,), wlogz ())
+        float64 at the same alpha: one pass (``step_write``) for k <= ROW_K, whose Q is
+        materialize's (to the last bit up to k = 512; a pair of warps per row above that adds
+        the row's float64 sum in another order); wider rows take a step, then materialize (no
+        pass saved, the same results)."""
+        check_step_args(log_p, inv_c, alpha, out=out)
+        self._require(log_p)
+        if out.dtype not in _OUT_CODES:
+            raise TypeError(f"out: dtype {out.dtype} is not supported by the cuda backend; "
+                            f"expected one of {[str(d) for d in _OUT_CODES]}")
+        n, k = log_p.shape
+        if n == 0 or k > _module().ROW_K:
+            colsum, wlogz, _ = self.step(log_p, inv_c, alpha, False)
+            self.materialize(log_p, inv_c, alpha, out)
+            return colsum, wlogz
+        res = _launch_step(log_p, inv_c.contiguous(), alpha.to(torch.float32).contiguous(),
+                           _NO_HESSIAN, q=out)
+        return res[:k], res[k]
