@@ -690,6 +690,16 @@ void check_strides(int64_t stride_row, int64_t stride_col) {
     throw std::invalid_argument("ppu_fast._cuda: strides must be >= 0");
 }
 
+// An output of Q: its dtype code and element strides.
+void check_out(int out_dtype, int64_t out_row, int64_t out_col) {
+  if (out_dtype != kFloat32 && out_dtype != kFloat16 && out_dtype != kBFloat16 &&
+      out_dtype != kFloat64)
+    throw std::invalid_argument("ppu_fast._cuda: out dtype code must be 0, 1, 2 or 3, got " +
+                                std::to_string(out_dtype));
+  if (out_row < 0 || out_col < 0)
+    throw std::invalid_argument("ppu_fast._cuda: out strides must be >= 0");
+}
+
 // mode -1: step_write's kernel (no Hessian, Q written).
 template <int KM, typename T>
 const void* small_step_func(int mode) {
@@ -866,12 +876,7 @@ static void check_write(int64_t k, int mode, int out_dtype, int64_t out_row, int
   if (mode != kNoHessian)
     throw std::invalid_argument("ppu_fast._cuda: step_write has no Hessian (mode 0), got " +
                                 std::to_string(mode));
-  if (out_dtype != kFloat32 && out_dtype != kFloat16 && out_dtype != kBFloat16 &&
-      out_dtype != kFloat64)
-    throw std::invalid_argument("ppu_fast._cuda: out dtype code must be 0, 1, 2 or 3, got " +
-                                std::to_string(out_dtype));
-  if (out_row < 0 || out_col < 0)
-    throw std::invalid_argument("ppu_fast._cuda: out strides must be >= 0");
+  check_out(out_dtype, out_row, out_col);
 }
 
 std::tuple<int64_t, int64_t, int64_t> plan_step(int64_t n, int64_t k, int mode, int dtype,
@@ -988,12 +993,7 @@ void materialize(uintptr_t log_p, int dtype, int64_t n, int64_t k, int64_t strid
   check_strides(stride_row, stride_col);
   if (grid < 1 || grid > std::numeric_limits<int>::max())
     throw std::invalid_argument("ppu_fast._cuda: grid must be >= 1, got " + std::to_string(grid));
-  if (out_dtype != kFloat32 && out_dtype != kFloat16 && out_dtype != kBFloat16 &&
-      out_dtype != kFloat64)
-    throw std::invalid_argument("ppu_fast._cuda: out dtype code must be 0, 1, 2 or 3, got " +
-                                std::to_string(out_dtype));
-  if (out_row < 0 || out_col < 0)
-    throw std::invalid_argument("ppu_fast._cuda: out strides must be >= 0");
+  check_out(out_dtype, out_row, out_col);
   const void* f = materialize_func(dtype, k);
   DeviceGuard guard(device);
   if (n == 0) return;
