@@ -8,8 +8,9 @@
 //   the sampled weights W_ab = sum_{i in S} inv_c_i q_ia q_ib (a < b) over the contract's row
 //   sample S (16-row blocks b with b % m == 0); the launcher assembles H = assemble_hessian(d, W).
 // `materialize` writes Q; `step_write` is the step without a Hessian that also writes Q (the same
-// values as materialize's) over the rows it reads, for Newton's last pass (k <= kRowK). Conventions (float32 arithmetic, float64 row sums, determinism without
-// atomics): common.cuh. Design and measurements: docs/cuda_notes.md.
+// values as materialize's) over the rows it reads, for Newton's last pass (k <= kRowK).
+// Conventions (float32 arithmetic, float64 row sums, determinism without atomics): common.cuh.
+// Design and measurements: docs/cuda_notes.md.
 //
 // Kernel families by k (thresholds kSmallK = 32 and kRowK = 1024 in ppu_cuda.h):
 //   k <= 32         "small": one row per thread, held in registers (KMAX = 4, 8, 16, 32 slots),
@@ -129,9 +130,7 @@ __global__ void __launch_bounds__(kBlock, MODE == kFullHessian || kOut ? 2 : 1)
           if (j < k) sd += q[j];
         }
         const double rd = 1.0 / sd;
-        // store_d's rounding, with the dtype's branch outside the loops: doubles shared by a
-        // float64 store and the float q (or kept across a branch per store) took KMAX = 32 from
-        // 96 to 232 registers.
+        // store_d's rounding (double -> float -> the dtype), the dtype's branch outside the loops.
         if (qdt == kFloat64) {
 #pragma unroll
           for (int j = 0; j < KMAX; ++j) {
