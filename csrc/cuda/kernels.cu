@@ -141,17 +141,9 @@ __global__ void __launch_bounds__(kBlock, MODE == kFullHessian || kOut ? 2 : 1)
         } else {
 #pragma unroll
           for (int j = 0; j < KMAX; ++j) q[j] = __double2float_rn(q[j] * rd);  // padding: 0
-          if (qdt == kFloat32) {
-            float* o = static_cast<float*>(qout) + row * qrow;
 #pragma unroll
-            for (int j = 0; j < KMAX; ++j) {
-              if (j < k) o[j * qcol] = q[j];
-            }
-          } else {
-#pragma unroll
-            for (int j = 0; j < KMAX; ++j) {
-              if (j < k) store(qout, row * qrow + j * qcol, qdt, q[j]);
-            }
+          for (int j = 0; j < KMAX; ++j) {
+            if (j < k) store(qout, row * qrow + j * qcol, qdt, q[j]);
           }
         }
       }

@@ -241,6 +241,15 @@ class Backend:
         read before it is written). The solver's last Newton pass (``solver.FinalPass``)."""
         raise NotImplementedError
 
+    def step_then_materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor,
+                              alpha: torch.Tensor, out: torch.Tensor
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``materialize_sums``'s results in two passes (a step, then materialize): for the
+        shapes a backend's fused kernel does not serve. No pass saved, the same results."""
+        colsum, wlogz, _ = self.step(log_p, inv_c, alpha, False)
+        self.materialize(log_p, inv_c, alpha, out)
+        return colsum, wlogz
+
 
 def _check_matrix(t, name: str, dtypes) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 2:

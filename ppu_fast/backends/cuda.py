@@ -313,13 +313,18 @@ class CudaBackend(Backend):
                     out: torch.Tensor) -> torch.Tensor:
         """Write Q(alpha) (N x k) into ``out`` (same shape and device; float32, float16, bfloat16
         or float64; any strides) and return ``out``."""
+        self._check_materialize(log_p, inv_c, alpha, out)
+        _launch_materialize(log_p, inv_c.contiguous(), alpha.to(torch.float32).contiguous(), out)
+        return out
+
+    def _check_materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+                           out: torch.Tensor) -> None:
+        """The arguments of materialize / materialize_sums, with out's dtype one we write."""
         check_step_args(log_p, inv_c, alpha, out=out)
         self._require(log_p)
         if out.dtype not in _OUT_CODES:
             raise TypeError(f"out: dtype {out.dtype} is not supported by the cuda backend; "
                             f"expected one of {[str(d) for d in _OUT_CODES]}")
-        _launch_materialize(log_p, inv_c.contiguous(), alpha.to(torch.float32).contiguous(), out)
-        return out
 
     fused_materialize = True
 
@@ -330,16 +335,10 @@ class CudaBackend(Backend):
         materialize's (to the last bit up to k = 512; a pair of warps per row above that adds
         the row's float64 sum in another order); wider rows take a step, then materialize (no
         pass saved, the same results)."""
-        check_step_args(log_p, inv_c, alpha, out=out)
-        self._require(log_p)
-        if out.dtype not in _OUT_CODES:
-            raise TypeError(f"out: dtype {out.dtype} is not supported by the cuda backend; "
-                            f"expected one of {[str(d) for d in _OUT_CODES]}")
+        self._check_materialize(log_p, inv_c, alpha, out)
         n, k = log_p.shape
         if n == 0 or k > _module().ROW_K:
-            colsum, wlogz, _ = self.step(log_p, inv_c, alpha, False)
-            self.materialize(log_p, inv_c, alpha, out)
-            return colsum, wlogz
+            return self.step_then_materialize(log_p, inv_c, alpha, out)
         res = _launch_step(log_p, inv_c.contiguous(), alpha.to(torch.float32).contiguous(),
                            _NO_HESSIAN, q=out)
         return res[:k], res[k]

@@ -1378,9 +1378,7 @@ class TritonBackend(Backend):
         rows take a step, then materialize (no pass saved, the same results)."""
         n, k = self._check_materialize(log_p, inv_c, alpha, out)
         if n == 0 or _next_pow2(k) > self.max_single_block_k:
-            colsum, wlogz, _ = self.step(log_p, inv_c, alpha, False)
-            self.materialize(log_p, inv_c, alpha, out)
-            return colsum, wlogz
+            return self.step_then_materialize(log_p, inv_c, alpha, out)
         with _on_device(log_p.device):
             return _launch_materialize(log_p, inv_c, alpha.float().contiguous(), out,
                                        self.max_single_block_k, self.online_block_k, stats=True)
