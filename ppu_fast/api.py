@@ -46,7 +46,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         lam: weight of the retain rows, in [1e-30, 1e30] (forget rows weigh 1).
         pseudo: what replaces the forget rows: "uniform"; "random" (softmax of standard-normal
             draws, the paper's text); "random-simplex" (uniform draws normalised, the official
-            PPU code); "prior" (the retain rows' mean); probabilities (N_forget x k); or None:
+            PPU code); "prior" (the retain rows' mean); probabilities (N_forget x k), row j for
+            the j-th index of ``forget_mask`` (for a bool mask: the forget rows in order); or None:
             the input's forget rows already hold their pseudo-probabilities (the input is P^).
         marginals: the class totals M: "retain" (the retain rows' mix scaled to N), "original"
             (the input's totals; with ``pseudo=None`` these are P^'s totals), "pseudo" (P^'s own
@@ -64,7 +65,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
             torch's ``out=``: reusing a buffer saves allocating and first-touching N x k memory
             (on a CPU, where the kernel zeroes every fresh page, about one to one and a half
             solver passes even with the huge pages ``refine`` asks for). It may be the input
-            itself, which is then overwritten with Q.
+            itself, which is then overwritten with Q (and, when a row of it fails validation,
+            left partly overwritten: the one pass validates and writes).
         process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``): each
             rank passes its own rows (``probs`` / ``logits`` N_rank x k, ``forget_mask`` and
             ``weights`` over those rows, ``pseudo`` tensors for its forget rows) and gets its own
@@ -100,7 +102,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
             raise ValueError(f"weights, lam: pass one of them (weights give every row's c_i; "
                              f"lam = {lam!r} would set the retain rows' weight)")
         c_user = pb.check_weights(weights, n).numpy()
-    mask = pb.forget_rows(forget_mask, n)
+    mask, pseudo = pb.forget_and_pseudo(forget_mask, n, pseudo)
     n_forget = int(np.count_nonzero(mask))
     kind, pseudo_t = pb.pseudo_log(pseudo, n_forget, k, generator, sdt)
     pb.check_marginals_arg(marginals, n, k)
@@ -137,9 +139,12 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     # Rows the caller already replaced (pseudo=None) are read like the others: prepare then sums
     # every row as retained, and the forget rows' share is split off below from a gather of them.
     given = kind == "given" and n_forget > 0
+    in_place = pb._overlaps(out, x)
+    # Their sums are gathered before prepare, which overwrites the input when out= is the input.
+    colsum_given = pb.normalised_row_sums(x[mask_dev], mode) if given else None
     fill_buffer = functools.partial(be.prepare, x, mode, None if given else mask_dev, fill, out)
     prep = fill_buffer(inv_c if final_rows else None, hmode, tol_rows)
-    pb.raise_row_error(prep.error, x, mode, name, tol_rows)
+    pb.raise_row_error(prep.error, x, mode, name, tol_rows, overwritten=in_place)
     t2 = time.perf_counter()
     if k == 1:
         info = RefineInfo(iterations=0, converged=True, residual=0.0, history=[0.0],
@@ -151,7 +156,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
         return (q, info) if return_info else q
     colsum_retain, colsum_forget = prep.retain_sums, prep.forget_sums
     if given:
-        colsum_forget = pb.normalised_row_sums(x[mask_dev], mode)
+        colsum_forget = colsum_given
         colsum_retain = colsum_retain - colsum_forget
     n_retain = n - n_forget
     pseudo_t, pseudo_colsum = pb.pseudo_totals(kind, pseudo_t, colsum_retain, colsum_forget,
@@ -167,7 +172,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
     pb.check_feasible((colsum_retain > 0) | (pseudo_colsum > 0), m)
     t3 = time.perf_counter()
     final = None
-    if be.fused_materialize and not pb._overlaps(out, x):
+    if be.fused_materialize and not in_place:
         # The input is intact, so log P^ can be rebuilt if the last pass was mispredicted.
         def restore() -> None:
             fill_buffer(None, False, tol_rows)
@@ -239,8 +244,9 @@ def solve(log_p: ArrayLike, weights, marginals, *, method: str = "newton",
     """Solve the dual for a caller-built problem.
 
     Args:
-        log_p: log P^ (N x k); rows need not be normalised (a per-row shift changes nothing);
-            -inf marks zero probabilities.
+        log_p: log P^ (N x k); rows need not be normalised (a per-row shift changes nothing
+            in exact arithmetic; in float32 keep rows within ~100 of normalised: a shift of
+            1,000 costs the solve about 1e-5 of residual); -inf marks zero probabilities.
         weights: c (N,), > 0 (tensor, array or list): the weight of each row's KL term; max / min
             at most 1e30.
         marginals: M (k,), >= 0, summing to N (tensor, array or list).

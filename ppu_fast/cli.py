@@ -131,7 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-cache", action="store_true")
     _progress_flags(r)
 
-    f = sub.add_parser("refine", help="refine probabilities from a file (the solver alone)")
+    f = sub.add_parser("refine", help="refine probabilities from a file (the solver alone)",
+                       epilog="exit status: 0 when Q was written and the solver converged; 1 when "
+                              "Q was written but the solver did not converge (see stderr); 2 "
+                              "for bad input (nothing written)")
     src = f.add_mutually_exclusive_group(required=True)
     src.add_argument("--probs", help="N x k probabilities, .pt or .npy")
     src.add_argument("--logits", help="N x k logits (log-softmax is taken inside), .pt or .npy")
@@ -313,7 +316,18 @@ def _refine(args: argparse.Namespace) -> int:
         torch.save(torch.as_tensor(q), out)
     print(f"refined {tuple(q.shape)} with {info.method} on {info.backend}: {info.iterations} iterations, "
           f"residual {info.residual:.2e}, converged {info.converged}, {info.seconds:.3f} s -> {out}")
-    return 0
+    return _converged_status(info)
+
+
+def _converged_status(info) -> int:
+    """The exit status of a refine that wrote its Q: 0, or 1 when the solver did not converge
+    (said on stderr too, so that a script can tell without parsing the summary line)."""
+    if info.converged:
+        return 0
+    print(f"ppu-fast refine: warning: the solver did not converge ({info.message}); Q was "
+          f"written from its best iterate (residual {info.residual:.3g}); exit status 1",
+          file=sys.stderr)
+    return 1
 
 
 def _streams(args: argparse.Namespace) -> bool:
@@ -341,6 +355,8 @@ def _refine_streamed(args: argparse.Namespace) -> int:
         raise ValueError(f"--out: a streamed refine writes .npy; got '{out}'")
     src = args.probs if args.probs is not None else args.logits
     forget = args.forget if args.forget.endswith(".npy") else _load_array(args.forget, "--forget")
+    if isinstance(forget, str) and not Path(forget).is_file():
+        raise FileNotFoundError(f"--forget: no file at '{forget}'")
     if isinstance(forget, str) and np.load(forget, mmap_mode="r").dtype != np.bool_:
         forget = np.load(forget)  # integer row indices
     if isinstance(forget, torch.Tensor):
@@ -361,7 +377,7 @@ def _refine_streamed(args: argparse.Namespace) -> int:
     print(f"refined {src} in chunks of {int(info.timings['chunk_rows'])} rows with {info.method} "
           f"on {info.backend}: {info.iterations} iterations, residual {info.residual:.2e}, "
           f"converged {info.converged}, {info.seconds:.3f} s -> {out}")
-    return 0
+    return _converged_status(info)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

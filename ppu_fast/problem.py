@@ -30,7 +30,7 @@ def to_tensor(x, name: str, sequence: bool = False) -> Tuple[torch.Tensor, bool]
     if isinstance(x, torch.Tensor):
         return x.detach(), False
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(x), True
+        return _from_numpy(x, name), True
     if sequence and isinstance(x, (list, tuple)):
         try:
             arr = np.asarray(x, dtype=np.float64)
@@ -42,13 +42,32 @@ def to_tensor(x, name: str, sequence: bool = False) -> Tuple[torch.Tensor, bool]
     raise TypeError(f"{name}: expected {what}, got {type(x).__name__}")
 
 
+def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
+    """``torch.from_numpy`` (no copy), its refusals reworded to name the argument."""
+    if any(s < 0 for s in a.strides):
+        raise ValueError(f"{name}: negative strides (a reversed view such as a[::-1]) are not "
+                         f"supported; expected non-negative strides (np.ascontiguousarray({name}))")
+    if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and np.little_endian is False):
+        raise TypeError(f"{name}: byte order of {a.dtype.str} is not this machine's; expected "
+                        f"native byte order ({name}.astype({a.dtype.newbyteorder('=').name}))")
+    try:
+        return torch.from_numpy(a)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: numpy dtype {a.dtype} cannot be read ({exc}); expected "
+                        f"float16, float32 or float64") from None
+
+
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_matrix(x: torch.Tensor, name: str, allow_empty: bool = False) -> Tuple[int, int]:
     """Shape and dtype checks shared by probs, logits and log_p; returns (N, k).
     ``allow_empty``: N == 0 is accepted (one rank's rows of a sharded solve)."""
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D array (N x k), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point dtype (float16, bfloat16, float32 "
+                        f"or float64), got {x.dtype}")
     n, k = x.shape
     if n == 0 and not allow_empty:
         raise ValueError(f"{name}: N == 0 rows; expected at least one row")
@@ -66,10 +85,17 @@ def forget_rows(forget_mask, n: int) -> np.ndarray:
 
     The rule, chosen so that it cannot be misread: bool tensors / arrays and sequences of bools
     are masks (length N); integer tensors / arrays / sequences are row indices, negative ones
-    counting from the end as in Python ([-N, N)); an integer vector of length N whose values are
-    all 0 or 1 is ambiguous (a 0/1 mask, or indices of rows 0 and 1?) and raises a ValueError.
+    counting from the end as in Python ([-N, N)); an integer vector whose values are all 0 or 1
+    is ambiguous when its length is N or it repeats a value (a 0/1 mask, perhaps of another
+    length, or indices of rows 0 and 1?) and raises a ValueError.
     Built with numpy: torch's CPU ops on N-sized data wake its thread pool.
     """
+    return forget_spec(forget_mask, n)[0]
+
+
+def forget_spec(forget_mask, n: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(the bool mask (N,) of :func:`forget_rows`, the row indices as given (int64, negative
+    ones made positive) or None when a mask was given)."""
     if forget_mask is None:
         raise ValueError("forget_mask: required; pass a bool mask (N,) or row indices "
                          "(an empty index list forgets nothing)")
@@ -98,22 +124,50 @@ def forget_rows(forget_mask, n: int) -> np.ndarray:
     if fm.dtype == np.bool_:
         if fm.size != n:
             raise ValueError(f"forget_mask: bool mask has length {fm.size}; expected N = {n}")
-        return fm.copy()
+        return fm.copy(), None
     if not np.issubdtype(fm.dtype, np.integer):
         raise TypeError(f"forget_mask: expected bool or integer dtype, got "
                         f"{getattr(forget_mask, 'dtype', fm.dtype)}; " + MASK_HELP)
+    if fm.dtype.kind == "u" and fm.size and int(fm.max()) >= n:
+        # Checked before the cast to int64, which would wrap 2**64 - 1 to -1 (the last row).
+        raise ValueError(f"forget_mask: row index {int(fm.max())} is out of range; expected "
+                         f"indices in [-{n}, {n}) (negative ones count from the end, as in "
+                         f"Python)")
     fm = fm.astype(np.int64, copy=False)
-    if fm.size == n and n and int(fm.min()) >= 0 and int(fm.max()) <= 1:
-        raise ValueError(f"forget_mask: an integer vector of length N = {n} holding only 0 and 1 "
-                         f"is ambiguous (a 0/1 mask or the indices of rows 0 and 1?); "
-                         + MASK_HELP)
+    if fm.size and int(fm.min()) >= 0 and int(fm.max()) <= 1 and (
+            fm.size == n or fm.size > np.unique(fm).size):
+        what = (f"of length N = {n}" if fm.size == n else
+                f"of length {fm.size} (N = {n}) repeating its values")
+        raise ValueError(f"forget_mask: an integer vector {what} holding only 0 and 1 is "
+                         f"ambiguous (a 0/1 mask or the indices of rows 0 and 1?); " + MASK_HELP)
     if fm.size and (int(fm.min()) < -n or int(fm.max()) >= n):
         bad = fm[(fm < -n) | (fm >= n)][0]
         raise ValueError(f"forget_mask: row index {int(bad)} is out of range; expected indices in "
                          f"[-{n}, {n}) (negative ones count from the end, as in Python)")
     mask = np.zeros(n, dtype=bool)
     mask[fm] = True
-    return mask
+    return mask, np.where(fm < 0, fm + n, fm)
+
+
+def forget_and_pseudo(forget_mask, n: int, pseudo):
+    """(the bool forget mask (N,), ``pseudo``): rows given as a tensor / array follow the order
+    of the indices in ``forget_mask`` (``pseudo[j]`` replaces row ``forget_mask[j]``) and are
+    returned in row order, the order the solver fills them in; with a bool mask they are in row
+    order already. Repeated indices cannot each have their own row and are refused."""
+    mask, idx = forget_spec(forget_mask, n)
+    if idx is None or not isinstance(pseudo, (torch.Tensor, np.ndarray)) or idx.size < 2:
+        return mask, pseudo
+    if np.any(idx[1:] <= idx[:-1]):
+        order = np.argsort(idx, kind="stable")
+        srt = idx[order]
+        dup = np.flatnonzero(srt[1:] == srt[:-1])
+        if dup.size:
+            raise ValueError(f"forget_mask: row {int(srt[dup[0]])} is listed more than once, while "
+                             f"pseudo gives one row per index; expected distinct row indices")
+        if pseudo.shape[:1] == (idx.size,):
+            pseudo = pseudo[torch.from_numpy(order) if isinstance(pseudo, torch.Tensor)
+                            else order]
+    return mask, pseudo
 
 
 def as_float(value, name: str) -> float:
@@ -180,15 +234,21 @@ def row_sum_tol(dtype: torch.dtype) -> float:
 
 
 def raise_row_error(error: Optional[Tuple[int, int]], x: torch.Tensor, mode: str, name: str,
-                    tol: float, row_offset: int = 0) -> None:
+                    tol: float, row_offset: int = 0, overwritten: bool = False) -> None:
     """Raise the ValueError for a fault ``(kind, row)`` that ``prepare`` reported (no-op: None).
 
     ``x`` holds the rows ``prepare`` read; the message names row ``row + row_offset`` (a chunk's
-    or a shard's rows are numbered from ``row_offset`` in what the caller passed)."""
+    or a shard's rows are numbered from ``row_offset`` in what the caller passed).
+    ``overwritten``: the pass wrote over ``x`` (``out=`` the input), so the message cannot quote
+    the offending values and says that the input was partly overwritten."""
     if error is None:
         return
     kind, i0 = error
     i = i0 + row_offset
+    if overwritten:
+        x = None
+        lost = (f" (out= is the input: the pass has already overwritten part of {name}, this "
+                f"row's values included)")
     if kind == ERR_NONFINITE:
         if mode == "log_p":
             raise ValueError(f"{name}: row {i} contains NaN or +Inf; expected log-probabilities "
@@ -196,9 +256,15 @@ def raise_row_error(error: Optional[Tuple[int, int]], x: torch.Tensor, mode: str
         what = "probabilities" if mode == "probs" else "logits"
         raise ValueError(f"{name}: row {i} contains NaN or Inf; expected finite {what}")
     if kind == ERR_NEGATIVE:
+        if x is None:
+            raise ValueError(f"{name}: row {i} has a negative entry{lost}; expected "
+                             f"probabilities >= 0")
         raise ValueError(f"{name}: row {i} has a negative entry ({float(x[i0].min()):.3g}); "
                          f"expected probabilities >= 0")
     if kind == ERR_ROWSUM:
+        if x is None:
+            raise ValueError(f"{name}: row {i} does not sum to 1{lost}; expected rows on the "
+                             f"simplex (sum 1 within {tol:.3g})")
         s = float(x[i0].double().sum())
         raise ValueError(f"{name}: row {i} sums to {s:.6g}; expected rows on the simplex (sum 1 "
                          f"within {tol:.3g})")
@@ -219,6 +285,10 @@ def pseudo_log(pseudo, n_forget: int, k: int, generator: Optional[torch.Generato
     paper's text says), "random-simplex" (uniform draws normalised by their sum, as the official
     PPU code does) or a tensor, which is validated like probabilities.
     """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator (e.g. "
+                        f"torch.Generator().manual_seed(0)) or None, got "
+                        f"{type(generator).__name__}")
     if pseudo is None:
         return "given", None
     if isinstance(pseudo, str):
@@ -293,7 +363,9 @@ def check_marginals_arg(marginals, n: int, k: int) -> None:
 
 
 def check_marginals(marginals, n: int, k: int) -> torch.Tensor:
-    """Validate user marginals: (k,), finite, >= 0, summing to N (relative tolerance 1e-6)."""
+    """Validate user marginals: (k,), finite, >= 0, summing to N (relative tolerance 1e-6).
+    Returns them scaled to sum to N exactly: Q's rows sum to 1, so its column totals sum to N,
+    and totals off by the accepted 1e-6 would leave the solver a residual floor of that size."""
     t, _ = to_tensor(marginals, "marginals", sequence=True)
     t = t.detach().cpu()
     if t.shape != (k,):
@@ -309,7 +381,7 @@ def check_marginals(marginals, n: int, k: int) -> torch.Tensor:
     if abs(s - n) > MARGINAL_RTOL * n:
         raise ValueError(f"marginals: sum to {s:.10g}; expected N = {n} (relative tolerance "
                          f"{MARGINAL_RTOL})")
-    return t
+    return t * (n / s) if s > 0 else t
 
 
 def check_feasible(support: torch.Tensor, m: torch.Tensor, name: str = "marginals") -> None:
@@ -404,7 +476,10 @@ def check_out(out, x: torch.Tensor, from_numpy: bool) -> Optional[torch.Tensor]:
     if from_numpy != isinstance(out, np.ndarray) or not isinstance(out, (np.ndarray,
                                                                          torch.Tensor)):
         raise TypeError(f"out: expected a {kind} like the input, got {type(out).__name__}")
-    o = torch.from_numpy(out) if from_numpy else out
+    if from_numpy and not out.flags.writeable:
+        raise ValueError("out: the array is read-only (out.flags.writeable is False); expected a "
+                         "writable array")
+    o = _from_numpy(out, "out") if from_numpy else out
     if o.shape != x.shape or o.dtype != x.dtype or o.device != x.device:
         raise ValueError(f"out: expected shape {tuple(x.shape)}, dtype {x.dtype} on {x.device} "
                          f"(the input's), got {tuple(o.shape)}, {o.dtype} on {o.device}")
@@ -412,6 +487,10 @@ def check_out(out, x: torch.Tensor, from_numpy: bool) -> Optional[torch.Tensor]:
         raise ValueError("out: negative strides are not supported")
     if o.requires_grad:
         raise ValueError("out: a tensor that requires grad cannot receive the targets")
+    if _self_overlaps(o):
+        raise ValueError(f"out: its elements share memory (strides {o.stride()} for shape "
+                         f"{tuple(o.shape)}, e.g. from expand()); expected a buffer with one "
+                         f"memory location per element")
     same = o.data_ptr() == x.data_ptr() and o.stride() == x.stride()
     if not same and _overlaps(o, x):
         raise ValueError("out: overlaps the input without being it; pass the input itself (to "
@@ -428,6 +507,19 @@ def result_tensor(buf: torch.Tensor, user_out: Optional[torch.Tensor], x: torch.
             user_out.copy_(buf)
         return user_out
     return buf if buf.dtype == x.dtype else buf.to(x.dtype)
+
+
+def _self_overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory: a stride of 0 on a dimension of size > 1,
+    or strides too small for the sizes below them (conservative: such layouts are refused even
+    where an unusual interleaving keeps the elements apart)."""
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1)
+    span = 1
+    for st, sz in dims:
+        if st < span:
+            return True
+        span = st * sz
+    return False
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

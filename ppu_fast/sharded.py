@@ -224,7 +224,18 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     n_local, k = store.shape
     n, offset = global_rows(comm, n_local, k, name)
     if n == 0:
-        raise ValueError(f"{name}: N == 0 rows on every rank; expected at least one row")
+        raise ValueError(f"{name}: N == 0 rows on every rank; expected at least one row"
+                         if comm.group is not None else
+                         f"{name}{where}: N == 0 rows; expected at least one row")
+
+    def lam_checks() -> float:
+        lam_ = pb.check_lam(lam)
+        if weights is not None and lam_ != 1.0:
+            raise ValueError(f"weights, lam: pass one of them (weights give every row's c_i; "
+                             f"lam = {lam_!r} would set the retain rows' weight)")
+        return lam_
+
+    lam = collective_checks(comm, lam_checks)
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
     sdt, dev = store.dtype, store.device
     check_tol_floor(tol, sdt)
@@ -399,6 +410,10 @@ def _input_pass(su: _Setup, bar):
             nf = int(np.count_nonzero(su.mask[s:e]))
             use_mask = nf > 0 and not given
             ic = su.inv_c[s:e] if su.final_rows else None
+            in_place = oc is not None and pb._overlaps(oc, xc)
+            # Gathered before prepare, which overwrites the chunk when the buffer is the input.
+            f_given = (pb.normalised_row_sums(xc[mc], su.mode).to(dev) if given and nf
+                       else None)
             prep = su.be.prepare(xc, su.mode, mc if use_mask else None,
                                  su.fill if use_mask else None, oc, ic,
                                  inner_h if su.final_rows else False, su.tol_rows)
@@ -406,7 +421,7 @@ def _input_pass(su: _Setup, bar):
                 try:
                     pb.raise_row_error(prep.error, xc, su.mode,
                                        su.name + su.where, su.tol_rows,
-                                       row_offset=su.first_row + s)
+                                       row_offset=su.first_row + s, overwritten=in_place)
                 except ValueError as exc:
                     message = str(exc)
                 break
@@ -416,8 +431,8 @@ def _input_pass(su: _Setup, bar):
                 oc = xc if oc is None else oc
             else:
                 r, f = prep.retain_sums.to(dev), prep.forget_sums.to(dev)
-            if given and nf:
-                f = pb.normalised_row_sums(xc[mc], su.mode).to(dev)
+            if f_given is not None:
+                f = f_given
                 r = r - f
             retain += r
             forget += f
@@ -447,7 +462,9 @@ def refine_sharded(x_arg, name: str, forget_mask, group, *, out=None, weights=No
     def checks():
         x, from_numpy = pb.to_tensor(x_arg, name)
         n_local, _ = pb.check_matrix(x, name, allow_empty=True)
-        mask = pb.forget_rows(forget_mask, n_local)
+        mask, pseudo = pb.forget_and_pseudo(forget_mask, n_local, options.get("pseudo"))
+        if pseudo is not None:
+            options["pseudo"] = pseudo
         c = None
         if weights is not None:
             c = (pb.check_weights(weights, n_local).numpy() if n_local
@@ -456,8 +473,6 @@ def refine_sharded(x_arg, name: str, forget_mask, group, *, out=None, weights=No
         return x, from_numpy, mask, c, user_out
 
     x, from_numpy, mask, c, user_out = collective_checks(comm, checks)
-    if c is not None and options.get("lam", 1.0) != 1.0:
-        raise ValueError(f"weights, lam: pass one of them (lam = {options['lam']!r})")
     sdt = pb.solver_dtype(x.dtype)
     buf = (user_out if user_out is not None and user_out.dtype == sdt
            else empty_buffer(x.shape, sdt, x.device))

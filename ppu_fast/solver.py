@@ -430,9 +430,13 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
             out = (a_new, grad_n, g_n, h_n, res_n, 1.0)
         if out is None:
             if ev.passes < max_iter:
+                cdt = compute_dtype(ev.log_p.dtype)
+                why = (f"tol near the {str(cdt).split('.')[-1]} precision floor "
+                       f"{TOL_FLOOR[cdt]:g}?" if res <= 100 * TOL_FLOOR[cdt] else
+                       f"far above the {str(cdt).split('.')[-1]} precision floor: extreme row "
+                       f"weights (lam), or marginals that P^ can barely meet?")
                 message = ("line search failed: no step improves the dual or the residual "
-                           f"(tol near the {str(compute_dtype(ev.log_p.dtype)).split('.')[-1]} "
-                           f"precision floor?)")
+                           f"({why})")
             break
         alpha, grad, g, h_new, res, _ = out
         h = h if h_new is None else h_new

@@ -314,8 +314,13 @@ def refine_file(probs_path: PathLike, forget, out_path: PathLike, *, logits: boo
         :class:`RefineInfo` (``info.timings`` per phase; ``info.seconds`` the whole call).
     """
     t0 = time.perf_counter()
+    unknown = sorted(set(options) - set(REFINE_OPTIONS))
+    if unknown:
+        raise TypeError(f"refine_file: unexpected keyword argument {unknown[0]!r}; expected "
+                        f"refine_file's own or refine's options {list(REFINE_OPTIONS)} (Q goes to "
+                        f"out_path and the info is always returned)")
     comm = Comm(process_group)
-    dev = torch.device(device)
+    dev = _check_device(device)
     name = "logits" if logits else "probs"
     out_path = Path(out_path)
 
@@ -323,7 +328,10 @@ def refine_file(probs_path: PathLike, forget, out_path: PathLike, *, logits: boo
         src = NpyFile(probs_path, "probs_path")
         n_file, k = src.shape
         r0, r1 = (0, n_file) if rows is None else _check_rows(rows, n_file)
-        mask = pb.forget_rows(_forget_arg(forget, r1 - r0), r1 - r0)
+        mask, pseudo = pb.forget_and_pseudo(_forget_arg(forget, r1 - r0), r1 - r0,
+                                            options.get("pseudo"))
+        if pseudo is not None:
+            options["pseudo"] = pseudo
         c = None
         if weights is not None:
             c = (pb.check_weights(weights, r1 - r0).numpy() if r1 > r0
@@ -365,6 +373,26 @@ def refine_file(probs_path: PathLike, forget, out_path: PathLike, *, logits: boo
     info.timings["chunk_rows"] = float(rows_per)
     info.seconds = time.perf_counter() - t0
     return info
+
+
+# refine's options that refine_file passes on (refine_rows's keywords).
+REFINE_OPTIONS = ("lam", "pseudo", "marginals", "method", "tol", "max_iter", "backend",
+                  "step_size")
+
+
+def _check_device(device) -> torch.device:
+    """``device`` as a torch.device where chunks can run: the CPU or an available CUDA device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device: {device!r} is not a device ({exc}); expected 'cpu' or 'cuda' "
+                         f"(or 'cuda:N')") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} but torch finds no CUDA device here; expected "
+                         f"'cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device!r}; expected 'cpu' or 'cuda' (or 'cuda:N')")
+    return dev
 
 
 def _check_rows(rows, n_file: int) -> Tuple[int, int]:

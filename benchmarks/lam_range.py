@@ -1,0 +1,74 @@
+"""Which lam a refine solves to tol: converged or the residual reached, per lam decade, dtype and
+forget set (class unlearning, all rows but one, a random 10 %), on a confident classifier
+(logit margin 8, N = 1,500, k = 10). The README's statement on tiny lam quotes this table.
+
+    python benchmarks/lam_range.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+
+import ppu_fast
+
+
+def sweep(n: int = 1500, k: int = 10, margin: float = 8.0, seed: int = 0) -> dict:
+    """{dtype: {forget set: {lam: "ok" or the residual reached}}}."""
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.randint(0, k, (n,), generator=g)
+    logits = torch.randn(n, k, generator=g)
+    logits[torch.arange(n), lab] += margin
+    sets = {"class": lab == 0, "all but one": torch.arange(n) > 0,
+            "random 10 %": torch.rand(n, generator=g) < 0.1}
+    lams = [10.0 ** -e for e in range(0, 31, 2)] + [10.0 ** e for e in range(2, 31, 4)]
+    table: dict = {}
+    for dt in (torch.float32, torch.float64):
+        p = torch.softmax(logits.double(), 1).to(dt)
+        for name, mask in sets.items():
+            row = {}
+            for lam in lams:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ppu_fast.ConvergenceWarning)
+                    _, info = ppu_fast.refine(p, mask, lam=lam, return_info=True)
+                row[f"{lam:.0e}"] = "ok" if info.converged else f"{info.residual:.1e}"
+            table.setdefault(str(dt).split(".")[-1], {})[name] = row
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    table = sweep()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lams = next(iter(next(iter(table.values())).values())).keys()
+    lines = [f"# lam range ({stamp}, commit {commit}, {platform.machine()}, torch "
+             f"{torch.__version__})", "",
+             "`python benchmarks/lam_range.py`: refine (Newton, tol 1e-6, pseudo uniform, "
+             "\"retain\" marginals) of a confident classifier (N = 1,500, k = 10, logit margin 8); "
+             "ok = converged, else the residual it stopped at (with a ConvergenceWarning).", "",
+             "| dtype | forget set | " + " | ".join(lams) + " |",
+             "|---|---|" + "---|" * len(lams)]
+    for dt, sets in table.items():
+        for name, row in sets.items():
+            lines.append(f"| {dt} | {name} | " + " | ".join(row.values()) + " |")
+    (out / f"lam-range-{stamp}.md").write_text("\n".join(lines) + "\n")
+    (out / f"lam-range-{stamp}.json").write_text(json.dumps(
+        {"date": stamp, "commit": commit, "torch": torch.__version__, "table": table}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
