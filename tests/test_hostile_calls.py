@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
