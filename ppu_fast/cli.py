@@ -389,6 +389,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"ppu-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        # A backend that cannot run here (no GPU, no Triton) is the caller's choice of --backend,
+        # not a crash: the same exit status as other bad input. Other RuntimeErrors propagate.
+        if not str(exc).startswith("backend:"):
+            raise
+        print(f"ppu-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

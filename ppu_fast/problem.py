@@ -47,7 +47,7 @@ def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
     if any(s < 0 for s in a.strides):
         raise ValueError(f"{name}: negative strides (a reversed view such as a[::-1]) are not "
                          f"supported; expected non-negative strides (np.ascontiguousarray({name}))")
-    if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and np.little_endian is False):
+    if not a.dtype.isnative:
         raise TypeError(f"{name}: byte order of {a.dtype.str} is not this machine's; expected "
                         f"native byte order ({name}.astype({a.dtype.newbyteorder('=').name}))")
     try:

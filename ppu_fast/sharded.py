@@ -246,7 +246,7 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     pb.check_marginals_arg(marginals, n, k)
     inv_c = torch.from_numpy(inv_c_np).to(dev)
     mask_dev = torch.from_numpy(mask).to(dev)
-    be = get_backend(backend, torch.empty((1, k), dtype=sdt, device=dev))
+    be = get_backend(backend, torch.empty((1, k), dtype=sdt, device=dev), shape=(n, k))
     fill = pseudo_t.to(dev) if kind == "vector" else None
     # Every rank takes the same branch: decided from global counts only.
     final_rows = (n_forget == 0 or kind in ("vector", "given")) and k > 1

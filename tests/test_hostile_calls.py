@@ -304,3 +304,19 @@ def test_marginals_off_by_the_accepted_rounding_are_met_exactly():
     assert info.converged
     target = m * (n / float(m.sum()))
     assert float((q.sum(0) - target).abs().sum()) / n <= 2e-10
+
+
+def test_an_unavailable_backend_is_named_with_the_input_shape_and_the_cli_exits_2(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the cuda backend can run")
+    p, mask = _problem(n=500)
+    np.save(tmp_path / "p.npy", p.numpy())
+    np.save(tmp_path / "m.npy", mask.numpy())
+    with pytest.raises(RuntimeError, match=r"backend: 'cuda' cannot run on this input "
+                                           r"\(torch.float32, \(500, 5\), cpu\)"):
+        ppu_fast.refine_file(tmp_path / "p.npy", mask.numpy(), tmp_path / "q.npy",
+                             backend="cuda", chunk_rows=64)
+    for extra in ([], ["--chunk-rows", 64]):
+        r = _cli("--probs", tmp_path / "p.npy", "--forget", tmp_path / "m.npy", "--out",
+                 tmp_path / "q.npy", "--backend", "cuda", *extra)
+        assert r.returncode == 2 and "backend: 'cuda' cannot run" in r.stderr, r.stderr

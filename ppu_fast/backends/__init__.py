@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -55,8 +55,11 @@ def reasons(name: str, log_p: torch.Tensor) -> List[str]:
     return backend.available_reasons() + backend.not_supported_reasons(log_p)
 
 
-def get_backend(name: str, log_p: torch.Tensor) -> Backend:
-    """Resolve ``name`` ("auto" or a backend name) to a backend able to run on ``log_p``."""
+def get_backend(name: str, log_p: torch.Tensor, shape: Optional[Tuple[int, int]] = None
+                ) -> Backend:
+    """Resolve ``name`` ("auto" or a backend name) to a backend able to run on ``log_p``;
+    ``shape``: the whole input's (N, k) for messages, when ``log_p`` stands for it (a chunk, a
+    probe row)."""
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a string, got {type(name).__name__}")
     if name == "auto":
@@ -82,7 +85,7 @@ def get_backend(name: str, log_p: torch.Tensor) -> Backend:
     why = reasons(name, log_p)
     if why:
         raise RuntimeError(f"backend: {name!r} cannot run on this input ({log_p.dtype}, "
-                           f"{tuple(log_p.shape)}, {log_p.device}): " + "; ".join(why))
+                           f"{tuple(shape or log_p.shape)}, {log_p.device}): " + "; ".join(why))
     return load(name)[0]  # type: ignore[return-value]
 
 

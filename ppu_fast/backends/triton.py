@@ -81,9 +81,11 @@ Triton) were imported, which is how CI tests the kernels.  Tiles, warps and stag
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 
 try:  # the registry imports this module lazily and turns an ImportError into a reason
@@ -99,6 +101,21 @@ from .base import (FLOAT32_DTYPES, FLOAT64_GPU_REASON, HESS_BLOCK, MODE_CODE, RO
 # Decided once, at import: triton.jit wraps kernels for the interpreter only if the variable was
 # set before the kernels below were decorated.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _quiet_interpreter(fn):
+    """Run ``fn`` with numpy's floating-point warnings off under the interpreter, which evaluates
+    the kernels in numpy: log(0) = -inf and exp(-inf) = 0 are meant (zero probabilities), and
+    their RuntimeWarnings would fail a caller's ``-W error``. Compiled kernels are untouched."""
+    if not INTERPRET:
+        return fn
+
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return quiet
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -1274,6 +1291,7 @@ class TritonBackend(Backend):
             raise RuntimeError("triton backend cannot run on this input: " + "; ".join(why))
 
     # -- prepare ----------------------------------------------------------------------------------
+    @_quiet_interpreter
     def prepare(self, x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
                 fill: Optional[torch.Tensor], out: Optional[torch.Tensor],
                 inv_c: Optional[torch.Tensor] = None, hessian: Hessian = False,
@@ -1304,6 +1322,7 @@ class TritonBackend(Backend):
                     self.max_single_block_k, self.online_block_k))
 
     # -- step -------------------------------------------------------------------------------------
+    @_quiet_interpreter
     def step(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
              hessian: Hessian = False) -> StepOut:
         """One fused pass over ``log_p`` (N x k) -> (colsum (k,), wlogz (), H). See ``base``."""
@@ -1358,6 +1377,7 @@ class TritonBackend(Backend):
             raise ValueError("log_p: expected k >= 1 columns, got 0")
         return n, k
 
+    @_quiet_interpreter
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     out: torch.Tensor) -> torch.Tensor:
         """Write Q(alpha) (N x k) into ``out`` (float32/16/bf16/64, any strides); returns out."""
@@ -1371,6 +1391,7 @@ class TritonBackend(Backend):
 
     fused_materialize = True
 
+    @_quiet_interpreter
     def materialize_sums(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                          out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``materialize`` into ``out`` (may be ``log_p``) and ``step``'s (colsum (k,), wlogz ())
