@@ -150,6 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--method", default="newton", choices=("newton", "sinkhorn", "gradient"))
     f.add_argument("--backend", default="auto")
     f.add_argument("--tol", type=float, default=1e-6)
+    f.add_argument("--max-iter", type=int, default=None,
+                   help="most passes over the matrix (default: the method's)")
     f.add_argument("--seed", type=int, default=0, help="seed for --pseudo random / random-simplex")
     f.add_argument("--out", required=True, help="output Q, .pt or .npy")
     stream = f.add_mutually_exclusive_group()
@@ -299,15 +301,13 @@ def _refine(args: argparse.Namespace) -> int:
     weights = None if args.weights is None else _load_array(args.weights, "--weights")
     if args.weights is not None and args.lam != 1.0:
         raise ValueError("--weights, --lam: pass one of them")
-    if isinstance(mask, np.ndarray) and isinstance(x, torch.Tensor):
-        mask = torch.from_numpy(mask)
-    elif isinstance(mask, torch.Tensor) and isinstance(x, np.ndarray):
-        mask = mask.numpy()
+    if isinstance(mask, torch.Tensor) and isinstance(x, np.ndarray):
+        mask = mask.numpy()  # refine reads a numpy mask for any input; a .npy one stays numpy
     inputs = {"probs": x} if args.probs is not None else {"logits": x}
     q, info = refine(forget_mask=mask, lam=args.lam, weights=weights,
                      pseudo=None if args.pseudo == "none" else args.pseudo,
                      marginals=args.marginals, method=args.method, backend=args.backend,
-                     tol=args.tol, generator=torch.Generator().manual_seed(args.seed),
+                     tol=args.tol, max_iter=args.max_iter, generator=torch.Generator().manual_seed(args.seed),
                      return_info=True, **inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
@@ -373,7 +373,7 @@ def _refine_streamed(args: argparse.Namespace) -> int:
                        weights=weights, lam=args.lam,
                        pseudo=None if args.pseudo == "none" else args.pseudo,
                        marginals=args.marginals, method=args.method, backend=args.backend,
-                       tol=args.tol, generator=torch.Generator().manual_seed(args.seed))
+                       tol=args.tol, max_iter=args.max_iter, generator=torch.Generator().manual_seed(args.seed))
     print(f"refined {src} in chunks of {int(info.timings['chunk_rows'])} rows with {info.method} "
           f"on {info.backend}: {info.iterations} iterations, residual {info.residual:.2e}, "
           f"converged {info.converged}, {info.seconds:.3f} s -> {out}")
@@ -381,7 +381,8 @@ def _refine_streamed(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ppu-fast`` console script. Returns the exit status (2 for bad input)."""
+    """Entry point of the ``ppu-fast`` console script. Returns the exit status: 0, 2 for bad
+    input, 1 when ``refine`` wrote Q but its solver did not converge."""
     args = _parser().parse_args(argv)
     handler = {"demo": _demo, "run": _run, "refine": _refine}[args.command]
     try:

@@ -49,7 +49,7 @@ def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
                          f"supported; expected non-negative strides (np.ascontiguousarray({name}))")
     if not a.dtype.isnative:
         raise TypeError(f"{name}: byte order of {a.dtype.str} is not this machine's; expected "
-                        f"native byte order ({name}.astype({a.dtype.newbyteorder('=').name}))")
+                        f"native byte order ({name}.astype('{a.dtype.newbyteorder('=').name}'))")
     try:
         return torch.from_numpy(a)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -113,6 +113,11 @@ def forget_spec(forget_mask, n: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         elif any(isinstance(v, (bool, np.bool_)) for v in items):
             raise TypeError("forget_mask: a sequence mixing bools and integers; " + MASK_HELP)
         elif all(isinstance(v, (int, np.integer)) for v in items):
+            big = next((int(v) for v in items if not -n <= int(v) < n), None)
+            if big is not None:  # before numpy, which cannot hold 2**64 as int64
+                raise ValueError(f"forget_mask: row index {big} is out of range; expected "
+                                 f"indices in [-{n}, {n}) (negative ones count from the end, as "
+                                 f"in Python)")
             fm = np.asarray(items, dtype=np.int64)
         else:
             bad = next(v for v in items if not isinstance(v, (int, np.integer)))
@@ -245,16 +250,17 @@ def raise_row_error(error: Optional[Tuple[int, int]], x: torch.Tensor, mode: str
         return
     kind, i0 = error
     i = i0 + row_offset
+    lost = ""
     if overwritten:
         x = None
         lost = (f" (out= is the input: the pass has already overwritten part of {name}, this "
                 f"row's values included)")
     if kind == ERR_NONFINITE:
         if mode == "log_p":
-            raise ValueError(f"{name}: row {i} contains NaN or +Inf; expected log-probabilities "
-                             f"(finite or -inf)")
+            raise ValueError(f"{name}: row {i} contains NaN or +Inf{lost}; expected "
+                             f"log-probabilities (finite or -inf)")
         what = "probabilities" if mode == "probs" else "logits"
-        raise ValueError(f"{name}: row {i} contains NaN or Inf; expected finite {what}")
+        raise ValueError(f"{name}: row {i} contains NaN or Inf{lost}; expected finite {what}")
     if kind == ERR_NEGATIVE:
         if x is None:
             raise ValueError(f"{name}: row {i} has a negative entry{lost}; expected "
@@ -269,8 +275,8 @@ def raise_row_error(error: Optional[Tuple[int, int]], x: torch.Tensor, mode: str
         raise ValueError(f"{name}: row {i} sums to {s:.6g}; expected rows on the simplex (sum 1 "
                          f"within {tol:.3g})")
     if kind == ERR_ALL_NEG_INF:
-        raise ValueError(f"{name}: row {i} is entirely -inf (all probabilities zero); expected at "
-                         f"least one finite entry per row")
+        raise ValueError(f"{name}: row {i} is entirely -inf (all probabilities zero){lost}; "
+                         f"expected at least one finite entry per row")
     raise RuntimeError(f"{name}: a backend reported unknown fault kind {kind} at row {i}")
 
 
@@ -285,10 +291,13 @@ def pseudo_log(pseudo, n_forget: int, k: int, generator: Optional[torch.Generato
     paper's text says), "random-simplex" (uniform draws normalised by their sum, as the official
     PPU code does) or a tensor, which is validated like probabilities.
     """
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator (e.g. "
-                        f"torch.Generator().manual_seed(0)) or None, got "
-                        f"{type(generator).__name__}")
+    if generator is not None and (not isinstance(generator, torch.Generator)
+                                  or generator.device.type != "cpu"):
+        got = (f"a generator on {generator.device}" if isinstance(generator, torch.Generator)
+               else type(generator).__name__)
+        raise TypeError(f"generator: expected a CPU torch.Generator (e.g. "
+                        f"torch.Generator().manual_seed(0); the pseudo draws are made on the CPU) "
+                        f"or None, got {got}")
     if pseudo is None:
         return "given", None
     if isinstance(pseudo, str):

@@ -390,6 +390,10 @@ def _check_device(device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} but torch finds no CUDA device here; expected "
                          f"'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s); expected cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device: {device!r}; expected 'cpu' or 'cuda' (or 'cuda:N')")
     return dev
