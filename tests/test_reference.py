@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from backend_cases import (HESS_TOL, HESS_TOL_F64, bad_inputs, check_prepare, hessian_floor,
-                           make_case, prepare_inputs, rel_err)
-from oracle import hessian_error, oracle_prepare, oracle_q, oracle_step
+from backend_cases import (HESS_TOL, HESS_TOL_F64, bad_inputs, hessian_floor, make_case,
+                           prepare_inputs, rel_err)
+from oracle import hessian_error, oracle_prepare, oracle_q, oracle_step, wlogz_scale
 from ppu_fast.backends.base import ROW_SUM_ULPS, assemble_hessian, hessian_sample_rows
 from ppu_fast.backends.torch_ref import TorchBackend, reference_materialize, reference_step
 
@@ -57,6 +57,34 @@ def test_step_and_q_against_float64(n, k, margin, shift, inv_c_big):
     assert rel_err(q, oracle_q(log_p, inv_c, alpha)) <= TOL["q"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [3, 10, 100, 1000])
+@pytest.mark.parametrize("margin", [0.0, 30.0, 60.0])
+def test_half_buffers_step_and_q_against_float64(dtype, k, margin):
+    """Half buffers are evaluated in float32: the oracle reads the same stored (rounded) values,
+    so the float32 tolerances hold; Q written to the half buffer's dtype is judged on its one
+    rounding (half an ulp of each entry, relative)."""
+    n = 997 if k < 1000 else 131
+    log_p, inv_c, alpha = make_case(n, k, dtype, margin=margin, seed=n + k + int(margin))
+    for hessian in (False, "diag", True):
+        got = reference_step(log_p, inv_c, alpha, hessian)
+        ora = oracle_step(log_p, inv_c, alpha, hessian)
+        assert rel_err(got[0], ora[0]) <= TOL["colsum"]
+        scale = max(abs(ora[1]), wlogz_scale(log_p, inv_c, alpha), 1.0)
+        assert abs(float(got[1]) - ora[1]) <= TOL["wlogz"] * scale
+        if hessian is not False:
+            assert hessian_error(got[2], ora[2], hessian_floor(inv_c)) <= HESS_TOL
+    q = reference_materialize(log_p, inv_c, alpha, torch.empty(log_p.shape, dtype=dtype))
+    assert q.dtype == dtype
+    assert rel_err(reference_materialize(log_p, inv_c, alpha), oracle_q(log_p, inv_c, alpha)) \
+        <= TOL["q"], "float32 Q from a half buffer"
+    ora_q = oracle_q(log_p, inv_c, alpha)
+    half_ulp = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
+    big = ora_q > 1e-3  # above the half formats' subnormal range
+    rel = np.abs(q.double().numpy()[big] - ora_q[big]) / ora_q[big]
+    assert float(rel.max()) <= 1.01 * half_ulp + 1e-6, float(rel.max())
+
+
 @pytest.mark.parametrize("margin", [30.0, 60.0])
 def test_hessian_of_one_hot_rows_is_accurate_and_psd(margin):
     """The cancellation the old route suffered: diag(sum w q) - sum w q q^T on one-hot rows."""
@@ -92,18 +120,74 @@ def test_assemble_hessian_keeps_the_diagonal_and_psd():
     assert float(h[4].abs().sum() - h[4, 4]) == 0.0
 
 
-@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
-@pytest.mark.parametrize("k", [3, 10, 100])
-@pytest.mark.parametrize("hessian", [False, "diag", True])
-def test_prepare_against_float64(mode, k, hessian):
-    x = prepare_inputs(601, k, mode, seed=k)
-    forget = torch.rand(601, generator=torch.Generator().manual_seed(1)) < 0.2
+# prepare's outputs against the oracle, by the solver buffer's dtype: log P^ elementwise in units
+# of 1 + |log p| (one ulp of a half buffer: the rounding of the store; a few float32 ulps), the
+# float64 sums and the first evaluation relative to their scale. Measured worst cases over the
+# grid below: log P^ 3.4e-7 (float32), 4.8e-4 (float16), 3.8e-3 (bfloat16); sums 1.2e-7; first
+# colsum 1.2e-7; first Hessian 1.9e-6 -- a wrong formula is off by O(1).
+PREP_TOL = {torch.float32: (2e-6, 1e-6), torch.float16: (1e-3, 1e-6),
+            torch.bfloat16: (7.9e-3, 1e-6), torch.float64: (1e-14, 1e-13)}
+
+
+def _prepare_grid():
+    out = []
+    for mode in ("probs", "logits", "log_p"):
+        for k in (3, 10, 100, 1000):
+            for margin in (0.0, 30.0, 60.0):
+                for stored in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                    out.append((mode, k, margin, stored))
+    return out
+
+
+@pytest.mark.parametrize("mode,k,margin,stored", _prepare_grid(),
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_prepare_against_float64(mode, k, margin, stored):
+    """The reference's prepare (every backend's is judged against it) against the float64
+    oracle with fixed tolerances, never against itself: near one-hot rows included, every
+    buffer dtype, with forget rows and a fill, and the first evaluation with each Hessian."""
+    n = 601 if k < 1000 else 131
+    in_dtype = torch.float64 if stored == torch.float64 else torch.float32
+    x = prepare_inputs(n, k, mode, dtype=in_dtype, seed=k + int(margin), margin=margin)
+    forget = torch.rand(n, generator=torch.Generator().manual_seed(1)) < 0.2
     fill = torch.full((k,), -math.log(k))
-    inv_c = torch.where(forget, 1.0, 0.5).float()
-    if mode == "log_p":
-        check_prepare(REF, x, mode, None, None, None, inv_c, hessian)
-    else:
-        check_prepare(REF, x, mode, forget, fill, torch.float32, inv_c, hessian)
+    inv_c = torch.where(forget, 1.0, 0.5).to(in_dtype)
+    f, fl = (None, None) if mode == "log_p" else (forget, fill)
+    tol_lp, tol_sum = PREP_TOL[stored]
+    for hessian in (False, "diag", True):
+        out = torch.full(x.shape, float("nan"), dtype=stored)
+        before = x.clone()
+        res = REF.prepare(x, mode, f, fl, out, inv_c, hessian, 1e-3)
+        assert torch.equal(x, before), "prepare modified its input"
+        ora = oracle_prepare(x, mode, f, fl, inv_c, hessian, 1e-3, stored)
+        assert res.error is None and ora["error"] is None
+        ok = np.isfinite(ora["log_p"])
+        o = out.double().numpy()
+        assert np.array_equal(np.isfinite(o), ok), "log P^: -inf entries differ"
+        err = np.abs(o[ok] - ora["log_p"][ok]) / (1.0 + np.abs(ora["log_p"][ok]))
+        assert float(err.max()) <= tol_lp, f"log P^ ({hessian}): {float(err.max()):.3g}"
+        if mode == "log_p":
+            assert torch.equal(res.support, torch.from_numpy(ora["support"]))
+        else:
+            for name in ("retain_sums", "forget_sums"):
+                e = rel_err(getattr(res, name), ora[name])
+                assert e <= tol_sum, f"{name}: {e:.3g}"
+        if res.first is None:
+            # The contract (base.PrepareOut): no first evaluation into a half buffer from
+            # probabilities or logits; every other call has one.
+            assert mode != "log_p" and stored in (torch.float16, torch.bfloat16)
+            continue
+        colsum, wlogz, h = res.first
+        assert rel_err(colsum, ora["first"][0]) <= tol_sum, "first colsum"
+        # At alpha = 0 each row's log Z is ~0 (rows normalised): judge sum c log Z on sum c.
+        scale = max(abs(ora["first"][1]), ora["wlogz_scale"],
+                    float((1.0 / inv_c.double()).sum()))
+        assert abs(float(wlogz) - ora["first"][1]) <= tol_sum * scale, "first wlogz"
+        if hessian is False:
+            assert h is None
+        else:
+            e = hessian_error(h, ora["first"][2], hessian_floor(inv_c))
+            assert e <= (HESS_TOL_F64 if stored == torch.float64 else HESS_TOL), \
+                f"first hessian ({hessian}): {e:.3g}"
 
 
 @pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
