@@ -124,6 +124,27 @@ def test_hessian_of_one_hot_rows(isa: str, n: int, k: int, margin: float) -> Non
         check_step(be, log_p, inv_c, alpha, True)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
+@pytest.mark.parametrize("k", [3, 10, 40, 100, 1000])
+@pytest.mark.parametrize("margin", [30.0, 60.0])
+def test_prepare_of_one_hot_rows(isa: str, mode: str, k: int, margin: float) -> None:
+    """prepare's log P^, sums and first evaluation (its Hessian within 1e-3 of the oracle, where
+    1 - q is 1e-13 or 1e-26) on near one-hot rows, float32 and float64 buffers, every kernel."""
+    be = CpuBackend(isa=isa)
+    n = 257 if k >= 100 else 1009
+    for dtype in (torch.float32, torch.float64):
+        x = prepare_inputs(n, k, mode, dtype, seed=k + 7, margin=margin)
+        forget = torch.rand(n, generator=torch.Generator().manual_seed(5)) < 0.2
+        inv_c = torch.where(forget, 1.0, 0.5).to(dtype)
+        fill = torch.full((k,), -math.log(k))
+        for hessian in ("diag", True) if k <= 128 else ("diag",):
+            if mode == "log_p":
+                check_prepare(be, x, mode, None, None, dtype, inv_c, hessian)
+            else:
+                check_prepare(be, x, mode, forget, fill, dtype, inv_c, hessian)
+
+
 PREP_KS = (1, 2, 3, 10, 17, 31, 32, 33, 100, 1000, 1023)
 PREP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -589,6 +589,22 @@ def test_emulated_step_and_materialize(emulated, case):
     check_materialize(emulated, log_p, inv_c, alpha)
 
 
+@pytest.mark.parametrize("k", [3, 10, 40, 100, 1000])
+@pytest.mark.parametrize("margin", [30.0, 60.0])
+def test_emulated_hessian_of_one_hot_rows(emulated, k, margin):
+    """The kernels' 1 - q path (q (1 - q) on rows whose 1 - q is 1e-13 or 1e-26) on the
+    emulation, so CI checks it without a GPU; fewer rows than the GPU test (the emulation runs
+    the threads one by one)."""
+    log_p, inv_c, alpha = make_case(301 if k < 1000 else 67, k, margin=margin, seed=3)
+    for a in (alpha * 0, alpha):
+        check_step(emulated, log_p, inv_c, a, "diag")
+        if k <= 300:
+            check_step(emulated, log_p, inv_c, a, True)
+    _, _, d = emulated.step(log_p, inv_c, alpha * 0, "diag")
+    assert float(d.min()) > 0, "a one-hot row's diagonal must not round to 0"
+    check_materialize(emulated, log_p, inv_c, alpha)
+
+
 def test_emulated_materialize_sums(emulated):
     _check_materialize_sums(emulated, "cpu")
 
