@@ -145,6 +145,24 @@ def test_prepare_of_one_hot_rows(isa: str, mode: str, k: int, margin: float) -> 
                 check_prepare(be, x, mode, forget, fill, dtype, inv_c, hessian)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [3, 40, 1000])
+@pytest.mark.parametrize("inv_c_min,margin", [(1e-8, 30.0), (1e-30, 0.0)])
+def test_extreme_weights(isa: str, k: int, inv_c_min: float, margin: float) -> None:
+    """Row weights as refine scales them at lam = 1e8 / 1e30 (inv_c down to 1e-30): the column
+    sums, Q and the Hessians (whose heavy rows contribute q (1 - q) inv_c, subnormal in
+    float32) against the oracle, on every kernel variant."""
+    n = 1009 if k < 1000 else 131
+    log_p, inv_c, alpha = make_case(n, k, margin=margin, seed=k + 11)
+    inv_c = torch.where(inv_c < 0.5, torch.tensor(inv_c_min), torch.tensor(1.0)).float()
+    be = CpuBackend(isa=isa)
+    for hessian in HESSIANS:
+        if hessian is True and k > 128:
+            continue
+        check_step(be, log_p, inv_c, alpha, hessian)
+    check_materialize(be, log_p, inv_c, alpha)
+
+
 PREP_KS = (1, 2, 3, 10, 17, 31, 32, 33, 100, 1000, 1023)
 PREP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
