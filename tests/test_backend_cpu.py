@@ -217,6 +217,29 @@ def test_prepare_reports_every_bad_input(isa: str, mode: str, k: int) -> None:
         assert got.error == (kind, 37), (name, got.error)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
+@pytest.mark.parametrize("k", [5, 40, 1000])
+def test_prepare_reports_bad_rows_of_every_input_dtype(backend: CpuBackend, dtype, mode: str,
+                                                       k: int) -> None:
+    """The faults of the float32 test above in half and float64 inputs: the oracle's kind and
+    first row, with the row-sum tolerance refine passes for the dtype."""
+    from ppu_fast.problem import row_sum_tol
+
+    tol = row_sum_tol(dtype)  # what refine passes: two ulps of 1 for half rows
+    x = prepare_inputs(203, k, mode, dtype, seed=3)
+    for name, make, kind in bad_inputs(mode):
+        bad = make(x)
+        check_prepare(backend, bad, mode, None, None, None if mode == "log_p" else torch.float32,
+                      tol=tol)
+        got = backend.prepare(bad, mode, None, None,
+                              None if mode == "log_p" else torch.empty(203, k), None, False, tol)
+        if name == "sum 1.01" and tol > 0.01:
+            assert got.error is None, "a bfloat16 row 1 % off is within its 2-ulp tolerance"
+            continue
+        assert got.error == (kind, 37), (name, dtype, got.error)
+
+
 @pytest.mark.skipif(not OTHER_ISAS, reason="this CPU runs only one kernel variant")
 @pytest.mark.parametrize("isa", OTHER_ISAS)
 @pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
