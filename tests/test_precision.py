@@ -215,6 +215,34 @@ def test_float64_dual_value_is_within_the_solver_noise_bound(backend, n, k, shif
     assert abs(float(wlogz) - float(exact)) <= solver.G_NOISE_REL[torch.float64] * scale
 
 
+def _exact_cases():
+    """(backend, cpu kernel variant or None for the default) pairs."""
+    out = [(b, None) for b in BACKENDS]
+    try:
+        from ppu_fast import _C
+    except ImportError:  # no compiled module: the cpu backend is skipped elsewhere too
+        return out
+    return out + [("cpu", isa) for isa in _C.supported_isas() if isa != _C.best_isa()]
+
+
+@pytest.mark.parametrize("k", [10, 100])
+@pytest.mark.parametrize("margin", [0.0, 30.0])
+@pytest.mark.parametrize("backend,isa", _exact_cases())
+def test_exact_hessian_of_every_kernel_variant(backend, isa, k, margin):
+    """hessian="exact" on every cpu kernel variant (and the reference), near one-hot rows and
+    k up to DENSE_HESSIAN_MAX_K included, against the float64 formula."""
+    from backend_cases import make_case
+    from oracle import hessian_error, newton_hessian, one_minus, oracle_q
+    from ppu_fast.backends.cpu import CpuBackend
+
+    log_p, inv_c, alpha = make_case(3001, k, torch.float64, margin=margin, seed=k)
+    be = CpuBackend(isa=isa) if isa else load(backend)[0]
+    _, _, h = be.step(log_p, inv_c, alpha, "exact")
+    q, ic = oracle_q(log_p, inv_c, alpha), inv_c.numpy()
+    h_ora = newton_hessian((ic[:, None] * q * one_minus(q)).sum(0), (q * ic[:, None]).T @ q)
+    assert hessian_error(h, h_ora, 1e-300) <= 1e-11
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exact_hessian_takes_every_row(backend):
     """hessian="exact" (what a float64 Newton solve asks for below EXACT_HESSIAN_BELOW) is the
