@@ -307,8 +307,9 @@ def _refine(args: argparse.Namespace) -> int:
     q, info = refine(forget_mask=mask, lam=args.lam, weights=weights,
                      pseudo=None if args.pseudo == "none" else args.pseudo,
                      marginals=args.marginals, method=args.method, backend=args.backend,
-                     tol=args.tol, max_iter=args.max_iter, generator=torch.Generator().manual_seed(args.seed),
-                     return_info=True, **inputs)
+                     tol=args.tol, max_iter=args.max_iter,
+                     generator=torch.Generator().manual_seed(args.seed), return_info=True,
+                     **inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, q.numpy() if isinstance(q, torch.Tensor) else q)
@@ -373,7 +374,8 @@ def _refine_streamed(args: argparse.Namespace) -> int:
                        weights=weights, lam=args.lam,
                        pseudo=None if args.pseudo == "none" else args.pseudo,
                        marginals=args.marginals, method=args.method, backend=args.backend,
-                       tol=args.tol, max_iter=args.max_iter, generator=torch.Generator().manual_seed(args.seed))
+                       tol=args.tol, max_iter=args.max_iter,
+                       generator=torch.Generator().manual_seed(args.seed))
     print(f"refined {src} in chunks of {int(info.timings['chunk_rows'])} rows with {info.method} "
           f"on {info.backend}: {info.iterations} iterations, residual {info.residual:.2e}, "
           f"converged {info.converged}, {info.seconds:.3f} s -> {out}")
