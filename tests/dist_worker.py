@@ -62,6 +62,13 @@ def main(scenario: str, outdir: str) -> None:
         run("uniform", splits)
         run("prior", splits, pseudo="prior", lam=0.5)
         run("f32", splits, dtype=np.float32)
+        # float64 to tol 1e-11: below EXACT_HESSIAN_BELOW the k x k exact Hessian is all-reduced.
+        run("tight", splits, tol=1e-11)
+        s, e = splits[rank], splits[rank + 1]
+        q, info = ppu_fast.refine(torch.from_numpy(p[s:e]).to(torch.bfloat16),
+                                  torch.from_numpy(mask[s:e]), return_info=True,
+                                  process_group=group)
+        res["bf16_alpha"], res["bf16_q"] = info.alpha.numpy(), q.float().numpy()
         s, e = splits[rank], splits[rank + 1]
         w = weights(mask)
         q, info = ppu_fast.refine(p[s:e], mask[s:e], weights=w[s:e], return_info=True,

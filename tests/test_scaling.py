@@ -272,6 +272,17 @@ def test_distributed_two_ranks(tmp_path, problem):
             _q_close(res[r][f"{name}_q"], q0[splits[r]:splits[r + 1]])
             assert int(res[r][f"{name}_iters"]) == i0.iterations
     np.testing.assert_array_equal(res[0]["uniform_alpha"], res[1]["uniform_alpha"])
+    q0, i0 = refine(p, mask, tol=1e-11, return_info=True)  # the exact Hessian, all-reduced
+    assert i0.converged
+    for r in range(2):
+        assert float(np.abs(res[r]["tight_alpha"] - i0.alpha.numpy()).max()) <= 1e-9
+        _q_close(res[r]["tight_q"], q0[splits[r]:splits[r + 1]])
+    qb, ib = refine(torch.from_numpy(p).to(torch.bfloat16), torch.from_numpy(mask),
+                    return_info=True)
+    for r in range(2):
+        assert float(np.abs(res[r]["bf16_alpha"] - ib.alpha.numpy()).max()) <= 1e-6
+        np.testing.assert_allclose(res[r]["bf16_q"], qb[splits[r]:splits[r + 1]].float().numpy(),
+                                   rtol=2 ** -7, atol=1e-6)
     from dist_worker import weights
     q0, i0 = refine(p, mask, weights=weights(mask), return_info=True)
     for r in range(2):
