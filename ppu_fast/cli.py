@@ -160,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("--memory-budget", default="1GiB",
                         help="a .npy input larger than this is streamed in chunks that fit it "
                              "(bytes or e.g. 512MiB, 2GB; default 1GiB)")
-    f.add_argument("--device", default="cpu", help="where a streamed refine runs (cpu, cuda)")
+    f.add_argument("--device", default="cpu",
+                   help="where the refine runs (cpu, cuda, cuda:N); Q is saved from the host")
     _progress_flags(f)
     return p
 
@@ -296,7 +297,12 @@ def _refine(args: argparse.Namespace) -> int:
     flag = "--probs" if args.probs is not None else "--logits"
     if _streams(args):
         return _refine_streamed(args)
+    from .stream import _check_device
+
+    dev = _check_device(args.device)
     x = _load_array(args.probs if args.probs is not None else args.logits, flag)
+    if dev.type != "cpu":  # refine runs where its input lives
+        x = (torch.from_numpy(x) if isinstance(x, np.ndarray) else x).to(dev)
     mask = _load_array(args.forget, "--forget")
     weights = None if args.weights is None else _load_array(args.weights, "--weights")
     if args.weights is not None and args.lam != 1.0:
@@ -312,9 +318,9 @@ def _refine(args: argparse.Namespace) -> int:
                      **inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
-        np.save(out, q.numpy() if isinstance(q, torch.Tensor) else q)
+        np.save(out, q.cpu().numpy() if isinstance(q, torch.Tensor) else q)
     else:
-        torch.save(torch.as_tensor(q), out)
+        torch.save(torch.as_tensor(q).cpu(), out)
     print(f"refined {tuple(q.shape)} with {info.method} on {info.backend}: {info.iterations} iterations, "
           f"residual {info.residual:.2e}, converged {info.converged}, {info.seconds:.3f} s -> {out}")
     return _converged_status(info)

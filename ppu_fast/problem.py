@@ -159,6 +159,11 @@ def forget_and_pseudo(forget_mask, n: int, pseudo):
     of the indices in ``forget_mask`` (``pseudo[j]`` replaces row ``forget_mask[j]``) and are
     returned in row order, the order the solver fills them in; with a bool mask they are in row
     order already. Repeated indices cannot each have their own row and are refused."""
+    if isinstance(forget_mask, (set, frozenset, dict)) and isinstance(pseudo, (torch.Tensor,
+                                                                             np.ndarray)):
+        raise TypeError(f"forget_mask: a {type(forget_mask).__name__} has no order to match "
+                        f"pseudo's rows to; expected a sequence, tensor or array of row indices "
+                        f"(e.g. sorted(forget_mask)) or a bool mask")
     mask, idx = forget_spec(forget_mask, n)
     if idx is None or not isinstance(pseudo, (torch.Tensor, np.ndarray)) or idx.size < 2:
         return mask, pseudo

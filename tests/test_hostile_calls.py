@@ -336,3 +336,26 @@ def test_an_unavailable_backend_is_named_with_the_input_shape_and_the_cli_exits_
         r = _cli("--probs", tmp_path / "p.npy", "--forget", tmp_path / "m.npy", "--out",
                  tmp_path / "q.npy", "--backend", "cuda", *extra)
         assert r.returncode == 2 and "backend: 'cuda' cannot run" in r.stderr, r.stderr
+
+
+def test_pseudo_rows_refuse_an_unordered_set_of_indices():
+    p, _ = _problem(n=50)
+    with pytest.raises(TypeError, match="forget_mask: a set has no order"):
+        ppu_fast.refine(p, {31, 7}, pseudo=torch.full((2, 5), 0.2))
+    # Without pseudo rows a set of indices is fine: it says which rows, not in which order.
+    assert torch.equal(ppu_fast.refine(p, {31, 7}), ppu_fast.refine(p, [7, 31]))
+
+
+def test_the_cli_runs_on_the_device_it_is_given(tmp_path):
+    p, mask = _problem()
+    np.save(tmp_path / "p.npy", p.numpy())
+    np.save(tmp_path / "m.npy", mask.numpy())
+    r = _cli("--probs", tmp_path / "p.npy", "--forget", tmp_path / "m.npy", "--out",
+             tmp_path / "q.npy", "--device", "tpu")
+    assert r.returncode == 2 and "device: 'tpu'" in r.stderr, r.stderr
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    r = _cli("--probs", tmp_path / "p.npy", "--forget", tmp_path / "m.npy", "--out",
+             tmp_path / "q.npy", "--device", dev)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "q.npy"), ppu_fast.refine(p, mask).numpy(),
+                               atol=2e-6)
