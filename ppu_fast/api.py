@@ -92,15 +92,12 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
                               step_size=step_size)
     x, from_numpy = pb.to_tensor(probs if probs is not None else logits, name)
     n, k = pb.check_matrix(x, name)
-    lam = pb.check_lam(lam)
+    lam = pb.check_lam_weights(lam, weights is not None)
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
     sdt = pb.solver_dtype(x.dtype)
     check_tol_floor(tol, sdt)
     c_user = None
     if weights is not None:
-        if lam != 1.0:
-            raise ValueError(f"weights, lam: pass one of them (weights give every row's c_i; "
-                             f"lam = {lam!r} would set the retain rows' weight)")
         c_user = pb.check_weights(weights, n).numpy()
     mask, pseudo = pb.forget_and_pseudo(forget_mask, n, pseudo)
     n_forget = int(np.count_nonzero(mask))

@@ -297,9 +297,9 @@ def _refine(args: argparse.Namespace) -> int:
     flag = "--probs" if args.probs is not None else "--logits"
     if _streams(args):
         return _refine_streamed(args)
-    from .stream import _check_device
+    from .stream import check_device
 
-    dev = _check_device(args.device)
+    dev = check_device(args.device)
     x = _load_array(args.probs if args.probs is not None else args.logits, flag)
     if dev.type != "cpu":  # refine runs where its input lives
         x = (torch.from_numpy(x) if isinstance(x, np.ndarray) else x).to(dev)

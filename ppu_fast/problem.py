@@ -113,12 +113,11 @@ def forget_spec(forget_mask, n: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         elif any(isinstance(v, (bool, np.bool_)) for v in items):
             raise TypeError("forget_mask: a sequence mixing bools and integers; " + MASK_HELP)
         elif all(isinstance(v, (int, np.integer)) for v in items):
-            big = next((int(v) for v in items if not -n <= int(v) < n), None)
-            if big is not None:  # before numpy, which cannot hold 2**64 as int64
-                raise ValueError(f"forget_mask: row index {big} is out of range; expected "
-                                 f"indices in [-{n}, {n}) (negative ones count from the end, as "
-                                 f"in Python)")
-            fm = np.asarray(items, dtype=np.int64)
+            try:
+                fm = np.asarray(items, dtype=np.int64)
+            except OverflowError:  # a Python int beyond int64 (2**64 - 1, 10**30)
+                raise _index_out_of_range(next(int(v) for v in items if not -n <= int(v) < n),
+                                          n) from None
         else:
             bad = next(v for v in items if not isinstance(v, (int, np.integer)))
             raise TypeError(f"forget_mask: a sequence element is {type(bad).__name__} "
@@ -135,9 +134,7 @@ def forget_spec(forget_mask, n: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
                         f"{getattr(forget_mask, 'dtype', fm.dtype)}; " + MASK_HELP)
     if fm.dtype.kind == "u" and fm.size and int(fm.max()) >= n:
         # Checked before the cast to int64, which would wrap 2**64 - 1 to -1 (the last row).
-        raise ValueError(f"forget_mask: row index {int(fm.max())} is out of range; expected "
-                         f"indices in [-{n}, {n}) (negative ones count from the end, as in "
-                         f"Python)")
+        raise _index_out_of_range(int(fm.max()), n)
     fm = fm.astype(np.int64, copy=False)
     if fm.size and int(fm.min()) >= 0 and int(fm.max()) <= 1 and (
             fm.size == n or fm.size > np.unique(fm).size):
@@ -146,12 +143,25 @@ def forget_spec(forget_mask, n: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         raise ValueError(f"forget_mask: an integer vector {what} holding only 0 and 1 is "
                          f"ambiguous (a 0/1 mask or the indices of rows 0 and 1?); " + MASK_HELP)
     if fm.size and (int(fm.min()) < -n or int(fm.max()) >= n):
-        bad = fm[(fm < -n) | (fm >= n)][0]
-        raise ValueError(f"forget_mask: row index {int(bad)} is out of range; expected indices in "
-                         f"[-{n}, {n}) (negative ones count from the end, as in Python)")
+        raise _index_out_of_range(int(fm[(fm < -n) | (fm >= n)][0]), n)
     mask = np.zeros(n, dtype=bool)
     mask[fm] = True
     return mask, np.where(fm < 0, fm + n, fm)
+
+
+def _index_out_of_range(index: int, n: int) -> ValueError:
+    return ValueError(f"forget_mask: row index {index} is out of range; expected indices in "
+                      f"[-{n}, {n}) (negative ones count from the end, as in Python)")
+
+
+def check_lam_weights(lam, weights_given: bool) -> float:
+    """``lam`` as :func:`check_lam` returns it, refused unless 1 when row weights are given
+    (they set every row's c_i; ``lam`` would set the retain rows')."""
+    lam = check_lam(lam)
+    if weights_given and lam != 1.0:
+        raise ValueError(f"weights, lam: pass one of them (weights give every row's c_i; "
+                         f"lam = {lam!r} would set the retain rows' weight)")
+    return lam
 
 
 def forget_and_pseudo(forget_mask, n: int, pseudo):

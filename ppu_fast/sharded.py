@@ -228,14 +228,7 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
                          if comm.group is not None else
                          f"{name}{where}: N == 0 rows; expected at least one row")
 
-    def lam_checks() -> float:
-        lam_ = pb.check_lam(lam)
-        if weights is not None and lam_ != 1.0:
-            raise ValueError(f"weights, lam: pass one of them (weights give every row's c_i; "
-                             f"lam = {lam_!r} would set the retain rows' weight)")
-        return lam_
-
-    lam = collective_checks(comm, lam_checks)
+    lam = collective_checks(comm, lambda: pb.check_lam_weights(lam, weights is not None))
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
     sdt, dev = store.dtype, store.device
     check_tol_floor(tol, sdt)

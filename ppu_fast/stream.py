@@ -320,7 +320,7 @@ def refine_file(probs_path: PathLike, forget, out_path: PathLike, *, logits: boo
                         f"refine_file's own or refine's options {list(REFINE_OPTIONS)} (Q goes to "
                         f"out_path and the info is always returned)")
     comm = Comm(process_group)
-    dev = _check_device(device)
+    dev = check_device(device)
     name = "logits" if logits else "probs"
     out_path = Path(out_path)
 
@@ -380,7 +380,7 @@ REFINE_OPTIONS = ("lam", "pseudo", "marginals", "method", "tol", "max_iter", "ba
                   "step_size")
 
 
-def _check_device(device) -> torch.device:
+def check_device(device) -> torch.device:
     """``device`` as a torch.device where chunks can run: the CPU or an available CUDA device."""
     try:
         dev = torch.device(device)

@@ -117,6 +117,7 @@ def _quiet_interpreter(fn):
 
     return quiet
 
+
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # HESS constexpr values.
