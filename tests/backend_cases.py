@@ -222,6 +222,17 @@ def onehot_cases(ks=(3, 10, 40, 100, 1000)):
     return [(2003 if k < 1000 else 211, k, margin) for k in ks for margin in (30.0, 60.0)]
 
 
+def classifier_probs(n: int, k: int, margin: float, seed: int = 0, dtype=torch.float32
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (n x k) in ``dtype``, labels (n,)): a classifier's outputs, its logits
+    standard normal x 2 with ``margin`` added to each row's label, for whole-refine tests."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, k, (n,), generator=g)
+    logits[torch.arange(n), labels] += margin
+    return torch.softmax(logits, 1).to(dtype), labels
+
+
 def prepare_inputs(n: int, k: int, mode: str, dtype=torch.float32, seed: int = 0,
                    noncontig: bool = False, margin: float = 0.0, device: str = "cpu"):
     """Fresh random valid input for ``prepare``: probabilities, logits or log-probabilities."""

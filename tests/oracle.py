@@ -214,3 +214,28 @@ def oracle_solve(log_p, c, m, tol: float = 1e-10, max_iter: int = 500, alpha0=No
     res = np.abs(q.sum(0) - m).sum() / n
     assert res <= tol, f"oracle_solve: residual {res:.3g} > {tol:.3g} after {max_iter} steps"
     return a * c_min, q
+
+
+def oracle_refine(p, mask, lam: float = 1.0, marginals="retain", pseudo="uniform", alpha0=None
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """(alpha, Q) of ``refine``'s problem built in float64 from its definition on the values
+    refine reads (rows normalised; a zero of a half input is log 0 = -inf): forget rows replaced
+    by the uniform distribution (``pseudo="uniform"``; anything else keeps the input's rows, as
+    ``pseudo=None`` does), weights 1 on forget rows and ``lam`` on the others, and M the retain
+    rows' totals scaled to N ("retain"), the input's totals ("original") or the totals given."""
+    pd = _np(p)
+    pd = pd / pd.sum(1, keepdims=True)
+    msk = np.asarray(_np(mask), bool)
+    n, k = pd.shape
+    with np.errstate(divide="ignore"):
+        lp = np.log(pd)
+    if pseudo == "uniform":
+        lp[msk] = -np.log(k)
+    c = np.where(msk, 1.0, lam)
+    if isinstance(marginals, str) and marginals == "retain":
+        m = pd[~msk].sum(0) * n / (~msk).sum()
+    elif isinstance(marginals, str) and marginals == "original":
+        m = pd.sum(0)
+    else:
+        m = np.asarray(marginals, float)
+    return oracle_solve(lp, c, m, alpha0=alpha0)

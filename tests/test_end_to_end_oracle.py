@@ -10,29 +10,13 @@ import pytest
 import torch
 
 import ppu_fast
-from oracle import oracle_solve
-
-
-def _problem(n, k, margin, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
-    labels = torch.randint(0, k, (n,), generator=g)
-    logits[torch.arange(n), labels] += margin
-    return torch.softmax(logits, 1).to(dtype), labels
+from backend_cases import classifier_probs
+from oracle import oracle_refine
 
 
 def _oracle(p: torch.Tensor, mask: torch.Tensor, lam: float = 1.0, alpha0=None) -> np.ndarray:
-    """Q of refine's default problem (uniform pseudo rows, "retain" marginals) in float64, built
-    from its definition on the values refine reads."""
-    pd = p.double().numpy()
-    pd = pd / pd.sum(1, keepdims=True)
-    msk = mask.numpy()
-    n, k = pd.shape
-    with np.errstate(divide="ignore"):  # zeros of half inputs: log 0 = -inf, as refine reads them
-        lp = np.log(pd)
-    lp[msk] = -np.log(k)
-    m = pd[~msk].sum(0) * n / (~msk).sum()
-    return oracle_solve(lp, np.where(msk, 1.0, lam), m, alpha0=alpha0)[1]
+    """Q of refine's default problem (uniform pseudo rows, "retain" marginals) in float64."""
+    return oracle_refine(p, mask, lam, alpha0=alpha0)[1]
 
 
 # Q of a float32 solve to tol 1e-6 is within ~1e-5 of the exact one on these sizes (residual
@@ -43,7 +27,7 @@ Q_TOL_F32 = 3e-5
 @pytest.mark.parametrize("method", ["newton", "sinkhorn", "gradient"])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_every_method_reaches_the_oracle_q(method, backend):
-    p, y = _problem(2000, 6, margin=3.0, seed=1)
+    p, y = classifier_probs(2000, 6, margin=3.0, seed=1)
     mask = y == 2
     q, info = ppu_fast.refine(p, mask, method=method, backend=backend, return_info=True)
     assert info.converged
@@ -53,7 +37,7 @@ def test_every_method_reaches_the_oracle_q(method, backend):
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_diagonal_hessian_newton_of_wide_rows_reaches_the_oracle_q(backend):
     # k > DENSE_HESSIAN_MAX_K: Newton on the diagonal of the Hessian, in float32.
-    p, y = _problem(2000, 300, margin=6.0, seed=2)
+    p, y = classifier_probs(2000, 300, margin=6.0, seed=2)
     mask = y < 30
     q, info = ppu_fast.refine(p, mask, backend=backend, return_info=True)
     assert info.converged
@@ -65,7 +49,7 @@ def test_diagonal_hessian_newton_of_wide_rows_reaches_the_oracle_q(backend):
 def test_a_confident_model_reaches_the_oracle_q(k, backend):
     """Margin 30 (1 - q ~ 1e-13): the oracle, seeded with the library's alpha (its own Newton
     crawls from zero there), confirms Q rather than just the residual."""
-    p, y = _problem(20_000, k, margin=30.0, seed=3)
+    p, y = classifier_probs(20_000, k, margin=30.0, seed=3)
     mask = y == 0
     q, info = ppu_fast.refine(p, mask, backend=backend, return_info=True)
     assert info.converged and info.iterations <= 15
@@ -75,7 +59,7 @@ def test_a_confident_model_reaches_the_oracle_q(k, backend):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_half_inputs_reach_the_oracle_q_within_their_rounding(dtype, tol):
-    p, y = _problem(3000, 8, margin=4.0, seed=4, dtype=dtype)
+    p, y = classifier_probs(3000, 8, margin=4.0, seed=4, dtype=dtype)
     mask = y == 1
     q = ppu_fast.refine(p, mask)
     assert q.dtype == dtype
@@ -85,7 +69,7 @@ def test_half_inputs_reach_the_oracle_q_within_their_rounding(dtype, tol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_streamed_refine_reaches_the_oracle_q(tmp_path, dtype):
-    p, y = _problem(1500, 7, margin=30.0, seed=5, dtype=dtype)
+    p, y = classifier_probs(1500, 7, margin=30.0, seed=5, dtype=dtype)
     mask = y == 3
     np.save(tmp_path / "p.npy", p.numpy())
     info = ppu_fast.refine_file(tmp_path / "p.npy", mask.numpy(), tmp_path / "q.npy",

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import ppu_fast
-from oracle import oracle_solve
+from backend_cases import classifier_probs
+from oracle import oracle_refine, oracle_solve
 from ppu_fast.solver import ConvergenceWarning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,30 +22,7 @@ BACKENDS = ["cpu", "torch"]
 
 
 def _problem(n=400, k=5, seed=0, margin=3.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
-    labels = torch.randint(0, k, (n,), generator=g)
-    logits[torch.arange(n), labels] += margin
-    return torch.softmax(logits, 1).to(dtype), labels
-
-
-def _oracle_refine(p, mask, lam=1.0, marginals="retain", pseudo="uniform"):
-    """The refine problem built in float64 from its definition and solved by the oracle."""
-    p = p.double().numpy()
-    p = p / p.sum(1, keepdims=True)  # refine normalises the rows it reads
-    mask = np.asarray(mask, bool)
-    n, k = p.shape
-    lp = np.log(p)
-    if pseudo == "uniform":
-        lp[mask] = -np.log(k)
-    c = np.where(mask, 1.0, lam)
-    if marginals == "retain":
-        m = p[~mask].sum(0) * n / (~mask).sum()
-    elif marginals == "original":
-        m = p.sum(0)
-    else:
-        m = np.asarray(marginals, float)
-    return oracle_solve(lp, c, m)
+    return classifier_probs(n, k, margin, seed, dtype)
 
 
 def _residual(q, m):
@@ -134,7 +112,7 @@ def test_refine_is_right_for_every_lam(backend, lam, scenario):
     mask = (labels == 0) if scenario == "class" else (torch.arange(400) % 37 == 0)
     q, info = ppu_fast.refine(p, mask, lam=lam, backend=backend, tol=1e-7, return_info=True)
     assert info.converged
-    alpha, q_ora = _oracle_refine(p, mask.numpy(), lam=lam)
+    alpha, q_ora = oracle_refine(p, mask.numpy(), lam=lam)
     assert np.abs(q.double().numpy() - q_ora).max() <= 2e-5
     # info.alpha is the caller's alpha: targets() with the same weights reproduces Q.
     c = torch.where(mask, torch.tensor(1.0, dtype=torch.float64), lam)
@@ -155,7 +133,7 @@ def test_newton_when_the_heavy_forget_rows_must_move(backend, lam):
     mask = labels == 0
     q, info = ppu_fast.refine(p, mask, lam=lam, backend=backend, tol=1e-7, return_info=True)
     assert info.converged and info.iterations <= 60
-    _, q_ora = _oracle_refine(p, mask.numpy(), lam=lam)
+    _, q_ora = oracle_refine(p, mask.numpy(), lam=lam)
     assert np.abs(q.double().numpy() - q_ora).max() <= 2e-5
 
 

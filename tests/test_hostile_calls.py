@@ -12,28 +12,21 @@ import pytest
 import torch
 
 import ppu_fast
-from oracle import oracle_solve
+from backend_cases import classifier_probs
+from oracle import oracle_refine
 
 BACKENDS = ["cpu", "torch"]
 
 
 def _problem(n=300, k=5, seed=0, margin=2.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
-    labels = torch.randint(0, k, (n,), generator=g)
-    logits[torch.arange(n), labels] += margin
-    mask = torch.rand(n, generator=g) < 0.2
-    return torch.softmax(logits, 1).to(dtype), mask
+    """(probabilities, a random forget mask of about 20 % of the rows)."""
+    p, _ = classifier_probs(n, k, margin, seed, dtype)
+    return p, torch.rand(n, generator=torch.Generator().manual_seed(seed + 1000)) < 0.2
 
 
 def _oracle_given(p: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """Q for ``pseudo=None`` and "retain" marginals, built in float64 from the definition: the
-    input is P^; M is the retain rows' totals scaled to N; weights 1."""
-    pd = p.double().numpy()
-    pd = pd / pd.sum(1, keepdims=True)
-    m = pd[~mask.numpy()].sum(0)
-    m = m * (pd.shape[0] / m.sum())
-    return oracle_solve(np.log(pd), np.ones(pd.shape[0]), m)[1]
+    """Q for ``pseudo=None`` (the input is P^) and "retain" marginals, in float64."""
+    return oracle_refine(p, mask, pseudo=None)[1]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
