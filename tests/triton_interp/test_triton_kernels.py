@@ -477,6 +477,32 @@ def test_materialize_sums(k, in_place, make_backend):
                                atol=0.0)
 
 
+@pytest.mark.parametrize("k", [17, 100])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_materialize_sums_half_buffers(k, dtype, in_place):
+    """Half-precision solver buffers (half inputs keep their dtype): Q bit for bit as materialize
+    writes it, the sums against the float64 oracle evaluated on the values as stored."""
+    be = TritonBackend()
+    g = torch.Generator().manual_seed(100 + k)
+    n = 131
+    log_p = torch.log_softmax(3 * torch.randn(n, k, generator=g), dim=1).to(dtype)
+    inv_c = torch.where(torch.rand(n, generator=g) < 0.2, 1.0, 0.25)
+    alpha = torch.randn(k, generator=g, dtype=torch.float64)
+    q_ref = torch.empty_like(log_p)
+    be.materialize(log_p, inv_c, alpha, q_ref)
+    buf = log_p.clone()
+    out = buf if in_place else torch.full_like(log_p, float("nan"))
+    colsum, wlogz = be.materialize_sums(buf, inv_c, alpha, out)
+    assert torch.equal(out, q_ref)
+    if not in_place:
+        assert torch.equal(buf, log_p), "materialize_sums modified log_p"
+    colsum64, wlogz64, _ = oracle_step(log_p.double(), inv_c.double(), alpha)
+    torch.testing.assert_close(colsum, torch.from_numpy(colsum64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wlogz, torch.tensor(wlogz64, dtype=torch.float64), rtol=1e-5,
+                               atol=0.0)
+
+
 def test_refine_ends_on_the_pass_that_writes_q():
     """backend="triton" fuses Newton's last pass with the writing of Q, like the cpu backend,
     and agrees with the reference."""
