@@ -353,6 +353,33 @@ def test_documented_torchrun_example(tmp_path):
 
 
 @pytest.mark.gpu
+def test_documented_torchrun_example_on_nccl(tmp_path):
+    """The same example on GPUs: NCCL, one process per GPU (one process where the machine has a
+    single GPU: NCCL refuses two ranks on one device), each rank refining its rows as CUDA
+    tensors; the all-reduces then run on the GPU (comm.Comm). Concatenated, the ranks' rows are
+    the single-process CPU Q, to float32 rounding of another kernel."""
+    import torch
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "distributed_refine.py"
+    if not example.is_file():
+        pytest.skip("docs/examples is not shipped with this copy")
+    world = min(2, torch.cuda.device_count())
+    p = _probs(3000, 10, np.float32, seed=23)
+    mask = _mask(3000, 0.1, seed=24)
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "f.npy", mask)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                        str(world), "--master-port", str(_free_port()), str(example),
+                        str(tmp_path / "p.npy"), str(tmp_path / "f.npy"), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{world} ranks, N = 3000" in r.stdout and "converged True" in r.stdout
+    q = np.concatenate([np.load(tmp_path / "out" / f"q-rank{i}.npy") for i in range(world)])
+    np.testing.assert_allclose(q.astype(np.float64), refine(p, mask).astype(np.float64), rtol=0,
+                               atol=1e-5)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_streaming_on_cuda(tmp_path, dtype):
     """device="cuda": chunks go through the pinned buffers and the side stream (two buffers in
