@@ -37,6 +37,49 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _seed_list(text: str) -> list[int]:
+    seeds = _int_list(text)
+    if any(v < 0 for v in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers (each seed is "
+                                         f"one independent run), got {text!r}")
+    return seeds
+
+
+def _int_at_least(low: int, what: str):
+    """An argparse type: an integer >= ``low``, the message saying ``what`` is expected."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = low - 1
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
+
+
+_nonneg_int = _int_at_least(0, "a non-negative integer")
+_positive_int = _int_at_least(1, "a positive integer")
+
+
+def _finite_float(text: str) -> float:
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _check_out_folder(out: str) -> None:
+    # Before any training: a results folder that cannot be written should not cost a run first.
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--out: '{p}' is a file; expected a folder (created if missing)")
+
+
 def _name_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -66,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "Finetune, PPU; prints the table and a verdict, writes "
                                     "results.json/.md/.png")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_nonneg_int, default=0)
     d.add_argument("--no-cache", action="store_true", help="retrain even if a cached model exists")
     _progress_flags(d)
 
@@ -75,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--data-root", default=None, help="folder of CIFAR python batches or an ImageFolder "
                                                      "tree with train/ and test/")
     r.add_argument("--model", required=True, choices=MODELS)
-    r.add_argument("--width", type=float, default=1.0, help="channel width factor (default 1)")
+    r.add_argument("--width", type=_finite_float, default=1.0, help="channel width factor (default 1)")
     r.add_argument("--scenario", default="selective", choices=SCENARIOS)
     r.add_argument("--forget-class", type=int, default=None)
     r.add_argument("--num-forget", type=int, default=None)
@@ -86,16 +129,19 @@ def _parser() -> argparse.ArgumentParser:
     # Five seeds by default, as the paper reports: one seed has no standard error and no significance
     # test. Cheap where the default comparison is cheap: digits5 with the default methods took 17 s a
     # seed on one thread (models trained, not cached); pass --seeds for a quick look or a large set.
-    r.add_argument("--seeds", type=_int_list, default=[0, 1, 2, 3, 4],
+    r.add_argument("--seeds", type=_seed_list, default=[0, 1, 2, 3, 4],
                    help="comma-separated, e.g. 1,2,3 (default 0,1,2,3,4: mean ± standard error over 5 runs, "
                         "as the paper reports)")
     r.add_argument("--device", default="cpu")
-    r.add_argument("--epochs", type=int, default=None, help="training epochs of original and retrain")
-    r.add_argument("--lr", type=float, default=None, help="learning rate of original and retrain")
-    r.add_argument("--batch-size", type=int, default=None, help="batch size of original and retrain")
-    r.add_argument("--unlearn-epochs", type=int, default=None, help="PPU fine-tuning epochs (default 10)")
-    r.add_argument("--unlearn-lr", type=float, default=None, help="PPU fine-tuning lr (default 0.01)")
-    r.add_argument("--lam", type=float, default=None, help="PPU retain weight (default 1)")
+    r.add_argument("--epochs", type=_nonneg_int, default=None,
+                   help="training epochs of original and retrain (0: both are the starting weights, "
+                        "e.g. --init-checkpoint's)")
+    r.add_argument("--lr", type=_finite_float, default=None, help="learning rate of original and retrain")
+    r.add_argument("--batch-size", type=_positive_int, default=None, help="batch size of original and retrain")
+    r.add_argument("--unlearn-epochs", type=_positive_int, default=None,
+                   help="PPU fine-tuning epochs (default 10)")
+    r.add_argument("--unlearn-lr", type=_finite_float, default=None, help="PPU fine-tuning lr (default 0.01)")
+    r.add_argument("--lam", type=_finite_float, default=None, help="PPU (privacy) retain weight (default 1)")
     r.add_argument("--lam-sweep", type=_float_list, default=None, metavar="L1,L2,...",
                    help="the paper's Table 5: run PPU (privacy) once per λ, e.g. 0.1,0.5,1,2,5,10, on the "
                         "same original model, beside Original and Retrain (replaces --methods and --lam)")
@@ -107,11 +153,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="PPU's fine-tuning schedule (default fast: early stop at the settled 'val' rule, "
                         "and in bias mode a quarter of the retain rows per epoch; paper: every row, "
                         "every epoch, as the paper runs it); also the +ppu methods' PPU step")
-    r.add_argument("--retain-fraction", type=float, default=None,
+    r.add_argument("--retain-fraction", type=_finite_float, default=None,
                    help="share of the retain rows each PPU epoch visits, in (0, 1] (default: the schedule's)")
     r.add_argument("--trainable", default=None, choices=("all", "last-block", "head"),
                    help="which layers PPU fine-tunes (default all)")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     init = r.add_mutually_exclusive_group()
     init.add_argument("--init-checkpoint", default=None, metavar="PATH",
                       help="start Original and Retrain from this state dict of the chosen --model/--width "
@@ -198,6 +244,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .unlearn.experiment import run_experiment
 
     started = time.perf_counter()
+    _check_out_folder(args.out)
     # The small CNN's tensors are tiny: one thread avoids the synchronisation that makes several
     # threads slower here, by up to 10x on a busy 2-core machine.
     torch.set_num_threads(1)
@@ -222,7 +269,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from .unlearn.experiment import PPU_METHODS, lam_variants, run_experiment
 
+    from .stream import check_device
+
     started = time.perf_counter()
+    _check_out_folder(args.out)
+    check_device(args.device)
+    if args.methods == []:
+        raise ValueError("--methods: no method named; expected comma-separated method names")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     train = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
@@ -249,6 +302,9 @@ def _run(args: argparse.Namespace) -> int:
         args.methods = ["original", "retrain", *variants]
     else:
         args.methods = expand_methods(args.methods or list(DEMO_METHODS[:5]), args.dataset)
+    if privacy and variants is None and "ppu" not in args.methods:
+        raise ValueError(f"{', '.join('--' + k for k in privacy)}: only PPU's privacy mode (the method "
+                         f"'ppu') uses them, and --methods has no 'ppu'")
     kwargs = {m: dict(common, **(privacy if m == "ppu" else {})) for m in args.methods if m in PPU_METHODS}
     # The baselines take SCRUB's hyper-parameters for the run's setting; the "+ppu" methods' PPU step
     # takes the same --unlearn-* options as PPU itself.
@@ -390,7 +446,8 @@ def _refine_streamed(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ppu-fast`` console script. Returns the exit status: 0, 2 for bad
-    input, 1 when ``refine`` wrote Q but its solver did not converge."""
+    input, 1 when ``refine`` wrote Q but its solver did not converge or when an unlearning run
+    diverged (NaN weights)."""
     args = _parser().parse_args(argv)
     handler = {"demo": _demo, "run": _run, "refine": _refine}[args.command]
     try:
@@ -398,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"ppu-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        # A diverged training (unlearn refuses to hand back its NaN weights): the run failed.
+        print(f"ppu-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         # A backend that cannot run here (no GPU, no Triton) is the caller's choice of --backend,
         # not a crash: the same exit status as other bad input. Other RuntimeErrors propagate.

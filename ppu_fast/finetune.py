@@ -4,7 +4,9 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .training import model_device
+from .caller_state import keeps_caller_state
+from .training import lone_last_batch, model_device
 
 SELECT_POLICIES = ("last", "val")
 TRAINABLE = ("all", "last-block", "head")
@@ -148,8 +151,8 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
         raise ValueError("targets rows must sum to 1 (probabilities, not logits)")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+    if isinstance(lr, bool) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if optimizer not in ("sgd", "adam"):
@@ -201,6 +204,7 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
                          f"select from, per epoch), got {evals_per_epoch!r}")
 
 
+@keeps_caller_state(lambda kw: "finetune")
 def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: int = 10, lr: float = 0.01,
              optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64,
              forget_mask: torch.Tensor | np.ndarray | None = None, retain_per_epoch: int | None = None,
@@ -261,6 +265,11 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
            trainable, evals_per_epoch)
     if select == "val" and evaluate is None:
         raise ValueError("select='val' needs evaluate=... returning 'forget_error' and 'val_error'")
+    if isinstance(momentum, bool) or not (isinstance(momentum, numbers.Real) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if isinstance(weight_decay, bool) or not (isinstance(weight_decay, numbers.Real)
+                                              and 0 <= weight_decay < math.inf):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     work = model if inplace else copy.deepcopy(model)
     device = torch.device(device) if device is not None else model_device(model)
     work.to(device)
@@ -347,7 +356,8 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
     for epoch in bar:
         t0 = time.perf_counter()
         subset = torch.utils.data.Subset(indexed, epoch_rows()) if split else indexed
-        loader = DataLoader(subset, batch_size=batch_size, shuffle=True, generator=gen)
+        loader = DataLoader(subset, batch_size=batch_size, shuffle=True, generator=gen,
+                            drop_last=lone_last_batch(len(subset), batch_size))
         # The batches after which a mid-epoch evaluation runs (the epoch's end is always one).
         cuts = {round(j * len(loader) / evals_per_epoch): j for j in range(1, evals_per_epoch)}
         cuts.pop(0, None)
@@ -413,3 +423,16 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         work.load_state_dict(checkpoints[chosen])
     work.eval()
     return FinetuneResult(work, history, chosen, seconds, stopped_early)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this module (``ppu_fast.unlearn`` does) binds it to the package attribute
+    ``ppu_fast.finetune``, shadowing the function of that name that ``ppu_fast`` exports; the
+    module is therefore callable, so ``ppu_fast.finetune(model, data, targets, ...)`` always works
+    (as ``ppu_fast.unlearn`` does)."""
+
+    def __call__(self, *args, **kwargs) -> FinetuneResult:
+        return finetune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

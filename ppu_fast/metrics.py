@@ -34,8 +34,18 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
     model.eval()
     logits, labels = [], []
     try:
-        for x, y in make_loader(data, batch_size):
-            logits.append(model(x.to(device)).float().cpu())
+        for batch in make_loader(data, batch_size):
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise ValueError(f"data: a batch is a {type(batch).__name__}"
+                                 f"{f' of {len(batch)} items' if hasattr(batch, '__len__') else ''}"
+                                 f"; expected (x, y) pairs of an input and an integer label")
+            x, y = batch
+            out = model(x.to(device))
+            if not isinstance(out, torch.Tensor) or out.ndim != 2:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"model: its output for a batch of {len(x)} inputs is {shape}; "
+                                 f"expected (B, k) logits")
+            logits.append(out.float().cpu())
             labels.append(torch.as_tensor(y).cpu())
     finally:
         model.train(was_training)
@@ -46,11 +56,14 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
 
 def error(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
           device: str | torch.device | None = None) -> float:
-    """Classification error of ``model`` on ``data`` in percent (0-100); NaN for an empty set."""
+    """Classification error of ``model`` on ``data`` in percent (0-100); NaN for an empty set. An
+    example whose logits are not all finite counts as an error (it has no prediction; argmax of
+    NaN logits would name class 0)."""
     logits, labels = predict(model, data, batch_size=batch_size, device=device)
     if len(labels) == 0:
         return float("nan")
-    return 100.0 * float((logits.argmax(1) != labels).float().mean())
+    right = (logits.argmax(1) == labels) & torch.isfinite(logits).all(1)
+    return 100.0 * float((~right).float().mean())
 
 
 def losses(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,

@@ -59,6 +59,13 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "ppu_fast"
 
 
+def lone_last_batch(n: int, batch_size: int) -> bool:
+    """Whether a shuffled training pass over ``n`` examples should drop its last batch: when it
+    would hold a single example, which BatchNorm cannot normalise in train mode (it raises); one
+    example a pass, a different one each pass, is left out instead."""
+    return n > 1 and n % batch_size == 1
+
+
 def model_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
@@ -88,7 +95,8 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
     model.to(device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=gen)
+    loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=gen,
+                        drop_last=lone_last_batch(len(data), config.batch_size))
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay)
     sched = None

@@ -8,6 +8,7 @@ options against the method's signature and times the call.
 from __future__ import annotations
 
 import inspect
+import numbers
 import sys
 import time
 import types
@@ -16,7 +17,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler,
+                              SequentialSampler, Subset, default_collate, default_convert)
+
+from ..caller_state import check_finite_options, check_seed, keeps_caller_state
 
 _METHODS: dict[str, Callable[..., "UnlearnResult"]] = {}
 _COMMON = ("val", "seed", "device", "inplace", "progress")
@@ -73,6 +77,18 @@ def method_options(name: str) -> dict[str, Any]:
             if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON}
 
 
+def _check_integer_options(fn: Callable[..., UnlearnResult], options: dict[str, Any],
+                           method: str) -> None:
+    # An option declared ``int`` (epochs, batch sizes, step counts) given as 2.9 would be cut to 2
+    # by the method's int() and recorded as 2.9: refuse it instead.
+    sig = inspect.signature(fn).parameters
+    for name, v in options.items():
+        ann = sig[name].annotation if name in sig else None
+        if ann in ("int", "int | None") and v is not None and (
+                isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            raise ValueError(f"unlearn(method={method!r}): {name}={v!r}; expected an integer")
+
+
 def _get(name: str) -> Callable[..., UnlearnResult]:
     if not isinstance(name, str) or name not in _METHODS:
         raise ValueError(f"unknown unlearning method {name!r}; expected one of {', '.join(methods())}")
@@ -83,15 +99,67 @@ def _as_dataset(data: object, arg: str, allow_none: bool = False) -> Dataset | N
     if data is None and allow_none:
         return None
     if isinstance(data, DataLoader):
-        data = data.dataset
+        data = _loader_examples(data, arg)
     if not isinstance(data, Dataset):
         raise TypeError(f"{arg} must be a torch Dataset or DataLoader of (x, y) pairs, got "
                         f"{type(data).__name__}")
+    if isinstance(data, IterableDataset):
+        raise TypeError(f"{arg} is an IterableDataset; expected a map-style Dataset (len and "
+                        f"indexing) of (x, y) pairs")
+    if len(data) > 0:
+        _check_pair(data[0], f"{arg}[0]")
     return data
+
+
+def _loader_examples(loader: DataLoader, arg: str) -> Dataset:
+    """The examples a loader visits, as a Dataset: its dataset when it visits all of it once (the
+    plain sequential or shuffled loader), else the ``Subset`` its sampler draws. The methods batch
+    the examples themselves, so a loader's batch size is not used; a custom ``collate_fn`` is
+    refused rather than silently skipped."""
+    ds = loader.dataset
+    if isinstance(ds, IterableDataset):
+        raise TypeError(f"{arg} is a DataLoader over an IterableDataset; expected a map-style "
+                        f"Dataset (len and indexing) of (x, y) pairs")
+    if loader.collate_fn not in (default_collate, default_convert):
+        raise ValueError(f"{arg}: a DataLoader with a custom collate_fn "
+                         f"({getattr(loader.collate_fn, '__name__', loader.collate_fn)!r}) is not "
+                         f"supported (the methods batch the examples themselves); pass a Dataset "
+                         f"of (x, y) pairs")
+    sampler, batches = loader.sampler, loader.batch_sampler
+    whole = (isinstance(sampler, SequentialSampler)
+             or (isinstance(sampler, RandomSampler) and not sampler.replacement
+                 and sampler.num_samples == len(ds)))
+    if whole and (batches is None or type(batches) is BatchSampler):
+        return ds
+    idx = ([int(i) for b in batches for i in b] if batches is not None
+           else [int(i) for i in sampler])
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"{arg}: the DataLoader's sampler draws {len(idx)} examples but only "
+                         f"{len(set(idx))} distinct ones; expected a loader (or Dataset) that "
+                         f"visits each example of the set once")
+    return Subset(ds, sorted(idx))
+
+
+def _check_pair(item: object, where: str) -> None:
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        kind = (f"a {type(item).__name__} of {len(item)} items"
+                if isinstance(item, (tuple, list, dict)) else f"a {type(item).__name__}")
+        raise ValueError(f"{where} is {kind}; expected an (x, y) pair: the model's input and an "
+                         f"integer class label (wrap the dataset to return that pair)")
+    y = item[1]
+    if isinstance(y, torch.Tensor):
+        ok = y.numel() == 1 and not y.is_floating_point() and not y.is_complex()
+    else:
+        ok = isinstance(y, numbers.Integral) and not isinstance(y, bool)
+    if not ok:
+        raise ValueError(f"{where}: its label is {y!r}; expected an integer class label")
 
 
 def _check_disjoint(forget: Dataset, retain: Dataset) -> None:
     # Only Subsets of one base dataset can be compared without looking at the data.
+    if forget is retain:
+        raise ValueError("forget and retain are the same dataset; the forget set must lie outside "
+                         "the retain set")
     if isinstance(forget, Subset) and isinstance(retain, Subset) and forget.dataset is retain.dataset:
         both = set(map(int, forget.indices)) & set(map(int, retain.indices))
         if both:
@@ -99,6 +167,7 @@ def _check_disjoint(forget: Dataset, retain: Dataset) -> None:
                              f"{min(both)}); the forget set must lie outside the retain set")
 
 
+@keeps_caller_state(lambda kw: f"unlearn(method={kw.get('method', 'ppu')!r})")
 def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | DataLoader, *,
             method: str = "ppu", val: Dataset | DataLoader | None = None, seed: int = 0,
             device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,
@@ -108,12 +177,15 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
     Args:
         model: a trained classifier, (B, C, H, W) -> (B, k) logits; any starting point works, so
             "SCRUB + PPU" is ``unlearn(scrubbed_model, ...)``.
-        forget, retain: the two parts of the training set, datasets (or loaders) of ``(x, y)``.
+        forget, retain: the two parts of the training set, datasets (or loaders) of ``(x, y)``
+            pairs, labels in [0, k); a loader stands for the examples its sampler visits (each
+            once), its batch size is not used.
         method: a registered method: ``ppu`` (privacy mode), ``ppu-bias`` (bias removal, uniform
             pseudo-probabilities), ``ppu-random`` (bias removal, random ones), ``finetune``,
             ``retrain``, ``original``; see :func:`methods`.
         val: held-out data; PPU's privacy mode selects its epoch with it (see ``select``).
-        seed: fixes every random choice.
+        seed: fixes every random choice (the caller's global random state is restored after
+            the call).
         device: where to run (default: the model's device).
         inplace: modify ``model`` itself; by default it is deep-copied and left untouched.
         progress: show tqdm progress bars.
@@ -121,9 +193,15 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
             ``mode``, ``pseudo``, ``lam``, ``marginals``, ``epochs``, ``lr``, ``select``.
 
     Returns:
-        :class:`UnlearnResult`.
+        :class:`UnlearnResult`. The returned model's parameters keep the caller's
+        ``requires_grad`` flags.
+
+    Raises:
+        FloatingPointError: the run diverged (the model it ended with has NaN or infinite
+            weights; nothing is returned).
     """
     fn = _get(method)
+    seed = check_seed(seed)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     forget = _as_dataset(forget, "forget")
@@ -139,6 +217,8 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
     if unknown:
         raise TypeError(f"unlearning method '{method}' got unknown option(s) {', '.join(unknown)}; it "
                         f"accepts {', '.join(sorted(accepted)) or 'none'}")
+    check_finite_options(options, f"unlearn(method={method!r})")
+    _check_integer_options(fn, options, method)
     t0 = time.perf_counter()
     result = fn(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
                 progress=progress, **options)

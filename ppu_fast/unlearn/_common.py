@@ -19,6 +19,19 @@ def working_copy(model: nn.Module, inplace: bool, device: str | torch.device | N
     return work.to(torch.device(device)) if device is not None else work
 
 
+def check_labels_fit(labels: torch.Tensor, k: int, method: str) -> None:
+    """Refuse labels outside the model's k outputs, and a model of fewer than 2 outputs: both run
+    silently wrong (a class the model has no logit for cannot be unlearned; softmax of one logit
+    is 1 whatever the weights)."""
+    if k < 2:
+        raise ValueError(f"model: it outputs {k} logit(s) per example; {method} needs a classifier's "
+                         f"(B, k) logits with k >= 2")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"labels: forget / retain hold classes {int(labels.min())} to "
+                         f"{int(labels.max())} but the model outputs k = {k} logits; expected "
+                         f"labels in [0, {k})")
+
+
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     return torch.device(device) if device is not None else model_device(model)
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import dataset_targets
+from ..training import lone_last_batch
 
 SETTINGS = ("small", "selective", "class")
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
@@ -71,7 +72,8 @@ def loader(data: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> D
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     gen = torch.Generator().manual_seed(int(seed))
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      drop_last=shuffle and lone_last_batch(len(data), batch_size))
 
 
 def cycle(batches: Iterable) -> Iterator:
@@ -104,6 +106,12 @@ def last_block(model: nn.Module) -> list[str]:
         return ["layer4"]
     raise ValueError(f"cannot tell the last block of a {type(model).__name__}: pass layers=[...] with "
                      f"module names from model.named_modules()")
+
+
+def as_names(names: str | Sequence[str]) -> list[str]:
+    """A module name or a sequence of them, as a list (a single string is one name, not its
+    characters)."""
+    return [names] if isinstance(names, str) else list(names)
 
 
 def modules_named(model: nn.Module, names: Sequence[str], arg: str = "layers") -> list[nn.Module]:

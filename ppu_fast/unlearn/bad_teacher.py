@@ -77,6 +77,9 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     elif forget_batch_size is not None:
         raise ValueError("forget_batch_size applies to variant='scrub' only (the chundawat variant mixes "
                          "forget and retain examples in one batch)")
+    elif alpha != 1.0 or beta != 1.0:
+        raise ValueError(f"alpha={alpha!r}, beta={beta!r}: the loss weights apply to variant='scrub' only "
+                         f"(the chundawat variant's one loss has none)")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     check_mode(mode)

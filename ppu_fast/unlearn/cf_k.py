@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
-from ._loop import (check_mode, fk_lr, freeze_all_but, last_block, loader, make_optimizer, pick,
+from ._loop import (as_names, check_mode, fk_lr, freeze_all_but, last_block, loader, make_optimizer, pick,
                     resolve_setting, run_loop)
 from ._loop import l2_pull as make_l2_pull
 
@@ -105,7 +105,7 @@ def cf_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | N
         "batch_size": batch_size, "l2_pull": l2_pull, "mode": mode, "lr_milestones": lr_milestones,
         "lr_decay": lr_decay, "lr_decayed_base": lr_decayed_base})
     work = working_copy(model, inplace, device)
-    layers = list(layers) if layers is not None else last_block(work)
+    layers = as_names(layers) if layers is not None else last_block(work)
     seconds = train_block(work, retain, layers, seed=seed, device=resolve_device(model, device),
                           progress=progress, desc="cf-k", **hp)
     return UnlearnResult(work, "cf-k", timings={"train": seconds},

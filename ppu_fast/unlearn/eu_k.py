@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from ..models import AllCNN, SmallCNN, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
-from ._loop import last_block, modules_named, resolve_setting
+from ._loop import as_names, last_block, modules_named, resolve_setting
 from .cf_k import resolve_block_options, train_block
 
 # SCRUB's code: as CF-k (see cf_k.py) with euk_epochs = training_epochs, 30 at small scale
@@ -83,8 +83,8 @@ def eu_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | N
         "batch_size": batch_size, "l2_pull": l2_pull, "mode": mode, "lr_milestones": lr_milestones,
         "lr_decay": lr_decay, "lr_decayed_base": lr_decayed_base})
     work = working_copy(model, inplace, device)
-    layers = list(layers) if layers is not None else last_block(work)
-    reset = list(reset) if reset is not None else default_reset(work)
+    layers = as_names(layers) if layers is not None else last_block(work)
+    reset = as_names(reset) if reset is not None else default_reset(work)
     if isinstance(init, nn.Module):
         init_state, source = init.state_dict(), "given"
     elif isinstance(init, dict):

@@ -125,6 +125,9 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                          f"{', '.join(registered())}")
     if not seeds:
         raise ValueError("seeds must name at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: {list(seeds)} repeats a seed; expected distinct seeds (each is one "
+                         f"independent run: a repeat would count one run twice in the standard error)")
     method_kwargs = dict(method_kwargs or {})
     for name, kw in [*method_kwargs.items(), *((n, v[1]) for n, v in variants.items())]:
         bad = sorted(set(kw) - set(method_options(variants[name][0] if name in variants else name)))

@@ -9,10 +9,14 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from ..finetune import finetune
+from ..finetune import finetune as _public_finetune
+
+# The loop without the public function's guard (random state, frozen flags, divergence):
+# unlearn's own guard covers the whole call, and names the method.
+finetune = _public_finetune.__wrapped__
 from ..metrics import predict
 from . import UnlearnResult, register
-from ._common import make_evaluator, resolve_device, working_copy
+from ._common import check_labels_fit, make_evaluator, resolve_device, working_copy
 
 MODES = ("privacy", "bias")
 
@@ -129,6 +133,17 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     :func:`ppu_fast.finetune`). ``evals_per_epoch`` > 1 evaluates (and checkpoints, for the
     selection) that many times per epoch, so that the ``"val"`` rule can stop between epochs (on
     digits that made its choice worse: docs/ppu_schedule.md)."""
+    if mode == "bias":
+        unused = [f"{n}={v!r}" for n, v, d in (("lam", lam, 1.0), ("marginals", marginals, "retain"),
+                                              ("refine_method", refine_method, "newton"),
+                                              ("tol", tol, 1e-6), ("backend", backend, "auto"))
+                  if not (isinstance(v, type(d)) and v == d)]
+        if unused:
+            raise ValueError(f"ppu: mode='bias' fine-tunes toward P^ without refining it, so "
+                             f"{', '.join(unused)} would be ignored; drop them or use "
+                             f"mode='privacy'")
+    if isinstance(history_retain, int) and not isinstance(history_retain, bool) and history_retain < 0:
+        raise ValueError(f"history_retain must be >= 0, None or 'auto', got {history_retain!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if schedule not in SCHEDULES:
@@ -168,6 +183,7 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     t0 = time.perf_counter()
     both = ConcatDataset([forget, retain])
     logits, labels = predict(work, both, device=dev)
+    check_labels_fit(labels, logits.shape[1], "ppu")
     probs = torch.softmax(logits.to(dev), dim=1)
     n_forget, (n, k) = len(forget), probs.shape
     forget_mask = torch.zeros(n, dtype=torch.bool)

@@ -77,6 +77,8 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
         raise ValueError(f"select must be 'last' or 'val', got {select!r}")
     if rewind not in REWIND_RULES:
         raise ValueError(f"rewind must be one of {', '.join(REWIND_RULES)}, got {rewind!r}")
+    if select == "last" and rewind != "scrub":
+        raise ValueError(f"rewind={rewind!r}: the rewinding rule applies to select='val' (SCRUB+R) only")
     if select == "val" and val is None:
         raise ValueError(f"{name} rewinds by comparing forget errors with the validation error on the "
                          f"forget classes: pass val=...")

@@ -1,0 +1,96 @@
+"""What a training entry point (:func:`ppu_fast.unlearn`, :func:`ppu_fast.finetune`) owes its caller
+beyond the result: the global random streams as they were, the caller's frozen parameters still
+frozen, and never a model of NaN weights handed back as if training had worked."""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Any, Callable, Mapping, TypeVar
+
+import torch
+from torch import nn
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _cuda_devices(model: nn.Module, device: Any) -> list[int]:
+    devs = {p.device.index or 0 for p in model.parameters() if p.is_cuda}
+    if device is not None:
+        d = torch.device(device)
+        if d.type == "cuda":
+            devs.add(d.index if d.index is not None else torch.cuda.current_device())
+    return sorted(devs)
+
+
+def non_finite_weights(model: nn.Module) -> tuple[int, int]:
+    """(number of non-finite parameter elements, number of parameter elements) of ``model``."""
+    bad = total = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            total += p.numel()
+            if p.is_floating_point() or p.is_complex():
+                bad += int((~torch.isfinite(p)).sum())
+    return bad, total
+
+
+def check_finite_options(options: Mapping[str, Any], where: str) -> None:
+    """Refuse a NaN or infinite real-valued option, naming it (every option of the training entry
+    points is a finite quantity: a learning rate, a weight, a temperature, a decay)."""
+    for name, v in options.items():
+        if (isinstance(v, numbers.Real) and not isinstance(v, (bool, numbers.Integral))
+                and not math.isfinite(float(v))):
+            raise ValueError(f"{where}: {name}={v!r}; expected a finite number")
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int, or a ValueError naming it (torch's own message names no argument)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r}: expected a non-negative integer below 2**63")
+    return int(seed)
+
+
+def keeps_caller_state(name: Callable[[dict], str]) -> Callable[[F], F]:
+    """Decorate ``fn(model, ...)`` returning an object with ``.model``:
+
+    * the global CPU (and the model's CUDA) random state is restored afterwards
+      (``torch.random.fork_rng``): the methods seed it for reproducible dropout and shuffling,
+      which must not reseed the caller's own stream;
+    * every parameter's ``requires_grad`` is, on the returned model and on the caller's, what it
+      was on the caller's model before the call (methods unfreeze what they train);
+    * a model with non-finite weights is refused before training, and a run that ends with
+      non-finite weights raises ``FloatingPointError`` (naming ``name(kwargs)``, the method)
+      instead of returning it.
+    """
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(model, nn.Module):
+                return fn(model, *args, **kwargs)  # fn raises its own TypeError
+            what = name(kwargs)
+            bad, total = non_finite_weights(model)
+            if bad:
+                raise ValueError(f"model: {bad} of its {total} weights are NaN or infinite; "
+                                 f"expected a model with finite weights")
+            flags = {n: p.requires_grad for n, p in model.named_parameters()}
+            try:
+                with torch.random.fork_rng(devices=_cuda_devices(model, kwargs.get("device"))):
+                    result = fn(model, *args, **kwargs)
+            finally:
+                for n, p in model.named_parameters():
+                    if n in flags:
+                        p.requires_grad_(flags[n])
+            for n, p in result.model.named_parameters():
+                if n in flags:
+                    p.requires_grad_(flags[n])
+            bad, total = non_finite_weights(result.model)
+            if bad:
+                where = ("the caller's model (inplace=True) holds them now"
+                         if kwargs.get("inplace") else "the caller's model is untouched")
+                lr = f" (lr={kwargs['lr']!r})" if "lr" in kwargs else ""
+                raise FloatingPointError(
+                    f"{what}: the run diverged: {bad} of the {total} weights it ended with are NaN "
+                    f"or infinite ({where}); lower the learning rate{lr} or the other step sizes")
+            return result
+        return wrapper  # type: ignore[return-value]
+    return deco

@@ -1,0 +1,275 @@
+"""An outside caller's misuses of the unlearning front end (``ppu_fast.unlearn``, ``ppu_fast.finetune``,
+``ppu-fast run``), each of which used to give a silent wrong answer, change the caller's state or
+end in an unclear error. Tiny: digits 0-4, a 64-32-5 MLP with BatchNorm, 1-2 epochs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, TensorDataset
+
+import ppu_fast
+from ppu_fast.metrics import error
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)[: 400] / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)[: 400] % K
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                          nn.Linear(32, K))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(10):
+        for i in range(0, len(x), 64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+            opt.step()
+    model.eval()
+    fm = torch.zeros(len(y), dtype=torch.bool)
+    fm[torch.nonzero(y == 0).view(-1)[:15]] = True
+    return model, x, y, fm
+
+
+def _sets(tiny):
+    model, x, y, fm = tiny
+    return model, TensorDataset(x[fm], y[fm]), TensorDataset(x[~fm], y[~fm])
+
+
+def test_a_loader_stands_for_the_examples_its_sampler_visits(tiny):
+    model, x, y, fm = tiny
+    full = TensorDataset(x, y)
+    fi, ri = torch.nonzero(fm).view(-1).tolist(), torch.nonzero(~fm).view(-1).tolist()
+    res = ppu_fast.unlearn(model, DataLoader(full, batch_size=8, sampler=SubsetRandomSampler(fi)),
+                           DataLoader(full, batch_size=8, sampler=SubsetRandomSampler(ri)),
+                           method="ppu-bias", epochs=1, progress=False)
+    assert res.targets.shape[0] == len(full)  # 15 forget + 385 retain rows, not 400 + 400
+    assert torch.allclose(res.targets[:len(fi)], torch.full((len(fi), K), 1.0 / K))
+    # the same rows through a plain Subset give the same targets
+    ref = ppu_fast.unlearn(model, TensorDataset(x[fm], y[fm]), TensorDataset(x[~fm], y[~fm]),
+                           method="ppu-bias", epochs=1, progress=False)
+    torch.testing.assert_close(res.targets, ref.targets)
+    # overlapping samplers over one dataset are caught like overlapping Subsets
+    with pytest.raises(ValueError, match="overlap"):
+        ppu_fast.unlearn(model, DataLoader(full, sampler=SubsetRandomSampler(fi)),
+                         DataLoader(full, sampler=SubsetRandomSampler(fi[:3] + ri)),
+                         method="ppu-bias", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="same dataset"):
+        ppu_fast.unlearn(model, full, full, method="ppu-bias", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="collate_fn"):
+        ppu_fast.unlearn(model, DataLoader(full, collate_fn=lambda b: b), full,
+                         method="ppu-bias", epochs=1, progress=False)
+    drawn_twice = torch.utils.data.WeightedRandomSampler(torch.ones(len(fi)), 50)
+    with pytest.raises(ValueError, match="distinct"):
+        ppu_fast.unlearn(model, DataLoader(TensorDataset(x[fm], y[fm]), sampler=drawn_twice),
+                         TensorDataset(x[~fm], y[~fm]), method="ppu-bias", epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("method,opts", [("finetune", {"lr": 1e3}),
+                                         ("ppu", {"lr": 1e4, "epochs": 2}),
+                                         ("neggrad+", {"lr": 1e4})])
+def test_a_diverged_run_raises_instead_of_returning_nan_weights(tiny, method, opts):
+    model, forget, retain = _sets(tiny)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=re.escape(f"method='{method}'") + ".*diverged.*lr="):
+        ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **opts)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method,opt,value", [("ppu", "lr", float("inf")),
+                                              ("ppu", "momentum", float("nan")),
+                                              ("scrub", "gamma", float("nan")),
+                                              ("bad-t", "alpha", float("nan")),
+                                              ("fisher", "alpha", float("inf"))])
+def test_non_finite_options_are_refused_by_name(tiny, method, opt, value):
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(ValueError, match=f"{opt}=(nan|inf); expected a finite number"):
+        ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **{opt: value})
+
+
+def test_momentum_and_weight_decay_checked_and_integers_not_truncated(tiny):
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(ValueError, match="momentum"):
+        ppu_fast.unlearn(model, forget, retain, method="ppu", momentum=5.0, progress=False)
+    with pytest.raises(ValueError, match="weight_decay"):
+        ppu_fast.unlearn(model, forget, retain, method="ppu", weight_decay=-1.0, progress=False)
+    with pytest.raises(ValueError, match=r"epochs=2.9; expected an integer"):
+        ppu_fast.unlearn(model, forget, retain, method="finetune", epochs=2.9, progress=False)
+    with pytest.raises(ValueError, match=r"batch_size=64.9; expected an integer"):
+        ppu_fast.unlearn(model, forget, retain, method="finetune", batch_size=64.9, progress=False)
+
+
+def test_nan_logits_count_as_errors():
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    data = TensorDataset(torch.randn(10, 4), torch.zeros(10, dtype=torch.long))
+    assert error(model, data) == 100.0  # argmax of NaN logits is 0, the label: not a hit
+
+
+def test_the_callers_random_stream_is_left_alone(tiny):
+    model, forget, retain = _sets(tiny)
+    for method, opts in (("ppu-bias", {}), ("finetune", {}), ("scrub", {"msteps": 1})):
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        ppu_fast.unlearn(model, forget, retain, method=method, epochs=1, seed=7, progress=False,
+                         **opts)
+        assert torch.equal(torch.rand(3), expected), method
+
+
+def test_frozen_parameters_stay_frozen(tiny):
+    model, forget, retain = _sets(tiny)
+    work = ppu_fast.unlearn(model, forget, retain, method="original", progress=False).model
+    work[1].weight.requires_grad_(False)
+    for method, opts in (("ppu", {"trainable": "head", "epochs": 1}),
+                         ("cf-k", {"layers": ["4"], "epochs": 1})):
+        for inplace in (False, True):
+            res = ppu_fast.unlearn(work, forget, retain, method=method, inplace=inplace,
+                                   progress=False, **opts)
+            assert not work[1].weight.requires_grad and not res.model[1].weight.requires_grad
+            assert res.model[4].weight.requires_grad
+    targets = torch.full((len(forget) + len(retain), K), 1.0 / K)
+    data = torch.utils.data.ConcatDataset([forget, retain])
+    res = ppu_fast.finetune(work, data, targets, epochs=1, trainable="head", inplace=True,
+                            progress=False)
+    assert not work[1].weight.requires_grad
+
+
+def test_finetune_is_callable_every_time():
+    import importlib
+
+    import ppu_fast.unlearn  # noqa: F401  (imports the module that shadowed the function)
+    importlib.import_module("ppu_fast.finetune")
+    assert callable(ppu_fast.finetune)
+    from ppu_fast import finetune
+    assert callable(finetune)
+
+
+class _Triples(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+
+def test_labels_and_outputs_must_fit_each_other(tiny):
+    model, forget, retain = _sets(tiny)
+    three = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with pytest.raises(ValueError, match=r"model outputs k = 3 logits; expected labels in \[0, 3\)"):
+        ppu_fast.unlearn(three, forget, retain, method="ppu", epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"k = 3 logits"):
+        ppu_fast.unlearn(three, forget, retain, method="fisher", setting="class", progress=False)
+    one = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+    two = TensorDataset(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="k >= 2"):
+        ppu_fast.unlearn(one, two, TensorDataset(torch.randn(6, 1, 8, 8),
+                                                 torch.zeros(6, dtype=torch.long)),
+                         method="ppu", epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"forget\[0\] is a tuple of 3 items; expected an \(x, y\)"):
+        ppu_fast.unlearn(model, _Triples(forget.tensors[0], forget.tensors[1]), retain,
+                         method="ppu", progress=False)
+    with pytest.raises(ValueError, match="expected an integer class label"):
+        ppu_fast.unlearn(model, TensorDataset(forget.tensors[0], forget.tensors[1].float()),
+                         retain, method="ppu", progress=False)
+    boxed = nn.Sequential(model, nn.Unflatten(1, (K, 1)))
+    with pytest.raises(ValueError, match=r"expected \(B, k\) logits"):
+        ppu_fast.unlearn(boxed, forget, retain, method="ppu", progress=False)
+    for seed in (1.5, True, -1, "0"):
+        with pytest.raises(ValueError, match="seed="):
+            ppu_fast.unlearn(model, forget, retain, method="ppu", seed=seed, progress=False)
+
+
+def test_a_last_batch_of_one_does_not_break_batchnorm(tiny):
+    model, x, y, fm = tiny
+    keep = torch.nonzero(~fm).view(-1)[:129]  # 129 = 2 * 64 + 1 = 4 * 32 + 1
+    retain = TensorDataset(x[keep], y[keep])
+    forget = TensorDataset(x[fm], y[fm])
+    for method in ("finetune", "scrub", "bad-t", "retrain"):
+        opts = {} if method == "retrain" else {"epochs": 1}
+        if method == "scrub":
+            opts["msteps"] = 1
+        if method == "finetune":
+            opts["batch_size"] = 64
+        res = ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **opts)
+        assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+def test_one_module_name_is_not_split_into_characters(tiny):
+    model, forget, retain = _sets(tiny)
+    res = ppu_fast.unlearn(model, forget, retain, method="cf-k", layers="4", epochs=1,
+                           progress=False)
+    assert res.model is not model
+    with pytest.raises(ValueError, match=r"no module 'classifier'"):
+        ppu_fast.unlearn(model, forget, retain, method="cf-k", layers="classifier", epochs=1,
+                         progress=False)
+
+
+def test_options_a_mode_would_ignore_are_refused(tiny):
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(ValueError, match=r"mode='bias'.*lam=1000000.0"):
+        ppu_fast.unlearn(model, forget, retain, method="ppu", mode="bias", lam=1e6,
+                         progress=False)
+    with pytest.raises(ValueError, match="variant='scrub' only"):
+        ppu_fast.unlearn(model, forget, retain, method="bad-t", variant="chundawat", beta=123.0,
+                         progress=False)
+    with pytest.raises(ValueError, match="select='val'"):
+        ppu_fast.unlearn(model, forget, retain, method="scrub", rewind="closest", progress=False)
+    with pytest.raises(ValueError, match="history_retain"):
+        ppu_fast.unlearn(model, forget, retain, method="ppu", history=True, history_retain=-5,
+                         progress=False)
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from ppu_fast.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse
+            code = exc.code
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seeds", "0,0"], "argument --seeds: expected distinct"),
+    (["--seeds", "-1"], "argument --seeds: expected distinct non-negative"),
+    (["--threads", "0"], "argument --threads: expected a positive integer"),
+    (["--device", "bogus"], "device: 'bogus' is not a device"),
+    (["--unlearn-lr", "inf"], "argument --unlearn-lr: expected a finite number"),
+    (["--methods", ","], "--methods: no method named"),
+    (["--methods", "original,ppu-bias", "--lam", "5"], "--lam: only PPU's privacy mode"),
+])
+def test_cli_refuses_before_any_training(tmp_path, flags, message):
+    code, err = _cli("run", "--dataset", "digits5", "--model", "smallcnn", "--no-progress",
+                     "--out", str(tmp_path / "o"), *flags)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_out_must_be_a_folder(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for cmd in (["run", "--dataset", "digits5", "--model", "smallcnn"], ["demo"]):
+        code, err = _cli(*cmd, "--out", str(f))
+        assert code == 2 and "is a file; expected a folder" in err, err
+
+
+def test_experiment_refuses_repeated_seeds():
+    from ppu_fast.unlearn.experiment import run_experiment
+    with pytest.raises(ValueError, match="repeats a seed"):
+        run_experiment(seeds=[0, 0], methods=("original",), log=None)
