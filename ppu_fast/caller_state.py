@@ -15,6 +15,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _cuda_devices(model: nn.Module, device: Any) -> list[int]:
+    # The methods' torch.manual_seed reseeds every initialised GPU, not only the model's.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(range(torch.cuda.device_count()))
     devs = {p.device.index or 0 for p in model.parameters() if p.is_cuda}
     if device is not None:
         d = torch.device(device)
@@ -24,10 +27,11 @@ def _cuda_devices(model: nn.Module, device: Any) -> list[int]:
 
 
 def non_finite_weights(model: nn.Module) -> tuple[int, int]:
-    """(number of non-finite parameter elements, number of parameter elements) of ``model``."""
+    """(number of non-finite elements, number of elements) of ``model``'s parameters and floating
+    buffers (BatchNorm's running statistics diverge too, and poison eval-mode outputs)."""
     bad = total = 0
     with torch.no_grad():
-        for p in model.parameters():
+        for p in (*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())):
             total += p.numel()
             if p.is_floating_point() or p.is_complex():
                 bad += int((~torch.isfinite(p)).sum())
@@ -70,8 +74,8 @@ def keeps_caller_state(name: Callable[[dict], str]) -> Callable[[F], F]:
             what = name(kwargs)
             bad, total = non_finite_weights(model)
             if bad:
-                raise ValueError(f"model: {bad} of its {total} weights are NaN or infinite; "
-                                 f"expected a model with finite weights")
+                raise ValueError(f"model: {bad} of its {total} weights and buffer values are NaN "
+                                 f"or infinite; expected a model with finite weights")
             flags = {n: p.requires_grad for n, p in model.named_parameters()}
             try:
                 with torch.random.fork_rng(devices=_cuda_devices(model, kwargs.get("device"))):
@@ -89,8 +93,9 @@ def keeps_caller_state(name: Callable[[dict], str]) -> Callable[[F], F]:
                          if kwargs.get("inplace") else "the caller's model is untouched")
                 lr = f" (lr={kwargs['lr']!r})" if "lr" in kwargs else ""
                 raise FloatingPointError(
-                    f"{what}: the run diverged: {bad} of the {total} weights it ended with are NaN "
-                    f"or infinite ({where}); lower the learning rate{lr} or the other step sizes")
+                    f"{what}: the run diverged: {bad} of the {total} weights and buffer values it "
+                    f"ended with are NaN or infinite ({where}); lower the learning rate{lr} or the "
+                    f"other step sizes")
             return result
         return wrapper  # type: ignore[return-value]
     return deco

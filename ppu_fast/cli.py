@@ -80,6 +80,21 @@ def _check_out_folder(out: str) -> None:
         raise ValueError(f"--out: '{p}' is a file; expected a folder (created if missing)")
 
 
+def _check_run_device(device: str) -> None:
+    import torch
+
+    from .stream import check_device
+    try:
+        if torch.device(device).type == "mps" and torch.backends.mps.is_available():
+            return
+    except (RuntimeError, TypeError, ValueError):
+        pass
+    try:
+        check_device(device)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
+
+
 def _name_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -269,11 +284,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from .unlearn.experiment import PPU_METHODS, lam_variants, run_experiment
 
-    from .stream import check_device
-
     started = time.perf_counter()
     _check_out_folder(args.out)
-    check_device(args.device)
+    _check_run_device(args.device)
     if args.methods == []:
         raise ValueError("--methods: no method named; expected comma-separated method names")
     if args.threads is not None:

@@ -149,11 +149,11 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
     if not bool(torch.allclose(targets.sum(1).double(), torch.ones(len(targets), dtype=torch.float64),
                                atol=1e-3)):
         raise ValueError("targets rows must sum to 1 (probabilities, not logits)")
-    if not isinstance(epochs, int) or epochs < 1:
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if isinstance(lr, bool) or not 0 < lr < math.inf:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -291,7 +291,14 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         retain_fraction = None
     split = retain_per_epoch is not None or retain_fraction is not None or forget_repeats != 1
     if split or retain_weights is not None or forget_kl is not None:
-        fmask = torch.as_tensor(np.asarray(forget_mask), dtype=torch.bool).view(-1)
+        raw = (forget_mask.detach().cpu().numpy() if isinstance(forget_mask, torch.Tensor)
+               else np.asarray(forget_mask))
+        zero_one = raw.dtype.kind in "iu" and raw.size == len(data) and bool(np.isin(raw, (0, 1)).all())
+        if raw.dtype != np.bool_ and not zero_one:
+            raise ValueError(f"forget_mask: expected an (N,) = ({len(data)},) bool (or 0/1) mask, got "
+                             f"dtype {raw.dtype} with {raw.size} entries (for row indices, build the "
+                             f"mask: mask = torch.zeros(N, dtype=torch.bool); mask[indices] = True)")
+        fmask = torch.from_numpy(raw.astype(bool)).view(-1)
         if fmask.shape[0] != len(data):
             raise ValueError(f"forget_mask has {fmask.shape[0]} entries but data has {len(data)}")
         forget_rows, retain_rows = torch.nonzero(fmask).view(-1), torch.nonzero(~fmask).view(-1)
@@ -357,7 +364,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         t0 = time.perf_counter()
         subset = torch.utils.data.Subset(indexed, epoch_rows()) if split else indexed
         loader = DataLoader(subset, batch_size=batch_size, shuffle=True, generator=gen,
-                            drop_last=lone_last_batch(len(subset), batch_size))
+                            drop_last=lone_last_batch(len(subset), batch_size, work))
         # The batches after which a mid-epoch evaluation runs (the epoch's end is always one).
         cuts = {round(j * len(loader) / evals_per_epoch): j for j in range(1, evals_per_epoch)}
         cuts.pop(0, None)

@@ -57,12 +57,12 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
 def error(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
           device: str | torch.device | None = None) -> float:
     """Classification error of ``model`` on ``data`` in percent (0-100); NaN for an empty set. An
-    example whose logits are not all finite counts as an error (it has no prediction; argmax of
-    NaN logits would name class 0)."""
+    example with a NaN logit counts as an error (it has no prediction; argmax of NaN logits would
+    name class 0)."""
     logits, labels = predict(model, data, batch_size=batch_size, device=device)
     if len(labels) == 0:
         return float("nan")
-    right = (logits.argmax(1) == labels) & torch.isfinite(logits).all(1)
+    right = (logits.argmax(1) == labels) & ~torch.isnan(logits).any(1)
     return 100.0 * float((~right).float().mean())
 
 

@@ -59,11 +59,13 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "ppu_fast"
 
 
-def lone_last_batch(n: int, batch_size: int) -> bool:
+def lone_last_batch(n: int, batch_size: int, model: nn.Module) -> bool:
     """Whether a shuffled training pass over ``n`` examples should drop its last batch: when it
-    would hold a single example, which BatchNorm cannot normalise in train mode (it raises); one
-    example a pass, a different one each pass, is left out instead."""
-    return n > 1 and n % batch_size == 1
+    would hold a single example and ``model`` has a ``BatchNorm1d``, which cannot normalise one
+    (B, C) row in train mode (it raises). Convolutional BatchNorm normalises over the pixels too
+    and trains on one example, so other models keep every batch."""
+    return (n > 1 and n % batch_size == 1
+            and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()))
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -96,7 +98,7 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=gen,
-                        drop_last=lone_last_batch(len(data), config.batch_size))
+                        drop_last=lone_last_batch(len(data), config.batch_size, model))
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay)
     sched = None

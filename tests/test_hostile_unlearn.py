@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -63,6 +64,15 @@ def test_a_loader_stands_for_the_examples_its_sampler_visits(tiny):
                          method="ppu-bias", epochs=1, progress=False)
     with pytest.raises(ValueError, match="same dataset"):
         ppu_fast.unlearn(model, full, full, method="ppu-bias", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="forget is a Subset of retain itself"):
+        ppu_fast.unlearn(model, torch.utils.data.Subset(full, fi), DataLoader(full, shuffle=True),
+                         method="ppu-bias", epochs=1, progress=False)
+    # a loader's drop_last drops batches of its own iteration, not examples of the set
+    dropping = ppu_fast.unlearn(model, DataLoader(full, batch_size=4, drop_last=True,
+                                                  sampler=SubsetRandomSampler(fi)),
+                                DataLoader(full, batch_size=8, sampler=SubsetRandomSampler(ri)),
+                                method="ppu-bias", epochs=1, progress=False)
+    torch.testing.assert_close(dropping.targets, ref.targets)
     with pytest.raises(ValueError, match="collate_fn"):
         ppu_fast.unlearn(model, DataLoader(full, collate_fn=lambda b: b), full,
                          method="ppu-bias", epochs=1, progress=False)
@@ -81,6 +91,13 @@ def test_a_diverged_run_raises_instead_of_returning_nan_weights(tiny, method, op
     with pytest.raises(FloatingPointError, match=re.escape(f"method='{method}'") + ".*diverged.*lr="):
         ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **opts)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_diverged_running_statistics_count_too(tiny):
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(FloatingPointError, match="weights and buffer values"):
+        ppu_fast.unlearn(model, forget, retain, method="ppu-bias", lr=1e5, epochs=2,
+                         progress=False)
 
 
 @pytest.mark.parametrize("method,opt,value", [("ppu", "lr", float("inf")),
@@ -141,6 +158,13 @@ def test_frozen_parameters_stay_frozen(tiny):
     res = ppu_fast.finetune(work, data, targets, epochs=1, trainable="head", inplace=True,
                             progress=False)
     assert not work[1].weight.requires_grad
+    zero_one = torch.zeros(len(data), dtype=torch.long)
+    zero_one[:len(forget)] = 1
+    ppu_fast.finetune(work, data, targets, epochs=1, forget_mask=zero_one, retain_fraction=0.5,
+                      progress=False)
+    with pytest.raises(ValueError, match="forget_mask: expected an .N,. = .400,. bool .or 0/1. mask"):
+        ppu_fast.finetune(work, data, targets, epochs=1, forget_mask=torch.arange(len(forget)),
+                          retain_fraction=0.5, progress=False)
 
 
 def test_finetune_is_callable_every_time():
@@ -164,6 +188,17 @@ class _Triples(Dataset):
         return self.x[i], self.y[i], i
 
 
+class numpy_labels_ds(Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
 def test_labels_and_outputs_must_fit_each_other(tiny):
     model, forget, retain = _sets(tiny)
     three = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
@@ -171,7 +206,12 @@ def test_labels_and_outputs_must_fit_each_other(tiny):
         ppu_fast.unlearn(three, forget, retain, method="ppu", epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"k = 3 logits"):
         ppu_fast.unlearn(three, forget, retain, method="fisher", setting="class", progress=False)
+    with pytest.raises(ValueError, match=r"k = 3 logits"):
+        ppu_fast.unlearn(three, forget, retain, method="bad-t", epochs=1, progress=False)
     one = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+    for method in ("finetune", "scrub"):
+        with pytest.raises(ValueError, match="k >= 2"):
+            ppu_fast.unlearn(one, forget, retain, method=method, epochs=1, progress=False)
     two = TensorDataset(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="k >= 2"):
         ppu_fast.unlearn(one, two, TensorDataset(torch.randn(6, 1, 8, 8),
@@ -183,6 +223,10 @@ def test_labels_and_outputs_must_fit_each_other(tiny):
     with pytest.raises(ValueError, match="expected an integer class label"):
         ppu_fast.unlearn(model, TensorDataset(forget.tensors[0], forget.tensors[1].float()),
                          retain, method="ppu", progress=False)
+    numpy_labels = [(x_, np.int64(y_)) for x_, y_ in zip(*forget.tensors)]
+    numpy_labels[0] = (numpy_labels[0][0], np.array(int(forget.tensors[1][0])))  # 0-d array
+    ppu_fast.unlearn(model, numpy_labels_ds(numpy_labels), retain, method="ppu-bias", epochs=1,
+                     progress=False)
     boxed = nn.Sequential(model, nn.Unflatten(1, (K, 1)))
     with pytest.raises(ValueError, match=r"expected \(B, k\) logits"):
         ppu_fast.unlearn(boxed, forget, retain, method="ppu", progress=False)
@@ -206,6 +250,15 @@ def test_a_last_batch_of_one_does_not_break_batchnorm(tiny):
         assert all(torch.isfinite(p).all() for p in res.model.parameters())
 
 
+def test_only_batchnorm1d_models_drop_a_lone_last_batch():
+    from ppu_fast.models import build_model
+    from ppu_fast.training import lone_last_batch
+    conv = build_model("smallcnn", num_classes=5, in_channels=1)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8))
+    assert not lone_last_batch(129, 64, conv)  # BatchNorm2d trains on one image
+    assert lone_last_batch(129, 64, mlp) and not lone_last_batch(128, 64, mlp)
+
+
 def test_one_module_name_is_not_split_into_characters(tiny):
     model, forget, retain = _sets(tiny)
     res = ppu_fast.unlearn(model, forget, retain, method="cf-k", layers="4", epochs=1,
@@ -221,6 +274,8 @@ def test_options_a_mode_would_ignore_are_refused(tiny):
     with pytest.raises(ValueError, match=r"mode='bias'.*lam=1000000.0"):
         ppu_fast.unlearn(model, forget, retain, method="ppu", mode="bias", lam=1e6,
                          progress=False)
+    ppu_fast.unlearn(model, forget, retain, method="ppu", mode="bias", lam=1, epochs=1,
+                     progress=False)  # the default value, as an int: nothing ignored
     with pytest.raises(ValueError, match="variant='scrub' only"):
         ppu_fast.unlearn(model, forget, retain, method="bad-t", variant="chundawat", beta=123.0,
                          progress=False)

@@ -131,13 +131,45 @@ def _loader_examples(loader: DataLoader, arg: str) -> Dataset:
                  and sampler.num_samples == len(ds)))
     if whole and (batches is None or type(batches) is BatchSampler):
         return ds
-    idx = ([int(i) for b in batches for i in b] if batches is not None
-           else [int(i) for i in sampler])
+    # The sampler's draws, not the batches': a loader's drop_last would lose examples silently.
+    custom_batches = batches is not None and type(batches) is not BatchSampler
+    idx = ([int(i) for b in batches for i in b] if custom_batches else [int(i) for i in sampler])
     if len(set(idx)) != len(idx):
         raise ValueError(f"{arg}: the DataLoader's sampler draws {len(idx)} examples but only "
                          f"{len(set(idx))} distinct ones; expected a loader (or Dataset) that "
                          f"visits each example of the set once")
     return Subset(ds, sorted(idx))
+
+
+def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, method: str) -> None:
+    """One forward pass (eval mode, no grad) on forget's first example: the output must be (1, k)
+    logits with k >= 2 and every label of forget and retain in [0, k). A one-output model or a
+    label the model has no logit for would otherwise run silently (KL-based methods and PPU) or
+    fail deep in torch. The model's buffers are put back afterwards, so a forward that updates
+    them leaves no trace."""
+    from ..data import dataset_targets
+    from ..training import model_device
+    from ._common import check_labels_fit
+
+    x = forget[0][0]
+    x = (x if isinstance(x, torch.Tensor) else torch.as_tensor(x)).unsqueeze(0)
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x.to(model_device(model)))
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in saved:
+                    b.copy_(saved[n])
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model: its output for one input is {shape}; expected (B, k) logits")
+    check_labels_fit(torch.cat([dataset_targets(forget), dataset_targets(retain)]), out.shape[1],
+                     method)
 
 
 def _check_pair(item: object, where: str) -> None:
@@ -148,7 +180,9 @@ def _check_pair(item: object, where: str) -> None:
                          f"integer class label (wrap the dataset to return that pair)")
     y = item[1]
     if isinstance(y, torch.Tensor):
-        ok = y.numel() == 1 and not y.is_floating_point() and not y.is_complex()
+        ok = y.numel() == 1 and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool
+    elif hasattr(y, "dtype") and hasattr(y, "size"):  # a numpy array or scalar
+        ok = y.size == 1 and y.dtype.kind in "iu"
     else:
         ok = isinstance(y, numbers.Integral) and not isinstance(y, bool)
     if not ok:
@@ -160,6 +194,10 @@ def _check_disjoint(forget: Dataset, retain: Dataset) -> None:
     if forget is retain:
         raise ValueError("forget and retain are the same dataset; the forget set must lie outside "
                          "the retain set")
+    for part, whole, a, b in ((forget, retain, "forget", "retain"), (retain, forget, "retain", "forget")):
+        if isinstance(part, Subset) and part.dataset is whole and len(part) > 0:
+            raise ValueError(f"{a} is a Subset of {b} itself, so they overlap in {len(part)} examples; "
+                             f"the forget set must lie outside the retain set")
     if isinstance(forget, Subset) and isinstance(retain, Subset) and forget.dataset is retain.dataset:
         both = set(map(int, forget.indices)) & set(map(int, retain.indices))
         if both:
@@ -212,6 +250,7 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
     if len(retain) == 0:
         raise ValueError("retain is empty: unlearning needs the data the model should keep")
     _check_disjoint(forget, retain)
+    _check_output_fits(model, forget, retain, method)
     accepted = method_options(method)
     unknown = sorted(set(options) - set(accepted))
     if unknown:

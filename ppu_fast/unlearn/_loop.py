@@ -67,13 +67,16 @@ def pick(value: object, preset: dict, key: str) -> object:
     return preset[key] if value is None else value
 
 
-def loader(data: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
-    """A loader whose order is fixed by ``seed`` (its own generator, so other draws do not shift it)."""
+def loader(data: Dataset, batch_size: int, seed: int, shuffle: bool = True,
+           model: nn.Module | None = None) -> DataLoader:
+    """A loader whose order is fixed by ``seed`` (its own generator, so other draws do not shift it);
+    a shuffled loader for training ``model`` drops a last batch that ``model`` cannot train on
+    (:func:`~ppu_fast.training.lone_last_batch`)."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     gen = torch.Generator().manual_seed(int(seed))
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      drop_last=shuffle and lone_last_batch(len(data), batch_size))
+    drop = shuffle and model is not None and lone_last_batch(len(data), batch_size, model)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop)
 
 
 def cycle(batches: Iterable) -> Iterator:

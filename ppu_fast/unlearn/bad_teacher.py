@@ -95,8 +95,8 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     T = float(temperature)
 
     if variant == "scrub":
-        retain_batches = loader(kept, batch_size, seed)
-        forget_batches = loader(forget, forget_batch_size, seed + 1)
+        retain_batches = loader(kept, batch_size, seed, model=work)
+        forget_batches = loader(forget, forget_batch_size, seed + 1, model=work)
         batches = None
 
         def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:
@@ -108,7 +108,8 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
         def passes(epoch: int) -> list:
             return [(paired(retain_batches, forget_batches), loss_fn)]
     else:
-        batches = loader(ConcatDataset([_Flagged(forget, 1), _Flagged(kept, 0)]), batch_size, seed)
+        batches = loader(ConcatDataset([_Flagged(forget, 1), _Flagged(kept, 0)]), batch_size, seed,
+                         model=work)
 
         def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:
             x, _, flag = batch

@@ -62,7 +62,7 @@ def train_block(work: nn.Module, retain: Dataset, layers: Sequence[str], *, epoc
     try:
         torch.manual_seed(seed)
         opt = make_optimizer(work.parameters(), "sgd", lr, momentum, weight_decay)
-        batches = loader(retain, batch_size, seed)
+        batches = loader(retain, batch_size, seed, model=work)
         penalty = make_l2_pull(work, l2_pull)
 
         def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:

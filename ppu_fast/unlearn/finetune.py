@@ -51,7 +51,7 @@ def finetune_retain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: 
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
     torch.manual_seed(seed)
-    batches = loader(retain, int(hp["batch_size"]), seed)
+    batches = loader(retain, int(hp["batch_size"]), seed, model=work)
     penalty = make_l2_pull(work, float(hp["l2_pull"]))
 
     def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:

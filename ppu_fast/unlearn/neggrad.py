@@ -59,8 +59,8 @@ def neggrad_plus(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dat
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
     torch.manual_seed(seed)
-    retain_batches = loader(retain, int(hp["batch_size"]), seed)
-    forget_batches = loader(forget, int(hp["forget_batch_size"]), seed + 1)
+    retain_batches = loader(retain, int(hp["batch_size"]), seed, model=work)
+    forget_batches = loader(forget, int(hp["forget_batch_size"]), seed + 1, model=work)
     penalty = make_l2_pull(work, float(hp["l2_pull"]))
 
     def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:

@@ -2,6 +2,7 @@
 (refined by the solver in privacy mode, P^ itself in bias mode), then KL fine-tuning toward them."""
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Any, Callable
 
@@ -137,7 +138,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         unused = [f"{n}={v!r}" for n, v, d in (("lam", lam, 1.0), ("marginals", marginals, "retain"),
                                               ("refine_method", refine_method, "newton"),
                                               ("tol", tol, 1e-6), ("backend", backend, "auto"))
-                  if not (isinstance(v, type(d)) and v == d)]
+                  if not (isinstance(v, str) == isinstance(d, str) and not isinstance(v, bool)
+                          and isinstance(v, (str, numbers.Real)) and v == d)]
         if unused:
             raise ValueError(f"ppu: mode='bias' fine-tunes toward P^ without refining it, so "
                              f"{', '.join(unused)} would be ignored; drop them or use "

@@ -103,8 +103,8 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
         return gamma * F.cross_entropy(out, y) + alpha * distill_kl(out, t, T)
 
     torch.manual_seed(seed)
-    forget_batches = loader(forget, int(hp["forget_batch_size"]), seed + 1)
-    retain_batches = loader(retain, int(hp["batch_size"]), seed)
+    forget_batches = loader(forget, int(hp["forget_batch_size"]), seed + 1, model=work)
+    retain_batches = loader(retain, int(hp["batch_size"]), seed, model=work)
 
     def passes(epoch: int) -> list:
         steps = [(retain_batches, min_step)]
