@@ -340,6 +340,9 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     check_reduction(name, train_per_class, test_per_class)
+    if scenario == "class" and num_forget is not None and name not in SMALL_SCALE:
+        raise ValueError(f"num_forget={num_forget!r}: the class scenario forgets every training "
+                         f"example of forget_class; num_forget applies to scenario='selective'")
     train_pool, test_pool, norm = _pools(name, data_root, seed, image_size, progress)
     rng = np.random.default_rng(seed)
     num_classes = len(train_pool.classes)

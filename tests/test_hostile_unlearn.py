@@ -328,3 +328,9 @@ def test_experiment_refuses_repeated_seeds():
     from ppu_fast.unlearn.experiment import run_experiment
     with pytest.raises(ValueError, match="repeats a seed"):
         run_experiment(seeds=[0, 0], methods=("original",), log=None)
+
+
+def test_class_scenario_refuses_num_forget():
+    from ppu_fast.data import make_split
+    with pytest.raises(ValueError, match="num_forget=5: the class scenario"):
+        make_split("digits", scenario="class", num_forget=5)
