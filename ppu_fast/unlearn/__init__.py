@@ -180,7 +180,8 @@ def _check_pair(item: object, where: str) -> None:
                          f"integer class label (wrap the dataset to return that pair)")
     y = item[1]
     if isinstance(y, torch.Tensor):
-        ok = y.numel() == 1 and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool
+        ok = (y.numel() == 1 and not y.is_floating_point() and not y.is_complex()
+              and y.dtype != torch.bool)
     elif hasattr(y, "dtype") and hasattr(y, "size"):  # a numpy array or scalar
         ok = y.size == 1 and y.dtype.kind in "iu"
     else:
@@ -194,7 +195,8 @@ def _check_disjoint(forget: Dataset, retain: Dataset) -> None:
     if forget is retain:
         raise ValueError("forget and retain are the same dataset; the forget set must lie outside "
                          "the retain set")
-    for part, whole, a, b in ((forget, retain, "forget", "retain"), (retain, forget, "retain", "forget")):
+    for part, whole, a, b in ((forget, retain, "forget", "retain"),
+                              (retain, forget, "retain", "forget")):
         if isinstance(part, Subset) and part.dataset is whole and len(part) > 0:
             raise ValueError(f"{a} is a Subset of {b} itself, so they overlap in {len(part)} examples; "
                              f"the forget set must lie outside the retain set")
