@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .caller_state import keeps_caller_state
-from .training import lone_last_batch, model_device
+from .training import check_optimizer_options, lone_last_batch, model_device
 
 SELECT_POLICIES = ("last", "val")
 TRAINABLE = ("all", "last-block", "head")
@@ -131,8 +131,8 @@ def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
     return [block, head]
 
 
-def _check(model: object, data: object, targets: object, epochs: int, lr: float, batch_size: int,
-           optimizer: str, select: object, forget_mask: object, retain_per_epoch: object,
+def _check(model: object, data: object, targets: object, epochs: int, lr: float, momentum: float,
+           weight_decay: float, batch_size: int, optimizer: str, select: object, forget_mask: object, retain_per_epoch: object,
            retain_fraction: object, retain_sampling: object, retain_weights: object,
            forget_repeats: object, early_stop: object, forget_kl: object, trainable: object,
            evals_per_epoch: object = 1) -> None:
@@ -151,8 +151,7 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
         raise ValueError("targets rows must sum to 1 (probabilities, not logits)")
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if isinstance(lr, bool) or not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    check_optimizer_options(lr, momentum, weight_decay)
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if optimizer not in ("sgd", "adam"):
@@ -260,16 +259,11 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
     """
     from tqdm.auto import tqdm
 
-    _check(model, data, targets, epochs, lr, batch_size, optimizer, select, forget_mask, retain_per_epoch,
-           retain_fraction, retain_sampling, retain_weights, forget_repeats, early_stop, forget_kl,
+    _check(model, data, targets, epochs, lr, momentum, weight_decay, batch_size, optimizer, select,
+           forget_mask, retain_per_epoch, retain_fraction, retain_sampling, retain_weights, forget_repeats, early_stop, forget_kl,
            trainable, evals_per_epoch)
     if select == "val" and evaluate is None:
         raise ValueError("select='val' needs evaluate=... returning 'forget_error' and 'val_error'")
-    if isinstance(momentum, bool) or not (isinstance(momentum, numbers.Real) and 0 <= momentum < 1):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if isinstance(weight_decay, bool) or not (isinstance(weight_decay, numbers.Real)
-                                              and 0 <= weight_decay < math.inf):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     work = model if inplace else copy.deepcopy(model)
     device = torch.device(device) if device is not None else model_device(model)
     work.to(device)

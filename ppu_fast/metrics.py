@@ -23,6 +23,14 @@ def _check_model(model: object) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
+def check_logits(out: object, n_inputs: int) -> None:
+    """Refuse a model output that is not (B, k) logits for a batch of ``n_inputs`` inputs."""
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model: its output for a batch of {n_inputs} input(s) is {shape}; "
+                         f"expected (B, k) logits")
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
             device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,10 +49,7 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
                                  f"; expected (x, y) pairs of an input and an integer label")
             x, y = batch
             out = model(x.to(device))
-            if not isinstance(out, torch.Tensor) or out.ndim != 2:
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"model: its output for a batch of {len(x)} inputs is {shape}; "
-                                 f"expected (B, k) logits")
+            check_logits(out, len(x))
             logits.append(out.float().cpu())
             labels.append(torch.as_tensor(y).cpu())
     finally:

@@ -11,6 +11,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,21 @@ def cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "ppu_fast"
     return Path.home() / ".cache" / "ppu_fast"
+
+
+def check_optimizer_options(lr: float, momentum: float, weight_decay: float) -> None:
+    """Refuse an SGD / Adam setting that cannot train: lr positive and finite, momentum in
+    [0, 1), weight_decay finite and >= 0 (the one check of :func:`ppu_fast.finetune` and the
+    baselines' optimizer)."""
+    def real(v: object) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    if isinstance(lr, bool) or not 0 < lr < math.inf:  # a 0-d tensor lr is torch's own option
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if not (real(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if not (real(weight_decay) and 0 <= weight_decay < math.inf):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
 
 
 def lone_last_batch(n: int, batch_size: int, model: nn.Module) -> bool:

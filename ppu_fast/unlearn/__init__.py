@@ -148,6 +148,7 @@ def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, metho
     fail deep in torch. The model's buffers are put back afterwards, so a forward that updates
     them leaves no trace."""
     from ..data import dataset_targets
+    from ..metrics import check_logits
     from ..training import model_device
     from ._common import check_labels_fit
 
@@ -165,9 +166,7 @@ def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, metho
             for n, b in model.named_buffers():
                 if n in saved:
                     b.copy_(saved[n])
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"model: its output for one input is {shape}; expected (B, k) logits")
+    check_logits(out, 1)
     check_labels_fit(torch.cat([dataset_targets(forget), dataset_targets(retain)]), out.shape[1],
                      method)
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import dataset_targets
-from ..training import lone_last_batch
+from ..training import check_optimizer_options, lone_last_batch
 
 SETTINGS = ("small", "selective", "class")
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
@@ -159,12 +159,7 @@ def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, momentu
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: every parameter is frozen")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    check_optimizer_options(lr, momentum, weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":

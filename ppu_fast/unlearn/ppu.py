@@ -17,7 +17,7 @@ from ..finetune import finetune as _public_finetune
 finetune = _public_finetune.__wrapped__
 from ..metrics import predict
 from . import UnlearnResult, register
-from ._common import check_labels_fit, make_evaluator, resolve_device, working_copy
+from ._common import make_evaluator, resolve_device, working_copy
 
 MODES = ("privacy", "bias")
 
@@ -185,7 +185,6 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     t0 = time.perf_counter()
     both = ConcatDataset([forget, retain])
     logits, labels = predict(work, both, device=dev)
-    check_labels_fit(labels, logits.shape[1], "ppu")
     probs = torch.softmax(logits.to(dev), dim=1)
     n_forget, (n, k) = len(forget), probs.shape
     forget_mask = torch.zeros(n, dtype=torch.bool)
