@@ -4,9 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -16,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .callable_module import make_callable
 from .caller_state import keeps_caller_state
 from .training import check_optimizer_options, lone_last_batch, model_device
 
@@ -426,14 +425,5 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
     return FinetuneResult(work, history, chosen, seconds, stopped_early)
 
 
-class _CallableModule(types.ModuleType):
-    """Importing this module (``ppu_fast.unlearn`` does) binds it to the package attribute
-    ``ppu_fast.finetune``, shadowing the function of that name that ``ppu_fast`` exports; the
-    module is therefore callable, so ``ppu_fast.finetune(model, data, targets, ...)`` always works
-    (as ``ppu_fast.unlearn`` does)."""
-
-    def __call__(self, *args, **kwargs) -> FinetuneResult:
-        return finetune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# ``ppu_fast.finetune(...)`` keeps working after this module shadows the function (see there).
+make_callable(__name__)

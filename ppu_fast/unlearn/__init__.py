@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,6 +18,7 @@ from torch import nn
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler,
                               SequentialSampler, Subset, default_collate, default_convert)
 
+from ..callable_module import make_callable
 from ..caller_state import check_finite_options, check_seed, keeps_caller_state
 
 _METHODS: dict[str, Callable[..., "UnlearnResult"]] = {}
@@ -267,16 +266,9 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
     return result
 
 
-class _CallableModule(types.ModuleType):
-    """``ppu_fast.unlearn`` names both this package and the function :func:`unlearn`. Importing the
-    package binds the package to ``ppu_fast.unlearn`` whatever ``ppu_fast`` exported before, so the
-    package itself is made callable: ``ppu_fast.unlearn(model, forget, retain, ...)`` always works."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> UnlearnResult:
-        return unlearn(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# The package is callable as its function: ``ppu_fast.unlearn(model, forget, retain, ...)``
+# always works, whatever ``ppu_fast`` exported before the package was imported.
+make_callable(__name__)
 
 # The built-in methods register themselves on import.
 from . import finetune, original, ppu, retrain  # noqa: E402,F401
