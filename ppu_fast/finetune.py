@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .callable_module import make_callable
-from .caller_state import keeps_caller_state
+from .caller_state import check_seed, keeps_caller_state
 from .training import check_optimizer_options, lone_last_batch, model_device
 
 SELECT_POLICIES = ("last", "val")
@@ -250,7 +250,8 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
             ``retain_loss``). None: no such stop.
         trainable: ``"all"``, ``"last-block"`` or ``"head"`` (see :func:`trainable_modules`); the
             other parameters, and the BatchNorm statistics outside the trained modules, stay fixed.
-        seed: fixes the shuffling and retain subsampling.
+        seed: fixes the shuffling and retain subsampling (a non-negative integer below 2**63,
+            as ``ppu_fast.unlearn`` takes).
         inplace: train ``model`` itself; by default a deep copy is trained and ``model`` is untouched.
 
     Returns:
@@ -261,6 +262,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
     _check(model, data, targets, epochs, lr, momentum, weight_decay, batch_size, optimizer, select,
            forget_mask, retain_per_epoch, retain_fraction, retain_sampling, retain_weights, forget_repeats, early_stop, forget_kl,
            trainable, evals_per_epoch)
+    seed = check_seed(seed)
     if select == "val" and evaluate is None:
         raise ValueError("select='val' needs evaluate=... returning 'forget_error' and 'val_error'")
     work = model if inplace else copy.deepcopy(model)

@@ -177,6 +177,13 @@ def test_finetune_is_callable_every_time():
     assert callable(finetune)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True, "0"])
+def test_finetune_refuses_a_seed_unlearn_refuses(tiny, seed):
+    model, x, y, _ = tiny
+    data, targets = TensorDataset(x, y), torch.full((len(y), K), 1.0 / K)
+    with pytest.raises(ValueError, match=r"seed=.*expected a non-negative integer below 2\*\*63"):
+        ppu_fast.finetune(model, data, targets, epochs=1, seed=seed, progress=False)
+
 class _Triples(Dataset):
     def __init__(self, x, y):
         self.x, self.y = x, y
