@@ -51,12 +51,35 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
             out = model(x.to(device))
             check_logits(out, len(x))
             logits.append(out.float().cpu())
-            labels.append(torch.as_tensor(y).cpu())
+            labels.append(_batch_labels(y, len(x)))
     finally:
         model.train(was_training)
     if not logits:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(logits), torch.cat(labels)
+    logits_all, labels_all = torch.cat(logits), torch.cat(labels)
+    k = logits_all.shape[1]
+    if k < 2:
+        raise ValueError(f"model: its output has {k} logit per example; expected (B, k) logits of a "
+                         f"classifier with k >= 2 classes (argmax over one column names class 0 always)")
+    if len(labels_all) and (int(labels_all.min()) < 0 or int(labels_all.max()) >= k):
+        raise ValueError(f"data: labels must lie in [0, {k}) for a model with {k} logits; got values in "
+                         f"[{int(labels_all.min())}, {int(labels_all.max())}]")
+    return logits_all, labels_all
+
+
+def _batch_labels(y: object, n: int) -> torch.Tensor:
+    # One batch's labels as a (B,) long tensor. (B, 1) is flattened (a common TensorDataset layout,
+    # which broadcasting against (B,) predictions would silently turn into B x B comparisons).
+    t = torch.as_tensor(y).cpu()
+    if t.ndim == 2 and t.shape[1] == 1:
+        t = t.reshape(-1)
+    if t.ndim != 1 or len(t) != n:
+        raise ValueError(f"data: a batch of {n} input(s) has labels of shape {tuple(t.shape)}; expected "
+                         f"({n},) integer class indices")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"data: labels are {str(t.dtype).replace('torch.', '')}; expected integer class "
+                         f"indices")
+    return t.long()
 
 
 def error(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
@@ -80,24 +103,39 @@ def losses(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 25
     return F.cross_entropy(logits, labels, reduction="none").numpy()
 
 
+# StratifiedShuffleSplit(test_size=0.1) must put one example of each side in a split's test part:
+# ceil(0.1 * 2n) >= 2 needs n >= 6.
+MIA_MIN_PER_SIDE = 6
+
+
+def _attack_losses_list(values: Sequence[float], name: str) -> list[float]:
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if np.isnan(v).any():
+        raise ValueError(f"{name} contains NaN at position {int(np.flatnonzero(np.isnan(v))[0])} (a NaN "
+                         f"logit?); the attack needs a loss for every example")
+    return [float(x) for x in v]
+
+
 def _attack(forget_losses: Sequence[float], test_losses: Sequence[float],
             seed: int) -> tuple[np.ndarray, int, int]:
     # The split accuracies (fractions), the examples per side after balancing, and the predictions
     # the splits score in all: what the mean rests on.
-    forget_losses = [float(v) for v in np.asarray(forget_losses, dtype=np.float64).reshape(-1)]
-    test_losses = [float(v) for v in np.asarray(test_losses, dtype=np.float64).reshape(-1)]
-    if len(forget_losses) < 5 or len(test_losses) < 5:
-        raise ValueError(f"the attack needs at least 5 forget and 5 test losses (5 splits); got "
-                         f"{len(forget_losses)} forget and {len(test_losses)} test")
+    forget_losses = _attack_losses_list(forget_losses, "forget_losses")
+    test_losses = _attack_losses_list(test_losses, "test_losses")
+    if len(forget_losses) < MIA_MIN_PER_SIDE or len(test_losses) < MIA_MIN_PER_SIDE:
+        raise ValueError(f"the attack needs at least {MIA_MIN_PER_SIDE} forget and {MIA_MIN_PER_SIDE} "
+                         f"test losses (its splits test 10 % of the examples, at least one of each "
+                         f"side); got {len(forget_losses)} forget and {len(test_losses)} test")
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
 
-    np.random.seed(seed)
-    random.seed(seed)
+    # SCRUB seeds Python's global `random` before sampling; a private Random(seed) draws the same
+    # sample without reseeding the caller's stream.
+    rng = random.Random(seed)
     if len(forget_losses) > len(test_losses):
-        forget_losses = list(random.sample(forget_losses, len(test_losses)))
+        forget_losses = list(rng.sample(forget_losses, len(test_losses)))
     elif len(test_losses) > len(forget_losses):
-        test_losses = list(random.sample(test_losses, len(forget_losses)))
+        test_losses = list(rng.sample(test_losses, len(forget_losses)))
     labels = np.array([0] * len(test_losses) + [1] * len(forget_losses))
     features = np.clip(np.array(test_losses + forget_losses).reshape(-1, 1), -100, 100)
     cv = StratifiedShuffleSplit(n_splits=5, random_state=seed)
@@ -109,10 +147,17 @@ def _attack(forget_losses: Sequence[float], test_losses: Sequence[float],
 def mia_from_losses(forget_losses: Sequence[float], test_losses: Sequence[float], seed: int = 0) -> float:
     """The attack of SCRUB on given losses: attacker accuracy in percent (50 is ideal).
 
-    The larger side is cut to the smaller with ``random.sample`` after ``random.seed(seed)``; labels are
+    The larger side is cut to the smaller with ``random.Random(seed).sample`` (the sample SCRUB's
+    ``random.seed(seed)``, ``random.sample`` draws; the caller's global ``random`` is left alone); labels are
     test 0, forget 1; features (n, 1) clipped to [-100, 100]; a default ``LogisticRegression`` is scored
     by ``cross_val_score`` over ``StratifiedShuffleSplit(n_splits=5, random_state=seed)``; the mean
-    accuracy x 100 is returned.
+    accuracy x 100 is returned. Needs at least 6 losses a side, none of them NaN.
+
+    An attacker with no information scores 50 on average only when the balanced sides have an even
+    number of examples per split's test part; at small odd sizes the split's extra example makes the
+    train part's majority the other side: on identically distributed losses the mean over seeds is
+    about 44.7 (15 a side), 47.5 (25) and 50.0 (36 and more). Compare with Retrain's score, which
+    carries the same offset.
     """
     scores, _, _ = _attack(forget_losses, test_losses, seed)
     return 100.0 * float(np.mean(scores))
@@ -279,6 +324,16 @@ def offline_lira_scores(member_values: Sequence[float] | np.ndarray,
         raise ValueError(f"min_std must be positive, got {min_std}")
     # +inf (a loss of exactly 0, from logit_confidence_from_losses) would make every statistic NaN;
     # the cap is far beyond any logit gap a network produces, so it changes no ranking in practice.
+    for name, v in (("member_values", mv), ("nonmember_values", nv)):
+        if np.isnan(v).any():
+            raise ValueError(f"{name} contains NaN at position {int(np.flatnonzero(np.isnan(v))[0])} (a "
+                             f"NaN logit?); every example needs a finite feature")
+    for name, lab in (("member_labels", ml), ("nonmember_labels", nl)):
+        if lab.size and not (np.issubdtype(lab.dtype, np.integer)
+                             or (np.issubdtype(lab.dtype, np.floating) and np.all(np.isfinite(lab))
+                                 and np.all(lab == np.round(lab)))):
+            raise ValueError(f"{name}: expected integer class labels, got {lab.dtype} values "
+                             f"{lab[:5].tolist()}...")
     mv, nv = np.clip(mv, -1e4, 1e4), np.clip(nv, -1e4, 1e4)
     m_scores = np.empty_like(mv)
     n_scores = np.full_like(nv, np.nan)
@@ -310,7 +365,7 @@ def attack_from_features(member_values: Sequence[float] | np.ndarray, member_lab
                          nonmember_values: Sequence[float] | np.ndarray,
                          nonmember_labels: Sequence[int] | np.ndarray) -> dict[str, float | int]:
     """:func:`offline_lira_scores` judged by ROC: ``{"auc", "tpr_at_1fpr", "tpr_at_5fpr"}`` in percent
-    (AUC 50 and TPR@x%FPR = x: chance) and ``n_members`` / ``n_nonmembers``. Members are the forget
+    (AUC 50: chance; TPR@x%FPR near x at chance only with many non-members, see docs/unlearning.md) and ``n_members`` / ``n_nonmembers``. Members are the forget
     set, non-members the test examples of the forget set's classes."""
     ms, ns = offline_lira_scores(member_values, member_labels, nonmember_values, nonmember_labels)
     return {"auc": 100.0 * roc_auc(ms, ns),

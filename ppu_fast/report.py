@@ -113,12 +113,21 @@ def differs(methods: Mapping[str, Mapping[str, Any]], name: str, reference: str,
     return not math.isnan(p) and p < alpha
 
 
-def _cell(mean: float, spread: float, with_std: bool) -> str:
+def _cell(mean: float, spread: float, with_std: bool, n_note: str = "") -> str:
     if mean is None or math.isnan(mean):
         return "-"
     if with_std and spread is not None and not math.isnan(spread):
-        return f"{mean:.2f} ± {spread:.2f}"
-    return f"{mean:.2f}"
+        return f"{mean:.2f} ± {spread:.2f}{n_note}"
+    return f"{mean:.2f}{n_note}"
+
+
+def seeds_note(methods: Mapping[str, Mapping[str, Any]], name: str, metric: str) -> str:
+    """" (n=K)" when ``name``'s ``metric`` rests on fewer seeds than the table's fullest entry (a
+    method run on some seeds of a merged table), so that a one-seed value is not read as a mean over
+    all of them; "" otherwise (or where no seed counts were recorded)."""
+    n = (methods[name].get("n") or {}).get(metric)
+    full = max(((e.get("n") or {}).get(metric) or 0 for e in methods.values()), default=0)
+    return f" (n={n})" if n is not None and n < full else ""
 
 
 def spread(entry: Mapping[str, Any], metric: str) -> float:
@@ -139,7 +148,8 @@ def format_table(methods: Mapping[str, Mapping[str, Any]], *, with_std: bool = F
     rule = "|---|" + "---:|" * len(METRICS)
     lines = [head, rule]
     for name, entry in methods.items():
-        cells = [_cell(entry.get(m, float("nan")), spread(entry, m), with_std) for m in METRICS]
+        cells = [_cell(entry.get(m, float("nan")), spread(entry, m), with_std,
+                       seeds_note(methods, name, m) if with_std else "") for m in METRICS]
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -452,7 +462,7 @@ def write_results(out_dir: str | Path, config: Mapping[str, Any], methods: Mappi
         f"# Unlearning results\n\n{cfg}\n\nErrors in %; MIA is the attacker's accuracy in % (50 is "
         f"ideal); Seconds is the unlearning time (Retrain: its training time)"
         f"; Attack AUC and TPR@x%FPR: the offline LiRA-style attack (members: forget set, non-members: "
-        f"test examples of its classes; AUC 50 and TPR@x%FPR = x are chance); Retrain gap: mean |difference| "
+        f"test examples of its classes; AUC 50 and TPR@x%FPR about x are chance with many non-members); Retrain gap: mean |difference| "
         f"to Retrain over test, retain and forget error and MIA, per seed (% points)"
         f"{'; ' + SPREAD if with_std else ''}.\n\n{format_table(methods, with_std=with_std)}\n"
         + ("\n## Verdict\n\n" + "".join(f"- {line}\n" for line in verdict.lines) if verdict else ""))

@@ -38,7 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .report import differs, pyplot, save_figure, spread
+from .report import differs, pyplot, save_figure, seeds_note, spread
 
 PAPER_FILE = Path(__file__).with_name("paper_numbers.json")
 SMALL_SCALE = ("digits5", "cifar5")
@@ -121,9 +121,10 @@ def _ours(methods: Mapping[str, Mapping[str, Any]], name: str | None, metric: st
         return DASH
     mark = f" {MARK}" if differs(methods, name, SIGNIFICANCE_REFERENCE, metric) else ""
     sd = spread(entry, metric)
+    note = seeds_note(methods, name, metric) if with_std else ""
     if with_std and not math.isnan(sd):
-        return f"{mean:.2f} ± {sd:.2f}{mark}"
-    return f"{mean:.2f}{mark}"
+        return f"{mean:.2f} ± {sd:.2f}{note}{mark}"
+    return f"{mean:.2f}{note}{mark}"
 
 
 def spread_kind(methods: Mapping[str, Mapping[str, Any]]) -> str:
@@ -134,7 +135,7 @@ def spread_kind(methods: Mapping[str, Mapping[str, Any]]) -> str:
 
 def attack_table(methods: Mapping[str, Mapping[str, Any]], *, with_std: bool = True) -> str:
     """Our attack with signal beside SCRUB's MIA, per method: the offline LiRA-style attack's ROC AUC
-    and TPR at 1 % and 5 % FPR (%; chance: AUC 50, TPR@x%FPR = x) and the retrain gap (% points; 0 for
+    and TPR at 1 % and 5 % FPR (%; chance: AUC 50, TPR@x%FPR about x with many non-members) and the retrain gap (% points; 0 for
     Retrain). The paper reports none of these."""
     lines = ["### Attack with signal and the retrain gap (ours; the paper has no such table)", "",
              "MIA (SCRUB): the paper's attack, balanced accuracy (50 ideal). Attack AUC, TPR@x%FPR: an "
@@ -549,47 +550,112 @@ def _nan(obj: Any) -> Any:
     return obj
 
 
+# What two runs of one experiment must agree on, beyond ``MERGE_KEY``: each entry is compared when both
+# runs record it (files written before a key existed are not refused for lacking it).
+MERGE_KEY = ("dataset", "model", "width", "scenario", "init")
+# The split's sizes, forget classes and reduction, less where the images were read from (one dataset
+# may sit at different paths on different machines).
+_SAME_SPLIT_EXCEPT = ("data_root",)
+# A pre-training's own timing differs between two trainings of one recipe.
+_SAME_PRETRAIN_EXCEPT = ("train_seconds",)
+
+
+def _experiment_differences(cfg: Mapping[str, Any], first: Mapping[str, Any]) -> list[str]:
+    """The settings in which run config ``cfg`` differs from ``first`` (empty: the same experiment)."""
+    get = lambda c, k: c.get(k, "scratch" if k == "init" else None)  # noqa: E731  (runs before "init": scratch)
+    diffs = [f"{k}: {get(cfg, k)!r} vs {get(first, k)!r}" for k in MERGE_KEY if get(cfg, k) != get(first, k)]
+    for k, skip in (("split", _SAME_SPLIT_EXCEPT), ("train", ()), ("pretrain", _SAME_PRETRAIN_EXCEPT)):
+        a, b = cfg.get(k), first.get(k)
+        if a is None or b is None:
+            continue
+        for sub in sorted(set(a) | set(b)):
+            if sub not in skip and a.get(sub) != b.get(sub):
+                diffs.append(f"{k}.{sub}: {a.get(sub)!r} vs {b.get(sub)!r}")
+    for k in ("init_head",):
+        if k in cfg and k in first and cfg[k] != first[k]:
+            diffs.append(f"{k}: {cfg[k]!r} vs {first[k]!r}")
+    # A method run in both must have run with the same options (a method absent from one is fine).
+    for k in ("method_options", "variants"):
+        a, b = cfg.get(k) or {}, first.get(k) or {}
+        both = set(cfg.get("methods") or []) & set(first.get("methods") or [])
+        for m in sorted(both):
+            if a.get(m, {}) != b.get(m, {}):
+                diffs.append(f"{k}[{m}]: {a.get(m, {})!r} vs {b.get(m, {})!r}")
+    return diffs
+
+
+def _same_measurement(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    # Two rows of one (seed, method) measure the same model when every metric but the clock agrees
+    # (a cached Original or Retrain evaluated by two runs); NaN equals NaN here.
+    keys = (set(a) | set(b)) - {"seconds", "retrain_gap"}
+    same = lambda x, y: x == y or (isinstance(x, float) and isinstance(y, float)  # noqa: E731
+                                   and math.isnan(x) and math.isnan(y))
+    return all(same(_nan(a.get(k)), _nan(b.get(k))) for k in keys)
+
+
 def merge(folders: Sequence[str | Path]) -> dict:
     """Runs of the same experiment as one result: runs of other seeds add seeds, runs of the same
     seed with other methods add methods to that seed (so a long experiment can be split into several
     calls, e.g. on a GPU machine with a time limit per call). The config is the first run's, with the
-    union of seeds and methods and the summed wall time; the history is the union of the runs', and
-    ``histories`` the union of their per-seed histories (a file without them contributes its first
-    seed's ``history``).
-    Each seed's ``retrain_gap`` is recomputed against that seed's merged Retrain row. Raises if the
-    runs differ in dataset, model, width, scenario or starting weights (``init``)."""
+    union of seeds, methods and method options and the summed wall time; the history is the union of
+    the runs', and ``histories`` the union of their per-seed histories (a file without them
+    contributes its first seed's ``history``).
+    Each seed's ``retrain_gap`` is recomputed against that seed's merged Retrain row.
+
+    Raises ValueError when the runs are not one experiment: they differ in dataset, model, width,
+    scenario or starting weights (``init``), in the split (sizes, forget classes, reduction; not the
+    data's path), the training recipe, the pre-training recipe, or the options of a method both ran;
+    when one folder is named twice; or when two runs hold the same (seed, method) with different
+    measurements (the same cached Original or Retrain evaluated by two runs agrees, clock aside, and
+    counts once, with the later run's row)."""
     from .metrics import add_retrain_gaps  # lazily: metrics imports torch, the tables alone need none
 
+    seen: dict[Path, str | Path] = {}
+    for f in folders:
+        where = Path(f).resolve()
+        if where in seen:
+            raise ValueError(f"folders: '{f}' is named twice (as '{seen[where]}'); each run counts once")
+        seen[where] = f
     runs = [load_results(f) for f in folders]
     if not runs:
         raise ValueError("folders: name at least one run folder")
-    key = ("dataset", "model", "width", "scenario", "init")
-    # Runs written before "init" was recorded all started from scratch.
-    get = lambda cfg, k: cfg.get(k, "scratch" if k == "init" else None)  # noqa: E731
     first = runs[0]["config"]
     for f, r in zip(folders, runs):
-        if any(get(r["config"], k) != get(first, k) for k in key):
-            raise ValueError(f"'{f}' is a different experiment: {[get(r['config'], k) for k in key]} vs "
-                             f"{[get(first, k) for k in key]}")
+        diffs = _experiment_differences(r["config"], first)
+        if diffs:
+            raise ValueError(f"'{f}' is a different experiment from '{folders[0]}': " + "; ".join(diffs))
     by_seed: dict[Any, dict] = {}
+    source: dict[tuple, str | Path] = {}
     methods: list[str] = []
     history: dict = {}
     histories: dict[str, list[dict]] = {}
+    options: dict[str, dict] = {k: {} for k in ("method_options", "variants")}
     for f, r in zip(folders, runs):
         seeds = r["config"].get("seeds") or []
         rows = r.get("per_seed", [])
         if len(seeds) != len(rows):
             raise ValueError(f"'{f}': {len(seeds)} seeds but {len(rows)} per-seed rows")
         for seed, row in zip(seeds, rows):
-            by_seed.setdefault(seed, {}).update(_nan(row))
+            have = by_seed.setdefault(seed, {})
+            for m, vals in row.items():
+                if m in have and not _same_measurement(have[m], vals):
+                    raise ValueError(f"seed {seed}, method {m}: measured differently by '{source[seed, m]}' "
+                                     f"and '{f}'; a merge counts each (seed, method) once: leave one out")
+                have[m], source[seed, m] = _nan(vals), f  # the later of two agreeing rows, as before
             methods += [m for m in row if m not in methods]
+        for k in options:
+            for m, o in (r["config"].get(k) or {}).items():
+                options[k].setdefault(m, o)
         for name, h in (r.get("history") or {}).items():
             history.setdefault(name, h)
         runs_h = r.get("histories") or histories_from(r.get("history"), rows, seeds)
         for name, entries in runs_h.items():
-            have = {e.get("seed") for e in histories.get(name, [])}
-            histories.setdefault(name, []).extend(e for e in entries if e.get("seed") not in have)
+            have_h = {e.get("seed") for e in histories.get(name, [])}
+            histories.setdefault(name, []).extend(e for e in entries if e.get("seed") not in have_h)
     config = {**first, "seeds": list(by_seed), "num_seeds": len(by_seed), "methods": methods}
+    for k, v in options.items():
+        if v or k in first:
+            config[k] = v
     if all("wall_seconds" in r["config"] for r in runs):
         config["wall_seconds"] = round(sum(float(r["config"]["wall_seconds"]) for r in runs), 2)
     # Method order: the first run's, then the others' in order of appearance.

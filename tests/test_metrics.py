@@ -52,7 +52,7 @@ def test_mia_clips_extreme_losses():
 
 
 def test_mia_needs_enough_examples():
-    with pytest.raises(ValueError, match="at least 5"):
+    with pytest.raises(ValueError, match="at least 6"):
         mia_from_losses([0.1, 0.2], [0.3] * 10)
 
 

@@ -1,0 +1,178 @@
+"""An outside reviewer's misuses of the evaluation layer (``ppu_fast.metrics``, ``ppu_fast.tables.merge``,
+the tables' cells): each gave a silent wrong number or an unhelpful crash before it was fixed."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ppu_fast import metrics, tables
+from ppu_fast.metrics import add_retrain_gaps, error, lira, mia, mia_from_losses, offline_lira_scores
+from ppu_fast.report import format_table, summarize, write_results
+
+
+class _Linear(nn.Module):
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
+
+
+@pytest.fixture()
+def labelled():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(80, 4, generator=g), torch.randn(4, 3, generator=g)
+    y = (x @ w).argmax(1)
+    y[::4] = (y[::4] + 1) % 3  # a quarter wrong: error 25 %
+    return _Linear(w), x, y
+
+
+def test_column_labels_are_not_broadcast(labelled):
+    model, x, y = labelled
+    assert error(model, TensorDataset(x, y)) == pytest.approx(25.0)
+    assert error(model, TensorDataset(x, y[:, None])) == pytest.approx(25.0)
+    forget, test = TensorDataset(x[:40], y[:40, None]), TensorDataset(x[40:], y[40:, None])
+    assert mia(model, forget, test) == mia(model, TensorDataset(x[:40], y[:40]), TensorDataset(x[40:], y[40:]))
+    with pytest.raises(ValueError, match=r"labels of shape \(80, 2\); expected \(80,\) integer"):
+        error(model, TensorDataset(x, torch.stack([y, y], 1)))
+
+
+def test_labels_must_be_integer_classes_of_the_model(labelled):
+    model, x, y = labelled
+    assert mia(model, TensorDataset(x[:40], y[:40].int()), TensorDataset(x[40:], y[40:].int())) == \
+        mia(model, TensorDataset(x[:40], y[:40]), TensorDataset(x[40:], y[40:]))
+    for bad, what in ((7, r"labels must lie in \[0, 3\).*\[0, 7\]"), (-100, r"labels must lie in \[0, 3\)")):
+        wrong = y.clone()
+        wrong[0] = bad
+        with pytest.raises(ValueError, match=what):
+            error(model, TensorDataset(x, wrong))
+        with pytest.raises(ValueError, match=what):
+            metrics.losses(model, TensorDataset(x, wrong))
+    with pytest.raises(ValueError, match="labels are float32; expected integer class indices"):
+        error(model, TensorDataset(x, y.float()))
+    with pytest.raises(ValueError, match="1 logit per example; expected .* k >= 2"):
+        error(_Linear(torch.randn(4, 1)), TensorDataset(x, torch.zeros(80, dtype=torch.long)))
+
+
+def test_nan_is_named_not_blamed_on_class_size():
+    with pytest.raises(ValueError, match="nonmember_values contains NaN at position 0"):
+        offline_lira_scores([0.0, 1.0], [0, 0], [np.nan] + list(range(9)), [0] * 10)
+    with pytest.raises(ValueError, match="member_labels: expected integer class labels"):
+        offline_lira_scores([0.0, 1.0, 2.0], [0, 0, np.nan], [0.0, 0.5, 1.0, 1.5], [0, 0, 0, 0])
+    f, t = np.linspace(0, 1, 200), np.linspace(0.5, 2, 200)
+    f[3] = np.nan
+    with pytest.raises(ValueError, match="forget_losses contains NaN at position 3"):
+        mia_from_losses(f, t)
+
+
+def test_nan_logits_in_lira_are_named(labelled):
+    model, x, y = labelled
+    x = x.clone()
+    x[50] = float("nan")
+    with pytest.raises(ValueError, match="nonmember_values contains NaN at position"):
+        lira(model, TensorDataset(x[:40], y[:40]), TensorDataset(x[40:], y[40:]))
+
+
+def test_attack_minimum_is_what_the_splits_need():
+    with pytest.raises(ValueError, match="at least 6 forget and 6 test losses"):
+        mia_from_losses(range(5), range(5))
+    assert 0.0 <= mia_from_losses(range(6), range(6)) <= 100.0
+
+
+def test_attack_leaves_the_callers_random_streams_alone():
+    random.seed(123)
+    np.random.seed(123)
+    expected = (random.random(), np.random.rand())
+    random.seed(123)
+    np.random.seed(123)
+    mia_from_losses(np.linspace(0, 1, 30), np.linspace(0.2, 3, 50), seed=0)
+    assert (random.random(), np.random.rand()) == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# merging run folders
+
+def _config(seeds, methods, **over):
+    c = {"dataset": "digits5", "model": "smallcnn", "width": 1.0, "scenario": "selective",
+         "seeds": list(seeds), "num_seeds": len(seeds), "init": "scratch", "methods": list(methods),
+         "device": "cpu",
+         "split": {"dataset": "digits5", "scenario": "selective", "num_classes": 5, "train": 500,
+                   "forget": 25, "retain": 475, "forget_classes": [0], "data_root": "/a"},
+         "train": {"epochs": 30, "lr": 0.05}, "method_options": {}, "wall_seconds": 10.0}
+    for k, v in over.items():
+        c[k] = {**c[k], **v} if isinstance(c.get(k), dict) and k != "method_options" else v
+    return c
+
+
+def _row(forget_error, **kw):
+    r = {"test_error": 10.0, "retain_error": 5.0, "forget_error": forget_error, "val_error": 0.0,
+         "mia": 50.0, "seconds": 1.0, "mia_auc": 50.0, "mia_tpr_at_1fpr": 1.0, "mia_tpr_at_5fpr": 5.0}
+    r.update(kw)
+    return r
+
+
+def _run(folder, seeds, per_seed, **over):
+    per_seed = [add_retrain_gaps(r) for r in per_seed]
+    methods = list(dict.fromkeys(m for r in per_seed for m in r))
+    write_results(folder, _config(seeds, methods, **over), summarize(per_seed), per_seed=per_seed)
+    return folder
+
+
+@pytest.mark.parametrize("over, what", [
+    ({"split": {"forget": 50, "retain": 450}}, "split.forget: 50 vs 25"),
+    ({"split": {"forget_classes": [3]}}, r"split.forget_classes: \[3\] vs \[0\]"),
+    ({"split": {"reduced": {"train_per_class": 50}}}, "split.reduced"),
+    ({"train": {"epochs": 5}}, "train.epochs: 5 vs 30"),
+    ({"method_options": {"ppu": {"lam": "10"}}}, r"method_options\[ppu\]: \{'lam': '10'\} vs \{\}"),
+])
+def test_merge_refuses_runs_of_another_experiment(tmp_path, over, what):
+    a = _run(tmp_path / "a", [0], [{"retrain": _row(80.0), "ppu": _row(70.0)}])
+    b = _run(tmp_path / "b", [1], [{"retrain": _row(80.0), "ppu": _row(60.0)}], **over)
+    with pytest.raises(ValueError, match="is a different experiment from .*" + what):
+        tables.merge([a, b])
+
+
+def test_merge_accepts_what_does_not_change_the_experiment(tmp_path):
+    # another data path, another device, a method's options where the other run lacks the method
+    a = _run(tmp_path / "a", [0], [{"retrain": _row(80.0), "ppu": _row(70.0)}],
+             method_options={"ppu": {"lam": "1"}})
+    b = _run(tmp_path / "b", [1], [{"retrain": _row(82.0), "scrub": _row(30.0)}],
+             split={"data_root": "/b"}, device="cuda", method_options={"scrub": {"msteps": "3"}})
+    res = tables.merge([a, b])
+    assert res["config"]["method_options"] == {"ppu": {"lam": "1"}, "scrub": {"msteps": "3"}}
+    assert res["config"]["seeds"] == [0, 1]
+
+
+def test_merge_counts_each_seed_and_method_once(tmp_path):
+    a = _run(tmp_path / "a", [0], [{"retrain": _row(80.0), "ppu": _row(10.0)}])
+    b = _run(tmp_path / "b", [0], [{"retrain": _row(80.0), "ppu": _row(30.0)}])
+    with pytest.raises(ValueError, match="seed 0, method ppu: measured differently by"):
+        tables.merge([a, b])
+    with pytest.raises(ValueError, match="is named twice"):
+        tables.merge([a, tmp_path / "x" / ".." / "a"])
+    # the same cached Retrain evaluated by two runs (its clock aside) is one measurement
+    c = _run(tmp_path / "c", [0], [{"retrain": _row(80.0, seconds=7.0), "scrub": _row(40.0)}])
+    res = tables.merge([a, c])
+    assert set(res["per_seed"][0]) == {"retrain", "ppu", "scrub"}
+    assert res["per_seed"][0]["retrain"]["seconds"] == 7.0
+
+
+def test_a_method_on_fewer_seeds_shows_its_count(tmp_path):
+    folders = [_run(tmp_path / f"s{s}", [s], [{"retrain": _row(80.0 + s), "ppu": _row(10.0 + s)}
+                                              | ({"scrub": _row(40.0)} if s == 0 else {})])
+               for s in range(3)]
+    methods = summarize(tables.merge(folders)["per_seed"])
+    table = format_table(methods, with_std=True)
+    scrub = next(line for line in table.splitlines() if line.startswith("| scrub"))
+    ppu = next(line for line in table.splitlines() if line.startswith("| PPU (privacy)"))
+    assert "40.00 (n=1)" in scrub and "(n=" not in ppu
+    assert tables.main([*map(str, folders), "--out", str(tmp_path / "m")]) == 0
+    assert "(n=1)" in (tmp_path / "m" / "tables.md").read_text()
+    assert json.loads((tmp_path / "m" / "results.json").read_text())["methods"]["scrub"]["n"]["forget_error"] == 1
