@@ -7,6 +7,7 @@ files go.
 """
 from __future__ import annotations
 
+import numbers
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,11 @@ class ArrayDataset(Dataset):
         if images.shape[0] != targets.shape[0]:
             raise ValueError(f"images and targets disagree on N: {images.shape[0]} != {targets.shape[0]}")
         if images.dtype == torch.uint8:
+            if images.shape[3] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
+                # (N, C, H, W) pixels read as (N, H, W, C) would train on scrambled images.
+                raise ValueError(f"images: uint8 pixels of shape {tuple(images.shape)} look channels-first; "
+                                 f"expected (N, H, W, C) uint8 (e.g. images.permute(0, 2, 3, 1)) or "
+                                 f"(N, C, H, W) float32 already scaled")
             # Keep pixels as uint8 (4x smaller than float) and convert per item.
             self.images = images.permute(0, 3, 1, 2).contiguous()
             c = self.images.shape[1]
@@ -197,24 +203,40 @@ def _cifar_official(root: Path, hundred: bool) -> tuple[_Pool, _Pool] | None:
     return read(train_files), read(test_files)
 
 
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders of an ImageFolder split, sorted (label i = the i-th). Hidden folders
+    (``.ipynb_checkpoints``, ``.git``) and ``__MACOSX`` are not classes: counted as one, an empty
+    folder sorting first would make itself class 0 and move every label by one."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
+
+
 def _image_folder(root: Path, image_size: int | None, progress: bool) -> tuple[_Pool, _Pool] | None:
     if not ((root / "train").is_dir() and (root / "test").is_dir()):
         return None
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    classes = _class_folders(root / "train")
     if not classes:
         return None
+    # Labels are positions in this list, so test/ must hold the same classes: a class missing there
+    # would leave it out of the test error and the attacks, an extra one would be dropped.
+    test_classes = _class_folders(root / "test")
+    if test_classes != classes:
+        missing, extra = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
+        raise ValueError(f"data_root: '{root}/test' and '{root}/train' must hold the same class folders; "
+                         f"test/ lacks {missing} and has {extra} that train/ lacks")
     index = {c: i for i, c in enumerate(classes)}
 
     def read(sub: str) -> _Pool:
         paths, ys = [], []
         for c in classes:
             folder = root / sub / c
-            if not folder.is_dir():
-                continue
-            for p in sorted(folder.iterdir()):
-                if p.suffix.lower() in _IMAGE_EXTENSIONS:
-                    paths.append(p)
-                    ys.append(index[c])
+            found = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_EXTENSIONS]
+            if not found:
+                # As torchvision's ImageFolder: an empty class folder would still shift every label.
+                raise ValueError(f"data_root: class folder '{folder}' has no images "
+                                 f"({', '.join(sorted(_IMAGE_EXTENSIONS))}); remove it or add its images")
+            paths += found
+            ys += [index[c]] * len(found)
 
         def load(idx: np.ndarray) -> np.ndarray:
             from PIL import Image
@@ -280,6 +302,12 @@ def _pools(name: str, root: str | Path | None, seed: int, image_size: int | None
         raise _missing(root, f"dataset '{name}'", "train/<class>/ and test/<class>/ image folders" +
                        ("" if name == "imagefolder" else
                         " or torchvision's python batches (cifar-10-batches-py/ or cifar-100-python/)"))
+    want = {"cifar5": 10, "cifar10": 10, "cifar100": 100}.get(name)
+    if want is not None and len(pools[0].classes) != want:
+        raise ValueError(f"data_root: '{root}' has {len(pools[0].classes)} classes "
+                         f"({', '.join(pools[0].classes[:12])}{', ...' if len(pools[0].classes) > 12 else ''}); "
+                         f"dataset '{name}' expects {'CIFAR-100' if want == 100 else 'CIFAR-10'}'s {want} "
+                         f"(use dataset 'imagefolder' for other trees)")
     norm = (CIFAR_MEAN, CIFAR_STD) if name.startswith("cifar") else ((0.5,) * 3, (0.5,) * 3)
     return pools[0], pools[1], norm
 
@@ -306,8 +334,11 @@ def check_reduction(name: str, train_per_class: int | None, test_per_class: int 
         if name in SMALL_SCALE:
             raise ValueError(f"{arg}: only for the large-scale datasets ({', '.join(LARGE_SCALE)}); "
                              f"'{name}' has the paper's fixed small-scale split")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{arg}: expected a positive number of images per class, got {value!r}")
+        if arg == "train_per_class" and value < 2:
+            raise ValueError(f"{arg}: {value} image per class leaves none for training once the "
+                             f"validation hold-out (at least 1 per class) is taken; expected >= 2")
 
 
 def make_split(name: str = "digits5", *, data_root: str | Path | None = None, scenario: str = "selective",
@@ -329,6 +360,9 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
     ``train_per_class`` and ``test_per_class`` (large scale only) reduce a large-scale run to fit a
     CPU: each class keeps that many of its training images (a seeded choice, made before the
     validation hold-out, which stays ``val_fraction`` of them) and of its test images. Default: all.
+    The test reduction draws from the seed's stream before the selective forget sample does, so a
+    run with ``test_per_class`` forgets other images of the class than one without it (the training
+    set, and so the cached original, are the same).
 
     ``forget_indices`` (indices into the training set) overrides the scenario. ``seed`` fixes every
     choice. Returns a :class:`Split`.
@@ -340,6 +374,9 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     check_reduction(name, train_per_class, test_per_class)
+    # numpy integers pass the check; the split's record must stay JSON (results.json).
+    train_per_class = None if train_per_class is None else int(train_per_class)
+    test_per_class = None if test_per_class is None else int(test_per_class)
     if scenario == "class" and num_forget is not None and name not in SMALL_SCALE:
         raise ValueError(f"num_forget={num_forget!r}: the class scenario forgets every training "
                          f"example of forget_class; num_forget applies to scenario='selective'")
@@ -398,7 +435,9 @@ def other_classes_dataset(name: str, *, data_root: str | Path | None, per_class:
     Only ``cifar5`` leaves classes free: it uses CIFAR-10 classes 0-4, so this returns classes 5-9
     from the same ``data_root`` (official batches or an ImageFolder tree; folders in sorted order are
     the classes), with labels renumbered 0, 1, ... in that order and the normalisation of ``name``'s
-    split. ``per_class`` keeps that many images of each class (a seeded choice; default all).
+    split. ``per_class`` keeps at most that many images of each class (a seeded choice; default
+    all; a class with fewer keeps all of its images, and the returned dataset's length says how
+    many were kept).
     Returns ``(dataset, original class indices)``."""
     if name not in _CIFAR10_USED:
         raise ValueError(f"pretrain 'cifar10-other': dataset '{name}' leaves no CIFAR-10 classes free for "
@@ -445,6 +484,9 @@ def _forget_indices(targets: np.ndarray, rng: np.random.Generator, scenario: str
         raise ValueError(f"forget_class must be in [0, {num_classes}), got {forget_class}")
     of_class = np.flatnonzero(targets == c)
     if scenario == "class":
+        if len(of_class) == 0:
+            raise ValueError(f"forget_class={c}: the training set has no example of class {c}, so the "
+                             f"class scenario would forget nothing")
         return of_class.astype(np.int64)
     k = default_forget if num_forget is None else int(num_forget)
     if k <= 0:

@@ -14,6 +14,7 @@ import json
 import math
 import numbers
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,9 @@ _CACHE_VERSION = 1
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of :func:`fit`. ``schedule`` is ``"cosine"`` (annealed to 0 over the run) or
-    ``"constant"``; ``augment`` applies random crops (padding 4) and horizontal flips, for 32x32 images."""
+    ``"constant"``; ``augment`` applies random crops (padding 4) and horizontal flips, for 32x32 images.
+    The crop pads the normalised image with zeros, i.e. with the dataset's mean colour (torchvision's
+    ``RandomCrop(32, padding=4)`` before ``Normalize`` pads black)."""
 
     epochs: int = 30
     lr: float = 0.05
@@ -42,6 +45,14 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # numpy scalars as Python ones: the config is hashed as JSON (the cache key) and seeds torch.
+        for f, kind, cast in (("epochs", numbers.Integral, int), ("batch_size", numbers.Integral, int),
+                              ("seed", numbers.Integral, int), ("lr", numbers.Real, float),
+                              ("momentum", numbers.Real, float), ("weight_decay", numbers.Real, float)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise ValueError(f"{f} must be {'an integer' if cast is int else 'a number'}, got {v!r}")
+            object.__setattr__(self, f, cast(v))
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         if not self.lr > 0:
@@ -104,13 +115,23 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
         device: str | torch.device | None = None, progress: bool = True, desc: str = "train") -> nn.Module:
     """Train ``model`` in place with cross-entropy and SGD (momentum, weight decay) on ``data``, whose
-    items are ``(x (C, H, W), y)``; returns ``model``. ``config.seed`` fixes the shuffling and the
-    augmentation."""
-    from tqdm.auto import tqdm
-
+    items are ``(x (C, H, W), y)``; returns ``model``. ``config.seed`` fixes the shuffling, the
+    augmentation and the model's own randomness (dropout); the caller's global torch random state is
+    restored afterwards, so what the caller draws next does not depend on whether a model was
+    trained or loaded from the cache."""
     if len(data) == 0:
         raise ValueError("data is empty: nothing to train on")
     device = torch.device(device) if device is not None else model_device(model)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        return _fit(model, data, config, device, progress, desc)
+
+
+def _fit(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.device, progress: bool,
+         desc: str) -> nn.Module:
+    from tqdm.auto import tqdm
+
     model.to(device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -149,6 +170,10 @@ def _data_digest(h: "hashlib._Hash", data: Dataset) -> None:
         _data_digest(h, data.dataset)
         h.update(torch.as_tensor(list(data.indices), dtype=torch.long).numpy().tobytes())
     elif isinstance(data, ArrayDataset):
+        if type(data) is not ArrayDataset:
+            # A subclass may transform what the arrays hold; its name keys it apart from the plain
+            # dataset (which hashes as before).
+            h.update(f"{type(data).__module__}.{type(data).__qualname__}".encode())
         for part in data.fingerprint_bytes():
             h.update(part)
     else:
@@ -167,6 +192,11 @@ def cache_key(model: nn.Module, data: Dataset, config: TrainConfig) -> str:
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    # Frozen parameters do not train, so they change the result; a fully trainable model (every
+    # model the experiments train) hashes as before, keeping the caches made before this was added.
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        h.update(json.dumps({"frozen": frozen}).encode())
     _data_digest(h, data)
     return h.hexdigest()[:32]
 
@@ -191,7 +221,7 @@ def fit_cached(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfi
             trained.load_state_dict(state["state_dict"])
             return trained.to(device).eval(), {"cached": True, "train_seconds": float(state["seconds"]),
                                                "path": str(path)}
-        except (RuntimeError, KeyError, EOFError, OSError, ValueError):
+        except (RuntimeError, KeyError, EOFError, OSError, ValueError, pickle.UnpicklingError):
             pass  # a truncated or foreign file: retrain and overwrite it
     t0 = time.perf_counter()
     fit(trained, data, config, device=device, progress=progress, desc=desc)
