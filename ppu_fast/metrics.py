@@ -153,11 +153,11 @@ def mia_from_losses(forget_losses: Sequence[float], test_losses: Sequence[float]
     by ``cross_val_score`` over ``StratifiedShuffleSplit(n_splits=5, random_state=seed)``; the mean
     accuracy x 100 is returned. Needs at least 6 losses a side, none of them NaN.
 
-    An attacker with no information scores 50 on average only when the balanced sides have an even
-    number of examples per split's test part; at small odd sizes the split's extra example makes the
-    train part's majority the other side: on identically distributed losses the mean over seeds is
-    about 44.7 (15 a side), 47.5 (25) and 50.0 (36 and more). Compare with Retrain's score, which
-    carries the same offset.
+    An attacker with no information scores 50 on average only when a split's test part (10 % of
+    the 2n balanced examples, rounded up) is even: when it is odd, its extra example of one side
+    leaves the train part's majority on the other, and on identically distributed losses the mean
+    over seeds is about 44.7 (n = 15), 47.5 (25) and 47.3 (35) against 50.0 (36); the offset shrinks
+    as n grows. Compare with Retrain's score, which carries the same offset.
     """
     scores, _, _ = _attack(forget_losses, test_losses, seed)
     return 100.0 * float(np.mean(scores))
@@ -322,18 +322,18 @@ def offline_lira_scores(member_values: Sequence[float] | np.ndarray,
         raise ValueError(f"nonmember_values and nonmember_labels disagree on length: {len(nv)} != {len(nl)}")
     if not min_std > 0:
         raise ValueError(f"min_std must be positive, got {min_std}")
-    # +inf (a loss of exactly 0, from logit_confidence_from_losses) would make every statistic NaN;
-    # the cap is far beyond any logit gap a network produces, so it changes no ranking in practice.
     for name, v in (("member_values", mv), ("nonmember_values", nv)):
         if np.isnan(v).any():
             raise ValueError(f"{name} contains NaN at position {int(np.flatnonzero(np.isnan(v))[0])} (a "
-                             f"NaN logit?); every example needs a finite feature")
+                             f"NaN logit?); every example needs a feature value")
     for name, lab in (("member_labels", ml), ("nonmember_labels", nl)):
         if lab.size and not (np.issubdtype(lab.dtype, np.integer)
                              or (np.issubdtype(lab.dtype, np.floating) and np.all(np.isfinite(lab))
                                  and np.all(lab == np.round(lab)))):
             raise ValueError(f"{name}: expected integer class labels, got {lab.dtype} values "
                              f"{lab[:5].tolist()}...")
+    # +inf (a loss of exactly 0, from logit_confidence_from_losses) would make every statistic NaN;
+    # the cap is far beyond any logit gap a network produces, so it changes no ranking in practice.
     mv, nv = np.clip(mv, -1e4, 1e4), np.clip(nv, -1e4, 1e4)
     m_scores = np.empty_like(mv)
     n_scores = np.full_like(nv, np.nan)
@@ -365,8 +365,9 @@ def attack_from_features(member_values: Sequence[float] | np.ndarray, member_lab
                          nonmember_values: Sequence[float] | np.ndarray,
                          nonmember_labels: Sequence[int] | np.ndarray) -> dict[str, float | int]:
     """:func:`offline_lira_scores` judged by ROC: ``{"auc", "tpr_at_1fpr", "tpr_at_5fpr"}`` in percent
-    (AUC 50: chance; TPR@x%FPR near x at chance only with many non-members, see docs/unlearning.md) and ``n_members`` / ``n_nonmembers``. Members are the forget
-    set, non-members the test examples of the forget set's classes."""
+    (AUC 50: chance; TPR@x%FPR is near x at chance only with many non-members, see
+    docs/unlearning.md) and ``n_members`` / ``n_nonmembers``. Members are the forget set,
+    non-members the test examples of the forget set's classes."""
     ms, ns = offline_lira_scores(member_values, member_labels, nonmember_values, nonmember_labels)
     return {"auc": 100.0 * roc_auc(ms, ns),
             "tpr_at_1fpr": 100.0 * tpr_at_fpr(ms, ns, ATTACK_FPRS[0]),
