@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,19 +18,21 @@ import torch
 from . import problem as pb
 from .backends import get_backend
 from .backends.cpu import empty_buffer
+from .problem import ArrayLike, ForgetSpec, MarginalsSpec, PseudoSpec, WeightsSpec
 from .solver import (FinalPass, RefineInfo, check_options, check_tol_floor, gauge_for_kernels,
                      hessian_mode, solve_dual)
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
-def refine(probs: Optional[ArrayLike] = None, forget_mask=None, *,
-           logits: Optional[ArrayLike] = None, lam: float = 1.0, pseudo="uniform",
-           marginals="retain", method: str = "newton", tol: float = 1e-6,
+def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] = None, *,
+           logits: Optional[ArrayLike] = None, lam: float = 1.0, pseudo: PseudoSpec = "uniform",
+           marginals: MarginalsSpec = "retain", method: str = "newton", tol: float = 1e-6,
            max_iter: Optional[int] = None, backend: str = "auto",
            generator: Optional[torch.Generator] = None, return_info: bool = False,
            step_size: Optional[float] = None, out: Optional[ArrayLike] = None,
-           weights=None, process_group=None):
+           weights: WeightsSpec = None,
+           process_group: Optional["torch.distributed.ProcessGroup"] = None,
+           ) -> Union[ArrayLike, Tuple[ArrayLike, RefineInfo]]:
     """Refine a model's training-set probabilities into PPU targets.
 
     Replaces the forget rows of P by pseudo-probabilities (P^), then solves
@@ -235,9 +237,12 @@ def _validated_log_p(log_p: ArrayLike, backend: str, inv_c: Optional[torch.Tenso
     return buf, from_numpy, lp.dtype, be, prep
 
 
-def solve(log_p: ArrayLike, weights, marginals, *, method: str = "newton",
+def solve(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
+          marginals: Union[ArrayLike, Sequence[float]], *, method: str = "newton",
           tol: float = 1e-6, max_iter: Optional[int] = None, backend: str = "auto",
-          step_size: Optional[float] = None, process_group=None) -> Tuple[ArrayLike, RefineInfo]:
+          step_size: Optional[float] = None,
+          process_group: Optional["torch.distributed.ProcessGroup"] = None,
+          ) -> Tuple[ArrayLike, RefineInfo]:
     """Solve the dual for a caller-built problem.
 
     Args:
@@ -280,7 +285,8 @@ def solve(log_p: ArrayLike, weights, marginals, *, method: str = "newton",
     return alpha, info
 
 
-def targets(log_p: ArrayLike, weights, alpha, *, backend: str = "auto") -> ArrayLike:
+def targets(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
+            alpha: Union[ArrayLike, Sequence[float]], *, backend: str = "auto") -> ArrayLike:
     """Q(alpha) (N x k): ``q_ik = softmax_k(log_p_ik - alpha_k / c_i)``, in log_p's dtype (float64
     computed in float64, the others in float32) and device; numpy in, numpy out.
 

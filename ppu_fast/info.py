@@ -38,6 +38,7 @@ def report() -> List[str]:
 
 
 def main() -> int:
+    """``python -m ppu_fast.info``: print :func:`report` (the backends, which run here and why not)."""
     print("\n".join(report()))
     return 0
 

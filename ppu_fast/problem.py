@@ -8,7 +8,7 @@ temporaries); :func:`raise_row_error` words what a backend reported.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,6 +21,13 @@ MARGINAL_NAMES = ("retain", "original", "pseudo")
 MARGINAL_RTOL = 1e-6
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
+# What the public calls accept, as their docstrings describe: the forget rows as a bool mask or
+# integer indices; pseudo-probabilities by name, as an (N_forget, k) matrix, or None; the class
+# totals by name or as a (k,) vector; the per-row KL weights as an (N,) vector.
+ForgetSpec = Union[ArrayLike, Sequence[bool], Sequence[int]]
+PseudoSpec = Union[str, ArrayLike, None]
+MarginalsSpec = Union[str, ArrayLike, Sequence[float]]
+WeightsSpec = Optional[Union[ArrayLike, Sequence[float]]]
 
 
 def to_tensor(x, name: str, sequence: bool = False) -> Tuple[torch.Tensor, bool]:

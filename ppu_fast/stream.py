@@ -26,6 +26,7 @@ import numpy.lib.format as npformat
 import torch
 
 from . import problem as pb
+from .problem import ForgetSpec, WeightsSpec
 from .sharded import Comm, RowStore, collective_checks, refine_rows
 from .solver import RefineInfo
 
@@ -278,11 +279,13 @@ def _forget_arg(forget, n: int):
     return forget
 
 
-def refine_file(probs_path: PathLike, forget, out_path: PathLike, *, logits: bool = False,
+def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_path: PathLike, *,
+                logits: bool = False,
                 chunk_rows: Optional[int] = None,
                 memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET,
                 device: Union[str, torch.device] = "cpu", rows: Optional[Tuple[int, int]] = None,
-                process_group=None, progress: Optional[bool] = None, weights=None,
+                process_group: Optional["torch.distributed.ProcessGroup"] = None,
+                progress: Optional[bool] = None, weights: WeightsSpec = None,
                 generator: Optional[torch.Generator] = None, **options) -> RefineInfo:
     """Refine the N x k probabilities (or logits) in a ``.npy`` file into ``out_path``, chunk by
     chunk, without holding or mapping the file whole.

@@ -97,6 +97,7 @@ def lone_last_batch(n: int, batch_size: int, model: nn.Module) -> bool:
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
 

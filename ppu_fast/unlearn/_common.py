@@ -33,6 +33,7 @@ def check_labels_fit(labels: torch.Tensor, k: int, method: str) -> None:
 
 
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device, or ``model``'s own device when it is None."""
     return torch.device(device) if device is not None else model_device(model)
 
 
