@@ -281,6 +281,9 @@ def _digits_pools(seed: int, train_per_class: int | None) -> tuple[_Pool, _Pool]
 def _pools(name: str, root: str | Path | None, seed: int, image_size: int | None,
            progress: bool) -> tuple[_Pool, _Pool, tuple | None]:
     if name in ("digits", "digits5"):
+        if image_size not in (None, 8):
+            raise ValueError(f"image_size={image_size!r}: dataset '{name}' is scikit-learn's 8x8 digits, "
+                             f"which are not resized; expected None")
         # digits5 keeps 125 per class for train+val and the rest (52-58 per class) as its test set;
         # digits holds out a fifth of each class as its test set.
         train, test = _digits_pools(seed, 125 if name == "digits5" else None)
@@ -296,6 +299,9 @@ def _pools(name: str, root: str | Path | None, seed: int, image_size: int | None
     pools = None
     if name in ("cifar5", "cifar10", "cifar100"):
         pools = _cifar_official(root, hundred=name == "cifar100")
+        if pools is not None and image_size not in (None, 32):
+            raise ValueError(f"image_size={image_size!r}: the official CIFAR batches at '{root}' are 32x32 "
+                             f"and are not resized; expected None (only ImageFolder trees are resized)")
     if pools is None:
         pools = _image_folder(root, 32 if image_size is None else image_size, progress)
     if pools is None:
@@ -373,6 +379,9 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
         raise ValueError(f"unknown scenario '{scenario}'; expected one of {', '.join(SCENARIOS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if name in SMALL_SCALE and val_fraction != 0.05:
+        raise ValueError(f"val_fraction={val_fraction!r}: '{name}' has the paper's fixed small-scale split "
+                         f"(25 validation images per class); val_fraction applies to the large-scale datasets")
     check_reduction(name, train_per_class, test_per_class)
     # numpy integers pass the check; the split's record must stay JSON (results.json).
     train_per_class = None if train_per_class is None else int(train_per_class)

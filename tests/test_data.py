@@ -129,6 +129,8 @@ def test_cifar10_official_batches_selective(tmp_path):
     match = [i for i in range(len(raw)) if torch.allclose(expected[i], x0, atol=1e-5)]
     assert len(match) == 1 and labels[match[0]] == int(y0)
     _check_partition(s)
+    with pytest.raises(ValueError, match="image_size=64: the official CIFAR batches .* are 32x32"):
+        make_split("cifar10", data_root=tmp_path, image_size=64, progress=False)
 
 
 def test_reduced_large_scale_split(tmp_path):

@@ -126,3 +126,11 @@ def test_a_foreign_cache_file_is_retrained_over(tmp_path, monkeypatch):
     again, meta2 = fit_cached(model, data, cfg, progress=False)
     assert not meta2["cached"] and isinstance(again, nn.Module)
     assert fit_cached(model, data, cfg, progress=False)[1]["cached"]
+
+
+def test_options_a_dataset_would_ignore_are_refused():
+    with pytest.raises(ValueError, match="image_size=32: dataset 'digits5' is scikit-learn's 8x8 digits"):
+        make_split("digits5", image_size=32, progress=False)
+    with pytest.raises(ValueError, match="val_fraction=0.1: 'digits5' has the paper's fixed small-scale split"):
+        make_split("digits5", val_fraction=0.1, progress=False)
+    assert len(make_split("digits", val_fraction=0.1, progress=False).val) > 0
