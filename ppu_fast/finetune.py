@@ -103,10 +103,13 @@ def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
     """The modules whose parameters ``trainable=which`` fine-tunes.
 
     ``"all"``: the model. ``"head"``: the last ``nn.Linear`` (the classifier of every model in
-    :mod:`ppu_fast.models`). ``"last-block"``: the head and the last block before it: the last
-    top-level child with parameters other than the head, or, when that child is an ``nn.Sequential``
-    (a stage of blocks, a feature stack), its last child with parameters (ResNet-18: ``layer4[1]``;
-    ALL-CNN and SmallCNN: the last conv-BN block).
+    :mod:`ppu_fast.models`). ``"last-block"``: the head and the last block before it. Walking from
+    the model down the modules that hold the head, the block is the last sibling with parameters
+    that comes before the head's branch at the deepest level that has one (a wrapper holding the
+    network as one child is looked through); when that sibling is an ``nn.Sequential`` (a stage of
+    blocks, a feature stack), its last child with parameters (ResNet-18: ``layer4[1]``; ALL-CNN and
+    SmallCNN: the last conv-BN block; a ``Sequential(Linear, ReLU, Linear)`` classifier: its hidden
+    ``Linear``). A model with nothing before its head is refused.
     """
     if which not in TRAINABLE:
         raise ValueError(f"trainable: unknown value {which!r}; expected one of {TRAINABLE}")
@@ -119,11 +122,17 @@ def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
     head = linears[-1]
     if which == "head":
         return [head]
-    body = [c for c in model.children() if c is not head and any(True for _ in c.parameters())
-            and not any(m is head for m in c.modules())]
-    if not body:
-        return [head]
-    block = body[-1]
+    block, level = None, model
+    while level is not head:
+        children = list(level.children())
+        branch = next(i for i, c in enumerate(children) if any(m is head for m in c.modules()))
+        before = [c for c in children[:branch] if any(True for _ in c.parameters())]
+        if before:
+            block = before[-1]  # a deeper level's block, if any, is nearer the head
+        level = children[branch]
+    if block is None:
+        raise ValueError("trainable='last-block': the model has no block with parameters before its "
+                         "head; expected one (or pass trainable='head' or 'all')")
     if isinstance(block, nn.Sequential):
         inner = [c for c in block.children() if any(True for _ in c.parameters())]
         block = inner[-1] if inner else block

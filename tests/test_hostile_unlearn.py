@@ -341,3 +341,42 @@ def test_class_scenario_refuses_num_forget():
     from ppu_fast.data import make_split
     with pytest.raises(ValueError, match="num_forget=5: the class scenario"):
         make_split("digits", scenario="class", num_forget=5)
+
+
+def test_last_block_is_found_through_wrappers_and_in_mlp_heads():
+    from ppu_fast.finetune import trainable_modules
+    from ppu_fast.models import build_model
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = build_model("smallcnn", 5, 1, 0.5)
+
+        def forward(self, x):
+            return self.net(x)
+
+    w = Wrapped()
+    got, direct = trainable_modules(w, "last-block"), trainable_modules(w.net, "last-block")
+    assert len(got) == 2 and all(a is b for a, b in zip(got, direct))
+    mlp = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(),
+                        nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    assert trainable_modules(mlp, "last-block") == [mlp[2][0], mlp[2][2]]
+    with pytest.raises(ValueError, match="no block with parameters before its head"):
+        trainable_modules(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), "last-block")
+
+
+def test_weighted_retain_sampling_needs_a_refine(tiny):
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(ValueError, match="retain_sampling='weighted'.*mode='bias' does not refine"):
+        ppu_fast.unlearn(model, forget, retain, method="ppu-bias", retain_sampling="weighted",
+                         epochs=1, progress=False)
+
+
+def test_ppu_records_every_option_it_ran_with(tiny):
+    model, forget, retain = _sets(tiny)
+    res = ppu_fast.unlearn(model, forget, retain, method="ppu", select="last", epochs=1,
+                           retain_per_epoch=20, momentum=0.5, weight_decay=1e-4, progress=False)
+    o = res.options
+    assert (o["retain_per_epoch"], o["momentum"], o["weight_decay"], o["retain_fraction"]) == \
+        (20, 0.5, 1e-4, None)
+    assert {"tol", "backend", "history"} <= set(o)

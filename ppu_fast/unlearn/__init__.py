@@ -32,7 +32,8 @@ class UnlearnResult:
     Attributes:
         model: the unlearned model (eval mode).
         method: the registry name that produced it.
-        targets: (N_forget + N_retain, k) fine-tuning targets, forget rows first (PPU only), on CPU.
+        targets: (N_forget + N_retain, k) fine-tuning targets, forget rows first, each part in the
+            order of its dataset (a loader's: by index) (PPU only), on CPU.
         refine_info: the solver's ``RefineInfo`` (PPU privacy mode only).
         history: one dict per fine-tuning epoch (epoch 0 = the starting model): ``loss``,
             ``forget_error``, ``retain_error`` and, with a validation set, ``val_error`` (on the forget
@@ -217,7 +218,9 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
             "SCRUB + PPU" is ``unlearn(scrubbed_model, ...)``.
         forget, retain: the two parts of the training set, datasets (or loaders) of ``(x, y)``
             pairs, labels in [0, k); a loader stands for the examples its sampler visits (each
-            once), its batch size is not used.
+            once), in the order of their indices in its dataset (a random sampler has no fixed
+            order; pass a ``Subset`` to fix the order of the forget rows, e.g. for a ``pseudo``
+            tensor), its batch size is not used.
         method: a registered method: ``ppu`` (privacy mode), ``ppu-bias`` (bias removal, uniform
             pseudo-probabilities), ``ppu-random`` (bias removal, random ones), ``finetune``,
             ``retrain``, ``original``; see :func:`methods`.

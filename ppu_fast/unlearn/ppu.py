@@ -171,6 +171,13 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         plan["early_stop"] = False  # the schedule's early stop applies to the 'val' selection only
     if select == "val" and val is None:
         raise ValueError("select='val' needs a validation set: pass val=...")
+    if plan["retain_sampling"] == "weighted" and mode != "privacy":
+        # The weights are KL(q_i || p_i), how far the refine moved each retain row's target; bias
+        # mode does not refine, so they would be 0 but for float32 rounding, which would then pick
+        # the rows.
+        raise ValueError("retain_sampling='weighted' weighs retain rows by how far the refine moved "
+                         f"their targets; mode={mode!r} does not refine (every weight is 0): expected "
+                         "retain_sampling='uniform' or mode='privacy'")
     if history is None:
         history = select != "last"
     elif history and history_retain == "auto":
@@ -235,8 +242,10 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         row["wall_seconds"] += before  # from the original model, as the method's total counts
     options: dict[str, Any] = dict(mode=mode, pseudo=pseudo_name,
                                    lam=lam, marginals=marginals if isinstance(marginals, str) else "tensor",
-                                   refine_method=refine_method, epochs=epochs, lr=lr, optimizer=optimizer,
-                                   batch_size=batch_size,
+                                   refine_method=refine_method, tol=tol, backend=backend, epochs=epochs,
+                                   lr=lr, optimizer=optimizer, momentum=momentum,
+                                   weight_decay=weight_decay, batch_size=batch_size,
+                                   retain_per_epoch=retain_per_epoch, history=history,
                                    select=select if isinstance(select, str) else "custom",
                                    schedule=schedule, **plan, evals_per_epoch=evals_per_epoch,
                                    epochs_run=ft.history[-1]["epoch"])
