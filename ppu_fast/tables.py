@@ -135,8 +135,8 @@ def spread_kind(methods: Mapping[str, Mapping[str, Any]]) -> str:
 
 def attack_table(methods: Mapping[str, Mapping[str, Any]], *, with_std: bool = True) -> str:
     """Our attack with signal beside SCRUB's MIA, per method: the offline LiRA-style attack's ROC AUC
-    and TPR at 1 % and 5 % FPR (%; chance: AUC 50, TPR@x%FPR about x with many non-members) and the retrain gap (% points; 0 for
-    Retrain). The paper reports none of these."""
+    and TPR at 1 % and 5 % FPR (%; chance: AUC 50, TPR@x%FPR about x with many non-members) and the
+    retrain gap (% points; 0 for Retrain). The paper reports none of these."""
     lines = ["### Attack with signal and the retrain gap (ours; the paper has no such table)", "",
              "MIA (SCRUB): the paper's attack, balanced accuracy (50 ideal). Attack AUC, TPR@x%FPR: an "
              "offline LiRA-style attack (each example's logit-scaled confidence z-scored against a "
