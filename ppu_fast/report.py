@@ -222,17 +222,26 @@ def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = No
 
     gap_attack = abs(orig["mia"] - ref["mia"]) if orig is not None and _finite(orig.get("mia")) \
         and _finite(ref.get("mia")) else float("nan")
-    out.luck = luck = 2 * math.sqrt(2) * float(chance) if _finite(chance) else float("nan")
+    # ``chance`` is the spread of the reference's mean score; the difference of two means has the
+    # spread sqrt(1/S_start + 1/S_ref) of one seed's, which is sqrt(2) of the reference's when both
+    # rest on as many seeds, more when the starting model has fewer.
+    n_start, n_ref = _n(orig, "mia"), _n(ref, "mia")
+    ratio = n_ref / n_start if n_start and n_ref else 1.0
+    out.luck = luck = 2 * math.sqrt(1.0 + ratio) * float(chance) if _finite(chance) else float("nan")
     if _finite(luck) and _finite(gap_attack):
         out.attack_informative = gap_attack > luck
-    out.compared = tuple(m for m in VERDICT_METRICS if m != "mia" or out.attack_informative)
+    # Only what the reference has can be compared; a method lacking one of those is not ranked
+    # (a gap over fewer metrics would not be the gap the sentence names).
+    out.compared = tuple(m for m in VERDICT_METRICS
+                         if (m != "mia" or out.attack_informative) and _finite(ref.get(m)))
 
     others = [m for m in methods if m not in (reference, start)]
+    unranked = []
     for name in others:
-        diffs = [abs(methods[name][m] - ref[m]) for m in out.compared
-                 if _finite(methods[name].get(m)) and _finite(ref.get(m))]
-        if diffs:
-            out.gaps[name] = sum(diffs) / len(diffs)
+        if out.compared and all(_finite(methods[name].get(m)) for m in out.compared):
+            out.gaps[name] = sum(abs(methods[name][m] - ref[m]) for m in out.compared) / len(out.compared)
+        else:
+            unranked.append(name)
     for metric in VERDICT_METRICS:
         near = [(abs(methods[m][metric] - ref[metric]), m) for m in others
                 if _finite(methods[m].get(metric)) and _finite(ref.get(metric))]
@@ -249,14 +258,29 @@ def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = No
         names = [VERDICT_METRICS[m] for m in out.compared]
         what = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
         out.headline = f"Closest to {label(reference)}: {label(out.closest)}"
+        seeds = _seeds_apart(c, ref, out.compared, label(out.closest), label(reference))
         lines.append(f"Closest to {label(reference)}: {label(out.closest)}, {out.gaps[out.closest]:.1f} "
-                     f"points off on average over {what}: {shown}.")
+                     f"points off on average over {what}{seeds}: {shown}.")
         alone = {m: name for m, name in out.nearest.items() if m in out.compared}
-        if set(alone.values()) == {out.closest}:
+        if len(alone) < 2:
+            pass  # one metric compared: "closest" already says it
+        elif set(alone.values()) == {out.closest}:
             lines.append("It is also the nearest on each of them alone.")
         else:
             per = "; ".join(f"{VERDICT_METRICS[m]}: {label(name)}" for m, name in alone.items())
             lines.append(f"Nearest to {label(reference)} on each alone: {per}.")
+        r_c, r_ref = c.get("retain_error"), ref.get("retain_error")
+        if _finite(r_c) and _finite(r_ref) and r_c - r_ref > RETAIN_WARNING_POINTS:
+            lines.append(f"But its retain error, {_pct(r_c)}, is {r_c - r_ref:.0f} points above "
+                         f"{label(reference)}'s ({_pct(r_ref)}): it forgot at the cost of what it should "
+                         f"keep, which the ranking above does not weigh.")
+    elif out.compared and others:
+        lines.append("No method has all of " + ", ".join(VERDICT_METRICS[m] for m in out.compared)
+                     + ": nothing was ranked.")
+    elif not out.compared:
+        lines.append(f"{label(reference)} has no forget or test error: nothing was ranked.")
+    if unranked and out.compared:
+        lines.append("Not ranked (a compared metric missing): " + ", ".join(label(m) for m in unranked) + ".")
     if orig is not None and _finite(orig.get("forget_error")) and _finite(ref.get("forget_error")):
         f0, fr = orig["forget_error"], ref["forget_error"]
         if abs(f0 - fr) < 10:
@@ -274,8 +298,10 @@ def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = No
             out.speedup = secs_ref / secs
             how = (f"{out.speedup:.1f}x faster than" if out.speedup >= 1
                    else f"{1 / out.speedup:.1f}x slower than")
+            seeds = _seeds_apart(methods[out.closest], ref, ("seconds",), label(out.closest),
+                                 label(reference))
             lines.append(f"Time: {label(out.closest)} took {secs:.1f} s, {how} retraining from scratch "
-                         f"({secs_ref:.1f} s).")
+                         f"({secs_ref:.1f} s){seeds}.")
             out.headline += f", {how} {label(reference)}"
     if _finite(gap_attack):
         head = (f"Attack (50 % = it cannot tell the forget set from unseen data): {label(start)} "
@@ -296,6 +322,25 @@ def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = No
     return out
 
 
+# A closest method whose retain error exceeds the reference's by more than this is flagged.
+RETAIN_WARNING_POINTS = 10.0
+
+
+def _n(entry: Mapping[str, Any] | None, metric: str) -> int | None:
+    # The seeds behind an entry's mean (summarize's "n"), None where not recorded.
+    return None if entry is None else (entry.get("n") or {}).get(metric)
+
+
+def _seeds_apart(a: Mapping[str, Any], b: Mapping[str, Any], metrics: Sequence[str], la: str,
+                 lb: str) -> str:
+    # " (means over 1 seed for X, 3 for Retrain)" when two means rest on different seeds, else "".
+    na = min((_n(a, m) for m in metrics if _n(a, m) is not None), default=None)
+    nb = min((_n(b, m) for m in metrics if _n(b, m) is not None), default=None)
+    if na is None or nb is None or na == nb:
+        return ""
+    return f" (means over {na} seed{'s' if na != 1 else ''} for {la}, {nb} for {lb})"
+
+
 def attack_size(per_seed: Sequence[Mapping[str, Mapping[str, Any]]], reference: str = "retrain"
                 ) -> tuple[float | None, int | None]:
     """``(chance, n)`` of the attack in an experiment's per-seed rows (``mia_chance`` and ``mia_n`` of
@@ -307,7 +352,8 @@ def attack_size(per_seed: Sequence[Mapping[str, Mapping[str, Any]]], reference: 
     if not rows:
         return None, None
     one = sum(r["mia_chance"] for r in rows) / len(rows)
-    return one / math.sqrt(len(rows)), min(int(r["mia_n"]) for r in rows)
+    sizes = [int(r["mia_n"]) for r in rows if _finite(r.get("mia_n"))]
+    return one / math.sqrt(len(rows)), (min(sizes) if sizes else None)
 
 
 def _clean(obj: Any) -> Any:

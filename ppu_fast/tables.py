@@ -667,7 +667,7 @@ def merge(folders: Sequence[str | Path]) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ppu_fast.tables DIR [DIR ...] [--out OUT]``: write the tables (and, for several
     folders, the merged results.json / .md / .png) of finished runs."""
-    from .report import summarize, write_results
+    from .report import attack_size, judge, summarize, write_results
 
     p = argparse.ArgumentParser(prog="python -m ppu_fast.tables", description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", help="run folders holding results.json")
@@ -687,8 +687,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError("--out is required when merging several folders")
             res = merge(args.folders)
             methods = summarize(res["per_seed"])
+            chance, n = attack_size(res["per_seed"])
             write_results(args.out, res["config"], methods, per_seed=res["per_seed"], history=res["history"],
-                          histories=res["histories"])
+                          histories=res["histories"], verdict=judge(methods, chance=chance, n=n))
             paths = write_tables(args.out, res["config"], methods, seeds=len(res["per_seed"]),
                                  history=res["history"], histories=res["histories"])
     except (ValueError, FileNotFoundError) as exc:

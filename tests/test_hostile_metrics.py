@@ -176,3 +176,59 @@ def test_a_method_on_fewer_seeds_shows_its_count(tmp_path):
     assert tables.main([*map(str, folders), "--out", str(tmp_path / "m")]) == 0
     assert "(n=1)" in (tmp_path / "m" / "tables.md").read_text()
     assert json.loads((tmp_path / "m" / "results.json").read_text())["methods"]["scrub"]["n"]["forget_error"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the verdict
+
+def _entry(forget, test, mia=50.0, seconds=1.0, retain=0.0, n=None):
+    e = {"forget_error": forget, "test_error": test, "mia": mia, "seconds": seconds, "retain_error": retain}
+    if n is not None:
+        e["n"] = {k: n for k in e}
+    return e
+
+
+def test_a_method_missing_a_compared_metric_is_not_ranked():
+    from ppu_fast.report import judge
+
+    methods = {"original": _entry(0.0, 1.0), "retrain": _entry(100.0, 10.7),
+               "finetune": _entry(float("nan"), 10.7), "ppu": _entry(100.0, 11.5)}
+    v = judge(methods)
+    assert v.closest == "ppu" and "finetune" not in v.gaps
+    assert any(line.startswith("Not ranked (a compared metric missing): Finetune") for line in v.lines)
+    # a reference without a forget error: only the test error is compared, and said so
+    methods["retrain"] = _entry(float("nan"), 10.7)
+    v = judge(methods)
+    assert v.compared == ("test_error",) and "over test error:" in v.lines[0]
+
+
+def test_the_verdict_says_when_means_rest_on_different_seeds_and_flags_a_wrecked_retain_set():
+    from ppu_fast.report import judge
+
+    methods = {"original": _entry(0.0, 1.0, n=3), "retrain": _entry(100.0, 10.7, seconds=35.0, n=3),
+               "ppu": _entry(100.0, 11.5, n=1), "broken": _entry(100.0, 11.0, retain=90.0, n=1)}
+    v = judge(methods)
+    assert v.closest == "broken"
+    assert "(means over 1 seed for broken, 3 for Retrain)" in v.lines[0]
+    assert any("retain error, 90.0 %, is 90 points above Retrain's" in line for line in v.lines)
+    assert any(line.startswith("Time:") and "(means over 1 seed" in line for line in v.lines)
+
+
+def test_attack_luck_follows_the_seeds_on_each_side():
+    from ppu_fast.report import attack_size, judge
+
+    base = {"original": _entry(0.0, 1.0, mia=62.5), "retrain": _entry(100.0, 10.7, mia=47.5)}
+    base["original"]["n"], base["retrain"]["n"] = {"mia": 1}, {"mia": 3}
+    one_seed_chance = 7.9
+    v = judge(base, chance=one_seed_chance / 3 ** 0.5, n=36)
+    # two standard deviations of (mean of 1) - (mean of 3): 2 * 7.9 * sqrt(1 + 1/3) = 18.2 > 15
+    assert v.luck == pytest.approx(2 * one_seed_chance * (1 + 1 / 3) ** 0.5) and not v.attack_informative
+    assert attack_size([{"retrain": {"mia_chance": 7.9, "mia_n": None}}]) == (7.9, None)
+
+
+def test_merged_runs_keep_a_verdict(tmp_path):
+    folders = [_run(tmp_path / f"s{s}", [s], [{"original": _row(5.0), "retrain": _row(80.0 + s),
+                                              "ppu": _row(70.0 + s)}]) for s in range(2)]
+    assert tables.main([*map(str, folders), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["verdict"]["closest"] == "ppu" and "## Verdict" in (tmp_path / "m" / "results.md").read_text()
