@@ -14,8 +14,10 @@ from torch import nn
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _cuda_devices(model: nn.Module, device: Any) -> list[int]:
-    # The methods' torch.manual_seed reseeds every initialised GPU, not only the model's.
+def cuda_devices_to_fork(model: nn.Module, device: Any) -> list[int]:
+    """The CUDA devices whose random state a call training ``model`` on ``device`` must fork:
+    every initialised GPU (torch.manual_seed reseeds all of them, not only the model's), else the
+    model's and ``device``'s."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return list(range(torch.cuda.device_count()))
     devs = {p.device.index or 0 for p in model.parameters() if p.is_cuda}
@@ -78,7 +80,7 @@ def keeps_caller_state(name: Callable[[dict], str]) -> Callable[[F], F]:
                                  f"or infinite; expected a model with finite weights")
             flags = {n: p.requires_grad for n, p in model.named_parameters()}
             try:
-                with torch.random.fork_rng(devices=_cuda_devices(model, kwargs.get("device"))):
+                with torch.random.fork_rng(devices=cuda_devices_to_fork(model, kwargs.get("device"))):
                     result = fn(model, *args, **kwargs)
             finally:
                 for n, p in model.named_parameters():

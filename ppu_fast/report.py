@@ -121,12 +121,17 @@ def _cell(mean: float, spread: float, with_std: bool, n_note: str = "") -> str:
     return f"{mean:.2f}{n_note}"
 
 
+def _n(entry: Mapping[str, Any] | None, metric: str) -> int | None:
+    # The seeds behind an entry's mean (summarize's "n"), None where not recorded.
+    return None if entry is None else (entry.get("n") or {}).get(metric)
+
+
 def seeds_note(methods: Mapping[str, Mapping[str, Any]], name: str, metric: str) -> str:
     """" (n=K)" when ``name``'s ``metric`` rests on fewer seeds than the table's fullest entry (a
     method run on some seeds of a merged table), so that a one-seed value is not read as a mean over
     all of them; "" otherwise (or where no seed counts were recorded)."""
-    n = (methods[name].get("n") or {}).get(metric)
-    full = max(((e.get("n") or {}).get(metric) or 0 for e in methods.values()), default=0)
+    n = _n(methods[name], metric)
+    full = max((_n(e, metric) or 0 for e in methods.values()), default=0)
     return f" (n={n})" if n is not None and n < full else ""
 
 
@@ -324,11 +329,6 @@ def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = No
 
 # A closest method whose retain error exceeds the reference's by more than this is flagged.
 RETAIN_WARNING_POINTS = 10.0
-
-
-def _n(entry: Mapping[str, Any] | None, metric: str) -> int | None:
-    # The seeds behind an entry's mean (summarize's "n"), None where not recorded.
-    return None if entry is None else (entry.get("n") or {}).get(metric)
 
 
 def _seeds_apart(a: Mapping[str, Any], b: Mapping[str, Any], metrics: Sequence[str], la: str,

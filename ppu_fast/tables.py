@@ -571,9 +571,8 @@ def _experiment_differences(cfg: Mapping[str, Any], first: Mapping[str, Any]) ->
         for sub in sorted(set(a) | set(b)):
             if sub not in skip and a.get(sub) != b.get(sub):
                 diffs.append(f"{k}.{sub}: {a.get(sub)!r} vs {b.get(sub)!r}")
-    for k in ("init_head",):
-        if k in cfg and k in first and cfg[k] != first[k]:
-            diffs.append(f"{k}: {cfg[k]!r} vs {first[k]!r}")
+    if "init_head" in cfg and "init_head" in first and cfg["init_head"] != first["init_head"]:
+        diffs.append(f"init_head: {cfg['init_head']!r} vs {first['init_head']!r}")
     # A method run in both must have run with the same options (a method absent from one is fine).
     for k in ("method_options", "variants"):
         a, b = cfg.get(k) or {}, first.get(k) or {}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .caller_state import cuda_devices_to_fork
 from .data import ArrayDataset
 
 _CACHE_VERSION = 1
@@ -123,9 +124,7 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
     if len(data) == 0:
         raise ValueError("data is empty: nothing to train on")
     device = torch.device(device) if device is not None else model_device(model)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda_devices_to_fork(model, device)):
         return _fit(model, data, config, device, progress, desc)
 
 
