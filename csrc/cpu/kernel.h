@@ -175,17 +175,21 @@ static inline typename S::V vlog(typename S::V x) {
 
 // log for any x >= 0: exact -inf at 0, subnormals scaled into the normal range first. (Negative
 // and NaN inputs give garbage: prepare reports such rows as faults before anything uses them.)
+// An ISA with a faster log of its own (S::OWN_LOG; AVX-512's table log) uses that instead.
 template <class S>
 static inline typename S::V vlog_any(typename S::V x) {
   using V = typename S::V;
-  if constexpr (S::FREXP_SUBNORMAL) {  // frexp12 normalises subnormals itself: only 0 is special
+  if constexpr (S::OWN_LOG) {
+    return S::log_any(x);
+  } else if constexpr (S::FREXP_SUBNORMAL) {  // frexp12 normalises subnormals: only 0 is special
     return S::blend(S::eq(x, S::zero()), S::set1(-INFINITY), vlog<S>(x));
+  } else {
+    const auto sub = S::lt(x, S::set1(1.17549435e-38f));
+    const V xs = S::blend(sub, S::mul(x, S::set1(16777216.0f)), x);  // * 2^24
+    V y = vlog<S>(xs);
+    y = S::blend(sub, S::sub(y, S::set1(16.6355323f)), y);  // - 24 ln 2
+    return S::blend(S::eq(x, S::zero()), S::set1(-INFINITY), y);
   }
-  const auto sub = S::lt(x, S::set1(1.17549435e-38f));
-  const V xs = S::blend(sub, S::mul(x, S::set1(16777216.0f)), x);  // * 2^24
-  V y = vlog<S>(xs);
-  y = S::blend(sub, S::sub(y, S::set1(16.6355323f)), y);  // - 24 ln 2
-  return S::blend(S::eq(x, S::zero()), S::set1(-INFINITY), y);
 }
 
 // Rows whose sum of exp(x - max) is below this are "confident": their 1 - q_max = (s - 1) / s
@@ -1028,6 +1032,7 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
     pmax = mx * inv_s;
     confident = !(mx < s * (1.0 - 1.0 / 1024));
     const bool fold = want_d && !confident;
+    const bool logs = !(f && P.fill);  // a forget row's log P^ is fill: its own log is not needed
     const V SH = S::set1(std::log(sf)), IS = S::set1(inv_s);
     for (j = 0; j < kp; j += W) {
       const V v = S::load(x + j);
@@ -1035,7 +1040,7 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
       S::store(pn + j, q);
       S::store(dst + j, S::add(S::load(dst + j), q));
       if (fold) S::store(rs.accd + j, S::fmadd(S::fnmadd(q, q, q), WW, S::load(rs.accd + j)));
-      S::store(x + j, S::sub(vlog_any<S>(v), SH));
+      if (logs) S::store(x + j, S::sub(vlog_any<S>(v), SH));
     }
   } else {
     const V M = S::set1(mx);

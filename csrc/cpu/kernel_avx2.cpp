@@ -62,6 +62,7 @@ struct Avx2 {
   static V blend(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
   // Whether frexp12 returns the true exponent and a mantissa in [1, 2) for subnormal inputs too.
   static constexpr bool FREXP_SUBNORMAL = false;
+  static constexpr bool OWN_LOG = false;  // no log_any of its own: kernel.h's vlog_any
   static void frexp12(V x, V& m, V& e) {  // x positive and normal
     const __m256i u = _mm256_castps_si256(x);
     e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(u, 23), _mm256_set1_epi32(127)));

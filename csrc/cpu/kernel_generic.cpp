@@ -55,6 +55,7 @@ struct Scalar {
   static V blend(M m, V a, V b) { return m ? a : b; }
   // Whether frexp12 returns the true exponent and a mantissa in [1, 2) for subnormal inputs too.
   static constexpr bool FREXP_SUBNORMAL = false;
+  static constexpr bool OWN_LOG = false;  // no log_any of its own: kernel.h's vlog_any
   static void frexp12(V x, V& m, V& e) {  // x positive and normal
     uint32_t u;
     std::memcpy(&u, &x, 4);
