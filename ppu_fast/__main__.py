@@ -1,7 +1,8 @@
 """``python -m ppu_fast``: the solver demo on a synthetic CIFAR-10-sized problem.
 
 Builds a confident synthetic classifier's probabilities (50,000 x 10), forgets one whole class,
-refines with each method and prints passes, residual and time.
+refines with each method and prints passes, residual and time. ``python -m ppu_fast demo | run |
+refine ...`` is the ``ppu-fast`` command.
 """
 
 from __future__ import annotations
@@ -26,15 +27,21 @@ def synthetic_probs(n: int, k: int, seed: int = 0, margin: float = 6.0):
 def main(argv: Optional[List[str]] = None) -> int:
     import ppu_fast
 
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    if args_in and args_in[0] in ("demo", "run", "refine"):
+        # `python -m ppu_fast refine ...` is the `ppu-fast` command, as a user would guess.
+        from .cli import main as cli_main
+        return cli_main(args_in)
     ap = argparse.ArgumentParser(prog="python -m ppu_fast", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--n", type=int, default=50_000, help="rows (training examples)")
     ap.add_argument("--k", type=int, default=10, help="classes")
     ap.add_argument("--forget-class", type=int, default=5)
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(args_in)
     y, p = synthetic_probs(args.n, args.k)
     p = p.to(args.device)
     mask = (y == args.forget_class).to(args.device)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 DEMO_METHODS = ("original", "retrain", "finetune", "ppu", "ppu-bias", "ppu-random")
 # Class unlearning: Retrain never saw a 5, so it misreads every one (100 % forget error) and the
@@ -338,16 +339,24 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _load_array(path: str, arg: str):
-    import numpy as np
+    import pickle
+
     import torch
+
+    from .stream import load_npy
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{arg}: no file at '{p}'")
     if p.suffix == ".npy":
-        return np.load(p, allow_pickle=False)
+        return load_npy(p, arg)
     if p.suffix == ".pt":
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise ValueError(f"{arg}: '{p}' cannot be read as a tensor saved with torch.save "
+                             f"({type(exc).__name__} from torch.load with weights_only=True)"
+                             ) from None
         if not isinstance(obj, torch.Tensor):
             raise TypeError(f"{arg}: '{p}' holds a {type(obj).__name__}, expected a tensor")
         return obj
@@ -363,6 +372,9 @@ def _refine(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".pt", ".npy"):
         raise ValueError(f"--out: '{out}' must end in .pt or .npy")
+    if out.is_dir():
+        raise ValueError(f"--out: '{out}' is a directory; expected a file path ending in .pt or "
+                         f".npy")
     flag = "--probs" if args.probs is not None else "--logits"
     if _streams(args):
         return _refine_streamed(args)
@@ -420,8 +432,24 @@ def _streams(args: argparse.Namespace) -> bool:
     return args.chunk_rows is not None or (src.is_file() and src.stat().st_size > budget)
 
 
+@contextmanager
+def _made_parents(out: Path) -> Iterator[None]:
+    """Create ``out``'s missing parent folders for the block; if it raises, remove the ones it
+    created again (bad input writes nothing, as the exit status 2 promises)."""
+    missing = [d for d in [out.parent, *out.parent.parents] if not d.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for d in missing:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def _refine_streamed(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     from .stream import refine_file
@@ -430,11 +458,8 @@ def _refine_streamed(args: argparse.Namespace) -> int:
     if out.suffix != ".npy":
         raise ValueError(f"--out: a streamed refine writes .npy; got '{out}'")
     src = args.probs if args.probs is not None else args.logits
-    forget = args.forget if args.forget.endswith(".npy") else _load_array(args.forget, "--forget")
-    if isinstance(forget, str) and not Path(forget).is_file():
-        raise FileNotFoundError(f"--forget: no file at '{forget}'")
-    if isinstance(forget, str) and np.load(forget, mmap_mode="r").dtype != np.bool_:
-        forget = np.load(forget)  # integer row indices
+    # A bool mask or integer row indices: N bytes at most, read whole.
+    forget = _load_array(args.forget, "--forget")
     if isinstance(forget, torch.Tensor):
         forget = forget.numpy()
     weights = None if args.weights is None else _load_array(args.weights, "--weights")
@@ -442,15 +467,15 @@ def _refine_streamed(args: argparse.Namespace) -> int:
         raise ValueError("--weights, --lam: pass one of them")
     if isinstance(weights, torch.Tensor):
         weights = weights.numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    info = refine_file(src, forget, out, logits=args.logits is not None,
-                       chunk_rows=args.chunk_rows, memory_budget=args.memory_budget,
-                       device=args.device, progress=_show_progress(args),
-                       weights=weights, lam=args.lam,
-                       pseudo=None if args.pseudo == "none" else args.pseudo,
-                       marginals=args.marginals, method=args.method, backend=args.backend,
-                       tol=args.tol, max_iter=args.max_iter,
-                       generator=torch.Generator().manual_seed(args.seed))
+    with _made_parents(out):
+        info = refine_file(src, forget, out, logits=args.logits is not None,
+                           chunk_rows=args.chunk_rows, memory_budget=args.memory_budget,
+                           device=args.device, progress=_show_progress(args),
+                           weights=weights, lam=args.lam,
+                           pseudo=None if args.pseudo == "none" else args.pseudo,
+                           marginals=args.marginals, method=args.method, backend=args.backend,
+                           tol=args.tol, max_iter=args.max_iter,
+                           generator=torch.Generator().manual_seed(args.seed))
     print(f"refined {src} in chunks of {int(info.timings['chunk_rows'])} rows with {info.method} "
           f"on {info.backend}: {info.iterations} iterations, residual {info.residual:.2e}, "
           f"converged {info.converged}, {info.seconds:.3f} s -> {out}")

@@ -3,7 +3,7 @@ process group, and their single-process stand-ins (``group=None``)."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -76,20 +76,48 @@ def global_rows(comm: Comm, n_local: int, k: int, name: str) -> Tuple[int, int]:
     return sum(rows), sum(rows[:comm.rank])
 
 
-def collective_checks(comm: Comm, fn: Callable[[], object]):
+def collective_checks(comm: Comm, fn: Callable[[], object],
+                      agree: Optional[Callable[[object], Dict[str, object]]] = None):
     """Run ``fn`` (input checks of this rank) and raise on every rank if it failed on any, so that
     a bad argument on one rank never leaves the others waiting in a collective. The error keeps
-    its type (ValueError, TypeError, FileNotFoundError) and names the rank it came from."""
+    its type (ValueError, TypeError, FileNotFoundError, RuntimeError) and names the rank it came
+    from.
+
+    ``agree``: a function of ``fn``'s result giving ``{argument: value}`` for the options every
+    rank must pass alike (compared with ``==``, in the same collective); a difference raises a
+    ValueError on every rank naming the argument and each rank's value. Keys starting with "_"
+    are gathered, not compared. With ``agree``, returns ``(result, [every rank's dict])``.
+    """
     if comm.group is None:
-        return fn()
+        result = fn()
+        return (result, [agree(result)]) if agree is not None else result
     kinds = {"ValueError": ValueError, "TypeError": TypeError,
-             "FileNotFoundError": FileNotFoundError}
-    msg, result = None, None
+             "FileNotFoundError": FileNotFoundError, "RuntimeError": RuntimeError}
+    msg, result, mine = None, None, None
     try:
         result = fn()
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+        mine = agree(result) if agree is not None else None
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         msg = (f"{exc} [on rank {comm.rank}]", type(exc).__name__)
-    for got in comm.gather(msg):
-        if got is not None:
-            raise kinds.get(got[1], ValueError)(got[0])
-    return result
+    got = comm.gather((msg, mine))
+    for m, _ in got:
+        if m is not None:
+            raise kinds.get(m[1], ValueError)(m[0])
+    if agree is None:
+        return result
+    every = [d for _, d in got]
+    for key in mine:
+        if key.startswith("_"):
+            continue
+        values = [d.get(key) for d in every]
+        if any(v != values[0] for v in values[1:]):
+            per = ", ".join(f"rank {r}: {_show(v)}" for r, v in enumerate(values))
+            raise ValueError(f"{key}: the ranks disagree ({per}); expected the same value on "
+                             f"every rank")
+    return result, every
+
+
+def _show(value) -> str:
+    """A short printable form of an option's value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

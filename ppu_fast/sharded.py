@@ -228,18 +228,41 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
                          if comm.group is not None else
                          f"{name}{where}: N == 0 rows; expected at least one row")
 
-    lam = collective_checks(comm, lambda: pb.check_lam_weights(lam, weights is not None))
-    method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
     sdt, dev = store.dtype, store.device
-    check_tol_floor(tol, sdt)
+    rounded = in_dtype in (torch.float16, torch.bfloat16) and mode != "log_p"
+
+    def checks():
+        # Every argument check of this rank, in one collective: a bad argument on one rank
+        # raises on every rank instead of leaving the others waiting in the next collective.
+        lam_ = pb.check_lam_weights(lam, weights is not None)
+        opts = check_options(method, tol, max_iter, step_size)
+        check_tol_floor(opts[1], sdt)
+        pb.check_marginals_arg(marginals, n, k)
+        be_ = get_backend(backend, torch.empty((1, k), dtype=sdt, device=dev), shape=(n, k))
+        pseudo_ = pb.pseudo_log(pseudo, int(np.count_nonzero(mask)), k, generator, sdt)
+        return lam_, opts, be_, pseudo_
+
+    def agreed(result) -> dict:
+        # What every rank must pass alike: it sets the one problem all ranks solve together
+        # (and which collectives run). "_rounded" is gathered so that all ranks know whether
+        # any rank's Q is rounded to 16 bits.
+        lam_, opts, _, _ = result
+        return {"weights": "given" if weights is not None else None,
+                "lam": lam_, "method": opts[0], "tol": opts[1], "max_iter": opts[2],
+                "step_size": opts[3],
+                "pseudo": (pseudo if pseudo is None or isinstance(pseudo, str)
+                           else "rows given as an array"),
+                "marginals": (marginals if isinstance(marginals, str) else
+                              tuple(np.asarray(torch.as_tensor(marginals).detach().cpu(),
+                                               dtype=np.float64).ravel().tolist())),
+                "_rounded": rounded}
+
+    (lam, (method, tol, max_iter, step_size), be, (kind, pseudo_t)), every = collective_checks(
+        comm, checks, agreed)
+    any_rounded = any(d["_rounded"] for d in every)
     inv_c_np, c_min, weight_sums, n_forget = _scaled_weights(comm, mask, weights, lam, sdt)
-    # A pseudo tensor of the wrong shape on one rank must raise on every rank.
-    kind, pseudo_t = collective_checks(comm, lambda: pb.pseudo_log(
-        pseudo, int(np.count_nonzero(mask)), k, generator, sdt))
-    pb.check_marginals_arg(marginals, n, k)
     inv_c = torch.from_numpy(inv_c_np).to(dev)
     mask_dev = torch.from_numpy(mask).to(dev)
-    be = get_backend(backend, torch.empty((1, k), dtype=sdt, device=dev), shape=(n, k))
     fill = pseudo_t.to(dev) if kind == "vector" else None
     # Every rank takes the same branch: decided from global counts only.
     final_rows = (n_forget == 0 or kind in ("vector", "given")) and k > 1
@@ -300,12 +323,11 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     t4 = time.perf_counter()
     alpha = torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev)
     colsum_q = torch.zeros(k, dtype=torch.float64, device=dev)
-    rounded = in_dtype in (torch.float16, torch.bfloat16) and not solve_only
     for s, e, buf in bar(store.update_chunks(lambda s, e: not solve_only), "materialize"):
         be.materialize(buf, inv_c[s:e], alpha, buf)
-        if rounded:
+        if any_rounded:  # every rank adds its rows of Q, rounded or not, to the one residual
             colsum_q += buf.sum(0, dtype=torch.float64)
-    if rounded:
+    if any_rounded:
         info.output_residual = float((comm.sum(colsum_q) - m).abs().sum()) / n
         info.message = (info.message + "; " if info.message else "") + (
             f"Q rounded to {in_dtype} has residual {info.output_residual:.3g} "

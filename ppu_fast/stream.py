@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
 import sys
 import time
 import warnings
@@ -56,7 +57,7 @@ def parse_bytes(text: Union[str, int], name: str = "memory_budget") -> int:
         num, unit = s[:i], s[i:].lower()
         try:
             value = int(float(num) * units[unit])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, OverflowError):
             raise ValueError(f"{name}: cannot read {text!r} as a size; expected bytes or e.g. "
                              f"'1GiB', '512MiB', '2GB'") from None
     if value <= 0:
@@ -262,13 +263,29 @@ def chunk_rows_for(k: int, in_itemsize: int, buf_itemsize: int, budget: int,
     return max(1, budget // per_row)
 
 
+def load_npy(path: PathLike, name: str) -> np.ndarray:
+    """The whole array of a ``.npy`` file (no pickled objects), with errors that name the
+    argument ``name``: a missing file, a file that is not a ``.npy`` (an ``.npz``, a ``.pt``,
+    other bytes) or a truncated / unreadable one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: no such file '{path}'")
+    with open(path, "rb") as f:
+        magic = f.read(len(npformat.MAGIC_PREFIX))
+    if magic != npformat.MAGIC_PREFIX:
+        raise ValueError(f"{name}: '{path}' is not a .npy file (no .npy header); expected an "
+                         f"array saved with numpy.save")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{name}: '{path}' cannot be read as a .npy array ({exc})") from None
+
+
 def _forget_arg(forget, n: int):
     """A forget argument of refine_file: a path to a bool .npy, or what ``refine`` takes."""
     if isinstance(forget, (str, os.PathLike)):
         path = Path(forget)
-        if not path.is_file():
-            raise FileNotFoundError(f"forget: no such file '{path}'")
-        arr = np.load(path, allow_pickle=False)
+        arr = load_npy(path, "forget")
         if arr.dtype != np.bool_:
             raise TypeError(f"forget: '{path}' holds {arr.dtype}; expected a bool mask (N,) "
                             f"(pass integer row indices as an array, not a file)")
@@ -317,17 +334,19 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         :class:`RefineInfo` (``info.timings`` per phase; ``info.seconds`` the whole call).
     """
     t0 = time.perf_counter()
-    unknown = sorted(set(options) - set(REFINE_OPTIONS))
-    if unknown:
-        raise TypeError(f"refine_file: unexpected keyword argument {unknown[0]!r}; expected "
-                        f"refine_file's own or refine's options {list(REFINE_OPTIONS)} (Q goes to "
-                        f"out_path and the info is always returned)")
     comm = Comm(process_group)
-    dev = check_device(device)
     name = "logits" if logits else "probs"
     out_path = Path(out_path)
 
     def open_input():
+        # Every check of this rank's arguments, in one collective (collective_checks).
+        unknown = sorted(set(options) - set(REFINE_OPTIONS))
+        if unknown:
+            raise TypeError(f"refine_file: unexpected keyword argument {unknown[0]!r}; expected "
+                            f"refine_file's own or refine's options {list(REFINE_OPTIONS)} (Q "
+                            f"goes to out_path and the info is always returned)")
+        dev = check_device(device)
+        budget = parse_bytes(memory_budget)
         src = NpyFile(probs_path, "probs_path")
         n_file, k = src.shape
         r0, r1 = (0, n_file) if rows is None else _check_rows(rows, n_file)
@@ -343,12 +362,23 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
             raise ValueError(f"out_path: '{out_path}' must end in .npy")
         if not out_path.parent.is_dir():
             raise FileNotFoundError(f"out_path: no such directory '{out_path.parent}'")
+        if out_path.is_dir():
+            raise ValueError(f"out_path: '{out_path}' is a directory; expected a .npy file path")
         if chunk_rows is not None and (pb.as_int(chunk_rows, "chunk_rows") < 1):
             raise ValueError(f"chunk_rows: expected an integer >= 1, got {chunk_rows!r}")
-        return src, r0, r1, mask, c
+        return src, r0, r1, mask, c, dev, budget
 
-    src, r0, r1, mask, c = collective_checks(comm, open_input)
-    budget = parse_bytes(memory_budget)
+    def outputs(result) -> dict:
+        # Gathered to find ranks of one machine writing one file (the last rename would win).
+        return {"_out": (socket.gethostname(), os.path.realpath(out_path))}
+
+    (src, r0, r1, mask, c, dev, budget), every = collective_checks(comm, open_input, outputs)
+    outs = [d["_out"] for d in every]
+    for r, o in enumerate(outs):
+        if o in outs[:r]:
+            raise ValueError(f"out_path: ranks {outs.index(o)} and {r} both write '{o[1]}' on "
+                             f"{o[0]}; expected a different out_path on each rank (each writes "
+                             f"its own rows of Q)")
     k = src.shape[1]
     in_dt = _torch_dtype(src.dtype)
     sdt = pb.solver_dtype(in_dt)

@@ -97,6 +97,44 @@ def main(scenario: str, outdir: str) -> None:
         m2 = np.zeros(len(p), dtype=bool)
         m2[2100:2300] = True
         run("onerank", [0, 700, 2000, len(p)], m=m2, marginals="original")
+    elif scenario == "disagree":
+        # Options that differ between the ranks, and an argument bad on one rank only: each call
+        # must raise on both ranks (a hang or a mismatched collective fails the test).
+        s, e = (0, 1234) if rank == 0 else (1234, len(p))
+        x, m = p[s:e], mask[s:e]
+        pick = (lambda a, b: a if rank == 0 else b)
+        for tag, kw in (("lam", dict(lam=pick(1.0, 0.5))),
+                        ("method", dict(method=pick("newton", "sinkhorn"))),
+                        ("tol", dict(tol=pick(1e-6, 1e-9))),
+                        ("max_iter", dict(max_iter=pick(None, 1))),
+                        ("marginals", dict(marginals=pick("retain", "original"))),
+                        ("pseudo", dict(pseudo=pick("uniform", "prior"))),
+                        ("weights", dict(weights=pick(None, np.ones(e - s)))),
+                        ("bad_method", dict(method=pick("newton", "bogus")))):
+            res[f"{tag}_error"] = _error(lambda: ppu_fast.refine(x, m, process_group=group, **kw))
+        res["solve_error"] = _error(lambda: ppu_fast.solve(
+            np.log(x), np.ones(e - s), pick(p.sum(0), p.sum(0) * 0.5 + len(p) / 16),
+            process_group=group))
+        # float16 on one rank, float64 on the other: one problem, then the caller's own
+        # collective still pairs with its partner.
+        q, info = ppu_fast.refine(pick(x, x.astype(np.float16)), m, process_group=group,
+                                  return_info=True)
+        res["mixed_alpha"], res["mixed_q"] = info.alpha.numpy(), np.asarray(q, dtype=np.float64)
+        res["mixed_residual"] = np.array(info.output_residual)
+        t = torch.full((3,), 1000.0 * (rank + 1), dtype=torch.float64)
+        dist.all_reduce(t, group=group)
+        res["after"] = t.numpy()
+        path = Path(outdir) / "p.npy"
+        if rank == 0:
+            np.save(path, p)
+        dist.barrier()
+        res["budget_error"] = _error(lambda: ppu_fast.refine_file(
+            path, m, Path(outdir) / f"q{rank}.npy", rows=(s, e), process_group=group,
+            memory_budget=pick("1GiB", "abc")))
+        res["same_out_error"] = _error(lambda: ppu_fast.refine_file(
+            path, m, Path(outdir) / "q.npy", rows=(s, e), process_group=group))
+        res["leftovers"] = np.array(sorted(f.name for f in Path(outdir).iterdir()
+                                           if f.name.startswith(".q") or f.name == "q.npy"))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     np.savez(Path(outdir) / f"rank{rank}.npz", **res)

@@ -182,9 +182,95 @@ def test_parse_bytes():
     assert parse_bytes("1GiB") == 1 << 30 and parse_bytes("512MiB") == 1 << 29
     assert parse_bytes("2GB") == 2 * 10 ** 9 and parse_bytes(4096) == 4096
     assert parse_bytes("1.5K") == 1536
-    for bad in ("0", "-3MiB", "GiB", "3 parsecs"):
+    for bad in ("0", "-3MiB", "GiB", "3 parsecs", "1e400", "1e309B", "inf", "nan"):
         with pytest.raises(ValueError, match="memory_budget"):
             parse_bytes(bad)
+
+
+def _unreadable_npys(d: Path) -> dict:
+    """Files a user might pass where a .npy is expected, none of them a readable .npy."""
+    d.mkdir(exist_ok=True)
+    files = {"garbage": d / "garbage.npy", "npz": d / "m.npz", "pt": d / "m.pt",
+             "object": d / "obj.npy", "truncated": d / "tr.npy"}
+    files["garbage"].write_bytes(b"not an array at all" * 8)
+    np.savez(files["npz"], m=np.zeros(10, dtype=bool))
+    torch.save(torch.zeros(10, dtype=torch.bool), files["pt"])
+    np.save(files["object"], np.array([True, None] * 5, dtype=object), allow_pickle=True)
+    np.save(files["truncated"], np.zeros(10, dtype=bool))
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:-3])
+    return files
+
+
+def test_streaming_forget_file_errors_name_forget(tmp_path):
+    """A forget path that is no readable bool .npy (other bytes, an .npz, a .pt, object dtype,
+    truncated) is refused naming forget and the file (numpy's own messages named neither, and an
+    .npz failed with an AttributeError); nothing is written."""
+    np.save(tmp_path / "p.npy", _probs(10, 3, np.float32, seed=1))
+    for kind, path in _unreadable_npys(tmp_path / "bad").items():
+        with pytest.raises(ValueError, match=r"^forget: '.*" + path.name) as exc:
+            refine_file(tmp_path / "p.npy", path, tmp_path / "q.npy")
+        assert "expected" in str(exc.value) or "cannot be read" in str(exc.value), kind
+        assert sorted(f.name for f in tmp_path.iterdir()) == ["bad", "p.npy"]
+
+
+def test_streaming_out_path_is_a_directory(tmp_path):
+    """out_path naming a directory is refused up front (it ran the whole refine, then failed
+    renaming onto it)."""
+    np.save(tmp_path / "p.npy", _probs(10, 3, np.float32, seed=1))
+    (tmp_path / "q.npy").mkdir()
+    with pytest.raises(ValueError, match="out_path: .* is a directory"):
+        refine_file(tmp_path / "p.npy", np.zeros(10, dtype=bool), tmp_path / "q.npy")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["p.npy", "q.npy"]
+
+
+def test_cli_refine_unreadable_inputs_exit_2(tmp_path, capsys):
+    """Unreadable --probs / --forget / --weights files exit 2 naming the flag (numpy's and
+    torch's own errors named neither; a corrupt .pt exited 1 with a traceback); --out naming a
+    directory exits 2; a streamed refine that fails leaves none of --out's folders it made."""
+    from ppu_fast.cli import main
+    n, k = 10, 3
+    np.save(tmp_path / "p.npy", _probs(n, k, np.float32, seed=1))
+    np.save(tmp_path / "f.npy", np.arange(n) < 2)
+    bad = _unreadable_npys(tmp_path / "bad")
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02 not a pickle")
+    ok = {"--probs": str(tmp_path / "p.npy"), "--forget": str(tmp_path / "f.npy")}
+    cases = [("--probs", bad["garbage"]), ("--probs", bad["truncated"]),
+             ("--forget", bad["garbage"]), ("--forget", bad["object"]),
+             ("--forget", tmp_path / "garbage.pt"), ("--weights", bad["object"])]
+    for stream in ([], ["--chunk-rows", "4"]):
+        for flag, path in cases:
+            if stream and flag == "--probs":
+                continue  # the streamed reader's own errors (test_streaming_errors_name_file_...)
+            args = {**ok, flag: str(path)}
+            argv = ["refine", "--out", str(tmp_path / "q.npy"), *stream]
+            for f, v in args.items():
+                argv += [f, v]
+            assert main(argv) == 2, (flag, path, stream)
+            err = capsys.readouterr().err
+            assert f"error: {flag}: '{path}'" in err, err
+    (tmp_path / "outdir.npy").mkdir()
+    assert main(["refine", "--probs", ok["--probs"], "--forget", ok["--forget"],
+                 "--out", str(tmp_path / "outdir.npy")]) == 2
+    assert "--out: " in capsys.readouterr().err
+    deep = tmp_path / "a" / "b" / "c" / "q.npy"
+    assert main(["refine", "--probs", ok["--probs"], "--forget", ok["--forget"], "--lam", "-1",
+                 "--out", str(deep), "--chunk-rows", "4"]) == 2
+    assert not (tmp_path / "a").exists()
+
+
+def test_python_m_ppu_fast_runs_the_cli(tmp_path, capsys):
+    """`python -m ppu_fast refine ...` is the ppu-fast command (argparse read --forget as a prefix
+    of the demo's --forget-class and failed)."""
+    from ppu_fast.__main__ import main
+    n, k = 40, 3
+    p = _probs(n, k, np.float32, seed=3)
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "f.npy", np.arange(n) < 4)
+    assert main(["refine", "--probs", str(tmp_path / "p.npy"), "--forget",
+                 str(tmp_path / "f.npy"), "--out", str(tmp_path / "q.npy")]) == 0
+    _q_close(np.load(tmp_path / "q.npy"), refine(p, np.arange(n) < 4))
+    with pytest.raises(SystemExit):
+        main(["--forget", "3"])  # the demo's own flags are not abbreviated
 
 
 def test_cli_refine_streams(tmp_path, capsys):
@@ -324,6 +410,44 @@ def test_distributed_three_ranks_edge_shards(tmp_path, problem):
     for r in range(3):
         assert float(np.abs(res[r]["onerank_alpha"] - i1.alpha.numpy()).max()) <= 1e-9
         _q_close(res[r]["onerank_q"], q1[splits[r]:splits[r + 1]])
+
+
+def test_distributed_ranks_must_agree(tmp_path, problem):
+    """Options that differ between the ranks raise on every rank, naming the option and each
+    rank's value (they silently mixed two problems, or hung / aborted Gloo in a mismatched
+    collective); an argument bad on one rank raises on both; float16 and float64 ranks solve one
+    problem and leave the caller's next collective intact; two ranks writing one out_path are
+    refused."""
+    p, mask = problem
+    res = _run_ranks(tmp_path, "disagree", 2)
+    for r in range(2):
+        for tag in ("lam", "method", "tol", "max_iter", "marginals", "pseudo", "weights"):
+            msg = str(res[r][f"{tag}_error"])
+            assert msg.startswith(f"{tag}: the ranks disagree (rank 0: "), (tag, msg)
+            assert "expected the same value on every rank" in msg
+        assert "0.5" in str(res[r]["lam_error"]) and "'sinkhorn'" in str(res[r]["method_error"])
+        msg = str(res[r]["bad_method_error"])
+        assert "method: unknown 'bogus'" in msg and "[on rank 1]" in msg, msg
+        assert str(res[r]["solve_error"]).startswith("marginals: the ranks disagree")
+        msg = str(res[r]["budget_error"])
+        assert "memory_budget: cannot read 'abc'" in msg and "[on rank 1]" in msg, msg
+        msg = str(res[r]["same_out_error"])
+        assert msg.startswith("out_path: ranks 0 and 1 both write"), msg
+        assert list(res[r]["leftovers"]) == []
+        np.testing.assert_array_equal(res[r]["after"], [3000.0] * 3)
+    np.testing.assert_array_equal(res[0]["mixed_alpha"], res[1]["mixed_alpha"])
+    x = np.concatenate([p[:1234], p[1234:].astype(np.float16).astype(np.float64)])
+    q0, i0 = refine(x, mask, return_info=True)
+    # The float16 rank evaluates in float32: alpha as far from the float64 solve as float32
+    # evaluation allows at tol 1e-6, Q within float16 rounding.
+    assert float(np.abs(res[0]["mixed_alpha"] - i0.alpha.numpy()).max()) <= 1e-4
+    q_all = np.concatenate([res[0]["mixed_q"], res[1]["mixed_q"]])
+    assert float(np.abs(q_all - q0).max()) <= 1e-3
+    assert float(res[0]["mixed_residual"]) == float(res[1]["mixed_residual"])
+    # output_residual is that of the whole Q the ranks hold (q0's column sums are the target
+    # within the float64 solve's tol)
+    resid = float(np.abs(q_all.sum(0) - q0.sum(0)).sum()) / len(p)
+    assert abs(float(res[0]["mixed_residual"]) - resid) <= 1e-5
 
 
 def test_process_group_documented():
