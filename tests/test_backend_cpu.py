@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -426,6 +427,33 @@ def test_prepare_logs_tiny_and_zero_probabilities(isa: str, k: int) -> None:
     assert torch.isneginf(out[:, 2]).all()
     finite = torch.isfinite(want)
     torch.testing.assert_close(out.double()[finite], want[finite], rtol=1e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [3, 300])
+def test_prepare_log_within_ulps_of_float64(isa: str, k: int) -> None:
+    """log P^ of probabilities spread over every float32 binade (subnormals, values next to 1)
+    within 1.5 float32 ulps of the float64 log, on rows whose float32 sum is exactly 1 (so that
+    only the log is measured): the table log of the AVX-512 kernels and the polynomial one of the
+    others, in the lane (k = 3) and row (k = 300) paths."""
+    rng = np.random.default_rng(5)
+    n = 20000
+    a = rng.integers(1, 0x3E800000, size=n, dtype=np.uint32).view(np.float32)  # (0, 0.25)
+    a[:2000] = np.nextafter(np.float32(0.25), np.float32(0)) - np.arange(2000, dtype=np.float32) * np.float32(2 ** -26)
+    b = (np.float32(0.25) - a).astype(np.float32)
+    rest = np.zeros(k - 2, dtype=np.float32)
+    rest[-1] = 0.75
+    x = np.concatenate([a[:, None], b[:, None], np.broadcast_to(rest, (n, len(rest)))], 1)
+    keep = (x.astype(np.float32).sum(1, dtype=np.float32) == np.float32(1.0)) & \
+        (x.astype(np.float64).sum(1) == 1.0)
+    x = torch.from_numpy(np.ascontiguousarray(x[keep]))
+    assert len(x) > 1000
+    out = torch.empty_like(x)
+    assert CpuBackend(isa=isa).prepare(x, "probs", None, None, out).error is None
+    want = np.log(x[:, 0].double().numpy())
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    err = np.abs(out[:, 0].double().numpy() - want) / ulp
+    assert err.max() <= 1.5, (isa, float(err.max()))
 
 
 # -- float64 buffers: the float64 kernels (csrc/cpu/kernel_f64.h; step and materialize on the
