@@ -329,9 +329,10 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
             colsum_q += buf.sum(0, dtype=torch.float64)
     if any_rounded:
         info.output_residual = float((comm.sum(colsum_q) - m).abs().sum()) / n
+        what = (f"Q rounded to {in_dtype}" if rounded else
+                "Q as the ranks return it (rounded to 16 bits on some)")
         info.message = (info.message + "; " if info.message else "") + (
-            f"Q rounded to {in_dtype} has residual {info.output_residual:.3g} "
-            f"(info.output_residual)")
+            f"{what} has residual {info.output_residual:.3g} (info.output_residual)")
     if c_min != 1.0:
         info.alpha = info.alpha * c_min
         info.dual_value = info.dual_value * c_min

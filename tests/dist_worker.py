@@ -121,6 +121,7 @@ def main(scenario: str, outdir: str) -> None:
                                   return_info=True)
         res["mixed_alpha"], res["mixed_q"] = info.alpha.numpy(), np.asarray(q, dtype=np.float64)
         res["mixed_residual"] = np.array(info.output_residual)
+        res["mixed_message"] = np.array(info.message)
         t = torch.full((3,), 1000.0 * (rank + 1), dtype=torch.float64)
         dist.all_reduce(t, group=group)
         res["after"] = t.numpy()

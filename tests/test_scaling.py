@@ -444,6 +444,8 @@ def test_distributed_ranks_must_agree(tmp_path, problem):
     q_all = np.concatenate([res[0]["mixed_q"], res[1]["mixed_q"]])
     assert float(np.abs(q_all - q0).max()) <= 1e-3
     assert float(res[0]["mixed_residual"]) == float(res[1]["mixed_residual"])
+    assert "rounded to 16 bits on some" in str(res[0]["mixed_message"])
+    assert "Q rounded to torch.float16" in str(res[1]["mixed_message"])
     # output_residual is that of the whole Q the ranks hold (q0's column sums are the target
     # within the float64 solve's tol)
     resid = float(np.abs(q_all.sum(0) - q0.sum(0)).sum()) / len(p)
