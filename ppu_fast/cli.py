@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,12 +39,22 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+SEED_MAX = 2 ** 32 - 1  # what torch.manual_seed and numpy's generators accept
+
+
 def _seed_list(text: str) -> list[int]:
     seeds = _int_list(text)
-    if any(v < 0 for v in seeds) or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers (each seed is "
-                                         f"one independent run), got {text!r}")
+    if not seeds or any(not 0 <= v <= SEED_MAX for v in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct integers in [0, 2**32 - 1] (each seed "
+                                         f"is one independent run), got {text!r}")
     return seeds
+
+
+def _seed(text: str) -> int:
+    v = _nonneg_int(text)
+    if v > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}")
+    return v
 
 
 def _int_at_least(low: int, what: str):
@@ -63,6 +74,28 @@ _nonneg_int = _int_at_least(0, "a non-negative integer")
 _positive_int = _int_at_least(1, "a positive integer")
 
 
+def _float_in(low: float, high: float, what: str, low_open: bool = False):
+    """An argparse type: a finite float in [low, high] ((low, high] with ``low_open``)."""
+    def parse(text: str) -> float:
+        v = _finite_float(text)
+        if v < low or v > high or (low_open and v == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
+
+
+_positive_float = _float_in(0.0, float("inf"), "a positive number", low_open=True)
+# PPU's retain weight, as refine accepts it (problem.check_lam).
+_lam = _float_in(1e-30, 1e30, "a number in [1e-30, 1e30]")
+
+
+def _lam_list(text: str) -> list[float]:
+    values = _float_list(text)
+    for v in values:
+        _lam(repr(v))
+    return values
+
+
 def _finite_float(text: str) -> float:
     import math
     try:
@@ -76,9 +109,27 @@ def _finite_float(text: str) -> float:
 
 def _check_out_folder(out: str) -> None:
     # Before any training: a results folder that cannot be written should not cost a run first.
+    if not str(out).strip():
+        raise ValueError("--out: empty; expected a folder (created if missing)")
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise ValueError(f"--out: '{p}' is a file; expected a folder (created if missing)")
+    # Tried for real (permissions, read-only and special file systems), then undone: a refused
+    # command leaves no folder behind.
+    missing = [d for d in [p, *p.parents] if not d.exists()]
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out: cannot write a folder at '{p}' ({exc.strerror or exc}); "
+                         f"expected a writable folder (created if missing)") from None
+    finally:
+        for d in missing:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def _check_run_device(device: str) -> None:
@@ -125,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "Finetune, PPU; prints the table and a verdict, writes "
                                     "results.json/.md/.png")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    d.add_argument("--seed", type=_nonneg_int, default=0)
+    d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--no-cache", action="store_true", help="retrain even if a cached model exists")
     _progress_flags(d)
 
@@ -156,20 +207,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=_positive_int, default=None, help="batch size of original and retrain")
     r.add_argument("--unlearn-epochs", type=_positive_int, default=None,
                    help="PPU fine-tuning epochs (default 10)")
-    r.add_argument("--unlearn-lr", type=_finite_float, default=None, help="PPU fine-tuning lr (default 0.01)")
-    r.add_argument("--lam", type=_finite_float, default=None, help="PPU (privacy) retain weight (default 1)")
-    r.add_argument("--lam-sweep", type=_float_list, default=None, metavar="L1,L2,...",
+    r.add_argument("--unlearn-lr", type=_positive_float, default=None, help="PPU fine-tuning lr (default 0.01)")
+    r.add_argument("--lam", type=_lam, default=None, help="PPU (privacy) retain weight (default 1)")
+    r.add_argument("--lam-sweep", type=_lam_list, default=None, metavar="L1,L2,...",
                    help="the paper's Table 5: run PPU (privacy) once per λ, e.g. 0.1,0.5,1,2,5,10, on the "
                         "same original model, beside Original and Retrain (replaces --methods and --lam)")
     r.add_argument("--pseudo", default=None, choices=("uniform", "random", "prior"))
     r.add_argument("--marginals", default=None, choices=("retain", "original"))
     r.add_argument("--select", default=None, choices=("last", "val"), help="PPU (privacy) epoch choice")
-    r.add_argument("--retain-per-epoch", type=int, default=None)
+    r.add_argument("--retain-per-epoch", type=_positive_int, default=None)
     r.add_argument("--ppu-schedule", default=None, choices=("fast", "paper"),
                    help="PPU's fine-tuning schedule (default fast: early stop at the settled 'val' rule, "
                         "and in bias mode a quarter of the retain rows per epoch; paper: every row, "
                         "every epoch, as the paper runs it); also the +ppu methods' PPU step")
-    r.add_argument("--retain-fraction", type=_finite_float, default=None,
+    r.add_argument("--retain-fraction", type=_float_in(0.0, 1.0, "a share in (0, 1]", low_open=True),
+                   default=None,
                    help="share of the retain rows each PPU epoch visits, in (0, 1] (default: the schedule's)")
     r.add_argument("--trainable", default=None, choices=("all", "last-block", "head"),
                    help="which layers PPU fine-tunes (default all)")
@@ -235,6 +287,12 @@ def _finish(result: dict, out: str, started: float, tables: bool = False, story:
     chance, n = attack_size(result["per_seed"])
     verdict = judge(methods, chance=chance, n=n)
     config = {**result["config"], "wall_seconds": round(time.perf_counter() - started, 2)}
+    if not tables:
+        # The demo writes no tables: a former run's in the same folder would pass for this one's.
+        from .tables import TABLE_FILES
+
+        for name in TABLE_FILES.values():
+            (Path(out) / name).unlink(missing_ok=True)
     paths = write_results(out, config, methods, per_seed=result["per_seed"], history=result["history"],
                           verdict=verdict, story=story, histories=result.get("histories"))
     print()
@@ -316,6 +374,13 @@ def _run(args: argparse.Namespace) -> int:
         args.methods = ["original", "retrain", *variants]
     else:
         args.methods = expand_methods(args.methods or list(DEMO_METHODS[:5]), args.dataset)
+    composites = [m for m in args.methods if "+ppu" in m]
+    if common and variants is None and not composites and \
+            not any(m in PPU_METHODS for m in args.methods):
+        flags = {"epochs": "--unlearn-epochs", "lr": "--unlearn-lr", "schedule": "--ppu-schedule"}
+        raise ValueError(f"{', '.join(flags.get(k, '--' + k.replace('_', '-')) for k in common)}: "
+                         f"only the PPU methods ({', '.join(PPU_METHODS)}) and the +ppu methods "
+                         f"use them, and --methods has none")
     if privacy and variants is None and "ppu" not in args.methods:
         raise ValueError(f"{', '.join('--' + k for k in privacy)}: only PPU's privacy mode (the method "
                          f"'ppu') uses them, and --methods has no 'ppu'")

@@ -245,11 +245,16 @@ def _image_folder(root: Path, image_size: int | None, progress: bool) -> tuple[_
             out = []
             for i in tqdm(idx.tolist(), desc=f"decode {sub}", disable=not progress or len(idx) < 2000,
                           leave=False):
-                with Image.open(paths[i]) as im:
-                    im = im.convert("RGB")
-                    if image_size is not None and im.size != (image_size, image_size):
-                        im = im.resize((image_size, image_size), Image.BILINEAR)
-                    out.append(np.asarray(im, dtype=np.uint8))
+                try:
+                    with Image.open(paths[i]) as im:
+                        im = im.convert("RGB")
+                        if image_size is not None and im.size != (image_size, image_size):
+                            im = im.resize((image_size, image_size), Image.BILINEAR)
+                        out.append(np.asarray(im, dtype=np.uint8))
+                except OSError as exc:  # PIL.UnidentifiedImageError and truncated files included
+                    raise ValueError(f"data_root: '{paths[i]}' is not a readable image "
+                                     f"({type(exc).__name__}: {exc}); expected an image file in "
+                                     f"every class folder") from None
             return np.stack(out)
 
         return _Pool(np.asarray(ys, dtype=np.int64), load, classes)
@@ -356,7 +361,7 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
 
     Small scale (``digits5``, ``cifar5``): classes 0-4; 125 training images per class, split 100 train /
     25 val; 100 test images per class (digits5: the ~55 per class that scikit-learn's digits has left);
-    the forget set is 25 training samples of class 0 (``scenario`` is ignored).
+    the forget set is 25 training samples of class 0 (``scenario`` must be "selective").
 
     Large scale (``digits``, ``cifar10``, ``cifar100``, ``imagefolder``): all classes and all training
     images except ``val_fraction`` of each class, held out as the validation set. ``scenario="class"``
@@ -379,6 +384,10 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
         raise ValueError(f"unknown scenario '{scenario}'; expected one of {', '.join(SCENARIOS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if name in SMALL_SCALE and scenario != "selective":
+        raise ValueError(f"scenario={scenario!r}: '{name}' has the paper's fixed small-scale split "
+                         f"(25 training samples of forget_class forgotten, the class kept); for class "
+                         f"unlearning use a large-scale dataset, e.g. 'digits' or 'cifar10'")
     if name in SMALL_SCALE and val_fraction != 0.05:
         raise ValueError(f"val_fraction={val_fraction!r}: '{name}' has the paper's fixed small-scale split "
                          f"(25 validation images per class); val_fraction applies to the large-scale datasets")

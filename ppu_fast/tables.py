@@ -506,6 +506,12 @@ def plot_mia(methods: Mapping[str, Mapping[str, Any]], path: str | Path, title: 
     return save_figure(fig, path)
 
 
+# What write_tables writes, by key (a folder's results.json is another run's once these are stale).
+TABLE_FILES = {"tables": "tables.md", "figure2": "figure2_forget_per_epoch.png",
+               "figure3": "figure3_time.png", "figure4": "figure4_mia.png",
+               "trajectory": "forget_vs_seconds.png"}
+
+
 def write_tables(out_dir: str | Path, config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]],
                  *, seeds: int = 1,
                  history: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
@@ -515,9 +521,7 @@ def write_tables(out_dir: str | Path, config: Mapping[str, Any], methods: Mappin
     and ``forget_vs_seconds.png`` into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"tables": out / "tables.md", "figure2": out / "figure2_forget_per_epoch.png",
-             "figure3": out / "figure3_time.png", "figure4": out / "figure4_mia.png",
-             "trajectory": out / "forget_vs_seconds.png"}
+    paths = {key: out / name for key, name in TABLE_FILES.items()}
     paths["tables"].write_text(render(config, methods, seeds=seeds), encoding="utf-8")
     ctx = context(config)
     where = f"{ctx['dataset']} / {ctx['model']}{' / ' + ctx['scenario'] if ctx['scenario'] else ''}"
@@ -538,7 +542,24 @@ def load_results(folder: str | Path) -> dict:
     path = Path(folder) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results.json in '{folder}' (run `ppu-fast run ... --out {folder}` first)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"'{path}' is not valid JSON ({exc}); expected the results.json of a "
+                         f"ppu-fast run") from None
+    what = None
+    if not isinstance(res, dict):
+        what = f"a JSON {type(res).__name__}"
+    elif not isinstance(res.get("config"), dict):
+        what = "no 'config' object"
+    elif not isinstance(res.get("methods"), dict) and not isinstance(res.get("per_seed"), list):
+        what = "neither a 'methods' object nor a 'per_seed' list"
+    elif not isinstance(res.get("per_seed", []), list):
+        what = "a 'per_seed' that is not a list"
+    if what:
+        raise ValueError(f"'{path}' holds {what}; expected the results.json of a ppu-fast run "
+                         f"(an object with 'config', 'methods' and 'per_seed')")
+    return res
 
 
 def _nan(obj: Any) -> Any:
@@ -552,7 +573,7 @@ def _nan(obj: Any) -> Any:
 
 # What two runs of one experiment must agree on, beyond ``MERGE_KEY``: each entry is compared when both
 # runs record it (files written before a key existed are not refused for lacking it).
-MERGE_KEY = ("dataset", "model", "width", "scenario", "init")
+MERGE_KEY = ("dataset", "model", "width", "scenario", "init", "device type")
 # The split's sizes, forget classes and reduction, less where the images were read from (one dataset
 # may sit at different paths on different machines).
 _SAME_SPLIT_EXCEPT = ("data_root",)
@@ -562,7 +583,10 @@ _SAME_PRETRAIN_EXCEPT = ("train_seconds",)
 
 def _experiment_differences(cfg: Mapping[str, Any], first: Mapping[str, Any]) -> list[str]:
     """The settings in which run config ``cfg`` differs from ``first`` (empty: the same experiment)."""
-    get = lambda c, k: c.get(k, "scratch" if k == "init" else None)  # noqa: E731  (runs before "init": scratch)
+    def get(c: Mapping[str, Any], k: str) -> Any:
+        if k == "device type":  # seconds on a CPU and on a GPU do not average (cuda:0 = cuda:1)
+            return str(c.get("device") or "cpu").split(":")[0]
+        return c.get(k, "scratch" if k == "init" else None)  # runs before "init": scratch
     diffs = [f"{k}: {get(cfg, k)!r} vs {get(first, k)!r}" for k in MERGE_KEY if get(cfg, k) != get(first, k)]
     for k, skip in (("split", _SAME_SPLIT_EXCEPT), ("train", ()), ("pretrain", _SAME_PRETRAIN_EXCEPT)):
         a, b = cfg.get(k), first.get(k)
@@ -673,9 +697,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: the single input folder)")
     args = p.parse_args(argv)
     try:
+        if args.out is not None:
+            out = Path(args.out)
+            if not str(args.out).strip() or (out.exists() and not out.is_dir()):
+                raise ValueError(f"--out: {args.out!r} is {'empty' if not str(args.out).strip() else 'a file'}; "
+                                 f"expected a folder (created if missing)")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"--out: cannot create a folder at '{out}' ({exc.strerror or exc})") from None
         if len(args.folders) == 1 and args.out is None:
             res = load_results(args.folders[0])
-            methods = {k: _nan(v) for k, v in res["methods"].items()}
+            methods = ({k: _nan(v) for k, v in res["methods"].items()} if "methods" in res
+                       else summarize(res["per_seed"]))
             histories = res.get("histories") or histories_from(
                 res.get("history"), res.get("per_seed", []), res["config"].get("seeds") or [])
             paths = write_tables(args.folders[0], res["config"], methods,

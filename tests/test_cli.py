@@ -144,10 +144,13 @@ def test_run_passes_the_ppu_schedule_to_ppu_and_the_ppu_steps(tmp_path, capsys):
                                 "trainable": "head"}
     assert "'schedule': 'paper'" in opts["finetune+ppu"]["ppu_options"]
     assert (out / "forget_vs_seconds.png").is_file() and (out / "figure3_time.png").is_file()
-    assert main(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.5", "--methods",
-                 "ppu-bias", "--epochs", "1", "--retain-fraction", "1.5", "--threads", "1",
-                 "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
-    assert "retain_fraction must be a number in (0, 1]" in capsys.readouterr().err
+    # Refused as the command line is parsed, before any training (it was found after Original's).
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.5", "--methods",
+              "ppu-bias", "--epochs", "1", "--retain-fraction", "1.5", "--threads", "1",
+              "--out", str(tmp_path / "bad"), "--no-progress"])
+    assert exc.value.code == 2
+    assert "argument --retain-fraction: expected a share in (0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ext", [".npy", ".pt"])

@@ -140,11 +140,12 @@ def test_merge_refuses_runs_of_another_experiment(tmp_path, over, what):
 
 
 def test_merge_accepts_what_does_not_change_the_experiment(tmp_path):
-    # another data path, another device, a method's options where the other run lacks the method
+    # another data path, another device of the same type (a CPU's and a GPU's seconds do not
+    # merge: test_hostile_runner.py), a method's options where the other run lacks the method
     a = _run(tmp_path / "a", [0], [{"retrain": _row(80.0), "ppu": _row(70.0)}],
-             method_options={"ppu": {"lam": "1"}})
+             device="cuda:0", method_options={"ppu": {"lam": "1"}})
     b = _run(tmp_path / "b", [1], [{"retrain": _row(82.0), "scrub": _row(30.0)}],
-             split={"data_root": "/b"}, device="cuda", method_options={"scrub": {"msteps": "3"}})
+             split={"data_root": "/b"}, device="cuda:1", method_options={"scrub": {"msteps": "3"}})
     res = tables.merge([a, b])
     assert res["config"]["method_options"] == {"ppu": {"lam": "1"}, "scrub": {"msteps": "3"}}
     assert res["config"]["seeds"] == [0, 1]

@@ -309,7 +309,7 @@ def _cli(*args: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("flags,message", [
     (["--seeds", "0,0"], "argument --seeds: expected distinct"),
-    (["--seeds", "-1"], "argument --seeds: expected distinct non-negative"),
+    (["--seeds", "-1"], "argument --seeds: expected distinct integers in [0, 2**32 - 1]"),
     (["--threads", "0"], "argument --threads: expected a positive integer"),
     (["--device", "bogus"], "device: 'bogus' is not a device"),
     (["--unlearn-lr", "inf"], "argument --unlearn-lr: expected a finite number"),

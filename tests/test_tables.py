@@ -3,6 +3,7 @@ seeds, and ``ppu-fast run --methods all`` end to end on a tiny configuration."""
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -493,8 +494,11 @@ def test_lam_sweep_refuses_other_method_choices(capsys):
     assert main(["run", "--dataset", "digits5", "--model", "smallcnn", "--lam-sweep", "1,2", "--methods",
                  "ppu", "--out", "x"]) == 2
     assert "--lam-sweep, --methods: pass one of them" in capsys.readouterr().err
-    assert main(["run", "--dataset", "digits5", "--model", "smallcnn", "--lam-sweep", "1,0", "--out", "x"]) == 2
-    assert "every λ must be a positive number, got 0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # as the command line is parsed
+        main(["run", "--dataset", "digits5", "--model", "smallcnn", "--lam-sweep", "1,0", "--out", "x"])
+    assert exc.value.code == 2
+    assert "argument --lam-sweep: expected a number in [1e-30, 1e30], got '0.0'" in capsys.readouterr().err
+    assert not Path("x").exists()  # --out was checked, and left as it was
 
 
 def test_lam_table_without_paper_numbers_at_large_scale():

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +24,17 @@ from . import methods as registered, method_options, unlearn
 from .ntk import JacobianTooLarge
 
 PPU_METHODS = ("ppu", "ppu-bias", "ppu-random")
+
+
+def warm_up() -> None:
+    """Pay a process's one-time torch costs before anything is timed: the first optimizer a process
+    builds imports ``torch._dynamo`` (0.8-1 s here), which otherwise lands in whichever method
+    builds it first (measured: PPU at 1.0 s instead of 0.1 s when Original and Retrain came from the
+    cache, so its speed-up over Retrain read 1.7x instead of 23x)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.zeros(1)
+    for opt in (torch.optim.SGD([p], lr=0.0, momentum=0.9), torch.optim.Adam([p], lr=0.0)):
+        opt.step()
 
 
 def default_train_config(dataset: str, seed: int) -> TrainConfig:
@@ -125,6 +137,11 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                          f"{', '.join(registered())}")
     if not seeds:
         raise ValueError("seeds must name at least one seed")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, (int, np.integer))
+           or not 0 <= int(s) < 2 ** 32]
+    if bad:
+        raise ValueError(f"seeds: {bad[0]!r} is not a seed; expected integers in [0, 2**32 - 1] "
+                         f"(what torch.manual_seed and numpy accept)")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: {list(seeds)} repeats a seed; expected distinct seeds (each is one "
                          f"independent run: a repeat would count one run twice in the standard error)")
@@ -160,6 +177,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                                   "train_seconds": round(meta["train_seconds"], 2)}}
         say(f"pre-trained on CIFAR-10 classes {classes} ({len(other)} images): "
             f"{'loaded from cache' if meta['cached'] else 'trained'} ({meta['train_seconds']:.1f} s to train)")
+    warm_up()
     per_seed, history = [], {}
     histories: dict[str, list[dict]] = {}
     config: dict[str, Any] = {}
