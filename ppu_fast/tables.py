@@ -597,13 +597,23 @@ def _experiment_differences(cfg: Mapping[str, Any], first: Mapping[str, Any]) ->
                 diffs.append(f"{k}.{sub}: {a.get(sub)!r} vs {b.get(sub)!r}")
     if "init_head" in cfg and "init_head" in first and cfg["init_head"] != first["init_head"]:
         diffs.append(f"init_head: {cfg['init_head']!r} vs {first['init_head']!r}")
-    # A method run in both must have run with the same options (a method absent from one is fine).
-    for k in ("method_options", "variants"):
+    # A method run in both must have run with the same options (a method absent from one is fine):
+    # the options it ran with, defaults included, where both runs record them (a default that
+    # changed between two versions shows there; the options typed do not), else those typed.
+    both = set(cfg.get("methods") or []) & set(first.get("methods") or [])
+    used_a, used_b = cfg.get("method_options_used"), first.get("method_options_used")
+    keys = ("variants",) if used_a is not None and used_b is not None else ("method_options", "variants")
+    for k in keys:
         a, b = cfg.get(k) or {}, first.get(k) or {}
-        both = set(cfg.get("methods") or []) & set(first.get("methods") or [])
         for m in sorted(both):
             if a.get(m, {}) != b.get(m, {}):
                 diffs.append(f"{k}[{m}]: {a.get(m, {})!r} vs {b.get(m, {})!r}")
+    if used_a is not None and used_b is not None:
+        for m in sorted(both & set(used_a) & set(used_b)):
+            ua, ub = used_a[m], used_b[m]
+            for o in sorted(set(ua) | set(ub)):
+                if ua.get(o) != ub.get(o):
+                    diffs.append(f"method_options_used[{m}].{o}: {ua.get(o)!r} vs {ub.get(o)!r}")
     return diffs
 
 
@@ -652,7 +662,7 @@ def merge(folders: Sequence[str | Path]) -> dict:
     methods: list[str] = []
     history: dict = {}
     histories: dict[str, list[dict]] = {}
-    options: dict[str, dict] = {k: {} for k in ("method_options", "variants")}
+    options: dict[str, dict] = {k: {} for k in ("method_options", "variants", "method_options_used")}
     for f, r in zip(folders, runs):
         seeds = r["config"].get("seeds") or []
         rows = r.get("per_seed", [])

@@ -173,3 +173,35 @@ def test_unreadable_image_in_an_image_folder(tmp_path):
         _ = split.train[0]
         for i in range(len(split.train)):
             split.train[i]
+
+
+def _write(folder: Path, result: dict) -> Path:
+    from ppu_fast.report import summarize
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(
+        {"config": result["config"], "per_seed": result["per_seed"],
+         "methods": summarize(result["per_seed"])}, default=str))
+    return folder
+
+
+def test_merge_compares_the_options_methods_ran_with(tmp_path):
+    """Runs record each method's options as it ran them, defaults and presets included: two runs of
+    other seeds merge whether the defaults were typed or not (refused before: the typed flags
+    differed), and a run whose defaults differ (another version) is refused (merged before: both
+    recorded no flags)."""
+    from ppu_fast.tables import merge
+    from ppu_fast.unlearn.experiment import run_experiment
+    kw = dict(dataset="digits5", model="smallcnn", width=0.25, methods=["original", "finetune", "ppu", "eu-k"],
+              train={"epochs": 1}, cache=False, log=None)
+    a = run_experiment(seeds=[0], method_kwargs={"ppu": {"epochs": 1}}, **kw)
+    b = run_experiment(seeds=[1], method_kwargs={"ppu": {"epochs": 1, "schedule": "fast", "lam": 1.0}}, **kw)
+    used = a["config"]["method_options_used"]
+    assert used["ppu"]["schedule"] == "fast" and used["finetune"]["lr"] == "0.01"  # a preset, resolved
+    assert used == b["config"]["method_options_used"]
+    res = merge([_write(tmp_path / "a", a), _write(tmp_path / "b", b)])
+    assert res["config"]["seeds"] == [0, 1]
+    c = json.loads(json.dumps(a, default=str))
+    c["config"]["seeds"] = [2]
+    c["config"]["method_options_used"]["finetune"]["lr"] = "0.05"  # another version's preset
+    with pytest.raises(ValueError, match=r"method_options_used\[finetune\].lr: '0.05' vs '0.01'"):
+        merge([tmp_path / "a", _write(tmp_path / "c", c)])

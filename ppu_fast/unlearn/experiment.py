@@ -180,6 +180,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     warm_up()
     per_seed, history = [], {}
     histories: dict[str, list[dict]] = {}
+    used: dict[str, dict] = {}  # each method's options as it ran them, defaults included
     config: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for seed in seeds:
@@ -216,6 +217,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         for name in methods:
             method = method_of[name]
             kw = {**(variants[name][1] if name in variants else {}), **method_kwargs.get(name, {})}
+            given = dict(kw)
             if method == "retrain":
                 # Same initial weights and recipe as the original: only the data differs.
                 kw = {"config": tcfg, "init": init, "cache": cache, **kw}
@@ -246,6 +248,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                 histories.setdefault(name, []).append(
                     {"seed": seed, "selected_epoch": res.selected_epoch, "history": res.history})
             rows[name] = row
+            used.setdefault(name, options_record(method, given, res.options))
             say(f"[seed {seed}] {name:<10} test {row['test_error']:6.2f}  retain {row['retain_error']:6.2f}  "
                 f"forget {row['forget_error']:6.2f}  MIA {row['mia']:6.2f}  AUC {row['mia_auc']:6.2f}  "
                 f"TPR@1%FPR {row['mia_tpr_at_1fpr']:6.2f}  ({seconds:.1f} s)")
@@ -257,4 +260,29 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         per_seed.append(rows)
     if skipped:
         config["skipped"] = skipped
+    config["method_options_used"] = used
     return {"config": config, "per_seed": per_seed, "history": history, "histories": histories}
+
+
+def options_record(method: str, given: dict, reported: dict | None = None) -> dict:
+    """The options ``method`` ran with, as results.json records them (``method_options_used``):
+    each option of ``method_options(method)`` as given, else its default, and where that is None
+    (resolved at run time, e.g. from SCRUB's presets for the ``setting``) the value the method
+    reports having used (``UnlearnResult.options``, whose other entries are outcomes, such as the
+    epochs PPU ran, and are left out). As short strings (a tensor as its shape). Two runs whose
+    records differ ran different methods under one name, e.g. across a version that changed a
+    default or a preset, even when both were given the same flags."""
+    def short(v):
+        if isinstance(v, torch.Tensor):
+            return f"tensor{tuple(v.shape)}"
+        if isinstance(v, dict):
+            return {k: short(x) for k, x in v.items()}
+        return str(v)
+    reported = reported or {}
+    out = {}
+    for k, default in method_options(method).items():
+        v = given.get(k, default)
+        if v is None and k in reported:
+            v = reported[k]
+        out[k] = short(v)
+    return out
