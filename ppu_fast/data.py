@@ -499,7 +499,10 @@ def _forget_indices(targets: np.ndarray, rng: np.random.Generator, scenario: str
         return np.sort(idx.astype(np.int64))
     c = default_class if forget_class is None else int(forget_class)
     if not 0 <= c < num_classes:
-        raise ValueError(f"forget_class must be in [0, {num_classes}), got {forget_class}")
+        raise ValueError(f"forget_class must be in [0, {num_classes}), got "
+                         + (f"{forget_class}" if forget_class is not None else
+                            f"none, whose default {c} is not a class of this {num_classes}-class "
+                            f"dataset: pass forget_class (--forget-class)"))
     of_class = np.flatnonzero(targets == c)
     if scenario == "class":
         if len(of_class) == 0:
