@@ -116,20 +116,12 @@ def _check_out_folder(out: str) -> None:
         raise ValueError(f"--out: '{p}' is a file; expected a folder (created if missing)")
     # Tried for real (permissions, read-only and special file systems), then undone: a refused
     # command leaves no folder behind.
-    missing = [d for d in [p, *p.parents] if not d.exists()]
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=p):
+        with _made_folders(p, keep=False), tempfile.TemporaryFile(dir=p):
             pass
     except OSError as exc:
         raise ValueError(f"--out: cannot write a folder at '{p}' ({exc.strerror or exc}); "
                          f"expected a writable folder (created if missing)") from None
-    finally:
-        for d in missing:  # deepest first
-            try:
-                d.rmdir()
-            except OSError:
-                break
 
 
 def _check_run_device(device: str) -> None:
@@ -498,20 +490,23 @@ def _streams(args: argparse.Namespace) -> bool:
 
 
 @contextmanager
-def _made_parents(out: Path) -> Iterator[None]:
-    """Create ``out``'s missing parent folders for the block; if it raises, remove the ones it
-    created again (bad input writes nothing, as the exit status 2 promises)."""
-    missing = [d for d in [out.parent, *out.parent.parents] if not d.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
+def _made_folders(folder: Path, keep: bool = True) -> Iterator[None]:
+    """Create ``folder`` and its missing parents for the block, and remove the ones made here
+    again if the block raises (bad input writes nothing, as exit status 2 promises), or in any
+    case with ``keep=False``."""
+    missing = [d for d in [folder, *folder.parents] if not d.exists()]
+    ok = False
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         yield
-    except BaseException:
-        for d in missing:  # deepest first
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        raise
+        ok = keep
+    finally:
+        if not ok:
+            for d in missing:  # deepest first
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
 
 def _refine_streamed(args: argparse.Namespace) -> int:
@@ -523,7 +518,7 @@ def _refine_streamed(args: argparse.Namespace) -> int:
     if out.suffix != ".npy":
         raise ValueError(f"--out: a streamed refine writes .npy; got '{out}'")
     src = args.probs if args.probs is not None else args.logits
-    # A bool mask or integer row indices: N bytes at most, read whole.
+    # A bool mask or integer row indices, read whole (1 byte per row, or 8 per index).
     forget = _load_array(args.forget, "--forget")
     if isinstance(forget, torch.Tensor):
         forget = forget.numpy()
@@ -532,7 +527,7 @@ def _refine_streamed(args: argparse.Namespace) -> int:
         raise ValueError("--weights, --lam: pass one of them")
     if isinstance(weights, torch.Tensor):
         weights = weights.numpy()
-    with _made_parents(out):
+    with _made_folders(out.parent):
         info = refine_file(src, forget, out, logits=args.logits is not None,
                            chunk_rows=args.chunk_rows, memory_budget=args.memory_budget,
                            device=args.device, progress=_show_progress(args),
