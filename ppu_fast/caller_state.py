@@ -3,10 +3,11 @@ beyond the result: the global random streams as they were, the caller's frozen p
 frozen, and never a model of NaN weights handed back as if training had worked."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -26,6 +27,31 @@ def cuda_devices_to_fork(model: nn.Module, device: Any) -> list[int]:
         if d.type == "cuda":
             devs.add(d.index if d.index is not None else torch.cuda.current_device())
     return sorted(devs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then every module back in its own mode: a caller's
+    mix (a training model with frozen BatchNorm, a wrapper built in train mode around an eval-mode
+    model) survives, where ``model.train(was)`` would set every module alike."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that own parameters, none of them trainable. Training loops keep them in eval mode,
+    so a frozen block's BatchNorm statistics stay as they were: "frozen" means bit-identical."""
+    out = []
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            out.append(m)
+    return out
 
 
 def non_finite_weights(model: nn.Module) -> tuple[int, int]:

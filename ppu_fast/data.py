@@ -139,15 +139,30 @@ class Split:
 
 def dataset_targets(data: Dataset | DataLoader) -> torch.Tensor:
     """Labels (N,) of a dataset, a ``Subset`` of one, or a loader's dataset, without loading images
-    when the dataset exposes ``targets``."""
+    when the dataset exposes ``targets`` (through its ``target_transform`` where it has one, as
+    torchvision's datasets label their items)."""
     if isinstance(data, DataLoader):
         data = data.dataset
     if isinstance(data, Subset):
         return dataset_targets(data.dataset)[torch.as_tensor(list(data.indices), dtype=torch.long)]
     targets = getattr(data, "targets", None)
     if targets is not None:
+        # torchvision's datasets return target_transform(targets[i]) as an item's label.
+        transform = getattr(data, "target_transform", None)
+        if transform is not None:
+            targets = [transform(t) for t in targets]
         return torch.as_tensor(np.asarray(targets), dtype=torch.long)
-    return torch.as_tensor([int(data[i][1]) for i in range(len(data))], dtype=torch.long)
+    return torch.as_tensor([_label(data[i][1]) for i in range(len(data))], dtype=torch.long)
+
+
+def _label(y: object) -> int:
+    """An item's label as an int: a one-element label of any shape too (int() refuses a (1,)
+    numpy array under numpy 2)."""
+    if isinstance(y, torch.Tensor):
+        return int(y.reshape(-1)[0]) if y.numel() == 1 else int(y)
+    if isinstance(y, np.ndarray) and y.size == 1:
+        return int(y.reshape(-1)[0])
+    return int(y)
 
 
 def make_loader(data: Dataset | DataLoader, batch_size: int = 256, shuffle: bool = False,

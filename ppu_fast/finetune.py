@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .callable_module import make_callable
-from .caller_state import check_seed, keeps_caller_state
+from .caller_state import check_seed, frozen_modules, keeps_caller_state
 from .training import check_optimizer_options, lone_last_batch, model_device
 
 SELECT_POLICIES = ("last", "val")
@@ -278,6 +278,8 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
     device = torch.device(device) if device is not None else model_device(model)
     work.to(device)
     targets = targets.detach().to(device=device, dtype=torch.float32)
+    # The caller's frozen modules, before this call freezes what `trainable` leaves out.
+    caller_frozen = frozen_modules(work)
     trained = trainable_modules(work, trainable)
     params = _module_params(trained)
     ids = {id(p) for p in params}
@@ -332,10 +334,13 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         return torch.cat([forget_rows] * forget_repeats + [take]).tolist()
 
     def set_train_mode() -> None:
-        # Frozen parts stay in eval mode, so their BatchNorm statistics do not move either.
+        # Frozen parts stay in eval mode, so their BatchNorm statistics do not move either: the
+        # ones `trainable` leaves out and the ones the caller froze (as the baselines' loop does).
         work.train(trainable == "all")
         for m in trained:
             m.train()
+        for m in caller_frozen:
+            m.eval()
 
     started = time.perf_counter()
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .caller_state import eval_mode
 from .data import dataset_targets, make_loader
 from .training import model_device
 
@@ -34,14 +35,12 @@ def check_logits(out: object, n_inputs: int) -> None:
 @torch.no_grad()
 def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
             device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, k) and labels (N,) of ``model`` on ``data`` in eval mode, on CPU. The model's
+    """Logits (N, k) and labels (N,) of ``model`` on ``data`` in eval mode, on CPU. Each module's
     train/eval mode is restored afterwards."""
     _check_model(model)
     device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
     logits, labels = [], []
-    try:
+    with eval_mode(model):
         for batch in make_loader(data, batch_size):
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
                 raise ValueError(f"data: a batch is a {type(batch).__name__}"
@@ -52,8 +51,6 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
             check_logits(out, len(x))
             logits.append(out.float().cpu())
             labels.append(_batch_labels(y, len(x)))
-    finally:
-        model.train(was_training)
     if not logits:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     logits_all, labels_all = torch.cat(logits), torch.cat(labels)

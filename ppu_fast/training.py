@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .caller_state import cuda_devices_to_fork
 from .data import ArrayDataset
@@ -114,6 +114,19 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
 
 
+def collate_pairs(items: list) -> tuple:
+    """``default_collate`` for (x, y) pairs, the labels as cross-entropy takes them: (B,) int64.
+    int32 / uint8 labels and the (B, 1) layout of a TensorDataset built from a column (which
+    ``unlearn`` accepts, as the metrics do) failed inside torch's loss otherwise."""
+    x, y = default_collate(items)
+    y = torch.as_tensor(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+    if not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+        y = y.long()
+    return x, y
+
+
 def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
         device: str | torch.device | None = None, progress: bool = True, desc: str = "train") -> nn.Module:
     """Train ``model`` in place with cross-entropy and SGD (momentum, weight decay) on ``data``, whose
@@ -136,7 +149,8 @@ def _fit(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.dev
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=gen,
-                        drop_last=lone_last_batch(len(data), config.batch_size, model))
+                        drop_last=lone_last_batch(len(data), config.batch_size, model),
+                        collate_fn=collate_pairs)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay)
     sched = None

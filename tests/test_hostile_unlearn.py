@@ -380,3 +380,133 @@ def test_ppu_records_every_option_it_ran_with(tiny):
     assert (o["retain_per_epoch"], o["momentum"], o["weight_decay"], o["retain_fraction"]) == \
         (20, 0.5, 1e-4, None)
     assert {"tol", "backend", "history"} <= set(o)
+
+
+# -- forms real callers have (a hostile review of the API's model and data forms) ----------------
+def test_a_batch_sampler_loader_stands_for_the_rows_it_visits(tiny):
+    """DataLoader(ds, batch_sampler=...) keeps a default SequentialSampler over the whole dataset
+    as its .sampler: unlearn took all 400 rows for the 15 visited (PPU bias mode then pushed the
+    whole dataset towards uniform); a sampler over other indices did the same."""
+    from torch.utils.data import BatchSampler, SequentialSampler
+    model, x, y, fm = tiny
+    full = TensorDataset(x, y)
+    fi = torch.nonzero(fm).view(-1).tolist()
+    ri = torch.nonzero(~fm).view(-1).tolist()
+    forget = DataLoader(full, batch_sampler=BatchSampler(SubsetRandomSampler(fi), 8, False))
+    retain = DataLoader(full, batch_sampler=BatchSampler(SubsetRandomSampler(ri), 8, False))
+    res = ppu_fast.unlearn(model, forget, retain, method="ppu-bias", epochs=1, progress=False)
+    assert res.targets.shape[0] == len(y)  # forget + retain rows
+    assert torch.allclose(res.targets[:len(fi)], torch.full((len(fi), K), 1.0 / K))
+    seq = DataLoader(full, sampler=SequentialSampler(range(15)))
+    res = ppu_fast.unlearn(model, seq, TensorDataset(x[15:], y[15:]), method="ppu-bias", epochs=1,
+                           progress=False)
+    assert res.targets.shape[0] == len(y)
+
+
+def test_labels_follow_a_datasets_target_transform():
+    """A dataset with .targets and a target_transform labels its items target_transform(targets[i])
+    (torchvision): the forget class, the 'val' rule's class and the label check read .targets raw."""
+    from ppu_fast.data import dataset_targets
+
+    class Folder(Dataset):  # torchvision's layout: .targets, and items through target_transform
+        def __init__(self, target_transform=None):
+            self.targets = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+            self.target_transform = target_transform
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            t = self.targets[i]
+            return torch.zeros(1), self.target_transform(t) if self.target_transform else t
+
+    ds = Folder(target_transform=lambda t: (t * 3) % 5)
+    assert dataset_targets(ds).tolist() == [ds[i][1] for i in range(len(ds))]
+    assert dataset_targets(Folder()).tolist() == list(range(10))
+
+
+def test_the_callers_module_modes_are_kept(tiny):
+    """A training model with a BatchNorm frozen in eval mode (a common recipe), or a wrapper built
+    in train mode around an eval-mode model: model.train(was) restored every module alike, so the
+    caller's BatchNorm trained again and the wrapped model's dropout came on."""
+    model, forget, retain = _sets(tiny)
+    m = __import__("copy").deepcopy(model)
+    m.train()
+    m[2].eval()
+    before = [mod.training for mod in m.modules()]
+    for method, opts in (("ppu", {"epochs": 1}), ("finetune", {"epochs": 1}), ("original", {})):
+        ppu_fast.unlearn(m, forget, retain, method=method, progress=False, **opts)
+        assert [mod.training for mod in m.modules()] == before, method
+    error(m, retain)
+    assert [mod.training for mod in m.modules()] == before
+
+
+def test_ppu_keeps_the_callers_frozen_batchnorm_statistics(tiny):
+    """Modules whose parameters the caller froze keep their running statistics under PPU, as under
+    the baselines' loop (they moved under PPU: a frozen backbone's features changed)."""
+    model, forget, retain = _sets(tiny)
+    m = __import__("copy").deepcopy(model)
+    for p in [*m[1].parameters(), *m[2].parameters()]:
+        p.requires_grad_(False)
+    for method, opts in (("ppu", {"select": "last"}), ("ppu-bias", {})):
+        res = ppu_fast.unlearn(m, forget, retain, method=method, epochs=2, progress=False, **opts)
+        assert torch.equal(res.model[2].running_mean, m[2].running_mean), method
+        assert torch.equal(res.model[2].running_var, m[2].running_var), method
+        assert torch.equal(res.model[1].weight, m[1].weight)
+        assert not torch.equal(res.model[4].weight, m[4].weight)  # the rest did train
+
+
+def test_overlaps_through_nested_subsets_repeats_and_concatenations_are_refused(tiny):
+    """Forget rows inside retain through a Subset of a Subset, a Subset with repeated indices, or a
+    ConcatDataset holding the forget set ran silently (only a Subset of the same parent was
+    traced)."""
+    from torch.utils.data import ConcatDataset, Subset
+    model, x, y, fm = tiny
+    full = TensorDataset(x, y)
+    fi = torch.nonzero(fm).view(-1).tolist()
+    ri = torch.nonzero(~fm).view(-1).tolist()
+    forget = Subset(full, fi)
+    middle = Subset(full, list(range(200)))
+    with pytest.raises(ValueError, match="forget and retain overlap in"):
+        ppu_fast.unlearn(model, forget, Subset(middle, list(range(100))), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="forget holds an example more than once"):
+        ppu_fast.unlearn(model, Subset(full, [fi[0], fi[0], fi[1]]), Subset(full, ri), epochs=1,
+                         progress=False)
+    with pytest.raises(ValueError, match="forget and retain overlap in 15 examples"):
+        ppu_fast.unlearn(model, forget, ConcatDataset([Subset(full, fi), Subset(full, ri)]),
+                         epochs=1, progress=False)
+    # disjoint ones, however nested, still run
+    ppu_fast.unlearn(model, Subset(Subset(full, fi), list(range(5))),
+                     ConcatDataset([Subset(full, ri[:100]), Subset(full, ri[100:])]), epochs=1,
+                     progress=False)
+
+
+@pytest.mark.parametrize("form", ["int32", "column", "numpy (1,)"])
+def test_label_forms_the_entry_check_accepts_train_every_method(tiny, form):
+    """int32 labels, (N, 1) columns and numpy (1,) labels passed unlearn's checks, then failed
+    inside torch's loss in the baselines ("expected ... Long", "0D or 1D target tensor expected",
+    "only 0-dimensional arrays")."""
+    model, x, y, fm = tiny
+
+    class Items(Dataset):
+        def __init__(self, xs, ys):
+            self.xs, self.ys = xs, ys
+
+        def __len__(self):
+            return len(self.xs)
+
+        def __getitem__(self, i):
+            return self.xs[i], np.array([int(self.ys[i])])
+
+    def make(rows):
+        if form == "int32":
+            return TensorDataset(x[rows], y[rows].int())
+        if form == "column":
+            return TensorDataset(x[rows], y[rows].view(-1, 1))
+        return Items(x[rows], y[rows])
+
+    forget, retain = make(fm), make(~fm)
+    for method, opts in (("finetune", {"setting": "selective"}), ("neggrad+", {"setting": "selective"}),
+                         ("scrub", {"msteps": 1, "epochs": 1}), ("ppu", {"epochs": 1})):
+        res = ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **opts)
+        assert res.model is not model, method

@@ -13,10 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler,
-                              SequentialSampler, Subset, default_collate, default_convert)
+from torch.utils.data import (BatchSampler, ConcatDataset, DataLoader, Dataset, IterableDataset,
+                              RandomSampler, SequentialSampler, Subset, default_collate,
+                              default_convert)
 
 from ..callable_module import make_callable
 from ..caller_state import check_finite_options, check_seed, keeps_caller_state
@@ -125,10 +127,14 @@ def _loader_examples(loader: DataLoader, arg: str) -> Dataset:
                          f"({getattr(loader.collate_fn, '__name__', loader.collate_fn)!r}) is not "
                          f"supported (the methods batch the examples themselves); pass a Dataset "
                          f"of (x, y) pairs")
-    sampler, batches = loader.sampler, loader.batch_sampler
-    whole = (isinstance(sampler, SequentialSampler)
-             or (isinstance(sampler, RandomSampler) and not sampler.replacement
-                 and sampler.num_samples == len(ds)))
+    batches = loader.batch_sampler
+    # The sampler the batches draw from: a batch_sampler= of the caller's has its own (the
+    # loader's .sampler is then a default SequentialSampler over the whole dataset).
+    sampler = batches.sampler if type(batches) is BatchSampler else loader.sampler
+    whole = (getattr(sampler, "data_source", None) is ds
+             and (isinstance(sampler, SequentialSampler)
+                  or (isinstance(sampler, RandomSampler) and not sampler.replacement
+                      and sampler.num_samples == len(ds))))
     if whole and (batches is None or type(batches) is BatchSampler):
         return ds
     # The sampler's draws, not the batches': a loader's drop_last would lose examples silently.
@@ -147,6 +153,7 @@ def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, metho
     label the model has no logit for would otherwise run silently (KL-based methods and PPU) or
     fail deep in torch. The model's buffers are put back afterwards, so a forward that updates
     them leaves no trace."""
+    from ..caller_state import eval_mode
     from ..data import dataset_targets
     from ..metrics import check_logits
     from ..training import model_device
@@ -155,13 +162,10 @@ def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, metho
     x = forget[0][0]
     x = (x if isinstance(x, torch.Tensor) else torch.as_tensor(x)).unsqueeze(0)
     saved = {n: b.detach().clone() for n, b in model.named_buffers()}
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(x.to(model_device(model)))
     finally:
-        model.train(was_training)
         with torch.no_grad():
             for n, b in model.named_buffers():
                 if n in saved:
@@ -204,6 +208,38 @@ def _check_disjoint(forget: Dataset, retain: Dataset) -> None:
         if both:
             raise ValueError(f"forget and retain overlap in {len(both)} examples (e.g. index "
                              f"{min(both)}); the forget set must lie outside the retain set")
+    # The general case: Subsets of Subsets, ConcatDatasets, repeated indices, traced to the
+    # datasets they index.
+    fr, fi = _sources(forget)
+    rr, ri = _sources(retain)
+    for name, roots, idx in (("forget", fr, fi), ("retain", rr, ri)):
+        key = np.stack([roots, idx], 1) if len(idx) else np.zeros((0, 2), dtype=np.int64)
+        if len(np.unique(key, axis=0)) != len(key):
+            raise ValueError(f"{name} holds an example more than once (a Subset with repeated "
+                             f"indices, or one dataset twice in a ConcatDataset); expected each "
+                             f"example once")
+    for r in np.intersect1d(fr, rr):
+        both = np.intersect1d(fi[fr == r], ri[rr == r])
+        if both.size:
+            raise ValueError(f"forget and retain overlap in {both.size} examples of one dataset "
+                             f"they both draw from (e.g. its index {int(both[0])}); the forget set "
+                             f"must lie outside the retain set")
+
+
+def _sources(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """For each example of ``ds`` in order: (an id of the dataset it is read from, its index
+    there), following Subset and ConcatDataset down to the datasets they wrap."""
+    if isinstance(ds, Subset):
+        roots, idx = _sources(ds.dataset)
+        take = np.asarray(ds.indices, dtype=np.int64).reshape(-1)
+        return roots[take], idx[take]
+    if isinstance(ds, ConcatDataset):
+        parts = [_sources(d) for d in ds.datasets]
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    n = len(ds)
+    return np.full(n, id(ds), dtype=np.int64), np.arange(n, dtype=np.int64)
 
 
 @keeps_caller_state(lambda kw: f"unlearn(method={kw.get('method', 'ppu')!r})")

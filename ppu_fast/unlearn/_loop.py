@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..caller_state import frozen_modules
 from ..data import dataset_targets
-from ..training import check_optimizer_options, lone_last_batch
+from ..training import check_optimizer_options, collate_pairs, lone_last_batch
 
 SETTINGS = ("small", "selective", "class")
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
@@ -76,7 +77,8 @@ def loader(data: Dataset, batch_size: int, seed: int, shuffle: bool = True,
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     gen = torch.Generator().manual_seed(int(seed))
     drop = shuffle and model is not None and lone_last_batch(len(data), batch_size, model)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop,
+                      collate_fn=collate_pairs)
 
 
 def cycle(batches: Iterable) -> Iterator:
@@ -139,17 +141,6 @@ def freeze_all_but(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
         for p in m.parameters():
             p.requires_grad_(True)
     return keep
-
-
-def frozen_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules that own parameters, none of them trainable. The loop keeps them in eval mode, so a
-    frozen block's BatchNorm statistics stay as they were: "frozen" means bit-identical."""
-    out = []
-    for m in model.modules():
-        own = list(m.parameters(recurse=False))
-        if own and not any(p.requires_grad for p in own):
-            out.append(m)
-    return out
 
 
 # -------------------------------------------------------------------------------------------- loop
