@@ -510,3 +510,17 @@ def test_label_forms_the_entry_check_accepts_train_every_method(tiny, form):
                          ("scrub", {"msteps": 1, "epochs": 1}), ("ppu", {"epochs": 1})):
         res = ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **opts)
         assert res.model is not model, method
+
+
+def test_a_forget_set_of_one_says_why_a_baseline_cannot_train_on_it(tiny):
+    """One example to forget (the commonest deletion request) gives forget batches of one, which a
+    BatchNorm1d model cannot train on in train mode: torch's "Expected more than 1 value per
+    channel" named no argument. PPU, which mixes forget and retain rows, runs."""
+    model, x, y, fm = tiny
+    one, rest = TensorDataset(x[:1], y[:1]), TensorDataset(x[1:], y[1:])
+    with pytest.raises(ValueError, match=r"neggrad\+: a batch of one example .* mode='eval'"):
+        ppu_fast.unlearn(model, one, rest, method="neggrad+", setting="selective", progress=False)
+    with pytest.raises(ValueError, match=r"scrub: a batch of one example") as exc:
+        ppu_fast.unlearn(model, one, rest, method="scrub", msteps=1, epochs=1, progress=False)
+    assert "mode=" not in str(exc.value)  # SCRUB has no mode option
+    ppu_fast.unlearn(model, one, rest, method="ppu", epochs=1, progress=False)

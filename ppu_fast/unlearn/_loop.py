@@ -233,7 +233,24 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
             total, count = 0.0, 0
             for batch in batches:
                 batch = tuple(t.to(device, non_blocking=True) for t in batch)
-                loss = loss_fn(model, batch)
+                try:
+                    loss = loss_fn(model, batch)
+                except ValueError as exc:
+                    if "Expected more than 1 value per channel" not in str(exc):
+                        raise
+                    # A one-example set (the commonest deletion request) gives one-example batches.
+                    from . import method_options
+                    try:
+                        takes_mode = "mode" in method_options(desc)
+                    except (KeyError, ValueError, TypeError):
+                        takes_mode = False
+                    hint = ("pass mode='eval' (BatchNorm on its running statistics), or "
+                            if takes_mode else "")
+                    raise ValueError(
+                        f"{desc}: a batch of one example cannot train the model's BatchNorm in "
+                        f"train mode (torch: {exc}); a set behind it (e.g. a forget set of one) "
+                        f"is smaller than a trainable batch: {hint}use method='ppu', which trains "
+                        f"on forget and retain rows together") from None
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
