@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -165,6 +165,29 @@ def _label(y: object) -> int:
     return int(y)
 
 
+def collate_pairs(items: list) -> object:
+    """``default_collate`` for (x, y) pairs, the labels as cross-entropy takes them: (B,) int64.
+    int32 / uint8 labels, one-element labels of shape (1,) (a TensorDataset built from a column, a
+    numpy label per item), and sets mixing those with scalar labels failed inside torch otherwise
+    (``unlearn`` accepts them, as the metrics do). Items that are not pairs are collated as
+    ``default_collate`` would, for the caller's own check to name."""
+    if not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
+        return default_collate(items)
+    x, y = default_collate([(a, _one(b)) for a, b in items])
+    if not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+        y = y.long()
+    return x, y
+
+
+def _one(y: object) -> object:
+    # A one-element label of any shape as a scalar of its kind.
+    if isinstance(y, torch.Tensor) and y.ndim > 0 and y.numel() == 1:
+        return y.reshape(())
+    if isinstance(y, np.ndarray) and y.ndim > 0 and y.size == 1:
+        return y.reshape(())
+    return y
+
+
 def make_loader(data: Dataset | DataLoader, batch_size: int = 256, shuffle: bool = False,
                 seed: int | None = None) -> DataLoader:
     """A DataLoader over ``data`` (a loader is returned unchanged unless shuffling is asked for)."""
@@ -175,7 +198,8 @@ def make_loader(data: Dataset | DataLoader, batch_size: int = 256, shuffle: bool
     generator = None
     if shuffle:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=collate_pairs)
 
 
 # ----------------------------------------------------------------------------------------------- pools

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .caller_state import cuda_devices_to_fork
-from .data import ArrayDataset
+from .data import ArrayDataset, collate_pairs
 
 _CACHE_VERSION = 1
 
@@ -113,18 +113,6 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     dx = torch.randint(0, 9, (b,), generator=generator).tolist()
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
 
-
-def collate_pairs(items: list) -> tuple:
-    """``default_collate`` for (x, y) pairs, the labels as cross-entropy takes them: (B,) int64.
-    int32 / uint8 labels and the (B, 1) layout of a TensorDataset built from a column (which
-    ``unlearn`` accepts, as the metrics do) failed inside torch's loss otherwise."""
-    x, y = default_collate(items)
-    y = torch.as_tensor(y)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y.reshape(-1)
-    if not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
-        y = y.long()
-    return x, y
 
 
 def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,

@@ -481,7 +481,7 @@ def test_overlaps_through_nested_subsets_repeats_and_concatenations_are_refused(
                      progress=False)
 
 
-@pytest.mark.parametrize("form", ["int32", "column", "numpy (1,)"])
+@pytest.mark.parametrize("form", ["int32", "column", "numpy (1,)", "mixed"])
 def test_label_forms_the_entry_check_accepts_train_every_method(tiny, form):
     """int32 labels, (N, 1) columns and numpy (1,) labels passed unlearn's checks, then failed
     inside torch's loss in the baselines ("expected ... Long", "0D or 1D target tensor expected",
@@ -506,6 +506,8 @@ def test_label_forms_the_entry_check_accepts_train_every_method(tiny, form):
         return Items(x[rows], y[rows])
 
     forget, retain = make(fm), make(~fm)
+    if form == "mixed":  # (1,) numpy labels beside scalar tensor ones (PPU collates both sets)
+        forget, retain = Items(x[fm], y[fm]), TensorDataset(x[~fm], y[~fm])
     for method, opts in (("finetune", {"setting": "selective"}), ("neggrad+", {"setting": "selective"}),
                          ("scrub", {"msteps": 1, "epochs": 1}), ("ppu", {"epochs": 1})):
         res = ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **opts)
@@ -524,3 +526,23 @@ def test_a_forget_set_of_one_says_why_a_baseline_cannot_train_on_it(tiny):
         ppu_fast.unlearn(model, one, rest, method="scrub", msteps=1, epochs=1, progress=False)
     assert "mode=" not in str(exc.value)  # SCRUB has no mode option
     ppu_fast.unlearn(model, one, rest, method="ppu", epochs=1, progress=False)
+
+
+def test_inputs_the_model_cannot_take_are_named(tiny):
+    """float64 inputs to a float32 model, a PIL-like object or a dict as x: torch's "mat1 and mat2
+    must have the same dtype" / "Could not infer dtype of dict" named no argument."""
+    model, x, y, fm = tiny
+    with pytest.raises(ValueError, match=r"model: its forward pass on forget\[0\] \(a float64 tensor"
+                                         r".*its parameters are float32"):
+        ppu_fast.unlearn(model, TensorDataset(x[fm].double(), y[fm]), TensorDataset(x[~fm], y[~fm]),
+                         progress=False)
+
+    class Dicts(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"pixels": x[i]}, int(y[i])
+
+    with pytest.raises(TypeError, match=r"forget\[0\]: its input is a dict"):
+        ppu_fast.unlearn(model, Dicts(), TensorDataset(x[~fm], y[~fm]), progress=False)

@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..caller_state import frozen_modules
-from ..data import dataset_targets
-from ..training import check_optimizer_options, collate_pairs, lone_last_batch
+from ..data import collate_pairs, dataset_targets
+from ..training import check_optimizer_options, lone_last_batch
 
 SETTINGS = ("small", "selective", "class")
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
