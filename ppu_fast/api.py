@@ -294,6 +294,11 @@ def targets(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
         log_p: log P^ (N x k), as for :func:`solve`.
         weights: c (N,) > 0 (tensor, array or list).
         alpha: the dual variables (k,), finite (tensor, array or list), e.g. from :func:`solve`.
+
+    ``targets(log_p, c, info.alpha)`` reproduces ``refine``'s Q to rounding, except at extreme
+    weight ratios: alpha is returned in the caller's scale, where rows of small ``c`` see
+    ``alpha / c``, so one float64 rounding of alpha moves their logits by about 1e-16 / min(c)
+    (Q differs by ~5e-6 at ``lam=1e-12``, both within the solver's tol).
     """
     n, k = pb.check_matrix(pb.to_tensor(log_p, "log_p")[0], "log_p")
     c = pb.check_weights(weights, n)
