@@ -223,14 +223,19 @@ def _check_disjoint(forget: Dataset, retain: Dataset) -> None:
     # datasets they index.
     fr, fi = _sources(forget)
     rr, ri = _sources(retain)
-    for name, roots, idx in (("forget", fr, fi), ("retain", rr, ri)):
-        key = np.stack([roots, idx], 1) if len(idx) else np.zeros((0, 2), dtype=np.int64)
-        if len(np.unique(key, axis=0)) != len(key):
+    for name, ds, roots, idx in (("forget", forget, fr, fi), ("retain", retain, rr, ri)):
+        if not isinstance(ds, (Subset, ConcatDataset)):
+            continue  # a plain dataset holds each of its examples once
+        if len(roots) and roots.min() != roots.max():
+            idx = np.unique(roots, return_inverse=True)[1].astype(np.int64) * (
+                int(idx.max()) + 1) + idx
+        key = np.sort(idx)
+        if bool((key[1:] == key[:-1]).any()):
             raise ValueError(f"{name} holds an example more than once (a Subset with repeated "
                              f"indices, or one dataset twice in a ConcatDataset); expected each "
                              f"example once")
-    for r in np.intersect1d(fr, rr):
-        both = np.intersect1d(fi[fr == r], ri[rr == r])
+    for r in np.intersect1d(np.unique(fr), np.unique(rr), assume_unique=True):
+        both = np.intersect1d(fi[fr == r], ri[rr == r], assume_unique=True)
         if both.size:
             raise ValueError(f"forget and retain overlap in {both.size} examples of one dataset "
                              f"they both draw from (e.g. its index {int(both[0])}); the forget set "
