@@ -158,11 +158,7 @@ def dataset_targets(data: Dataset | DataLoader) -> torch.Tensor:
 def _label(y: object) -> int:
     """An item's label as an int: a one-element label of any shape too (int() refuses a (1,)
     numpy array under numpy 2)."""
-    if isinstance(y, torch.Tensor):
-        return int(y.reshape(-1)[0]) if y.numel() == 1 else int(y)
-    if isinstance(y, np.ndarray) and y.size == 1:
-        return int(y.reshape(-1)[0])
-    return int(y)
+    return int(_one(y))
 
 
 def collate_pairs(items: list) -> object:

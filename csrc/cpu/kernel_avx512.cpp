@@ -95,7 +95,6 @@ struct Avx512 {
     const V lo = _mm512_fmadd_ps(e, _mm512_set1_ps(1.42860682e-06f), p);
     return _mm512_add_ps(hi, lo);
   }
-  static V getexp_hack(V x) { return _mm512_getexp_ps(x); }
   static void frexp12(V x, V& m, V& e) {
     m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
     e = _mm512_getexp_ps(x);
