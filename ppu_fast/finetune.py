@@ -6,16 +6,17 @@ import math
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .callable_module import make_callable
-from .caller_state import check_seed, frozen_modules, keeps_caller_state
+from .caller_state import check_seed, frozen_modules, held_in_eval, keeps_caller_state, probe_forward
+from .metrics import check_logits
 from .training import check_optimizer_options, lone_last_batch, model_device
 
 SELECT_POLICIES = ("last", "val")
@@ -99,11 +100,13 @@ def _module_params(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
+def trainable_modules(model: nn.Module, which: str, head: nn.Module | None = None) -> list[nn.Module]:
     """The modules whose parameters ``trainable=which`` fine-tunes.
 
-    ``"all"``: the model. ``"head"``: the last ``nn.Linear`` (the classifier of every model in
-    :mod:`ppu_fast.models`). ``"last-block"``: the head and the last block before it. Walking from
+    ``"all"``: the model. ``"head"``: ``head``, the classifier layer; :func:`finetune` passes the
+    last ``nn.Linear`` its probe forward pass called (a model whose ``__init__`` registers the
+    classifier before the encoder still gets its classifier); without it, the last ``nn.Linear``
+    registered (the classifier of every model in :mod:`ppu_fast.models`). ``"last-block"``: the head and the last block before it. Walking from
     the model down the modules that hold the head, the block is the last sibling with parameters
     that comes before the head's branch at the deepest level that has one (a wrapper holding the
     network as one child is looked through); when that sibling is an ``nn.Sequential`` (a stage of
@@ -115,11 +118,12 @@ def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
         raise ValueError(f"trainable: unknown value {which!r}; expected one of {TRAINABLE}")
     if which == "all":
         return [model]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"trainable={which!r}: the model has no nn.Linear head; expected a "
-                         f"classifier ending in nn.Linear (or pass trainable='all')")
-    head = linears[-1]
+    if head is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"trainable={which!r}: the model has no nn.Linear head; expected a "
+                             f"classifier ending in nn.Linear (or pass trainable='all')")
+        head = linears[-1]
     if which == "head":
         return [head]
     block, level = None, model
@@ -139,6 +143,25 @@ def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
     return [block, head]
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _first_input(data: Dataset) -> object:
+    """``data[0]``'s input, the item the loop feeds the model (labels are unused)."""
+    item = data[0]
+    if not isinstance(item, (tuple, list)) or not item:
+        kind = (f"a {type(item).__name__} of {len(item)} items" if isinstance(item, (tuple, list, dict))
+                else f"a {type(item).__name__}")
+        raise ValueError(f"data[0] is {kind}; expected an (x, y) pair whose x the model takes "
+                         f"(labels are unused; wrap the dataset to return that pair)")
+    return item[0]
+
+
 def _check(model: object, data: object, targets: object, epochs: int, lr: float, momentum: float,
            weight_decay: float, batch_size: int, optimizer: str, select: object, forget_mask: object, retain_per_epoch: object,
            retain_fraction: object, retain_sampling: object, retain_weights: object,
@@ -146,21 +169,29 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
            evals_per_epoch: object = 1) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(data, Dataset):
-        raise TypeError(f"data must be a torch Dataset of (x, y) pairs, got {type(data).__name__}")
+    if not isinstance(data, Dataset) or isinstance(data, IterableDataset):
+        raise TypeError(f"data must be a map-style torch Dataset of (x, y) pairs, got "
+                        f"{type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("data: empty; expected at least one (x, y) example")
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
-        raise ValueError("targets must be a 2-D tensor (N, k) of probabilities")
+        raise ValueError(f"targets must be a 2-D tensor or array (N, k) of probabilities, got "
+                         f"{type(targets).__name__} of shape {tuple(getattr(targets, 'shape', ()))}")
     if targets.shape[0] != len(data):
         raise ValueError(f"targets has {targets.shape[0]} rows but data has {len(data)} examples")
     if not bool(torch.isfinite(targets).all()) or bool((targets < 0).any()):
         raise ValueError("targets must be finite and non-negative (probabilities)")
-    if not bool(torch.allclose(targets.sum(1).double(), torch.ones(len(targets), dtype=torch.float64),
-                               atol=1e-3)):
-        raise ValueError("targets rows must sum to 1 (probabilities, not logits)")
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+    # In float64 on the targets' own device; a half-precision row rounds each entry, so its sum
+    # may miss 1 by about one of its ulps.
+    tol = 1e-3
+    if targets.dtype in (torch.float16, torch.bfloat16):
+        tol = max(tol, 2 * torch.finfo(targets.dtype).eps)
+    if not bool(((targets.double().sum(1) - 1).abs() <= tol).all()):
+        raise ValueError(f"targets rows must sum to 1 within {tol:g} (probabilities, not logits)")
+    if not _is_int(epochs) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     check_optimizer_options(lr, momentum, weight_decay)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+    if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -170,11 +201,10 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
     if retain_per_epoch is not None:
         if forget_mask is None:
             raise ValueError("retain_per_epoch needs forget_mask (which rows are the forget set)")
-        if not isinstance(retain_per_epoch, int) or retain_per_epoch < 1:
+        if not _is_int(retain_per_epoch) or retain_per_epoch < 1:
             raise ValueError(f"retain_per_epoch must be a positive int, got {retain_per_epoch!r}")
     if retain_fraction is not None:
-        if isinstance(retain_fraction, bool) or not isinstance(retain_fraction, (int, float)) \
-                or not 0.0 < float(retain_fraction) <= 1.0:
+        if not _is_real(retain_fraction) or not 0.0 < float(retain_fraction) <= 1.0:
             raise ValueError(f"retain_fraction must be a number in (0, 1] (the share of retain rows "
                              f"each epoch uses), got {retain_fraction!r}")
         if retain_per_epoch is not None:
@@ -190,7 +220,12 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
     if (retain_sampling == "weighted") != (retain_weights is not None):
         raise ValueError("retain_sampling='weighted' and retain_weights go together: pass "
                          "retain_weights (N,) non-negative with retain_sampling='weighted'")
-    if isinstance(forget_repeats, bool) or not isinstance(forget_repeats, int) or forget_repeats < 1:
+    if retain_sampling == "weighted" and retain_per_epoch is None and (
+            retain_fraction is None or float(retain_fraction) >= 1.0):
+        raise ValueError("retain_sampling='weighted' weighs which retain rows an epoch draws, but "
+                         "every epoch uses all of them; expected retain_fraction < 1 or "
+                         "retain_per_epoch with it")
+    if not _is_int(forget_repeats) or forget_repeats < 1:
         raise ValueError(f"forget_repeats must be a positive int (how many times an epoch visits each "
                          f"forget row), got {forget_repeats!r}")
     if not isinstance(early_stop, bool):
@@ -199,20 +234,54 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
         raise ValueError(f"early_stop=True needs select='val' (it stops when that rule is settled), "
                          f"got select={select!r}")
     if forget_kl is not None:
-        if isinstance(forget_kl, bool) or not isinstance(forget_kl, (int, float)) \
-                or not float(forget_kl) >= 0.0:
+        if not _is_real(forget_kl) or not float(forget_kl) >= 0.0:
             raise ValueError(f"forget_kl must be a non-negative number of nats, got {forget_kl!r}")
         if forget_mask is None:
             raise ValueError("forget_kl needs forget_mask (which rows are the forget set)")
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable: unknown value {trainable!r}; expected one of {TRAINABLE}")
-    if isinstance(evals_per_epoch, bool) or not isinstance(evals_per_epoch, int) or evals_per_epoch < 1:
+    if not _is_int(evals_per_epoch) or evals_per_epoch < 1:
         raise ValueError(f"evals_per_epoch must be a positive int (evaluations, and checkpoints to "
                          f"select from, per epoch), got {evals_per_epoch!r}")
 
 
+HISTORY_KEYS = ("epoch", "loss", "wall_seconds", "forget_loss", "retain_loss")
+
+
+def _evaluation(row: object, epoch: float, select: object) -> dict:
+    """``evaluate``'s result at ``epoch``, checked: a mapping that leaves the history's own keys
+    alone, and the two numbers SCRUB+R's rule reads when ``select="val"`` (checked at every
+    evaluation, the one before training included, instead of after the last epoch)."""
+    if not isinstance(row, Mapping):
+        raise TypeError(f"evaluate: returned a {type(row).__name__}; expected a dict of named "
+                        f"values (e.g. {{'forget_error': ..., 'val_error': ...}})")
+    clash = sorted(set(row) & set(HISTORY_KEYS))
+    if clash:
+        raise ValueError(f"evaluate: returned {clash}, which the history keeps for finetune's own "
+                         f"values; expected other names (e.g. 'val_loss')")
+    if select == "val":
+        for key in ("forget_error", "val_error"):
+            v = row.get(key)
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)):
+                got = "no such key" if key not in row else repr(v)
+                raise ValueError(f"select='val': evaluate's result at epoch {epoch} has {key!r}: "
+                                 f"{got}; expected a finite number in every evaluation")
+    return dict(row)
+
+
+def _check_inputs_finite(x: torch.Tensor, rows: torch.Tensor) -> None:
+    """A non-finite loss from non-finite inputs is the data's fault, not the step size's: name
+    the example (the divergence message would advise a lower learning rate)."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
+        if bool(bad.any()):
+            row = int(rows[int(bad.nonzero()[0, 0])])
+            raise ValueError(f"data: example {row} holds NaN or infinite values; expected finite "
+                             f"inputs")
+
+
 @keeps_caller_state(lambda kw: "finetune")
-def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: int = 10, lr: float = 0.01,
+def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray, *, epochs: int = 10, lr: float = 0.01,
              optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64,
              forget_mask: torch.Tensor | np.ndarray | None = None, retain_per_epoch: int | None = None,
              retain_fraction: float | None = None, retain_sampling: str = "uniform",
@@ -225,10 +294,16 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
     """Fine-tune ``model`` so that ``softmax(model(x_i))`` approaches ``targets[i]``.
 
     Args:
-        model: any classifier mapping (B, C, H, W) to (B, k) logits.
-        data: N examples ``(x, y)`` (labels unused), row i paired with ``targets[i]``.
-        targets: (N, k) probabilities. Loss: KL(target || softmax(model(x))), mean over the batch.
+        model: any classifier mapping (B, C, H, W) to (B, k) logits, k >= 2. A model in train
+            mode whose caller holds some modules in eval mode (a BatchNorm whose statistics a
+            recipe fixes) keeps those in eval mode while training; a model handed over wholly in
+            eval mode trains as ``model.train()`` would.
+        data: N examples ``(x, y)`` (labels unused; ``(x,)`` too), row i paired with ``targets[i]``.
+        targets: (N, k) probabilities (a tensor or a numpy array, e.g. ``predict_proba``), k the
+            model's number of outputs. Loss: KL(target || softmax(model(x))), mean over the batch.
         epochs, lr, optimizer ("sgd" with ``momentum`` or "adam"), weight_decay, batch_size: the loop.
+            ``momentum`` is SGD's; Adam ignores it (its betas play that part), as scikit-learn's
+            MLP does with ``solver="adam"``.
         forget_mask: (N,) bool, the forget rows; needed by the options below that treat forget
             and retain rows apart.
         retain_per_epoch: if given, each epoch uses every forget row and this many retain rows drawn
@@ -236,17 +311,22 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         retain_fraction: the same as a share in (0, 1] of the retain rows (at least one); 1 or None
             uses them all. A retained row's target is the model's own output up to the dual shift,
             so its gradient starts near 0: retain rows anchor the model rather than teach it.
-        retain_sampling: ``"uniform"``, or ``"weighted"``: rows drawn without replacement with
-            probability proportional to ``retain_weights`` (N,) (e.g. KL(q_i || p_i) at the start,
-            so the rows the targets moved most are visited first).
+        retain_sampling: ``"uniform"``, or ``"weighted"``: each epoch's retain rows (needs
+            ``retain_fraction`` < 1 or ``retain_per_epoch``) drawn without replacement with
+            probability proportional to ``retain_weights`` (N,) plus a floor of a tenth of their
+            mean, so rows of weight 0 are drawn now and then (e.g. KL(q_i || p_i) at the start:
+            the rows the targets moved most are drawn most often; an epoch still visits its
+            rows in shuffled order).
         forget_repeats: each epoch visits every forget row this many times (in the same shuffled
             stream as the retain rows).
         evaluate: called with the model (eval mode) after every epoch and before the first; the dicts
-            it returns make up the history.
+            it returns make up the history (its keys must not be the history's own: ``epoch``,
+            ``loss``, ``wall_seconds``, ``forget_loss``, ``retain_loss``).
         select: ``"last"`` keeps the final weights; ``"val"`` (SCRUB+R's rule, see :func:`select_val`)
             and a callable (history -> epoch) choose among per-epoch checkpoints, kept in memory.
         evals_per_epoch: evaluate (and, when ``select`` chooses, checkpoint) this many times per
-            epoch, after equal shares of its batches, at epochs e - 1 + j / evals_per_epoch (fewer
+            epoch, after equal shares of its batches, labelled e - 1 + (batches done) / (batches
+            in the epoch), which is e - 1 + j / evals_per_epoch when they divide evenly (fewer
             when an epoch has fewer batches); early stopping is tested at every evaluation. Each
             costs an ``evaluate`` call. With the "val" rule this did not help: on digits it locked
             onto transient states that whole epochs step over (docs/ppu_schedule.md).
@@ -268,20 +348,46 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
     """
     from tqdm.auto import tqdm
 
+    # What a caller has waited for (checks, copy and set-up included): history's wall_seconds.
+    started = time.perf_counter()
+    if isinstance(targets, np.ndarray):
+        targets = torch.from_numpy(np.ascontiguousarray(targets))
     _check(model, data, targets, epochs, lr, momentum, weight_decay, batch_size, optimizer, select,
            forget_mask, retain_per_epoch, retain_fraction, retain_sampling, retain_weights, forget_repeats, early_stop, forget_kl,
            trainable, evals_per_epoch)
     seed = check_seed(seed)
     if select == "val" and evaluate is None:
         raise ValueError("select='val' needs evaluate=... returning 'forget_error' and 'val_error'")
+    epochs, batch_size, forget_repeats, evals_per_epoch = (int(epochs), int(batch_size),
+                                                           int(forget_repeats), int(evals_per_epoch))
+    if retain_per_epoch is not None:
+        retain_per_epoch = int(retain_per_epoch)
+    out, called = probe_forward(model, _first_input(data), "data[0]")
+    check_logits(out, 1)
+    if out.shape[1] != targets.shape[1] or out.shape[1] < 2:
+        raise ValueError(f"targets: {targets.shape[1]} columns, but the model outputs {out.shape[1]} "
+                         f"logits per example (on data[0]); expected (N, k) probabilities over the "
+                         f"model's k >= 2 classes")
+    # The classifier layer, by position: the same module of the working copy.
+    at = {id(m): i for i, m in enumerate(model.modules())}
+    head_at = at[id(called[-1])] if called else None
     work = model if inplace else copy.deepcopy(model)
     device = torch.device(device) if device is not None else model_device(model)
     work.to(device)
     targets = targets.detach().to(device=device, dtype=torch.float32)
-    # The caller's frozen modules, before this call freezes what `trainable` leaves out.
-    caller_frozen = frozen_modules(work)
-    trained = trainable_modules(work, trainable)
+    # The caller's frozen modules and those it holds in eval mode, before this call freezes what
+    # `trainable` leaves out.
+    caller_frozen = frozen_modules(work) + held_in_eval(work)
+    if trainable != "all" and head_at is None:
+        raise ValueError(f"trainable={trainable!r}: no nn.Linear runs in the model's forward pass; "
+                         f"expected a classifier ending in nn.Linear (or pass trainable='all')")
+    trained = trainable_modules(work, trainable,
+                                None if head_at is None else list(work.modules())[head_at])
     params = _module_params(trained)
+    if not any(p.requires_grad for p in params):
+        raise ValueError(f"model: trainable={trainable!r} selects {len(params)} parameters and the "
+                         f"caller froze all of them (requires_grad=False); expected at least one "
+                         f"trainable parameter")
     ids = {id(p) for p in params}
     frozen = [p for p in work.parameters() if id(p) not in ids]
     for p in frozen:
@@ -342,13 +448,11 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         for m in caller_frozen:
             m.eval()
 
-    started = time.perf_counter()
-
-    def run_eval(epoch: int, loss: float) -> dict:
+    def run_eval(epoch: float, loss: float) -> dict:
         row = {"epoch": epoch, "loss": loss}
         if evaluate is not None:
             work.eval()
-            row.update(evaluate(work))
+            row.update(_evaluation(evaluate(work), epoch, select))
         # What a caller has waited for so far (training and evaluation): the x axis of a
         # forget-error-versus-time trajectory.
         row["wall_seconds"] = time.perf_counter() - started
@@ -375,15 +479,22 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
         loader = DataLoader(subset, batch_size=batch_size, shuffle=True, generator=gen,
                             drop_last=lone_last_batch(len(subset), batch_size, work))
         # The batches after which a mid-epoch evaluation runs (the epoch's end is always one).
-        cuts = {round(j * len(loader) / evals_per_epoch): j for j in range(1, evals_per_epoch)}
-        cuts.pop(0, None)
-        cuts.pop(len(loader), None)
+        cuts = {round(j * len(loader) / evals_per_epoch) for j in range(1, evals_per_epoch)}
+        cuts -= {0, len(loader)}
         set_train_mode()
         loss_sum, n = 0.0, 0
         f_sum, f_n, r_sum = 0.0, 0, 0.0
         stop_mid = False
         for b, (x, i) in enumerate(loader, start=1):
-            logq, t = F.log_softmax(work(x.to(device)), dim=1), targets[i.to(device)]
+            try:
+                logq, t = F.log_softmax(work(x.to(device)), dim=1), targets[i.to(device)]
+            except ValueError as exc:
+                if "Expected more than 1 value per channel" not in str(exc):
+                    raise
+                raise ValueError(f"data: a batch of one example cannot train the model's "
+                                 f"BatchNorm in train mode (torch: {exc}); expected at least two "
+                                 f"examples (or freeze the BatchNorm: requires_grad=False on its "
+                                 f"parameters keeps it in eval mode)") from None
             if forget_kl is None:
                 loss = F.kl_div(logq, t, reduction="batchmean")
             else:
@@ -394,14 +505,19 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
                 f_sum += float(rows.detach()[is_f].sum())
                 f_n += int(is_f.sum())
                 r_sum += float(rows.detach()[~is_f].sum())
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                _check_inputs_finite(x, i)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss.detach()) * len(i)
+            loss_sum += value * len(i)
             n += len(i)
             if b in cuts:
                 seconds += time.perf_counter() - t0
-                evaluate_at(round(epoch - 1 + cuts[b] / evals_per_epoch, 6), loss_sum / n)
+                # Labelled with the share of the epoch's batches done (several j / evals_per_epoch
+                # can round to one batch when an epoch has few).
+                evaluate_at(round(epoch - 1 + b / len(loader), 6), loss_sum / n)
                 set_train_mode()
                 t0 = time.perf_counter()
                 if settled():
@@ -413,8 +529,9 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor, *, epochs: 
             break
         evaluate_at(epoch, loss_sum / n)
         if forget_kl is not None:
-            history[-1]["forget_loss"] = f_sum / max(f_n, 1)
-            history[-1]["retain_loss"] = r_sum / max(n - f_n, 1)
+            # NaN for a side with no rows: 0 would read as "at its targets".
+            history[-1]["forget_loss"] = f_sum / f_n if f_n else math.nan
+            history[-1]["retain_loss"] = r_sum / (n - f_n) if n > f_n else math.nan
         bar.set_postfix(loss=f"{loss_sum / n:.4f}")
         # forget_kl: the forget rows sit at their targets (within forget_kl nats on average,
         # measured while training through the epoch), which is what the fine-tuning aims at.

@@ -80,7 +80,9 @@ def check_optimizer_options(lr: float, momentum: float, weight_decay: float) -> 
     def real(v: object) -> bool:
         return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
-    if isinstance(lr, bool) or not 0 < lr < math.inf:  # a 0-d tensor lr is torch's own option
+    # A 0-d tensor lr is torch's own option.
+    lr_ok = real(lr) or (isinstance(lr, torch.Tensor) and lr.dim() == 0 and lr.is_floating_point())
+    if not lr_ok or not 0 < float(lr) < math.inf:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if not (real(momentum) and 0 <= momentum < 1):
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")

@@ -70,7 +70,7 @@ def test_retain_subsample_per_epoch_uses_forget_rows_and_some_retain():
     mask[:5] = True
     finetune(Spy(), data, targets, epochs=2, batch_size=100, forget_mask=mask, retain_per_epoch=7,
              progress=False)
-    assert seen == [12, 12]
+    assert seen == [1, 12, 12]  # the one-example probe of the output's shape, then two epochs
 
 
 def test_val_selection_and_custom_policy():

@@ -153,34 +153,12 @@ def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, metho
     label the model has no logit for would otherwise run silently (KL-based methods and PPU) or
     fail deep in torch. The model's buffers are put back afterwards, so a forward that updates
     them leaves no trace."""
-    from ..caller_state import eval_mode
+    from ..caller_state import probe_forward
     from ..data import dataset_targets
     from ..metrics import check_logits
-    from ..training import model_device
     from ._common import check_labels_fit
 
-    x = forget[0][0]
-    try:
-        x = (x if isinstance(x, torch.Tensor) else torch.as_tensor(x)).unsqueeze(0)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"forget[0]: its input is a {type(x).__name__}, which torch cannot turn "
-                        f"into a tensor ({exc}); expected a tensor or array the model takes "
-                        f"(e.g. apply torchvision's ToTensor)") from None
-    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
-    try:
-        with eval_mode(model), torch.no_grad():
-            out = model(x.to(model_device(model)))
-    except (RuntimeError, TypeError) as exc:
-        dts = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
-        raise ValueError(f"model: its forward pass on forget[0] (a {str(x.dtype).replace('torch.', '')} "
-                         f"tensor of shape {tuple(x.shape[1:])}, batched) failed: {exc}; expected "
-                         f"inputs the model takes (its parameters are {'/'.join(dts) or 'none'})"
-                         ) from None
-    finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in saved:
-                    b.copy_(saved[n])
+    out, _ = probe_forward(model, forget[0][0], "forget[0]")
     check_logits(out, 1)
     check_labels_fit(torch.cat([dataset_targets(forget), dataset_targets(retain)]), out.shape[1],
                      method)

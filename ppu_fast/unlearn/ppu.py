@@ -178,6 +178,12 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         raise ValueError("retain_sampling='weighted' weighs retain rows by how far the refine moved "
                          f"their targets; mode={mode!r} does not refine (every weight is 0): expected "
                          "retain_sampling='uniform' or mode='privacy'")
+    if plan["retain_sampling"] == "weighted" and retain_per_epoch is None and (
+            plan["retain_fraction"] is None or plan["retain_fraction"] >= 1.0):
+        raise ValueError(f"retain_sampling='weighted' weighs which retain rows an epoch draws, but "
+                         f"with retain_fraction={plan['retain_fraction']!r} (schedule "
+                         f"{schedule!r}, mode {mode!r}) every epoch uses all of them; expected "
+                         f"retain_fraction < 1 or retain_per_epoch with it")
     if history is None:
         history = select != "last"
     elif history and history_retain == "auto":
@@ -243,7 +249,9 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     options: dict[str, Any] = dict(mode=mode, pseudo=pseudo_name,
                                    lam=lam, marginals=marginals if isinstance(marginals, str) else "tensor",
                                    refine_method=refine_method, tol=tol, backend=backend, epochs=epochs,
-                                   lr=lr, optimizer=optimizer, momentum=momentum,
+                                   lr=lr, optimizer=optimizer,
+                                   # Adam has none: recording the unused value would claim one.
+                                   momentum=momentum if optimizer == "sgd" else None,
                                    weight_decay=weight_decay, batch_size=batch_size,
                                    retain_per_epoch=retain_per_epoch, history=history,
                                    select=select if isinstance(select, str) else "custom",
