@@ -93,7 +93,7 @@ def child_stream(path: str, out: str, budget: str, n: int) -> dict:
     rss_refine = _peak_rss_mib()
     f = NpyFile(out, "out")
     k = f.shape[1]
-    rows = int(info.timings["chunk_rows"])
+    rows = info.chunk_rows
     store = FileStore(f, 0, n, f, rows, torch.device("cpu"), torch.float32)
     be = get_backend("auto", torch.empty((1, k)))
     sb = ShardedBackend(be, store, torch.ones(n), Comm(None), 0, n, k)

@@ -536,7 +536,7 @@ def _refine_streamed(args: argparse.Namespace) -> int:
                            marginals=args.marginals, method=args.method, backend=args.backend,
                            tol=args.tol, max_iter=args.max_iter,
                            generator=torch.Generator().manual_seed(args.seed))
-    print(f"refined {src} in chunks of {int(info.timings['chunk_rows'])} rows with {info.method} "
+    print(f"refined {src} in chunks of {info.chunk_rows} rows with {info.method} "
           f"on {info.backend}: {info.iterations} iterations, residual {info.residual:.2e}, "
           f"converged {info.converged}, {info.seconds:.3f} s -> {out}")
     return _converged_status(info)

@@ -94,7 +94,9 @@ def forget_rows(forget_mask, n: int) -> np.ndarray:
     are masks (length N); integer tensors / arrays / sequences are row indices, negative ones
     counting from the end as in Python ([-N, N)); an integer vector whose values are all 0 or 1
     is ambiguous when its length is N or it repeats a value (a 0/1 mask, perhaps of another
-    length, or indices of rows 0 and 1?) and raises a ValueError.
+    length, or indices of rows 0 and 1?) and raises a ValueError; so does an integer vector of
+    length N that repeats any index (per-row labels, not row indices). Shorter index lists may
+    repeat an index (the row is forgotten once), unless ``pseudo`` gives a row per index.
     Built with numpy: torch's CPU ops on N-sized data wake its thread pool.
     """
     return forget_spec(forget_mask, n)[0]
@@ -151,9 +153,20 @@ def forget_spec(forget_mask, n: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
                          f"ambiguous (a 0/1 mask or the indices of rows 0 and 1?); " + MASK_HELP)
     if fm.size and (int(fm.min()) < -n or int(fm.max()) >= n):
         raise _index_out_of_range(int(fm[(fm < -n) | (fm >= n)][0]), n)
+    idx = np.where(fm < 0, fm + n, fm)
     mask = np.zeros(n, dtype=bool)
-    mask[fm] = True
-    return mask, np.where(fm < 0, fm + n, fm)
+    mask[idx] = True
+    if fm.size == n and np.count_nonzero(mask) < n:
+        # N indices that repeat one are per-row data passed by mistake (class labels, a 0/1/2
+        # mask): read as indices, labels 0..k-1 would forget rows 0..k-1 and nothing else. A
+        # shorter list may repeat an index (it forgets the row once): that one is unambiguous.
+        counts = np.bincount(idx, minlength=n)
+        r = int(np.flatnonzero(counts > 1)[0])
+        raise ValueError(f"forget_mask: an integer vector of length N = {n} that repeats row "
+                         f"{r} ({int(counts[r])} times) looks like per-row labels or a mask, not "
+                         f"row indices; expected a bool mask of length N (e.g. labels == c) or "
+                         f"distinct row indices (e.g. np.flatnonzero(labels == c))")
+    return mask, idx
 
 
 def _index_out_of_range(index: int, n: int) -> ValueError:

@@ -142,13 +142,16 @@ class RefineInfo:
     dual_value: the dual objective g(alpha) at the returned alpha.
     alpha: the dual variables (k,) float64 on the CPU, gauge-fixed to sum zero.
     method, backend: what ran; seconds: wall time of the call that returned this info.
-    timings: seconds per phase of that call (``refine``: "prepare", "solve", "materialize", ...).
+    timings: seconds per phase of that call (``refine``: "prepare", "solve", "materialize", ...);
+        durations only, so that they can be summed or plotted together.
     output_residual: ``||colsum(Q) - M||_1 / N`` of the Q that ``refine`` returned, measured in
         float64 when Q is float16 / bfloat16 (rounding Q to those dtypes adds ~1e-4 to the
         solver's ``residual``); None for float32 / float64 results, whose rounding is below the
         solver's precision floor (``TOL_FLOOR``).
     materialized: whether the last pass wrote Q(alpha) over the solver's buffer (see
         :class:`FinalPass`); ``residual`` is then that of the Q written.
+    chunk_rows: rows per chunk of a streamed refine (``refine_file``); None for the calls that
+        hold the matrix in memory.
     """
 
     iterations: int
@@ -165,6 +168,7 @@ class RefineInfo:
     timings: Dict[str, float] = field(default_factory=dict)
     output_residual: Optional[float] = None
     materialized: bool = False
+    chunk_rows: Optional[int] = None
 
 
 class FinalPass(NamedTuple):

@@ -4,10 +4,10 @@
 The input is read once (validation, log P^ and the column sums), the output file holds log P^
 while the solver runs (as ``refine``'s output buffer does in memory) and is read once per solver
 pass, then overwritten with Q once. Each chunk is an ``mmap`` of its rows only, unmapped before the
-next one is mapped, so the resident memory is one chunk of input and one of output (plus 5-9 bytes
-per row for the mask and the row weights) whatever N is; the page cache keeps what the machine
-has room for. The output is written to a temporary file next to ``out_path`` and renamed onto it
-when the refine succeeds: an error leaves no partial output behind.
+next one is mapped, so the resident memory is one chunk of input and one of output (plus a few
+bytes per row, see ``refine_file``'s ``memory_budget``) whatever N is; the page cache keeps what
+the machine has room for. The output is written to a temporary file next to ``out_path`` and
+renamed onto it when the refine succeeds: an error leaves no partial output behind.
 """
 
 from __future__ import annotations
@@ -317,8 +317,11 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         logits: the file holds logits (log-softmax is taken inside).
         chunk_rows: rows per chunk; None: as many as ``memory_budget`` allows.
         memory_budget: bytes (or e.g. "1GiB") that a chunk may keep resident (default 1 GiB);
-            the peak resident memory is about this plus the interpreter, torch and 5-9 bytes
-            per row.
+            the peak resident memory is about this plus the interpreter, torch and what the
+            call keeps per row: 5 bytes (a bool forget mask and float32 inverse row weights; 9
+            for a float64 file, whose inverse weights are float64), 8 more for ``weights``
+            when they are copied (below), and at setup, briefly, 16 more (the float64 sums of
+            the inverse weights).
         device: where the kernels run ("cpu" or a CUDA device: chunks are copied there through
             pinned buffers, the next copy overlapping the current kernels).
         rows: (start, stop): refine only these rows of the file (with ``process_group``: this
@@ -326,12 +329,15 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         process_group: a ``torch.distributed`` process group; each rank streams its own file
             or row range and writes its own ``out_path``; every rank gets the same alpha.
         progress: a tqdm bar per pass (default: when stderr is a terminal).
-        weights: (N,) row weights c_i, as ``refine``'s (in memory: 8 bytes per row).
+        weights: (N,) row weights c_i, as ``refine``'s; kept as float64 for the call: a
+            float64 CPU array or tensor is used as it is, any other is copied (8 bytes per
+            row).
         generator, **options: ``refine``'s other options (lam, pseudo, marginals, method, tol,
             max_iter, backend, step_size).
 
     Returns:
-        :class:`RefineInfo` (``info.timings`` per phase; ``info.seconds`` the whole call).
+        :class:`RefineInfo` (``info.timings`` seconds per phase; ``info.seconds`` the whole
+        call; ``info.chunk_rows`` the rows per chunk).
     """
     t0 = time.perf_counter()
     comm = Comm(process_group)
@@ -403,7 +409,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         except FileNotFoundError:
             pass
         raise
-    info.timings["chunk_rows"] = float(rows_per)
+    info.chunk_rows = int(rows_per)
     info.seconds = time.perf_counter() - t0
     return info
 

@@ -82,15 +82,21 @@ def main(scenario: str, outdir: str) -> None:
             np.save(path, p)
         dist.barrier()
         out = Path(outdir) / f"q{rank}.npy"
-        ppu_fast.refine_file(path, mask[s:e], out, rows=(s, e), chunk_rows=100,
-                             process_group=group)
+        info = ppu_fast.refine_file(path, mask[s:e], out, rows=(s, e), chunk_rows=100,
+                                    process_group=group)
         res["file_q"] = np.load(out)
+        res["file_chunk_rows"] = np.array(info.chunk_rows)
+        res["file_phases"] = np.array(list(info.timings))
+        res["file_seconds"] = np.array(list(info.timings.values()), dtype=np.float64)
         bad = p[s:e].copy()
         if rank == 1:
             bad[17, 3] = np.nan
         res["nan_error"] = _error(lambda: ppu_fast.refine(bad, mask[s:e], process_group=group))
         short = mask[s:e - 1] if rank == 0 else mask[s:e]
         res["mask_error"] = _error(lambda: ppu_fast.refine(p[s:e], short, process_group=group))
+        # Rank 1 passes its rows' labels (0..2, repeated) where its forget mask belongs.
+        labels = np.arange(e - s) % 3 if rank == 1 else mask[s:e]
+        res["labels_error"] = _error(lambda: ppu_fast.refine(p[s:e], labels, process_group=group))
     elif scenario == "three":
         run("empty", [0, 0, 1500, len(p)])
         run("empty16", [0, 0, 1500, len(p)], dtype=np.float16)

@@ -174,6 +174,44 @@ def test_refine_on_files(tmp_path, ext, capsys):
     assert "converged True" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("ext", [".npy", ".pt"])
+@pytest.mark.parametrize("stream", [[], ["--chunk-rows", "16"]])
+def test_refine_refuses_labels_as_forget(tmp_path, ext, stream, capsys):
+    """A --forget file of per-row class labels (length N, repeated values) exited 0 having
+    forgotten rows 0..k-1 only; it is bad input (exit status 2, nothing written), in memory and
+    streamed."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(50, 4, generator=g), 1)
+    labels = torch.arange(50) % 4
+    np.save(tmp_path / "p.npy", probs.numpy())
+    if ext == ".npy":
+        np.save(tmp_path / "labels.npy", labels.numpy())
+    else:
+        torch.save(labels, tmp_path / "labels.pt")
+    out = tmp_path / "q.npy"
+    assert main(["refine", "--probs", str(tmp_path / "p.npy"), "--forget",
+                 str(tmp_path / f"labels{ext}"), "--out", str(out), *stream]) == 2
+    err = capsys.readouterr().err
+    assert ("error: forget_mask: an integer vector of length N = 50 that repeats row 0 "
+            "(13 times) looks like per-row labels") in err, err
+    assert not out.exists()
+
+
+def test_refine_names_a_bad_backend_environment_variable(tmp_path, monkeypatch, capsys):
+    """PPU_FAST_BACKEND=nope failed as "backend: unknown name 'nope'", sending the caller to a
+    --backend flag they had not passed: the error names the variable (exit status 2)."""
+    g = torch.Generator().manual_seed(0)
+    np.save(tmp_path / "p.npy", torch.softmax(torch.randn(20, 3, generator=g), 1).numpy())
+    np.save(tmp_path / "m.npy", np.arange(20) < 3)
+    monkeypatch.setenv("PPU_FAST_BACKEND", "nope")
+    for stream in ([], ["--chunk-rows", "8"]):
+        assert main(["refine", "--probs", str(tmp_path / "p.npy"), "--forget",
+                     str(tmp_path / "m.npy"), "--out", str(tmp_path / "q.npy"), *stream]) == 2
+        err = capsys.readouterr().err
+        assert "error: PPU_FAST_BACKEND: unknown backend name 'nope'" in err, err
+    assert not (tmp_path / "q.npy").exists()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["run", "--dataset", "digits5", "--model", "smallcnn", "--methods", "ppu,forget-all", "--out", "x"],
      "forget-all"),

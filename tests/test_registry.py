@@ -53,8 +53,51 @@ def test_env_override(monkeypatch, small_problem):
     _, info = ppu_fast.refine(p, mask, return_info=True)
     assert info.backend == "torch"
     monkeypatch.setenv("PPU_FAST_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="backend: unknown name 'nonsense'"):
+    with pytest.raises(ValueError, match="PPU_FAST_BACKEND: unknown backend name 'nonsense'"):
         ppu_fast.refine(p, mask)
+
+
+def test_env_override_errors_name_the_variable(monkeypatch, small_problem, tmp_path):
+    """A bad PPU_FAST_BACKEND said "backend: unknown name 'nope'", sending the caller to a
+    backend= argument they had not passed: refine, solve and refine_file name the variable; a
+    backend= given in the call is still named as the argument."""
+    import numpy as np
+
+    p, mask = small_problem
+    np.save(tmp_path / "p.npy", p.numpy())
+    monkeypatch.setenv("PPU_FAST_BACKEND", "nope")
+    match = (r"^PPU_FAST_BACKEND: unknown backend name 'nope' \(the environment variable replaces "
+             r"backend='auto'\); expected 'auto' or one of \[.*'cpu'.*\], or the variable unset$")
+    calls = [lambda: ppu_fast.refine(p, mask),
+             lambda: ppu_fast.solve(torch.log(p), torch.ones(len(p)), p.sum(0)),
+             lambda: ppu_fast.refine_file(tmp_path / "p.npy", mask.numpy(), tmp_path / "q.npy",
+                                          chunk_rows=64)]
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(ValueError, match=r"^backend: unknown name 'jax'"):
+        ppu_fast.refine(p, mask, backend="jax")
+    assert ppu_fast.refine(p, mask, return_info=True, backend="torch")[1].backend == "torch"
+    unavailable = [n for n, ok, _ in backends.describe() if not ok]
+    if unavailable:
+        monkeypatch.setenv("PPU_FAST_BACKEND", unavailable[0])
+        with pytest.raises(RuntimeError, match=rf"^backend: '{unavailable[0]}' \(from the "
+                                               r"environment variable PPU_FAST_BACKEND, which "
+                                               r"replaces 'auto'\) cannot run on this input"):
+            ppu_fast.refine(p, mask)
+
+
+@pytest.mark.skipif(not _compiled_cpu_module_present(), reason="the compiled cpu module is absent")
+def test_a_bad_cpu_isa_variable_is_named(monkeypatch):
+    """PPU_FAST_CPU_ISA, the other variable that selects something, is named as well when the
+    cpu backend is built from it (not only when get_backend checks it)."""
+    from ppu_fast.backends.cpu import CpuBackend
+
+    monkeypatch.setenv("PPU_FAST_CPU_ISA", "avx-512")
+    with pytest.raises(ValueError, match=r"^PPU_FAST_CPU_ISA: unknown CPU kernel 'avx-512'"):
+        CpuBackend()
+    with pytest.raises(ValueError, match=r"^isa: unknown CPU kernel 'sse'"):
+        CpuBackend(isa="sse")
 
 
 def test_forcing_an_unavailable_backend_raises_with_reasons(small_problem):

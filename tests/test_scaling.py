@@ -60,7 +60,7 @@ def test_streaming_equals_in_memory(tmp_path, dtype, chunk):
     assert float((info.alpha - i0.alpha).abs().max()) <= ALPHA_TOL[dtype]
     _q_close(q, q0)
     if chunk == "budget":  # 4 KiB: a handful of rows per chunk
-        assert info.timings["chunk_rows"] < n
+        assert info.chunk_rows < n
     assert sorted(os.listdir(tmp_path)) == ["f.npy", "p.npy", "q.npy"]
 
 
@@ -176,6 +176,40 @@ def test_streaming_errors_name_file_and_row(tmp_path):
         f.write(p[:10].tobytes())
     with pytest.raises(ValueError, match="is truncated"):
         NpyFile(tmp_path / "trunc.npy")
+
+
+def _assert_durations(info) -> None:
+    assert info.timings, "no phases timed"
+    for phase, v in info.timings.items():
+        assert type(v) is float and v >= 0.0 and np.isfinite(v), (phase, v)
+    assert sum(info.timings.values()) <= info.seconds * (1 + 1e-9) + 1e-6
+
+
+def test_timings_hold_durations_only(tmp_path):
+    """RefineInfo.timings is seconds per phase; refine_file put its rows per chunk there too
+    ('chunk_rows': 8.0), so summing or plotting the phases mixed a row count with seconds. The
+    row count is info.chunk_rows; the in-memory calls report None there."""
+    n, k = 120, 6
+    p = _probs(n, k, np.float32, seed=4)
+    mask = _mask(n)
+    np.save(tmp_path / "p.npy", p)
+    _, info = refine(p, mask, return_info=True)
+    _assert_durations(info)
+    assert info.chunk_rows is None
+    _, info = solve(np.log(p.astype(np.float64)), np.ones(n), p.sum(0, dtype=np.float64))
+    for phase, v in info.timings.items():  # solve times no phases of its own today
+        assert type(v) is float and v >= 0.0, (phase, v)
+    assert info.chunk_rows is None
+    for rows, budget in ((8, None), (None, 2048)):
+        kw = {"chunk_rows": rows} if rows else {"memory_budget": budget}
+        info = refine_file(tmp_path / "p.npy", mask, tmp_path / "q.npy", **kw)
+        _assert_durations(info)
+        assert "chunk_rows" not in info.timings
+        assert type(info.chunk_rows) is int
+        if rows:
+            assert info.chunk_rows == 8
+        else:
+            assert 1 <= info.chunk_rows < n
 
 
 def test_parse_bytes():
@@ -387,6 +421,16 @@ def test_distributed_two_ranks(tmp_path, problem):
         msg = str(res[r]["nan_error"])
         assert "on rank 1" in msg and "row 17 contains NaN" in msg, msg
         assert "forget_mask" in str(res[r]["mask_error"]) and "rank 0" in str(res[r]["mask_error"])
+        msg = str(res[r]["labels_error"])
+        assert "forget_mask: an integer vector of length N = 1266 that repeats row 0" in msg, msg
+        assert "looks like per-row labels" in msg and "rank 1" in msg, msg
+        # info.timings of a sharded refine_file: seconds per phase (allreduce included), the
+        # rows per chunk apart
+        assert int(res[r]["file_chunk_rows"]) == 100
+        phases = set(res[r]["file_phases"].tolist())
+        assert {"prepare", "solve", "materialize", "allreduce"} <= phases
+        assert "chunk_rows" not in phases
+        assert (res[r]["file_seconds"] >= 0.0).all()
 
 
 def test_distributed_three_ranks_edge_shards(tmp_path, problem):

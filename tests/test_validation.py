@@ -230,3 +230,39 @@ def test_refine_weights_follow_the_mask_with_lam():
     w = torch.where(f, 1.0, 0.25)
     q2 = ppu_fast.refine(p, f, weights=w)
     torch.testing.assert_close(q1, q2, rtol=1e-5, atol=1e-6)
+
+
+def test_labels_passed_as_forget_mask_are_refused(problem, tmp_path):
+    """An integer vector of length N that repeats an index is per-row data (class labels, a 0/1/2
+    mask) passed by mistake: read as row indices, labels 0..2 forgot rows 0, 1 and 2 only and
+    the call went on silently. refine and refine_file both refuse it; N distinct indices (every
+    row, in any order) and shorter index lists with repeats are read as before."""
+    from ppu_fast.problem import forget_rows
+
+    p, _ = problem
+    n = p.shape[0]
+    labels = torch.arange(n) % 3
+    match = (rf"forget_mask: an integer vector of length N = {n} that repeats row 0 \(100 times\) "
+             r"looks like per-row labels or a mask, not row indices; expected a bool mask of "
+             r"length N \(e\.g\. labels == c\) or distinct row indices")
+    for lab in (labels, labels.int(), labels.numpy(), labels.tolist()):
+        with pytest.raises(ValueError, match=match):
+            call_and_check_unchanged(lambda: ppu_fast.refine(p, lab), p)
+    np.save(tmp_path / "p.npy", p.numpy())
+    with pytest.raises(ValueError, match=match):
+        ppu_fast.refine_file(tmp_path / "p.npy", labels.numpy(), tmp_path / "q.npy")
+    with pytest.raises(ValueError, match=r"length N = 100 that repeats row 0 \(34 times\)"):
+        ppu_fast.refine_file(tmp_path / "p.npy", labels.numpy()[:100], tmp_path / "q.npy",
+                             rows=(0, 100))
+    assert not (tmp_path / "q.npy").exists()
+    # -1 and N - 1 are one row: N indices naming it twice repeat it.
+    wrapped = torch.arange(n)
+    wrapped[0] = -1
+    with pytest.raises(ValueError, match=rf"repeats row {n - 1} \(2 times\)"):
+        ppu_fast.refine(p, wrapped)
+    assert forget_rows(torch.randperm(n), n).all()
+    # Shorter lists may repeat an index (the row is forgotten once), as documented.
+    np.testing.assert_array_equal(forget_rows(torch.tensor([3, 3, 5]), n),
+                                  forget_rows(torch.tensor([3, 5]), n))
+    assert torch.equal(ppu_fast.refine(p, torch.tensor([3, 3, 5, 7])),
+                       ppu_fast.refine(p, torch.tensor([3, 5, 7])))

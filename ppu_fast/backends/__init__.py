@@ -62,8 +62,13 @@ def get_backend(name: str, log_p: torch.Tensor, shape: Optional[Tuple[int, int]]
     probe row)."""
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a string, got {type(name).__name__}")
+    # Where the name came from, for the errors: a name set in the environment, away from the
+    # call, must say so or the caller looks for a backend= argument that is not there.
+    source = ""
     if name == "auto":
         name = os.environ.get("PPU_FAST_BACKEND", "auto") or "auto"
+        if name != "auto":
+            source = " (from the environment variable PPU_FAST_BACKEND, which replaces 'auto')"
     if log_p.device.type == "cpu" and name in ("auto", "cpu"):
         isa = os.environ.get("PPU_FAST_CPU_ISA", "")
         if isa and isa != "auto":
@@ -80,11 +85,15 @@ def get_backend(name: str, log_p: torch.Tensor, shape: Optional[Tuple[int, int]]
             tried.append(f"{cand}: {'; '.join(why)}")
         raise RuntimeError("backend: no backend can run on this input:\n  " + "\n  ".join(tried))
     if name not in _SPECS:
+        if source:
+            raise ValueError(f"PPU_FAST_BACKEND: unknown backend name {name!r} (the environment "
+                             f"variable replaces backend='auto'); expected 'auto' or one of "
+                             f"{list(BACKEND_NAMES)}, or the variable unset")
         raise ValueError(f"backend: unknown name {name!r}; expected 'auto' or one of "
                          f"{list(BACKEND_NAMES)}")
     why = reasons(name, log_p)
     if why:
-        raise RuntimeError(f"backend: {name!r} cannot run on this input ({log_p.dtype}, "
+        raise RuntimeError(f"backend: {name!r}{source} cannot run on this input ({log_p.dtype}, "
                            f"{tuple(shape or log_p.shape)}, {log_p.device}): " + "; ".join(why))
     return load(name)[0]  # type: ignore[return-value]
 
