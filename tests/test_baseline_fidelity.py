@@ -27,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL_NB = "small_scale_unlearning.ipynb"
 LARGE_NB = "large_scale_unlearning.ipynb"
 BADT_NB = "BadT_experiments.ipynb"
+MIA_NB = "MIA_experiments.ipynb"
 HELPER = (f"{SMALL_NB} 'Finetune and Fisher Helper' (finetune / negative_grad / fk_fientune, "
           f"run_train_epoch, l2_penalty)")
 LARGE = ("selective", "class")
@@ -37,18 +38,26 @@ TABLE = [
      {"epochs": 10, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.1,
       "batch_size": 128, "mode": "eval"},
      f"{SMALL_NB} 'Finetune' + {HELPER}; wd 0.1 and batch 128 from 'Train the original model'"),
-    ("finetune", LARGE,
+    ("finetune", ("class",),
      {"epochs": 10, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.0,
       "batch_size": 128, "mode": "train"},
      f"{LARGE_NB} finetune (loops.py train_vanilla) + 'Finetune'"),
+    ("finetune", ("selective",),
+     {"epochs": 10, "lr": 0.04, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.0,
+      "batch_size": 32, "mode": "train"},
+     f"{MIA_NB} per-seed cell (ft_lr 0.04, ft_epochs 10, retain_bs 32) + finetune (train_vanilla)"),
     ("neggrad+", ("small",),
      {"alpha": 0.95, "epochs": 10, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.1,
       "batch_size": 128, "forget_batch_size": 64, "mode": "eval"},
      f"{SMALL_NB} 'Negative Gradient' + {HELPER} (run_neggrad_epoch); forget_bs in 'Data Loader'"),
-    ("neggrad+", LARGE,
+    ("neggrad+", ("class",),
      {"alpha": 0.9999, "epochs": 5, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.0,
       "batch_size": 128, "forget_batch_size": 512, "mode": "train"},
      f"{BADT_NB} per-seed cell (ng_*, retain_bs, forget_bs) + negative_grad (loops.py train_negrad)"),
+    ("neggrad+", ("selective",),
+     {"alpha": 0.9999, "epochs": 5, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.0,
+      "batch_size": 32, "forget_batch_size": 16, "mode": "train"},
+     f"{MIA_NB} per-seed cell (ng_*, retain_bs 32, forget_bs 16) + negative_grad (train_negrad)"),
     ("cf-k", ("small",),
      {"epochs": 10, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.1,
       "batch_size": 128, "mode": "eval", "lr_milestones": [10, 15, 20], "lr_decay": 0.1,
@@ -57,8 +66,9 @@ TABLE = [
     ("cf-k", LARGE,
      {"epochs": 10, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.0,
       "batch_size": 64, "mode": "train-all", "lr_milestones": [10, 15, 20], "lr_decay": 0.1,
-      "lr_decayed_base": 5e-4},
-     f"{BADT_NB} cfk_unlearn + fk_fientune (loops.py train_vanilla)"),
+      "lr_decayed_base": 0.01},
+     f"{MIA_NB} / {BADT_NB} cfk_unlearn + fk_fientune (loops.py train_vanilla); decayed base: "
+     f"args.sgda_learning_rate as main_merged.py parses it (0.01) before scrub() sets 5e-4"),
     ("eu-k", ("small",),
      {"epochs": 30, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.1,
       "batch_size": 128, "mode": "eval", "lr_milestones": [10, 15, 20], "lr_decay": 0.1,
@@ -68,8 +78,9 @@ TABLE = [
     ("eu-k", LARGE,
      {"epochs": 25, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.0,
       "batch_size": 64, "mode": "train-all", "lr_milestones": [10, 15, 20], "lr_decay": 0.1,
-      "lr_decayed_base": 5e-4, "reset": ["features.2", "classifier"], "init": "given"},
-     f"{BADT_NB} euk_unlearn (training_epochs = 25, euk_bs 64) + fk_fientune (train_vanilla)"),
+      "lr_decayed_base": 0.01, "reset": ["features.2", "classifier"], "init": "given"},
+     f"{MIA_NB} / {BADT_NB} euk_unlearn (training_epochs = 25, euk_bs 64) + fk_fientune "
+     f"(train_vanilla); decayed base as CF-k's"),
     ("fisher", ("small",), {"alpha": 1e-6}, f"{SMALL_NB} 'Fisher Noise in Weights' (alpha = 1e-6)"),
     ("fisher", LARGE, {"alpha": 1e-7}, f"{LARGE_NB} 'Fisher' noise cell (alpha = 1e-7)"),
     ("bad-t", ("small",) + LARGE,
@@ -88,10 +99,17 @@ TABLE = [
       "batch_size": 256, "forget_batch_size": 512},
      f"{LARGE_NB} 'SCRUB Forgetting' (args.*) + 'Data Loader' (retain 256, forget 512)"),
     ("scrub", ("selective",),
-     {"optimizer": "sgd", "lr": 5e-4, "lr_milestones": [3, 5, 9], "lr_decay": 0.1, "weight_decay": 5e-4},
-     f"{LARGE_NB} 'SCRUB Forgetting' (SCRUB's code has no selective cell: these are the large-scale ones)"),
-    ("scrub+r", ("small", "selective", "class"), {"rewind": "scrub", "select": "val"},
-     f"{BADT_NB} scrub(teacher, student): selected_idx rule"),
+     {"optimizer": "sgd", "lr": 5e-4, "epochs": 5, "msteps": 3, "temperature": 4.0, "gamma": 1.0,
+      "alpha": 0.5, "lr_milestones": [3, 5, 9], "lr_decay": 0.1, "weight_decay": 5e-4,
+      "batch_size": 32, "forget_batch_size": 16},
+     f"{MIA_NB} scrub(teacher, student) (args.*) + per-seed cell (retain_bs 32, forget_bs 16)"),
+    ("scrub+r", ("small", "class"), {"rewind": "first-above", "select": "val"},
+     f"{BADT_NB} scrub(teacher, student): selected_idx = first epoch above the final val error"),
+    ("scrub+r", ("selective",), {"rewind": "closest-final", "select": "val",
+                                 "batch_size": 32, "forget_batch_size": 16, "epochs": 5},
+     f"{MIA_NB} scrub(teacher, student): selected_idx = epoch closest to the final val error"),
+    ("scrub+r", ("class",), {"batch_size": 128, "forget_batch_size": 512, "epochs": 3, "msteps": 2},
+     f"{BADT_NB} scrub(teacher, student) on the per-seed cell's loaders (retain_bs 128, forget_bs 512)"),
     ("ntk", ("small",), {"weight_decay": 0.1, "loss": "ce", "scale_rule": "predicted", "init": "given"},
      f"{SMALL_NB} 'NTK based Forgetting' (delta_w_utils, w_lin(D) / w_lin(D_r) with args.weight_decay "
      f"0.1 from 'Train the original model', 'Trapezium Trick' scale from init_checkpoint)"),
@@ -226,12 +244,21 @@ def test_scrub_r_rule_compares_with_the_final_models_validation_error():
         scrub_rewind([{"epoch": 0, "forget_error": 1.0}])
 
 
+def test_scrub_r_selective_rule_is_the_closest_to_the_final_validation_error():
+    # MIA_experiments.ipynb: min(enumerate(acc_fs), key=abs(x - acc_fvs[-1])), epoch 0 included
+    assert scrub_rewind(rows([0, 2, 12, 30, 45, 50], [0] * 5 + [20]), "closest-final") == 2
+    assert scrub_rewind(rows([0, 2, 12, 30, 45, 50], [0] * 5 + [20]), "first-above") == 3
+    assert scrub_rewind(rows([19, 10, 21, 40], [0, 0, 0, 20]), "closest-final") == 0  # tie: earliest
+    with pytest.raises(ValueError, match="rule must be"):
+        scrub_rewind(rows([1], [1]), "closest")
+
+
 def test_scrub_r_rewound_to_epoch_0_is_the_original(tiny, monkeypatch):
     split, forget, retain, _, model = tiny
     res = unlearn(model, forget, retain, method="scrub+r", val=split.val, setting="small", epochs=2,
                   msteps=1, progress=False)
-    assert res.selected_epoch == scrub_rewind(res.history)
-    monkeypatch.setattr(scrub_module, "scrub_rewind", lambda history: 0)
+    assert res.selected_epoch == scrub_rewind(res.history, res.options["rewind"])
+    monkeypatch.setattr(scrub_module, "scrub_rewind", lambda history, rule: 0)
     back = unlearn(model, forget, retain, method="scrub+r", val=split.val, setting="small", epochs=2,
                    msteps=1, progress=False)
     assert back.selected_epoch == 0 and same(state(model), state(back.model))
@@ -262,7 +289,8 @@ def test_eu_k_copies_the_initial_weights_of_the_block_and_classifier(tiny):
 
 
 def test_fk_schedule_is_scrubs_adjust_learning_rate():
-    # SCRUB's loop is 0-based, its decay base args.sgda_learning_rate = 5e-4
+    # SCRUB's loop is 0-based, its decay base args.sgda_learning_rate = 5e-4 at small scale (at large
+    # scale 0.01, main_merged.py's default: the lr itself, as decayed_base=None below)
     lr = fk_lr(0.01, [10, 15, 20], 0.1, 5e-4)
     got = [lr(e) for e in range(1, 31)]
     assert got[:11] == [0.01] * 11

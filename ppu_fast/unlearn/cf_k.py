@@ -22,11 +22,15 @@ from ._loop import l2_pull as make_l2_pull
 # ``run_train_epoch``: eval mode plus ``l2_penalty`` of weight args.weight_decay = 0.1 over the
 # trainable parameters), retain batches of 128 ("Finetune"). Large scale: BadT_experiments.ipynb
 # ``cfk_unlearn`` (cfk_bs 64; its ``fk_fientune`` calls loops.py ``train_vanilla``: the whole model in
-# train mode, frozen blocks' BatchNorm statistics included, no penalty).
+# train mode, frozen blocks' BatchNorm statistics included, no penalty). The decayed lr's base is
+# args.sgda_learning_rate: 5e-4 at small scale, where the SCRUB cell has set it before; at large scale
+# each seed re-parses args (``%run main_merged.py``, whose --sgda-learning-rate defaults to 0.01) and
+# runs CF-k / EU-k before ``scrub`` sets 5e-4 (MIA_experiments.ipynb; BadT_experiments.ipynb runs
+# ``train.py``, not in the repository, the same way): 0.01, i.e. the CF-k / EU-k lr itself.
 _SMALL = {"epochs": 10, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.1,
           "batch_size": 128, "mode": "eval", "lr_milestones": (10, 15, 20), "lr_decay": 0.1,
           "lr_decayed_base": 5e-4}
-_LARGE = {**_SMALL, "l2_pull": 0.0, "batch_size": 64, "mode": "train-all"}
+_LARGE = {**_SMALL, "l2_pull": 0.0, "batch_size": 64, "mode": "train-all", "lr_decayed_base": 0.01}
 PRESETS = {"small": _SMALL, "selective": _LARGE, "class": _LARGE}
 
 

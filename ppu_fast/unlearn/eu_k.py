@@ -19,11 +19,13 @@ from .cf_k import resolve_block_options, train_block
 # SCRUB's code: as CF-k (see cf_k.py) with euk_epochs = training_epochs, 30 at small scale
 # (small_scale_unlearning.ipynb "Exact Unlearning k layers", "Logs") and 25 at large scale
 # (BadT_experiments.ipynb ``euk_unlearn``, euk_bs 64). The schedule matters here: SCRUB's
-# ``adjust_learning_rate`` drops the lr to args.sgda_learning_rate * 0.1 = 5e-5 after epoch 10.
+# ``adjust_learning_rate`` drops the lr to args.sgda_learning_rate * 0.1 after epoch 10: 5e-5 at
+# small scale, 1e-3 at large scale (args.sgda_learning_rate 0.01 there; see cf_k.py).
 _SMALL = {"epochs": 30, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.1,
           "batch_size": 128, "mode": "eval", "lr_milestones": (10, 15, 20), "lr_decay": 0.1,
           "lr_decayed_base": 5e-4}
-_LARGE = {**_SMALL, "epochs": 25, "l2_pull": 0.0, "batch_size": 64, "mode": "train-all"}
+_LARGE = {**_SMALL, "epochs": 25, "l2_pull": 0.0, "batch_size": 64, "mode": "train-all",
+          "lr_decayed_base": 0.01}
 PRESETS = {"small": _SMALL, "selective": _LARGE, "class": _LARGE}
 
 
@@ -76,7 +78,7 @@ def eu_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | N
     SGD at lr 0.01 without momentum or weight decay, 30 epochs at small scale (batches of 128, eval
     mode, pull 0.1) and 25 at large scale (batches of 64, ``mode="train-all"``, no pull); after epoch
     10 the lr follows SCRUB's ``adjust_learning_rate`` (see :func:`~ppu_fast.unlearn._loop.fk_lr`):
-    5e-5, then 5e-6 after 15, 5e-7 after 20."""
+    at small scale 5e-5, then 5e-6 after 15, 5e-7 after 20; at large scale 1e-3, 1e-4, 1e-5."""
     setting = resolve_setting(setting, forget, retain)
     hp = resolve_block_options(setting, PRESETS, {
         "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,

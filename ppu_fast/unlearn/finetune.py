@@ -18,11 +18,13 @@ from ._loop import l2_pull as make_l2_pull
 # (``finetune``: SGD without momentum or weight decay, ``run_train_epoch`` in eval mode with
 # ``l2_penalty(model, model_init, args.weight_decay)``, args.weight_decay = 0.1 from "Train the original
 # model") and "Finetune" (10 epochs, lr 0.01, retain batches of args.batch_size = 128). Large scale:
-# large_scale_unlearning.ipynb, ``finetune`` (``train_vanilla``: train mode, no penalty) and "Finetune".
+# large_scale_unlearning.ipynb, ``finetune`` (``train_vanilla``: train mode, no penalty) and "Finetune"
+# (class forgetting); selective: MIA_experiments.ipynb's per-seed cell (ft_lr 0.04, ft_epochs 10, on
+# its retain loader of retain_bs = 32).
 _SMALL = {"epochs": 10, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "l2_pull": 0.1,
           "batch_size": 128, "mode": "eval"}
 _LARGE = {**_SMALL, "l2_pull": 0.0, "mode": "train"}
-PRESETS = {"small": _SMALL, "selective": _LARGE, "class": _LARGE}
+PRESETS = {"small": _SMALL, "selective": {**_LARGE, "lr": 0.04, "batch_size": 32}, "class": _LARGE}
 
 
 @register("finetune")
@@ -38,7 +40,8 @@ def finetune_retain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: 
 
     ``setting`` (``"small"``, ``"selective"``, ``"class"`` or ``"auto"``, see
     :func:`ppu_fast.unlearn._loop.infer_setting`) fills the options left at None: 10 epochs, lr 0.01,
-    no momentum, no weight decay, batches of 128; at small scale an L2 pull of weight 0.1 toward the
+    no momentum, no weight decay, batches of 128 (selective: lr 0.04, batches of 32, as
+    MIA_experiments.ipynb); at small scale an L2 pull of weight 0.1 toward the
     starting weights (``l2_pull``, SCRUB's ``l2_penalty``) and eval mode (``mode``, see
     :func:`ppu_fast.unlearn._loop.run_loop`), at large scale no pull and train mode. Our earlier
     defaults (momentum 0.9, weight decay 5e-4, batches of 64, train mode) remain available as options.

@@ -20,13 +20,15 @@ from ._loop import l2_pull as make_l2_pull
 # decay; ``run_neggrad_epoch``: eval mode, loss alpha * (CE_r + l2_penalty(wd 0.1)) - (1 - alpha) * CE_f),
 # "Finetune" (retain batches of 128) and "Data Loader" (forget batches of args.forget_bs = 64).
 # Large scale: BadT_experiments.ipynb, the per-seed cell (ng_alpha 0.9999, ng_epochs 5, ng_lr 0.01,
-# retain_bs 128, forget_bs 512) and ``negative_grad`` -> thirdparty/repdistiller/helper/loops.py
-# ``train_negrad`` (train mode, no penalty).
+# retain_bs 128, forget_bs 512; class forgetting) and ``negative_grad`` ->
+# thirdparty/repdistiller/helper/loops.py ``train_negrad`` (train mode, no penalty); selective:
+# MIA_experiments.ipynb's per-seed cell, the same but retain_bs 32, forget_bs 16.
 _SMALL = {"alpha": 0.95, "epochs": 10, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0,
           "l2_pull": 0.1, "batch_size": 128, "forget_batch_size": 64, "mode": "eval"}
 _LARGE = {**_SMALL, "alpha": 0.9999, "epochs": 5, "l2_pull": 0.0, "forget_batch_size": 512,
           "mode": "train"}
-PRESETS = {"small": _SMALL, "selective": _LARGE, "class": _LARGE}
+PRESETS = {"small": _SMALL, "selective": {**_LARGE, "batch_size": 32, "forget_batch_size": 16},
+           "class": _LARGE}
 
 
 @register("neggrad+")

@@ -5,8 +5,9 @@ The student (a copy of the model) is trained against the frozen original (the te
 (loss ``-KL``), then every epoch a min-step pass over the retain set pulls it back
 (``gamma * CE + alpha * KL``), KL taken at temperature T and scaled by T^2 (SCRUB's ``DistillKL``);
 thirdparty/repdistiller/helper/loops.py ``train_distill``, student in train mode.
-SCRUB+R keeps a checkpoint per epoch and rewinds by the rule of BadT_experiments.ipynb
-``scrub(teacher, student)`` (:func:`scrub_rewind`).
+SCRUB+R keeps a checkpoint per epoch and rewinds by SCRUB's rule for the setting
+(:func:`scrub_rewind`): MIA_experiments.ipynb's for selective forgetting, BadT_experiments.ipynb's
+for class forgetting (and at small scale, where SCRUB's code has no SCRUB+R).
 """
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ from ._loop import loader, make_optimizer, milestone_lr, pick, resolve_setting, 
 # (Adam, args.sgda_* and lr_decay_epochs [5, 8, 9]) and "Data Loader" (retain_bs 32, forget_bs 64).
 # "class": large_scale_unlearning.ipynb, "SCRUB Forgetting" (SGD momentum 0.9, 3 epochs, msteps 2,
 # gamma 0.99, alpha 0.001, T 4, wd 5e-4, lr_decay_epochs [3, 5, 9]) and "Data Loader" (retain 256,
-# forget 512). "selective": SCRUB's code has no cell of its own; epochs, msteps, T and batch sizes are
-# the paper's selective values, optimiser, weight decay and milestones those of the large-scale cell.
+# forget 512); SCRUB+R from BadT_experiments.ipynb, whose ``scrub(teacher, student)`` has the same
+# values and the rewinding, on its per-seed cell's retain batches of 128. "selective":
+# MIA_experiments.ipynb (SCRUB's selective experiment, 100 examples of class 5), ``scrub(teacher,
+# student)`` (SGD momentum 0.9, lr 5e-4, 5 epochs, msteps 3, gamma 1, alpha 0.5, T 4, wd 5e-4,
+# lr_decay_epochs [3, 5, 9]) and its per-seed cell (retain_bs 32, forget_bs 16).
 _SMALL = {"optimizer": "adam", "lr": 5e-4, "epochs": 10, "msteps": 3, "temperature": 2.0, "gamma": 1.0,
           "alpha": 0.5, "lr_milestones": (5, 8, 9), "weight_decay": 0.1, "batch_size": 32,
           "forget_batch_size": 64}
@@ -37,24 +41,37 @@ _SELECTIVE = {**_SMALL, "optimizer": "sgd", "lr": 5e-4, "epochs": 5, "msteps": 3
               "weight_decay": 5e-4, "batch_size": 32, "forget_batch_size": 16, "lr_milestones": (3, 5, 9)}
 _CLASS = {**_SELECTIVE, "epochs": 3, "msteps": 2, "gamma": 0.99, "alpha": 0.001, "batch_size": 256,
           "forget_batch_size": 512}
-REWIND_RULES = ("scrub", "closest")
+PRESETS = {"small": _SMALL, "selective": _SELECTIVE, "class": _CLASS}
+# SCRUB+R's own (select="val"): at class scale its source notebook's retain batches.
+PRESETS_R = {**PRESETS, "class": {**_CLASS, "batch_size": 128}}
+# "scrub": SCRUB's rule for the setting (SCRUB_RULE); the others by name; "closest" is our earlier one.
+REWIND_RULES = ("scrub", "first-above", "closest-final", "closest")
+SCRUB_RULE = {"small": "first-above", "selective": "closest-final", "class": "first-above"}
 
 
-def scrub_rewind(history: Sequence[dict]) -> int:
-    """SCRUB+R's rule as SCRUB's code has it (BadT_experiments.ipynb, ``scrub(teacher, student)``):
-    the first epoch, epoch 0 (the original model) included, whose forget error exceeds the validation
-    error on the forget classes of the *final* model; the last epoch when none does."""
+def scrub_rewind(history: Sequence[dict], rule: str = "first-above") -> int:
+    """SCRUB+R's rewinding as SCRUB's code has it, over the evaluated epochs (epoch 0, the original
+    model, included) against the validation error on the forget classes of the *final* model:
+
+    - ``"first-above"`` (BadT_experiments.ipynb, class forgetting): the first epoch whose forget
+      error exceeds it; the last epoch when none does;
+    - ``"closest-final"`` (MIA_experiments.ipynb, selective forgetting): the epoch whose forget
+      error is closest to it, the earliest on ties.
+    """
+    if rule not in ("first-above", "closest-final"):
+        raise ValueError(f"rule must be 'first-above' or 'closest-final', got {rule!r}")
     if not history:
         raise ValueError("the rewinding rule needs at least one evaluated epoch")
     for h in history:
         if "forget_error" not in h or "val_error" not in h:
             raise ValueError("the rewinding rule needs 'forget_error' and 'val_error' in every epoch")
     final = history[-1]["val_error"]
+    if rule == "closest-final":
+        return int(min(history, key=lambda h: abs(h["forget_error"] - final))["epoch"])
     for h in history:
         if h["forget_error"] > final:
             return int(h["epoch"])
     return int(history[-1]["epoch"])
-PRESETS = {"small": _SMALL, "selective": _SELECTIVE, "class": _CLASS}
 
 
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -66,18 +83,18 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float)
 
 def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None,
            seed: int, device: str | torch.device | None, inplace: bool, progress: bool, setting: str,
-           select: str, history_retain: int | None, rewind: str = "scrub", **given: Any) -> UnlearnResult:
+           select: str, history_retain: int | None, rewind: str | None = None, **given: Any) -> UnlearnResult:
     setting = resolve_setting(setting, forget, retain)
-    hp = {k: pick(v, PRESETS[setting], k) for k, v in given.items()}
+    hp = {k: pick(v, (PRESETS_R if select == "val" else PRESETS)[setting], k) for k, v in given.items()}
     if not 0 <= int(hp["msteps"]) <= int(hp["epochs"]):
         raise ValueError(f"msteps must be in [0, epochs={hp['epochs']}], got {hp['msteps']}")
     if not hp["temperature"] > 0:
         raise ValueError(f"temperature must be positive, got {hp['temperature']}")
     if select not in ("last", "val"):
         raise ValueError(f"select must be 'last' or 'val', got {select!r}")
-    if rewind not in REWIND_RULES:
-        raise ValueError(f"rewind must be one of {', '.join(REWIND_RULES)}, got {rewind!r}")
-    if select == "last" and rewind != "scrub":
+    if rewind is not None and rewind not in REWIND_RULES:
+        raise ValueError(f"rewind must be None or one of {', '.join(REWIND_RULES)}, got {rewind!r}")
+    if select == "last" and rewind not in (None, "scrub"):
         raise ValueError(f"rewind={rewind!r}: the rewinding rule applies to select='val' (SCRUB+R) only")
     if select == "val" and val is None:
         raise ValueError(f"{name} rewinds by comparing forget errors with the validation error on the "
@@ -121,11 +138,13 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
                     evaluate=evaluate, keep_checkpoints=select == "val", progress=progress, desc=name)
     chosen = int(hp["epochs"])
     if select == "val":
-        chosen = scrub_rewind(loop.history) if rewind == "scrub" else select_val(loop.history)
+        rule = SCRUB_RULE[setting] if rewind in (None, "scrub") else rewind
+        chosen = select_val(loop.history) if rule == "closest" else scrub_rewind(loop.history, rule)
         # Epoch 0 is the original model, the teacher's weights.
         work.load_state_dict(loop.checkpoints[chosen] if chosen > 0 else teacher.state_dict())
     work.eval()
-    options = {"setting": setting, "select": select, **({"rewind": rewind} if select == "val" else {}),
+    # The rule that ran, by name: runs under different rules do not merge as one method.
+    options = {"setting": setting, "select": select, **({"rewind": rule} if select == "val" else {}),
                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()}}
     return UnlearnResult(work, name, history=loop.history if select == "val" else [],
                          selected_epoch=chosen, timings={"train": time.perf_counter() - t0},
@@ -141,22 +160,27 @@ def scrub(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | 
           lr_milestones: Sequence[int] | None = None, lr_decay: float = 0.1,
           weight_decay: float | None = None, batch_size: int | None = None,
           forget_batch_size: int | None = None, select: str = "last",
-          history_retain: int | None = 1000, rewind: str = "scrub") -> UnlearnResult:
+          history_retain: int | None = 1000, rewind: str | None = None) -> UnlearnResult:
     """SCRUB. ``setting`` (``"small"``, ``"selective"``, ``"class"``, or ``"auto"``: see
     :func:`ppu_fast.unlearn._loop.infer_setting`) fills every hyper-parameter left at None:
 
     - small (small_scale_unlearning.ipynb, "SCRUB Forgetting" and "Data Loader"): Adam lr 5e-4,
       10 epochs, msteps 3, T 2, gamma 1, alpha 0.5, lr x0.1 after epochs 5, 8 and 9, weight decay
       0.1, batch sizes 32 (retain) / 64 (forget);
-    - selective: SGD (momentum 0.9) lr 5e-4, 5 epochs, msteps 3, T 4, weight decay 5e-4, lr x0.1
-      after epochs 3, 5 and 9, batch sizes 32 / 16, the rest as small;
+    - selective (MIA_experiments.ipynb, ``scrub`` and the per-seed cell): SGD (momentum 0.9) lr
+      5e-4, 5 epochs, msteps 3, T 4, weight decay 5e-4, lr x0.1 after epochs 3, 5 and 9, batch
+      sizes 32 / 16, gamma 1 and alpha 0.5 as small;
     - class (large_scale_unlearning.ipynb, "SCRUB Forgetting" and "Data Loader"): as selective with
-      3 epochs, msteps 2, gamma 0.99, alpha 0.001, batch sizes 256 / 512.
+      3 epochs, msteps 2, gamma 0.99, alpha 0.001, batch sizes 256 / 512 (SCRUB+R: retain batches
+      of 128, BadT_experiments.ipynb's per-seed cell).
 
     ``select="val"`` is SCRUB+R's rewinding (needs ``val``; ``history_retain`` caps the retain
-    examples evaluated per epoch): ``rewind="scrub"`` is SCRUB's rule (:func:`scrub_rewind`),
-    ``rewind="closest"`` our earlier one, the epoch >= 1 whose forget error is closest to the same
-    epoch's validation error on the forget classes (:func:`ppu_fast.finetune.select_val`)."""
+    examples evaluated per epoch): ``rewind=None`` (or ``"scrub"``) is SCRUB's rule for the setting
+    (:func:`scrub_rewind`: ``"closest-final"`` for selective, ``"first-above"`` for class and small
+    scale), ``"first-above"`` / ``"closest-final"`` pick one, ``rewind="closest"`` is our earlier
+    rule, the epoch >= 1 whose forget error is closest to the same epoch's validation error on the
+    forget classes (:func:`ppu_fast.finetune.select_val`). ``options["rewind"]`` names the rule that
+    ran."""
     return _scrub("scrub" if select == "last" else "scrub+r", model, forget, retain, val=val, seed=seed,
                   device=device, inplace=inplace, progress=progress, setting=setting, select=select,
                   history_retain=history_retain, optimizer=optimizer, lr=lr, epochs=epochs,
@@ -174,11 +198,12 @@ def scrub_r(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset 
             lr_milestones: Sequence[int] | None = None, lr_decay: float = 0.1,
             weight_decay: float | None = None, batch_size: int | None = None,
             forget_batch_size: int | None = None, history_retain: int | None = 1000,
-            rewind: str = "scrub") -> UnlearnResult:
-    """SCRUB+R: :func:`scrub` with a checkpoint per epoch, rewound by SCRUB's rule
-    (:func:`scrub_rewind`, BadT_experiments.ipynb ``scrub(teacher, student)``) to the first epoch,
-    the original included, whose forget error exceeds the final model's validation error on the
-    forget classes (``val`` is required); ``rewind="closest"`` is our earlier rule."""
+            rewind: str | None = None) -> UnlearnResult:
+    """SCRUB+R: :func:`scrub` with a checkpoint per epoch, rewound by SCRUB's rule for the setting
+    (:func:`scrub_rewind`; ``val`` is required): selective forgetting takes the epoch, the original
+    included, whose forget error is closest to the final model's validation error on the forget
+    classes (MIA_experiments.ipynb); class forgetting and small scale the first epoch whose forget
+    error exceeds it (BadT_experiments.ipynb). ``rewind`` picks another rule (see :func:`scrub`)."""
     return scrub(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
                  progress=progress, setting=setting, optimizer=optimizer, lr=lr, epochs=epochs,
                  msteps=msteps, temperature=temperature, gamma=gamma, alpha=alpha,
