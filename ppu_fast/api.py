@@ -47,8 +47,11 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
         logits: raw model outputs (N x k); log-softmax is taken inside.
         lam: weight of the retain rows, in [1e-30, 1e30] (forget rows weigh 1).
         pseudo: what replaces the forget rows: "uniform"; "random" (softmax of standard-normal
-            draws, the paper's text); "random-simplex" (uniform draws normalised, the official
-            PPU code); "prior" (the retain rows' mean); probabilities (N_forget x k), row j for
+            draws: the paper says softmax of "randomly generated numbers", the standard normal
+            is ppu_fast's choice); "random-simplex" (uniform(0, 1) draws divided by their sum, as
+            the official PPU code; not uniform on the simplex); "prior" (the mean of the retain
+            rows' probabilities: with ``marginals="retain"`` P^ already meets the targets, so
+            Q = P^ and the refine changes nothing); probabilities (N_forget x k), row j for
             the j-th index of ``forget_mask`` (for a bool mask: the forget rows in order); or None:
             the input's forget rows already hold their pseudo-probabilities (the input is P^).
         marginals: the class totals M: "retain" (the retain rows' mix scaled to N), "original"

@@ -210,8 +210,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--retain-per-epoch", type=_positive_int, default=None)
     r.add_argument("--ppu-schedule", default=None, choices=("fast", "paper"),
                    help="PPU's fine-tuning schedule (default fast: early stop at the settled 'val' rule, "
-                        "and in bias mode a quarter of the retain rows per epoch; paper: every row, "
-                        "every epoch, as the paper runs it); also the +ppu methods' PPU step")
+                        "and in bias mode a quarter of the retain rows and each forget row 4 times per "
+                        "epoch; paper: every row, every epoch, ppu_fast's plain reading of a paper that "
+                        "gives no schedule); also the +ppu methods' PPU step")
     r.add_argument("--retain-fraction", type=_float_in(0.0, 1.0, "a share in (0, 1]", low_open=True),
                    default=None,
                    help="share of the retain rows each PPU epoch visits, in (0, 1] (default: the schedule's)")

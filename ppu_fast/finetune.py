@@ -53,9 +53,13 @@ class _Indexed(Dataset):
 
 
 def select_val(history: Sequence[dict]) -> float:
-    """SCRUB+R's rewinding rule, the paper's privacy protocol: the evaluated epoch (> 0; a fraction
-    such as 0.25 with ``evals_per_epoch``) whose forget error is closest to the validation error on
-    the forget classes; ties go to the earliest."""
+    """SCRUB+R's rewinding rule (Kurmanji et al.), which ppu_fast uses in place of the paper's: the
+    evaluated epoch (> 0, never the starting model; a fraction such as 0.25 with
+    ``evals_per_epoch``) whose forget error is closest to the validation error on the forget
+    classes; ties go to the earliest. The paper's rule (§5.5) is ambiguous as printed: "checkpoints
+    are saved at each epoch, and the model closest to the original is selected", monitoring "both
+    the training and retain accuracy at each epoch"; it does not match forget error to validation
+    error (docs/unlearning.md)."""
     best, best_gap = None, math.inf
     for h in history:
         if h["epoch"] <= 0:

@@ -322,9 +322,11 @@ def pseudo_log(pseudo, n_forget: int, k: int, generator: Optional[torch.Generato
 
     ("vector", log v (k,)) for "uniform"; ("prior", None) for "prior" (known only after the input
     pass); ("given", None) for None (the input's forget rows already hold P^); ("rows", log rows
-    (N_forget x k), each row normalised) for "random" (softmax of standard-normal draws, as the
-    paper's text says), "random-simplex" (uniform draws normalised by their sum, as the official
-    PPU code does) or a tensor, which is validated like probabilities.
+    (N_forget x k), each row normalised) for "random" (softmax of standard-normal draws: the
+    paper, §5.4, says softmax of "randomly generated numbers" without a distribution; the standard
+    normal is ppu_fast's choice), "random-simplex" (uniform(0, 1) draws divided by their sum, as
+    the official PPU code does; not uniform on the simplex, which would be Dirichlet(1)) or a
+    tensor, which is validated like probabilities.
     """
     if generator is not None and (not isinstance(generator, torch.Generator)
                                   or generator.device.type != "cpu"):

@@ -404,7 +404,8 @@ def plot_trajectory(methods: Mapping[str, Mapping[str, Any]],
     """Forget error against seconds: each method whose history records ``wall_seconds`` (PPU's
     fine-tuning, from the original model on) as its trajectory over the epochs it ran, the selected
     model marked; every method's final result (mean over seeds) as a point. Retrain's forget error is
-    the dashed line the privacy protocol aims at."""
+    the dashed line privacy mode aims at (§5.5: "the forget error remains close to that of
+    retraining")."""
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
