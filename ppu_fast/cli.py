@@ -241,7 +241,8 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("refine", help="refine probabilities from a file (the solver alone)",
                        epilog="exit status: 0 when Q was written and the solver converged; 1 when "
                               "Q was written but the solver did not converge (see stderr); 2 "
-                              "for bad input (nothing written)")
+                              "for bad input (nothing written); 3 when the machine ran out of "
+                              "memory (nothing written); 130 on Ctrl-C")
     src = f.add_mutually_exclusive_group(required=True)
     src.add_argument("--probs", help="N x k probabilities, .pt or .npy")
     src.add_argument("--logits", help="N x k logits (log-softmax is taken inside), .pt or .npy")
@@ -546,11 +547,21 @@ def _refine_streamed(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ppu-fast`` console script. Returns the exit status: 0, 2 for bad
     input, 1 when ``refine`` wrote Q but its solver did not converge or when an unlearning run
-    diverged (NaN weights)."""
+    diverged (NaN weights), 3 when the machine ran out of memory, 130 on Ctrl-C."""
     args = _parser().parse_args(argv)
     handler = {"demo": _demo, "run": _run, "refine": _refine}[args.command]
     try:
         return handler(args)
+    except KeyboardInterrupt:
+        # What a shell reports for SIGINT; the handlers' own cleanup (temporary files, folders
+        # they made) has run by now.
+        print(f"ppu-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError as exc:
+        print(f"ppu-fast {args.command}: error: out of memory ({exc or 'MemoryError'}); expected "
+              f"sizes that fit this machine (--width, --batch-size, --train-per-class, "
+              f"--memory-budget)", file=sys.stderr)
+        return 3
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"ppu-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -559,9 +570,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ppu-fast {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except RuntimeError as exc:
+        # torch's allocators raise RuntimeError (CUDA's OutOfMemoryError is one): a size the
+        # machine cannot hold, not a crash to debug.
+        import torch
+
+        text = str(exc)
+        if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text:
+            print(f"ppu-fast {args.command}: error: out of memory ({text.splitlines()[0]}); "
+                  f"expected sizes that fit this machine (--width, --batch-size, "
+                  f"--train-per-class, --memory-budget)", file=sys.stderr)
+            return 3
         # A backend that cannot run here (no GPU, no Triton) is the caller's choice of --backend,
         # not a crash: the same exit status as other bad input. Other RuntimeErrors propagate.
-        if not str(exc).startswith("backend:"):
+        if not text.startswith("backend:"):
             raise
         print(f"ppu-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2

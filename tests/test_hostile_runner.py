@@ -205,3 +205,20 @@ def test_merge_compares_the_options_methods_ran_with(tmp_path):
     c["config"]["method_options_used"]["finetune"]["lr"] = "0.05"  # another version's preset
     with pytest.raises(ValueError, match=r"method_options_used\[finetune\].lr: '0.05' vs '0.01'"):
         merge([tmp_path / "a", _write(tmp_path / "c", c)])
+
+
+def test_out_of_memory_and_ctrl_c_end_with_a_status_not_a_traceback(tmp_path, capsys, monkeypatch):
+    # A width whose model needs 576 GB: the allocator refuses it at once (nothing is touched).
+    code, err = _run(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "1e9",
+                      "--methods", "ppu", "--seeds", "0", "--no-progress", "--out",
+                      str(tmp_path / "o")], capsys)
+    assert code == 3 and "error: out of memory" in err and "--width" in err
+    from ppu_fast import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    code, err = _run(["run", "--dataset", "digits5", "--model", "smallcnn", "--seeds", "0",
+                      "--out", str(tmp_path / "o")], capsys)
+    assert code == 130 and err.strip() == "ppu-fast run: interrupted"
