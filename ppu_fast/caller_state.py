@@ -43,13 +43,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = was
 
 
-def probe_forward(model: nn.Module, x: object, where: str) -> tuple[torch.Tensor, list[nn.Linear]]:
+def probe_forward(model: nn.Module, x: object, where: str) -> tuple[torch.Tensor, list[str]]:
     """One forward pass of ``model`` on the single example ``x`` (batched to 1; eval mode, no grad,
     the model's buffers put back afterwards, so a forward that updates them leaves no trace).
-    Returns the output and the ``nn.Linear`` modules in the order the pass called them (the last
-    one is the layer that produced the logits of a classifier, whatever order ``__init__``
-    registered them in). An input torch cannot take, or a forward that fails on it, is a
-    ValueError naming ``where`` (e.g. ``forget[0]``)."""
+    Returns the output and the names (as ``model.named_modules()`` gives them) of the
+    ``nn.Linear`` modules in the order the pass called them (the last one is the layer that
+    produced the logits of a classifier, whatever order ``__init__`` registered them in). Names,
+    not modules: ``nn.DataParallel`` on several GPUs calls replicas that share the hooks. An input
+    torch cannot take, or a forward that fails on it, is a ValueError naming ``where`` (e.g.
+    ``forget[0]``)."""
     from .training import model_device
 
     try:
@@ -58,9 +60,9 @@ def probe_forward(model: nn.Module, x: object, where: str) -> tuple[torch.Tensor
         raise TypeError(f"{where}: its input is a {type(x).__name__}, which torch cannot turn "
                         f"into a tensor ({exc}); expected a tensor or array the model takes "
                         f"(e.g. apply torchvision's ToTensor)") from None
-    called: list[nn.Linear] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: called.append(m))
-             for m in model.modules() if isinstance(m, nn.Linear)]
+    called: list[str] = []
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: called.append(name))
+             for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     saved = {n: b.detach().clone() for n, b in model.named_buffers()}
     try:
         with eval_mode(model), torch.no_grad():
@@ -79,14 +81,6 @@ def probe_forward(model: nn.Module, x: object, where: str) -> tuple[torch.Tensor
                 if n in saved:
                     b.copy_(saved[n])
     return out, called
-
-
-def held_in_eval(model: nn.Module) -> list[nn.Module]:
-    """The modules a caller holds in eval mode inside a model in train mode (a BatchNorm whose
-    statistics a fine-tuning recipe fixes). Training keeps them in eval mode. A model handed over
-    wholly in eval mode (the usual state after computing its outputs) holds nothing: it trains
-    as ``model.train()`` would."""
-    return [m for m in model.modules() if not m.training] if model.training else []
 
 
 def frozen_modules(model: nn.Module) -> list[nn.Module]:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .callable_module import make_callable
-from .caller_state import check_seed, frozen_modules, held_in_eval, keeps_caller_state, probe_forward
+from .caller_state import check_seed, frozen_modules, keeps_caller_state, probe_forward
 from .metrics import check_logits
 from .training import check_optimizer_options, lone_last_batch, model_device
 
@@ -53,10 +53,11 @@ class _Indexed(Dataset):
 
 
 def select_val(history: Sequence[dict]) -> float:
-    """SCRUB+R's rewinding rule (Kurmanji et al.), which ppu_fast uses in place of the paper's: the
-    evaluated epoch (> 0, never the starting model; a fraction such as 0.25 with
-    ``evals_per_epoch``) whose forget error is closest to the validation error on the forget
-    classes; ties go to the earliest. The paper's rule (§5.5) is ambiguous as printed: "checkpoints
+    """ppu_fast's variant of SCRUB+R's rewinding rule (Kurmanji et al.), used in place of the
+    paper's: the evaluated epoch (> 0, never the starting model; a fraction such as 0.25 with
+    ``evals_per_epoch``) whose forget error is closest to the *same epoch's* validation error on
+    the forget classes (SCRUB's code compares with the final model's: ``unlearn.scrub.scrub_rewind``);
+    ties go to the earliest. The paper's rule (§5.5) is ambiguous as printed: "checkpoints
     are saved at each epoch, and the model closest to the original is selected", monitoring "both
     the training and retain accuracy at each epoch"; it does not match forget error to validation
     error (docs/unlearning.md)."""
@@ -76,7 +77,7 @@ def select_val(history: Sequence[dict]) -> float:
 
 
 def val_rule_is_settled(history: Sequence[dict]) -> bool:
-    """Whether later epochs can no longer win SCRUB+R's rule (:func:`select_val`), assuming the forget
+    """Whether later epochs can no longer win the "val" rule (:func:`select_val`), assuming the forget
     error keeps moving the way it moved: the last epoch's forget error is on the far side of the
     target (the validation error) from where the starting model was, and its distance to the target
     grew since the epoch before; or the last epoch hit the target exactly (ties go to the earliest).
@@ -249,27 +250,37 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
                          f"select from, per epoch), got {evals_per_epoch!r}")
 
 
-HISTORY_KEYS = ("epoch", "loss", "wall_seconds", "forget_loss", "retain_loss")
+HISTORY_KEYS = ("epoch", "loss", "wall_seconds")
+FORGET_KL_KEYS = ("forget_loss", "retain_loss")  # the history's too when forget_kl is set
 
 
-def _evaluation(row: object, epoch: float, select: object) -> dict:
+def _evaluation(row: object, epoch: float, select: object, forget_kl: object) -> dict:
     """``evaluate``'s result at ``epoch``, checked: a mapping that leaves the history's own keys
-    alone, and the two numbers SCRUB+R's rule reads when ``select="val"`` (checked at every
-    evaluation, the one before training included, instead of after the last epoch)."""
+    alone, and the two numbers the "val" rule reads when ``select="val"``: present from the
+    evaluation before training on (a missing key fails then, not after the last epoch), numbers
+    (0-d tensors and numpy scalars too) and, from epoch 1 on, the epochs the rule can pick,
+    finite."""
     if not isinstance(row, Mapping):
         raise TypeError(f"evaluate: returned a {type(row).__name__}; expected a dict of named "
                         f"values (e.g. {{'forget_error': ..., 'val_error': ...}})")
-    clash = sorted(set(row) & set(HISTORY_KEYS))
+    own = HISTORY_KEYS + (FORGET_KL_KEYS if forget_kl is not None else ())
+    clash = sorted(set(row) & set(own))
     if clash:
         raise ValueError(f"evaluate: returned {clash}, which the history keeps for finetune's own "
                          f"values; expected other names (e.g. 'val_loss')")
     if select == "val":
         for key in ("forget_error", "val_error"):
-            v = row.get(key)
-            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)):
-                got = "no such key" if key not in row else repr(v)
+            if key not in row:
+                raise ValueError(f"select='val': evaluate's result at epoch {epoch} has no "
+                                 f"{key!r}; expected 'forget_error' and 'val_error' in every "
+                                 f"evaluation")
+            try:
+                v = float(row[key])
+            except (TypeError, ValueError):
+                v = None
+            if v is None or isinstance(row[key], (bool, str)) or (epoch > 0 and not math.isfinite(v)):
                 raise ValueError(f"select='val': evaluate's result at epoch {epoch} has {key!r}: "
-                                 f"{got}; expected a finite number in every evaluation")
+                                 f"{row[key]!r}; expected a finite number")
     return dict(row)
 
 
@@ -298,10 +309,10 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
     """Fine-tune ``model`` so that ``softmax(model(x_i))`` approaches ``targets[i]``.
 
     Args:
-        model: any classifier mapping (B, C, H, W) to (B, k) logits, k >= 2. A model in train
-            mode whose caller holds some modules in eval mode (a BatchNorm whose statistics a
-            recipe fixes) keeps those in eval mode while training; a model handed over wholly in
-            eval mode trains as ``model.train()`` would.
+        model: any classifier mapping (B, C, H, W) to (B, k) logits, k >= 2. It trains as
+            ``model.train()`` sets it, as PyTorch loops do, whatever modes its modules had; to
+            keep a BatchNorm's statistics fixed, freeze its parameters (``requires_grad=False``):
+            modules whose parameters are all frozen stay in eval mode.
         data: N examples ``(x, y)`` (labels unused; ``(x,)`` too), row i paired with ``targets[i]``.
         targets: (N, k) probabilities (a tensor or a numpy array, e.g. ``predict_proba``), k the
             model's number of outputs. Loss: KL(target || softmax(model(x))), mean over the batch.
@@ -325,8 +336,9 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
             stream as the retain rows).
         evaluate: called with the model (eval mode) after every epoch and before the first; the dicts
             it returns make up the history (its keys must not be the history's own: ``epoch``,
-            ``loss``, ``wall_seconds``, ``forget_loss``, ``retain_loss``).
-        select: ``"last"`` keeps the final weights; ``"val"`` (SCRUB+R's rule, see :func:`select_val`)
+            ``loss``, ``wall_seconds``, and with ``forget_kl`` ``forget_loss`` and
+            ``retain_loss``).
+        select: ``"last"`` keeps the final weights; ``"val"`` (after SCRUB+R's rule, see :func:`select_val`)
             and a callable (history -> epoch) choose among per-epoch checkpoints, kept in memory.
         evals_per_epoch: evaluate (and, when ``select`` chooses, checkpoint) this many times per
             epoch, after equal shares of its batches, labelled e - 1 + (batches done) / (batches
@@ -372,21 +384,19 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
         raise ValueError(f"targets: {targets.shape[1]} columns, but the model outputs {out.shape[1]} "
                          f"logits per example (on data[0]); expected (N, k) probabilities over the "
                          f"model's k >= 2 classes")
-    # The classifier layer, by position: the same module of the working copy.
-    at = {id(m): i for i, m in enumerate(model.modules())}
-    head_at = at[id(called[-1])] if called else None
+    # The classifier layer by name: the same module of the working copy.
+    head_name = called[-1] if called else None
     work = model if inplace else copy.deepcopy(model)
     device = torch.device(device) if device is not None else model_device(model)
     work.to(device)
     targets = targets.detach().to(device=device, dtype=torch.float32)
-    # The caller's frozen modules and those it holds in eval mode, before this call freezes what
-    # `trainable` leaves out.
-    caller_frozen = frozen_modules(work) + held_in_eval(work)
-    if trainable != "all" and head_at is None:
+    # The caller's frozen modules, before this call freezes what `trainable` leaves out.
+    caller_frozen = frozen_modules(work)
+    if trainable != "all" and head_name is None:
         raise ValueError(f"trainable={trainable!r}: no nn.Linear runs in the model's forward pass; "
                          f"expected a classifier ending in nn.Linear (or pass trainable='all')")
     trained = trainable_modules(work, trainable,
-                                None if head_at is None else list(work.modules())[head_at])
+                                None if head_name is None else work.get_submodule(head_name))
     params = _module_params(trained)
     if not any(p.requires_grad for p in params):
         raise ValueError(f"model: trainable={trainable!r} selects {len(params)} parameters and the "
@@ -456,7 +466,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
         row = {"epoch": epoch, "loss": loss}
         if evaluate is not None:
             work.eval()
-            row.update(_evaluation(evaluate(work), epoch, select))
+            row.update(_evaluation(evaluate(work), epoch, select, forget_kl))
         # What a caller has waited for so far (training and evaluation): the x axis of a
         # forget-error-versus-time trajectory.
         row["wall_seconds"] = time.perf_counter() - started

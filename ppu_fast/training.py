@@ -80,9 +80,13 @@ def check_optimizer_options(lr: float, momentum: float, weight_decay: float) -> 
     def real(v: object) -> bool:
         return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
-    # A 0-d tensor lr is torch's own option.
-    lr_ok = real(lr) or (isinstance(lr, torch.Tensor) and lr.dim() == 0 and lr.is_floating_point())
-    if not lr_ok or not 0 < float(lr) < math.inf:
+    # Any one number float() reads (numpy scalars and 0-d arrays, Decimal, a 0-d tensor: torch's
+    # own option), but not a string or a bool that float() would also read.
+    try:
+        value = None if isinstance(lr, (str, bytes, bool)) or getattr(lr, "ndim", 0) else float(lr)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0 < value < math.inf:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if not (real(momentum) and 0 <= momentum < 1):
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")

@@ -334,3 +334,14 @@ def test_fisher_reports_the_share_of_capped_weights(tiny):
     total = sum(f.numel() for f in fisher.values())
     assert 0 < capped < total
     assert res.options["capped_fraction"] == pytest.approx(capped / total)
+
+
+def test_results_record_the_rewinding_rule_that_ran():
+    from ppu_fast.unlearn.experiment import options_record
+
+    # rewind="scrub" is an alias resolved per setting: the record names the rule that ran
+    assert options_record("scrub+r", {"rewind": "scrub"}, {"rewind": "closest-final"})["rewind"] \
+        == "closest-final"
+    assert options_record("scrub+r", {}, {"rewind": "first-above"})["rewind"] == "first-above"
+    # plain SCRUB uses no rule and records its default, as before the rules had names
+    assert options_record("scrub", {}, {})["rewind"] == "scrub"

@@ -70,8 +70,12 @@ def test_evaluate_cannot_overwrite_the_historys_own_keys():
     with pytest.raises(TypeError, match="evaluate: returned a float; expected a dict"):
         finetune(nn.Linear(6, 3), data, targets, epochs=1, progress=False, evaluate=lambda m: 0.9)
     res = finetune(nn.Linear(6, 3), data, targets, epochs=2, progress=False,
-                   evaluate=lambda m: {"val_loss": 0.5})
+                   evaluate=lambda m: {"val_loss": 0.5, "forget_loss": 0.1})
     assert [h["epoch"] for h in res.history] == [0, 1, 2] and math.isnan(res.history[0]["loss"])
+    # forget_loss is the history's own only when forget_kl writes it
+    with pytest.raises(ValueError, match=r"evaluate: returned \['forget_loss'\]"):
+        finetune(nn.Linear(6, 3), data, targets, epochs=1, progress=False, forget_kl=0.1,
+                 forget_mask=torch.zeros(32, dtype=torch.bool), evaluate=lambda m: {"forget_loss": 1})
 
 
 def test_select_val_checks_its_numbers_before_training():
@@ -82,13 +86,20 @@ def test_select_val_checks_its_numbers_before_training():
         calls.append(1)
         return {"forget_error": 0.1, "valid_error": 0.2}
 
-    with pytest.raises(ValueError, match=r"epoch 0 has 'val_error': no such key"):
+    with pytest.raises(ValueError, match=r"epoch 0 has no 'val_error'"):
         finetune(nn.Linear(6, 3), data, targets, epochs=5, select="val", evaluate=missing,
                  progress=False)
     assert len(calls) == 1  # refused at the evaluation before training, not after five epochs
-    with pytest.raises(ValueError, match=r"'forget_error': nan"):
+    with pytest.raises(ValueError, match=r"epoch 1 has 'forget_error': nan"):
         finetune(nn.Linear(6, 3), data, targets, epochs=2, select="val", progress=False,
                  evaluate=lambda m: {"forget_error": math.nan, "val_error": 0.2})
+    # the starting model's values may be NaN (the rule never picks it); tensors and numpy
+    # scalars are numbers
+    values = iter([math.nan, 0.3, 0.1])
+    res = finetune(nn.Linear(6, 3), data, targets, epochs=2, select="val", progress=False,
+                   evaluate=lambda m: {"forget_error": torch.tensor(next(values)),
+                                       "val_error": np.float32(0.1)})
+    assert res.selected_epoch == 2
 
 
 def test_head_is_the_layer_that_makes_the_logits():
@@ -112,33 +123,69 @@ class BNNet(nn.Module):
         return self.head(self.body(x))
 
 
-def test_a_batchnorm_the_caller_holds_in_eval_mode_keeps_its_statistics():
+def test_a_frozen_batchnorm_keeps_its_statistics_a_merely_eval_one_trains():
+    # PyTorch's convention: training sets model.train() on every module, so a module the caller
+    # left in eval mode trains (a pretrained net put in eval, then wrapped in a train-mode
+    # Sequential, must not be silently frozen); freezing its parameters is how to fix it.
     data, targets = toy()
+    stats = ["body.1.running_mean", "body.1.running_var"]
     torch.manual_seed(0)
     model = BNNet()
     model.train()
-    model.body[1].eval()  # a recipe that fixes the BatchNorm's statistics, affine still trained
-    stats = ["body.1.running_mean", "body.1.running_var"]
+    model.body[1].eval()
     before = state(model)
-    res = finetune(model, data, targets, epochs=2, progress=False)
-    assert same(before, state(res.model), stats)
-    assert not same(before, state(res.model), ["body.1.weight"])
-    # A model handed over wholly in eval mode trains as model.train() would.
-    model.eval()
     res = finetune(model, data, targets, epochs=2, progress=False)
     assert not same(before, state(res.model), stats)
+    model.body[1].requires_grad_(False)
+    res = finetune(model, data, targets, epochs=2, progress=False)
+    assert same(before, state(res.model), stats)
+    assert not same(before, state(res.model), ["body.0.weight"])
 
 
-def test_unlearn_keeps_a_held_batchnorm_in_eval_mode_too(tiny_split):
+class Replicating(nn.Module):
+    """nn.DataParallel on several GPUs, on the CPU: each forward calls a replica of the module,
+    which shares its forward hooks (Module._replicate_for_data_parallel copies __dict__)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    @staticmethod
+    def _replica(m):
+        r = m._replicate_for_data_parallel()
+        for name, child in m._modules.items():
+            if child is not None:
+                r._modules[name] = Replicating._replica(child)
+        for name, p in m._parameters.items():  # replicate() hands the replicas the tensors
+            if p is not None:
+                r._parameters[name] = p
+        return r
+
+    def forward(self, x):
+        return self._replica(self.module)(x)
+
+
+def test_replicas_of_data_parallel_find_the_head_by_name():
+    data, targets = toy()
+    torch.manual_seed(0)
+    model = Replicating(ClassifierFirst())
+    before = state(model)
+    res = finetune(model, data, targets, epochs=2, lr=0.5, trainable="head", progress=False)
+    assert not same(before, state(res.model), ["module.classifier.weight"])
+    assert same(before, state(res.model), ["module.encoder.0.weight"])
+
+
+def test_frozen_batchnorm_stays_fixed_in_ppu_the_baselines_and_the_composites(tiny_split):
     model, forget, retain = tiny_split
-    model.train()
-    model[2].eval()
+    model[2].requires_grad_(False)
     stats = ["2.running_mean", "2.running_var"]
     before = state(model)
-    for method in ("ppu", "finetune"):
-        res = ppu_fast.unlearn(model, forget, retain, method=method, epochs=1, progress=False)
+    for method, extra in (("ppu", {"epochs": 1}), ("finetune", {"setting": "class", "epochs": 1}),
+                          ("finetune+ppu", {"finetune_options": {"epochs": 1},
+                                            "ppu_options": {"epochs": 1}})):
+        res = ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **extra)
         assert same(before, state(res.model), stats), method
-    model.eval()
+    model[2].requires_grad_(True)
 
 
 def _split():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..caller_state import frozen_modules, held_in_eval
+from ..caller_state import frozen_modules
 from ..data import collate_pairs, dataset_targets
 from ..training import check_optimizer_options, lone_last_batch
 
@@ -199,8 +199,8 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
     Each epoch (1-based) sets the learning rate to ``lr_at(epoch)`` when given, then runs the passes
     that ``passes(epoch)`` lists, in order: for every batch (a tuple of tensors, moved to ``device``)
     ``loss = loss_fn(model, batch)``, backward, optimiser step. ``mode`` is the module mode during the
-    steps: ``"train"`` (modules whose parameters are all frozen, and those the caller holds in eval
-    mode inside a model in train mode, stay in eval mode, so their BatchNorm statistics do not move), ``"train-all"`` (every module in train mode, frozen ones included, as
+    steps: ``"train"`` (modules whose parameters are all frozen stay in eval mode, so their BatchNorm
+    statistics do not move), ``"train-all"`` (every module in train mode, frozen ones included, as
     SCRUB's ``train_vanilla``), ``"eval"`` (BatchNorm uses and keeps its running statistics, as
     SCRUB's small-scale ``run_train_epoch``). ``evaluate`` (eval mode, before the first epoch and after
     each) and ``keep_checkpoints`` serve the rewinding of SCRUB+R."""
@@ -210,8 +210,7 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     check_mode(mode)
     model.to(device)
-    # The caller's frozen modules and those it holds in eval mode stay in eval mode ("train").
-    frozen = frozen_modules(model) + held_in_eval(model)
+    frozen = frozen_modules(model)
     result = LoopResult()
 
     def record(epoch: int, losses: dict) -> None:

@@ -282,7 +282,8 @@ def options_record(method: str, given: dict, reported: dict | None = None) -> di
     out = {}
     for k, default in method_options(method).items():
         v = given.get(k, default)
-        if v is None and k in reported:
+        # SCRUB+R's rewind="scrub" is an alias, resolved per setting: the rule that ran is recorded.
+        if (v is None or k == "rewind") and k in reported:
             v = reported[k]
         out[k] = short(v)
     return out

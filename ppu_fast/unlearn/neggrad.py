@@ -48,7 +48,8 @@ def neggrad_plus(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dat
     ``alpha`` 0.95, 10 epochs, lr 0.01, no momentum, no weight decay, retain / forget batches 128 / 64,
     eval mode and an L2 pull of weight 0.1 toward the starting weights inside the retain term
     (``alpha * (CE_r + pull) - (1 - alpha) * CE_f``). Large scale: ``alpha`` 0.9999, 5 epochs, lr
-    0.01, batches 128 / 512, train mode, no pull. ``val`` is not used."""
+    0.01, batches 128 / 512 (selective: 32 / 16, as MIA_experiments.ipynb), train mode, no pull.
+    ``val`` is not used."""
     setting = resolve_setting(setting, forget, retain)
     hp = {k: pick(v, PRESETS[setting], k) for k, v in
           {"alpha": alpha, "epochs": epochs, "lr": lr, "momentum": momentum,

@@ -160,7 +160,7 @@ def scrub(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | 
           lr_milestones: Sequence[int] | None = None, lr_decay: float = 0.1,
           weight_decay: float | None = None, batch_size: int | None = None,
           forget_batch_size: int | None = None, select: str = "last",
-          history_retain: int | None = 1000, rewind: str | None = None) -> UnlearnResult:
+          history_retain: int | None = 1000, rewind: str | None = "scrub") -> UnlearnResult:
     """SCRUB. ``setting`` (``"small"``, ``"selective"``, ``"class"``, or ``"auto"``: see
     :func:`ppu_fast.unlearn._loop.infer_setting`) fills every hyper-parameter left at None:
 
