@@ -173,14 +173,22 @@ def _parser() -> argparse.ArgumentParser:
     _progress_flags(d)
 
     r = sub.add_parser("run", help="an unlearning experiment, mean and standard error over seeds")
-    r.add_argument("--dataset", required=True, choices=DATASETS)
+    r.add_argument("--dataset", required=True, choices=DATASETS,
+                   help="digits5 / cifar5: the paper's small scale (fixed split); digits, cifar10, "
+                        "cifar100, imagefolder: large scale (class numbers follow the sorted class "
+                        "folder names, as torchvision's ImageFolder)")
     r.add_argument("--data-root", default=None, help="folder of CIFAR python batches or an ImageFolder "
                                                      "tree with train/ and test/")
     r.add_argument("--model", required=True, choices=MODELS)
     r.add_argument("--width", type=_finite_float, default=1.0, help="channel width factor (default 1)")
-    r.add_argument("--scenario", default="selective", choices=SCENARIOS)
-    r.add_argument("--forget-class", type=int, default=None)
-    r.add_argument("--num-forget", type=int, default=None)
+    r.add_argument("--scenario", default="selective", choices=SCENARIOS,
+                   help="selective: forget --num-forget examples of one class (default); class: forget "
+                        "all of it (large scale only)")
+    r.add_argument("--forget-class", type=int, default=None,
+                   help="the class to forget (default: 0 at small scale, 5 at large scale)")
+    r.add_argument("--num-forget", type=int, default=None,
+                   help="selective: how many of its examples (default: 25 at small scale, 100 at "
+                        "large scale)")
     r.add_argument("--methods", type=_name_list, default=None,
                    help="comma-separated (default original,retrain,finetune,ppu,ppu-bias), or all: every "
                         "baseline, PPU variant and PPU-after-method of the paper's comparison (NTK at "
@@ -194,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu")
     r.add_argument("--epochs", type=_nonneg_int, default=None,
                    help="training epochs of original and retrain (0: both are the starting weights, "
-                        "e.g. --init-checkpoint's)")
+                        "e.g. --init-checkpoint's; Retrain is then no reference, and a warning says so)")
     r.add_argument("--lr", type=_finite_float, default=None, help="learning rate of original and retrain")
     r.add_argument("--batch-size", type=_positive_int, default=None, help="batch size of original and retrain")
     r.add_argument("--unlearn-epochs", type=_positive_int, default=None,
@@ -222,7 +230,8 @@ def _parser() -> argparse.ArgumentParser:
     init = r.add_mutually_exclusive_group()
     init.add_argument("--init-checkpoint", default=None, metavar="PATH",
                       help="start Original and Retrain from this state dict of the chosen --model/--width "
-                           "(a head for another number of classes is re-initialised)")
+                           "(a head for another number of classes is re-initialised); it must not have "
+                           "been trained on the forget set, or Retrain is no reference")
     init.add_argument("--pretrain", default=None, choices=("cifar10-other",),
                       help="start from a model pre-trained on the CIFAR-10 classes the dataset does not use "
                            "(cifar5: classes 5-9), a stand-in for the paper's CIFAR-100 pre-training")
@@ -235,7 +244,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--test-per-class", type=int, default=None, metavar="N",
                    help="large scale only: keep N test images per class (default all)")
     r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--no-cache", action="store_true")
+    r.add_argument("--no-cache", action="store_true",
+                   help="train Original and Retrain even if the model cache (PPU_FAST_CACHE, default "
+                        "~/.cache/ppu_fast) holds them")
     _progress_flags(r)
 
     f = sub.add_parser("refine", help="refine probabilities from a file (the solver alone)",
@@ -375,6 +386,11 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(flags.get(k, '--' + k.replace('_', '-')) for k in common)}: "
                          f"only the PPU methods ({', '.join(PPU_METHODS)}) and the +ppu methods "
                          f"use them, and --methods has none")
+    if args.epochs == 0 and "retrain" in args.methods:
+        # A smoke run may want exactly that; a comparison may not: say so before any work.
+        print("ppu-fast run: warning: --epochs 0 with retrain in --methods: Retrain is the starting "
+              "weights themselves (an --init-checkpoint's, or untrained), not a model that never saw "
+              "the forget set, and the verdict ranks every method against it", file=sys.stderr)
     if privacy and variants is None and "ppu" not in args.methods:
         raise ValueError(f"{', '.join('--' + k for k in privacy)}: only PPU's privacy mode (the method "
                          f"'ppu') uses them, and --methods has no 'ppu'")

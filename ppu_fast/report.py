@@ -504,6 +504,11 @@ def write_results(out_dir: str | Path, config: Mapping[str, Any], methods: Mappi
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
     paths["json"].write_text(json.dumps(_clean(payload), indent=2) + "\n")
     cfg = ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, (dict, list)))
+    cached = sum(bool((run.get("retrain") or {}).get("cached")) for run in per_seed)
+    if cached:
+        cfg += (f"\n\nRetrain came from the model cache in {cached} of {len(per_seed)} seed(s): its "
+                f"Seconds there are the training time recorded when it was trained, by another run "
+                f"(perhaps on another machine, device or thread count), not measured in this one.")
     paths["md"].write_text(
         f"# Unlearning results\n\n{cfg}\n\nErrors in %; MIA is the attacker's accuracy in % (50 is "
         f"ideal); Seconds is the unlearning time (Retrain: its training time)"

@@ -621,7 +621,7 @@ def _experiment_differences(cfg: Mapping[str, Any], first: Mapping[str, Any]) ->
 def _same_measurement(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     # Two rows of one (seed, method) measure the same model when every metric but the clock agrees
     # (a cached Original or Retrain evaluated by two runs); NaN equals NaN here.
-    keys = (set(a) | set(b)) - {"seconds", "retrain_gap"}
+    keys = (set(a) | set(b)) - {"seconds", "retrain_gap", "cached"}
     same = lambda x, y: x == y or (isinstance(x, float) and isinstance(y, float)  # noqa: E731
                                    and math.isnan(x) and math.isnan(y))
     return all(same(_nan(a.get(k)), _nan(b.get(k))) for k in keys)

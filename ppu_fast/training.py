@@ -192,16 +192,39 @@ def _data_digest(h: "hashlib._Hash", data: Dataset) -> None:
             h.update(str(int(y)).encode())
 
 
+def _code_digest(model: nn.Module) -> str:
+    """What the training computes beyond the weights and the data: the source of this module's
+    training loop and of every model class outside torch (a ``forward`` edited under the same
+    class name and layers would otherwise return the old model from the cache). torch's own
+    classes are left out, so a torch upgrade alone does not retrain every cached model."""
+    import inspect
+    import sys
+
+    h = hashlib.sha256()
+    h.update(inspect.getsource(sys.modules[__name__]).encode())
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: (c.__module__, c.__qualname__)):
+        if cls.__module__.split(".")[0] == "torch":
+            continue
+        h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        try:
+            h.update(inspect.getsource(cls).encode())
+        except (OSError, TypeError):
+            pass  # defined interactively: its name and repr(model) are all there is
+    return h.hexdigest()
+
+
 def cache_key(model: nn.Module, data: Dataset, config: TrainConfig) -> str:
-    """Hex digest identifying the result of ``fit(model, data, config)``."""
+    """Hex digest identifying the result of ``fit(model, data, config)``: the config, the
+    architecture (``repr`` and the code of its classes and of the training loop), the starting
+    weights, which parameters are frozen and the data."""
     h = hashlib.sha256()
     h.update(json.dumps({"version": _CACHE_VERSION, "config": dataclasses.asdict(config),
-                         "arch": repr(model)}, sort_keys=True).encode())
+                         "arch": repr(model), "code": _code_digest(model)}, sort_keys=True).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    # Frozen parameters do not train, so they change the result; a fully trainable model (every
-    # model the experiments train) hashes as before, keeping the caches made before this was added.
+    # Frozen parameters do not train, so they change the result (a fully trainable model, every
+    # model the experiments train, adds nothing here).
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         h.update(json.dumps({"frozen": frozen}).encode())
@@ -224,12 +247,17 @@ def fit_cached(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfi
     device = torch.device(device) if device is not None else model_device(model)
     path = cache_dir() / "models" / f"{cache_key(model, data, config)}.pt" if cache else None
     if path is not None and path.is_file():
+        # Loaded into a copy of its own: load_state_dict copies every matching tensor before it
+        # raises on a foreign key, and the training below must start from ``model``'s weights.
+        loaded = copy.deepcopy(model)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            trained.load_state_dict(state["state_dict"])
-            return trained.to(device).eval(), {"cached": True, "train_seconds": float(state["seconds"]),
-                                               "path": str(path)}
-        except (RuntimeError, KeyError, EOFError, OSError, ValueError, pickle.UnpicklingError):
+            loaded.load_state_dict(state["state_dict"])
+            seconds = float(state["seconds"])
+            return loaded.to(device).eval(), {"cached": True, "train_seconds": seconds,
+                                              "path": str(path)}
+        except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError,
+                pickle.UnpicklingError):
             pass  # a truncated or foreign file: retrain and overwrite it
     t0 = time.perf_counter()
     fit(trained, data, config, device=device, progress=progress, desc=desc)

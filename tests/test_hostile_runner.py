@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from ppu_fast.cli import main
 from ppu_fast.data import make_split
@@ -222,3 +223,101 @@ def test_out_of_memory_and_ctrl_c_end_with_a_status_not_a_traceback(tmp_path, ca
     code, err = _run(["run", "--dataset", "digits5", "--model", "smallcnn", "--seeds", "0",
                       "--out", str(tmp_path / "o")], capsys)
     assert code == 130 and err.strip() == "ppu-fast run: interrupted"
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _cache_setup(tmp_path, monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from ppu_fast.training import TrainConfig
+
+    monkeypatch.setenv("PPU_FAST_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g))
+    torch.manual_seed(0)
+    return _Net(), data, TrainConfig(epochs=2, batch_size=8, lr=0.1)
+
+
+def test_the_cache_key_covers_the_models_code(tmp_path, monkeypatch):
+    # Two versions of one file: the same module and class name, the same layers, another forward.
+    import importlib.util
+
+    from ppu_fast.training import cache_key
+
+    _, data, cfg = _cache_setup(tmp_path, monkeypatch)
+    keys = []
+    for i, body in enumerate(("self.fc(x)", "2 * self.fc(x)")):
+        src = tmp_path / f"v{i}" / "netmod.py"
+        src.parent.mkdir()
+        src.write_text("import torch\n\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+                       "        super().__init__()\n        self.fc = torch.nn.Linear(4, 2)\n\n"
+                       f"    def forward(self, x):\n        return {body}\n")
+        spec = importlib.util.spec_from_file_location("netmod", src)
+        mod = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "netmod", mod)
+        spec.loader.exec_module(mod)
+        torch.manual_seed(0)
+        keys.append(cache_key(mod.Net(), data, cfg))
+    assert keys[0] != keys[1]
+
+
+def test_a_foreign_cache_file_does_not_seed_the_retraining(tmp_path, monkeypatch):
+    # load_state_dict copies every matching tensor before it raises on an extra key: the model
+    # trained after a refused file must start from the caller's weights, not the file's.
+    from ppu_fast.training import fit_cached
+
+    model, data, cfg = _cache_setup(tmp_path, monkeypatch)
+    clean, meta = fit_cached(model, data, cfg, progress=False, cache=False)
+    foreign = {"fc.weight": torch.full((2, 4), 3.0), "fc.bias": torch.zeros(2),
+               "extra": torch.zeros(1)}
+    path = tmp_path / "models" / (cache_key_of(model, data, cfg) + ".pt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for state in ({"state_dict": foreign, "seconds": 1.0},
+                  {"state_dict": {k: v for k, v in foreign.items() if k != "extra"}},
+                  {"state_dict": {k: v for k, v in foreign.items() if k != "extra"}, "seconds": None}):
+        torch.save(state, path)
+        again, meta = fit_cached(model, data, cfg, progress=False)
+        assert not meta["cached"]
+        assert torch.equal(again.fc.weight, clean.fc.weight)
+
+
+def cache_key_of(model, data, cfg):
+    from ppu_fast.training import cache_key
+
+    return cache_key(model, data, cfg)
+
+
+def test_results_say_when_retrain_came_from_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PPU_FAST_CACHE", str(tmp_path / "cache"))
+    argv = ["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.25", "--epochs", "1",
+            "--methods", "retrain", "--seeds", "0", "--no-progress"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    first = json.loads((tmp_path / "a" / "results.json").read_text())
+    second = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert first["per_seed"][0]["retrain"]["cached"] is False
+    assert second["per_seed"][0]["retrain"]["cached"] is True
+    assert "Retrain came from the model cache in 1 of 1 seed(s)" in (tmp_path / "b" / "results.md").read_text()
+    assert "model cache" not in (tmp_path / "a" / "results.md").read_text()
+
+
+def test_epochs_0_with_retrain_is_said(tmp_path, capsys):
+    # Retrain is then the starting weights themselves (an --init-checkpoint the caller may have
+    # trained on the forget set, or an untrained model), and every method is ranked against it.
+    code, err = _run(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.25",
+                      "--epochs", "0", "--unlearn-epochs", "1", "--methods", "original,retrain,ppu",
+                      "--seeds", "0", "--no-progress", "--out", str(tmp_path / "o")], capsys)
+    assert code == 0 and "warning: --epochs 0 with retrain in --methods" in err
+    code, err = _run(["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.25",
+                      "--epochs", "0", "--unlearn-epochs", "1", "--methods", "original,ppu",
+                      "--seeds", "0", "--no-progress", "--out", str(tmp_path / "p")], capsys)
+    assert code == 0 and "warning" not in err

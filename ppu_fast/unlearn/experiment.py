@@ -241,6 +241,9 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                 else res.timings["total"]
             row = evaluate(res.model, split, seed=seed, device=dev)
             row["seconds"] = seconds
+            if method == "retrain":
+                # Its seconds then are the time recorded when it was trained, by another run.
+                row["cached"] = bool(res.options.get("cached"))
             if res.history:
                 row["selected_epoch"] = res.selected_epoch
                 if seed == seeds[0]:
