@@ -8,14 +8,18 @@ files go.
 from __future__ import annotations
 
 import numbers
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+
+if TYPE_CHECKING:  # PIL is imported only when an image tree is read
+    from PIL import Image
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -25,7 +29,33 @@ LARGE_SCALE = ("digits", "cifar10", "cifar100", "imagefolder")
 DATASETS = SMALL_SCALE + LARGE_SCALE
 SCENARIOS = ("selective", "class")
 
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+# torchvision.datasets.folder.IMG_EXTENSIONS (used instead when torchvision is installed), so that a
+# tree holds the same images here as in torchvision's ImageFolder.
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# The official label order (``label_names`` / ``fine_label_names`` in the batches' ``meta`` file,
+# https://www.cs.toronto.edu/~kriz/cifar.html, which torchvision's CIFAR10/CIFAR100 ``.classes`` read).
+# Both are alphabetical, so an ImageFolder tree with these folder names gets the official labels.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm")
+
+
+def _image_extensions() -> tuple[str, ...]:
+    try:  # imported late: torchvision is optional and slow to import
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+    except ImportError:
+        return _IMAGE_EXTENSIONS
+    return tuple(e.lower() for e in IMG_EXTENSIONS)
 
 
 class ArrayDataset(Dataset):
@@ -207,6 +237,7 @@ class _Pool:
     targets: np.ndarray
     load: Callable[[np.ndarray], np.ndarray]  # indices -> (n, H, W, C) uint8
     classes: list[str]
+    from_folders: bool = False  # an ImageFolder tree: ``classes`` are its folder names
 
 
 def _missing(root: Path, what: str, expected: str) -> FileNotFoundError:
@@ -227,10 +258,20 @@ def _cifar_official(root: Path, hundred: bool) -> tuple[_Pool, _Pool] | None:
     def read(files: list[str]) -> _Pool:
         xs, ys = [], []
         for f in files:
-            with open(base / f, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(np.asarray(d[key], dtype=np.int64))
+            # A truncated download or extract must say which file, not end in a bare UnpicklingError.
+            try:
+                with open(base / f, "rb") as fh:
+                    d = pickle.load(fh, encoding="bytes")
+                xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                ys.append(np.asarray(d[key], dtype=np.int64))
+                if len(ys[-1]) != len(xs[-1]):
+                    raise ValueError(f"{len(xs[-1])} images but {len(ys[-1])} labels")
+            except (pickle.UnpicklingError, EOFError, ValueError, KeyError, OSError, TypeError,
+                    AttributeError) as exc:
+                raise ValueError(
+                    f"data_root: '{base / f}' is not a readable CIFAR batch ({type(exc).__name__}: {exc}); "
+                    f"expected the unmodified file from {folder}/ of the official python version "
+                    f"(a dict with b'data' of 3072 uint8 per image and b'{key.decode()}')") from None
         x = np.concatenate(xs)
         n_classes = 100 if hundred else 10
         return _Pool(np.concatenate(ys), lambda idx: x[idx], [str(c) for c in range(n_classes)])
@@ -260,16 +301,17 @@ def _image_folder(root: Path, image_size: int | None, progress: bool) -> tuple[_
         raise ValueError(f"data_root: '{root}/test' and '{root}/train' must hold the same class folders; "
                          f"test/ lacks {missing} and has {extra} that train/ lacks")
     index = {c: i for i, c in enumerate(classes)}
+    extensions = _image_extensions()
 
     def read(sub: str) -> _Pool:
         paths, ys = [], []
         for c in classes:
             folder = root / sub / c
-            found = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_EXTENSIONS]
+            found = _images_under(folder, extensions)
             if not found:
                 # As torchvision's ImageFolder: an empty class folder would still shift every label.
                 raise ValueError(f"data_root: class folder '{folder}' has no images "
-                                 f"({', '.join(sorted(_IMAGE_EXTENSIONS))}); remove it or add its images")
+                                 f"({', '.join(sorted(extensions))}); remove it or add its images")
             paths += found
             ys += [index[c]] * len(found)
 
@@ -282,7 +324,7 @@ def _image_folder(root: Path, image_size: int | None, progress: bool) -> tuple[_
                           leave=False):
                 try:
                     with Image.open(paths[i]) as im:
-                        im = im.convert("RGB")
+                        im = _to_rgb(im)
                         if image_size is not None and im.size != (image_size, image_size):
                             im = im.resize((image_size, image_size), Image.BILINEAR)
                         out.append(np.asarray(im, dtype=np.uint8))
@@ -292,9 +334,44 @@ def _image_folder(root: Path, image_size: int | None, progress: bool) -> tuple[_
                                      f"every class folder") from None
             return np.stack(out)
 
-        return _Pool(np.asarray(ys, dtype=np.int64), load, classes)
+        return _Pool(np.asarray(ys, dtype=np.int64), load, classes, from_folders=True)
 
     return read("train"), read("test")
+
+
+def _images_under(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+    """The image files anywhere under a class folder, in torchvision's ImageFolder order (sorted
+    folders, then sorted names; symlinked folders followed): a tree must give the same images here
+    as there. Hidden folders and ``__MACOSX`` are skipped as at the class level (``__MACOSX`` holds
+    resource forks named like images), and each real folder is walked once (a symlink loop would
+    never end)."""
+    walked, seen = [], set()
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__MACOSX"]
+        walked.append((here, files))
+    # Sorted after the walk (torchvision sorts os.walk's tuples): sorting the generator itself would
+    # walk everything before the pruning above could act.
+    return [Path(here) / f for here, files in sorted(walked)
+            for f in sorted(files) if f.lower().endswith(extensions)]
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB. PIL's convert('RGB') clips 16- and 32-bit integer pixels at 255, which
+    turns a 16-bit PNG or TIFF (microscopy, medical sets) white: scale them to 8 bits first."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16"):
+        a = np.asarray(im).astype(np.int64)
+        im = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
+    elif im.mode == "I":  # 32-bit signed integers: the range of the type, negatives as black
+        a = np.asarray(im).astype(np.int64)
+        im = Image.fromarray((np.clip(a, 0, 2 ** 31 - 1) >> 23).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 def _digits_pools(seed: int, train_per_class: int | None) -> tuple[_Pool, _Pool]:
@@ -324,6 +401,11 @@ def _pools(name: str, root: str | Path | None, seed: int, image_size: int | None
         if image_size not in (None, 8):
             raise ValueError(f"image_size={image_size!r}: dataset '{name}' is scikit-learn's 8x8 digits, "
                              f"which are not resized; expected None")
+        if root is not None:
+            # Recorded in the split's description, an ignored folder would pass for the data used.
+            raise ValueError(f"data_root={str(root)!r}: dataset '{name}' is scikit-learn's built-in 8x8 "
+                             f"digits, which are not read from a folder; expected None (for digit images "
+                             f"of your own use dataset='imagefolder')")
         # digits5 keeps 125 per class for train+val and the rest (52-58 per class) as its test set;
         # digits holds out a fifth of each class as its test set.
         train, test = _digits_pools(seed, 125 if name == "digits5" else None)
@@ -331,6 +413,12 @@ def _pools(name: str, root: str | Path | None, seed: int, image_size: int | None
     if root is None:
         raise ValueError(f"dataset '{name}' needs data_root: a folder with the official python batches "
                          f"or an ImageFolder tree (train/<class>/*.jpg, test/<class>/*.jpg)")
+    if image_size is not None:
+        # True would pass as 1 (1x1 images) and 0, 31.5 or '32' fail inside PIL without a name.
+        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+            raise ValueError(f"image_size={image_size!r}: expected a positive int, the side in pixels "
+                             f"that ImageFolder images are resized to (or None for 32)")
+        image_size = int(image_size)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise _missing(root, f"dataset '{name}'", "train/<class>/ and test/<class>/ image folders" +
@@ -354,6 +442,18 @@ def _pools(name: str, root: str | Path | None, seed: int, image_size: int | None
                          f"({', '.join(pools[0].classes[:12])}{', ...' if len(pools[0].classes) > 12 else ''}); "
                          f"dataset '{name}' expects {'CIFAR-100' if want == 100 else 'CIFAR-10'}'s {want} "
                          f"(use dataset 'imagefolder' for other trees)")
+    if want is not None and pools[0].from_folders:
+        # Labels are the sorted folder names; only the official names make them CIFAR's labels
+        # (a tree named plane/car/... would put 'bird' at label 0 without a word).
+        official = CIFAR100_CLASSES if want == 100 else CIFAR10_CLASSES
+        unexpected = [c for c in pools[0].classes if c not in official]
+        if unexpected:
+            raise ValueError(
+                f"data_root: the class folders of '{root}' are not {'CIFAR-100' if want == 100 else 'CIFAR-10'}'s "
+                f"class names, which dataset '{name}' needs for its labels: unexpected "
+                f"{', '.join(repr(c) for c in unexpected[:12])}{', ...' if len(unexpected) > 12 else ''}; "
+                f"expected {', '.join(official[:12])}{', ...' if want == 100 else ''}. For another tree use "
+                f"dataset='imagefolder' (--dataset imagefolder)")
     norm = (CIFAR_MEAN, CIFAR_STD) if name.startswith("cifar") else ((0.5,) * 3, (0.5,) * 3)
     return pools[0], pools[1], norm
 
@@ -470,6 +570,10 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
                                  forget_indices, default_class, default_forget, num_classes)
     retain_idx = np.setdiff1d(np.arange(len(train)), forget_idx)
     info = {"data_root": str(data_root) if data_root is not None else None}
+    if train_pool.from_folders:
+        # Labels follow the sorted folder names as strings ('10' before '2'), so the record says which
+        # folder each label is; cifar5 uses the first 5.
+        info["classes"] = list(train_pool.classes[:num_classes])
     if train_per_class is not None or test_per_class is not None:
         info["reduced"] = {"train_per_class": train_per_class, "test_per_class": test_per_class}
     return Split(name, train, val, test, forget_idx, retain_idx, num_classes, scenario, seed, info)

@@ -313,10 +313,11 @@ def test_init_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
 
 def test_pretrain_on_the_other_cifar10_classes_end_to_end(tmp_path, capsys):
     from conftest import image_tree
+    from ppu_fast.data import CIFAR10_CLASSES
 
-    # 10 class folders (sorted: c0..c9 are CIFAR-10's classes 0..9), 125 train and 100 test images
+    # 10 class folders (CIFAR-10's names, sorted in its label order), 125 train and 100 test images
     # each, as cifar5's split needs; tiny 8x8 JPEGs, resized to 32x32 on load
-    root = image_tree(tmp_path / "c10", [f"c{i}" for i in range(10)], {"train": 125, "test": 100}, size=(8, 8))
+    root = image_tree(tmp_path / "c10", list(CIFAR10_CLASSES), {"train": 125, "test": 100}, size=(8, 8))
     argv = ["run", "--dataset", "cifar5", "--data-root", str(root), "--model", "smallcnn", "--width", "0.25",
             "--methods", "original,retrain,ppu", "--seeds", "0", "--epochs", "0", "--unlearn-epochs", "1",
             "--pretrain", "cifar10-other", "--pretrain-epochs", "1", "--pretrain-per-class", "20",
@@ -338,8 +339,9 @@ def test_pretrain_on_the_other_cifar10_classes_end_to_end(tmp_path, capsys):
 
 def test_reduced_large_scale_run_end_to_end(tmp_path, capsys):
     from conftest import image_tree
+    from ppu_fast.data import CIFAR10_CLASSES
 
-    root = image_tree(tmp_path / "c10", [f"c{i}" for i in range(10)], {"train": 12, "test": 8}, size=(8, 8))
+    root = image_tree(tmp_path / "c10", list(CIFAR10_CLASSES), {"train": 12, "test": 8}, size=(8, 8))
     argv = ["run", "--dataset", "cifar10", "--data-root", str(root), "--model", "smallcnn", "--width", "0.25",
             "--scenario", "class", "--methods", "original,retrain,ppu", "--seeds", "0", "--epochs", "1",
             "--unlearn-epochs", "1", "--train-per-class", "10", "--test-per-class", "6", "--threads", "1",

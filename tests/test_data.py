@@ -173,6 +173,20 @@ def test_cifar5_and_cifar100_official(tmp_path):
     assert s.num_classes == 100 and len(s.forget_idx) == 3 and len(s.test) == 100 and len(s.val) == 0
 
 
+def test_an_unreadable_official_batch_is_named(tmp_path):
+    _write_official(tmp_path, False, 3, 1, 10)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    whole = batch.read_bytes()
+    batch.write_bytes(whole[:1000])  # an interrupted download or extract
+    with pytest.raises(ValueError, match=r"data_root: '.*data_batch_3' is not a readable CIFAR batch "
+                                         r"\((UnpicklingError|EOFError).*expected the unmodified file"):
+        make_split("cifar10", data_root=tmp_path, progress=False)
+    with open(batch, "wb") as fh:  # a pickle of something else: no b'labels'
+        pickle.dump({b"data": np.zeros((2, 3072), dtype=np.uint8)}, fh)
+    with pytest.raises(ValueError, match=r"data_batch_3' is not a readable CIFAR batch \(KeyError"):
+        make_split("cifar10", data_root=tmp_path, progress=False)
+
+
 def test_other_cifar10_classes_for_pretraining(tmp_path):
     from ppu_fast.data import other_classes_dataset
 

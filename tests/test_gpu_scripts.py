@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import image_tree
+from ppu_fast.data import CIFAR10_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "unlearn_gpu.sh"
@@ -46,7 +47,7 @@ def test_bad_model_is_named(tmp_path):
 
 
 def test_part_a_runs_and_merges(tmp_path):
-    data = image_tree(tmp_path / "cifar10", [f"class{c}" for c in range(10)], {"train": 12, "test": 6})
+    data = image_tree(tmp_path / "cifar10", list(CIFAR10_CLASSES), {"train": 12, "test": 6})
     out = tmp_path / "out"
     res = run([str(out), "allcnn", "class", "a"], tmp_path, DATA_ROOT=str(data), EPOCHS="1", WIDTH="0.25")
     assert res.returncode == 0, res.stdout + res.stderr

@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from ppu_fast.data import ArrayDataset, _forget_indices, make_split
+from ppu_fast.data import CIFAR10_CLASSES, CIFAR100_CLASSES, ArrayDataset, _forget_indices, make_split
 from ppu_fast.training import TrainConfig, cache_key, fit, fit_cached
 
 from conftest import image_tree
 
-TEN = [f"c{i}" for i in range(10)]
+# cifar5/cifar10 trees must use CIFAR-10's class names (the labels are their sorted order)
+TEN = list(CIFAR10_CLASSES)
 
 
 def test_hidden_folders_are_not_classes(tmp_path):
@@ -22,7 +23,7 @@ def test_hidden_folders_are_not_classes(tmp_path):
     (root / "test" / "__MACOSX").mkdir()
     split = make_split("cifar10", data_root=root, scenario="class", progress=False)
     assert split.num_classes == 10
-    # class 5 is still the sixth folder, c5: its 4 training images minus 1 for validation
+    # class 5 is still the sixth folder, dog: its 4 training images minus 1 for validation
     assert len(split.forget_idx) == 3 and split.forget_classes == [5]
 
 
@@ -34,7 +35,7 @@ def test_empty_or_mismatched_class_folders_are_refused(tmp_path):
         make_split("imagefolder", data_root=root, progress=False)
     root = image_tree(tmp_path / "b", TEN, {"train": 4}, size=(8, 8))
     image_tree(root, TEN[:9], {"test": 2}, size=(8, 8))
-    with pytest.raises(ValueError, match=r"must hold the same class folders; test/ lacks \['c9'\]"):
+    with pytest.raises(ValueError, match=r"must hold the same class folders; test/ lacks \['truck'\]"):
         make_split("cifar10", data_root=root, progress=False)
 
 
@@ -134,3 +135,98 @@ def test_options_a_dataset_would_ignore_are_refused():
     with pytest.raises(ValueError, match="val_fraction=0.1: 'digits5' has the paper's fixed small-scale split"):
         make_split("digits5", val_fraction=0.1, progress=False)
     assert len(make_split("digits", val_fraction=0.1, progress=False).val) > 0
+
+
+def _pixels_of(path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.as_tensor(np.array(im.convert("RGB"))).permute(2, 0, 1)
+
+
+def test_the_split_records_which_folder_each_label_is(tmp_path):
+    # numbered folders sort as strings: label 2 is folder '10', as in torchvision's ImageFolder
+    names = [str(i) for i in range(12)]
+    root = image_tree(tmp_path / "n", names, {"train": 3, "test": 1}, size=(8, 8), ext="png")
+    split = make_split("imagefolder", data_root=root, scenario="class", forget_class=2, val_fraction=0.0,
+                       image_size=8, progress=False)
+    assert split.describe()["classes"] == sorted(names) == ["0", "1", "10", "11", "2", "3", "4", "5", "6",
+                                                           "7", "8", "9"]
+    forgotten = split.train.images[split.forget_idx]
+    assert any(torch.equal(x, _pixels_of(root / "train" / "10" / "0000.png")) for x in forgotten)
+    # cifar5 uses the first 5 of CIFAR-10's classes, and says so
+    root = image_tree(tmp_path / "c", TEN, {"train": 125, "test": 100}, size=(2, 2), ext="png")
+    assert make_split("cifar5", data_root=root, progress=False).describe()["classes"] == TEN[:5]
+
+
+def test_a_cifar_tree_needs_the_official_class_names(tmp_path):
+    assert list(CIFAR10_CLASSES) == sorted(CIFAR10_CLASSES)
+    assert list(CIFAR100_CLASSES) == sorted(CIFAR100_CLASSES) and len(set(CIFAR100_CLASSES)) == 100
+    tutorial = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    root = image_tree(tmp_path / "t", tutorial, {"train": 4, "test": 2}, size=(2, 2))
+    for name in ("cifar5", "cifar10"):
+        with pytest.raises(ValueError, match=r"data_root: the class folders of .* not CIFAR-10's class names"
+                                             r".*unexpected 'car', 'plane'; expected airplane, automobile.*"
+                                             r"use dataset='imagefolder' \(--dataset imagefolder\)"):
+            make_split(name, data_root=root, progress=False)
+    assert make_split("imagefolder", data_root=root, scenario="class", progress=False).num_classes == 10
+    hundred = list(CIFAR100_CLASSES[:99]) + ["zebra"]
+    root = image_tree(tmp_path / "h", hundred, {"train": 2, "test": 1}, size=(2, 2))
+    with pytest.raises(ValueError, match=r"not CIFAR-100's class names.*unexpected 'zebra'; expected apple"):
+        make_split("cifar100", data_root=root, progress=False)
+
+
+def test_16_and_32_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    root = image_tree(tmp_path / "t", ["a", "b"], {"test": 1}, size=(4, 4))
+    grey = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000  # 0 .. 60000 of 65535
+    for c in ("a", "b"):
+        (root / "train" / c).mkdir(parents=True)
+        Image.fromarray(grey).save(root / "train" / c / "0.png")  # opens as mode I;16
+    expected = torch.as_tensor((grey >> 8).astype(np.uint8))
+    for n, (more, mode) in enumerate([(None, "I;16"), ("1.tif", "I;16B"), ("2.tif", "I")]):
+        if more == "1.tif":
+            Image.fromarray(grey.astype(">u2")).save(root / "train" / "a" / more)
+        elif more == "2.tif":  # 32-bit: scaled by the type's range
+            Image.fromarray(grey.astype(np.int32) << 15).save(root / "train" / "b" / more)
+        assert mode in {Image.open(p).mode for p in (root / "train").rglob("*.*")}
+        split = make_split("imagefolder", data_root=root, scenario="class", forget_class=0, val_fraction=0.0,
+                           image_size=4, progress=False)
+        assert len(split.train) == 2 + n
+        for x in split.train.images:
+            assert torch.equal(x[0], expected) and torch.equal(x[1], expected)
+
+
+def test_image_folders_are_read_as_torchvision_reads_them(tmp_path):
+    root = image_tree(tmp_path / "t", ["a", "b"], {"train": 2, "test": 1}, size=(4, 4))
+    image_tree(root / "train" / "a", ["batch2"], {"deeper": 3}, size=(4, 4))  # a/deeper/batch2/*.jpg
+    image_tree(root / "train" / "b", ["x"], {"tifs": 2}, size=(4, 4), ext="tif")
+    image_tree(root / "train" / "b", ["y"], {"more": 1}, size=(4, 4), ext="webp")
+    image_tree(root / "train" / "b", ["ppm"], {"more": 1}, size=(4, 4), ext="ppm")
+    image_tree(root / "train" / "a", ["skip"], {".ipynb_checkpoints": 5}, size=(4, 4))  # hidden: not read
+    (root / "train" / "b" / "notes.txt").write_text("not an image")
+    split = make_split("imagefolder", data_root=root, scenario="class", forget_class=0, val_fraction=0.0,
+                       progress=False)
+    assert torch.bincount(split.train.targets).tolist() == [5, 6]
+    # a broken link in a sub-folder is named, not skipped
+    (root / "train" / "b" / "tifs" / "x" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(ValueError, match=r"gone\.jpg' is not a readable image"):
+        make_split("imagefolder", data_root=root, scenario="class", val_fraction=0.0, progress=False)
+
+
+def test_the_built_in_digits_refuse_a_data_root(tmp_path):
+    for name in ("digits", "digits5"):
+        with pytest.raises(ValueError, match=f"data_root='{tmp_path}': dataset '{name}' is scikit-learn's "
+                                             f"built-in 8x8 digits, .* expected None"):
+            make_split(name, data_root=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("size", [True, 0, -4, 31.5, "32", (16, 24)])
+def test_image_size_must_be_a_positive_int(tmp_path, size):
+    root = image_tree(tmp_path / "t", ["a", "b"], {"train": 2, "test": 1}, size=(4, 4))
+    with pytest.raises(ValueError, match=r"image_size=.*: expected a positive int"):
+        make_split("imagefolder", data_root=root, scenario="class", forget_class=0, image_size=size,
+                   progress=False)
+    assert make_split("imagefolder", data_root=root, scenario="class", forget_class=0, image_size=np.int64(6),
+                      progress=False).image_size == 6
