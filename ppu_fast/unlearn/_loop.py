@@ -279,7 +279,8 @@ def fk_lr(lr: float, milestones: Sequence[int], decay: float,
     ``decayed_base * decay ** (milestones passed)``. SCRUB's loop counts epochs from 0 and its
     ``adjust_learning_rate`` decays ``args.sgda_learning_rate``, not the CF-k / EU-k lr: at small
     scale SCRUB's own lr, 5e-4, so with milestones [10, 15, 20] EU-k's 30 epochs run 11 at 0.01, then
-    5e-5, 5e-6, 5e-7; at large scale main_merged.py's default, 0.01 (see cf_k.py). ``decayed_base=None`` decays ``lr`` itself instead."""
+    5e-5, 5e-6, 5e-7; at large scale main_merged.py's default, 0.01 (see cf_k.py).
+    ``decayed_base=None`` decays ``lr`` itself instead."""
     marks = sorted(int(m) for m in milestones)
     base = lr if decayed_base is None else decayed_base
 
