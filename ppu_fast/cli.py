@@ -235,13 +235,14 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--pretrain", default=None, choices=("cifar10-other",),
                       help="start from a model pre-trained on the CIFAR-10 classes the dataset does not use "
                            "(cifar5: classes 5-9), a stand-in for the paper's CIFAR-100 pre-training")
-    r.add_argument("--pretrain-epochs", type=int, default=None, help="pre-training epochs (default 30)")
-    r.add_argument("--pretrain-per-class", type=int, default=None,
+    r.add_argument("--pretrain-epochs", type=_positive_int, default=None,
+                   help="pre-training epochs (default 30)")
+    r.add_argument("--pretrain-per-class", type=_positive_int, default=None,
                    help="pre-training images per class (default all: 5,000 for CIFAR-10)")
-    r.add_argument("--train-per-class", type=int, default=None, metavar="N",
+    r.add_argument("--train-per-class", type=_positive_int, default=None, metavar="N",
                    help="large scale only: keep N training images per class (before the 5%% validation "
                         "hold-out), a reduced run that fits a CPU (default all)")
-    r.add_argument("--test-per-class", type=int, default=None, metavar="N",
+    r.add_argument("--test-per-class", type=_positive_int, default=None, metavar="N",
                    help="large scale only: keep N test images per class (default all)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--no-cache", action="store_true",

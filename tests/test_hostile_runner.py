@@ -321,3 +321,20 @@ def test_epochs_0_with_retrain_is_said(tmp_path, capsys):
                       "--epochs", "0", "--unlearn-epochs", "1", "--methods", "original,ppu",
                       "--seeds", "0", "--no-progress", "--out", str(tmp_path / "p")], capsys)
     assert code == 0 and "warning" not in err
+
+
+@pytest.mark.parametrize("flag, value", [("--pretrain-epochs", "-1"), ("--pretrain-per-class", "0"),
+                                         ("--train-per-class", "0"), ("--test-per-class", "0")])
+def test_size_flags_are_refused_by_their_own_name(flag, value, tmp_path, capsys):
+    code, err = _run(["run", "--dataset", "cifar5", "--model", "smallcnn", flag, value, "--out",
+                      str(tmp_path / "o")], capsys)
+    assert code == 2 and f"argument {flag}: expected a positive integer" in err
+
+
+def test_a_default_forget_count_too_large_for_a_reduced_split_says_so():
+    from ppu_fast.data import make_split
+
+    with pytest.raises(ValueError, match=r"num_forget=100 \(the default: none was given\) but class "
+                                         r"5 has only \d+ training samples; expected num_forget "
+                                         r"\(--num-forget\)"):
+        make_split("digits", train_per_class=90, progress=False)
