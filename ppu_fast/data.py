@@ -652,7 +652,7 @@ def _forget_indices(targets: np.ndarray, rng: np.random.Generator, scenario: str
     if k <= 0:
         raise ValueError(f"num_forget must be positive (an empty forget set forgets nothing), got {k}")
     if k > len(of_class):
-        given = "" if num_forget is not None else f" (the default: none was given)"
+        given = "" if num_forget is not None else " (the default: none was given)"
         raise ValueError(f"num_forget={k}{given} but class {c} has only {len(of_class)} training "
                          f"samples; expected num_forget (--num-forget) <= {len(of_class)}, or more "
                          f"training images per class")
