@@ -15,16 +15,16 @@ import ppu_fast
 from ppu_fast.finetune import finetune
 
 from conftest import same, state
+from test_finetune import toy as _toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy(n=32, d=6, k=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    targets = torch.softmax(2 * torch.randn(n, k, generator=g), dim=1)
+    """test_finetune's toy problem, its data and targets only (3 classes by default)."""
+    _, data, targets, _ = _toy(n=n, d=d, k=k, seed=seed)
     torch.manual_seed(seed)
-    return TensorDataset(x, torch.zeros(n, dtype=torch.long)), targets
+    return data, targets
 
 
 class ClassifierFirst(nn.Module):
