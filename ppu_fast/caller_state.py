@@ -106,6 +106,16 @@ def non_finite_weights(model: nn.Module) -> tuple[int, int]:
     return bad, total
 
 
+def is_int(v: object) -> bool:
+    """An integer option's value: any ``numbers.Integral`` (numpy's included), never a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v: object) -> bool:
+    """A real option's value: any ``numbers.Real`` (numpy's included), never a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def check_finite_options(options: Mapping[str, Any], where: str) -> None:
     """Refuse a NaN or infinite real-valued option, naming it (every option of the training entry
     points is a finite quantity: a learning rate, a weight, a temperature, a decay)."""
@@ -117,7 +127,7 @@ def check_finite_options(options: Mapping[str, Any], where: str) -> None:
 
 def check_seed(seed: Any) -> int:
     """``seed`` as an int, or a ValueError naming it (torch's own message names no argument)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+    if not is_int(seed) or not 0 <= seed < 2**63:
         raise ValueError(f"seed={seed!r}: expected a non-negative integer below 2**63")
     return int(seed)
 

@@ -7,7 +7,6 @@ files go.
 """
 from __future__ import annotations
 
-import numbers
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+
+from .caller_state import is_int
 
 if TYPE_CHECKING:  # PIL is imported only when an image tree is read
     from PIL import Image
@@ -415,7 +416,7 @@ def _pools(name: str, root: str | Path | None, seed: int, image_size: int | None
                          f"or an ImageFolder tree (train/<class>/*.jpg, test/<class>/*.jpg)")
     if image_size is not None:
         # True would pass as 1 (1x1 images) and 0, 31.5 or '32' fail inside PIL without a name.
-        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+        if not is_int(image_size) or image_size < 1:
             raise ValueError(f"image_size={image_size!r}: expected a positive int, the side in pixels "
                              f"that ImageFolder images are resized to (or None for 32)")
         image_size = int(image_size)
@@ -480,7 +481,7 @@ def check_reduction(name: str, train_per_class: int | None, test_per_class: int 
         if name in SMALL_SCALE:
             raise ValueError(f"{arg}: only for the large-scale datasets ({', '.join(LARGE_SCALE)}); "
                              f"'{name}' has the paper's fixed small-scale split")
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{arg}: expected a positive number of images per class, got {value!r}")
         if arg == "train_per_class" and value < 2:
             raise ValueError(f"{arg}: {value} image per class leaves none for training once the "

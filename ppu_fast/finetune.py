@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .callable_module import make_callable
-from .caller_state import check_seed, frozen_modules, keeps_caller_state, probe_forward
+from .caller_state import check_seed, frozen_modules, is_int, is_real, keeps_caller_state, probe_forward
 from .metrics import check_logits
-from .training import check_optimizer_options, lone_last_batch, model_device
+from .training import check_optimizer_options, lone_last_batch, model_device, one_example_batchnorm
 
 SELECT_POLICIES = ("last", "val")
 TRAINABLE = ("all", "last-block", "head")
@@ -148,14 +148,6 @@ def trainable_modules(model: nn.Module, which: str, head: nn.Module | None = Non
     return [block, head]
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _first_input(data: Dataset) -> object:
     """``data[0]``'s input, the item the loop feeds the model (labels are unused)."""
     item = data[0]
@@ -193,10 +185,10 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
         tol = max(tol, 2 * torch.finfo(targets.dtype).eps)
     if not bool(((targets.double().sum(1) - 1).abs() <= tol).all()):
         raise ValueError(f"targets rows must sum to 1 within {tol:g} (probabilities, not logits)")
-    if not _is_int(epochs) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     check_optimizer_options(lr, momentum, weight_decay)
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -206,10 +198,10 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
     if retain_per_epoch is not None:
         if forget_mask is None:
             raise ValueError("retain_per_epoch needs forget_mask (which rows are the forget set)")
-        if not _is_int(retain_per_epoch) or retain_per_epoch < 1:
+        if not is_int(retain_per_epoch) or retain_per_epoch < 1:
             raise ValueError(f"retain_per_epoch must be a positive int, got {retain_per_epoch!r}")
     if retain_fraction is not None:
-        if not _is_real(retain_fraction) or not 0.0 < float(retain_fraction) <= 1.0:
+        if not is_real(retain_fraction) or not 0.0 < float(retain_fraction) <= 1.0:
             raise ValueError(f"retain_fraction must be a number in (0, 1] (the share of retain rows "
                              f"each epoch uses), got {retain_fraction!r}")
         if retain_per_epoch is not None:
@@ -230,7 +222,7 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
         raise ValueError("retain_sampling='weighted' weighs which retain rows an epoch draws, but "
                          "every epoch uses all of them; expected retain_fraction < 1 or "
                          "retain_per_epoch with it")
-    if not _is_int(forget_repeats) or forget_repeats < 1:
+    if not is_int(forget_repeats) or forget_repeats < 1:
         raise ValueError(f"forget_repeats must be a positive int (how many times an epoch visits each "
                          f"forget row), got {forget_repeats!r}")
     if not isinstance(early_stop, bool):
@@ -239,13 +231,13 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
         raise ValueError(f"early_stop=True needs select='val' (it stops when that rule is settled), "
                          f"got select={select!r}")
     if forget_kl is not None:
-        if not _is_real(forget_kl) or not float(forget_kl) >= 0.0:
+        if not is_real(forget_kl) or not float(forget_kl) >= 0.0:
             raise ValueError(f"forget_kl must be a non-negative number of nats, got {forget_kl!r}")
         if forget_mask is None:
             raise ValueError("forget_kl needs forget_mask (which rows are the forget set)")
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable: unknown value {trainable!r}; expected one of {TRAINABLE}")
-    if not _is_int(evals_per_epoch) or evals_per_epoch < 1:
+    if not is_int(evals_per_epoch) or evals_per_epoch < 1:
         raise ValueError(f"evals_per_epoch must be a positive int (evaluations, and checkpoints to "
                          f"select from, per epoch), got {evals_per_epoch!r}")
 
@@ -503,7 +495,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
             try:
                 logq, t = F.log_softmax(work(x.to(device)), dim=1), targets[i.to(device)]
             except ValueError as exc:
-                if "Expected more than 1 value per channel" not in str(exc):
+                if not one_example_batchnorm(exc):
                     raise
                 raise ValueError(f"data: a batch of one example cannot train the model's "
                                  f"BatchNorm in train mode (torch: {exc}); expected at least two "

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .caller_state import cuda_devices_to_fork
+from .caller_state import cuda_devices_to_fork, is_real
 from .data import ArrayDataset, collate_pairs
 
 _CACHE_VERSION = 1
@@ -77,9 +77,6 @@ def check_optimizer_options(lr: float, momentum: float, weight_decay: float) -> 
     """Refuse an SGD / Adam setting that cannot train: lr positive and finite, momentum in
     [0, 1), weight_decay finite and >= 0 (the one check of :func:`ppu_fast.finetune` and the
     baselines' optimizer)."""
-    def real(v: object) -> bool:
-        return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
     # Any one number float() reads (numpy scalars and 0-d arrays, Decimal, a 0-d tensor: torch's
     # own option), but not a string or a bool that float() would also read.
     try:
@@ -88,9 +85,9 @@ def check_optimizer_options(lr: float, momentum: float, weight_decay: float) -> 
         value = None
     if value is None or not 0 < value < math.inf:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if not (real(momentum) and 0 <= momentum < 1):
+    if not (is_real(momentum) and 0 <= momentum < 1):
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not (real(weight_decay) and 0 <= weight_decay < math.inf):
+    if not (is_real(weight_decay) and 0 <= weight_decay < math.inf):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
 
 
@@ -101,6 +98,12 @@ def lone_last_batch(n: int, batch_size: int, model: nn.Module) -> bool:
     and trains on one example, so other models keep every batch."""
     return (n > 1 and n % batch_size == 1
             and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()))
+
+
+def one_example_batchnorm(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's refusal to train a BatchNorm on a batch of one example (the
+    case :func:`lone_last_batch` avoids for a last batch; a set of one example still meets it)."""
+    return isinstance(exc, ValueError) and "Expected more than 1 value per channel" in str(exc)
 
 
 def model_device(model: nn.Module) -> torch.device:

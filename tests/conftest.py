@@ -41,6 +41,20 @@ class LogitsAreInputs(torch.nn.Module):
         return x + 0 * self.dummy
 
 
+class ItemsDataset(torch.utils.data.Dataset):
+    """A map-style Dataset whose item i is ``items[i]`` as given: the forms a caller's own dataset
+    returns (a bare input, a numpy label, a (1,) array) without any conversion on the way."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
 def state(model):
     """A detached copy of a model's state dict, to compare before and after."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

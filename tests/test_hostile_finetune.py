@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, TensorDataset
 import ppu_fast
 from ppu_fast.finetune import finetune
 
-from conftest import same, state
+from conftest import ItemsDataset, same, state
 from test_finetune import toy as _toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,22 +232,11 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
             finetune(nn.Linear(6, 3), data, targets, epochs=1, lr=lr, progress=False)
 
 
-class XOnly(Dataset):
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
-
-
 def test_data_forms_are_named():
     data, targets = toy()
     x = data.tensors[0]
     with pytest.raises(ValueError, match=r"data\[0\] is a Tensor; expected an \(x, y\) pair"):
-        finetune(nn.Linear(6, 3), XOnly(x), targets, epochs=1, progress=False)
+        finetune(nn.Linear(6, 3), ItemsDataset(x), targets, epochs=1, progress=False)
     with pytest.raises(ValueError, match="data: empty"):
         finetune(nn.Linear(6, 3), TensorDataset(x[:0]), targets[:0], epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"model: its forward pass on data\[0\] \(a float64"):

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler, TensorDataset
 
 import ppu_fast
+from conftest import ItemsDataset
 from ppu_fast.metrics import error
 
 K = 5
@@ -195,17 +196,6 @@ class _Triples(Dataset):
         return self.x[i], self.y[i], i
 
 
-class numpy_labels_ds(Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 def test_labels_and_outputs_must_fit_each_other(tiny):
     model, forget, retain = _sets(tiny)
     three = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
@@ -232,7 +222,7 @@ def test_labels_and_outputs_must_fit_each_other(tiny):
                          retain, method="ppu", progress=False)
     numpy_labels = [(x_, np.int64(y_)) for x_, y_ in zip(*forget.tensors)]
     numpy_labels[0] = (numpy_labels[0][0], np.array(int(forget.tensors[1][0])))  # 0-d array
-    ppu_fast.unlearn(model, numpy_labels_ds(numpy_labels), retain, method="ppu-bias", epochs=1,
+    ppu_fast.unlearn(model, ItemsDataset(numpy_labels), retain, method="ppu-bias", epochs=1,
                      progress=False)
     boxed = nn.Sequential(model, nn.Unflatten(1, (K, 1)))
     with pytest.raises(ValueError, match=r"expected \(B, k\) logits"):
@@ -488,15 +478,8 @@ def test_label_forms_the_entry_check_accepts_train_every_method(tiny, form):
     "only 0-dimensional arrays")."""
     model, x, y, fm = tiny
 
-    class Items(Dataset):
-        def __init__(self, xs, ys):
-            self.xs, self.ys = xs, ys
-
-        def __len__(self):
-            return len(self.xs)
-
-        def __getitem__(self, i):
-            return self.xs[i], np.array([int(self.ys[i])])
+    def Items(xs, ys):  # labels as numpy (1,) arrays
+        return ItemsDataset([(xi, np.array([int(yi)])) for xi, yi in zip(xs, ys)])
 
     def make(rows):
         if form == "int32":

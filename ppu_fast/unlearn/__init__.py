@@ -8,7 +8,6 @@ options against the method's signature and times the call.
 from __future__ import annotations
 
 import inspect
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -21,7 +20,7 @@ from torch.utils.data import (BatchSampler, ConcatDataset, DataLoader, Dataset, 
                               default_convert)
 
 from ..callable_module import make_callable
-from ..caller_state import check_finite_options, check_seed, keeps_caller_state
+from ..caller_state import check_finite_options, check_seed, is_int, keeps_caller_state
 
 _METHODS: dict[str, Callable[..., "UnlearnResult"]] = {}
 _COMMON = ("val", "seed", "device", "inplace", "progress")
@@ -86,8 +85,7 @@ def _check_integer_options(fn: Callable[..., UnlearnResult], options: dict[str, 
     sig = inspect.signature(fn).parameters
     for name, v in options.items():
         ann = sig[name].annotation if name in sig else None
-        if ann in ("int", "int | None") and v is not None and (
-                isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+        if ann in ("int", "int | None") and v is not None and not is_int(v):
             raise ValueError(f"unlearn(method={method!r}): {name}={v!r}; expected an integer")
 
 
@@ -177,7 +175,7 @@ def _check_pair(item: object, where: str) -> None:
     elif hasattr(y, "dtype") and hasattr(y, "size"):  # a numpy array or scalar
         ok = y.size == 1 and y.dtype.kind in "iu"
     else:
-        ok = isinstance(y, numbers.Integral) and not isinstance(y, bool)
+        ok = is_int(y)
     if not ok:
         raise ValueError(f"{where}: its label is {y!r}; expected an integer class label")
 

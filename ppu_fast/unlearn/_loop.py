@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..caller_state import frozen_modules
 from ..data import collate_pairs, dataset_targets
-from ..training import check_optimizer_options, lone_last_batch
+from ..training import check_optimizer_options, lone_last_batch, one_example_batchnorm
 
 SETTINGS = ("small", "selective", "class")
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
@@ -236,7 +236,7 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
                 try:
                     loss = loss_fn(model, batch)
                 except ValueError as exc:
-                    if "Expected more than 1 value per channel" not in str(exc):
+                    if not one_example_batchnorm(exc):
                         raise
                     # A one-example set (the commonest deletion request) gives one-example batches.
                     from . import method_options
