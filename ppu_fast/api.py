@@ -171,7 +171,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
     # With no retain rows, "retain" marginals fall back to P^'s own totals (then Q = P^).
     m = pb.target_marginals(marginals, colsum_retain, colsum_forget, n, k, pseudo_colsum)
     # A class has support in P^ when a retained row or a pseudo row gives it probability.
-    pb.check_feasible((colsum_retain > 0) | (pseudo_colsum > 0), m)
+    pb.check_feasible((colsum_retain.numpy() > 0) | (pseudo_colsum.numpy() > 0), m)
     t3 = time.perf_counter()
     final = None
     if be.fused_materialize and not in_place:

@@ -430,14 +430,22 @@ def check_marginals(marginals, n: int, k: int) -> torch.Tensor:
     return t * (n / s) if s > 0 else t
 
 
-def check_feasible(support: torch.Tensor, m: torch.Tensor, name: str = "marginals") -> None:
-    """A class with M_k > 0 needs at least one row of P^ with non-zero probability on it."""
-    bad = (~support) & (m > 0)
+def check_feasible(support: Union[torch.Tensor, np.ndarray], m: torch.Tensor,
+                   name: str = "marginals") -> None:
+    """A class with M_k > 0 needs at least one row of P^ with non-zero probability on it
+    (``support`` (k,) bool, ``m`` (k,) the targets)."""
+    # numpy: torch's dispatch on k-vectors cost more than the check itself in a small refine.
+    bad = ~_host_array(support) & (_host_array(m) > 0)
     if bad.any():
-        j = int(torch.nonzero(bad)[0, 0])
+        j = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{name}: infeasible: class {j} has target total {float(m[j]):.6g} > 0 "
                          f"but every row of P^ gives it probability 0; expected M_k == 0 for such "
                          f"a class, or pseudo-probabilities that give it mass")
+
+
+def _host_array(t) -> np.ndarray:
+    """A k-vector as a numpy array: CPU tensors without a copy, device ones copied."""
+    return t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
 def check_weights(weights, n: int) -> torch.Tensor:
@@ -603,13 +611,12 @@ def weight_sums_of_levels(levels: np.ndarray, counts) -> Tuple[float, float, flo
     """:func:`weight_sums` of inverse weights that take the values ``levels`` (as stored, e.g.
     float32) ``counts`` times each: O(1) instead of three passes and two N-vectors (12 ms of a
     150 ms refine at N = 1,000,000)."""
-    lv = np.asarray(levels).astype(np.float64)
-    cnt = np.asarray(counts, dtype=np.float64)
-    present = cnt > 0
-    if not present.any():
+    # Plain floats: two levels do not need numpy's per-call overhead.
+    pairs = [(float(c), float(v)) for c, v in zip(counts, np.asarray(levels).tolist()) if c > 0]
+    if not pairs:
         return 0.0, 1.0, 0.0
-    return (float((cnt * lv)[present].sum()), float(lv[present].max()),
-            float((cnt / lv)[present].sum()))
+    return (sum(c * v for c, v in pairs), max(v for _, v in pairs),
+            sum(c / v for c, v in pairs))
 
 
 def solver_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -632,7 +639,9 @@ def pseudo_totals(kind: str, pseudo_t: Optional[torch.Tensor], colsum_retain: to
     them over every process); otherwise they are summed from ``pseudo_t``.
     """
     if kind == "vector":
-        return pseudo_t, torch.softmax(pseudo_t.double(), dim=0) * n_forget
+        v = pseudo_t.numpy().astype(np.float64)  # numpy: cheaper than torch on a k-vector
+        e = np.exp(v - v.max())
+        return pseudo_t, torch.from_numpy(e * (n_forget / e.sum()))
     if kind == "prior":
         prior = (colsum_retain / n_retain if n_retain
                  else torch.full((k,), 1.0 / k, dtype=torch.float64))

@@ -103,11 +103,12 @@ def sampled_gram(be: Backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: t
     q = torch.empty(lp.shape, dtype=compute_dtype(log_p.dtype), device=log_p.device)
     be.materialize(lp, ic, alpha, q)
     if q.device.type == "cpu":
-        # numpy's BLAS (held to one thread inside solve_dual): a torch GEMM here left torch's
-        # worker threads spinning, and the C++ kernel's next pass took 1.3x as long.
+        # numpy's BLAS on one thread: a torch GEMM here left torch's worker threads spinning,
+        # and the C++ kernel's next pass took 1.3x as long (threaded OpenBLAS does the same).
         # In the compute dtype, as the kernels accumulate their own sampled products.
         qn = q.numpy()
-        w = (qn * ic.numpy().astype(qn.dtype)[:, None]).T @ qn
+        with _one_blas_thread():
+            w = (qn * ic.numpy().astype(qn.dtype)[:, None]).T @ qn
         return torch.from_numpy(w.astype(np.float64))
     qd = q.double()
     return (qd * ic.double()[:, None]).T @ qd
@@ -418,7 +419,7 @@ def _input_pass(su: _Setup, bar):
     message = None
     fi = 0  # forget rows of this rank seen so far (indexes pseudo_t's rows)
     support = torch.zeros(k, dtype=torch.float64)
-    with _one_blas_thread():  # sampled_gram's products, as in solve_dual
+    with _one_blas_thread():  # sampled_gram's products, as in the solver's passes
         for s, e, xc, oc in bar(su.store.input_chunks(), "prepare"):
             if solve_only and oc.data_ptr() == xc.data_ptr():
                 oc = None  # the input is the buffer: validate only

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .backends.base import Backend, StepOut, compute_dtype
+from .backends.cpu import _C
 from .problem import as_float, as_int
 
 METHODS = ("newton", "sinkhorn", "gradient")
@@ -63,10 +64,10 @@ _BLAS = None
 
 
 def _one_blas_thread():
-    """numpy's BLAS on one thread for the k x k solves. OpenBLAS threads even a 100 x 100 solve
-    and its worker then busy-waits on another core for a while, which halved the speed of the C++
-    kernels' next pass (a 50,000 x 100 refine: 45 ms against 26 ms). The caller's setting is
-    restored when the solve returns."""
+    """numpy's BLAS on one thread for a k x k solve in numpy. OpenBLAS threads even a 100 x 100
+    solve and its worker then busy-waits on another core for a while, which halved the speed of
+    the C++ kernels' next pass (a 50,000 x 100 refine: 45 ms against 26 ms). The caller's setting
+    is restored when the solve returns."""
     global _BLAS
     try:
         if _BLAS is None:
@@ -249,9 +250,15 @@ def gauge_for_kernels(alpha: np.ndarray) -> np.ndarray:
     k = alpha.shape[0]
     if k == 0:
         return alpha.copy()
-    # np.median's generic machinery costs ~70 us per call at k = 100; one partition is ~5 us.
-    part = np.partition(alpha, ((k - 1) // 2, k // 2))
+    # np.median's generic machinery costs ~10 us per call; a sort ~1 us up to k ~ 100, a
+    # partition less above.
+    part = np.sort(alpha) if k <= 128 else np.partition(alpha, ((k - 1) // 2, k // 2))
     return alpha - 0.5 * (part[(k - 1) // 2] + part[k // 2])
+
+
+def _centred(alpha: np.ndarray) -> np.ndarray:
+    """alpha minus its mean (sum / k: ndarray.mean's wrapper costs twice as much)."""
+    return alpha - alpha.sum() / alpha.shape[0]
 
 
 def _newton_direction(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
@@ -259,6 +266,19 @@ def _newton_direction(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
     if h.ndim == 1:  # diagonal Hessian
         d = grad / np.maximum(h, 1e-12 * max(float(h.max()), 1e-300))
         return d - d.mean()
+    if _C is not None:
+        # The same system by Cholesky in C++ (csrc/cpu/newton.cpp): numpy's wrappers cost more
+        # than a 50,000 x 10 pass; None (not positive definite) falls through to numpy's LU.
+        d = _C.newton_direction(h, grad)
+        if d is not None:
+            return d
+    with _one_blas_thread():
+        return _dense_direction_numpy(h, grad)
+
+
+def _dense_direction_numpy(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """:func:`_newton_direction` for a dense H in numpy (pivoted LU, least squares if singular):
+    where ``ppu_fast._C`` is not built or its Cholesky finds H not positive definite."""
     k = h.shape[0]
     scale = max(float(np.diagonal(h).mean()), 1e-300)
     # The rank-one term fixes the gauge; the tiny ridge handles classes whose column is empty.
@@ -360,9 +380,8 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
         eta = step_size if step_size is not None else 2.0 / inv_c_sum
     exact_below = (EXACT_HESSIAN_BELOW if hessian is True
                    and compute_dtype(log_p.dtype) == torch.float64 else 0.0)
-    with _one_blas_thread():
-        return _solve_loop(backend, ev, method, m, alpha, first, alpha0, tol, max_iter,
-                           inv_c_max, c_bar, m_safe, eta, t_start, capacity, exact_below, final)
+    return _solve_loop(backend, ev, method, m, alpha, first, alpha0, tol, max_iter, inv_c_max,
+                       c_bar, m_safe, eta, t_start, capacity, exact_below, final)
 
 
 def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, alpha: np.ndarray,
@@ -370,8 +389,8 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
                 c_bar, m_safe, eta, t_start: float,
                 capacity: Optional[Callable[[], None]] = None,
                 exact_below: float = 0.0, final: Optional[FinalPass] = None) -> RefineInfo:
-    """The iterations of :func:`solve_dual` (numpy's BLAS held to one thread around it);
-    Newton's passes ask for the exact Hessian once the residual is below ``exact_below``."""
+    """The iterations of :func:`solve_dual`; Newton's passes ask for the exact Hessian once the
+    residual is below ``exact_below``."""
     if first is not None and alpha0 is None:
         grad, g, h, res = ev.record(alpha, *first)
     else:
@@ -383,7 +402,8 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
     res_prev = math.inf
     materialized = False
     while res > tol and ev.passes < max_iter:
-        if capacity is not None and float(np.ptp(alpha)) * inv_c_max > DIVERGED_LOGIT:
+        spread_a = float(alpha.max() - alpha.min())
+        if capacity is not None and spread_a * inv_c_max > DIVERGED_LOGIT:
             capacity()  # raises on infeasible marginals
             capacity = None
         if method == "newton":
@@ -398,7 +418,7 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
                 done = _write_final(ev, final, alpha, d, t0, grad, g, res, tol)
                 if done is not None:
                     alpha, grad, g, res = done
-                    alpha = alpha - alpha.mean()
+                    alpha = _centred(alpha)
                     materialized = True
                     break
                 final = None
@@ -446,7 +466,7 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
         h = h if h_new is None else h_new
         if res <= exact_below:
             ev.hessian = "exact"
-        alpha = alpha - alpha.mean()
+        alpha = _centred(alpha)
         if res < best[0]:
             best = (res, alpha, g)
     converged = res <= tol

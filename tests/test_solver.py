@@ -323,3 +323,91 @@ def test_out_buffer_and_in_place(backend, k):
     out = np.empty_like(arr)
     assert ppu_fast.refine(arr, mask.numpy(), backend=backend, out=out) is out
     np.testing.assert_allclose(out, q.numpy(), atol=1e-6)
+
+
+def _laplacian_hessian(k: int, rng: np.random.Generator, empty: int = 0) -> np.ndarray:
+    """A Newton-like Hessian: S L S with L the Laplacian of random weights (PSD, as the kernels
+    assemble it), its first ``empty`` classes reached by no row (all zero)."""
+    w = rng.random((k, k)) ** 3
+    w[:empty, :] = 0.0
+    w[:, :empty] = 0.0
+    w = np.triu(w, 1)
+    w = w + w.T
+    s = np.exp(rng.normal(0.0, 1.0, k))
+    return s[:, None] * (np.diag(w.sum(1)) - w) * s[None, :]
+
+
+def _direction_oracle(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """The regularised system the solver defines (docs: rank-one gauge term, 1e-12 ridge), by
+    least squares in float64, mean removed."""
+    k = h.shape[0]
+    scale = np.diagonal(h).mean()
+    a = h + scale / k + 1e-12 * scale * np.eye(k)
+    d = np.linalg.lstsq(a, grad, rcond=None)[0]
+    return d - d.mean()
+
+
+@pytest.mark.parametrize("k", [2, 3, 10, 40, 100, 128])
+def test_newton_direction_in_cpp_matches_a_float64_oracle(k):
+    """The C++ Cholesky route (ppu_fast._C.newton_direction), which the solver takes, against
+    least squares on the same system; numpy's route (no build, or Cholesky declined) agrees."""
+    from ppu_fast import solver
+    from ppu_fast.backends.cpu import _C
+    if _C is None:
+        pytest.skip("ppu_fast._C is not built")
+    rng = np.random.default_rng(k)
+    h = _laplacian_hessian(k, rng)
+    grad = rng.normal(size=k)
+    d = _C.newton_direction(h, grad)
+    assert d is not None and d.shape == (k,) and d.dtype == np.float64
+    oracle = _direction_oracle(h, grad)
+    scale = np.abs(oracle).max()
+    assert abs(d.sum()) <= 1e-13 * scale * k
+    np.testing.assert_allclose(d, oracle, rtol=0, atol=1e-9 * scale)
+    np.testing.assert_array_equal(solver._newton_direction(h, grad), d)
+    np.testing.assert_allclose(solver._dense_direction_numpy(h, grad), d, rtol=0,
+                               atol=1e-9 * scale)
+
+
+@pytest.mark.parametrize("k", [3, 10, 100])
+def test_newton_direction_with_a_class_no_row_reaches(k):
+    """A class with an all-zero Hessian row leaves only the 1e-12 ridge on it (condition ~1e12):
+    whichever route the solver takes (Cholesky, or numpy when a pivot rounds to <= 0), the
+    direction is finite and matches the oracle to what that conditioning allows."""
+    from ppu_fast import solver
+    rng = np.random.default_rng(k + 1)
+    h = _laplacian_hessian(k, rng, empty=1)
+    grad = rng.normal(size=k)
+    d = solver._newton_direction(h, grad)
+    oracle = _direction_oracle(h, grad)
+    assert np.isfinite(d).all()
+    np.testing.assert_allclose(d, oracle, rtol=0, atol=1e-3 * np.abs(oracle).max())
+def test_newton_direction_falls_back_to_numpy_when_not_positive_definite():
+    """An indefinite H (not what the kernels assemble, but a backend might round to one) makes
+    the Cholesky route decline; the solver then takes numpy's pivoted solve, not a NaN step."""
+    from ppu_fast import solver
+    from ppu_fast.backends.cpu import _C
+    if _C is None:
+        pytest.skip("ppu_fast._C is not built")
+    h = np.diag([1.0, -3.0, 2.0, 5.0])
+    grad = np.array([0.5, -1.0, 0.25, 0.25])
+    assert _C.newton_direction(h, grad) is None
+    d = solver._newton_direction(h, grad)
+    np.testing.assert_array_equal(d, solver._dense_direction_numpy(h, grad))
+    assert np.isfinite(d).all()
+    assert _C.newton_direction(np.full((3, 3), np.nan), np.ones(3)) is None
+    with pytest.raises(ValueError, match=r"h \(k, k\) and grad \(k,\)"):
+        _C.newton_direction(np.eye(3), np.ones(4))
+
+
+def test_solver_without_the_compiled_module_takes_numpy(monkeypatch):
+    """Without ``ppu_fast._C`` (a build that failed) the solver's directions come from numpy:
+    the same passes and the same Q to float32 rounding as with the C++ route."""
+    from ppu_fast import solver
+    y, p = confident_classifier(4000, 12, margin=8.0, seed=3)
+    mask = y < 2
+    q1, i1 = ppu_fast.refine(p, mask, backend="torch", return_info=True)
+    monkeypatch.setattr(solver, "_C", None)
+    q2, i2 = ppu_fast.refine(p, mask, backend="torch", return_info=True)
+    assert i1.converged and i2.converged and i1.iterations == i2.iterations
+    torch.testing.assert_close(q1, q2, rtol=0, atol=1e-6)

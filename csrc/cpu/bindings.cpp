@@ -3,6 +3,7 @@
 // (ppu_fast/backends/cpu.py) validates the tensors and passes data pointers, sizes and strides.
 // A float64 solver buffer (dtype code 3) runs the float64 kernels (kernel_f64.h), whose inv_c and
 // alpha are float64 too; the float32 / float16 / bfloat16 buffers run kernel.h.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -16,6 +17,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "newton.h"
 #include "params.h"
 
 namespace py = pybind11;
@@ -248,7 +250,8 @@ void materialize(uintptr_t lp, int lp_dtype, int64_t n, int64_t k, int64_t sr, i
 }
 
 // Writes the packed float64 result of ppu_fast/backends/base.py (unpack_prepare):
-// [kind, row, A (k), B (k), colsum (k), wlogz, d (k) if hmode, W (k*k) if H_FULL].
+// [kind, row, A (k), B (k), colsum (k), wlogz, d (k) if hmode, H (k*k) if H_FULL], with H the
+// assembled Hessian (assemble(d, W)), where the device backends pack the weights W.
 void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t sc, int mode,
              uintptr_t forget, uintptr_t fill, uintptr_t out, int out_dtype, int64_t osr,
              int64_t osc, uintptr_t inv_c, int hmode, int64_t hstride, double tol,
@@ -376,6 +379,10 @@ void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t
         }
       }
     }
+    if (hmode == H_FULL) {  // W's slot receives the assembled Hessian, as step's h_out does
+      const std::vector<double> w(h + k, h + k + k * k);
+      assemble(h, w.data(), k, h + k);
+    }
   }
 }
 
@@ -397,6 +404,19 @@ bool advise_huge_pages(uintptr_t ptr, int64_t nbytes) {
   (void)nbytes;
   return false;
 #endif
+}
+
+using F64Array = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+// Newton's direction (newton.cpp) for ppu_fast.solver: d (k,) as a new array, or None when the
+// Cholesky route fails and the caller should take numpy's.
+py::object newton_direction_py(const F64Array& h, const F64Array& g) {
+  if (g.ndim() != 1 || h.ndim() != 2 || h.shape(0) != g.shape(0) || h.shape(1) != g.shape(0))
+    throw py::value_error("newton_direction: expected h (k, k) and grad (k,)");
+  const int64_t k = g.shape(0);
+  F64Array d(k);
+  if (!newton_direction(h.data(), g.data(), d.mutable_data(), k)) return py::none();
+  return std::move(d);
 }
 
 }  // namespace
@@ -433,6 +453,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("hmode"), py::arg("hstride"), py::arg("h_out"), py::arg("out"),
         py::arg("out_dtype"), py::arg("osr"), py::arg("osc"), py::arg("nthreads"),
         py::arg("isa") = "auto");
+  m.def("newton_direction", &newton_direction_py, py::arg("h"), py::arg("grad"),
+        "Newton's direction d (k,) for the dual solver: solves (h + (s / k) 1 1^T + 1e-12 s I) "
+        "d = grad by Cholesky (s = mean(diag h); h's lower triangle is read) and removes d's "
+        "mean; None when a pivot is not positive or d is not finite.");
   m.def("materialize", &materialize,
         "Writes Q (n x k) into out (dtype code out_dtype, strides osr, osc; 3 (f64) only for an "
         "f64 log_p). Same input conventions as step. Releases the GIL.",
@@ -447,7 +471,8 @@ PYBIND11_MODULE(_C, m) {
         "mask, may be 0) getting fill (k f32, may be 0), and writes the packed float64 result "
         "of ppu_fast.backends.base.unpack_prepare into packed (packed_len doubles): [kind, row, "
         "retain sums or column max (k), forget sums (k), and, when inv_c is non-zero, the first "
-        "evaluation colsum (k), wlogz, d (k) if hmode, W (k*k) if hmode 1]. Releases the GIL.",
+        "evaluation colsum (k), wlogz, d (k) if hmode, and for hmode 1 Newton's Hessian (k*k, "
+        "assembled from d and the sampled W as step's h_out)]. Releases the GIL.",
         py::arg("x"), py::arg("x_dtype"), py::arg("n"), py::arg("k"), py::arg("sr"), py::arg("sc"),
         py::arg("mode"), py::arg("forget"), py::arg("fill"), py::arg("out"), py::arg("out_dtype"),
         py::arg("osr"), py::arg("osc"), py::arg("inv_c"), py::arg("hmode"), py::arg("hstride"),

@@ -333,13 +333,14 @@ def check_prepare_args(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor
         raise ValueError(f"hessian: expected one of {HESSIAN_MODES}, got {hessian!r}")
 
 
-def unpack_prepare(buf: torch.Tensor, k: int, mode: str, first: bool, hessian: Hessian
-                   ) -> PrepareOut:
+def unpack_prepare(buf: torch.Tensor, k: int, mode: str, first: bool, hessian: Hessian,
+                   assembled: bool = False) -> PrepareOut:
     """Split prepare's packed float64 result (on the CPU) into a :class:`PrepareOut`.
 
     Layout: ``[kind, row, A (k), B (k), colsum (k), wlogz, d (k) if hessian, W (k*k) if
     hessian is True]``; A, B are the retain / forget sums ("probs", "logits") or, in "log_p" mode,
-    A is the column maximum (-inf: no finite entry) and B unused.
+    A is the column maximum (-inf: no finite entry) and B unused. ``assembled``: the last k*k
+    already hold Newton's Hessian ``assemble_hessian(d, W)`` (the cpu backend's kernels form it).
     """
     b = buf.numpy()
     kind, row = int(b[0]), int(b[1])
@@ -359,7 +360,8 @@ def unpack_prepare(buf: torch.Tensor, k: int, mode: str, first: bool, hessian: H
         if hessian == "diag":
             h = torch.from_numpy(b[o:o + k].copy())
         elif hessian is True:
-            h = torch.from_numpy(_assemble_np(b[o:o + k], b[o + k:o + k + k * k].reshape(k, k)))
+            w = b[o + k:o + k + k * k].reshape(k, k)
+            h = torch.from_numpy(w if assembled else _assemble_np(b[o:o + k], w))
         step = (colsum, wlogz, h)
     return PrepareOut(error, retain, forget_s, support, step)
 

@@ -176,7 +176,8 @@ class CpuBackend(Backend):
                    inv_c.data_ptr() if first else 0, _HMODE[hessian] if first else 0,
                    hessian_stride(n, k), float(tol), packed.data_ptr(), packed.numel(),
                    self._threads(), self.isa)
-        return unpack_prepare(packed, k, mode, first, hessian if first else False)
+        return unpack_prepare(packed, k, mode, first, hessian if first else False,
+                              assembled=True)
 
     def step(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
              hessian: Hessian = False) -> StepOut:

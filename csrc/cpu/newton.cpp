@@ -1,0 +1,73 @@
+// Newton's direction for the solver (ppu_fast/solver.py, _newton_direction), here because numpy
+// spent more on it than the pass it followed on small problems: a 10 x 10 solve costs ~15 us
+// through numpy's wrappers and ~1 us here, a 100 x 100 one ~80 us against ~40 us. The k x k
+// Hessian is PSD with null vector 1 (a Laplacian, rescaled), so the system is made positive definite
+// exactly as the numpy route does (the rank-one term (s / k) 1 1^T fixes the gauge, a ridge of
+// 1e-12 s handles classes whose column is empty, s = the mean diagonal) and solved by Cholesky.
+// A pivot that is not positive, or a non-finite result, returns false: the caller then takes
+// numpy's pivoted LU / least-squares route, which also serves Hessians that are not PSD.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "newton.h"
+
+namespace ppu_cpu {
+
+#if defined(PPU_HAVE_X86_KERNELS) && defined(__GNUC__) && !defined(__clang__)
+// The trailing updates are axpys the compiler vectorises; AVX-512 makes a 100 x 100 solve 20 %
+// faster than baseline SSE2. GCC picks the clone at load time (no flags needed at build time).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+bool newton_direction(const double* h, const double* g, double* d, int64_t k) {
+  if (k < 1) return false;
+  double scale = 0.0;
+  for (int64_t j = 0; j < k; ++j) scale += h[j * k + j];
+  scale /= static_cast<double>(k);
+  if (!(scale > 1e-300)) scale = 1e-300;  // also NaN: the result is then rejected below
+  const double rank1 = scale / static_cast<double>(k), ridge = 1e-12 * scale;
+  // Lower triangle of A = H + rank1 1 1^T + ridge I, row-major; overwritten by its factor L.
+  std::vector<double> a(static_cast<size_t>(k * k)), col(static_cast<size_t>(k)),
+      y(static_cast<size_t>(k));
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t l = 0; l <= i; ++l) a[i * k + l] = h[i * k + l] + rank1 + (i == l ? ridge : 0.0);
+  // Right-looking Cholesky: column j of L, then a rank-one update of the trailing triangle
+  // (contiguous rows against a copy of the column, so the inner loop is a plain axpy).
+  for (int64_t j = 0; j < k; ++j) {
+    const double piv = a[j * k + j];
+    if (!(piv > 0.0) || !std::isfinite(piv)) return false;
+    const double ljj = std::sqrt(piv), inv = 1.0 / ljj;
+    a[j * k + j] = ljj;
+    for (int64_t i = j + 1; i < k; ++i) {
+      a[i * k + j] *= inv;
+      col[i] = a[i * k + j];
+    }
+    const double* __restrict cl = col.data();
+    for (int64_t i = j + 1; i < k; ++i) {
+      const double lij = cl[i];
+      double* __restrict row = a.data() + i * k;
+      for (int64_t l = j + 1; l <= i; ++l) row[l] -= lij * cl[l];
+    }
+  }
+  for (int64_t i = 0; i < k; ++i) {  // L y = g
+    double s = g[i];
+    for (int64_t l = 0; l < i; ++l) s -= a[i * k + l] * y[l];
+    y[i] = s / a[i * k + i];
+  }
+  for (int64_t i = k - 1; i >= 0; --i) {  // L^T d = y
+    double s = y[i];
+    for (int64_t l = i + 1; l < k; ++l) s -= a[l * k + i] * d[l];
+    d[i] = s / a[i * k + i];
+  }
+  double mean = 0.0;
+  for (int64_t i = 0; i < k; ++i) mean += d[i];
+  mean /= static_cast<double>(k);
+  bool finite = true;
+  for (int64_t i = 0; i < k; ++i) {
+    d[i] -= mean;  // the gauge: Q does not change when every alpha_j moves together
+    finite = finite && std::isfinite(d[i]);
+  }
+  return finite;
+}
+
+}  // namespace ppu_cpu
