@@ -115,6 +115,14 @@ constexpr int64_t MIN_WORK = int64_t(1) << 17;
 // the 32 MiB last-level cache of the machines we measure on, so the solver's next pass could
 // not have found the rows in cache anyway.
 constexpr int64_t STREAM_MIN_BYTES = int64_t(64) << 20;
+// ... and only for rows of at least this many bytes. A row that does not start on a cache line
+// begins and ends in lines the stream shares with its neighbours, written by scalar stores: with
+// 400-byte rows (k = 100) that is 2 lines in 7, and the non-temporal prepare of a reused
+// 1,000,000 x 100 buffer took 55-58 ms against 38-42 ms with plain stores (A/B, two rounds,
+// 2-core dev VM, 2026-12-05); with 4,000-byte rows (k = 1,000) streaming stayed as fast or faster
+// (262,144 x 1,000, prepare: 83-95 ms against 90-109 ms with out=, 138-140 against 122-148 ms
+// fresh).
+constexpr int64_t STREAM_MIN_ROW_BYTES = 2048;
 
 int threads_for(int64_t n, int64_t k, int nthreads) {
   const int64_t by_work = (n * k) / MIN_WORK;
@@ -287,7 +295,8 @@ void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t
   p.out = ptr<void>(out);
   p.out_dtype = out_dtype; p.osr = osr; p.osc = osc;
   p.stream_out = out && out != x && out_dtype == F32 && osc == 1 &&
-                 n * k * int64_t(sizeof(float)) >= STREAM_MIN_BYTES;
+                 n * k * int64_t(sizeof(float)) >= STREAM_MIN_BYTES &&
+                 k * int64_t(sizeof(float)) >= STREAM_MIN_ROW_BYTES;
   p.stats = first ? 1 : 0;
   p.hmode = first ? hmode : H_NONE;
   p.hstride = hstride;
