@@ -57,8 +57,13 @@ def read_checkpoint(path: str | Path, arg: str = "init_checkpoint") -> tuple[dic
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors alike: the file is not a checkpoint
-        raise ValueError(f"{arg}: '{p}' is not a torch checkpoint that loads with weights_only=True "
-                         f"({type(exc).__name__}: {exc})") from None
+        # torch's own message tells the user to retry with weights_only=False, which runs the
+        # file's code; a whole pickled model (torch.save(model)) has a safe alternative.
+        hint = ("; it pickles Python objects, e.g. a whole model saved with torch.save(model), "
+                "which this run does not unpickle (that would run code from the file): save "
+                "model.state_dict() instead") if "Unsupported global" in str(exc) else ""
+        raise ValueError(f"{arg}: '{p}' is not a torch checkpoint that loads with weights_only=True"
+                         f"{hint} ({type(exc).__name__}: {exc})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or \
@@ -69,6 +74,17 @@ def read_checkpoint(path: str | Path, arg: str = "init_checkpoint") -> tuple[dic
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state, digest
+
+
+def _is_batch_counter(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` is a BatchNorm layer's ``num_batches_tracked`` buffer in ``model``."""
+    owner, _, leaf = key.rpartition(".")
+    if leaf != "num_batches_tracked":
+        return False
+    try:
+        return isinstance(model.get_submodule(owner), nn.modules.batchnorm._NormBase)
+    except AttributeError:
+        return False
 
 
 def _listed(items: list[str], limit: int = 6) -> str:
@@ -86,7 +102,9 @@ def load_checkpoint_into(model: nn.Module, state: Mapping[str, torch.Tensor], *,
     happened to the head."""
     own = model.state_dict()
     head = _head_keys(model)
-    missing = [k for k in own if k not in state]
+    # BatchNorm's batch counter is missing from older checkpoints; torch's own strict load keeps
+    # the module's counter then, and so does this one (the counter only matters for momentum=None).
+    missing = [k for k in own if k not in state and not _is_batch_counter(model, k)]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     wrong = [k for k in mismatched if k not in head]

@@ -230,3 +230,44 @@ def test_image_size_must_be_a_positive_int(tmp_path, size):
                    progress=False)
     assert make_split("imagefolder", data_root=root, scenario="class", forget_class=0, image_size=np.int64(6),
                       progress=False).image_size == 6
+
+
+def test_a_checkpoint_without_batchnorm_counters_loads_as_torch_loads_it(tmp_path):
+    """Older checkpoints lack BatchNorm's ``num_batches_tracked``; torch's strict load keeps the
+    module's own counter for them, and ``--init-checkpoint`` must not refuse them as 'missing
+    keys'. Any other missing key is still refused."""
+    from ppu_fast.models import build_model
+    from ppu_fast.pretrain import load_checkpoint_into
+
+    torch.manual_seed(0)
+    src = build_model("smallcnn", 5, 1, 0.5)
+    old = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(src.state_dict())
+    torch.manual_seed(1)
+    dst = build_model("smallcnn", 5, 1, 0.5)
+    assert load_checkpoint_into(dst, old, what="smallcnn", source="'old.pt'") == "loaded"
+    for k, v in old.items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    # torch itself agrees on the plain dict
+    build_model("smallcnn", 5, 1, 0.5).load_state_dict(old, strict=True)
+    broken = {k: v for k, v in old.items() if k != "features.0.1.running_mean"}
+    with pytest.raises(ValueError, match=r"missing keys features\.0\.1\.running_mean"):
+        load_checkpoint_into(dst, broken, what="smallcnn", source="'broken.pt'")
+
+
+def test_a_pickled_whole_model_gets_told_to_save_its_state_dict(tmp_path):
+    """``torch.save(model)`` files fail torch's weights_only load with advice to unpickle
+    them (which runs code): the error says what to save instead."""
+    from ppu_fast.models import build_model
+    from ppu_fast.pretrain import read_checkpoint
+
+    path = tmp_path / "whole.pt"
+    torch.save(build_model("smallcnn", 5, 1, 0.5), path)
+    with pytest.raises(ValueError, match=r"init_checkpoint: .*whole model saved with "
+                                         r"torch\.save\(model\).*save model\.state_dict\(\) instead"):
+        read_checkpoint(path)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a torch checkpoint") as info:
+        read_checkpoint(junk)
+    assert "state_dict() instead" not in str(info.value)
