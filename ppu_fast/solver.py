@@ -402,8 +402,8 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
     res_prev = math.inf
     materialized = False
     while res > tol and ev.passes < max_iter:
-        spread_a = float(alpha.max() - alpha.min())
-        if capacity is not None and spread_a * inv_c_max > DIVERGED_LOGIT:
+        if (capacity is not None
+                and float(alpha.max() - alpha.min()) * inv_c_max > DIVERGED_LOGIT):
             capacity()  # raises on infeasible marginals
             capacity = None
         if method == "newton":
