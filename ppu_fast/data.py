@@ -472,6 +472,12 @@ def _per_class(rng: np.random.Generator, targets: np.ndarray, classes: Sequence[
     return out
 
 
+def dataset_channels(name: str) -> int:
+    """The input channels of ``name``'s images as :func:`make_split` loads them, known before any
+    is decoded: the digits are grey (1), every image dataset is read as RGB (3)."""
+    return 1 if name in ("digits", "digits5") else 3
+
+
 def check_reduction(name: str, train_per_class: int | None, test_per_class: int | None) -> None:
     """Raise ValueError, naming the argument, unless ``train_per_class`` / ``test_per_class`` are
     None or positive image counts on a large-scale dataset (see :func:`make_split`)."""

@@ -271,3 +271,38 @@ def test_a_pickled_whole_model_gets_told_to_save_its_state_dict(tmp_path):
     with pytest.raises(ValueError, match="not a torch checkpoint") as info:
         read_checkpoint(junk)
     assert "state_dict() instead" not in str(info.value)
+
+
+def test_another_architecture_is_refused_before_any_image_is_decoded(tmp_path, monkeypatch):
+    """``--init-checkpoint`` of another architecture used to be refused only after the first
+    seed's split was built (a minute of JPEG decoding for CIFAR-10): it is refused first now."""
+    from ppu_fast.models import build_model
+    from ppu_fast.unlearn import experiment
+
+    def no_split(*args, **kwargs):
+        raise AssertionError("the split was built before the checkpoint was checked")
+
+    monkeypatch.setattr(experiment, "make_split", no_split)
+    torch.save(build_model("allcnn", 10, 3, 0.1).state_dict(), tmp_path / "allcnn.pt")
+    with pytest.raises(ValueError, match=r"is not a state dict of smallcnn \(width 0\.5, 3 input "
+                                         r"channel\(s\)\): unexpected keys"):
+        experiment.run_experiment(dataset="cifar10", data_root=tmp_path, model="smallcnn", width=0.5,
+                                  methods=["original"], seeds=[0], progress=False,
+                                  init_checkpoint=tmp_path / "allcnn.pt")
+    # the right architecture with another class count passes the early check (head re-initialised)
+    torch.save(build_model("smallcnn", 7, 3, 0.5).state_dict(), tmp_path / "small.pt")
+    with pytest.raises(AssertionError, match="split was built"):
+        experiment.run_experiment(dataset="cifar10", data_root=tmp_path, model="smallcnn", width=0.5,
+                                  methods=["original"], seeds=[0], progress=False,
+                                  init_checkpoint=tmp_path / "small.pt")
+
+
+def test_dataset_channels_are_what_the_split_loads(tmp_path):
+    from ppu_fast.data import dataset_channels
+
+    for name in ("digits", "digits5"):
+        assert make_split(name, progress=False).in_channels == dataset_channels(name) == 1
+    image_tree(tmp_path, ["a", "b"], {"train": 6, "test": 3}, size=(8, 8))
+    s = make_split("imagefolder", data_root=tmp_path, forget_class=1, num_forget=2, progress=False)
+    assert s.in_channels == dataset_channels("imagefolder") == 3
+    assert dataset_channels("cifar10") == dataset_channels("cifar5") == 3

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import Split, check_reduction, make_split
+from ..data import Split, check_reduction, dataset_channels, make_split
 from ..metrics import add_retrain_gaps, error, lira, mia_detail, restrict_to_classes
 from ..data import other_classes_dataset
 from ..models import build_model
@@ -161,6 +161,13 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     init_name, init_info, checkpoint, pretrained = "scratch", {}, None, None
     if init_checkpoint is not None:
         checkpoint, digest = read_checkpoint(init_checkpoint, arg="init_checkpoint (--init-checkpoint)")
+        # Another architecture is refused here, before a split's images are decoded (a minute for
+        # CIFAR-10): everything but the head must match, which any class count shows (the head
+        # may differ; the per-seed load below settles it).
+        channels = dataset_channels(dataset)
+        load_checkpoint_into(build_model(model, 2, channels, width), checkpoint,
+                             arg="init_checkpoint (--init-checkpoint)", source=f"'{init_checkpoint}'",
+                             what=f"{model} (width {width:g}, {channels} input channel(s))")
         init_name = f"sha256:{digest}"
         init_info = {"init_checkpoint": str(init_checkpoint)}
     elif pretrain is not None:
