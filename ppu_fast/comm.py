@@ -3,6 +3,7 @@ process group, and their single-process stand-ins (``group=None``)."""
 
 from __future__ import annotations
 
+import builtins
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -22,6 +23,10 @@ class Comm:
             if not dist.is_available() or not dist.is_initialized():
                 raise ValueError("process_group: torch.distributed is not initialised; call "
                                  "torch.distributed.init_process_group first (or pass None)")
+            if not isinstance(group, dist.ProcessGroup):
+                raise TypeError(f"process_group: expected a torch.distributed ProcessGroup "
+                                f"(e.g. torch.distributed.group.WORLD) or None, got "
+                                f"{type(group).__name__} {group!r}")
             self.rank = dist.get_rank(group)
             self.size = dist.get_world_size(group)
             if dist.get_backend(group) == "nccl":
@@ -79,9 +84,9 @@ def global_rows(comm: Comm, n_local: int, k: int, name: str) -> Tuple[int, int]:
 def collective_checks(comm: Comm, fn: Callable[[], object],
                       agree: Optional[Callable[[object], Dict[str, object]]] = None):
     """Run ``fn`` (input checks of this rank) and raise on every rank if it failed on any, so that
-    a bad argument on one rank never leaves the others waiting in a collective. The error keeps
-    its type (ValueError, TypeError, FileNotFoundError, RuntimeError) and names the rank it came
-    from.
+    a bad argument on one rank never leaves the others waiting in a collective. Any exception
+    counts (a PermissionError or an OverflowError as much as a ValueError); the error keeps its
+    type where that is a built-in one (RuntimeError otherwise) and names the rank it came from.
 
     ``agree``: a function of ``fn``'s result giving ``{argument: value}`` for the options every
     rank must pass alike (compared with ``==``, in the same collective); a difference raises a
@@ -91,18 +96,16 @@ def collective_checks(comm: Comm, fn: Callable[[], object],
     if comm.group is None:
         result = fn()
         return (result, [agree(result)]) if agree is not None else result
-    kinds = {"ValueError": ValueError, "TypeError": TypeError,
-             "FileNotFoundError": FileNotFoundError, "RuntimeError": RuntimeError}
     msg, result, mine = None, None, None
     try:
         result = fn()
         mine = agree(result) if agree is not None else None
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except Exception as exc:  # whatever it is, the other ranks must hear of it
         msg = (f"{exc} [on rank {comm.rank}]", type(exc).__name__)
     got = comm.gather((msg, mine))
     for m, _ in got:
         if m is not None:
-            raise kinds.get(m[1], ValueError)(m[0])
+            raise _builtin_exception(m[1], m[0])
     if agree is None:
         return result
     every = [d for _, d in got]
@@ -115,6 +118,19 @@ def collective_checks(comm: Comm, fn: Callable[[], object],
             raise ValueError(f"{key}: the ranks disagree ({per}); expected the same value on "
                              f"every rank")
     return result, every
+
+
+def _builtin_exception(name: str, message: str) -> Exception:
+    """``message`` as the built-in exception called ``name``, or a RuntimeError where there is
+    none (a library's class may not be importable, or constructible from a message, on every
+    rank) or it takes other arguments (UnicodeDecodeError)."""
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return RuntimeError(message)
 
 
 def _show(value) -> str:

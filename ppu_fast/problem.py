@@ -43,6 +43,9 @@ def to_tensor(x, name: str, sequence: bool = False) -> Tuple[torch.Tensor, bool]
             arr = np.asarray(x, dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name}: a sequence that is not all numbers ({exc})") from None
+        except OverflowError:  # a Python int beyond float64, e.g. 10**400
+            raise ValueError(f"{name}: an entry is too large for float64 (above ~1.8e308); "
+                             f"expected finite numbers") from None
         return torch.from_numpy(arr), False
     what = ("a torch.Tensor, numpy.ndarray or list of numbers" if sequence
             else "a torch.Tensor or numpy.ndarray")
@@ -541,7 +544,7 @@ def check_out(out, x: torch.Tensor, from_numpy: bool) -> Optional[torch.Tensor]:
         raise ValueError("out: negative strides are not supported")
     if o.requires_grad:
         raise ValueError("out: a tensor that requires grad cannot receive the targets")
-    if _self_overlaps(o):
+    if o.numel() and _self_overlaps(o):  # numpy gives empty arrays strides (0, 0)
         raise ValueError(f"out: its elements share memory (strides {o.stride()} for shape "
                          f"{tuple(o.shape)}, e.g. from expand()); expected a buffer with one "
                          f"memory location per element")
@@ -577,6 +580,8 @@ def _self_overlaps(t: torch.Tensor) -> bool:
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0:  # no element to share (and strides may be anything)
+        return False
     def span(t):
         lo = t.data_ptr()
         hi = lo + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) * t.element_size()

@@ -256,21 +256,29 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
                 "marginals": (marginals if isinstance(marginals, str) else
                               tuple(np.asarray(torch.as_tensor(marginals).detach().cpu(),
                                                dtype=np.float64).ravel().tolist())),
-                "_rounded": rounded}
+                "_rounded": rounded, "_f64": compute_dtype(sdt) == torch.float64,
+                "_first": sdt in (torch.float32, torch.float64)}
 
     (lam, (method, tol, max_iter, step_size), be, (kind, pseudo_t)), every = collective_checks(
         comm, checks, agreed)
     any_rounded = any(d["_rounded"] for d in every)
-    inv_c_np, c_min, weight_sums, n_forget = _scaled_weights(comm, mask, weights, lam, sdt)
+    # Ranks may hold different dtypes, but the solver's dtype-dependent choices (the dual's
+    # rounding noise, the exact Hessian below 1e-6, whether prepare gives the first evaluation)
+    # decide how many collectives run: every rank makes them for the coarsest rank's dtype. (Made
+    # per rank, a float32 and a float64 rank once stopped a pass apart and waited on each other.)
+    solver_dt = torch.float64 if all(d["_f64"] for d in every) else torch.float32
+    inv_c_np, c_min, weight_sums, n_forget = _scaled_weights(comm, mask, weights, lam, sdt,
+                                                             solver_dt)
     inv_c = torch.from_numpy(inv_c_np).to(dev)
     mask_dev = torch.from_numpy(mask).to(dev)
     fill = pseudo_t.to(dev) if kind == "vector" else None
     # Every rank takes the same branch: decided from global counts only.
     final_rows = (n_forget == 0 or kind in ("vector", "given")) and k > 1
     hmode = hessian_mode(method, k) if k > 1 else False
-    # prepare's first evaluation exists for float32 / float64 buffers (base.PrepareOut): a
-    # dtype rule, so every rank, the empty ones too, agrees on whether it is reduced.
-    first = final_rows and (mode == "log_p" or sdt in (torch.float32, torch.float64))
+    # prepare's first evaluation exists for float32 / float64 buffers (base.PrepareOut): used
+    # only where every rank's buffer gives it, so every rank, the empty ones too, agrees on
+    # whether it is reduced.
+    first = final_rows and (mode == "log_p" or all(d["_first"] for d in every))
     tol_rows = pb.row_sum_tol(in_dtype)
     t1 = time.perf_counter()
 
@@ -318,7 +326,7 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
         cap = comm.sum(cap)
         pb.raise_if_over_capacity(cap[:k], cap[k:], m, n)
 
-    info = solve_dual(sharded, Rows(n, k, sdt, dev), inv_c, m, method=method, tol=tol,
+    info = solve_dual(sharded, Rows(n, k, solver_dt, dev), inv_c, m, method=method, tol=tol,
                       max_iter=max_iter, step_size=step_size, first=first,
                       weight_sums=weight_sums, capacity=capacity)
     t4 = time.perf_counter()
@@ -347,10 +355,11 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
 
 
 def _scaled_weights(comm: Comm, mask: np.ndarray, weights: Optional[np.ndarray], lam: float,
-                    dtype: torch.dtype):
+                    dtype: torch.dtype, solver_dtype: Optional[torch.dtype] = None):
     """(inv_c (local N,) numpy, c_min, (sum inv_c, max inv_c, sum 1 / inv_c), global forget
     count): the weights scaled so that the largest 1 / c over every rank is 1, as ``refine``
-    scales them."""
+    scales them. ``dtype``: this rank's buffer's; ``solver_dtype``: the one every rank's solver
+    decides for (max inv_c is rounded to it, so that all ranks hold the same value)."""
     if weights is not None:
         lo_hi = comm.max(torch.tensor([-float(weights.min()) if weights.size else -np.inf,
                                        float(weights.max()) if weights.size else 0.0],
@@ -374,7 +383,7 @@ def _scaled_weights(comm: Comm, mask: np.ndarray, weights: Optional[np.ndarray],
     if weights is not None:
         ic_max = 1.0 if n_rows else 0.0
     else:
-        ic_dt = pb.inv_c_dtype(dtype)
+        ic_dt = pb.inv_c_dtype(solver_dtype or dtype)
         ic_max = max(float(ic_dt(c_min / lam)) if n_rows > n_forget else 0.0,
                      float(ic_dt(c_min)) if n_forget else 0.0)
     return inv_c, c_min, (float(sums[0]), ic_max, float(sums[1])), n_forget

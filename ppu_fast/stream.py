@@ -71,6 +71,8 @@ class NpyFile:
 
     def __init__(self, path: PathLike, name: str = "probs_path") -> None:
         self.path, self.name = Path(path), name
+        if self.path.is_dir():
+            raise ValueError(f"{name}: '{self.path}' is a directory; expected a .npy file")
         if not self.path.is_file():
             raise FileNotFoundError(f"{name}: no such file '{self.path}'")
         with open(self.path, "rb") as f:
@@ -281,7 +283,7 @@ def load_npy(path: PathLike, name: str) -> np.ndarray:
         raise ValueError(f"{name}: '{path}' cannot be read as a .npy array ({exc})") from None
 
 
-def _forget_arg(forget, n: int):
+def _forget_arg(forget, n: int, rows_given: bool = False):
     """A forget argument of refine_file: a path to a bool .npy, or what ``refine`` takes."""
     if isinstance(forget, (str, os.PathLike)):
         path = Path(forget)
@@ -290,8 +292,9 @@ def _forget_arg(forget, n: int):
             raise TypeError(f"forget: '{path}' holds {arr.dtype}; expected a bool mask (N,) "
                             f"(pass integer row indices as an array, not a file)")
         if arr.ndim != 1 or arr.size != n:
+            over = "of rows=(start, stop)" if rows_given else "of the probabilities file"
             raise ValueError(f"forget: '{path}' has shape {arr.shape}; expected ({n},), one bool "
-                             f"per row of the probabilities file")
+                             f"per row {over}")
         return arr
     return forget
 
@@ -356,8 +359,11 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         src = NpyFile(probs_path, "probs_path")
         n_file, k = src.shape
         r0, r1 = (0, n_file) if rows is None else _check_rows(rows, n_file)
-        mask, pseudo = pb.forget_and_pseudo(_forget_arg(forget, r1 - r0), r1 - r0,
-                                            options.get("pseudo"))
+        try:
+            mask, pseudo = pb.forget_and_pseudo(_forget_arg(forget, r1 - r0, rows is not None),
+                                                r1 - r0, options.get("pseudo"))
+        except (ValueError, TypeError) as exc:  # refine's checks name its forget_mask
+            raise type(exc)(str(exc).replace("forget_mask", "forget")) from None
         if pseudo is not None:
             options["pseudo"] = pseudo
         c = None
@@ -370,33 +376,51 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
             raise FileNotFoundError(f"out_path: no such directory '{out_path.parent}'")
         if out_path.is_dir():
             raise ValueError(f"out_path: '{out_path}' is a directory; expected a .npy file path")
+        if not os.access(out_path.parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"out_path: cannot create files in '{out_path.parent}' (no "
+                                  f"write permission); expected a writable directory")
+        if out_path.exists() and not os.access(out_path, os.W_OK):
+            raise PermissionError(f"out_path: '{out_path}' is write-protected (refine_file "
+                                  f"replaces it, where np.save would refuse); make it writable "
+                                  f"or pass another out_path")
+        if (r0, r1) != (0, n_file) and out_path.exists() and os.path.samefile(out_path,
+                                                                              src.path):
+            raise ValueError(f"out_path: is probs_path itself, and rows=({r0}, {r1}) covers "
+                             f"{r1 - r0} of its {n_file} rows: those rows of Q would replace the "
+                             f"whole file; expected another out_path, or rows covering the file")
         if chunk_rows is not None and (pb.as_int(chunk_rows, "chunk_rows") < 1):
             raise ValueError(f"chunk_rows: expected an integer >= 1, got {chunk_rows!r}")
-        return src, r0, r1, mask, c, dev, budget
+        # Created here, inside the collective checks: a rank that cannot create it (a full disk)
+        # raises on every rank instead of leaving the others in the solver's collectives.
+        sdt_ = pb.solver_dtype(_torch_dtype(src.dtype))
+        buf = NpyFile.create(tmp, (r1 - r0, k), np.dtype(str(sdt_).split(".")[-1]))
+        return src, r0, r1, mask, c, dev, budget, buf
 
     def outputs(result) -> dict:
-        # Gathered to find ranks of one machine writing one file (the last rename would win).
-        return {"_out": (socket.gethostname(), os.path.realpath(out_path))}
+        # Gathered to find ranks of one machine writing one file (the last rename would win)
+        # or reading the same rows of one file (they would count twice).
+        src, r0, r1 = result[:3]
+        return {"_out": (socket.gethostname(), os.path.realpath(out_path)),
+                "_in": (socket.gethostname(), os.path.realpath(src.path), r0, r1)}
 
-    (src, r0, r1, mask, c, dev, budget), every = collective_checks(comm, open_input, outputs)
-    outs = [d["_out"] for d in every]
-    for r, o in enumerate(outs):
-        if o in outs[:r]:
-            raise ValueError(f"out_path: ranks {outs.index(o)} and {r} both write '{o[1]}' on "
-                             f"{o[0]}; expected a different out_path on each rank (each writes "
-                             f"its own rows of Q)")
+    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    try:
+        (src, r0, r1, mask, c, dev, budget, buf), every = collective_checks(comm, open_input,
+                                                                           outputs)
+        _check_disjoint(every)
+    except BaseException:
+        _unlink(tmp)
+        raise
     k = src.shape[1]
     in_dt = _torch_dtype(src.dtype)
     sdt = pb.solver_dtype(in_dt)
     rows_per = (int(chunk_rows) if chunk_rows is not None
                 else chunk_rows_for(k, src.dtype.itemsize, torch.finfo(sdt).bits // 8, budget,
                                     dev.type == "cuda"))
-    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     show = sys.stderr.isatty() if progress is None else bool(progress)
     bar = _bar(show, max(1, -(-(r1 - r0) // rows_per)), str(Path(probs_path).name))
     where = f" (file '{src.path}'{comm.where()})"
     try:
-        buf = NpyFile.create(tmp, (r1 - r0, k), np.dtype(str(sdt).split(".")[-1]))
         store = FileStore(src, r0, r1, buf, rows_per, dev, sdt)
         info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=in_dt, weights=c,
                               generator=generator, comm=comm, where=where, progress=bar,
@@ -404,10 +428,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         del store
         os.replace(tmp, out_path)
     except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+        _unlink(tmp)
         raise
     info.chunk_rows = int(rows_per)
     info.seconds = time.perf_counter() - t0
@@ -436,6 +457,34 @@ def check_device(device) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device: {device!r}; expected 'cpu' or 'cuda' (or 'cuda:N')")
     return dev
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _check_disjoint(every: list) -> None:
+    """Raise (on every rank: the same gathered values) where two ranks write one file on one
+    machine, or read overlapping rows of one file (those rows would count twice in N and in
+    every class total)."""
+    outs = [d["_out"] for d in every]
+    for r, o in enumerate(outs):
+        if o in outs[:r]:
+            raise ValueError(f"out_path: ranks {outs.index(o)} and {r} both write '{o[1]}' on "
+                             f"{o[0]}; expected a different out_path on each rank (each writes "
+                             f"its own rows of Q)")
+    ins = [d["_in"] for d in every]
+    for r, (host, path, a0, a1) in enumerate(ins):
+        for q in range(r):
+            h2, p2, b0, b1 = ins[q]
+            if (host, path) == (h2, p2) and max(a0, b0) < min(a1, b1):
+                raise ValueError(f"rows: ranks {q} and {r} both read rows [{max(a0, b0)}, "
+                                 f"{min(a1, b1)}) of '{path}' on {host} (rows=({b0}, {b1}) and "
+                                 f"({a0}, {a1})); expected disjoint ranges, one share of the "
+                                 f"rows per rank")
 
 
 def _check_rows(rows, n_file: int) -> Tuple[int, int]:

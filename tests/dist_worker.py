@@ -35,7 +35,18 @@ def _error(fn) -> str:
         fn()
     except (ValueError, TypeError) as exc:
         return str(exc)
+    except Exception as exc:  # any other type is named
+        return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+def mixed_problem(seed: int):
+    """A small problem (3,000 x 6, float64) for the mixed-dtype runs; rank 0 holds rows
+    [0, 1300)."""
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((3000, 6)) * 3
+    p = np.exp(x - x.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True), r.random(3000) < 0.1
 
 
 def main(scenario: str, outdir: str) -> None:
@@ -142,6 +153,53 @@ def main(scenario: str, outdir: str) -> None:
             path, m, Path(outdir) / "q.npy", rows=(s, e), process_group=group))
         res["leftovers"] = np.array(sorted(f.name for f in Path(outdir).iterdir()
                                            if f.name.startswith(".q") or f.name == "q.npy"))
+    elif scenario == "hostile":
+        # Found by a hostile review: each of these hung a rank, or was not refused.
+        import os
+        import warnings
+
+        pick = (lambda a, b: a if rank == 0 else b)
+        for seed in range(1, 7):  # float32 / float16 on rank 0, float64 on rank 1
+            pm, mm = mixed_problem(seed)
+            s, e = pick(0, 1300), pick(1300, len(pm))
+            for low in (np.float32, np.float16):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    q, info = ppu_fast.refine(pm[s:e].astype(pick(low, np.float64)), mm[s:e],
+                                              process_group=group, return_info=True)
+                tag = f"mixed{seed}_{np.dtype(low).name}"
+                res[f"{tag}_alpha"] = info.alpha.numpy()
+                res[f"{tag}_q"] = np.asarray(q, dtype=np.float64)
+                res[f"{tag}_converged"] = np.array(info.converged)
+        s, e = pick(0, 1234), pick(1234, len(p))
+        w = [1.0] * (e - s)
+        if rank == 1:
+            w[3] = 10 ** 400
+        res["overflow_error"] = _error(lambda: ppu_fast.refine(p[s:e], mask[s:e], weights=w,
+                                                               process_group=group))
+        path = Path(outdir) / "p.npy"
+        if rank == 0:
+            np.save(path, p)
+            (Path(outdir) / "rodir").mkdir()
+        dist.barrier()
+        real_access = os.access
+        # Rank 1's folder reads as not writable (the tests run as root, who may write anything).
+        os.access = lambda f, mode, **kw: ("rodir" not in str(f)) and real_access(f, mode, **kw)
+        res["readonly_error"] = _error(lambda: ppu_fast.refine_file(
+            path, mask[s:e], Path(outdir) / pick("q0.npy", "rodir/q1.npy"), rows=(s, e),
+            process_group=group))
+        os.access = real_access
+        res["overlap_error"] = _error(lambda: ppu_fast.refine_file(
+            path, mask[pick(0, 1000):e], Path(outdir) / f"o{rank}.npy",
+            rows=(pick(0, 1000), e), process_group=group))
+        empty_out = np.empty((0, p.shape[1])) if rank == 0 else np.empty((len(p), p.shape[1]))
+        x0 = p[:0] if rank == 0 else p
+        ppu_fast.refine(x0, mask[:0] if rank == 0 else mask, out=empty_out, process_group=group)
+        res["empty_out_q"] = empty_out
+        res["group_error"] = _error(lambda: ppu_fast.refine(p[s:e], mask[s:e],
+                                                            process_group="world"))
+        res["leftovers"] = np.array(sorted(f.name for f in Path(outdir).rglob("*")
+                                           if f.name.startswith(".")))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     np.savez(Path(outdir) / f"rank{rank}.npz", **res)

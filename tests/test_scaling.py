@@ -150,7 +150,7 @@ def test_streaming_errors_name_file_and_row(tmp_path):
     np.save(tmp_path / "short.npy", mask[:-1])
     with pytest.raises(ValueError, match=r"forget: .*short\.npy' has shape \(49,\); expected"):
         refine_file(tmp_path / "p.npy", tmp_path / "short.npy", tmp_path / "q.npy")
-    with pytest.raises(ValueError, match="forget_mask: bool mask has length 49; expected N = 50"):
+    with pytest.raises(ValueError, match="forget: bool mask has length 49; expected N = 50"):
         refine_file(tmp_path / "p.npy", mask[:-1], tmp_path / "q.npy")
     bad = p.copy()
     bad[37, 2] = np.nan
@@ -494,6 +494,83 @@ def test_distributed_ranks_must_agree(tmp_path, problem):
     # within the float64 solve's tol)
     resid = float(np.abs(q_all.sum(0) - q0.sum(0)).sum()) / len(p)
     assert abs(float(res[0]["mixed_residual"]) - resid) <= 1e-5
+
+
+def test_sharded_hostile_cases(tmp_path):
+    """A hostile review's cases: ranks of different dtypes (float32 or float16 beside float64)
+    made their solver decisions for their own dtype, stopped a pass apart and hung or aborted
+    Gloo (2 of 6 seeds); now they decide for the coarsest rank and agree on alpha, near the
+    whole problem's float64 solve. An error of another type than the four the collective checks
+    caught (an OverflowError, a PermissionError) left the other rank waiting: now every rank
+    raises it. Overlapping file ranges counted rows twice; a rank holding no rows could not
+    pass a numpy out= (strides (0, 0)); a process_group that is not one got torch's raw error."""
+    from dist_worker import mixed_problem, problem as dist_problem
+
+    res = _run_ranks(tmp_path, "hostile", 2)
+    for seed in range(1, 7):
+        pm, mm = mixed_problem(seed)
+        for low in (np.float32, np.float16):
+            tag = f"mixed{seed}_{np.dtype(low).name}"
+            np.testing.assert_array_equal(res[0][f"{tag}_alpha"], res[1][f"{tag}_alpha"])
+            assert bool(res[0][f"{tag}_converged"]) and bool(res[1][f"{tag}_converged"])
+            x = np.concatenate([pm[:1300].astype(low).astype(np.float64), pm[1300:]])
+            q0, i0 = refine(x, mm, return_info=True)
+            assert float(np.abs(res[0][f"{tag}_alpha"] - i0.alpha.numpy()).max()) <= 1e-4, tag
+            q_all = np.concatenate([res[0][f"{tag}_q"], res[1][f"{tag}_q"]])
+            assert float(np.abs(q_all - q0).max()) <= (1e-5 if low == np.float32 else 1e-3), tag
+    for r in range(2):
+        msg = str(res[r]["overflow_error"])
+        assert msg.startswith("weights: an entry is too large for float64") and "[on rank 1]" in msg
+        msg = str(res[r]["readonly_error"])
+        assert msg.startswith("PermissionError: out_path: cannot create files in") and \
+            "rodir" in msg and "[on rank 1]" in msg, msg
+        msg = str(res[r]["overlap_error"])
+        assert msg.startswith("rows: ranks 0 and 1 both read rows [1000, 1234)"), msg
+        assert list(res[r]["leftovers"]) == []
+        msg = str(res[r]["group_error"])
+        assert msg.startswith("process_group: expected a torch.distributed ProcessGroup"), msg
+    p, mask = dist_problem()
+    assert res[0]["empty_out_q"].shape == (0, p.shape[1])
+    np.testing.assert_allclose(res[1]["empty_out_q"], refine(p, mask), rtol=0, atol=1e-12)
+
+
+def test_refine_file_refuses_what_it_would_overwrite_or_lose(tmp_path, monkeypatch):
+    """Writing a row range onto its own input file would cut the file to that range; a
+    write-protected out_path (or input, in place) was replaced; an unwritable folder raised a
+    raw PermissionError naming the hidden temporary file; a folder as probs_path was 'no such
+    file'; refine_file's forget argument was called forget_mask in its errors."""
+    import ppu_fast.stream as stream
+    from dist_worker import problem as dist_problem
+
+    p, mask = dist_problem()
+    path = tmp_path / "p.npy"
+    np.save(path, p[:100])
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"out_path: is probs_path itself, and rows=\(10, 20\) "
+                                         r"covers 10 of its 100 rows"):
+        refine_file(path, mask[10:20], path, rows=(10, 20))
+    assert path.read_bytes() == before
+    refine_file(path, mask[:100], path, rows=(0, 100))  # the whole file in place is fine
+    assert np.load(path).shape == (100, p.shape[1])
+    real = os.access
+    monkeypatch.setattr(stream.os, "access",
+                        lambda f, m, **kw: "locked" not in str(f) and real(f, m, **kw))
+    (tmp_path / "locked.npy").write_bytes(before)
+    with pytest.raises(PermissionError, match=r"out_path: '.*locked\.npy' is write-protected"):
+        refine_file(path, mask[:100], tmp_path / "locked.npy")
+    assert (tmp_path / "locked.npy").read_bytes() == before
+    (tmp_path / "locked_dir").mkdir()
+    with pytest.raises(PermissionError, match=r"out_path: cannot create files in '.*locked_dir'"):
+        refine_file(path, mask[:100], tmp_path / "locked_dir" / "q.npy")
+    monkeypatch.setattr(stream.os, "access", real)
+    with pytest.raises(ValueError, match=r"probs_path: '.*' is a directory; expected a \.npy"):
+        refine_file(tmp_path, mask[:100], tmp_path / "q.npy")
+    with pytest.raises(ValueError, match=r"^forget: "):
+        refine_file(path, mask[:99], tmp_path / "q.npy")
+    np.save(tmp_path / "f.npy", mask[:10])
+    with pytest.raises(ValueError, match=r"one bool per row of rows=\(start, stop\)"):
+        refine_file(path, tmp_path / "f.npy", tmp_path / "q.npy", rows=(0, 20))
+    assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(".")) == []
 
 
 def test_process_group_documented():
