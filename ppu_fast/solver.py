@@ -262,7 +262,8 @@ def _centred(alpha: np.ndarray) -> np.ndarray:
 
 
 def _newton_direction(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
-    """Solve H d = grad on the subspace sum(d) = 0 (H is PSD with null vector 1)."""
+    """Solve H d = grad on the subspace sum(d) = 0 (H is PSD with null vector 1; a dense H must
+    be symmetric, as every backend assembles it: the C++ route reads its lower triangle)."""
     if h.ndim == 1:  # diagonal Hessian
         d = grad / np.maximum(h, 1e-12 * max(float(h.max()), 1e-300))
         return d - d.mean()

@@ -379,12 +379,15 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         if not os.access(out_path.parent, os.W_OK | os.X_OK):
             raise PermissionError(f"out_path: cannot create files in '{out_path.parent}' (no "
                                   f"write permission); expected a writable directory")
-        if out_path.exists() and not os.access(out_path, os.W_OK):
+        if (out_path.exists() and not out_path.is_symlink()
+                and not os.access(out_path, os.W_OK)):
             raise PermissionError(f"out_path: '{out_path}' is write-protected (refine_file "
                                   f"replaces it, where np.save would refuse); make it writable "
                                   f"or pass another out_path")
-        if (r0, r1) != (0, n_file) and out_path.exists() and os.path.samefile(out_path,
-                                                                              src.path):
+        # The rename at the end replaces out_path's own directory entry (a link there, not its
+        # target): the input is lost only where that entry is the input's file.
+        entry = Path(os.path.realpath(out_path.parent)) / out_path.name
+        if (r0, r1) != (0, n_file) and entry == Path(os.path.realpath(src.path)):
             raise ValueError(f"out_path: is probs_path itself, and rows=({r0}, {r1}) covers "
                              f"{r1 - r0} of its {n_file} rows: those rows of Q would replace the "
                              f"whole file; expected another out_path, or rows covering the file")
@@ -400,27 +403,26 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         # Gathered to find ranks of one machine writing one file (the last rename would win)
         # or reading the same rows of one file (they would count twice).
         src, r0, r1 = result[:3]
-        return {"_out": (socket.gethostname(), os.path.realpath(out_path)),
+        entry = os.path.join(os.path.realpath(out_path.parent), out_path.name)
+        return {"_out": (socket.gethostname(), entry),
                 "_in": (socket.gethostname(), os.path.realpath(src.path), r0, r1)}
 
     tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    # From here on the temporary output may exist: every error removes it.
     try:
         (src, r0, r1, mask, c, dev, budget, buf), every = collective_checks(comm, open_input,
                                                                            outputs)
         _check_disjoint(every)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    k = src.shape[1]
-    in_dt = _torch_dtype(src.dtype)
-    sdt = pb.solver_dtype(in_dt)
-    rows_per = (int(chunk_rows) if chunk_rows is not None
-                else chunk_rows_for(k, src.dtype.itemsize, torch.finfo(sdt).bits // 8, budget,
-                                    dev.type == "cuda"))
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    bar = _bar(show, max(1, -(-(r1 - r0) // rows_per)), str(Path(probs_path).name))
-    where = f" (file '{src.path}'{comm.where()})"
-    try:
+        k = src.shape[1]
+        in_dt = _torch_dtype(src.dtype)
+        sdt = pb.solver_dtype(in_dt)
+        rows_per = (int(chunk_rows) if chunk_rows is not None
+                    else chunk_rows_for(k, src.dtype.itemsize, torch.finfo(sdt).bits // 8,
+                                        budget, dev.type == "cuda"))
+        show = (sys.stderr is not None and sys.stderr.isatty()) if progress is None \
+            else bool(progress)
+        bar = _bar(show, max(1, -(-(r1 - r0) // rows_per)), str(Path(probs_path).name))
+        where = f" (file '{src.path}'{comm.where()})"
         store = FileStore(src, r0, r1, buf, rows_per, dev, sdt)
         info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=in_dt, weights=c,
                               generator=generator, comm=comm, where=where, progress=bar,

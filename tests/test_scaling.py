@@ -570,7 +570,41 @@ def test_refine_file_refuses_what_it_would_overwrite_or_lose(tmp_path, monkeypat
     np.save(tmp_path / "f.npy", mask[:10])
     with pytest.raises(ValueError, match=r"one bool per row of rows=\(start, stop\)"):
         refine_file(path, tmp_path / "f.npy", tmp_path / "q.npy", rows=(0, 20))
+    # a link to the input as out_path: the rename replaces the link, the input stays whole
+    (tmp_path / "link.npy").symlink_to(path)
+    whole = path.read_bytes()
+    refine_file(path, mask[10:20], tmp_path / "link.npy", rows=(10, 20))
+    assert path.read_bytes() == whole
+    assert not (tmp_path / "link.npy").is_symlink()
+    assert np.load(tmp_path / "link.npy").shape == (10, p.shape[1])
+    # an error after the checks (here the progress bar) leaves no temporary file
+    monkeypatch.setattr(stream, "_bar", lambda *a: (_ for _ in ()).throw(RuntimeError("bar")))
+    with pytest.raises(RuntimeError, match="bar"):
+        refine_file(path, mask[:100], tmp_path / "q.npy")
     assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith(".")) == []
+
+
+def test_a_compiled_module_of_other_sources_is_refused_not_half_used():
+    """An editable checkout pulled without rebuilding keeps an old ppu_fast._C, whose prepare
+    packs the sampled weights where this code reads the assembled Hessian (a wrong first Newton
+    step) and which has no newton_direction (every refine failed, the torch backend's too): the
+    cpu backend is unavailable with a reason that says to rebuild, and the solver takes numpy."""
+    code = (
+        "import importlib, warnings, numpy as np, ppu_fast\n"
+        "from ppu_fast import _C\n"
+        "_C.INTERFACE = 1\n"
+        "import ppu_fast.backends.cpu as cpu, ppu_fast.solver as solver\n"
+        "importlib.reload(cpu); importlib.reload(solver)\n"
+        "assert cpu._C is None and solver._C is None\n"
+        "print(cpu.CpuBackend().available_reasons()[0])\n"
+        "x = np.random.default_rng(0).dirichlet(np.ones(4), 300)\n"
+        "q, info = ppu_fast.refine(x, np.arange(300) < 30, backend='torch', return_info=True)\n"
+        "print('converged', info.converged)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "was built from other sources (interface 1, this code needs 2); rebuild" in out.stdout
+    assert "converged True" in out.stdout
 
 
 def test_process_group_documented():

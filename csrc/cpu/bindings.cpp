@@ -434,6 +434,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ppu_fast CPU kernels: fused prepare (validate + log P^ + sums), the "
             "softmax-with-column-shift step and materialize (C++17, a small thread pool, run-time "
             "AVX-512 / AVX2 / generic dispatch). Private: use ppu_fast.backends.cpu.";
+  // The interface version ppu_fast/backends/cpu.py expects (its _C_INTERFACE): a module built
+  // from older sources (an editable checkout pulled without rebuilding) is refused by it, not
+  // half used. 2: prepare packs the assembled Hessian; newton_direction exists.
+  m.attr("INTERFACE") = 2;
   m.attr("LANES_MAX_K") = LANES_MAX_K;
   m.attr("MAX_FULL_K") = MAX_FULL_K;
   m.attr("MIN_WORK") = MIN_WORK;
