@@ -59,11 +59,17 @@ def read_checkpoint(path: str | Path, arg: str = "init_checkpoint") -> tuple[dic
     except Exception as exc:  # pickle, zip and torch errors alike: the file is not a checkpoint
         # torch's own message tells the user to retry with weights_only=False, which runs the
         # file's code; a whole pickled model (torch.save(model)) has a safe alternative.
-        hint = ("; it pickles Python objects, e.g. a whole model saved with torch.save(model), "
-                "which this run does not unpickle (that would run code from the file): save "
-                "model.state_dict() instead") if "Unsupported global" in str(exc) else ""
-        raise ValueError(f"{arg}: '{p}' is not a torch checkpoint that loads with weights_only=True"
-                         f"{hint} ({type(exc).__name__}: {exc})") from None
+        text = str(exc)
+        globals_ = [ln.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
+                    for ln in text.splitlines() if "Unsupported global:" in ln]
+        if globals_:  # torch's advice that follows (unpickle it anyway) is left out
+            raise ValueError(f"{arg}: '{p}' is not a torch checkpoint that loads with "
+                             f"weights_only=True: it pickles Python objects ({globals_[0]}), e.g. "
+                             f"a whole model saved with torch.save(model), which this run does "
+                             f"not unpickle (that would run code from the file); save "
+                             f"model.state_dict() instead") from None
+        raise ValueError(f"{arg}: '{p}' is not a torch checkpoint that loads with weights_only=True "
+                         f"({type(exc).__name__}: {exc})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or \

@@ -263,9 +263,12 @@ def test_a_pickled_whole_model_gets_told_to_save_its_state_dict(tmp_path):
 
     path = tmp_path / "whole.pt"
     torch.save(build_model("smallcnn", 5, 1, 0.5), path)
-    with pytest.raises(ValueError, match=r"init_checkpoint: .*whole model saved with "
-                                         r"torch\.save\(model\).*save model\.state_dict\(\) instead"):
+    with pytest.raises(ValueError, match=r"init_checkpoint: .*pickles Python objects \(GLOBAL "
+                                         r"ppu_fast\.models\.SmallCNN\), e\.g\. a whole model "
+                                         r"saved with torch\.save\(model\).*save "
+                                         r"model\.state_dict\(\) instead$") as info:
         read_checkpoint(path)
+    assert "weights_only=False" not in str(info.value)  # torch's advice to unpickle it anyway
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a torch checkpoint") as info:
