@@ -105,57 +105,58 @@ def forget_rows(forget_mask, n: int) -> np.ndarray:
     return forget_spec(forget_mask, n)[0]
 
 
-def forget_spec(forget_mask, n: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def forget_spec(forget_mask, n: int, name: str = "forget_mask"
+                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(the bool mask (N,) of :func:`forget_rows`, the row indices as given (int64, negative
-    ones made positive) or None when a mask was given)."""
+    ones made positive) or None when a mask was given); errors name the argument ``name``."""
     if forget_mask is None:
-        raise ValueError("forget_mask: required; pass a bool mask (N,) or row indices "
+        raise ValueError(f"{name}: required; pass a bool mask (N,) or row indices "
                          "(an empty index list forgets nothing)")
     if isinstance(forget_mask, torch.Tensor):
         fm = forget_mask.detach().cpu().numpy()
     elif isinstance(forget_mask, np.ndarray):
         fm = forget_mask
     elif isinstance(forget_mask, (str, bytes)) or not hasattr(forget_mask, "__len__"):
-        raise TypeError(f"forget_mask: expected a bool mask (N,) or integer row indices (tensor, "
+        raise TypeError(f"{name}: expected a bool mask (N,) or integer row indices (tensor, "
                         f"array or sequence), got {type(forget_mask).__name__}")
     else:
         items = list(forget_mask)
         if items and all(isinstance(v, (bool, np.bool_)) for v in items):
             fm = np.asarray(items, dtype=bool)
         elif any(isinstance(v, (bool, np.bool_)) for v in items):
-            raise TypeError("forget_mask: a sequence mixing bools and integers; " + MASK_HELP)
+            raise TypeError(f"{name}: a sequence mixing bools and integers; " + MASK_HELP)
         elif all(isinstance(v, (int, np.integer)) for v in items):
             try:
                 fm = np.asarray(items, dtype=np.int64)
             except OverflowError:  # a Python int beyond int64 (2**64 - 1, 10**30)
                 raise _index_out_of_range(next(int(v) for v in items if not -n <= int(v) < n),
-                                          n) from None
+                                          n, name) from None
         else:
             bad = next(v for v in items if not isinstance(v, (int, np.integer)))
-            raise TypeError(f"forget_mask: a sequence element is {type(bad).__name__} "
+            raise TypeError(f"{name}: a sequence element is {type(bad).__name__} "
                             f"({bad!r}); " + MASK_HELP)
     if fm.ndim != 1:
-        raise ValueError(f"forget_mask: expected 1-D (a bool mask (N,) or row indices), got shape "
+        raise ValueError(f"{name}: expected 1-D (a bool mask (N,) or row indices), got shape "
                          f"{tuple(fm.shape)}")
     if fm.dtype == np.bool_:
         if fm.size != n:
-            raise ValueError(f"forget_mask: bool mask has length {fm.size}; expected N = {n}")
+            raise ValueError(f"{name}: bool mask has length {fm.size}; expected N = {n}")
         return fm.copy(), None
     if not np.issubdtype(fm.dtype, np.integer):
-        raise TypeError(f"forget_mask: expected bool or integer dtype, got "
+        raise TypeError(f"{name}: expected bool or integer dtype, got "
                         f"{getattr(forget_mask, 'dtype', fm.dtype)}; " + MASK_HELP)
     if fm.dtype.kind == "u" and fm.size and int(fm.max()) >= n:
         # Checked before the cast to int64, which would wrap 2**64 - 1 to -1 (the last row).
-        raise _index_out_of_range(int(fm.max()), n)
+        raise _index_out_of_range(int(fm.max()), n, name)
     fm = fm.astype(np.int64, copy=False)
     if fm.size and int(fm.min()) >= 0 and int(fm.max()) <= 1 and (
             fm.size == n or fm.size > np.unique(fm).size):
         what = (f"of length N = {n}" if fm.size == n else
                 f"of length {fm.size} (N = {n}) repeating its values")
-        raise ValueError(f"forget_mask: an integer vector {what} holding only 0 and 1 is "
+        raise ValueError(f"{name}: an integer vector {what} holding only 0 and 1 is "
                          f"ambiguous (a 0/1 mask or the indices of rows 0 and 1?); " + MASK_HELP)
     if fm.size and (int(fm.min()) < -n or int(fm.max()) >= n):
-        raise _index_out_of_range(int(fm[(fm < -n) | (fm >= n)][0]), n)
+        raise _index_out_of_range(int(fm[(fm < -n) | (fm >= n)][0]), n, name)
     idx = np.where(fm < 0, fm + n, fm)
     mask = np.zeros(n, dtype=bool)
     mask[idx] = True
@@ -165,15 +166,15 @@ def forget_spec(forget_mask, n: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         # shorter list may repeat an index (it forgets the row once): that one is unambiguous.
         counts = np.bincount(idx, minlength=n)
         r = int(np.flatnonzero(counts > 1)[0])
-        raise ValueError(f"forget_mask: an integer vector of length N = {n} that repeats row "
+        raise ValueError(f"{name}: an integer vector of length N = {n} that repeats row "
                          f"{r} ({int(counts[r])} times) looks like per-row labels or a mask, not "
                          f"row indices; expected a bool mask of length N (e.g. labels == c) or "
                          f"distinct row indices (e.g. np.flatnonzero(labels == c))")
     return mask, idx
 
 
-def _index_out_of_range(index: int, n: int) -> ValueError:
-    return ValueError(f"forget_mask: row index {index} is out of range; expected indices in "
+def _index_out_of_range(index: int, n: int, name: str = "forget_mask") -> ValueError:
+    return ValueError(f"{name}: row index {index} is out of range; expected indices in "
                       f"[-{n}, {n}) (negative ones count from the end, as in Python)")
 
 
@@ -187,17 +188,18 @@ def check_lam_weights(lam, weights_given: bool) -> float:
     return lam
 
 
-def forget_and_pseudo(forget_mask, n: int, pseudo):
+def forget_and_pseudo(forget_mask, n: int, pseudo, name: str = "forget_mask"):
     """(the bool forget mask (N,), ``pseudo``): rows given as a tensor / array follow the order
     of the indices in ``forget_mask`` (``pseudo[j]`` replaces row ``forget_mask[j]``) and are
     returned in row order, the order the solver fills them in; with a bool mask they are in row
-    order already. Repeated indices cannot each have their own row and are refused."""
+    order already. Repeated indices cannot each have their own row and are refused. Errors name
+    the argument ``name`` (refine_file's is ``forget``)."""
     if isinstance(forget_mask, (set, frozenset, dict)) and isinstance(pseudo, (torch.Tensor,
                                                                              np.ndarray)):
-        raise TypeError(f"forget_mask: a {type(forget_mask).__name__} has no order to match "
+        raise TypeError(f"{name}: a {type(forget_mask).__name__} has no order to match "
                         f"pseudo's rows to; expected a sequence, tensor or array of row indices "
-                        f"(e.g. sorted(forget_mask)) or a bool mask")
-    mask, idx = forget_spec(forget_mask, n)
+                        f"(e.g. sorted({name})) or a bool mask")
+    mask, idx = forget_spec(forget_mask, n, name)
     if idx is None or not isinstance(pseudo, (torch.Tensor, np.ndarray)) or idx.size < 2:
         return mask, pseudo
     if np.any(idx[1:] <= idx[:-1]):
@@ -205,7 +207,7 @@ def forget_and_pseudo(forget_mask, n: int, pseudo):
         srt = idx[order]
         dup = np.flatnonzero(srt[1:] == srt[:-1])
         if dup.size:
-            raise ValueError(f"forget_mask: row {int(srt[dup[0]])} is listed more than once, while "
+            raise ValueError(f"{name}: row {int(srt[dup[0]])} is listed more than once, while "
                              f"pseudo gives one row per index; expected distinct row indices")
         if pseudo.shape[:1] == (idx.size,):
             pseudo = pseudo[torch.from_numpy(order) if isinstance(pseudo, torch.Tensor)

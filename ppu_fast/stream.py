@@ -359,11 +359,8 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         src = NpyFile(probs_path, "probs_path")
         n_file, k = src.shape
         r0, r1 = (0, n_file) if rows is None else _check_rows(rows, n_file)
-        try:
-            mask, pseudo = pb.forget_and_pseudo(_forget_arg(forget, r1 - r0, rows is not None),
-                                                r1 - r0, options.get("pseudo"))
-        except (ValueError, TypeError) as exc:  # refine's checks name its forget_mask
-            raise type(exc)(str(exc).replace("forget_mask", "forget")) from None
+        mask, pseudo = pb.forget_and_pseudo(_forget_arg(forget, r1 - r0, rows is not None),
+                                            r1 - r0, options.get("pseudo"), name="forget")
         if pseudo is not None:
             options["pseudo"] = pseudo
         c = None
@@ -395,9 +392,10 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
             raise ValueError(f"chunk_rows: expected an integer >= 1, got {chunk_rows!r}")
         # Created here, inside the collective checks: a rank that cannot create it (a full disk)
         # raises on every rank instead of leaving the others in the solver's collectives.
-        sdt_ = pb.solver_dtype(_torch_dtype(src.dtype))
-        buf = NpyFile.create(tmp, (r1 - r0, k), np.dtype(str(sdt_).split(".")[-1]))
-        return src, r0, r1, mask, c, dev, budget, buf
+        in_dt = _torch_dtype(src.dtype)
+        sdt = pb.solver_dtype(in_dt)
+        buf = NpyFile.create(tmp, (r1 - r0, k), np.dtype(str(sdt).split(".")[-1]))
+        return src, r0, r1, mask, c, dev, budget, buf, in_dt, sdt
 
     def outputs(result) -> dict:
         # Gathered to find ranks of one machine writing one file (the last rename would win)
@@ -410,12 +408,10 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
     tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     # From here on the temporary output may exist: every error removes it.
     try:
-        (src, r0, r1, mask, c, dev, budget, buf), every = collective_checks(comm, open_input,
-                                                                           outputs)
+        (src, r0, r1, mask, c, dev, budget, buf, in_dt, sdt), every = collective_checks(
+            comm, open_input, outputs)
         _check_disjoint(every)
         k = src.shape[1]
-        in_dt = _torch_dtype(src.dtype)
-        sdt = pb.solver_dtype(in_dt)
         rows_per = (int(chunk_rows) if chunk_rows is not None
                     else chunk_rows_for(k, src.dtype.itemsize, torch.finfo(sdt).bits // 8,
                                         budget, dev.type == "cuda"))
