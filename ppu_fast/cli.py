@@ -25,16 +25,26 @@ DEMO_OPTIONS: dict[str, dict] = {}
 DEMO_WIDTH = 1.0
 
 
+def _entries(text: str, what: str) -> list[str]:
+    # An empty entry ("1,,2", "1,2,") is more likely a value lost in typing than a separator to
+    # skip, so it is refused rather than dropped.
+    entries = [t.strip() for t in text.split(",")]
+    if text.strip() and not all(entries):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what} without empty entries, "
+                                         f"got {text!r}")
+    return [t for t in entries if t]
+
+
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        return [int(t) for t in _entries(text, "integers")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _float_list(text: str) -> list[float]:
     try:
-        return [float(t) for t in text.split(",") if t.strip()]
+        return [float(t) for t in _entries(text, "numbers")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
@@ -140,7 +150,7 @@ def _check_run_device(device: str) -> None:
 
 
 def _name_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    return _entries(text, "names")
 
 
 def _progress_flags(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ the *global* row numbering (the rows a chunk holds of that sample are gathered a
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -479,8 +479,8 @@ def _input_pass(su: _Setup, bar):
     return retain, forget, rows_sum, support, first_acc, message
 
 
-def refine_sharded(x_arg, name: str, forget_mask, group, *, out=None, weights=None,
-                   return_info: bool = False, **options):
+def refine_sharded(x_arg: Any, name: str, forget_mask: Any, group: Any, *, out: Any = None,
+                   weights: Any = None, return_info: bool = False, **options: Any) -> Any:
     """``refine(..., process_group=group)`` on this rank's rows ``x_arg`` (see ``api.refine``):
     the rows of Q for this rank, with the dtype, device and kind of its input."""
     comm = Comm(group)
@@ -511,7 +511,8 @@ def refine_sharded(x_arg, name: str, forget_mask, group, *, out=None, weights=No
     return (q, info) if return_info else q
 
 
-def solve_sharded(log_p, weights, marginals, group, **options):
+def solve_sharded(log_p: Any, weights: Any, marginals: Any, group: Any,
+                  **options: Any) -> Tuple[torch.Tensor, RefineInfo]:
     """``solve(..., process_group=group)`` on this rank's rows of log P^ and its weights
     (``marginals``: the global class totals, the same on every rank): (alpha, info), alpha the
     same on every rank."""

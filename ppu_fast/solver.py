@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def _one_blas_thread():
         return contextlib.nullcontext()
 
 
-def hessian_mode(method: str, k: int):
+def hessian_mode(method: str, k: int) -> Union[bool, str]:
     """The Hessian ``method`` asks of every pass: True (dense), "diag" or False (none)."""
     if method != "newton":
         return False
@@ -101,7 +101,8 @@ def check_tol_floor(tol: float, dtype: torch.dtype) -> None:
                          f"{floor:g} ({how})")
 
 
-def check_options(method, tol, max_iter, step_size):
+def check_options(method: Any, tol: Any, max_iter: Any,
+                  step_size: Any) -> Tuple[str, float, int, Optional[float]]:
     """The solver options validated (numpy and 0-d torch scalars accepted): (method, tol,
     max_iter with its default filled in, step_size)."""
     if not isinstance(method, str) or method not in METHODS:

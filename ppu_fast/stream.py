@@ -20,7 +20,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Tuple, Union
+from typing import Any, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import numpy.lib.format as npformat
@@ -306,7 +306,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
                 device: Union[str, torch.device] = "cpu", rows: Optional[Tuple[int, int]] = None,
                 process_group: Optional["torch.distributed.ProcessGroup"] = None,
                 progress: Optional[bool] = None, weights: WeightsSpec = None,
-                generator: Optional[torch.Generator] = None, **options) -> RefineInfo:
+                generator: Optional[torch.Generator] = None, **options: Any) -> RefineInfo:
     """Refine the N x k probabilities (or logits) in a ``.npy`` file into ``out_path``, chunk by
     chunk, without holding or mapping the file whole.
 
@@ -438,7 +438,7 @@ REFINE_OPTIONS = ("lam", "pseudo", "marginals", "method", "tol", "max_iter", "ba
                   "step_size")
 
 
-def check_device(device) -> torch.device:
+def check_device(device: Union[str, torch.device]) -> torch.device:
     """``device`` as a torch.device where chunks can run: the CPU or an available CUDA device."""
     try:
         dev = torch.device(device)

@@ -151,6 +151,8 @@ def main(scenario: str, outdir: str) -> None:
             memory_budget=pick("1GiB", "abc")))
         res["same_out_error"] = _error(lambda: ppu_fast.refine_file(
             path, m, Path(outdir) / "q.npy", rows=(s, e), process_group=group))
+        # Each rank removes its own temporary file before it raises: list once all have.
+        dist.barrier()
         res["leftovers"] = np.array(sorted(f.name for f in Path(outdir).iterdir()
                                            if f.name.startswith(".q") or f.name == "q.npy"))
     elif scenario == "hostile":
@@ -198,6 +200,7 @@ def main(scenario: str, outdir: str) -> None:
         res["empty_out_q"] = empty_out
         res["group_error"] = _error(lambda: ppu_fast.refine(p[s:e], mask[s:e],
                                                             process_group="world"))
+        dist.barrier()  # as above: every rank has cleaned up
         res["leftovers"] = np.array(sorted(f.name for f in Path(outdir).rglob("*")
                                            if f.name.startswith(".")))
     else:

@@ -62,6 +62,19 @@ def test_seeds_out_of_range_refused_as_parsed(seeds, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag,value,what", [
+    ("--seeds", "1,,2", "integers"), ("--seeds", "1,2,", "integers"), ("--seeds", ",1", "integers"),
+    ("--lam-sweep", "0.5,,2", "numbers"), ("--methods", "original,,ppu", "names")])
+def test_empty_list_entries_refused(flag, value, what, tmp_path, capsys):
+    """An empty entry in a comma-separated list ("1,,2") was dropped: the run went on with one
+    value fewer than typed."""
+    code, err = _run(["run", "--dataset", "digits5", "--model", "smallcnn", flag, value,
+                      "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and f"argument {flag}: expected comma-separated {what} without empty " \
+                         f"entries, got {value!r}" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("flag,value,expected", [
     ("--unlearn-lr", "-0.01", "a positive number"), ("--unlearn-lr", "0", "a positive number"),
     ("--retain-fraction", "0", "a share in (0, 1]"), ("--retain-per-epoch", "-5", "a positive integer"),
