@@ -43,13 +43,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = was
 
 
-def probe_forward(model: nn.Module, x: object, where: str) -> tuple[torch.Tensor, list[str]]:
+def probe_forward(model: nn.Module, x: object,
+                  where: str) -> tuple[torch.Tensor, list[str], list[str]]:
     """One forward pass of ``model`` on the single example ``x`` (batched to 1; eval mode, no grad,
     the model's buffers put back afterwards, so a forward that updates them leaves no trace).
-    Returns the output and the names (as ``model.named_modules()`` gives them) of the
+    Returns the output, the names (as ``model.named_modules()`` gives them) of the
     ``nn.Linear`` modules in the order the pass called them (the last one is the layer that
-    produced the logits of a classifier, whatever order ``__init__`` registered them in). Names,
-    not modules: ``nn.DataParallel`` on several GPUs calls replicas that share the hooks. An input
+    produced the logits of a classifier, whatever order ``__init__`` registered them in), and the
+    names of all the modules the pass called, in the order of their first call. Names, not
+    modules: ``nn.DataParallel`` on several GPUs calls replicas that share the hooks. An input
     torch cannot take, or a forward that fails on it, is a ValueError naming ``where`` (e.g.
     ``forget[0]``)."""
     from .training import model_device
@@ -61,8 +63,11 @@ def probe_forward(model: nn.Module, x: object, where: str) -> tuple[torch.Tensor
                         f"into a tensor ({exc}); expected a tensor or array the model takes "
                         f"(e.g. apply torchvision's ToTensor)") from None
     called: list[str] = []
+    started: dict[str, None] = {}  # an ordered set: first calls only
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: called.append(name))
              for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    hooks += [m.register_forward_pre_hook(lambda m, i, name=name: started.setdefault(name))
+              for name, m in model.named_modules()]
     saved = {n: b.detach().clone() for n, b in model.named_buffers()}
     try:
         with eval_mode(model), torch.no_grad():
@@ -80,7 +85,7 @@ def probe_forward(model: nn.Module, x: object, where: str) -> tuple[torch.Tensor
             for n, b in model.named_buffers():
                 if n in saved:
                     b.copy_(saved[n])
-    return out, called
+    return out, called, list(started)
 
 
 def frozen_modules(model: nn.Module) -> list[nn.Module]:

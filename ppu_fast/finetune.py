@@ -105,7 +105,8 @@ def _module_params(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def trainable_modules(model: nn.Module, which: str, head: nn.Module | None = None) -> list[nn.Module]:
+def trainable_modules(model: nn.Module, which: str, head: nn.Module | None = None,
+                      order: Sequence[str] | None = None) -> list[nn.Module]:
     """The modules whose parameters ``trainable=which`` fine-tunes.
 
     ``"all"``: the model. ``"head"``: ``head``, the classifier layer; :func:`finetune` passes the
@@ -118,6 +119,12 @@ def trainable_modules(model: nn.Module, which: str, head: nn.Module | None = Non
     blocks, a feature stack), its last child with parameters (ResNet-18: ``layer4[1]``; ALL-CNN and
     SmallCNN: the last conv-BN block; a ``Sequential(Linear, ReLU, Linear)`` classifier: its hidden
     ``Linear``). A model with nothing before its head is refused.
+
+    "Before" is the order ``__init__`` registered the modules in, or, with ``order`` (the names of
+    the modules a forward pass called, in the order of their first call, as
+    :func:`~ppu_fast.caller_state.probe_forward` gives them; :func:`finetune` passes it), the
+    order the forward pass runs them in: a model that registers its classifier before its encoder
+    gets the encoder's last block, and a module the pass never calls is no block.
     """
     if which not in TRAINABLE:
         raise ValueError(f"trainable: unknown value {which!r}; expected one of {TRAINABLE}")
@@ -131,9 +138,10 @@ def trainable_modules(model: nn.Module, which: str, head: nn.Module | None = Non
         head = linears[-1]
     if which == "head":
         return [head]
+    in_order = _in_call_order(model, order)
     block, level = None, model
     while level is not head:
-        children = list(level.children())
+        children = in_order(list(level.children()))
         branch = next(i for i, c in enumerate(children) if any(m is head for m in c.modules()))
         before = [c for c in children[:branch] if any(True for _ in c.parameters())]
         if before:
@@ -143,9 +151,27 @@ def trainable_modules(model: nn.Module, which: str, head: nn.Module | None = Non
         raise ValueError("trainable='last-block': the model has no block with parameters before its "
                          "head; expected one (or pass trainable='head' or 'all')")
     if isinstance(block, nn.Sequential):
-        inner = [c for c in block.children() if any(True for _ in c.parameters())]
+        inner = [c for c in in_order(list(block.children())) if any(True for _ in c.parameters())]
         block = inner[-1] if inner else block
     return [block, head]
+
+
+def _in_call_order(model: nn.Module, order: Sequence[str] | None):
+    """A function putting sibling modules in the order a forward pass first called them (a module
+    counts as called when any module inside it was: a ModuleList is not called itself), leaving
+    out the ones it never called; without ``order``, the identity (registration order)."""
+    if order is None:
+        return lambda children: children
+    table = dict(model.named_modules())
+    rank = {id(table[name]): i for i, name in enumerate(order) if name in table}
+
+    def first_call(c: nn.Module) -> float:
+        return min((rank[id(m)] for m in c.modules() if id(m) in rank), default=math.inf)
+
+    def in_order(children: list[nn.Module]) -> list[nn.Module]:
+        keyed = [(first_call(c), i, c) for i, c in enumerate(children)]
+        return [c for key, _, c in sorted(keyed, key=lambda t: t[:2]) if key < math.inf]
+    return in_order
 
 
 def _first_input(data: Dataset) -> object:
@@ -370,7 +396,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
                                                            int(forget_repeats), int(evals_per_epoch))
     if retain_per_epoch is not None:
         retain_per_epoch = int(retain_per_epoch)
-    out, called = probe_forward(model, _first_input(data), "data[0]")
+    out, called, order = probe_forward(model, _first_input(data), "data[0]")
     check_logits(out, 1)
     if out.shape[1] != targets.shape[1] or out.shape[1] < 2:
         raise ValueError(f"targets: {targets.shape[1]} columns, but the model outputs {out.shape[1]} "
@@ -388,7 +414,8 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
         raise ValueError(f"trainable={trainable!r}: no nn.Linear runs in the model's forward pass; "
                          f"expected a classifier ending in nn.Linear (or pass trainable='all')")
     trained = trainable_modules(work, trainable,
-                                None if head_name is None else work.get_submodule(head_name))
+                                None if head_name is None else work.get_submodule(head_name),
+                                order)
     params = _module_params(trained)
     if not any(p.requires_grad for p in params):
         raise ValueError(f"model: trainable={trainable!r} selects {len(params)} parameters and the "

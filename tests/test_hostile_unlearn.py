@@ -355,6 +355,42 @@ def test_last_block_is_found_through_wrappers_and_in_mlp_heads():
         trainable_modules(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), "last-block")
 
 
+def test_last_block_follows_the_forward_order_of_a_classifier_first_model():
+    """A model whose __init__ registers its classifier before its encoder had no block "before"
+    its head in registration order: trainable='last-block' was refused. finetune now walks the
+    order the forward pass runs the modules in; a module it never calls is no block."""
+    from torch.utils.data import TensorDataset
+
+    from ppu_fast import finetune
+    from ppu_fast.finetune import trainable_modules
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+            self.unused = nn.Linear(4, 6)  # registered between, never called
+            self.enc = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6),
+                                     nn.ReLU())
+
+        def forward(self, x):
+            return self.fc(self.enc(x))
+
+    torch.manual_seed(0)
+    model = HeadFirst()
+    with pytest.raises(ValueError, match="no block with parameters before its head"):
+        trainable_modules(model, "last-block", model.fc)
+    order = ["", "enc", "enc.0", "enc.1", "enc.2", "enc.3", "enc.4", "fc"]
+    assert trainable_modules(model, "last-block", model.fc, order) == [model.enc[3], model.fc]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 1, 2, 2, generator=g)
+    targets = torch.softmax(torch.randn(30, 3, generator=g), 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = finetune(model, TensorDataset(x, torch.zeros(30, dtype=torch.long)), targets, epochs=2,
+                   lr=0.5, trainable="last-block", progress=False)
+    moved = {k for k, v in res.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert moved == {"enc.3.weight", "enc.3.bias", "fc.weight", "fc.bias"}, moved
+
+
 def test_weighted_retain_sampling_needs_a_refine(tiny):
     model, forget, retain = _sets(tiny)
     with pytest.raises(ValueError, match="retain_sampling='weighted'.*mode='bias' does not refine"):

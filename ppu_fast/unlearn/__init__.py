@@ -156,7 +156,7 @@ def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, metho
     from ..metrics import check_logits
     from ._common import check_labels_fit
 
-    out, _ = probe_forward(model, forget[0][0], "forget[0]")
+    out, _, _ = probe_forward(model, forget[0][0], "forget[0]")
     check_logits(out, 1)
     check_labels_fit(torch.cat([dataset_targets(forget), dataset_targets(retain)]), out.shape[1],
                      method)
