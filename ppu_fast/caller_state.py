@@ -66,8 +66,9 @@ def probe_forward(model: nn.Module, x: object,
     started: dict[str, None] = {}  # an ordered set: first calls only
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: called.append(name))
              for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # ScriptModules refuse hooks (and their Linears are no nn.Linear above either).
     hooks += [m.register_forward_pre_hook(lambda m, i, name=name: started.setdefault(name))
-              for name, m in model.named_modules()]
+              for name, m in model.named_modules() if not isinstance(m, torch.jit.ScriptModule)]
     saved = {n: b.detach().clone() for n, b in model.named_buffers()}
     try:
         with eval_mode(model), torch.no_grad():

@@ -405,6 +405,12 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
     # The classifier layer by name: the same module of the working copy.
     head_name = called[-1] if called else None
     work = model if inplace else copy.deepcopy(model)
+    if any(not p.is_leaf for p in work.parameters()):
+        # A TorchScript module's deepcopy holds non-leaf parameters, which no optimizer takes.
+        raise ValueError(f"model: the copy finetune trains (inplace=False) of this "
+                         f"{type(model).__name__} has parameters that are not leaf tensors "
+                         f"(copy.deepcopy of a TorchScript module does that); expected an eager "
+                         f"nn.Module, or pass inplace=True to train this one")
     device = torch.device(device) if device is not None else model_device(model)
     work.to(device)
     targets = targets.detach().to(device=device, dtype=torch.float32)

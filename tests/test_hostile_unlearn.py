@@ -391,6 +391,28 @@ def test_last_block_follows_the_forward_order_of_a_classifier_first_model():
     assert moved == {"enc.3.weight", "enc.3.bias", "fc.weight", "fc.bias"}, moved
 
 
+def test_a_torchscript_model_gets_a_clear_error_or_trains_in_place():
+    """finetune's copy of a scripted model had non-leaf parameters: torch's optimizer raised
+    "can't optimize a non-leaf Tensor"; the hooks of the probe pass must not break it either."""
+    import warnings
+
+    from torch.utils.data import TensorDataset
+
+    from ppu_fast import finetune
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated
+        model = torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)))
+    data = TensorDataset(torch.randn(8, 1, 2, 2), torch.zeros(8, dtype=torch.long))
+    targets = torch.full((8, 3), 1 / 3)
+    with pytest.raises(ValueError, match="model: the copy finetune trains .* not leaf tensors.*"
+                                         "pass inplace=True"):
+        finetune(model, data, targets, epochs=1, progress=False)
+    before = model[1].weight.detach().clone()
+    res = finetune(model, data, targets, epochs=1, lr=0.5, progress=False, inplace=True)
+    assert res.model is model and not torch.equal(before, model[1].weight.detach())
+
+
 def test_weighted_retain_sampling_needs_a_refine(tiny):
     model, forget, retain = _sets(tiny)
     with pytest.raises(ValueError, match="retain_sampling='weighted'.*mode='bias' does not refine"):
