@@ -264,7 +264,7 @@ def test_gpu_prepare_large_deterministic(n, k):
 def test_gpu_step_does_not_synchronise():
     """step queues its kernels and device reductions only (the solver copies the results once);
     the in-kernel W route included.  (hessian=True above hessian_kernel_max_k goes through
-    base.hessian_sample_rows, whose nonzero synchronises: not checked here.)"""
+    base.hessian_sample_rows, arithmetic since it dropped nonzero: not checked here.)"""
     from ppu_fast.backends.triton import TritonBackend
 
     for k, hessians in ((10, (False, "diag", True)), (1000, (False, "diag")),

@@ -120,7 +120,8 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     first seed}, "histories": {method: [{"seed", "selected_epoch", "history"} per seed]}}``, metrics as
     in :func:`evaluate` plus ``seconds`` and ``retrain_gap`` (:func:`ppu_fast.metrics.retrain_gap`
     against the same seed's Retrain; NaN without one). ``histories`` lists only the seeds where the
-    method kept a per-epoch history (PPU's bias mode keeps none unless ``history=True``), and those
+    method kept a per-epoch history (PPU's bias mode keeps each epoch's loss and wall time, its
+    errors only with ``history=True``), and those
     may differ in length (PPU's "fast" schedule stops early).
     """
     variants = dict(variants or {})
