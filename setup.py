@@ -136,7 +136,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ppu_fast", "ppu_fast.*"]),
     # Files the package reads at run time; tests/test_packaging.py checks that none is missing.
-    package_data={"ppu_fast": ["paper_numbers.json"]},
+    # py.typed: the PEP 561 marker, so that type checkers read the package's own hints.
+    package_data={"ppu_fast": ["paper_numbers.json", "py.typed"]},
     ext_modules=[CMakeExtension("ppu_fast._C", sourcedir=os.fspath(ROOT))],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",

@@ -52,6 +52,8 @@ assert where.is_relative_to(site), f"ppu_fast imported from {where}, not from {s
 compiled = sorted(Path(n).name.split(".")[0] for n in zipfile.ZipFile(wheel).namelist()
                   if n.startswith("ppu_fast/") and n.endswith((".so", ".pyd")))
 assert "_C" in compiled, f"the wheel has no ppu_fast._C: {compiled}"
+# PEP 561: without the marker, type checkers ignore the package's hints.
+assert (where.parent / "py.typed").is_file(), "the installed package has no py.typed"
 for name in compiled:
     mod = importlib.import_module(f"ppu_fast.{name}")  # _cuda loads without a GPU
     print(f"ppu_fast.{name}: {mod.__file__}")

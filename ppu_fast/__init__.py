@@ -5,8 +5,17 @@ Public API: :func:`refine`, :func:`solve`, :func:`targets`, :class:`RefineInfo`,
 :class:`UnlearnResult` and :func:`finetune`. Importing the package loads torch and numpy only.
 """
 
+from typing import TYPE_CHECKING
+
 from .api import refine, solve, targets
 from .solver import ConvergenceWarning, RefineInfo
+
+if TYPE_CHECKING:
+    # What the lazy names below resolve to, for type checkers (the package ships py.typed);
+    # never imported at run time.
+    from .finetune import finetune
+    from .stream import refine_file
+    from .unlearn import UnlearnResult, unlearn
 
 __version__ = "0.1.0"
 
@@ -22,7 +31,7 @@ _LAZY = {"unlearn": ("ppu_fast.unlearn", None),
          "refine_file": ("ppu_fast.stream", "refine_file")}
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
     # Unlearning pulls in models, data and scikit-learn: load it only when asked for.
     if name in _LAZY:
         import importlib

@@ -52,11 +52,12 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_wheel_holds_every_package_file(layout: dict) -> None:
-    """Every file in ppu_fast/ that is not Python (paper_numbers.json today) is package data: a
-    data file added without declaring it in setup.py fails here, not after a user's install."""
+    """Every file in ppu_fast/ that is not Python (paper_numbers.json and the PEP 561 marker
+    py.typed today) is package data: a data file added without declaring it in setup.py fails
+    here, not after a user's install."""
     wheel = {p.relative_to(layout["lib"]).as_posix() for p in layout["lib"].rglob("*") if p.is_file()}
     data = _package_files(exclude=(".py",))
-    assert "ppu_fast/paper_numbers.json" in data
+    assert {"ppu_fast/paper_numbers.json", "ppu_fast/py.typed"} <= set(data)
     missing = [f for f in _package_files() if f not in wheel]
     assert not missing, f"not in the wheel (add them to package_data in setup.py): {missing}"
 
@@ -92,3 +93,23 @@ def test_installed_package_reads_the_paper_numbers(layout: dict, tmp_path: Path)
                          timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "'1'" in res.stdout
+
+
+def test_lazy_names_are_typed_for_type_checkers() -> None:
+    """ppu_fast ships py.typed; its lazily imported names (refine_file, unlearn, ...) resolve
+    through a module __getattr__, which type checkers read as Any: each one is imported under
+    TYPE_CHECKING too, and nothing there is imported at run time."""
+    import ast
+
+    import ppu_fast
+
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    typed = {alias.asname or alias.name
+             for node in tree.body if isinstance(node, ast.If)
+             and getattr(node.test, "id", None) == "TYPE_CHECKING"
+             for stmt in node.body if isinstance(stmt, ast.ImportFrom) for alias in stmt.names}
+    assert typed == set(ppu_fast._LAZY), (typed, set(ppu_fast._LAZY))
+    code = ("import sys, ppu_fast; print(sorted(m for m in ('ppu_fast.stream', 'ppu_fast.unlearn', "
+            "'ppu_fast.finetune') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
