@@ -303,7 +303,8 @@ def _cli(*args: str) -> tuple[int, str]:
     (["--threads", "0"], "argument --threads: expected a positive integer"),
     (["--device", "bogus"], "device: 'bogus' is not a device"),
     (["--unlearn-lr", "inf"], "argument --unlearn-lr: expected a finite number"),
-    (["--methods", ","], "--methods: no method named"),
+    (["--methods", ","], "argument --methods: expected comma-separated names without empty"),
+    (["--methods", " "], "--methods: no method named"),
     (["--methods", "original,ppu-bias", "--lam", "5"], "--lam: only PPU's privacy mode"),
 ])
 def test_cli_refuses_before_any_training(tmp_path, flags, message):
