@@ -156,7 +156,8 @@ def trainable_modules(model: nn.Module, which: str, head: nn.Module | None = Non
     return [block, head]
 
 
-def _in_call_order(model: nn.Module, order: Sequence[str] | None):
+def _in_call_order(model: nn.Module, order: Sequence[str] | None
+                   ) -> Callable[[list[nn.Module]], list[nn.Module]]:
     """A function putting sibling modules in the order a forward pass first called them (a module
     counts as called when any module inside it was: a ModuleList is not called itself), leaving
     out the ones it never called; without ``order``, the identity (registration order)."""
