@@ -381,10 +381,8 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
             raise PermissionError(f"out_path: '{out_path}' is write-protected (refine_file "
                                   f"replaces it, where np.save would refuse); make it writable "
                                   f"or pass another out_path")
-        # The rename at the end replaces out_path's own directory entry (a link there, not its
-        # target): the input is lost only where that entry is the input's file.
-        entry = Path(os.path.realpath(out_path.parent)) / out_path.name
-        if (r0, r1) != (0, n_file) and entry == Path(os.path.realpath(src.path)):
+        # The input is lost only where out_path's directory entry is the input's file.
+        if (r0, r1) != (0, n_file) and _dir_entry(out_path) == Path(os.path.realpath(src.path)):
             raise ValueError(f"out_path: is probs_path itself, and rows=({r0}, {r1}) covers "
                              f"{r1 - r0} of its {n_file} rows: those rows of Q would replace the "
                              f"whole file; expected another out_path, or rows covering the file")
@@ -401,8 +399,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         # Gathered to find ranks of one machine writing one file (the last rename would win)
         # or reading the same rows of one file (they would count twice).
         src, r0, r1 = result[:3]
-        entry = os.path.join(os.path.realpath(out_path.parent), out_path.name)
-        return {"_out": (socket.gethostname(), entry),
+        return {"_out": (socket.gethostname(), str(_dir_entry(out_path))),
                 "_in": (socket.gethostname(), os.path.realpath(src.path), r0, r1)}
 
     tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
@@ -455,6 +452,12 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device: {device!r}; expected 'cpu' or 'cuda' (or 'cuda:N')")
     return dev
+
+
+def _dir_entry(path: Path) -> Path:
+    """The directory entry ``path`` names, its folder resolved: what the final rename replaces
+    (a link there, not the link's target)."""
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
 def _unlink(path: Path) -> None:

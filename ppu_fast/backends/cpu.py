@@ -44,11 +44,12 @@ _C_INTERFACE = 2
 try:  # a missing build is a reason, never an import error (docs/design.md §4)
     from .. import _C  # type: ignore[attr-defined]
     _IMPORT_ERROR: Optional[str] = None
-    if getattr(_C, "INTERFACE", 1) != _C_INTERFACE:
+    _built = getattr(_C, "INTERFACE", 1)  # modules built before the attribute existed: 1
+    if _built != _C_INTERFACE:
         # Built from other sources than this Python code (e.g. pulled without rebuilding): its
         # prepare would pack W where this code reads the assembled Hessian.
         _IMPORT_ERROR = (f"ppu_fast._C was built from other sources (interface "
-                         f"{getattr(_C, 'INTERFACE', 1)}, this code needs {_C_INTERFACE}); "
+                         f"{_built}, this code needs {_C_INTERFACE}); "
                          f"rebuild it: pip install -e . (or python setup.py build_ext --inplace)")
         _C = None
 except Exception as exc:  # pragma: no cover - exercised only without a build
