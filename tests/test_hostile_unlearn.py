@@ -328,6 +328,12 @@ def test_experiment_refuses_repeated_seeds():
         run_experiment(seeds=[0, 0], methods=("original",), log=None)
 
 
+def test_experiment_refuses_repeated_methods():
+    from ppu_fast.unlearn.experiment import run_experiment
+    with pytest.raises(ValueError, match=r"methods: \['original', 'ppu', 'original'\] repeats 'original'"):
+        run_experiment(seeds=[0], methods=("original", "ppu", "original"), log=None)
+
+
 def test_class_scenario_refuses_num_forget():
     from ppu_fast.data import make_split
     with pytest.raises(ValueError, match="num_forget=5: the class scenario"):

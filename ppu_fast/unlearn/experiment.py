@@ -131,6 +131,12 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         if not (isinstance(spec, tuple) and len(spec) == 2 and spec[0] in registered()
                 and isinstance(spec[1], dict)):
             raise ValueError(f"variants['{name}'] must be (registered method, options dict), got {spec!r}")
+    repeated = sorted({m for m in methods if list(methods).count(m) > 1})
+    if repeated:
+        # A repeat would run the method twice and keep only the second row, with two histories
+        # for one seed (the command line drops repeats itself, as it expands "all").
+        raise ValueError(f"methods: {list(methods)} repeats {', '.join(map(repr, repeated))}; "
+                         f"expected distinct method names")
     method_of = {m: variants[m][0] if m in variants else m for m in methods}
     unknown = [m for m in methods if method_of[m] not in registered()]
     if unknown:
