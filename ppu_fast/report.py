@@ -49,7 +49,8 @@ def summarize(runs: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, di
 
     Returns method -> {metric: mean, ..., "std": {metric: population std (ddof 0)}, "sem": {metric:
     standard error of the mean, sample std (ddof 1) / sqrt(n), NaN for one seed}, "n": {metric: seeds
-    with a value}}, methods in first-seen order. ``sem`` and ``n`` are what :func:`welch_test` needs."""
+    with a value}, "cached": seeds whose model came from the cache (only where some did)}, methods in
+    first-seen order. ``sem`` and ``n`` are what :func:`welch_test` needs."""
     names: list[str] = []
     for run in runs:
         names += [n for n in run if n not in names]
@@ -64,6 +65,9 @@ def summarize(runs: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, di
             entry["std"][metric] = std
             entry["sem"][metric] = _sem(values)
             entry["n"][metric] = len(_finite_values(values))
+        cached = sum(bool(row.get("cached")) for row in rows)
+        if cached:
+            entry["cached"] = cached
         out[name] = entry
     return out
 
@@ -305,6 +309,14 @@ def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = No
                    else f"{1 / out.speedup:.1f}x slower than")
             seeds = _seeds_apart(methods[out.closest], ref, ("seconds",), label(out.closest),
                                  label(reference))
+            # A cached reference's seconds were measured by the run that trained it, under that
+            # run's load (or on another machine): the ratio then compares two runs' clocks.
+            n_cached = int(ref.get("cached") or 0)
+            n_ref_secs = _n(ref, "seconds")
+            if n_cached:
+                of = f" in {n_cached} of {n_ref_secs} seeds" if n_ref_secs and n_cached < n_ref_secs else ""
+                seeds += (f"; {label(reference)}'s time came from the model cache{of}: it was measured "
+                          f"by the run that trained it, not beside this one")
             lines.append(f"Time: {label(out.closest)} took {secs:.1f} s, {how} retraining from scratch "
                          f"({secs_ref:.1f} s){seeds}.")
             out.headline += f", {how} {label(reference)}"

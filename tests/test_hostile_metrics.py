@@ -233,3 +233,23 @@ def test_merged_runs_keep_a_verdict(tmp_path):
     assert tables.main([*map(str, folders), "--out", str(tmp_path / "m")]) == 0
     merged = json.loads((tmp_path / "m" / "results.json").read_text())
     assert merged["verdict"]["closest"] == "ppu" and "## Verdict" in (tmp_path / "m" / "results.md").read_text()
+
+
+def test_the_verdict_says_when_retrains_time_came_from_the_cache():
+    from ppu_fast.report import judge, summarize
+
+    def run(cached):
+        return {"original": {"forget_error": 0.0, "test_error": 1.0, "seconds": 30.0},
+                "retrain": {"forget_error": 100.0, "test_error": 10.7, "seconds": 35.0, "cached": cached},
+                "ppu": {"forget_error": 99.0, "test_error": 11.0, "seconds": 3.5}}
+
+    time_line = lambda v: next(line for line in v.lines if line.startswith("Time:"))  # noqa: E731
+    fresh = summarize([run(False), run(False)])
+    assert "cached" not in fresh["retrain"]
+    assert "cache" not in time_line(judge(fresh))
+    some = summarize([run(True), run(False)])
+    assert some["retrain"]["cached"] == 1
+    assert ("Retrain's time came from the model cache in 1 of 2 seeds: it was measured by the run "
+            "that trained it") in time_line(judge(some))
+    every = time_line(judge(summarize([run(True), run(True)])))
+    assert "came from the model cache: it was measured" in every and "10.0x faster" in every
