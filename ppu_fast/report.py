@@ -101,6 +101,43 @@ def welch_samples(a: Sequence[float], b: Sequence[float]) -> tuple[float, float,
     return welch_test(mean(va), _sem(va), len(va), mean(vb), _sem(vb), len(vb))
 
 
+def paired_samples(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Paired two-sided t-test of ``a[i] - b[i]`` against 0 (pairs with a NaN on either side
+    dropped): ``(t, df, p)`` with ``df = pairs - 1``, NaN below 2 pairs. For values measured on the
+    same seeds (one split and one Original per seed), where :func:`welch_samples` ignores that a
+    seed moves both methods together. Where every difference is equal, p is 0 unless they are 0."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_samples: {len(a)} values against {len(b)}; expected one pair per seed")
+    diffs = [float(x) - float(y) for x, y in zip(a, b)
+             if x is not None and y is not None and not math.isnan(float(x)) and not math.isnan(float(y))]
+    n = len(diffs)
+    if n < 2:
+        return float("nan"), float("nan"), float("nan")
+    mean = sum(diffs) / n
+    sem = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    if sem == 0:
+        return (math.copysign(math.inf, mean) if mean else 0.0), float(n - 1), (0.0 if mean else 1.0)
+    t = mean / sem
+    from scipy.stats import t as student_t
+
+    return t, float(n - 1), float(2.0 * student_t.sf(abs(t), n - 1))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (same order; NaN stays NaN and is not
+    counted): a difference is significant at level a over the whole family when its adjusted p is
+    below a, which holds the chance of any false mark at a however many comparisons a table makes."""
+    idx = sorted((i for i, p in enumerate(pvalues) if p is not None and not math.isnan(float(p))),
+                 key=lambda i: float(pvalues[i]))
+    m = len(idx)
+    out = [float("nan")] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
+        out[i] = running
+    return out
+
+
 def differs(methods: Mapping[str, Mapping[str, Any]], name: str, reference: str, metric: str,
             alpha: float = 0.05) -> bool:
     """Whether ``name`` and ``reference`` differ on ``metric`` by :func:`welch_test` at level ``alpha``,

@@ -171,6 +171,27 @@ def test_welch_test_by_hand():
     assert welch_samples([1.0, 1.0], [2.0, 2.0])[2] == 0.0 and welch_samples([1.0, 1.0], [1.0, 1.0])[2] == 1.0
 
 
+def test_paired_test_and_holm_by_hand():
+    from ppu_fast.report import holm, paired_samples, welch_samples
+
+    a, b = [5.1, 7.3, 4.0, 6.2, 3.9], [6.0, 8.8, 6.1, 6.9, 5.5]
+    # by hand: differences -0.9 -1.5 -2.1 -0.7 -1.6, mean -1.36, sample std 0.5639, sem 0.2522
+    t, df, p = paired_samples(a, b)
+    assert t == pytest.approx(-1.36 / 0.25219040, rel=1e-6) and df == 4
+    assert p == pytest.approx(0.00571976, abs=1e-7)  # scipy.stats.ttest_rel(a, b)
+    assert welch_samples(a, b)[2] > 0.1  # the seeds' common swing hides the difference from Welch
+    nan = float("nan")
+    t2, df2, p2 = paired_samples([*a, nan, 1.0], [*b, 2.0, nan])  # a pair with a NaN is dropped
+    assert (t2, df2, p2) == (t, df, p)
+    assert all(math.isnan(v) for v in paired_samples([1.0, nan], [2.0, 3.0]))  # one pair: no test
+    assert paired_samples([1.0, 2.0], [2.0, 3.0])[2] == 0.0 and paired_samples([1.0, 2.0], [1.0, 2.0])[2] == 1.0
+    with pytest.raises(ValueError, match="3 values against 2"):
+        paired_samples([1.0, 2.0, 3.0], [1.0, 2.0])
+    # Holm: sorted p 0.01, 0.02, 0.04 (one NaN not counted) times 3, 2, 1, kept non-decreasing
+    assert holm([0.04, nan, 0.01, 0.02]) == pytest.approx([0.04, nan, 0.03, 0.04], nan_ok=True)
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0]) and holm([]) == []
+
+
 def test_summaries_carry_the_standard_error():
     from ppu_fast.report import summarize
 
