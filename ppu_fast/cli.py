@@ -324,7 +324,7 @@ def _finish(result: dict, out: str, started: float, tables: bool = False, story:
         from .tables import write_tables
 
         extra = write_tables(out, config, methods, seeds=len(result["per_seed"]), history=result["history"],
-                             histories=result.get("histories"))
+                             histories=result.get("histories"), per_seed=result["per_seed"])
         print("wrote " + ", ".join(str(p) for p in extra.values()))
 
 

@@ -8,7 +8,8 @@ Our cells read mean ± standard error of the mean over seeds (sample std / √n;
 the standard error was recorded fall back to their population std, and the caption says so). A † marks
 a method whose mean differs from PPU's (privacy) by Welch's t-test at p < 0.05
 (:func:`ppu_fast.report.welch_test`). Beside the paper's tables, "Attack with signal" lists the offline
-LiRA-style attack (ROC AUC, TPR at 1 % and 5 % FPR) and the retrain gap.
+LiRA-style attack (ROC AUC, TPR at 1 % and 5 % FPR) and the retrain gap; with two or more seeds the
+document ends with the retrain gap against each PPU form, paired by seed (:func:`gap_table`).
 
 The paper's numbers live only in ``paper_numbers.json`` (read off the paper's text, with table and
 row); every number that this module prints beside them is measured. Which paper tables a run is set
@@ -314,6 +315,94 @@ def lam_table(methods: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any
     return "\n".join(lines)
 
 
+# The gap over the errors alone: the retrain gap without SCRUB's MIA, which at our sizes often
+# cannot tell a trained-on set from an unseen one and then adds noise to the four-column mean.
+GAP_ERRORS = ("test_error", "retain_error", "forget_error")
+
+
+def _p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return DASH
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _errors_gap(row: Mapping[str, Any], ref: Mapping[str, Any]) -> float:
+    diffs = [abs(float(row[m]) - float(ref[m])) for m in GAP_ERRORS
+             if row.get(m) is not None and ref.get(m) is not None]
+    return sum(diffs) / len(diffs) if len(diffs) == len(GAP_ERRORS) else float("nan")
+
+
+def gap_table(per_seed: Sequence[Mapping[str, Mapping[str, Any]]], reference: str) -> str:
+    """The retrain gap of every method against ``reference``'s, paired by seed (a seed's methods
+    start from one Original on one split): per method the mean gap ± standard error, the mean of the
+    per-seed differences ``method - reference`` (negative: nearer Retrain) ± its standard error, the
+    paired t-test's p (:func:`ppu_fast.report.paired_samples`), Holm's adjustment over the table's
+    methods (:func:`ppu_fast.report.holm`) and Welch's unpaired p (the † marks' test); then the same
+    over the three errors alone (:data:`GAP_ERRORS`). Original and Retrain are not rows. "" when
+    fewer than 2 seeds have both Retrain and ``reference``."""
+    from .report import _sem, holm, paired_samples, welch_samples
+
+    nan = float("nan")
+    seeds = [run for run in per_seed if "retrain" in run and reference in run]
+    if len(seeds) < 2:
+        return ""
+    names: list[str] = []
+    for run in seeds:
+        names += [m for m in run if m not in names and m not in ("original", "retrain", reference)]
+    if not names:
+        return ""
+
+    def values(name: str, errors: bool) -> list[float]:
+        out = []
+        for run in seeds:
+            row = run.get(name)
+            if row is None:
+                out.append(nan)
+            else:
+                v = _errors_gap(row, run["retrain"]) if errors else row.get("retrain_gap")
+                out.append(nan if v is None else float(v))
+        return out
+
+    def mean(v: Sequence[float]) -> float:
+        f = [x for x in v if not math.isnan(x)]
+        return sum(f) / len(f) if f else nan
+
+    def cell(v: Sequence[float]) -> str:
+        m, s = mean(v), _sem(v)
+        return DASH if math.isnan(m) else (f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}")
+
+    cols = {}
+    for errors in (False, True):
+        ref = values(reference, errors)
+        diffs = {n: [a - b for a, b in zip(values(n, errors), ref)] for n in names}
+        paired = {n: paired_samples(values(n, errors), ref)[2] for n in names}
+        adjusted = dict(zip(names, holm([paired[n] for n in names])))
+        welch = {n: welch_samples(values(n, errors), ref)[2] for n in names}
+        cols[errors] = (ref, diffs, paired, adjusted, welch)
+    ref_label = label(reference)
+    lines = [f"### Retrain gap against {ref_label}, paired by seed", "",
+             f"Over the {len(seeds)} seeds with both Retrain and {ref_label}. Δ: the mean over seeds of "
+             f"(the method's gap − {ref_label}'s) ± its standard error, negative where the method is "
+             f"nearer Retrain. Paired p: the t-test of those differences; Holm: that p adjusted over "
+             f"this table's {len(names)} methods (below 0.05: a difference at the 5 % level for the "
+             f"table as a whole); Welch: the unpaired test of the † marks. Errors only: the same gap "
+             f"without SCRUB's MIA (test, retain and forget error).", "",
+             "| Method | Retrain gap | Δ | Paired p | Holm | Welch p | Gap, errors only | Δ | Paired p | Holm |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in [reference] + names:
+        row = [label(name)]
+        for errors in (False, True):
+            ref, diffs, paired, adjusted, welch = cols[errors]
+            if name == reference:
+                row += [cell(ref), DASH, DASH, DASH] + ([] if errors else [DASH])
+            else:
+                row += [cell(values(name, errors)), cell(diffs[name]), _p(paired[name]), _p(adjusted[name])]
+                if not errors:
+                    row.append(_p(welch[name]))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def table_ids(config: Mapping[str, Any]) -> list[str]:
     """The paper tables set beside a run (error tables), in the paper's order."""
     ctx = context(config)
@@ -321,9 +410,12 @@ def table_ids(config: Mapping[str, Any]) -> list[str]:
     return [tid for tid in tables if tid not in ("3", "4") and applies(tables[tid], ctx)]
 
 
-def render(config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], *, seeds: int = 1) -> str:
+def render(config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], *, seeds: int = 1,
+           per_seed: Sequence[Mapping[str, Mapping[str, Any]]] | None = None) -> str:
     """The whole Markdown document: the applicable paper tables, Table 3, Table 4, the attack with
-    signal, Table 5 when the run holds a λ sweep (:func:`lam_table`) and the time table."""
+    signal, Table 5 when the run holds a λ sweep (:func:`lam_table`), the time table and, given the
+    per-seed rows of two or more seeds, the retrain gap against each PPU form, paired by seed
+    (:func:`gap_table`)."""
     with_std = seeds > 1
     ctx = context(config)
     kind = spread_kind(methods)
@@ -351,6 +443,10 @@ def render(config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], 
     if lam_rows(methods):
         parts += ["", lam_table(methods, config, with_std=with_std)]
     parts += ["", time_table(methods, with_std=with_std), ""]
+    for reference in ("ppu", "ppu-bias"):
+        table = gap_table(per_seed or (), reference)
+        if table:
+            parts += [table, ""]
     return "\n".join(parts)
 
 
@@ -516,14 +612,16 @@ TABLE_FILES = {"tables": "tables.md", "figure2": "figure2_forget_per_epoch.png",
 def write_tables(out_dir: str | Path, config: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]],
                  *, seeds: int = 1,
                  history: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-                 histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Path]:
-    """Write ``tables.md``, ``figure2_forget_per_epoch.png`` (:func:`plot_forget_per_epoch`, from
+                 histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                 per_seed: Sequence[Mapping[str, Mapping[str, Any]]] | None = None) -> dict[str, Path]:
+    """Write ``tables.md`` (with :func:`gap_table` when ``per_seed`` holds two or more seeds),
+    ``figure2_forget_per_epoch.png`` (:func:`plot_forget_per_epoch`, from
     ``histories``, else from the first seed's ``history``), ``figure3_time.png``, ``figure4_mia.png``
     and ``forget_vs_seconds.png`` into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {key: out / name for key, name in TABLE_FILES.items()}
-    paths["tables"].write_text(render(config, methods, seeds=seeds), encoding="utf-8")
+    paths["tables"].write_text(render(config, methods, seeds=seeds, per_seed=per_seed), encoding="utf-8")
     ctx = context(config)
     where = f"{ctx['dataset']} / {ctx['model']}{' / ' + ctx['scenario'] if ctx['scenario'] else ''}"
     if not histories and history:
@@ -725,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 res.get("history"), res.get("per_seed", []), res["config"].get("seeds") or [])
             paths = write_tables(args.folders[0], res["config"], methods,
                                  seeds=len(res.get("per_seed", [])) or 1, history=res.get("history"),
-                                 histories=histories)
+                                 histories=histories, per_seed=[_nan(run) for run in res.get("per_seed", [])])
         else:
             if args.out is None:
                 raise ValueError("--out is required when merging several folders")
@@ -735,7 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_results(args.out, res["config"], methods, per_seed=res["per_seed"], history=res["history"],
                           histories=res["histories"], verdict=judge(methods, chance=chance, n=n))
             paths = write_tables(args.out, res["config"], methods, seeds=len(res["per_seed"]),
-                                 history=res["history"], histories=res["histories"])
+                                 history=res["history"], histories=res["histories"], per_seed=res["per_seed"])
     except (ValueError, FileNotFoundError) as exc:
         print(f"ppu_fast.tables: error: {exc}", file=sys.stderr)
         return 2
