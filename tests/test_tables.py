@@ -338,7 +338,7 @@ def test_merge_seeds(tmp_path):
     assert merged["methods"]["scrub"]["test_error"] == pytest.approx(1.0 + 3.1 * 8 + 0.015)
     md = (tmp_path / "m" / "tables.md").read_text()
     # the merge recomputed each seed's retrain gap, and the tables pair them by seed
-    assert "### Retrain gap against PPU, paired by seed" in md and "Over the 2 seeds" in md
+    assert "### Retrain gap against PPU, paired by seed" in md and "2 seeds have both Retrain and PPU;" in md
     assert "### Retrain gap against PPU w/ uniform, paired by seed" in md
     (tmp_path / "m" / "tables.md").unlink()  # the single-folder form reads results.json's nulls back
     assert tables.main([str(tmp_path / "m")]) == 0
@@ -387,34 +387,43 @@ def test_significance_marks_against_ppu():
 
 def test_gap_table_pairs_the_seeds():
     from ppu_fast.metrics import add_retrain_gaps
+    from ppu_fast.report import summarize
 
-    # A seed effect moves every method's gap together; the method's gap is PPU w/ uniform's - 1.36
-    # on average (differences -0.9, -1.5, -2.1, -0.7, -1.6): Welch cannot see it, the paired test does.
-    base, delta = [5.0, 9.0, 3.0, 12.0, 7.0], [-0.9, -1.5, -2.1, -0.7, -1.6]
+    # A seed effect moves every method's gap together. NegGrad+'s gap is PPU w/ uniform's + delta
+    # (differences -0.9 -1.5 -2.1 -0.7 -1.6), EU-k's + 2.0 3.5 1.0 2.5 and missing at the last seed:
+    # Welch cannot see NegGrad+'s, the paired test does, and the seeds stay aligned.
+    base, delta, eu = [5.0, 9.0, 3.0, 12.0, 7.0], [-0.9, -1.5, -2.1, -0.7, -1.6], [2.0, 3.5, 1.0, 2.5]
     runs = []
-    for b, d in zip(base, delta):
+    for i, (b, d) in enumerate(zip(base, delta)):
         ret = {"test_error": 10.0, "retain_error": 5.0, "forget_error": 50.0, "mia": 50.0}
         # the gap is the mean |difference| over four columns: put 4 x the wanted gap in forget error
-        ppu = {**ret, "forget_error": 50.0 + 4 * b}
-        other = {**ret, "forget_error": 50.0 + 4 * (b + d), "mia": float("nan") if b == 12.0 else 50.0}
-        runs.append(add_retrain_gaps({"original": ret, "retrain": ret, "ppu-bias": ppu, "neggrad+": other}))
+        rows = {"original": ret, "retrain": ret, "ppu-bias": {**ret, "forget_error": 50.0 + 4 * b},
+                "neggrad+": {**ret, "forget_error": 50.0 + 4 * (b + d),
+                             "mia": float("nan") if b == 12.0 else 50.0}}
+        if i < 4:
+            rows["eu-k"] = {**ret, "forget_error": 50.0 + 4 * (b + eu[i])}
+        runs.append(add_retrain_gaps(rows))
     text = tables.gap_table(runs, "ppu-bias")
-    row = next(ln for ln in text.splitlines() if ln.startswith("| NegGrad+ |")).split(" | ")
-    assert next(ln for ln in text.splitlines() if ln.startswith("| PPU w/ uniform |")).startswith(
-        "| PPU w/ uniform | 7.20 ± 1.56 | — |")  # its own gap: 5, 9, 3, 12, 7 (sem 1.562)
-    # the seed with a NaN MIA has no four-column gap: 4 pairs there (differences -0.9 -1.5 -2.1 -1.6),
-    # 5 for the errors-only gap, which is 4/3 of the same differences
-    assert row[2] == "-1.52 ± 0.25"  # mean -1.525, sem 0.2462
-    assert row[3] == "0.008"  # scipy.stats.ttest_rel: 0.00848
-    assert row[4] == "0.008"  # one method: Holm changes nothing
-    assert row[5] == "0.233"  # scipy.stats.ttest_ind(4 values, 5, equal_var=False): 0.2327, blind to it
-    assert row[7] == "-1.81 ± 0.34"  # 4/3 x (mean -1.36, sem 0.2522)
-    assert row[8] == "0.006" and row[9].rstrip(" |") == "0.006"  # ttest_rel: 0.00572
-    assert "Over the 5 seeds with both Retrain and PPU w/ uniform" in text
+    row = lambda label: next(ln for ln in text.splitlines() if ln.startswith(f"| {label} |"))[2:-2].split(" | ")  # noqa: E731
+    assert row("PPU w/ uniform")[:3] == ["PPU w/ uniform", "—", "7.20 ± 1.56"]  # 5, 9, 3, 12, 7
+    ng, ek = row("NegGrad+"), row("EU-k")
+    # NegGrad+: the seed with a NaN MIA has no four-column gap, so 4 pairs there (-0.9 -1.5 -2.1
+    # -1.6) and 5 for the errors-only gap, which is 4/3 of the differences
+    assert ng[1] == "4" and ng[3] == "-1.52 ± 0.25"  # mean -1.525, sem 0.2462
+    assert ng[4] == "0.008"  # scipy.stats.ttest_rel: 0.00848
+    assert ng[6] == "0.233"  # scipy.stats.ttest_ind(4 values, 5, equal_var=False): 0.2327, blind to it
+    assert ng[8] == "-1.81 ± 0.34" and ng[9] == "0.006"  # 4/3 x (mean -1.36, sem 0.2522); p 0.00572
+    assert ek[1] == "4" and ek[3] == "2.25 ± 0.52" and ek[4] == "0.023"  # ttest_rel: 0.02281
+    # Holm over the two: the smaller p doubled, the larger kept (it is above the doubled one)
+    assert (ng[5], ek[5]) == ("0.017", "0.023")  # 2 x 0.00848, 0.02281
+    assert (ng[10], ek[10]) == ("0.011", "0.023")  # 2 x 0.00572, 0.02281
+    assert "over the 2 methods of its column with a test (2 for the errors-only column)" in text
+    assert "5 seeds have both Retrain and PPU w/ uniform" in text
+    # the same table whatever the order of the seeds
+    assert tables.gap_table(runs[::-1], "ppu-bias") == text
     assert tables.gap_table(runs[:1], "ppu-bias") == ""  # one seed: no test
     assert tables.gap_table(runs, "ppu") == ""  # no such method
     cfg = {"dataset": "cifar5", "model": "allcnn"}
-    from ppu_fast.report import summarize
     assert "paired by seed" in render(cfg, summarize(runs), seeds=5, per_seed=runs)
     assert "paired by seed" not in render(cfg, summarize(runs), seeds=5)
 
