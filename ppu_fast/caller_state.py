@@ -176,10 +176,15 @@ def keeps_caller_state(name: Callable[[dict], str]) -> Callable[[F], F]:
                 where = ("the caller's model (inplace=True) holds them now"
                          if kwargs.get("inplace") else "the caller's model is untouched")
                 lr = f" (lr={kwargs['lr']!r})" if "lr" in kwargs else ""
+                # float16 weights: Adam's eps (1e-8) is 0 there, so its first step divides by 0
+                # at any learning rate.
+                half = ("; its weights are float16, in which Adam's eps (1e-8) rounds to 0 and "
+                        "small gradients vanish: train a float32 or bfloat16 copy instead"
+                        if any(p.dtype == torch.float16 for p in model.parameters()) else "")
                 raise FloatingPointError(
                     f"{what}: the run diverged: {bad} of the {total} weights and buffer values it "
                     f"ended with are NaN or infinite ({where}); lower the learning rate{lr} or the "
-                    f"other step sizes")
+                    f"other step sizes{half}")
             return result
         return wrapper  # type: ignore[return-value]
     return deco

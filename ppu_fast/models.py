@@ -2,6 +2,8 @@
 scikit-learn's 8x8 digits. Every model maps (B, C, H, W) images to (B, num_classes) logits."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -110,14 +112,62 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, width: float 
     return cls(num_classes=num_classes, in_channels=in_channels, width=width)
 
 
-def reset_parameters(model: nn.Module, seed: int | None = None) -> nn.Module:
+def _reset_method(m: nn.Module):
+    # torch's own layers name it reset_parameters; MultiheadAttention and Transformer keep the
+    # private _reset_parameters that their __init__ calls.
+    fn = getattr(m, "reset_parameters", None)
+    if not callable(fn):
+        fn = getattr(m, "_reset_parameters", None)
+    return fn if callable(fn) else None
+
+
+def reset_parameters(model: nn.Module, seed: int | None = None, *, keep_frozen: bool = False) -> nn.Module:
     """Re-initialise every submodule that can (in place; returns ``model``), for retraining a copy of
-    an arbitrary model from scratch."""
+    an arbitrary model from scratch. ``keep_frozen``: parameters with ``requires_grad=False`` keep
+    their values (a frozen pre-trained backbone is not what training trained, and a retrain that
+    re-drew it would train around random features it never updates)."""
+    kept = ({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+            if keep_frozen else {})
     if seed is not None:
         torch.manual_seed(seed)
     for m in model.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+        fn = _reset_method(m)
+        if fn is not None:
+            fn()
         if hasattr(m, "reset_running_stats"):
             m.reset_running_stats()
+    if kept:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in kept:
+                    p.copy_(kept[n])
     return model
+
+
+def not_reset(model: nn.Module, prefixes: Sequence[str] | None = None) -> list[str]:
+    """Names of the trainable parameters that :func:`reset_parameters` cannot re-initialise: owned
+    by a module with no ``reset_parameters`` (e.g. a hand-written layer holding ``nn.Parameter``
+    s), so a "from scratch" copy would keep the trained values. Only names under ``prefixes``
+    (module names) when given."""
+    out = []
+    for mname, m in model.named_modules():
+        if _reset_method(m) is not None:
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            name = f"{mname}.{pname}" if mname else pname
+            if p.requires_grad and (prefixes is None or any(
+                    name == pre or name.startswith(pre + ".") for pre in prefixes)):
+                out.append(name)
+    return out
+
+
+def require_reset(model: nn.Module, who: str, prefixes: Sequence[str] | None = None) -> None:
+    """Refuse a model that :func:`reset_parameters` cannot fully re-initialise (:func:`not_reset`),
+    naming the parameters and what to do instead."""
+    missing = not_reset(model, prefixes)
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ValueError(f"model: {who} needs fresh weights, but {shown} belong to modules without "
+                         f"reset_parameters(), so they would keep the trained values (which saw the "
+                         f"forget set); expected init= with the starting weights, or a "
+                         f"reset_parameters() method on those modules")

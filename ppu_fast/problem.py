@@ -97,7 +97,7 @@ def forget_rows(forget_mask, n: int) -> np.ndarray:
     are masks (length N); integer tensors / arrays / sequences are row indices, negative ones
     counting from the end as in Python ([-N, N)); an integer vector whose values are all 0 or 1
     is ambiguous when its length is N or it repeats a value (a 0/1 mask, perhaps of another
-    length, or indices of rows 0 and 1?) and raises a ValueError; so does an integer vector of
+    length, or row indices?) and raises a ValueError; so does an integer vector of
     length N that repeats any index (per-row labels, not row indices). Shorter index lists may
     repeat an index (the row is forgotten once), unless ``pseudo`` gives a row per index.
     Built with numpy: torch's CPU ops on N-sized data wake its thread pool.
@@ -154,7 +154,7 @@ def forget_spec(forget_mask, n: int, name: str = "forget_mask"
         what = (f"of length N = {n}" if fm.size == n else
                 f"of length {fm.size} (N = {n}) repeating its values")
         raise ValueError(f"{name}: an integer vector {what} holding only 0 and 1 is "
-                         f"ambiguous (a 0/1 mask or the indices of rows 0 and 1?); " + MASK_HELP)
+                         f"ambiguous (a 0/1 mask, or row indices?); " + MASK_HELP)
     if fm.size and (int(fm.min()) < -n or int(fm.max()) >= n):
         raise _index_out_of_range(int(fm[(fm < -n) | (fm >= n)][0]), n, name)
     idx = np.where(fm < 0, fm + n, fm)

@@ -18,6 +18,7 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -216,10 +217,47 @@ def _code_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _plain_attribute(v: object) -> object:
+    # A JSON-able stand-in for an attribute's value: scalars and strings as they are, containers of
+    # them element by element, tensors and arrays by content, functions and classes by name; other
+    # objects by their type alone (their repr may hold a memory address that differs per process).
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)):
+        return [_plain_attribute(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain_attribute(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(v).detach().cpu().contiguous()
+        return {"tensor": str(t.dtype), "shape": list(t.shape),
+                "sha": hashlib.sha256(t.numpy().tobytes() if t.dtype != torch.bfloat16
+                                      else t.view(torch.int16).numpy().tobytes()).hexdigest()}
+    if callable(v) and hasattr(v, "__qualname__"):
+        return f"{getattr(v, '__module__', '')}.{v.__qualname__}"
+    return f"<{type(v).__module__}.{type(v).__qualname__}>"
+
+
+def _attributes(model: nn.Module) -> dict:
+    """The plain attributes of the modules whose classes are not torch's (``self.temperature =
+    2.0``): a forward that reads them computes something else when they differ, which neither
+    ``repr`` nor the weights show. torch's own layers keep their settings in ``repr``. None is left
+    out: it is mostly an optional submodule left out (``self.downsample = None``), which ``repr``
+    shows by its absence."""
+    out = {}
+    for name, m in model.named_modules():
+        if type(m).__module__.split(".")[0] == "torch":
+            continue
+        attrs = {k: _plain_attribute(v) for k, v in sorted(vars(m).items())
+                 if not k.startswith("_") and k != "training" and v is not None}
+        if attrs:
+            out[name] = attrs
+    return out
+
+
 def cache_key(model: nn.Module, data: Dataset, config: TrainConfig) -> str:
     """Hex digest identifying the result of ``fit(model, data, config)``: the config, the
-    architecture (``repr`` and the code of its classes and of the training loop), the starting
-    weights, which parameters are frozen and the data."""
+    architecture (``repr``, the plain attributes of non-torch modules and the code of its classes
+    and of the training loop), the starting weights, which parameters are frozen and the data."""
     h = hashlib.sha256()
     h.update(json.dumps({"version": _CACHE_VERSION, "config": dataclasses.asdict(config),
                          "arch": repr(model), "code": _code_digest(model)}, sort_keys=True).encode())
@@ -231,6 +269,10 @@ def cache_key(model: nn.Module, data: Dataset, config: TrainConfig) -> str:
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         h.update(json.dumps({"frozen": frozen}).encode())
+    # Added only where there are some, so that the keys of models without them stay as they were.
+    attrs = _attributes(model)
+    if attrs:
+        h.update(json.dumps({"attributes": attrs}, sort_keys=True).encode())
     _data_digest(h, data)
     return h.hexdigest()[:32]
 

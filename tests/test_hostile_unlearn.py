@@ -594,3 +594,137 @@ def test_inputs_the_model_cannot_take_are_named(tiny):
 
     with pytest.raises(TypeError, match=r"forget\[0\]: its input is a dict"):
         ppu_fast.unlearn(model, Dicts(), TensorDataset(x[~fm], y[~fm]), progress=False)
+
+
+# ---- a probe of 2026-12-05 (hostile caller, /tmp/probe25): each failed on commit bf7c79b
+
+
+def test_retrain_keeps_frozen_parameters_and_refuses_weights_it_cannot_redraw(tiny):
+    from ppu_fast.training import TrainConfig
+
+    model, forget, retain = _sets(tiny)
+    frozen = __import__("copy").deepcopy(model)
+    frozen[1].requires_grad_(False)  # a "pre-trained" first layer, frozen by the caller
+    res = ppu_fast.unlearn(frozen, forget, retain, method="retrain", cache=False, progress=False,
+                           config=TrainConfig(epochs=1, batch_size=64))
+    # (it used to be re-drawn, then never trained: random features under a trained head)
+    assert torch.equal(res.model[1].weight, frozen[1].weight)
+    assert not torch.equal(res.model[4].weight, frozen[4].weight)  # the head was retrained
+
+    class Hand(nn.Module):  # a layer that holds its Parameters itself, with no reset_parameters()
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(64, K) / 8)
+
+        def forward(self, x):
+            return x.flatten(1) @ self.w
+
+    hand = nn.Sequential(Hand())
+    with pytest.raises(ValueError, match=r"model: Retrain needs fresh weights, but 0\.w belong to "
+                                         r"modules without reset_parameters\(\).*expected init="):
+        ppu_fast.unlearn(hand, forget, retain, method="retrain", cache=False, progress=False)
+    # init= gives the starting weights: accepted
+    ppu_fast.unlearn(hand, forget, retain, method="retrain", cache=False, progress=False,
+                     init=nn.Sequential(Hand()), config=TrainConfig(epochs=1, batch_size=64))
+    with pytest.raises(ValueError, match="EU-k without init= needs fresh weights, but 0.w"):
+        ppu_fast.unlearn(hand, forget, retain, method="eu-k", layers=["0"], epochs=1, progress=False)
+
+
+def test_the_training_cache_tells_apart_models_that_differ_in_a_plain_attribute(tmp_path, monkeypatch):
+    from ppu_fast.training import cache_key, TrainConfig
+    from ppu_fast.models import build_model
+
+    class Tempered(nn.Module):
+        def __init__(self, temperature):
+            super().__init__()
+            self.fc, self.temperature = nn.Linear(4, 3), temperature
+
+        def forward(self, x):
+            return self.fc(x) / self.temperature
+
+    data = TensorDataset(torch.randn(8, 4), torch.arange(8) % 3)
+    torch.manual_seed(0)
+    a = Tempered(1.0)
+    b = __import__("copy").deepcopy(a)
+    b.temperature = 50.0
+    cfg = TrainConfig(epochs=1)
+    assert cache_key(a, data, cfg) != cache_key(b, data, cfg)
+    b.temperature = 1.0
+    assert cache_key(a, data, cfg) == cache_key(b, data, cfg)
+    # a function attribute is keyed by its name, not by a per-process address
+    a.act, b.act = torch.relu, torch.tanh
+    assert cache_key(a, data, cfg) != cache_key(b, data, cfg)
+    # the package's models have no such attributes: their keys (and cached models) stay as they were
+    from ppu_fast.training import _attributes
+    assert all(_attributes(build_model(n, 10, 3, 0.5)) == {} for n in ("smallcnn", "allcnn", "resnet18"))
+
+
+def test_unlearn_refuses_pseudo_none_and_takes_a_numpy_pseudo_in_bias_mode(tiny):
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(ValueError, match="pseudo=None: unlearn takes every row's probabilities from "
+                                         "the model"):
+        ppu_fast.unlearn(model, forget, retain, pseudo=None, epochs=1, progress=False)
+    with pytest.raises(TypeError, match="pseudo: expected a name .* got list"):
+        ppu_fast.unlearn(model, forget, retain, pseudo=[0.2] * K, epochs=1, progress=False)
+    given = np.full((len(forget), K), 1.0 / K, dtype=np.float32)
+    res = ppu_fast.unlearn(model, forget, retain, method="ppu-bias", pseudo=given, epochs=1,
+                           progress=False)
+    assert torch.allclose(res.targets[:len(forget)], torch.full((len(forget), K), 1.0 / K))
+
+
+def test_a_retain_or_val_the_model_cannot_take_is_named_before_any_work(tiny):
+    model, x, y, fm = tiny
+    forget = TensorDataset(x[fm], y[fm])
+    as_bytes = TensorDataset((x[~fm] * 16).to(torch.uint8), y[~fm])
+    with pytest.raises(ValueError, match=r"model: its forward pass on retain\[0\] \(a uint8 tensor"):
+        ppu_fast.unlearn(model, forget, as_bytes, method="finetune", progress=False)
+    retain = TensorDataset(x[~fm], y[~fm])
+    with pytest.raises(ValueError, match=r"model: its forward pass on val\[0\] \(a float64 tensor"):
+        ppu_fast.unlearn(model, forget, retain, val=TensorDataset(x[:20].double(), y[:20]),
+                         epochs=1, progress=False)
+
+
+def test_targets_that_disagree_with_the_items_are_refused(tiny):
+    model, x, y, fm = tiny
+
+    class Remapped(Dataset):  # keeps the original labels in .targets, returns others
+        def __init__(self, x, y):
+            self.x, self.targets = x, (y + 5).tolist()
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], self.targets[i] - 5
+
+    with pytest.raises(ValueError, match=r"forget: its targets say class 5 for example 0 but the "
+                                         r"example's label is 0"):
+        ppu_fast.unlearn(model, Remapped(x[fm], y[fm]), TensorDataset(x[~fm], y[~fm]), epochs=1,
+                         progress=False)
+
+
+def test_eu_k_and_cf_k_name_what_is_wrong_with_their_layers(tiny):
+    model, forget, retain = _sets(tiny)
+    # a model SCRUB has no rule for, with its block named: EU-k puts that block back
+    res = ppu_fast.unlearn(model, forget, retain, method="eu-k", layers=["4"], epochs=1,
+                           progress=False)
+    assert res.options["reset"] == ["4"]
+    with pytest.raises(ValueError, match=r"layers: '3' hold no parameters \(e\.g\. an activation"):
+        ppu_fast.unlearn(model, forget, retain, method="cf-k", layers=["3"], epochs=1, progress=False)
+
+
+def test_a_float16_model_that_diverges_is_told_why(tiny):
+    model, forget, retain = _sets(tiny)
+    half = nn.Sequential(nn.Flatten(), nn.Linear(64, K)).half()
+    with pytest.raises(FloatingPointError, match="its weights are float16, in which Adam's eps"):
+        ppu_fast.unlearn(half, TensorDataset(forget.tensors[0].half(), forget.tensors[1]),
+                         TensorDataset(retain.tensors[0].half(), retain.tensors[1]), method="scrub",
+                         progress=False)
+
+
+def test_scrub_says_where_an_out_of_range_msteps_came_from(tiny):
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(ValueError, match=r"got 3 \(the 'small' preset's, as msteps was not given\)"):
+        ppu_fast.unlearn(model, forget, retain, method="scrub", epochs=2, progress=False)
+    with pytest.raises(ValueError, match=r"got 5 \(given\)"):
+        ppu_fast.unlearn(model, forget, retain, method="scrub", epochs=2, msteps=5, progress=False)

@@ -145,12 +145,15 @@ def _loader_examples(loader: DataLoader, arg: str) -> Dataset:
     return Subset(ds, sorted(idx))
 
 
-def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, method: str) -> None:
+def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, method: str,
+                       val: Dataset | None = None) -> None:
     """One forward pass (eval mode, no grad) on forget's first example: the output must be (1, k)
     logits with k >= 2 and every label of forget and retain in [0, k). A one-output model or a
     label the model has no logit for would otherwise run silently (KL-based methods and PPU) or
-    fail deep in torch. The model's buffers are put back afterwards, so a forward that updates
-    them leaves no trace."""
+    fail deep in torch. Then one pass on the first example of retain (and of val): a split the
+    model cannot take (another dtype or shape) is named here, not by torch deep inside a method
+    (for val only after the method's work). The model's buffers are put back afterwards, so a
+    forward that updates them leaves no trace."""
     from ..caller_state import probe_forward
     from ..data import dataset_targets
     from ..metrics import check_logits
@@ -158,8 +161,35 @@ def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, metho
 
     out, _, _ = probe_forward(model, forget[0][0], "forget[0]")
     check_logits(out, 1)
-    check_labels_fit(torch.cat([dataset_targets(forget), dataset_targets(retain)]), out.shape[1],
-                     method)
+    labels = {}
+    for data, name in ((forget, "forget"), (retain, "retain")):
+        labels[name] = dataset_targets(data)
+        _check_targets_match_items(data, labels[name], name)
+    for data, where in ((retain, "retain[0]"), (val, "val[0]")):
+        if data is not None and len(data) > 0:
+            other, _, _ = probe_forward(model, data[0][0], where)
+            if tuple(other.shape) != tuple(out.shape):
+                raise ValueError(f"model: its output on {where} has shape {tuple(other.shape)} but "
+                                 f"{tuple(out.shape)} on forget[0]; expected one (1, k) row of logits "
+                                 f"for every example")
+    check_labels_fit(torch.cat([labels["forget"], labels["retain"]]), out.shape[1], method)
+
+
+def _check_targets_match_items(data: Dataset, targets: torch.Tensor, name: str) -> None:
+    """A dataset's ``targets`` (:func:`ppu_fast.data.dataset_targets`: read without loading images
+    where the dataset has them, for the label checks and the selection rules) against the labels
+    its items return, at four spread examples: a wrapper that remaps labels in ``__getitem__`` but
+    keeps the original ``targets`` would otherwise be checked and scored on labels it never trains
+    on."""
+    from ..data import _label
+
+    n = len(data)
+    for i in sorted({0, n // 3, (2 * n) // 3, n - 1}):
+        item = _label(data[i][1])
+        if int(targets[i]) != item:
+            raise ValueError(f"{name}: its targets say class {int(targets[i])} for example {i} but the "
+                             f"example's label is {item}; expected the dataset's targets attribute to "
+                             f"hold the labels its items return")
 
 
 def _check_pair(item: object, where: str) -> None:
@@ -281,7 +311,7 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
     if len(retain) == 0:
         raise ValueError("retain is empty: unlearning needs the data the model should keep")
     _check_disjoint(forget, retain)
-    _check_output_fits(model, forget, retain, method)
+    _check_output_fits(model, forget, retain, method, val)
     accepted = method_options(method)
     unknown = sorted(set(options) - set(accepted))
     if unknown:

@@ -135,6 +135,9 @@ def modules_named(model: nn.Module, names: Sequence[str], arg: str = "layers") -
 def freeze_all_but(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     """Turn off gradients of every parameter outside the modules ``names``; returns those modules."""
     keep = modules_named(model, names)
+    if not any(True for m in keep for _ in m.parameters()):
+        raise ValueError(f"layers: {', '.join(map(repr, names))} hold no parameters (e.g. an "
+                         f"activation or pooling module); expected modules with weights to train")
     for p in model.parameters():
         p.requires_grad_(False)
     for m in keep:

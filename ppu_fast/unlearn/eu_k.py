@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..models import AllCNN, SmallCNN, reset_parameters
+from ..models import AllCNN, SmallCNN, require_reset, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
 from ._loop import as_names, last_block, modules_named, resolve_setting
@@ -67,7 +67,8 @@ def eu_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | N
          lr_decayed_base: float | None = None) -> UnlearnResult:
     """EU-k as SCRUB's code runs it (small_scale_unlearning.ipynb "Exact Unlearning k layers" with
     ``fk_fientune`` from "Finetune and Fisher Helper"; large scale BadT_experiments.ipynb
-    ``euk_unlearn``): the parameters of the modules ``reset`` (default :func:`default_reset`) are
+    ``euk_unlearn``): the parameters of the modules ``reset`` (default :func:`default_reset`; for a
+    model it has no rule for, the ``layers`` given) are
     copied from ``init``, the weights the original model's training started from (a model or state
     dict of the same architecture; ``ppu-fast run`` passes them), then ``layers`` (default the last
     block, as CF-k) are trained on ``retain`` with an L2 pull toward those initial weights at small
@@ -85,13 +86,23 @@ def eu_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | N
         "batch_size": batch_size, "l2_pull": l2_pull, "mode": mode, "lr_milestones": lr_milestones,
         "lr_decay": lr_decay, "lr_decayed_base": lr_decayed_base})
     work = working_copy(model, inplace, device)
-    layers = as_names(layers) if layers is not None else last_block(work)
-    reset = as_names(reset) if reset is not None else default_reset(work)
+    given_layers = layers is not None
+    layers = as_names(layers) if given_layers else last_block(work)
+    if reset is not None:
+        reset = as_names(reset)
+    else:
+        try:
+            reset = default_reset(work)
+        except ValueError:
+            if not given_layers:
+                raise
+            reset = list(layers)  # a model SCRUB has no rule for: put back the block it trains
     if isinstance(init, nn.Module):
         init_state, source = init.state_dict(), "given"
     elif isinstance(init, dict):
         init_state, source = init, "given"
     elif init is None:
+        require_reset(work, "EU-k without init=", prefixes=reset)
         # Seeded, so that the seed alone fixes the new weights.
         init_state, source = reset_parameters(copy.deepcopy(work), seed).state_dict(), "random"
     else:

@@ -6,6 +6,7 @@ import numbers
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
@@ -153,6 +154,18 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
                              f"mode='privacy'")
     if isinstance(history_retain, int) and not isinstance(history_retain, bool) and history_retain < 0:
         raise ValueError(f"history_retain must be >= 0, None or 'auto', got {history_retain!r}")
+    if pseudo is None:
+        # refine's pseudo=None keeps the forget rows of P as they are, for a caller who built P^;
+        # here P comes from the model, so the forget rows would keep the model's own outputs.
+        raise ValueError("pseudo=None: unlearn takes every row's probabilities from the model, so the "
+                         "forget rows would keep the model's own outputs and nothing would be "
+                         "forgotten; expected 'uniform', 'random', 'prior', 'probe' or a tensor of "
+                         "pseudo-probabilities")
+    if isinstance(pseudo, np.ndarray):
+        pseudo = torch.from_numpy(pseudo)
+    if not isinstance(pseudo, (str, torch.Tensor)):
+        raise TypeError(f"pseudo: expected a name ('uniform', 'random', 'prior', 'probe') or a tensor "
+                        f"or array of pseudo-probabilities, got {type(pseudo).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if schedule not in SCHEDULES:

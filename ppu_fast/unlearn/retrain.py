@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..models import reset_parameters
+from ..models import require_reset, reset_parameters
 from ..training import TrainConfig, fit_cached
 from . import UnlearnResult, register
 from ._common import resolve_device
@@ -24,14 +24,19 @@ def retrain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset 
     """Train from scratch on ``retain`` with ``config`` (default :class:`TrainConfig` with ``seed``).
     ``timings["train"]`` is the training time even when the model comes from the cache.
     The starting weights are ``init`` if given (e.g. the original model's initialisation), else
-    ``model``'s architecture re-initialised with ``seed``. ``inplace`` loads the result into ``model``."""
+    ``model``'s architecture re-initialised with ``seed``: parameters with ``requires_grad=False``
+    keep their values (training does not train them, so neither does a retrain: a frozen
+    pre-trained backbone stays as it is), and a trainable parameter that no ``reset_parameters()``
+    can re-draw is refused (it would keep the weights that saw the forget set; pass ``init``).
+    ``inplace`` loads the result into ``model``."""
     if config is None:
         config = TrainConfig(seed=seed)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a ppu_fast.training.TrainConfig, got {type(config).__name__}")
     start = copy.deepcopy(init if init is not None else model)
     if init is None:
-        reset_parameters(start, seed)
+        require_reset(start, "Retrain")
+        reset_parameters(start, seed, keep_frozen=True)
     t0 = time.perf_counter()
     trained, meta = fit_cached(start, retain, config, device=resolve_device(model, device),
                                progress=progress, desc="retrain", cache=cache)

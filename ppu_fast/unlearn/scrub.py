@@ -87,7 +87,10 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
     setting = resolve_setting(setting, forget, retain)
     hp = {k: pick(v, (PRESETS_R if select == "val" else PRESETS)[setting], k) for k, v in given.items()}
     if not 0 <= int(hp["msteps"]) <= int(hp["epochs"]):
-        raise ValueError(f"msteps must be in [0, epochs={hp['epochs']}], got {hp['msteps']}")
+        came = ("given" if given.get("msteps") is not None
+                else f"the {setting!r} preset's, as msteps was not given")
+        raise ValueError(f"msteps must be in [0, epochs={hp['epochs']}], got {hp['msteps']} ({came}); "
+                         f"pass msteps <= epochs")
     if not hp["temperature"] > 0:
         raise ValueError(f"temperature must be positive, got {hp['temperature']}")
     if select not in ("last", "val"):
