@@ -114,9 +114,10 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, width: float 
 
 def _reset_method(m: nn.Module):
     # torch's own layers name it reset_parameters; MultiheadAttention and Transformer keep the
-    # private _reset_parameters that their __init__ calls.
+    # private _reset_parameters that their __init__ calls (someone else's private method of that
+    # name may want arguments: theirs are not called).
     fn = getattr(m, "reset_parameters", None)
-    if not callable(fn):
+    if not callable(fn) and type(m).__module__.split(".")[0] == "torch":
         fn = getattr(m, "_reset_parameters", None)
     return fn if callable(fn) else None
 

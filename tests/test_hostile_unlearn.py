@@ -728,3 +728,23 @@ def test_scrub_says_where_an_out_of_range_msteps_came_from(tiny):
         ppu_fast.unlearn(model, forget, retain, method="scrub", epochs=2, progress=False)
     with pytest.raises(ValueError, match=r"got 5 \(given\)"):
         ppu_fast.unlearn(model, forget, retain, method="scrub", epochs=2, msteps=5, progress=False)
+
+
+def test_reset_parameters_reaches_torchs_attention_and_only_torchs_private_resets():
+    from ppu_fast.models import not_reset, reset_parameters
+
+    mha = nn.MultiheadAttention(8, 2)
+    before = mha.in_proj_weight.detach().clone()
+    reset_parameters(mha, 1)  # MultiheadAttention has only the private _reset_parameters
+    assert not torch.equal(before, mha.in_proj_weight) and not_reset(mha) == []
+
+    class Theirs(nn.Module):  # someone else's private method may want arguments: not called
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2))
+
+        def _reset_parameters(self, scale):
+            raise AssertionError("called")
+
+    assert not_reset(Theirs()) == ["w"]
+    reset_parameters(Theirs())
