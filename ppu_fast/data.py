@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler,
+                              SequentialSampler, Subset, default_collate, default_convert)
 
 from .caller_state import is_int
 
@@ -173,7 +174,7 @@ def dataset_targets(data: Dataset | DataLoader) -> torch.Tensor:
     when the dataset exposes ``targets`` (through its ``target_transform`` where it has one, as
     torchvision's datasets label their items)."""
     if isinstance(data, DataLoader):
-        data = data.dataset
+        data = loader_examples(data, "data")
     if isinstance(data, Subset):
         return dataset_targets(data.dataset)[torch.as_tensor(list(data.indices), dtype=torch.long)]
     targets = getattr(data, "targets", None)
@@ -182,7 +183,9 @@ def dataset_targets(data: Dataset | DataLoader) -> torch.Tensor:
         transform = getattr(data, "target_transform", None)
         if transform is not None:
             targets = [transform(t) for t in targets]
-        return torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        out = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        # An (N, 1) column (numpy labels kept as a column), as the items' (1,) labels are read.
+        return out.reshape(-1) if out.ndim == 2 and out.shape[1] == 1 else out
     return torch.as_tensor([_label(data[i][1]) for i in range(len(data))], dtype=torch.long)
 
 
@@ -215,13 +218,48 @@ def _one(y: object) -> object:
     return y
 
 
+def loader_examples(loader: DataLoader, arg: str) -> Dataset:
+    """The examples a loader visits, as a Dataset: its dataset when it visits all of it once (the
+    plain sequential or shuffled loader), else the ``Subset`` its sampler draws, each example once
+    (``drop_last`` drops batches of one iteration, not examples of the set). ``unlearn`` and the
+    metrics batch the examples themselves, so a loader's batch size is not used; a custom
+    ``collate_fn`` is refused rather than silently skipped. ``arg`` names the loader in errors."""
+    ds = loader.dataset
+    if isinstance(ds, IterableDataset):
+        raise TypeError(f"{arg} is a DataLoader over an IterableDataset; expected a map-style "
+                        f"Dataset (len and indexing) of (x, y) pairs")
+    if loader.collate_fn not in (default_collate, default_convert):
+        raise ValueError(f"{arg}: a DataLoader with a custom collate_fn "
+                         f"({getattr(loader.collate_fn, '__name__', loader.collate_fn)!r}) is not "
+                         f"supported (the methods batch the examples themselves); pass a Dataset "
+                         f"of (x, y) pairs")
+    batches = loader.batch_sampler
+    # The sampler the batches draw from: a batch_sampler= of the caller's has its own (the
+    # loader's .sampler is then a default SequentialSampler over the whole dataset).
+    sampler = batches.sampler if type(batches) is BatchSampler else loader.sampler
+    whole = (getattr(sampler, "data_source", None) is ds
+             and (isinstance(sampler, SequentialSampler)
+                  or (isinstance(sampler, RandomSampler) and not sampler.replacement
+                      and sampler.num_samples == len(ds))))
+    if whole and (batches is None or type(batches) is BatchSampler):
+        return ds
+    # The sampler's draws, not the batches': a loader's drop_last would lose examples silently.
+    custom_batches = batches is not None and type(batches) is not BatchSampler
+    idx = ([int(i) for b in batches for i in b] if custom_batches else [int(i) for i in sampler])
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"{arg}: the DataLoader's sampler draws {len(idx)} examples but only "
+                         f"{len(set(idx))} distinct ones; expected a loader (or Dataset) that "
+                         f"visits each example of the set once")
+    return Subset(ds, sorted(idx))
+
+
 def make_loader(data: Dataset | DataLoader, batch_size: int = 256, shuffle: bool = False,
                 seed: int | None = None) -> DataLoader:
-    """A DataLoader over ``data`` (a loader is returned unchanged unless shuffling is asked for)."""
+    """A DataLoader over ``data``; a loader stands for the examples its sampler visits
+    (:func:`loader_examples`), as ``unlearn`` reads it, so that a metric scores the rows the
+    caller's loader selects, all of them."""
     if isinstance(data, DataLoader):
-        if not shuffle:
-            return data
-        data = data.dataset
+        data = loader_examples(data, "data")
     generator = None
     if shuffle:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))

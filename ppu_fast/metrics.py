@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .caller_state import eval_mode
-from .data import dataset_targets, make_loader
+from .caller_state import eval_mode, is_int
+from .data import dataset_targets, loader_examples, make_loader
 from .training import model_device
 
 
@@ -38,6 +38,9 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
     """Logits (N, k) and labels (N,) of ``model`` on ``data`` in eval mode, on CPU. Each module's
     train/eval mode is restored afterwards."""
     _check_model(model)
+    if not isinstance(data, (Dataset, DataLoader)):
+        raise TypeError(f"data must be a torch Dataset or DataLoader of (x, y) pairs, got "
+                        f"{type(data).__name__} (tensors X, y: pass TensorDataset(X, y))")
     device = torch.device(device) if device is not None else model_device(model)
     logits, labels = [], []
     with eval_mode(model):
@@ -47,7 +50,13 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
                                  f"{f' of {len(batch)} items' if hasattr(batch, '__len__') else ''}"
                                  f"; expected (x, y) pairs of an input and an integer label")
             x, y = batch
-            out = model(x.to(device))
+            try:
+                out = model(x.to(device))
+            except (RuntimeError, TypeError) as exc:
+                dts = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+                raise ValueError(f"model: its forward pass on data (a batch of {str(x.dtype).replace('torch.', '')} inputs of shape "
+                                 f"{tuple(x.shape[1:])}) failed: {exc}; expected inputs the model takes "
+                                 f"(its parameters are {'/'.join(dts) or 'none'})") from None
             check_logits(out, len(x))
             logits.append(out.float().cpu())
             labels.append(_batch_labels(y, len(x)))
@@ -109,7 +118,7 @@ def _attack_losses_list(values: Sequence[float], name: str) -> list[float]:
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if np.isnan(v).any():
         raise ValueError(f"{name} contains NaN at position {int(np.flatnonzero(np.isnan(v))[0])} (a NaN "
-                         f"logit?); the attack needs a loss for every example")
+                         f"or infinite logit?); the attack needs a finite loss for every example")
     return [float(x) for x in v]
 
 
@@ -128,6 +137,9 @@ def _attack(forget_losses: Sequence[float], test_losses: Sequence[float],
 
     # SCRUB seeds Python's global `random` before sampling; a private Random(seed) draws the same
     # sample without reseeding the caller's stream.
+    if seed is not None and (not is_int(seed) or not 0 <= seed < 2 ** 32):
+        raise ValueError(f"seed={seed!r}: expected None or an integer in [0, 2**32 - 1] (scikit-learn's "
+                         f"random_state, which the attack's splits take)")
     rng = random.Random(seed)
     if len(forget_losses) > len(test_losses):
         forget_losses = list(rng.sample(forget_losses, len(test_losses)))
@@ -163,9 +175,10 @@ def mia_from_losses(forget_losses: Sequence[float], test_losses: Sequence[float]
 
 
 def restrict_to_classes(data: Dataset | DataLoader, classes: Sequence[int]) -> Subset:
-    """The examples of ``data`` whose label is in ``classes``."""
+    """The examples of ``data`` whose label is in ``classes`` (of a loader: of the examples its
+    sampler visits, as everywhere in the package)."""
     if isinstance(data, DataLoader):
-        data = data.dataset
+        data = loader_examples(data, "data")
     targets = dataset_targets(data)
     keep = torch.isin(targets, torch.as_tensor(list(classes), dtype=torch.long))
     return Subset(data, torch.nonzero(keep).view(-1).tolist())

@@ -668,7 +668,45 @@ def load_results(folder: str | Path) -> dict:
     if what:
         raise ValueError(f"'{path}' holds {what}; expected the results.json of a ppu-fast run "
                          f"(an object with 'config', 'methods' and 'per_seed')")
+    bad = _malformed(res)
+    if bad:
+        raise ValueError(f"'{path}': {bad}; expected the results.json of a ppu-fast run (edited by "
+                         f"hand?)")
     return res
+
+
+def _malformed(res: Mapping[str, Any]) -> str | None:
+    """What in a results.json (already an object with a config) the tables cannot read, or None:
+    seeds that are not integers, a method's entry or a per-seed row that is not an object, or a
+    metric (or its std / sem / n) that is not a number or null."""
+    from .report import METRICS
+
+    def number(v: Any) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    seeds = res["config"].get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        return f"config.seeds is {seeds!r}, not a list of integers"
+    entries = [(f"methods.{m}", e) for m, e in (res.get("methods") or {}).items()]
+    for i, row in enumerate(res.get("per_seed") or []):
+        if not isinstance(row, dict):
+            return f"per_seed[{i}] is {row!r}, not an object of method rows"
+        entries += [(f"per_seed[{i}].{m}", e) for m, e in row.items()]
+    for where, e in entries:
+        if not isinstance(e, dict):
+            return f"{where} is {e!r}, not an object of metrics"
+        for metric in METRICS:
+            if not number(e.get(metric)):
+                return f"{where}.{metric} is {e[metric]!r}, not a number or null"
+        for part in ("std", "sem", "n"):
+            if part in e:
+                if not isinstance(e[part], dict):
+                    return f"{where}.{part} is {e[part]!r}, not an object of metrics"
+                for metric, v in e[part].items():
+                    if not number(v):
+                        return f"{where}.{part}.{metric} is {v!r}, not a number or null"
+    return None
 
 
 def _nan(obj: Any) -> Any:
@@ -827,16 +865,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--out: cannot create a folder at '{out}' ({exc.strerror or exc})") from None
         if len(args.folders) == 1 and args.out is None:
             res = load_results(args.folders[0])
-            methods = ({k: _nan(v) for k, v in res["methods"].items()} if "methods" in res
-                       else summarize(res["per_seed"]))
+            per_seed = [_nan(run) for run in res.get("per_seed", [])]
+            # A file written before the standard errors were recorded has the per-seed rows they
+            # come from: summarised again, its tables get the † marks and the "(n=K)" notes.
+            stored = res.get("methods")
+            methods = ({k: _nan(v) for k, v in stored.items()}
+                       if stored and (not per_seed or all("sem" in e for e in stored.values()))
+                       else summarize(per_seed))
             histories = res.get("histories") or histories_from(
                 res.get("history"), res.get("per_seed", []), res["config"].get("seeds") or [])
             paths = write_tables(args.folders[0], res["config"], methods,
                                  seeds=len(res.get("per_seed", [])) or 1, history=res.get("history"),
-                                 histories=histories, per_seed=[_nan(run) for run in res.get("per_seed", [])])
+                                 histories=histories, per_seed=per_seed)
         else:
             if args.out is None:
                 raise ValueError("--out is required when merging several folders")
+            inputs = {Path(f).resolve() for f in args.folders}
+            if Path(args.out).resolve() in inputs:
+                raise ValueError(f"--out: '{args.out}' is one of the folders merged, whose results.json "
+                                 f"the merge would overwrite; expected a folder of its own")
             res = merge(args.folders)
             methods = summarize(res["per_seed"])
             chance, n = attack_size(res["per_seed"])

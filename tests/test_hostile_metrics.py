@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -253,3 +254,94 @@ def test_the_verdict_says_when_retrains_time_came_from_the_cache():
             "that trained it") in time_line(judge(some))
     every = time_line(judge(summarize([run(True), run(True)])))
     assert "came from the model cache: it was measured" in every and "10.0x faster" in every
+
+
+# ---- a probe of 2026-12-05 (a researcher's misuses, /tmp/probe26): each failed on commit bf7c79b
+
+
+def test_metrics_read_a_loader_as_the_examples_its_sampler_visits(labelled):
+    from torch.utils.data import DataLoader, Subset
+
+    model, x, y = labelled
+    ds = TensorDataset(x, y)
+    forget_idx = [i for i in range(40) if y[i] == y[0]]
+    test_idx = list(range(40, 80))
+    subsets = (Subset(ds, forget_idx), Subset(ds, test_idx))
+    loaders = (DataLoader(ds, batch_size=8, sampler=forget_idx), DataLoader(ds, batch_size=8, sampler=test_idx))
+    # the loaders' datasets hold every class and the forget rows: read whole, both attacks scored
+    # other examples than the rows the samplers pick
+    assert lira(model, *loaders) == lira(model, *subsets)
+    assert len(forget_idx) >= 6 and mia(model, *loaders) == mia(model, *subsets)
+    whole = DataLoader(Subset(ds, test_idx), batch_size=16, drop_last=True)  # 40 rows, batches of 16
+    assert error(model, whole) == error(model, subsets[1])  # drop_last drops no example of the set
+    shuffled = [mia_from_losses(metrics.losses(model, DataLoader(Subset(ds, range(80)), batch_size=8,
+                                                                 shuffle=True)), [0.5] * 40) for _ in range(3)]
+    assert len(set(shuffled)) == 1  # the order a shuffled loader visits does not change the score
+
+
+def test_targets_kept_as_a_column_are_read_as_labels(labelled):
+    from ppu_fast.data import dataset_targets
+
+    model, x, y = labelled
+
+    class Column(torch.utils.data.Dataset):
+        def __init__(self, x, y):
+            self.x, self.targets = x, y.view(-1, 1).numpy()
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], int(self.targets[i, 0])
+
+    col = Column(x, y)
+    assert torch.equal(dataset_targets(col), y)
+    assert lira(model, torch.utils.data.Subset(col, range(20)), torch.utils.data.Subset(col, range(20, 80))) \
+        == lira(model, TensorDataset(x[:20], y[:20]), TensorDataset(x[20:], y[20:]))
+
+
+def test_metric_inputs_are_named(labelled):
+    model, x, y = labelled
+    with pytest.raises(TypeError, match=r"data must be a torch Dataset or DataLoader .* got tuple .*"
+                                        r"TensorDataset\(X, y\)"):
+        error(model, (x, y))
+    with pytest.raises(ValueError, match=r"model: its forward pass on data \(a batch of float64 inputs"):
+        error(model, TensorDataset(x.double(), y))
+    with pytest.raises(ValueError, match=r"seed=-1: expected None or an integer in \[0, 2\*\*32 - 1\]"):
+        mia_from_losses([0.1] * 10, [0.2] * 10, seed=-1)
+    with pytest.raises(ValueError, match="a NaN or infinite logit"):
+        mia_from_losses([float("nan")] * 10, [0.2] * 10)
+
+
+def test_tables_refuse_to_overwrite_an_input_and_name_hand_edits(tmp_path, capsys):
+    a = _run(tmp_path / "a", [0, 1], [{"retrain": _row(80.0), "ppu": _row(10.0)},
+                                      {"retrain": _row(81.0), "ppu": _row(12.0)}])
+    b = _run(tmp_path / "b", [2], [{"retrain": _row(82.0), "ppu": _row(11.0)}])
+    before = (a / "results.json").read_text()
+    assert tables.main([str(a), str(b), "--out", str(a)]) == 2
+    assert "--out: " in capsys.readouterr().err and (a / "results.json").read_text() == before
+    for edit, message in (
+            (lambda r: r["config"].__setitem__("seeds", ["0", "1"]), "config.seeds is ['0', '1'], not a list of integers"),
+            (lambda r: r["methods"]["ppu"].__setitem__("forget_error", "11.0"),
+             "methods.ppu.forget_error is '11.0', not a number or null"),
+            (lambda r: r["methods"]["ppu"].__setitem__("sem", None), "methods.ppu.sem is None, not an object"),
+            (lambda r: r["per_seed"][0].__setitem__("ppu", None), "per_seed[0].ppu is None, not an object")):
+        res = json.loads(before)
+        edit(res)
+        (a / "results.json").write_text(json.dumps(res))
+        with pytest.raises(ValueError, match=re.escape(f"results.json': {message}")):
+            tables.load_results(a)
+
+
+def test_a_file_without_standard_errors_gets_them_from_its_per_seed_rows(tmp_path):
+    per_seed = [{"retrain": _row(80.0 + s), "ppu": _row(10.0 + s), "scrub": _row(40.0 + s, test_error=30.0)}
+                | ({"finetune": _row(60.0)} if s else {}) for s in range(3)]
+    a = _run(tmp_path / "a", [0, 1, 2], per_seed)
+    res = json.loads((a / "results.json").read_text())
+    for entry in res["methods"].values():  # as results.json files written before "sem" and "n"
+        entry.pop("sem")
+        entry.pop("n")
+    (a / "results.json").write_text(json.dumps(res))
+    assert tables.main([str(a)]) == 0
+    md = (a / "tables.md").read_text()
+    assert "standard error over 3 seeds" in md and "†" in md and "(n=2)" in md

@@ -15,12 +15,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import (BatchSampler, ConcatDataset, DataLoader, Dataset, IterableDataset,
-                              RandomSampler, SequentialSampler, Subset, default_collate,
-                              default_convert)
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset
 
 from ..callable_module import make_callable
 from ..caller_state import check_finite_options, check_seed, is_int, keeps_caller_state
+from ..data import loader_examples
 
 _METHODS: dict[str, Callable[..., "UnlearnResult"]] = {}
 _COMMON = ("val", "seed", "device", "inplace", "progress")
@@ -99,7 +98,7 @@ def _as_dataset(data: object, arg: str, allow_none: bool = False) -> Dataset | N
     if data is None and allow_none:
         return None
     if isinstance(data, DataLoader):
-        data = _loader_examples(data, arg)
+        data = loader_examples(data, arg)
     if not isinstance(data, Dataset):
         raise TypeError(f"{arg} must be a torch Dataset or DataLoader of (x, y) pairs, got "
                         f"{type(data).__name__}")
@@ -109,40 +108,6 @@ def _as_dataset(data: object, arg: str, allow_none: bool = False) -> Dataset | N
     if len(data) > 0:
         _check_pair(data[0], f"{arg}[0]")
     return data
-
-
-def _loader_examples(loader: DataLoader, arg: str) -> Dataset:
-    """The examples a loader visits, as a Dataset: its dataset when it visits all of it once (the
-    plain sequential or shuffled loader), else the ``Subset`` its sampler draws. The methods batch
-    the examples themselves, so a loader's batch size is not used; a custom ``collate_fn`` is
-    refused rather than silently skipped."""
-    ds = loader.dataset
-    if isinstance(ds, IterableDataset):
-        raise TypeError(f"{arg} is a DataLoader over an IterableDataset; expected a map-style "
-                        f"Dataset (len and indexing) of (x, y) pairs")
-    if loader.collate_fn not in (default_collate, default_convert):
-        raise ValueError(f"{arg}: a DataLoader with a custom collate_fn "
-                         f"({getattr(loader.collate_fn, '__name__', loader.collate_fn)!r}) is not "
-                         f"supported (the methods batch the examples themselves); pass a Dataset "
-                         f"of (x, y) pairs")
-    batches = loader.batch_sampler
-    # The sampler the batches draw from: a batch_sampler= of the caller's has its own (the
-    # loader's .sampler is then a default SequentialSampler over the whole dataset).
-    sampler = batches.sampler if type(batches) is BatchSampler else loader.sampler
-    whole = (getattr(sampler, "data_source", None) is ds
-             and (isinstance(sampler, SequentialSampler)
-                  or (isinstance(sampler, RandomSampler) and not sampler.replacement
-                      and sampler.num_samples == len(ds))))
-    if whole and (batches is None or type(batches) is BatchSampler):
-        return ds
-    # The sampler's draws, not the batches': a loader's drop_last would lose examples silently.
-    custom_batches = batches is not None and type(batches) is not BatchSampler
-    idx = ([int(i) for b in batches for i in b] if custom_batches else [int(i) for i in sampler])
-    if len(set(idx)) != len(idx):
-        raise ValueError(f"{arg}: the DataLoader's sampler draws {len(idx)} examples but only "
-                         f"{len(set(idx))} distinct ones; expected a loader (or Dataset) that "
-                         f"visits each example of the set once")
-    return Subset(ds, sorted(idx))
 
 
 def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, method: str,
