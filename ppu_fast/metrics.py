@@ -54,7 +54,8 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
                 out = model(x.to(device))
             except (RuntimeError, TypeError) as exc:
                 dts = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
-                raise ValueError(f"model: its forward pass on data (a batch of {str(x.dtype).replace('torch.', '')} inputs of shape "
+                raise ValueError(f"model: its forward pass on data (a batch of "
+                                 f"{str(x.dtype).replace('torch.', '')} inputs of shape "
                                  f"{tuple(x.shape[1:])}) failed: {exc}; expected inputs the model takes "
                                  f"(its parameters are {'/'.join(dts) or 'none'})") from None
             check_logits(out, len(x))

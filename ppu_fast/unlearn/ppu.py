@@ -35,7 +35,8 @@ MODES = ("privacy", "bias")
 # 5 seeds: forget error 50.4 +- 18.2 % and retain error 8.3 % under "fast" against 37.6 +- 10.5 %
 # and 0.1 % under "paper" (docs/results/cifar5_allcnn_pretrained.md).
 # (Stopping bias mode once the forget rows reach their targets, forget_kl=0.1, was 5-10x faster on
-# digits but stopped mid-transition, at 3-9.3 % retain error on the selective settings: an option, not the default.)
+# digits but stopped mid-transition, at 3-9.3 % retain error on the selective settings: an option,
+# not the default.)
 _PAPER = {"retain_fraction": 1.0, "retain_sampling": "uniform", "forget_repeats": 1, "early_stop": False,
           "forget_kl": None, "trainable": "all", "history_retain": 1000}
 SCHEDULES: dict[str, dict[str, dict[str, Any]]] = {
