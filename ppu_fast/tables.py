@@ -290,7 +290,10 @@ def lam_table(methods: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any
     ctx = context(config)
     with_paper = ctx["scale"] == table["scale"]
     paper = {float(k): v for k, v in table["values"].items()} if with_paper else {}
-    ours = dict(lam_rows(methods))
+    ours: dict[float, list[str]] = {}
+    for lam, name in lam_rows(methods):
+        # Two spellings of one λ ("ppu[lam=2]", "ppu[lam=2.0]") are two runs: both rows, by name.
+        ours.setdefault(lam, []).append(name)
     lines = [f"### {table['caption']}", ""]
     if with_paper:
         lines.append(f"Paper: {MODEL_NAMES[table['model']]} on {table['dataset']}. This run: "
@@ -303,11 +306,14 @@ def lam_table(methods: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any
         + ([f"{METRIC_NAMES[m]} (paper)" for m in metrics] if with_paper else [])
     lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for lam in sorted(set(ours) | set(paper)):
-        cells = [f"{lam:g}"] + [_ours(methods, ours[lam], m, with_std) if lam in ours else "not run"
-                                for m in metrics]
-        if with_paper:
-            cells += [_fmt(paper.get(lam, {}).get(m)) for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
+        names = ours.get(lam) or [None]
+        for name in names:
+            head_cell = f"{lam:g}" if len(names) == 1 else f"{lam:g} ({name})"
+            cells = [head_cell] + [_ours(methods, name, m, with_std) if name else "not run"
+                                   for m in metrics]
+            if with_paper:
+                cells += [_fmt(paper.get(lam, {}).get(m)) for m in metrics]
+            lines.append("| " + " | ".join(cells) + " |")
     for name in ("retrain", "original"):
         if name in methods:
             lines.append("| " + " | ".join([label(name)] + [_ours(methods, name, m, with_std) for m in metrics]

@@ -560,6 +560,11 @@ def test_lam_table_without_paper_numbers_at_large_scale():
     assert "ours alone" in text and "paper)" not in text
     body = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| λ")]
     assert body == ["| 0.5 | 4.00 | 6.00 |", "| 5 | 2.00 | 3.00 |", "| Retrain | 1.00 | 9.00 |"]
+    # two spellings of one λ are two runs (they were merged into one row, the other's lost)
+    ours["ppu[lam=5.0]"] = {"retain_error": 7.0, "forget_error": 8.0}
+    text = lam_table(ours, {"dataset": "cifar10", "model": "allcnn", "scenario": "selective"}, with_std=False)
+    body = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| λ")]
+    assert body[1:3] == ["| 5 (ppu[lam=5.0]) | 7.00 | 8.00 |", "| 5 (ppu[lam=5]) | 2.00 | 3.00 |"]
 
 
 @pytest.mark.skipif(not PAPER_TEXT.is_file(), reason="the paper's text is not beside the repository")
