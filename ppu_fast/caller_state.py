@@ -43,6 +43,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = was
 
 
+def _dtype_name(x: torch.Tensor) -> str:
+    return str(x.dtype).replace("torch.", "")
+
+
+def forward_failed(model: nn.Module, where: str, what: str, exc: BaseException) -> ValueError:
+    """The error for a forward pass of ``model`` that torch refused on ``where`` (``what``
+    describes the input it got), naming the parameters' dtypes the inputs must match."""
+    dts = sorted({_dtype_name(p) for p in model.parameters()})
+    return ValueError(f"model: its forward pass on {where} ({what}) failed: {exc}; expected inputs "
+                      f"the model takes (its parameters are {'/'.join(dts) or 'none'})")
+
+
 def probe_forward(model: nn.Module, x: object,
                   where: str) -> tuple[torch.Tensor, list[str], list[str]]:
     """One forward pass of ``model`` on the single example ``x`` (batched to 1; eval mode, no grad,
@@ -74,11 +86,8 @@ def probe_forward(model: nn.Module, x: object,
         with eval_mode(model), torch.no_grad():
             out = model(x.to(model_device(model)))
     except (RuntimeError, TypeError) as exc:
-        dts = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
-        raise ValueError(f"model: its forward pass on {where} (a {str(x.dtype).replace('torch.', '')} "
-                         f"tensor of shape {tuple(x.shape[1:])}, batched) failed: {exc}; expected "
-                         f"inputs the model takes (its parameters are {'/'.join(dts) or 'none'})"
-                         ) from None
+        raise forward_failed(model, where, f"a {_dtype_name(x)} tensor of shape {tuple(x.shape[1:])}, "
+                                           f"batched", exc) from None
     finally:
         for h in hooks:
             h.remove()

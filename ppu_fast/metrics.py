@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .caller_state import eval_mode, is_int
+from .caller_state import _dtype_name, eval_mode, forward_failed, is_int
 from .data import dataset_targets, loader_examples, make_loader
 from .training import model_device
 
@@ -53,11 +53,8 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
             try:
                 out = model(x.to(device))
             except (RuntimeError, TypeError) as exc:
-                dts = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
-                raise ValueError(f"model: its forward pass on data (a batch of "
-                                 f"{str(x.dtype).replace('torch.', '')} inputs of shape "
-                                 f"{tuple(x.shape[1:])}) failed: {exc}; expected inputs the model takes "
-                                 f"(its parameters are {'/'.join(dts) or 'none'})") from None
+                raise forward_failed(model, "data", f"a batch of {_dtype_name(x)} "
+                                                    f"inputs of shape {tuple(x.shape[1:])}", exc) from None
             check_logits(out, len(x))
             logits.append(out.float().cpu())
             labels.append(_batch_labels(y, len(x)))
@@ -136,11 +133,11 @@ def _attack(forget_losses: Sequence[float], test_losses: Sequence[float],
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
 
-    # SCRUB seeds Python's global `random` before sampling; a private Random(seed) draws the same
-    # sample without reseeding the caller's stream.
     if seed is not None and (not is_int(seed) or not 0 <= seed < 2 ** 32):
         raise ValueError(f"seed={seed!r}: expected None or an integer in [0, 2**32 - 1] (scikit-learn's "
                          f"random_state, which the attack's splits take)")
+    # SCRUB seeds Python's global `random` before sampling; a private Random(seed) draws the same
+    # sample without reseeding the caller's stream.
     rng = random.Random(seed)
     if len(forget_losses) > len(test_losses):
         forget_losses = list(rng.sample(forget_losses, len(test_losses)))

@@ -342,11 +342,11 @@ def gap_table(per_seed: Sequence[Mapping[str, Mapping[str, Any]]], reference: st
     """The retrain gap of every method against ``reference``'s, paired by seed (a seed's methods
     start from one Original on one split): per method the mean gap ± standard error, the mean of the
     per-seed differences ``method - reference`` (negative: nearer Retrain) ± its standard error, the
-    paired t-test's p (:func:`ppu_fast.report.paired_samples`), Holm's adjustment over the table's
+    paired t-test's p (:func:`ppu_fast.report.paired_samples`), Holm's adjustment over the column's
     methods (:func:`ppu_fast.report.holm`) and Welch's unpaired p (the † marks' test); then the same
     over the three errors alone (:data:`GAP_ERRORS`). Original and Retrain are not rows. "" when
     fewer than 2 seeds have both Retrain and ``reference``."""
-    from .report import _sem, holm, paired_samples, welch_samples
+    from .report import _mean_std, _sem, holm, paired_samples, welch_samples
 
     nan = float("nan")
     seeds = [run for run in per_seed if "retrain" in run and reference in run]
@@ -369,23 +369,20 @@ def gap_table(per_seed: Sequence[Mapping[str, Mapping[str, Any]]], reference: st
                 out.append(nan if v is None else float(v))
         return out
 
-    def mean(v: Sequence[float]) -> float:
-        f = [x for x in v if not math.isnan(x)]
-        return sum(f) / len(f) if f else nan
-
     def cell(v: Sequence[float]) -> str:
-        m, s = mean(v), _sem(v)
+        m, s = _mean_std(v)[0], _sem(v)
         return DASH if math.isnan(m) else (f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}")
 
     cols = {}
     for errors in (False, True):
-        ref = values(reference, errors)
-        diffs = {n: [a - b for a, b in zip(values(n, errors), ref)] for n in names}
-        paired = {n: paired_samples(values(n, errors), ref)[2] for n in names}
+        vals = {n: values(n, errors) for n in [reference] + names}
+        ref = vals[reference]
+        diffs = {n: [a - b for a, b in zip(vals[n], ref)] for n in names}
+        paired = {n: paired_samples(vals[n], ref)[2] for n in names}
         adjusted = dict(zip(names, holm([paired[n] for n in names])))
-        welch = {n: welch_samples(values(n, errors), ref)[2] for n in names}
+        welch = {n: welch_samples(vals[n], ref)[2] for n in names}
         tested = sum(not math.isnan(paired[n]) for n in names)
-        cols[errors] = (ref, diffs, paired, adjusted, welch, tested)
+        cols[errors] = (vals, diffs, paired, adjusted, welch, tested)
     ref_label = label(reference)
     fam = cols[False][5], cols[True][5]
     lines = [f"### Retrain gap against {ref_label}, paired by seed", "",
@@ -408,11 +405,11 @@ def gap_table(per_seed: Sequence[Mapping[str, Mapping[str, Any]]], reference: st
         else:
             row.append(str(sum(not math.isnan(d) for d in cols[False][1][name])))
         for errors in (False, True):
-            ref, diffs, paired, adjusted, welch, _ = cols[errors]
+            vals, diffs, paired, adjusted, welch, _ = cols[errors]
             if name == reference:
-                row += [cell(ref), DASH, DASH, DASH] + ([] if errors else [DASH])
+                row += [cell(vals[name]), DASH, DASH, DASH] + ([] if errors else [DASH])
             else:
-                row += [cell(values(name, errors)), cell(diffs[name]), _p(paired[name]), _p(adjusted[name])]
+                row += [cell(vals[name]), cell(diffs[name]), _p(paired[name]), _p(adjusted[name])]
                 if not errors:
                     row.append(_p(welch[name]))
         lines.append("| " + " | ".join(row) + " |")
