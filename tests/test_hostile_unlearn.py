@@ -612,9 +612,9 @@ def test_retrain_keeps_frozen_parameters_and_refuses_weights_it_cannot_redraw(ti
     assert not torch.equal(res.model[4].weight, frozen[4].weight)  # the head was retrained
 
     class Hand(nn.Module):  # a layer that holds its Parameters itself, with no reset_parameters()
-        def __init__(self):
+        def __init__(self, k=K):
             super().__init__()
-            self.w = nn.Parameter(torch.randn(64, K) / 8)
+            self.w = nn.Parameter(torch.randn(64, k) / 8)
 
         def forward(self, x):
             return x.flatten(1) @ self.w
@@ -628,6 +628,17 @@ def test_retrain_keeps_frozen_parameters_and_refuses_weights_it_cannot_redraw(ti
                      init=nn.Sequential(Hand()), config=TrainConfig(epochs=1, batch_size=64))
     with pytest.raises(ValueError, match="EU-k without init= needs fresh weights, but 0.w"):
         ppu_fast.unlearn(hand, forget, retain, method="eu-k", layers=["0"], epochs=1, progress=False)
+    # Bad-T's incompetent teacher is a re-drawn copy: it would have kept Hand's trained weights
+    with pytest.raises(ValueError, match=r"model: Bad-T's incompetent teacher needs fresh weights, but "
+                                         r"0\.w belong to modules without reset_parameters"):
+        ppu_fast.unlearn(hand, forget, retain, method="bad-t", progress=False)
+    fresh = nn.Sequential(Hand())
+    before = fresh[0].w.detach().clone()
+    res = ppu_fast.unlearn(hand, forget, retain, method="bad-t", init=fresh, progress=False)
+    assert res.options["teacher"] == "init" and torch.equal(fresh[0].w, before)  # init not trained
+    with pytest.raises(ValueError, match=r"init: the incompetent teacher must have the model's "
+                                         r"architecture, but '0\.w' is \(64, 3\) in init"):
+        ppu_fast.unlearn(hand, forget, retain, method="bad-t", progress=False, init=nn.Sequential(Hand(3)))
 
 
 def test_the_training_cache_tells_apart_models_that_differ_in_a_plain_attribute(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from ..models import reset_parameters
+from ..models import require_reset, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, sample, working_copy
 from ._loop import check_mode, loader, make_optimizer, paired, run_loop
@@ -44,6 +44,19 @@ class _Flagged(Dataset):
         return x, y, self.flag
 
 
+def _check_architecture(init: nn.Module, model: nn.Module) -> None:
+    """Refuse an incompetent teacher whose parameters and buffers differ from ``model``'s in
+    name or shape (its outputs would not be the student's classes)."""
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in init.state_dict().items()}
+    for key in sorted(set(mine) | set(theirs)):
+        if mine.get(key) != theirs.get(key):
+            raise ValueError(f"init: the incompetent teacher must have the model's architecture, but "
+                             f"{key!r} is {theirs.get(key, 'missing')} in init and "
+                             f"{mine.get(key, 'missing')} in the model; expected a fresh copy of the "
+                             f"model")
+
+
 @register("bad-t")
 def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                 seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
@@ -51,7 +64,7 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
                 batch_size: int | None = None, retain_fraction: float | None = None,
                 variant: str = "scrub", forget_batch_size: int | None = None,
                 weight_decay: float | None = None, alpha: float = 1.0,
-                beta: float = 1.0, mode: str = "train") -> UnlearnResult:
+                beta: float = 1.0, mode: str = "train", init: nn.Module | None = None) -> UnlearnResult:
     """Adam at ``lr`` for ``epochs``, the student in ``mode`` (train), teachers in eval mode.
 
     ``variant="scrub"`` (default) follows SCRUB's BadT_experiments.ipynb ``badt`` and loops.py
@@ -65,6 +78,10 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     ``mode``: the student's module mode during the steps (:func:`ppu_fast.unlearn._loop.run_loop`):
     ``"train"`` as SCRUB's ``train_bad_teacher``; ``"eval"`` keeps BatchNorm on its running
     statistics (see docs/baselines.md for what that changes on small data).
+    ``init``: the incompetent teacher, a model of the same architecture with untrained weights;
+    by default a copy of ``model`` re-initialised with ``seed``, refused when a trainable
+    parameter has no ``reset_parameters()`` to re-draw it (that part of the teacher would keep
+    the trained weights, which saw the forget set).
     Options left at None take the variant's value."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -85,10 +102,17 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     check_mode(mode)
     if not 0.0 < retain_fraction <= 1.0:
         raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
+    if init is not None and not isinstance(init, nn.Module):
+        raise TypeError(f"init must be an nn.Module (the incompetent teacher), got {type(init).__name__}")
+    if init is None:
+        require_reset(model, "Bad-T's incompetent teacher")
+    else:
+        _check_architecture(init, model)
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
     good = copy.deepcopy(work).eval()
-    bad = reset_parameters(copy.deepcopy(work), seed).to(dev).eval()
+    bad = (copy.deepcopy(init) if init is not None else reset_parameters(copy.deepcopy(work), seed))
+    bad = bad.to(dev).eval()
     for p in list(good.parameters()) + list(bad.parameters()):
         p.requires_grad_(False)
     kept = sample(retain, max(1, int(round(retain_fraction * len(retain)))), seed)
@@ -128,7 +152,8 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     run_loop(work, passes, opt, epochs=epochs, device=dev, progress=progress, desc="bad-t", mode=mode)
     options = {"variant": variant, "epochs": epochs, "lr": lr, "temperature": temperature,
                "batch_size": batch_size, "retain_fraction": retain_fraction,
-               "weight_decay": weight_decay, "optimizer": "adam", "mode": mode}
+               "weight_decay": weight_decay, "optimizer": "adam", "mode": mode,
+               "teacher": "init" if init is not None else "reset"}
     if variant == "scrub":
         options.update(forget_batch_size=forget_batch_size, alpha=alpha, beta=beta)
     return UnlearnResult(work, "bad-t", timings={"train": time.perf_counter() - t0}, options=options)
