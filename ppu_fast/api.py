@@ -143,7 +143,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
     given = kind == "given" and n_forget > 0
     in_place = pb._overlaps(out, x)
     # Their sums are gathered before prepare, which overwrites the input when out= is the input.
-    colsum_given = pb.normalised_row_sums(x[mask_dev], mode) if given else None
+    forget_given, retain_given = (pb.given_row_sums(x, mask_dev, mode) if given else (None, None))
     fill_buffer = functools.partial(be.prepare, x, mode, None if given else mask_dev, fill, out)
     prep = fill_buffer(inv_c if final_rows else None, hmode, tol_rows)
     pb.raise_row_error(prep.error, x, mode, name, tol_rows, overwritten=in_place)
@@ -158,8 +158,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
         return (q, info) if return_info else q
     colsum_retain, colsum_forget = prep.retain_sums, prep.forget_sums
     if given:
-        colsum_forget = colsum_given
-        colsum_retain = colsum_retain - colsum_forget
+        colsum_forget = forget_given
+        colsum_retain = retain_given if retain_given is not None else colsum_retain - colsum_forget
     n_retain = n - n_forget
     pseudo_t, pseudo_colsum = pb.pseudo_totals(kind, pseudo_t, colsum_retain, colsum_forget,
                                                n_retain, n_forget, k, sdt)

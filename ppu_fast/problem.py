@@ -8,6 +8,7 @@ temporaries); :func:`raise_row_error` words what a backend reported.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -61,7 +62,11 @@ def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
         raise TypeError(f"{name}: byte order of {a.dtype.str} is not this machine's; expected "
                         f"native byte order ({name}.astype('{a.dtype.newbyteorder('=').name}'))")
     try:
-        return torch.from_numpy(a)
+        with warnings.catch_warnings():
+            # A read-only array (np.load(mmap_mode="r")): torch warns that writes to it would be
+            # undefined; nothing here writes an input.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(a)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name}: numpy dtype {a.dtype} cannot be read ({exc}); expected "
                         f"float16, float32 or float64") from None
@@ -378,6 +383,22 @@ def normalised_row_sums(rows: torch.Tensor, mode: str) -> torch.Tensor:
     r = rows.double()
     r = torch.softmax(r, dim=1) if mode == "logits" else r / r.sum(dim=1, keepdim=True)
     return r.sum(dim=0).cpu()
+
+
+def given_row_sums(x: torch.Tensor, mask: torch.Tensor, mode: str
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``pseudo=None`` (the forget rows already hold P^, and prepare sums every row as retained):
+    the forget rows' column sums (k,), and the retain rows' too when they are the fewer, else
+    None (then the retained share is prepare's total minus the forget rows'). Both float64 on
+    the CPU, from a gather of those rows (call before prepare, which may overwrite ``x``).
+
+    A total minus nearly all of it would keep the rounding of the kernels' float32 partial sums
+    (about 1e-4 at N = 20,000) against a retained share that may be near 1: with one retained
+    row of 20,000 the "retain" targets came out 65 % off, silently."""
+    n_forget = int(mask.sum())
+    forget = normalised_row_sums(x[mask], mode)
+    retain = (normalised_row_sums(x[~mask], mode) if mask.numel() - n_forget < n_forget else None)
+    return forget, retain
 
 
 def target_marginals(marginals, colsum_retain: torch.Tensor, colsum_forget: torch.Tensor,

@@ -438,8 +438,8 @@ def _input_pass(su: _Setup, bar):
             ic = su.inv_c[s:e] if su.final_rows else None
             in_place = oc is not None and pb._overlaps(oc, xc)
             # Gathered before prepare, which overwrites the chunk when the buffer is the input.
-            f_given = (pb.normalised_row_sums(xc[mc], su.mode).to(dev) if given and nf
-                       else None)
+            f_given, r_given = (pb.given_row_sums(xc, mc, su.mode) if given and nf
+                                else (None, None))
             prep = su.be.prepare(xc, su.mode, mc if use_mask else None,
                                  su.fill if use_mask else None, oc, ic,
                                  inner_h if su.final_rows else False, su.tol_rows)
@@ -458,8 +458,8 @@ def _input_pass(su: _Setup, bar):
             else:
                 r, f = prep.retain_sums.to(dev), prep.forget_sums.to(dev)
             if f_given is not None:
-                f = f_given
-                r = r - f
+                f = f_given.to(dev)
+                r = r_given.to(dev) if r_given is not None else r - f
             retain += r
             forget += f
             if su.kind == "rows" and nf:

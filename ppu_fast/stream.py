@@ -296,6 +296,11 @@ def _forget_arg(forget, n: int, rows_given: bool = False):
             raise ValueError(f"forget: '{path}' has shape {arr.shape}; expected ({n},), one bool "
                              f"per row {over}")
         return arr
+    if rows_given:
+        dt = getattr(forget, "dtype", None)
+        if dt in (np.bool_, torch.bool) and getattr(forget, "ndim", 1) == 1 and len(forget) != n:
+            raise ValueError(f"forget: a bool mask of length {len(forget)}; expected {n}, one bool "
+                             f"per row of rows=(start, stop) (integer indices count from start too)")
     return forget
 
 
