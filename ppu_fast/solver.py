@@ -53,6 +53,12 @@ TOL_FLOOR = {torch.float32: 1e-7, torch.float64: 1e-13}
 # class unlearning at margin 30, lam = 0.01 (20,000 x 40), where the exact one took 11 passes
 # to 1e-13. It costs about k / 64 of a pass more (k <= DENSE_HESSIAN_MAX_K), for the last few.
 EXACT_HESSIAN_BELOW = 1e-6
+# ... and at any residual (float32 too) once Newton stalls: a residual above this share of the one
+# two passes before, or a failed line search. With a class target of exactly 0 (feasible: no row
+# is one-hot on it) the class's remaining mass sits on the few rows the sample misses, and the
+# sampled Hessian sent Newton wandering between 1e-5 and 1e-3 for 100 passes (float64) or into a
+# failed line search (float32) at 8,000 x 12, where the exact one converges in about 10.
+STALL_RATIO = 0.5
 MAX_EXTRAPOLATION = 64.0
 # A dual iterate that shifts some row's logits by more than this has left every log-probability
 # behind (float32 ones reach -104 at most, float64 ones -745): the marginals are infeasible or
@@ -392,7 +398,7 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
                 capacity: Optional[Callable[[], None]] = None,
                 exact_below: float = 0.0, final: Optional[FinalPass] = None) -> RefineInfo:
     """The iterations of :func:`solve_dual`; Newton's passes ask for the exact Hessian once the
-    residual is below ``exact_below``."""
+    residual is below ``exact_below``, or once a sampled Hessian stalls (``STALL_RATIO``)."""
     if first is not None and alpha0 is None:
         grad, g, h, res = ev.record(alpha, *first)
     else:
@@ -403,6 +409,7 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
     best = (res, alpha, g)
     res_prev = math.inf
     materialized = False
+    recent = [res]  # the residuals of the accepted iterates, for the stall test
     while res > tol and ev.passes < max_iter:
         if (capacity is not None
                 and float(alpha.max() - alpha.min()) * inv_c_max > DIVERGED_LOGIT):
@@ -454,6 +461,12 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
             a_new = alpha + eta * grad
             grad_n, g_n, h_n, res_n = ev(a_new)
             out = (a_new, grad_n, g_n, h_n, res_n, 1.0)
+        if out is None and method == "newton" and ev.hessian is True and ev.passes < max_iter:
+            # The sampled Hessian may be what failed: evaluate the exact one here and go on.
+            ev.hessian = "exact"
+            grad, g, h, res = ev(alpha)
+            t_next, rho_prev, res_prev = 1.0, 0.0, math.inf
+            continue
         if out is None:
             if ev.passes < max_iter:
                 cdt = compute_dtype(ev.log_p.dtype)
@@ -466,7 +479,9 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
             break
         alpha, grad, g, h_new, res, _ = out
         h = h if h_new is None else h_new
-        if res <= exact_below:
+        recent.append(res)
+        if res <= exact_below or (method == "newton" and ev.hessian is True and len(recent) > 2
+                                  and res > STALL_RATIO * recent[-3]):
             ev.hessian = "exact"
         alpha = _centred(alpha)
         if res < best[0]:

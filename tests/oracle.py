@@ -74,7 +74,8 @@ def stats(q: np.ndarray, log_z: np.ndarray, inv_c: np.ndarray, hessian, n_total:
         return colsum, wlogz, d
     n = q.shape[0] if n_total is None else n_total
     rows = np.arange(q.shape[0]) if rows is None else rows
-    keep = np.isin(rows, sampled_rows(n, q.shape[1]))
+    keep = (np.ones(q.shape[0], dtype=bool) if hessian == "exact"
+            else np.isin(rows, sampled_rows(n, q.shape[1])))
     qs, ws = q[keep], inv_c[keep]
     w = (qs * ws[:, None]).T @ qs
     return colsum, wlogz, newton_hessian(d, w)

@@ -605,6 +605,18 @@ def test_emulated_hessian_of_one_hot_rows(emulated, k, margin):
     check_materialize(emulated, log_p, inv_c, alpha)
 
 
+@pytest.mark.parametrize("k", [10, 40])
+def test_emulated_exact_hessian_takes_every_row(emulated, k):
+    """hessian="exact" (Newton's answer to a stalled sampled Hessian) sums every row where the
+    sample of hessian=True skips some: against the float64 oracle over every row."""
+    from ppu_fast.backends.base import hessian_stride
+
+    n = 5003
+    assert hessian_stride(n, k) > 1
+    log_p, inv_c, alpha = make_case(n, k, torch.float32, seed=k + 7)
+    check_step(emulated, log_p, inv_c, alpha, "exact")
+
+
 def test_emulated_materialize_sums(emulated):
     _check_materialize_sums(emulated, "cpu")
 

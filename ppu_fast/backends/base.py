@@ -38,8 +38,9 @@ by the cpu and torch backends (the triton and cuda backends refuse it in
     - ``wlogz`` 0-dim float64: ``sum_i c_i log Z_i(alpha)``,
     - ``H``: ``None`` (``hessian=False``), the k x k Newton Hessian (``hessian=True``, see below),
       the exact diagonal (k,) of ``sum_i inv_c_i (diag(q_i) - q_i q_i^T)`` (``hessian="diag"``)
-      or, for a float64 buffer only, the k x k Hessian with every row in the sample (m = 1: the
-      exact ``-hess g``; ``hessian="exact"``, asked for by the solver near convergence).
+      or the k x k Hessian with every row in the sample (m = 1: the exact ``-hess g``;
+      ``hessian="exact"``, asked for by the solver near a float64 convergence and when a sampled
+      Hessian stalls).
 * ``materialize(log_p, inv_c, alpha, out)`` -> ``out``: writes Q(alpha) (N x k) into ``out``.
   ``out`` may be ``log_p`` itself (``refine`` keeps log P^ in its result buffer and turns it into
   Q in place), so every backend reads a row completely before writing any of it. Each row is
@@ -278,9 +279,6 @@ def check_step_args(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tenso
             raise ValueError(f"{name}: on {t.device}, expected log_p's device {log_p.device}")
     if hessian not in STEP_HESSIAN_MODES:
         raise ValueError(f"hessian: expected one of {STEP_HESSIAN_MODES}, got {hessian!r}")
-    if hessian == "exact" and log_p.dtype != torch.float64:
-        raise ValueError(f"hessian: 'exact' is for float64 buffers (log_p is {log_p.dtype}); "
-                         f"expected one of {HESSIAN_MODES}")
     if out is not None:
         if out.shape != log_p.shape or out.device != log_p.device:
             raise ValueError(f"out: expected shape {tuple(log_p.shape)} on {log_p.device}, got "
@@ -376,8 +374,10 @@ def packed_size(k: int, first: bool, hessian: Hessian) -> int:
 
 def sampled_gram_by_chunks(materialize_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                                                       None],
-                           log_p: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
-    """``W = sum_{i in S} inv_c_i q_i q_i^T`` (k x k float64) over the Hessian's row sample S, for
+                           log_p: torch.Tensor, inv_c: torch.Tensor,
+                           stride: Optional[int] = None) -> torch.Tensor:
+    """``W = sum_{i in S} inv_c_i q_i q_i^T`` (k x k float64) over the Hessian's row sample S
+    (``stride`` m, default :func:`hessian_stride`; 1: every row, ``hessian="exact"``), for
     backends whose kernels do not accumulate it: the sampled rows are gathered a chunk at a time,
     Q is materialised for them by ``materialize_rows(log_p_rows, inv_c_rows, out_rows)`` into a
     float32 buffer, and a float32 GEMM (no TF32: the precision is forced for the call) forms the
@@ -385,7 +385,7 @@ def sampled_gram_by_chunks(materialize_rows: Callable[[torch.Tensor, torch.Tenso
     non-negative products: no cancellation). Temporaries: one chunk of rows.
     """
     n, k = log_p.shape
-    m = hessian_stride(n, k)
+    m = hessian_stride(n, k) if stride is None else stride
     idx = hessian_sample_rows(n, m, device=log_p.device)
     rows = chunk_rows(idx.numel(), k)
     buf = torch.empty((rows, k), dtype=torch.float32, device=log_p.device)

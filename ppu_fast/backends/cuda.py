@@ -141,11 +141,13 @@ def _launch_materialize(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch
                     _stream(dev))
 
 
-def _sampled_gram(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor) -> torch.Tensor:
-    """W over the Hessian's row sample for k > 32 (:func:`base.sampled_gram_by_chunks` with the
-    materialize kernel)."""
+def _sampled_gram(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
+                  stride: Optional[int] = None) -> torch.Tensor:
+    """W over the Hessian's row sample for k > 32, or over every row (``stride`` 1,
+    ``hessian="exact"``) for any k (:func:`base.sampled_gram_by_chunks` with the materialize
+    kernel)."""
     return sampled_gram_by_chunks(lambda lp, ic, q: _launch_materialize(lp, ic, alpha32, q),
-                                  log_p, inv_c)
+                                  log_p, inv_c, stride)
 
 
 def _fill_first(fill: torch.Tensor) -> torch.Tensor:
@@ -306,7 +308,8 @@ class CudaBackend(Backend):
         d = out[k + 1:2 * k + 1]
         if hessian == "diag":
             return colsum, wlogz, d
-        w = out[2 * k + 1:].view(k, k) if w_in_kernel else _sampled_gram(log_p, inv_c, alpha32)
+        w = (out[2 * k + 1:].view(k, k) if w_in_kernel
+             else _sampled_gram(log_p, inv_c, alpha32, 1 if hessian == "exact" else None))
         return colsum, wlogz, assemble_hessian(d, w)
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,

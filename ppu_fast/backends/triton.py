@@ -1334,7 +1334,7 @@ class TritonBackend(Backend):
             raise ValueError("log_p: expected k >= 1 columns, got 0")
         f64 = dict(dtype=torch.float64, device=log_p.device)
         if n == 0:
-            h0 = (torch.zeros(k, k, **f64) if hessian is True
+            h0 = (torch.zeros(k, k, **f64) if hessian in (True, "exact")
                   else torch.zeros(k, **f64) if hessian == "diag" else None)
             return torch.zeros(k, **f64), torch.zeros((), **f64), h0
         alpha32 = alpha.float().contiguous()
@@ -1344,11 +1344,11 @@ class TritonBackend(Backend):
                 colsum, wlogz, d, w = self._step(log_p, inv_c, alpha32, _H_FULL)
                 return colsum, wlogz, assemble_hessian(d, w)
             w = None
-            if hessian is True:
-                w = self._sampled_gram(log_p, inv_c, alpha32)
+            if hessian in (True, "exact"):
+                w = self._sampled_gram(log_p, inv_c, alpha32, 1 if hessian == "exact" else None)
             colsum, wlogz, d, _ = self._step(log_p, inv_c, alpha32,
                                              _H_DIAG if hessian else _H_NONE)
-            if hessian is True:
+            if w is not None:
                 return colsum, wlogz, assemble_hessian(d, w)
             return colsum, wlogz, d
 
@@ -1357,12 +1357,12 @@ class TritonBackend(Backend):
                             self.online_block_k)
 
     def _sampled_gram(self, log_p: torch.Tensor, inv_c: torch.Tensor,
-                      alpha32: torch.Tensor) -> torch.Tensor:
+                      alpha32: torch.Tensor, stride: Optional[int] = None) -> torch.Tensor:
         """W = sum_{i in S} ic_i q_i q_i^T (k x k f64); see :func:`sampled_gram_by_chunks`."""
         return sampled_gram_by_chunks(
             lambda lp, ic, q: _launch_materialize(lp, ic, alpha32, q, self.max_single_block_k,
                                                   self.online_block_k),
-            log_p, inv_c)
+            log_p, inv_c, stride)
 
     # -- materialize ------------------------------------------------------------------------------
     def _check_materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,

@@ -150,6 +150,17 @@ def test_onehot_hessians(n, k, margin):
     assert float(d.min()) > 0, "a one-hot row's diagonal rounded to 0"
 
 
+@pytest.mark.parametrize("k", [10, 40])
+def test_exact_hessian_takes_every_row(k):
+    """hessian="exact" (Newton's answer to a stalled sampled Hessian) sums every row, where the
+    sample of hessian=True skips some: against the float64 oracle over every row."""
+    n = 5003
+    assert hessian_stride(n, k) > 1
+    log_p, inv_c, alpha = make_case(n, k, torch.float32, seed=k + 7)
+    for b in (TritonBackend(), chunked()):
+        check_step(b, log_p, inv_c, alpha, "exact")
+
+
 @pytest.mark.parametrize("k", [3, 17])
 def test_sampled_gram_by_chunks_for_small_k(k):
     """The GEMM-on-materialised-chunks W (used above hessian_kernel_max_k) on small k."""
