@@ -404,7 +404,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     turns a 16-bit PNG or TIFF (microscopy, medical sets) white: scale them to 8 bits first."""
     from PIL import Image
 
-    if im.mode.startswith("I;16"):
+    # A PGM / PPM of more than 8 bits opens as mode I, its values already scaled by Pillow to
+    # 0..65535 whatever the header's maxval: 16-bit data, which the 32-bit rule turned black.
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PPM"):
         a = np.asarray(im).astype(np.int64)
         im = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
     elif im.mode == "I":  # 32-bit signed integers: the range of the type, negatives as black
@@ -596,6 +598,13 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
         chosen = _per_class(rng, train_pool.targets, classes, train_per_class, "train_per_class")
         n_val = {c: max(1, int(round(val_fraction * len(v)))) if val_fraction > 0 else 0
                  for c, v in chosen.items()}
+        for c, v in chosen.items():
+            if len(v) <= n_val[c]:  # the model would never see the class it is tested on
+                raise ValueError(
+                    f"the split: class {c} ('{train_pool.classes[c]}') has {len(v)} training "
+                    f"example(s), all held out for validation (val_fraction={val_fraction:g}, at "
+                    f"least one per class), leaving none to train on; expected at least "
+                    f"{n_val[c] + 1} per class, or val_fraction=0")
         tr = np.sort(np.concatenate([v[n_val[c]:] for c, v in chosen.items()]))
         va = np.sort(np.concatenate([v[:n_val[c]] for c, v in chosen.items()]))
         # Not _per_class(..., None) for "all": it would draw from rng and so move the forget set of

@@ -185,12 +185,15 @@ def test_16_and_32_bit_images_are_scaled_not_clipped(tmp_path):
         (root / "train" / c).mkdir(parents=True)
         Image.fromarray(grey).save(root / "train" / c / "0.png")  # opens as mode I;16
     expected = torch.as_tensor((grey >> 8).astype(np.uint8))
-    for n, (more, mode) in enumerate([(None, "I;16"), ("1.tif", "I;16B"), ("2.tif", "I")]):
+    for n, (more, mode) in enumerate([(None, "I;16"), ("1.tif", "I;16B"), ("2.tif", "I"),
+                                      ("3.pgm", "I")]):
         if more == "1.tif":
             Image.fromarray(grey.astype(">u2")).save(root / "train" / "a" / more)
         elif more == "2.tif":  # 32-bit: scaled by the type's range
             Image.fromarray(grey.astype(np.int32) << 15).save(root / "train" / "b" / more)
-        assert mode in {Image.open(p).mode for p in (root / "train").rglob("*.*")}
+        elif more == "3.pgm":  # 16-bit PGM: mode I too, but 16-bit values (it turned black)
+            Image.fromarray(grey).save(root / "train" / "a" / more)
+        assert mode in {Image.open(p).mode for p in (root / "train").rglob(more or "*.png")}
         split = make_split("imagefolder", data_root=root, scenario="class", forget_class=0, val_fraction=0.0,
                            image_size=4, progress=False)
         assert len(split.train) == 2 + n
@@ -309,3 +312,17 @@ def test_dataset_channels_are_what_the_split_loads(tmp_path):
     s = make_split("imagefolder", data_root=tmp_path, forget_class=1, num_forget=2, progress=False)
     assert s.in_channels == dataset_channels("imagefolder") == 3
     assert dataset_channels("cifar10") == dataset_channels("cifar5") == 3
+
+
+def test_a_class_whose_only_image_goes_to_validation_is_refused(tmp_path):
+    # The hold-out takes at least one image per class: a class with one training image vanished
+    # from training, and its test images still counted (probe 28).
+    root = image_tree(tmp_path / "t", ["a", "b", "c"], {"train": 4, "test": 2}, size=(4, 4))
+    for f in sorted((root / "train" / "c").iterdir())[1:]:
+        f.unlink()
+    with pytest.raises(ValueError, match=r"the split: class 2 \('c'\) has 1 training example\(s\), "
+                                         r"all held out for validation \(val_fraction=0.05"):
+        make_split("imagefolder", data_root=root, scenario="class", forget_class=0, progress=False)
+    split = make_split("imagefolder", data_root=root, scenario="class", forget_class=0,
+                       val_fraction=0.0, progress=False)
+    assert torch.bincount(split.train.targets).tolist() == [4, 4, 1]
