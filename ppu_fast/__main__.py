@@ -42,9 +42,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(args_in)
+    # Refused as argparse refuses a bad value (usage, status 2), not a traceback or a table of NaN.
+    if args.n < 1:
+        ap.error(f"argument --n: expected at least 1 row, got {args.n}")
+    if args.k < 2:
+        ap.error(f"argument --k: expected at least 2 classes, got {args.k}")
+    if not 0 <= args.forget_class < args.k:
+        ap.error(f"argument --forget-class: expected a class in [0, {args.k}), got {args.forget_class}")
+    if not (args.lam > 0 and args.lam < float("inf")):
+        ap.error(f"argument --lam: expected a positive number, got {args.lam}")
+    from .stream import check_device
+    from .backends import get_backend
+    try:
+        check_device(args.device)
+        get_backend(args.backend, torch.empty(1, 2, device=args.device))
+    except (ValueError, RuntimeError) as exc:
+        ap.error(str(exc))
     y, p = synthetic_probs(args.n, args.k)
     p = p.to(args.device)
     mask = (y == args.forget_class).to(args.device)
+    if not bool(mask.any()):
+        ap.error(f"argument --forget-class: no row of the {args.n} is of class {args.forget_class}; "
+                 f"expected more rows (--n)")
     print(f"refining {args.n} x {args.k} probabilities, forgetting class {args.forget_class} "
           f"({int(mask.sum())} rows), lam={args.lam}")
     print(f"{'method':10s} {'backend':8s} {'passes':>6s} {'residual':>10s} {'ms':>9s}  "

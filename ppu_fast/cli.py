@@ -149,6 +149,18 @@ def _check_run_device(device: str) -> None:
         raise ValueError(f"--{exc}") from None
 
 
+def _check_backend_environment(device: str) -> None:
+    # PPU_FAST_BACKEND / PPU_FAST_CPU_ISA are read when PPU's refine starts, after the Original,
+    # Retrain and the baselines before it have trained: a typo there is refused up front.
+    import os
+
+    import torch
+
+    from .backends import get_backend
+    if os.environ.get("PPU_FAST_BACKEND") or os.environ.get("PPU_FAST_CPU_ISA"):
+        get_backend("auto", torch.empty(1, 2, device=device))
+
+
 def _name_list(text: str) -> list[str]:
     return _entries(text, "names")
 
@@ -213,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=_nonneg_int, default=None,
                    help="training epochs of original and retrain (0: both are the starting weights, "
                         "e.g. --init-checkpoint's; Retrain is then no reference, and a warning says so)")
-    r.add_argument("--lr", type=_finite_float, default=None, help="learning rate of original and retrain")
+    r.add_argument("--lr", type=_positive_float, default=None, help="learning rate of original and retrain")
     r.add_argument("--batch-size", type=_positive_int, default=None, help="batch size of original and retrain")
     r.add_argument("--unlearn-epochs", type=_positive_int, default=None,
                    help="PPU fine-tuning epochs (default 10)")
@@ -256,8 +268,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="large scale only: keep N test images per class (default all)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--no-cache", action="store_true",
-                   help="train Original and Retrain even if the model cache (PPU_FAST_CACHE, default "
-                        "~/.cache/ppu_fast) holds them")
+                   help="train Original and Retrain even if the model cache (PPU_FAST_CACHE, else "
+                        "$XDG_CACHE_HOME/ppu_fast, else ~/.cache/ppu_fast) holds them, and write "
+                        "nothing there")
     _progress_flags(r)
 
     f = sub.add_parser("refine", help="refine probabilities from a file (the solver alone)",
@@ -335,6 +348,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     _check_out_folder(args.out)
+    _check_backend_environment("cpu")
     # The small CNN's tensors are tiny: one thread avoids the synchronisation that makes several
     # threads slower here, by up to 10x on a busy 2-core machine.
     torch.set_num_threads(1)
@@ -362,6 +376,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     _check_out_folder(args.out)
     _check_run_device(args.device)
+    _check_backend_environment(args.device)
     if args.methods == []:
         raise ValueError("--methods: no method named; expected comma-separated method names")
     if args.threads is not None:
@@ -461,6 +476,14 @@ def _refine(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ValueError(f"--out: '{out}' is a directory; expected a file path ending in .pt or "
                          f".npy")
+    # Before the solve: exit status 1 says Q was written (but did not converge), so a folder
+    # that cannot take the file must be refused up front, as bad input.
+    try:
+        with _made_folders(out.parent, keep=False), tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out: cannot write a file in '{out.parent}' ({exc.strerror or exc}); "
+                         f"expected a path in a writable folder (created if missing)") from None
     flag = "--probs" if args.probs is not None else "--logits"
     if _streams(args):
         return _refine_streamed(args)
@@ -573,9 +596,13 @@ def _refine_streamed(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ppu-fast`` console script. Returns the exit status: 0, 2 for bad
-    input, 1 when ``refine`` wrote Q but its solver did not converge or when an unlearning run
+    input (or a file it cannot read or write), 1 when ``refine`` wrote Q but its solver did not converge or when an unlearning run
     diverged (NaN weights), 3 when the machine ran out of memory, 130 on Ctrl-C."""
     args = _parser().parse_args(argv)
+    if getattr(args, "out", None):
+        # A quoted '~/x' reached us unexpanded and became a folder named '~' (--data-root and
+        # PPU_FAST_CACHE expand it already).
+        args.out = str(Path(args.out).expanduser())
     handler = {"demo": _demo, "run": _run, "refine": _refine}[args.command]
     try:
         return handler(args)
@@ -590,6 +617,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"--memory-budget)", file=sys.stderr)
         return 3
     except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"ppu-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A file or folder the command could not write or read (permissions, a full disk): not
+        # a crash to debug, and not status 1, which says Q was written.
         print(f"ppu-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:

@@ -474,7 +474,11 @@ def _pools(name: str, root: str | Path | None, seed: int, image_size: int | None
     if pools is None:
         pools = _image_folder(root, 32 if image_size is None else image_size, progress)
     if pools is None:
-        raise _missing(root, f"dataset '{name}'", "train/<class>/ and test/<class>/ image folders" +
+        # One of the two folders is there: name the one that is not.
+        gone = [s for s in ("train", "test") if not (root / s).is_dir()]
+        what = (f"dataset '{name}' ({' and '.join(g + '/' for g in gone)} missing)"
+                if len(gone) == 1 else f"dataset '{name}'")
+        raise _missing(root, what, "train/<class>/ and test/<class>/ image folders" +
                        ("" if name == "imagefolder" else
                         " or torchvision's python batches (cifar-10-batches-py/ or cifar-100-python/)"))
     want = {"cifar5": 10, "cifar10": 10, "cifar100": 100}.get(name)

@@ -68,8 +68,15 @@ def read_checkpoint(path: str | Path, arg: str = "init_checkpoint") -> tuple[dic
                              f"a whole model saved with torch.save(model), which this run does "
                              f"not unpickle (that would run code from the file); save "
                              f"model.state_dict() instead") from None
+        if "Weights only load failed" in text:
+            # Its advice (weights_only=False, "file an issue") is wrong for a file that is just
+            # not a checkpoint: keep the unpickler's own reason.
+            why = [ln.strip() for ln in text.splitlines() if ln.strip()
+                   and not ln.startswith(("Weights only", "Please file", "Check the documentation"))]
+            text = "; ".join(why) or "not a pickle torch.load reads"
         raise ValueError(f"{arg}: '{p}' is not a torch checkpoint that loads with weights_only=True "
-                         f"({type(exc).__name__}: {exc})") from None
+                         f"({type(exc).__name__}: {text}); expected a file written by "
+                         f"torch.save(model.state_dict(), path)") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or \

@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,10 +309,22 @@ def fit_cached(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfi
     fit(trained, data, config, device=device, progress=progress, desc=desc)
     seconds = time.perf_counter() - t0
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": {k: v.cpu() for k, v in trained.state_dict().items()},
-                    "config": dataclasses.asdict(config), "seconds": seconds}, tmp)
-        # rename is atomic, so a concurrent run never reads a half-written file.
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": {k: v.cpu() for k, v in trained.state_dict().items()},
+                        "config": dataclasses.asdict(config), "seconds": seconds}, tmp)
+            # rename is atomic, so a concurrent run never reads a half-written file.
+            os.replace(tmp, path)
+        except OSError as exc:
+            # The model is trained: an unwritable cache must not throw it away (as pip goes on
+            # without its cache), but say so, once per model.
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            warnings.warn(f"ppu_fast: the trained model was not cached ({type(exc).__name__}: "
+                          f"{exc}); the next run trains it again. Set PPU_FAST_CACHE to a "
+                          f"writable folder, or pass cache=False (--no-cache)", stacklevel=2)
+            path = None
     return trained, {"cached": False, "train_seconds": seconds, "path": str(path) if path else None}

@@ -174,6 +174,22 @@ def test_refine_on_files(tmp_path, ext, capsys):
     assert "converged True" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("stream", [[], ["--chunk-rows", "16"]])
+def test_refine_refuses_an_out_it_cannot_write_before_solving(tmp_path, stream, capsys):
+    # Status 1 (Q written, not converged) came from a PermissionError traceback, and a script
+    # trusting it read a Q that did not exist (probe 28).
+    np.save(tmp_path / "p.npy", torch.softmax(torch.randn(50, 4), 1).numpy())
+    np.save(tmp_path / "m.npy", np.arange(50) < 5)
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    for out in (tmp_path / "afile" / "q.npy", tmp_path / "afile" / "sub" / "q.npy"):
+        assert main(["refine", "--probs", str(tmp_path / "p.npy"), "--forget",
+                     str(tmp_path / "m.npy"), *stream, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert re.search(r"--out: cannot write a file in '.*afile.*' \(.*\); expected a path in a "
+                         r"writable folder", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "m.npy", "p.npy"]
+
+
 @pytest.mark.parametrize("ext", [".npy", ".pt"])
 @pytest.mark.parametrize("stream", [[], ["--chunk-rows", "16"]])
 def test_refine_refuses_labels_as_forget(tmp_path, ext, stream, capsys):
@@ -212,6 +228,30 @@ def test_refine_names_a_bad_backend_environment_variable(tmp_path, monkeypatch, 
         err = capsys.readouterr().err
         assert "error: PPU_FAST_BACKEND: unknown backend name 'nope'" in err, err
     assert not (tmp_path / "q.npy").exists()
+
+
+def test_run_refuses_before_any_training(tmp_path, monkeypatch, capsys):
+    # Each was refused only after the Original (and more) had trained (probe 28).
+    import ppu_fast.training as training
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before refusing")
+
+    monkeypatch.setattr(training, "fit", no_training)
+    base = ["run", "--dataset", "digits5", "--model", "smallcnn", "--seeds", "0", "--no-progress",
+            "--methods", "original,retrain,ppu", "--out", str(tmp_path / "o")]
+    monkeypatch.setenv("PPU_FAST_BACKEND", "nope")
+    assert main(base) == 2
+    assert "error: PPU_FAST_BACKEND: unknown backend name 'nope'" in capsys.readouterr().err
+    monkeypatch.delenv("PPU_FAST_BACKEND")
+    assert main(base + ["--num-forget", "5"]) == 2
+    assert re.search(r"error: the split: 5 forget and \d+ test examples; the membership attack "
+                     r"every row reports needs at least 6 of each", capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--lr", "-0.05"])
+    assert exc.value.code == 2
+    assert "argument --lr: expected a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -361,3 +401,29 @@ def test_reduced_large_scale_run_end_to_end(tmp_path, capsys):
     assert main(bad[:-2] + ["--pretrain", "cifar10-other", "--out", str(tmp_path / "bad2")]) == 2
     err = capsys.readouterr()
     assert "train_per_class: only for the large-scale" in err.err and "pre-trained" not in err.out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--n", "0"], "--n: expected at least 1 row"), (["--k", "1"], "--k: expected at least 2"),
+    (["--forget-class", "-1"], "--forget-class: expected a class in [0, 10)"),
+    (["--lam", "0"], "--lam: expected a positive number"),
+    (["--backend", "foo"], "backend: unknown name 'foo'"),
+    (["--n", "3"], "no row of the 3 is of class 5")])
+def test_the_solver_demo_refuses_bad_arguments(argv, message, capsys):
+    # tracebacks (status 1) or a table of NaN with status 0 before (probe 28)
+    from ppu_fast.__main__ import main as solver_demo
+
+    with pytest.raises(SystemExit) as exc:
+        solver_demo(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_quoted_tilde_in_out_is_the_home_folder(tmp_path, monkeypatch):
+    # '~/q.npy' (quoted, so the shell left it) made a folder named '~' in the working directory
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "p.npy", torch.softmax(torch.randn(20, 3), 1).numpy())
+    np.save(tmp_path / "m.npy", np.arange(20) < 3)
+    assert main(["refine", "--probs", "p.npy", "--forget", "m.npy", "--out", "~/q.npy"]) == 0
+    assert (tmp_path / "home" / "q.npy").is_file() and not (tmp_path / "~").exists()

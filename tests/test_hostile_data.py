@@ -273,10 +273,15 @@ def test_a_pickled_whole_model_gets_told_to_save_its_state_dict(tmp_path):
         read_checkpoint(path)
     assert "weights_only=False" not in str(info.value)  # torch's advice to unpickle it anyway
     junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a torch checkpoint") as info:
+    junk.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"not a torch checkpoint .*\(UnpicklingError: "
+                                         r"Unsupported operand \d+\); expected a file written by "
+                                         r"torch\.save\(model\.state_dict\(\), path\)$") as info:
         read_checkpoint(junk)
+    # torch's advice to unpickle it anyway, or to file an issue, is wrong for a corrupt file
     assert "state_dict() instead" not in str(info.value)
+    assert "weights_only` set to `False" not in str(info.value)
+    assert "file an issue" not in str(info.value)
 
 
 def test_another_architecture_is_refused_before_any_image_is_decoded(tmp_path, monkeypatch):
@@ -326,3 +331,9 @@ def test_a_class_whose_only_image_goes_to_validation_is_refused(tmp_path):
     split = make_split("imagefolder", data_root=root, scenario="class", forget_class=0,
                        val_fraction=0.0, progress=False)
     assert torch.bincount(split.train.targets).tolist() == [4, 4, 1]
+
+
+def test_a_tree_without_test_says_which_folder_is_missing(tmp_path):
+    root = image_tree(tmp_path / "t", ["a", "b"], {"train": 2}, size=(4, 4))
+    with pytest.raises(FileNotFoundError, match=r"dataset 'imagefolder' \(test/ missing\): no data at"):
+        make_split("imagefolder", data_root=root, scenario="class", progress=False)

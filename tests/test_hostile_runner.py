@@ -302,6 +302,23 @@ def test_a_foreign_cache_file_does_not_seed_the_retraining(tmp_path, monkeypatch
         assert torch.equal(again.fc.weight, clean.fc.weight)
 
 
+def test_an_unwritable_cache_keeps_the_trained_model_and_says_so(tmp_path, monkeypatch):
+    # The model was trained, then mkdir / save raised: a traceback after the training, exit
+    # status 1 from the command line, the training lost (probe 28).
+    from ppu_fast.training import fit_cached
+
+    model, data, cfg = _cache_setup(tmp_path, monkeypatch)
+    clean, _ = fit_cached(model, data, cfg, progress=False, cache=False)
+    (tmp_path / "afile").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("PPU_FAST_CACHE", str(tmp_path / "afile"))
+    with pytest.warns(UserWarning, match=r"the trained model was not cached \(NotADirectoryError.*"
+                                         r"PPU_FAST_CACHE to a writable folder, or pass "
+                                         r"cache=False \(--no-cache\)"):
+        trained, meta = fit_cached(model, data, cfg, progress=False)
+    assert not meta["cached"] and meta["path"] is None
+    assert torch.equal(trained.fc.weight, clean.fc.weight)
+
+
 def cache_key_of(model, data, cfg):
     from ppu_fast.training import cache_key
 

@@ -575,3 +575,14 @@ def test_table_5_numbers_are_the_papers():
     printed = [float(c) for c in line.split("\t")]
     assert printed == [t5["values"][lam][m] for lam in ("1", "2", "3", "4")
                        for m in ("retain_error", "forget_error")]
+
+
+def test_lam_sweep_names_two_values_that_print_alike():
+    # "λ = 0.123457 is listed twice" for two distinct values that %g prints alike (probe 28)
+    from ppu_fast.unlearn.experiment import lam_variants
+
+    with pytest.raises(ValueError, match=r"λ = 0\.1234567 and 0\.1234568 both name the row "
+                                         r"'ppu\[lam=0\.123457\]'"):
+        lam_variants([0.1234567, 0.1234568])
+    with pytest.raises(ValueError, match=r"λ = 2 is listed twice"):
+        lam_variants([2, 2.0])

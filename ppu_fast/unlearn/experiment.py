@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..data import Split, check_reduction, dataset_channels, make_split
-from ..metrics import add_retrain_gaps, error, lira, mia_detail, restrict_to_classes
+from ..metrics import (MIA_MIN_PER_SIDE, add_retrain_gaps, error, lira, mia_detail,
+                       restrict_to_classes)
 from ..data import other_classes_dataset
 from ..models import build_model
 from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
@@ -78,7 +79,12 @@ def lam_variants(lams: Sequence[float], options: dict | None = None) -> dict[str
             raise ValueError(f"lam sweep: every λ must be a positive number, got {lam!r}")
         name = f"ppu[lam={lam:g}]"
         if name in out:
-            raise ValueError(f"lam sweep: λ = {lam:g} is listed twice")
+            first = out[name][1]["lam"]
+            if first == float(lam):
+                raise ValueError(f"lam sweep: λ = {lam:g} is listed twice")
+            raise ValueError(f"lam sweep: λ = {first!r} and {float(lam)!r} both name the row "
+                             f"'{name}' (rows print λ to 6 significant digits); expected values "
+                             f"that differ there")
         out[name] = ("ppu", {**(options or {}), "lam": float(lam)})
     if not out:
         raise ValueError("lam sweep: name at least one λ")
@@ -177,7 +183,24 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                              what=f"{model} (width {width:g}, {channels} input channel(s))")
         init_name = f"sha256:{digest}"
         init_info = {"init_checkpoint": str(init_checkpoint)}
-    elif pretrain is not None:
+
+    def split_of(seed: int) -> Split:
+        split = make_split(dataset, data_root=data_root, scenario=scenario, forget_class=forget_class,
+                           num_forget=num_forget, seed=seed, progress=progress,
+                           train_per_class=train_per_class, test_per_class=test_per_class)
+        # Every method's row ends in the membership attack: refuse a split it cannot score.
+        if min(len(split.forget), len(split.test)) < MIA_MIN_PER_SIDE:
+            raise ValueError(f"the split: {len(split.forget)} forget and {len(split.test)} test "
+                             f"examples; the membership attack every row reports needs at least "
+                             f"{MIA_MIN_PER_SIDE} of each (num_forget / --num-forget, or more "
+                             f"training images of the forget class: train_per_class / "
+                             f"--train-per-class)")
+        return split
+
+    # The first seed's split before any pre-training: its refusals (forget_class, num_forget, the
+    # attack's minimum) should not cost the pre-training's minutes first.
+    first_split = split_of(seeds[0])
+    if pretrain is not None:
         other, classes = other_classes_dataset(dataset, data_root=data_root, per_class=pretrain_per_class,
                                                progress=progress)
         pcfg = pretrain_config(**(pretrain_train or {}))
@@ -198,9 +221,9 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     config: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for seed in seeds:
-        split = make_split(dataset, data_root=data_root, scenario=scenario, forget_class=forget_class,
-                           num_forget=num_forget, seed=seed, progress=progress,
-                           train_per_class=train_per_class, test_per_class=test_per_class)
+        split = first_split if seed == seeds[0] else split_of(seed)
+        if seed == seeds[0]:
+            first_split = None  # the loop holds it now
         tcfg = dataclasses.replace(default_train_config(dataset, seed), **(train or {}))
         torch.manual_seed(seed)
         init = build_model(model, split.num_classes, split.in_channels, width)
