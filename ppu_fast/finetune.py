@@ -324,7 +324,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
              select: str | Callable[[list[dict]], int] = "last", early_stop: bool = False,
              forget_kl: float | None = None, trainable: str = "all", evals_per_epoch: int = 1,
              seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
-             progress: bool = True) -> FinetuneResult:
+             progress: bool = True, desc: str = "finetune") -> FinetuneResult:
     """Fine-tune ``model`` so that ``softmax(model(x_i))`` approaches ``targets[i]``.
 
     Args:
@@ -377,6 +377,8 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
         seed: fixes the shuffling and retain subsampling (a non-negative integer below 2**63,
             as ``ppu_fast.unlearn`` takes).
         inplace: train ``model`` itself; by default a deep copy is trained and ``model`` is untouched.
+        desc: the progress bar's label (``ppu_fast.unlearn``'s PPU methods pass their name, so
+            that PPU's bar is not read as the Finetune baseline's).
 
     Returns:
         :class:`FinetuneResult`.
@@ -512,7 +514,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
             checkpoints[point] = {k: v.detach().clone() for k, v in work.state_dict().items()}
         history.append(run_eval(point, loss))
 
-    bar = tqdm(range(1, epochs + 1), desc="finetune", disable=not progress, leave=False)
+    bar = tqdm(range(1, epochs + 1), desc=str(desc), disable=not progress, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
         subset = torch.utils.data.Subset(indexed, epoch_rows()) if split else indexed

@@ -262,7 +262,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
                   forget_repeats=plan["forget_repeats"], evaluate=evaluate, select=select,
                   early_stop=plan["early_stop"], forget_kl=plan["forget_kl"],
                   trainable=plan["trainable"], evals_per_epoch=evals_per_epoch, seed=seed,
-                  device=dev, inplace=True, progress=progress)
+                  device=dev, inplace=True, progress=progress,
+                  desc=f"ppu ({mode})")
     timings["finetune"] = ft.seconds
     before = timings["probabilities"] + timings.get("probe", 0.0) + timings["refine"]
     for row in ft.history:
