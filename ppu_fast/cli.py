@@ -316,6 +316,7 @@ def _finish(result: dict, out: str, started: float, tables: bool = False, story:
     chance, n = attack_size(result["per_seed"])
     verdict = judge(methods, chance=chance, n=n)
     config = {**result["config"], "wall_seconds": round(time.perf_counter() - started, 2)}
+    replaced = (Path(out) / "results.json").is_file()
     if not tables:
         # The demo writes no tables: a former run's in the same folder would pass for this one's.
         from .tables import TABLE_FILES
@@ -331,7 +332,8 @@ def _finish(result: dict, out: str, started: float, tables: bool = False, story:
     for line in verdict.lines:
         print(f"- {line}")
     print()
-    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}  ({config['wall_seconds']:.1f} s)")
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}  ({config['wall_seconds']:.1f} s)"
+          + ("; they replace the earlier run's in that folder" if replaced else ""))
     if tables:
         # The paper's tables (its numbers beside ours) and Figure 3, beside results.json.
         from .tables import write_tables

@@ -427,3 +427,11 @@ def test_a_quoted_tilde_in_out_is_the_home_folder(tmp_path, monkeypatch):
     np.save(tmp_path / "m.npy", np.arange(20) < 3)
     assert main(["refine", "--probs", "p.npy", "--forget", "m.npy", "--out", "~/q.npy"]) == 0
     assert (tmp_path / "home" / "q.npy").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_second_run_into_the_same_folder_says_it_replaced_the_first(tmp_path, capsys, tiny_demo):
+    out = str(tmp_path / "o")
+    assert main(["demo", "--out", out, "--no-progress"]) == 0
+    assert "replace the earlier run's" not in capsys.readouterr().out
+    assert main(["demo", "--out", out, "--no-progress"]) == 0
+    assert "; they replace the earlier run's in that folder" in capsys.readouterr().out
