@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -124,14 +125,22 @@ def _check_out_folder(out: str) -> None:
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise ValueError(f"--out: '{p}' is a file; expected a folder (created if missing)")
-    # Tried for real (permissions, read-only and special file systems), then undone: a refused
-    # command leaves no folder behind.
+    why = _unwritable(p)
+    if why:
+        raise ValueError(f"--out: cannot write a folder at '{p}' ({why}); expected a writable "
+                         f"folder (created if missing)")
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder`` (made if missing), or None. Tried for real
+    (permissions, read-only and special file systems), then undone: a refused command leaves no
+    folder behind."""
     try:
-        with _made_folders(p, keep=False), tempfile.TemporaryFile(dir=p):
+        with _made_folders(folder, keep=False), tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise ValueError(f"--out: cannot write a folder at '{p}' ({exc.strerror or exc}); "
-                         f"expected a writable folder (created if missing)") from None
+        return str(exc.strerror or exc)
+    return None
 
 
 def _check_run_device(device: str) -> None:
@@ -152,8 +161,6 @@ def _check_run_device(device: str) -> None:
 def _check_backend_environment(device: str) -> None:
     # PPU_FAST_BACKEND / PPU_FAST_CPU_ISA are read when PPU's refine starts, after the Original,
     # Retrain and the baselines before it have trained: a typo there is refused up front.
-    import os
-
     import torch
 
     from .backends import get_backend
@@ -480,12 +487,10 @@ def _refine(args: argparse.Namespace) -> int:
                          f".npy")
     # Before the solve: exit status 1 says Q was written (but did not converge), so a folder
     # that cannot take the file must be refused up front, as bad input.
-    try:
-        with _made_folders(out.parent, keep=False), tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as exc:
-        raise ValueError(f"--out: cannot write a file in '{out.parent}' ({exc.strerror or exc}); "
-                         f"expected a path in a writable folder (created if missing)") from None
+    why = _unwritable(out.parent)
+    if why:
+        raise ValueError(f"--out: cannot write a file in '{out.parent}' ({why}); expected a path "
+                         f"in a writable folder (created if missing)")
     flag = "--probs" if args.probs is not None else "--logits"
     if _streams(args):
         return _refine_streamed(args)
@@ -509,10 +514,18 @@ def _refine(args: argparse.Namespace) -> int:
                      generator=torch.Generator().manual_seed(args.seed), return_info=True,
                      **inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        np.save(out, q.cpu().numpy() if isinstance(q, torch.Tensor) else q)
-    else:
-        torch.save(torch.as_tensor(q).cpu(), out)
+    # Written beside, then renamed: a write that fails (a full disk) leaves no truncated Q under
+    # --out for status 2's "nothing written" to contradict.
+    part = out.with_name(f".{out.stem}.partial-{os.getpid()}{out.suffix}")
+    try:
+        if out.suffix == ".npy":
+            np.save(part, q.cpu().numpy() if isinstance(q, torch.Tensor) else q)
+        else:
+            torch.save(torch.as_tensor(q).cpu(), part)
+        os.replace(part, out)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     print(f"refined {tuple(q.shape)} with {info.method} on {info.backend}: {info.iterations} iterations, "
           f"residual {info.residual:.2e}, converged {info.converged}, {info.seconds:.3f} s -> {out}")
     return _converged_status(info)

@@ -604,6 +604,9 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
                  for c, v in chosen.items()}
         for c, v in chosen.items():
             if len(v) <= n_val[c]:  # the model would never see the class it is tested on
+                if not n_val[c]:
+                    raise ValueError(f"the split: class {c} ('{train_pool.classes[c]}') has no "
+                                     f"training example; expected at least one per class")
                 raise ValueError(
                     f"the split: class {c} ('{train_pool.classes[c]}') has {len(v)} training "
                     f"example(s), all held out for validation (val_fraction={val_fraction:g}, at "

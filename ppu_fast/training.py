@@ -316,9 +316,10 @@ def fit_cached(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfi
                         "config": dataclasses.asdict(config), "seconds": seconds}, tmp)
             # rename is atomic, so a concurrent run never reads a half-written file.
             os.replace(tmp, path)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             # The model is trained: an unwritable cache must not throw it away (as pip goes on
-            # without its cache), but say so, once per model.
+            # without its cache), but say so, once per model. torch.save's own file writer
+            # raises RuntimeError (a read-only models/ folder, a full disk), not OSError.
             try:
                 tmp.unlink(missing_ok=True)
             except OSError:

@@ -317,6 +317,19 @@ def test_an_unwritable_cache_keeps_the_trained_model_and_says_so(tmp_path, monke
         trained, meta = fit_cached(model, data, cfg, progress=False)
     assert not meta["cached"] and meta["path"] is None
     assert torch.equal(trained.fc.weight, clean.fc.weight)
+    # a models/ folder that exists but cannot be written: torch.save's writer raises RuntimeError
+    monkeypatch.setenv("PPU_FAST_CACHE", str(tmp_path / "ro"))
+    (tmp_path / "ro" / "models").mkdir(parents=True)
+
+    def refused(obj, f, *a, **k):
+        raise RuntimeError(f"File {f} cannot be opened. open file failed with strerror: "
+                           f"Permission denied")
+
+    monkeypatch.setattr(torch, "save", refused)
+    with pytest.warns(UserWarning, match=r"not cached \(RuntimeError: .*Permission denied"):
+        trained, meta = fit_cached(model, data, cfg, progress=False)
+    assert not meta["cached"] and torch.equal(trained.fc.weight, clean.fc.weight)
+    assert list((tmp_path / "ro" / "models").iterdir()) == []
 
 
 def cache_key_of(model, data, cfg):

@@ -441,3 +441,33 @@ def test_newton_reaches_a_class_target_of_zero(backend, dtype):
     assert info.converged and info.iterations <= 15, (info.iterations, info.message)
     tot = q.astype(np.float64).sum(0)
     assert tot[3] < 1e-6 * n and np.abs(tot - m).sum() / n <= 1e-6 * 1.01
+
+
+def test_a_failed_line_search_is_retried_with_the_exact_hessian(monkeypatch):
+    """With the stall test off, the float32 zero-target solve above ends in a failed line search
+    on the sampled Hessian; the retry with the exact one converges instead of giving up."""
+    import warnings
+
+    from ppu_fast import solver
+    from ppu_fast.backends.cpu import CpuBackend
+
+    n, k = 8000, 12
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((n, k)) * 3
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    forget = p.argmax(1) == 3
+    m = p[~forget].sum(0)
+    m[3] = 0.0
+    m *= n / m.sum()
+    monkeypatch.setattr(solver, "STALL_RATIO", float("inf"))
+    asked = []
+    step = CpuBackend.step
+    monkeypatch.setattr(CpuBackend, "step", lambda self, *a: asked.append(a[3]) or step(self, *a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = ppu_fast.refine(p.astype(np.float32), forget, marginals=m, backend="cpu",
+                                  return_info=True)
+    assert info.converged, info.message
+    first = asked.index("exact")
+    assert first > 20 and all(h == "exact" for h in asked[first:])  # after the failure, not before

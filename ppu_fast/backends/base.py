@@ -386,15 +386,21 @@ def sampled_gram_by_chunks(materialize_rows: Callable[[torch.Tensor, torch.Tenso
     """
     n, k = log_p.shape
     m = hessian_stride(n, k) if stride is None else stride
-    idx = hessian_sample_rows(n, m, device=log_p.device)
-    rows = chunk_rows(idx.numel(), k)
+    # Every row (m = 1): contiguous slices, no index of N rows and no gathered copy of them.
+    idx = hessian_sample_rows(n, m, device=log_p.device) if m > 1 else None
+    total = n if idx is None else idx.numel()
+    rows = chunk_rows(total, k)
     buf = torch.empty((rows, k), dtype=torch.float32, device=log_p.device)
     w = torch.zeros((k, k), dtype=torch.float64, device=log_p.device)
-    for start in range(0, idx.numel(), rows):
-        sel = idx[start:start + rows]
-        q = buf[: sel.numel()]
-        materialize_rows(log_p.index_select(0, sel), inv_c.index_select(0, sel).contiguous(), q)
-        qw = q * inv_c.index_select(0, sel)[:, None]
+    for start in range(0, total, rows):
+        if idx is None:
+            lp, ic = log_p[start:start + rows], inv_c[start:start + rows]
+        else:
+            sel = idx[start:start + rows]
+            lp, ic = log_p.index_select(0, sel), inv_c.index_select(0, sel)
+        q = buf[: lp.shape[0]]
+        materialize_rows(lp, ic.contiguous(), q)
+        qw = q * ic[:, None]
         with _ieee_matmul():
             w += (qw.T @ q).double()
     return w

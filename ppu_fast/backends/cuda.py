@@ -98,13 +98,16 @@ def _stream(dev: torch.device) -> int:
 
 
 def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
-                 mode: int, q: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 mode: int, q: Optional[torch.Tensor] = None,
+                 stride: Optional[int] = None) -> torch.Tensor:
     """Run the step kernels on ``log_p`` (N x k, CUDA, any strides); returns the float64 vector
     ``[colsum (k) | wlogz (1) | d (k, modes 1 and 2) | W (k x k row-major, mode 2)]``.
 
     ``inv_c`` (N,) float32 and ``alpha32`` (k,) float32 must be contiguous on ``log_p``'s device.
     ``q``: also write Q there (N x k, any strides, may be ``log_p``; mode 0, k <= ROW_K), in the
     same pass (``step_write``); the column sums are then of the values written.
+    ``stride``: the W sample's block stride m (mode 2; default :func:`base.hessian_stride`, 1 for
+    ``hessian="exact"``).
     """
     mod = _module()
     n, k = log_p.shape
@@ -119,7 +122,7 @@ def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor
                        workspace.numel(), out.data_ptr(), q.data_ptr(), _OUT_CODES[q.dtype],
                        q.stride(0), q.stride(1), dev.index, _stream(dev))
         return out
-    m = hessian_stride(n, k) if mode == _FULL_HESSIAN else 1
+    m = (hessian_stride(n, k) if stride is None else stride) if mode == _FULL_HESSIAN else 1
     mod.step(log_p.data_ptr(), code, n, k, log_p.stride(0), log_p.stride(1), inv_c.data_ptr(),
              alpha32.data_ptr(), mode, m, workspace.data_ptr(), workspace.numel(), out.data_ptr(),
              dev.index, _stream(dev))
@@ -298,10 +301,11 @@ class CudaBackend(Backend):
                              f"{tuple(log_p.shape)}")
         inv_c = inv_c.contiguous()
         alpha32 = alpha.to(torch.float32).contiguous()  # the reference shifts in float32 too
-        w_in_kernel = hessian is True and k <= _module().SMALL_K
+        exact = hessian == "exact"
+        w_in_kernel = hessian in (True, "exact") and k <= _module().SMALL_K
         mode = (_FULL_HESSIAN if w_in_kernel
                 else _DIAG_HESSIAN if hessian is not False else _NO_HESSIAN)
-        out = _launch_step(log_p, inv_c, alpha32, mode)
+        out = _launch_step(log_p, inv_c, alpha32, mode, stride=1 if exact else None)
         colsum, wlogz = out[:k], out[k]
         if hessian is False:
             return colsum, wlogz, None
@@ -309,7 +313,7 @@ class CudaBackend(Backend):
         if hessian == "diag":
             return colsum, wlogz, d
         w = (out[2 * k + 1:].view(k, k) if w_in_kernel
-             else _sampled_gram(log_p, inv_c, alpha32, 1 if hessian == "exact" else None))
+             else _sampled_gram(log_p, inv_c, alpha32, 1 if exact else None))
         return colsum, wlogz, assemble_hessian(d, w)
 
     def materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,

@@ -953,13 +953,15 @@ def _launch_row_stats(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.T
 
 def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
                  hess: int, max_single_block_k: int, online_block_k: int,
+                 stride: Optional[int] = None,
                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                             Optional[torch.Tensor]]:
     """Run the step kernel(s) on log_p (N x k, N, k >= 1); alpha32 (k,) float32 contiguous.
 
     Returns (colsum (k,), wlogz (), d, w), all float64: d the Hessian's diagonal (k,) for
     _H_DIAG / _H_FULL (else None), w = sum_{i in S} ic q_i q_i^T (k x k) for _H_FULL (else None;
-    single-read kernel only).  The partial sums of the programs are reduced here in a fixed
+    single-read kernel only; ``stride`` the sample's block stride, default
+    :func:`hessian_stride`, 1 for ``hessian="exact"``).  The partial sums of the programs are reduced here in a fixed
     order (torch.sum over the program axis): deterministic, no atomics, no host synchronisation.
     """
     n, k = log_p.shape
@@ -978,7 +980,8 @@ def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor
                       IDX64=_needs_idx64(num_tiles * br, bk, log_p.stride(), inv_c.stride()),
                       SN=sn, KM=km, NUM_STAGES=NUM_STAGES)
         args = [log_p, inv_c, alpha32, dummy, dummy, dummy, dummy, n, kq, snq,
-                log_p.stride(1), inv_c.stride(0), hessian_stride(n, k) if full else _PROBE,
+                log_p.stride(1), inv_c.stride(0),
+                (hessian_stride(n, k) if stride is None else stride) if full else _PROBE,
                 num_tiles, _PROBE]
         p = min(num_tiles, _capacity(_step_tile_kernel, tuple(args), consts, tile.num_warps, dev))
         ws_c, ws_z = torch.empty(p, k, **f64), torch.empty(p, **f64)
@@ -1339,9 +1342,10 @@ class TritonBackend(Backend):
             return torch.zeros(k, **f64), torch.zeros((), **f64), h0
         alpha32 = alpha.float().contiguous()
         with _on_device(log_p.device):
-            if hessian is True and _next_pow2(k) <= self.max_single_block_k \
+            if hessian in (True, "exact") and _next_pow2(k) <= self.max_single_block_k \
                     and k <= self.hessian_kernel_max_k:
-                colsum, wlogz, d, w = self._step(log_p, inv_c, alpha32, _H_FULL)
+                colsum, wlogz, d, w = self._step(log_p, inv_c, alpha32, _H_FULL,
+                                                 1 if hessian == "exact" else None)
                 return colsum, wlogz, assemble_hessian(d, w)
             w = None
             if hessian in (True, "exact"):
@@ -1352,9 +1356,10 @@ class TritonBackend(Backend):
                 return colsum, wlogz, assemble_hessian(d, w)
             return colsum, wlogz, d
 
-    def _step(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor, hess: int):
+    def _step(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor, hess: int,
+              stride: Optional[int] = None):
         return _launch_step(log_p, inv_c, alpha32, hess, self.max_single_block_k,
-                            self.online_block_k)
+                            self.online_block_k, stride)
 
     def _sampled_gram(self, log_p: torch.Tensor, inv_c: torch.Tensor,
                       alpha32: torch.Tensor, stride: Optional[int] = None) -> torch.Tensor:
