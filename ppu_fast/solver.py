@@ -51,7 +51,7 @@ TOL_FLOOR = {torch.float32: 1e-7, torch.float64: 1e-13}
 # sample, hessian="exact"). The sampled one breaks H 1 = 0 by its per-class rescaling; down to
 # 1e-6 that costs no passes, but past it Newton wandered between 1e-8 and 4e-7 for 100 passes on
 # class unlearning at margin 30, lam = 0.01 (20,000 x 40), where the exact one took 11 passes
-# to 1e-13. It costs about k / 64 of a pass more (k <= DENSE_HESSIAN_MAX_K), for the last few.
+# to 1e-13. It costs about k / 64 of a pass more on the CPU (k <= DENSE_HESSIAN_MAX_K).
 EXACT_HESSIAN_BELOW = 1e-6
 # ... and at any residual (float32 too) once the sample stalls Newton: two full steps in a row
 # whose residual stays above this share of the one before them, or a failed line search. With a
