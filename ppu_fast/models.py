@@ -2,7 +2,7 @@
 scikit-learn's 8x8 digits. Every model maps (B, C, H, W) images to (B, num_classes) logits."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -143,6 +143,19 @@ def reset_parameters(model: nn.Module, seed: int | None = None, *, keep_frozen: 
                 if n in kept:
                     p.copy_(kept[n])
     return model
+
+
+def matching_entry(state: Mapping[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor:
+    """``state[key]`` of an ``init=`` model or state dict, refused (naming ``init`` and the key)
+    when it is missing or has another shape than the model's ``like``."""
+    if key not in state:
+        raise ValueError(f"init has no entry {key!r}: it must be a model or state dict of the same "
+                         f"architecture as model")
+    v = state[key]
+    if tuple(v.shape) != tuple(like.shape):
+        raise ValueError(f"init[{key!r}] has shape {tuple(v.shape)}, the model's parameter "
+                         f"{tuple(like.shape)}: init must be of the same architecture")
+    return v
 
 
 def not_reset(model: nn.Module, prefixes: Sequence[str] | None = None) -> list[str]:

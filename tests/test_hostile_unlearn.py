@@ -636,9 +636,12 @@ def test_retrain_keeps_frozen_parameters_and_refuses_weights_it_cannot_redraw(ti
     before = fresh[0].w.detach().clone()
     res = ppu_fast.unlearn(hand, forget, retain, method="bad-t", init=fresh, progress=False)
     assert res.options["teacher"] == "init" and torch.equal(fresh[0].w, before)  # init not trained
-    with pytest.raises(ValueError, match=r"init: the incompetent teacher must have the model's "
-                                         r"architecture, but '0\.w' is \(64, 3\) in init"):
+    with pytest.raises(ValueError, match=r"init\['0\.w'\] has shape \(64, 3\), the model's parameter "
+                                         r"\(64, 5\): init must be of the same architecture"):
         ppu_fast.unlearn(hand, forget, retain, method="bad-t", progress=False, init=nn.Sequential(Hand(3)))
+    res = ppu_fast.unlearn(hand, forget, retain, method="bad-t", progress=False,
+                           init=nn.Sequential(Hand()).state_dict())  # a state dict, as EU-k takes
+    assert res.options["teacher"] == "init"
 
 
 def test_the_training_cache_tells_apart_models_that_differ_in_a_plain_attribute(tmp_path, monkeypatch):

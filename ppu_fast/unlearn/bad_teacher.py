@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from ..models import require_reset, reset_parameters
+from ..models import matching_entry, require_reset, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, sample, working_copy
 from ._loop import check_mode, loader, make_optimizer, paired, run_loop
@@ -44,17 +44,17 @@ class _Flagged(Dataset):
         return x, y, self.flag
 
 
-def _check_architecture(init: nn.Module, model: nn.Module) -> None:
-    """Refuse an incompetent teacher whose parameters and buffers differ from ``model``'s in
-    name or shape (its outputs would not be the student's classes)."""
-    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in init.state_dict().items()}
-    for key in sorted(set(mine) | set(theirs)):
-        if mine.get(key) != theirs.get(key):
-            raise ValueError(f"init: the incompetent teacher must have the model's architecture, but "
-                             f"{key!r} is {theirs.get(key, 'missing')} in init and "
-                             f"{mine.get(key, 'missing')} in the model; expected a fresh copy of the "
-                             f"model")
+def _teacher_state(init: nn.Module | dict, model: nn.Module) -> dict:
+    """The incompetent teacher's state dict from ``init`` (a model or state dict), refused when
+    its entries differ from ``model``'s in name or shape (its outputs would not be the student's
+    classes)."""
+    state = init.state_dict() if isinstance(init, nn.Module) else init
+    mine = model.state_dict()
+    extra = sorted(set(state) - set(mine))
+    if extra:
+        raise ValueError(f"init has entries the model lacks ({', '.join(map(repr, extra[:3]))}): "
+                         f"it must be a model or state dict of the same architecture as model")
+    return {key: matching_entry(state, key, like) for key, like in mine.items()}
 
 
 @register("bad-t")
@@ -64,7 +64,8 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
                 batch_size: int | None = None, retain_fraction: float | None = None,
                 variant: str = "scrub", forget_batch_size: int | None = None,
                 weight_decay: float | None = None, alpha: float = 1.0,
-                beta: float = 1.0, mode: str = "train", init: nn.Module | None = None) -> UnlearnResult:
+                beta: float = 1.0, mode: str = "train", init: nn.Module | dict | None = None
+                ) -> UnlearnResult:
     """Adam at ``lr`` for ``epochs``, the student in ``mode`` (train), teachers in eval mode.
 
     ``variant="scrub"`` (default) follows SCRUB's BadT_experiments.ipynb ``badt`` and loops.py
@@ -78,8 +79,8 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     ``mode``: the student's module mode during the steps (:func:`ppu_fast.unlearn._loop.run_loop`):
     ``"train"`` as SCRUB's ``train_bad_teacher``; ``"eval"`` keeps BatchNorm on its running
     statistics (see docs/baselines.md for what that changes on small data).
-    ``init``: the incompetent teacher, a model of the same architecture with untrained weights;
-    by default a copy of ``model`` re-initialised with ``seed``, refused when a trainable
+    ``init``: the incompetent teacher, a model (or state dict) of the same architecture with
+    untrained weights; by default a copy of ``model`` re-initialised with ``seed``, refused when a trainable
     parameter has no ``reset_parameters()`` to re-draw it (that part of the teacher would keep
     the trained weights, which saw the forget set).
     Options left at None take the variant's value."""
@@ -102,16 +103,21 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     check_mode(mode)
     if not 0.0 < retain_fraction <= 1.0:
         raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
-    if init is not None and not isinstance(init, nn.Module):
-        raise TypeError(f"init must be an nn.Module (the incompetent teacher), got {type(init).__name__}")
+    if init is not None and not isinstance(init, (nn.Module, dict)):
+        raise TypeError(f"init must be a torch.nn.Module, a state dict or None (the incompetent "
+                        f"teacher), got {type(init).__name__}")
     if init is None:
         require_reset(model, "Bad-T's incompetent teacher")
     else:
-        _check_architecture(init, model)
+        init_state = _teacher_state(init, model)
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
     good = copy.deepcopy(work).eval()
-    bad = (copy.deepcopy(init) if init is not None else reset_parameters(copy.deepcopy(work), seed))
+    bad = copy.deepcopy(work)
+    if init is None:
+        reset_parameters(bad, seed)
+    else:
+        bad.load_state_dict(init_state)
     bad = bad.to(dev).eval()
     for p in list(good.parameters()) + list(bad.parameters()):
         p.requires_grad_(False)

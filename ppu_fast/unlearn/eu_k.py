@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..models import AllCNN, SmallCNN, require_reset, reset_parameters
+from ..models import AllCNN, SmallCNN, matching_entry, require_reset, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
 from ._loop import as_names, last_block, modules_named, resolve_setting
@@ -45,14 +45,7 @@ def copy_initial(work: nn.Module, init_state: dict[str, torch.Tensor], names: Se
     with torch.no_grad():
         for name, module in zip(names, modules_named(work, names, arg="reset")):
             for pname, p in module.named_parameters():
-                key = f"{name}.{pname}"
-                if key not in init_state:
-                    raise ValueError(f"init has no entry {key!r}: it must be a state dict (or model) of "
-                                     f"the same architecture as model")
-                src = init_state[key]
-                if tuple(src.shape) != tuple(p.shape):
-                    raise ValueError(f"init[{key!r}] has shape {tuple(src.shape)}, the model's parameter "
-                                     f"{tuple(p.shape)}: init must be of the same architecture")
+                src = matching_entry(init_state, f"{name}.{pname}", p)
                 p.copy_(src.to(p.device, p.dtype))
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..models import matching_entry
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
 from ._loop import loader
@@ -165,13 +166,7 @@ def _flat(model_or_state: nn.Module | dict, names: list[str], like: dict[str, to
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     out = []
     for name in names:
-        if name not in state:
-            raise ValueError(f"init has no entry {name!r}: it must be a model or state dict of the same "
-                             f"architecture as model")
-        v = state[name]
-        if tuple(v.shape) != tuple(like[name].shape):
-            raise ValueError(f"init[{name!r}] has shape {tuple(v.shape)}, the model's parameter "
-                             f"{tuple(like[name].shape)}: init must be of the same architecture")
+        v = matching_entry(state, name, like[name])
         out.append(v.detach().reshape(-1).to(like[name].device, torch.float64))
     return torch.cat(out)
 
