@@ -413,19 +413,9 @@ def test_solver_without_the_compiled_module_takes_numpy(monkeypatch):
     torch.testing.assert_close(q1, q2, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_newton_reaches_a_class_target_of_zero(backend, dtype):
-    """A target of exactly 0 on one class (reachable: no row is one-hot on it) leaves that class's
-    mass on the few rows the Hessian's sample misses: the sampled Hessian wandered for 100 passes
-    (float64) or failed its line search (float32), silently unless one read the warning. A
-    stalled Newton now takes the exact Hessian (probe 27)."""
-    from ppu_fast.backends.base import hessian_stride
-
-    import warnings
-
-    n, k = 8000, 12
-    assert hessian_stride(n, k) > 1
+def _zero_target_problem(n: int, k: int = 12):
+    """(P (n x k) float64, forget: the rows whose argmax is class 3, M: the retain rows' class mix
+    with class 3 set to exactly 0, summing to n): feasible, no row being one-hot on class 3."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((n, k)) * 3
     p = np.exp(x - x.max(1, keepdims=True))
@@ -433,7 +423,23 @@ def test_newton_reaches_a_class_target_of_zero(backend, dtype):
     forget = p.argmax(1) == 3
     m = p[~forget].sum(0)
     m[3] = 0.0
-    m *= n / m.sum()
+    return p, forget, m * (n / m.sum())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_newton_reaches_a_class_target_of_zero(backend, dtype):
+    """A target of exactly 0 on one class (reachable: no row is one-hot on it) leaves that class's
+    mass on the few rows the Hessian's sample misses: the sampled Hessian wandered for 100 passes
+    (float64) or failed its line search (float32), ending on a ConvergenceWarning. A stalled
+    Newton now takes the exact Hessian (probe 27)."""
+    from ppu_fast.backends.base import hessian_stride
+
+    import warnings
+
+    n = 8000
+    assert hessian_stride(n, 12) > 1
+    p, forget, m = _zero_target_problem(n)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         q, info = ppu_fast.refine(p.astype(dtype), forget, marginals=m, backend=backend,
@@ -451,15 +457,7 @@ def test_a_failed_line_search_is_retried_with_the_exact_hessian(monkeypatch):
     from ppu_fast import solver
     from ppu_fast.backends.cpu import CpuBackend
 
-    n, k = 8000, 12
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((n, k)) * 3
-    p = np.exp(x - x.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    forget = p.argmax(1) == 3
-    m = p[~forget].sum(0)
-    m[3] = 0.0
-    m *= n / m.sum()
+    p, forget, m = _zero_target_problem(8000)
     monkeypatch.setattr(solver, "STALL_RATIO", float("inf"))
     asked = []
     step = CpuBackend.step
