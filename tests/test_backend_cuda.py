@@ -344,6 +344,15 @@ def test_step_and_materialize_match_oracle(backend, case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k", [10, 40])
+def test_exact_hessian_takes_every_row(backend, k):
+    """hessian="exact" (a stalled Newton's): the step kernel's W with stride 1 (k <= SMALL_K)
+    or the chunked GEMM over contiguous rows, against the float64 oracle."""
+    log_p, inv_c, alpha = make_case(20_011, k, torch.float32, seed=k + 7, device="cuda")
+    check_step(backend, log_p, inv_c, alpha, "exact")
+
+
+@pytest.mark.gpu
 def test_materialize_sums_is_materialize_and_step(backend):
     _check_materialize_sums(backend, "cuda")
 

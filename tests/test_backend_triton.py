@@ -135,6 +135,18 @@ def test_gpu_cases(n, k, dtype, shift, neg_inf, noncontig):
 @pytest.mark.gpu
 @needs_triton
 @pytest.mark.skipif(not HAVE_GPU, reason="no CUDA device")
+@pytest.mark.parametrize("k", [10, 40])
+def test_gpu_exact_hessian_takes_every_row(k):
+    """hessian="exact" (a stalled Newton's) on the device: the in-kernel W with stride 1 (k <= the
+    kernel's limit) and the chunked GEMM over contiguous rows, against the float64 oracle."""
+    log_p, inv_c, alpha = make_case(20_011, k, torch.float32, seed=k + 7, device="cuda")
+    for b in _backends(k):
+        check_step(b, log_p, inv_c, alpha, "exact")
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.skipif(not HAVE_GPU, reason="no CUDA device")
 @pytest.mark.parametrize("n,k", [(100_003, 10), (20_011, 1000), (2_003, 5000), (509, 32_000)])
 def test_gpu_large_deterministic_and_accurate(n, k):
     """Shapes with many tiles per program (persistent loop) and the default wide-row path
