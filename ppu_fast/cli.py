@@ -516,16 +516,12 @@ def _refine(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside, then renamed: a write that fails (a full disk) leaves no truncated Q under
     # --out for status 2's "nothing written" to contradict.
-    part = out.with_name(f".{out.stem}.partial-{os.getpid()}{out.suffix}")
-    try:
+    from .stream import written_beside
+    with written_beside(out, out.suffix) as part:
         if out.suffix == ".npy":
             np.save(part, q.cpu().numpy() if isinstance(q, torch.Tensor) else q)
         else:
             torch.save(torch.as_tensor(q).cpu(), part)
-        os.replace(part, out)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
     print(f"refined {tuple(q.shape)} with {info.method} on {info.backend}: {info.iterations} iterations, "
           f"residual {info.residual:.2e}, converged {info.converged}, {info.seconds:.3f} s -> {out}")
     return _converged_status(info)

@@ -53,6 +53,14 @@ def to_tensor(x, name: str, sequence: bool = False) -> Tuple[torch.Tensor, bool]
     raise TypeError(f"{name}: expected {what}, got {type(x).__name__}")
 
 
+def from_numpy_readonly(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` (no copy) without torch's warning for a read-only array
+    (np.load(mmap_mode="r")) that writes to it would be undefined: nothing here writes an input."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
 def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
     """``torch.from_numpy`` (no copy), its refusals reworded to name the argument."""
     if any(s < 0 for s in a.strides):
@@ -62,11 +70,7 @@ def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
         raise TypeError(f"{name}: byte order of {a.dtype.str} is not this machine's; expected "
                         f"native byte order ({name}.astype('{a.dtype.newbyteorder('=').name}'))")
     try:
-        with warnings.catch_warnings():
-            # A read-only array (np.load(mmap_mode="r")): torch warns that writes to it would be
-            # undefined; nothing here writes an input.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(a)
+        return from_numpy_readonly(a)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name}: numpy dtype {a.dtype} cannot be read ({exc}); expected "
                         f"float16, float32 or float64") from None

@@ -17,7 +17,6 @@ import os
 import socket
 import sys
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Tuple, Union
@@ -161,13 +160,6 @@ class NpyFile:
                              (stop - start) * self.row_bytes, os.POSIX_FADV_WILLNEED)
 
 
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():
-        # A read-only mapping: torch warns that writes would be undefined; nothing writes it.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
-
-
 class FileStore(RowStore):
     """Rows ``[r0, r1)`` of an input ``.npy`` and the solver's buffer in the output ``.npy``,
     visited ``chunk_rows`` rows at a time. On a CUDA ``device`` each chunk is copied through a
@@ -199,7 +191,7 @@ class FileStore(RowStore):
     def _to_device(self, host: np.ndarray, j: int) -> torch.Tensor:
         rows = host.shape[0]
         self.copied[j].synchronize()  # the pinned buffer's previous copy has left it
-        self.pinned[j][:rows].copy_(_tensor(host))
+        self.pinned[j][:rows].copy_(pb.from_numpy_readonly(host))
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.used[j])  # the device buffer's last reader is done
             self.dbuf[j][:rows].copy_(self.pinned[j][:rows], non_blocking=True)
@@ -216,11 +208,11 @@ class FileStore(RowStore):
             with self.src.rows(self.r0 + s, self.r0 + e) as x, \
                     self.buf_file.rows(s, e, write=True) as o:
                 if not self.cuda:
-                    yield s, e, _tensor(x), torch.from_numpy(o)
+                    yield s, e, pb.from_numpy_readonly(x), torch.from_numpy(o)
                     continue
                 j = i % 2
                 xd = torch.empty(x.shape, dtype=_torch_dtype(x.dtype), device=self.device)
-                xd.copy_(_tensor(x).pin_memory(), non_blocking=True)
+                xd.copy_(pb.from_numpy_readonly(x).pin_memory(), non_blocking=True)
                 od = self.dbuf[j][: e - s]
                 yield s, e, xd, od
                 o[...] = od.cpu().numpy()
@@ -231,7 +223,7 @@ class FileStore(RowStore):
             self.buf_file.prefetch(e, min(self.shape[0], e + self.chunk_rows))
             with self.buf_file.rows(s, e) as b:
                 if not self.cuda:
-                    yield s, e, _tensor(b)
+                    yield s, e, pb.from_numpy_readonly(b)
                     continue
                 j = i % 2
                 yield s, e, self._to_device(b, j)
@@ -407,9 +399,8 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         return {"_out": (socket.gethostname(), str(_dir_entry(out_path))),
                 "_in": (socket.gethostname(), os.path.realpath(src.path), r0, r1)}
 
-    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     # From here on the temporary output may exist: every error removes it.
-    try:
+    with written_beside(out_path) as tmp:
         (src, r0, r1, mask, c, dev, budget, buf, in_dt, sdt), every = collective_checks(
             comm, open_input, outputs)
         _check_disjoint(every)
@@ -426,10 +417,6 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
                               generator=generator, comm=comm, where=where, progress=bar,
                               first_row=r0, **options)
         del store
-        os.replace(tmp, out_path)
-    except BaseException:
-        _unlink(tmp)
-        raise
     info.chunk_rows = int(rows_per)
     info.seconds = time.perf_counter() - t0
     return info
@@ -463,6 +450,20 @@ def _dir_entry(path: Path) -> Path:
     """The directory entry ``path`` names, its folder resolved: what the final rename replaces
     (a link there, not the link's target)."""
     return Path(os.path.realpath(path.parent)) / path.name
+
+
+@contextmanager
+def written_beside(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` (``suffix`` appended: np.save adds ".npy" to a name
+    without it) that is renamed onto ``path`` when the block succeeds and removed when it fails:
+    an error leaves no partial output behind."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
 
 
 def _unlink(path: Path) -> None:

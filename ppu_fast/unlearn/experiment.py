@@ -222,8 +222,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     skipped: dict[str, str] = {}
     for seed in seeds:
         split = first_split if seed == seeds[0] else split_of(seed)
-        if seed == seeds[0]:
-            first_split = None  # the loop holds it now
+        first_split = None  # the loop holds it now
         tcfg = dataclasses.replace(default_train_config(dataset, seed), **(train or {}))
         torch.manual_seed(seed)
         init = build_model(model, split.num_classes, split.in_channels, width)
