@@ -5,6 +5,7 @@ import copy
 import math
 import numbers
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -341,7 +342,8 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
         forget_mask: (N,) bool, the forget rows; needed by the options below that treat forget
             and retain rows apart.
         retain_per_epoch: if given, each epoch uses every forget row and this many retain rows drawn
-            afresh (a cheaper epoch on large retain sets).
+            afresh (a cheaper epoch on large retain sets); above the number of retain rows, all
+            of them, with a warning.
         retain_fraction: the same as a share in (0, 1] of the retain rows (at least one); 1 or None
             uses them all. A retained row's target is the model's own output up to the dual shift,
             so its gradient starts near 0: retain rows anchor the model rather than teach it.
@@ -458,6 +460,12 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
         forget_rows, retain_rows = torch.nonzero(fmask).view(-1), torch.nonzero(~fmask).view(-1)
         n_take = len(retain_rows)
         if retain_per_epoch is not None:
+            if retain_per_epoch > n_take:
+                # scikit-learn's convention for a sample size above the data (IsolationForest's
+                # max_samples): say so and use them all.
+                warnings.warn(f"retain_per_epoch={retain_per_epoch} is more than the {n_take} "
+                              f"retain rows; each epoch uses all {n_take}", UserWarning,
+                              stacklevel=2)
             n_take = min(retain_per_epoch, n_take)
         elif retain_fraction is not None:
             n_take = max(1, int(round(float(retain_fraction) * len(retain_rows))))

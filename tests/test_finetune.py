@@ -71,6 +71,12 @@ def test_retain_subsample_per_epoch_uses_forget_rows_and_some_retain():
     finetune(Spy(), data, targets, epochs=2, batch_size=100, forget_mask=mask, retain_per_epoch=7,
              progress=False)
     assert seen == [1, 12, 12]  # the one-example probe of the output's shape, then two epochs
+    # more than the 35 retain rows: all of them, and the caller is told (scikit-learn's convention)
+    seen.clear()
+    with pytest.warns(UserWarning, match="retain_per_epoch=50 is more than the 35 retain rows"):
+        finetune(Spy(), data, targets, epochs=1, batch_size=100, forget_mask=mask,
+                 retain_per_epoch=50, progress=False)
+    assert seen == [1, 40]
 
 
 def test_val_selection_and_custom_policy():
