@@ -255,10 +255,12 @@ def _attributes(model: nn.Module) -> dict:
     return out
 
 
-def cache_key(model: nn.Module, data: Dataset, config: TrainConfig) -> str:
-    """Hex digest identifying the result of ``fit(model, data, config)``: the config, the
-    architecture (``repr``, the plain attributes of non-torch modules and the code of its classes
-    and of the training loop), the starting weights, which parameters are frozen and the data."""
+def cache_key(model: nn.Module, data: Dataset, config: TrainConfig,
+              device: str | torch.device | None = None) -> str:
+    """Hex digest identifying the result of ``fit(model, data, config, device=device)``: the
+    config, the architecture (``repr``, the plain attributes of non-torch modules and the code of
+    its classes and of the training loop), the starting weights, which parameters are frozen, the
+    data and the device type (None: the model's)."""
     h = hashlib.sha256()
     h.update(json.dumps({"version": _CACHE_VERSION, "config": dataclasses.asdict(config),
                          "arch": repr(model), "code": _code_digest(model)}, sort_keys=True).encode())
@@ -274,6 +276,12 @@ def cache_key(model: nn.Module, data: Dataset, config: TrainConfig) -> str:
     attrs = _attributes(model)
     if attrs:
         h.update(json.dumps({"attributes": attrs}, sort_keys=True).encode())
+    # A model trained on a GPU is another model (other kernels, other rounding) and its recorded
+    # train_seconds, which the experiments report as Retrain's cost, are a GPU's. Added only off
+    # the CPU, like the attributes above.
+    kind = (torch.device(device) if device is not None else model_device(model)).type
+    if kind != "cpu":
+        h.update(json.dumps({"device": kind}).encode())
     _data_digest(h, data)
     return h.hexdigest()[:32]
 
@@ -291,7 +299,7 @@ def fit_cached(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfi
 
     trained = copy.deepcopy(model)
     device = torch.device(device) if device is not None else model_device(model)
-    path = cache_dir() / "models" / f"{cache_key(model, data, config)}.pt" if cache else None
+    path = cache_dir() / "models" / f"{cache_key(model, data, config, device)}.pt" if cache else None
     if path is not None and path.is_file():
         # Loaded into a copy of its own: load_state_dict copies every matching tensor before it
         # raises on a foreign key, and the training below must start from ``model``'s weights.

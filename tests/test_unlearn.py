@@ -151,6 +151,18 @@ def test_cache_key_changes_with_data_and_config(setup, tmp_path, monkeypatch):
     assert len({m1["path"], m2["path"], m3["path"]}) == 3 and m4["cached"] and m4["path"] == m1["path"]
 
 
+def test_cache_key_covers_the_device_type(setup):
+    # A GPU-trained model (and its GPU train_seconds) is not served to a CPU run, nor the reverse.
+    from ppu_fast.training import cache_key
+    split, init, _ = setup
+    cfg = TrainConfig(epochs=1, batch_size=128)
+    cpu = cache_key(init, split.retain, cfg)
+    assert cache_key(init, split.retain, cfg, "cpu") == cpu
+    assert cache_key(init, split.retain, cfg, torch.device("cpu")) == cpu
+    assert cache_key(init, split.retain, cfg, "cuda") != cpu
+    assert cache_key(init, split.retain, cfg, "cuda:1") == cache_key(init, split.retain, cfg, "cuda")
+
+
 def test_cache_dir_resolution(monkeypatch, tmp_path):
     from ppu_fast.training import cache_dir
     monkeypatch.delenv("PPU_FAST_CACHE", raising=False)
