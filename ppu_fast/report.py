@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -14,8 +15,22 @@ METRICS = ("test_error", "retain_error", "forget_error", "val_error", "mia", "se
 HEADERS = {"test_error": "Test error", "retain_error": "Retain error", "forget_error": "Forget error",
            "val_error": "Val error (forget cl.)", "mia": "MIA", "seconds": "Seconds", "mia_auc": "Attack AUC",
            "mia_tpr_at_1fpr": "TPR@1%FPR", "mia_tpr_at_5fpr": "TPR@5%FPR", "retrain_gap": "Retrain gap"}
-LABELS = {"original": "Original", "retrain": "Retrain", "finetune": "Finetune", "ppu": "PPU (privacy)",
-          "ppu-bias": "PPU w/ uniform (bias)", "ppu-random": "PPU w/ random (bias)"}
+# Row labels of results.md, the verdict, the plots and the progress lines, the paper's names. A
+# method's id (what --methods takes) stays the key in results.json.
+LABELS = {"original": "Original", "retrain": "Retrain", "finetune": "Finetune", "fisher": "Fisher",
+          "ntk": "NTK", "neggrad+": "NegGrad+", "cf-k": "CF-k", "eu-k": "EU-k", "bad-t": "Bad-T",
+          "scrub": "SCRUB", "scrub+r": "SCRUB+R", "ppu": "PPU (privacy)",
+          "ppu-bias": "PPU w/ uniform (bias)", "ppu-random": "PPU w/ random (bias)",
+          "scrub+ppu": "SCRUB + PPU", "finetune+ppu": "Finetune + PPU"}
+# A row of the λ sweep (ppu-fast run --lam-sweep).
+LAM_ROW = re.compile(r"^ppu\[lam=([^\]]+)\]$")
+
+
+def label(name: str, labels: Mapping[str, str] = LABELS) -> str:
+    """The row label of method ``name``: ``labels[name]``, "PPU (λ = x)" for a row of the λ sweep
+    (``ppu[lam=x]``), else the name itself (a variant of the caller's)."""
+    m = LAM_ROW.match(name)
+    return f"PPU (λ = {m.group(1)})" if m else labels.get(name, name)
 # What "±" means in every table: the standard error of the mean over seeds.
 SPREAD = "mean ± standard error over seeds (sample std / √n)"
 
@@ -196,7 +211,7 @@ def format_table(methods: Mapping[str, Mapping[str, Any]], *, with_std: bool = F
     for name, entry in methods.items():
         cells = [_cell(entry.get(m, float("nan")), spread(entry, m), with_std,
                        seeds_note(methods, name, m) if with_std else "") for m in METRICS]
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -260,10 +275,9 @@ def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = No
     Returns a :class:`Verdict`; without the reference its ``lines`` say so and nothing is ranked.
     """
     if reference not in methods:
-        return Verdict(lines=[f"No {LABELS.get(reference, reference)} row: nothing to compare against."])
+        return Verdict(lines=[f"No {label(reference)} row: nothing to compare against."])
     ref = methods[reference]
     orig = methods.get(start)
-    label = lambda name: LABELS.get(name, name)  # noqa: E731
     out = Verdict()
 
     gap_attack = abs(orig["mia"] - ref["mia"]) if orig is not None and _finite(orig.get("mia")) \
@@ -459,7 +473,7 @@ def plot(methods: Mapping[str, Mapping[str, Any]], history: Mapping[str, Sequenc
         ax.bar(xs, ys, width, yerr=es, label=HEADERS[metric])
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([LABELS.get(n, n) for n in names], rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels([label(n) for n in names], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8)
@@ -468,10 +482,10 @@ def plot(methods: Mapping[str, Mapping[str, Any]], history: Mapping[str, Sequenc
         ax2 = axes[0][1]
         for name, rows in curves.items():
             ax2.plot([r["epoch"] for r in rows], [r.get("forget_error") for r in rows], marker="o",
-                     label=f"{LABELS.get(name, name)} forget")
+                     label=f"{label(name)} forget")
             if rows and "val_error" in rows[0]:
                 ax2.plot([r["epoch"] for r in rows], [r["val_error"] for r in rows], ls=":",
-                         label=f"{LABELS.get(name, name)} val (forget cl.)")
+                         label=f"{label(name)} val (forget cl.)")
         ax2.set_xlabel("fine-tuning epoch")
         ax2.set_ylabel("error %")
         ax2.set_title("Forget error during fine-tuning", fontsize=10)
@@ -519,7 +533,7 @@ def plot_story(methods: Mapping[str, Mapping[str, Any]], verdict: Verdict | None
         ax.set_title(head, fontsize=9)
         ax.tick_params(labelsize=7)
     axes[0].set_yticks(ys)
-    axes[0].set_yticklabels([LABELS.get(n, n) for n in names], fontsize=8)
+    axes[0].set_yticklabels([label(n) for n in names], fontsize=8)
     caption = verdict.headline if verdict is not None and verdict.headline else "Unlearning results"
     fig.suptitle(f"{title}: {caption}" if title else caption, fontsize=10)
     fig.text(0.5, 0.01, "dashed: Retrain (the goal); green: closest to it"

@@ -33,24 +33,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .report import differs, pyplot, save_figure, seeds_note, spread
+from . import report
+from .report import LAM_ROW, differs, pyplot, save_figure, seeds_note, spread
 
 PAPER_FILE = Path(__file__).with_name("paper_numbers.json")
 SMALL_SCALE = ("digits5", "cifar5")
 METRIC_NAMES = {"test_error": "Test error", "retain_error": "Retain error", "forget_error": "Forget error",
                 "mia": "MIA"}
 MODEL_NAMES = {"resnet18": "ResNet-18", "allcnn": "ALL-CNN", "smallcnn": "small CNN"}
-# Our row label for a method that the paper table at hand does not list.
-LABELS = {"original": "Original", "retrain": "Retrain", "finetune": "Finetune", "fisher": "Fisher",
-          "ntk": "NTK", "neggrad+": "NegGrad+", "cf-k": "CF-k", "eu-k": "EU-k", "bad-t": "Bad-T", "scrub": "SCRUB",
-          "scrub+r": "SCRUB+R", "ppu": "PPU", "ppu-bias": "PPU w/ uniform", "ppu-random": "PPU w/ random",
-          "scrub+ppu": "SCRUB + PPU", "finetune+ppu": "Finetune + PPU"}
+# Our row label for a method that the paper table at hand does not list: results.md's, with the
+# paper's plain PPU names (its tables put PPU's mode in the column heads).
+LABELS = {**report.LABELS, "ppu": "PPU", "ppu-bias": "PPU w/ uniform", "ppu-random": "PPU w/ random"}
 DASH = "—"
 # The method every other is tested against for the † marks.
 SIGNIFICANCE_REFERENCE = "ppu"
@@ -59,14 +57,10 @@ ATTACK_METRICS = {"mia": "MIA (SCRUB)", "mia_auc": "Attack AUC", "mia_tpr_at_1fp
                   "mia_tpr_at_5fpr": "TPR@5%FPR", "retrain_gap": "Retrain gap"}
 
 
-LAM_ROW = re.compile(r"^ppu\[lam=([^\]]+)\]$")
-
-
 def label(name: str) -> str:
     """Our row label for method ``name``: :data:`LABELS`, "PPU (λ = x)" for a row of the λ sweep
     (``ppu[lam=x]``), else the name itself."""
-    m = LAM_ROW.match(name)
-    return f"PPU (λ = {m.group(1)})" if m else LABELS.get(name, name)
+    return report.label(name, LABELS)
 
 
 def lam_rows(methods: Mapping[str, Any]) -> list[tuple[float, str]]:

@@ -40,7 +40,7 @@ def _table(printed):
 
 
 def test_demo_writes_table_verdict_and_files_without_redraws(tmp_path, capsys, tiny_demo):
-    from ppu_fast.report import LABELS
+    from ppu_fast.report import LABELS, label
     out = tmp_path / "demo"
     # capsys: stdout and stderr are not terminals, so no bars unless asked for
     assert main(["demo", "--out", str(out)]) == 0
@@ -48,7 +48,7 @@ def test_demo_writes_table_verdict_and_files_without_redraws(tmp_path, capsys, t
     assert "\r" not in printed and "\r" not in err and err == ""
     assert "| Method | Test error | Retain error | Forget error" in printed
     for name in ("original", "retrain", "finetune", "ppu", "ppu-bias", "ppu-random"):  # one line each, timed
-        pattern = rf"\[seed 0\] {re.escape(name)} +test .* \(\d+\.\d s\)"
+        pattern = rf"\[seed 0\] {re.escape(label(name))} +test .* \(\d+\.\d s\)"
         assert len([ln for ln in printed.splitlines() if re.fullmatch(pattern, ln)]) == 1, name
     res = json.loads((out / "results.json").read_text())
     assert list(res["methods"]) == ["original", "retrain", "finetune", "ppu", "ppu-bias", "ppu-random"]

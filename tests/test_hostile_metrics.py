@@ -172,7 +172,7 @@ def test_a_method_on_fewer_seeds_shows_its_count(tmp_path):
                for s in range(3)]
     methods = summarize(tables.merge(folders)["per_seed"])
     table = format_table(methods, with_std=True)
-    scrub = next(line for line in table.splitlines() if line.startswith("| scrub"))
+    scrub = next(line for line in table.splitlines() if line.startswith("| SCRUB |"))
     ppu = next(line for line in table.splitlines() if line.startswith("| PPU (privacy)"))
     assert "40.00 (n=1)" in scrub and "(n=" not in ppu
     assert tables.main([*map(str, folders), "--out", str(tmp_path / "m")]) == 0

@@ -18,6 +18,7 @@ from ..metrics import (MIA_MIN_PER_SIDE, add_retrain_gaps, error, lira, mia_deta
                        restrict_to_classes)
 from ..data import other_classes_dataset
 from ..models import build_model
+from ..report import label
 from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
                         transfer_body)
 from ..training import TrainConfig, fit_cached
@@ -250,6 +251,8 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
             config["variants"] = {k: {"method": m, **{o: str(v) for o, v in kw.items()}}
                                   for k, (m, kw) in variants.items() if k in methods}
         rows = {}
+        # The tables' and the verdict's names here too (ids are what --methods takes).
+        width_of_label = max([10] + [len(label(n)) for n in methods])
         for name in methods:
             method = method_of[name]
             kw = {**(variants[name][1] if name in variants else {}), **method_kwargs.get(name, {})}
@@ -271,7 +274,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                 # A size refusal (NTK on a model too large for its Jacobian) should not cost the
                 # other methods' results: the method is left out of this seed, and config says why.
                 skipped[name] = str(exc)
-                say(f"[seed {seed}] {name:<10} skipped: {exc}")
+                say(f"[seed {seed}] {label(name):<{width_of_label}} skipped: {exc}")
                 continue
             seconds = res.timings.get("train", time.perf_counter() - t0) if method == "retrain" \
                 else res.timings["total"]
@@ -288,14 +291,14 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                     {"seed": seed, "selected_epoch": res.selected_epoch, "history": res.history})
             rows[name] = row
             used.setdefault(name, options_record(method, given, res.options))
-            say(f"[seed {seed}] {name:<10} test {row['test_error']:6.2f}  retain {row['retain_error']:6.2f}  "
+            say(f"[seed {seed}] {label(name):<{width_of_label}} test {row['test_error']:6.2f}  retain {row['retain_error']:6.2f}  "
                 f"forget {row['forget_error']:6.2f}  MIA {row['mia']:6.2f}  AUC {row['mia_auc']:6.2f}  "
                 f"TPR@1%FPR {row['mia_tpr_at_1fpr']:6.2f}  ({seconds:.1f} s)")
         # Per seed, against this seed's Retrain: the same split and starting weights on both sides.
         rows = add_retrain_gaps(rows)
         if "retrain" in rows:
             say(f"[seed {seed}] retrain gap (mean |difference| to Retrain over test, retain, forget error "
-                f"and MIA): " + ", ".join(f"{n} {r['retrain_gap']:.2f}" for n, r in rows.items()))
+                f"and MIA): " + ", ".join(f"{label(n)} {r['retrain_gap']:.2f}" for n, r in rows.items()))
         per_seed.append(rows)
     if skipped:
         config["skipped"] = skipped
