@@ -5,7 +5,9 @@
 
 For each size N x k (float32) and each backend the registry can run on this device:
   * ``step`` with hessian=False, and ``step`` with the Hessian the Newton solver asks for
-    (dense for k <= solver.DENSE_HESSIAN_MAX_K, else its diagonal);
+    (dense for k <= solver.DENSE_HESSIAN_MAX_K, else its diagonal); where that dense Hessian
+    is a row sample (base.hessian_stride > 1), the compiled backends' ``step`` with
+    hessian="exact" too (``step+exactH``: what a pass costs once a stalled Newton asks for it);
   * a full ``ppu_fast.refine`` (Newton, tol 1e-6, lam 1) of a synthetic confident classifier
     (true-class logit +6) forgetting the first max(1, k // 10) classes (10 % of the rows),
     broken down into its phases (``info.timings``: prepare, the solver's passes, materialize)
@@ -44,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import ppu_fast  # noqa: E402
 from ppu_fast.backends import BACKEND_NAMES, load, reasons  # noqa: E402
+from ppu_fast.backends.base import hessian_stride  # noqa: E402
 from ppu_fast.backends.cpu import empty_buffer  # noqa: E402
 from ppu_fast.solver import DENSE_HESSIAN_MAX_K  # noqa: E402
 
@@ -247,7 +250,10 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
                              f"(budget --compile-budget-s {args.compile_budget_s:.0f} s)")
                 rows.append(r)
             continue
-        for op, h in (("step", False), (hname, hmode)):
+        step_ops = [("step", False), (hname, hmode)]
+        if hmode is True and hessian_stride(n, k) > 1 and label not in (EAGER, COMPILED):
+            step_ops.append(("step+exactH", "exact"))
+        for op, h in step_ops:
             fn = (lambda i, h=h: be.step(lps[i % nb], inv_c, alpha, h))
             compile_s = None
             if label == COMPILED and state["compile_s"] > args.compile_budget_s:
