@@ -8,7 +8,6 @@ temporaries); :func:`raise_row_error` words what a backend reported.
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -55,10 +54,20 @@ def to_tensor(x, name: str, sequence: bool = False) -> Tuple[torch.Tensor, bool]
 
 def from_numpy_readonly(a: np.ndarray) -> torch.Tensor:
     """``torch.from_numpy`` (no copy) without torch's warning for a read-only array
-    (np.load(mmap_mode="r")) that writes to it would be undefined: nothing here writes an input."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    (np.load(mmap_mode="r")) that writes to it would be undefined: nothing here writes an input.
+
+    A read-only array goes through DLPack, which carries it without the warning. Silencing the
+    warning instead (warnings.catch_warnings) would swap the process's warning filters, which
+    every thread shares, for the length of the call."""
+    if a.flags.writeable:
         return torch.from_numpy(a)
+    try:
+        return torch.from_dlpack(a)
+    except (BufferError, TypeError, ValueError, RuntimeError):
+        # A dtype or layout DLPack cannot carry: torch's own refusal names the dtype (an empty
+        # writable array of it raises the same); a layout torch can still read is copied.
+        torch.from_numpy(np.empty((0,) * a.ndim, a.dtype))
+        return torch.from_numpy(np.array(a))
 
 
 def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:

@@ -401,6 +401,27 @@ def test_a_read_only_numpy_input_gives_no_torch_warning(tmp_path):
         ppu_fast.refine(p.numpy(), mask.numpy(), out=x)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.bool_])
+def test_read_only_arrays_are_viewed_without_a_copy_or_a_warning(dtype):
+    # Through DLPack: silencing torch's warning instead swapped the process's warning filters,
+    # which other threads share, for the length of the call.
+    import warnings
+
+    from ppu_fast.problem import from_numpy_readonly
+    a = np.ones((6, 8), dtype)[:, ::2]
+    a.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = from_numpy_readonly(a)
+    assert t.data_ptr() == a.ctypes.data and t.stride() == (8, 2) and t.dtype == torch.from_numpy(
+        np.ones(1, dtype)).dtype
+    assert torch.equal(t, torch.from_numpy(np.array(a)))
+    odd = np.array([object()] * 3)
+    odd.setflags(write=False)
+    with pytest.raises(TypeError, match="numpy.object_"):
+        from_numpy_readonly(odd)
+
+
 def test_refine_file_names_rows_when_a_mask_array_has_the_files_length(tmp_path):
     from ppu_fast.stream import refine_file
 
