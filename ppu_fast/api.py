@@ -21,9 +21,11 @@ from .backends.cpu import empty_buffer
 from .problem import ArrayLike, ForgetSpec, MarginalsSpec, PseudoSpec, WeightsSpec
 from .solver import (FinalPass, RefineInfo, check_options, check_tol_floor, gauge_for_kernels,
                      hessian_mode, solve_dual)
+from .torch_defaults import cpu_default_device
 
 
 
+@cpu_default_device
 def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] = None, *,
            logits: Optional[ArrayLike] = None, lam: float = 1.0, pseudo: PseudoSpec = "uniform",
            marginals: MarginalsSpec = "retain", method: str = "newton", tol: float = 1e-6,
@@ -240,6 +242,7 @@ def _validated_log_p(log_p: ArrayLike, backend: str, inv_c: Optional[torch.Tenso
     return buf, from_numpy, lp.dtype, be, prep
 
 
+@cpu_default_device
 def solve(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
           marginals: Union[ArrayLike, Sequence[float]], *, method: str = "newton",
           tol: float = 1e-6, max_iter: Optional[int] = None, backend: str = "auto",
@@ -288,6 +291,7 @@ def solve(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
     return alpha, info
 
 
+@cpu_default_device
 def targets(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
             alpha: Union[ArrayLike, Sequence[float]], *, backend: str = "auto") -> ArrayLike:
     """Q(alpha) (N x k): ``q_ik = softmax_k(log_p_ik - alpha_k / c_i)``, in log_p's dtype (float64

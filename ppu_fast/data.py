@@ -260,9 +260,9 @@ def make_loader(data: Dataset | DataLoader, batch_size: int = 256, shuffle: bool
     caller's loader selects, all of them."""
     if isinstance(data, DataLoader):
         data = loader_examples(data, "data")
-    generator = None
-    if shuffle:
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    # A generator of its own even unshuffled: each iterator draws a base seed from it, which
+    # would otherwise come from (and advance) the caller's global torch RNG.
+    generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=collate_pairs)
 

@@ -19,6 +19,7 @@ from .callable_module import make_callable
 from .caller_state import check_seed, frozen_modules, is_int, is_real, keeps_caller_state, probe_forward
 from .metrics import check_logits
 from .training import check_optimizer_options, lone_last_batch, model_device, one_example_batchnorm
+from .torch_defaults import training_grad_mode
 
 SELECT_POLICIES = ("last", "val")
 TRAINABLE = ("all", "last-block", "head")
@@ -316,6 +317,7 @@ def _check_inputs_finite(x: torch.Tensor, rows: torch.Tensor) -> None:
 
 
 @keeps_caller_state(lambda kw: "finetune")
+@training_grad_mode
 def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray, *, epochs: int = 10, lr: float = 0.01,
              optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64,
              forget_mask: torch.Tensor | np.ndarray | None = None, retain_per_epoch: int | None = None,

@@ -364,10 +364,12 @@ def pseudo_log(pseudo, n_forget: int, k: int, generator: Optional[torch.Generato
         if pseudo == "uniform":
             return "vector", torch.full((k,), -float(np.log(k)), dtype=torch.float32)
         if pseudo == "random":
-            z = torch.randn(n_forget, k, generator=generator)
+            # dtype and device pinned: a caller's torch.set_default_dtype(torch.float64) drew
+            # other numbers from the same generator (and bfloat16 quantised them).
+            z = torch.randn(n_forget, k, generator=generator, dtype=torch.float32, device="cpu")
             return "rows", torch.log_softmax(z, dim=1)
         if pseudo == "random-simplex":
-            u = torch.rand(n_forget, k, generator=generator, dtype=torch.float64)
+            u = torch.rand(n_forget, k, generator=generator, dtype=torch.float64, device="cpu")
             return "rows", torch.log(u / u.sum(dim=1, keepdim=True)).float()
         if pseudo == "prior":
             return "prior", None

@@ -29,6 +29,7 @@ from . import problem as pb
 from .problem import ForgetSpec, WeightsSpec
 from .sharded import Comm, RowStore, collective_checks, refine_rows
 from .solver import RefineInfo
+from .torch_defaults import cpu_default_device
 
 PathLike = Union[str, os.PathLike]
 FILE_DTYPES = (np.float16, np.float32, np.float64)
@@ -296,6 +297,7 @@ def _forget_arg(forget, n: int, rows_given: bool = False):
     return forget
 
 
+@cpu_default_device
 def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_path: PathLike, *,
                 logits: bool = False,
                 chunk_rows: Optional[int] = None,

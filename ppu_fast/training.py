@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .caller_state import cuda_devices_to_fork, is_real
 from .data import ArrayDataset, collate_pairs
+from .torch_defaults import training_grad_mode
 
 _CACHE_VERSION = 1
 
@@ -126,6 +127,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 
+@training_grad_mode
 def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
         device: str | torch.device | None = None, progress: bool = True, desc: str = "train") -> nn.Module:
     """Train ``model`` in place with cross-entropy and SGD (momentum, weight decay) on ``data``, whose

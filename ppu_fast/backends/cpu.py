@@ -176,7 +176,8 @@ class CpuBackend(Backend):
         inv_c = inv_c.contiguous() if first else None
         fmask = forget.contiguous().view(torch.uint8) if forget is not None else None
         fill = fill.contiguous() if fill is not None else None
-        packed = torch.empty(packed_size(k, first, hessian), dtype=torch.float64)
+        # The C++ code writes through this pointer: a CPU buffer whatever torch's default device.
+        packed = torch.empty(packed_size(k, first, hessian), dtype=torch.float64, device="cpu")
         sr, sc = x.stride()
         osr, osc = out.stride() if out is not None else (0, 0)
         _C.prepare(x.data_ptr(), _X_CODE[x.dtype], n, k, sr, sc, MODE_CODE[mode],

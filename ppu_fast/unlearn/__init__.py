@@ -20,6 +20,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset
 from ..callable_module import make_callable
 from ..caller_state import check_finite_options, check_seed, is_int, keeps_caller_state
 from ..data import loader_examples
+from ..torch_defaults import training_grad_mode
 
 _METHODS: dict[str, Callable[..., "UnlearnResult"]] = {}
 _COMMON = ("val", "seed", "device", "inplace", "progress")
@@ -230,6 +231,7 @@ def _sources(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 @keeps_caller_state(lambda kw: f"unlearn(method={kw.get('method', 'ppu')!r})")
+@training_grad_mode
 def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | DataLoader, *,
             method: str = "ppu", val: Dataset | DataLoader | None = None, seed: int = 0,
             device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,

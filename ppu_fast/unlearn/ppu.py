@@ -57,15 +57,18 @@ def pseudo_rows(pseudo: str | torch.Tensor, retain_probs: torch.Tensor, n_forget
         if pseudo.shape != (n_forget, k):
             raise ValueError(f"pseudo: shape {tuple(pseudo.shape)}; expected (N_forget, k) = "
                              f"({n_forget}, {k})")
-        if bool((pseudo < 0).any()) or not torch.allclose(pseudo.sum(1).double(),
-                                                          torch.ones(n_forget, dtype=torch.float64),
-                                                          atol=1e-4):
+        if bool((pseudo < 0).any()) or not torch.allclose(
+                pseudo.sum(1).double().cpu(), torch.ones(n_forget, dtype=torch.float64, device="cpu"),
+                atol=1e-4):
             raise ValueError("pseudo: rows must be probabilities (non-negative, summing to 1)")
         return pseudo.detach().float().cpu()
+    # dtype and device pinned: the caller's torch.set_default_dtype / set_default_device must not
+    # change what a seed draws, nor where the targets are built.
     if pseudo == "uniform":
-        return torch.full((n_forget, k), 1.0 / k)
+        return torch.full((n_forget, k), 1.0 / k, dtype=torch.float32, device="cpu")
     if pseudo == "random":
-        return torch.softmax(torch.randn(n_forget, k, generator=generator), dim=1)
+        return torch.softmax(torch.randn(n_forget, k, generator=generator, dtype=torch.float32,
+                                         device="cpu"), dim=1)
     if pseudo == "prior":
         return retain_probs.float().mean(0).cpu().expand(n_forget, k).clone()
     raise ValueError(f"pseudo: unknown name {pseudo!r}; expected 'uniform', 'random', 'prior', "

@@ -1,0 +1,153 @@
+"""Torch state a caller may have set around a call (probe 29): a default device other than the
+CPU, another default dtype, no_grad / inference_mode, the global RNG. The package's answer must
+be the one it gives with torch's defaults, and the caller's state must be as it was."""
+import contextlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import ppu_fast
+from ppu_fast import metrics
+from ppu_fast.finetune import finetune
+from ppu_fast.torch_defaults import cpu_default_device, training_grad_mode
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _problem(n=600, k=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(3 * torch.randn(n, k, generator=g), dim=1)
+    forget = torch.zeros(n, dtype=torch.bool)
+    forget[: n // 10] = True
+    return p, forget
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("pseudo", [None, "uniform", "random", "prior"])
+def test_refine_under_a_meta_default_device_is_the_plain_answer(backend, pseudo):
+    # cpu: prepare's result buffer took the default device and the C++ code wrote through a null
+    # pointer (a segmentation fault); other paths raised "Cannot copy out of meta tensor".
+    p, forget = _problem()
+    kw = dict(pseudo=pseudo, backend=backend)
+    want = ppu_fast.refine(p, forget, generator=torch.Generator().manual_seed(1), **kw)
+    with torch.device("meta"):
+        assert torch.get_default_device().type == "meta"
+        got = ppu_fast.refine(p, forget, generator=torch.Generator(device="cpu").manual_seed(1),
+                              **kw)
+        assert torch.get_default_device().type == "meta"  # the caller's default is back
+    assert got.device.type == "cpu" and torch.equal(got, want)
+
+
+def test_solve_targets_refine_file_and_numpy_under_a_meta_default_device(tmp_path):
+    p, forget = _problem()
+    q_np = ppu_fast.refine(p.numpy(), forget.numpy())
+    log_p = p.log()
+    w = torch.full((p.shape[0],), 1.0)
+    alpha, info = ppu_fast.solve(log_p, w, p.sum(0, dtype=torch.float64))
+    t = ppu_fast.targets(log_p, w, alpha)
+    np.save(tmp_path / "p.npy", p.numpy())
+    with torch.device("meta"):
+        assert np.array_equal(ppu_fast.refine(p.numpy(), forget.numpy()), q_np)
+        a2, _ = ppu_fast.solve(log_p, w, p.sum(0, dtype=torch.float64))
+        t2 = ppu_fast.targets(log_p, w, a2)
+        ppu_fast.refine_file(tmp_path / "p.npy", forget.numpy(), tmp_path / "q.npy",
+                             chunk_rows=200, progress=False)
+    assert torch.equal(a2, alpha) and torch.equal(t2, t) and info.converged
+    np.testing.assert_allclose(np.load(tmp_path / "q.npy"), q_np, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_seeded_random_pseudo_does_not_follow_the_default_dtype(dtype):
+    # The draws were made in the default dtype: another Q (0.77 apart) from the same generator.
+    p, forget = _problem()
+    want = ppu_fast.refine(p, forget, pseudo="random", generator=torch.Generator().manual_seed(3))
+    with _default_dtype(dtype):
+        got = ppu_fast.refine(p, forget, pseudo="random",
+                              generator=torch.Generator().manual_seed(3))
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def _toy(n=48, d=5, k=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    torch.manual_seed(0)
+    return nn.Linear(d, k), TensorDataset(x, y), torch.softmax(torch.randn(n, k, generator=g), 1)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_finetune_and_unlearn_train_inside_a_callers_no_grad(mode):
+    # Every backward failed: "element 0 of tensors does not require grad".
+    model, data, targets = _toy()
+    want = finetune(model, data, targets, epochs=2, progress=False).model.weight
+    forget, retain = torch.utils.data.Subset(data, range(8)), torch.utils.data.Subset(data, range(8, 48))
+    want_u = ppu_fast.unlearn(model, forget, retain, method="ppu-bias", epochs=1, seed=0,
+                              progress=False).model.weight
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        got = finetune(model, data, targets, epochs=2, progress=False).model.weight
+        got_u = ppu_fast.unlearn(model, forget, retain, method="ppu-bias", epochs=1, seed=0,
+                                 progress=False).model.weight
+        # the caller's mode is back
+        assert not torch.is_grad_enabled()
+        assert torch.is_inference_mode_enabled() == (mode == "inference_mode")
+    assert torch.equal(got, want) and torch.equal(got_u, want_u)
+
+
+def test_the_decorators_push_nothing_under_torchs_defaults():
+    seen = []
+
+    def probe():
+        seen.append((torch.get_default_device().type, torch.is_grad_enabled(),
+                     torch.is_inference_mode_enabled()))
+
+    cpu_default_device(probe)()
+    training_grad_mode(probe)()
+    with torch.device("meta"), torch.inference_mode():
+        cpu_default_device(probe)()
+        training_grad_mode(probe)()
+    assert seen == [("cpu", True, False)] * 2 + [("cpu", False, True), ("cpu", True, False)]
+
+
+def test_seeded_metrics_leave_the_global_rng_alone():
+    # Each DataLoader iterator drew its base seed from the global torch RNG (scikit-learn leaves
+    # the global state alone when random_state is given).
+    model, data, _ = _toy()
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    metrics.mia(model, data, data, seed=0)
+    metrics.error(model, data)
+    metrics.lira(model, data, data)
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_the_refine_cli_under_a_cuda_default_device_in_sitecustomize_style(tmp_path):
+    # torch.set_default_device at start-up (as a notebook or LLM script does) before the CLI's
+    # refine, on a machine without CUDA: "meta" stands in; the CPU kernels segfaulted.
+    p, forget = _problem()
+    np.save(tmp_path / "p.npy", p.numpy())
+    np.save(tmp_path / "m.npy", forget.numpy())
+    code = ("import sys, torch; torch.set_default_device('meta'); from ppu_fast.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "refine", "--probs", str(tmp_path / "p.npy"),
+                        "--forget", str(tmp_path / "m.npy"), "--out", str(tmp_path / "q.npy")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "q.npy"), ppu_fast.refine(p, forget).numpy(),
+                               atol=2e-6)
