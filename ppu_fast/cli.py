@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -507,12 +508,13 @@ def _refine(args: argparse.Namespace) -> int:
     if isinstance(mask, torch.Tensor) and isinstance(x, np.ndarray):
         mask = mask.numpy()  # refine reads a numpy mask for any input; a .npy one stays numpy
     inputs = {"probs": x} if args.probs is not None else {"logits": x}
-    q, info = refine(forget_mask=mask, lam=args.lam, weights=weights,
-                     pseudo=None if args.pseudo == "none" else args.pseudo,
-                     marginals=args.marginals, method=args.method, backend=args.backend,
-                     tol=args.tol, max_iter=args.max_iter,
-                     generator=torch.Generator().manual_seed(args.seed), return_info=True,
-                     **inputs)
+    with _convergence_said_here():
+        q, info = refine(forget_mask=mask, lam=args.lam, weights=weights,
+                         pseudo=None if args.pseudo == "none" else args.pseudo,
+                         marginals=args.marginals, method=args.method, backend=args.backend,
+                         tol=args.tol, max_iter=args.max_iter,
+                         generator=torch.Generator().manual_seed(args.seed), return_info=True,
+                         **inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside, then renamed: a write that fails (a full disk) leaves no truncated Q under
     # --out for status 2's "nothing written" to contradict.
@@ -525,6 +527,18 @@ def _refine(args: argparse.Namespace) -> int:
     print(f"refined {tuple(q.shape)} with {info.method} on {info.backend}: {info.iterations} iterations, "
           f"residual {info.residual:.2e}, converged {info.converged}, {info.seconds:.3f} s -> {out}")
     return _converged_status(info)
+
+
+@contextmanager
+def _convergence_said_here() -> Iterator[None]:
+    """The solver's ConvergenceWarning silenced: ``_converged_status`` says it (stderr, status
+    1). Left on, it was said twice, and under ``-W error`` / ``PYTHONWARNINGS=error`` it became an
+    exception before Q was written (status 1, which promises Q, with no Q)."""
+    from .solver import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
 
 
 def _converged_status(info) -> int:
@@ -590,7 +604,7 @@ def _refine_streamed(args: argparse.Namespace) -> int:
         raise ValueError("--weights, --lam: pass one of them")
     if isinstance(weights, torch.Tensor):
         weights = weights.numpy()
-    with _made_folders(out.parent):
+    with _made_folders(out.parent), _convergence_said_here():
         info = refine_file(src, forget, out, logits=args.logits is not None,
                            chunk_rows=args.chunk_rows, memory_budget=args.memory_budget,
                            device=args.device, progress=_show_progress(args),

@@ -4,6 +4,7 @@ the same call on an untouched copy, or a refusal that names the argument."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -271,9 +272,10 @@ def test_refine_file_of_no_rows_does_not_speak_of_ranks(tmp_path):
     assert "N == 0 rows" in str(exc.value) and "rank" not in str(exc.value)
 
 
-def _cli(*args):
+def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "ppu_fast.cli", "refine", *map(str, args)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_the_cli_streamed_refuses_bad_lam_and_names_missing_files(tmp_path):
@@ -300,6 +302,14 @@ def test_the_cli_exits_1_when_the_solver_did_not_converge(tmp_path, stream):
     extra = ["--chunk-rows", 500] if stream else []
     r = _cli("--probs", tmp_path / "p.npy", "--forget", tmp_path / "m.npy", "--out",
              tmp_path / "q.npy", "--max-iter", 1, *extra)
+    assert r.returncode == 1, r.stderr
+    assert "did not converge" in r.stderr and (tmp_path / "q.npy").exists()
+    # Said once (the CLI's line, not the Python warning too), and a caller's warnings-as-errors
+    # does not turn it into a traceback before Q is written: status 1 promises Q.
+    assert "ConvergenceWarning" not in r.stderr
+    (tmp_path / "q.npy").unlink()
+    r = _cli("--probs", tmp_path / "p.npy", "--forget", tmp_path / "m.npy", "--out",
+             tmp_path / "q.npy", "--max-iter", 1, *extra, env={"PYTHONWARNINGS": "error"})
     assert r.returncode == 1, r.stderr
     assert "did not converge" in r.stderr and (tmp_path / "q.npy").exists()
     r = _cli("--probs", tmp_path / "p.npy", "--forget", tmp_path / "m.npy", "--out",
