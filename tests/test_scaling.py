@@ -210,6 +210,9 @@ def test_timings_hold_durations_only(tmp_path):
             assert info.chunk_rows == 8
         else:
             assert 1 <= info.chunk_rows < n
+    # The rows a chunk held, not the cap: a budget or chunk_rows above the file's rows says n.
+    for kw in ({"chunk_rows": 10 * n}, {"memory_budget": "1GiB"}):
+        assert refine_file(tmp_path / "p.npy", mask, tmp_path / "q.npy", **kw).chunk_rows == n
 
 
 def test_parse_bytes():
