@@ -141,7 +141,8 @@ setup(
     ext_modules=[CMakeExtension("ppu_fast._C", sourcedir=os.fspath(ROOT))],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
-    install_requires=["torch", "numpy", "tqdm", "matplotlib", "scikit-learn", "threadpoolctl"],
+    # torch.get_default_device (ppu_fast/torch_defaults.py) is torch 2.3's.
+    install_requires=["torch>=2.3", "numpy", "tqdm", "matplotlib", "scikit-learn", "threadpoolctl"],
     extras_require={
         # pybind11, cmake and ninja: tests/test_build.py configures the CMake project itself.
         "test": ["pytest", "hypothesis", "POT", "scikit-learn", "pytest-benchmark", "pybind11",

@@ -7,12 +7,29 @@ import contextlib
 import functools
 import math
 import numbers
+import os
+import sys
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 from torch import nn
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by the function calling this one that
+    names the first frame outside ppu_fast: the caller's line, however many of the package's
+    calls and wrappers lie between (a fixed stacklevel named a wrapper's line once one was
+    added, and every call site then shared one warning location)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def cuda_devices_to_fork(model: nn.Module, device: Any) -> list[int]:

@@ -261,8 +261,11 @@ def make_loader(data: Dataset | DataLoader, batch_size: int = 256, shuffle: bool
     if isinstance(data, DataLoader):
         data = loader_examples(data, "data")
     # A generator of its own even unshuffled: each iterator draws a base seed from it, which
-    # would otherwise come from (and advance) the caller's global torch RNG.
-    generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    # would otherwise come from (and advance) the caller's global torch RNG. On the default
+    # device when that is a GPU: the draw is made there (torch.set_default_device("cuda")).
+    default = torch.get_default_device()
+    generator = torch.Generator(device=default if default.type == "cuda" else "cpu")
+    generator.manual_seed(0 if seed is None else int(seed))
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=collate_pairs)
 

@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .callable_module import make_callable
-from .caller_state import check_seed, frozen_modules, is_int, is_real, keeps_caller_state, probe_forward
+from .caller_state import (caller_stacklevel, check_seed, frozen_modules, is_int, is_real,
+                           keeps_caller_state, probe_forward)
 from .metrics import check_logits
 from .training import check_optimizer_options, lone_last_batch, model_device, one_example_batchnorm
 from .torch_defaults import training_grad_mode
@@ -467,7 +468,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
                 # max_samples): say so and use them all.
                 warnings.warn(f"retain_per_epoch={retain_per_epoch} is more than the {n_take} "
                               f"retain rows; each epoch uses all {n_take}", UserWarning,
-                              stacklevel=2)
+                              stacklevel=caller_stacklevel())
             n_take = min(retain_per_epoch, n_take)
         elif retain_fraction is not None:
             n_take = max(1, int(round(float(retain_fraction) * len(retain_rows))))

@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .caller_state import _dtype_name, eval_mode, forward_failed, is_int
 from .data import dataset_targets, loader_examples, make_loader
 from .training import model_device
-from .torch_defaults import cpu_default_device
 
 
 def _check_model(model: object) -> None:
@@ -34,7 +33,6 @@ def check_logits(out: object, n_inputs: int) -> None:
 
 
 @torch.no_grad()
-@cpu_default_device
 def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
             device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, k) and labels (N,) of ``model`` on ``data`` in eval mode, on CPU. Each module's
@@ -88,7 +86,6 @@ def _batch_labels(y: object, n: int) -> torch.Tensor:
     return t.long()
 
 
-@cpu_default_device
 def error(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
           device: str | torch.device | None = None) -> float:
     """Classification error of ``model`` on ``data`` in percent (0-100); NaN for an empty set. An
@@ -101,7 +98,6 @@ def error(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256
     return 100.0 * float((~right).float().mean())
 
 
-@cpu_default_device
 def losses(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
            device: str | torch.device | None = None) -> np.ndarray:
     """Per-example cross-entropy losses (N,) of ``model`` on ``data`` in eval mode."""
@@ -198,7 +194,6 @@ def _attack_losses(model: nn.Module, forget: Dataset | DataLoader, test: Dataset
             losses(model, test_same, batch_size=batch_size, device=device))
 
 
-@cpu_default_device
 def mia(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | DataLoader, *, seed: int = 0,
         batch_size: int = 256, device: str | torch.device | None = None) -> float:
     """Membership-inference attack accuracy in percent (50 is ideal: the attacker cannot tell the forget
@@ -208,7 +203,6 @@ def mia(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | DataLoad
     return mia_from_losses(f, t, seed=seed)
 
 
-@cpu_default_device
 def mia_detail(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | DataLoader, *,
                seed: int = 0, batch_size: int = 256,
                device: str | torch.device | None = None) -> dict[str, float | int | list[float]]:
@@ -391,7 +385,6 @@ def attack_from_features(member_values: Sequence[float] | np.ndarray, member_lab
             "n_members": int(len(ms)), "n_nonmembers": int(len(ns))}
 
 
-@cpu_default_device
 def lira(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | DataLoader, *, batch_size: int = 256,
          device: str | torch.device | None = None) -> dict[str, float | int]:
     """The offline LiRA-style attack on ``model``: members are ``forget``, non-members the examples of

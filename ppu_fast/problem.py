@@ -8,6 +8,7 @@ temporaries); :func:`raise_row_error` words what a backend reported.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -57,17 +58,18 @@ def from_numpy_readonly(a: np.ndarray) -> torch.Tensor:
     (np.load(mmap_mode="r")) that writes to it would be undefined: nothing here writes an input.
 
     A read-only array goes through DLPack, which carries it without the warning. Silencing the
-    warning instead (warnings.catch_warnings) would swap the process's warning filters, which
-    every thread shares, for the length of the call."""
+    warning instead (warnings.catch_warnings) swaps the process's warning filters, which every
+    thread shares, for the length of the call: that is left for what DLPack refuses (a dtype it
+    cannot carry, or a numpy before 2.1 / torch before DLPack 1.0, which cannot mark a
+    read-only export), so that torch.from_numpy still views it, or refuses it in its words."""
     if a.flags.writeable:
         return torch.from_numpy(a)
     try:
         return torch.from_dlpack(a)
     except (BufferError, TypeError, ValueError, RuntimeError):
-        # A dtype or layout DLPack cannot carry: torch's own refusal names the dtype (an empty
-        # writable array of it raises the same); a layout torch can still read is copied.
-        torch.from_numpy(np.empty((0,) * a.ndim, a.dtype))
-        return torch.from_numpy(np.array(a))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(a)
 
 
 def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:

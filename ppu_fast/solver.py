@@ -20,6 +20,7 @@ import torch
 
 from .backends.base import Backend, StepOut, compute_dtype, hessian_stride
 from .backends.cpu import _C
+from .caller_state import caller_stacklevel
 from .problem import as_float, as_int
 
 METHODS = ("newton", "sinkhorn", "gradient")
@@ -514,5 +515,5 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
     if not converged:
         warnings.warn(f"ppu_fast: {method} did not converge: {message}; residual {res:.3g} > "
                       f"tol {tol:.3g} after {ev.passes} passes (see info.converged)",
-                      ConvergenceWarning, stacklevel=4)
+                      ConvergenceWarning, stacklevel=caller_stacklevel())
     return info

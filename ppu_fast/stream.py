@@ -419,8 +419,8 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
                               generator=generator, comm=comm, where=where, progress=bar,
                               first_row=r0, **options)
         del store
-    # The rows a chunk held: the cap, or all of this rank's rows when they are fewer.
-    info.chunk_rows = int(min(rows_per, max(r1 - r0, 1)))
+    # The rows a chunk held: the cap, or all of this rank's rows when they are fewer (0: none).
+    info.chunk_rows = int(min(rows_per, r1 - r0))
     info.seconds = time.perf_counter() - t0
     return info
 

@@ -1,17 +1,20 @@
 """The torch state a caller may have set around a call, made harmless at the public entry points.
 
-* ``torch.set_default_device("cuda")`` (common in LLM code) or ``"meta"``: the package builds
-  its CPU-side temporaries (the C++ kernels' result buffers, float64 totals) with torch's
-  factories without naming a device, as torch code usually does. Under another default device
-  they landed there: the CPU kernels wrote through a CUDA or a null pointer (a segmentation
-  fault), other paths failed with "Cannot copy out of meta tensor". :func:`cpu_default_device`
-  runs the call with the CPU as the default, which is what every path was written and tested
-  under; tensors that belong on a GPU name their device.
+* ``torch.set_default_device("cuda")`` (common in LLM code) or ``"meta"``: the solver builds its
+  CPU-side temporaries (the C++ kernels' result buffers, float64 totals) with torch's factories
+  without naming a device, as torch code usually does. Under another default device they landed
+  there: the CPU kernels wrote through a CUDA or a null pointer (a segmentation fault), other
+  paths failed with "Cannot copy out of meta tensor". :func:`cpu_default_device` runs the solver
+  calls (refine, solve, targets, refine_file), which run no code of the caller's, with the CPU as
+  the default; tensors that belong on a GPU name their device. The training and evaluation calls
+  are left under the caller's default: they run the caller's model and callbacks, whose own
+  factory calls may rely on it, and the mode would intercept every op of theirs (twice the time
+  of a small model's fine-tuning).
 * ``torch.no_grad()`` / ``torch.inference_mode()`` around a training call (a habit from
   evaluation code): every backward failed with "element 0 of tensors does not require grad".
-  :func:`training_grad_mode` turns gradients back on for the call, as a training loop of
-  PyTorch Lightning's does; inference tensors the caller made stay unusable for backward, and
-  torch says so.
+  :func:`training_grad_mode` turns gradients back on for the call, as PyTorch Lightning's
+  training loop does; inference tensors the caller made stay unusable for backward, and torch
+  says so.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ F = TypeVar("F", bound=Callable)
 
 def cpu_default_device(fn: F) -> F:
     """Decorator: ``fn`` runs with torch's default device set to the CPU when the caller's is
-    another (a thread-local torch function mode, pushed only then: the usual call pays nothing)."""
+    another (a thread-local torch function mode, pushed only then; the usual call pays one
+    ``torch.get_default_device()``, about 3 us)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -40,9 +44,8 @@ def cpu_default_device(fn: F) -> F:
 
 
 def training_grad_mode(fn: F) -> F:
-    """Decorator for the calls that train: ``fn`` runs with gradients on (outside any
-    ``inference_mode`` and ``no_grad`` of the caller's) and the CPU as the default device
-    (:func:`cpu_default_device`). The caller's modes are back when it returns."""
+    """Decorator for the calls that train: ``fn`` runs with gradients on, outside any
+    ``inference_mode`` and ``no_grad`` of the caller's, which are back when it returns."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -51,8 +54,6 @@ def training_grad_mode(fn: F) -> F:
                 stack.enter_context(torch.inference_mode(False))
             if not torch.is_grad_enabled():
                 stack.enter_context(torch.enable_grad())
-            if torch.get_default_device().type != "cpu":
-                stack.enter_context(torch.device("cpu"))
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .caller_state import cuda_devices_to_fork, is_real
+from .caller_state import caller_stacklevel, cuda_devices_to_fork, is_real
 from .data import ArrayDataset, collate_pairs
 from .torch_defaults import training_grad_mode
 
@@ -336,6 +336,7 @@ def fit_cached(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfi
                 pass
             warnings.warn(f"ppu_fast: the trained model was not cached ({type(exc).__name__}: "
                           f"{exc}); the next run trains it again. Set PPU_FAST_CACHE to a "
-                          f"writable folder, or pass cache=False (--no-cache)", stacklevel=2)
+                          f"writable folder, or pass cache=False (--no-cache)",
+                          stacklevel=caller_stacklevel())
             path = None
     return trained, {"cached": False, "train_seconds": seconds, "path": str(path) if path else None}

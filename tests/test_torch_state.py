@@ -109,19 +109,43 @@ def test_finetune_and_unlearn_train_inside_a_callers_no_grad(mode):
     assert torch.equal(got, want) and torch.equal(got_u, want_u)
 
 
-def test_the_decorators_push_nothing_under_torchs_defaults():
+def test_the_decorators_push_a_mode_only_when_needed():
+    # The CPU default-device mode only around the solver's calls and only under another default;
+    # the training calls never push it (the caller's model and callbacks run inside them).
     seen = []
 
     def probe():
         seen.append((torch.get_default_device().type, torch.is_grad_enabled(),
-                     torch.is_inference_mode_enabled()))
+                     torch.is_inference_mode_enabled(), torch._C._len_torch_function_stack()))
 
     cpu_default_device(probe)()
     training_grad_mode(probe)()
     with torch.device("meta"), torch.inference_mode():
+        depth = torch._C._len_torch_function_stack()
         cpu_default_device(probe)()
         training_grad_mode(probe)()
-    assert seen == [("cpu", True, False)] * 2 + [("cpu", False, True), ("cpu", True, False)]
+    assert seen == [("cpu", True, False, 0)] * 2 + [("cpu", False, True, depth + 1),
+                                                     ("meta", True, False, depth)]
+
+
+def test_warnings_name_the_callers_line():
+    # A fixed stacklevel named the decorator's line once refine was wrapped: every call site then
+    # shared one warning location (and Python's once-per-location default hid all but the first).
+    import warnings
+
+    p, forget = _problem()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ppu_fast.refine(p, forget, max_iter=1)
+    assert [x.category for x in w] == [ppu_fast.ConvergenceWarning] and w[0].filename == __file__
+    model, data, targets = _toy()
+    mask = torch.zeros(48, dtype=torch.bool)
+    mask[:8] = True
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        finetune(model, data, targets, epochs=1, forget_mask=mask, retain_per_epoch=100,
+                 progress=False)
+    assert "retain_per_epoch=100" in str(w[0].message) and w[0].filename == __file__
 
 
 def test_seeded_metrics_leave_the_global_rng_alone():
