@@ -31,6 +31,8 @@ def label(name: str, labels: Mapping[str, str] = LABELS) -> str:
     (``ppu[lam=x]``), else the name itself (a variant of the caller's)."""
     m = LAM_ROW.match(name)
     return f"PPU (λ = {m.group(1)})" if m else labels.get(name, name)
+
+
 # What "±" means in every table: the standard error of the mean over seeds.
 SPREAD = "mean ± standard error over seeds (sample std / √n)"
 
