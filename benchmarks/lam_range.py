@@ -1,6 +1,8 @@
 """Which lam a refine solves to tol: converged or the residual reached, per lam decade, dtype and
-forget set (class unlearning, all rows but one, a random 10 %), on a confident classifier
-(logit margin 8, N = 1,500, k = 10). The README's statement on tiny lam quotes this table.
+forget set (class unlearning, all rows but one, a random 10 %), on confident classifiers (k = 10,
+logit margins 8 and 30) of N = 1,500 rows (Newton's Hessian holds every row) and N = 20,000 (a
+row sample, ``backends.base.hessian_stride``). The README's statement on tiny lam quotes these
+tables.
 
     python benchmarks/lam_range.py --out benchmarks/results
 """
@@ -16,8 +18,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import ppu_fast
+
+# (N, logit margin) of the tables.
+PROBLEMS = [(1500, 8.0), (20000, 8.0), (1500, 30.0), (20000, 30.0)]
 
 
 def sweep(n: int = 1500, k: int = 10, margin: float = 8.0, seed: int = 0) -> dict:
@@ -47,26 +53,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    table = sweep()
+    tables = {f"N = {n:,}, logit margin {m:g}": sweep(n=n, margin=m)
+              for n, m in tqdm(PROBLEMS, desc="lam sweeps")}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lams = next(iter(next(iter(table.values())).values())).keys()
     lines = [f"# lam range ({stamp}, commit {commit}, {platform.machine()}, torch "
              f"{torch.__version__})", "",
              "`python benchmarks/lam_range.py`: refine (Newton, tol 1e-6, pseudo uniform, "
-             "\"retain\" marginals) of a confident classifier (N = 1,500, k = 10, logit margin 8); "
-             "ok = converged, else the residual it stopped at (with a ConvergenceWarning).", "",
-             "| dtype | forget set | " + " | ".join(lams) + " |",
-             "|---|---|" + "---|" * len(lams)]
-    for dt, sets in table.items():
-        for name, row in sets.items():
-            lines.append(f"| {dt} | {name} | " + " | ".join(row.values()) + " |")
+             "\"retain\" marginals, default backend) of confident classifiers (k = 10); ok = "
+             "converged, else the residual it stopped at (with a ConvergenceWarning)."]
+    for title, table in tables.items():
+        lams = next(iter(next(iter(table.values())).values())).keys()
+        lines += ["", f"## {title}", "", "| dtype | forget set | " + " | ".join(lams) + " |",
+                  "|---|---|" + "---|" * len(lams)]
+        for dt, sets in table.items():
+            for name, row in sets.items():
+                lines.append(f"| {dt} | {name} | " + " | ".join(row.values()) + " |")
     (out / f"lam-range-{stamp}.md").write_text("\n".join(lines) + "\n")
     (out / f"lam-range-{stamp}.json").write_text(json.dumps(
-        {"date": stamp, "commit": commit, "torch": torch.__version__, "table": table}, indent=1))
+        {"date": stamp, "commit": commit, "torch": torch.__version__, "tables": tables},
+        indent=1))
     print("\n".join(lines))
 
 

@@ -71,6 +71,17 @@ MAX_EXTRAPOLATION = 64.0
 # behind (float32 ones reach -104 at most, float64 ones -745): the marginals are infeasible or
 # nearly so.
 DIVERGED_LOGIT = 1e4
+# balanced_laplacian's sweeps toward the exact diagonal. Measured (cpu backend, 288 refines:
+# 20,000 x 10 / 20,000 x 40 / 50,000 x 100, logit margins 8 and 30, lam 1e-2 to 1e-8, class and
+# selective, both dtypes, two seeds; and the 96 of benchmarks/solver_grid.py): 0 sweeps (the
+# Laplacian of h's off-diagonal entries alone) 4,431 passes, 11 not converged, grid 424; 1-5
+# sweeps 3,755-4,204, 8-11, grid 416-425; 10 sweeps 4,388, 16, grid 418; the former solve with h
+# itself 7,436 passes, 50 not converged. The misses are all class unlearning at margin 30 and
+# lam <= 1e-4, where every variant's counts scatter from seed to seed: 1-5 sweeps are alike within
+# that scatter, and 3 took the fewest passes on the grid (416; 2 sweeps 425). An exact Hessian
+# needs no sweep (its ratios are within float32 rounding of 1).
+BALANCE_ITERS = 3
+BALANCE_TOL = 1e-4
 
 
 _BLAS = None
@@ -275,20 +286,55 @@ def _centred(alpha: np.ndarray) -> np.ndarray:
     return alpha - alpha.sum() / alpha.shape[0]
 
 
+def balanced_laplacian(h: np.ndarray) -> np.ndarray:
+    """The matrix Newton solves with for a dense Hessian ``h`` (k x k, symmetric: its diagonal
+    and strict lower triangle are read) as the backends assemble it (exact diagonal d,
+    off-diagonal entries -w, w >= 0): the Laplacian of the weights ``t_i w_il t_l``, with t
+    rescaled (at most ``BALANCE_ITERS`` sweeps of ``t_i *= sqrt(d_i / (t_i (w t)_i))``, fewer
+    once every ratio is within ``BALANCE_TOL`` of 1) so that its diagonal, their row sums, moves
+    toward d. Its rows sum to 0 to float64 rounding whatever the sweeps reach; its diagonal is d
+    within ``BALANCE_TOL`` when they converge (an exact Hessian: at once). A class with
+    d_i <= 0 is not rescaled; one with no weight at all keeps d_i alone on its diagonal (the
+    backends' H has d_i = 0 there). (csrc/cpu/newton.cpp computes the same.)
+
+    Why: ``h``'s diagonal matches its off-diagonal sums only to a row sample's error, or to
+    float32 rounding (~1e-6) with every row, and where Newton's direction has a huge component
+    along 1 (a class whose alpha must run far: class unlearning at small lam) that mismatch
+    times it swamped the other classes' components (docs/solver.md, "What Newton solves with")."""
+    k = h.shape[0]
+    d = np.diagonal(h).copy()
+    low = -np.tril(h, -1)
+    w = np.where((low > 0) | np.isnan(low), low, 0.0)  # NaN kept: the direction is then rejected
+    w = w + w.T
+    weighted = ~(w.sum(axis=1) <= 0)
+    swept = weighted & (d > 0)
+    t = np.ones(k)
+    for _ in range(BALANCE_ITERS):
+        ratio = np.where(swept, d / np.where(swept, t * (w @ t), 1.0), 1.0)
+        if k == 0 or not np.max(np.abs(ratio - 1.0)) >= BALANCE_TOL:
+            break
+        t = t * np.sqrt(ratio)
+    wt = np.tril(t[:, None] * w * t[None, :], -1)
+    wt = wt + wt.T  # exactly symmetric, as the C++ one
+    lap = -wt
+    np.fill_diagonal(lap, np.where(weighted, wt.sum(axis=1), d))
+    return lap
+
+
 def _newton_direction(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
-    """Solve H d = grad on the subspace sum(d) = 0 (H is PSD with null vector 1; a dense H must
-    be symmetric, as every backend assembles it: the C++ route reads its lower triangle)."""
+    """Solve H d = grad on the subspace sum(d) = 0, H = :func:`balanced_laplacian` of a dense
+    ``h`` (PSD with null vector 1), or ``h`` itself when it is a diagonal (k,)."""
     if h.ndim == 1:  # diagonal Hessian
         d = grad / np.maximum(h, 1e-12 * max(float(h.max()), 1e-300))
         return d - d.mean()
     if _C is not None:
         # The same system by Cholesky in C++ (csrc/cpu/newton.cpp): numpy's wrappers cost more
         # than a 50,000 x 10 pass; None (not positive definite) falls through to numpy's LU.
-        d = _C.newton_direction(h, grad)
+        d = _C.newton_direction(h, grad, BALANCE_ITERS, BALANCE_TOL)
         if d is not None:
             return d
     with _one_blas_thread():
-        return _dense_direction_numpy(h, grad)
+        return _dense_direction_numpy(balanced_laplacian(h), grad)
 
 
 def _dense_direction_numpy(h: np.ndarray, grad: np.ndarray) -> np.ndarray:

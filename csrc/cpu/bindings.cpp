@@ -419,13 +419,24 @@ using F64Array = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
 // Newton's direction (newton.cpp) for ppu_fast.solver: d (k,) as a new array, or None when the
 // Cholesky route fails and the caller should take numpy's.
-py::object newton_direction_py(const F64Array& h, const F64Array& g) {
+py::object newton_direction_py(const F64Array& h, const F64Array& g, int balance_iters,
+                               double balance_tol) {
   if (g.ndim() != 1 || h.ndim() != 2 || h.shape(0) != g.shape(0) || h.shape(1) != g.shape(0))
     throw py::value_error("newton_direction: expected h (k, k) and grad (k,)");
   const int64_t k = g.shape(0);
   F64Array d(k);
-  if (!newton_direction(h.data(), g.data(), d.mutable_data(), k)) return py::none();
+  if (!newton_direction(h.data(), g.data(), d.mutable_data(), k, balance_iters, balance_tol))
+    return py::none();
   return std::move(d);
+}
+
+F64Array balanced_laplacian_py(const F64Array& h, int max_iters, double tol) {
+  if (h.ndim() != 2 || h.shape(0) != h.shape(1))
+    throw py::value_error("balanced_laplacian: expected h (k, k)");
+  const int64_t k = h.shape(0);
+  F64Array out({k, k});
+  balanced_laplacian(h.data(), k, max_iters, tol, out.mutable_data());
+  return out;
 }
 
 }  // namespace
@@ -436,8 +447,9 @@ PYBIND11_MODULE(_C, m) {
             "AVX-512 / AVX2 / generic dispatch). Private: use ppu_fast.backends.cpu.";
   // The interface version ppu_fast/backends/cpu.py expects (its _C_INTERFACE): a module built
   // from older sources (an editable checkout pulled without rebuilding) is refused by it, not
-  // half used. 2: prepare packs the assembled Hessian; newton_direction exists.
-  m.attr("INTERFACE") = 2;
+  // half used. 2: prepare packs the assembled Hessian; newton_direction exists. 3:
+  // newton_direction solves with the balanced Laplacian (its balance arguments).
+  m.attr("INTERFACE") = 3;
   m.attr("LANES_MAX_K") = LANES_MAX_K;
   m.attr("MAX_FULL_K") = MAX_FULL_K;
   m.attr("MIN_WORK") = MIN_WORK;
@@ -467,9 +479,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_dtype"), py::arg("osr"), py::arg("osc"), py::arg("nthreads"),
         py::arg("isa") = "auto");
   m.def("newton_direction", &newton_direction_py, py::arg("h"), py::arg("grad"),
-        "Newton's direction d (k,) for the dual solver: solves (h + (s / k) 1 1^T + 1e-12 s I) "
-        "d = grad by Cholesky (s = mean(diag h); h's lower triangle is read) and removes d's "
-        "mean; None when a pivot is not positive or d is not finite.");
+        py::arg("balance_iters"), py::arg("balance_tol"),
+        "Newton's direction d (k,) for the dual solver: solves (H + (s / k) 1 1^T + 1e-12 s I) "
+        "d = grad by Cholesky, H = balanced_laplacian(h, balance_iters, balance_tol), s = "
+        "mean(diag H), and removes d's mean; None when a pivot is not positive or d is not "
+        "finite.");
+  m.def("balanced_laplacian", &balanced_laplacian_py, py::arg("h"), py::arg("max_iters"),
+        py::arg("tol"),
+        "The matrix newton_direction solves with (csrc/cpu/newton.h): the Laplacian of h's "
+        "off-diagonal weights, symmetrically rescaled so that its diagonal matches h's.");
   m.def("materialize", &materialize,
         "Writes Q (n x k) into out (dtype code out_dtype, strides osr, osc; 3 (f64) only for an "
         "f64 log_p). Same input conventions as step. Releases the GIL.",

@@ -1,11 +1,13 @@
 // Newton's direction for the solver (ppu_fast/solver.py, _newton_direction), here because numpy
 // spent more on it than the pass it followed on small problems: a 10 x 10 solve costs ~15 us
-// through numpy's wrappers and ~1 us here, a 100 x 100 one ~80 us against ~40 us. The k x k
-// Hessian is PSD with null vector 1 (a Laplacian, rescaled), so the system is made positive definite
-// exactly as the numpy route does (the rank-one term (s / k) 1 1^T fixes the gauge, a ridge of
-// 1e-12 s handles classes whose column is empty, s = the mean diagonal) and solved by Cholesky.
-// A pivot that is not positive, or a non-finite result, returns false: the caller then takes
-// numpy's pivoted LU / least-squares route, which also serves Hessians that are not PSD.
+// through numpy's wrappers and ~1 us here, a 100 x 100 one ~80 us against ~40 us. The matrix
+// solved with is the balanced Laplacian of h (newton.h; solver.balanced_laplacian is the numpy
+// twin): PSD with null vector 1, made positive definite exactly as the numpy route does (the
+// rank-one term (s / k) 1 1^T fixes the gauge, a ridge of 1e-12 s handles classes whose column
+// is empty, s = the mean diagonal) and solved by Cholesky. A pivot that is not positive, or a
+// non-finite result, returns false: the caller then takes numpy's pivoted LU / least-squares
+// route, which also serves Hessians that are not PSD.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -15,22 +17,88 @@
 namespace ppu_cpu {
 
 #if defined(PPU_HAVE_X86_KERNELS) && defined(__GNUC__) && !defined(__clang__)
+#define PPU_NEWTON_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PPU_NEWTON_CLONES
+#endif
+
+namespace {
+
+// acc[l] = sum_i c_i m[i, l] over a k x k row-major m (c null: all 1), as contiguous axpys that
+// vectorise without reassociating any sum: for a symmetric m these are its row sums (w t).
+inline void weighted_column_sums(const double* m, const double* c, int64_t k, double* acc) {
+  std::fill(acc, acc + k, 0.0);
+  for (int64_t i = 0; i < k; ++i) {
+    const double ci = c ? c[i] : 1.0;
+    const double* __restrict mi = m + i * k;
+    double* __restrict a = acc;
+    for (int64_t l = 0; l < k; ++l) a[l] += mi[l] * ci;
+  }
+}
+
+}  // namespace
+
+PPU_NEWTON_CLONES
+void balanced_laplacian(const double* h, int64_t k, int max_iters, double tol, double* out) {
+  // out holds the weights w (>= 0; NaN kept, for the caller's finiteness check) whole and
+  // symmetric while t is swept, then the Laplacian.
+  std::vector<double> t(static_cast<size_t>(k), 1.0), ws(static_cast<size_t>(k)),
+      f(static_cast<size_t>(k));
+  std::vector<char> swept(static_cast<size_t>(k), 0), weighted(static_cast<size_t>(k), 0);
+  for (int64_t i = 0; i < k; ++i) {
+    out[i * k + i] = 0.0;
+    for (int64_t l = 0; l < i; ++l) {
+      const double v = -h[i * k + l];
+      out[i * k + l] = out[l * k + i] = (v > 0.0 || std::isnan(v)) ? v : 0.0;
+    }
+  }
+  weighted_column_sums(out, nullptr, k, ws.data());
+  for (int64_t i = 0; i < k; ++i) {
+    weighted[i] = !(ws[i] <= 0.0);  // NaN counts as weight
+    swept[i] = weighted[i] && h[i * k + i] > 0.0;
+  }
+  for (int it = 0; it < max_iters; ++it) {
+    weighted_column_sums(out, t.data(), k, ws.data());  // w t
+    double worst = 0.0;
+    for (int64_t i = 0; i < k; ++i) {
+      f[i] = 1.0;
+      if (!swept[i]) continue;
+      const double r = h[i * k + i] / (t[i] * ws[i]);
+      const double a = std::fabs(r - 1.0);
+      if (!(a <= worst)) worst = a;  // NaN propagates: the sweeps stop, as numpy's max does
+      f[i] = std::sqrt(r);
+    }
+    if (!(worst >= tol)) break;
+    for (int64_t i = 0; i < k; ++i) t[i] *= f[i];
+  }
+  for (int64_t i = 0; i < k; ++i) {  // -t_i w_il t_l: the lower triangle, mirrored
+    double* __restrict oi = out + i * k;
+    for (int64_t l = 0; l < i; ++l) oi[l] = -(t[i] * oi[l] * t[l]);
+    for (int64_t l = 0; l < i; ++l) out[l * k + i] = oi[l];
+  }
+  // Row sums as column sums (the matrix is exactly symmetric, and both add in index order).
+  weighted_column_sums(out, nullptr, k, ws.data());
+  for (int64_t i = 0; i < k; ++i) out[i * k + i] = weighted[i] ? -ws[i] : h[i * k + i];
+}
+
 // The trailing updates are axpys the compiler vectorises; AVX-512 makes a 100 x 100 solve 20 %
 // faster than baseline SSE2. GCC picks the clone at load time (no flags needed at build time).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-bool newton_direction(const double* h, const double* g, double* d, int64_t k) {
+PPU_NEWTON_CLONES
+bool newton_direction(const double* h, const double* g, double* d, int64_t k, int balance_iters,
+                      double balance_tol) {
   if (k < 1) return false;
+  std::vector<double> a(static_cast<size_t>(k * k)), col(static_cast<size_t>(k)),
+      y(static_cast<size_t>(k));
+  balanced_laplacian(h, k, balance_iters, balance_tol, a.data());
   double scale = 0.0;
-  for (int64_t j = 0; j < k; ++j) scale += h[j * k + j];
+  for (int64_t j = 0; j < k; ++j) scale += a[j * k + j];
   scale /= static_cast<double>(k);
   if (!(scale > 1e-300)) scale = 1e-300;  // also NaN: the result is then rejected below
   const double rank1 = scale / static_cast<double>(k), ridge = 1e-12 * scale;
-  // Lower triangle of A = H + rank1 1 1^T + ridge I, row-major; overwritten by its factor L.
-  std::vector<double> a(static_cast<size_t>(k * k)), col(static_cast<size_t>(k)),
-      y(static_cast<size_t>(k));
+  // Lower triangle of A = H + rank1 1 1^T + ridge I, row-major, in place; overwritten by its
+  // factor L.
   for (int64_t i = 0; i < k; ++i)
-    for (int64_t l = 0; l <= i; ++l) a[i * k + l] = h[i * k + l] + rank1 + (i == l ? ridge : 0.0);
+    for (int64_t l = 0; l <= i; ++l) a[i * k + l] += rank1 + (i == l ? ridge : 0.0);
   // Right-looking Cholesky: column j of L, then a rank-one update of the trailing triangle
   // (contiguous rows against a copy of the column, so the inner loop is a plain axpy).
   for (int64_t j = 0; j < k; ++j) {

@@ -66,7 +66,9 @@ of a Laplacian with non-negative weights), has the exact diagonal, and takes its
 structure from S: the 16-row blocks ``b`` with ``b % m == 0``, ``m = hessian_stride(N, k)``. For
 N*k small m is 1 and H is the exact Hessian; for large problems the sample keeps the O(N k^2) part to
 a fraction of a step (Newton with an inexact Hessian keeps an exact gradient; measured: the same
-number of passes as the exact Hessian on the paper-like scenarios, see docs/solver.md).
+number of passes as the exact Hessian on the paper-like scenarios, see docs/solver.md). Newton's
+direction solves with ``solver.balanced_laplacian`` of this H, whose rows sum to 0 (docs/solver.md,
+"What Newton solves with").
 """
 
 from __future__ import annotations

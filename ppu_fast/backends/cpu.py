@@ -39,7 +39,7 @@ from .base import (MODE_CODE, ROW_SUM_TOL, Backend, Hessian, PrepareOut, StepOut
                    unpack_prepare)
 
 # The version of the interface between this launcher and the compiled module (bindings.cpp).
-_C_INTERFACE = 2
+_C_INTERFACE = 3
 
 try:  # a missing build is a reason, never an import error (docs/design.md §4)
     from .. import _C  # type: ignore[attr-defined]
