@@ -30,6 +30,11 @@ DEFAULT_MAX_ITER = {"newton": 100, "sinkhorn": 10_000, "gradient": 100_000}
 # reference on the paper-like scenarios). Below it the dense Hessian matters: with the diagonal
 # alone, k = 10 class unlearning with "original" marginals took 17-100 passes instead of 6-11.
 DENSE_HESSIAN_MAX_K = 128
+# Up to this k (the cpu kernel's MAX_FULL_K) a diagonal Newton that stalls (STALL_RATIO) or whose
+# line search fails goes on with the dense, sampled Hessian: on confident models (logit margin
+# 15-20) with "original" marginals the diagonal converged only linearly, ~2 % a pass, and ran
+# out of passes at k = 129 to 1000 (float64 too) where k = 128 took 10.
+DENSE_ESCALATION_MAX_K = 1024
 ARMIJO_C1 = 1e-4
 MIN_STEP = 1e-10
 # A line search starts from a step that changes no row's logits (alpha_j / c_i) by more than this.
@@ -71,6 +76,15 @@ MAX_EXTRAPOLATION = 64.0
 # behind (float32 ones reach -104 at most, float64 ones -745): the marginals are infeasible or
 # nearly so.
 DIVERGED_LOGIT = 1e4
+# A Newton trial may raise the residual by at most this factor (unless it reaches tol), however
+# much g gains. Where the dual must carry a class far (small lam, rare classes, confident models)
+# Armijo alone accepted steps that flipped whole groups of retain rows (residual 2e-2 -> 0.5 ->
+# 1.6) and Newton wandered there for 100 passes. Measured (cpu; 288 refines of the set in
+# docs/solver.md and benchmarks/solver_grid.py's 96): no cap 4,031 passes, 7 not converged,
+# grid 416; 1.5x 3,041 / 0 / 417; 2x 3,030 / 0 / 418; 4x 2,970 / 0 / 417; 30x 3,480 / 4.
+# 2x also converged the probe's k = 40 imbalanced models at lam 1e-3 (4 of 4, 13-31 passes;
+# 4x: 2 of 4).
+RES_GROWTH_MAX = 2.0
 # balanced_laplacian's sweeps toward the exact diagonal. Measured (cpu backend, 288 refines:
 # 20,000 x 10 / 20,000 x 40 / 50,000 x 100, logit margins 8 and 30, lam 1e-2 to 1e-8, class and
 # selective, both dtypes, two seeds; and the 96 of benchmarks/solver_grid.py): 0 sweeps (the
@@ -352,34 +366,40 @@ def _dense_direction_numpy(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
 
 
 def _line_search(ev: _Evaluator, alpha, d, grad, g, res, t0: float = 1.0, hessian=None,
-                 tol: float = 0.0):
+                 tol: float = 0.0, growth: float = math.inf):
     """Armijo backtracking on g. Near the optimum g's float rounding hides real progress: a gain
     in g only counts when it exceeds g's rounding noise, and a step that leaves g unchanged
     within that noise is accepted when it decreases the residual sufficiently; a step that
-    reaches ``tol`` is accepted whatever g says (:func:`_accepted`). Returns the new state, or
-    None when no step is accepted within the pass budget."""
+    reaches ``tol`` is accepted whatever g says, one that multiplies the residual by more than
+    ``growth`` never (:func:`_accepted`). Returns the new state, or None when no step is
+    accepted within the pass budget."""
     slope = float(grad @ d)
     t = t0
     noise = ev.g_noise
     while t >= MIN_STEP and ev.passes < ev.max_passes:
         a_new = alpha + t * d
         grad_n, g_n, h_n, res_n = ev(a_new, hessian)
-        if _accepted(g_n, res_n, g, res, t, slope, max(noise, ev.g_noise), tol):
+        if _accepted(g_n, res_n, g, res, t, slope, max(noise, ev.g_noise), tol, growth):
             return a_new, grad_n, g_n, h_n, res_n, t
         t *= 0.5
     return None
 
 
 def _accepted(g_n: float, res_n: float, g: float, res: float, t: float, slope: float,
-              noise: float, tol: float = 0.0) -> bool:
+              noise: float, tol: float = 0.0, growth: float = math.inf) -> bool:
     """The line search's test of a trial step t: a residual within ``tol`` (the solve is done:
     Q(alpha) is the exact projection onto its own column sums, whatever g's rounding says);
     else Armijo on g, or, where g's rounding noise hides the gain, a sufficient decrease of the
     residual. (g's noise estimate can fall short when many rows are identical, as uniform
     pseudo rows are: their float32 log Z round alike, and at lam 1e-6 a converged trial of a
-    1,500 x 10 refine lost 31.4 against an estimate of 30.6 and was refused, 100 passes.)"""
-    return math.isfinite(g_n) and (
-        res_n <= tol or g_n >= g + max(ARMIJO_C1 * t * slope, noise)
+    1,500 x 10 refine lost 31.4 against an estimate of 30.6 and was refused, 100 passes.)
+    A trial that multiplies the residual by more than ``growth`` is refused (RES_GROWTH_MAX)."""
+    if not math.isfinite(g_n):
+        return False
+    if res_n <= tol:
+        return True
+    return res_n <= growth * res and (
+        g_n >= g + max(ARMIJO_C1 * t * slope, noise)
         or (g_n >= g - noise and res_n <= (1.0 - ARMIJO_C1 * t) * res))
 
 
@@ -452,6 +472,21 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                        c_bar, m_safe, eta, t_start, capacity, exact_below, final, sampled)
 
 
+def _may_escalate_diag(ev: _Evaluator) -> bool:
+    """Whether a diagonal Newton may go on with the dense Hessian (``DENSE_ESCALATION_MAX_K``)."""
+    return ev.hessian == "diag" and ev.log_p.shape[1] <= DENSE_ESCALATION_MAX_K
+
+
+def _escalate_diag(ev: _Evaluator) -> Tuple[bool, float]:
+    """Switch ``ev`` from the diagonal to the dense Hessian; (sampled, exact_below) for it, as
+    :func:`solve_dual` sets them for a dense start."""
+    n, k = ev.log_p.shape
+    ev.hessian = True
+    exact_below = (EXACT_HESSIAN_BELOW if compute_dtype(ev.log_p.dtype) == torch.float64
+                   else 0.0)
+    return hessian_stride(n, k) > 1, exact_below
+
+
 def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, alpha: np.ndarray,
                 first: Optional[StepOut], alpha0, tol: float, max_iter: int, inv_c_max: float,
                 c_bar, m_safe, eta, t_start: float,
@@ -460,7 +495,8 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
                 sampled: bool = False) -> RefineInfo:
     """The iterations of :func:`solve_dual`; Newton's passes ask for the exact Hessian once the
     residual is below ``exact_below``, or, when the Hessian is ``sampled`` (a strict subset of
-    the rows), once it stalls (``STALL_RATIO``)."""
+    the rows), once it stalls (``STALL_RATIO``); a diagonal Newton goes on with the dense
+    Hessian once it stalls (``DENSE_ESCALATION_MAX_K``)."""
     if first is not None and alpha0 is None:
         grad, g, h, res = ev.record(alpha, *first)
     else:
@@ -494,7 +530,7 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
                     break
                 final = None
             res_prev = res
-            out = _line_search(ev, alpha, d, grad, g, res, t0, tol=tol)
+            out = _line_search(ev, alpha, d, grad, g, res, t0, tol=tol, growth=RES_GROWTH_MAX)
             # A capped step taken whole says the cap, not the model, limited it: when the rows
             # that must move are heavy (inv_c << max inv_c, e.g. forget rows at lam = 1e-8) the
             # solution lies ~1 / inv_c away, and a fixed cap would need a million passes.
@@ -523,9 +559,15 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
             a_new = alpha + eta * grad
             grad_n, g_n, h_n, res_n = ev(a_new)
             out = (a_new, grad_n, g_n, h_n, res_n, 1.0)
-        if out is None and sampled and ev.hessian is True and ev.passes < max_iter:
-            # The sampled Hessian may be what failed: evaluate the exact one here and go on.
-            ev.hessian = "exact"
+        if out is None and ev.passes < max_iter and (
+                (sampled and ev.hessian is True) or _may_escalate_diag(ev)):
+            # The sampled (or diagonal) Hessian may be what failed: evaluate the exact (or the
+            # dense) one here and go on.
+            if ev.hessian == "diag":
+                sampled, exact_below = _escalate_diag(ev)
+                recent = recent[-1:]
+            else:
+                ev.hessian = "exact"
             grad, g, h, res = ev(alpha)
             t_next, rho_prev, res_prev = 1.0, 0.0, math.inf
             continue
@@ -542,9 +584,12 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
         alpha, grad, g, h_new, res, t_taken = out
         h = h if h_new is None else h_new
         recent.append((res, t_taken >= 1.0))
-        stalled = (sampled and len(recent) > 2 and res > STALL_RATIO * recent[-3][0]
+        stalled = (len(recent) > 2 and res > STALL_RATIO * recent[-3][0]
                    and (res < STALL_DAMPED_BELOW or (recent[-1][1] and recent[-2][1])))
-        if (res <= exact_below or stalled) and ev.hessian is True:
+        if stalled and _may_escalate_diag(ev):
+            sampled, exact_below = _escalate_diag(ev)
+            recent = recent[-1:]  # the dense Hessian's own stall count starts here
+        elif (res <= exact_below or (sampled and stalled)) and ev.hessian is True:
             ev.hessian = "exact"
         alpha = _centred(alpha)
         if res < best[0]:

@@ -590,3 +590,19 @@ def test_large_prepare_streams_the_same_values(isa: str) -> None:
         assert part.error is None
     assert torch.equal(big, chunks)
     assert torch.equal(big[forget], fill.expand(int(forget.sum()), k))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k,dtype", [(20_011, 129, torch.float32), (20_011, 129, torch.float64),
+                                       (8_209, 300, torch.float32)])
+def test_dense_hessian_above_128_for_a_stalled_diagonal_newton(isa, n, k, dtype):
+    """Above k = 128 Newton starts with the diagonal and, when that stalls, asks the step for the
+    dense Hessian (sampled rows, then every row) up to solver.DENSE_ESCALATION_MAX_K: both
+    against the float64 oracle, near one-hot rows included."""
+    from ppu_fast.backends.base import hessian_stride
+    assert hessian_stride(n, k) > 1
+    be = CpuBackend(isa=isa)
+    for margin in (0.0, 30.0):
+        log_p, inv_c, alpha = make_case(n, k, dtype, margin=margin, seed=k + n)
+        check_step(be, log_p, inv_c, alpha, True)
+        check_step(be, log_p, inv_c, alpha, "exact")

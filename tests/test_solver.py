@@ -640,3 +640,73 @@ def test_identical_pseudo_rows_at_small_lam_converge_in_float32(backend):
     assert info.converged and info.iterations <= 40, (info.iterations, info.message)
     m = retain_marginals(p, mask)
     assert float((q.double().sum(0) - m).abs().sum()) / n <= 1e-6 * 1.01
+
+
+def test_a_trial_that_more_than_doubles_the_residual_is_refused():
+    """However much g gains, a Newton trial may not multiply the residual by more than
+    RES_GROWTH_MAX (unless it reaches tol): Armijo alone let steps flip whole groups of retain
+    rows and Newton wandered at residuals of ~1 for 100 passes."""
+    from ppu_fast import solver
+    big_gain = dict(g_n=1e6, g=0.0, t=1.0, slope=1.0, noise=1.0, tol=1e-6)
+    assert solver._accepted(res_n=1.9e-2, res=1e-2, growth=2.0, **big_gain)
+    assert not solver._accepted(res_n=2.1e-2, res=1e-2, growth=2.0, **big_gain)
+    assert solver._accepted(res_n=2.1e-2, res=1e-2, **big_gain)  # sinkhorn: no cap
+    assert solver._accepted(res_n=1e-7, res=1e-9, growth=2.0, **big_gain)  # within tol
+
+
+def _probe_classifier(n, k, margin, seed, rare=None):
+    """Probe 31's synthetic classifiers: labels (optionally the first rare[0] classes rare[1]x
+    rarer), float64 logits + margin on the true class, float32 probabilities."""
+    g = torch.Generator().manual_seed(seed)
+    if rare is None:
+        y = torch.randint(0, k, (n,), generator=g)
+    else:
+        w = torch.ones(k, dtype=torch.float64)
+        w[:rare[0]] = 1 / rare[1]
+        y = torch.multinomial(w, n, replacement=True, generator=g)
+    lg = torch.randn(n, k, generator=g, dtype=torch.float64)
+    lg[torch.arange(n), y] += margin
+    return y, torch.softmax(lg, 1).float()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_newton_on_an_imbalanced_model_at_lam_1e3(backend):
+    """k = 40, 8 classes 100x rarer, logit margin 15, a random half forgotten, lam 1e-3: Armijo
+    accepted steps that raised the residual 30x and Newton ended at 0.197 after 100 passes
+    (float64 too); with the residual's growth capped, 31."""
+    import warnings
+    y, p = _probe_classifier(2000, 40, 15.0, 1253, rare=(8, 100))
+    forget = torch.rand(2000, generator=torch.Generator().manual_seed(1254)) < 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q, info = ppu_fast.refine(p, forget, lam=1e-3, backend=backend, return_info=True)
+    assert info.converged and info.iterations <= 50, (info.iterations, info.message)
+    m = retain_marginals(p, forget)
+    assert float((q.double().sum(0) - m).abs().sum()) / 2000 <= 1e-6 * 1.01
+
+
+@pytest.mark.parametrize("backend,dtype", [("cpu", torch.float32), ("cpu", torch.float64),
+                                           ("torch", torch.float32)])
+def test_a_stalled_diagonal_newton_goes_on_with_the_dense_hessian(backend, dtype):
+    """k = 129 (one above the dense Hessian's start), logit margin 20, "original" marginals,
+    class unlearning at lam = 1: the diagonal Newton lost ~2 % a pass and stopped at 100 passes
+    (residual 7e-6, float64 too), where k = 128 took 10; it now asks for the dense Hessian once
+    it stalls."""
+    import warnings
+
+    from ppu_fast.backends.base import Backend
+    y, p = _probe_classifier(2000, 129, 20.0, 11)
+    be = type(ppu_fast.backends.get_backend(backend, p))
+    asked = []
+    step = be.step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(be, "step", lambda self, *a: asked.append(a[3]) or step(self, *a))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            q, info = ppu_fast.refine(p.to(dtype), y == 0, marginals="original",
+                                      backend=backend, return_info=True)
+    assert issubclass(be, Backend)
+    assert info.converged and info.iterations <= 20, (info.iterations, info.message)
+    assert asked[0] == "diag" and True in asked
+    m = p.double().sum(0)
+    assert float((q.double().sum(0) - m).abs().sum()) / 2000 <= 1e-6 * 1.01
