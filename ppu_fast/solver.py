@@ -559,14 +559,16 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
             a_new = alpha + eta * grad
             grad_n, g_n, h_n, res_n = ev(a_new)
             out = (a_new, grad_n, g_n, h_n, res_n, 1.0)
+        stale_diag = method == "newton" and h is not None and h.ndim == 1 and ev.hessian is True
         if out is None and ev.passes < max_iter and (
-                (sampled and ev.hessian is True) or _may_escalate_diag(ev)):
+                (sampled and ev.hessian is True) or _may_escalate_diag(ev) or stale_diag):
             # The sampled (or diagonal) Hessian may be what failed: evaluate the exact (or the
-            # dense) one here and go on.
+            # dense) one here and go on. (stale_diag: the direction that failed came from the
+            # diagonal of the pass before a stall's escalation; try the dense one first.)
             if ev.hessian == "diag":
                 sampled, exact_below = _escalate_diag(ev)
                 recent = recent[-1:]
-            else:
+            elif not stale_diag:
                 ev.hessian = "exact"
             grad, g, h, res = ev(alpha)
             t_next, rho_prev, res_prev = 1.0, 0.0, math.inf
@@ -589,6 +591,7 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
         if stalled and _may_escalate_diag(ev):
             sampled, exact_below = _escalate_diag(ev)
             recent = recent[-1:]  # the dense Hessian's own stall count starts here
+            t_next, rho_prev, res_prev = 1.0, 0.0, math.inf  # the diagonal's rate says nothing
         elif (res <= exact_below or (sampled and stalled)) and ev.hessian is True:
             ev.hessian = "exact"
         alpha = _centred(alpha)

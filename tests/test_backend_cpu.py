@@ -285,9 +285,8 @@ def test_prepare_writes_log_p_hat_and_first_evaluation(backend: CpuBackend) -> N
 def test_deterministic(n: int, k: int, hessian, dtype: torch.dtype) -> None:
     """Bit-identical results across runs and across 1, 2 and 4 threads (fixed ranges, fixed
     order; the pool decides only who runs a range), for step, prepare and materialize, in both
-    kernel dtypes. The sizes give every call several threads."""
-    if hessian is True and k > 128:
-        pytest.skip("Newton asks for the dense Hessian only up to k = 128")
+    kernel dtypes. The sizes give every call several threads. (The dense Hessian at k = 1,000:
+    what a stalled diagonal Newton asks for.)"""
     log_p, inv_c, alpha = make_case(n, k, dtype, seed=11)
     assert _C.threads_for(n, k, 4) >= 2
     runs = [CpuBackend(num_threads=t).step(log_p, inv_c, alpha, hessian) for t in (2, 2, 1, 4)]
@@ -599,8 +598,10 @@ def test_dense_hessian_above_128_for_a_stalled_diagonal_newton(isa, n, k, dtype)
     """Above k = 128 Newton starts with the diagonal and, when that stalls, asks the step for the
     dense Hessian (sampled rows, then every row) up to solver.DENSE_ESCALATION_MAX_K: both
     against the float64 oracle, near one-hot rows included."""
+    from ppu_fast import solver
     from ppu_fast.backends.base import hessian_stride
     assert hessian_stride(n, k) > 1
+    assert solver.DENSE_ESCALATION_MAX_K <= _C.MAX_FULL_K  # the escalation's k, formed here
     be = CpuBackend(isa=isa)
     for margin in (0.0, 30.0):
         log_p, inv_c, alpha = make_case(n, k, dtype, margin=margin, seed=k + n)
