@@ -478,13 +478,13 @@ def _may_escalate_diag(ev: _Evaluator) -> bool:
 
 
 def _escalate_diag(ev: _Evaluator) -> Tuple[bool, float]:
-    """Switch ``ev`` from the diagonal to the dense Hessian; (sampled, exact_below) for it, as
-    :func:`solve_dual` sets them for a dense start."""
+    """Switch ``ev`` from the diagonal to the dense Hessian; (sampled, exact_below) for it.
+    exact_below is 0 (unlike a dense start in float64): at these k an exact pass costs ~k / 64
+    passes, and a float64 precision-floor run spent minutes in them at k = 1,000; the stall rule
+    still takes the exact Hessian when the sample stalls."""
     n, k = ev.log_p.shape
     ev.hessian = True
-    exact_below = (EXACT_HESSIAN_BELOW if compute_dtype(ev.log_p.dtype) == torch.float64
-                   else 0.0)
-    return hessian_stride(n, k) > 1, exact_below
+    return hessian_stride(n, k) > 1, 0.0
 
 
 def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, alpha: np.ndarray,
