@@ -86,7 +86,7 @@ def probe_forward(model: nn.Module, x: object,
     from .training import model_device
 
     try:
-        x = (x if isinstance(x, torch.Tensor) else torch.as_tensor(x)).unsqueeze(0)
+        x = (x if isinstance(x, torch.Tensor) else torch.as_tensor(x, device="cpu")).unsqueeze(0)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{where}: its input is a {type(x).__name__}, which torch cannot turn "
                         f"into a tensor ({exc}); expected a tensor or array the model takes "

@@ -73,8 +73,9 @@ class ArrayDataset(Dataset):
 
     def __init__(self, images: np.ndarray | torch.Tensor, targets: Sequence[int] | np.ndarray | torch.Tensor,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
-        images = torch.as_tensor(images)
-        targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        # Arrays and lists on the CPU whatever the caller's default device; a tensor stays where it is.
+        images = images if isinstance(images, torch.Tensor) else torch.as_tensor(images, device="cpu")
+        targets = torch.as_tensor(np.asarray(targets), dtype=torch.long, device="cpu")
         if images.dim() != 4:
             raise ValueError(f"images must have 4 dimensions (N, H, W, C) or (N, C, H, W), got shape "
                              f"{tuple(images.shape)}")
@@ -89,8 +90,10 @@ class ArrayDataset(Dataset):
             # Keep pixels as uint8 (4x smaller than float) and convert per item.
             self.images = images.permute(0, 3, 1, 2).contiguous()
             c = self.images.shape[1]
-            self._mean = torch.tensor(mean if mean is not None else [0.5] * c).view(c, 1, 1)
-            self._std = torch.tensor(std if std is not None else [0.5] * c).view(c, 1, 1)
+            self._mean = torch.tensor(mean if mean is not None else [0.5] * c,
+                                      device=images.device).view(c, 1, 1)
+            self._std = torch.tensor(std if std is not None else [0.5] * c,
+                                     device=images.device).view(c, 1, 1)
         else:
             self.images = images.float()
             self._mean = self._std = None
@@ -176,17 +179,19 @@ def dataset_targets(data: Dataset | DataLoader) -> torch.Tensor:
     if isinstance(data, DataLoader):
         data = loader_examples(data, "data")
     if isinstance(data, Subset):
-        return dataset_targets(data.dataset)[torch.as_tensor(list(data.indices), dtype=torch.long)]
+        rows = torch.as_tensor(list(data.indices), dtype=torch.long, device="cpu")
+        return dataset_targets(data.dataset)[rows]
     targets = getattr(data, "targets", None)
     if targets is not None:
         # torchvision's datasets return target_transform(targets[i]) as an item's label.
         transform = getattr(data, "target_transform", None)
         if transform is not None:
             targets = [transform(t) for t in targets]
-        out = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        out = torch.as_tensor(np.asarray(targets), dtype=torch.long, device="cpu")
         # An (N, 1) column (numpy labels kept as a column), as the items' (1,) labels are read.
         return out.reshape(-1) if out.ndim == 2 and out.shape[1] == 1 else out
-    return torch.as_tensor([_label(data[i][1]) for i in range(len(data))], dtype=torch.long)
+    return torch.as_tensor([_label(data[i][1]) for i in range(len(data))], dtype=torch.long,
+                           device="cpu")
 
 
 def _label(y: object) -> int:
@@ -216,6 +221,38 @@ def _one(y: object) -> object:
     if isinstance(y, np.ndarray) and y.ndim > 0 and y.size == 1:
         return y.reshape(())
     return y
+
+
+class CpuDrawLoader(DataLoader):
+    """A ``DataLoader`` that draws its order, its base seed and its batches with torch's default
+    device set to the CPU, whatever the caller's default is (the items and the generator are on
+    the CPU). Under ``torch.set_default_device("cuda")`` (common in LLM code) torch's own loader
+    failed at its first batch: it draws with a CPU generator into tensors made on the default
+    device ("Expected a 'cuda' device type for generator", pytorch/pytorch#110820). The order a
+    seed gives is the same under any default device; each ``next`` pushes the CPU device mode only
+    when the caller's default is another, and only around the loader's own work, so the model
+    runs under the caller's default."""
+
+    def __iter__(self):
+        if torch.get_default_device().type == "cpu":
+            return super().__iter__()
+        return _CpuDrawIterator(self)
+
+
+class _CpuDrawIterator:
+    def __init__(self, loader: DataLoader) -> None:
+        with torch.device("cpu"):
+            self._it = DataLoader.__iter__(loader)
+
+    def __iter__(self) -> "_CpuDrawIterator":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __next__(self) -> object:
+        with torch.device("cpu"):
+            return next(self._it)
 
 
 def loader_examples(loader: DataLoader, arg: str) -> Dataset:
@@ -261,13 +298,10 @@ def make_loader(data: Dataset | DataLoader, batch_size: int = 256, shuffle: bool
     if isinstance(data, DataLoader):
         data = loader_examples(data, "data")
     # A generator of its own even unshuffled: each iterator draws a base seed from it, which
-    # would otherwise come from (and advance) the caller's global torch RNG. On the default
-    # device when that is a GPU: the draw is made there (torch.set_default_device("cuda")).
-    default = torch.get_default_device()
-    generator = torch.Generator(device=default if default.type == "cuda" else "cpu")
-    generator.manual_seed(0 if seed is None else int(seed))
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=collate_pairs)
+    # would otherwise come from (and advance) the caller's global torch RNG.
+    generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    return CpuDrawLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                         collate_fn=collate_pairs)
 
 
 # ----------------------------------------------------------------------------------------------- pools

@@ -13,11 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from .callable_module import make_callable
 from .caller_state import (caller_stacklevel, check_seed, frozen_modules, is_int, is_real,
                            keeps_caller_state, probe_forward)
+from .data import CpuDrawLoader
 from .metrics import check_logits
 from .training import check_optimizer_options, lone_last_batch, model_device, one_example_batchnorm
 from .torch_defaults import training_grad_mode
@@ -474,7 +475,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
             n_take = max(1, int(round(float(retain_fraction) * len(retain_rows))))
         draw_w = None
         if retain_weights is not None:
-            w = torch.as_tensor(retain_weights, dtype=torch.float64).detach().cpu().view(-1)
+            w = torch.as_tensor(retain_weights, dtype=torch.float64, device="cpu").detach().view(-1)
             if w.shape[0] != len(data) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
                 raise ValueError(f"retain_weights must be (N,) = ({len(data)},) finite and "
                                  f"non-negative, got shape {tuple(w.shape)}")
@@ -489,7 +490,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
         elif draw_w is not None:
             take = retain_rows[torch.multinomial(draw_w, n_take, replacement=False, generator=gen)]
         else:
-            take = retain_rows[torch.randperm(len(retain_rows), generator=gen)[:n_take]]
+            take = retain_rows[torch.randperm(len(retain_rows), generator=gen, device="cpu")[:n_take]]
         return torch.cat([forget_rows] * forget_repeats + [take]).tolist()
 
     def set_train_mode() -> None:
@@ -529,8 +530,8 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
     for epoch in bar:
         t0 = time.perf_counter()
         subset = torch.utils.data.Subset(indexed, epoch_rows()) if split else indexed
-        loader = DataLoader(subset, batch_size=batch_size, shuffle=True, generator=gen,
-                            drop_last=lone_last_batch(len(subset), batch_size, work))
+        loader = CpuDrawLoader(subset, batch_size=batch_size, shuffle=True, generator=gen,
+                               drop_last=lone_last_batch(len(subset), batch_size, work))
         # The batches after which a mid-epoch evaluation runs (the epoch's end is always one).
         cuts = {round(j * len(loader) / evals_per_epoch) for j in range(1, evals_per_epoch)}
         cuts -= {0, len(loader)}

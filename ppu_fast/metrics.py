@@ -59,7 +59,7 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
             logits.append(out.float().cpu())
             labels.append(_batch_labels(y, len(x)))
     if not logits:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, 0, device="cpu"), torch.zeros(0, dtype=torch.long, device="cpu")
     logits_all, labels_all = torch.cat(logits), torch.cat(labels)
     k = logits_all.shape[1]
     if k < 2:
@@ -74,7 +74,7 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
 def _batch_labels(y: object, n: int) -> torch.Tensor:
     # One batch's labels as a (B,) long tensor. (B, 1) is flattened (a common TensorDataset layout,
     # which broadcasting against (B,) predictions would silently turn into B x B comparisons).
-    t = torch.as_tensor(y).cpu()
+    t = torch.as_tensor(y, device="cpu")
     if t.ndim == 2 and t.shape[1] == 1:
         t = t.reshape(-1)
     if t.ndim != 1 or len(t) != n:
@@ -178,7 +178,8 @@ def restrict_to_classes(data: Dataset | DataLoader, classes: Sequence[int]) -> S
     if isinstance(data, DataLoader):
         data = loader_examples(data, "data")
     targets = dataset_targets(data)
-    keep = torch.isin(targets, torch.as_tensor(list(classes), dtype=torch.long))
+    wanted = torch.as_tensor(list(classes), dtype=torch.long, device="cpu")
+    keep = torch.isin(targets, wanted)
     return Subset(data, torch.nonzero(keep).view(-1).tolist())
 
 
@@ -228,8 +229,8 @@ def true_class_features(logits: torch.Tensor | np.ndarray,
     ``logit_confidence``, log(p_y / (1 - p_y)), computed as ``z_y - logsumexp_{j != y} z_j`` so that it
     stays finite and ordered where p_y rounds to 1 (a well-fit training example's usual case, exactly
     where members and non-members must be told apart)."""
-    z = torch.as_tensor(logits).double()
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+    z = torch.as_tensor(logits, device="cpu").double()
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device="cpu").reshape(-1)
     if z.dim() != 2:
         raise ValueError(f"logits must be (N, k), got shape {tuple(z.shape)}")
     if z.shape[0] != y.shape[0]:
@@ -238,7 +239,7 @@ def true_class_features(logits: torch.Tensor | np.ndarray,
         raise ValueError(f"logits need at least 2 classes for a confidence ratio, got k = {z.shape[1]}")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= z.shape[1]):
         raise ValueError(f"labels must lie in [0, {z.shape[1]}), got values in [{int(y.min())}, {int(y.max())}]")
-    rows = torch.arange(len(y))
+    rows = torch.arange(len(y), device="cpu")
     true = z[rows, y]
     others = z.clone()
     others[rows, y] = -math.inf

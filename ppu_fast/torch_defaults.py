@@ -9,7 +9,9 @@
   the default; tensors that belong on a GPU name their device. The training and evaluation calls
   are left under the caller's default: they run the caller's model and callbacks, whose own
   factory calls may rely on it, and the mode would intercept every op of theirs (twice the time
-  of a small model's fine-tuning).
+  of a small model's fine-tuning). Their data loaders push it only around each batch's drawing
+  and collating (:class:`ppu_fast.data.CpuDrawLoader`), and the package's own tensors there name
+  the CPU.
 * ``torch.no_grad()`` / ``torch.inference_mode()`` around a training call (a habit from
   evaluation code): every backward failed with "element 0 of tensors does not require grad".
   :func:`training_grad_mode` turns gradients back on for the call, as PyTorch Lightning's

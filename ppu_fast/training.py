@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from .caller_state import caller_stacklevel, cuda_devices_to_fork, is_real
-from .data import ArrayDataset, collate_pairs
+from .data import ArrayDataset, CpuDrawLoader, collate_pairs
 from .torch_defaults import training_grad_mode
 
 _CACHE_VERSION = 1
@@ -118,11 +118,13 @@ def model_device(model: nn.Module) -> torch.device:
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding 4 and random horizontal flip, per example. x: (B, C, H, W)."""
     b, _, h, w = x.shape
-    flip = torch.rand(b, generator=generator) < 0.5
+    # Drawn on the CPU in float32 whatever the caller's torch defaults: a seed gives the same
+    # crops and flips under torch.set_default_dtype(torch.float64) or a GPU default device.
+    flip = torch.rand(b, generator=generator, dtype=torch.float32, device="cpu") < 0.5
     x = torch.where(flip.view(b, 1, 1, 1).to(x.device), x.flip(-1), x)
     padded = F.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (b,), generator=generator).tolist()
-    dx = torch.randint(0, 9, (b,), generator=generator).tolist()
+    dy = torch.randint(0, 9, (b,), generator=generator, device="cpu").tolist()
+    dx = torch.randint(0, 9, (b,), generator=generator, device="cpu").tolist()
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
 
 
@@ -149,9 +151,9 @@ def _fit(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.dev
     model.to(device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=gen,
-                        drop_last=lone_last_batch(len(data), config.batch_size, model),
-                        collate_fn=collate_pairs)
+    loader = CpuDrawLoader(data, batch_size=config.batch_size, shuffle=True, generator=gen,
+                           drop_last=lone_last_batch(len(data), config.batch_size, model),
+                           collate_fn=collate_pairs)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay)
     sched = None
@@ -183,7 +185,7 @@ def _fit(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.dev
 def _data_digest(h: "hashlib._Hash", data: Dataset) -> None:
     if isinstance(data, Subset):
         _data_digest(h, data.dataset)
-        h.update(torch.as_tensor(list(data.indices), dtype=torch.long).numpy().tobytes())
+        h.update(torch.as_tensor(list(data.indices), dtype=torch.long, device="cpu").numpy().tobytes())
     elif isinstance(data, ArrayDataset):
         if type(data) is not ArrayDataset:
             # A subclass may transform what the arrays hold; its name keys it apart from the plain
@@ -195,7 +197,7 @@ def _data_digest(h: "hashlib._Hash", data: Dataset) -> None:
         # Any other dataset: hash what it yields (slower, but exact).
         for i in range(len(data)):
             x, y = data[i]
-            h.update(torch.as_tensor(x).cpu().numpy().tobytes())
+            h.update(torch.as_tensor(x, device="cpu").numpy().tobytes())
             h.update(str(int(y)).encode())
 
 
@@ -231,7 +233,7 @@ def _plain_attribute(v: object) -> object:
     if isinstance(v, dict):
         return {str(k): _plain_attribute(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
     if isinstance(v, (torch.Tensor, np.ndarray)):
-        t = torch.as_tensor(v).detach().cpu().contiguous()
+        t = torch.as_tensor(v, device="cpu").detach().contiguous()
         return {"tensor": str(t.dtype), "shape": list(t.shape),
                 "sha": hashlib.sha256(t.numpy().tobytes() if t.dtype != torch.bfloat16
                                       else t.view(torch.int16).numpy().tobytes()).hexdigest()}

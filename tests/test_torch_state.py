@@ -175,3 +175,92 @@ def test_the_refine_cli_under_a_cuda_default_device_in_sitecustomize_style(tmp_p
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(np.load(tmp_path / "q.npy"), ppu_fast.refine(p, forget).numpy(),
                                atol=2e-6)
+
+
+def _image_toy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 1, 4, 4, generator=g)
+    y = torch.randint(0, 3, (60,), generator=g)
+    data = TensorDataset(x, y)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    parts = [torch.utils.data.Subset(data, r) for r in (range(8), range(8, 48), range(48, 60))]
+    return model, data, parts
+
+
+@pytest.mark.parametrize("method,options", [("ppu", {}), ("ppu-bias", {}), ("finetune", {}),
+                                            ("scrub", {}), ("bad-t", {}), ("neggrad+", {}),
+                                            ("retrain", {}), ("fisher", {}),
+                                            ("cf-k", {"layers": ["1"]})])
+def test_unlearn_under_a_meta_default_device_is_the_plain_answer(method, options):
+    # torch.set_default_device("cuda") in the caller's program (meta stands in: CI has no GPU):
+    # torch's DataLoader drew its order and base seed with our CPU generator into tensors made
+    # on the default device ("Expected a 'cuda' device type for generator", pytorch#110820), and
+    # our own masks and label tensors followed the default device; every training call failed.
+    # The model is the caller's (on the CPU here) and runs under the caller's default.
+    model, _, (forget, retain, val) = _image_toy()
+    want = ppu_fast.unlearn(model, forget, retain, method=method, val=val, seed=0,
+                            progress=False, **options).model.state_dict()
+    with torch.device("meta"):
+        got = ppu_fast.unlearn(model, forget, retain, method=method, val=val, seed=0,
+                               progress=False, **options).model.state_dict()
+        assert torch.get_default_device().type == "meta"
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_fit_finetune_and_metrics_under_a_meta_default_device_are_the_plain_answer():
+    from ppu_fast import training
+    model, data, (forget, retain, val) = _image_toy()
+    targets = torch.softmax(torch.randn(60, 3, generator=torch.Generator().manual_seed(1)), 1)
+    cfg = training.TrainConfig(epochs=2, batch_size=16, augment=False)
+
+    def run():
+        fitted = training.fit(copy_of(model), data, cfg, progress=False)
+        tuned = finetune(model, data, targets, epochs=2, batch_size=16, progress=False).model
+        return ([fitted.state_dict(), tuned.state_dict()],
+                [metrics.error(model, val), metrics.mia(model, forget, val, seed=0),
+                 metrics.error(model, torch.utils.data.DataLoader(val, batch_size=5))])
+
+    want_sd, want_m = run()
+    with torch.device("meta"):
+        got_sd, got_m = run()
+    assert all(torch.equal(w[k], g[k]) for w, g in zip(want_sd, got_sd) for k in w)
+    assert got_m == want_m
+
+
+def copy_of(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_augment_batch_draws_the_same_under_other_torch_defaults(dtype):
+    # The flip draw followed the default dtype (a float64 default flipped other images for the
+    # same seed) and, under a meta default device, failed.
+    from ppu_fast.training import augment_batch
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = augment_batch(x, torch.Generator().manual_seed(5))
+    with _default_dtype(dtype):
+        got = augment_batch(x, torch.Generator().manual_seed(5))
+    with torch.device("meta"):
+        got_meta = augment_batch(x, torch.Generator().manual_seed(5))
+    assert torch.equal(got, want) and torch.equal(got_meta, want)
+
+
+def test_the_cpu_draw_loader_gives_torchs_order_under_any_default_device():
+    from ppu_fast.data import CpuDrawLoader
+    data = TensorDataset(torch.arange(50.0), torch.arange(50))
+    plain = [y.tolist() for _, y in torch.utils.data.DataLoader(
+        data, batch_size=7, shuffle=True, generator=torch.Generator().manual_seed(3))]
+    ours = CpuDrawLoader(data, batch_size=7, shuffle=True,
+                         generator=torch.Generator().manual_seed(3))
+    assert [y.tolist() for _, y in ours] == plain
+    ours = CpuDrawLoader(data, batch_size=7, shuffle=True,
+                         generator=torch.Generator().manual_seed(3))
+    with torch.device("meta"):
+        it = iter(ours)
+        assert len(it) == 8
+        batches = [y for _, y in it]
+        assert torch.get_default_device().type == "meta"
+    assert all(b.device.type == "cpu" for b in batches)
+    assert [b.tolist() for b in batches] == plain

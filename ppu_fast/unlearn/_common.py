@@ -41,7 +41,8 @@ def sample(data: Dataset, limit: int | None, seed: int) -> Dataset:
     """At most ``limit`` examples of ``data``, drawn once with ``seed`` (all of them if fewer)."""
     if limit is None or len(data) <= limit:
         return data
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed),
+                        device="cpu")[:limit]
     return Subset(data, sorted(idx.tolist()))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..caller_state import frozen_modules
-from ..data import collate_pairs, dataset_targets
+from ..data import CpuDrawLoader, collate_pairs, dataset_targets
 from ..training import check_optimizer_options, lone_last_batch, one_example_batchnorm
 
 SETTINGS = ("small", "selective", "class")
@@ -77,8 +77,8 @@ def loader(data: Dataset, batch_size: int, seed: int, shuffle: bool = True,
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     gen = torch.Generator().manual_seed(int(seed))
     drop = shuffle and model is not None and lone_last_batch(len(data), batch_size, model)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop,
-                      collate_fn=collate_pairs)
+    return CpuDrawLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop,
+                         collate_fn=collate_pairs)
 
 
 def cycle(batches: Iterable) -> Iterator:

@@ -34,7 +34,7 @@ class _Flagged(Dataset):
     """``(x, y, flag)`` items: flag 1 for forget examples, 0 for retain ones."""
 
     def __init__(self, data: Dataset, flag: int) -> None:
-        self.data, self.flag = data, torch.tensor(flag, dtype=torch.float32)
+        self.data, self.flag = data, torch.tensor(flag, dtype=torch.float32, device="cpu")
 
     def __len__(self) -> int:
         return len(self.data)

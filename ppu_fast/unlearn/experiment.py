@@ -33,8 +33,8 @@ def warm_up() -> None:
     builds imports ``torch._dynamo`` (0.8-1 s here), which otherwise lands in whichever method
     builds it first (measured: PPU at 1.0 s instead of 0.1 s when Original and Retrain came from the
     cache, so its speed-up over Retrain read 1.7x instead of 23x)."""
-    p = torch.nn.Parameter(torch.zeros(1))
-    p.grad = torch.zeros(1)
+    p = torch.nn.Parameter(torch.zeros(1, device="cpu"))
+    p.grad = torch.zeros(1, device="cpu")
     for opt in (torch.optim.SGD([p], lr=0.0, momentum=0.9), torch.optim.Adam([p], lr=0.0)):
         opt.step()
 

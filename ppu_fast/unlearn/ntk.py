@@ -87,7 +87,7 @@ def output_jacobian(model: nn.Module, data: Dataset, *, device: torch.device, ch
         blocks.append(torch.cat([jac[name].reshape(b, k, -1) for name in params], dim=2)
                       .reshape(b * k, n_params))
         outs.append(out)
-        labels.append(torch.as_tensor(y).to(device))
+        labels.append(torch.as_tensor(y, device="cpu").to(device))
     return torch.cat(blocks), torch.cat(outs), torch.cat(labels)
 
 
@@ -229,7 +229,7 @@ def ntk_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val: D
     itemsize = next(iter(params.values())).element_size()
     with torch.no_grad():
         x0 = retain[0][0]
-        k = int(work(torch.as_tensor(x0).unsqueeze(0).to(dev)).shape[1])
+        k = int(work(torch.as_tensor(x0, device="cpu").unsqueeze(0).to(dev)).shape[1])
     n_r, n_f = len(retain), len(forget)
     gib = jacobian_gib(n_r + n_f, k, n_params, itemsize)
     if gib > max_jacobian_gib:

@@ -95,8 +95,8 @@ def probe_pseudo(logits: torch.Tensor, labels: torch.Tensor, forget_mask: torch.
     zr, yr = z[~fm], y[~fm]
     if zr.shape[0] == 0:
         raise ValueError("pseudo='probe': needs retain rows to fit the probe on")
-    w = torch.eye(k, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    w = torch.eye(k, dtype=torch.float64, device="cpu", requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, device="cpu", requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
 
     def closure():
@@ -224,7 +224,7 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     logits, labels = predict(work, both, device=dev)
     probs = torch.softmax(logits.to(dev), dim=1)
     n_forget, (n, k) = len(forget), probs.shape
-    forget_mask = torch.zeros(n, dtype=torch.bool)
+    forget_mask = torch.zeros(n, dtype=torch.bool, device="cpu")
     forget_mask[:n_forget] = True
     timings["probabilities"] = time.perf_counter() - t0
     pseudo_name = pseudo if isinstance(pseudo, str) else "tensor"
