@@ -163,6 +163,25 @@ def test_cache_key_covers_the_device_type(setup):
     assert cache_key(init, split.retain, cfg, "cuda:1") == cache_key(init, split.retain, cfg, "cuda")
 
 
+def test_cache_key_covers_the_cpu_thread_count(setup):
+    # fit's weights depend on torch's thread count on the CPU (the demo's small CNN, 3 epochs of
+    # digits: three different models at 1, 2 and 3 threads), and a model trained at one count was
+    # served to runs at another. One thread keeps the keys it had (the demo's cache).
+    from ppu_fast.training import cache_key
+    split, init, _ = setup
+    cfg = TrainConfig(epochs=1, batch_size=128)
+    before = torch.get_num_threads()
+    try:
+        keys = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            keys[n] = (cache_key(init, split.retain, cfg), cache_key(init, split.retain, cfg, "cuda"))
+    finally:
+        torch.set_num_threads(before)
+    assert len({keys[n][0] for n in keys}) == 3
+    assert len({keys[n][1] for n in keys}) == 1  # a GPU's result does not depend on them
+
+
 def test_cache_dir_resolution(monkeypatch, tmp_path):
     from ppu_fast.training import cache_dir
     monkeypatch.delenv("PPU_FAST_CACHE", raising=False)
