@@ -42,6 +42,24 @@ MIN_STEP = 1e-10
 # a region where float32 log Z is noise; backtracking from there wastes a pass per halving.
 # (A tighter cap, 20, slowed lam = 0.01 problems 4x: it binds on classes the heavy rows ignore.)
 MAX_LOGIT_STEP = 100.0
+# The cap is a trust radius, in the same logit units. It grows 8x after a capped step taken whole
+# that did not raise the residual. After a step that raised it, it shrinks to CAP_SHRINK_ON_RISE
+# times that step's largest logit move; after a step the line search had to shorten, to
+# CAP_AFTER_BACKTRACK times it; never below CAP_FLOOR (confident rows' walls are margins of
+# several logits away; without the floor, shortened steps shrank the cap pass after pass to a
+# failed line search at 20,000 x 10, margin 8, lam 1e-6, float32). Why: on confident models with
+# rare classes at small lam (20,000 x 128 / 129, 25 classes 100x rarer, margin 20, a random half
+# forgotten, lam 1e-3) the rare classes' alphas must run ~1e4, which grew the cap to 800-6,400,
+# and the same steps moved the common classes' alphas 50-100 logits apart where their confident
+# retain rows flip at ~20: g rose as predicted (the rare classes carry it), the residual 1.7x
+# (under RES_GROWTH_MAX), 30-55 common classes lost all their retain rows and Newton wandered
+# there on steps of 1/32 (at the solution the common alphas span 16 logits): 8 of 16 draws
+# unconverged after 100 passes (float64 too). Measured with the line search's interpolation
+# (cpu): those 16 draws 1,260 passes / 8 unconverged -> 539 / 0; the 288-refine set of
+# docs/solver.md 3,030 -> 2,663 (0 unconverged either way); benchmarks/solver_grid.py 418 -> 405.
+CAP_SHRINK_ON_RISE = 0.25
+CAP_AFTER_BACKTRACK = 2.0
+CAP_FLOOR = 2.0
 # Residual ratio per unit step that marks the exponential tail (e^-1 = 0.37 in the middle).
 TAIL_RHO = (0.25, 0.6)
 # Relative rounding noise of the dual value, by the dtype the kernels evaluate in (float16 /
@@ -366,13 +384,19 @@ def _dense_direction_numpy(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
 
 
 def _line_search(ev: _Evaluator, alpha, d, grad, g, res, t0: float = 1.0, hessian=None,
-                 tol: float = 0.0, growth: float = math.inf):
+                 tol: float = 0.0, growth: float = math.inf, interpolate: bool = False):
     """Armijo backtracking on g. Near the optimum g's float rounding hides real progress: a gain
     in g only counts when it exceeds g's rounding noise, and a step that leaves g unchanged
     within that noise is accepted when it decreases the residual sufficiently; a step that
     reaches ``tol`` is accepted whatever g says, one that multiplies the residual by more than
-    ``growth`` never (:func:`_accepted`). Returns the new state, or None when no step is
-    accepted within the pass budget."""
+    ``growth`` never (:func:`_accepted`). A refused step is halved; with ``interpolate`` the
+    first refused one (t0) is replaced by the maximiser of the quadratic through g, the slope
+    and that trial, kept within [1/4, 1/2] of it (where a full step lost g by 10x its predicted
+    gain, halving took four more passes to reach 1/32). Only the first: interpolating every
+    refusal skipped octaves, and at 1,500 x 10, margin 30, lam 1e-10 (float32) the one step
+    g accepted (8.5e-9 of a 1.5e9-logit direction) lay between two trials, and the line search
+    failed (benchmarks/lam_range.py). Returns the new state, or None when no step is accepted
+    within the pass budget."""
     slope = float(grad @ d)
     t = t0
     noise = ev.g_noise
@@ -381,7 +405,11 @@ def _line_search(ev: _Evaluator, alpha, d, grad, g, res, t0: float = 1.0, hessia
         grad_n, g_n, h_n, res_n = ev(a_new, hessian)
         if _accepted(g_n, res_n, g, res, t, slope, max(noise, ev.g_noise), tol, growth):
             return a_new, grad_n, g_n, h_n, res_n, t
-        t *= 0.5
+        shortfall = slope * t - (g_n - g)
+        if interpolate and t == t0 and slope > 0 and math.isfinite(g_n) and shortfall > 0:
+            t = min(max(slope * t * t / (2.0 * shortfall), 0.25 * t), 0.5 * t)
+        else:
+            t *= 0.5
     return None
 
 
@@ -530,11 +558,23 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
                     break
                 final = None
             res_prev = res
-            out = _line_search(ev, alpha, d, grad, g, res, t0, tol=tol, growth=RES_GROWTH_MAX)
+            out = _line_search(ev, alpha, d, grad, g, res, t0, tol=tol, growth=RES_GROWTH_MAX,
+                               interpolate=True)
             # A capped step taken whole says the cap, not the model, limited it: when the rows
             # that must move are heavy (inv_c << max inv_c, e.g. forget rows at lam = 1e-8) the
-            # solution lies ~1 / inv_c away, and a fixed cap would need a million passes.
-            cap = cap * 8.0 if out is not None and out[5] >= t0 and t0 < t_next else cap
+            # solution lies ~1 / inv_c away, and a fixed cap would need a million passes. Unless
+            # it raised the residual: then the model did not hold that far (confident rows
+            # flipped between classes), and the cap shrinks around the move taken, as it does
+            # after a shortened step (CAP_SHRINK_ON_RISE).
+            if out is not None and spread > 0:
+                moved = out[5] * spread
+                if out[4] > res:
+                    cap = min(cap, max(CAP_SHRINK_ON_RISE * moved, CAP_FLOOR))
+                else:
+                    if out[5] < t0:
+                        cap = min(cap, max(CAP_AFTER_BACKTRACK * moved, CAP_FLOOR))
+                    if out[5] >= t0 and t0 < t_next:
+                        cap *= 8.0
             if out is not None and out[5] >= t0 >= 1.0:
                 # Full (or longer) steps that gain the same factor pass after pass are the
                 # exponential tail (a forget row's mass on a class decaying like exp(-alpha)

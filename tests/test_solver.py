@@ -685,6 +685,57 @@ def test_newton_on_an_imbalanced_model_at_lam_1e3(backend):
     assert float((q.double().sum(0) - m).abs().sum()) / 2000 <= 1e-6 * 1.01
 
 
+@pytest.mark.parametrize("k,seed,marginals,backend,dtype", [
+    (128, 3, "original", "cpu", torch.float32), (128, 3, "retain", "cpu", torch.float32),
+    (129, 0, "retain", "cpu", torch.float32), (129, 3, "original", "cpu", torch.float32),
+    (128, 3, "retain", "cpu", torch.float64), (129, 3, "original", "torch", torch.float32)])
+def test_newton_keeps_common_classes_within_their_walls(k, seed, marginals, backend, dtype):
+    """20,000 x k, the first k // 5 classes 100x rarer (0-2 retain rows each), logit margin 20,
+    a random half forgotten, lam 1e-3: the rare classes' alphas must run ~1e4, the growing
+    logit cap let the same steps move the common classes' alphas 50-100 logits apart (their
+    retain rows flip at ~20), and Newton wandered for 100 passes (residual 2e-2 to 2e-1, float64
+    too). With the cap shrinking after a step that raises the residual: 22-31 passes (float64
+    and the torch reference alike)."""
+    import warnings
+    y, p = _probe_classifier(20000, k, 20.0, 100 + seed, rare=(k // 5, 100))
+    forget = torch.rand(20000, generator=torch.Generator().manual_seed(7 + seed)) < 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q, info = ppu_fast.refine(p.to(dtype), forget, lam=1e-3, marginals=marginals,
+                                  backend=backend, return_info=True)
+    assert info.converged and info.iterations <= 50, (info.iterations, info.message)
+    p = p.to(dtype)
+    m = p.double().sum(0) if marginals == "original" else retain_marginals(p, forget)
+    assert float((q.double().sum(0) - m).abs().sum()) / 20000 <= 1e-6 * 1.01
+
+
+def test_line_search_interpolates_a_refused_step():
+    """A trial that loses g far below its linear prediction is followed by the maximiser of the
+    quadratic through g, the slope and the trial (clamped to [1/4, 1/2] of the step), not by a
+    halving."""
+    from ppu_fast import solver
+
+    class Quadratic:  # g(a) = -50 a^2 + 10 a on one variable: maximiser 0.1, slope 10 at 0
+        def __init__(self):
+            self.passes, self.max_passes, self.g_noise, self.trials = 0, 100, 0.0, []
+
+        def __call__(self, a, hessian=None):
+            self.passes += 1
+            self.trials.append(float(a[0]))
+            g = -50.0 * a[0] ** 2 + 10.0 * a[0]
+            grad = np.array([-100.0 * a[0] + 10.0])
+            return grad, g, None, abs(grad[0])
+
+    ev = Quadratic()
+    out = solver._line_search(ev, np.zeros(1), np.ones(1), np.array([10.0]), 0.0, 10.0, 1.0,
+                              interpolate=True)
+    assert out is not None and ev.trials[0] == 1.0
+    assert ev.trials[1] == 0.25  # the quadratic's 0.1, clamped to 1/4 of the step
+    ev2 = Quadratic()
+    solver._line_search(ev2, np.zeros(1), np.ones(1), np.array([10.0]), 0.0, 10.0, 1.0)
+    assert ev2.trials[:2] == [1.0, 0.5]
+
+
 @pytest.mark.parametrize("backend,dtype,n", [("cpu", torch.float32, 2000),
                                              ("cpu", torch.float64, 2000),
                                              ("torch", torch.float32, 2000),
