@@ -282,7 +282,10 @@ def loader_examples(loader: DataLoader, arg: str) -> Dataset:
         return ds
     # The sampler's draws, not the batches': a loader's drop_last would lose examples silently.
     custom_batches = batches is not None and type(batches) is not BatchSampler
-    idx = ([int(i) for b in batches for i in b] if custom_batches else [int(i) for i in sampler])
+    # On the CPU: a caller's random sampler draws with torch factories (CpuDrawLoader's reason).
+    with torch.device("cpu"):
+        idx = ([int(i) for b in batches for i in b] if custom_batches
+               else [int(i) for i in sampler])
     if len(set(idx)) != len(idx):
         raise ValueError(f"{arg}: the DataLoader's sampler draws {len(idx)} examples but only "
                          f"{len(set(idx))} distinct ones; expected a loader (or Dataset) that "

@@ -406,7 +406,8 @@ def _line_search(ev: _Evaluator, alpha, d, grad, g, res, t0: float = 1.0, hessia
         if _accepted(g_n, res_n, g, res, t, slope, max(noise, ev.g_noise), tol, growth):
             return a_new, grad_n, g_n, h_n, res_n, t
         shortfall = slope * t - (g_n - g)
-        if interpolate and t == t0 and slope > 0 and math.isfinite(g_n) and shortfall > 0:
+        if (interpolate and t == t0 and 0 < slope < math.inf and math.isfinite(g_n)
+                and shortfall > 0):
             t = min(max(slope * t * t / (2.0 * shortfall), 0.25 * t), 0.5 * t)
         else:
             t *= 0.5

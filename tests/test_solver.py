@@ -731,6 +731,12 @@ def test_line_search_interpolates_a_refused_step():
                               interpolate=True)
     assert out is not None and ev.trials[0] == 1.0
     assert ev.trials[1] == 0.25  # the quadratic's 0.1, clamped to 1/4 of the step
+    ev = Quadratic()
+    out = solver._line_search(ev, np.zeros(1), np.ones(1), np.array([10.0]), 0.0, 10.0, 0.3,
+                              interpolate=True)
+    # within [0.075, 0.15]: the maximiser itself, accepted
+    assert ev.trials[0] == 0.3 and ev.trials[1] == pytest.approx(0.1, rel=1e-12)
+    assert out is not None and out[5] == ev.trials[1] and len(ev.trials) == 2
     ev2 = Quadratic()
     solver._line_search(ev2, np.zeros(1), np.ones(1), np.array([10.0]), 0.0, 10.0, 1.0)
     assert ev2.trials[:2] == [1.0, 0.5]
