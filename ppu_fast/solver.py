@@ -433,7 +433,7 @@ def _accepted(g_n: float, res_n: float, g: float, res: float, t: float, slope: f
 
 
 def _write_final(ev: "_Evaluator", final: FinalPass, alpha: np.ndarray, d: np.ndarray, t0: float,
-                 grad: np.ndarray, g: float, res: float, tol: float):
+                 tol: float):
     """Newton's predicted last step, written as Q: the new state when Q(alpha + t0 d) has
     converged (the buffer then holds it), else None with log P^ restored and the evaluator's
     noise estimate as it was (the pass stays counted, and in ``history``)."""
@@ -551,7 +551,7 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
             # with this pass (once: a prediction that failed says the model does not hold here).
             if (final is not None and t0 == t_next and res_prev < math.inf
                     and res * (res / res_prev) <= tol and ev.passes < max_iter):
-                done = _write_final(ev, final, alpha, d, t0, grad, g, res, tol)
+                done = _write_final(ev, final, alpha, d, t0, tol)
                 if done is not None:
                     alpha, grad, g, res = done
                     alpha = _centred(alpha)
