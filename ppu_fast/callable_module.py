@@ -9,6 +9,7 @@ keeps both spellings working whatever was imported first.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from typing import Any
@@ -19,7 +20,16 @@ class CallableModule(types.ModuleType):
     component (``ppu_fast.finetune(...)`` is ``ppu_fast.finetune.finetune(...)``)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self, self.__name__.rsplit(".", 1)[-1])(*args, **kwargs)
+        return self._function()(*args, **kwargs)
+
+    def _function(self) -> Any:
+        return getattr(self, self.__name__.rsplit(".", 1)[-1])
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # inspect.signature (IDEs, Jupyter's "?", click-style tools) reads this before the
+        # class's __call__, whose (*args, **kwargs) hides the parameters.
+        return inspect.signature(self._function())
 
 
 def make_callable(module_name: str) -> None:

@@ -40,7 +40,8 @@ def cuda_devices_to_fork(model: nn.Module, device: Any) -> list[int]:
         return list(range(torch.cuda.device_count()))
     devs = {p.device.index or 0 for p in model.parameters() if p.is_cuda}
     if device is not None:
-        d = torch.device(device)
+        from .training import available_device  # (training imports this module)
+        d = available_device(device)
         if d.type == "cuda":
             devs.add(d.index if d.index is not None else torch.cuda.current_device())
     return sorted(devs)

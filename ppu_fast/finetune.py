@@ -20,7 +20,7 @@ from .caller_state import (caller_stacklevel, check_seed, frozen_modules, is_int
                            keeps_caller_state, probe_forward)
 from .data import CpuDrawLoader
 from .metrics import check_logits
-from .training import check_optimizer_options, lone_last_batch, model_device, one_example_batchnorm
+from .training import check_optimizer_options, lone_last_batch, one_example_batchnorm, resolve_device
 from .torch_defaults import training_grad_mode
 
 SELECT_POLICIES = ("last", "val")
@@ -420,7 +420,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
                          f"{type(model).__name__} has parameters that are not leaf tensors "
                          f"(copy.deepcopy of a TorchScript module does that); expected an eager "
                          f"nn.Module, or pass inplace=True to train this one")
-    device = torch.device(device) if device is not None else model_device(model)
+    device = resolve_device(model, device)
     work.to(device)
     targets = targets.detach().to(device=device, dtype=torch.float32)
     # The caller's frozen modules, before this call freezes what `trainable` leaves out.

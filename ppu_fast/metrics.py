@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .caller_state import _dtype_name, eval_mode, forward_failed, is_int
 from .data import dataset_targets, loader_examples, make_loader
-from .training import model_device
+from .training import resolve_device
 
 
 def _check_model(model: object) -> None:
@@ -32,32 +32,38 @@ def check_logits(out: object, n_inputs: int) -> None:
                          f"expected (B, k) logits")
 
 
-@torch.no_grad()
 def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
             device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, k) and labels (N,) of ``model`` on ``data`` in eval mode, on CPU. Each module's
     train/eval mode is restored afterwards."""
+    return _predict(model, data, batch_size, device, "data")
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, data: Dataset | DataLoader, batch_size: int,
+             device: str | torch.device | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # ``name``: the caller's argument that ``data`` is, for the error messages (mia's "forget").
     _check_model(model)
     if not isinstance(data, (Dataset, DataLoader)):
-        raise TypeError(f"data must be a torch Dataset or DataLoader of (x, y) pairs, got "
+        raise TypeError(f"{name} must be a torch Dataset or DataLoader of (x, y) pairs, got "
                         f"{type(data).__name__} (tensors X, y: pass TensorDataset(X, y))")
-    device = torch.device(device) if device is not None else model_device(model)
+    device = resolve_device(model, device)
     logits, labels = [], []
     with eval_mode(model):
         for batch in make_loader(data, batch_size):
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise ValueError(f"data: a batch is a {type(batch).__name__}"
+                raise ValueError(f"{name}: a batch is a {type(batch).__name__}"
                                  f"{f' of {len(batch)} items' if hasattr(batch, '__len__') else ''}"
                                  f"; expected (x, y) pairs of an input and an integer label")
             x, y = batch
             try:
                 out = model(x.to(device))
             except (RuntimeError, TypeError) as exc:
-                raise forward_failed(model, "data", f"a batch of {_dtype_name(x)} "
+                raise forward_failed(model, name, f"a batch of {_dtype_name(x)} "
                                                     f"inputs of shape {tuple(x.shape[1:])}", exc) from None
             check_logits(out, len(x))
             logits.append(out.float().cpu())
-            labels.append(_batch_labels(y, len(x)))
+            labels.append(_batch_labels(y, len(x), name))
     if not logits:
         return torch.zeros(0, 0, device="cpu"), torch.zeros(0, dtype=torch.long, device="cpu")
     logits_all, labels_all = torch.cat(logits), torch.cat(labels)
@@ -66,22 +72,22 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
         raise ValueError(f"model: its output has {k} logit per example; expected (B, k) logits of a "
                          f"classifier with k >= 2 classes (argmax over one column names class 0 always)")
     if len(labels_all) and (int(labels_all.min()) < 0 or int(labels_all.max()) >= k):
-        raise ValueError(f"data: labels must lie in [0, {k}) for a model with {k} logits; got values in "
+        raise ValueError(f"{name}: labels must lie in [0, {k}) for a model with {k} logits; got values in "
                          f"[{int(labels_all.min())}, {int(labels_all.max())}]")
     return logits_all, labels_all
 
 
-def _batch_labels(y: object, n: int) -> torch.Tensor:
+def _batch_labels(y: object, n: int, name: str) -> torch.Tensor:
     # One batch's labels as a (B,) long tensor. (B, 1) is flattened (a common TensorDataset layout,
     # which broadcasting against (B,) predictions would silently turn into B x B comparisons).
     t = torch.as_tensor(y, device="cpu")
     if t.ndim == 2 and t.shape[1] == 1:
         t = t.reshape(-1)
     if t.ndim != 1 or len(t) != n:
-        raise ValueError(f"data: a batch of {n} input(s) has labels of shape {tuple(t.shape)}; expected "
+        raise ValueError(f"{name}: a batch of {n} input(s) has labels of shape {tuple(t.shape)}; expected "
                          f"({n},) integer class indices")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"data: labels are {str(t.dtype).replace('torch.', '')}; expected integer class "
+        raise ValueError(f"{name}: labels are {str(t.dtype).replace('torch.', '')}; expected integer class "
                          f"indices")
     return t.long()
 
@@ -101,7 +107,12 @@ def error(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256
 def losses(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
            device: str | torch.device | None = None) -> np.ndarray:
     """Per-example cross-entropy losses (N,) of ``model`` on ``data`` in eval mode."""
-    logits, labels = predict(model, data, batch_size=batch_size, device=device)
+    return _losses(model, data, batch_size, device, "data")
+
+
+def _losses(model: nn.Module, data: Dataset | DataLoader, batch_size: int,
+            device: str | torch.device | None, name: str) -> np.ndarray:
+    logits, labels = _predict(model, data, batch_size, device, name)
     if len(labels) == 0:
         return np.zeros(0, dtype=np.float32)
     return F.cross_entropy(logits, labels, reduction="none").numpy()
@@ -191,8 +202,8 @@ def _attack_losses(model: nn.Module, forget: Dataset | DataLoader, test: Dataset
     test_same = restrict_to_classes(test, classes)
     if len(test_same) == 0:
         raise ValueError(f"test has no examples of the forget classes {classes}")
-    return (losses(model, forget, batch_size=batch_size, device=device),
-            losses(model, test_same, batch_size=batch_size, device=device))
+    return (_losses(model, forget, batch_size, device, "forget"),
+            _losses(model, test_same, batch_size, device, "test"))
 
 
 def mia(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | DataLoader, *, seed: int = 0,
@@ -395,8 +406,8 @@ def lira(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | DataLoa
     if not classes:
         raise ValueError("forget is empty: the attack needs forget examples")
     test_same = restrict_to_classes(test, classes)
-    fl, fy = predict(model, forget, batch_size=batch_size, device=device)
-    tl, ty = predict(model, test_same, batch_size=batch_size, device=device)
+    fl, fy = _predict(model, forget, batch_size, device, "forget")
+    tl, ty = _predict(model, test_same, batch_size, device, "test")
     if len(ty) == 0:
         raise ValueError(f"test has no examples of the forget classes {classes}")
     f = true_class_features(fl, fy)["logit_confidence"]

@@ -115,6 +115,39 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device`` checked by :func:`available_device`, or ``model``'s own device when it is None."""
+    return model_device(model) if device is None else available_device(device)
+
+
+def available_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine has.
+
+    A device torch cannot parse, or an accelerator that is not here (``"cuda"`` without a CUDA
+    device, ``"cuda:3"`` on a one-GPU machine, ``"mps"`` off a Mac), is refused by name before
+    anything runs; torch's own errors for them come from deep inside the first forward pass."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"device: got a {type(device).__name__} ({device!r}); expected a str or "
+                        f"torch.device such as 'cpu', 'cuda' or 'cuda:0'")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device: {device!r} is not a torch device ({str(exc).splitlines()[0]}); "
+                         f"expected e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else torch.backends.mps
+    available = getattr(backend, "is_available", None)
+    if available is not None and not available():
+        raise ValueError(f"device: {device!r} but torch finds no {dev.type.upper()} device here; "
+                         f"expected 'cpu' or a device this machine has")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise ValueError(f"device: {device!r} but this machine has {count()} {dev.type.upper()} "
+                         f"device(s); expected {dev.type}:0 .. {dev.type}:{count() - 1}")
+    return dev
+
+
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding 4 and random horizontal flip, per example. x: (B, C, H, W)."""
     b, _, h, w = x.shape
@@ -139,7 +172,7 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
     trained or loaded from the cache."""
     if len(data) == 0:
         raise ValueError("data is empty: nothing to train on")
-    device = torch.device(device) if device is not None else model_device(model)
+    device = resolve_device(model, device)
     with torch.random.fork_rng(devices=cuda_devices_to_fork(model, device)):
         return _fit(model, data, config, device, progress, desc)
 
@@ -307,7 +340,7 @@ def fit_cached(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfi
     import time
 
     trained = copy.deepcopy(model)
-    device = torch.device(device) if device is not None else model_device(model)
+    device = resolve_device(model, device)
     path = cache_dir() / "models" / f"{cache_key(model, data, config, device)}.pt" if cache else None
     if path is not None and path.is_file():
         # Loaded into a copy of its own: load_state_dict copies every matching tensor before it

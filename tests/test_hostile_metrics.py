@@ -345,3 +345,31 @@ def test_a_file_without_standard_errors_gets_them_from_its_per_seed_rows(tmp_pat
     assert tables.main([str(a)]) == 0
     md = (a / "tables.md").read_text()
     assert "standard error over 3 seeds" in md and "†" in md and "(n=2)" in md
+
+
+def test_the_attacks_name_the_set_whose_labels_are_wrong(labelled):
+    # Both sets went through predict, whose messages said "data" whichever set was wrong. (The
+    # requires_grad check: the helper that now names the set must keep predict's no_grad.)
+    model, x, y = labelled
+    forget, test = TensorDataset(x[:40], y[:40]), TensorDataset(x[40:], y[40:])
+    for attack in (mia, lira):
+        with pytest.raises(ValueError, match="^forget: labels are float32; expected integer"):
+            attack(model, TensorDataset(x[:40], y[:40].float()), test)
+        with pytest.raises(ValueError, match="^test: labels are float32; expected integer"):
+            attack(model, forget, TensorDataset(x[40:], y[40:].float()))
+    with pytest.raises(ValueError, match="^data: labels are float32"):
+        metrics.losses(model, TensorDataset(x, y.float()))
+    assert not metrics.predict(model, test)[0].requires_grad
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+@pytest.mark.parametrize("call", ["error", "mia", "lira", "predict", "losses"])
+def test_a_device_this_machine_lacks_is_named(labelled, call):
+    model, x, y = labelled
+    data = TensorDataset(x, y)
+    fn = getattr(metrics, call)
+    args = (model, data, data) if call in ("mia", "lira") else (model, data)
+    with pytest.raises(ValueError, match=r"^device: 'cuda' but torch finds no CUDA device here"):
+        fn(*args, device="cuda")
+    with pytest.raises(ValueError, match=r"^device: 'tpu' is not a torch device \(Expected one of"):
+        fn(*args, device="tpu")

@@ -328,6 +328,13 @@ def test_experiment_refuses_repeated_seeds():
         run_experiment(seeds=[0, 0], methods=("original",), log=None)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_experiment_refuses_a_missing_device_before_training():
+    from ppu_fast.unlearn.experiment import run_experiment
+    with pytest.raises(ValueError, match="device: 'cuda' but torch finds no CUDA device"):
+        run_experiment(seeds=[0], methods=("original",), device="cuda", log=None)
+
+
 def test_experiment_refuses_repeated_methods():
     from ppu_fast.unlearn.experiment import run_experiment
     with pytest.raises(ValueError, match=r"methods: \['original', 'ppu', 'original'\] repeats 'original'"):
@@ -762,3 +769,36 @@ def test_reset_parameters_reaches_torchs_attention_and_only_torchs_private_reset
 
     assert not_reset(Theirs()) == ["w"]
     reset_parameters(Theirs())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_a_device_this_machine_lacks_is_named_before_any_work(tiny):
+    # torch's own refusal came from the first forward pass ("Found no NVIDIA driver"), or for a
+    # name torch does not know, from torch.device's list of device types.
+    model, forget, retain = _sets(tiny)
+    before = [p.detach().clone() for p in model.parameters()]
+    for device, what in (("cuda", r"device: 'cuda' but torch finds no CUDA device here"),
+                         ("cuda:1", r"device: 'cuda:1' but torch finds no CUDA device"),
+                         ("tpu", r"device: 'tpu' is not a torch device")):
+        for method in ("ppu", "finetune", "retrain"):
+            with pytest.raises(ValueError, match=what):
+                ppu_fast.unlearn(model, forget, retain, method=method, device=device, progress=False)
+        with pytest.raises(ValueError, match=what):
+            ppu_fast.finetune(model, retain, torch.full((len(retain), K), 1.0 / K), device=device,
+                              progress=False)
+    with pytest.raises(TypeError, match=r"device: got a float \(1.5\); expected a str or torch.device"):
+        ppu_fast.unlearn(model, forget, retain, device=1.5, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert ppu_fast.unlearn(model, forget, retain, method="original", device=torch.device("cpu"),
+                            progress=False).model is not model
+
+
+def test_the_callable_modules_show_their_functions_signature():
+    # Tools that read inspect.signature (IDEs, Jupyter's "?") saw (*args, **kwargs).
+    import inspect
+
+    import ppu_fast.finetune  # noqa: F401  (binds the module over the function)
+    for name in ("unlearn", "finetune"):
+        params = inspect.signature(getattr(ppu_fast, name)).parameters
+        assert list(params)[:2] == ["model", "forget" if name == "unlearn" else "data"]
+        assert "device" in params and "progress" in params

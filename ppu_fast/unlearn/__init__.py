@@ -21,6 +21,7 @@ from ..callable_module import make_callable
 from ..caller_state import check_finite_options, check_seed, is_int, keeps_caller_state
 from ..data import loader_examples
 from ..torch_defaults import training_grad_mode
+from ..training import resolve_device
 
 _METHODS: dict[str, Callable[..., "UnlearnResult"]] = {}
 _COMMON = ("val", "seed", "device", "inplace", "progress")
@@ -36,9 +37,10 @@ class UnlearnResult:
         targets: (N_forget + N_retain, k) fine-tuning targets, forget rows first, each part in the
             order of its dataset (a loader's: by index) (PPU only), on CPU.
         refine_info: the solver's ``RefineInfo`` (PPU privacy mode only).
-        history: one dict per fine-tuning epoch (epoch 0 = the starting model): ``loss``,
-            ``forget_error``, ``retain_error`` and, with a validation set, ``val_error`` (on the forget
-            classes), all in %.
+        history: one dict per fine-tuning epoch (epoch 0 = the starting model), with ``epoch``
+            and what the method records: PPU ``loss``, ``forget_error``, ``wall_seconds``, with a
+            validation set ``val_error`` (on the forget classes) and ``retain_error`` only with
+            ``history_retain > 0`` (its default "fast" schedule sets 0); errors in %.
         selected_epoch: the epoch whose weights ``model`` holds (0 where there are no epochs; a
             fraction such as 2.5 when PPU evaluated between epochs, ``evals_per_epoch``).
         timings: seconds per phase (e.g. ``probabilities``, ``refine``, ``finetune``, ``train``) and
@@ -270,6 +272,7 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
     seed = check_seed(seed)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    resolve_device(model, device)  # a device this machine lacks is refused before any work
     forget = _as_dataset(forget, "forget")
     retain = _as_dataset(retain, "retain")
     val = _as_dataset(val, "val", allow_none=True)

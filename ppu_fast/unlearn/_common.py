@@ -10,13 +10,14 @@ from torch.utils.data import Dataset, Subset
 
 from ..data import dataset_targets
 from ..metrics import error, restrict_to_classes
-from ..training import model_device
+from ..training import resolve_device
 
 
 def working_copy(model: nn.Module, inplace: bool, device: str | torch.device | None) -> nn.Module:
     """``model`` itself when ``inplace``, else a deep copy; moved to ``device`` if given."""
+    dev = resolve_device(model, device) if device is not None else None
     work = model if inplace else copy.deepcopy(model)
-    return work.to(torch.device(device)) if device is not None else work
+    return work.to(dev) if dev is not None else work
 
 
 def check_labels_fit(labels: torch.Tensor, k: int, method: str) -> None:
@@ -30,11 +31,6 @@ def check_labels_fit(labels: torch.Tensor, k: int, method: str) -> None:
         raise ValueError(f"labels: forget / retain hold classes {int(labels.min())} to "
                          f"{int(labels.max())} but the model outputs k = {k} logits; expected "
                          f"labels in [0, {k})")
-
-
-def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch.device, or ``model``'s own device when it is None."""
-    return torch.device(device) if device is not None else model_device(model)
 
 
 def sample(data: Dataset, limit: int | None, seed: int) -> Dataset:

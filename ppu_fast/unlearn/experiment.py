@@ -21,7 +21,7 @@ from ..models import build_model
 from ..report import label
 from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
                         transfer_body)
-from ..training import TrainConfig, fit_cached
+from ..training import TrainConfig, available_device, fit_cached
 from . import methods as registered, method_options, unlearn
 from .ntk import JacobianTooLarge
 
@@ -165,7 +165,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         if bad:
             raise TypeError(f"method '{name}' does not accept option(s) {', '.join(bad)}")
     say = log or (lambda *_: None)
-    dev = torch.device(device) if device else torch.device("cpu")
+    dev = available_device(device) if device else torch.device("cpu")
     # Before any pre-training: a refused reduction should not cost its minutes first.
     check_reduction(dataset, train_per_class, test_per_class)
     if init_checkpoint is not None and pretrain is not None:
