@@ -94,12 +94,13 @@ def _batch_labels(y: object, n: int, name: str) -> torch.Tensor:
 
 def error(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
           device: str | torch.device | None = None) -> float:
-    """Classification error of ``model`` on ``data`` in percent (0-100); NaN for an empty set. An
-    example with a NaN logit counts as an error (it has no prediction; argmax of NaN logits would
-    name class 0)."""
+    """Classification error of ``model`` on ``data`` in percent (0-100). An example with a NaN
+    logit counts as an error (it has no prediction; argmax of NaN logits would name class 0). An
+    empty ``data`` is refused (ValueError), as scikit-learn's ``accuracy_score`` refuses it: an
+    error rate over no examples is no number, and a NaN would travel into tables unnoticed."""
     logits, labels = predict(model, data, batch_size=batch_size, device=device)
     if len(labels) == 0:
-        return float("nan")
+        raise ValueError("data: empty; expected at least one (x, y) example to score")
     right = (logits.argmax(1) == labels) & ~torch.isnan(logits).any(1)
     return 100.0 * float((~right).float().mean())
 

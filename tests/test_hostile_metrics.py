@@ -362,6 +362,15 @@ def test_the_attacks_name_the_set_whose_labels_are_wrong(labelled):
     assert not metrics.predict(model, test)[0].requires_grad
 
 
+def test_the_error_of_no_examples_is_refused(labelled):
+    # It was NaN, which a caller's table or mean carried on silently (finetune, unlearn and
+    # make_split refuse empty sets; scikit-learn's accuracy_score too).
+    model, x, y = labelled
+    with pytest.raises(ValueError, match="^data: empty; expected at least one"):
+        error(model, TensorDataset(x[:0], y[:0]))
+    assert metrics.losses(model, TensorDataset(x[:0], y[:0])).shape == (0,)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
 @pytest.mark.parametrize("call", ["error", "mia", "lira", "predict", "losses"])
 def test_a_device_this_machine_lacks_is_named(labelled, call):
