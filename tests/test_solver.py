@@ -709,6 +709,25 @@ def test_newton_keeps_common_classes_within_their_walls(k, seed, marginals, back
     assert float((q.double().sum(0) - m).abs().sum()) / 20000 <= 1e-6 * 1.01
 
 
+@pytest.mark.parametrize("n,k,seed,marginals", [
+    (20000, 128, 2, "original"), (10000, 200, 0, "retain"), (10000, 200, 2, "original")])
+def test_newton_does_not_cycle_on_residual_rises_at_small_lam(n, k, seed, marginals):
+    """The models above at lam 1e-4: a step taken whole grew the trust radius 8x, the next moved
+    the common classes' alphas past their retain rows' walls and raised the residual 1.5-1.9x
+    (under the former 2x cap), the radius shrank, the steps after undid it, and the cycle ran
+    out of passes (residual 7e-2, 9e-2, 2e-1). Capped at 1.5x: 42, 40 and 65 passes."""
+    import warnings
+    y, p = _probe_classifier(n, k, 20.0, 200 + seed, rare=(k // 5, 100))
+    forget = torch.rand(n, generator=torch.Generator().manual_seed(17 + seed)) < 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q, info = ppu_fast.refine(p, forget, lam=1e-4, marginals=marginals, backend="cpu",
+                                  return_info=True)
+    assert info.converged and info.iterations <= 80, (info.iterations, info.message)
+    m = p.double().sum(0) if marginals == "original" else retain_marginals(p, forget)
+    assert float((q.double().sum(0) - m).abs().sum()) / n <= 1e-6 * 1.01
+
+
 def test_line_search_interpolates_a_refused_step():
     """A trial that loses g far below its linear prediction is followed by the maximiser of the
     quadratic through g, the slope and the trial (clamped to [1/4, 1/2] of the step), not by a
