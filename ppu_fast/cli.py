@@ -386,7 +386,6 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     _check_out_folder(args.out)
     _check_run_device(args.device)
-    _check_backend_environment(args.device)
     if args.methods == []:
         raise ValueError("--methods: no method named; expected comma-separated method names")
     if args.threads is not None:
@@ -416,6 +415,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         args.methods = expand_methods(args.methods or list(DEMO_METHODS[:5]), args.dataset)
     composites = [m for m in args.methods if "+ppu" in m]
+    if variants is not None or composites or any(m in PPU_METHODS for m in args.methods):
+        _check_backend_environment(args.device)  # only a refine reads it
     if common and variants is None and not composites and \
             not any(m in PPU_METHODS for m in args.methods):
         flags = {"epochs": "--unlearn-epochs", "lr": "--unlearn-lr", "schedule": "--ppu-schedule"}

@@ -243,6 +243,9 @@ def test_run_refuses_before_any_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PPU_FAST_BACKEND", "nope")
     assert main(base) == 2
     assert "error: PPU_FAST_BACKEND: unknown backend name 'nope'" in capsys.readouterr().err
+    # Only a refine reads the variable: a run without PPU goes on to train (here: the stub).
+    with pytest.raises(AssertionError, match="trained before refusing"):
+        main([*base[:-3], "original,retrain", *base[-2:]])
     monkeypatch.delenv("PPU_FAST_BACKEND")
     assert main(base + ["--num-forget", "5"]) == 2
     assert re.search(r"error: the split: 5 forget and \d+ test examples; the membership attack "
