@@ -416,7 +416,7 @@ def _run(args: argparse.Namespace) -> int:
         args.methods = expand_methods(args.methods or list(DEMO_METHODS[:5]), args.dataset)
     composites = [m for m in args.methods if "+ppu" in m]
     if variants is not None or composites or any(m in PPU_METHODS for m in args.methods):
-        _check_backend_environment(args.device)  # only a refine reads it
+        _check_backend_environment(args.device)  # only PPU's refine reads it
     if common and variants is None and not composites and \
             not any(m in PPU_METHODS for m in args.methods):
         flags = {"epochs": "--unlearn-epochs", "lr": "--unlearn-lr", "schedule": "--ppu-schedule"}

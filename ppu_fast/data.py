@@ -294,12 +294,12 @@ def loader_examples(loader: DataLoader, arg: str) -> Dataset:
 
 
 def make_loader(data: Dataset | DataLoader, batch_size: int = 256, shuffle: bool = False,
-                seed: int | None = None) -> DataLoader:
+                seed: int | None = None, name: str = "data") -> DataLoader:
     """A DataLoader over ``data``; a loader stands for the examples its sampler visits
     (:func:`loader_examples`), as ``unlearn`` reads it, so that a metric scores the rows the
-    caller's loader selects, all of them."""
+    caller's loader selects, all of them. ``name``: the caller's argument, for the errors."""
     if isinstance(data, DataLoader):
-        data = loader_examples(data, "data")
+        data = loader_examples(data, name)
     # A generator of its own even unshuffled: each iterator draws a base seed from it, which
     # would otherwise come from (and advance) the caller's global torch RNG.
     generator = torch.Generator().manual_seed(0 if seed is None else int(seed))

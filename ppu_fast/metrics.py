@@ -50,7 +50,7 @@ def _predict(model: nn.Module, data: Dataset | DataLoader, batch_size: int,
     device = resolve_device(model, device)
     logits, labels = [], []
     with eval_mode(model):
-        for batch in make_loader(data, batch_size):
+        for batch in make_loader(data, batch_size, name=name):
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
                 raise ValueError(f"{name}: a batch is a {type(batch).__name__}"
                                  f"{f' of {len(batch)} items' if hasattr(batch, '__len__') else ''}"
@@ -195,8 +195,14 @@ def restrict_to_classes(data: Dataset | DataLoader, classes: Sequence[int]) -> S
     return Subset(data, torch.nonzero(keep).view(-1).tolist())
 
 
+def _examples(data: Dataset | DataLoader, name: str) -> Dataset | DataLoader:
+    # A loader read once, up front, so that what is wrong with it is said of ``name``.
+    return loader_examples(data, name) if isinstance(data, DataLoader) else data
+
+
 def _attack_losses(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | DataLoader,
                    batch_size: int, device: str | torch.device | None) -> tuple[np.ndarray, np.ndarray]:
+    forget, test = _examples(forget, "forget"), _examples(test, "test")
     classes = dataset_targets(forget).unique().tolist()
     if not classes:
         raise ValueError("forget is empty: the attack needs forget examples")
@@ -403,6 +409,7 @@ def lira(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | DataLoa
     """The offline LiRA-style attack on ``model``: members are ``forget``, non-members the examples of
     ``test`` of the classes present in ``forget`` (as SCRUB's attack restricts them); the feature is the
     logit-scaled confidence of the true class. Returns :func:`attack_from_features`'s dict."""
+    forget, test = _examples(forget, "forget"), _examples(test, "test")
     classes = dataset_targets(forget).unique().tolist()
     if not classes:
         raise ValueError("forget is empty: the attack needs forget examples")

@@ -52,8 +52,8 @@ MAX_LOGIT_STEP = 100.0
 # forgotten, lam 1e-3) the rare classes' alphas must run ~1e4, which grew the cap to 800-6,400,
 # and the same steps moved the common classes' alphas 50-100 logits apart where their confident
 # retain rows flip at ~20: g rose as predicted (the rare classes carry it), the residual 1.7x
-# (under RES_GROWTH_MAX), 30-55 common classes lost all their retain rows and Newton wandered
-# there on steps of 1/32 (at the solution the common alphas span 16 logits): 8 of 16 draws
+# (under RES_GROWTH_MAX, then 2x), 30-55 common classes lost all their retain rows and Newton
+# wandered there on steps of 1/32 (at the solution the common alphas span 16 logits): 8 of 16 draws
 # unconverged after 100 passes (float64 too). Measured with the line search's interpolation
 # (cpu): those 16 draws 1,260 passes / 8 unconverged -> 539 / 0; the 288-refine set of
 # docs/solver.md 3,030 -> 2,663 (0 unconverged either way); benchmarks/solver_grid.py 418 -> 405.

@@ -360,6 +360,13 @@ def test_the_attacks_name_the_set_whose_labels_are_wrong(labelled):
     with pytest.raises(ValueError, match="^data: labels are float32"):
         metrics.losses(model, TensorDataset(x, y.float()))
     assert not metrics.predict(model, test)[0].requires_grad
+    from torch.utils.data import DataLoader
+    odd = DataLoader(TensorDataset(x[:40], y[:40]), collate_fn=lambda b: b)
+    for attack in (mia, lira):
+        with pytest.raises(ValueError, match="^forget: .*collate_fn"):
+            attack(model, odd, test)
+        with pytest.raises(ValueError, match="^test: .*collate_fn"):
+            attack(model, forget, odd)
 
 
 def test_the_error_of_no_examples_is_refused(labelled):

@@ -786,11 +786,31 @@ def test_a_device_this_machine_lacks_is_named_before_any_work(tiny):
         with pytest.raises(ValueError, match=what):
             ppu_fast.finetune(model, retain, torch.full((len(retain), K), 1.0 / K), device=device,
                               progress=False)
-    with pytest.raises(TypeError, match=r"device: got a float \(1.5\); expected a str or torch.device"):
+    with pytest.raises(TypeError, match=r"device: got a float \(1.5\); expected a str, torch.device"):
         ppu_fast.unlearn(model, forget, retain, device=1.5, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert ppu_fast.unlearn(model, forget, retain, method="original", device=torch.device("cpu"),
                             progress=False).model is not model
+
+
+def test_a_cuda_index_past_the_machines_devices_is_named(monkeypatch):
+    # Runs everywhere: torch.cuda is told there is one device (nothing is put on it).
+    from ppu_fast.training import available_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert available_device("cuda") == torch.device("cuda")
+    assert available_device(np.int64(0)) == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"^device: 'cuda:3' but this machine has 1 CUDA device\(s\); "
+                                         r"expected cuda:0 \.\. cuda:0"):
+        available_device("cuda:3")
+
+
+def test_scrub_refuses_a_negative_history_retain(tiny):
+    # A slice [:limit] of the retain sample dropped that many examples; at -len(retain) the
+    # history scored an empty set.
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(ValueError, match=r"history_retain must be an int >= 0 or None, got -5"):
+        ppu_fast.unlearn(model, forget, retain, method="scrub", history_retain=-5, progress=False)
 
 
 def test_the_callable_modules_show_their_functions_signature():

@@ -38,9 +38,10 @@ class UnlearnResult:
             order of its dataset (a loader's: by index) (PPU only), on CPU.
         refine_info: the solver's ``RefineInfo`` (PPU privacy mode only).
         history: one dict per fine-tuning epoch (epoch 0 = the starting model), with ``epoch``
-            and what the method records: PPU ``loss``, ``forget_error``, ``wall_seconds``, with a
-            validation set ``val_error`` (on the forget classes) and ``retain_error`` only with
-            ``history_retain > 0`` (its default "fast" schedule sets 0); errors in %.
+            and what the method records: PPU ``loss`` and ``wall_seconds``, and where the history
+            is evaluated (``val`` given, or ``history=True``) ``forget_error``, ``val_error`` (on
+            the forget classes, with ``val``) and ``retain_error`` (unless ``history_retain=0``,
+            which the default "fast" schedule sets when no history is asked for); errors in %.
         selected_epoch: the epoch whose weights ``model`` holds (0 where there are no epochs; a
             fraction such as 2.5 when PPU evaluated between epochs, ``evals_per_epoch``).
         timings: seconds per phase (e.g. ``probabilities``, ``refine``, ``finetune``, ``train``) and

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..caller_state import is_int
 from ..finetune import select_val
 from . import UnlearnResult, register
 from ._common import make_evaluator, resolve_device, working_copy
@@ -102,6 +103,8 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
     if select == "val" and val is None:
         raise ValueError(f"{name} rewinds by comparing forget errors with the validation error on the "
                          f"forget classes: pass val=...")
+    if history_retain is not None and not (is_int(history_retain) and history_retain >= 0):
+        raise ValueError(f"history_retain must be an int >= 0 or None, got {history_retain!r}")
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
     teacher = copy.deepcopy(work).eval()
