@@ -26,6 +26,7 @@ import numpy.lib.format as npformat
 import torch
 
 from . import problem as pb
+from .caller_state import available_device
 from .problem import ForgetSpec, WeightsSpec
 from .sharded import Comm, RowStore, collective_checks, refine_rows
 from .solver import RefineInfo
@@ -433,17 +434,9 @@ REFINE_OPTIONS = ("lam", "pseudo", "marginals", "method", "tol", "max_iter", "ba
 def check_device(device: Union[str, torch.device]) -> torch.device:
     """``device`` as a torch.device where chunks can run: the CPU or an available CUDA device."""
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"device: {device!r} is not a device ({exc}); expected 'cpu' or 'cuda' "
-                         f"(or 'cuda:N')") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} but torch finds no CUDA device here; expected "
-                         f"'cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device: {device!r} but this machine has "
-                         f"{torch.cuda.device_count()} CUDA device(s); expected cuda:0 .. "
-                         f"cuda:{torch.cuda.device_count() - 1}")
+        dev = available_device(device)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device: {device!r}; expected 'cpu' or 'cuda' (or 'cuda:N')")
     return dev

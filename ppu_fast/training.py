@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from .caller_state import caller_stacklevel, cuda_devices_to_fork, is_int, is_real
+from .caller_state import available_device, caller_stacklevel, cuda_devices_to_fork, is_real
 from .data import ArrayDataset, CpuDrawLoader, collate_pairs
 from .torch_defaults import training_grad_mode
 
@@ -118,36 +118,6 @@ def model_device(model: nn.Module) -> torch.device:
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     """``device`` checked by :func:`available_device`, or ``model``'s own device when it is None."""
     return model_device(model) if device is None else available_device(device)
-
-
-def available_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device this machine has.
-
-    A device torch cannot parse, or an accelerator whose torch module says it is not here
-    (``"cuda"`` without a CUDA device, ``"cuda:3"`` on a one-GPU machine, ``"mps"`` off a Mac;
-    likewise xpu and the others torch has a module with ``is_available`` for), is refused by name
-    before anything runs; torch's own errors for them come from deep inside the first forward
-    pass. A device type torch leaves to a plugin (xla, hpu) is passed on as it is."""
-    if not (isinstance(device, (str, torch.device)) or is_int(device)):
-        raise TypeError(f"device: got a {type(device).__name__} ({device!r}); expected a str, "
-                        f"torch.device or CUDA index such as 'cpu', 'cuda', 'cuda:0' or 0")
-    try:
-        dev = torch.device(int(device) if is_int(device) else device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"device: {device!r} is not a torch device ({str(exc).splitlines()[0]}); "
-                         f"expected e.g. 'cpu', 'cuda' or 'cuda:0'") from None
-    if dev.type in ("cpu", "meta"):
-        return dev
-    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
-    available = getattr(torch.backends.mps if dev.type == "mps" else backend, "is_available", None)
-    if available is not None and not available():
-        raise ValueError(f"device: {device!r} but torch finds no {dev.type.upper()} device here; "
-                         f"expected 'cpu' or a device this machine has")
-    count = getattr(backend, "device_count", None)
-    if dev.index is not None and count is not None and dev.index >= count():
-        raise ValueError(f"device: {device!r} but this machine has {count()} {dev.type.upper()} "
-                         f"device(s); expected {dev.type}:0 .. {dev.type}:{count() - 1}")
-    return dev
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

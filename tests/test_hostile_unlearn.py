@@ -301,7 +301,7 @@ def _cli(*args: str) -> tuple[int, str]:
     (["--seeds", "0,0"], "argument --seeds: expected distinct"),
     (["--seeds", "-1"], "argument --seeds: expected distinct integers in [0, 2**32 - 1]"),
     (["--threads", "0"], "argument --threads: expected a positive integer"),
-    (["--device", "bogus"], "device: 'bogus' is not a device"),
+    (["--device", "bogus"], "device: 'bogus' is not a torch device"),
     (["--unlearn-lr", "inf"], "argument --unlearn-lr: expected a finite number"),
     (["--methods", ","], "argument --methods: expected comma-separated names without empty"),
     (["--methods", " "], "--methods: no method named"),
@@ -795,7 +795,7 @@ def test_a_device_this_machine_lacks_is_named_before_any_work(tiny):
 
 def test_a_cuda_index_past_the_machines_devices_is_named(monkeypatch):
     # Runs everywhere: torch.cuda is told there is one device (nothing is put on it).
-    from ppu_fast.training import available_device
+    from ppu_fast.caller_state import available_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert available_device("cuda") == torch.device("cuda")

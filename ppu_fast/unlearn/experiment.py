@@ -21,7 +21,8 @@ from ..models import build_model
 from ..report import label
 from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
                         transfer_body)
-from ..training import TrainConfig, available_device, fit_cached
+from ..caller_state import available_device
+from ..training import TrainConfig, fit_cached
 from . import methods as registered, method_options, unlearn
 from .ntk import JacobianTooLarge
 
