@@ -30,6 +30,19 @@ from ppu_fast import api  # noqa: E402
 from ppu_fast.backends import torch_ref  # noqa: E402
 
 
+def size_arg(s: str) -> str:
+    """argparse type of ``--sizes`` entries: "NxK" with positive N and K (commas and underscores
+    allowed as digit separators), returned as "NxK"; anything else is an argparse error, not a
+    traceback from the unpacking after it."""
+    import argparse
+
+    parts = s.lower().replace(",", "").replace("_", "").split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{s!r}: expected N x k as NxK with positive integers, "
+                                         f"e.g. 50000x10")
+    return f"{int(parts[0])}x{int(parts[1])}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Metadata
 # ---------------------------------------------------------------------------------------------

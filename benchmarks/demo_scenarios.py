@@ -95,6 +95,11 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(CANDIDATES))
     p.add_argument("--seeds", default="0")
     args = p.parse_args(argv)
+    unknown = [n for n in args.only.split(",") if n not in CANDIDATES
+               and not (n.startswith("digits-noisy") and n[len("digits-noisy"):].isdigit())]
+    if unknown:
+        p.error(f"--only: unknown {unknown}; expected some of {list(CANDIDATES)} (or "
+                f"digits-noisyN for another N)")
     torch.set_num_threads(1)
     load_start = os.getloadavg()
     results = []

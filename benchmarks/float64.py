@@ -34,7 +34,7 @@ TOL = {torch.float32: 1e-6, torch.float64: 1e-11}
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", nargs="+", default=["200000x100", "1000000x10", "20000x1000"])
+    ap.add_argument("--sizes", nargs="+", type=common.size_arg, default=["200000x100", "1000000x10", "20000x1000"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per case")
     ap.add_argument("--out", default="benchmarks/results")

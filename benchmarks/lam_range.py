@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import ppu_fast
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts this checkout's ppu_fast first on sys.path)
+
+import ppu_fast  # noqa: E402
 
 # (N, logit margin) of the tables.
 PROBLEMS = [(1500, 8.0), (20000, 8.0), (1500, 30.0), (20000, 30.0)]
@@ -55,12 +57,12 @@ def main() -> None:
     args = ap.parse_args()
     tables = {f"N = {n:,}, logit margin {m:g}": sweep(n=n, margin=m)
               for n, m in tqdm(PROBLEMS, desc="lam sweeps")}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    meta = common.metadata("cpu")
+    commit = meta["git_commit"]  # the checkout's, "-dirty" for uncommitted code
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# lam range ({stamp}, commit {commit}, {platform.machine()}, torch "
+    lines = [f"# lam range ({stamp}, commit {commit}, {meta['machine']['cpu_model']}, torch "
              f"{torch.__version__})", "",
              "`python benchmarks/lam_range.py`: refine (Newton, tol 1e-6, pseudo uniform, "
              "\"retain\" marginals, default backend) of confident classifiers (k = 10); ok = "
@@ -74,7 +76,8 @@ def main() -> None:
                 lines.append(f"| {dt} | {name} | " + " | ".join(row.values()) + " |")
     (out / f"lam-range-{stamp}.md").write_text("\n".join(lines) + "\n")
     (out / f"lam-range-{stamp}.json").write_text(json.dumps(
-        {"date": stamp, "commit": commit, "torch": torch.__version__, "tables": tables},
+        {"date": stamp, "commit": commit, "torch": torch.__version__, "meta": meta,
+         "tables": tables},
         indent=1))
     print("\n".join(lines))
 

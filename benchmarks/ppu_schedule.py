@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
     settings = args.settings.split(",")
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        p.error(f"--settings: unknown {unknown}; expected some of {list(SETTINGS)}")
     data_root = args.data_root
     if data_root is None and any(s.startswith("cifar") for s in settings):
         data_root = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")

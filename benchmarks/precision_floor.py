@@ -36,7 +36,8 @@ EXTRA = [(200000, 10, 6), (5000, 1000, 1)]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backends", nargs="+", default=["cpu", "torch"])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
+                    choices=["float32", "float64"])
     ap.add_argument("--max-iter", type=int, default=100)
     ap.add_argument("--quick", action="store_true", help="lam = 1 only")
     ap.add_argument("--out", default="benchmarks/results")

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import ppu_fast
-from ppu_fast.__main__ import synthetic_probs
-from ppu_fast.backends import reasons
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (puts this checkout's ppu_fast first on sys.path)
+
+import ppu_fast  # noqa: E402
+from ppu_fast.__main__ import synthetic_probs  # noqa: E402
+from ppu_fast.backends import reasons  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sizes", nargs="+", default=["50000x10", "1000000x100"])
+    ap.add_argument("--sizes", nargs="+", type=common.size_arg, default=["50000x10", "1000000x100"])
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args()
     print(f"torch threads {torch.get_num_threads()}, torch {torch.__version__}")

@@ -552,7 +552,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--sizes", nargs="+", help="N x k sizes, e.g. 50000x10 (default per device)")
+    ap.add_argument("--sizes", nargs="+", type=common.size_arg, help="N x k sizes, e.g. 50000x10 (default per device)")
     ap.add_argument("--quick", action="store_true",
                     help="shorter per-case budget; anchors' refine only on small sizes")
     ap.add_argument("--budget", type=float, help="seconds of repeats per case")

@@ -37,6 +37,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import common  # noqa: E402,F401  (puts this checkout's ppu_fast first on sys.path, children too)
 
 
 def make_file(path: Path, n: int, k: int, block: int = 65536) -> None:
@@ -253,11 +254,11 @@ def bench_dist(a) -> dict:
     return out
 
 
-def write(kind: str, result: dict) -> Path:
+def write(kind: str, result: dict, res_dir: Path) -> Path:
     from common import metadata, utc_now
 
     stamp = utc_now().strftime("%Y-%m-%dT%H%MZ")
-    res_dir = HERE / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
     meta = metadata("cpu")
     path = res_dir / f"scaling-{kind}-{stamp}.json"
     path.write_text(json.dumps({"meta": meta, "kind": kind, "result": result}, indent=1))
@@ -306,6 +307,14 @@ def write(kind: str, result: dict) -> Path:
     return path
 
 
+def _positive(s: str) -> int:
+    import argparse
+
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a positive integer")
+    return int(s)
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         cmd, rest = sys.argv[1], sys.argv[2:]
@@ -319,8 +328,9 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=("stream", "dist"))
-    ap.add_argument("--n", type=int, default=None)
-    ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--n", type=_positive, default=None)
+    ap.add_argument("--k", type=_positive, default=None)
+    ap.add_argument("--out", default=str(HERE / "results"), help="where the results go")
     ap.add_argument("--dir", default="/var/tmp/ppu-stream", help="where the stream files go")
     ap.add_argument("--budget", default="1GiB")
     ap.add_argument("--reps", type=int, default=3)
@@ -332,7 +342,7 @@ def main() -> int:
     else:
         a.n, a.k = a.n or 2_000_000, a.k or 100
         res = bench_dist(a)
-    path = write(a.what, res)
+    path = write(a.what, res, Path(a.out))
     print(path.with_suffix(".md").read_text())
     return 0
 

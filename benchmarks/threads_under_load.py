@@ -48,7 +48,7 @@ def _time(p, forget, threads: int, reps: int):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", nargs="+", default=["50000x10", "1000000x100"])
+    ap.add_argument("--sizes", nargs="+", type=common.size_arg, default=["50000x10", "1000000x100"])
     ap.add_argument("--reps", type=int, default=31)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
