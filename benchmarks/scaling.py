@@ -308,8 +308,6 @@ def write(kind: str, result: dict, res_dir: Path) -> Path:
 
 
 def _positive(s: str) -> int:
-    import argparse
-
     if not s.isdigit() or int(s) < 1:
         raise argparse.ArgumentTypeError(f"{s!r}: expected a positive integer")
     return int(s)
