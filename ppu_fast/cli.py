@@ -414,11 +414,10 @@ def _run(args: argparse.Namespace) -> int:
         args.methods = ["original", "retrain", *variants]
     else:
         args.methods = expand_methods(args.methods or list(DEMO_METHODS[:5]), args.dataset)
-    composites = [m for m in args.methods if "+ppu" in m]
-    if variants is not None or composites or any(m in PPU_METHODS for m in args.methods):
+    runs_ppu = variants is not None or any("+ppu" in m or m in PPU_METHODS for m in args.methods)
+    if runs_ppu:
         _check_backend_environment(args.device)  # only PPU's refine reads it
-    if common and variants is None and not composites and \
-            not any(m in PPU_METHODS for m in args.methods):
+    if common and not runs_ppu:
         flags = {"epochs": "--unlearn-epochs", "lr": "--unlearn-lr", "schedule": "--ppu-schedule"}
         raise ValueError(f"{', '.join(flags.get(k, '--' + k.replace('_', '-')) for k in common)}: "
                          f"only the PPU methods ({', '.join(PPU_METHODS)}) and the +ppu methods "

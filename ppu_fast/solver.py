@@ -577,11 +577,10 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
                 moved = out[5] * spread
                 if out[4] > res:
                     cap = min(cap, max(CAP_SHRINK_ON_RISE * moved, CAP_FLOOR))
-                else:
-                    if out[5] < t0:
-                        cap = min(cap, max(CAP_AFTER_BACKTRACK * moved, CAP_FLOOR))
-                    if out[5] >= t0 and t0 < t_next:
-                        cap *= 8.0
+                elif out[5] < t0:
+                    cap = min(cap, max(CAP_AFTER_BACKTRACK * moved, CAP_FLOOR))
+                elif t0 < t_next:
+                    cap *= 8.0
             if out is not None and out[5] >= t0 >= 1.0:
                 # Full (or longer) steps that gain the same factor pass after pass are the
                 # exponential tail (a forget row's mass on a class decaying like exp(-alpha)

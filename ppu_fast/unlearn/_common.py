@@ -33,12 +33,9 @@ def check_labels_fit(labels: torch.Tensor, k: int, method: str) -> None:
                          f"labels in [0, {k})")
 
 
-def sample(data: Dataset, limit: int | None, seed: int, name: str = "history_retain") -> Dataset:
-    """At most ``limit`` examples of ``data``, drawn once with ``seed`` (all of them if fewer).
-    ``name``: the caller's option that ``limit`` is, for the error on a negative one (a slice
-    ``[:limit]`` would silently drop that many examples)."""
-    if limit is not None and limit < 0:
-        raise ValueError(f"{name} must be >= 0 or None, got {limit!r}")
+def sample(data: Dataset, limit: int | None, seed: int) -> Dataset:
+    """At most ``limit`` (>= 0, the callers check it) examples of ``data``, drawn once with
+    ``seed`` (all of them if fewer)."""
     if limit is None or len(data) <= limit:
         return data
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed),
