@@ -174,8 +174,8 @@ class Split:
 
 def dataset_targets(data: Dataset | DataLoader) -> torch.Tensor:
     """Labels (N,) of a dataset, a ``Subset`` of one, or a loader's dataset, without loading images
-    when the dataset exposes ``targets`` (through its ``target_transform`` where it has one, as
-    torchvision's datasets label their items)."""
+    when the dataset exposes ``targets`` of its length (through its ``target_transform`` where it
+    has one, as torchvision's datasets label their items); otherwise from its items."""
     if isinstance(data, DataLoader):
         data = loader_examples(data, "data")
     if isinstance(data, Subset):
@@ -189,7 +189,11 @@ def dataset_targets(data: Dataset | DataLoader) -> torch.Tensor:
             targets = [transform(t) for t in targets]
         out = torch.as_tensor(np.asarray(targets), dtype=torch.long, device="cpu")
         # An (N, 1) column (numpy labels kept as a column), as the items' (1,) labels are read.
-        return out.reshape(-1) if out.ndim == 2 and out.shape[1] == 1 else out
+        out = out.reshape(-1) if out.ndim == 2 and out.shape[1] == 1 else out
+        # A wrapper that shortens the dataset (its own __len__) but keeps the full targets: those
+        # do not describe its items, so the items' own labels are read instead.
+        if out.ndim != 1 or out.shape[0] == len(data):
+            return out
     return torch.as_tensor([_label(data[i][1]) for i in range(len(data))], dtype=torch.long,
                            device="cpu")
 
@@ -283,9 +287,18 @@ def loader_examples(loader: DataLoader, arg: str) -> Dataset:
     # The sampler's draws, not the batches': a loader's drop_last would lose examples silently.
     custom_batches = batches is not None and type(batches) is not BatchSampler
     # On the CPU: a caller's random sampler draws with torch factories (CpuDrawLoader's reason).
-    with torch.device("cpu"):
+    # Reading the draws is no use of the loader: torch's global RNG and the samplers' own
+    # generators are as they were afterwards (so the set read is the one the loader's next
+    # iteration visits).
+    gens = [g for g in {id(g): g for g in (getattr(o, "generator", None)
+                                           for o in (sampler, batches))}.values()
+            if isinstance(g, torch.Generator)]
+    states = [g.get_state() for g in gens]
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):
         idx = ([int(i) for b in batches for i in b] if custom_batches
                else [int(i) for i in sampler])
+    for g, st in zip(gens, states):
+        g.set_state(st)
     if len(set(idx)) != len(idx):
         raise ValueError(f"{arg}: the DataLoader's sampler draws {len(idx)} examples but only "
                          f"{len(set(idx))} distinct ones; expected a loader (or Dataset) that "
@@ -298,12 +311,14 @@ def make_loader(data: Dataset | DataLoader, batch_size: int = 256, shuffle: bool
     """A DataLoader over ``data``; a loader stands for the examples its sampler visits
     (:func:`loader_examples`), as ``unlearn`` reads it, so that a metric scores the rows the
     caller's loader selects, all of them. ``name``: the caller's argument, for the errors."""
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     if isinstance(data, DataLoader):
         data = loader_examples(data, name)
     # A generator of its own even unshuffled: each iterator draws a base seed from it, which
     # would otherwise come from (and advance) the caller's global torch RNG.
     generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    return CpuDrawLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
+    return CpuDrawLoader(data, batch_size=int(batch_size), shuffle=shuffle, generator=generator,
                          collate_fn=collate_pairs)
 
 

@@ -608,6 +608,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
                          f"{points}")
     if chosen != last:
         work.load_state_dict(checkpoints[chosen])
+    opt.zero_grad(set_to_none=True)  # the last step's gradients are no part of the model
     work.eval()
     return FinetuneResult(work, history, chosen, seconds, stopped_early)
 

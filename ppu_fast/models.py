@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .caller_state import frozen_modules
+
 MODELS = ("smallcnn", "allcnn", "resnet18")
 
 
@@ -125,10 +127,15 @@ def _reset_method(m: nn.Module):
 def reset_parameters(model: nn.Module, seed: int | None = None, *, keep_frozen: bool = False) -> nn.Module:
     """Re-initialise every submodule that can (in place; returns ``model``), for retraining a copy of
     an arbitrary model from scratch. ``keep_frozen``: parameters with ``requires_grad=False`` keep
-    their values (a frozen pre-trained backbone is not what training trained, and a retrain that
-    re-drew it would train around random features it never updates)."""
+    their values, and modules whose parameters are all frozen their running statistics (a frozen
+    pre-trained backbone is not what training trained, and a retrain that re-drew it would train
+    around random features it never updates)."""
     kept = ({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
             if keep_frozen else {})
+    # A frozen module's buffers (BatchNorm's running statistics) stay too: training keeps it in
+    # eval mode. (BatchNorm's reset_parameters() resets them as well.)
+    kept_buffers = ([(b, b.detach().clone()) for m in frozen_modules(model)
+                     for b in m.buffers(recurse=False)] if keep_frozen else [])
     if seed is not None:
         torch.manual_seed(seed)
     for m in model.modules():
@@ -137,11 +144,12 @@ def reset_parameters(model: nn.Module, seed: int | None = None, *, keep_frozen: 
             fn()
         if hasattr(m, "reset_running_stats"):
             m.reset_running_stats()
-    if kept:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in kept:
-                    p.copy_(kept[n])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in kept:
+                p.copy_(kept[n])
+        for b, value in kept_buffers:
+            b.copy_(value)
     return model
 
 

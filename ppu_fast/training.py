@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from .caller_state import available_device, caller_stacklevel, cuda_devices_to_fork, is_real
-from .data import ArrayDataset, CpuDrawLoader, collate_pairs
+from .caller_state import (available_device, caller_stacklevel, cuda_devices_to_fork, frozen_modules,
+                           is_real)
+from .data import ArrayDataset, CpuDrawLoader, _label, collate_pairs
 from .torch_defaults import training_grad_mode
 
 _CACHE_VERSION = 1
@@ -164,15 +165,29 @@ def _fit(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.dev
     sched = None
     if config.schedule == "cosine" and config.epochs > 0:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * len(loader))
+    # Modules whose parameters are all frozen stay in eval mode: their BatchNorm statistics do
+    # not move either (as the unlearning loops keep them).
+    frozen = frozen_modules(model)
     bar = tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False)
     for _ in bar:
         model.train()
+        for m in frozen:
+            m.eval()
         total, correct, loss_sum = 0, 0, 0.0
         for x, y in loader:
             if config.augment:
                 x = augment_batch(x, gen)
             x, y = x.to(device), y.to(device)
-            out = model(x)
+            try:
+                out = model(x)
+            except ValueError as exc:
+                if not one_example_batchnorm(exc):
+                    raise
+                raise ValueError(f"{desc}: a batch of one example cannot train the model's "
+                                 f"BatchNorm in train mode (torch: {exc}); expected a training "
+                                 f"set of at least two examples (or freeze the BatchNorm: "
+                                 f"requires_grad=False on its parameters keeps it in eval "
+                                 f"mode)") from None
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -183,6 +198,7 @@ def _fit(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.dev
             correct += int((out.argmax(1) == y).sum())
             loss_sum += float(loss.detach()) * len(y)
         bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{100 * correct / total:.1f}")
+    opt.zero_grad(set_to_none=True)  # the last step's gradients are no part of the model
     model.eval()
     return model
 
@@ -202,8 +218,18 @@ def _data_digest(h: "hashlib._Hash", data: Dataset) -> None:
         # Any other dataset: hash what it yields (slower, but exact).
         for i in range(len(data)):
             x, y = data[i]
-            h.update(torch.as_tensor(x, device="cpu").numpy().tobytes())
-            h.update(str(int(y)).encode())
+            h.update(_tensor_bytes(torch.as_tensor(x, device="cpu")))
+            h.update(str(_label(y)).encode())
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of ``t``'s elements in order (what ``t.numpy().tobytes()`` gives for the dtypes
+    numpy has; bfloat16 and the other dtypes numpy lacks through an integer view)."""
+    t = t.detach().cpu().contiguous()
+    try:
+        return t.numpy().tobytes()
+    except TypeError:  # "unsupported ScalarType BFloat16"
+        return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _code_digest(model: nn.Module) -> str:
@@ -275,7 +301,7 @@ def cache_key(model: nn.Module, data: Dataset, config: TrainConfig,
                          "arch": repr(model), "code": _code_digest(model)}, sort_keys=True).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(_tensor_bytes(t))
     # Frozen parameters do not train, so they change the result (a fully trainable model, every
     # model the experiments train, adds nothing here).
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]

@@ -161,6 +161,26 @@ def test_seeded_metrics_leave_the_global_rng_alone():
     assert torch.equal(torch.rand(3), want)
 
 
+def test_metrics_read_a_random_sampler_without_drawing_from_it():
+    # Reading which examples a caller's loader visits is not an iteration of it: the global RNG
+    # and the sampler's own generator are as they were (the set scored is the one the loader's
+    # next iteration visits).
+    from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler
+
+    model, data, _ = _toy()
+    idx = list(range(0, 48, 3))
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    metrics.error(model, DataLoader(data, sampler=SubsetRandomSampler(idx), batch_size=4))
+    assert torch.equal(torch.rand(3), want)
+    gen = torch.Generator().manual_seed(1)
+    sampler = RandomSampler(data, num_samples=10, generator=gen)
+    state = gen.get_state()
+    metrics.error(model, DataLoader(data, sampler=sampler, batch_size=4))
+    assert torch.equal(gen.get_state(), state)
+
+
 def test_the_refine_cli_under_a_cuda_default_device_in_sitecustomize_style(tmp_path):
     # torch.set_default_device at start-up (as a notebook or LLM script does) before the CLI's
     # refine, on a machine without CUDA: "meta" stands in; the CPU kernels segfaulted.

@@ -42,8 +42,11 @@ class UnlearnResult:
             is evaluated (``val`` given, or ``history=True``) ``forget_error``, ``val_error`` (on
             the forget classes, with ``val``) and ``retain_error`` (unless ``history_retain=0``,
             which the default "fast" schedule sets when no history is asked for); errors in %.
-        selected_epoch: the epoch whose weights ``model`` holds (0 where there are no epochs; a
-            fraction such as 2.5 when PPU evaluated between epochs, ``evals_per_epoch``).
+        selected_epoch: the epoch whose weights ``model`` holds: the last one trained where the
+            method selects none, the one its rule chose (PPU, SCRUB+R), 0 where there are no
+            epochs (Original, Fisher, NTK); a fraction such as 2.5 when PPU evaluated between
+            epochs (``evals_per_epoch``). The returned model holds no gradients (``.grad`` None
+            on the parameters trained), as after ``zero_grad(set_to_none=True)``.
         timings: seconds per phase (e.g. ``probabilities``, ``refine``, ``finetune``, ``train``) and
             ``total`` (the whole call, evaluation included).
         options: the method's options as used.

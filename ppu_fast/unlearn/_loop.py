@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..caller_state import frozen_modules
+from ..caller_state import frozen_modules, is_int
 from ..data import CpuDrawLoader, collate_pairs, dataset_targets
 from ..training import check_optimizer_options, lone_last_batch, one_example_batchnorm
 
@@ -73,8 +73,9 @@ def loader(data: Dataset, batch_size: int, seed: int, shuffle: bool = True,
     """A loader whose order is fixed by ``seed`` (its own generator, so other draws do not shift it);
     a shuffled loader for training ``model`` drops a last batch that ``model`` cannot train on
     (:func:`~ppu_fast.training.lone_last_batch`)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = int(batch_size)
     gen = torch.Generator().manual_seed(int(seed))
     drop = shuffle and model is not None and lone_last_batch(len(data), batch_size, model)
     return CpuDrawLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop,
@@ -209,8 +210,9 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
     each) and ``keep_checkpoints`` serve the rewinding of SCRUB+R."""
     from tqdm.auto import tqdm
 
-    if not isinstance(epochs, int) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    epochs = int(epochs)
     check_mode(mode)
     model.to(device)
     frozen = frozen_modules(model)
@@ -265,6 +267,7 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
             result.checkpoints[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         record(epoch, losses)
         bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+    optimizer.zero_grad(set_to_none=True)  # the last step's gradients are no part of the model
     model.eval()
     return result
 

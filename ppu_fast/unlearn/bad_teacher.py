@@ -156,10 +156,11 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     opt = make_optimizer(work.parameters(), "adam", lr, weight_decay=weight_decay)
     t0 = time.perf_counter()
     run_loop(work, passes, opt, epochs=epochs, device=dev, progress=progress, desc="bad-t", mode=mode)
-    options = {"variant": variant, "epochs": epochs, "lr": lr, "temperature": temperature,
+    options = {"variant": variant, "epochs": int(epochs), "lr": lr, "temperature": temperature,
                "batch_size": batch_size, "retain_fraction": retain_fraction,
                "weight_decay": weight_decay, "optimizer": "adam", "mode": mode,
                "teacher": "init" if init is not None else "reset"}
     if variant == "scrub":
         options.update(forget_batch_size=forget_batch_size, alpha=alpha, beta=beta)
-    return UnlearnResult(work, "bad-t", timings={"train": time.perf_counter() - t0}, options=options)
+    return UnlearnResult(work, "bad-t", selected_epoch=int(epochs),
+                         timings={"train": time.perf_counter() - t0}, options=options)

@@ -112,5 +112,5 @@ def cf_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | N
     layers = as_names(layers) if layers is not None else last_block(work)
     seconds = train_block(work, retain, layers, seed=seed, device=resolve_device(model, device),
                           progress=progress, desc="cf-k", **hp)
-    return UnlearnResult(work, "cf-k", timings={"train": seconds},
+    return UnlearnResult(work, "cf-k", selected_epoch=int(hp["epochs"]), timings={"train": seconds},
                          options={"setting": setting, "layers": layers, **hp})

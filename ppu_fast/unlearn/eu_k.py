@@ -103,6 +103,6 @@ def eu_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | N
     copy_initial(work, init_state, reset)
     seconds = train_block(work, retain, layers, seed=seed, device=resolve_device(model, device),
                           progress=progress, desc="eu-k", **hp)
-    return UnlearnResult(work, "eu-k", timings={"train": seconds},
+    return UnlearnResult(work, "eu-k", selected_epoch=int(hp["epochs"]), timings={"train": seconds},
                          options={"setting": setting, "layers": layers, "reset": reset, "init": source,
                                   **hp})

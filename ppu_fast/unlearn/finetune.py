@@ -66,6 +66,7 @@ def finetune_retain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: 
     t0 = time.perf_counter()
     run_loop(work, lambda epoch: [(batches, loss_fn)], opt, epochs=int(hp["epochs"]), device=dev,
              progress=progress, desc="finetune", mode=str(hp["mode"]))
-    return UnlearnResult(work, "finetune", timings={"train": time.perf_counter() - t0},
+    return UnlearnResult(work, "finetune", selected_epoch=int(hp["epochs"]),
+                         timings={"train": time.perf_counter() - t0},
                          options={"setting": setting, **hp})
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..caller_state import is_int
 from ..data import dataset_targets
 from . import UnlearnResult, register
 from ._common import resolve_device, sample, working_copy
@@ -83,6 +84,21 @@ def mean_var(p: torch.Tensor, fisher: torch.Tensor, *, alpha: float, is_head: bo
     return mu, var
 
 
+def classifier_layer(model: nn.Module, data: Dataset, where: str) -> nn.Module:
+    """The ``nn.Linear`` that produces the logits: the last one a forward pass on ``data[0]``
+    calls (a model whose ``__init__`` registers its head before its encoder still gets its head,
+    as :func:`ppu_fast.finetune` finds it), else the last one registered."""
+    from ..caller_state import probe_forward
+
+    _, called, _ = probe_forward(model, data[0][0], where)
+    if called:
+        return model.get_submodule(called[-1])
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"fisher: {type(model).__name__} has no nn.Linear classifier layer")
+    return linears[-1]
+
+
 @register("fisher")
 def fisher_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                       seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
@@ -92,7 +108,7 @@ def fisher_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val
     and ``get_mean_var``, then "Fisher Noise in Weights" with alpha 1e-6; large_scale_unlearning.ipynb,
     "Fisher", alpha 1e-7): weights become ``mu + sqrt(var) * N(0, 1)`` (:func:`mean_var`) with the
     diagonal Fisher of the retain set (:func:`diagonal_fisher`). ``alpha`` defaults to the setting's.
-    The classifier is the model's last ``nn.Linear`` (SCRUB: the parameters whose first dimension is
+    The classifier is the last ``nn.Linear`` the model's forward pass calls (SCRUB: the parameters whose first dimension is
     the number of classes, the same tensors for ALL-CNN and ResNet-18). ``max_samples`` caps the retain
     examples used for the Fisher estimate (None: all, as SCRUB).
 
@@ -103,14 +119,13 @@ def fisher_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val
     alpha = float(pick(alpha, PRESETS[setting], "alpha"))
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+    if max_samples is not None and (not is_int(max_samples) or max_samples < 1):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    max_samples = None if max_samples is None else int(max_samples)
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
-    linears = [m for m in work.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"fisher: {type(work).__name__} has no nn.Linear classifier layer")
-    head = {id(p) for p in linears[-1].parameters()}
+    probe = (retain, "retain[0]") if len(retain) else (forget, "forget[0]")
+    head = {id(p) for p in classifier_layer(work, *probe).parameters()}
     forget_rows = dataset_targets(forget).unique().tolist() if setting == "class" else []
 
     t0 = time.perf_counter()

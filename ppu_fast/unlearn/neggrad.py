@@ -78,5 +78,6 @@ def neggrad_plus(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dat
     run_loop(work, lambda epoch: [(paired(retain_batches, forget_batches), loss_fn)], opt,
              epochs=int(hp["epochs"]), device=dev, progress=progress, desc="neggrad+",
              mode=str(hp["mode"]))
-    return UnlearnResult(work, "neggrad+", timings={"train": time.perf_counter() - t0},
+    return UnlearnResult(work, "neggrad+", selected_epoch=int(hp["epochs"]),
+                         timings={"train": time.perf_counter() - t0},
                          options={"setting": setting, **hp})

@@ -44,5 +44,5 @@ def retrain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset 
     if inplace:
         model.load_state_dict(trained.state_dict())
         trained = model.eval()
-    return UnlearnResult(trained, "retrain", timings=timings,
+    return UnlearnResult(trained, "retrain", selected_epoch=config.epochs, timings=timings,
                          options={"cached": meta["cached"], **dataclasses.asdict(config)})
