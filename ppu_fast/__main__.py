@@ -49,8 +49,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error(f"argument --k: expected at least 2 classes, got {args.k}")
     if not 0 <= args.forget_class < args.k:
         ap.error(f"argument --forget-class: expected a class in [0, {args.k}), got {args.forget_class}")
-    if not (args.lam > 0 and args.lam < float("inf")):
-        ap.error(f"argument --lam: expected a positive number, got {args.lam}")
+    if not 1e-30 <= args.lam <= 1e30:  # refine's range (problem.check_lam)
+        ap.error(f"argument --lam: expected a positive number in [1e-30, 1e30], got {args.lam}")
     from .stream import check_device
     from .backends import get_backend
     try:

@@ -71,7 +71,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
         out: where to write Q (N x k, the input's dtype, device and kind: tensor or array), as
             torch's ``out=``: reusing a buffer saves allocating and first-touching N x k memory
             (on a CPU, where the kernel zeroes every fresh page, about one to one and a half
-            solver passes even with the huge pages ``refine`` asks for). It may be the input
+            solver passes even with the huge pages ``refine`` asks for; a float16 / bfloat16
+            input still solves in a float32 buffer of its own, see Returns). It may be the input
             itself, which is then overwritten with Q (and, when a row of it fails validation,
             left partly overwritten: the one pass validates and writes).
         process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``): each
@@ -82,7 +83,9 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
 
     Returns:
         Q (N x k) with the dtype and device of the input (numpy in, numpy out), or (Q, info);
-        Q is ``out`` when it is given.
+        Q is ``out`` when it is given. A float16 / bfloat16 input is solved from log P^ held in
+        float32 (an N x k float32 buffer beside the 16-bit result, freed on return) and only Q
+        is rounded to its dtype (``info.output_residual``).
     """
     t0 = time.perf_counter()
     if (probs is None) == (logits is None):
@@ -101,7 +104,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
     n, k = pb.check_matrix(x, name)
     lam = pb.check_lam_weights(lam, weights is not None)
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
-    sdt = pb.solver_dtype(x.dtype)
+    sdt = pb.buffer_dtype(x.dtype)
     check_tol_floor(tol, sdt)
     c_user = None
     if weights is not None:
@@ -116,11 +119,20 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
     user_out = pb.check_out(out, x, from_numpy)
     mask_dev = torch.from_numpy(mask).to(dev) if n_forget else None
     # The output buffer holds log P^ while solving and is overwritten by Q in place at the end,
-    # so a refine needs no N x k temporary besides its result.
+    # so a refine needs no N x k temporary besides its result. Not for a 16-bit input: its log P^
+    # is kept in float32 (16 bits would round log p by up to 0.06 at log p ~ -20 and move Q by
+    # up to 0.1 at small lam, 50x Q's own rounding), and Q is written from it into a 16-bit result.
     if user_out is not None and user_out.dtype == sdt:
         out = user_out
     else:
         out = empty_buffer(x.shape, sdt, dev)
+    result = out if x.dtype == sdt else user_out
+
+    def target() -> torch.Tensor:
+        nonlocal result
+        if result is None:
+            result = empty_buffer(x.shape, x.dtype, dev)
+        return result
     # Weights c = lam (retain), 1 (forget), scaled so the largest 1 / c is 1: the dual variable
     # then moves the most movable rows by O(1) for any lam (with 1 / lam itself, lam = 1e-40
     # overflowed float32). alpha_caller = alpha_solver * c_min.
@@ -161,7 +173,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
     colsum_retain, colsum_forget = prep.retain_sums, prep.forget_sums
     if given:
         colsum_forget = forget_given
-        colsum_retain = retain_given if retain_given is not None else colsum_retain - colsum_forget
+        colsum_retain = (retain_given if retain_given is not None
+                         else pb.retained_share(colsum_retain, colsum_forget))
     n_retain = n - n_forget
     pseudo_t, pseudo_colsum = pb.pseudo_totals(kind, pseudo_t, colsum_retain, colsum_forget,
                                                n_retain, n_forget, k, sdt)
@@ -177,22 +190,25 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
     t3 = time.perf_counter()
     final = None
     if be.fused_materialize and not in_place:
-        # The input is intact, so log P^ can be rebuilt if the last pass was mispredicted.
+        # The input is intact, so log P^ can be rebuilt if the last pass was mispredicted (a
+        # pass that wrote Q elsewhere left it as it was).
         def restore() -> None:
+            if result is not out:
+                return
             fill_buffer(None, False, tol_rows)
             if pseudo_rows is not None:
                 out[mask_dev] = pseudo_rows
 
-        final = FinalPass(lambda a: be.materialize_sums(out, inv_c, a.to(dev), out), restore)
+        final = FinalPass(lambda a: be.materialize_sums(out, inv_c, a.to(dev), target()), restore)
     info = solve_dual(be, out, inv_c, m, method=method, tol=tol, max_iter=max_iter,
                       step_size=step_size, first=prep.first, weight_sums=weight_sums,
                       capacity=lambda: pb.check_capacity(out, m), final=final)
     t4 = time.perf_counter()
     if not info.materialized:
         be.materialize(out, inv_c,
-                       torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev), out)
+                       torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev), target())
     _to_caller_scale(info, c_min)
-    q = pb.result_tensor(out, user_out, x)
+    q = pb.result_tensor(target(), user_out, x)
     if q.dtype in (torch.float16, torch.bfloat16):
         info.output_residual = _residual(q, m)
         info.message = (info.message + "; " if info.message else "") + (

@@ -108,6 +108,19 @@ def _lam_list(text: str) -> list[float]:
     return values
 
 
+def _marginals(text: str) -> str:
+    """refine's --marginals: a name, or a path to class totals (.npy / .pt, read later)."""
+    if text in ("retain", "original", "pseudo") or Path(text).suffix in (".npy", ".pt"):
+        return text
+    raise argparse.ArgumentTypeError(f"expected retain, original, pseudo or a .npy / .pt file of "
+                                     f"class totals, got {text!r}")
+
+
+def _marginals_arg(text: str):
+    """The refine's ``marginals``: the name, or the totals read from the file."""
+    return text if text in ("retain", "original", "pseudo") else _load_array(text, "--marginals")
+
+
 def _finite_float(text: str) -> float:
     import math
     try:
@@ -190,15 +203,21 @@ def _show_progress(args: argparse.Namespace) -> bool:
 def _parser() -> argparse.ArgumentParser:
     from .data import DATASETS, SCENARIOS
     from .models import MODELS
+    from .unlearn.experiment import registered
+
+    from . import __version__
+    from .backends import BACKEND_NAMES
 
     p = argparse.ArgumentParser(prog="ppu-fast", description="Pseudo-Probability Unlearning (PPU).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="forget every 5 of scikit-learn's digits (small CNN): Original, Retrain, "
                                     "Finetune, PPU; prints the table and a verdict, writes "
                                     "results.json/.md/.png")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    d.add_argument("--seed", type=_seed, default=0)
+    d.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the split, the training and the unlearning (default 0)")
     d.add_argument("--no-cache", action="store_true", help="retrain even if a cached model exists")
     _progress_flags(d)
 
@@ -222,14 +241,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--methods", type=_name_list, default=None,
                    help="comma-separated (default original,retrain,finetune,ppu,ppu-bias), or all: every "
                         "baseline, PPU variant and PPU-after-method of the paper's comparison (NTK at "
-                        "small scale only)")
+                        f"small scale only); names: {', '.join(registered())}")
     # Five seeds by default, as the paper reports: one seed has no standard error and no significance
     # test. Cheap where the default comparison is cheap: digits5 with the default methods took 17 s a
     # seed on one thread (models trained, not cached); pass --seeds for a quick look or a large set.
     r.add_argument("--seeds", type=_seed_list, default=[0, 1, 2, 3, 4],
                    help="comma-separated, e.g. 1,2,3 (default 0,1,2,3,4: mean ± standard error over 5 runs, "
                         "as the paper reports)")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help="where models train (cpu, cuda, cuda:N; default cpu)")
     r.add_argument("--epochs", type=_nonneg_int, default=None,
                    help="training epochs of original and retrain (0: both are the starting weights, "
                         "e.g. --init-checkpoint's; Retrain is then no reference, and a warning says so)")
@@ -242,10 +261,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--lam-sweep", type=_lam_list, default=None, metavar="L1,L2,...",
                    help="the paper's Table 5: run PPU (privacy) once per λ, e.g. 0.1,0.5,1,2,5,10, on the "
                         "same original model, beside Original and Retrain (replaces --methods and --lam)")
-    r.add_argument("--pseudo", default=None, choices=("uniform", "random", "prior"))
-    r.add_argument("--marginals", default=None, choices=("retain", "original"))
+    r.add_argument("--pseudo", default=None, choices=("uniform", "random", "prior"),
+                   help="what replaces the forget rows in PPU (privacy) (default uniform)")
+    r.add_argument("--marginals", default=None, choices=("retain", "original"),
+                   help="PPU (privacy) class totals: the retain rows' mix scaled to N, or the "
+                        "original totals (default retain)")
     r.add_argument("--select", default=None, choices=("last", "val"), help="PPU (privacy) epoch choice")
-    r.add_argument("--retain-per-epoch", type=_positive_int, default=None)
+    r.add_argument("--retain-per-epoch", type=_positive_int, default=None,
+                   help="retain rows each PPU epoch visits (replaces --retain-fraction)")
     r.add_argument("--ppu-schedule", default=None, choices=("fast", "paper"),
                    help="PPU's fine-tuning schedule (default fast: early stop at the settled 'val' rule, "
                         "and in bias mode a quarter of the retain rows and each forget row 4 times per "
@@ -290,23 +313,30 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--probs", help="N x k probabilities, .pt or .npy")
     src.add_argument("--logits", help="N x k logits (log-softmax is taken inside), .pt or .npy")
     f.add_argument("--forget", required=True, help="forget mask (N,) bool or row indices, .pt or .npy")
-    f.add_argument("--lam", type=float, default=1.0, help="retain rows' weight (default 1)")
+    f.add_argument("--lam", type=_lam, default=1.0, help="retain rows' weight, in [1e-30, 1e30] (default 1)")
     f.add_argument("--weights", default=None,
                    help="(N,) each row's KL weight c_i, .pt or .npy (replaces --lam)")
     f.add_argument("--pseudo", default="uniform",
                    choices=("uniform", "random", "random-simplex", "prior", "none"),
                    help="what replaces the forget rows; 'none': the input's forget rows already "
                         "hold their pseudo-probabilities (default uniform)")
-    f.add_argument("--marginals", default="retain", choices=("retain", "original", "pseudo"))
-    f.add_argument("--method", default="newton", choices=("newton", "sinkhorn", "gradient"))
-    f.add_argument("--backend", default="auto")
-    f.add_argument("--tol", type=float, default=1e-6)
-    f.add_argument("--max-iter", type=int, default=None,
+    f.add_argument("--marginals", default="retain", type=_marginals,
+                   help="class totals of Q: retain (the retain rows' mix scaled to N), original "
+                        "(the input's totals), pseudo (P^'s own), or a .npy / .pt file of k "
+                        "totals summing to N (default retain)")
+    f.add_argument("--method", default="newton", choices=("newton", "sinkhorn", "gradient"),
+                   help="the solver (default newton)")
+    f.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES),
+                   help="the kernels (default auto: the fastest that runs on the input's device)")
+    f.add_argument("--tol", type=_positive_float, default=1e-6,
+                   help="stop when ||colsum(Q) - M||_1 / N is at most this (default 1e-6)")
+    f.add_argument("--max-iter", type=_positive_int, default=None,
                    help="most passes over the matrix (default: the method's)")
-    f.add_argument("--seed", type=int, default=0, help="seed for --pseudo random / random-simplex")
+    f.add_argument("--seed", type=_seed, default=0,
+                   help="seed for --pseudo random / random-simplex, in [0, 2**32 - 1] (default 0)")
     f.add_argument("--out", required=True, help="output Q, .pt or .npy")
     stream = f.add_mutually_exclusive_group()
-    stream.add_argument("--chunk-rows", type=int, default=None,
+    stream.add_argument("--chunk-rows", type=_positive_int, default=None,
                         help="stream a .npy input this many rows at a time (ppu_fast.refine_file)")
     stream.add_argument("--memory-budget", default="1GiB",
                         help="a .npy input larger than this is streamed in chunks that fit it "
@@ -499,6 +529,9 @@ def _refine(args: argparse.Namespace) -> int:
 
     dev = check_device(args.device)
     x = _load_array(args.probs if args.probs is not None else args.logits, flag)
+    if out.suffix == ".npy" and isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16:
+        raise ValueError(f"--out: Q has the input's dtype, bfloat16, which numpy (.npy) cannot "
+                         f"hold; expected a .pt path for a bfloat16 {flag}")
     if dev.type != "cpu":  # refine runs where its input lives
         x = (torch.from_numpy(x) if isinstance(x, np.ndarray) else x).to(dev)
     mask = _load_array(args.forget, "--forget")
@@ -511,7 +544,7 @@ def _refine(args: argparse.Namespace) -> int:
     with _convergence_said_here():
         q, info = refine(forget_mask=mask, lam=args.lam, weights=weights,
                          pseudo=None if args.pseudo == "none" else args.pseudo,
-                         marginals=args.marginals, method=args.method, backend=args.backend,
+                         marginals=_marginals_arg(args.marginals), method=args.method, backend=args.backend,
                          tol=args.tol, max_iter=args.max_iter,
                          generator=torch.Generator().manual_seed(args.seed), return_info=True,
                          **inputs)
@@ -593,7 +626,12 @@ def _refine_streamed(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.suffix != ".npy":
-        raise ValueError(f"--out: a streamed refine writes .npy; got '{out}'")
+        why, fix = (("--chunk-rows was given", "leave out --chunk-rows")
+                    if args.chunk_rows is not None else
+                    (f"the input file is larger than --memory-budget {args.memory_budget}",
+                     "raise --memory-budget"))
+        raise ValueError(f"--out: a streamed refine writes .npy, and this one streams ({why}); "
+                         f"got '{out}' ({fix} to refine in memory and write .pt)")
     src = args.probs if args.probs is not None else args.logits
     # A bool mask or integer row indices, read whole (1 byte per row, or 8 per index).
     forget = _load_array(args.forget, "--forget")
@@ -610,13 +648,39 @@ def _refine_streamed(args: argparse.Namespace) -> int:
                            device=args.device, progress=_show_progress(args),
                            weights=weights, lam=args.lam,
                            pseudo=None if args.pseudo == "none" else args.pseudo,
-                           marginals=args.marginals, method=args.method, backend=args.backend,
+                           marginals=_marginals_arg(args.marginals), method=args.method, backend=args.backend,
                            tol=args.tol, max_iter=args.max_iter,
                            generator=torch.Generator().manual_seed(args.seed))
     print(f"refined {src} in chunks of {info.chunk_rows} rows with {info.method} "
           f"on {info.backend}: {info.iterations} iterations, residual {info.residual:.2e}, "
           f"converged {info.converged}, {info.seconds:.3f} s -> {out}")
     return _converged_status(info)
+
+
+# The Python API's argument names in messages that reach the command line, where the flag differs
+# by more than '--' and dashes.
+_API_NAMES = {"probs_path": "--probs", "forget_mask": "--forget", "out_path": "--out",
+              "logits_path": "--logits"}
+
+
+def _as_flags(message: str, args: argparse.Namespace) -> str | None:
+    """``message`` with the Python argument names it starts with ("lam: ...", "forget_class must
+    ...", "retain_fraction, retain_per_epoch: ...") as the command's flags, when every one of
+    them is a flag of the command; None when there is nothing to rename."""
+    import re
+
+    m = re.match(r"([a-z][a-z0-9_]*(?:, [a-z][a-z0-9_]*)*)(?=[:= (]|$)", message)
+    if m is None:
+        return None
+    flags = []
+    for name in m.group(1).split(", "):
+        flag = _API_NAMES.get(name, "--" + name.replace("_", "-"))
+        if flag == "--probs" and getattr(args, "logits", None) is not None:
+            flag = "--logits"
+        if not hasattr(args, flag[2:].replace("-", "_")):
+            return None
+        flags.append(flag)
+    return ", ".join(flags) + message[m.end():]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -630,7 +694,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out = str(Path(args.out).expanduser())
     handler = {"demo": _demo, "run": _run, "refine": _refine}[args.command]
     try:
-        return handler(args)
+        try:
+            return handler(args)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            renamed = _as_flags(str(exc), args)
+            if renamed is None:
+                raise
+            raise type(exc)(renamed) from None
     except KeyboardInterrupt:
         # What a shell reports for SIGINT; the handlers' own cleanup (temporary files, folders
         # they made) has run by now.

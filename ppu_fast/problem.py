@@ -418,6 +418,14 @@ def given_row_sums(x: torch.Tensor, mask: torch.Tensor, mode: str
     return forget, retain
 
 
+def retained_share(total: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
+    """The retain rows' column sums (k,) as every row's ``total`` minus the forget rows' (a
+    gather's exact float64 sums): never below 0. The kernels' float32 partial sums leave the
+    total ~1e-7 from exact, and a class the retain rows barely cover came out about -2.6e-7,
+    then refused as an infeasible target (cpu, 200 x 100, half of the rows forgotten)."""
+    return (total - forget).clamp_min(0.0)
+
+
 def target_marginals(marginals, colsum_retain: torch.Tensor, colsum_forget: torch.Tensor,
                      n: int, k: int, p_hat_colsum: torch.Tensor) -> torch.Tensor:
     """The class totals M (k,) float64 on the CPU, summing to N (docs/design.md §2).
@@ -597,8 +605,8 @@ def check_out(out, x: torch.Tensor, from_numpy: bool) -> Optional[torch.Tensor]:
 
 def result_tensor(buf: torch.Tensor, user_out: Optional[torch.Tensor], x: torch.Tensor
                   ) -> torch.Tensor:
-    """Q as the caller gets it from the solver's buffer ``buf``: in ``user_out`` (``out=``) when
-    given, else in the input's dtype."""
+    """Q as the caller gets it from ``buf`` (the solver's buffer, or the 16-bit result it was
+    written into): in ``user_out`` (``out=``) when given, else in the input's dtype."""
     if user_out is not None:
         if user_out is not buf:
             user_out.copy_(buf)
@@ -664,9 +672,19 @@ def weight_sums_of_levels(levels: np.ndarray, counts) -> Tuple[float, float, flo
             sum(c / v for c, v in pairs))
 
 
+def buffer_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the buffer that holds log P^ for probabilities or logits of ``dtype``:
+    float64 for float64, float32 otherwise. A 16-bit log P^ would round log p by up to 2^-4
+    (bfloat16) or 2^-7 (float16) at log p ~ -20, p by up to 6 %, and move Q far more than
+    rounding Q to 16 bits does (0.1 against 0.002 at lam = 1e-4, bfloat16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def solver_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the solver's buffer for an input of ``dtype``: the input's own (float64 is
-    solved in float64, float16 / bfloat16 are stored as such and evaluated in float32)."""
+    """The dtype of the solver's buffer for a log P^ of ``dtype`` (``solve`` / ``targets``): the
+    input's own (float64 is solved in float64, float16 / bfloat16 are stored as such and
+    evaluated in float32; the caller's log values are already rounded). Probabilities and
+    logits: :func:`buffer_dtype`."""
     return dtype if dtype in SUPPORTED_DTYPES else torch.float32
 
 

@@ -57,14 +57,23 @@ class RowStore:
         chunks for which ``want(start, stop)`` is true."""
         raise NotImplementedError
 
+    def result_chunks(self, want: Optional[Callable[[int, int], bool]] = None
+                      ) -> Iterator[Tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(start, stop, buffer rows, rows to write Q into), as :meth:`update_chunks`: Q
+        replaces log P^ in the buffer, unless the store keeps Q apart (a 16-bit result of a
+        float32 buffer)."""
+        for s, e, b in self.update_chunks(want):
+            yield s, e, b, b
+
 
 class MemoryStore(RowStore):
     """Rows in memory: the input ``x`` and the solver's buffer ``buf`` (N x k tensors on one
-    device, ``buf`` may be ``x``), visited as views of ``chunk_rows`` rows (default: all)."""
+    device, ``buf`` may be ``x``), visited as views of ``chunk_rows`` rows (default: all);
+    ``result``: where Q goes when not into ``buf``."""
 
-    def __init__(self, x: torch.Tensor, buf: torch.Tensor, chunk_rows: Optional[int] = None
-                 ) -> None:
-        self.x, self.buf = x, buf
+    def __init__(self, x: torch.Tensor, buf: torch.Tensor, chunk_rows: Optional[int] = None,
+                 result: Optional[torch.Tensor] = None) -> None:
+        self.x, self.buf, self.result = x, buf, result
         self.shape = tuple(buf.shape)
         self.dtype, self.device = buf.dtype, buf.device
         self.chunk_rows = max(1, chunk_rows or self.shape[0] or 1)
@@ -86,6 +95,14 @@ class MemoryStore(RowStore):
         for s, e in self._ranges():
             if want is None or want(s, e):
                 yield s, e, self.buf[s:e]
+
+    def result_chunks(self, want=None):
+        if self.result is None:
+            yield from super().result_chunks(want)
+            return
+        for s, e in self._ranges():
+            if want is None or want(s, e):
+                yield s, e, self.buf[s:e], self.result[s:e]
 
 
 def sampled_gram(be: Backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
@@ -288,8 +305,8 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     comm.raise_first(message)
     solve_only = mode == "log_p"
     if k == 1 and not solve_only:
-        for s, e, buf in store.update_chunks():
-            buf.fill_(1.0)
+        for s, e, _, res in store.result_chunks():
+            res.fill_(1.0)
         info = RefineInfo(iterations=0, converged=True, residual=0.0, history=[0.0],
                           dual_value=0.0, alpha=torch.zeros(1, dtype=torch.float64),
                           method=method, backend=be.name, seconds=time.perf_counter() - t0,
@@ -332,10 +349,10 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     t4 = time.perf_counter()
     alpha = torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev)
     colsum_q = torch.zeros(k, dtype=torch.float64, device=dev)
-    for s, e, buf in bar(store.update_chunks(lambda s, e: not solve_only), "materialize"):
-        be.materialize(buf, inv_c[s:e], alpha, buf)
+    for s, e, buf, res in bar(store.result_chunks(lambda s, e: not solve_only), "materialize"):
+        be.materialize(buf, inv_c[s:e], alpha, res)
         if any_rounded:  # every rank adds its rows of Q, rounded or not, to the one residual
-            colsum_q += buf.sum(0, dtype=torch.float64)
+            colsum_q += res.sum(0, dtype=torch.float64)
     if any_rounded:
         info.output_residual = float((comm.sum(colsum_q) - m).abs().sum()) / n
         what = (f"Q rounded to {in_dtype}" if rounded else
@@ -459,7 +476,7 @@ def _input_pass(su: _Setup, bar):
                 r, f = prep.retain_sums.to(dev), prep.forget_sums.to(dev)
             if f_given is not None:
                 f = f_given.to(dev)
-                r = r_given.to(dev) if r_given is not None else r - f
+                r = r_given.to(dev) if r_given is not None else pb.retained_share(r, f)
             retain += r
             forget += f
             if su.kind == "rows" and nf:
@@ -499,13 +516,15 @@ def refine_sharded(x_arg: Any, name: str, forget_mask: Any, group: Any, *, out: 
         return x, from_numpy, mask, c, user_out
 
     x, from_numpy, mask, c, user_out = collective_checks(comm, checks)
-    sdt = pb.solver_dtype(x.dtype)
+    sdt = pb.buffer_dtype(x.dtype)  # float32 for a 16-bit input, as refine's (api.refine)
     buf = (user_out if user_out is not None and user_out.dtype == sdt
            else empty_buffer(x.shape, sdt, x.device))
-    store = MemoryStore(x, buf)
+    result = (None if x.dtype == sdt else
+              user_out if user_out is not None else empty_buffer(x.shape, x.dtype, x.device))
+    store = MemoryStore(x, buf, result=result)
     info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=x.dtype, weights=c,
                           comm=comm, where=comm.where(), **options)
-    q = pb.result_tensor(buf, user_out, x)
+    q = pb.result_tensor(buf if result is None else result, user_out, x)
     if from_numpy:
         q = out if out is not None else q.cpu().numpy()
     return (q, info) if return_info else q

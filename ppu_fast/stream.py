@@ -163,14 +163,16 @@ class NpyFile:
 
 
 class FileStore(RowStore):
-    """Rows ``[r0, r1)`` of an input ``.npy`` and the solver's buffer in the output ``.npy``,
-    visited ``chunk_rows`` rows at a time. On a CUDA ``device`` each chunk is copied through a
-    pinned host buffer to one of two device buffers on a side stream, so the next chunk's copy
-    overlaps the current chunk's kernels."""
+    """Rows ``[r0, r1)`` of an input ``.npy`` and the solver's buffer in the output ``.npy``
+    (or, with ``result``, in a file of its own, and Q in ``result``), visited ``chunk_rows``
+    rows at a time. On a CUDA ``device`` each chunk is copied through a pinned host buffer to one
+    of two device buffers on a side stream, so the next chunk's copy overlaps the current
+    chunk's kernels."""
 
     def __init__(self, src: NpyFile, r0: int, r1: int, buf: NpyFile, chunk_rows: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        self.src, self.r0, self.r1, self.buf_file = src, r0, r1, buf
+                 device: torch.device, dtype: torch.dtype,
+                 result: Optional[NpyFile] = None) -> None:
+        self.src, self.r0, self.r1, self.buf_file, self.result = src, r0, r1, buf, result
         self.shape = (r1 - r0, src.shape[1])
         self.dtype, self.device = dtype, device
         self.chunk_rows = max(1, int(chunk_rows))
@@ -243,6 +245,24 @@ class FileStore(RowStore):
                 d = self._to_device(b, j)
                 yield s, e, d
                 b[...] = d.cpu().numpy()
+                self._release(j)
+
+    def result_chunks(self, want=None):
+        if self.result is None:
+            yield from super().result_chunks(want)
+            return
+        for i, (s, e) in enumerate(self._ranges()):
+            if want is not None and not want(s, e):
+                continue
+            self.buf_file.prefetch(e, min(self.shape[0], e + self.chunk_rows))
+            with self.buf_file.rows(s, e) as b, self.result.rows(s, e, write=True) as o:
+                if not self.cuda:
+                    yield s, e, pb.from_numpy_readonly(b), torch.from_numpy(o)
+                    continue
+                j = i % 2
+                od = torch.empty(o.shape, dtype=_torch_dtype(o.dtype), device=self.device)
+                yield s, e, self._to_device(b, j), od
+                o[...] = od.cpu().numpy()
                 self._release(j)
 
 
@@ -359,6 +379,9 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         src = NpyFile(probs_path, "probs_path")
         n_file, k = src.shape
         r0, r1 = (0, n_file) if rows is None else _check_rows(rows, n_file)
+        if r1 == r0 and comm.group is None:  # (with several ranks, N is checked over all)
+            raise ValueError(f"probs_path: '{src.path}' has N == 0 rows to refine; expected at "
+                             f"least one row")
         mask, pseudo = pb.forget_and_pseudo(_forget_arg(forget, r1 - r0, rows is not None),
                                             r1 - r0, options.get("pseudo"), name="forget")
         if pseudo is not None:
@@ -391,9 +414,14 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         # Created here, inside the collective checks: a rank that cannot create it (a full disk)
         # raises on every rank instead of leaving the others in the solver's collectives.
         in_dt = _torch_dtype(src.dtype)
-        sdt = pb.solver_dtype(in_dt)
-        buf = NpyFile.create(tmp, (r1 - r0, k), np.dtype(str(sdt).split(".")[-1]))
-        return src, r0, r1, mask, c, dev, budget, buf, in_dt, sdt
+        sdt = pb.buffer_dtype(in_dt)
+        out_file = NpyFile.create(tmp, (r1 - r0, k), src.dtype)
+        if sdt == in_dt:  # Q replaces log P^ in the output file
+            return src, r0, r1, mask, c, dev, budget, out_file, None, in_dt, sdt
+        # A float16 file: log P^ in a float32 file of its own beside the output (refine's
+        # reason, api.refine), removed at the end; Q is written from it into the output.
+        buf = NpyFile.create(scratch, (r1 - r0, k), np.dtype(np.float32))
+        return src, r0, r1, mask, c, dev, budget, buf, out_file, in_dt, sdt
 
     def outputs(result) -> dict:
         # Gathered to find ranks of one machine writing one file (the last rename would win)
@@ -403,23 +431,27 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
                 "_in": (socket.gethostname(), os.path.realpath(src.path), r0, r1)}
 
     # From here on the temporary output may exist: every error removes it.
-    with written_beside(out_path) as tmp:
-        (src, r0, r1, mask, c, dev, budget, buf, in_dt, sdt), every = collective_checks(
-            comm, open_input, outputs)
-        _check_disjoint(every)
-        k = src.shape[1]
-        rows_per = (int(chunk_rows) if chunk_rows is not None
-                    else chunk_rows_for(k, src.dtype.itemsize, torch.finfo(sdt).bits // 8,
-                                        budget, dev.type == "cuda"))
-        show = (sys.stderr is not None and sys.stderr.isatty()) if progress is None \
-            else bool(progress)
-        bar = _bar(show, max(1, -(-(r1 - r0) // rows_per)), str(Path(probs_path).name))
-        where = f" (file '{src.path}'{comm.where()})"
-        store = FileStore(src, r0, r1, buf, rows_per, dev, sdt)
-        info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=in_dt, weights=c,
-                              generator=generator, comm=comm, where=where, progress=bar,
-                              first_row=r0, **options)
-        del store
+    scratch = out_path.with_name(f".{out_path.name}.buffer-{os.getpid()}.npy")
+    try:
+        with written_beside(out_path) as tmp:
+            (src, r0, r1, mask, c, dev, budget, buf, result, in_dt, sdt), every = \
+                collective_checks(comm, open_input, outputs)
+            _check_disjoint(every)
+            k = src.shape[1]
+            rows_per = (int(chunk_rows) if chunk_rows is not None
+                        else chunk_rows_for(k, src.dtype.itemsize, torch.finfo(sdt).bits // 8,
+                                            budget, dev.type == "cuda"))
+            show = (sys.stderr is not None and sys.stderr.isatty()) if progress is None \
+                else bool(progress)
+            bar = _bar(show, max(1, -(-(r1 - r0) // rows_per)), str(Path(probs_path).name))
+            where = f" (file '{src.path}'{comm.where()})"
+            store = FileStore(src, r0, r1, buf, rows_per, dev, sdt, result=result)
+            info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=in_dt, weights=c,
+                                  generator=generator, comm=comm, where=where, progress=bar,
+                                  first_row=r0, **options)
+            del store
+    finally:
+        _unlink(scratch)
     # The rows a chunk held: the cap, or all of this rank's rows when they are fewer (0: none).
     info.chunk_rows = int(min(rows_per, r1 - r0))
     info.seconds = time.perf_counter() - t0

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from .caller_state import (available_device, caller_stacklevel, cuda_devices_to_fork, frozen_modules,
-                           is_real)
+                           is_real, non_finite_weights)
 from .data import ArrayDataset, CpuDrawLoader, _label, collate_pairs
 from .torch_defaults import training_grad_mode
 
@@ -142,12 +142,20 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
     items are ``(x (C, H, W), y)``; returns ``model``. ``config.seed`` fixes the shuffling, the
     augmentation and the model's own randomness (dropout); the caller's global torch random state is
     restored afterwards, so what the caller draws next does not depend on whether a model was
-    trained or loaded from the cache."""
+    trained or loaded from the cache. A training that ends with NaN or infinite weights raises
+    ``FloatingPointError`` (the model holds them)."""
     if len(data) == 0:
         raise ValueError("data is empty: nothing to train on")
     device = resolve_device(model, device)
     with torch.random.fork_rng(devices=cuda_devices_to_fork(model, device)):
-        return _fit(model, data, config, device, progress, desc)
+        _fit(model, data, config, device, progress, desc)
+    bad, total = non_finite_weights(model)
+    if bad:
+        # Raised before fit_cached caches it: a NaN model would be loaded as trained next time.
+        raise FloatingPointError(f"{desc}: the training diverged: {bad} of the {total} weights and "
+                                 f"buffer values it ended with are NaN or infinite; lower the "
+                                 f"learning rate (lr={config.lr!r})")
+    return model
 
 
 def _fit(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.device, progress: bool,

@@ -208,9 +208,8 @@ def test_refine_refuses_labels_as_forget(tmp_path, ext, stream, capsys):
     assert main(["refine", "--probs", str(tmp_path / "p.npy"), "--forget",
                  str(tmp_path / f"labels{ext}"), "--out", str(out), *stream]) == 2
     err = capsys.readouterr().err
-    # the in-memory path names refine's forget_mask, the streamed one refine_file's forget
-    name = "forget" if stream else "forget_mask"
-    assert (f"error: {name}: an integer vector of length N = 50 that repeats row 0 "
+    # both paths name the flag (refine's forget_mask and refine_file's forget, as --forget)
+    assert ("error: --forget: an integer vector of length N = 50 that repeats row 0 "
             "(13 times) looks like per-row labels") in err, err
     assert not out.exists()
 
@@ -399,17 +398,18 @@ def test_reduced_large_scale_run_end_to_end(tmp_path, capsys):
     bad = ["run", "--dataset", "cifar5", "--data-root", str(root), "--model", "smallcnn",
            "--train-per-class", "10", "--out", str(tmp_path / "bad")]
     assert main(bad) == 2
-    assert "train_per_class: only for the large-scale" in capsys.readouterr().err
+    assert "--train-per-class: only for the large-scale" in capsys.readouterr().err
     # refused before a pre-training that would otherwise run first
     assert main(bad[:-2] + ["--pretrain", "cifar10-other", "--out", str(tmp_path / "bad2")]) == 2
     err = capsys.readouterr()
-    assert "train_per_class: only for the large-scale" in err.err and "pre-trained" not in err.out
+    assert "--train-per-class: only for the large-scale" in err.err and "pre-trained" not in err.out
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--n", "0"], "--n: expected at least 1 row"), (["--k", "1"], "--k: expected at least 2"),
     (["--forget-class", "-1"], "--forget-class: expected a class in [0, 10)"),
     (["--lam", "0"], "--lam: expected a positive number"),
+    (["--lam", "1e31"], "--lam: expected a positive number in [1e-30, 1e30]"),
     (["--backend", "foo"], "backend: unknown name 'foo'"),
     (["--n", "3"], "no row of the 3 is of class 5")])
 def test_the_solver_demo_refuses_bad_arguments(argv, message, capsys):
@@ -438,3 +438,85 @@ def test_a_second_run_into_the_same_folder_says_it_replaced_the_first(tmp_path, 
     assert "replace the earlier run's" not in capsys.readouterr().out
     assert main(["demo", "--out", out, "--no-progress"]) == 0
     assert "; they replace the earlier run's in that folder" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"ppu-fast {ppu_fast.__version__}"
+
+
+def _refine_files(tmp_path, n=40, k=4):
+    p = torch.softmax(torch.randn(n, k, generator=torch.Generator().manual_seed(0)), 1)
+    np.save(tmp_path / "p.npy", p.numpy())
+    np.save(tmp_path / "m.npy", np.arange(n) < 5)
+    return p, ["refine", "--probs", str(tmp_path / "p.npy"), "--forget", str(tmp_path / "m.npy")]
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lam", "1e31", "expected a number in [1e-30, 1e30]"), ("--tol", "0", "a positive number"),
+    ("--seed", "-1", "a non-negative integer"), ("--seed", str(2 ** 64), "[0, 2**32 - 1]"),
+    ("--max-iter", "0", "a positive integer"), ("--chunk-rows", "0", "a positive integer"),
+    ("--backend", "nope", "invalid choice"), ("--marginals", "nope", "a .npy / .pt file")])
+def test_refine_options_are_checked_by_argparse(tmp_path, flag, value, message, capsys):
+    # Were accepted and failed in the solver under the API's names, or aliased (--seed -1 gave
+    # the Q of 2**64 - 1) or overflowed ("Overflow when unpacking long long").
+    _, argv = _refine_files(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(tmp_path / "q.npy"), flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and message in err
+
+
+def test_refine_messages_name_the_flags(tmp_path, capsys):
+    p, argv = _refine_files(tmp_path)
+    np.save(tmp_path / "f.npy", np.asfortranarray(p.numpy()))
+    np.save(tmp_path / "e.npy", np.zeros((0, 4), np.float32))
+    torch.save(p.bfloat16(), tmp_path / "p.pt")
+    out = str(tmp_path / "q.npy")
+    cases = [
+        (["refine", "--logits", str(tmp_path / "f.npy"), "--forget", str(tmp_path / "m.npy"),
+          "--out", out, "--chunk-rows", "8"], "--logits: "),  # was "probs_path:"
+        (["refine", "--probs", str(tmp_path / "e.npy"), "--forget", str(tmp_path / "m.npy"),
+          "--out", out, "--chunk-rows", "8"], "--probs: "),  # was a forget-mask length error
+        (["refine", "--probs", str(tmp_path / "p.pt"), "--forget", str(tmp_path / "m.npy"),
+          "--out", out], "--out: Q has the input's dtype, bfloat16"),  # after the solve, torch's
+        (argv + ["--out", str(tmp_path / "q.pt"), "--memory-budget", "100"],
+         "this one streams (the input file is larger than --memory-budget 100)"),
+        (argv + ["--out", out, "--weights", str(tmp_path / "m.npy")], "--weights: row 5"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err, err
+    assert not (tmp_path / "q.npy").exists() and not (tmp_path / "q.pt").exists()
+    assert main(["run", "--dataset", "digits5", "--model", "smallcnn", "--forget-class", "9",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "error: --forget-class must be in [0, 5)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stream", [[], ["--chunk-rows", "8"]])
+def test_refine_takes_class_totals_from_a_file(tmp_path, stream):
+    p, argv = _refine_files(tmp_path)
+    m = p.sum(0).double()
+    m[0] *= 0.5
+    m = m * len(p) / m.sum()
+    np.save(tmp_path / "M.npy", m.numpy())
+    assert main(argv + ["--out", str(tmp_path / "q.npy"), "--marginals", str(tmp_path / "M.npy")]
+                + stream) == 0
+    q = np.load(tmp_path / "q.npy")
+    want = ppu_fast.refine(p, np.arange(len(p)) < 5, marginals=m).numpy()
+    np.testing.assert_allclose(q, want, atol=1e-6)
+    np.testing.assert_allclose(q.sum(0), m.numpy(), rtol=1e-4)
+
+
+def test_a_diverged_original_is_a_failed_run_and_not_cached(tmp_path, capsys):
+    # Was exit 2 blaming the input ("model: ... NaN") after caching the NaN model, which later
+    # runs then loaded as trained.
+    argv = ["run", "--dataset", "digits5", "--model", "smallcnn", "--width", "0.25", "--seeds", "0",
+            "--methods", "original,retrain", "--lr", "1e7", "--epochs", "1", "--no-progress",
+            "--out", str(tmp_path / "r")]
+    assert main(argv) == 1
+    assert "original: the training diverged" in capsys.readouterr().err
+    assert not list((tmp_path / "cache").rglob("*.pt"))

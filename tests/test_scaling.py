@@ -290,8 +290,10 @@ def test_cli_refine_unreadable_inputs_exit_2(tmp_path, capsys):
                  "--out", str(tmp_path / "outdir.npy")]) == 2
     assert "--out: " in capsys.readouterr().err
     deep = tmp_path / "a" / "b" / "c" / "q.npy"
-    assert main(["refine", "--probs", ok["--probs"], "--forget", ok["--forget"], "--lam", "-1",
+    np.save(tmp_path / "far.npy", np.array([10 ** 6]))  # a row index past N: refused inside
+    assert main(["refine", "--probs", ok["--probs"], "--forget", str(tmp_path / "far.npy"),
                  "--out", str(deep), "--chunk-rows", "4"]) == 2
+    assert "--forget: " in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 

@@ -274,8 +274,14 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
             except JacobianTooLarge as exc:
                 # A size refusal (NTK on a model too large for its Jacobian) should not cost the
                 # other methods' results: the method is left out of this seed, and config says why.
-                skipped[name] = str(exc)
-                say(f"[seed {seed}] {label(name):<{width_of_label}} skipped: {exc}")
+                # The method's advice names its own option; a run passes it in method_kwargs,
+                # and from the command line only the run's sizes can change.
+                reason = (f"{exc.size}, over max_jacobian_gib={exc.limit:g}; NTK forgetting is "
+                          f"for small scale: fewer training examples (--train-per-class) or a "
+                          f"narrower model (--width), or method_kwargs={{'ntk': "
+                          f"{{'max_jacobian_gib': ...}}}}")
+                skipped[name] = reason
+                say(f"[seed {seed}] {label(name):<{width_of_label}} skipped: {reason}")
                 continue
             seconds = res.timings.get("train", time.perf_counter() - t0) if method == "retrain" \
                 else res.timings["total"]

@@ -233,12 +233,14 @@ def ntk_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val: D
     n_r, n_f = len(retain), len(forget)
     gib = jacobian_gib(n_r + n_f, k, n_params, itemsize)
     if gib > max_jacobian_gib:
-        raise JacobianTooLarge(
-            f"ntk: the Jacobian of {n_r + n_f} examples ({n_r} retain + {n_f} forget) x {k} classes x "
-            f"{n_params} parameters and its kernel would take {gib:.2f} GiB, over "
-            f"max_jacobian_gib={max_jacobian_gib:g}; "
-            f"NTK forgetting is for small scale: use fewer examples or a smaller model, or raise "
-            f"max_jacobian_gib")
+        size = (f"the Jacobian of {n_r + n_f} examples ({n_r} retain + {n_f} forget) x {k} "
+                f"classes x {n_params} parameters and its kernel would take {gib:.2f} GiB")
+        exc = JacobianTooLarge(
+            f"ntk: {size}, over max_jacobian_gib={max_jacobian_gib:g}; NTK forgetting is for small "
+            f"scale: use fewer examples or a smaller model, or raise max_jacobian_gib")
+        exc.size = size  # the experiment runner, whose callers cannot pass max_jacobian_gib
+        exc.limit = float(max_jacobian_gib)
+        raise exc
 
     t0 = time.perf_counter()
     # Retain rows first, as SCRUB's G = [G_r, G_f].
