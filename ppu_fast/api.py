@@ -73,8 +73,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
             (on a CPU, where the kernel zeroes every fresh page, about one to one and a half
             solver passes even with the huge pages ``refine`` asks for; a float16 / bfloat16
             input still solves in a float32 buffer of its own, see Returns). It may be the input
-            itself, which is then overwritten with Q (and, when a row of it fails validation,
-            left partly overwritten: the one pass validates and writes).
+            itself, which is then overwritten with Q (and, when a row of a float32 / float64
+            input fails validation, left partly overwritten: the one pass validates and writes).
         process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``): each
             rank passes its own rows (``probs`` / ``logits`` N_rank x k, ``forget_mask`` and
             ``weights`` over those rows, ``pseudo`` tensors for its forget rows) and gets its own

@@ -669,7 +669,10 @@ def _as_flags(message: str, args: argparse.Namespace) -> str | None:
     them is a flag of the command; None when there is nothing to rename."""
     import re
 
-    m = re.match(r"([a-z][a-z0-9_]*(?:, [a-z][a-z0-9_]*)*)(?=[:= (]|$)", message)
+    # Only a name the message is about: followed by ':', '=' or ' must', not by the flag already
+    # ("init_checkpoint (--init-checkpoint): ...") and not the first word of a phrase ("lam
+    # sweep: ...", which is --lam-sweep's).
+    m = re.match(r"([a-z][a-z0-9_]*(?:, [a-z][a-z0-9_]*)*)(?=[:=]| must)", message)
     if m is None:
         return None
     flags = []

@@ -290,8 +290,9 @@ def loader_examples(loader: DataLoader, arg: str) -> Dataset:
     # Reading the draws is no use of the loader: torch's global RNG and the samplers' own
     # generators are as they were afterwards (so the set read is the one the loader's next
     # iteration visits).
+    owners = (sampler, batches, getattr(batches, "sampler", None))
     gens = [g for g in {id(g): g for g in (getattr(o, "generator", None)
-                                           for o in (sampler, batches))}.values()
+                                           for o in owners)}.values()
             if isinstance(g, torch.Generator)]
     states = [g.get_state() for g in gens]
     with torch.device("cpu"), torch.random.fork_rng(devices=[]):

@@ -520,3 +520,17 @@ def test_a_diverged_original_is_a_failed_run_and_not_cached(tmp_path, capsys):
     assert main(argv) == 1
     assert "original: the training diverged" in capsys.readouterr().err
     assert not list((tmp_path / "cache").rglob("*.pt"))
+
+
+def test_flag_renaming_leaves_other_words_alone(tmp_path, capsys):
+    # "lam sweep: ..." became "--lam sweep: ..." (the flag a sweep refuses), and a message
+    # naming its flag already got it twice.
+    out = str(tmp_path / "r")
+    assert main(["run", "--dataset", "digits5", "--model", "smallcnn", "--lam-sweep", "0.1,0.1",
+                 "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "error: lam sweep:" in err and "--lam sweep" not in err
+    assert main(["run", "--dataset", "digits5", "--model", "smallcnn", "--init-checkpoint",
+                 str(tmp_path / "none.pt"), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "(--init-checkpoint)" in err and "--init-checkpoint (--init-checkpoint)" not in err

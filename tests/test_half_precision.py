@@ -78,3 +78,15 @@ def test_a_bfloat16_refine_over_a_process_group(tmp_path):
     assert q.dtype == torch.bfloat16
     want = float32_answer(x)
     assert float((q.float() - want).abs().max()) <= torch.finfo(torch.bfloat16).eps / 2 + 1e-5
+
+
+def test_an_empty_input_or_row_range_is_named(tmp_path):
+    from ppu_fast.stream import refine_file
+
+    np.save(tmp_path / "p.npy", P[:10].astype(np.float16))
+    with pytest.raises(ValueError, match=r"rows: \(4, 4\) holds no rows"):
+        refine_file(tmp_path / "p.npy", [], tmp_path / "q.npy", rows=(4, 4), progress=False)
+    np.save(tmp_path / "e.npy", np.zeros((0, 10), np.float16))
+    with pytest.raises(ValueError, match="probs_path: .* has N == 0 rows"):
+        refine_file(tmp_path / "e.npy", [], tmp_path / "q.npy", progress=False)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["e.npy", "p.npy"]

@@ -165,7 +165,7 @@ def test_metrics_read_a_random_sampler_without_drawing_from_it():
     # Reading which examples a caller's loader visits is not an iteration of it: the global RNG
     # and the sampler's own generator are as they were (the set scored is the one the loader's
     # next iteration visits).
-    from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SubsetRandomSampler
 
     model, data, _ = _toy()
     idx = list(range(0, 48, 3))
@@ -178,6 +178,13 @@ def test_metrics_read_a_random_sampler_without_drawing_from_it():
     sampler = RandomSampler(data, num_samples=10, generator=gen)
     state = gen.get_state()
     metrics.error(model, DataLoader(data, sampler=sampler, batch_size=4))
+    assert torch.equal(gen.get_state(), state)
+
+    class Batches(BatchSampler):  # a caller's batch sampler over a random sampler
+        pass
+
+    batches = Batches(RandomSampler(data, num_samples=8, generator=gen), 4, False)
+    metrics.error(model, DataLoader(data, batch_sampler=batches))
     assert torch.equal(gen.get_state(), state)
 
 

@@ -279,7 +279,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                 reason = (f"{exc.size}, over max_jacobian_gib={exc.limit:g}; NTK forgetting is "
                           f"for small scale: fewer training examples (--train-per-class) or a "
                           f"narrower model (--width), or method_kwargs={{'ntk': "
-                          f"{{'max_jacobian_gib': ...}}}}")
+                          f"{{'max_jacobian_gib': ...}}}}" if hasattr(exc, "size") else str(exc))
                 skipped[name] = reason
                 say(f"[seed {seed}] {label(name):<{width_of_label}} skipped: {reason}")
                 continue

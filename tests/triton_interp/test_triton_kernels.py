@@ -528,3 +528,26 @@ def test_refine_ends_on_the_pass_that_writes_q():
     q_ref = ppu_fast.refine(p, y == 0, backend="torch")
     assert info.converged and info.materialized, info.history
     torch.testing.assert_close(q, q_ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_refine_of_a_16_bit_input_writes_q_from_a_float32_buffer(dtype):
+    """A 16-bit input is solved from a float32 log P^ and Q written into a 16-bit result by the
+    last pass: the float32 refine of the same numbers, rounded (log P^ in 16 bits was off by up
+    to 0.1 at lam 1e-4)."""
+    import numpy as np
+
+    import ppu_fast
+    r = np.random.default_rng(3)
+    n, k = 600, 10
+    z = r.standard_normal((n, k))
+    z[np.arange(n), r.integers(0, k, n)] += 20
+    x = torch.softmax(torch.tensor(z), dim=1).to(dtype)
+    mask = torch.from_numpy(r.random(n) < 0.5)
+    opts = dict(lam=1e-4, pseudo="prior", marginals="original")
+    q, info = ppu_fast.refine(x, mask, backend="triton", return_info=True, **opts)
+    xd = x.double()
+    want = ppu_fast.refine((xd / xd.sum(1, keepdim=True)).float(), mask, backend="torch",
+                           tol=1e-7, **opts)
+    assert q.dtype == dtype and info.converged
+    assert float((q.float() - want).abs().max()) <= torch.finfo(dtype).eps / 2 + 1e-5
