@@ -382,7 +382,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         if r1 == r0 and comm.group is None:  # (with several ranks, N is checked over all)
             raise ValueError(f"probs_path: '{src.path}' has N == 0 rows to refine; expected at "
                              f"least one row" if rows is None else
-                             f"rows: ({r0}, {r1}) holds no rows of '{src.path}'; expected a "
+                             f"rows: ({r0}, {r1}) holds N == 0 rows of '{src.path}'; expected a "
                              f"range of at least one row")
         mask, pseudo = pb.forget_and_pseudo(_forget_arg(forget, r1 - r0, rows is not None),
                                             r1 - r0, options.get("pseudo"), name="forget")

@@ -84,7 +84,7 @@ def test_an_empty_input_or_row_range_is_named(tmp_path):
     from ppu_fast.stream import refine_file
 
     np.save(tmp_path / "p.npy", P[:10].astype(np.float16))
-    with pytest.raises(ValueError, match=r"rows: \(4, 4\) holds no rows"):
+    with pytest.raises(ValueError, match=r"rows: \(4, 4\) holds N == 0 rows"):
         refine_file(tmp_path / "p.npy", [], tmp_path / "q.npy", rows=(4, 4), progress=False)
     np.save(tmp_path / "e.npy", np.zeros((0, 10), np.float16))
     with pytest.raises(ValueError, match="probs_path: .* has N == 0 rows"):
