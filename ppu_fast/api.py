@@ -231,13 +231,9 @@ def _to_caller_scale(info: RefineInfo, c_min: float) -> None:
         info.dual_value = info.dual_value * c_min
 
 
-def _residual(q: torch.Tensor, m: torch.Tensor, chunk_rows: int = 1 << 16) -> float:
-    """``||colsum(Q) - M||_1 / N`` of a stored Q, summed in float64 by row chunks."""
-    n = q.shape[0]
-    col = torch.zeros(q.shape[1], dtype=torch.float64, device=q.device)
-    for i in range(0, n, chunk_rows):
-        col += q[i:i + chunk_rows].sum(0, dtype=torch.float64)
-    return float((col.cpu() - m.double()).abs().sum()) / n
+def _residual(q: torch.Tensor, m: torch.Tensor) -> float:
+    """``||colsum(Q) - M||_1 / N`` of a stored Q, summed in float64."""
+    return float((pb.column_sums64(q).cpu() - m.double()).abs().sum()) / q.shape[0]
 
 
 def _validated_log_p(log_p: ArrayLike, backend: str, inv_c: Optional[torch.Tensor] = None,

@@ -418,6 +418,19 @@ def given_row_sums(x: torch.Tensor, mask: torch.Tensor, mode: str
     return forget, retain
 
 
+def column_sums64(t: torch.Tensor, chunk_elems: int = 1 << 20) -> torch.Tensor:
+    """Column sums (k,) float64 of ``t`` (N x k, any float dtype), by chunks of rows converted to
+    float32 (exactly, from 16 bits): torch's float64 reduction of a bfloat16 matrix took 267 ms
+    at 1,000,000 x 100 against 33 ms so, more than the solve of the refine it checked."""
+    n, k = t.shape
+    rows = max(1, chunk_elems // max(k, 1))
+    col = torch.zeros(k, dtype=torch.float64, device=t.device)
+    for i in range(0, n, rows):
+        c = t[i:i + rows]
+        col += (c if c.dtype == torch.float64 else c.float()).sum(0, dtype=torch.float64)
+    return col
+
+
 def retained_share(total: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
     """The retain rows' column sums (k,) as every row's ``total`` minus the forget rows' (a
     gather's exact float64 sums): never below 0. The kernels' float32 partial sums leave the

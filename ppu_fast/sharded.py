@@ -352,7 +352,7 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     for s, e, buf, res in bar(store.result_chunks(lambda s, e: not solve_only), "materialize"):
         be.materialize(buf, inv_c[s:e], alpha, res)
         if any_rounded:  # every rank adds its rows of Q, rounded or not, to the one residual
-            colsum_q += res.sum(0, dtype=torch.float64)
+            colsum_q += pb.column_sums64(res)
     if any_rounded:
         info.output_residual = float((comm.sum(colsum_q) - m).abs().sum()) / n
         what = (f"Q rounded to {in_dtype}" if rounded else

@@ -90,3 +90,14 @@ def test_an_empty_input_or_row_range_is_named(tmp_path):
     with pytest.raises(ValueError, match="probs_path: .* has N == 0 rows"):
         refine_file(tmp_path / "e.npy", [], tmp_path / "q.npy", progress=False)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["e.npy", "p.npy"]
+
+
+@pytest.mark.parametrize("dtype", HALF + [torch.float32, torch.float64])
+def test_column_sums64(dtype):
+    from ppu_fast.problem import column_sums64
+
+    t = torch.rand(3001, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = t.to(dtype)
+    got = column_sums64(t, chunk_elems=1000)  # 142 rows a chunk, the last one partial
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, t.double().sum(0), rtol=1e-13, atol=0)
