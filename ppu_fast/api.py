@@ -118,21 +118,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
     outarg = out
     user_out = pb.check_out(out, x, from_numpy)
     mask_dev = torch.from_numpy(mask).to(dev) if n_forget else None
-    # The output buffer holds log P^ while solving and is overwritten by Q in place at the end,
-    # so a refine needs no N x k temporary besides its result. Not for a 16-bit input: its log P^
-    # is kept in float32 (16 bits would round log p by up to 0.06 at log p ~ -20 and move Q by
-    # up to 0.1 at small lam, 50x Q's own rounding), and Q is written from it into a 16-bit result.
-    if user_out is not None and user_out.dtype == sdt:
-        out = user_out
-    else:
-        out = empty_buffer(x.shape, sdt, dev)
-    result = out if x.dtype == sdt else user_out
-
-    def target() -> torch.Tensor:
-        nonlocal result
-        if result is None:
-            result = empty_buffer(x.shape, x.dtype, dev)
-        return result
+    out, result = pb.refine_buffers(x, user_out)  # result: out itself but for a 16-bit input
     # Weights c = lam (retain), 1 (forget), scaled so the largest 1 / c is 1: the dual variable
     # then moves the most movable rows by O(1) for any lam (with 1 / lam itself, lam = 1e-40
     # overflowed float32). alpha_caller = alpha_solver * c_min.
@@ -199,16 +185,16 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
             if pseudo_rows is not None:
                 out[mask_dev] = pseudo_rows
 
-        final = FinalPass(lambda a: be.materialize_sums(out, inv_c, a.to(dev), target()), restore)
+        final = FinalPass(lambda a: be.materialize_sums(out, inv_c, a.to(dev), result), restore)
     info = solve_dual(be, out, inv_c, m, method=method, tol=tol, max_iter=max_iter,
                       step_size=step_size, first=prep.first, weight_sums=weight_sums,
                       capacity=lambda: pb.check_capacity(out, m), final=final)
     t4 = time.perf_counter()
     if not info.materialized:
         be.materialize(out, inv_c,
-                       torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev), target())
+                       torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev), result)
     _to_caller_scale(info, c_min)
-    q = pb.result_tensor(target(), user_out, x)
+    q = pb.result_tensor(result, user_out, x)
     if q.dtype in (torch.float16, torch.bfloat16):
         info.output_residual = _residual(q, m)
         info.message = (info.message + "; " if info.message else "") + (

@@ -108,9 +108,13 @@ def _lam_list(text: str) -> list[float]:
     return values
 
 
+# refine's marginals by name (problem.MARGINAL_NAMES; not imported: the parser loads no torch).
+_MARGINAL_NAMES = ("retain", "original", "pseudo")
+
+
 def _marginals(text: str) -> str:
     """refine's --marginals: a name, or a path to class totals (.npy / .pt, read later)."""
-    if text in ("retain", "original", "pseudo") or Path(text).suffix in (".npy", ".pt"):
+    if text in _MARGINAL_NAMES or Path(text).suffix in (".npy", ".pt"):
         return text
     raise argparse.ArgumentTypeError(f"expected retain, original, pseudo or a .npy / .pt file of "
                                      f"class totals, got {text!r}")
@@ -118,7 +122,7 @@ def _marginals(text: str) -> str:
 
 def _marginals_arg(text: str):
     """The refine's ``marginals``: the name, or the totals read from the file."""
-    return text if text in ("retain", "original", "pseudo") else _load_array(text, "--marginals")
+    return text if text in _MARGINAL_NAMES else _load_array(text, "--marginals")
 
 
 def _finite_float(text: str) -> float:
@@ -659,8 +663,7 @@ def _refine_streamed(args: argparse.Namespace) -> int:
 
 # The Python API's argument names in messages that reach the command line, where the flag differs
 # by more than '--' and dashes.
-_API_NAMES = {"probs_path": "--probs", "forget_mask": "--forget", "out_path": "--out",
-              "logits_path": "--logits"}
+_API_NAMES = {"probs_path": "--probs", "forget_mask": "--forget", "out_path": "--out"}
 
 
 def _as_flags(message: str, args: argparse.Namespace) -> str | None:

@@ -291,9 +291,8 @@ def loader_examples(loader: DataLoader, arg: str) -> Dataset:
     # generators are as they were afterwards (so the set read is the one the loader's next
     # iteration visits).
     owners = (sampler, batches, getattr(batches, "sampler", None))
-    gens = [g for g in {id(g): g for g in (getattr(o, "generator", None)
-                                           for o in owners)}.values()
-            if isinstance(g, torch.Generator)]
+    gens = [g for g in (getattr(o, "generator", None) for o in owners)
+            if isinstance(g, torch.Generator)]  # one met twice is restored twice, alike
     states = [g.get_state() for g in gens]
     with torch.device("cpu"), torch.random.fork_rng(devices=[]):
         idx = ([int(i) for b in batches for i in b] if custom_batches

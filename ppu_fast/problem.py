@@ -16,6 +16,7 @@ import torch
 
 from .backends.base import (ERR_ALL_NEG_INF, ERR_NEGATIVE, ERR_NONFINITE, ERR_ROWSUM,
                             ROW_SUM_TOL, SUPPORTED_DTYPES, compute_dtype)
+from .backends.cpu import empty_buffer
 
 PSEUDO_NAMES = ("uniform", "random", "random-simplex", "prior")
 MARGINAL_NAMES = ("retain", "original", "pseudo")
@@ -691,6 +692,20 @@ def buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     (bfloat16) or 2^-7 (float16) at log p ~ -20, p by up to 6 %, and move Q far more than
     rounding Q to 16 bits does (0.1 against 0.002 at lam = 1e-4, bfloat16)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def refine_buffers(x: torch.Tensor, user_out: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(buf, result) of a refine of ``x``: the buffer that holds log P^ while solving
+    (:func:`buffer_dtype`; ``out=`` itself when it has that dtype) and where Q goes: ``buf``
+    itself, overwritten in place, so that a refine needs no N x k temporary besides its result;
+    for a 16-bit input, ``out=`` or a new tensor of its dtype beside the float32 buffer."""
+    sdt = buffer_dtype(x.dtype)
+    buf = (user_out if user_out is not None and user_out.dtype == sdt
+           else empty_buffer(x.shape, sdt, x.device))
+    if x.dtype == sdt:
+        return buf, buf
+    return buf, user_out if user_out is not None else empty_buffer(x.shape, x.dtype, x.device)
 
 
 def solver_dtype(dtype: torch.dtype) -> torch.dtype:

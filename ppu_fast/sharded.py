@@ -516,15 +516,11 @@ def refine_sharded(x_arg: Any, name: str, forget_mask: Any, group: Any, *, out: 
         return x, from_numpy, mask, c, user_out
 
     x, from_numpy, mask, c, user_out = collective_checks(comm, checks)
-    sdt = pb.buffer_dtype(x.dtype)  # float32 for a 16-bit input, as refine's (api.refine)
-    buf = (user_out if user_out is not None and user_out.dtype == sdt
-           else empty_buffer(x.shape, sdt, x.device))
-    result = (None if x.dtype == sdt else
-              user_out if user_out is not None else empty_buffer(x.shape, x.dtype, x.device))
-    store = MemoryStore(x, buf, result=result)
+    buf, result = pb.refine_buffers(x, user_out)
+    store = MemoryStore(x, buf, result=None if result is buf else result)
     info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=x.dtype, weights=c,
                           comm=comm, where=comm.where(), **options)
-    q = pb.result_tensor(buf if result is None else result, user_out, x)
+    q = pb.result_tensor(result, user_out, x)
     if from_numpy:
         q = out if out is not None else q.cpu().numpy()
     return (q, info) if return_info else q

@@ -272,10 +272,9 @@ def _plain_attribute(v: object) -> object:
     if isinstance(v, dict):
         return {str(k): _plain_attribute(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
     if isinstance(v, (torch.Tensor, np.ndarray)):
-        t = torch.as_tensor(v, device="cpu").detach().contiguous()
+        t = torch.as_tensor(v, device="cpu")
         return {"tensor": str(t.dtype), "shape": list(t.shape),
-                "sha": hashlib.sha256(t.numpy().tobytes() if t.dtype != torch.bfloat16
-                                      else t.view(torch.int16).numpy().tobytes()).hexdigest()}
+                "sha": hashlib.sha256(_tensor_bytes(t)).hexdigest()}
     if callable(v) and hasattr(v, "__qualname__"):
         return f"{getattr(v, '__module__', '')}.{v.__qualname__}"
     return f"<{type(v).__module__}.{type(v).__qualname__}>"
