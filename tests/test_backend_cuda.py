@@ -201,7 +201,10 @@ def _prepare_configs(mode: str, k: int, device: str):
     return [(x32, forget, fill, torch.float32, inv_c, True, 1e-3),
             (x64, None, None, torch.float32, inv_c, "diag", 1e-3),
             (xbf, forget, None, torch.bfloat16, None, False, 2e-2),
-            (x16, forget, fill, torch.float16, inv_c, True, 2e-3)]  # half out: no first
+            (x16, forget, fill, torch.float16, inv_c, True, 2e-3),  # half out: no first
+            # refine's route for 16-bit inputs: a float32 buffer, the first evaluation from it
+            (xbf, forget, fill, torch.float32, inv_c, True, 2e-2),
+            (x16, None, None, torch.float32, inv_c, "diag", 2e-3)]
 
 
 def _check_prepare_mode_k(backend, mode: str, k: int, device: str) -> None:
@@ -644,6 +647,27 @@ def test_emulated_refine_ends_on_the_fused_pass(emulated, monkeypatch, k):
     assert info.converged and info.materialized and info.backend == "cuda"
     assert info.iterations == info_cpu.iterations
     torch.testing.assert_close(q, q_cpu, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_16_bit_refine(emulated, monkeypatch, dtype):
+    """A 16-bit input on the emulated kernels: prepare reads the halves into the float32 buffer
+    (with the first evaluation from the normalised rows) and the last pass writes the 16-bit Q.
+    The cpu backend's refine of the same input agrees to Q's rounding."""
+    import ppu_fast.api as api
+    g = torch.Generator().manual_seed(9)
+    z = 3 * torch.randn(2003, 10, generator=g)
+    z[torch.arange(2003), torch.randint(0, 10, (2003,), generator=g)] += 20.0
+    p = torch.softmax(z, 1).to(dtype)
+    mask = torch.rand(2003, generator=g) < 0.5
+    opts = dict(lam=1e-4, pseudo="prior", marginals="original")
+    q_cpu, info_cpu = ppu_fast.refine(p, mask, backend="cpu", return_info=True, **opts)
+    monkeypatch.setattr(api, "get_backend", lambda name, t: emulated)
+    q, info = ppu_fast.refine(p, mask, return_info=True, **opts)
+    assert info.converged and info.backend == "cuda" and q.dtype == dtype
+    assert abs(info.iterations - info_cpu.iterations) <= 1
+    # Two half-ulp roundings of answers 1e-6 apart: at most one ulp (eps) between them.
+    assert float((q.float() - q_cpu.float()).abs().max()) <= torch.finfo(dtype).eps
 
 
 def test_emulated_step_write_refuses_what_it_cannot_serve(emulated):

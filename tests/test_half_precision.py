@@ -9,6 +9,9 @@ import torch
 import ppu_fast
 
 BACKENDS = ["cpu", "torch"]
+# The GPU backends on CUDA tensors (benchmarks/gpu/check.sh runs them; skipped without a device):
+# a 16-bit input goes through their prepare into a float32 buffer and their last pass writes Q.
+GPU_BACKENDS = [pytest.param(name, marks=pytest.mark.gpu) for name in ("cuda", "triton")]
 HALF = [torch.bfloat16, torch.float16]
 
 
@@ -25,23 +28,25 @@ OPTIONS = dict(lam=1e-4, pseudo="prior", marginals="original")
 
 def float32_answer(x16):
     # The same numbers in float32 (rows renormalised in float64, as the solver reads them).
-    x = x16.double()
+    x = x16.cpu().double()
     return ppu_fast.refine((x / x.sum(1, keepdim=True)).float(), MASK, tol=1e-7, **OPTIONS)
 
 
 P, MASK = confident()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", HALF)
 def test_a_16_bit_refine_is_the_float32_refine_rounded(dtype, backend):
-    x = torch.tensor(P, dtype=dtype)
+    device = "cpu" if backend in BACKENDS else "cuda"
+    x = torch.tensor(P, dtype=dtype, device=device)
     before = x.clone()
     q, info = ppu_fast.refine(x, MASK, backend=backend, return_info=True, **OPTIONS)
-    assert q.dtype == dtype and info.converged and torch.equal(x, before)
+    assert q.dtype == dtype and q.device == x.device and info.converged
+    assert info.backend == backend and torch.equal(x, before)
     want = float32_answer(x)
     # Q's own rounding is half an ulp (<= eps / 2 for entries <= 1); the solves differ by ~1e-6.
-    assert float((q.float() - want).abs().max()) <= torch.finfo(dtype).eps / 2 + 1e-5
+    assert float((q.cpu().float() - want).abs().max()) <= torch.finfo(dtype).eps / 2 + 1e-5
     assert info.output_residual < 1e-2
     out = torch.empty_like(x)
     assert ppu_fast.refine(x, MASK, backend=backend, out=out, **OPTIONS) is out
