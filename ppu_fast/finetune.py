@@ -20,7 +20,8 @@ from .caller_state import (caller_stacklevel, check_seed, frozen_modules, is_int
                            keeps_caller_state, probe_forward)
 from .data import CpuDrawLoader
 from .metrics import check_logits
-from .training import check_optimizer_options, lone_last_batch, one_example_batchnorm, resolve_device
+from .training import (FREEZE_BATCHNORM, check_optimizer_options, lone_last_batch,
+                       one_example_batchnorm_error, resolve_device)
 from .torch_defaults import training_grad_mode
 
 SELECT_POLICIES = ("last", "val")
@@ -543,12 +544,11 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
             try:
                 logq, t = F.log_softmax(work(x.to(device)), dim=1), targets[i.to(device)]
             except ValueError as exc:
-                if not one_example_batchnorm(exc):
+                err = one_example_batchnorm_error(
+                    exc, "data", f"expected at least two examples (or {FREEZE_BATCHNORM})")
+                if err is None:
                     raise
-                raise ValueError(f"data: a batch of one example cannot train the model's "
-                                 f"BatchNorm in train mode (torch: {exc}); expected at least two "
-                                 f"examples (or freeze the BatchNorm: requires_grad=False on its "
-                                 f"parameters keeps it in eval mode)") from None
+                raise err from None
             if forget_kl is None:
                 loss = F.kl_div(logq, t, reduction="batchmean")
             else:

@@ -18,6 +18,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -110,6 +111,20 @@ def one_example_batchnorm(exc: BaseException) -> bool:
     return isinstance(exc, ValueError) and "Expected more than 1 value per channel" in str(exc)
 
 
+# What a frozen BatchNorm needs, said by every loop that meets a one-example batch.
+FREEZE_BATCHNORM = "freeze the BatchNorm: requires_grad=False on its parameters keeps it in eval mode"
+
+
+def one_example_batchnorm_error(exc: BaseException, who: str, advice: str) -> Optional[ValueError]:
+    """The error to raise instead of ``exc`` when it is torch's one-example BatchNorm refusal
+    (:func:`one_example_batchnorm`; None otherwise): it names ``who`` (the argument or the
+    method), keeps torch's words and ends with ``advice`` (what the caller can change)."""
+    if not one_example_batchnorm(exc):
+        return None
+    return ValueError(f"{who}: a batch of one example cannot train the model's BatchNorm in train "
+                      f"mode (torch: {exc}); {advice}")
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
     p = next(iter(model.parameters()), None)
@@ -189,13 +204,12 @@ def _fit(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.dev
             try:
                 out = model(x)
             except ValueError as exc:
-                if not one_example_batchnorm(exc):
+                err = one_example_batchnorm_error(
+                    exc, desc, f"expected a training set of at least two examples (or "
+                               f"{FREEZE_BATCHNORM})")
+                if err is None:
                     raise
-                raise ValueError(f"{desc}: a batch of one example cannot train the model's "
-                                 f"BatchNorm in train mode (torch: {exc}); expected a training "
-                                 f"set of at least two examples (or freeze the BatchNorm: "
-                                 f"requires_grad=False on its parameters keeps it in eval "
-                                 f"mode)") from None
+                raise err from None
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

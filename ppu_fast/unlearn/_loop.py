@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..caller_state import frozen_modules, is_int
 from ..data import CpuDrawLoader, collate_pairs, dataset_targets
-from ..training import check_optimizer_options, lone_last_batch, one_example_batchnorm
+from ..training import (check_optimizer_options, lone_last_batch, one_example_batchnorm,
+                        one_example_batchnorm_error)
 
 SETTINGS = ("small", "selective", "class")
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
@@ -251,11 +252,10 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
                         takes_mode = False
                     hint = ("pass mode='eval' (BatchNorm on its running statistics), or "
                             if takes_mode else "")
-                    raise ValueError(
-                        f"{desc}: a batch of one example cannot train the model's BatchNorm in "
-                        f"train mode (torch: {exc}); a set behind it (e.g. a forget set of one) "
-                        f"is smaller than a trainable batch: {hint}use method='ppu', which trains "
-                        f"on forget and retain rows together") from None
+                    raise one_example_batchnorm_error(
+                        exc, desc, f"a set behind it (e.g. a forget set of one) is smaller than a "
+                                   f"trainable batch: {hint}use method='ppu', which trains on "
+                                   f"forget and retain rows together") from None
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
