@@ -34,7 +34,8 @@ def check_logits(out: object, n_inputs: int) -> None:
 
 def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
             device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, k) and labels (N,) of ``model`` on ``data`` in eval mode, on CPU. Each module's
+    """Logits (N, k) and labels (N,) of ``model`` on ``data`` in eval mode, on CPU: float32
+    logits (16-bit outputs widened), float64 for a model that outputs float64. Each module's
     train/eval mode is restored afterwards."""
     return _predict(model, data, batch_size, device, "data")
 
@@ -62,7 +63,8 @@ def _predict(model: nn.Module, data: Dataset | DataLoader, batch_size: int,
                 raise forward_failed(model, name, f"a batch of {_dtype_name(x)} "
                                                     f"inputs of shape {tuple(x.shape[1:])}", exc) from None
             check_logits(out, len(x))
-            logits.append(out.float().cpu())
+            # A float64 model keeps its precision (PPU solves its targets in float64 then).
+            logits.append((out if out.dtype == torch.float64 else out.float()).cpu())
             labels.append(_batch_labels(y, len(x), name))
     if not logits:
         return torch.zeros(0, 0, device="cpu"), torch.zeros(0, dtype=torch.long, device="cpu")

@@ -198,3 +198,24 @@ def test_selected_epoch_and_no_stale_gradients(data, method, options):
     if method != "ppu":  # PPU stops where its schedule says (docs/ppu_schedule.md)
         assert res.selected_epoch == 3
     assert all(p.grad is None for p in res.model.parameters())
+
+
+def test_a_float64_model_keeps_float64_logits_and_targets(data):
+    """predict widened 16-bit outputs to float32 and also narrowed float64 ones to it, so a float64
+    model's PPU targets were solved in float32."""
+    x, y, forget, retain = data
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).double()
+    xd = TensorDataset(x[:50].double(), y[:50])
+    logits, _ = metrics.predict(model, xd)
+    assert logits.dtype == torch.float64
+    with torch.no_grad():
+        assert torch.equal(logits, model(x[:50].double()))
+    half, _ = metrics.predict(nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).bfloat16(),
+                              TensorDataset(x[:50].bfloat16(), y[:50]))
+    assert half.dtype == torch.float32
+    res = unlearn(model, TensorDataset(forget.tensors[0].double(), forget.tensors[1]),
+                  TensorDataset(retain.tensors[0].double(), retain.tensors[1]), method="ppu",
+                  epochs=1, progress=False)
+    assert next(res.model.parameters()).dtype == torch.float64
+    assert res.targets.dtype == torch.float64 and res.refine_info.converged
