@@ -219,3 +219,14 @@ def test_a_float64_model_keeps_float64_logits_and_targets(data):
                   epochs=1, progress=False)
     assert next(res.model.parameters()).dtype == torch.float64
     assert res.targets.dtype == torch.float64 and res.refine_info.converged
+    # finetune trains a float64 model toward its float64 targets as given: targets that differ
+    # below float32's resolution move the weights apart.
+    from ppu_fast.finetune import finetune
+    xs = TensorDataset(x[:40].double(), y[:40])
+    t = torch.softmax(model(x[:40].double()).detach(), 1).float().double()
+    t2 = t.clone()
+    t2[:, 0] += 1e-10  # far below half a float32 ulp of these entries (~0.2)
+    t2[:, 1] -= 1e-10
+    assert torch.equal(t.float(), t2.float())
+    runs = [finetune(model, xs, tt, epochs=1, lr=1.0, progress=False).model for tt in (t, t2)]
+    assert not torch.equal(runs[0][1].weight, runs[1][1].weight)
