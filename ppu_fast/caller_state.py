@@ -146,13 +146,30 @@ def probe_forward(model: nn.Module, x: object,
 
 
 def frozen_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules that own parameters, none of them trainable. Training loops keep them in eval mode,
-    so a frozen block's BatchNorm statistics stay as they were: "frozen" means bit-identical."""
-    out = []
-    for m in model.modules():
+    """Modules that own parameters, none of them trainable, and modules that own buffers but no
+    parameters (``BatchNorm(affine=False)``) inside a frozen block: the smallest module around
+    them that holds parameters has none trainable. Training loops keep them in eval mode, so a
+    frozen block's BatchNorm statistics stay as they were: "frozen" means bit-identical."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(m: nn.Module, block_frozen: bool) -> None:
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        held = list(m.parameters())
+        if held:  # m is the smallest block with parameters around its parameter-free children
+            block_frozen = not any(p.requires_grad for p in held)
         own = list(m.parameters(recurse=False))
-        if own and not any(p.requires_grad for p in own):
+        if own:
+            if not any(p.requires_grad for p in own):
+                out.append(m)
+        elif block_frozen and next(m.buffers(recurse=False), None) is not None:
             out.append(m)
+        for child in m.children():
+            visit(child, block_frozen)
+
+    visit(model, False)
     return out
 
 

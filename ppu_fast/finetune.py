@@ -337,7 +337,8 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
         model: any classifier mapping (B, C, H, W) to (B, k) logits, k >= 2. It trains as
             ``model.train()`` sets it, as PyTorch loops do, whatever modes its modules had; to
             keep a BatchNorm's statistics fixed, freeze its parameters (``requires_grad=False``):
-            modules whose parameters are all frozen stay in eval mode.
+            modules whose parameters are all frozen stay in eval mode (and a parameter-free
+            ``BatchNorm(affine=False)`` inside a block whose parameters are all frozen).
         data: N examples ``(x, y)`` (labels unused; ``(x,)`` too), row i paired with ``targets[i]``.
         targets: (N, k) probabilities (a tensor or a numpy array, e.g. ``predict_proba``), k the
             model's number of outputs. Loss: KL(target || softmax(model(x))), mean over the batch.

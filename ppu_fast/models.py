@@ -127,9 +127,9 @@ def _reset_method(m: nn.Module):
 def reset_parameters(model: nn.Module, seed: int | None = None, *, keep_frozen: bool = False) -> nn.Module:
     """Re-initialise every submodule that can (in place; returns ``model``), for retraining a copy of
     an arbitrary model from scratch. ``keep_frozen``: parameters with ``requires_grad=False`` keep
-    their values, and modules whose parameters are all frozen their running statistics (a frozen
-    pre-trained backbone is not what training trained, and a retrain that re-drew it would train
-    around random features it never updates)."""
+    their values, and frozen modules (``caller_state.frozen_modules``) their running statistics
+    (a frozen pre-trained backbone is not what training trained, and a retrain that re-drew it
+    would train around random features it never updates)."""
     kept = ({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
             if keep_frozen else {})
     # A frozen module's buffers (BatchNorm's running statistics) stay too: training keeps it in

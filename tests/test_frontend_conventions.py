@@ -138,6 +138,36 @@ def test_retrain_keeps_a_frozen_batchnorm_and_its_statistics(data, tmp_path, mon
     assert res.selected_epoch == 2
 
 
+class FrozenBackbone(nn.Module):
+    """A backbone of a convolution and a parameter-free BatchNorm (affine=False), then a head."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c, affine=False),
+                               nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(c * 64, 5)
+
+    def forward(self, x):
+        return self.head(self.f(x))
+
+
+@pytest.mark.parametrize("method", ["retrain", "finetune", "ppu"])
+def test_a_parameter_free_batchnorm_in_a_frozen_backbone_stays(data, method):
+    """BatchNorm(affine=False) owns no parameters, so it was no "frozen module": Retrain reset its
+    statistics and the loops trained them, under a backbone the caller froze."""
+    x, y, forget, retain = data
+    model = trained(FrozenBackbone(), x, y)
+    for p in model.f.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.f[1].state_dict().items()}
+    options = {"cache": False, "config": TrainConfig(epochs=1, batch_size=32)} \
+        if method == "retrain" else {"epochs": 1}
+    res = unlearn(model, forget, retain, method=method, progress=False, **options)
+    for k, v in res.model.f[1].state_dict().items():
+        assert torch.equal(v, before[k]), (method, k)
+    assert not torch.equal(res.model.head.weight, model.head.weight)
+
+
 def test_retrain_on_one_example_names_the_batchnorm_problem(data):
     x, y, _, _ = data
     mlp = trained(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(),
