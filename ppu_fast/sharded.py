@@ -301,8 +301,8 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
 
     setup = _Setup(store, be, mode, name, mask, mask_dev, inv_c, kind, pseudo_t, fill,
                    final_rows, first, hmode, tol_rows, where, first_row, offset, n)
-    retain, forget, rows_sum, support, first_acc, message = _input_pass(setup, bar)
-    comm.raise_first(message)
+    retain, forget, rows_sum, support, first_acc, message, wrote = _input_pass(setup, bar)
+    _raise_input_error(comm, message, wrote)
     solve_only = mode == "log_p"
     if k == 1 and not solve_only:
         for s, e, _, res in store.result_chunks():
@@ -444,6 +444,7 @@ def _input_pass(su: _Setup, bar):
     first_acc = Accumulator(k, su.hmode, dev) if su.first else None
     message = None
     fi = 0  # forget rows of this rank seen so far (indexes pseudo_t's rows)
+    wrote = False  # whether the pass wrote over this rank's input (out= the input)
     support = torch.zeros(k, dtype=torch.float64)
     with _one_blas_thread():  # sampled_gram's products, as in the solver's passes
         for s, e, xc, oc in bar(su.store.input_chunks(), "prepare"):
@@ -454,6 +455,7 @@ def _input_pass(su: _Setup, bar):
             use_mask = nf > 0 and not given
             ic = su.inv_c[s:e] if su.final_rows else None
             in_place = oc is not None and pb._overlaps(oc, xc)
+            wrote = wrote or in_place
             # Gathered before prepare, which overwrites the chunk when the buffer is the input.
             f_given, r_given = (pb.given_row_sums(xc, mc, su.mode) if given and nf
                                 else (None, None))
@@ -493,7 +495,24 @@ def _input_pass(su: _Setup, bar):
                 w = (sampled_gram(su.be, oc, ic, zero, su.offset + s, su.n, k)
                      if su.hmode is True else None)
                 first_acc.add(c, z, h, w)
-    return retain, forget, rows_sum, support, first_acc, message
+    return retain, forget, rows_sum, support, first_acc, message, wrote
+
+
+def _raise_input_error(comm: Comm, message: Optional[str], wrote: bool) -> None:
+    """The input pass's error, raised on every rank (the lowest failing rank's message, as
+    ``Comm.raise_first``), adding the other ranks whose input the pass overwrote (their ``out=``
+    is their input): by the time any rank learns of the error, those wrote log P^ over theirs."""
+    every = comm.gather((message, bool(wrote)))
+    failed = [r for r, (m, _) in enumerate(every) if m is not None]
+    if not failed:
+        return
+    lost = [r for r, (m, w) in enumerate(every) if w and r != failed[0]]
+    extra = ""
+    if lost:
+        ranks = ", ".join(str(r) for r in lost)
+        extra = (f"; out= is the input on rank{'s' if len(lost) > 1 else ''} {ranks} too: "
+                 f"the pass wrote log P^ over {'their' if len(lost) > 1 else 'its'} rows")
+    raise ValueError(every[failed[0]][0] + extra)
 
 
 def refine_sharded(x_arg: Any, name: str, forget_mask: Any, group: Any, *, out: Any = None,

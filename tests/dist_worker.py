@@ -200,6 +200,15 @@ def main(scenario: str, outdir: str) -> None:
         res["empty_out_q"] = empty_out
         res["group_error"] = _error(lambda: ppu_fast.refine(p[s:e], mask[s:e],
                                                             process_group="world"))
+        # out= the input on every rank, a NaN in rank 1's rows: rank 0's rows are valid, but its
+        # pass wrote log P^ over them before the error reached it.
+        mine = p[s:e].copy()
+        if rank == 1:
+            mine[2, 1] = np.nan
+        before = mine.copy()
+        res["in_place_error"] = _error(lambda: ppu_fast.refine(mine, mask[s:e], out=mine,
+                                                               process_group=group))
+        res["in_place_changed"] = np.array(not np.array_equal(mine, before, equal_nan=True))
         dist.barrier()  # as above: every rank has cleaned up
         res["leftovers"] = np.array(sorted(f.name for f in Path(outdir).rglob("*")
                                            if f.name.startswith(".")))

@@ -508,7 +508,9 @@ def test_sharded_hostile_cases(tmp_path):
     whole problem's float64 solve. An error of another type than the four the collective checks
     caught (an OverflowError, a PermissionError) left the other rank waiting: now every rank
     raises it. Overlapping file ranges counted rows twice; a rank holding no rows could not
-    pass a numpy out= (strides (0, 0)); a process_group that is not one got torch's raw error."""
+    pass a numpy out= (strides (0, 0)); a process_group that is not one got torch's raw error;
+    with out= the input on every rank, a bad row on rank 1 was reported on rank 0 without saying
+    that rank 0's input was overwritten too."""
     from dist_worker import mixed_problem, problem as dist_problem
 
     res = _run_ranks(tmp_path, "hostile", 2)
@@ -534,6 +536,11 @@ def test_sharded_hostile_cases(tmp_path):
         assert list(res[r]["leftovers"]) == []
         msg = str(res[r]["group_error"])
         assert msg.startswith("process_group: expected a torch.distributed ProcessGroup"), msg
+        msg = str(res[r]["in_place_error"])
+        assert msg.startswith("probs on rank 1: row 2 contains NaN or Inf (out= is the input"), msg
+        assert msg.endswith("out= is the input on rank 0 too: the pass wrote log P^ over its "
+                            "rows"), msg
+        assert bool(res[r]["in_place_changed"]), r
     p, mask = dist_problem()
     assert res[0]["empty_out_q"].shape == (0, p.shape[1])
     np.testing.assert_allclose(res[1]["empty_out_q"], refine(p, mask), rtol=0, atol=1e-12)
