@@ -112,7 +112,8 @@ def one_example_batchnorm(exc: BaseException) -> bool:
 
 
 # What a frozen BatchNorm needs, said by every loop that meets a one-example batch.
-FREEZE_BATCHNORM = "freeze the BatchNorm: requires_grad=False on its parameters keeps it in eval mode"
+FREEZE_BATCHNORM = ("freeze the BatchNorm: requires_grad=False on its parameters keeps it in eval "
+                    "mode")
 
 
 def one_example_batchnorm_error(exc: BaseException, who: str, advice: str) -> Optional[ValueError]:

@@ -205,8 +205,8 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
     that ``passes(epoch)`` lists, in order: for every batch (a tuple of tensors, moved to ``device``)
     ``loss = loss_fn(model, batch)``, backward, optimiser step. ``mode`` is the module mode during the
     steps: ``"train"`` (frozen modules, ``caller_state.frozen_modules``, stay in eval mode, so
-    their BatchNorm statistics do not move), ``"train-all"`` (every module in train mode, frozen ones included, as
-    SCRUB's ``train_vanilla``), ``"eval"`` (BatchNorm uses and keeps its running statistics, as
+    their BatchNorm statistics do not move), ``"train-all"`` (every module in train mode, frozen
+    ones included, as SCRUB's ``train_vanilla``), ``"eval"`` (BatchNorm uses and keeps its running statistics, as
     SCRUB's small-scale ``run_train_epoch``). ``evaluate`` (eval mode, before the first epoch and after
     each) and ``keep_checkpoints`` serve the rewinding of SCRUB+R."""
     from tqdm.auto import tqdm
