@@ -6,6 +6,7 @@ machine at run time, and every reported number is measured by the run that repor
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -30,12 +31,60 @@ from ppu_fast import api  # noqa: E402
 from ppu_fast.backends import torch_ref  # noqa: E402
 
 
+# Where results go unless --out says otherwise: this folder's results/, wherever the script is run
+# from (a relative "benchmarks/results" made a new folder under any other working directory).
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(doc: Optional[str]) -> argparse.ArgumentParser:
+    """An ArgumentParser whose --help shows the script's whole docstring as written."""
+    return argparse.ArgumentParser(description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def positive_int(s: str) -> int:
+    """argparse type of counts (--reps, --threads, ...): an integer >= 1."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a positive integer")
+    return v
+
+
+def nonneg_float(s: str) -> float:
+    """argparse type of durations and budgets in seconds: a finite number >= 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not (0.0 <= v < math.inf):
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a finite number >= 0")
+    return v
+
+
+def int_list(s: str) -> List[int]:
+    """argparse type of comma-separated integers (e.g. --seeds 1,2,3)."""
+    try:
+        return [int(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers, "
+                                         f"e.g. 1,2,3") from None
+
+
+def machine_lines(meta: Dict[str, object]) -> List[str]:
+    """The machine and versions lines of a results .md header, from :func:`metadata`."""
+    m = meta["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    return [f"- machine: {m['cpu_model']}, {m['cpu_cores']} cores, torch threads "
+            f"{m['torch_threads']}", f"- versions: {versions}"]
+
+
 def size_arg(s: str) -> str:
     """argparse type of ``--sizes`` entries: "NxK" with positive N and K (commas and underscores
     allowed as digit separators), returned as "NxK"; anything else is an argparse error, not a
     traceback from the unpacking after it."""
-    import argparse
-
     parts = s.lower().replace(",", "").replace("_", "").split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"{s!r}: expected N x k as NxK with positive integers, "

@@ -21,7 +21,6 @@ each method's own, so compare them within a candidate on a busy machine.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,11 +29,14 @@ import time
 import numpy as np
 import torch
 
-from ppu_fast.data import make_split
-from ppu_fast.models import build_model
-from ppu_fast.training import fit_cached
-from ppu_fast.unlearn import unlearn
-from ppu_fast.unlearn.experiment import default_train_config, evaluate
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (puts this checkout's ppu_fast first on sys.path)
+
+from ppu_fast.data import make_split  # noqa: E402
+from ppu_fast.models import build_model  # noqa: E402
+from ppu_fast.training import fit_cached  # noqa: E402
+from ppu_fast.unlearn import unlearn  # noqa: E402
+from ppu_fast.unlearn.experiment import default_train_config, evaluate  # noqa: E402
 
 CANDIDATES = ("digits5", "digits-class5", "digits-noisy100", "digits-noisy50")
 VARIANTS = {"ppu": {}, "ppu-bias": {}, "ppu-random": {},
@@ -90,11 +92,14 @@ def run(name: str, seed: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--only", default=",".join(CANDIDATES))
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--seeds", type=common.int_list, default=[0], help="comma-separated")
     args = p.parse_args(argv)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out: no folder {os.path.dirname(os.path.abspath(args.out))!r} to write "
+                f"{os.path.basename(args.out)!r} into")
     unknown = [n for n in args.only.split(",") if n not in CANDIDATES
                and not (n.startswith("digits-noisy") and n[len("digits-noisy"):].isdigit())]
     if unknown:
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     results = []
     for name in args.only.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
+        for seed in args.seeds:
             results.append(run(name, seed))
             with open(args.out, "w") as fh:
                 json.dump({"torch": torch.__version__, "loadavg_start": load_start, "runs": results}, fh,

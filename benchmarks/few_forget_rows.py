@@ -16,7 +16,6 @@ forget rows and on the retain rows. Writes few-forget-rows-<stamp>.json / .md to
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -38,8 +37,7 @@ def probabilities(n: int, k: int, margin: float, seed: int = 0) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--forget", type=int, default=5)
     ap.add_argument("--ks", nargs="+", type=int, default=[10, 100])
@@ -48,10 +46,13 @@ def main() -> None:
     ap.add_argument("--tols", nargs="+", type=float, default=[1e-6, 1e-7, 1e-10])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
                     choices=["float32", "float64"])
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args()
     if not 0 < args.forget < args.n:
         ap.error("argument --forget: expected 0 < forget < n")
+    if not any(t >= TOL_FLOOR[getattr(torch, d)] for t in args.tols for d in args.dtypes):
+        ap.error(f"argument --tols: every tol is below the floor of every dtype "
+                 f"({', '.join(f'{d} {TOL_FLOOR[getattr(torch, d)]:g}' for d in args.dtypes)})")
     meta = common.metadata("cpu")
     meta["command"] = "python benchmarks/few_forget_rows.py " + " ".join(sys.argv[1:])
     rows, table = [], []
@@ -86,9 +87,7 @@ def main() -> None:
     common.write_json(out / f"few-forget-rows-{stamp}.json", meta, rows)
     md = [f"# {args.forget} forget rows of {args.n:,}: Q against the exact solution", "",
           f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`",
-          f"- machine: {meta['machine']['cpu_model']}, {meta['machine']['cpu_cores']} cores, "
-          f"torch threads {meta['machine']['torch_threads']}",
-          f"- versions: {meta['versions']}", f"- command: `{meta['command']}`",
+          *common.machine_lines(meta), f"- command: `{meta['command']}`",
           "- refine (cpu backend, pseudo uniform, marginals retain) in dtype at tol against the "
           "float64 refine of the same probabilities at tol 1e-12; max abs difference of Q on the "
           "forget rows and on the retain rows", "",

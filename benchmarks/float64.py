@@ -12,7 +12,6 @@ timings on a shared machine move by 2x. Writes ``float64-<stamp>.md`` / ``.json`
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -33,11 +32,11 @@ TOL = {torch.float32: 1e-6, torch.float64: 1e-11}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--sizes", nargs="+", type=common.size_arg, default=["200000x100", "1000000x10", "20000x1000"])
-    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per case")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--threads", nargs="+", type=common.positive_int, default=[1, 2])
+    ap.add_argument("--budget", type=common.nonneg_float, default=1.0, help="seconds of repeats per case")
+    ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args()
     rows = []
     for size in args.sizes:

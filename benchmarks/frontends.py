@@ -24,7 +24,6 @@ max |Q_anchor - Q_ppu_fast|. Writes ``frontends-<stamp>.md`` / ``.json`` (benchm
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -104,11 +103,14 @@ def timed(fn, reps: int):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--sizes", nargs="+", type=common.size_arg, default=["50000x10", "10000x100"])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--reps", type=common.positive_int, default=5)
     args = ap.parse_args()
+    if any(s.endswith("x1") for s in args.sizes):
+        ap.error("argument --sizes: expected k >= 2 classes (with one class there is nothing "
+                 "to refine)")
     torch.set_num_threads(2)
     rows = []
     for size in args.sizes:

@@ -12,7 +12,6 @@ setting that showed the 16-bit log P^ problem: lam 1e-4, a random half forgotten
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -29,18 +28,17 @@ OPTIONS = dict(lam=1e-4, pseudo="prior", marginals="original")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--sizes", nargs="+", type=common.size_arg,
                     default=["50000x100", "1000000x100"])
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=common.positive_int, default=7)
     ap.add_argument("--backends", nargs="+", default=["cpu", "torch"],
                     choices=["cpu", "torch", "triton", "cuda"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args()
-    if args.reps < 1:
-        ap.error("argument --reps: expected a positive integer")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False (no CUDA device)")
     meta = common.metadata(args.device)
     meta["command"] = "python benchmarks/half_precision.py " + " ".join(sys.argv[1:])
     rows, table = [], []
@@ -83,9 +81,7 @@ def main() -> None:
     common.write_json(out / f"half-precision-{stamp}.json", meta, rows)
     md = [f"# 16-bit refines beside float32 ({args.device})", "",
           f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`",
-          f"- machine: {meta['machine']['cpu_model']}, {meta['machine']['cpu_cores']} cores, "
-          f"torch threads {meta['machine']['torch_threads']}",
-          f"- versions: {meta['versions']}", f"- command: `{meta['command']}`",
+          *common.machine_lines(meta), f"- command: `{meta['command']}`",
           "- setting: lam 1e-4, a random half forgotten, pseudo prior, marginals original; "
           "abs(Q - Q32) = max abs difference from the float32 refine of the same numbers; "
           "rounding = the same for that answer rounded to the dtype", "",

@@ -9,7 +9,6 @@ tables.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
@@ -52,8 +51,8 @@ def sweep(n: int = 1500, k: int = 10, margin: float = 8.0, seed: int = 0) -> dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
+    ap = common.parser(__doc__)
+    ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args()
     tables = {f"N = {n:,}, logit margin {m:g}": sweep(n=n, margin=m)
               for n, m in tqdm(PROBLEMS, desc="lam sweeps")}

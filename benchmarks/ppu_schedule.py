@@ -18,7 +18,6 @@ usual cache.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from common import markdown_table, metadata, utc_now  # noqa: E402
 
 from ppu_fast.data import make_split  # noqa: E402
@@ -176,12 +176,12 @@ def render(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__)
     p.add_argument("--settings", default="digits-class,digits-selective,digits5")
-    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--seeds", type=common.int_list, default=[1, 2, 3], help="comma-separated")
     p.add_argument("--variants", default=";".join(VARIANTS), help="semicolon-separated")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=common.positive_int, default=1)
     p.add_argument("--out", default=None, help="folder (default benchmarks/results)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rewrite the .md beside a finished run's JSON")
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     t0 = time.perf_counter()
     for setting in settings:
-        for seed in (int(s) for s in args.seeds.split(",")):
+        for seed in args.seeds:
             results.append(run_setting(setting, seed, variants, data_root))
             (out / f"ppu-schedule-{stamp}.json").write_text(json.dumps(
                 {"meta": meta, "variants": {v: VARIANTS[v] for v in variants}, "runs": results}, indent=1))

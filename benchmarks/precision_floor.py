@@ -15,7 +15,6 @@ marginals) plus 200,000 x 10 and a 5,000 x 1,000 low-margin model; ``--quick`` k
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import warnings
@@ -34,13 +33,13 @@ EXTRA = [(200000, 10, 6), (5000, 1000, 1)]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--backends", nargs="+", default=["cpu", "torch"])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
                     choices=["float32", "float64"])
-    ap.add_argument("--max-iter", type=int, default=100)
+    ap.add_argument("--max-iter", type=common.positive_int, default=100)
     ap.add_argument("--quick", action="store_true", help="lam = 1 only")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args()
     lams = [1.0] if args.quick else [0.01, 1.0, 100.0]
     floors = dict(solver.TOL_FLOOR)
@@ -85,9 +84,11 @@ def main() -> int:
     lines = ["# The precision floor of the residual ||colsum(Q) - M||_1 / N, by dtype", "",
              f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`",
              f"- command: `python benchmarks/precision_floor.py {' '.join(sys.argv[1:])}`",
-             f"- solver.TOL_FLOOR: " + ", ".join(f"{str(k).split('.')[-1]} {v:g}"
+             "- solver.TOL_FLOOR: " + ", ".join(f"{str(k).split('.')[-1]} {v:g}"
                                                  for k, v in floors.items()), "",
-             "Worst floor (the largest of the problems' smallest residuals):", "",
+             "Worst floor (the largest of the problems' smallest residuals; a problem that "
+             "stopped at --max-iter, not at the line search, counts with the residual it had "
+             "reached: see its row below):", "",
              common.markdown_table(["dtype", "backend", "k", "worst floor"],
                                    [[d, b, kk, f"{v:.3g}"] for (d, b, kk), v in
                                     sorted(worst.items())]), "",

@@ -9,7 +9,6 @@ synthetic confident classifier of the benchmarks (true-class logit + 6), forgett
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,9 +25,9 @@ from ppu_fast.backends import reasons  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = common.parser(__doc__)
     ap.add_argument("--sizes", nargs="+", type=common.size_arg, default=["50000x10", "1000000x100"])
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=common.positive_int, default=15)
     args = ap.parse_args()
     print(f"torch threads {torch.get_num_threads()}, torch {torch.__version__}")
     print("| size | backend | median ms | passes | residual |\n|---|---|--:|--:|--:|")

@@ -29,7 +29,6 @@ Writes <out>/<device>-<UTC stamp>.json and .md, a .png bar chart and <out>/lates
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import os
@@ -549,26 +548,29 @@ def _loadavg() -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=str(common.RESULTS), help="where the results go")
     ap.add_argument("--sizes", nargs="+", type=common.size_arg, help="N x k sizes, e.g. 50000x10 (default per device)")
     ap.add_argument("--quick", action="store_true",
                     help="shorter per-case budget; anchors' refine only on small sizes")
-    ap.add_argument("--budget", type=float, help="seconds of repeats per case")
-    ap.add_argument("--max-case-s", type=float, help="at most this many seconds per case")
-    ap.add_argument("--min-reps", type=int, default=3)
-    ap.add_argument("--deadline-s", type=float, default=float("inf"),
+    ap.add_argument("--budget", type=common.nonneg_float, help="seconds of repeats per case")
+    ap.add_argument("--max-case-s", type=common.nonneg_float, help="at most this many seconds per case")
+    ap.add_argument("--min-reps", type=common.positive_int, default=3,
+                    help="at least this many repeats per case")
+    ap.add_argument("--deadline-s", type=common.nonneg_float, default=float("inf"),
                     help="skip cases (with a note) once the run has taken this long")
-    ap.add_argument("--compile-budget-s", type=float, default=float("inf"),
+    ap.add_argument("--compile-budget-s", type=common.nonneg_float, default=float("inf"),
                     help="skip torch.compile anchor once compilation has taken this long")
-    ap.add_argument("--quick-refine-max", type=int, default=10_000_000,
+    ap.add_argument("--quick-refine-max", type=common.positive_int, default=10_000_000,
                     help="--quick: largest N*k for the anchors' refine")
-    ap.add_argument("--pot-max-s", type=float, default=20.0)
-    ap.add_argument("--no-pot", action="store_true")
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--pot-max-s", type=common.nonneg_float, default=20.0,
+                    help="skip POT where its predicted time is longer")
+    ap.add_argument("--no-pot", action="store_true", help="leave out the POT anchor")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="leave out the torch.compile anchor (b)")
     ap.add_argument("--no-latest", action="store_true", help="do not write latest-<device>.md")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--threads", type=common.positive_int, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.budget is None:
         args.budget = 0.25 if args.quick else 1.0

@@ -22,7 +22,6 @@ them the plain in-memory refine of one process.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -37,7 +36,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import common  # noqa: E402,F401  (puts this checkout's ppu_fast first on sys.path, children too)
+import common  # noqa: E402  (puts this checkout's ppu_fast first on sys.path, children too)
+
+from ppu_fast.stream import parse_bytes  # noqa: E402
 
 
 def make_file(path: Path, n: int, k: int, block: int = 65536) -> None:
@@ -307,12 +308,6 @@ def write(kind: str, result: dict, res_dir: Path) -> Path:
     return path
 
 
-def _positive(s: str) -> int:
-    if not s.isdigit() or int(s) < 1:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected a positive integer")
-    return int(s)
-
-
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         cmd, rest = sys.argv[1], sys.argv[2:]
@@ -324,16 +319,21 @@ def main() -> int:
             res = child_dist(int(rest[0]), int(rest[1]), int(rest[2]))
         print(json.dumps(res))
         return 0
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("what", choices=("stream", "dist"))
-    ap.add_argument("--n", type=_positive, default=None)
-    ap.add_argument("--k", type=_positive, default=None)
+    ap.add_argument("--n", type=common.positive_int, default=None)
+    ap.add_argument("--k", type=common.positive_int, default=None)
     ap.add_argument("--out", default=str(HERE / "results"), help="where the results go")
     ap.add_argument("--dir", default="/var/tmp/ppu-stream", help="where the stream files go")
-    ap.add_argument("--budget", default="1GiB")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--budget", default="1GiB", help="refine_file's memory_budget (stream)")
+    ap.add_argument("--reps", type=common.positive_int, default=3,
+                    help="timed refines (dist; stream times 3 passes)")
     ap.add_argument("--keep", action="store_true", help="keep the stream files for a rerun")
     a = ap.parse_args()
+    try:  # checked here: the stream child would fail on it after the file is written
+        parse_bytes(a.budget, "--budget")
+    except ValueError as exc:
+        ap.error(str(exc))
     if a.what == "stream":
         a.n, a.k = a.n or 4_000_000, a.k or 1000
         res = bench_stream(a)

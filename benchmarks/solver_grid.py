@@ -11,7 +11,6 @@ marginals, tol 1e-6, max_iter 100. Counts, not timings: the numbers do not depen
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import warnings
@@ -29,9 +28,9 @@ PROBLEMS = [(20000, 10, 6), (20000, 10, 30), (20000, 5, 3), (20000, 40, 2), (200
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", default="torch")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap = common.parser(__doc__)
+    ap.add_argument("--backend", default="torch", choices=["cpu", "torch", "triton", "cuda"])
+    ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args()
     rows = []
     for (n, k, margin) in PROBLEMS:
@@ -60,6 +59,7 @@ def main() -> int:
                                                          "not_converged": bad})
     lines = [f"# Newton's passes over the scenario grid ({args.backend} backend)", "",
              f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`",
+             *common.machine_lines(meta),
              f"- command: `python benchmarks/solver_grid.py {' '.join(sys.argv[1:])}`",
              f"- total passes (dual evaluations) {total}; not converged at 100: {bad}", "",
              "| problem | marginals | lam | forget | passes |", "|---|---|--:|---|--:|"]

@@ -13,7 +13,6 @@ machine, versions, commit and date (benchmarks/common.py).
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import statistics
 import sys
@@ -47,10 +46,10 @@ def _time(p, forget, threads: int, reps: int):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--sizes", nargs="+", type=common.size_arg, default=["50000x10", "1000000x100"])
-    ap.add_argument("--reps", type=int, default=31)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--reps", type=common.positive_int, default=31)
+    ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args()
     rows = []
     for size in args.sizes:
@@ -80,9 +79,9 @@ def main() -> int:
     stem = f"threads-{common.utc_now().strftime('%Y-%m-%dT%H%MZ')}"
     meta = common.metadata("cpu")
     common.write_json(out / f"{stem}.json", meta, rows)
-    lines = [f"# refine with 1 and 2 threads, idle and under load", "",
+    lines = ["# refine with 1 and 2 threads, idle and under load", "",
              f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`",
-             f"- CPU: {meta['machine']['cpu_model']}, {meta['machine']['cpu_cores']} cores",
+             *common.machine_lines(meta),
              f"- command: `python benchmarks/threads_under_load.py {' '.join(sys.argv[1:])}`", "",
              "| size | load | threads | median ms | p90 ms | reps |", "|---|---|--:|--:|--:|--:|"]
     lines += [f"| {r['size']} | {r['load']} | {r['threads']} | {common.fmt(r['median_ms'])} | "
