@@ -35,7 +35,7 @@ def sweep(n: int = 1500, k: int = 10, margin: float = 8.0, seed: int = 0) -> dic
     logits[torch.arange(n), lab] += margin
     sets = {"class": lab == 0, "all but one": torch.arange(n) > 0,
             "random 10 %": torch.rand(n, generator=g) < 0.1}
-    lams = [10.0 ** -e for e in range(0, 31, 2)] + [10.0 ** e for e in range(2, 31, 4)]
+    lams = sorted([10.0 ** -e for e in range(0, 31, 2)] + [10.0 ** e for e in range(2, 31, 4)])
     table: dict = {}
     for dt in (torch.float32, torch.float64):
         p = torch.softmax(logits.double(), 1).to(dt)
