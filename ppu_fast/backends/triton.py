@@ -1109,7 +1109,8 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
 
     dummy = torch.empty(1, **f64)
     fg = forget.view(torch.uint8) if has_fg else torch.zeros(1, dtype=torch.uint8, device=dev)
-    fl = fill if has_fill else torch.zeros(1, dtype=torch.float32, device=dev)
+    # The kernels read fill[j] at fill_ptr + j: a strided fill (a column, a [::2] view) is copied.
+    fl = fill.contiguous() if has_fill else torch.zeros(1, dtype=torch.float32, device=dev)
     ob = out if out is not None else torch.empty(1, dtype=x.dtype, device=dev)
     ic = inv_c if first else torch.ones(1, dtype=torch.float32, device=dev)
     s_f = forget.stride(0) if has_fg else 0

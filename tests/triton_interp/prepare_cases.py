@@ -39,6 +39,11 @@ def prepare_case(b, n, k, mode, cfg, seed, margin=0.0, device="cpu"):
     forget = (torch.rand(n, generator=g) < 0.25).to(device) if fkind else None
     fill = (torch.log_softmax(torch.randn(k, generator=g), dim=0).float().to(device)
             if fkind == "fill" else None)
+    if fill is not None and noncontig:
+        # A strided fill (every other entry of a buffer): Triton's prepare read it as contiguous.
+        buf = torch.full((2 * k,), float("nan"), device=device)
+        buf[::2] = fill
+        fill = buf[::2]
     inv_c = (torch.where(torch.rand(n, generator=g) < 0.3, 1.0, 1 / 3).float().to(device)
              if with_inv_c else None)
     tol = max(1e-3, 2 * torch.finfo(x_dtype).eps)
