@@ -54,13 +54,13 @@ def positive_int(s: str) -> int:
 
 
 def nonneg_float(s: str) -> float:
-    """argparse type of durations and budgets in seconds: a finite number >= 0."""
+    """argparse type of durations and budgets in seconds: a number >= 0 ("inf": no limit)."""
     try:
         v = float(s)
     except ValueError:
         v = -1.0
-    if not (0.0 <= v < math.inf):
-        raise argparse.ArgumentTypeError(f"{s!r}: expected a finite number >= 0")
+    if not v >= 0.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a number of seconds >= 0 (or inf)")
     return v
 
 
