@@ -53,6 +53,17 @@ def positive_int(s: str) -> int:
     return v
 
 
+def nonneg_int(s: str) -> int:
+    """argparse type of limits where 0 means none (e.g. --quick-refine-max 0): an integer >= 0."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected an integer >= 0")
+    return v
+
+
 def nonneg_float(s: str) -> float:
     """argparse type of durations and budgets in seconds: a number >= 0 ("inf": no limit)."""
     try:

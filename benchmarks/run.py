@@ -562,7 +562,7 @@ def main(argv=None) -> int:
                     help="skip cases (with a note) once the run has taken this long")
     ap.add_argument("--compile-budget-s", type=common.nonneg_float, default=float("inf"),
                     help="skip torch.compile anchor once compilation has taken this long")
-    ap.add_argument("--quick-refine-max", type=common.positive_int, default=10_000_000,
+    ap.add_argument("--quick-refine-max", type=common.nonneg_int, default=10_000_000,
                     help="--quick: largest N*k for the anchors' refine")
     ap.add_argument("--pot-max-s", type=common.nonneg_float, default=20.0,
                     help="skip POT where its predicted time is longer")

@@ -146,30 +146,36 @@ def probe_forward(model: nn.Module, x: object,
 
 
 def frozen_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules that own parameters, none of them trainable, and modules that own buffers but no
-    parameters (``BatchNorm(affine=False)``) inside a frozen block: the smallest module around
-    them that holds parameters has none trainable. Training loops keep them in eval mode, so a
-    frozen block's BatchNorm statistics stay as they were: "frozen" means bit-identical."""
-    out: list[nn.Module] = []
-    seen: set[int] = set()
+    """Modules that own parameters, none of them trainable, and stateful leaves without
+    parameters (``BatchNorm(affine=False)``: buffers, no parameters, no children) inside frozen
+    blocks only: the smallest module around each of its uses that holds parameters has none
+    trainable. Training loops keep them in eval mode, so a frozen block's BatchNorm statistics
+    stay as they were: "frozen" means bit-identical. (A parameter-free module with children is
+    left to its children: its eval() would switch off a Dropout below it too.)"""
+    blocks: dict[int, list[bool]] = {}  # a stateful leaf: whether each block around a use is frozen
+    visited: set[tuple[int, bool]] = set()
 
     def visit(m: nn.Module, block_frozen: bool) -> None:
-        if id(m) in seen:
+        if (id(m), block_frozen) in visited:
             return
-        seen.add(id(m))
+        visited.add((id(m), block_frozen))
         held = list(m.parameters())
         if held:  # m is the smallest block with parameters around its parameter-free children
             block_frozen = not any(p.requires_grad for p in held)
-        own = list(m.parameters(recurse=False))
-        if own:
-            if not any(p.requires_grad for p in own):
-                out.append(m)
-        elif block_frozen and next(m.buffers(recurse=False), None) is not None:
-            out.append(m)
+        elif next(m.children(), None) is None and next(m.buffers(recurse=False), None) is not None:
+            blocks.setdefault(id(m), []).append(block_frozen)
         for child in m.children():
             visit(child, block_frozen)
 
     visit(model, False)
+    out: list[nn.Module] = []
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if own:
+            if not any(p.requires_grad for p in own):
+                out.append(m)
+        elif id(m) in blocks and all(blocks[id(m)]):
+            out.append(m)
     return out
 
 

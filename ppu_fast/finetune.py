@@ -342,7 +342,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
         data: N examples ``(x, y)`` (labels unused; ``(x,)`` too), row i paired with ``targets[i]``.
         targets: (N, k) probabilities (a tensor or a numpy array, e.g. ``predict_proba``), k the
             model's number of outputs. Loss: KL(target || softmax(model(x))), mean over the batch.
-            Used in float32 (float64 ones in float64 for a model with float64 parameters).
+            Used in float32 (float64 ones in float64 for a model whose logits are float64).
         epochs, lr, optimizer ("sgd" with ``momentum`` or "adam"), weight_decay, batch_size: the loop.
             ``momentum`` is SGD's; Adam ignores it (its betas play that part), as scikit-learn's
             MLP does with ``solver="adam"``.
@@ -425,9 +425,9 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
                          f"nn.Module, or pass inplace=True to train this one")
     device = resolve_device(model, device)
     work.to(device)
-    # Targets in float32, or float64 for a float64 model given float64 targets (its PPU targets).
-    wide = (targets.dtype == torch.float64 and next(
-        (p.dtype for p in work.parameters() if p.is_floating_point()), None) == torch.float64)
+    # Targets in float32, or float64 for a model whose logits are float64 (as predict keeps them)
+    # given float64 targets (its PPU targets).
+    wide = targets.dtype == torch.float64 and out.dtype == torch.float64
     targets = targets.detach().to(device=device, dtype=torch.float64 if wide else torch.float32)
     # The caller's frozen modules, before this call freezes what `trainable` leaves out.
     caller_frozen = frozen_modules(work)

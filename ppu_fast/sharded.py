@@ -511,7 +511,8 @@ def _raise_input_error(comm: Comm, message: Optional[str], wrote: bool) -> None:
     if lost:
         ranks = ", ".join(str(r) for r in lost)
         extra = (f"; out= is the input on rank{'s' if len(lost) > 1 else ''} {ranks} too: "
-                 f"the pass wrote log P^ over {'their' if len(lost) > 1 else 'its'} rows")
+                 f"the pass has overwritten {'their' if len(lost) > 1 else 'its'} rows with "
+                 f"log P^ (up to a bad row of {'their' if len(lost) > 1 else 'its'} own)")
     raise ValueError(every[failed[0]][0] + extra)
 
 

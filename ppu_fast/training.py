@@ -257,7 +257,8 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 def _code_digest(model: nn.Module) -> str:
     """What the training computes beyond the weights and the data: the source of this module's
-    training loop and of every model class outside torch (a ``forward`` edited under the same
+    training loop (and of ``caller_state.frozen_modules``, which it calls) and of every model
+    class outside torch (a ``forward`` edited under the same
     class name and layers would otherwise return the old model from the cache). torch's own
     classes are left out, so a torch upgrade alone does not retrain every cached model."""
     import inspect
@@ -265,6 +266,8 @@ def _code_digest(model: nn.Module) -> str:
 
     h = hashlib.sha256()
     h.update(inspect.getsource(sys.modules[__name__]).encode())
+    # Which modules the loop keeps in eval mode is decided outside this module.
+    h.update(inspect.getsource(frozen_modules).encode())
     for cls in sorted({type(m) for m in model.modules()}, key=lambda c: (c.__module__, c.__qualname__)):
         if cls.__module__.split(".")[0] == "torch":
             continue

@@ -260,3 +260,58 @@ def test_a_float64_model_keeps_float64_logits_and_targets(data):
     assert torch.equal(t.float(), t2.float())
     runs = [finetune(model, xs, tt, epochs=1, lr=1.0, progress=False).model for tt in (t, t2)]
     assert not torch.equal(runs[0][1].weight, runs[1][1].weight)
+
+
+def test_frozen_modules_take_stateful_leaves_only_and_shared_ones_consistently():
+    """A parameter-free wrapper owning a buffer (a position-ids buffer beside a Dropout) is no
+    frozen module: eval() on it switched off the Dropout below it. A parameter-free BatchNorm
+    shared by a frozen and a trainable block is not frozen, whichever block comes first."""
+    from ppu_fast.caller_state import frozen_modules
+
+    class Embeddings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("position_ids", torch.arange(3))
+            self.lin, self.drop = nn.Linear(3, 3), nn.Dropout(0.5)
+
+    model = nn.Sequential(Embeddings(), nn.Linear(3, 2))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    assert frozen_modules(model) == [model[0].lin]
+    bn = nn.BatchNorm1d(3, affine=False)
+    frozen, trained = nn.Sequential(nn.Linear(3, 3), bn), nn.Sequential(nn.Linear(3, 3), bn)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    for order in ((frozen, trained), (trained, frozen)):
+        assert frozen_modules(nn.Sequential(*order)) == [frozen[0]]
+    assert frozen_modules(nn.Sequential(frozen)) == [frozen[0], bn]
+
+
+class Float32ThenFloat64(nn.Module):
+    """A float32 first layer, then a float64 head: float64 logits from a float32 input."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16))
+        self.head = nn.Linear(16, 5).double()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)).double())
+
+
+def test_finetune_keeps_float64_targets_for_float64_logits(data):
+    """finetune chose float64 targets by the first parameter's dtype; a model whose logits are
+    float64 behind a float32 first layer had its float64 targets rounded to float32."""
+    from ppu_fast.finetune import finetune
+
+    x, y, _, _ = data
+    torch.manual_seed(0)
+    model = Float32ThenFloat64()
+    xs = TensorDataset(x[:40], y[:40])
+    with torch.no_grad():
+        t = torch.softmax(model(x[:40]), 1).float().double()
+    t2 = t.clone()
+    t2[:, 0] += 1e-10  # far below half a float32 ulp of these entries
+    t2[:, 1] -= 1e-10
+    runs = [finetune(model, xs, tt, epochs=1, lr=1.0, progress=False).model for tt in (t, t2)]
+    assert not torch.equal(runs[0].head.weight, runs[1].head.weight)
