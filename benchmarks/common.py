@@ -42,26 +42,24 @@ def parser(doc: Optional[str]) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def positive_int(s: str) -> int:
-    """argparse type of counts (--reps, --threads, ...): an integer >= 1."""
+def _int_at_least(s: str, lo: int, expected: str) -> int:
     try:
         v = int(s)
     except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected a positive integer")
+        v = lo - 1
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected {expected}")
     return v
+
+
+def positive_int(s: str) -> int:
+    """argparse type of counts (--reps, --threads, ...): an integer >= 1."""
+    return _int_at_least(s, 1, "a positive integer")
 
 
 def nonneg_int(s: str) -> int:
     """argparse type of limits where 0 means none (e.g. --quick-refine-max 0): an integer >= 0."""
-    try:
-        v = int(s)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected an integer >= 0")
-    return v
+    return _int_at_least(s, 0, "an integer >= 0")
 
 
 def nonneg_float(s: str) -> float:
@@ -82,6 +80,22 @@ def int_list(s: str) -> List[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers, "
                                          f"e.g. 1,2,3") from None
+
+
+def write_record(out: Path, name: str, meta: Dict[str, object], rows: List[Dict[str, object]],
+                 title: str, setting: str, header: Sequence[str],
+                 table: Sequence[Sequence[str]]) -> Path:
+    """``out/<name>-<stamp>.json`` (``meta`` and ``rows``) and ``.md`` (``title``, date, commit,
+    machine, versions, ``meta["command"]``, one ``setting`` line, then the table); returns the
+    path both share, without suffix."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{utc_now().strftime('%Y-%m-%dT%H%MZ')}"
+    write_json(stem.with_suffix(".json"), meta, rows)
+    md = [f"# {title}", "", f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`",
+          *machine_lines(meta), f"- command: `{meta['command']}`", f"- {setting}", "",
+          markdown_table(header, table), ""]
+    stem.with_suffix(".md").write_text("\n".join(md))
+    return stem
 
 
 def machine_lines(meta: Dict[str, object]) -> List[str]:

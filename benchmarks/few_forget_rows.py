@@ -81,20 +81,15 @@ def main() -> None:
                                   f"{row['max_abs_forget']:.2g}",
                                   f"{row['max_abs_retain']:.2g}"])
                     print(" | ".join(table[-1]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = common.utc_now().strftime("%Y-%m-%dT%H%MZ")
-    common.write_json(out / f"few-forget-rows-{stamp}.json", meta, rows)
-    md = [f"# {args.forget} forget rows of {args.n:,}: Q against the exact solution", "",
-          f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`",
-          *common.machine_lines(meta), f"- command: `{meta['command']}`",
-          "- refine (cpu backend, pseudo uniform, marginals retain) in dtype at tol against the "
-          "float64 refine of the same probabilities at tol 1e-12; max abs difference of Q on the "
-          "forget rows and on the retain rows", "",
-          common.markdown_table(["k", "margin", "lam", "dtype", "tol", "passes", "residual",
-                                 "forget rows", "retain rows"], table), ""]
-    (out / f"few-forget-rows-{stamp}.md").write_text("\n".join(md))
-    print(f"wrote {out}/few-forget-rows-{stamp}.json/.md")
+    stem = common.write_record(
+        Path(args.out), "few-forget-rows", meta, rows,
+        f"{args.forget} forget rows of {args.n:,}: Q against the exact solution",
+        "refine (cpu backend, pseudo uniform, marginals retain) in dtype at tol against the "
+        "float64 refine of the same probabilities at tol 1e-12; max abs difference of Q on the "
+        "forget rows and on the retain rows",
+        ["k", "margin", "lam", "dtype", "tol", "passes", "residual", "forget rows",
+         "retain rows"], table)
+    print(f"wrote {stem}.json/.md")
 
 
 if __name__ == "__main__":

@@ -75,20 +75,15 @@ def main() -> None:
                 table.append([size, backend, row["dtype"], common.fmt(row["median_ms"]),
                               str(info.iterations), common.fmt(err, 2), common.fmt(rounding, 2)])
                 print(" | ".join(table[-1]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = common.utc_now().strftime("%Y-%m-%dT%H%MZ")
-    common.write_json(out / f"half-precision-{stamp}.json", meta, rows)
-    md = [f"# 16-bit refines beside float32 ({args.device})", "",
-          f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`",
-          *common.machine_lines(meta), f"- command: `{meta['command']}`",
-          "- setting: lam 1e-4, a random half forgotten, pseudo prior, marginals original; "
-          "abs(Q - Q32) = max abs difference from the float32 refine of the same numbers; "
-          "rounding = the same for that answer rounded to the dtype", "",
-          common.markdown_table(["size", "backend", "dtype", "median ms", "passes",
-                                 "max abs(Q - Q32)", "rounding"], table), ""]
-    (out / f"half-precision-{stamp}.md").write_text("\n".join(md))
-    print(f"wrote {out}/half-precision-{stamp}.json/.md")
+    stem = common.write_record(
+        Path(args.out), "half-precision", meta, rows,
+        f"16-bit refines beside float32 ({args.device})",
+        "setting: lam 1e-4, a random half forgotten, pseudo prior, marginals original; "
+        "abs(Q - Q32) = max abs difference from the float32 refine of the same numbers; "
+        "rounding = the same for that answer rounded to the dtype",
+        ["size", "backend", "dtype", "median ms", "passes", "max abs(Q - Q32)", "rounding"],
+        table)
+    print(f"wrote {stem}.json/.md")
 
 
 if __name__ == "__main__":

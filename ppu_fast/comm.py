@@ -61,14 +61,6 @@ class Comm:
         """' on rank r' in a sharded solve, '' otherwise (for error messages)."""
         return "" if self.group is None else f" on rank {self.rank}"
 
-    def raise_first(self, message: Optional[str]) -> None:
-        """Raise a ValueError on every rank when any rank has an error ``message`` (the lowest
-        rank's, which names its rank): a collective, so no rank waits for a peer that raised."""
-        for m in self.gather(message):
-            if m is not None:
-                raise ValueError(m)
-
-
 def global_rows(comm: Comm, n_local: int, k: int, name: str) -> Tuple[int, int]:
     """(global N, this rank's first global row); checks that every rank has the same k."""
     counts = comm.gather((int(n_local), int(k)))

@@ -499,9 +499,10 @@ def _input_pass(su: _Setup, bar):
 
 
 def _raise_input_error(comm: Comm, message: Optional[str], wrote: bool) -> None:
-    """The input pass's error, raised on every rank (the lowest failing rank's message, as
-    ``Comm.raise_first``), adding the other ranks whose input the pass overwrote (their ``out=``
-    is their input): by the time any rank learns of the error, those wrote log P^ over theirs."""
+    """The input pass's error, raised as a ValueError on every rank when any rank has one (the
+    lowest failing rank's message, which names its rank; a collective, so no rank waits for a
+    peer that raised), adding the other ranks whose input the pass overwrote (their ``out=`` is
+    their input): by the time any rank learns of the error, those wrote log P^ over theirs."""
     every = comm.gather((message, bool(wrote)))
     failed = [r for r, (m, _) in enumerate(every) if m is not None]
     if not failed:
