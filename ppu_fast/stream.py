@@ -222,8 +222,10 @@ class FileStore(RowStore):
                 o[...] = od.cpu().numpy()
                 self._release(j)
 
-    def buffer_chunks(self):
+    def buffer_chunks(self, want=None):
         for i, (s, e) in enumerate(self._ranges()):
+            if want is not None and not want(s, e):
+                continue
             self.buf_file.prefetch(e, min(self.shape[0], e + self.chunk_rows))
             with self.buf_file.rows(s, e) as b:
                 if not self.cuda:
@@ -251,19 +253,16 @@ class FileStore(RowStore):
         if self.result is None:
             yield from super().result_chunks(want)
             return
-        for i, (s, e) in enumerate(self._ranges()):
-            if want is not None and not want(s, e):
-                continue
-            self.buf_file.prefetch(e, min(self.shape[0], e + self.chunk_rows))
-            with self.buf_file.rows(s, e) as b, self.result.rows(s, e, write=True) as o:
+        # The buffer's chunks as buffer_chunks reads them (the device buffer released when it
+        # moves on), each beside its rows of the result file.
+        for s, e, b in self.buffer_chunks(want):
+            with self.result.rows(s, e, write=True) as o:
                 if not self.cuda:
-                    yield s, e, pb.from_numpy_readonly(b), torch.from_numpy(o)
+                    yield s, e, b, torch.from_numpy(o)
                     continue
-                j = i % 2
                 od = torch.empty(o.shape, dtype=_torch_dtype(o.dtype), device=self.device)
-                yield s, e, self._to_device(b, j), od
+                yield s, e, b, od
                 o[...] = od.cpu().numpy()
-                self._release(j)
 
 
 def _torch_dtype(dt: np.dtype) -> torch.dtype:
