@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .backends.base import Backend, StepOut, compute_dtype, hessian_stride
+from .backends.base import Backend, StepOut, compute_dtype, hessian_stride, host_step
 from .backends.cpu import _C
 from .caller_state import caller_stacklevel
 from .problem import as_float, as_int
@@ -256,6 +256,7 @@ class _Evaluator:
     def __init__(self, backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                  marginals: np.ndarray, hessian, max_passes: int, c_sum: float) -> None:
         self.backend, self.log_p, self.inv_c, self.m = backend, log_p, inv_c, marginals
+        self.run = backend.bind_step(log_p, inv_c)
         self.hessian, self.max_passes = hessian, max_passes
         self.n = log_p.shape[0]
         self.passes = 0  # evaluations, the one taken from prepare included
@@ -266,44 +267,31 @@ class _Evaluator:
         self.log_k_sum_c = math.log(max(log_p.shape[1], 2)) * c_sum
 
     def __call__(self, alpha: np.ndarray, hessian=None):
-        h_mode = self.hessian if hessian is None else hessian
-        dev = self.log_p.device
         # The kernels form log_p - alpha_j * inv_c_i in float32 (or float64): evaluate in the
         # gauge where most alphas are near 0 (their median), so that their differences, which
         # alone matter, survive rounding when a few are huge (1e9 at lam = 1e-8 while the rest
         # differ by O(1)).
         alpha = gauge_for_kernels(alpha)
-        a = torch.from_numpy(alpha)
-        colsum, wlogz, h = self.backend.step(self.log_p, self.inv_c,
-                                             a if dev.type == "cpu" else a.to(dev), h_mode)
+        out = self.run(alpha, self.hessian if hessian is None else hessian)
         self.steps += 1
-        return self.record(alpha, *to_host(colsum, wlogz, h))
+        return self.record(alpha, *out)
 
-    def record(self, alpha: np.ndarray, colsum: torch.Tensor, wlogz, h):
-        """Turn a step's (colsum, wlogz, H) on the host into (grad, g, H, residual)."""
+    def record(self, alpha: np.ndarray, colsum: np.ndarray, wlogz: float,
+               h: Optional[np.ndarray]):
+        """Turn a pass's host (colsum, wlogz, H) into (grad, g, H, residual)."""
         self.passes += 1
-        grad = colsum.numpy() - self.m
-        wl, am = float(wlogz), float(alpha @ self.m)
-        g = -wl - am
+        grad = colsum - self.m
+        am = float(alpha @ self.m)
+        g = -wlogz - am
         # g sums N rounded terms c_i log Z_i, log Z_i = max_j x_ij + log s_i, each about as large
         # as |alpha_j| / c_i + log k (rows of log P^ are normalised): changes of g below the
         # dtype's relative noise times the sum of their magnitudes are noise.
-        self.g_noise = self.noise_rel * (abs(wl) + abs(am) + self.n * float(np.abs(alpha).max())
+        self.g_noise = self.noise_rel * (abs(wlogz) + abs(am)
+                                         + self.n * float(np.abs(alpha).max())
                                          + self.log_k_sum_c)
         res = float(np.abs(grad).sum()) / self.n
         self.history.append(res)
-        return grad, g, (None if h is None else h.numpy()), res
-
-
-def to_host(colsum: torch.Tensor, wlogz: torch.Tensor, h: Optional[torch.Tensor] = None):
-    """A pass's (colsum (k,), wlogz (), H or None) on the host: one device-to-host copy for
-    results on a GPU instead of a synchronising read per quantity; CPU ones as they are."""
-    if colsum.device.type == "cpu":
-        return colsum, wlogz, h
-    parts = [colsum, wlogz.reshape(1)] + ([] if h is None else [h.reshape(-1)])
-    flat = torch.cat(parts).cpu()
-    k = colsum.shape[0]
-    return flat[:k], flat[k], (None if h is None else flat[k + 1:].reshape(h.shape))
+        return grad, g, h, res
 
 
 def gauge_for_kernels(alpha: np.ndarray) -> np.ndarray:
@@ -446,7 +434,7 @@ def _write_final(ev: "_Evaluator", final: FinalPass, alpha: np.ndarray, d: np.nd
     a_new = alpha + t0 * d
     noise = ev.g_noise
     a_k = gauge_for_kernels(a_new)
-    colsum, wlogz, _ = to_host(*final.write(torch.from_numpy(a_k)))
+    colsum, wlogz, _ = host_step(*final.write(torch.from_numpy(a_k)))
     ev.steps += 1
     grad_n, g_n, _, res_n = ev.record(a_k, colsum, wlogz, None)
     if res_n <= tol and math.isfinite(g_n):
@@ -533,7 +521,7 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
     the rows), once it stalls (``STALL_RATIO``); a diagonal Newton goes on with the dense
     Hessian once it stalls (``DENSE_ESCALATION_MAX_K``)."""
     if first is not None and alpha0 is None:
-        grad, g, h, res = ev.record(alpha, *first)
+        grad, g, h, res = ev.record(alpha, *host_step(*first))
     else:
         grad, g, h, res = ev(alpha)
     message = ""

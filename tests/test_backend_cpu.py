@@ -70,6 +70,36 @@ def test_step_and_materialize(backend: CpuBackend, case) -> None:
     assert torch.equal(log_p, before), "the backend modified its input"
 
 
+@pytest.mark.parametrize("case", SUBSET, ids=_id)
+def test_bound_step_is_step(case) -> None:
+    """The solver's bound step (checked once, bound pointers) returns exactly what ``step``
+    returns, for every Hessian mode, with strided inputs and a non-contiguous inv_c; its results
+    are the caller's to keep (a later pass neither overwrites them nor reads a stale alpha)."""
+    from ppu_fast.backends.base import Backend, host_step
+
+    n, k, dtype, shift, neg_inf, noncontig = case
+    log_p, inv_c, alpha = make_case(n, k, dtype, shift=shift, neg_inf=neg_inf,
+                                    noncontig=noncontig, seed=n * 1000 + k + 1)
+    inv_c = torch.stack([inv_c, inv_c], 1)[:, 0]  # strided: bind_step must copy it
+    be = CpuBackend(num_threads=2)
+    run, generic = be.bind_step(log_p, inv_c), Backend.bind_step(be, log_p, inv_c)
+    kept = []
+    for i, hessian in enumerate((False, True, "diag", "exact")):
+        a = (alpha * (1 + i)).numpy()
+        want = host_step(*be.step(log_p, inv_c, torch.from_numpy(a), hessian))
+        for got in (run(a, hessian), generic(a, hessian)):
+            assert np.array_equal(got[0], want[0]) and got[1] == want[1]
+            assert (got[2] is None) == (want[2] is None)
+            if want[2] is not None:
+                assert np.array_equal(got[2], want[2], equal_nan=True)
+        kept.append((want, run(a, hessian)))
+    for want, got in kept:  # every pass's arrays are still its own
+        assert np.array_equal(got[0], want[0])
+        assert got[2] is None or np.array_equal(got[2], want[2], equal_nan=True)
+    with pytest.raises(ValueError, match="hessian: expected one of"):
+        run(alpha.numpy(), "full")
+
+
 @pytest.mark.skipif(not OTHER_ISAS, reason="this CPU runs only one kernel variant")
 @pytest.mark.parametrize("isa", OTHER_ISAS)
 @pytest.mark.parametrize("case", SUBSET, ids=_id)

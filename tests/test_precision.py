@@ -130,6 +130,7 @@ def test_tol_below_the_dtype_floor_is_refused_up_front(monkeypatch, dtype, tol, 
 
     monkeypatch.setattr(type(be), "prepare", no_pass)
     monkeypatch.setattr(type(be), "step", no_pass)
+    monkeypatch.setattr(type(be), "bind_step", no_pass)
     _, p = _classifier(200, 4, 3.0, seed=0)
     p = p.to(dtype)
     mask = torch.arange(200) < 20

@@ -34,9 +34,9 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from .base import (MODE_CODE, ROW_SUM_TOL, Backend, Hessian, PrepareOut, StepOut,
-                   check_prepare_args, check_step_args, hessian_stride, packed_size,
-                   unpack_prepare)
+from .base import (MODE_CODE, ROW_SUM_TOL, STEP_HESSIAN_MODES, Backend, Hessian, HostStep,
+                   HostStepOut, PrepareOut, StepOut, check_prepare_args, check_step_args,
+                   hessian_stride, packed_size, unpack_prepare)
 
 # The version of the interface between this launcher and the compiled module (bindings.cpp).
 _C_INTERFACE = 3
@@ -200,6 +200,34 @@ class CpuBackend(Backend):
         """
         self._check(log_p, inv_c, alpha, hessian)
         return self._step(log_p, inv_c, alpha, hessian)
+
+    def bind_step(self, log_p: torch.Tensor, inv_c: torch.Tensor) -> HostStep:
+        """``step`` on this ``log_p`` / ``inv_c``, checked once (see ``Backend.bind_step``):
+        each call copies alpha into a bound buffer and runs the kernel with the arguments worked
+        out here; colsum and H are fresh arrays (the solver keeps an H across passes)."""
+        n, k = log_p.shape
+        # alpha, colsum and wlogz side by side: one pointer lookup (each costs about 1 us).
+        buf = np.empty(2 * k + 1)
+        alpha_buf, colsum, wlogz = buf[:k], buf[k:2 * k], buf[2 * k:]
+        self._check(log_p, inv_c, torch.from_numpy(alpha_buf), False)
+        inv_c = inv_c.contiguous()
+        at = buf.ctypes.data
+        fixed = (log_p.data_ptr(), _DTYPE_CODE[log_p.dtype], n, k, *log_p.stride(),
+                 inv_c.data_ptr(), at, at + 8 * k, at + 16 * k)
+        stride, threads, isa = hessian_stride(n, k), self._threads(), self.isa
+
+        def run(alpha: np.ndarray, hessian: Hessian) -> HostStepOut:
+            if hessian not in STEP_HESSIAN_MODES:
+                raise ValueError(f"hessian: expected one of {STEP_HESSIAN_MODES}, "
+                                 f"got {hessian!r}")
+            alpha_buf[:] = alpha
+            held = (log_p, inv_c)  # referenced here, so the pointers in fixed stay valid
+            h = (np.empty((k, k) if hessian in (True, "exact") else k) if hessian else None)
+            _C.step(*fixed, _HMODE[hessian], 1 if hessian == "exact" else stride,
+                    h.ctypes.data if h is not None else 0, 0, 0, 0, 0, threads, isa)
+            del held
+            return colsum.copy(), float(wlogz[0]), h
+        return run
 
     fused_materialize = True
 
