@@ -11,7 +11,10 @@
   factory calls may rely on it, and the mode would intercept every op of theirs (twice the time
   of a small model's fine-tuning). Their data loaders push it only around each batch's drawing
   and collating (:class:`ppu_fast.data.CpuDrawLoader`), and the package's own tensors there name
-  the CPU.
+  the CPU; so do their optimiser steps (``cpu_default_device(opt.step)``): torch 2.11's Adam
+  (the GPU machines' torch) made its step counter with the caller's default device, which failed
+  under "meta" ("Tensor.item() cannot be called on meta tensors") and put it on the GPU under
+  "cuda"; torch 2.14 names the CPU there itself.
 * ``torch.no_grad()`` / ``torch.inference_mode()`` around a training call (a habit from
   evaluation code): every backward failed with "element 0 of tensors does not require grad".
   :func:`training_grad_mode` turns gradients back on for the call, as PyTorch Lightning's

@@ -244,11 +244,14 @@ def test_fit_finetune_and_metrics_under_a_meta_default_device_are_the_plain_answ
     def run():
         fitted = training.fit(copy_of(model), data, cfg, progress=False)
         tuned = finetune(model, data, targets, epochs=2, batch_size=16, progress=False).model
+        # Adam: torch 2.11 (the GPU machines') made its step counter on the default device.
+        adam = finetune(model, data, targets, epochs=1, batch_size=16, optimizer="adam",
+                        progress=False).model
         # A caller's loader with a random sampler: its draws are read, on the CPU.
         sampler = torch.utils.data.SubsetRandomSampler(
             range(30), generator=torch.Generator().manual_seed(2))
         drawn = torch.utils.data.DataLoader(data, batch_size=5, sampler=sampler)
-        return ([fitted.state_dict(), tuned.state_dict()],
+        return ([fitted.state_dict(), tuned.state_dict(), adam.state_dict()],
                 [metrics.error(model, val), metrics.mia(model, forget, val, seed=0),
                  metrics.error(model, torch.utils.data.DataLoader(val, batch_size=5)),
                  metrics.error(model, drawn)])

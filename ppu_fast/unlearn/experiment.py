@@ -22,6 +22,7 @@ from ..report import label
 from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
                         transfer_body)
 from ..caller_state import available_device
+from ..torch_defaults import cpu_default_device
 from ..training import TrainConfig, fit_cached
 from . import methods as registered, method_options, unlearn
 from .ntk import JacobianTooLarge
@@ -29,6 +30,7 @@ from .ntk import JacobianTooLarge
 PPU_METHODS = ("ppu", "ppu-bias", "ppu-random")
 
 
+@cpu_default_device  # its Adam's step counter (torch_defaults)
 def warm_up() -> None:
     """Pay a process's one-time torch costs before anything is timed: the first optimizer a process
     builds imports ``torch._dynamo`` (0.8-1 s here), which otherwise lands in whichever method
