@@ -22,7 +22,7 @@ from .data import CpuDrawLoader
 from .metrics import check_logits
 from .training import (FREEZE_BATCHNORM, check_optimizer_options, lone_last_batch,
                        one_example_batchnorm_error, resolve_device)
-from .torch_defaults import cpu_default_device, training_grad_mode
+from .torch_defaults import optimizer_step, training_grad_mode
 
 SELECT_POLICIES = ("last", "val")
 TRAINABLE = ("all", "last-block", "head")
@@ -450,7 +450,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    opt_step = cpu_default_device(opt.step)  # see torch_defaults: Adam's step counters
+    opt_step = optimizer_step(opt)  # see torch_defaults: Adam's step counters
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     indexed = _Indexed(data)

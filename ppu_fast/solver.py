@@ -1,6 +1,7 @@
 """The dual solver: Newton, Sinkhorn and gradient ascent on the k-dimensional concave dual.
 
-Backend-agnostic: every pass over the N x k matrix goes through ``backend.step``; everything here
+Backend-agnostic: every pass over the N x k matrix goes through the backend's ``step`` (as
+``backend.bind_step`` binds it for the solve, or the final pass that writes Q); everything here
 is k-dimensional algebra in float64 (docs/design.md §1). The dual is
 
     g(alpha) = - sum_i c_i log Z_i(alpha) - alpha . M,   grad g = colsum(Q(alpha)) - M.
@@ -198,7 +199,7 @@ class RefineInfo:
 
     iterations: evaluations of the dual (each is a pass over the N x k matrix; the first one is
         taken from ``prepare``'s pass when the caller had it, see ``steps``).
-    steps: the solver's own passes: calls of ``backend.step``, and the last pass when it wrote Q
+    steps: the solver's own passes: steps (``backend.bind_step``'s), and the last pass when it wrote Q
         (``materialized``) (``iterations`` less the evaluation ``prepare`` provided).
     converged: whether ``residual <= tol``.
     residual: the final ``||colsum(Q) - M||_1 / N``.
@@ -251,7 +252,8 @@ class FinalPass(NamedTuple):
 
 
 class _Evaluator:
-    """Wraps backend.step: counts passes, computes g and the residual for one alpha (numpy)."""
+    """Wraps the backend's bound step: counts passes, computes g and the residual for one alpha
+    (numpy)."""
 
     def __init__(self, backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                  marginals: np.ndarray, hessian, max_passes: int, c_sum: float) -> None:

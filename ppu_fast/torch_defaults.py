@@ -11,7 +11,7 @@
   factory calls may rely on it, and the mode would intercept every op of theirs (twice the time
   of a small model's fine-tuning). Their data loaders push it only around each batch's drawing
   and collating (:class:`ppu_fast.data.CpuDrawLoader`), and the package's own tensors there name
-  the CPU; so do their optimiser steps (``cpu_default_device(opt.step)``): torch 2.11's Adam
+  the CPU; so do their optimiser steps but SGD's (:func:`optimizer_step`): torch 2.11's Adam
   (the GPU machines' torch) made its step counter with the caller's default device, which failed
   under "meta" ("Tensor.item() cannot be called on meta tensors") and put it on the GPU under
   "cuda"; torch 2.14 names the CPU there itself.
@@ -46,6 +46,13 @@ def cpu_default_device(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def optimizer_step(opt: torch.optim.Optimizer) -> Callable[[], object]:
+    """``opt.step``, run with the CPU as torch's default device (:func:`cpu_default_device`)
+    unless ``opt`` is plain SGD, whose step makes no tensor without naming a device (the mode,
+    when pushed, intercepts every op of the step: SGD's took half as long again)."""
+    return opt.step if type(opt) is torch.optim.SGD else cpu_default_device(opt.step)
 
 
 def training_grad_mode(fn: F) -> F:

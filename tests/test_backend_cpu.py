@@ -98,6 +98,28 @@ def test_bound_step_is_step(case) -> None:
         assert got[2] is None or np.array_equal(got[2], want[2], equal_nan=True)
     with pytest.raises(ValueError, match="hessian: expected one of"):
         run(alpha.numpy(), "full")
+    with pytest.raises(ValueError, match=r"alpha: expected shape"):
+        run(np.zeros(k + 1), False)
+
+
+def test_bound_step_goes_through_a_replaced_step(monkeypatch) -> None:
+    """A subclass's or a test's own ``step`` is what the solver's passes call."""
+    import ppu_fast
+
+    calls = []
+
+    class Counting(CpuBackend):
+        def step(self, *a):
+            calls.append(a[3])
+            return super().step(*a)
+
+    log_p, inv_c, alpha = make_case(300, 5, seed=3)
+    Counting().bind_step(log_p, inv_c)(alpha.numpy(), True)
+    assert calls == [True]
+    step = CpuBackend.step
+    monkeypatch.setattr(CpuBackend, "step", lambda self, *a: calls.append(a[3]) or step(self, *a))
+    ppu_fast.refine(torch.softmax(torch.randn(300, 5), 1), torch.arange(300) < 30, backend="cpu")
+    assert len(calls) > 1
 
 
 @pytest.mark.skipif(not OTHER_ISAS, reason="this CPU runs only one kernel variant")

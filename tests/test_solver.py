@@ -588,7 +588,6 @@ def test_a_failed_line_search_is_retried_with_the_exact_hessian(monkeypatch):
     import warnings
 
     from ppu_fast import solver
-    from ppu_fast.backends.base import Backend
     from ppu_fast.backends.cpu import CpuBackend
 
     p, forget, m = _zero_target_problem(8000)
@@ -596,8 +595,6 @@ def test_a_failed_line_search_is_retried_with_the_exact_hessian(monkeypatch):
     asked = []
     step = CpuBackend.step
     monkeypatch.setattr(CpuBackend, "step", lambda self, *a: asked.append(a[3]) or step(self, *a))
-    # The solver's passes go through bind_step: the generic one calls the patched step.
-    monkeypatch.setattr(CpuBackend, "bind_step", Backend.bind_step)
     direction = solver._newton_direction
     monkeypatch.setattr(solver, "_newton_direction",
                         lambda h, g: direction(h, g) * (1.0 if "exact" in asked else -1.0))
@@ -782,7 +779,6 @@ def test_a_stalled_diagonal_newton_goes_on_with_the_dense_hessian(backend, dtype
     step = be.step
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(be, "step", lambda self, *a: asked.append(a[3]) or step(self, *a))
-        mp.setattr(be, "bind_step", Backend.bind_step)  # the solver's passes call step
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             q, info = ppu_fast.refine(p.to(dtype), y == 0, marginals="original",

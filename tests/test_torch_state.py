@@ -215,6 +215,33 @@ def _image_toy():
     return model, data, parts
 
 
+def test_optimiser_steps_run_with_the_cpu_as_default_device():
+    # torch 2.11 (the GPU machines') made Adam's step counter with the default device: under
+    # "meta" the step failed, under "cuda" the counter sat on the GPU. Every step that makes
+    # state (all but plain SGD's) runs with the CPU as the default, whatever the caller's.
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from ppu_fast.unlearn.experiment import warm_up
+
+    seen = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append((type(opt).__name__,
+                                               torch.get_default_device().type)))
+    model, data, (forget, retain, val) = _image_toy()
+    targets = torch.softmax(torch.randn(60, 3, generator=torch.Generator().manual_seed(1)), 1)
+    try:
+        with torch.device("meta"):
+            finetune(model, data, targets, epochs=1, batch_size=16, optimizer="adam",
+                     progress=False)
+            ppu_fast.unlearn(model, forget, retain, method="scrub", val=val, seed=0,
+                             progress=False)
+            warm_up()
+    finally:
+        handle.remove()
+    adam = [dev for name, dev in seen if name == "Adam"]
+    assert len(adam) > 3 and set(adam) == {"cpu"}, seen
+
+
 @pytest.mark.parametrize("method,options", [("ppu", {}), ("ppu-bias", {}), ("finetune", {}),
                                             ("scrub", {}), ("bad-t", {}), ("neggrad+", {}),
                                             ("retrain", {"cache": False}), ("fisher", {}),

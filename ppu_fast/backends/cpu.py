@@ -205,6 +205,9 @@ class CpuBackend(Backend):
         """``step`` on this ``log_p`` / ``inv_c``, checked once (see ``Backend.bind_step``):
         each call copies alpha into a bound buffer and runs the kernel with the arguments worked
         out here; colsum and H are fresh arrays (the solver keeps an H across passes)."""
+        if type(self).step is not _STEP:
+            # A subclass's (or a test's) own step: the solver's passes must go through it.
+            return super().bind_step(log_p, inv_c)
         n, k = log_p.shape
         # alpha, colsum and wlogz side by side: one pointer lookup (each costs about 1 us).
         buf = np.empty(2 * k + 1)
@@ -220,6 +223,8 @@ class CpuBackend(Backend):
             if hessian not in STEP_HESSIAN_MODES:
                 raise ValueError(f"hessian: expected one of {STEP_HESSIAN_MODES}, "
                                  f"got {hessian!r}")
+            if alpha.shape != (k,):  # the copy below would broadcast a scalar silently
+                raise ValueError(f"alpha: expected shape ({k},), got {alpha.shape}")
             alpha_buf[:] = alpha
             held = (log_p, inv_c)  # referenced here, so the pointers in fixed stay valid
             h = (np.empty((k, k) if hessian in (True, "exact") else k) if hessian else None)
@@ -274,3 +279,7 @@ class CpuBackend(Backend):
                        inv_c.data_ptr(), alpha.data_ptr(), out.data_ptr(), _DTYPE_CODE[out.dtype],
                        osr, osc, self._threads(), self.isa)
         return out
+
+
+# The class's own step, for bind_step to tell a replaced one (a subclass, a test's patch).
+_STEP = CpuBackend.step

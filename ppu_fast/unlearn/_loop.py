@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..caller_state import frozen_modules, is_int
 from ..data import CpuDrawLoader, collate_pairs, dataset_targets
-from ..torch_defaults import cpu_default_device
+from ..torch_defaults import optimizer_step
 from ..training import (check_optimizer_options, lone_last_batch, one_example_batchnorm,
                         one_example_batchnorm_error)
 
@@ -228,7 +228,7 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
         result.history.append(row)
 
     record(0, {})
-    step = cpu_default_device(optimizer.step)  # see torch_defaults: Adam's step counters
+    step = optimizer_step(optimizer)  # see torch_defaults: Adam's step counters
     bar = tqdm(range(1, epochs + 1), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
