@@ -199,8 +199,8 @@ class RefineInfo:
 
     iterations: evaluations of the dual (each is a pass over the N x k matrix; the first one is
         taken from ``prepare``'s pass when the caller had it, see ``steps``).
-    steps: the solver's own passes: steps (``backend.bind_step``'s), and the last pass when it wrote Q
-        (``materialized``) (``iterations`` less the evaluation ``prepare`` provided).
+    steps: the solver's own passes: steps (through ``backend.bind_step``), and the last pass when
+        it wrote Q (``materialized``) (``iterations`` less the evaluation ``prepare`` provided).
     converged: whether ``residual <= tol``.
     residual: the final ``||colsum(Q) - M||_1 / N``.
     history: the residual after each evaluation, first entry at the starting alpha.
