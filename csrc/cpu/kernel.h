@@ -221,6 +221,18 @@ static inline typename S::V inv_sum(typename S::V s, typename S::V c) {
   return S::fmadd(i0, r, i0);
 }
 
+// Whether some lane of s is not above thr (a NaN lane counts). A mask register (AVX-512's
+// __mmask16, the generic bool) is tested directly; a vector mask through a horizontal max.
+template <class S>
+static inline bool any_not_above(typename S::V s, typename S::V thr) {
+  using M = typename S::M;
+  if constexpr (sizeof(M) <= sizeof(uint32_t)) {
+    return static_cast<uint32_t>(S::gt(s, thr)) != (1u << S::W) - 1u;
+  } else {
+    return S::hmax(S::blend(S::gt(s, thr), S::zero(), S::set1(1.0f))) > 0.0f;
+  }
+}
+
 static inline bool sampled_row(const Params& P, int64_t i) {
   return P.hmode == H_FULL && ((i / ROW_UNIT) % P.hstride) == 0;
 }
@@ -254,6 +266,10 @@ static int classify_row(const Params& P, int64_t i) {
 // Rows in lanes (k < LANES_MAX_K): blocks of W rows; column j of a block is one vector.
 // ------------------------------------------------------------------------------------------
 constexpr int FLUSH_BLOCKS = 8;  // float32 per-lane partials cover at most 8 * W rows
+// The sampled weights W are accumulated in float32 over at most this many sampled 16-row blocks
+// (both paths). The lanes path flushes them by that count, not with the column sums: a flush
+// reduces all k(k-1)/2 pair vectors, and only every hstride-th block adds to them.
+constexpr int W_FLUSH_BLOCKS = 16;
 constexpr int KL = static_cast<int>(LANES_MAX_K);
 
 template <class S>
@@ -271,8 +287,25 @@ struct LaneScratch {
   float* acch;                       // H_FULL: k(k-1)/2 vectors of sum inv_c q_j q_l, j < l
 };
 
+// The sampled weights' partials into hpart's W.
 template <class S>
-static void lanes_flush(const Params& P, LaneScratch<S>& sc, double* colsum, double* hpart) {
+static void lanes_flush_w(const Params& P, LaneScratch<S>& sc, double* hpart) {
+  const int k = static_cast<int>(P.k);
+  constexpr int W = S::W;
+  double* w = hpart + k;
+  int t = 0;
+  for (int j = 0; j < k; ++j) {
+    for (int l = j + 1; l < k; ++l, ++t) {
+      w[j * k + l] += S::hsum_d(S::load(sc.acch + t * W));
+      S::store(sc.acch + t * W, S::zero());
+    }
+  }
+}
+
+// pairs: the sampled weights too (the end of a range, and prepare's blocks).
+template <class S>
+static void lanes_flush(const Params& P, LaneScratch<S>& sc, double* colsum, double* hpart,
+                        bool pairs = true) {
   const int k = static_cast<int>(P.k);
   const int W = S::W;
   if (colsum) {
@@ -287,16 +320,7 @@ static void lanes_flush(const Params& P, LaneScratch<S>& sc, double* colsum, dou
       S::store(sc.accd + j * W, S::zero());
     }
   }
-  if (P.hmode == H_FULL) {
-    double* w = hpart + k;
-    int t = 0;
-    for (int j = 0; j < k; ++j) {
-      for (int l = j + 1; l < k; ++l, ++t) {
-        w[j * k + l] += S::hsum_d(S::load(sc.acch + t * W));
-        S::store(sc.acch + t * W, S::zero());
-      }
-    }
-  }
+  if (pairs && sc.acch) lanes_flush_w<S>(P, sc, hpart);
 }
 
 template <class S>
@@ -309,6 +333,21 @@ static void lanes_flush_sums(const Params& P, LaneScratch<S>& sc, double* sums) 
     sums[k + j] += S::hsum_d(S::load(sc.sfor + j * W));
     S::store(sc.sret + j * W, S::zero());
     S::store(sc.sfor + j * W, S::zero());
+  }
+}
+
+// A sampled block's weights: acch gets inv_c q_j q_l (w q_j q_l) for each pair j < l.
+template <class S>
+static inline void lanes_pairs(const Params& P, LaneScratch<S>& sc, const float* q,
+                               typename S::V w) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int k = static_cast<int>(P.k);
+  int t = 0;
+  for (int j = 0; j < k; ++j) {
+    const V qw = S::mul(S::load(q + j * W), w);
+    for (int l = j + 1; l < k; ++l, ++t)
+      S::store(sc.acch + t * W, S::fmadd(qw, S::load(q + l * W), S::load(sc.acch + t * W)));
   }
 }
 
@@ -332,14 +371,7 @@ static inline void lanes_hessian(const Params& P, LaneScratch<S>& sc, const floa
       S::store(sc.accd + j * W, S::fmadd(S::fnmadd(v, v, v), w, S::load(sc.accd + j * W)));
     }
   }
-  if (P.hmode == H_FULL && sampled) {
-    int t = 0;
-    for (int j = 0; j < k; ++j) {
-      const V qw = S::mul(S::load(q + j * W), w);
-      for (int l = j + 1; l < k; ++l, ++t)
-        S::store(sc.acch + t * W, S::fmadd(qw, S::load(q + l * W), S::load(sc.acch + t * W)));
-    }
-  }
+  if (P.hmode == H_FULL && sampled) lanes_pairs<S>(P, sc, q, w);
 }
 
 // prepare: the raw input values of block b (nv rows) into sc.stage, column j at stage + j W;
@@ -522,16 +554,18 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
   using I = typename S::I;
   constexpr int W = S::W;
   const int k = static_cast<int>(P.k);
-  LaneScratch<S>* scp = static_cast<LaneScratch<S>*>(aalloc(sizeof(LaneScratch<S>)));
-  LaneScratch<S>& sc = *scp;
-  sc.acch = nullptr;
   const bool stats = P.stats != 0;
   const bool prep = P.op == OP_PREPARE;
   // Statistics prepare adds itself (probs / logits fold the column sums into the retained sums).
   const bool prep_pn = prep && P.mode != MODE_LOGP;
-  const int npairs = k * (k - 1) / 2;
-  if (stats && P.hmode == H_FULL && npairs > 0) {
-    sc.acch = static_cast<float*>(aalloc(sizeof(float) * W * npairs));
+  const int npairs = stats && P.hmode == H_FULL ? k * (k - 1) / 2 : 0;
+  // acch follows the scratch in one allocation (sizeof is a multiple of its 64-byte alignment).
+  LaneScratch<S>* scp = static_cast<LaneScratch<S>*>(
+      aalloc(sizeof(LaneScratch<S>) + sizeof(float) * W * npairs));
+  LaneScratch<S>& sc = *scp;
+  sc.acch = nullptr;
+  if (npairs > 0) {
+    sc.acch = reinterpret_cast<float*>(scp + 1);
     std::memset(sc.acch, 0, sizeof(float) * W * npairs);
   }
   std::memset(sc.acc, 0, sizeof(sc.acc));
@@ -551,6 +585,7 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
   const int dt = P.lp_dtype;
   const bool tile = S::TILE && P.sc == 1;
   int since_flush = 0;
+  int wblocks = 0;  // sampled blocks in acch since its last flush
   const V one = S::set1(1.0f);
 
   for (int64_t b = r0; b < r1; b += W) {
@@ -643,40 +678,53 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
     const V inv_s = exact ? inv_sum<S>(s, sc_lo) : S::div(one, s);
     if (stats) {
       const V logz = S::add(m, vlog<S>(s));
+      // The maxima have e = 1, q = 1 / s, and 1 - q = (s - 1) / s, which float32 forms exactly
+      // enough unless s < 1 + 2^-10 (a confident row): then s - 1 is the sum of the entries below
+      // the maximum (a single maximum, or s would be >= 2).
+      const V thr = S::set1(CONFIDENT);
+      const bool any_confident = hess && any_not_above<S>(s, thr);
+      const bool sampled = hess && sc.acch && sampled_row(P, b);
       if (!hess && !tail && !P.out) {  // the hot loop of step
         for (int j = 0; j < k; ++j)
           S::store(sc.acc + j * W, S::fmadd(S::load(sc.x + j * W), inv_s, S::load(sc.acc + j * W)));
         S::dacc_div(wacc, logz, ic);
+      } else if (hess && !any_confident && !P.out) {
+        // The hot loop of step with the Hessian, on blocks without a confident row: q, its column
+        // sum and its diagonal term in one pass (the operations of the loops below, so the same
+        // results); q is stored only when a sampled block's weights read it back.
+        const V w = tail ? S::mul(ic, msk) : ic;
+        for (int j = 0; j < k; ++j) {
+          const V q = S::mul(S::load(sc.x + j * W), inv_s);
+          if (sampled) S::store(sc.x + j * W, q);
+          S::store(sc.acc + j * W, S::add(S::load(sc.acc + j * W), tail ? S::mul(q, msk) : q));
+          S::store(sc.accd + j * W, S::fmadd(S::fnmadd(q, q, q), w, S::load(sc.accd + j * W)));
+        }
+        S::dacc_div(wacc, tail ? S::mul(logz, msk) : logz, ic);
+        if (sampled) lanes_pairs<S>(P, sc, sc.x, w);
       } else {
+        // On a confident block, also the sum of the entries below the maximum (q s each).
+        V rest = S::zero();
         for (int j = 0; j < k; ++j) {
           const V q = S::mul(S::load(sc.x + j * W), inv_s);
           S::store(sc.x + j * W, q);
           S::store(sc.acc + j * W, S::add(S::load(sc.acc + j * W), tail ? S::mul(q, msk) : q));
+          if (any_confident) rest = S::add(rest, S::blend(S::eq(q, inv_s), S::zero(), S::mul(q, s)));
         }
         S::dacc_div(wacc, tail ? S::mul(logz, msk) : logz, ic);
         if (hess) {
-          // The maxima have e = 1, q = 1 / s, and 1 - q = (s - 1) / s, which float32 forms
-          // exactly enough unless s < 1 + 2^-10 (a confident row): then s - 1 is the sum of the
-          // entries below the maximum (a single maximum, or s would be >= 2).
           V sm1 = S::sub(s, one);
-          const V thr = S::set1(CONFIDENT);
-          const bool any_confident = S::hmax(S::blend(S::gt(s, thr), S::zero(), one)) > 0.0f;
-          if (any_confident) {
-            V rest = S::zero();
-            const V qtop = inv_s;
-            for (int j = 0; j < k; ++j) {
-              const V q = S::load(sc.x + j * W);
-              rest = S::add(rest, S::blend(S::eq(q, qtop), S::zero(), S::mul(q, s)));
-            }
-            sm1 = S::blend(S::gt(s, thr), sm1, rest);
-          }
+          if (any_confident) sm1 = S::blend(S::gt(s, thr), sm1, rest);
           lanes_hessian<S>(P, sc, sc.x, inv_s, S::mul(sm1, inv_s), tail ? S::mul(ic, msk) : ic,
-                           sampled_row(P, b), any_confident);
+                           sampled, any_confident);
         }
       }
       if (++since_flush == FLUSH_BLOCKS) {
-        lanes_flush<S>(P, sc, colsum, hpart);
+        lanes_flush<S>(P, sc, colsum, hpart, false);
         since_flush = 0;
+      }
+      if (sampled && ++wblocks == W_FLUSH_BLOCKS) {
+        lanes_flush_w<S>(P, sc, hpart);
+        wblocks = 0;
       }
     } else {
       for (int j = 0; j < k; ++j) S::store(sc.x + j * W, S::mul(S::load(sc.x + j * W), inv_s));
@@ -697,7 +745,6 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
       lanes_flush_sums<S>(P, sc, sums);
     }
   }
-  if (sc.acch) std::free(sc.acch);
   std::free(scp);
 }
 
@@ -709,8 +756,6 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
 // Hessian, no output) two rows share one read-modify-write of the float32 column accumulators.
 // ------------------------------------------------------------------------------------------
 constexpr int FLUSH_ROWS = 32;
-// The sampled weights W are accumulated in float32 over at most this many 16-row blocks.
-constexpr int W_FLUSH_BLOCKS = 16;
 
 template <class S>
 // s_exact: when given, also the row sum to float64 accuracy (compensated), for rows written as Q.
