@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:  # benchmarks run from a checkout, installed or no
     sys.path.insert(0, str(REPO))
 
 from ppu_fast import api  # noqa: E402
+from ppu_fast.cli import _int_at_least  # noqa: E402
 from ppu_fast.backends import torch_ref  # noqa: E402
 
 
@@ -42,24 +43,10 @@ def parser(doc: Optional[str]) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def _int_at_least(s: str, lo: int, expected: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        v = lo - 1
-    if v < lo:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected {expected}")
-    return v
-
-
-def positive_int(s: str) -> int:
-    """argparse type of counts (--reps, --threads, ...): an integer >= 1."""
-    return _int_at_least(s, 1, "a positive integer")
-
-
-def nonneg_int(s: str) -> int:
-    """argparse type of limits where 0 means none (e.g. --quick-refine-max 0): an integer >= 0."""
-    return _int_at_least(s, 0, "an integer >= 0")
+# argparse types, the command line's own (ppu_fast.cli): counts (--reps, --threads, ...) are
+# integers >= 1; limits where 0 means none (e.g. --quick-refine-max 0) integers >= 0.
+positive_int = _int_at_least(1, "a positive integer")
+nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
 def nonneg_float(s: str) -> float:
