@@ -213,8 +213,10 @@ def _sync(device: str) -> None:
 
 def time_call(fn: Callable[[int], object], device: str, *, budget_s: float = 1.0,
               min_reps: int = 3, max_reps: int = 200, max_case_s: float = 30.0,
-              warmup: int = 1) -> Dict[str, float]:
-    """Median time of ``fn(i)`` (i: the repeat index, for rotating buffers).
+              warmup: int = 1, before: Optional[Callable[[], object]] = None
+              ) -> Dict[str, float]:
+    """Median time of ``fn(i)`` (i: the repeat index, for rotating buffers); ``before()``, when
+    given, runs untimed before every call (e.g. emptying a cache, for a cold call).
 
     Warm-up calls first (compilation, allocator, page faults), then enough repeats to fill
     ``budget_s`` (between ``min_reps`` and ``max_reps``) -- but never more than ``max_case_s`` in
@@ -227,7 +229,9 @@ def time_call(fn: Callable[[int], object], device: str, *, budget_s: float = 1.0
     """
     warmup = max(1, warmup)
     first = last = 0.0
+    prep = before if before is not None else (lambda: None)
     for w in range(warmup):
+        prep()
         t0 = time.perf_counter()
         fn(w)
         _sync(device)
@@ -243,6 +247,7 @@ def time_call(fn: Callable[[int], object], device: str, *, budget_s: float = 1.0
     if warmup == 1 and 2 * first <= max_case_s:
         # Estimate the per-call cost from one more call (the first may have compiled); a call
         # so slow that two would exceed the case's limit is its own estimate.
+        prep()
         t1 = time.perf_counter()
         fn(warmup)
         _sync(device)
@@ -256,6 +261,7 @@ def time_call(fn: Callable[[int], object], device: str, *, budget_s: float = 1.0
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)]
         for r, (a, b) in enumerate(events):
+            prep()
             a.record()
             fn(warmup + r)
             b.record()
@@ -263,6 +269,7 @@ def time_call(fn: Callable[[int], object], device: str, *, budget_s: float = 1.0
         samples = [a.elapsed_time(b) for a, b in events]
     else:
         for r in range(reps):
+            prep()
             s = time.perf_counter()
             fn(warmup + r)
             samples.append((time.perf_counter() - s) * 1e3)

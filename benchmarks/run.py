@@ -106,6 +106,9 @@ TARGETS = [
     {"device": "cpu", "size": (262144, 1000), "op": "step", "max_ms": 70.0,
      "text": "<= 70 ms (2 threads)"},
 ]
+
+# The ways a refine is timed (all of them judged against the refine targets).
+REFINE_OPS = ("refine", "refine out=", "refine cold")
 PHASES = ("setup", "prepare", "targets", "solve", "materialize")
 
 
@@ -208,7 +211,7 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
         try:
             row.update(common.time_call(fn, device, budget_s=args.budget,
                                         max_case_s=args.max_case_s, min_reps=args.min_reps,
-                                        warmup=kw.get("warmup", 1)))
+                                        warmup=kw.get("warmup", 1), before=kw.get("before")))
         except Exception as exc:  # one failing backend must not stop the others
             row["note"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
@@ -291,7 +294,10 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
                                           return_info=True,
                                           out=None if outs is None else outs[i % nb])
             state["infos"].append(info)
-            return q
+            # Held until the next call has returned, as `q = refine(...)` in a caller's loop: the
+            # new result cannot reuse the previous one's memory.
+            state["held"] = q
+            return None
 
         skip_big = args.quick and label in (EAGER, COMPILED) and n * k > args.quick_refine_max
         # Anchor (b)'s refine needs the Hessian-step graph; if that was skipped for the compile
@@ -306,24 +312,31 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
             r["note"] = "skipped in --quick (anchor refine above --quick-refine-max elements)"
             rows.append(r)
         else:
-            ops = [("refine", None)]
+            ops = [("refine", None, None)]
             if label not in (EAGER, COMPILED):
-                # The same call writing into reused buffers (out=): no fresh N x k allocation,
-                # whose first touch (the kernel zeroing fresh pages) costs 1-1.5 steps on a CPU.
-                ops.append(("refine out=", [torch.empty_like(p) for _ in range(nb)]))
-            for op_name, outs in ops:
+                # The same call writing into reused buffers (out=): no N x k allocation at all.
+                ops.append(("refine out=", [torch.empty_like(p) for _ in range(nb)], None))
+                if device == "cpu":
+                    # With the host cache emptied before each call: the result's pages are
+                    # fresh, and their first touch (the kernel zeroing them) is paid in the call,
+                    # as by a process's first refine.
+                    ops.append(("refine cold", None, ppu_fast.empty_cache))
+            for op_name, outs, before in ops:
                 state["infos"] = []
-                r = record(label, op_name, lambda i, outs=outs: refine_call(i, outs=outs))
+                r = record(label, op_name, lambda i, outs=outs: refine_call(i, outs=outs),
+                           before=before)
+                state.pop("held", None)
                 _refine_details(r, state["infos"])
             del ops
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    # What a fresh N x k result costs before any kernel runs: the refine above allocates one
-    # (its out= row does not), and its first touch is paid wherever it happens.
+    # What a fresh N x k result costs before any kernel runs: the cold refine above allocates
+    # one (the others reuse memory), and its first touch is paid wherever it happens.
     reused = torch.empty_like(p)
     record("memory", "fresh N x k buffer + fill",
-           lambda i: empty_buffer(p.shape, p.dtype, p.device).fill_(0.0))
+           lambda i: empty_buffer(p.shape, p.dtype, p.device).fill_(0.0),
+           before=ppu_fast.empty_cache)
     record("memory", "fill (reused buffer)", lambda i: reused.fill_(0.0))
     del reused
 
@@ -382,7 +395,7 @@ def add_ratios_and_targets(rows, device: str, state) -> None:
     steps = {(r["size"], r["impl"]): r["median_ms"] for r in rows
              if r.get("op") == "step" and r.get("median_ms")}
     for r in rows:
-        if (r.get("op") in ("refine", "refine out=") and r.get("median_ms")
+        if (r.get("op") in REFINE_OPS and r.get("median_ms")
                 and (r["size"], r["impl"]) in steps):
             r["refine_over_step"] = r["median_ms"] / steps[(r["size"], r["impl"])]
     for r in rows:
@@ -391,12 +404,12 @@ def add_ratios_and_targets(rows, device: str, state) -> None:
         if not t:
             continue
         for impl, key in ((EAGER, "x_vs_a"), (COMPILED, "x_vs_b")):
-            op = "refine" if r["op"] == "refine out=" else r["op"]  # anchors: default call
+            op = "refine" if r["op"] in REFINE_OPS else r["op"]  # anchors: default call
             a = ref.get((r["size"], op, impl))
             if a:
                 r[key] = a / t
         for tg in TARGETS:
-            op = "refine" if r["op"] == "refine out=" else r["op"]
+            op = "refine" if r["op"] in REFINE_OPS else r["op"]
             if tg["device"] != device or tg["op"] != op or (r["n"], r["k"]) != tg["size"]:
                 continue
             if r["impl"] in (EAGER, COMPILED, POT):
@@ -454,11 +467,16 @@ def render_markdown(meta, rows, device, state, png_name: Optional[str]) -> str:
               "of the rows); `passes` = the solver's passes over the matrix after prepare's (step "
               "calls); refine / step = refine median / the same backend's step median; the "
               "phases are medians of the refine's own clock (`info.timings`). "
-              "memory: the buffer refine allocates for its result (ppu_fast.backends.cpu."
-              "empty_buffer) filled once, against a fill of a reused buffer; their difference is "
-              "what the first touch of fresh pages costs on this machine in this run (the "
-              "operating system's zeroing, and on a VM the host backing them), which the "
-              "refine row pays and its out= row does not.",
+              "refine holds its previous result until the next call returns (as "
+              "`q = refine(...)` in a loop), so its fresh N x k result comes from ppu_fast's "
+              "host cache (on a CPU: memory a freed result left mapped); refine out= writes into "
+              "reused buffers; refine cold empties the host cache before each call (untimed), "
+              "so its result's pages are new to the process, as in a process's first refine. "
+              "memory: a buffer as the cold refine gets it (ppu_fast.backends.cpu."
+              "empty_buffer after ppu_fast.empty_cache) filled once, against a fill of a reused "
+              "buffer; their difference is what the first touch of fresh pages costs on this "
+              "machine in this run (the operating system's zeroing, and on a VM the host "
+              "backing them).",
               ""]
     show_pct = any("pct_copy_bw" in r for r in rows)
     header = ["impl", "op", "median ms", "IQR ms", "reps", "G exp/s", "GB/s"]

@@ -596,26 +596,6 @@ def test_float32_rows_sum_to_one_within_two_ulps(isa: str, k: int) -> None:
             assert dev <= ROW_SUM_ULPS, f"shift {shift}: a row sums to 1 +- {dev:.2f} ulps"
 
 
-def test_huge_page_advice_stays_inside_the_buffer() -> None:
-    """empty_buffer advises only large CPU buffers, and only whole 2 MiB pages inside them: a
-    range holding no whole huge page is refused, and advising never changes the contents."""
-    import sys
-
-    from ppu_fast.backends.cpu import HUGE_PAGES_MIN_BYTES, empty_buffer
-    huge = 1 << 21
-    assert _C.advise_huge_pages(huge + 8, huge - 16) is False  # no whole 2 MiB page inside
-    assert _C.advise_huge_pages(huge, 0) is False
-    t = torch.full((3 * huge // 4,), 7.0)  # 6 MiB: at least two whole huge pages
-    accepted = _C.advise_huge_pages(t.data_ptr(), t.numel() * 4)
-    assert accepted is (sys.platform.startswith("linux"))
-    assert bool((t == 7.0).all())
-    rows = HUGE_PAGES_MIN_BYTES // (4 * 100) + 3
-    buf = empty_buffer((rows, 100), torch.float32, "cpu")
-    assert buf.shape == (rows, 100) and buf.dtype == torch.float32 and buf.is_contiguous()
-    buf.fill_(0.25)
-    assert float(buf.double().sum()) == 0.25 * rows * 100
-    small = empty_buffer((5, 3), torch.float16, torch.device("cpu"))
-    assert small.shape == (5, 3) and small.dtype == torch.float16
 
 
 @pytest.mark.parametrize("isa", ISAS)

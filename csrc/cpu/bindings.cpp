@@ -13,10 +13,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "host_cache.h"
 #include "newton.h"
 #include "params.h"
 
@@ -395,26 +392,6 @@ void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t
   }
 }
 
-// Ask the kernel to back [ptr, ptr + nbytes) with transparent huge pages where it allows it (Linux,
-// THP "madvise" or "always"). Only whole 2 MiB pages inside the range are advised, so memory
-// outside the buffer is never touched. Must run before the first touch: a fresh 1 GB buffer then
-// takes ~500 faults that zero 2 MiB each instead of ~260,000 4 KiB faults (measured on the
-// 2-core dev VM: first touch of 400 MB 18 ms instead of 72 ms, median of 30). PyTorch's own
-// allocator does the same when THP_MEM_ALLOC_ENABLE=1. Returns whether the advice was accepted.
-bool advise_huge_pages(uintptr_t ptr, int64_t nbytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t huge = uintptr_t(1) << 21;
-  const uintptr_t lo = (ptr + huge - 1) & ~(huge - 1);
-  const uintptr_t hi = (ptr + uintptr_t(nbytes)) & ~(huge - 1);
-  if (nbytes <= 0 || hi <= lo) return false;
-  return madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) == 0;
-#else
-  (void)ptr;
-  (void)nbytes;
-  return false;
-#endif
-}
-
 using F64Array = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
 // Newton's direction (newton.cpp) for ppu_fast.solver: d (k,) as a new array, or None when the
@@ -439,6 +416,24 @@ F64Array balanced_laplacian_py(const F64Array& h, int max_iters, double tol) {
   return out;
 }
 
+// A buffer from the host cache (host_cache.cpp), exposed through the buffer protocol so that
+// torch.frombuffer wraps it without a copy: the tensor's storage holds a reference to this object,
+// and the block goes back to the cache only when the last tensor or view on it is freed.
+class HostBuffer {
+ public:
+  explicit HostBuffer(size_t nbytes) : block_(host_acquire(nbytes)), nbytes_(nbytes) {}
+  ~HostBuffer() { host_release(block_); }
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  void* data() const { return block_.base; }
+  size_t nbytes() const { return nbytes_; }
+  size_t mapped() const { return block_.size; }
+
+ private:
+  HostBlock block_;
+  size_t nbytes_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -448,17 +443,43 @@ PYBIND11_MODULE(_C, m) {
   // The interface version ppu_fast/backends/cpu.py expects (its _C_INTERFACE): a module built
   // from older sources (an editable checkout pulled without rebuilding) is refused by it, not
   // half used. 2: prepare packs the assembled Hessian; newton_direction exists. 3:
-  // newton_direction solves with the balanced Laplacian (its balance arguments).
-  m.attr("INTERFACE") = 3;
+  // newton_direction solves with the balanced Laplacian (its balance arguments). 4: HostBuffer and
+  // the host cache's functions.
+  m.attr("INTERFACE") = 4;
   m.attr("LANES_MAX_K") = LANES_MAX_K;
   m.attr("MAX_FULL_K") = MAX_FULL_K;
   m.attr("MIN_WORK") = MIN_WORK;
   m.def("supported_isas", &supported_isas,
         "Instruction sets this CPU and build can run, best first (e.g. ['avx512', 'avx2', 'generic']).");
-  m.def("advise_huge_pages", &advise_huge_pages, py::arg("ptr"), py::arg("nbytes"),
-        "madvise(MADV_HUGEPAGE) on the whole 2 MiB pages inside [ptr, ptr + nbytes), before "
-        "the first touch of a fresh buffer (Linux; elsewhere a no-op). Returns whether the "
-        "kernel accepted the advice.");
+  py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol(),
+                         "nbytes writable bytes from the host cache, 2 MiB-aligned (Linux only: "
+                         "see host_cache_available); back to the cache when freed.")
+      .def(py::init<size_t>(), py::arg("nbytes"))
+      .def_property_readonly("nbytes", &HostBuffer::nbytes)
+      .def_property_readonly("mapped", &HostBuffer::mapped, "bytes mapped (a multiple of 2 MiB)")
+      .def_property_readonly("ptr", [](const HostBuffer& b) {
+        return reinterpret_cast<uintptr_t>(b.data());
+      })
+      .def_buffer([](HostBuffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.nbytes())}, {py::ssize_t(1)},
+                               /*readonly=*/false);
+      });
+  m.def("host_cache_available", &host_cache_available,
+        "Whether HostBuffer maps memory here (Linux).");
+  m.def("host_empty_cache", &host_empty_cache, "Unmap every cached host block.");
+  m.def("host_set_limit", &host_set_limit, py::arg("bytes"),
+        "The most bytes the host cache keeps (blocks above it are unmapped now, oldest first).");
+  m.def("host_cache_stats", [] {
+    const HostCacheStats s = host_cache_stats();
+    py::dict d;
+    d["cached_bytes"] = s.cached_bytes;
+    d["cached_blocks"] = s.cached_blocks;
+    d["limit_bytes"] = s.limit_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    return d;
+  }, "The host cache's counters: cached_bytes, cached_blocks, limit_bytes, hits, misses.");
   m.def("best_isa", &best_isa, "The instruction set 'auto' picks on this CPU.");
   m.def("threads_for", &threads_for, py::arg("n"), py::arg("k"), py::arg("nthreads"),
         "Threads a call on an n x k matrix uses when allowed nthreads (at least MIN_WORK "

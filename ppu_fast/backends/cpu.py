@@ -28,6 +28,7 @@ not make more threads slower than one.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Optional, Tuple
 
@@ -39,7 +40,7 @@ from .base import (MODE_CODE, ROW_SUM_TOL, STEP_HESSIAN_MODES, Backend, Hessian,
                    hessian_stride, packed_size, unpack_prepare)
 
 # The version of the interface between this launcher and the compiled module (bindings.cpp).
-_C_INTERFACE = 3
+_C_INTERFACE = 4
 
 try:  # a missing build is a reason, never an import error (docs/design.md §4)
     from .. import _C  # type: ignore[attr-defined]
@@ -63,24 +64,87 @@ _HMODE = {False: 0, True: 1, "diag": 2, "exact": 1}  # "exact": the full Hessian
 
 ISA_NAMES = ("auto", "avx512", "avx2", "generic")
 
-# Fresh buffers at least this large are advised to transparent huge pages (whole 2 MiB pages).
-HUGE_PAGES_MIN_BYTES = 16 << 20
+# CPU buffers at least this large come from the host cache (csrc/cpu/host_cache.cpp); smaller
+# ones from torch's allocator, where a 2 MiB-granular mapping would waste more than it saves.
+HOST_CACHE_MIN_BYTES = 1 << 20
+HOST_CACHE_ENV = "PPU_FAST_HOST_CACHE_MB"
+_host_limit_read = False
 
 
 def empty_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype, device=device)`` for a solver buffer (e.g. N x k).
 
-    On the CPU, a buffer of at least ``HUGE_PAGES_MIN_BYTES`` is advised to transparent huge
-    pages before anything touches it: first-touching a fresh N x k buffer with 4 KiB pages cost
-    more than the solver's passes themselves (1,000,000 x 100: 170 of a 337 ms refine), with
-    2 MiB pages about a quarter of that. Where the kernel does not allow it (THP "never",
-    not Linux, no ``_C``) this is plain ``torch.empty``.
+    On the CPU, a buffer of at least ``HOST_CACHE_MIN_BYTES`` comes from ppu_fast's host cache: a
+    2 MiB-aligned mapping advised to transparent huge pages, which goes back to the cache (not
+    to the operating system) once the last tensor on it is freed, so that the next buffer of a
+    close size reuses pages the process already holds. Why: the kernel zeroes every fresh page
+    on its first touch, which cost a 1,000,000 x 100 refine ~30 ms of 165, and a 50,000 x 100
+    refine 10 or 13.5 ms depending on whether the caller still held the previous result (glibc's
+    heap reused the freed pages or not). :func:`empty_cache` releases the cache; its limit is
+    ``PPU_FAST_HOST_CACHE_MB`` (default: the smaller of 4 GiB and an eighth of the memory) or
+    :func:`set_host_cache_limit`. The tensor's storage is not resizable. Elsewhere (not Linux,
+    no ``_C``, other devices, small buffers) this is plain ``torch.empty``.
     """
-    t = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = t.numel() * t.element_size()
-    if t.device.type == "cpu" and nbytes >= HUGE_PAGES_MIN_BYTES and _C is not None:
-        _C.advise_huge_pages(t.data_ptr(), nbytes)
-    return t
+    device = torch.device(device)
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if (device.type != "cpu" or nbytes < HOST_CACHE_MIN_BYTES or _C is None
+            or not _C.host_cache_available()):
+        return torch.empty(shape, dtype=dtype, device=device)
+    _read_host_limit()
+    # frombuffer keeps a reference to the HostBuffer in the storage: the block returns to the
+    # cache only when the last view of it is freed.
+    raw = torch.frombuffer(_C.HostBuffer(nbytes), dtype=torch.uint8)
+    return raw.view(dtype).view(tuple(int(d) for d in shape))
+
+
+def _read_host_limit() -> None:
+    """Apply ``PPU_FAST_HOST_CACHE_MB`` once (at the first cached buffer)."""
+    global _host_limit_read
+    if _host_limit_read:
+        return
+    raw = os.environ.get(HOST_CACHE_ENV, "").strip()
+    if raw:
+        try:
+            mb = float(raw)
+        except ValueError:
+            mb = -1.0
+        if not (mb >= 0 and math.isfinite(mb)):
+            raise ValueError(f"{HOST_CACHE_ENV}: expected a number of MiB >= 0 (0 disables the "
+                             f"host cache), got {raw!r}")
+        _C.host_set_limit(int(mb * (1 << 20)))
+    _host_limit_read = True
+
+
+def empty_cache() -> None:
+    """Release the CPU buffers ppu_fast's host cache holds (memory of tensors still in use is not
+    affected), as ``torch.cuda.empty_cache`` does for CUDA memory. A no-op without the cache."""
+    if _C is not None and _C.host_cache_available():
+        _C.host_empty_cache()
+
+
+def set_host_cache_limit(nbytes: int) -> None:
+    """The most bytes of freed CPU buffers the host cache keeps (0 keeps none); cached blocks
+    beyond it are released now, oldest first. Overrides ``PPU_FAST_HOST_CACHE_MB``."""
+    global _host_limit_read
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
+        raise ValueError(f"nbytes: expected an integer number of bytes >= 0, got {nbytes!r}")
+    if _C is not None and _C.host_cache_available():
+        _C.host_set_limit(int(nbytes))
+        _host_limit_read = True
+
+
+def host_cache_stats() -> dict:
+    """The host cache's counters: ``cached_bytes`` and ``cached_blocks`` (freed buffers kept),
+    ``limit_bytes``, ``hits`` (buffers served from the cache) and ``misses`` (fresh mappings);
+    all 0 where there is no cache."""
+    if _C is None or not _C.host_cache_available():
+        return {"cached_bytes": 0, "cached_blocks": 0, "limit_bytes": 0, "hits": 0,
+                "misses": 0}
+    _read_host_limit()
+    return dict(_C.host_cache_stats())
 
 
 def _isa_from_env() -> str:
