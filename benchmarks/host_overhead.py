@@ -10,8 +10,8 @@ classifier, logit margin 6, the first max(1, k // 10) classes forgotten, lam 1, 
 1e-6) on the cpu backend, ``--reps`` timed calls after warm-up. The compiled module
 ``ppu_fast._C``'s kernel entry points (prepare, step, materialize, the Newton direction) are
 wrapped by a timer, so each call splits into the time inside them ("kernels") and the rest
-("host" = wall - kernels, the median of the per-call differences; the huge-page advice of a
-buffer of 16 MiB or more, a system call, counts as host). "host / pass" divides the
+("host" = wall - kernels, the median of the per-call differences; taking a result buffer from
+the host cache, or mapping a new one, counts as host). "host / pass" divides the
 host time by the solver's passes (``info.iterations``, prepare's first evaluation included).
 CPU only: on a GPU the host's work overlaps the device's and this split does not apply (there
 ``run.py``'s refine / step ratio shows the same cost). Writes host-overhead-<stamp>.json / .md

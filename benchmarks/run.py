@@ -320,13 +320,15 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
                     # With the host cache emptied before each call: the result's pages are
                     # fresh, and their first touch (the kernel zeroing them) is paid in the call,
                     # as by a process's first refine.
-                    ops.append(("refine cold", None, ppu_fast.empty_cache))
+                    ops.append(("refine cold", None, ppu_fast.empty_host_cache))
             for op_name, outs, before in ops:
                 state["infos"] = []
+                hc0 = ppu_fast.host_cache_stats()
                 r = record(label, op_name, lambda i, outs=outs: refine_call(i, outs=outs),
                            before=before)
                 state.pop("held", None)
                 _refine_details(r, state["infos"])
+                _host_cache_note(r, hc0, ppu_fast.host_cache_stats(), device)
             del ops
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -336,7 +338,7 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
     reused = torch.empty_like(p)
     record("memory", "fresh N x k buffer + fill",
            lambda i: empty_buffer(p.shape, p.dtype, p.device).fill_(0.0),
-           before=ppu_fast.empty_cache)
+           before=ppu_fast.empty_host_cache)
     record("memory", "fill (reused buffer)", lambda i: reused.fill_(0.0))
     del reused
 
@@ -383,6 +385,17 @@ def _refine_details(r: Dict[str, object], infos) -> None:
     timed = infos[-r["reps"]:] if r.get("reps") else infos
     r["phases_ms"] = {ph: statistics.median(i.timings.get(ph, 0.0) for i in timed) * 1e3
                       for ph in PHASES}
+
+
+def _host_cache_note(r, before: dict, after: dict, device: str) -> None:
+    """Record how the row's calls (warm-up included) got their CPU buffers: from the host cache
+    (hits) or as fresh mappings (misses)."""
+    if device != "cpu" or not after["limit_bytes"] and not after["misses"]:
+        return
+    hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+    r["host_cache"] = {"hits": hits, "misses": misses, "limit_bytes": after["limit_bytes"]}
+    note = f"host cache: {hits} hits, {misses} misses"
+    r["note"] = f"{r['note']}; {note}" if r.get("note") else note
 
 
 def add_ratios_and_targets(rows, device: str, state) -> None:
@@ -472,11 +485,13 @@ def render_markdown(meta, rows, device, state, png_name: Optional[str]) -> str:
               "host cache (on a CPU: memory a freed result left mapped); refine out= writes into "
               "reused buffers; refine cold empties the host cache before each call (untimed), "
               "so its result's pages are new to the process, as in a process's first refine. "
-              "memory: a buffer as the cold refine gets it (ppu_fast.backends.cpu."
-              "empty_buffer after ppu_fast.empty_cache) filled once, against a fill of a reused "
-              "buffer; their difference is what the first touch of fresh pages costs on this "
-              "machine in this run (the operating system's zeroing, and on a VM the host "
-              "backing them).",
+              "The note of a CPU refine row counts its calls' buffers (warm-up included) "
+              "served by the host cache (hits) and freshly mapped (misses). "
+              "memory: a new N x k buffer (ppu_fast.backends.cpu.empty_buffer; on a CPU after "
+              "ppu_fast.empty_host_cache, as the cold refine gets it) filled once, against a "
+              "fill of a reused buffer; their difference is what the first touch of fresh pages "
+              "costs on this machine in this run (the operating system's zeroing, and on a VM "
+              "the host backing them).",
               ""]
     show_pct = any("pct_copy_bw" in r for r in rows)
     header = ["impl", "op", "median ms", "IQR ms", "reps", "G exp/s", "GB/s"]

@@ -1,7 +1,7 @@
 """ppu_fast: Pseudo-Probability Unlearning with a fast dual-Newton refinement solver.
 
 Public API: :func:`refine`, :func:`solve`, :func:`targets`, :class:`RefineInfo`,
-:class:`ConvergenceWarning`; the host cache of CPU buffers: :func:`empty_cache`,
+:class:`ConvergenceWarning`; the host cache of CPU buffers: :func:`empty_host_cache`,
 :func:`set_host_cache_limit`, :func:`host_cache_stats`; and, imported on first use, :func:`refine_file`, :func:`unlearn`,
 :class:`UnlearnResult` and :func:`finetune`. Importing the package loads torch and numpy only.
 """
@@ -9,7 +9,7 @@ Public API: :func:`refine`, :func:`solve`, :func:`targets`, :class:`RefineInfo`,
 from typing import TYPE_CHECKING
 
 from .api import refine, solve, targets
-from .backends.cpu import empty_cache, host_cache_stats, set_host_cache_limit
+from .backends.cpu import empty_host_cache, host_cache_stats, set_host_cache_limit
 from .solver import ConvergenceWarning, RefineInfo
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = ["refine", "solve", "targets", "RefineInfo", "ConvergenceWarning", "refine_file",
-           "unlearn", "empty_cache", "set_host_cache_limit", "host_cache_stats",
+           "unlearn", "empty_host_cache", "set_host_cache_limit", "host_cache_stats",
            "UnlearnResult", "finetune", "__version__"]
 
 # ``unlearn`` is a callable subpackage (ppu_fast/unlearn/__init__.py): once imported, Python binds

@@ -1,7 +1,7 @@
 """The host cache of CPU solver buffers (csrc/cpu/host_cache.cpp via
 ``ppu_fast.backends.cpu.empty_buffer``): aligned, huge-page-advised blocks that return to the
 cache only when the last tensor on them is freed, bounded by a limit, released by
-``ppu_fast.empty_cache``, and never visible in a result (a block's stale contents included)."""
+``ppu_fast.empty_host_cache``, and never visible in a result (a block's stale contents included)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ HUGE = 2 * MIB
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    """Each test starts from an empty cache with the default limit and leaves it so."""
+    """Each test starts from an empty cache with a known limit (whatever PPU_FAST_HOST_CACHE_MB
+    says) and leaves the limit it found."""
     limit = ppu_fast.host_cache_stats()["limit_bytes"]
-    ppu_fast.empty_cache()
+    ppu_fast.empty_host_cache()
+    ppu_fast.set_host_cache_limit(256 * MIB)
     yield
     ppu_fast.set_host_cache_limit(limit)
-    ppu_fast.empty_cache()
+    ppu_fast.empty_host_cache()
 
 
 def _stats() -> dict:
@@ -108,52 +110,118 @@ def test_the_limit_bounds_what_the_cache_keeps() -> None:
     d = cpu.empty_buffer((3 * MIB,), torch.uint8, "cpu")
     del d
     assert _stats()["cached_blocks"] == 1
-    ppu_fast.empty_cache()
+    ppu_fast.empty_host_cache()
     assert _stats()["cached_blocks"] == 0 and _stats()["cached_bytes"] == 0
 
 
-@pytest.mark.parametrize("bad", [-1, True, 1.5, "1024", None])
-def test_a_bad_limit_is_refused(bad) -> None:
-    with pytest.raises(ValueError, match=r"nbytes: expected an integer number of bytes >= 0"):
+@pytest.mark.parametrize("bad", [True, 1.5, "1024", None])
+def test_a_limit_of_another_type_is_refused(bad) -> None:
+    with pytest.raises(TypeError, match=r"nbytes: expected an integer number of bytes, got"):
         ppu_fast.set_host_cache_limit(bad)
 
 
-def test_the_environment_sets_the_limit(monkeypatch) -> None:
+def test_a_negative_limit_is_refused_and_a_huge_one_means_none() -> None:
+    with pytest.raises(ValueError, match=r"nbytes: expected a number of bytes >= 0, got -1"):
+        ppu_fast.set_host_cache_limit(-1)
+    ppu_fast.set_host_cache_limit(2**64)
+    assert _stats()["limit_bytes"] == 2**63 - 1
+    ppu_fast.set_host_cache_limit(np.int64(3 * MIB))
+    assert _stats()["limit_bytes"] == 3 * MIB
+
+
+@pytest.mark.parametrize("value", ["lots", "-2", "nan", ""])
+def test_a_bad_environment_limit_names_the_variable(monkeypatch, value: str) -> None:
     monkeypatch.setattr(cpu, "_host_limit_read", False)
-    monkeypatch.setenv(cpu.HOST_CACHE_ENV, "lots")
+    monkeypatch.setenv(cpu.HOST_CACHE_ENV, value)
+    if value == "":  # unset in effect: the limit stays
+        cpu.check_host_cache_env()
+        assert _stats()["limit_bytes"] == 256 * MIB
+        return
     with pytest.raises(ValueError, match=r"PPU_FAST_HOST_CACHE_MB: expected a number of MiB "
-                                         r">= 0 .*got 'lots'"):
+                                         rf">= 0 .*got '{value}'"):
         cpu.empty_buffer((2 * MIB,), torch.uint8, "cpu")
-    monkeypatch.setenv(cpu.HOST_CACHE_ENV, "3")
-    assert ppu_fast.host_cache_stats()["limit_bytes"] == 3 * MIB
-    monkeypatch.setattr(cpu, "_host_limit_read", False)
-    monkeypatch.setenv(cpu.HOST_CACHE_ENV, "-2")
     with pytest.raises(ValueError, match="PPU_FAST_HOST_CACHE_MB"):
-        ppu_fast.host_cache_stats()
+        cpu.check_host_cache_env()
 
 
-@pytest.mark.parametrize("numpy_in", [False, True])
-def test_a_refine_never_sees_a_cached_blocks_stale_contents(numpy_in: bool) -> None:
-    """A refine into a block that held NaN, inf and garbage gives, bit for bit, the refine into
-    fresh zeroed pages (cache off): every value is written before it is read."""
+@pytest.mark.parametrize("value, want", [("3", 3 * MIB), ("0.5", MIB // 2), ("0", 0),
+                                         ("inf", 2**63 - 1), ("1e300", 2**63 - 1)])
+def test_the_environment_sets_the_limit(monkeypatch, value: str, want: int) -> None:
+    monkeypatch.setattr(cpu, "_host_limit_read", False)
+    monkeypatch.setenv(cpu.HOST_CACHE_ENV, value)
+    assert ppu_fast.host_cache_stats()["limit_bytes"] == want
+
+
+def test_the_command_line_checks_the_environment_limit_first(monkeypatch) -> None:
+    from ppu_fast.cli import _check_backend_environment
+    monkeypatch.setattr(cpu, "_host_limit_read", False)
+    monkeypatch.setenv(cpu.HOST_CACHE_ENV, "many")
+    with pytest.raises(ValueError, match="PPU_FAST_HOST_CACHE_MB"):
+        _check_backend_environment("cpu")
+
+
+def test_impossible_sizes_raise_memory_errors() -> None:
+    with pytest.raises(MemoryError):
+        _C.HostBuffer(2**64 - 1)
+    with pytest.raises(MemoryError, match=r"cannot allocate a \(2147483647, 2147483649\) "
+                                          r"torch.float32 buffer"):
+        cpu.empty_buffer((2147483647, 2147483649), torch.float32, "cpu")
+    assert _stats()["cached_blocks"] == 0
+
+
+def test_a_failed_mapping_releases_the_cache_and_retries() -> None:
+    """Under an address-space limit that the cached blocks fill, a request they cannot serve
+    succeeds after the cache is released (in a child process, which the limit then binds)."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import resource, torch, ppu_fast
+        from ppu_fast.backends import cpu
+        MIB = 1 << 20
+        ppu_fast.set_host_cache_limit(1 << 40)
+        keep = [cpu.empty_buffer((400 * MIB,), torch.uint8, "cpu") for _ in range(2)]
+        del keep  # 800 MiB cached
+        vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * MIB, resource.RLIM_INFINITY))
+        t = cpu.empty_buffer((300 * MIB,), torch.uint8, "cpu")  # a 400 MiB block is too large
+        t[::4096] = 1
+        print(ppu_fast.host_cache_stats()["cached_blocks"], int(t[::4096].sum()))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    blocks, total = (int(v) for v in out.stdout.split())
+    assert blocks == 0 and total == 300 * MIB // 4096
+
+
+@pytest.mark.parametrize("case", ["float32", "numpy", "float16"])
+def test_a_refine_never_sees_a_cached_blocks_stale_contents(case: str) -> None:
+    """A refine into blocks that held NaN, inf and garbage gives, bit for bit, the refine into
+    fresh zeroed pages (cache off): every value is written before it is read. float16: both
+    the float32 working buffer and the float16 result come from such blocks."""
     g = torch.Generator().manual_seed(3)
     n, k = 30_000, 20
     p = torch.softmax(4 * torch.randn(n, k, generator=g), dim=1)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[::7] = True
-    x, m = (p.numpy(), mask.numpy()) if numpy_in else (p, mask)
+    if case == "float16":
+        p = p.half()
+    x, m = (p.numpy(), mask.numpy()) if case == "numpy" else (p, mask)
     ppu_fast.set_host_cache_limit(0)
     want = ppu_fast.refine(x, m, backend="cpu")
     ppu_fast.set_host_cache_limit(64 * MIB)
-    junk = cpu.empty_buffer((n, k), torch.float32, "cpu")
-    junk.view(torch.int32).copy_(torch.randint(-2**31, 2**31 - 1, (n, k), generator=g,
-                                               dtype=torch.int32))
-    junk[::3] = float("nan")
-    junk[1::5] = float("inf")
-    del junk
+    dtypes = [torch.float32] + ([torch.float16] if case == "float16" else [])
+    junk = [cpu.empty_buffer((n, k), dt, "cpu") for dt in dtypes]
+    for j in junk:
+        raw = j.view(torch.uint8)
+        raw.copy_(torch.randint(0, 256, raw.shape, generator=g, dtype=torch.uint8))
+        j[::3] = float("nan")
+        j[1::5] = float("inf")
+    del junk, j, raw
     hits = _stats()["hits"]
     got = ppu_fast.refine(x, m, backend="cpu")
-    assert _stats()["hits"] == hits + 1  # it did reuse the block
+    assert _stats()["hits"] == hits + len(dtypes)  # it did reuse the blocks
     assert type(got) is type(want)
     assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
 
@@ -165,19 +233,21 @@ def _child(q) -> None:
     a.fill(2.0)
     total = float(a.sum(dtype=np.float64))
     del a, t
-    q.put((total, ppu_fast.host_cache_stats()["cached_blocks"]))
+    s = ppu_fast.host_cache_stats()
+    q.put((total, s["cached_blocks"], s["hits"]))
 
 
 def test_a_forked_child_uses_its_own_cache() -> None:
     t = cpu.empty_buffer((1000, 1000), torch.float32, "cpu")
     del t  # the parent caches a block, which the child inherits
     assert _stats()["cached_blocks"] == 1
+    hits = _stats()["hits"]
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     proc = ctx.Process(target=_child, args=(q,))
     proc.start()
     try:
-        total, blocks = q.get(timeout=60)
+        total, blocks, child_hits = q.get(timeout=60)
     finally:
         proc.join(10)
         if proc.is_alive():
@@ -185,7 +255,7 @@ def test_a_forked_child_uses_its_own_cache() -> None:
     assert proc.exitcode == 0
     # The child took the inherited block (a hit, no fault-in of the parent's pages needed) and
     # gave it back to its own cache.
-    assert total == 2.0 * 1e6 and blocks == 1
+    assert total == 2.0 * 1e6 and blocks == 1 and child_hits == hits + 1
     assert _stats()["cached_blocks"] == 1  # the parent's block is still its own
 
 

@@ -2,10 +2,10 @@
 //
 // Why: the kernel zeroes every page a process touches for the first time, and a refine writes a
 // fresh N x k result. With glibc's allocator that first touch was paid or not depending on the
-// heap's history: a 50,000 x 100 refine took 10 ms when the previous result had been freed and
-// 13.5 ms when the caller still held it (306 page faults per call), and every buffer above
-// glibc's mmap threshold (32 MiB) came from, and went back to, the kernel on each call
-// (1,000,000 x 100: a 165 ms refine of which ~30 ms was first touch). Here every buffer is its own
+// heap's history: in a loop holding each result until the next call returned, a 50,000 x 100
+// refine took 9.6 ms in one process and 13.5 ms (306 page faults per call) in another, and every
+// buffer above glibc's largest mmap threshold (32 MiB) came from, and went back to, the kernel on
+// each call (1,000,000 x 100: 158 ms, against 143 ms from this cache; docs/solver.md). Here every buffer is its own
 // mapping, 2 MiB-aligned and advised to transparent huge pages before anything touches it (one
 // fault per 2 MiB instead of 512), and a freed buffer stays mapped in a cache, up to a limit, for
 // the next request of a close size: the same idea as PyTorch's CUDA caching allocator, with
@@ -13,6 +13,8 @@
 #include "host_cache.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdio>
 #include <mutex>
 #include <new>
 #include <vector>
@@ -30,11 +32,31 @@ constexpr size_t kHuge = size_t(1) << 21;
 
 size_t round_up(size_t n) { return (n + kHuge - 1) / kHuge * kHuge; }
 
+#if defined(__linux__)
+// The memory limit of this process's cgroup (v2 memory.max, else v1 memory.limit_in_bytes), or 0
+// when there is none: in a container, _SC_PHYS_PAGES reports the host's memory.
+size_t cgroup_limit() {
+  for (const char* path : {"/sys/fs/cgroup/memory.max",
+                           "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::FILE* f = std::fopen(path, "r");
+    if (f == nullptr) continue;
+    unsigned long long v = 0;
+    const int got = std::fscanf(f, "%llu", &v);  // "max" (no limit) reads nothing
+    std::fclose(f);
+    if (got == 1 && v > 0) return static_cast<size_t>(v);
+  }
+  return 0;
+}
+#endif
+
+// The smaller of 4 GiB and an eighth of the memory this process may use.
 size_t default_limit() {
   size_t limit = size_t(4) << 30;
 #if defined(__linux__)
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
   if (pages > 0 && page > 0) limit = std::min(limit, size_t(pages) * size_t(page) / 8);
+  const size_t cg = cgroup_limit();
+  if (cg > 0) limit = std::min(limit, cg / 8);
 #endif
   return limit;
 }
@@ -51,22 +73,18 @@ State* g_state = nullptr;
 std::once_flag g_once;
 
 #if defined(__linux__)
-// A forked child keeps the parent's mappings (copy on write) but may have copied the mutex
-// locked: it continues with a fresh state that owns the same cached blocks.
-void reset_after_fork() {
-  State* fresh = new State();
-  fresh->blocks = g_state->blocks;
-  fresh->cached = g_state->cached;
-  fresh->limit = g_state->limit;
-  g_state = fresh;  // the old one is leaked: its mutex may be unusable
-}
+// fork() while another thread holds the mutex would leave the child a locked copy: the handlers
+// hold it across the fork, and both sides release it (the forking thread owns it in the child
+// too). The child keeps the parent's cached blocks, which are its own copy-on-write mappings.
+void lock_before_fork() { g_state->mu.lock(); }
+void unlock_after_fork() { g_state->mu.unlock(); }
 #endif
 
 State& state() {
   std::call_once(g_once, [] {
     g_state = new State();
 #if defined(__linux__)
-    pthread_atfork(nullptr, nullptr, reset_after_fork);
+    pthread_atfork(lock_before_fork, unlock_after_fork, unlock_after_fork);
 #endif
   });
   return *g_state;
@@ -111,13 +129,16 @@ bool host_cache_available() {
 }
 
 HostBlock host_acquire(size_t nbytes) {
+  // Beyond this, rounding up (and mmap's extra huge page) would wrap around.
+  if (nbytes > static_cast<size_t>(PTRDIFF_MAX) - 2 * kHuge) throw std::bad_alloc();
   const size_t need = round_up(std::max<size_t>(nbytes, 1));
   State& s = state();
   {
     std::lock_guard<std::mutex> lk(s.mu);
-    // The smallest cached block that fits and wastes at most a quarter of the request; the most
+    // The smallest cached block that fits and is at most a quarter larger than the request
+    // (rounded down to 2 MiB, so a block of 2 or 4 MiB serves its own size only); the most
     // recently freed one among equals (its pages are the likeliest to be in cache).
-    const size_t most = need + round_up(need / 4);
+    const size_t most = std::max(need, (need + need / 4) / kHuge * kHuge);
     size_t best = s.blocks.size();
     for (size_t i = s.blocks.size(); i-- > 0;) {
       const size_t sz = s.blocks[i].size;
@@ -133,7 +154,14 @@ HostBlock host_acquire(size_t nbytes) {
     }
     ++s.misses;
   }
-  return map_fresh(need);
+  try {
+    return map_fresh(need);
+  } catch (const std::bad_alloc&) {
+    // Cached blocks that could not serve this request may be what stands in the way (an address
+    // space or memory limit): release them and try once more, as PyTorch's CUDA allocator does.
+    host_empty_cache();
+    return map_fresh(need);
+  }
 }
 
 void host_release(HostBlock block) {

@@ -21,9 +21,10 @@ struct HostCacheStats {
   uint64_t misses = 0;       // requests that mapped fresh memory
 };
 
-// A block of at least `nbytes` bytes: a cached one of a close size (at most a quarter larger,
-// rounded to 2 MiB) when there is one, else a fresh mapping. Throws std::bad_alloc when the
-// mapping fails.
+// A block of at least `nbytes` bytes: a cached one of a close size (at most a quarter larger
+// than the request rounded up to 2 MiB, that bound rounded down to 2 MiB) when there is one, else
+// a fresh mapping (after releasing the cache, when the first try fails). Throws std::bad_alloc
+// when the mapping fails or nbytes is beyond any address space.
 HostBlock host_acquire(size_t nbytes);
 // Back to the cache (most recent first), or unmapped when it does not fit under the limit; the
 // oldest cached blocks are unmapped to make room.

@@ -66,24 +66,28 @@ ISA_NAMES = ("auto", "avx512", "avx2", "generic")
 
 # CPU buffers at least this large come from the host cache (csrc/cpu/host_cache.cpp); smaller
 # ones from torch's allocator, where a 2 MiB-granular mapping would waste more than it saves.
+# (1 MiB, not 2: a 50,000 x 10 float32 result is 1.9 MiB.)
 HOST_CACHE_MIN_BYTES = 1 << 20
 HOST_CACHE_ENV = "PPU_FAST_HOST_CACHE_MB"
+# Limits above this mean "no limit" (the C++ side holds them in a size_t).
+_LIMIT_MAX = (1 << 63) - 1
 _host_limit_read = False
 
 
 def empty_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype, device=device)`` for a solver buffer (e.g. N x k).
 
-    On the CPU, a buffer of at least ``HOST_CACHE_MIN_BYTES`` comes from ppu_fast's host cache: a
-    2 MiB-aligned mapping advised to transparent huge pages, which goes back to the cache (not
-    to the operating system) once the last tensor on it is freed, so that the next buffer of a
-    close size reuses pages the process already holds. Why: the kernel zeroes every fresh page
-    on its first touch, which cost a 1,000,000 x 100 refine ~30 ms of 165, and a 50,000 x 100
-    refine 10 or 13.5 ms depending on whether the caller still held the previous result (glibc's
-    heap reused the freed pages or not). :func:`empty_cache` releases the cache; its limit is
-    ``PPU_FAST_HOST_CACHE_MB`` (default: the smaller of 4 GiB and an eighth of the memory) or
-    :func:`set_host_cache_limit`. The tensor's storage is not resizable. Elsewhere (not Linux,
-    no ``_C``, other devices, small buffers) this is plain ``torch.empty``.
+    On the CPU (Linux), a buffer of at least ``HOST_CACHE_MIN_BYTES`` comes from ppu_fast's host
+    cache: a 2 MiB-aligned mapping advised to transparent huge pages, which goes back to the
+    cache (not to the operating system) once the last tensor on it is freed, so that the next
+    buffer of a close size reuses pages the process already holds. Why: the kernel zeroes every
+    fresh page on its first touch, and with glibc's heap whether a refine in a loop paid that
+    depended on the heap's history (50,000 x 100: 13.5 or 9.6 ms in two processes) and above
+    32 MiB it always did (1,000,000 x 100: 158 ms against 143 from the cache; docs/solver.md).
+    :func:`empty_host_cache` releases the cache; its limit is ``PPU_FAST_HOST_CACHE_MB`` (default:
+    the smaller of 4 GiB and an eighth of the memory) or :func:`set_host_cache_limit`. The
+    tensor's storage is not resizable. Elsewhere (not Linux, no ``_C``, other devices, small
+    buffers) this is plain ``torch.empty``.
     """
     device = torch.device(device)
     numel = 1
@@ -94,10 +98,23 @@ def empty_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
             or not _C.host_cache_available()):
         return torch.empty(shape, dtype=dtype, device=device)
     _read_host_limit()
+    try:
+        block = _C.HostBuffer(nbytes)
+    except MemoryError:
+        raise MemoryError(f"cannot allocate a {tuple(int(d) for d in shape)} {dtype} buffer "
+                          f"({nbytes:,} bytes) on the CPU (the host cache was released first)"
+                          ) from None
     # frombuffer keeps a reference to the HostBuffer in the storage: the block returns to the
     # cache only when the last view of it is freed.
-    raw = torch.frombuffer(_C.HostBuffer(nbytes), dtype=torch.uint8)
+    raw = torch.frombuffer(block, dtype=torch.uint8)
     return raw.view(dtype).view(tuple(int(d) for d in shape))
+
+
+def check_host_cache_env() -> None:
+    """Raise the ValueError for a bad ``PPU_FAST_HOST_CACHE_MB`` now (it is otherwise read at the
+    first cached buffer), and apply it."""
+    if _C is not None and _C.host_cache_available():
+        _read_host_limit()
 
 
 def _read_host_limit() -> None:
@@ -110,36 +127,41 @@ def _read_host_limit() -> None:
         try:
             mb = float(raw)
         except ValueError:
-            mb = -1.0
-        if not (mb >= 0 and math.isfinite(mb)):
-            raise ValueError(f"{HOST_CACHE_ENV}: expected a number of MiB >= 0 (0 disables the "
-                             f"host cache), got {raw!r}")
-        _C.host_set_limit(int(mb * (1 << 20)))
+            mb = math.nan
+        if not mb >= 0:
+            raise ValueError(f"{HOST_CACHE_ENV}: expected a number of MiB >= 0 (0 keeps no "
+                             f"freed buffer, inf no limit), got {raw!r}")
+        _C.host_set_limit(_LIMIT_MAX if mb * (1 << 20) >= _LIMIT_MAX else int(mb * (1 << 20)))
     _host_limit_read = True
 
 
-def empty_cache() -> None:
-    """Release the CPU buffers ppu_fast's host cache holds (memory of tensors still in use is not
-    affected), as ``torch.cuda.empty_cache`` does for CUDA memory. A no-op without the cache."""
+def empty_host_cache() -> None:
+    """Release the freed CPU buffers that ppu_fast's host cache keeps (memory of tensors still in
+    use is not affected), as ``torch.cuda.empty_cache`` does for CUDA memory; CPU memory only.
+    A no-op where there is no cache."""
     if _C is not None and _C.host_cache_available():
         _C.host_empty_cache()
 
 
 def set_host_cache_limit(nbytes: int) -> None:
-    """The most bytes of freed CPU buffers the host cache keeps (0 keeps none); cached blocks
-    beyond it are released now, oldest first. Overrides ``PPU_FAST_HOST_CACHE_MB``."""
+    """The most bytes of freed CPU buffers the host cache keeps (0: none; every buffer of 1 MiB or
+    more is then a fresh mapping); cached blocks beyond it are released now, oldest first.
+    Overrides ``PPU_FAST_HOST_CACHE_MB``. Values above 2**63 - 1 mean no limit."""
     global _host_limit_read
-    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
-        raise ValueError(f"nbytes: expected an integer number of bytes >= 0, got {nbytes!r}")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
+        raise TypeError(f"nbytes: expected an integer number of bytes, got "
+                        f"{type(nbytes).__name__} {nbytes!r}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes: expected a number of bytes >= 0, got {nbytes}")
     if _C is not None and _C.host_cache_available():
-        _C.host_set_limit(int(nbytes))
+        _C.host_set_limit(min(int(nbytes), _LIMIT_MAX))
         _host_limit_read = True
 
 
 def host_cache_stats() -> dict:
-    """The host cache's counters: ``cached_bytes`` and ``cached_blocks`` (freed buffers kept),
-    ``limit_bytes``, ``hits`` (buffers served from the cache) and ``misses`` (fresh mappings);
-    all 0 where there is no cache."""
+    """The CPU host cache's counters: ``cached_bytes`` and ``cached_blocks`` (freed buffers
+    kept), ``limit_bytes``, ``hits`` (buffers served from the cache) and ``misses`` (fresh
+    mappings); all 0 where there is no cache."""
     if _C is None or not _C.host_cache_available():
         return {"cached_bytes": 0, "cached_blocks": 0, "limit_bytes": 0, "hits": 0,
                 "misses": 0}
