@@ -84,7 +84,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
     Returns:
         Q (N x k) with the dtype and device of the input (numpy in, numpy out), or (Q, info);
         Q is ``out`` when it is given. A float16 / bfloat16 input is solved from log P^ held in
-        float32 (an N x k float32 buffer beside the 16-bit result, freed on return) and only Q
+        float32 (an N x k float32 buffer beside the 16-bit result, freed on return: on a CPU
+        into the host cache, see :func:`ppu_fast.empty_host_cache`) and only Q
         is rounded to its dtype (``info.output_residual``).
     """
     t0 = time.perf_counter()
