@@ -2,7 +2,8 @@
 
 Public API: :func:`refine`, :func:`solve`, :func:`targets`, :class:`RefineInfo`,
 :class:`ConvergenceWarning`; the host cache of CPU buffers: :func:`empty_host_cache`,
-:func:`set_host_cache_limit`, :func:`host_cache_stats`; and, imported on first use, :func:`refine_file`, :func:`unlearn`,
+:func:`set_host_cache_limit`, :func:`host_cache_stats`; and, imported on first use,
+:func:`refine_file`, :func:`unlearn`,
 :class:`UnlearnResult` and :func:`finetune`. Importing the package loads torch and numpy only.
 """
 

@@ -70,9 +70,10 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
         return_info: also return a :class:`RefineInfo` (``info.timings`` breaks the call down).
         out: where to write Q (N x k, the input's dtype, device and kind: tensor or array), as
             torch's ``out=``: reusing a buffer saves allocating N x k memory (on a CPU a new
-            result comes from ppu_fast's host cache, see :func:`ppu_fast.empty_host_cache`, else from
-            pages the kernel must zero on their first touch, about one solver pass; a float16 /
-            bfloat16 input still solves in a float32 buffer of its own, see Returns). It may be the input
+            result comes from ppu_fast's host cache, see :func:`ppu_fast.empty_host_cache`,
+            else from pages the kernel must zero on their first touch, about one solver pass;
+            a float16 / bfloat16 input still solves in a float32 buffer of its own, see
+            Returns). It may be the input
             itself, which is then overwritten with Q (and, when a row of a float32 / float64
             input fails validation, left partly overwritten: the one pass validates and writes).
         process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``): each

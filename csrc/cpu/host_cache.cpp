@@ -5,11 +5,11 @@
 // heap's history: in a loop holding each result until the next call returned, a 50,000 x 100
 // refine took 9.6 ms in one process and 13.5 ms (306 page faults per call) in another, and every
 // buffer above glibc's largest mmap threshold (32 MiB) came from, and went back to, the kernel on
-// each call (1,000,000 x 100: 158 ms, against 143 ms from this cache; docs/solver.md). Here every buffer is its own
-// mapping, 2 MiB-aligned and advised to transparent huge pages before anything touches it (one
-// fault per 2 MiB instead of 512), and a freed buffer stays mapped in a cache, up to a limit, for
-// the next request of a close size: the same idea as PyTorch's CUDA caching allocator, with
-// ppu_fast.empty_cache() as its torch.cuda.empty_cache().
+// each call (1,000,000 x 100: 158 ms, against 143 ms from this cache; docs/solver.md). Here every
+// buffer is its own mapping, 2 MiB-aligned and advised to transparent huge pages before anything
+// touches it (one fault per 2 MiB instead of 512), and a freed buffer stays mapped in a cache, up
+// to a limit, for the next request of a close size: the same idea as PyTorch's CUDA caching
+// allocator, with ppu_fast.empty_host_cache() as its torch.cuda.empty_cache().
 #include "host_cache.h"
 
 #include <algorithm>
