@@ -432,11 +432,16 @@ static inline void lanes_prepare_block(const Params& P, LaneScratch<S>& sc, int6
   }
   const V f = S::load(sc.fmask);
   const V one = S::set1(1.0f);
-  V s = S::zero(), mn = S::set1(INFINITY), mx = S::set1(-INFINITY);
+  // With the Hessian (probs), also the sum of a row's entries but one of its maxima: each entry
+  // adds min(running max, entry), so the largest entry is the one left out.
+  const bool hess = P.stats && P.hmode != H_NONE;
+  const bool rest_x = hess && P.mode == MODE_PROBS;
+  V s = S::zero(), mn = S::set1(INFINITY), mx = S::set1(-INFINITY), rest = S::zero();
   for (int j = 0; j < k; ++j) {
     const V x = S::load(sc.stage + j * W);
     s = S::add(s, x);
     mn = S::min(mn, x);
+    if (rest_x && j > 0) rest = S::add(rest, S::min(mx, x));
     mx = S::max(mx, x);
   }
   // Rows needing a closer look: a non-finite sum (a NaN / inf entry), a negative entry or a sum
@@ -477,48 +482,66 @@ static inline void lanes_prepare_block(const Params& P, LaneScratch<S>& sc, int6
     }
     return;
   }
-  // log P^ into sc.x, the normalised row into sc.stage.
-  V inv_s;
+  // The normaliser: log P^ = log x - lshift (probs) or x - lshift (logits), pn = x / s or e / s.
+  V inv_s, lshift;
   if (P.mode == MODE_PROBS) {
-    const V lshift = vlog<S>(S::max(s, S::set1(1e-30f)));
+    lshift = vlog<S>(S::max(s, S::set1(1e-30f)));
     inv_s = S::div(one, s);
-    for (int j = 0; j < k; ++j) {
-      const V x = S::load(sc.stage + j * W);
-      S::store(sc.x + j * W, S::sub(vlog_any<S>(x), lshift));
-      S::store(sc.stage + j * W, S::mul(x, inv_s));
-    }
   } else {
-    V se = S::zero();
+    V se = S::zero(), em = S::zero();  // em: the running max of e (e = 1 at the row's max)
     for (int j = 0; j < k; ++j) {
       const V e = vexp<S>(S::sub(S::load(sc.stage + j * W), mx));
       se = S::add(se, e);
+      if (hess) {
+        rest = S::add(rest, S::min(em, e));
+        em = S::max(em, e);
+      }
       S::store(sc.x + j * W, e);
     }
-    const V lshift = S::add(mx, vlog<S>(se));
+    lshift = S::add(mx, vlog<S>(se));
     inv_s = S::div(one, se);
-    for (int j = 0; j < k; ++j) {
-      const V x = S::load(sc.stage + j * W);
-      S::store(sc.stage + j * W, S::mul(S::load(sc.x + j * W), inv_s));
-      S::store(sc.x + j * W, S::sub(x, lshift));
-    }
   }
-  // Sums of the normalised rows over retained (1 - f) and forgotten (f) lanes.
+  // Retained (1 - f) and forgotten (f) lanes.
   const V fr = tail ? S::mul(f, msk) : f;
   const V rr = tail ? S::mul(S::sub(one, f), msk) : S::sub(one, f);
+  // The row's largest probability pmax = mx * inv_s (probs) or inv_s (logits, e = 1 at the max),
+  // and its 1 - pmax from the smaller entries (the maxima's 1 - q; every other entry has q <= 1/2
+  // and forms 1 - q directly): the same form as the step's confident rows, for every row.
+  const V pmax = P.mode == MODE_PROBS ? S::mul(mx, inv_s) : inv_s;
+  const V rtop = S::mul(rest, inv_s);
+  const bool sampled = hess && sampled_row(P, b);
+  // Forget lanes carry no statistics here (their part is analytic).
+  V w = tail ? S::mul(ic, msk) : ic;
+  if (any_forget) w = S::mul(w, S::sub(one, f));
+  // pn is kept in sc.stage only where the sampled weights read it back.
+  const bool keep = sampled;
+  const bool fill = P.fill && any_forget;
+  const auto fz = S::gt(f, S::zero());
+  // One pass: log P^ (or fill) into sc.x, the sums of the normalised rows and the diagonal term.
   for (int j = 0; j < k; ++j) {
-    const V pn = S::load(sc.stage + j * W);
+    const V x = S::load(sc.stage + j * W);
+    V lg, pn;
+    if (P.mode == MODE_PROBS) {
+      lg = S::sub(vlog_any<S>(x), lshift);
+      pn = S::mul(x, inv_s);
+    } else {
+      pn = S::mul(S::load(sc.x + j * W), inv_s);
+      lg = S::sub(x, lshift);
+    }
+    if (fill) lg = S::blend(fz, S::set1(P.fill[j]), lg);
+    S::store(sc.x + j * W, lg);
+    if (keep) S::store(sc.stage + j * W, pn);
     if (any_forget) S::store(sc.sfor + j * W, S::fmadd(pn, fr, S::load(sc.sfor + j * W)));
     S::store(sc.sret + j * W, S::fmadd(pn, rr, S::load(sc.sret + j * W)));
+    if (hess) {
+      const V r = S::blend(S::eq(pn, pmax), rtop, S::sub(one, pn));
+      S::store(sc.accd + j * W, S::fmadd(S::mul(pn, r), w, S::load(sc.accd + j * W)));
+    }
   }
-  if (P.fill && any_forget) {
-    const auto fz = S::gt(f, S::zero());
-    for (int j = 0; j < k; ++j)
-      S::store(sc.x + j * W, S::blend(fz, S::set1(P.fill[j]), S::load(sc.x + j * W)));
-  }
-  if (!P.stats) return;
+  if (sampled) lanes_pairs<S>(P, sc, sc.stage, w);
   // The first evaluation of the retained rows (q = pn, log Z = 0; their column sums are the
   // retained sums); the forget rows, all equal to fill, are added by the binding.
-  if (any_forget) {
+  if (P.stats && any_forget) {
     const bool samp = sampled_row(P, b);
     for (int r = 0; r < nv; ++r) {
       if (sc.fmask[r] > 0.0f) {
@@ -530,21 +553,6 @@ static inline void lanes_prepare_block(const Params& P, LaneScratch<S>& sc, int6
       }
     }
   }
-  if (P.hmode == H_NONE) return;
-  // The row's largest probability pmax = mx * inv_s (probs) or inv_s (logits, e = 1 at the max).
-  const V pmax = P.mode == MODE_PROBS ? S::mul(mx, inv_s) : inv_s;
-  V rest = S::zero(), ones = S::zero();
-  for (int j = 0; j < k; ++j) {
-    const V pn = S::load(sc.stage + j * W);
-    const auto top = S::eq(pn, pmax);
-    rest = S::add(rest, S::blend(top, S::zero(), pn));
-    ones = S::add(ones, S::blend(top, one, S::zero()));
-  }
-  const V rtop = S::fmadd(S::sub(ones, one), pmax, rest);
-  // Forget lanes carry no statistics here (their part is analytic).
-  V w = tail ? S::mul(ic, msk) : ic;
-  if (any_forget) w = S::mul(w, S::sub(one, f));
-  lanes_hessian<S>(P, sc, sc.stage, pmax, rtop, w, sampled_row(P, b), true);
 }
 
 template <class S>
@@ -613,9 +621,14 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
       }
       if (prep_pn || !stats) {
         if (++since_flush == FLUSH_BLOCKS) {
-          if (stats) lanes_flush<S>(P, sc, nullptr, hpart);
+          if (stats) lanes_flush<S>(P, sc, nullptr, hpart, false);
           lanes_flush_sums<S>(P, sc, sums);
           since_flush = 0;
+        }
+        // The sampled weights by their own count, as in the step below.
+        if (sc.acch && sampled_row(P, b) && ++wblocks == W_FLUSH_BLOCKS) {
+          lanes_flush_w<S>(P, sc, hpart);
+          wblocks = 0;
         }
         continue;
       }
