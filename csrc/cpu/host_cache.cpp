@@ -90,6 +90,17 @@ State& state() {
   return *g_state;
 }
 
+// Moves the oldest cached blocks to `out` until `more` bytes fit under the limit (or none is
+// left); the caller unmaps them outside the lock. Call with s.mu held.
+void evict_for(State& s, size_t more, std::vector<HostBlock>& out) {
+  size_t drop = 0;
+  while (drop < s.blocks.size() && s.cached + more > s.limit) {
+    s.cached -= s.blocks[drop].size;
+    out.push_back(s.blocks[drop++]);
+  }
+  s.blocks.erase(s.blocks.begin(), s.blocks.begin() + static_cast<std::ptrdiff_t>(drop));
+}
+
 void unmap(const HostBlock& b) {
 #if defined(__linux__)
   munmap(b.base, b.size);
@@ -173,11 +184,7 @@ void host_release(HostBlock block) {
     if (block.size > s.limit) {
       evicted.push_back(block);
     } else {
-      while (s.cached + block.size > s.limit && !s.blocks.empty()) {
-        evicted.push_back(s.blocks.front());
-        s.cached -= s.blocks.front().size;
-        s.blocks.erase(s.blocks.begin());
-      }
+      evict_for(s, block.size, evicted);
       s.blocks.push_back(block);
       s.cached += block.size;
     }
@@ -203,11 +210,7 @@ void host_set_limit(size_t bytes) {
   {
     std::lock_guard<std::mutex> lk(s.mu);
     s.limit = bytes;
-    while (s.cached > s.limit && !s.blocks.empty()) {
-      evicted.push_back(s.blocks.front());
-      s.cached -= s.blocks.front().size;
-      s.blocks.erase(s.blocks.begin());
-    }
+    evict_for(s, 0, evicted);
   }
   for (const HostBlock& b : evicted) unmap(b);
 }

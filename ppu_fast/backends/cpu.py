@@ -90,30 +90,32 @@ def empty_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     buffers) this is plain ``torch.empty``.
     """
     device = torch.device(device)
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if (device.type != "cpu" or nbytes < HOST_CACHE_MIN_BYTES or _C is None
-            or not _C.host_cache_available()):
+    dims = tuple(int(d) for d in shape)
+    nbytes = math.prod(dims) * dtype.itemsize
+    if device.type != "cpu" or nbytes < HOST_CACHE_MIN_BYTES or not _host_cache():
         return torch.empty(shape, dtype=dtype, device=device)
     _read_host_limit()
     try:
         block = _C.HostBuffer(nbytes)
     except MemoryError:
-        raise MemoryError(f"cannot allocate a {tuple(int(d) for d in shape)} {dtype} buffer "
+        raise MemoryError(f"cannot allocate a {dims} {dtype} buffer "
                           f"({nbytes:,} bytes) on the CPU (the host cache was released first)"
                           ) from None
     # frombuffer keeps a reference to the HostBuffer in the storage: the block returns to the
     # cache only when the last view of it is freed.
     raw = torch.frombuffer(block, dtype=torch.uint8)
-    return raw.view(dtype).view(tuple(int(d) for d in shape))
+    return raw.view(dtype).view(dims)
+
+
+def _host_cache() -> bool:
+    """Whether this build and platform have the host cache (``_C`` built, Linux)."""
+    return _C is not None and _C.host_cache_available()
 
 
 def check_host_cache_env() -> None:
     """Raise the ValueError for a bad ``PPU_FAST_HOST_CACHE_MB`` now (it is otherwise read at the
     first cached buffer), and apply it."""
-    if _C is not None and _C.host_cache_available():
+    if _host_cache():
         _read_host_limit()
 
 
@@ -139,7 +141,7 @@ def empty_host_cache() -> None:
     """Release the freed CPU buffers that ppu_fast's host cache keeps (memory of tensors still in
     use is not affected), as ``torch.cuda.empty_cache`` does for CUDA memory; CPU memory only.
     A no-op where there is no cache."""
-    if _C is not None and _C.host_cache_available():
+    if _host_cache():
         _C.host_empty_cache()
 
 
@@ -153,7 +155,7 @@ def set_host_cache_limit(nbytes: int) -> None:
                         f"{type(nbytes).__name__} {nbytes!r}")
     if nbytes < 0:
         raise ValueError(f"nbytes: expected a number of bytes >= 0, got {nbytes}")
-    if _C is not None and _C.host_cache_available():
+    if _host_cache():
         _C.host_set_limit(min(int(nbytes), _LIMIT_MAX))
         _host_limit_read = True
 
@@ -162,7 +164,7 @@ def host_cache_stats() -> dict:
     """The CPU host cache's counters: ``cached_bytes`` and ``cached_blocks`` (freed buffers
     kept), ``limit_bytes``, ``hits`` (buffers served from the cache) and ``misses`` (fresh
     mappings); all 0 where there is no cache."""
-    if _C is None or not _C.host_cache_available():
+    if not _host_cache():
         return {"cached_bytes": 0, "cached_blocks": 0, "limit_bytes": 0, "hits": 0,
                 "misses": 0}
     _read_host_limit()
