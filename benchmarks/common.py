@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:  # benchmarks run from a checkout, installed or no
 from ppu_fast import api  # noqa: E402
 from ppu_fast.cli import _int_at_least  # noqa: E402
 from ppu_fast.backends import torch_ref  # noqa: E402
+from ppu_fast.backends.base import Backend  # noqa: E402
 
 
 # Where results go unless --out says otherwise: this folder's results/, wherever the script is run
@@ -355,6 +356,23 @@ def forced_backend(backend):
         yield
     finally:
         api.get_backend = orig
+
+
+@contextlib.contextmanager
+def generic_passes(backend):
+    """The solver's passes on ``backend`` through the base class's ``bind_step`` (``step`` per
+    pass, its results gathered on the device and copied), instead of the backend's own bound
+    route: the GPU backends' per-pass host work before their ``bind_step``."""
+    cls = type(backend)
+    own = cls.__dict__.get("bind_step")
+    cls.bind_step = Backend.bind_step
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.bind_step
+        else:
+            cls.bind_step = own
 
 
 def raise_recompile_limit(n: int = 64) -> None:

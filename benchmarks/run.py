@@ -285,9 +285,9 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
                 if state.get("copy"):
                     r["pct_copy_bw"] = 100.0 * r["GB_s"] / state["copy"]["GB_s"]
 
-        def refine_call(i, reg_name=reg_name, be=be, outs=None):
+        def refine_call(i, reg_name=reg_name, be=be, outs=None, route=None):
             ctx = common.forced_backend(be) if reg_name is None else contextlib.nullcontext()
-            with ctx, warnings.catch_warnings():
+            with ctx, route or contextlib.nullcontext(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", ppu_fast.ConvergenceWarning)
                 q, info = ppu_fast.refine(ps[i % nb], forget, lam=1.0, tol=1e-6,
                                           method="newton", backend=reg_name or "torch",
@@ -312,19 +312,26 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
             r["note"] = "skipped in --quick (anchor refine above --quick-refine-max elements)"
             rows.append(r)
         else:
-            ops = [("refine", None, None)]
+            ops = [("refine", None, None, None)]
             if label not in (EAGER, COMPILED):
                 # The same call writing into reused buffers (out=): no N x k allocation at all.
-                ops.append(("refine out=", [torch.empty_like(p) for _ in range(nb)], None))
+                ops.append(("refine out=", [torch.empty_like(p) for _ in range(nb)], None, None))
                 if device == "cpu":
                     # With the host cache emptied before each call: the result's pages are
                     # fresh, and their first touch (the kernel zeroing them) is paid in the call,
                     # as by a process's first refine.
-                    ops.append(("refine cold", None, ppu_fast.empty_host_cache))
-            for op_name, outs, before in ops:
+                    ops.append(("refine cold", None, ppu_fast.empty_host_cache, None))
+                elif label in ("cuda", "triton"):
+                    # The passes through step and its device-side gathering, as before the
+                    # backends' own bind_step: that route's per-pass host cost, in this run.
+                    ops.append(("refine step route", None, None, be))
+            for op_name, outs, before, route_of in ops:
                 state["infos"] = []
                 hc0 = ppu_fast.host_cache_stats()
-                r = record(label, op_name, lambda i, outs=outs: refine_call(i, outs=outs),
+                r = record(label, op_name,
+                           lambda i, outs=outs, route_of=route_of: refine_call(
+                               i, outs=outs, route=(None if route_of is None
+                                                    else common.generic_passes(route_of))),
                            before=before)
                 state.pop("held", None)
                 _refine_details(r, state["infos"])
@@ -484,7 +491,11 @@ def render_markdown(meta, rows, device, state, png_name: Optional[str]) -> str:
               "`q = refine(...)` in a loop), so its fresh N x k result comes from ppu_fast's "
               "host cache (on a CPU: memory a freed result left mapped); refine out= writes into "
               "reused buffers; refine cold empties the host cache before each call (untimed), "
-              "so its result's pages are new to the process, as in a process's first refine. "
+              "so its result's pages are new to the process, as in a process's first refine; "
+              "refine step route (GPU backends) runs the solver's passes through `step` and "
+              "its device-side gathering of the results (the base class's `bind_step`) instead "
+              "of the backend's own bound route (pinned staging, one packed copy, H assembled "
+              "on the host). "
               "The note of a CPU refine row counts its calls' buffers (warm-up included) "
               "served by the host cache (hits) and freshly mapped (misses). "
               "memory: a new N x k buffer (ppu_fast.backends.cpu.empty_buffer; on a CPU after "

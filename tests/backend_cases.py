@@ -123,6 +123,38 @@ def check_step(backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.T
             "hessian: not positive semi-definite"
 
 
+def check_bound_step(backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
+                     hessians=(False, "diag", True, "exact")) -> None:
+    """Assert ``backend.bind_step`` (the solver's passes) gives ``backend.step``'s results for
+    each Hessian mode, over two alphas, so that a pass on the bound buffers must not disturb
+    results handed out before it. On the CPU (the emulation, the interpreter) colsum, wlogz and
+    the diagonal agree bit for bit; on a GPU within 1e-13 (a reduction of the programs' partial
+    sums into a slice of a packed buffer may take another order than into its own tensor); H to
+    its assembly's rounding. ``step`` itself is checked against the oracle by
+    :func:`check_step`."""
+    from ppu_fast.backends.base import host_step
+
+    rtol = 0.0 if log_p.device.type == "cpu" else 1e-13
+    run = backend.bind_step(log_p, inv_c)
+    got = [(a, hessian, run(a.numpy(), hessian)) for a in (alpha, -0.5 * alpha)
+           for hessian in hessians]
+    for a, hessian, (colsum, wlogz, h) in got:
+        want = host_step(*backend.step(log_p, inv_c, a.to(log_p.device), hessian))
+        assert isinstance(colsum, np.ndarray) and colsum.dtype == np.float64
+        np.testing.assert_allclose(colsum, want[0], rtol=rtol, atol=0,
+                                   err_msg=f"colsum ({hessian})")
+        assert abs(wlogz - want[1]) <= rtol * abs(want[1]), f"wlogz ({hessian}): {wlogz!r} != " \
+                                                              f"{want[1]!r}"
+        if want[2] is None:
+            assert h is None, f"hessian {hessian!r}: expected None"
+        elif hessian == "diag":
+            np.testing.assert_allclose(h, want[2], rtol=rtol, atol=0, err_msg="diag")
+        else:
+            scale = float(np.abs(want[2]).max())
+            np.testing.assert_allclose(h, want[2], rtol=1e-12, atol=1e-12 * scale,
+                                       err_msg=f"H ({hessian})")
+
+
 def check_materialize(backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                       out_dtype: Optional[torch.dtype] = None) -> None:
     """Assert ``backend.materialize`` writes every element, as accurately as the reference."""

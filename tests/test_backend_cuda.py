@@ -24,13 +24,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import ppu_fast
 
-from backend_cases import (bad_inputs, cases, check_materialize, check_prepare, check_step,
-                           make_case, onehot_cases, prepare_inputs)
+from backend_cases import (bad_inputs, cases, check_bound_step, check_materialize, check_prepare,
+                           check_step, make_case, onehot_cases, prepare_inputs)
 from oracle import oracle_q, oracle_step
 from ppu_fast.backends import get_backend
 from ppu_fast.backends.base import (ERR_NONFINITE, FLOAT64_GPU_REASON, ROW_SUM_ULPS,
@@ -356,6 +357,14 @@ def test_exact_hessian_takes_every_row(backend, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(100_003, 10), (20_011, 32), (20_011, 40), (20_011, 1000)])
+def test_bound_step_is_step(backend, n, k):
+    """The solver's passes on the device (pinned staging of alpha, one copy of the packed result)
+    give step's results."""
+    check_bound_step(backend, *make_case(n, k, seed=k + 5, device="cuda"))
+
+
+@pytest.mark.gpu
 def test_materialize_sums_is_materialize_and_step(backend):
     _check_materialize_sums(backend, "cuda")
 
@@ -627,6 +636,45 @@ def test_emulated_exact_hessian_takes_every_row(emulated, k):
     assert hessian_stride(n, k) > 1
     log_p, inv_c, alpha = make_case(n, k, torch.float32, seed=k + 7)
     check_step(emulated, log_p, inv_c, alpha, "exact")
+
+
+@pytest.mark.parametrize("k", [3, 10, 32, 33, 100])
+def test_emulated_bound_step_is_step(emulated, k):
+    """The solver's passes (``bind_step``: alpha through a staging buffer, one copy of the packed
+    result, H assembled on the host; k > SMALL_K's dense Hessian through ``step``) give
+    ``step``'s results."""
+    from ppu_fast.backends import cuda as cb
+
+    log_p, inv_c, alpha = make_case(1009, k, seed=k + 11)
+    check_bound_step(emulated, log_p, inv_c, alpha)
+    # ... and on its own path: step's launcher runs only for what the bound path hands over.
+    launched = []
+    real = cb._launch_step
+    run = emulated.bind_step(log_p, inv_c)
+    try:
+        cb._launch_step = lambda *a, **kw: launched.append(1) or real(*a, **kw)
+        for hessian in (False, "diag", True, "exact"):
+            run(alpha.numpy(), hessian)
+    finally:
+        cb._launch_step = real
+    assert len(launched) == (0 if k <= cb._module().SMALL_K else 2)
+
+
+def test_emulated_bound_step_refuses_bad_arguments(emulated):
+    log_p, inv_c, alpha = make_case(101, 5, seed=2)
+    run = emulated.bind_step(log_p, inv_c)
+    with pytest.raises(ValueError, match="hessian: expected one of"):
+        run(alpha.numpy(), "full")
+    with pytest.raises(ValueError, match=r"alpha: expected shape \(5,\)"):
+        run(alpha.numpy()[:3], False)
+    with pytest.raises(ValueError, match="inv_c: expected"):
+        emulated.bind_step(log_p, inv_c[:50])
+    # An alpha beyond float32 becomes +-inf, as torch's conversion makes it, without numpy's
+    # overflow warning (an error under -W error).
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(np.array([1e300, -1e300, 0.0, 0.0, 0.0]), False)
 
 
 def test_emulated_materialize_sums(emulated):

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend_cases import (KS, bad_inputs, cases, check_materialize, check_step, make_case,
-                           onehot_cases, prepare_inputs)
+from backend_cases import (KS, bad_inputs, cases, check_bound_step, check_materialize, check_step,
+                           make_case, onehot_cases, prepare_inputs)
 from ppu_fast.backends import load, reasons
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,6 +287,16 @@ def test_gpu_prepare_large_deterministic(n, k):
         assert torch.equal(u, v), "two runs differ"
     prepare_case(b, n, k, "probs", (torch.float32, torch.float32, False, "fill", True, hessian),
                  seed=1, device="cuda")
+
+
+@gpu_test
+@pytest.mark.parametrize("n,k", [(100_003, 10), (20_011, 32), (20_011, 40), (20_011, 1000)])
+def test_gpu_bound_step_is_step(n, k):
+    """The solver's passes on the device (planned kernels, pinned staging of alpha, one copy of
+    the packed result) give step's results, on the single-read and the forced wide-row kernels."""
+    log_p, inv_c, alpha = make_case(n, k, seed=k + 5, device="cuda")
+    for b in _backends(k):
+        check_bound_step(b, log_p, inv_c, alpha)
 
 
 @gpu_test

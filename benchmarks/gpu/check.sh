@@ -162,14 +162,14 @@ doc = json.loads(files[-1].read_text())
 cp = doc.get("copy_bandwidth") or {}
 if cp:
     print(f"copy bandwidth: {cp['GB_s']:.0f} GB/s")
-print(f"{'size':>13} {'impl':<18} {'op':<11} {'median ms':>10} {'GB/s':>7} {'%copy':>6} "
+print(f"{'size':>13} {'impl':<18} {'op':<17} {'median ms':>10} {'GB/s':>7} {'%copy':>6} "
       f"{'x(a)':>6} {'x(b)':>6} {'ref/step':>8}  target")
 for r in doc["rows"]:
-    if r.get("op") not in ("step", "refine") or "median_ms" not in r:
+    if r.get("op") not in ("step", "refine", "refine step route") or "median_ms" not in r:
         continue
     f = lambda key, fmt: (fmt % r[key]) if r.get(key) is not None else ""
     tgt = "; ".join(("MET " if x["met"] else "MISSED ") + x["text"] for x in r.get("targets", []))
-    print(f"{r['size']:>13} {r['impl']:<18} {r['op']:<11} {r['median_ms']:>10.3f} "
+    print(f"{r['size']:>13} {r['impl']:<18} {r['op']:<17} {r['median_ms']:>10.3f} "
           f"{f('GB_s', '%.3g'):>7} {f('pct_copy_bw', '%.0f'):>6} {f('x_vs_a', '%.1f'):>6} "
           f"{f('x_vs_b', '%.1f'):>6} {f('refine_over_step', '%.1f'):>8}  {tgt}")
 PYEOF

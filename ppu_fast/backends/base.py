@@ -206,6 +206,60 @@ def host_step(colsum: torch.Tensor, wlogz: torch.Tensor,
     return colsum.numpy(), float(wlogz), (None if h is None else h.numpy())
 
 
+class DeviceStepStage:
+    """The host side of a GPU backend's bound step (``bind_step``): alpha goes to the device
+    through a pinned float32 buffer, and the pass's packed float64 result comes back through a
+    pinned one in a single copy, after which the Hessian is assembled in numpy. The generic
+    path spent a pageable copy, a float32 conversion on the device, a dozen small torch ops for
+    the Hessian's assembly and a concatenation per pass, each a launch, when a 50,000 x 10 step
+    on a GPU is a few microseconds of kernel time.
+
+    The buffers are reused pass after pass: safe because every pass ends by waiting for its
+    result (``fetch``), so the previous pass's copies have completed. On a CPU "device" (the
+    CUDA emulation, the Triton interpreter) the buffers are plain CPU tensors."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.k = k
+        self.pinned = device.type == "cuda"
+        self.alpha_host = torch.empty(k, dtype=torch.float32, pin_memory=self.pinned)
+        self.alpha_np = self.alpha_host.numpy()
+        self.alpha = torch.empty(k, dtype=torch.float32, device=device)
+        self._host: dict = {}  # pinned result buffers by length
+
+    def put_alpha(self, alpha: np.ndarray) -> torch.Tensor:
+        """``alpha`` (k,) float64 rounded to float32 (as ``alpha.to(torch.float32)``) and queued
+        for the device; returns the device tensor the kernels read."""
+        if alpha.shape != (self.k,):  # the copy below would broadcast a scalar silently
+            raise ValueError(f"alpha: expected shape ({self.k},), got {alpha.shape}")
+        with np.errstate(over="ignore"):  # beyond float32 is +-inf, as torch's conversion
+            self.alpha_np[:] = alpha
+        self.alpha.copy_(self.alpha_host, non_blocking=self.pinned)
+        return self.alpha
+
+    def fetch(self, packed: torch.Tensor, hessian: Hessian,
+              w_cols: Optional[int] = None) -> HostStepOut:
+        """Wait for ``packed`` ([colsum (k) | wlogz | d (k) | W (w_cols x w_cols row-major, default
+        k x k; its leading k x k block's strict upper triangle read)], float64 on the device, as
+        long as ``hessian`` needs) and return the pass's host results, H assembled as
+        :func:`assemble_hessian` does on the CPU."""
+        width = packed.numel()
+        if width not in self._host:
+            self._host[width] = torch.empty(width, dtype=torch.float64, pin_memory=self.pinned)
+        host = self._host[width]
+        host.copy_(packed)  # synchronous: waits for the pass
+        v = host.numpy()
+        k = self.k
+        colsum, wlogz = v[:k].copy(), float(v[k])
+        if hessian is False:
+            return colsum, wlogz, None
+        d = v[k + 1:2 * k + 1]
+        if hessian == "diag":
+            return colsum, wlogz, d.copy()
+        wc = k if w_cols is None else w_cols
+        w = v[2 * k + 1:2 * k + 1 + wc * wc].reshape(wc, wc)[:k, :k]
+        return colsum, wlogz, _assemble_np(d, w)
+
+
 class PrepareOut(NamedTuple):
     """What ``prepare`` returns (everything on the CPU).
 
@@ -276,6 +330,20 @@ class Backend:
                                         hessian))
         return run
 
+    def _bind_checked(self, log_p: torch.Tensor, inv_c: torch.Tensor,
+                      own_step: Callable) -> Tuple[HostStep, bool]:
+        """For a backend's own ``bind_step``: (the base class's bound ``step``, whether the
+        backend's own route may serve): it may when the class's ``step`` is still ``own_step``
+        (a subclass's or a test's replacement must see every pass), ``log_p`` and ``inv_c`` pass
+        ``check_step_args`` and ``_require`` (checked here, once per solve) and N, k > 0."""
+        generic = Backend.bind_step(self, log_p, inv_c)
+        if type(self).step is not own_step:
+            return generic, False
+        n, k = log_p.shape
+        check_step_args(log_p, inv_c, torch.zeros(k, dtype=torch.float64, device=log_p.device))
+        self._require(log_p)
+        return generic, n > 0 and k > 0
+
     def step_then_materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor,
                               alpha: torch.Tensor, out: torch.Tensor
                               ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -295,6 +363,12 @@ def _check_matrix(t, name: str, dtypes) -> None:
                         f"{[str(d) for d in dtypes]}")
 
 
+def check_hessian_mode(hessian) -> None:
+    """A pass's ``hessian`` argument: one of ``STEP_HESSIAN_MODES``."""
+    if hessian not in STEP_HESSIAN_MODES:
+        raise ValueError(f"hessian: expected one of {STEP_HESSIAN_MODES}, got {hessian!r}")
+
+
 def check_step_args(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                     hessian: Hessian = False, out: Optional[torch.Tensor] = None) -> None:
     """Validate the arguments of ``step`` / ``materialize``; raise with a clear message."""
@@ -311,8 +385,7 @@ def check_step_args(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tenso
     for name, t in (("inv_c", inv_c), ("alpha", alpha)):
         if t.device != log_p.device:
             raise ValueError(f"{name}: on {t.device}, expected log_p's device {log_p.device}")
-    if hessian not in STEP_HESSIAN_MODES:
-        raise ValueError(f"hessian: expected one of {STEP_HESSIAN_MODES}, got {hessian!r}")
+    check_hessian_mode(hessian)
     if out is not None:
         if out.shape != log_p.shape or out.device != log_p.device:
             raise ValueError(f"out: expected shape {tuple(log_p.shape)} on {log_p.device}, got "

@@ -35,8 +35,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from .base import (MODE_CODE, ROW_SUM_TOL, STEP_HESSIAN_MODES, Backend, Hessian, HostStep,
-                   HostStepOut, PrepareOut, StepOut, check_prepare_args, check_step_args,
+from .base import (MODE_CODE, ROW_SUM_TOL, Backend, Hessian, HostStep, HostStepOut, PrepareOut,
+                   StepOut, check_hessian_mode, check_prepare_args, check_step_args,
                    hessian_stride, packed_size, unpack_prepare)
 
 # The version of the interface between this launcher and the compiled module (bindings.cpp).
@@ -308,9 +308,7 @@ class CpuBackend(Backend):
         stride, threads, isa = hessian_stride(n, k), self._threads(), self.isa
 
         def run(alpha: np.ndarray, hessian: Hessian) -> HostStepOut:
-            if hessian not in STEP_HESSIAN_MODES:
-                raise ValueError(f"hessian: expected one of {STEP_HESSIAN_MODES}, "
-                                 f"got {hessian!r}")
+            check_hessian_mode(hessian)
             if alpha.shape != (k,):  # the copy below would broadcast a scalar silently
                 raise ValueError(f"alpha: expected shape ({k},), got {alpha.shape}")
             alpha_buf[:] = alpha

@@ -51,9 +51,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .base import (FLOAT64_GPU_REASON, MODE_CODE, ROW_SUM_TOL, Backend, Hessian, PrepareOut,
-                   StepOut, assemble_hessian, check_prepare_args, check_step_args,
-                   hessian_stride, packed_size, sampled_gram_by_chunks, unpack_prepare)
+from .base import (FLOAT64_GPU_REASON, MODE_CODE, ROW_SUM_TOL, Backend, DeviceStepStage,
+                   Hessian, HostStep, PrepareOut, StepOut, assemble_hessian, check_hessian_mode,
+                   check_prepare_args, check_step_args, hessian_stride, packed_size,
+                   sampled_gram_by_chunks, unpack_prepare)
 
 # Element type codes of ppu_fast._cuda (csrc/cuda/ppu_cuda.h).
 _IN_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -333,6 +334,45 @@ class CudaBackend(Backend):
             raise TypeError(f"out: dtype {out.dtype} is not supported by the cuda backend; "
                             f"expected one of {[str(d) for d in _OUT_CODES]}")
 
+    def bind_step(self, log_p: torch.Tensor, inv_c: torch.Tensor) -> HostStep:
+        """``step`` on this ``log_p`` (N x k) / ``inv_c`` (N,), checked and planned once (see
+        ``Backend.bind_step``): a pass stages alpha through a pinned buffer
+        (:class:`base.DeviceStepStage`), launches the step kernels into a workspace and a result
+        allocated here, and copies the packed result [colsum | wlogz | d | W] to the host in one
+        copy, where H is assembled. The same kernels and launch arguments as ``step``, so the same
+        results (H to the rounding of its assembly's sums). A dense Hessian for k > SMALL_K (W
+        formed by chunks on the device) takes ``step``."""
+        generic, own = self._bind_checked(log_p, inv_c, _STEP)
+        if not own:
+            return generic
+        n, k = log_p.shape
+        dev = log_p.device
+        mod = _module()
+        inv_c = inv_c.contiguous()
+        code = _IN_CODES[log_p.dtype]
+        in_kernel_w = k <= mod.SMALL_K
+        stage = DeviceStepStage(k, dev)
+        buffers = {}  # mode -> (workspace, packed result), planned on first use
+
+        def run(alpha, hessian: Hessian):
+            check_hessian_mode(hessian)
+            full = hessian in (True, "exact")
+            if full and not in_kernel_w:
+                return generic(alpha, hessian)
+            a32 = stage.put_alpha(alpha)
+            mode = _FULL_HESSIAN if full else _DIAG_HESSIAN if hessian else _NO_HESSIAN
+            if mode not in buffers:
+                _, width, size = mod.plan_step(n, k, mode, code, dev.index, False)
+                buffers[mode] = (torch.empty(max(size, 2), dtype=torch.float64, device=dev),
+                                 torch.empty(width, dtype=torch.float64, device=dev))
+            ws, packed = buffers[mode]
+            m = (1 if hessian == "exact" else hessian_stride(n, k)) if full else 1
+            mod.step(log_p.data_ptr(), code, n, k, log_p.stride(0), log_p.stride(1),
+                     inv_c.data_ptr(), a32.data_ptr(), mode, m, ws.data_ptr(), ws.numel(),
+                     packed.data_ptr(), dev.index, _stream(dev))
+            return stage.fetch(packed, hessian)
+        return run
+
     fused_materialize = True
 
     def materialize_sums(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
@@ -349,3 +389,7 @@ class CudaBackend(Backend):
         res = _launch_step(log_p, inv_c.contiguous(), alpha.to(torch.float32).contiguous(),
                            _NO_HESSIAN, q=out)
         return res[:k], res[k]
+
+
+# The class's own step, for bind_step to tell a replaced one (a subclass, a test's patch).
+_STEP = CudaBackend.step

@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -94,8 +94,9 @@ try:  # the registry imports this module lazily and turns an ImportError into a 
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"triton not installed ({exc})") from exc
 
-from .base import (FLOAT32_DTYPES, FLOAT64_GPU_REASON, HESS_BLOCK, MODE_CODE, ROW_SUM_TOL, Backend, Hessian,
-                   PrepareOut, StepOut, assemble_hessian, check_prepare_args, check_step_args,
+from .base import (FLOAT32_DTYPES, FLOAT64_GPU_REASON, HESS_BLOCK, MODE_CODE, ROW_SUM_TOL,
+                   Backend, DeviceStepStage, Hessian, HostStep, PrepareOut, StepOut,
+                   assemble_hessian, check_hessian_mode, check_prepare_args, check_step_args,
                    hessian_stride, packed_size, sampled_gram_by_chunks, unpack_prepare)
 
 # Decided once, at import: triton.jit wraps kernels for the interpreter only if the variable was
@@ -951,6 +952,45 @@ def _launch_row_stats(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.T
     return m, s, (r if top else None), ws_z.sum()
 
 
+def _plan_single_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
+                      hess: int, stride: Optional[int] = None
+                      ) -> Tuple[Tuple[torch.Tensor, ...], Callable[[], None]]:
+    """The single-read step kernel planned on these tensors (log_p N x k, N, k >= 1, next_pow2(k)
+    within the single-read kernels; alpha32 (k,) float32 contiguous, read at each launch):
+    ``((ws_c (p, k), ws_z (p,), ws_d (p, k), ws_w (p, HK, HK)), launch)``, the float64 partial
+    sums of its p programs (ws_d / ws_w: a dummy without the diagonal / W) and a function that
+    runs the kernel into them. ``stride``: W's sample stride (_H_FULL; default
+    :func:`hessian_stride`)."""
+    n, k = log_p.shape
+    dev = log_p.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    dummy = torch.empty(1, **f64)
+    full = hess == _H_FULL
+    snq, sn = _split_stride(log_p.stride(0), log_p.element_size())
+    kq, km = _split_stride(k, log_p.element_size())
+    tile = _single_tile(k, full)
+    br, bk = tile.block_rows, tile.block_k
+    num_tiles = triton.cdiv(n, br)
+    hk = bk if full else 1
+    consts = dict(BLOCK_ROWS=br, BLOCK_K=bk, HESS=hess, HK=hk,
+                  IDX64=_needs_idx64(num_tiles * br, bk, log_p.stride(), inv_c.stride()),
+                  SN=sn, KM=km, NUM_STAGES=NUM_STAGES)
+    args = [log_p, inv_c, alpha32, dummy, dummy, dummy, dummy, n, kq, snq,
+            log_p.stride(1), inv_c.stride(0),
+            (hessian_stride(n, k) if stride is None else stride) if full else _PROBE,
+            num_tiles, _PROBE]
+    p = min(num_tiles, _capacity(_step_tile_kernel, tuple(args), consts, tile.num_warps, dev))
+    ws = (torch.empty(p, k, **f64), torch.empty(p, **f64),
+          torch.empty(p, k, **f64) if hess else dummy,
+          torch.empty(p, hk, hk, **f64) if full else dummy)
+    args[3:7] = ws
+    args[-1] = p
+
+    def launch() -> None:
+        _step_tile_kernel[(p,)](*args, num_warps=tile.num_warps, **consts)
+    return ws, launch
+
+
 def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
                  hess: int, max_single_block_k: int, online_block_k: int,
                  stride: Optional[int] = None,
@@ -965,33 +1005,17 @@ def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor
     order (torch.sum over the program axis): deterministic, no atomics, no host synchronisation.
     """
     n, k = log_p.shape
+    full = hess == _H_FULL
+    if _next_pow2(k) <= max_single_block_k:
+        (ws_c, ws_z, ws_d, ws_w), launch = _plan_single_step(log_p, inv_c, alpha32, hess, stride)
+        launch()
+        return (ws_c.sum(dim=0), ws_z.sum(), ws_d.sum(dim=0) if hess else None,
+                ws_w.sum(dim=0)[:k, :k] if full else None)
     dev = log_p.device
     f64 = dict(dtype=torch.float64, device=dev)
     dummy = torch.empty(1, **f64)
-    full = hess == _H_FULL
     snq, sn = _split_stride(log_p.stride(0), log_p.element_size())
     kq, km = _split_stride(k, log_p.element_size())
-    if _next_pow2(k) <= max_single_block_k:
-        tile = _single_tile(k, full)
-        br, bk = tile.block_rows, tile.block_k
-        num_tiles = triton.cdiv(n, br)
-        hk = bk if full else 1
-        consts = dict(BLOCK_ROWS=br, BLOCK_K=bk, HESS=hess, HK=hk,
-                      IDX64=_needs_idx64(num_tiles * br, bk, log_p.stride(), inv_c.stride()),
-                      SN=sn, KM=km, NUM_STAGES=NUM_STAGES)
-        args = [log_p, inv_c, alpha32, dummy, dummy, dummy, dummy, n, kq, snq,
-                log_p.stride(1), inv_c.stride(0),
-                (hessian_stride(n, k) if stride is None else stride) if full else _PROBE,
-                num_tiles, _PROBE]
-        p = min(num_tiles, _capacity(_step_tile_kernel, tuple(args), consts, tile.num_warps, dev))
-        ws_c, ws_z = torch.empty(p, k, **f64), torch.empty(p, **f64)
-        ws_d = torch.empty(p, k, **f64) if hess else dummy
-        ws_w = torch.empty(p, hk, hk, **f64) if full else dummy
-        args[3:7] = [ws_c, ws_z, ws_d, ws_w]
-        args[-1] = p
-        _step_tile_kernel[(p,)](*args, num_warps=tile.num_warps, **consts)
-        return (ws_c.sum(dim=0), ws_z.sum(), ws_d.sum(dim=0) if hess else None,
-                ws_w.sum(dim=0)[:k, :k] if full else None)
     if full:
         raise AssertionError("in-kernel W needs the single-read kernel")
     # Wide rows: pass 1 (row stats), pass 2 (column blocks x row groups).
@@ -1370,6 +1394,51 @@ class TritonBackend(Backend):
                                                   self.online_block_k),
             log_p, inv_c, stride)
 
+    def bind_step(self, log_p: torch.Tensor, inv_c: torch.Tensor) -> HostStep:
+        """``step`` on this ``log_p`` (N x k) / ``inv_c`` (N,), checked and planned once (see
+        ``Backend.bind_step``): each Hessian mode's single-read kernel is planned on first use
+        (grid, workspaces, a packed result), and a pass stages alpha through a pinned buffer
+        (:class:`base.DeviceStepStage`), launches the kernel, reduces the programs' partial sums
+        into the packed result (the same fixed-order torch.sum as ``step``) and copies it to the
+        host once, where H is assembled. Rows wider than the single-read kernels, and a dense
+        Hessian whose W is not accumulated in the kernel, take ``step``."""
+        generic, own = self._bind_checked(log_p, inv_c, _STEP)
+        n, k = log_p.shape
+        if not own or _next_pow2(k) > self.max_single_block_k:
+            return generic
+        dev = log_p.device
+        in_kernel_w = k <= self.hessian_kernel_max_k
+        stage = DeviceStepStage(k, dev)
+        plans = {}  # (HESS, exact) -> (workspaces, launch, packed result, W's row length)
+
+        @_quiet_interpreter
+        def run(alpha, hessian: Hessian):
+            check_hessian_mode(hessian)
+            full = hessian in (True, "exact")
+            if full and not in_kernel_w:
+                return generic(alpha, hessian)
+            hess = _H_FULL if full else _H_DIAG if hessian else _H_NONE
+            with _on_device(dev):
+                stage.put_alpha(alpha)
+                key = (hess, hessian == "exact")
+                if key not in plans:
+                    ws, launch = _plan_single_step(log_p, inv_c, stage.alpha, hess,
+                                                   1 if hessian == "exact" else None)
+                    hk = ws[3].shape[-1] if full else 0
+                    width = (2 * k + 1 if hess else k + 1) + hk * hk
+                    plans[key] = (ws, launch, torch.empty(width, dtype=torch.float64,
+                                                          device=dev), hk)
+                (ws_c, ws_z, ws_d, ws_w), launch, packed, hk = plans[key]
+                launch()
+                torch.sum(ws_c, dim=0, out=packed[:k])
+                torch.sum(ws_z, dim=0, out=packed[k])
+                if hess:
+                    torch.sum(ws_d, dim=0, out=packed[k + 1:2 * k + 1])
+                if full:
+                    torch.sum(ws_w, dim=0, out=packed[2 * k + 1:].view(hk, hk))
+                return stage.fetch(packed, hessian, hk)
+        return run
+
     # -- materialize ------------------------------------------------------------------------------
     def _check_materialize(self, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
                            out: torch.Tensor) -> Tuple[int, int]:
@@ -1410,6 +1479,10 @@ class TritonBackend(Backend):
         with _on_device(log_p.device):
             return _launch_materialize(log_p, inv_c, alpha.float().contiguous(), out,
                                        self.max_single_block_k, self.online_block_k, stats=True)
+
+
+# The class's own step, for bind_step to tell a replaced one (a subclass, a test's patch).
+_STEP = TritonBackend.step
 
 
 class _on_device:

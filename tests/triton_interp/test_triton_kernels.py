@@ -27,8 +27,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import torch  # noqa: E402
 
-from backend_cases import (KS, bad_inputs, cases, check_materialize, check_prepare,  # noqa: E402
-                           check_step, make_case, onehot_cases, prepare_inputs)
+from backend_cases import (KS, bad_inputs, cases, check_bound_step,  # noqa: E402
+                           check_materialize, check_prepare, check_step, make_case, onehot_cases,
+                           prepare_inputs)
 from prepare_cases import CONFIGS, MODES, check_half_first, prepare_case  # noqa: E402
 from oracle import oracle_q, oracle_step  # noqa: E402
 from ppu_fast.backends import load  # noqa: E402
@@ -159,6 +160,34 @@ def test_exact_hessian_takes_every_row(k):
     log_p, inv_c, alpha = make_case(n, k, torch.float32, seed=k + 7)
     for b in (TritonBackend(), chunked()):
         check_step(b, log_p, inv_c, alpha, "exact")
+
+
+@pytest.mark.parametrize("k", [3, 10, 33, 100])
+@pytest.mark.parametrize("make_backend", [lambda k: TritonBackend(), wide], ids=["single", "wide"])
+def test_bound_step_is_step(make_backend, k):
+    """The solver's passes (``bind_step``: planned once, alpha staged, one packed copy to the
+    host, H assembled there; wide rows and k > 32's dense Hessian through ``step``) give
+    ``step``'s results, pass after pass."""
+    log_p, inv_c, alpha = make_case(257, k, seed=k + 11)
+    check_bound_step(make_backend(k), log_p, inv_c, alpha)
+
+
+def test_bound_step_takes_its_own_path(monkeypatch):
+    """For k <= 32 every Hessian mode runs on the planned kernel, not through ``step``."""
+    import ppu_fast.backends.triton as tb
+
+    log_p, inv_c, alpha = make_case(131, 10, seed=4)
+    run = TritonBackend().bind_step(log_p, inv_c)
+    monkeypatch.setattr(tb, "_launch_step", lambda *a, **kw: pytest.fail("step's launcher ran"))
+    for hessian in (False, "diag", True, "exact"):
+        run(alpha.numpy(), hessian)
+    with pytest.raises(ValueError, match="hessian: expected one of"):
+        run(alpha.numpy(), "full")
+    with pytest.raises(ValueError, match=r"alpha: expected shape \(10,\)"):
+        run(alpha.numpy()[:4], False)
+    big = alpha.numpy().copy()
+    big[:2] = (1e300, -1e300)  # +-inf in float32, without numpy's overflow warning (an error here)
+    run(big, False)
 
 
 @pytest.mark.parametrize("k", [3, 17])
