@@ -136,7 +136,7 @@ def check_bound_step(backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: t
 
     rtol = 0.0 if log_p.device.type == "cpu" else 1e-13
     run = backend.bind_step(log_p, inv_c)
-    got = [(a, hessian, run(a.numpy(), hessian)) for a in (alpha, -0.5 * alpha)
+    got = [(a, hessian, run(a.detach().cpu().numpy(), hessian)) for a in (alpha, -0.5 * alpha)
            for hessian in hessians]
     for a, hessian, (colsum, wlogz, h) in got:
         want = host_step(*backend.step(log_p, inv_c, a.to(log_p.device), hessian))

@@ -365,6 +365,18 @@ def test_bound_step_is_step(backend, n, k):
 
 
 @pytest.mark.gpu
+def test_bound_step_on_a_side_stream_and_another_device(backend):
+    """The bound route's copies and kernels on one stream: a caller's non-default stream, and
+    (with two GPUs) tensors on a device that is not the current one."""
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        check_bound_step(backend, *make_case(100_003, 10, seed=3, device="cuda"))
+    if torch.cuda.device_count() > 1:
+        with torch.cuda.device(0):
+            check_bound_step(backend, *make_case(100_003, 10, seed=4, device="cuda:1"))
+
+
+@pytest.mark.gpu
 def test_materialize_sums_is_materialize_and_step(backend):
     _check_materialize_sums(backend, "cuda")
 
@@ -663,8 +675,9 @@ def test_emulated_bound_step_is_step(emulated, k):
 def test_emulated_bound_step_refuses_bad_arguments(emulated):
     log_p, inv_c, alpha = make_case(101, 5, seed=2)
     run = emulated.bind_step(log_p, inv_c)
-    with pytest.raises(ValueError, match="hessian: expected one of"):
-        run(alpha.numpy(), "full")
+    for bad in ("full", 0, 1):  # 0 / 1 equal False / True but are not the modes
+        with pytest.raises(ValueError, match="hessian: expected one of"):
+            run(alpha.numpy(), bad)
     with pytest.raises(ValueError, match=r"alpha: expected shape \(5,\)"):
         run(alpha.numpy()[:3], False)
     with pytest.raises(ValueError, match="inv_c: expected"):

@@ -300,6 +300,20 @@ def test_gpu_bound_step_is_step(n, k):
 
 
 @gpu_test
+def test_gpu_bound_step_on_a_side_stream_and_another_device():
+    """The bound route's copies, kernels and reductions on one stream: a caller's non-default
+    stream, and (with two GPUs) tensors on a device that is not the current one."""
+    from ppu_fast.backends.triton import TritonBackend
+
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        check_bound_step(TritonBackend(), *make_case(100_003, 10, seed=3, device="cuda"))
+    if torch.cuda.device_count() > 1:
+        with torch.cuda.device(0):
+            check_bound_step(TritonBackend(), *make_case(100_003, 10, seed=4, device="cuda:1"))
+
+
+@gpu_test
 def test_gpu_step_does_not_synchronise():
     """step queues its kernels and device reductions only (the solver copies the results once);
     the in-kernel W route included.  (hessian=True above hessian_kernel_max_k goes through

@@ -364,8 +364,9 @@ def _check_matrix(t, name: str, dtypes) -> None:
 
 
 def check_hessian_mode(hessian) -> None:
-    """A pass's ``hessian`` argument: one of ``STEP_HESSIAN_MODES``."""
-    if hessian not in STEP_HESSIAN_MODES:
+    """A pass's ``hessian`` argument: one of ``STEP_HESSIAN_MODES`` (a bool or a name: 0 and 1
+    equal False and True, but the backends tell the modes apart with ``is``)."""
+    if not isinstance(hessian, (bool, str)) or hessian not in STEP_HESSIAN_MODES:
         raise ValueError(f"hessian: expected one of {STEP_HESSIAN_MODES}, got {hessian!r}")
 
 

@@ -352,7 +352,10 @@ class CudaBackend(Backend):
         code = _IN_CODES[log_p.dtype]
         in_kernel_w = k <= mod.SMALL_K
         stage = DeviceStepStage(k, dev)
-        buffers = {}  # mode -> (workspace, packed result), planned on first use
+        # Per mode (planned on first use): the packed result and the workspace length it needs;
+        # one workspace for all, grown to the largest (the passes run one after another).
+        plans: dict = {}
+        ws = [torch.empty(2, dtype=torch.float64, device=dev)]
 
         def run(alpha, hessian: Hessian):
             check_hessian_mode(hessian)
@@ -361,14 +364,15 @@ class CudaBackend(Backend):
                 return generic(alpha, hessian)
             a32 = stage.put_alpha(alpha)
             mode = _FULL_HESSIAN if full else _DIAG_HESSIAN if hessian else _NO_HESSIAN
-            if mode not in buffers:
+            if mode not in plans:
                 _, width, size = mod.plan_step(n, k, mode, code, dev.index, False)
-                buffers[mode] = (torch.empty(max(size, 2), dtype=torch.float64, device=dev),
-                                 torch.empty(width, dtype=torch.float64, device=dev))
-            ws, packed = buffers[mode]
+                plans[mode] = (torch.empty(width, dtype=torch.float64, device=dev), size)
+            packed, size = plans[mode]
+            if ws[0].numel() < size:
+                ws[0] = torch.empty(size, dtype=torch.float64, device=dev)
             m = (1 if hessian == "exact" else hessian_stride(n, k)) if full else 1
             mod.step(log_p.data_ptr(), code, n, k, log_p.stride(0), log_p.stride(1),
-                     inv_c.data_ptr(), a32.data_ptr(), mode, m, ws.data_ptr(), ws.numel(),
+                     inv_c.data_ptr(), a32.data_ptr(), mode, m, ws[0].data_ptr(), ws[0].numel(),
                      packed.data_ptr(), dev.index, _stream(dev))
             return stage.fetch(packed, hessian)
         return run

@@ -953,14 +953,16 @@ def _launch_row_stats(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.T
 
 
 def _plan_single_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
-                      hess: int, stride: Optional[int] = None
+                      hess: int, stride: Optional[int] = None,
+                      alloc: Optional[Callable[[str, tuple], torch.Tensor]] = None
                       ) -> Tuple[Tuple[torch.Tensor, ...], Callable[[], None]]:
     """The single-read step kernel planned on these tensors (log_p N x k, N, k >= 1, next_pow2(k)
     within the single-read kernels; alpha32 (k,) float32 contiguous, read at each launch):
     ``((ws_c (p, k), ws_z (p,), ws_d (p, k), ws_w (p, HK, HK)), launch)``, the float64 partial
     sums of its p programs (ws_d / ws_w: a dummy without the diagonal / W) and a function that
     runs the kernel into them. ``stride``: W's sample stride (_H_FULL; default
-    :func:`hessian_stride`)."""
+    :func:`hessian_stride`). ``alloc(name, shape)``: where the workspaces come from (default
+    new tensors; a bound step shares them between its modes)."""
     n, k = log_p.shape
     dev = log_p.device
     f64 = dict(dtype=torch.float64, device=dev)
@@ -980,9 +982,9 @@ def _plan_single_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.T
             (hessian_stride(n, k) if stride is None else stride) if full else _PROBE,
             num_tiles, _PROBE]
     p = min(num_tiles, _capacity(_step_tile_kernel, tuple(args), consts, tile.num_warps, dev))
-    ws = (torch.empty(p, k, **f64), torch.empty(p, **f64),
-          torch.empty(p, k, **f64) if hess else dummy,
-          torch.empty(p, hk, hk, **f64) if full else dummy)
+    alloc = alloc or (lambda name, shape: torch.empty(shape, **f64))
+    ws = (alloc("c", (p, k)), alloc("z", (p,)), alloc("d", (p, k)) if hess else dummy,
+          alloc("w", (p, hk, hk)) if full else dummy)
     args[3:7] = ws
     args[-1] = p
 
@@ -1410,6 +1412,12 @@ class TritonBackend(Backend):
         in_kernel_w = k <= self.hessian_kernel_max_k
         stage = DeviceStepStage(k, dev)
         plans = {}  # (HESS, exact) -> (workspaces, launch, packed result, W's row length)
+        pool: dict = {}  # the modes' workspaces, shared where their shapes agree
+
+        def alloc(name: str, shape: tuple) -> torch.Tensor:
+            if (name, shape) not in pool:
+                pool[name, shape] = torch.empty(shape, dtype=torch.float64, device=dev)
+            return pool[name, shape]
 
         @_quiet_interpreter
         def run(alpha, hessian: Hessian):
@@ -1423,7 +1431,7 @@ class TritonBackend(Backend):
                 key = (hess, hessian == "exact")
                 if key not in plans:
                     ws, launch = _plan_single_step(log_p, inv_c, stage.alpha, hess,
-                                                   1 if hessian == "exact" else None)
+                                                   1 if hessian == "exact" else None, alloc)
                     hk = ws[3].shape[-1] if full else 0
                     width = (2 * k + 1 if hess else k + 1) + hk * hk
                     plans[key] = (ws, launch, torch.empty(width, dtype=torch.float64,

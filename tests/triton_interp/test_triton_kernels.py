@@ -181,8 +181,9 @@ def test_bound_step_takes_its_own_path(monkeypatch):
     monkeypatch.setattr(tb, "_launch_step", lambda *a, **kw: pytest.fail("step's launcher ran"))
     for hessian in (False, "diag", True, "exact"):
         run(alpha.numpy(), hessian)
-    with pytest.raises(ValueError, match="hessian: expected one of"):
-        run(alpha.numpy(), "full")
+    for bad in ("full", 0, 1):  # 0 / 1 equal False / True but are not the modes
+        with pytest.raises(ValueError, match="hessian: expected one of"):
+            run(alpha.numpy(), bad)
     with pytest.raises(ValueError, match=r"alpha: expected shape \(10,\)"):
         run(alpha.numpy()[:4], False)
     big = alpha.numpy().copy()
