@@ -7,13 +7,13 @@ one packed copy, H assembled in numpy).
 
 Runs anywhere: on CPU tensors with the kernel launches replaced by stand-ins that only fill
 what the kernels would write with plausible sums (the cuda backend's packed result, the triton
-kernel's partial sums; the same stand-in for both routes), so what is timed is the Python, numpy and torch work of each route and
-nothing else. On a GPU each of the generic route's torch ops is also a kernel launch and its
-copies wait for the device, so these figures are a lower bound of what the bound route saves
-there; ``benchmarks/run.py``'s ``refine step route`` rows measure the whole difference on a
-device. Medians of ``--reps`` passes per route, Hessian mode and k (32 rows), the two routes
-taking turns. Writes
-device-route-host-<stamp>.json / .md to ``--out``.
+kernel's partial sums; the same stand-in for both routes), so what is timed is the Python,
+numpy and torch work of each route and nothing else. On a GPU each of the generic route's torch
+ops is also a kernel launch and its copies wait for the device, so these figures are a lower
+bound of what the bound route saves there; ``benchmarks/run.py``'s ``refine step route`` rows
+measure the whole difference on a device. Medians of ``--reps`` passes per route, Hessian mode
+and k (32 rows), the two routes taking turns. Writes device-route-host-<stamp>.json / .md to
+``--out``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from ppu_fast.backends import cuda as cb  # noqa: E402
 
 
 class _NoKernels:
-    """Stands in for ``ppu_fast._cuda``: the plans of a small grid, launches that do nothing."""
+    """Stands in for ``ppu_fast._cuda``: the plans of a small grid, and a ``step`` that only
+    writes its packed result."""
 
     SMALL_K = 32
     ROW_K = 1024
@@ -73,7 +74,8 @@ def _cuda_backend():
 
 
 def _triton_backend():
-    """A TritonBackend on CPU tensors whose step kernel launches nothing (None without Triton)."""
+    """A TritonBackend on CPU tensors whose step kernel only writes its partial sums (None
+    without Triton)."""
     try:
         from ppu_fast.backends import triton as tb
     except ImportError:
