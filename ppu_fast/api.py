@@ -73,9 +73,9 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
             result comes from ppu_fast's host cache, see :func:`ppu_fast.empty_host_cache`,
             else from pages the kernel must zero on their first touch, about one solver pass;
             a float16 / bfloat16 input still solves in a float32 buffer of its own, see
-            Returns). It may be the input
-            itself, which is then overwritten with Q (and, when a row of a float32 / float64
-            input fails validation, left partly overwritten: the one pass validates and writes).
+            Returns). It may be the input itself, which is then overwritten with Q (and, when
+            a row of a float32 / float64 input fails validation, left partly overwritten: the
+            one pass validates and writes).
         process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``): each
             rank passes its own rows (``probs`` / ``logits`` N_rank x k, ``forget_mask`` and
             ``weights`` over those rows, ``pseudo`` tensors for its forget rows) and gets its own
@@ -86,8 +86,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
         Q (N x k) with the dtype and device of the input (numpy in, numpy out), or (Q, info);
         Q is ``out`` when it is given. A float16 / bfloat16 input is solved from log P^ held in
         float32 (an N x k float32 buffer beside the 16-bit result, freed on return: on a CPU
-        into the host cache, see :func:`ppu_fast.empty_host_cache`) and only Q
-        is rounded to its dtype (``info.output_residual``).
+        into the host cache, see :func:`ppu_fast.empty_host_cache`) and only Q is rounded to
+        its dtype (``info.output_residual``).
     """
     t0 = time.perf_counter()
     if (probs is None) == (logits is None):

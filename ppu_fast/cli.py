@@ -177,8 +177,9 @@ def _check_run_device(device: str) -> None:
 
 
 def _check_backend_environment(device: str) -> None:
-    # PPU_FAST_BACKEND / PPU_FAST_CPU_ISA / PPU_FAST_HOST_CACHE_MB are read when PPU's refine starts, after the Original,
-    # Retrain and the baselines before it have trained: a typo there is refused up front.
+    # PPU_FAST_BACKEND / PPU_FAST_CPU_ISA / PPU_FAST_HOST_CACHE_MB are read when PPU's refine
+    # starts, after the Original, Retrain and the baselines before it have trained: a typo there
+    # is refused up front.
     import torch
 
     from .backends import get_backend

@@ -229,8 +229,7 @@ class DeviceStepStage:
     def put_alpha(self, alpha: np.ndarray) -> torch.Tensor:
         """``alpha`` (k,) float64 rounded to float32 (as ``alpha.to(torch.float32)``) and queued
         for the device; returns the device tensor the kernels read."""
-        if alpha.shape != (self.k,):  # the copy below would broadcast a scalar silently
-            raise ValueError(f"alpha: expected shape ({self.k},), got {alpha.shape}")
+        check_host_alpha(alpha, self.k)
         with np.errstate(over="ignore"):  # beyond float32 is +-inf, as torch's conversion
             self.alpha_np[:] = alpha
         self.alpha.copy_(self.alpha_host, non_blocking=self.pinned)
@@ -368,6 +367,13 @@ def check_hessian_mode(hessian) -> None:
     equal False and True, but the backends tell the modes apart with ``is``)."""
     if not isinstance(hessian, (bool, str)) or hessian not in STEP_HESSIAN_MODES:
         raise ValueError(f"hessian: expected one of {STEP_HESSIAN_MODES}, got {hessian!r}")
+
+
+def check_host_alpha(alpha: np.ndarray, k: int) -> None:
+    """A bound pass's host alpha: shape (k,). (Its copy into the pass's buffer would broadcast a
+    scalar silently.)"""
+    if alpha.shape != (k,):
+        raise ValueError(f"alpha: expected shape ({k},), got {alpha.shape}")
 
 
 def check_step_args(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from .base import (MODE_CODE, ROW_SUM_TOL, Backend, Hessian, HostStep, HostStepOut, PrepareOut,
-                   StepOut, check_hessian_mode, check_prepare_args, check_step_args,
-                   hessian_stride, packed_size, unpack_prepare)
+                   StepOut, check_hessian_mode, check_host_alpha, check_prepare_args,
+                   check_step_args, hessian_stride, packed_size, unpack_prepare)
 
 # The version of the interface between this launcher and the compiled module (bindings.cpp).
 _C_INTERFACE = 4
@@ -309,8 +309,7 @@ class CpuBackend(Backend):
 
         def run(alpha: np.ndarray, hessian: Hessian) -> HostStepOut:
             check_hessian_mode(hessian)
-            if alpha.shape != (k,):  # the copy below would broadcast a scalar silently
-                raise ValueError(f"alpha: expected shape ({k},), got {alpha.shape}")
+            check_host_alpha(alpha, k)
             alpha_buf[:] = alpha
             held = (log_p, inv_c)  # referenced here, so the pointers in fixed stay valid
             h = (np.empty((k, k) if hessian in (True, "exact") else k) if hessian else None)
