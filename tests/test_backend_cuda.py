@@ -659,6 +659,8 @@ def test_emulated_bound_step_is_step(emulated, k):
 
     log_p, inv_c, alpha = make_case(1009, k, seed=k + 11)
     check_bound_step(emulated, log_p, inv_c, alpha)
+    for hessian in (False, "diag", True, "exact"):  # and step, so both, against float64
+        check_step(emulated, log_p, inv_c, alpha, hessian)
     # ... and on its own path: step's launcher runs only for what the bound path hands over.
     launched = []
     real = cb._launch_step

@@ -170,6 +170,8 @@ def test_bound_step_is_step(make_backend, k):
     ``step``'s results, pass after pass."""
     log_p, inv_c, alpha = make_case(257, k, seed=k + 11)
     check_bound_step(make_backend(k), log_p, inv_c, alpha)
+    for hessian in (False, "diag", True, "exact"):  # and step, so both, against float64
+        check_step(make_backend(k), log_p, inv_c, alpha, hessian)
 
 
 def test_bound_step_takes_its_own_path(monkeypatch):
