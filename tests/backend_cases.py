@@ -16,7 +16,7 @@ Each backend's test module parametrises over ``CASES`` and calls ``check_step`` 
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -124,20 +124,27 @@ def check_step(backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.T
 
 
 def check_bound_step(backend, log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
-                     hessians=(False, "diag", True, "exact")) -> None:
+                     hessians=(False, "diag", True, "exact"),
+                     before: Optional[Callable[[], object]] = None) -> None:
     """Assert ``backend.bind_step`` (the solver's passes) gives ``backend.step``'s results for
     each Hessian mode, over two alphas, so that a pass on the bound buffers must not disturb
-    results handed out before it. On the CPU (the emulation, the interpreter) colsum, wlogz and
-    the diagonal agree bit for bit; on a GPU within 1e-13 (a reduction of the programs' partial
-    sums into a slice of a packed buffer may take another order than into its own tensor); H to
-    its assembly's rounding. ``step`` itself is checked against the oracle by
-    :func:`check_step`."""
+    results handed out before it. ``before()`` runs before each bound pass (a GPU test queues a
+    long sleep there on the caller's stream: a copy or kernel on another stream would then not
+    wait for the previous work, and read a stale alpha or result). On the CPU (the emulation,
+    the interpreter) colsum, wlogz and the diagonal agree bit for bit; on a GPU within 1e-13 (a
+    reduction of the programs' partial sums into a slice of a packed buffer may take another
+    order than into its own tensor); H to its assembly's rounding. ``step`` itself is checked
+    against the oracle by :func:`check_step`."""
     from ppu_fast.backends.base import host_step
 
     rtol = 0.0 if log_p.device.type == "cpu" else 1e-13
     run = backend.bind_step(log_p, inv_c)
-    got = [(a, hessian, run(a.detach().cpu().numpy(), hessian)) for a in (alpha, -0.5 * alpha)
-           for hessian in hessians]
+    got = []
+    for a in (alpha, -0.5 * alpha):
+        for hessian in hessians:
+            if before is not None:
+                before()
+            got.append((a, hessian, run(a.detach().cpu().numpy(), hessian)))
     for a, hessian, (colsum, wlogz, h) in got:
         want = host_step(*backend.step(log_p, inv_c, a.to(log_p.device), hessian))
         assert isinstance(colsum, np.ndarray) and colsum.dtype == np.float64

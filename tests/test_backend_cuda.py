@@ -370,7 +370,10 @@ def test_bound_step_on_a_side_stream_and_another_device(backend):
     (with two GPUs) tensors on a device that is not the current one."""
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        check_bound_step(backend, *make_case(100_003, 10, seed=3, device="cuda"))
+        # A sleep queued on s before each pass: a copy or kernel of the route on another stream
+        # would not wait for it and read the previous pass's alpha.
+        check_bound_step(backend, *make_case(100_003, 10, seed=3, device="cuda"),
+                         before=lambda: torch.cuda._sleep(20_000_000))
     if torch.cuda.device_count() > 1:
         with torch.cuda.device(0):
             check_bound_step(backend, *make_case(100_003, 10, seed=4, device="cuda:1"))

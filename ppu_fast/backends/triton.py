@@ -82,6 +82,7 @@ Triton) were imported, which is how CI tests the kernels.  Tiles, warps and stag
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -1003,8 +1004,9 @@ def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor
     Returns (colsum (k,), wlogz (), d, w), all float64: d the Hessian's diagonal (k,) for
     _H_DIAG / _H_FULL (else None), w = sum_{i in S} ic q_i q_i^T (k x k) for _H_FULL (else None;
     single-read kernel only; ``stride`` the sample's block stride, default
-    :func:`hessian_stride`, 1 for ``hessian="exact"``).  The partial sums of the programs are reduced here in a fixed
-    order (torch.sum over the program axis): deterministic, no atomics, no host synchronisation.
+    :func:`hessian_stride`, 1 for ``hessian="exact"``). The partial sums of the programs are
+    reduced here in a fixed order (torch.sum over the program axis): deterministic, no atomics,
+    no host synchronisation.
     """
     n, k = log_p.shape
     full = hess == _H_FULL
@@ -1104,12 +1106,6 @@ def _split_tol(tol: float) -> Tuple[float, float]:
     hi = float(torch.tensor(tol, dtype=torch.float32))
     lo = float(torch.tensor(tol - hi, dtype=torch.float32))
     return hi, lo
-
-
-def _sample_weight_mask(n: int, m: int, device) -> torch.Tensor:
-    """(N,) bool: the rows of the Hessian's sample (16-row blocks b with b % m == 0), as a mask
-    (the kernels read it per row; ``hessian_sample_rows`` gives the same rows as indices)."""
-    return ((torch.arange(n, device=device) // HESS_BLOCK) % m) == 0
 
 
 def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
@@ -1214,57 +1210,126 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
         _prep_cols_kernel[(n_cb, g)](*args, num_warps=t2.num_warps, **consts)
         w = None
 
-    # -- combine on the device, in a fixed order -----------------------------------------------
-    none = key >= _KEY_NONE.value
-    kind_row = torch.stack([torch.remainder(key, 8), torch.div(key, 8, rounding_mode="floor")])
-    parts = [torch.where(none, 0, kind_row).double()]
+    # -- combine: the workspaces' reductions on the device (a fixed order), ONE copy to the host,
+    # and the k-sized rest in numpy. Each torch op on a GPU is a launch of a few microseconds
+    # of host time: the former combine (the forget rows' softmax(fill) terms by torch ops, the
+    # error key decoded on the device) took about 55 of them, more than the kernels' time at
+    # 50,000 x 10; this takes about 20.
+    # The error key (row * 8 + kind, or 2**62: none) is exact in float64 below 2**53.
+    parts = [ws_key.min().reshape(1).to(torch.float64)]
     if code == 2:
-        a = ws_a.amax(dim=0)
-        parts += [a, torch.zeros(k, **f64)]
+        parts.append(ws_a.amax(dim=0))
     else:
-        a = ws_a.sum(dim=0)
-        parts += [a, ws_b.sum(dim=0) if has_fg else torch.zeros(k, **f64)]
+        parts.append(ws_a.sum(dim=0))
+        if has_fg:
+            parts.append(ws_b.sum(dim=0))
+    w_by_chunks = False
+    fill_terms = first and code != 2 and has_fill
     if first:
         if code == 2:
-            colsum, wlogz = ws_c.sum(dim=0), ws_z.sum()
-        else:
-            colsum, wlogz = a, torch.zeros((), **f64)
-        d = ws_d.sum(dim=0) if h_mode else None
-        w_by_chunks = h_mode is True and w is None
-        if w_by_chunks:
-            # Above hessian_kernel_max_k (or wide rows): the materialize kernel at alpha = 0 over
-            # the sampled rows as stored (log P^, fill rows included).
-            w = sampled_gram_by_chunks(materialize_rows, out if out is not None else x, inv_c)
-        if code != 2 and has_fill:
-            # The forget rows hold softmax(fill) (log Z = logsumexp(fill)); the kernel gave them
-            # weight 0, their terms are added here from their counts.
-            qf = torch.softmax(fill, dim=0)
-            lzf = torch.logsumexp(fill, dim=0)
-            fgd = forget.double()
-            colsum = colsum + fgd.sum() * qf.double()
-            wlogz = lzf.double() * (fgd / inv_c.double()).sum()
-            if h_mode:
-                d = d + (fgd * inv_c.double()).sum() * _accurate_diag(qf)
-            if h_mode is True and not w_by_chunks:
-                samp = forget & _sample_weight_mask(n, hm, dev)
-                w = w + (samp.double() * inv_c.double()).sum() * torch.outer(qf, qf).double()
-        parts += [colsum, wlogz.reshape(1)]
+            parts += [ws_c.sum(dim=0), ws_z.sum().reshape(1)]
         if h_mode:
-            parts.append(d)
+            parts.append(ws_d.sum(dim=0))
         if h_mode is True:
+            w_by_chunks = w is None
+            if w_by_chunks:
+                # Above hessian_kernel_max_k (or wide rows): the materialize kernel at alpha = 0
+                # over the sampled rows as stored (log P^, fill rows included).
+                w = sampled_gram_by_chunks(materialize_rows, out if out is not None else x,
+                                           inv_c)
             parts.append(w.reshape(-1))
-    buf = torch.cat(parts).cpu()  # the one device-to-host copy
-    assert buf.numel() == packed_size(k, first, h_mode)
-    return unpack_prepare(buf, k, mode, first, h_mode)
+        if fill_terms:
+            # The forget rows hold softmax(fill) (log Z = logsumexp(fill)); the kernel gave them
+            # weight 0, their terms are added on the host from these sums over them.
+            parts += [fill.double(), _forget_sums(forget, inv_c,
+                                                  hm if h_mode is True and not w_by_chunks
+                                                  else 0)]
+    buf = torch.cat(parts).cpu().numpy()  # the one device-to-host copy
+    key = int(buf[0])
+    kind, row = (0, 0) if key >= _KEY_NONE.value else (key % 8, key // 8)
+    o = 1
+    a = buf[o:o + k]
+    o += k
+    b = np.zeros(k)
+    if code != 2 and has_fg:
+        b = buf[o:o + k]
+        o += k
+    packed = [np.array([kind, row], dtype=np.float64), a, b]
+    if first:
+        if code == 2:
+            colsum, wlogz = buf[o:o + k], buf[o + k]
+            o += k + 1
+        else:
+            colsum, wlogz = a, 0.0
+        d = w = None
+        if h_mode:
+            d = buf[o:o + k]
+            o += k
+        if h_mode is True:
+            w = buf[o:o + k * k]
+            o += k * k
+        if fill_terms:
+            qf, lzf = _softmax64(buf[o:o + k])
+            count, sum_c, sum_ic, sum_ic_sampled = buf[o + k:o + k + 4]
+            o += k + 4
+            colsum = colsum + count * qf
+            wlogz = lzf * sum_c
+            if h_mode:
+                d = d + sum_ic * _accurate_diag(qf)
+            if h_mode is True and not w_by_chunks:
+                w = w + sum_ic_sampled * np.outer(qf, qf).reshape(-1)
+        packed += [colsum, np.array([wlogz])]
+        if h_mode:
+            packed.append(d)
+        if h_mode is True:
+            packed.append(w)
+    assert o == buf.size, f"prepare: unpacked {o} of {buf.size} values"
+    flat = torch.from_numpy(np.concatenate(packed))
+    assert flat.numel() == packed_size(k, first, h_mode)
+    return unpack_prepare(flat, k, mode, first, h_mode)
 
 
-def _accurate_diag(q: torch.Tensor) -> torch.Tensor:
-    """q (1 - q) (k,) float64 of one distribution q (float32), 1 - q of its maximum from the other
-    entries (``torch_ref.stats_from_q``'s rule)."""
+def _forget_sums(forget: torch.Tensor, inv_c: torch.Tensor, m: int) -> torch.Tensor:
+    """(4,) float64 on the device: over the forget rows, their count, sum of c = 1 / inv_c, sum of
+    inv_c, and (m > 0) the sum of inv_c over those in the Hessian's sample (16-row blocks b with
+    b % m == 0, as ``base.hessian_sample_rows``), read through a view of the rows' periods
+    instead of a mask built by arange arithmetic."""
+    fgd = forget.to(torch.float64)
+    icd = inv_c.to(torch.float64)
+    wic = fgd * icd
+    parts = [torch.stack([fgd, fgd / icd, wic]).sum(dim=1)]
+    if m > 0:
+        parts.append(_sampled_rows_sum(wic, m).reshape(1))
+    else:
+        parts.append(torch.zeros(1, dtype=torch.float64, device=forget.device))
+    return torch.cat(parts)
+
+
+def _sampled_rows_sum(v: torch.Tensor, m: int) -> torch.Tensor:
+    """The sum of ``v`` (N,) over the Hessian's sampled rows (16-row blocks b with b % m == 0):
+    the first HESS_BLOCK rows of every period of m blocks, as a view."""
+    n = v.shape[0]
+    period = HESS_BLOCK * m
+    full = n // period
+    head = v[:full * period].view(full, period)[:, :HESS_BLOCK].sum()
+    return head + v[full * period:full * period + HESS_BLOCK].sum()
+
+
+def _softmax64(f: np.ndarray) -> Tuple[np.ndarray, float]:
+    """(softmax(f), logsumexp(f)) in float64 of the float32 fill vector (k,), on the host."""
+    mx = float(f.max())
+    e = np.exp(f - mx)
+    s = float(e.sum())
+    return e / s, mx + math.log(s)
+
+
+def _accurate_diag(q: np.ndarray) -> np.ndarray:
+    """q (1 - q) (k,) float64 of one distribution q, 1 - q of its maximum from the other entries
+    (``torch_ref.stats_from_q``'s rule)."""
     qmax = q.max()
     top = q == qmax
-    rest = torch.where(top, 0.0, q).sum() + (top.sum().to(q.dtype) - 1.0) * qmax
-    return (q * torch.where(top, rest, 1.0 - q)).double()
+    rest = np.where(top, 0.0, q).sum() + (np.count_nonzero(top) - 1.0) * qmax
+    return q * np.where(top, rest, 1.0 - q)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from ppu_fast.backends.base import (ROW_SUM_ULPS, hessian_sample_rows,  # noqa: 
                                    hessian_stride)
 from ppu_fast.backends.torch_ref import reference_prepare, reference_step  # noqa: E402
 from ppu_fast.backends.triton import (INTERPRET, TritonBackend,  # noqa: E402
-                                      _sample_weight_mask)
+                                      _sampled_rows_sum)
 
 # log(0) of zero probabilities and the NaN of planted bad rows are expected in the interpreter's
 # numpy arithmetic; the backend's methods keep numpy quiet about them (a caller's -W error must
@@ -223,7 +223,8 @@ def test_sampled_rows_with_a_stride(monkeypatch, m):
     assert torch.allclose(h1, h2, rtol=1e-5, atol=1e-9 * float(h1.abs().max()))
     for nn, mm in ((n, m), (100, 1), (1000, 7), (16 * 7 + 3, 2)):
         idx = hessian_sample_rows(nn, mm)
-        assert torch.equal(torch.nonzero(_sample_weight_mask(nn, mm, "cpu"))[:, 0], idx)
+        v = torch.rand(nn, dtype=torch.float64) + 0.5
+        assert torch.allclose(_sampled_rows_sum(v, mm), v[idx].sum(), rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("k", [10, 100])
