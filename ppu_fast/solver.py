@@ -37,6 +37,12 @@ DENSE_HESSIAN_MAX_K = 128
 # out of passes at k = 129 to 1000 (float64 too) where k = 128 took 10.
 DENSE_ESCALATION_MAX_K = 1024
 ARMIJO_C1 = 1e-4
+# The line search gives up below this fraction of its first trial (t0 capped at 1): 33 halvings.
+# Relative, because the trust radius below can make t0 itself tiny: on saturated rows (logit
+# scale 20, or a row whose target mass is 0.95 on one class of 50) the Hessian is nearly singular,
+# the Newton direction ~1e12-1e17 logits long, and the capped t0 ~1e-11-1e-16 -- below an
+# absolute floor of 1e-10, so no step was tried at all and Newton stopped after one pass,
+# "line search failed", on feasible problems that sinkhorn solves.
 MIN_STEP = 1e-10
 # A line search starts from a step that changes no row's logits (alpha_j / c_i) by more than this.
 # On a confident model the curvature at alpha = 0 is ~1e-13 and the full Newton step ~1e11 logits,
@@ -396,7 +402,8 @@ def _line_search(ev: _Evaluator, alpha, d, grad, g, res, t0: float = 1.0, hessia
     slope = float(grad @ d)
     t = t0
     noise = ev.g_noise
-    while t >= MIN_STEP and ev.passes < ev.max_passes:
+    t_min = MIN_STEP * min(t0, 1.0)
+    while t >= t_min and ev.passes < ev.max_passes:
         a_new = alpha + t * d
         grad_n, g_n, h_n, res_n = ev(a_new, hessian)
         if _accepted(g_n, res_n, g, res, t, slope, max(noise, ev.g_noise), tol, growth):

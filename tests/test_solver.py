@@ -580,6 +580,49 @@ def test_newton_reaches_a_class_target_of_zero(backend, dtype):
     assert tot[3] < 1e-6 * n and np.abs(tot - m).sum() / n <= 1e-6 * 1.01
 
 
+def _saturated_problems():
+    """(name, probs or logits kwargs, forget, pseudo, M, log P^ float64) of two feasible problems
+    whose Hessian at alpha = 0 is nearly singular, so the capped first Newton step is ~1e-11-1e-16
+    of its direction: saturated rows (logit scale 20, every class kept in M), and one uniform row
+    whose target puts 0.95 on a class of 50 (Q = M)."""
+    z = np.random.default_rng(17).standard_normal((17, 32)) * 20
+    mx = z.max(1, keepdims=True)
+    lp = z - mx - np.log(np.exp(z - mx).sum(1, keepdims=True))
+    m = 0.7 * np.exp(lp).sum(0) + 0.3 * 17 / 32
+    k = 50
+    mb = np.full(k, 1e-3)
+    mb[0] = 1.0
+    mb /= mb.sum()
+    return [("saturated rows", dict(logits=z), [], "uniform", m, lp),
+            ("one peaked target", dict(probs=np.full((1, k), 1.0 / k)), [], None, mb,
+             np.full((1, k), -np.log(k)))]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", [0, 1])
+def test_newton_tries_a_capped_step_however_short_a_fraction(backend, dtype, case):
+    """The line search's floor is relative to its first trial: the trust radius caps that trial at
+    100 logits, which on these problems is 1e-11-1e-16 of the Newton direction, and an absolute
+    floor of 1e-10 made the search try nothing: Newton stopped after 1-2 passes with "line search
+    failed" and Q up to 0.29 from the optimum (found by fuzzing against the float64 oracle)."""
+    import warnings
+
+    from oracle import oracle_solve
+
+    name, x, forget, pseudo, m, lp = _saturated_problems()[case]
+    x = {key: v.astype(dtype) for key, v in x.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q, info = ppu_fast.refine(**x, forget_mask=forget, pseudo=pseudo, marginals=m,
+                                  backend=backend, return_info=True)
+    assert info.converged, (name, info.iterations, info.message)
+    # The oracle is seeded with refine's alpha (it checks its own residual, to 1e-10).
+    _, q_star = oracle_solve(lp, np.ones(lp.shape[0]), m, alpha0=info.alpha.numpy())
+    err = float(np.abs(q.astype(np.float64) - q_star).max())
+    assert err <= (1e-4 if dtype == np.float32 else 1e-5), (name, err)
+
+
 def test_a_failed_line_search_is_retried_with_the_exact_hessian(monkeypatch):
     """A line search that fails on the sampled Hessian is retried with the exact one before the
     solver gives up. (The zero-target solve above used to end that way in float32; with the
