@@ -37,13 +37,18 @@ DENSE_HESSIAN_MAX_K = 128
 # out of passes at k = 129 to 1000 (float64 too) where k = 128 took 10.
 DENSE_ESCALATION_MAX_K = 1024
 ARMIJO_C1 = 1e-4
-# The line search gives up below this fraction of its first trial (t0 capped at 1): 33 halvings.
-# Relative, because the trust radius below can make t0 itself tiny: on saturated rows (logit
-# scale 20, or a row whose target mass is 0.95 on one class of 50) the Hessian is nearly singular,
-# the Newton direction ~1e12-1e17 logits long, and the capped t0 ~1e-11-1e-16 -- below an
-# absolute floor of 1e-10, so no step was tried at all and Newton stopped after one pass,
-# "line search failed", on feasible problems that sinkhorn solves.
+# The line search gives up below this step, or, when the trust radius below has made its first
+# trial t0 small, not before BELOW_FLOOR_HALVINGS halvings of t0. Why the exception: on
+# saturated rows (logit scale 20, or a row whose target mass is 0.95 on one class of 50) the
+# Hessian is nearly singular, the Newton direction ~1e12-1e17 logits long and the capped t0
+# ~1e-11-1e-16: with the floor alone no step was tried, and Newton stopped after one pass, "line
+# search failed", on feasible problems that sinkhorn solves (a quarter or half of t0 is accepted
+# there, on g's Armijo test, and the cap then grows). Below the floor a step must gain g: a
+# residual that merely does not rise (the test for g's rounding noise, _accepted) is no evidence
+# when (1 - c1 t) rounds to 1, and a floor relative to t0 alone let a stalled solve (lam 1e-20,
+# 1,500 x 10) take such steps of 4e-13 for 100 passes where it used to stop after 4.
 MIN_STEP = 1e-10
+BELOW_FLOOR_HALVINGS = 10
 # A line search starts from a step that changes no row's logits (alpha_j / c_i) by more than this.
 # On a confident model the curvature at alpha = 0 is ~1e-13 and the full Newton step ~1e11 logits,
 # a region where float32 log Z is noise; backtracking from there wastes a pass per halving.
@@ -402,7 +407,7 @@ def _line_search(ev: _Evaluator, alpha, d, grad, g, res, t0: float = 1.0, hessia
     slope = float(grad @ d)
     t = t0
     noise = ev.g_noise
-    t_min = MIN_STEP * min(t0, 1.0)
+    t_min = min(MIN_STEP, t0 / 2.0 ** BELOW_FLOOR_HALVINGS)
     while t >= t_min and ev.passes < ev.max_passes:
         a_new = alpha + t * d
         grad_n, g_n, h_n, res_n = ev(a_new, hessian)
@@ -422,7 +427,7 @@ def _accepted(g_n: float, res_n: float, g: float, res: float, t: float, slope: f
     """The line search's test of a trial step t: a residual within ``tol`` (the solve is done:
     Q(alpha) is the exact projection onto its own column sums, whatever g's rounding says);
     else Armijo on g, or, where g's rounding noise hides the gain, a sufficient decrease of the
-    residual. (g's noise estimate can fall short when many rows are identical, as uniform
+    residual for a step t of at least MIN_STEP (below it any decrease passes). (g's noise estimate can fall short when many rows are identical, as uniform
     pseudo rows are: their float32 log Z round alike, and at lam 1e-6 a converged trial of a
     1,500 x 10 refine lost 31.4 against an estimate of 30.6 and was refused, 100 passes.)
     A trial that multiplies the residual by more than ``growth`` is refused (RES_GROWTH_MAX)."""
@@ -432,7 +437,7 @@ def _accepted(g_n: float, res_n: float, g: float, res: float, t: float, slope: f
         return True
     return res_n <= growth * res and (
         g_n >= g + max(ARMIJO_C1 * t * slope, noise)
-        or (g_n >= g - noise and res_n <= (1.0 - ARMIJO_C1 * t) * res))
+        or (g_n >= g - noise and t >= MIN_STEP and res_n <= (1.0 - ARMIJO_C1 * t) * res))
 
 
 def _write_final(ev: "_Evaluator", final: FinalPass, alpha: np.ndarray, d: np.ndarray, t0: float,
