@@ -427,9 +427,10 @@ def _accepted(g_n: float, res_n: float, g: float, res: float, t: float, slope: f
     """The line search's test of a trial step t: a residual within ``tol`` (the solve is done:
     Q(alpha) is the exact projection onto its own column sums, whatever g's rounding says);
     else Armijo on g, or, where g's rounding noise hides the gain, a sufficient decrease of the
-    residual for a step t of at least MIN_STEP (below it any decrease passes). (g's noise estimate can fall short when many rows are identical, as uniform
-    pseudo rows are: their float32 log Z round alike, and at lam 1e-6 a converged trial of a
-    1,500 x 10 refine lost 31.4 against an estimate of 30.6 and was refused, 100 passes.)
+    residual for a step t of at least MIN_STEP (below it any decrease passes). (g's noise
+    estimate can fall short when many rows are identical, as uniform pseudo rows are: their
+    float32 log Z round alike, and at lam 1e-6 a converged trial of a 1,500 x 10 refine lost 31.4
+    against an estimate of 30.6 and was refused, 100 passes.)
     A trial that multiplies the residual by more than ``growth`` is refused (RES_GROWTH_MAX)."""
     if not math.isfinite(g_n):
         return False

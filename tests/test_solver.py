@@ -581,10 +581,10 @@ def test_newton_reaches_a_class_target_of_zero(backend, dtype):
 
 
 def _saturated_problems():
-    """(name, probs or logits kwargs, forget, pseudo, M, log P^ float64) of two feasible problems
-    whose Hessian at alpha = 0 is nearly singular, so the capped first Newton step is ~1e-11-1e-16
-    of its direction: saturated rows (logit scale 20, every class kept in M), and one uniform row
-    whose target puts 0.95 on a class of 50 (Q = M)."""
+    """(name, probs or logits kwargs, forget, pseudo, M, log P^ float64) of three feasible problems
+    whose Hessian is nearly singular, so the capped Newton step is ~1e-10-1e-16 of its direction:
+    saturated rows (logit scale 20, every class kept in M), one uniform row whose target puts 0.95
+    on a class of 50 (Q = M), and a saturated model's totals as targets for uniform rows."""
     z = np.random.default_rng(17).standard_normal((17, 32)) * 20
     mx = z.max(1, keepdims=True)
     lp = z - mx - np.log(np.exp(z - mx).sum(1, keepdims=True))
@@ -593,19 +593,28 @@ def _saturated_problems():
     mb = np.full(k, 1e-3)
     mb[0] = 1.0
     mb /= mb.sum()
+    # Every row forgotten (uniform), "original" targets of a saturated model (3 x 100).
+    r = np.random.default_rng(2)
+    z3 = r.standard_normal((3, 100)) * 20
+    z3[np.arange(3), r.integers(0, 100, 3)] += 60
+    p3 = np.exp(z3 - z3.max(1, keepdims=True))
+    p3 /= p3.sum(1, keepdims=True)
     return [("saturated rows", dict(logits=z), [], "uniform", m, lp),
             ("one peaked target", dict(probs=np.full((1, k), 1.0 / k)), [], None, mb,
-             np.full((1, k), -np.log(k)))]
+             np.full((1, k), -np.log(k))),
+            ("all rows forgotten", dict(probs=p3), [0, 1, 2], "uniform", p3.sum(0),
+             np.full((3, 100), -np.log(100)))]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("case", [0, 1])
+@pytest.mark.parametrize("case", [0, 1, 2])
 def test_newton_tries_a_capped_step_however_short_a_fraction(backend, dtype, case):
-    """The line search's floor is relative to its first trial: the trust radius caps that trial at
-    100 logits, which on these problems is 1e-11-1e-16 of the Newton direction, and an absolute
-    floor of 1e-10 made the search try nothing: Newton stopped after 1-2 passes with "line search
-    failed" and Q up to 0.29 from the optimum (found by fuzzing against the float64 oracle)."""
+    """The line search goes below its floor of 1e-10 when the trust radius made its first trial
+    smaller (a step must then gain g): that trial, capped at 100 logits, is 1e-10-1e-16 of the
+    Newton direction here, and with the floor alone Newton stopped after 1-3 passes with "line
+    search failed" and Q up to 0.29 from the optimum (found by fuzzing against the float64
+    oracle)."""
     import warnings
 
     from oracle import oracle_solve
