@@ -82,6 +82,45 @@ def test_inner_module_skips_without_interpreter():
     assert " passed" not in proc.stdout, proc.stdout[-2000:]
 
 
+@needs_triton
+def test_kernels_do_not_specialise_on_their_program_count():
+    """The grid is sized by compiling a kernel with a placeholder program count (_PROBE = 3), then
+    launched with p (e.g. 1,056 = 132 SMs x 8): every kernel that loops over tiles by its
+    program count leaves that argument unspecialised, so both are one compiled variant (Triton
+    specialises an int equal to 1 or divisible by 16: a second compile per kernel and mode, at
+    the first call)."""
+    import triton
+
+    import ppu_fast.backends.triton as tri
+    from ppu_fast.backends.triton import INTERPRET
+
+    if INTERPRET:
+        pytest.skip("the interpreter does not compile (TRITON_INTERPRET=1)")
+    kernels = {name: k for name, k in vars(tri).items() if isinstance(k, triton.JITFunction)}
+    counted = 0
+    for name, k in kernels.items():
+        for prm in k.params:
+            if prm.name in ("nprog", "ngroups"):
+                assert prm.do_not_specialize, f"{name}: {prm.name} is specialised"
+                counted += 1
+    assert counted == 8, counted
+    # And the binder's specialisation (what keys the compile cache) is one for 1, 3 and 1,056.
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    k = tri._step_tile_kernel
+    binder = create_function_from_signature(k.signature, k.params,
+                                            make_backend(GPUTarget("cuda", 90, 32)))
+    lp, ic, a = torch.zeros(64, 16), torch.ones(64), torch.zeros(16)
+    ws = torch.zeros(8, 16, dtype=torch.float64)
+    consts = dict(BLOCK_ROWS=16, BLOCK_K=16, HESS=0, HK=1, IDX64=False, SN=1, KM=1,
+                  NUM_STAGES=2)
+    specs = [binder(lp, ic, a, ws, ws, ws, ws, 64, 16, 16, 1, 1, tri._PROBE, 4, p, **consts)[1]
+             for p in (tri._PROBE, 1, 1056)]
+    assert specs[0] == specs[1] == specs[2]
+
+
 @pytest.mark.slow
 @needs_triton
 @OLD_TRITON

@@ -226,7 +226,7 @@ def _sampled(t, hess_m, BLOCK_ROWS: tl.constexpr):
     return (b0 + hess_m - 1) // hess_m * hess_m < b0 + BLOCK_ROWS // _HB
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nprog"])
 def _step_tile_kernel(lp_ptr, ic_ptr, a_ptr, ws_c_ptr, ws_z_ptr, ws_d_ptr, ws_w_ptr,
                       n, k_q, s_n, s_k, s_c, hess_m, num_tiles, nprog,
                       BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HESS: tl.constexpr,
@@ -283,7 +283,7 @@ def _step_tile_kernel(lp_ptr, ic_ptr, a_ptr, ws_c_ptr, ws_z_ptr, ws_d_ptr, ws_w_
         tl.store(ws_w_ptr + pid * HK * HK + hr[:, None] * HK + hr[None, :], acc_w)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nprog"])
 def _row_stats_kernel(lp_ptr, ic_ptr, a_ptr, m_ptr, s_ptr, r_ptr, ws_z_ptr,
                       n, k_q, s_n, s_k, s_c, num_tiles, nprog,
                       BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, TOP: tl.constexpr,
@@ -325,7 +325,7 @@ def _row_stats_kernel(lp_ptr, ic_ptr, a_ptr, m_ptr, s_ptr, r_ptr, ws_z_ptr,
     tl.store(ws_z_ptr + pid, tl.sum(acc_z, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ngroups"])
 def _colsum_kernel(lp_ptr, ic_ptr, a_ptr, m_ptr, s_ptr, r_ptr, ws_c_ptr, ws_d_ptr,
                    n, k_q, s_n, s_k, s_c, num_tiles, ngroups,
                    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HESS: tl.constexpr,
@@ -362,7 +362,7 @@ def _colsum_kernel(lp_ptr, ic_ptr, a_ptr, m_ptr, s_ptr, r_ptr, ws_c_ptr, ws_d_pt
         tl.store(ws_d_ptr + g * k + cols, acc_d, mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nprog"])
 def _q_tile_kernel(lp_ptr, ic_ptr, a_ptr, out_ptr, ws_c_ptr, ws_z_ptr, n, k_q, s_n, s_k, s_c,
                    o_n, o_k, num_tiles, nprog, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
                    IDX64: tl.constexpr, SN: tl.constexpr, ON: tl.constexpr,
@@ -401,7 +401,7 @@ def _q_tile_kernel(lp_ptr, ic_ptr, a_ptr, out_ptr, ws_c_ptr, ws_z_ptr, n, k_q, s
         tl.store(ws_z_ptr + pid, tl.sum(acc_z, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ngroups"])
 def _q_cols_kernel(lp_ptr, ic_ptr, a_ptr, m_ptr, s_ptr, out_ptr, n, k_q, s_n, s_k, s_c, o_n, o_k,
                    num_tiles, ngroups, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
                    IDX64: tl.constexpr, SN: tl.constexpr, ON: tl.constexpr,
@@ -452,7 +452,7 @@ def _row_faults(xr, msk, tol, MODE: tl.constexpr):
     return kind, rs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nprog"])
 def _prep_tile_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr,
                       ws_key_ptr, ws_a_ptr, ws_b_ptr, ws_c_ptr, ws_z_ptr, ws_d_ptr, ws_w_ptr,
                       n, k_q, s_n, s_k, s_f, s_c, o_n, o_k, tol_hi, tol_lo, hess_m,
@@ -597,7 +597,7 @@ def _prep_tile_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr,
             tl.store(ws_w_ptr + pid * HK * HK + hr[:, None] * HK + hr[None, :], acc_w)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nprog"])
 def _prep_stats_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr, m_ptr, s_ptr, r_ptr,
                        ws_key_ptr, ws_z_ptr,
                        n, k_q, s_n, s_k, s_f, s_c, tol_hi, tol_lo, num_tiles, nprog,
@@ -697,7 +697,7 @@ def _prep_stats_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr, m_ptr, s_ptr, r
     tl.store(ws_z_ptr + pid, tl.sum(acc_z, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ngroups"])
 def _prep_cols_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr, m_ptr, s_ptr, r_ptr,
                       ws_a_ptr, ws_b_ptr, ws_c_ptr, ws_d_ptr,
                       n, k_q, s_n, s_k, s_f, s_c, o_n, o_k, num_tiles, ngroups,
@@ -810,8 +810,10 @@ MAX_PROGRAMS_PER_SM = 8
 # The interpreter runs programs one after another: few programs, same code paths.
 INTERPRET_PROGRAMS = 4
 INTERPRET_GROUPS = 2
-# Placeholder program count while sizing the grid: any value but 1 (Triton specialises int
-# arguments equal to 1), so the probe compiles the same code as the launch.
+# Placeholder program count while sizing the grid. The kernels do not specialise on their program
+# count (do_not_specialize), so the probe compiles the code the launch runs whatever p turns out
+# to be: Triton specialises an int argument equal to 1 or divisible by 16, and p = 132 SMs x 8
+# (1,056) had compiled a second variant of each kernel, seconds at the first call of each mode.
 _PROBE = 3
 
 
