@@ -1309,11 +1309,11 @@ def _forget_sums(forget: torch.Tensor, inv_c: torch.Tensor, m: int) -> torch.Ten
 
 def _sampled_rows_sum(v: torch.Tensor, m: int) -> torch.Tensor:
     """The sum of ``v`` (N,) over the Hessian's sampled rows (16-row blocks b with b % m == 0):
-    the first HESS_BLOCK rows of every period of m blocks, as a view."""
+    the first HESS_BLOCK rows of every period of m blocks, through a view."""
     n = v.shape[0]
     period = HESS_BLOCK * m
     full = n // period
-    head = v[:full * period].view(full, period)[:, :HESS_BLOCK].sum()
+    head = v[:full * period].reshape(full, period)[:, :HESS_BLOCK].sum()
     return head + v[full * period:full * period + HESS_BLOCK].sum()
 
 
