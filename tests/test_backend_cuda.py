@@ -653,6 +653,32 @@ def test_emulated_exact_hessian_takes_every_row(emulated, k):
     check_step(emulated, log_p, inv_c, alpha, "exact")
 
 
+def test_stage_waits_for_a_pass_that_never_fetched(monkeypatch):
+    """base.DeviceStepStage reuses its pinned alpha buffer pass after pass, safe because each pass
+    waits for its result. A pass that stopped between staging alpha and fetching (its launch
+    raised) may leave the copy in flight: the next put_alpha waits for the device first; a pass
+    that fetched does not make the next one wait."""
+    import numpy as np
+
+    from ppu_fast.backends.base import DeviceStepStage
+
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    stage = DeviceStepStage(3, torch.device("cpu"))
+    stage.pinned = True  # the GPU path's bookkeeping, on CPU tensors
+    packed = torch.arange(4, dtype=torch.float64)
+    stage._host[4] = torch.empty(4, dtype=torch.float64)  # no pinned memory without a GPU
+    stage.put_alpha(np.array([1.0, 2.0, 3.0]))
+    assert waits == []
+    stage.put_alpha(np.array([4.0, 5.0, 6.0]))  # the pass before never fetched
+    assert len(waits) == 1
+    assert stage.alpha.tolist() == [4.0, 5.0, 6.0]
+    colsum, wlogz, h = stage.fetch(packed, False)
+    assert colsum.tolist() == [0.0, 1.0, 2.0] and wlogz == 3.0 and h is None
+    stage.put_alpha(np.array([7.0, 8.0, 9.0]))
+    assert len(waits) == 1
+
+
 @pytest.mark.parametrize("k", [3, 10, 32, 33, 100])
 def test_emulated_bound_step_is_step(emulated, k):
     """The solver's passes (``bind_step``: alpha through a staging buffer, one copy of the packed

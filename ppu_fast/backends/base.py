@@ -215,8 +215,11 @@ class DeviceStepStage:
     on a GPU is a few microseconds of kernel time.
 
     The buffers are reused pass after pass: safe because every pass ends by waiting for its
-    result (``fetch``), so the previous pass's copies have completed. On a CPU "device" (the
-    CUDA emulation, the Triton interpreter) the buffers are plain CPU tensors."""
+    result (``fetch``), so the previous pass's copies have completed. A pass that stopped between
+    staging and fetching (a launch error, an interrupt) may have left its alpha copy in flight:
+    the next ``put_alpha`` then waits for the device before it rewrites the pinned buffer. On a
+    CPU "device" (the CUDA emulation, the Triton interpreter) the buffers are plain CPU
+    tensors."""
 
     def __init__(self, k: int, device: torch.device) -> None:
         self.k = k
@@ -225,14 +228,18 @@ class DeviceStepStage:
         self.alpha_np = self.alpha_host.numpy()
         self.alpha = torch.empty(k, dtype=torch.float32, device=device)
         self._host: dict = {}  # pinned result buffers by length
+        self._staged = False  # an alpha copy queued whose pass has not fetched its result
 
     def put_alpha(self, alpha: np.ndarray) -> torch.Tensor:
         """``alpha`` (k,) float64 rounded to float32 (as ``alpha.to(torch.float32)``) and queued
         for the device; returns the device tensor the kernels read."""
         check_host_alpha(alpha, self.k)
+        if self._staged and self.pinned:
+            torch.cuda.synchronize(self.alpha.device)
         with np.errstate(over="ignore"):  # beyond float32 is +-inf, as torch's conversion
             self.alpha_np[:] = alpha
         self.alpha.copy_(self.alpha_host, non_blocking=self.pinned)
+        self._staged = True
         return self.alpha
 
     def fetch(self, packed: torch.Tensor, hessian: Hessian,
@@ -246,6 +253,7 @@ class DeviceStepStage:
             self._host[width] = torch.empty(width, dtype=torch.float64, pin_memory=self.pinned)
         host = self._host[width]
         host.copy_(packed)  # synchronous: waits for the pass
+        self._staged = False
         v = host.numpy()
         k = self.k
         colsum, wlogz = v[:k].copy(), float(v[k])
