@@ -351,6 +351,7 @@ class CudaBackend(Backend):
         inv_c = inv_c.contiguous()
         code = _IN_CODES[log_p.dtype]
         in_kernel_w = k <= mod.SMALL_K
+        stride = hessian_stride(n, k)
         stage = DeviceStepStage(k, dev)
         # Per mode (planned on first use): the packed result and the workspace length it needs;
         # one workspace for all, grown to the largest (the passes run one after another).
@@ -370,7 +371,7 @@ class CudaBackend(Backend):
             packed, size = plans[mode]
             if ws[0].numel() < size:
                 ws[0] = torch.empty(size, dtype=torch.float64, device=dev)
-            m = (1 if hessian == "exact" else hessian_stride(n, k)) if full else 1
+            m = (1 if hessian == "exact" else stride) if full else 1
             mod.step(log_p.data_ptr(), code, n, k, log_p.stride(0), log_p.stride(1),
                      inv_c.data_ptr(), a32.data_ptr(), mode, m, ws[0].data_ptr(), ws[0].numel(),
                      packed.data_ptr(), dev.index, _stream(dev))

@@ -1243,9 +1243,8 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
         if fill_terms:
             # The forget rows hold softmax(fill) (log Z = logsumexp(fill)); the kernel gave them
             # weight 0, their terms are added on the host from these sums over them.
-            parts += [fill.double(), _forget_sums(forget, inv_c,
-                                                  hm if h_mode is True and not w_by_chunks
-                                                  else 0)]
+            sampled_w = h_mode is True and not w_by_chunks
+            parts += [fill.double(), *_forget_sums(forget, inv_c, hm if sampled_w else 0)]
     buf = torch.cat(parts).cpu().numpy()  # the one device-to-host copy
     key = int(buf[0])
     kind, row = (0, 0) if key >= _KEY_NONE.value else (key % 8, key // 8)
@@ -1272,14 +1271,15 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
             o += k * k
         if fill_terms:
             qf, lzf = _softmax64(buf[o:o + k])
-            count, sum_c, sum_ic, sum_ic_sampled = buf[o + k:o + k + 4]
-            o += k + 4
+            count, sum_c, sum_ic = buf[o + k:o + k + 3]
+            o += k + 3
             colsum = colsum + count * qf
             wlogz = lzf * sum_c
             if h_mode:
                 d = d + sum_ic * _accurate_diag(qf)
-            if h_mode is True and not w_by_chunks:
-                w = w + sum_ic_sampled * np.outer(qf, qf).reshape(-1)
+            if sampled_w:
+                w = w + buf[o] * np.outer(qf, qf).reshape(-1)
+                o += 1
         packed += [colsum, np.array([wlogz])]
         if h_mode:
             packed.append(d)
@@ -1291,20 +1291,18 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
     return unpack_prepare(flat, k, mode, first, h_mode)
 
 
-def _forget_sums(forget: torch.Tensor, inv_c: torch.Tensor, m: int) -> torch.Tensor:
-    """(4,) float64 on the device: over the forget rows, their count, sum of c = 1 / inv_c, sum of
-    inv_c, and (m > 0) the sum of inv_c over those in the Hessian's sample (16-row blocks b with
-    b % m == 0, as ``base.hessian_sample_rows``), read through a view of the rows' periods
-    instead of a mask built by arange arithmetic."""
+def _forget_sums(forget: torch.Tensor, inv_c: torch.Tensor, m: int) -> List[torch.Tensor]:
+    """Float64 sums on the device over the forget rows, for prepare's one copy: (3,) their count,
+    sum of c = 1 / inv_c and sum of inv_c; with m > 0 also (1,) the sum of inv_c over those in
+    the Hessian's sample (16-row blocks b with b % m == 0, as ``base.hessian_sample_rows``),
+    read through a view of the rows' periods instead of a mask built by arange arithmetic."""
     fgd = forget.to(torch.float64)
     icd = inv_c.to(torch.float64)
     wic = fgd * icd
     parts = [torch.stack([fgd, fgd / icd, wic]).sum(dim=1)]
     if m > 0:
         parts.append(_sampled_rows_sum(wic, m).reshape(1))
-    else:
-        parts.append(torch.zeros(1, dtype=torch.float64, device=forget.device))
-    return torch.cat(parts)
+    return parts
 
 
 def _sampled_rows_sum(v: torch.Tensor, m: int) -> torch.Tensor:
