@@ -116,7 +116,7 @@ def test_kernels_do_not_specialise_on_their_program_count():
     ws = torch.zeros(8, 16, dtype=torch.float64)
     consts = dict(BLOCK_ROWS=16, BLOCK_K=16, HESS=0, HK=1, IDX64=False, SN=1, KM=1,
                   NUM_STAGES=2)
-    specs = [binder(lp, ic, a, ws, ws, ws, ws, 64, 16, 16, 1, 1, tri._PROBE, 4, p, **consts)[1]
+    specs = [binder(lp, ic, a, ws, 64, 16, 16, 1, 1, tri._PROBE, 4, p, **consts)[1]
              for p in (tri._PROBE, 1, 1056)]
     assert specs[0] == specs[1] == specs[2]
 

@@ -139,6 +139,32 @@ def test_assemble_hessian_keeps_the_diagonal_and_psd():
     assert float(h[4].abs().sum() - h[4, 4]) == 0.0
 
 
+@pytest.mark.parametrize("k", [1, 2, 10, 37, 100])
+def test_assemble_hessian_against_its_formula(k):
+    """The host assembly (the cpu path of assemble_hessian; the GPU backends' bound routes use
+    it every pass) against S L S written out entry by entry: L the Laplacian of W's strict upper
+    triangle mirrored, s_j = sqrt(max(d_j, 0) / L_jj) (0 where L_jj = 0), diagonal max(d, 0).
+    W's lower triangle and diagonal are never read: NaN there changes nothing."""
+    g = torch.Generator().manual_seed(k)
+    d = torch.rand(k, generator=g, dtype=torch.float64) + 0.05
+    w = torch.rand(k, k, generator=g, dtype=torch.float64) * 0.1
+    if k > 2:
+        d[1] = -1e-17  # rounding below zero: clamped
+        w[0, :] = 0
+        w[:, 0] = 0    # a class no sampled row reaches
+    garbage = w.clone()
+    garbage.view(-1)[torch.tril(torch.ones(k, k, dtype=torch.bool)).view(-1)] = float("nan")
+    up = [[float(w[min(i, j), max(i, j)]) if i != j else 0.0 for j in range(k)]
+          for i in range(k)]
+    lap = [sum(row) for row in up]
+    s = [math.sqrt(max(float(d[i]), 0.0) / lap[i]) if lap[i] > 0 else 0.0 for i in range(k)]
+    want = torch.tensor([[max(float(d[i]), 0.0) if i == j else -(s[i] * up[i][j] * s[j])
+                          for j in range(k)] for i in range(k)], dtype=torch.float64)
+    d0, w0 = d.clone(), w.clone()
+    for given in (w, garbage, w.t().contiguous().t()):
+        h = assemble_hessian(d, given)
+        torch.testing.assert_close(h, want, rtol=1e-13, atol=0.0)
+    assert torch.equal(d, d0) and torch.equal(w, w0)  # inputs untouched
 # prepare's outputs against the oracle, by the solver buffer's dtype: log P^ elementwise in units
 # of 1 + |log p| (one ulp of a half buffer: the rounding of the store; a few float32 ulps), the
 # float64 sums and the first evaluation relative to their scale. Measured worst cases over the

@@ -38,8 +38,8 @@ tile).  ``-inf`` entries give exact zeros; masked lanes and all ``-inf`` blocks 
 
 * ``prepare``, single read: reads E*|x| + N (forget mask) [+ 4N inv_c with a first evaluation],
   writes E*|out|; nothing else N x k.  Wide rows: reads E*|x| twice, writes E*|out| + 8-12 N.
-* ``step``, single read: reads E*|log_p| + 4N, writes only P x k float64 workspaces (P = resident
-  programs).  Wide rows: reads E*|log_p| twice + 8-12 N per column block, writes 8-12 N.  With
+* ``step``, single read: reads E*|log_p| + 4N, writes only a P x (2k + 1 [+ HK^2]) float64
+  workspace (P = resident programs).  Wide rows: reads E*|log_p| twice + 8-12 N per column block, writes 8-12 N.  With
   ``hessian=True`` above ``hessian_kernel_max_k``, W reads and materialises only the sampled rows
   (about max(4096, 2 N / k) of them).
 * ``materialize``: reads E*|log_p| (twice for wide rows), writes E*|out|.
@@ -68,7 +68,9 @@ SM count and the compiled kernel's registers and shared memory, fixed for a give
 program ``p`` handles row tiles ``p, p + P, ...``, sums each tile in float32, adds that into
 float64 per-program accumulators and writes them to a ``P x k`` float64 workspace (row groups
 likewise in the wide kernels); the launcher reduces the workspace over the program axis with
-``torch.sum`` / ``min`` / ``max`` (a fixed order).  Two runs on the same device are bit-identical.
+``torch.sum`` / ``min`` / ``max`` (a fixed order).  The single-read step and materialize kernels
+write one packed row per program ([colsum | sum log Z / inv_c | d | W]), so a pass's sums are
+one reduction and one copy.  Two runs on the same device are bit-identical.
 
 **Host synchronisation**: ``step`` and ``materialize`` never synchronise (the sampled rows come
 from ``base.hessian_sample_rows``, arange arithmetic with the count known on the host);
@@ -227,8 +229,8 @@ def _sampled(t, hess_m, BLOCK_ROWS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["nprog"])
-def _step_tile_kernel(lp_ptr, ic_ptr, a_ptr, ws_c_ptr, ws_z_ptr, ws_d_ptr, ws_w_ptr,
-                      n, k_q, s_n, s_k, s_c, hess_m, num_tiles, nprog,
+def _step_tile_kernel(lp_ptr, ic_ptr, a_ptr, ws_ptr, n, k_q, s_n, s_k, s_c, hess_m, num_tiles,
+                      nprog,
                       BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HESS: tl.constexpr,
                       HK: tl.constexpr, IDX64: tl.constexpr, SN: tl.constexpr,
                       KM: tl.constexpr, NUM_STAGES: tl.constexpr):
@@ -236,8 +238,11 @@ def _step_tile_kernel(lp_ptr, ic_ptr, a_ptr, ws_c_ptr, ws_z_ptr, ws_d_ptr, ws_w_
 
     Program pid handles row tiles pid, pid + nprog, ...  HESS: 0 none, 1 the diagonal d, 2 also
     W = sum ic q q^T over the sampled rows (HK == BLOCK_K; tl.dot, float32 "ieee").
+    Program pid writes its float64 partial sums into row pid of the workspace ws (nprog x
+    _step_width(k, HESS, HK)): [colsum (k) | wlogz | d (k), HESS >= 1 | W (HK x HK), HESS 2], so
+    that one reduction over the programs gives the pass's packed result.
     Bytes moved: reads N*k*elem_size (log_p, once) + 4N (inv_c) + 4k per program (alpha); writes
-    only the nprog x k float64 workspaces (nprog = a few programs per SM), nothing N x k.
+    only the workspace (nprog = a few programs per SM), nothing N x k.
     """
     k = k_q * KM  # KM (constexpr) divides k: column masks then cover whole vectors
     pid = tl.program_id(0)
@@ -274,13 +279,19 @@ def _step_tile_kernel(lp_ptr, ic_ptr, a_ptr, ws_c_ptr, ws_z_ptr, ws_d_ptr, ws_w_
                     # float32 products summed over the tile, no TF32 ("ieee"), then into float64.
                     acc_w += tl.dot(tl.trans(qs), q, input_precision="ieee").to(tl.float64)
     col_ok = cols < k
-    tl.store(ws_c_ptr + pid * k + cols, acc_c, mask=col_ok)
-    tl.store(ws_z_ptr + pid, tl.sum(acc_z, axis=0))
+    width = k + 1
     if HESS != 0:
-        tl.store(ws_d_ptr + pid * k + cols, acc_d, mask=col_ok)
+        width += k
+    if HESS == 2:
+        width += HK * HK
+    row = ws_ptr + pid.to(tl.int64) * width
+    tl.store(row + cols, acc_c, mask=col_ok)
+    tl.store(row + k, tl.sum(acc_z, axis=0))
+    if HESS != 0:
+        tl.store(row + k + 1 + cols, acc_d, mask=col_ok)
     if HESS == 2:
         hr = tl.arange(0, HK)
-        tl.store(ws_w_ptr + pid * HK * HK + hr[:, None] * HK + hr[None, :], acc_w)
+        tl.store(row + 2 * k + 1 + hr[:, None] * HK + hr[None, :], acc_w)
 
 
 @triton.jit(do_not_specialize=["nprog"])
@@ -363,15 +374,15 @@ def _colsum_kernel(lp_ptr, ic_ptr, a_ptr, m_ptr, s_ptr, r_ptr, ws_c_ptr, ws_d_pt
 
 
 @triton.jit(do_not_specialize=["nprog"])
-def _q_tile_kernel(lp_ptr, ic_ptr, a_ptr, out_ptr, ws_c_ptr, ws_z_ptr, n, k_q, s_n, s_k, s_c,
+def _q_tile_kernel(lp_ptr, ic_ptr, a_ptr, out_ptr, ws_ptr, n, k_q, s_n, s_k, s_c,
                    o_n, o_k, num_tiles, nprog, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
                    IDX64: tl.constexpr, SN: tl.constexpr, ON: tl.constexpr,
                    KM: tl.constexpr, NUM_STAGES: tl.constexpr, STATS: tl.constexpr):
     """Single-read materialize: Q into out (its dtype, any strides). Rows are normalised by
     their float64 sum (one rounding per stored element): the float32 tree sum left rows of Q
     several ulps from summing to 1, this leaves them within 1 (base.ROW_SUM_ULPS allows 2).
-    STATS: also the step's sums of the rows written (materialize_sums), per program into the
-    float64 workspaces ws_c (nprog x k: sum_i q_ik) and ws_z (nprog: sum_i log Z_i / inv_c_i).
+    STATS: also the step's sums of the rows written (materialize_sums), per program into row pid
+    of the float64 workspace ws (nprog x (k + 1)): [sum_i q_ik (k) | sum_i log Z_i / inv_c_i].
 
     Bytes moved: reads N*k*elem_size + 4N, writes N*k*out_elem_size.
     """
@@ -397,8 +408,9 @@ def _q_tile_kernel(lp_ptr, ic_ptr, a_ptr, out_ptr, ws_c_ptr, ws_z_ptr, n, k_q, s
             acc_c += tl.sum(q, axis=0)
             acc_z += tl.where(row_ok, (m.to(tl.float64) + tl.log(s)) / ic.to(tl.float64), 0.0)
     if STATS:
-        tl.store(ws_c_ptr + pid * k + cols, acc_c, mask=cols < k)
-        tl.store(ws_z_ptr + pid, tl.sum(acc_z, axis=0))
+        row = ws_ptr + pid.to(tl.int64) * (k + 1)
+        tl.store(row + cols, acc_c, mask=cols < k)
+        tl.store(row + k, tl.sum(acc_z, axis=0))
 
 
 @triton.jit(do_not_specialize=["ngroups"])
@@ -961,11 +973,11 @@ def _plan_single_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.T
                       ) -> Tuple[Tuple[torch.Tensor, ...], Callable[[], None]]:
     """The single-read step kernel planned on these tensors (log_p N x k, N, k >= 1, next_pow2(k)
     within the single-read kernels; alpha32 (k,) float32 contiguous, read at each launch):
-    ``((ws_c (p, k), ws_z (p,), ws_d (p, k), ws_w (p, HK, HK)), launch)``, the float64 partial
-    sums of its p programs (ws_d / ws_w: a dummy without the diagonal / W) and a function that
-    runs the kernel into them. ``stride``: W's sample stride (_H_FULL; default
-    :func:`hessian_stride`). ``alloc(name, shape)``: where the workspaces come from (default
-    new tensors; a bound step shares them between its modes)."""
+    ``(ws, launch)``, the float64 workspace (p, :func:`_step_width`) that receives the partial
+    sums of the kernel's p programs (one row each, packed as :func:`_step_sums` reads them) and
+    a function that runs the kernel into it. ``stride``: W's sample stride (_H_FULL; default
+    :func:`hessian_stride`). ``alloc(name, shape)``: where the workspace comes from (default a
+    new tensor; a bound step shares them between its modes)."""
     n, k = log_p.shape
     dev = log_p.device
     f64 = dict(dtype=torch.float64, device=dev)
@@ -980,20 +992,32 @@ def _plan_single_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.T
     consts = dict(BLOCK_ROWS=br, BLOCK_K=bk, HESS=hess, HK=hk,
                   IDX64=_needs_idx64(num_tiles * br, bk, log_p.stride(), inv_c.stride()),
                   SN=sn, KM=km, NUM_STAGES=NUM_STAGES)
-    args = [log_p, inv_c, alpha32, dummy, dummy, dummy, dummy, n, kq, snq,
-            log_p.stride(1), inv_c.stride(0),
+    args = [log_p, inv_c, alpha32, dummy, n, kq, snq, log_p.stride(1), inv_c.stride(0),
             (hessian_stride(n, k) if stride is None else stride) if full else _PROBE,
             num_tiles, _PROBE]
     p = min(num_tiles, _capacity(_step_tile_kernel, tuple(args), consts, tile.num_warps, dev))
     alloc = alloc or (lambda name, shape: torch.empty(shape, **f64))
-    ws = (alloc("c", (p, k)), alloc("z", (p,)), alloc("d", (p, k)) if hess else dummy,
-          alloc("w", (p, hk, hk)) if full else dummy)
-    args[3:7] = ws
+    ws = alloc("ws", (p, _step_width(k, hess, hk)))
+    args[3] = ws
     args[-1] = p
 
     def launch() -> None:
         _step_tile_kernel[(p,)](*args, num_warps=tile.num_warps, **consts)
     return ws, launch
+
+
+def _step_width(k: int, hess: int, hk: int) -> int:
+    """Length of a step's packed sums: [colsum (k) | wlogz | d (k), with a Hessian | W (hk x hk,
+    row-major; its leading k x k block is W), _H_FULL]."""
+    return k + 1 + (k if hess else 0) + (hk * hk if hess == _H_FULL else 0)
+
+
+def _step_sums(packed: torch.Tensor, k: int, hess: int, hk: int
+               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                          Optional[torch.Tensor]]:
+    """(colsum (k,), wlogz (), d (k,) or None, W (k x k) or None): views of ``packed``."""
+    return (packed[:k], packed[k], packed[k + 1:2 * k + 1] if hess else None,
+            packed[2 * k + 1:].view(hk, hk)[:k, :k] if hess == _H_FULL else None)
 
 
 def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
@@ -1013,10 +1037,10 @@ def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor
     n, k = log_p.shape
     full = hess == _H_FULL
     if _next_pow2(k) <= max_single_block_k:
-        (ws_c, ws_z, ws_d, ws_w), launch = _plan_single_step(log_p, inv_c, alpha32, hess, stride)
+        ws, launch = _plan_single_step(log_p, inv_c, alpha32, hess, stride)
         launch()
-        return (ws_c.sum(dim=0), ws_z.sum(), ws_d.sum(dim=0) if hess else None,
-                ws_w.sum(dim=0)[:k, :k] if full else None)
+        hk = _single_tile(k, full).block_k if full else 0
+        return _step_sums(ws.sum(dim=0), k, hess, hk)
     dev = log_p.device
     f64 = dict(dtype=torch.float64, device=dev)
     dummy = torch.empty(1, **f64)
@@ -1076,15 +1100,18 @@ def _launch_materialize(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch
                       SN=sn, ON=on, KM=km, NUM_STAGES=NUM_STAGES)
         consts["STATS"] = stats
         dummy = torch.empty(1, dtype=torch.float64, device=dev)
-        args = [log_p, inv_c, alpha32, out, dummy, dummy, n, kq, *strides, num_tiles, _PROBE]
+        args = [log_p, inv_c, alpha32, out, dummy, n, kq, *strides, num_tiles, _PROBE]
         p = min(num_tiles, _capacity(_q_tile_kernel, tuple(args), consts, tile.num_warps, dev))
-        ws_c = torch.empty(p, k, dtype=torch.float64, device=dev) if stats else dummy
-        ws_z = torch.empty(p, dtype=torch.float64, device=dev) if stats else dummy
-        args[4:6] = [ws_c, ws_z]
+        if stats:
+            args[4] = torch.empty(p, k + 1, dtype=torch.float64, device=dev)
         args[-1] = p
         _q_tile_kernel[(p,)](*args, num_warps=tile.num_warps, **consts)
-        # A fixed-order sum over the programs: deterministic, no atomics.
-        return (ws_c.sum(dim=0), ws_z.sum()) if stats else None
+        if not stats:
+            return None
+        # A fixed-order sum over the programs: deterministic, no atomics. colsum and wlogz are
+        # adjacent views of one tensor, which host_step copies to the host at once.
+        sums = args[4].sum(dim=0)
+        return sums[:k], sums[k]
     if stats:
         raise AssertionError("materialize with sums needs the single-read kernel")
     tile = _online_tiles(online_block_k)[1]
@@ -1497,18 +1524,13 @@ class TritonBackend(Backend):
                 if key not in plans:
                     ws, launch = _plan_single_step(log_p, inv_c, stage.alpha, hess,
                                                    1 if hessian == "exact" else None, alloc)
-                    hk = ws[3].shape[-1] if full else 0
-                    width = (2 * k + 1 if hess else k + 1) + hk * hk
-                    plans[key] = (ws, launch, torch.empty(width, dtype=torch.float64,
+                    hk = _single_tile(k, True).block_k if full else 0
+                    plans[key] = (ws, launch, torch.empty(ws.shape[1], dtype=torch.float64,
                                                           device=dev), hk)
-                (ws_c, ws_z, ws_d, ws_w), launch, packed, hk = plans[key]
+                ws, launch, packed, hk = plans[key]
                 launch()
-                torch.sum(ws_c, dim=0, out=packed[:k])
-                torch.sum(ws_z, dim=0, out=packed[k])
-                if hess:
-                    torch.sum(ws_d, dim=0, out=packed[k + 1:2 * k + 1])
-                if full:
-                    torch.sum(ws_w, dim=0, out=packed[2 * k + 1:].view(hk, hk))
+                # The programs' packed rows reduced in one op (step's fixed-order torch.sum).
+                torch.sum(ws, dim=0, out=packed)
                 return stage.fetch(packed, hessian, hk)
         return run
 
