@@ -49,9 +49,10 @@ per-program int64 minima), writes log P^ (``fill`` on forget rows), sums the nor
 the retained / forgotten rows in float64 (the column maximum in "log_p" mode) and, with ``inv_c``
 and a float32 buffer (or "log_p" mode), the solver's first evaluation at alpha = 0: from the
 normalised rows ("probs" / "logits"; the forget rows' ``softmax(fill)`` terms are added on the
-device from their counts, so the kernel does no per-element selects for them) or from the values
-as stored ("log_p": rounded to the buffer's dtype in the kernel).  All partial results are packed
-into ``base.unpack_prepare``'s float64 layout on the device and copied to the host once.
+host in float64 from the kernel's sums over them, so the kernel does no per-element selects for
+them) or from the values as stored ("log_p": rounded to the buffer's dtype in the kernel).  The
+partial results are reduced on the device (one packed row of sums per program), copied to the
+host once and unpacked into ``base.unpack_prepare``'s float64 layout there.
 
 **The Hessian** (see ``base``): the diagonal ``d_j = sum_i inv_c_i q_ij (1 - q_ij)`` is computed
 in every kernel that produces it with ``1 - q`` of the row maximum taken from the row's other
@@ -464,9 +465,29 @@ def _row_faults(xr, msk, tol, MODE: tl.constexpr):
     return kind, rs
 
 
+@triton.jit
+def _prep_row_width(k, MODE: tl.constexpr, HAS_FG: tl.constexpr, FIRST: tl.constexpr,
+                    HESS: tl.constexpr, HK: tl.constexpr, FS: tl.constexpr):
+    """:func:`_prep_width` inside the kernel (k a runtime int)."""
+    w = k * 0
+    if MODE != 2:
+        w += k
+        if HAS_FG:
+            w += k
+    if FIRST:
+        if MODE == 2:
+            w += k + 1
+        if HESS != 0:
+            w += k
+        if HESS == 2:
+            w += HK * HK
+        if FS:
+            w += 4
+    return w
+
+
 @triton.jit(do_not_specialize=["nprog"])
-def _prep_tile_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr,
-                      ws_key_ptr, ws_a_ptr, ws_b_ptr, ws_c_ptr, ws_z_ptr, ws_d_ptr, ws_w_ptr,
+def _prep_tile_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr, ws_key_ptr, ws_a_ptr, ws_ptr,
                       n, k_q, s_n, s_k, s_f, s_c, o_n, o_k, tol_hi, tol_lo, hess_m,
                       num_tiles, nprog,
                       MODE: tl.constexpr, HAS_FG: tl.constexpr, HAS_FILL: tl.constexpr,
@@ -477,12 +498,15 @@ def _prep_tile_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr,
     """Single-read prepare: validate, write log P^, sum the rows, and (FIRST) the evaluation at
     alpha = 0, for whole rows (BLOCK_K >= k) in a [BLOCK_ROWS x BLOCK_K] register tile.
 
-    Per program: the minimum fault key (row * 8 + kind), A (retained sums, or the column maximum
-    in "log_p" mode), B (forgotten sums), and with FIRST: C (colsum, "log_p"), Z (sum log Z / ic,
-    "log_p"), D (the Hessian's diagonal), W (HESS 2: sampled ic q q^T).  "probs" / "logits" take
-    Q from the normalised rows and leave the forget rows' softmax(fill) terms to the launcher
-    (their rows get weight 0 here).  Bytes moved: reads N*k*|x| + N (forget) [+ 4N (inv_c)],
-    writes N*k*|out| and the nprog-row workspaces.
+    Per program: the minimum fault key (row * 8 + kind) into ws_key, the column maximum ("log_p"
+    mode) into ws_a, and one row of float64 sums into ws (:func:`_prep_width` long), in this
+    order as far as the mode has them: A (retained rows' sums; not "log_p"), B (forgotten rows'
+    sums), with FIRST: C, Z (colsum and sum log Z / ic, "log_p"), D (the Hessian's diagonal), W
+    (HESS 2: sampled ic q q^T, HK x HK), F (forget rows with a fill: their count, sum 1 / ic,
+    sum ic, and sum ic over those in the Hessian's sample).  "probs" / "logits" take Q from the
+    normalised rows and leave the forget rows' softmax(fill) terms to the launcher (their rows
+    get weight 0 here; F is what the launcher needs for them).  Bytes moved: reads N*k*|x| + N
+    (forget) [+ 4N (inv_c)], writes N*k*|out| and the nprog-row workspaces.
     """
     k = k_q * KM  # KM (constexpr) divides k: column masks then cover whole vectors
     pid = tl.program_id(0)
@@ -502,6 +526,11 @@ def _prep_tile_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr,
     acc_z = tl.zeros([BLOCK_ROWS], tl.float64)
     acc_d = tl.zeros([BLOCK_K], tl.float64)
     acc_w = tl.zeros([HK, HK], tl.float64)
+    FS: tl.constexpr = FIRST and HAS_FILL and MODE != 2
+    acc_fn = tl.zeros([BLOCK_ROWS], tl.float64)  # F: forget rows' count,
+    acc_fc = tl.zeros([BLOCK_ROWS], tl.float64)  # sum of 1 / ic,
+    acc_fi = tl.zeros([BLOCK_ROWS], tl.float64)  # sum of ic,
+    acc_fs = tl.zeros([BLOCK_ROWS], tl.float64)  # sum of ic over the sampled ones (HESS 2)
     for t in tl.range(pid, num_tiles, nprog, num_stages=NUM_STAGES):
         rows = t * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < n
@@ -577,6 +606,11 @@ def _prep_tile_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr,
                 w = tl.where(row_ok, ic, 0.0)
                 if HAS_FILL:
                     w = tl.where(fgr, 0.0, w)   # softmax(fill) rows: added by the launcher
+                    fw = tl.where(fgr & row_ok, 1.0, 0.0).to(tl.float64)
+                    icd = ic.to(tl.float64)
+                    acc_fn += fw
+                    acc_fc += fw / icd
+                    acc_fi += fw * icd
                 if HESS != 0:
                     if MODE == 0:
                         xm = tl.max(xf, axis=1)
@@ -593,20 +627,37 @@ def _prep_tile_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr,
                         samp = ((rows // _HB) % hess_m) == 0
                         qs = tl.where(samp[:, None], qw, 0.0)
                         acc_w += tl.dot(tl.trans(qs), q, input_precision="ieee").to(tl.float64)
+                        if FS:
+                            acc_fs += tl.where(samp & fgr & row_ok, icd, 0.0)
     tl.store(ws_key_ptr + pid, tl.min(key, axis=0))
-    tl.store(ws_a_ptr + pid * k + cols, acc_a.to(tl.float64), mask=col_ok)
-    if HAS_FG:
-        if MODE != 2:
-            tl.store(ws_b_ptr + pid * k + cols, acc_b, mask=col_ok)
+    # The packed row: offsets as _prep_width lays them out.
+    o = k * 0
+    row = ws_ptr + pid.to(tl.int64) * _prep_row_width(k, MODE, HAS_FG, FIRST, HESS, HK, FS)
+    if MODE == 2:
+        tl.store(ws_a_ptr + pid * k + cols, acc_a.to(tl.float64), mask=col_ok)
+    else:
+        tl.store(row + cols, acc_a.to(tl.float64), mask=col_ok)
+        o += k
+        if HAS_FG:
+            tl.store(row + o + cols, acc_b, mask=col_ok)
+            o += k
     if FIRST:
         if MODE == 2:
-            tl.store(ws_c_ptr + pid * k + cols, acc_c, mask=col_ok)
-            tl.store(ws_z_ptr + pid, tl.sum(acc_z, axis=0))
+            tl.store(row + o + cols, acc_c, mask=col_ok)
+            tl.store(row + o + k, tl.sum(acc_z, axis=0))
+            o += k + 1
         if HESS != 0:
-            tl.store(ws_d_ptr + pid * k + cols, acc_d, mask=col_ok)
+            tl.store(row + o + cols, acc_d, mask=col_ok)
+            o += k
         if HESS == 2:
             hr = tl.arange(0, HK)
-            tl.store(ws_w_ptr + pid * HK * HK + hr[:, None] * HK + hr[None, :], acc_w)
+            tl.store(row + o + hr[:, None] * HK + hr[None, :], acc_w)
+            o += HK * HK
+        if FS:
+            tl.store(row + o, tl.sum(acc_fn, axis=0))
+            tl.store(row + o + 1, tl.sum(acc_fc, axis=0))
+            tl.store(row + o + 2, tl.sum(acc_fi, axis=0))
+            tl.store(row + o + 3, tl.sum(acc_fs, axis=0))
 
 
 @triton.jit(do_not_specialize=["nprog"])
@@ -1132,8 +1183,8 @@ def _launch_materialize(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch
 def _split_tol(tol: float) -> Tuple[float, float]:
     """A float64 tolerance as two float32 (hi + lo) that the kernel adds in float64: Triton
     passes Python floats as float32, which would move the row-sum threshold by up to 2**-24."""
-    hi = float(torch.tensor(tol, dtype=torch.float32))
-    lo = float(torch.tensor(tol - hi, dtype=torch.float32))
+    hi = float(np.float32(tol))  # numpy: round to nearest, as torch, without its dispatch
+    lo = float(np.float32(tol - hi))
     return hi, lo
 
 
@@ -1152,6 +1203,7 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
     h_mode = hessian if first else False
     has_fg = forget is not None
     has_fill = has_fg and fill is not None
+    fill_terms = first and code != 2 and has_fill
     single = _next_pow2(k) <= max_single_block_k
     w_in_kernel = h_mode is True and single and k <= hessian_kernel_max_k
     hess = _H_FULL if w_in_kernel else (_H_DIAG if h_mode else _H_NONE)
@@ -1182,22 +1234,25 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
         consts = dict(flags, HAS_FG=has_fg, HESS=hess, HK=hk, BLOCK_ROWS=br, BLOCK_K=bk,
                       IDX64=_needs_idx64(num_tiles * br, bk, *strides), SN=sn, ON=on, KM=km,
                       RNE=rne, NUM_STAGES=NUM_STAGES)
-        args = [x, fg, fl, ob, ic, dummy, dummy, dummy, dummy, dummy, dummy, dummy,
+        args = [x, fg, fl, ob, ic, dummy, dummy, dummy,
                 n, kq, snq, x.stride(1), s_f, s_c, onq, o_k, tol_hi, tol_lo,
                 hm if hess == _H_FULL else _PROBE, num_tiles, _PROBE]
         p = min(num_tiles, _capacity(_prep_tile_kernel, tuple(args), consts, tile.num_warps, dev))
         ws_key = torch.empty(p, dtype=torch.int64, device=dev)
-        ws_a = torch.empty(p, k, **f64)
-        ws_b = torch.empty(p, k, **f64) if has_fg and code != 2 else dummy
-        ws_c = torch.empty(p, k, **f64) if first and code == 2 else dummy
-        ws_z = torch.empty(p, **f64) if first and code == 2 else dummy
-        ws_d = torch.empty(p, k, **f64) if hess else dummy
-        ws_w = torch.empty(p, hk, hk, **f64) if hess == _H_FULL else dummy
-        args[5:12] = [ws_key, ws_a, ws_b, ws_c, ws_z, ws_d, ws_w]
+        ws_a = torch.empty(p, k, **f64) if code == 2 else dummy
+        width = _prep_width(k, code, has_fg, first, hess, hk, fill_terms)
+        ws = torch.empty(p, max(width, 1), **f64)
+        args[5:8] = [ws_key, ws_a, ws]
         args[-1] = p
         _prep_tile_kernel[(p,)](*args, num_warps=tile.num_warps, **consts)
-        key = ws_key.min()
-        w = ws_w.sum(dim=0)[:k, :k] if hess == _H_FULL else None
+        # The programs' rows reduced in one op (the column maximum apart, "log_p"), in the
+        # order the host reads them below.
+        parts = [ws_key.min().reshape(1).to(torch.float64)]
+        if code == 2:
+            parts.append(ws_a.amax(dim=0))
+        if width:
+            parts.append(ws.sum(dim=0))
+        w_hk = hk if hess == _H_FULL else 0
     else:
         t1, t2 = _online_tiles(online_block_k)
         top = bool(h_mode)
@@ -1219,7 +1274,6 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
         args[8:10] = [ws_key, ws_z]
         args[-1] = p
         _prep_stats_kernel[(p,)](*args, num_warps=t1.num_warps, **consts)
-        key = ws_key.min()
 
         num_tiles = triton.cdiv(n, t2.block_rows)
         n_cb = triton.cdiv(k, t2.block_k)
@@ -1237,42 +1291,41 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
         args[8:12] = [ws_a, ws_b, ws_c, ws_d]
         args[-1] = g
         _prep_cols_kernel[(n_cb, g)](*args, num_warps=t2.num_warps, **consts)
-        w = None
+        # The same layout as the single-read kernel's row: [key | A | B | C Z | D | W | F].
+        parts = [ws_key.min().reshape(1).to(torch.float64)]
+        if code == 2:
+            parts.append(ws_a.amax(dim=0))
+        else:
+            parts.append(ws_a.sum(dim=0))
+            if has_fg:
+                parts.append(ws_b.sum(dim=0))
+        if first:
+            if code == 2:
+                parts += [ws_c.sum(dim=0), ws_z.sum().reshape(1)]
+            if h_mode:
+                parts.append(ws_d.sum(dim=0))
+        w_hk = 0
 
     # -- combine: the workspaces' reductions on the device (a fixed order), ONE copy to the host,
     # and the k-sized rest in numpy. Each torch op on a GPU is a launch of a few microseconds
     # of host time: the former combine (the forget rows' softmax(fill) terms by torch ops, the
     # error key decoded on the device) took about 55 of them, more than the kernels' time at
-    # 50,000 x 10; this takes about 20.
+    # 50,000 x 10; the single-read kernel's packed row leaves about 6.
     # The error key (row * 8 + kind, or 2**62: none) is exact in float64 below 2**53.
-    parts = [ws_key.min().reshape(1).to(torch.float64)]
-    if code == 2:
-        parts.append(ws_a.amax(dim=0))
-    else:
-        parts.append(ws_a.sum(dim=0))
-        if has_fg:
-            parts.append(ws_b.sum(dim=0))
-    w_by_chunks = False
-    fill_terms = first and code != 2 and has_fill
-    if first:
-        if code == 2:
-            parts += [ws_c.sum(dim=0), ws_z.sum().reshape(1)]
-        if h_mode:
-            parts.append(ws_d.sum(dim=0))
-        if h_mode is True:
-            w_by_chunks = w is None
-            if w_by_chunks:
-                # Above hessian_kernel_max_k (or wide rows): the materialize kernel at alpha = 0
-                # over the sampled rows as stored (log P^, fill rows included).
-                w = sampled_gram_by_chunks(materialize_rows, out if out is not None else x,
-                                           inv_c)
-            parts.append(w.reshape(-1))
-        if fill_terms:
-            # The forget rows hold softmax(fill) (log Z = logsumexp(fill)); the kernel gave them
-            # weight 0, their terms are added on the host from these sums over them.
-            sampled_w = h_mode is True and not w_by_chunks
-            parts += [fill.double(), *_forget_sums(forget, inv_c, hm if sampled_w else 0)]
+    w_by_chunks = h_mode is True and not w_hk
+    if fill_terms and not single:
+        # The wide kernels' F (the forget rows' count, sum 1 / ic, sum ic) by torch ops; their W
+        # is by chunks, which sees the fill rows as stored, so no sampled sum.
+        parts += _forget_sums(forget, inv_c)
+    if w_by_chunks:
+        # Above hessian_kernel_max_k (or wide rows): the materialize kernel at alpha = 0 over
+        # the sampled rows as stored (log P^, fill rows included).
+        parts.append(sampled_gram_by_chunks(materialize_rows, out if out is not None else x,
+                                            inv_c).reshape(-1))
+    if fill_terms:
+        parts.append(fill.double())
     buf = torch.cat(parts).cpu().numpy()  # the one device-to-host copy
+    # Read back: [key | A | B | C Z | D | W (kernel's, w_hk x w_hk) | F | W (by chunks) | fill].
     key = int(buf[0])
     kind, row = (0, 0) if key >= _KEY_NONE.value else (key % 8, key // 8)
     o = 1
@@ -1293,20 +1346,27 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
         if h_mode:
             d = buf[o:o + k]
             o += k
-        if h_mode is True:
+        if w_hk:
+            w = buf[o:o + w_hk * w_hk].reshape(w_hk, w_hk)[:k, :k].reshape(-1)
+            o += w_hk * w_hk
+        if fill_terms:
+            # The forget rows hold softmax(fill) (log Z = logsumexp(fill)); the kernel gave them
+            # weight 0: their terms are added here, in float64, from F.
+            count, sum_c, sum_ic = buf[o:o + 3]
+            sampled_ic = buf[o + 3] if single else 0.0
+            o += 4 if single else 3
+        if w_by_chunks:
             w = buf[o:o + k * k]
             o += k * k
         if fill_terms:
             qf, lzf = _softmax64(buf[o:o + k])
-            count, sum_c, sum_ic = buf[o + k:o + k + 3]
-            o += k + 3
+            o += k
             colsum = colsum + count * qf
             wlogz = lzf * sum_c
             if h_mode:
                 d = d + sum_ic * _accurate_diag(qf)
-            if sampled_w:
-                w = w + buf[o] * np.outer(qf, qf).reshape(-1)
-                o += 1
+            if w_hk:
+                w = w + sampled_ic * np.outer(qf, qf).reshape(-1)
         packed += [colsum, np.array([wlogz])]
         if h_mode:
             packed.append(d)
@@ -1318,28 +1378,27 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
     return unpack_prepare(flat, k, mode, first, h_mode)
 
 
-def _forget_sums(forget: torch.Tensor, inv_c: torch.Tensor, m: int) -> List[torch.Tensor]:
-    """Float64 sums on the device over the forget rows, for prepare's one copy: (3,) their count,
-    sum of c = 1 / inv_c and sum of inv_c; with m > 0 also (1,) the sum of inv_c over those in
-    the Hessian's sample (16-row blocks b with b % m == 0, as ``base.hessian_sample_rows``),
-    read through a view of the rows' periods instead of a mask built by arange arithmetic."""
+def _prep_width(k: int, code: int, has_fg: bool, first: bool, hess: int, hk: int,
+                fill_terms: bool) -> int:
+    """Length of the single-read prepare kernel's row of float64 sums: [A (k), not "log_p" |
+    B (k), with forget rows | C (k), Z (1), "log_p" with the first evaluation | D (k), with a
+    Hessian | W (hk x hk), _H_FULL | F (4), with fill terms] (``_prep_row_width`` in the
+    kernel)."""
+    w = 0
+    if code != 2:
+        w += k + (k if has_fg else 0)
+    if first:
+        w += (k + 1 if code == 2 else 0) + (k if hess else 0)
+        w += (hk * hk if hess == _H_FULL else 0) + (4 if fill_terms else 0)
+    return w
+
+
+def _forget_sums(forget: torch.Tensor, inv_c: torch.Tensor) -> List[torch.Tensor]:
+    """Float64 sums on the device over the forget rows, for the wide prepare's one copy: (3,)
+    their count, sum of c = 1 / inv_c and sum of inv_c (the single-read kernel sums them)."""
     fgd = forget.to(torch.float64)
     icd = inv_c.to(torch.float64)
-    wic = fgd * icd
-    parts = [torch.stack([fgd, fgd / icd, wic]).sum(dim=1)]
-    if m > 0:
-        parts.append(_sampled_rows_sum(wic, m).reshape(1))
-    return parts
-
-
-def _sampled_rows_sum(v: torch.Tensor, m: int) -> torch.Tensor:
-    """The sum of ``v`` (N,) over the Hessian's sampled rows (16-row blocks b with b % m == 0):
-    the first HESS_BLOCK rows of every period of m blocks, through a view."""
-    n = v.shape[0]
-    period = HESS_BLOCK * m
-    full = n // period
-    head = v[:full * period].reshape(full, period)[:, :HESS_BLOCK].sum()
-    return head + v[full * period:full * period + HESS_BLOCK].sum()
+    return [torch.stack([fgd, fgd / icd, fgd * icd]).sum(dim=1)]
 
 
 def _softmax64(f: np.ndarray) -> Tuple[np.ndarray, float]:

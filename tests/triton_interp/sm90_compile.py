@@ -136,6 +136,11 @@ def small_paths(n: int = 4099):
                                                                             4096, 1024)
         yield f"prepare logits full k{k}", lambda lp=lp, ic=ic, k=k: tri._launch_prepare(
             lp, "logits", None, None, torch.empty(n, k), ic, True, 1e-3, 4096, 1024, 32, None)
+        # Forget rows with a fill: the kernel's F sums, the sampled one beside the dot.
+        fg = torch.arange(n) % 5 == 0
+        yield f"prepare probs forget+fill full k{k}", lambda lp=lp, ic=ic, k=k, fg=fg: \
+            tri._launch_prepare(lp.exp(), "probs", fg, torch.zeros(k), torch.empty(n, k), ic,
+                                True, 1e-3, 4096, 1024, 32, None)
     n3 = 3 * 4096 + 77  # hessian_stride(n3, 32) == 3: the sampled-block test is not constant
     lp3 = torch.randn(n3, 32).log_softmax(1)
     yield "step full k32 m3", lambda: tri._launch_step(lp3, torch.ones(n3), torch.zeros(32),
