@@ -134,7 +134,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
         weight_sums = pb.weight_sums_of_levels(levels, (n - n_forget, n_forget))
     inv_c = torch.from_numpy(inv_c_np).to(dev)
     be = get_backend(backend, out)
-    fill = pseudo_t.to(dev) if kind == "vector" and n_forget else None
+    # From the CPU: a GPU backend derives the forget rows' terms from it on the host.
+    fill = pseudo_t if kind == "vector" and n_forget else None
     # With the forget rows known now, prepare's pass also gives the solver's first evaluation.
     final_rows = (n_forget == 0 or fill is not None or kind == "given") and k > 1
     hmode = hessian_mode(method, k) if k > 1 else False

@@ -288,7 +288,7 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
                                                              solver_dt)
     inv_c = torch.from_numpy(inv_c_np).to(dev)
     mask_dev = torch.from_numpy(mask).to(dev)
-    fill = pseudo_t.to(dev) if kind == "vector" else None
+    fill = pseudo_t if kind == "vector" else None  # from the CPU, as refine's (base.prepare)
     # Every rank takes the same branch: decided from global counts only.
     final_rows = (n_forget == 0 or kind in ("vector", "given")) and k > 1
     hmode = hessian_mode(method, k) if k > 1 else False

@@ -270,6 +270,25 @@ def test_prepare_reports_every_bad_input(isa: str, mode: str, k: int) -> None:
         assert got.error == (kind, 37), (name, got.error)
 
 
+@pytest.mark.parametrize("name", ["cpu", "torch"])
+def test_prepare_refuses_a_bad_fill(name: str) -> None:
+    """fill must be float32 (k,) on x's device or the CPU: the error names it, says what is
+    expected and what came; nothing is written."""
+    from ppu_fast.backends.torch_ref import TorchBackend
+    be = CpuBackend() if name == "cpu" else TorchBackend()
+    x = prepare_inputs(20, 5, "probs", seed=1)
+    forget = torch.zeros(20, dtype=torch.bool)
+    forget[3] = True
+    out = torch.full((20, 5), 7.0)
+    for fill, got in ((torch.zeros(4), r"torch.float32 \(4,\) on cpu"),
+                      (torch.zeros(5, dtype=torch.float64), r"torch.float64 \(5,\) on cpu"),
+                      (torch.zeros(5, device="meta"), r"torch.float32 \(5,\) on meta")):
+        with pytest.raises(ValueError, match=r"fill: expected a float32 tensor \(5,\) on the "
+                                             r"CPU, got " + got):
+            be.prepare(x, "probs", forget, fill, out)
+    assert bool((out == 7.0).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
 @pytest.mark.parametrize("k", [5, 40, 1000])

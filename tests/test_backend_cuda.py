@@ -441,6 +441,38 @@ def test_prepare_first_evaluation_matches_step(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ("cuda", "triton"))
+@pytest.mark.parametrize("hessian", (True, "diag"))
+def test_prepare_takes_fill_from_the_cpu(backend, name, hessian):
+    """refine passes fill from the CPU (the GPU backends derive the forget rows' first-evaluation
+    terms from it on the host); a device fill gives the same buffer, sums and first evaluation,
+    and the fill, a strided view, is left as it was."""
+    if name == "cuda":
+        be = backend
+    else:
+        pytest.importorskip("triton")
+        from ppu_fast.backends.triton import TritonBackend
+        be = TritonBackend()
+    n, k = 5003, 10
+    x = prepare_inputs(n, k, "probs", seed=9, device="cuda")
+    forget = torch.arange(n, device="cuda") % 5 == 1
+    inv_c = torch.where(forget, 1.0, 0.5).float()
+    wide = torch.randn(k, 2, generator=torch.Generator().manual_seed(3))
+    fill_cpu = torch.log_softmax(wide[:, 0], dim=0)  # strided, on the CPU
+    before = fill_cpu.clone()
+    res = []
+    for fill in (fill_cpu, fill_cpu.to("cuda")):
+        out = torch.empty(n, k, device="cuda")
+        res.append((be.prepare(x, "probs", forget, fill, out, inv_c, hessian), out))
+    (a, oa), (b, ob) = res
+    assert torch.equal(oa, ob)
+    assert torch.equal(a.retain_sums, b.retain_sums) and torch.equal(a.forget_sums, b.forget_sums)
+    for u, v in zip(a.first, b.first):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=0)
+    assert torch.equal(fill_cpu, before)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("k", (10, 1000))
 @pytest.mark.parametrize("out_dtype", (torch.float32, torch.bfloat16, torch.float64))
 def test_materialize_other_out_dtypes_and_strided_out(backend, k, out_dtype):

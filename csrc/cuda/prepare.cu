@@ -13,7 +13,8 @@
 //       written rows ("log_p", reduced by max; B = 0);
 //   colsum, wlogz, d, W = step(out, inv_c, 0) computed as the reference does: "probs" / "logits"
 //       from the normalised rows (log Z = 0) and, on forget rows with fill, softmax(fill)
-//       (precomputed by the launcher with torch: fill_first); "log_p" from the stored values.
+//       (precomputed by the launcher on the host in float64: fill_first); "log_p" from the
+//       stored values.
 // Fault kinds (ppu_fast.backends.base.ERR_*), first of: 1 non-finite (NaN / +inf for "log_p"),
 // 2 negative ("probs"), 3 row sum off by more than tol ("probs"), 4 no finite entry ("log_p").
 // Validation reads the input's own precision (float64 input is checked as float64).

@@ -19,7 +19,9 @@ by the cpu and torch backends (the triton and cuda backends refuse it in
     - writes log P^ into ``out`` (N x k, a solver dtype), computed in ``compute_dtype(out.dtype)``:
       ``log p_ij - log sum_j p_ij`` ("probs"), ``log_softmax`` ("logits") or ``x`` itself
       ("log_p"); rows flagged in ``forget`` (N,) bool get ``fill`` (k,) float32 instead when it is
-      given (otherwise they are written like the others and the caller overwrites them). ``out``
+      given (otherwise they are written like the others and the caller overwrites them; ``fill``
+      may be on x's device or on the CPU: ``refine`` passes it from the CPU, so that a GPU
+      backend derives what it needs of it on the host without reading it back). ``out``
       may be None in "log_p" mode (validate only; x is then the buffer), and may be ``x`` itself
       (``refine(out=probs)``): every backend reads a row (or tile) of x completely before writing
       any of it;
@@ -73,6 +75,7 @@ direction solves with ``solver.balanced_laplacian`` of this H, whose rows sum to
 
 from __future__ import annotations
 
+import math
 from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -221,6 +224,27 @@ def host_step(colsum: torch.Tensor, wlogz: torch.Tensor,
             flat = torch.cat(parts).cpu()
         colsum, wlogz, h = flat[:k], flat[k], (None if h is None else flat[k + 1:].reshape(h.shape))
     return colsum.numpy(), float(wlogz), (None if h is None else h.numpy())
+
+
+_CPU = torch.device("cpu")
+
+
+def softmax64(f: np.ndarray) -> Tuple[np.ndarray, float]:
+    """(softmax(f), logsumexp(f)) in float64 of a fill vector (k,) on the host."""
+    f = np.asarray(f, dtype=np.float64)
+    mx = float(f.max())
+    e = np.exp(f - mx)
+    s = float(e.sum())
+    return e / s, mx + math.log(s)
+
+
+def accurate_diag(q: np.ndarray) -> np.ndarray:
+    """q (1 - q) (k,) float64 of one distribution q, 1 - q of its maximum from the other entries
+    (``torch_ref.stats_from_q``'s rule: 1 - q rounds to 0 on a one-hot row)."""
+    qmax = q.max()
+    top = q == qmax
+    rest = np.where(top, 0.0, q).sum() + (np.count_nonzero(top) - 1.0) * qmax
+    return q * np.where(top, rest, 1.0 - q)
 
 
 def _adjacent(colsum: torch.Tensor, wlogz: torch.Tensor) -> bool:
@@ -449,8 +473,9 @@ def check_prepare_args(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor
         raise ValueError(f"forget: expected a bool tensor ({n},) on {dev}, got {forget.dtype} "
                          f"{tuple(forget.shape)} on {forget.device}")
     if fill is not None and (fill.shape != (k,) or fill.dtype != torch.float32
-                             or fill.device != dev):
-        raise ValueError(f"fill: expected a float32 tensor ({k},) on {dev}, got {fill.dtype} "
+                             or fill.device not in (dev, _CPU)):
+        where = "the CPU" if dev == _CPU else f"{dev} or the CPU"
+        raise ValueError(f"fill: expected a float32 tensor ({k},) on {where}, got {fill.dtype} "
                          f"{tuple(fill.shape)} on {fill.device}")
     if out is None:
         if mode != "log_p":

@@ -49,12 +49,13 @@ import importlib
 from types import ModuleType
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .base import (FLOAT64_GPU_REASON, MODE_CODE, ROW_SUM_TOL, Backend, DeviceStepStage,
-                   Hessian, HostStep, PrepareOut, StepOut, assemble_hessian, check_hessian_mode,
-                   check_prepare_args, check_step_args, hessian_stride, packed_size,
-                   sampled_gram_by_chunks, unpack_prepare)
+                   Hessian, HostStep, PrepareOut, StepOut, accurate_diag, assemble_hessian,
+                   check_hessian_mode, check_prepare_args, check_step_args, hessian_stride,
+                   packed_size, sampled_gram_by_chunks, softmax64, unpack_prepare)
 
 # Element type codes of ppu_fast._cuda (csrc/cuda/ppu_cuda.h).
 _IN_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -154,17 +155,17 @@ def _sampled_gram(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tenso
                                   log_p, inv_c, stride)
 
 
-def _fill_first(fill: torch.Tensor) -> torch.Tensor:
-    """[softmax(fill) (k) | its q (1 - q) terms (k) | logsumexp(fill)] float32: what a forget row
-    written with ``fill`` contributes to the first evaluation, computed as the reference does
-    (``torch_ref.stats_from_q``: 1 - q of the row's maximum from its other entries)."""
-    q = torch.softmax(fill, dim=0)
-    lz = torch.logsumexp(fill, dim=0)
-    qmax = q.max()
-    top = q == qmax
-    rest = torch.where(top, 0.0, q).sum() + (top.sum().to(q.dtype) - 1.0) * qmax
-    r = torch.where(top, rest, 1.0 - q)
-    return torch.cat([q, q * r, lz.reshape(1)]).contiguous()
+def _fill_first(fill: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[fill (k) | softmax(fill) (k) | its q (1 - q) terms (k) | logsumexp(fill)] float32 on
+    ``device``: fill and what a forget row written with it contributes to the first evaluation,
+    worked out on the host in float64 (1 - q of the row's maximum from its other entries, as
+    ``torch_ref.stats_from_q``) and sent in one copy. On the device this took about 15 small
+    torch ops, each a launch; ``refine`` passes fill from the CPU (a device fill is read back
+    first, one synchronisation)."""
+    f = fill.detach().to("cpu", torch.float32).numpy()
+    q, lz = softmax64(f)
+    host = np.concatenate([f, q, accurate_diag(q), [lz]]).astype(np.float32)
+    return torch.from_numpy(host).to(device)
 
 
 def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
@@ -190,13 +191,15 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
         keep.append(f8)
         forget_ptr = f8.data_ptr()
         if fill is not None:
-            fill32 = fill.contiguous()
-            keep.append(fill32)
-            fill_ptr = fill32.data_ptr()
             if first and mode != "log_p":
-                ff = _fill_first(fill32)
+                ff = _fill_first(fill, dev)
                 keep.append(ff)
-                ffirst_ptr = ff.data_ptr()
+                fill_ptr = ff.data_ptr()
+                ffirst_ptr = fill_ptr + 4 * k
+            else:
+                fill32 = fill.to(dev).contiguous()
+                keep.append(fill32)
+                fill_ptr = fill32.data_ptr()
     inv_ptr = 0
     if first:
         inv_c = inv_c.contiguous()

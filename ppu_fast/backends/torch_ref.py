@@ -145,6 +145,7 @@ class TorchBackend(Backend):
         check_prepare_args(x, mode, forget, fill, out, inv_c, hessian)
         n, k = x.shape
         dev = x.device
+        fill = fill.to(dev) if fill is not None else None  # may come from the CPU
         f64 = dict(dtype=torch.float64, device=dev)
         cdt = compute_dtype((x if out is None else out).dtype)
         # The first evaluation: at alpha = 0, Q is the normalised input (pn) and log Z is 0 (or,

@@ -85,7 +85,6 @@ Triton) were imported, which is how CI tests the kernels.  Tiles, warps and stag
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -100,8 +99,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .base import (FLOAT32_DTYPES, FLOAT64_GPU_REASON, HESS_BLOCK, MODE_CODE, ROW_SUM_TOL,
                    Backend, DeviceStepStage, Hessian, HostStep, PrepareOut, StepOut,
-                   assemble_hessian, check_hessian_mode, check_prepare_args, check_step_args,
-                   hessian_stride, packed_size, sampled_gram_by_chunks, unpack_prepare)
+                   accurate_diag, assemble_hessian, check_hessian_mode, check_prepare_args,
+                   check_step_args, hessian_stride, packed_size, sampled_gram_by_chunks,
+                   softmax64, unpack_prepare)
 
 # Decided once, at import: triton.jit wraps kernels for the interpreter only if the variable was
 # set before the kernels below were decorated.
@@ -1212,8 +1212,11 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
 
     dummy = torch.empty(1, **f64)
     fg = forget.view(torch.uint8) if has_fg else torch.zeros(1, dtype=torch.uint8, device=dev)
-    # The kernels read fill[j] at fill_ptr + j: a strided fill (a column, a [::2] view) is copied.
-    fl = fill.contiguous() if has_fill else torch.zeros(1, dtype=torch.float32, device=dev)
+    # The kernels read fill[j] at fill_ptr + j: a strided fill (a column, a [::2] view) is copied;
+    # a CPU fill is sent to the device, and its host values serve the fill terms below.
+    fl = (fill.to(dev).contiguous() if has_fill
+          else torch.zeros(1, dtype=torch.float32, device=dev))
+    fill_host = fill if has_fill and fill.device.type == "cpu" else None
     ob = out if out is not None else torch.empty(1, dtype=x.dtype, device=dev)
     ic = inv_c if first else torch.ones(1, dtype=torch.float32, device=dev)
     s_f = forget.stride(0) if has_fg else 0
@@ -1322,8 +1325,8 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
         # the sampled rows as stored (log P^, fill rows included).
         parts.append(sampled_gram_by_chunks(materialize_rows, out if out is not None else x,
                                             inv_c).reshape(-1))
-    if fill_terms:
-        parts.append(fill.double())
+    if fill_terms and fill_host is None:
+        parts.append(fill.double())  # a device fill comes back with the sums
     buf = torch.cat(parts).cpu().numpy()  # the one device-to-host copy
     # Read back: [key | A | B | C Z | D | W (kernel's, w_hk x w_hk) | F | W (by chunks) | fill].
     key = int(buf[0])
@@ -1359,12 +1362,15 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
             w = buf[o:o + k * k]
             o += k * k
         if fill_terms:
-            qf, lzf = _softmax64(buf[o:o + k])
-            o += k
+            if fill_host is None:
+                qf, lzf = softmax64(buf[o:o + k])
+                o += k
+            else:
+                qf, lzf = softmax64(fill_host.numpy())
             colsum = colsum + count * qf
             wlogz = lzf * sum_c
             if h_mode:
-                d = d + sum_ic * _accurate_diag(qf)
+                d = d + sum_ic * accurate_diag(qf)
             if w_hk:
                 w = w + sampled_ic * np.outer(qf, qf).reshape(-1)
         packed += [colsum, np.array([wlogz])]
@@ -1399,23 +1405,6 @@ def _forget_sums(forget: torch.Tensor, inv_c: torch.Tensor) -> List[torch.Tensor
     fgd = forget.to(torch.float64)
     icd = inv_c.to(torch.float64)
     return [torch.stack([fgd, fgd / icd, fgd * icd]).sum(dim=1)]
-
-
-def _softmax64(f: np.ndarray) -> Tuple[np.ndarray, float]:
-    """(softmax(f), logsumexp(f)) in float64 of the float32 fill vector (k,), on the host."""
-    mx = float(f.max())
-    e = np.exp(f - mx)
-    s = float(e.sum())
-    return e / s, mx + math.log(s)
-
-
-def _accurate_diag(q: np.ndarray) -> np.ndarray:
-    """q (1 - q) (k,) float64 of one distribution q, 1 - q of its maximum from the other entries
-    (``torch_ref.stats_from_q``'s rule)."""
-    qmax = q.max()
-    top = q == qmax
-    rest = np.where(top, 0.0, q).sum() + (np.count_nonzero(top) - 1.0) * qmax
-    return q * np.where(top, rest, 1.0 - q)
 
 
 # --------------------------------------------------------------------------------------------
