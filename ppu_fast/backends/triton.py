@@ -39,9 +39,9 @@ tile).  ``-inf`` entries give exact zeros; masked lanes and all ``-inf`` blocks 
 * ``prepare``, single read: reads E*|x| + N (forget mask) [+ 4N inv_c with a first evaluation],
   writes E*|out|; nothing else N x k.  Wide rows: reads E*|x| twice, writes E*|out| + 8-12 N.
 * ``step``, single read: reads E*|log_p| + 4N, writes only a P x (2k + 1 [+ HK^2]) float64
-  workspace (P = resident programs).  Wide rows: reads E*|log_p| twice + 8-12 N per column block, writes 8-12 N.  With
-  ``hessian=True`` above ``hessian_kernel_max_k``, W reads and materialises only the sampled rows
-  (about max(4096, 2 N / k) of them).
+  workspace (P = resident programs).  Wide rows: reads E*|log_p| twice + 8-12 N per column
+  block, writes 8-12 N.  With ``hessian=True`` above ``hessian_kernel_max_k``, W reads and
+  materialises only the sampled rows (about max(4096, 2 N / k) of them).
 * ``materialize``: reads E*|log_p| (twice for wide rows), writes E*|out|.
 
 **prepare** validates every row (the first offending row is the minimum of ``row * 8 + kind`` over
@@ -1021,7 +1021,7 @@ def _launch_row_stats(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.T
 def _plan_single_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
                       hess: int, stride: Optional[int] = None,
                       alloc: Optional[Callable[[str, tuple], torch.Tensor]] = None
-                      ) -> Tuple[Tuple[torch.Tensor, ...], Callable[[], None]]:
+                      ) -> Tuple[torch.Tensor, Callable[[], None]]:
     """The single-read step kernel planned on these tensors (log_p N x k, N, k >= 1, next_pow2(k)
     within the single-read kernels; alpha32 (k,) float32 contiguous, read at each launch):
     ``(ws, launch)``, the float64 workspace (p, :func:`_step_width`) that receives the partial
