@@ -714,8 +714,8 @@ def test_stage_waits_for_a_pass_that_never_fetched(monkeypatch):
 @pytest.mark.parametrize("k", [3, 10, 32, 33, 100])
 def test_emulated_bound_step_is_step(emulated, k):
     """The solver's passes (``bind_step``: alpha through a staging buffer, one copy of the packed
-    result, H assembled on the host; k > SMALL_K's dense Hessian through ``step``) give
-    ``step``'s results."""
+    result, H assembled on the host; for k > SMALL_K's dense Hessian W from the sampled rows
+    gathered once) give ``step``'s results."""
     from ppu_fast.backends import cuda as cb
 
     log_p, inv_c, alpha = make_case(1009, k, seed=k + 11)
@@ -732,7 +732,18 @@ def test_emulated_bound_step_is_step(emulated, k):
             run(alpha.numpy(), hessian)
     finally:
         cb._launch_step = real
-    assert len(launched) == (0 if k <= cb._module().SMALL_K else 2)
+    assert not launched  # k > SMALL_K's dense Hessian too: the diagonal's kernels + BoundGram
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_emulated_bound_dense_hessian_on_a_row_sample(emulated, monkeypatch, m):
+    """k > SMALL_K with a sample stride m > 1 (patched: it takes N >= 8192 for real): the bound
+    passes' W, from the sampled rows gathered once, is step's (the same rows and chunks)."""
+    import ppu_fast.backends.base as base
+    from ppu_fast.backends import cuda as cb
+    for mod in (base, cb):
+        monkeypatch.setattr(mod, "hessian_stride", lambda n, k: m)
+    check_bound_step(emulated, *make_case(1009, 40, seed=m))
 
 
 def test_emulated_bound_step_refuses_bad_arguments(emulated):

@@ -569,12 +569,50 @@ def sampled_gram_by_chunks(materialize_rows: Callable[[torch.Tensor, torch.Tenso
         else:
             sel = idx[start:start + rows]
             lp, ic = log_p.index_select(0, sel), inv_c.index_select(0, sel)
-        q = buf[: lp.shape[0]]
-        materialize_rows(lp, ic.contiguous(), q)
-        qw = q * ic[:, None]
-        with _ieee_matmul():
-            w += (qw.T @ q).double()
+        _add_gram(materialize_rows, lp, ic.contiguous(), buf, w)
     return w
+
+
+def _add_gram(materialize_rows, lp: torch.Tensor, ic: torch.Tensor, buf: torch.Tensor,
+              w: torch.Tensor) -> None:
+    """w (k x k float64) += sum over the rows of lp (R x k) of ic q q^T, Q materialised into
+    ``buf`` (at least R x k float32) and multiplied in float32 without TF32."""
+    q = buf[: lp.shape[0]]
+    materialize_rows(lp, ic, q)
+    qw = q * ic[:, None]
+    with _ieee_matmul():
+        w += (qw.T @ q).double()
+
+
+class BoundGram:
+    """``W`` of :func:`sampled_gram_by_chunks` for a bound step's dense passes (GPU backends,
+    k above what their kernels accumulate): the sampled rows of ``log_p`` (N x k) / ``inv_c``
+    (N,) (block ``stride``; 1: every row, nothing copied) are gathered once per solve, and
+    :meth:`into` adds them chunk by chunk, the same rows, chunks and order as
+    ``sampled_gram_by_chunks``, so W is the same to the last bit. A pass then dispatches a few
+    ops (materialize, a product, the GEMM, the sum) where ``step``'s route rebuilt the sample's
+    index, gathered the rows again and assembled H with a dozen device ops. Memory: the sample,
+    about 2 N / k rows (``hessian_stride``), at most ``chunk_rows`` more of float32 Q."""
+
+    def __init__(self, log_p: torch.Tensor, inv_c: torch.Tensor, stride: int) -> None:
+        n, k = log_p.shape
+        if stride > 1:
+            idx = hessian_sample_rows(n, stride, device=log_p.device)
+            self.lp, self.ic = log_p.index_select(0, idx), inv_c.index_select(0, idx)
+        else:
+            self.lp, self.ic = log_p, inv_c.contiguous()
+        total = self.lp.shape[0]
+        self.rows = chunk_rows(total, k)
+        self.buf = torch.empty((min(self.rows, max(total, 1)), k), dtype=torch.float32,
+                               device=log_p.device)
+
+    def into(self, materialize_rows, w: torch.Tensor) -> None:
+        """Write W (k x k float64; ``w`` may be a view of a packed result) with
+        ``materialize_rows(log_p_rows, inv_c_rows, out_rows)`` at the pass's alpha."""
+        w.zero_()
+        for start in range(0, self.lp.shape[0], self.rows):
+            _add_gram(materialize_rows, self.lp[start:start + self.rows],
+                      self.ic[start:start + self.rows], self.buf, w)
 
 
 class _ieee_matmul:

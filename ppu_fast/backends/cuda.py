@@ -52,10 +52,11 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from .base import (FLOAT64_GPU_REASON, MODE_CODE, ROW_SUM_TOL, Backend, DeviceStepStage,
-                   Hessian, HostStep, PrepareOut, StepOut, accurate_diag, assemble_hessian,
-                   check_hessian_mode, check_prepare_args, check_step_args, hessian_stride,
-                   packed_size, sampled_gram_by_chunks, softmax64, unpack_prepare)
+from .base import (FLOAT64_GPU_REASON, MODE_CODE, ROW_SUM_TOL, Backend, BoundGram,
+                   DeviceStepStage, Hessian, HostStep, PrepareOut, StepOut, accurate_diag,
+                   assemble_hessian, check_hessian_mode, check_prepare_args, check_step_args,
+                   hessian_stride, packed_size, sampled_gram_by_chunks, softmax64,
+                   unpack_prepare)
 
 # Element type codes of ppu_fast._cuda (csrc/cuda/ppu_cuda.h).
 _IN_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -343,8 +344,9 @@ class CudaBackend(Backend):
         (:class:`base.DeviceStepStage`), launches the step kernels into a workspace and a result
         allocated here, and copies the packed result [colsum | wlogz | d | W] to the host in one
         copy, where H is assembled. The same kernels and launch arguments as ``step``, so the same
-        results (H to the rounding of its assembly's sums). A dense Hessian for k > SMALL_K (W
-        formed by chunks on the device) takes ``step``."""
+        results (H to the rounding of its assembly's sums). A dense Hessian for k > SMALL_K takes
+        the diagonal's kernels and W from the sampled rows, gathered once
+        (:class:`base.BoundGram`), into the same packed result."""
         generic, own = self._bind_checked(log_p, inv_c, _STEP)
         if not own:
             return generic
@@ -359,25 +361,33 @@ class CudaBackend(Backend):
         # Per mode (planned on first use): the packed result and the workspace length it needs;
         # one workspace for all, grown to the largest (the passes run one after another).
         plans: dict = {}
+        grams: dict = {}  # exact -> BoundGram
         ws = [torch.empty(2, dtype=torch.float64, device=dev)]
 
         def run(alpha, hessian: Hessian):
             check_hessian_mode(hessian)
             full = hessian in (True, "exact")
-            if full and not in_kernel_w:
-                return generic(alpha, hessian)
+            exact = hessian == "exact"
+            gram = full and not in_kernel_w
             a32 = stage.put_alpha(alpha)
-            mode = _FULL_HESSIAN if full else _DIAG_HESSIAN if hessian else _NO_HESSIAN
-            if mode not in plans:
+            mode = (_FULL_HESSIAN if full and not gram else _DIAG_HESSIAN if hessian
+                    else _NO_HESSIAN)
+            if (mode, gram) not in plans:
                 _, width, size = mod.plan_step(n, k, mode, code, dev.index, False)
-                plans[mode] = (torch.empty(width, dtype=torch.float64, device=dev), size)
-            packed, size = plans[mode]
+                plans[mode, gram] = (torch.empty(width + (k * k if gram else 0),
+                                                 dtype=torch.float64, device=dev), width, size)
+            packed, width, size = plans[mode, gram]
             if ws[0].numel() < size:
                 ws[0] = torch.empty(size, dtype=torch.float64, device=dev)
-            m = (1 if hessian == "exact" else stride) if full else 1
+            m = (1 if exact else stride) if full else 1
             mod.step(log_p.data_ptr(), code, n, k, log_p.stride(0), log_p.stride(1),
                      inv_c.data_ptr(), a32.data_ptr(), mode, m, ws[0].data_ptr(), ws[0].numel(),
                      packed.data_ptr(), dev.index, _stream(dev))
+            if gram:
+                if exact not in grams:
+                    grams[exact] = BoundGram(log_p, inv_c, 1 if exact else stride)
+                grams[exact].into(lambda lp, ic, q: _launch_materialize(lp, ic, a32, q),
+                                  packed[width:].view(k, k))
             return stage.fetch(packed, hessian)
         return run
 

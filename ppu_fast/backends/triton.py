@@ -98,7 +98,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"triton not installed ({exc})") from exc
 
 from .base import (FLOAT32_DTYPES, FLOAT64_GPU_REASON, HESS_BLOCK, MODE_CODE, ROW_SUM_TOL,
-                   Backend, DeviceStepStage, Hessian, HostStep, PrepareOut, StepOut,
+                   Backend, BoundGram, DeviceStepStage, Hessian, HostStep, PrepareOut, StepOut,
                    accurate_diag, assemble_hessian, check_hessian_mode, check_prepare_args,
                    check_step_args, hessian_stride, packed_size, sampled_gram_by_chunks,
                    softmax64, unpack_prepare)
@@ -1539,11 +1539,13 @@ class TritonBackend(Backend):
     def bind_step(self, log_p: torch.Tensor, inv_c: torch.Tensor) -> HostStep:
         """``step`` on this ``log_p`` (N x k) / ``inv_c`` (N,), checked and planned once (see
         ``Backend.bind_step``): each Hessian mode's single-read kernel is planned on first use
-        (grid, workspaces, a packed result), and a pass stages alpha through a pinned buffer
-        (:class:`base.DeviceStepStage`), launches the kernel, reduces the programs' partial sums
+        (grid, workspace, a packed result), and a pass stages alpha through a pinned buffer
+        (:class:`base.DeviceStepStage`), launches the kernel, reduces the programs' packed rows
         into the packed result (the same fixed-order torch.sum as ``step``) and copies it to the
-        host once, where H is assembled. Rows wider than the single-read kernels, and a dense
-        Hessian whose W is not accumulated in the kernel, take ``step``."""
+        host once, where H is assembled. A dense Hessian whose W the kernel does not accumulate
+        (k > hessian_kernel_max_k) takes the diagonal's kernel and W from the sampled rows,
+        gathered once (:class:`base.BoundGram`), into the same packed result. Rows wider than
+        the single-read kernels take ``step``."""
         generic, own = self._bind_checked(log_p, inv_c, _STEP)
         n, k = log_p.shape
         if not own or _next_pow2(k) > self.max_single_block_k:
@@ -1551,7 +1553,8 @@ class TritonBackend(Backend):
         dev = log_p.device
         in_kernel_w = k <= self.hessian_kernel_max_k
         stage = DeviceStepStage(k, dev)
-        plans = {}  # (HESS, exact) -> (workspaces, launch, packed result, W's row length)
+        plans = {}  # (HESS, exact, gram) -> (workspace, launch, packed result, W's row length)
+        grams: dict = {}  # exact -> BoundGram
         pool: dict = {}  # the modes' workspaces, shared where their shapes agree
 
         def alloc(name: str, shape: tuple) -> torch.Tensor:
@@ -1559,26 +1562,35 @@ class TritonBackend(Backend):
                 pool[name, shape] = torch.empty(shape, dtype=torch.float64, device=dev)
             return pool[name, shape]
 
+        def materialize_rows(lp: torch.Tensor, ic: torch.Tensor, q: torch.Tensor) -> None:
+            _launch_materialize(lp, ic, stage.alpha, q, self.max_single_block_k,
+                                self.online_block_k)
+
         @_quiet_interpreter
         def run(alpha, hessian: Hessian):
             check_hessian_mode(hessian)
             full = hessian in (True, "exact")
-            if full and not in_kernel_w:
-                return generic(alpha, hessian)
-            hess = _H_FULL if full else _H_DIAG if hessian else _H_NONE
+            exact = hessian == "exact"
+            gram = full and not in_kernel_w
+            hess = _H_FULL if full and not gram else _H_DIAG if hessian else _H_NONE
             with _on_device(dev):
                 stage.put_alpha(alpha)
-                key = (hess, hessian == "exact")
+                key = (hess, exact, gram)
                 if key not in plans:
                     ws, launch = _plan_single_step(log_p, inv_c, stage.alpha, hess,
-                                                   1 if hessian == "exact" else None, alloc)
-                    hk = _single_tile(k, True).block_k if full else 0
-                    plans[key] = (ws, launch, torch.empty(ws.shape[1], dtype=torch.float64,
+                                                   1 if exact else None, alloc)
+                    hk = _single_tile(k, True).block_k if hess == _H_FULL else k if gram else 0
+                    width = ws.shape[1] + (k * k if gram else 0)
+                    plans[key] = (ws, launch, torch.empty(width, dtype=torch.float64,
                                                           device=dev), hk)
                 ws, launch, packed, hk = plans[key]
                 launch()
                 # The programs' packed rows reduced in one op (step's fixed-order torch.sum).
-                torch.sum(ws, dim=0, out=packed)
+                torch.sum(ws, dim=0, out=packed[:ws.shape[1]] if gram else packed)
+                if gram:
+                    if exact not in grams:
+                        grams[exact] = BoundGram(log_p, inv_c, 1 if exact else hessian_stride(n, k))
+                    grams[exact].into(materialize_rows, packed[ws.shape[1]:].view(k, k))
                 return stage.fetch(packed, hessian, hk)
         return run
 

@@ -164,8 +164,8 @@ def test_exact_hessian_takes_every_row(k):
 @pytest.mark.parametrize("make_backend", [lambda k: TritonBackend(), wide], ids=["single", "wide"])
 def test_bound_step_is_step(make_backend, k):
     """The solver's passes (``bind_step``: planned once, alpha staged, one packed copy to the
-    host, H assembled there; wide rows and k > 32's dense Hessian through ``step``) give
-    ``step``'s results, pass after pass."""
+    host, H assembled there; k > 32's dense Hessian with W from the sampled rows gathered once;
+    wide rows through ``step``) give ``step``'s results, pass after pass."""
     log_p, inv_c, alpha = make_case(257, k, seed=k + 11)
     check_bound_step(make_backend(k), log_p, inv_c, alpha)
     for hessian in (False, "diag", True, "exact"):  # and step, so both, against float64
@@ -201,9 +201,10 @@ def test_sampled_gram_by_chunks_for_small_k(k):
 @pytest.mark.parametrize("m", [2, 3])
 def test_sampled_rows_with_a_stride(monkeypatch, m):
     """m = hessian_stride(N, k) > 1 (which takes N >= 8192 for real; patched here, in base, in
-    the reference, this backend and the oracle alike, to keep N small): the in-kernel W uses the sampled
-    16-row blocks only (k = 32: tiles of 32 rows; with m = 3 most tiles have none and skip the
-    dot), the same rows as base.hessian_sample_rows; the chunked route agrees."""
+    the reference, this backend and the oracle alike, to keep N small): the in-kernel W uses the
+    sampled 16-row blocks only (k = 32: tiles of 32 rows; with m = 3 most tiles have none and
+    skip the dot), the same rows as base.hessian_sample_rows; the chunked route agrees, and so
+    do the bound passes."""
     import oracle
     import ppu_fast.backends.base as base
     import ppu_fast.backends.torch_ref as ref
@@ -219,6 +220,10 @@ def test_sampled_rows_with_a_stride(monkeypatch, m):
     h1 = TritonBackend().step(log_p, inv_c, alpha, True)[2]
     h2 = chunked().step(log_p, inv_c, alpha, True)[2]
     assert torch.allclose(h1, h2, rtol=1e-5, atol=1e-9 * float(h1.abs().max()))
+    # The bound route at this stride: the in-kernel W (k = 32), and W from the sample gathered
+    # once (k = 40), against step's chunks.
+    check_bound_step(TritonBackend(), log_p, inv_c, alpha)
+    check_bound_step(TritonBackend(), *make_case(n, 40, torch.float32, seed=m + 7))
 
 
 @pytest.mark.parametrize("k", [10, 100])
