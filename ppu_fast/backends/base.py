@@ -602,17 +602,29 @@ class BoundGram:
         else:
             self.lp, self.ic = log_p, inv_c.contiguous()
         total = self.lp.shape[0]
-        self.rows = chunk_rows(total, k)
-        self.buf = torch.empty((min(self.rows, max(total, 1)), k), dtype=torch.float32,
-                               device=log_p.device)
+        rows = chunk_rows(total, k)
+        f32 = dict(dtype=torch.float32, device=log_p.device)
+        q = torch.empty((min(rows, max(total, 1)), k), **f32)
+        qw = torch.empty_like(q)
+        # Each chunk's views, made once: (log_p rows, inv_c rows, inv_c as a column, Q, ic Q,
+        # (ic Q)^T), so that a pass dispatches only the ops that compute.
+        self.chunks = []
+        for start in range(0, total, rows):
+            r = min(rows, total - start)
+            ic = self.ic[start:start + r]
+            self.chunks.append((self.lp[start:start + r], ic, ic[:, None], q[:r], qw[:r],
+                                qw[:r].T))
 
     def into(self, materialize_rows, w: torch.Tensor) -> None:
         """Write W (k x k float64; ``w`` may be a view of a packed result) with
-        ``materialize_rows(log_p_rows, inv_c_rows, out_rows)`` at the pass's alpha."""
+        ``materialize_rows(log_p_rows, inv_c_rows, out_rows)`` at the pass's alpha: per chunk
+        the values of :func:`_add_gram`'s ``w += ((q * ic)^T @ q).double()``."""
         w.zero_()
-        for start in range(0, self.lp.shape[0], self.rows):
-            _add_gram(materialize_rows, self.lp[start:start + self.rows],
-                      self.ic[start:start + self.rows], self.buf, w)
+        with _ieee_matmul():
+            for lp, ic, ic_col, q, qw, qw_t in self.chunks:
+                materialize_rows(lp, ic, q)
+                torch.mul(q, ic_col, out=qw)
+                w += torch.mm(qw_t, q).double()
 
 
 class _ieee_matmul:

@@ -374,9 +374,10 @@ class CudaBackend(Backend):
                     else _NO_HESSIAN)
             if (mode, gram) not in plans:
                 _, width, size = mod.plan_step(n, k, mode, code, dev.index, False)
-                plans[mode, gram] = (torch.empty(width + (k * k if gram else 0),
-                                                 dtype=torch.float64, device=dev), width, size)
-            packed, width, size = plans[mode, gram]
+                packed = torch.empty(width + (k * k if gram else 0), dtype=torch.float64,
+                                     device=dev)
+                plans[mode, gram] = (packed, packed[width:].view(k, k) if gram else None, size)
+            packed, w, size = plans[mode, gram]
             if ws[0].numel() < size:
                 ws[0] = torch.empty(size, dtype=torch.float64, device=dev)
             m = (1 if exact else stride) if full else 1
@@ -386,8 +387,7 @@ class CudaBackend(Backend):
             if gram:
                 if exact not in grams:
                     grams[exact] = BoundGram(log_p, inv_c, 1 if exact else stride)
-                grams[exact].into(lambda lp, ic, q: _launch_materialize(lp, ic, a32, q),
-                                  packed[width:].view(k, k))
+                grams[exact].into(lambda lp, ic, q: _launch_materialize(lp, ic, a32, q), w)
             return stage.fetch(packed, hessian)
         return run
 

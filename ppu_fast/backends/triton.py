@@ -1553,7 +1553,7 @@ class TritonBackend(Backend):
         dev = log_p.device
         in_kernel_w = k <= self.hessian_kernel_max_k
         stage = DeviceStepStage(k, dev)
-        plans = {}  # (HESS, exact, gram) -> (workspace, launch, packed result, W's row length)
+        plans = {}  # (HESS, exact, gram) -> (workspace, launch, packed, its sums, W, W's row)
         grams: dict = {}  # exact -> BoundGram
         pool: dict = {}  # the modes' workspaces, shared where their shapes agree
 
@@ -1580,17 +1580,20 @@ class TritonBackend(Backend):
                     ws, launch = _plan_single_step(log_p, inv_c, stage.alpha, hess,
                                                    1 if exact else None, alloc)
                     hk = _single_tile(k, True).block_k if hess == _H_FULL else k if gram else 0
-                    width = ws.shape[1] + (k * k if gram else 0)
-                    plans[key] = (ws, launch, torch.empty(width, dtype=torch.float64,
-                                                          device=dev), hk)
-                ws, launch, packed, hk = plans[key]
+                    packed = torch.empty(ws.shape[1] + (k * k if gram else 0),
+                                         dtype=torch.float64, device=dev)
+                    # The sums' and W's places in the packed result, as views made once.
+                    sums = packed[:ws.shape[1]] if gram else packed
+                    w = packed[ws.shape[1]:].view(k, k) if gram else None
+                    plans[key] = (ws, launch, packed, sums, w, hk)
+                ws, launch, packed, sums, w, hk = plans[key]
                 launch()
                 # The programs' packed rows reduced in one op (step's fixed-order torch.sum).
-                torch.sum(ws, dim=0, out=packed[:ws.shape[1]] if gram else packed)
+                torch.sum(ws, dim=0, out=sums)
                 if gram:
                     if exact not in grams:
                         grams[exact] = BoundGram(log_p, inv_c, 1 if exact else hessian_stride(n, k))
-                    grams[exact].into(materialize_rows, packed[ws.shape[1]:].view(k, k))
+                    grams[exact].into(materialize_rows, w)
                 return stage.fetch(packed, hessian, hk)
         return run
 
