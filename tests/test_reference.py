@@ -165,6 +165,8 @@ def test_assemble_hessian_against_its_formula(k):
         h = assemble_hessian(d, given)
         torch.testing.assert_close(h, want, rtol=1e-13, atol=0.0)
     assert torch.equal(d, d0) and torch.equal(w, w0)  # inputs untouched
+
+
 # prepare's outputs against the oracle, by the solver buffer's dtype: log P^ elementwise in units
 # of 1 + |log p| (one ulp of a half buffer: the rounding of the store; a few float32 ulps), the
 # float64 sums and the first evaluation relative to their scale. Measured worst cases over the
