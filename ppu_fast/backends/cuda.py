@@ -380,7 +380,7 @@ class CudaBackend(Backend):
             packed, w, size = plans[mode, gram]
             if ws[0].numel() < size:
                 ws[0] = torch.empty(size, dtype=torch.float64, device=dev)
-            m = (1 if exact else stride) if full else 1
+            m = (1 if exact else stride) if mode == _FULL_HESSIAN else 1  # as _launch_step
             mod.step(log_p.data_ptr(), code, n, k, log_p.stride(0), log_p.stride(1),
                      inv_c.data_ptr(), a32.data_ptr(), mode, m, ws[0].data_ptr(), ws[0].numel(),
                      packed.data_ptr(), dev.index, _stream(dev))
