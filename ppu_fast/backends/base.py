@@ -562,26 +562,29 @@ def sampled_gram_by_chunks(materialize_rows: Callable[[torch.Tensor, torch.Tenso
     total = n if idx is None else idx.numel()
     rows = chunk_rows(total, k)
     buf = torch.empty((rows, k), dtype=torch.float32, device=log_p.device)
+    buf_w = torch.empty_like(buf)
     w = torch.zeros((k, k), dtype=torch.float64, device=log_p.device)
-    for start in range(0, total, rows):
-        if idx is None:
-            lp, ic = log_p[start:start + rows], inv_c[start:start + rows]
-        else:
-            sel = idx[start:start + rows]
-            lp, ic = log_p.index_select(0, sel), inv_c.index_select(0, sel)
-        _add_gram(materialize_rows, lp, ic.contiguous(), buf, w)
+    with _ieee_matmul():
+        for start in range(0, total, rows):
+            if idx is None:
+                lp, ic = log_p[start:start + rows], inv_c[start:start + rows]
+            else:
+                sel = idx[start:start + rows]
+                lp, ic = log_p.index_select(0, sel), inv_c.index_select(0, sel)
+            r = lp.shape[0]
+            ic = ic.contiguous()
+            _add_gram(materialize_rows, lp, ic, ic[:, None], buf[:r], buf_w[:r], buf_w[:r].T, w)
     return w
 
 
-def _add_gram(materialize_rows, lp: torch.Tensor, ic: torch.Tensor, buf: torch.Tensor,
-              w: torch.Tensor) -> None:
-    """w (k x k float64) += sum over the rows of lp (R x k) of ic q q^T, Q materialised into
-    ``buf`` (at least R x k float32) and multiplied in float32 without TF32."""
-    q = buf[: lp.shape[0]]
+def _add_gram(materialize_rows, lp: torch.Tensor, ic: torch.Tensor, ic_col: torch.Tensor,
+              q: torch.Tensor, qw: torch.Tensor, qw_t: torch.Tensor, w: torch.Tensor) -> None:
+    """w (k x k float64) += sum over the rows of lp (R x k) of ic q q^T: Q materialised into
+    ``q`` (R x k float32), ic Q into ``qw`` (``qw_t`` its transpose, ``ic_col`` = ic[:, None]),
+    their float32 product (the caller holds :class:`_ieee_matmul`: no TF32) added in float64."""
     materialize_rows(lp, ic, q)
-    qw = q * ic[:, None]
-    with _ieee_matmul():
-        w += (qw.T @ q).double()
+    torch.mul(q, ic_col, out=qw)
+    w += torch.mm(qw_t, q).double()
 
 
 class BoundGram:
@@ -606,8 +609,8 @@ class BoundGram:
         f32 = dict(dtype=torch.float32, device=log_p.device)
         q = torch.empty((min(rows, max(total, 1)), k), **f32)
         qw = torch.empty_like(q)
-        # Each chunk's views, made once: (log_p rows, inv_c rows, inv_c as a column, Q, ic Q,
-        # (ic Q)^T), so that a pass dispatches only the ops that compute.
+        # Each chunk's arguments of _add_gram, views made once, so that a pass dispatches only
+        # the ops that compute.
         self.chunks = []
         for start in range(0, total, rows):
             r = min(rows, total - start)
@@ -617,14 +620,11 @@ class BoundGram:
 
     def into(self, materialize_rows, w: torch.Tensor) -> None:
         """Write W (k x k float64; ``w`` may be a view of a packed result) with
-        ``materialize_rows(log_p_rows, inv_c_rows, out_rows)`` at the pass's alpha: per chunk
-        the values of :func:`_add_gram`'s ``w += ((q * ic)^T @ q).double()``."""
+        ``materialize_rows(log_p_rows, inv_c_rows, out_rows)`` at the pass's alpha."""
         w.zero_()
         with _ieee_matmul():
-            for lp, ic, ic_col, q, qw, qw_t in self.chunks:
-                materialize_rows(lp, ic, q)
-                torch.mul(q, ic_col, out=qw)
-                w += torch.mm(qw_t, q).double()
+            for chunk in self.chunks:
+                _add_gram(materialize_rows, *chunk, w)
 
 
 class _ieee_matmul:

@@ -1021,12 +1021,13 @@ def _launch_row_stats(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.T
 def _plan_single_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor,
                       hess: int, stride: Optional[int] = None,
                       alloc: Optional[Callable[[str, tuple], torch.Tensor]] = None
-                      ) -> Tuple[torch.Tensor, Callable[[], None]]:
+                      ) -> Tuple[torch.Tensor, Callable[[], None], int]:
     """The single-read step kernel planned on these tensors (log_p N x k, N, k >= 1, next_pow2(k)
     within the single-read kernels; alpha32 (k,) float32 contiguous, read at each launch):
-    ``(ws, launch)``, the float64 workspace (p, :func:`_step_width`) that receives the partial
-    sums of the kernel's p programs (one row each, packed as :func:`_step_sums` reads them) and
-    a function that runs the kernel into it. ``stride``: W's sample stride (_H_FULL; default
+    ``(ws, launch, hk)``, the float64 workspace (p, :func:`_step_width`) that receives the
+    partial sums of the kernel's p programs (one row each, packed as :func:`_step_sums` reads
+    them), a function that runs the kernel into it, and W's row length in those rows (_H_FULL;
+    else 0). ``stride``: W's sample stride (_H_FULL; default
     :func:`hessian_stride`). ``alloc(name, shape)``: where the workspace comes from (default a
     new tensor; a bound step shares them between its modes)."""
     n, k = log_p.shape
@@ -1054,7 +1055,7 @@ def _plan_single_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.T
 
     def launch() -> None:
         _step_tile_kernel[(p,)](*args, num_warps=tile.num_warps, **consts)
-    return ws, launch
+    return ws, launch, hk if full else 0
 
 
 def _step_width(k: int, hess: int, hk: int) -> int:
@@ -1088,9 +1089,8 @@ def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor
     n, k = log_p.shape
     full = hess == _H_FULL
     if _next_pow2(k) <= max_single_block_k:
-        ws, launch = _plan_single_step(log_p, inv_c, alpha32, hess, stride)
+        ws, launch, hk = _plan_single_step(log_p, inv_c, alpha32, hess, stride)
         launch()
-        hk = _single_tile(k, full).block_k if full else 0
         return _step_sums(ws.sum(dim=0), k, hess, hk)
     dev = log_p.device
     f64 = dict(dtype=torch.float64, device=dev)
@@ -1577,9 +1577,9 @@ class TritonBackend(Backend):
                 stage.put_alpha(alpha)
                 key = (hess, exact, gram)
                 if key not in plans:
-                    ws, launch = _plan_single_step(log_p, inv_c, stage.alpha, hess,
-                                                   1 if exact else None, alloc)
-                    hk = _single_tile(k, True).block_k if hess == _H_FULL else k if gram else 0
+                    ws, launch, hk = _plan_single_step(log_p, inv_c, stage.alpha, hess,
+                                                       1 if exact else None, alloc)
+                    hk = k if gram else hk
                     packed = torch.empty(ws.shape[1] + (k * k if gram else 0),
                                          dtype=torch.float64, device=dev)
                     # The sums' and W's places in the packed result, as views made once.
