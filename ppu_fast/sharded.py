@@ -373,9 +373,9 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
 
 def _scaled_weights(comm: Comm, mask: np.ndarray, weights: Optional[np.ndarray], lam: float,
                     dtype: torch.dtype, solver_dtype: Optional[torch.dtype] = None):
-    """(inv_c (local N,) numpy, c_min, (sum inv_c, max inv_c, sum 1 / inv_c), global forget
-    count): the weights scaled so that the largest 1 / c over every rank is 1, as ``refine``
-    scales them. ``dtype``: this rank's buffer's; ``solver_dtype``: the one every rank's solver
+    """(inv_c (local N,) numpy, c_min, (sum inv_c, max inv_c, sum 1 / inv_c, min inv_c), global
+    forget count): the weights scaled so that the largest 1 / c over every rank is 1, as
+    ``refine`` scales them. ``dtype``: this rank's buffer's; ``solver_dtype``: the one every rank's solver
     decides for (max inv_c is rounded to it, so that all ranks hold the same value)."""
     if weights is not None:
         lo_hi = comm.max(torch.tensor([-float(weights.min()) if weights.size else -np.inf,
@@ -397,13 +397,18 @@ def _scaled_weights(comm: Comm, mask: np.ndarray, weights: Optional[np.ndarray],
     # The largest 1 / c over every rank follows from the global counts, with no collective of its
     # own: with weights it is c_min / c_min = 1 exactly, else the retain or forget value, rounded
     # to the dtype inv_c is stored in, as the rows hold it.
+    # The smallest follows the same way (rounding is monotonic: the smallest stored c_min / c_i
+    # is c_min / c_max rounded).
     if weights is not None:
         ic_max = 1.0 if n_rows else 0.0
+        ic_min = float(pb.inv_c_dtype(dtype)(c_min / c_max)) if n_rows else 1.0
     else:
         ic_dt = pb.inv_c_dtype(solver_dtype or dtype)
-        ic_max = max(float(ic_dt(c_min / lam)) if n_rows > n_forget else 0.0,
-                     float(ic_dt(c_min)) if n_forget else 0.0)
-    return inv_c, c_min, (float(sums[0]), ic_max, float(sums[1])), n_forget
+        levels = ([float(ic_dt(c_min / lam))] if n_rows > n_forget else []) + (
+            [float(ic_dt(c_min))] if n_forget else [])
+        ic_max = max(levels, default=0.0)
+        ic_min = min(levels, default=1.0)
+    return inv_c, c_min, (float(sums[0]), ic_max, float(sums[1]), ic_min), n_forget
 
 
 class _Setup(NamedTuple):

@@ -121,6 +121,21 @@ DIVERGED_LOGIT = 1e4
 # 2,663 -> 2,664, the solver grid 405 -> 410 (a 1.66x rise at 20,000 x 10, lam 100, that helped is
 # now refused), all converged either way.
 RES_GROWTH_MAX = 1.5
+# Newton's equation for a class total is log s_j = log M_j while s_j is within this many
+# e-folds of M_j, linear beyond (_log_residual). Measured (cpu; solver grid, the 288-refine set
+# of docs/solver.md): plain Newton 410 / 2,839 passes; spans 1 / 2 / 3 / 5 / unlimited 385 / 375 /
+# 380 / 381 / 394 and 2,757 / 2,745 / 2,745 / 2,744 / 5,118 (13 not converged), all others
+# converged; span 2 with plain Newton where the cap would cut the step (_solve_loop) 375 / 2,758.
+LOG_NEWTON_SPAN = 2.0
+# ... and only where the rows' weights differ by at most this factor (lam in [1e-2, 1e2] for
+# refine's two levels). With equal weights a class's total in rows that hold little of it scales
+# like exp(-alpha_j / c), which the log models; with weights far apart each row moves at its own
+# rate, exp(-alpha_j / c_i). There the log form saved 3 % of the passes (the 288-refine set,
+# lam 1e-3 to 1e-8: 2,598 -> 2,526) but changed hard paths for the worse: at lam 1e-6 a
+# 200 x 100 problem of tests/test_hostile_calls.py (89 passes) no longer converged in 100, and
+# lam_range.py lost a cell (20,000 x 10, margin 8, float32, lam 1e-10: 17 passes -> line search
+# failed).
+LOG_FORM_WEIGHT_RATIO = 100.0
 # balanced_laplacian's sweeps toward the exact diagonal. Measured (cpu backend, 288 refines:
 # 20,000 x 10 / 20,000 x 40 / 50,000 x 100, logit margins 8 and 30, lam 1e-2 to 1e-8, class and
 # selective, both dtypes, two seeds; and the 96 of benchmarks/solver_grid.py): 0 sweeps (the
@@ -376,6 +391,34 @@ def _newton_direction(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
         return _dense_direction_numpy(balanced_laplacian(h), grad)
 
 
+def _log_residual(grad: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The right-hand side r of Newton's step ``H d = r`` on the optimality equations written as
+    ``F(s_j) = F(M_j)``, s = colsum(Q) = grad + M, with F = log near M_j (within a factor
+    e^LOG_NEWTON_SPAN) and its tangent lines beyond: r_j = F(s_j) / F'(s_j), which is
+    ``s_j log(s_j / M_j)`` there, and ``grad_j`` where s_j or M_j is not positive.
+
+    The plain Newton step (r = grad = s - M) models each class total as linear in alpha; a
+    total whose rows hold little of the class moves like exp(-alpha_j / c), and the logarithm
+    models that (on the benchmark's class unlearning, 50,000 x 10 at logit margin 6, the first
+    step takes the residual from 1.8e-2 to 1.2e-4 instead of 4.4e-3). Both are Newton on
+    equations with the same solution, and agree to first order near it: the quadratic rate is
+    kept. The span keeps the log's model where it was measured to help: with no limit, a class
+    whose total must fall by 1e10 (the forgotten class at logit margin 30, "retain" targets)
+    was moved 24 logits at once into a region where the next steps stalled, and small-lam
+    problems took up to 3x the passes (docs/solver.md, "The Newton equation")."""
+    s = grad + m
+    out = grad.copy()
+    ok = (s > 0.0) & (m > 0.0)
+    so, mo = s[ok], m[ok]
+    # log1p of the relative gap keeps its digits when s is within rounding of M.
+    with np.errstate(over="ignore"):  # a huge ratio is past the span: its value is not used
+        lr = np.log1p(grad[ok] / mo)
+    span = LOG_NEWTON_SPAN
+    out[ok] = np.where(lr > span, so - mo * math.exp(span) * (1.0 - span),
+                       np.where(lr < -span, so - mo * math.exp(-span) * (1.0 + span), so * lr))
+    return out
+
+
 def _dense_direction_numpy(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
     """:func:`_newton_direction` for a dense H in numpy (pivoted LU, least squares if singular):
     where ``ppu_fast._C`` is not built or its Cholesky finds H not positive definite."""
@@ -470,8 +513,8 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
 
     ``first``: the step at alpha = 0 with the Hessian ``hessian_mode(method, k)`` asks for, on the
     CPU, as ``prepare`` returns it; it replaces the solver's first pass (alpha0 must be None).
-    ``weight_sums``: (sum inv_c, max inv_c, sum 1 / inv_c) when the caller knows them (else they
-    are reduced from ``inv_c``).
+    ``weight_sums``: (sum inv_c, max inv_c, sum 1 / inv_c, min inv_c) when the caller knows them
+    (else they are reduced from ``inv_c``).
     ``capacity``: called (at most once) when the iterates diverge or ``tol`` is not reached; it
     raises when the marginals are infeasible (``problem.check_capacity``).
     ``final``: Newton may end on a pass that writes Q (:class:`FinalPass`); ``info.materialized``
@@ -491,8 +534,8 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
     if weight_sums is None:
         icd = inv_c.double()
         weight_sums = (float(icd.sum()), float(icd.max()) if n else 1.0,
-                       float((1.0 / icd).sum()))
-    inv_c_sum, inv_c_max, c_sum = weight_sums
+                       float((1.0 / icd).sum()), float(icd.min()) if n else 1.0)
+    inv_c_sum, inv_c_max, c_sum, inv_c_min = weight_sums
     ev = _Evaluator(backend, log_p, inv_c, m, hessian, max_iter, c_sum)
     c_bar = m_safe = eta = None
     if method == "sinkhorn":
@@ -506,8 +549,11 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
     exact_below = (EXACT_HESSIAN_BELOW if hessian is True
                    and compute_dtype(log_p.dtype) == torch.float64 else 0.0)
     sampled = hessian is True and hessian_stride(n, k) > 1
+    # (1 + 1e-6): the weights as stored, rounded (lam = 0.01 gives 100.0000002 in float32)
+    log_form = inv_c_max <= LOG_FORM_WEIGHT_RATIO * (1.0 + 1e-6) * inv_c_min
     return _solve_loop(backend, ev, method, m, alpha, first, alpha0, tol, max_iter, inv_c_max,
-                       c_bar, m_safe, eta, t_start, capacity, exact_below, final, sampled)
+                       c_bar, m_safe, eta, t_start, capacity, exact_below, final, sampled,
+                       log_form)
 
 
 def _may_escalate_diag(ev: _Evaluator) -> bool:
@@ -530,11 +576,12 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
                 c_bar, m_safe, eta, t_start: float,
                 capacity: Optional[Callable[[], None]] = None,
                 exact_below: float = 0.0, final: Optional[FinalPass] = None,
-                sampled: bool = False) -> RefineInfo:
+                sampled: bool = False, log_form: bool = False) -> RefineInfo:
     """The iterations of :func:`solve_dual`; Newton's passes ask for the exact Hessian once the
     residual is below ``exact_below``, or, when the Hessian is ``sampled`` (a strict subset of
     the rows), once it stalls (``STALL_RATIO``); a diagonal Newton goes on with the dense
-    Hessian once it stalls (``DENSE_ESCALATION_MAX_K``)."""
+    Hessian once it stalls (``DENSE_ESCALATION_MAX_K``). ``log_form``: Newton's equations for
+    the class totals in log form near their targets (:func:`_log_residual`)."""
     if first is not None and alpha0 is None:
         grad, g, h, res = ev.record(alpha, *host_step(*first))
     else:
@@ -552,8 +599,13 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
             capacity()  # raises on infeasible marginals
             capacity = None
         if method == "newton":
-            d = _newton_direction(h, grad)
-            spread = float(d.max() - d.min()) * inv_c_max
+            d = _newton_direction(h, _log_residual(grad, m)) if log_form else None
+            spread = float(d.max() - d.min()) * inv_c_max if log_form else math.inf
+            if not (log_form and float(grad @ d) > 0.0 and t_next * spread <= cap):
+                # Not an ascent direction of g, or a step the logit cap would cut: where even
+                # the log's model reaches that far (saturated rows) plain Newton's is used.
+                d = _newton_direction(h, grad)
+                spread = float(d.max() - d.min()) * inv_c_max
             t0 = min(t_next, cap / spread) if spread > 0 else t_next
             # Near the optimum the residual shrinks faster than linearly, so after a step taken
             # whole res * (res / res_prev) bounds the next one: when that is below tol, write Q

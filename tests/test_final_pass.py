@@ -117,9 +117,10 @@ def test_mispredicted_last_pass_rebuilds_log_p(monkeypatch, pseudo: str, logits:
 
 def test_in_place_refine_keeps_the_separate_materialize() -> None:
     """With out= the input itself, log P^ overwrites the input and could not be rebuilt: the
-    solver then certifies convergence before it writes Q."""
-    y, p = confident_classifier(4_000, 10, seed=2)
-    mask = y == 1
+    solver then certifies convergence before it writes Q. (A problem whose refine does write Q
+    in its last pass: the first assertion checks that premise.)"""
+    y, p = confident_classifier(4_000, 10, seed=3)
+    mask = y == 0
     q, info = ppu_fast.refine(p, mask, backend="cpu", return_info=True)
     buf = p.clone()
     q2, info2 = ppu_fast.refine(buf, mask, backend="cpu", return_info=True, out=buf)

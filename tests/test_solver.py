@@ -751,6 +751,79 @@ def test_a_trial_that_more_than_doubles_the_residual_is_refused():
     assert solver._accepted(res_n=1e-7, res=1e-9, growth=2.0, **big_gain)  # within tol
 
 
+def test_log_residual_against_its_formula():
+    """Newton's right-hand side on log-form equations, written out class by class: s log(s / M)
+    within e^span of M, the tangent line of F = log beyond, grad where s or M is not positive;
+    continuous at the span's ends, and grad to first order where s is near M."""
+    import math
+    import warnings
+    from decimal import Decimal, localcontext
+
+    from ppu_fast import solver
+    span = solver.LOG_NEWTON_SPAN
+    e = math.exp(span)
+    m = np.array([3.0, 3.0, 3.0, 3.0, 0.0, 2.0, 1e-30, 5.0, 4.0, 1e-300])
+    s = np.array([6.0, 3.0 * e * 10, 3.0 / e / 10, 0.0, 1.0, 2.0, 1e-20, 5.0 * (1 + 1e-9), 1.5,
+                  1e10])  # the last: s / M overflows, and must neither warn nor leak inf
+    grad = s - m
+    def oracle(sj: float, mj: float) -> float:
+        if sj <= 0 or mj <= 0:
+            return sj - mj
+        # the float inputs' logarithms to 40 digits (s within 1e-9 of M included)
+        ln = Decimal(sj).ln() - Decimal(mj).ln()
+        if abs(ln) <= span:
+            return float(Decimal(sj) * ln)
+        edge = mj * math.exp(math.copysign(span, float(ln)))  # where F's tangent line starts
+        # F = +-span + (s - edge) / edge and F' = 1 / edge there: F / F', multiplied out
+        return math.copysign(span, float(ln)) * edge + (sj - edge)
+
+    with localcontext() as ctx:
+        ctx.prec = 40
+        want = [oracle(float(sj), float(mj)) for sj, mj in zip(s, m)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = solver._log_residual(grad, m)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
+    assert got[5] == 0.0 and abs(got[7] / grad[7] - 1.0) < 1e-6
+    for side in (e, 1.0 / e):  # the two pieces meet
+        lo, hi = side * (1 - 1e-12), side * (1 + 1e-12)
+        a, b = solver._log_residual(np.array([lo - 1.0, hi - 1.0]), np.ones(2))
+        assert abs(a - b) < 1e-9
+    assert not np.shares_memory(got, grad)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_newton_follows_a_class_total_that_must_grow_by_a_factor(backend):
+    """Class unlearning on a confident model (20,000 x 10, margin 6, class 0 forgotten): the
+    forgotten class's total must grow ~2.4x, along an exponential. Newton on the totals in log
+    form takes the first step from 1.8e-2 to 2.9e-4 and ends after 3 steps; on the totals
+    themselves it took 1.8e-2 -> 4.4e-3 and 4 steps."""
+    y, p = confident_classifier(20_000, 10, seed=0)
+    q, info = ppu_fast.refine(p, y == 0, backend=backend, return_info=True)
+    assert info.converged and info.steps <= 3, (info.steps, info.history)
+    assert info.history[1] <= 0.05 * info.history[0], info.history
+
+
+@pytest.mark.parametrize("lam, weights, log_form", [
+    (1.0, None, True), (0.01, None, True), (100.0, None, True), (0.009, None, False),
+    (1e-6, None, False), (1.0, "ratio 50", True), (1.0, "ratio 200", False)])
+def test_newton_takes_the_log_form_only_for_weights_within_a_factor_100(monkeypatch, lam,
+                                                                         weights, log_form):
+    """LOG_FORM_WEIGHT_RATIO: lam 0.01 and 100 are in (the float32 weights' ratio, 100.0000002,
+    rounds past 100), 0.009 and per-row weights 200x apart are out."""
+    from ppu_fast import solver
+    calls = []
+    real = solver._log_residual
+    monkeypatch.setattr(solver, "_log_residual", lambda g, m: calls.append(1) or real(g, m))
+    y, p = confident_classifier(3_000, 10, seed=2)
+    w = None
+    if weights is not None:
+        w = torch.ones(3_000, dtype=torch.float64)
+        w[:1000] = float(weights.split()[1])
+    ppu_fast.refine(p, y == 0, lam=lam, weights=w, backend="cpu")
+    assert bool(calls) == log_form
+
+
 def _probe_classifier(n, k, margin, seed, rare=None):
     """Probe 31's synthetic classifiers: labels (optionally the first rare[0] classes rare[1]x
     rarer), float64 logits + margin on the true class, float32 probabilities."""

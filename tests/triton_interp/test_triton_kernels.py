@@ -548,7 +548,9 @@ def test_materialize_sums_half_buffers(k, dtype, in_place):
 
 def test_refine_ends_on_the_pass_that_writes_q():
     """backend="triton" fuses Newton's last pass with the writing of Q, like the cpu backend,
-    and agrees with the reference."""
+    and agrees with the reference. (tol 1e-5: after the first step, at 2.8e-4, the prediction
+    res^2 / res_prev = 3.7e-6 is below it and the pass that writes Q converges, at 4.8e-8; at
+    tol 1e-6 this small problem certifies that pass and writes Q separately.)"""
     import ppu_fast
     g = torch.Generator().manual_seed(3)
     n, k = 2003, 10
@@ -556,7 +558,7 @@ def test_refine_ends_on_the_pass_that_writes_q():
     logits = torch.randn(n, k, generator=g)
     logits[torch.arange(n), y] += 6.0
     p = torch.softmax(logits, dim=1)
-    q, info = ppu_fast.refine(p, y == 0, backend="triton", return_info=True)
+    q, info = ppu_fast.refine(p, y == 0, backend="triton", return_info=True, tol=1e-5)
     q_ref = ppu_fast.refine(p, y == 0, backend="torch")
     assert info.converged and info.materialized, info.history
     torch.testing.assert_close(q, q_ref, rtol=0, atol=2e-6)
