@@ -375,8 +375,9 @@ def _scaled_weights(comm: Comm, mask: np.ndarray, weights: Optional[np.ndarray],
                     dtype: torch.dtype, solver_dtype: Optional[torch.dtype] = None):
     """(inv_c (local N,) numpy, c_min, (sum inv_c, max inv_c, sum 1 / inv_c, min inv_c), global
     forget count): the weights scaled so that the largest 1 / c over every rank is 1, as
-    ``refine`` scales them. ``dtype``: this rank's buffer's; ``solver_dtype``: the one every rank's solver
-    decides for (max inv_c is rounded to it, so that all ranks hold the same value)."""
+    ``refine`` scales them. ``dtype``: this rank's buffer's; ``solver_dtype``: the one every
+    rank's solver decides for (max and min inv_c are rounded to it, so that all ranks hold the
+    same values)."""
     if weights is not None:
         lo_hi = comm.max(torch.tensor([-float(weights.min()) if weights.size else -np.inf,
                                        float(weights.max()) if weights.size else 0.0],
@@ -398,10 +399,11 @@ def _scaled_weights(comm: Comm, mask: np.ndarray, weights: Optional[np.ndarray],
     # own: with weights it is c_min / c_min = 1 exactly, else the retain or forget value, rounded
     # to the dtype inv_c is stored in, as the rows hold it.
     # The smallest follows the same way (rounding is monotonic: the smallest stored c_min / c_i
-    # is c_min / c_max rounded).
+    # is c_min / c_max rounded), in the dtype every rank's solver shares: the solver's choices
+    # depend on it, and ranks holding float32 and float64 buffers must make the same ones.
     if weights is not None:
         ic_max = 1.0 if n_rows else 0.0
-        ic_min = float(pb.inv_c_dtype(dtype)(c_min / c_max)) if n_rows else 1.0
+        ic_min = float(pb.inv_c_dtype(solver_dtype or dtype)(c_min / c_max)) if n_rows else 1.0
     else:
         ic_dt = pb.inv_c_dtype(solver_dtype or dtype)
         levels = ([float(ic_dt(c_min / lam))] if n_rows > n_forget else []) + (

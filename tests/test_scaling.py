@@ -736,3 +736,20 @@ def test_scaled_weights_max_from_counts(dtype, lam, forget_share, weighted):
     assert n_forget == int(mask.sum())
     assert inv_c.dtype == pb.inv_c_dtype(dtype)
     assert sums == pb.weight_sums(inv_c)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_scaled_weights_extremes_agree_across_buffer_dtypes(weighted):
+    # Ranks holding float64 and float32 buffers solve in the shared dtype, and take the solver's
+    # choices from max and min inv_c: both must be that dtype's values on every rank. (A ratio
+    # just under 100 in float64 rounds past it in float32: the log form's gate would differ.)
+    from ppu_fast.comm import Comm
+    from ppu_fast.sharded import _scaled_weights
+    mask = np.zeros(4, bool)
+    mask[0] = True
+    weights = np.array([1.0, 1.0, 1.0, 1.0 / 0.0099999899988]) if weighted else None
+    lam = 0.0099999899988
+    _, _, sums32, _ = _scaled_weights(Comm(), mask, weights, lam, torch.float32)
+    _, _, sums64, _ = _scaled_weights(Comm(), mask, weights, lam, torch.float64,
+                                      solver_dtype=torch.float32)
+    assert sums64[1] == sums32[1] and sums64[3] == sums32[3]

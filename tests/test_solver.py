@@ -766,6 +766,7 @@ def test_log_residual_against_its_formula():
     s = np.array([6.0, 3.0 * e * 10, 3.0 / e / 10, 0.0, 1.0, 2.0, 1e-20, 5.0 * (1 + 1e-9), 1.5,
                   1e10])  # the last: s / M overflows, and must neither warn nor leak inf
     grad = s - m
+
     def oracle(sj: float, mj: float) -> float:
         if sj <= 0 or mj <= 0:
             return sj - mj
@@ -822,6 +823,19 @@ def test_newton_takes_the_log_form_only_for_weights_within_a_factor_100(monkeypa
         w[:1000] = float(weights.split()[1])
     ppu_fast.refine(p, y == 0, lam=lam, weights=w, backend="cpu")
     assert bool(calls) == log_form
+
+
+def test_a_log_direction_that_is_not_an_ascent_falls_back_to_plain_newton(monkeypatch):
+    """With the log form's right-hand side pointing downhill (grad . d <= 0) every pass takes
+    plain Newton's direction: the solve is the plain one, pass for pass."""
+    from ppu_fast import solver
+    y, p = confident_classifier(3_000, 10, seed=2)
+    monkeypatch.setattr(solver, "LOG_FORM_WEIGHT_RATIO", 0.0)  # plain Newton throughout
+    _, plain = ppu_fast.refine(p, y == 0, backend="cpu", return_info=True)
+    monkeypatch.setattr(solver, "LOG_FORM_WEIGHT_RATIO", 100.0)
+    monkeypatch.setattr(solver, "_log_residual", lambda g, m: -g)
+    _, info = ppu_fast.refine(p, y == 0, backend="cpu", return_info=True)
+    assert info.converged and info.history == plain.history
 
 
 def _probe_classifier(n, k, margin, seed, rare=None):
