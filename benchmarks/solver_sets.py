@@ -15,7 +15,7 @@ a past solver change stalled or failed somewhere (docs/solver.md says which):
   seeds, "retain" and "original" targets.
 - ``saturated200``: 200 draws of the saturated family (n <= 20, k up to 100, logits up to 60,
   targets far from the rows' totals; float64, tol 1e-9), the draws of
-  ``tests/test_solver.py::_saturated_family`` (seeds 0-199; the test runs 30).
+  ``tests/solver_problems.py::saturated_family`` (seeds 0-199; tests/test_solver.py runs 30).
 - ``cost528``: run.py's classifier at 11 sizes and margins (4,000 x 10 to 50,000 x 100, and
   5,000 x 1,000), lam 1e-4 / 0.01 / 1 / 100, class 0, the first k // 10 classes or a random 1 %
   forgotten, both targets and dtypes; besides the passes it counts the refines that wrote Q
@@ -34,50 +34,20 @@ import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts this checkout's ppu_fast first on sys.path)
 
+# The families' generators are the tests' own (a plain module, no test dependencies).
+sys.path.insert(0, str(common.REPO / "tests"))
+from solver_problems import probe_classifier, saturated_family  # noqa: E402
+
 import ppu_fast  # noqa: E402
 from ppu_fast import solver  # noqa: E402
 
 SETS = ("weights288", "rare120", "saturated200", "cost528")
-
-
-def _rare_classifier(n: int, k: int, margin: float, seed: int, rare: int):
-    """Labels and float32 probabilities: the first ``rare`` classes 100x rarer, float64 logits
-    with ``margin`` on the true class (as tests/test_solver.py's probe classifiers)."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.ones(k, dtype=torch.float64)
-    w[:rare] = 0.01
-    y = torch.multinomial(w, n, replacement=True, generator=g)
-    lg = torch.randn(n, k, generator=g, dtype=torch.float64)
-    lg[torch.arange(n), y] += margin
-    return y, torch.softmax(lg, 1).float()
-
-
-def _saturated_family(seed: int):
-    """(probs float64, forget, pseudo, M) of draw ``seed``: the generator of
-    tests/test_solver.py::_saturated_family (a benchmark does not import the tests)."""
-    r = np.random.default_rng(seed)
-    n, k = int(r.integers(1, 21)), int(r.choice([3, 10, 32, 50, 100]))
-    z = r.standard_normal((n, k)) * float(r.choice([3.0, 8.0, 20.0]))
-    z[np.arange(n), r.integers(0, k, n)] += float(r.choice([0.0, 30.0, 60.0]))
-    z -= z.max(1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(1, keepdims=True)
-    kind = r.choice(["mix", "peaked", "allforget"])
-    if kind == "mix":
-        w = float(r.uniform(0.1, 0.9))
-        return p, [], None, (1 - w) * p.sum(0) + w * n / k
-    if kind == "peaked":
-        m = np.full(k, float(r.choice([1e-3, 1e-2])))
-        m[int(r.integers(0, k))] = 1.0
-        return p, [], None, m * (n / m.sum())
-    return p, np.ones(n, dtype=bool), "uniform", 0.5 * p.sum(0) + 0.5 * n / k
 
 
 def _cases(name: str) -> Iterator[Tuple[tuple, dict]]:
@@ -96,12 +66,12 @@ def _cases(name: str) -> Iterator[Tuple[tuple, dict]]:
                 [40, 100, 128, 129, 200], [1e-3, 1e-4], [15.0, 20.0], [0, 1, 2],
                 ["retain", "original"]):
             n = 20000 if k <= 129 else 10000
-            y, p = _rare_classifier(n, k, margin, 300 + seed, k // 5)
+            y, p = probe_classifier(n, k, margin, 300 + seed, rare=(k // 5, 100))
             f = torch.rand(n, generator=torch.Generator().manual_seed(31 + seed)) < 0.5
             yield (p, f), {"lam": lam, "marginals": marg}
     elif name == "saturated200":
         for seed in range(200):
-            p, f, pseudo, m = _saturated_family(seed)
+            p, f, pseudo, m, _ = saturated_family(seed)
             yield (p, f), {"pseudo": pseudo, "marginals": m, "tol": 1e-9}
     elif name == "cost528":
         sizes = [(20000, 10, 6), (20000, 10, 30), (20000, 5, 3), (20000, 40, 2), (20000, 40, 30),

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import ppu_fast
 from ppu_fast.backends.torch_ref import shifted_logits
 from conftest import confident_classifier
+from solver_problems import probe_classifier, saturated_family
 
 
 def p_hat_of(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -632,33 +633,9 @@ def test_newton_tries_a_capped_step_however_short_a_fraction(backend, dtype, cas
     assert err <= (1e-4 if dtype == np.float32 else 1e-5), (name, err)
 
 
-def _saturated_family(seed: int):
-    """(probs (n x k) float64, forget, pseudo, M, log P^) of a random feasible problem on a
-    confident model: n <= 20, k in {3, 10, 32, 50, 100}, logit scale 3-20 plus a margin of 0-60
-    on one class per row; targets a mix of the rows' totals and the uniform ("mix"), one heavy
-    class among light ones ("peaked"), or every row forgotten (uniform P^, "allforget")."""
-    r = np.random.default_rng(seed)
-    n, k = int(r.integers(1, 21)), int(r.choice([3, 10, 32, 50, 100]))
-    z = r.standard_normal((n, k)) * float(r.choice([3.0, 8.0, 20.0]))
-    z[np.arange(n), r.integers(0, k, n)] += float(r.choice([0.0, 30.0, 60.0]))
-    z -= z.max(1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(1, keepdims=True)
-    kind = r.choice(["mix", "peaked", "allforget"])
-    if kind == "mix":
-        w = float(r.uniform(0.1, 0.9))
-        return p, [], None, (1 - w) * p.sum(0) + w * n / k, np.log(p)
-    if kind == "peaked":
-        m = np.full(k, float(r.choice([1e-3, 1e-2])))
-        m[int(r.integers(0, k))] = 1.0
-        return p, [], None, m * (n / m.sum()), np.log(p)
-    return (p, np.ones(n, dtype=bool), "uniform", 0.5 * p.sum(0) + 0.5 * n / k,
-            np.full((n, k), -np.log(k)))
-
-
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_newton_solves_a_family_of_saturated_feasible_problems(backend):
-    """30 fixed draws of :func:`_saturated_family` in float64, Newton to tol 1e-9, each against
+    """30 fixed draws of :func:`solver_problems.saturated_family` in float64, Newton to tol 1e-9, each against
     the float64 oracle. Before the line search went below its floor, 86 of 200 draws like these
     stopped with "line search failed" (1-31 passes) on each backend."""
     import warnings
@@ -666,7 +643,7 @@ def test_newton_solves_a_family_of_saturated_feasible_problems(backend):
     from oracle import oracle_solve
 
     for seed in range(30):
-        p, forget, pseudo, m, lp = _saturated_family(seed)
+        p, forget, pseudo, m, lp = saturated_family(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             q, info = ppu_fast.refine(p, forget, pseudo=pseudo, marginals=m, backend=backend,
@@ -838,28 +815,13 @@ def test_a_log_direction_that_is_not_an_ascent_falls_back_to_plain_newton(monkey
     assert info.converged and info.history == plain.history
 
 
-def _probe_classifier(n, k, margin, seed, rare=None):
-    """Probe 31's synthetic classifiers: labels (optionally the first rare[0] classes rare[1]x
-    rarer), float64 logits + margin on the true class, float32 probabilities."""
-    g = torch.Generator().manual_seed(seed)
-    if rare is None:
-        y = torch.randint(0, k, (n,), generator=g)
-    else:
-        w = torch.ones(k, dtype=torch.float64)
-        w[:rare[0]] = 1 / rare[1]
-        y = torch.multinomial(w, n, replacement=True, generator=g)
-    lg = torch.randn(n, k, generator=g, dtype=torch.float64)
-    lg[torch.arange(n), y] += margin
-    return y, torch.softmax(lg, 1).float()
-
-
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_newton_on_an_imbalanced_model_at_lam_1e3(backend):
     """k = 40, 8 classes 100x rarer, logit margin 15, a random half forgotten, lam 1e-3: Armijo
     accepted steps that raised the residual 30x and Newton ended at 0.197 after 100 passes
     (float64 too); with the residual's growth capped, 31."""
     import warnings
-    y, p = _probe_classifier(2000, 40, 15.0, 1253, rare=(8, 100))
+    y, p = probe_classifier(2000, 40, 15.0, 1253, rare=(8, 100))
     forget = torch.rand(2000, generator=torch.Generator().manual_seed(1254)) < 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -881,7 +843,7 @@ def test_newton_keeps_common_classes_within_their_walls(k, seed, marginals, back
     too). With the cap shrinking after a step that raises the residual: 22-31 passes (float64
     and the torch reference alike)."""
     import warnings
-    y, p = _probe_classifier(20000, k, 20.0, 100 + seed, rare=(k // 5, 100))
+    y, p = probe_classifier(20000, k, 20.0, 100 + seed, rare=(k // 5, 100))
     forget = torch.rand(20000, generator=torch.Generator().manual_seed(7 + seed)) < 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -901,7 +863,7 @@ def test_newton_does_not_cycle_on_residual_rises_at_small_lam(n, k, seed, margin
     (under the former 2x cap), the radius shrank, the steps after undid it, and the cycle ran
     out of passes (residual 7e-2, 9e-2, 2e-1). Capped at 1.5x: 42, 40 and 65 passes."""
     import warnings
-    y, p = _probe_classifier(n, k, 20.0, 200 + seed, rare=(k // 5, 100))
+    y, p = probe_classifier(n, k, 20.0, 200 + seed, rare=(k // 5, 100))
     forget = torch.rand(n, generator=torch.Generator().manual_seed(17 + seed)) < 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -957,7 +919,7 @@ def test_a_stalled_diagonal_newton_goes_on_with_the_dense_hessian(backend, dtype
     import warnings
 
     from ppu_fast.backends.base import Backend
-    y, p = _probe_classifier(n, 129, 20.0, 11)
+    y, p = probe_classifier(n, 129, 20.0, 11)
     be = type(ppu_fast.backends.get_backend(backend, p))
     asked = []
     step = be.step
@@ -980,7 +942,7 @@ def test_a_failed_diagonal_line_search_goes_on_with_the_dense_hessian(monkeypatc
     import warnings
 
     from ppu_fast import solver
-    y, p = _probe_classifier(2000, 129, 20.0, 11)
+    y, p = probe_classifier(2000, 129, 20.0, 11)
     direction = solver._newton_direction
     monkeypatch.setattr(solver, "_newton_direction",
                         lambda h, g: direction(h, g) * (-1.0 if h.ndim == 1 else 1.0))
