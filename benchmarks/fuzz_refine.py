@@ -41,6 +41,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts this checkout's ppu_fast first on sys.path)
 
+# The tests' float64 oracle (a plain module, no test dependencies).
+sys.path.insert(0, str(common.REPO / "tests"))
+from oracle import oracle_newton, softmax_rows  # noqa: E402
+
 import ppu_fast  # noqa: E402
 from ppu_fast import ConvergenceWarning  # noqa: E402
 
@@ -48,69 +52,8 @@ GOOD = ("ok", "raised-infeasible-ok", "raised-ambiguous-ok")
 
 
 # ----------------------------------------------------------------------------------------------
-# Independent float64 oracle
+# The float64 oracle: tests/oracle.py's Newton, and coordinate ascent where it stops short
 # ----------------------------------------------------------------------------------------------
-
-
-def softmax64(x):
-    """(q, log Z) of each row of x in float64; a row of -inf gives NaN (the callers never build
-    one: P^ always has support)."""
-    m = np.max(x, axis=1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.exp(x - m)
-    s = e.sum(axis=1, keepdims=True)
-    return e / s, (m + np.log(s))[:, 0]
-
-
-def dual_solve(lp, c, M, tol=1e-12, max_iter=300, a0=None):
-    """max_a g(a) = -sum_i c_i log Z_i(a) - a.M,  Z_i = sum_j exp(lp_ij - a_j / c_i).
-    Returns (a, Q, residual). Works on w = 1/c scaled (w_i = cmin / c_i)."""
-    n, k = lp.shape
-    cmin = c.min()
-    w = cmin / c          # <= 1
-    cs = c / cmin         # >= 1
-    a = np.zeros(k) if a0 is None else np.asarray(a0, float) / cmin
-
-    def ev(a):
-        q, lz = softmax64(lp - w[:, None] * a[None, :])
-        return q, -(cs * lz).sum() - a @ M
-
-    q, g = ev(a)
-    res = np.abs(q.sum(0) - M).sum() / n
-    best = (res, a.copy(), q)
-    for it in range(max_iter):
-        grad = q.sum(0) - M          # dg/da
-        res = np.abs(grad).sum() / n
-        if res < best[0]:
-            best = (res, a.copy(), q)
-        if res <= tol:
-            break
-        wq = w[:, None] * q
-        H = np.diag(wq.sum(0)) - wq.T @ q       # -hess g (PSD), null vector 1
-        H = H + np.ones((k, k)) * (np.trace(H) / k + 1e-300)
-        try:
-            d = np.linalg.solve(H + 1e-14 * np.trace(H) * np.eye(k), grad)
-        except np.linalg.LinAlgError:
-            d = np.linalg.lstsq(H, grad, rcond=None)[0]
-        d -= d.mean()
-        # d g / d a_j = sum_i q_ij - M_j (the c_i cancel against w_i): d is an ascent direction.
-        t = 1.0
-        slope = grad @ d
-        while True:
-            qn, gn = ev(a + t * d)
-            rn = np.abs(qn.sum(0) - M).sum() / n
-            if np.isfinite(gn) and (gn >= g + 1e-4 * t * slope or rn < res * (1 - 1e-3)):
-                break
-            if t < 1e-14:
-                break
-            t *= 0.5
-        if not np.isfinite(gn) or (t < 1e-14 and not (gn >= g or rn < res)):
-            break  # no usable step
-        a, q, g = a + t * d, qn, gn
-    res = np.abs(q.sum(0) - M).sum() / n
-    if res > best[0]:
-        res, a, q = best
-    return a * cmin, q, res
 
 
 def logsumexp_rows(x):
@@ -156,22 +99,22 @@ def coord_ascent(lp, c, M, a0=None, sweeps=200, tol=1e-10):
                     break
             a[j] = 0.5 * (lo + hi)
         a -= a.mean()
-        q = softmax64(lp - w[:, None] * a[None, :])[0]
+        q = softmax_rows(lp - w[:, None] * a[None, :])[0]
         if np.abs(q.sum(0) - M).sum() / n <= tol:
             break
     return a * c.min()
 
 
 def dual_solve_robust(lp, c, M, tol=1e-12, a0=None):
-    """Newton (:func:`dual_solve`); where it stops short, coordinate ascent from its answer and
+    """Newton (tests/oracle.py's ``oracle_newton``); where it stops short, coordinate ascent from its answer and
     Newton again (saturated problems where the pure Newton step crawls)."""
-    a, q, r = dual_solve(lp, c, M, tol=tol, a0=a0)
+    a, q, r = oracle_newton(lp, c, M, tol=tol, max_iter=300, alpha0=a0)
     if r <= tol * 100:
         return a, q, r
     n, k = lp.shape
     sweeps = 300 if n * k <= 20000 else 40
     a1 = coord_ascent(lp, c, M, a0=a, sweeps=sweeps)
-    a2, q2, r2 = dual_solve(lp, c, M, tol=tol, a0=a1)
+    a2, q2, r2 = oracle_newton(lp, c, M, tol=tol, max_iter=300, alpha0=a1)
     return (a2, q2, r2) if not r2 >= r else (a, q, r)
 
 
@@ -195,7 +138,7 @@ def build_problem(xv, mode, mask, idx_order, pseudo, marginals, lam, weights, se
             P = xv / xv.sum(1, keepdims=True)
             lp = np.log(P)
         else:
-            P, lz = softmax64(xv)
+            P, lz = softmax_rows(xv)
             lp = xv - lz[:, None]
     nf = int(mask.sum())
     retain = ~mask
@@ -228,7 +171,7 @@ def build_problem(xv, mode, mask, idx_order, pseudo, marginals, lam, weights, se
                 lpm = np.log(pm)
             rows = idx_order if idx_order is not None else np.flatnonzero(mask)
             lph[rows] = lpm
-    Ph = softmax64(lph)[0]
+    Ph = softmax_rows(lph)[0]
     if weights is not None:
         c = as64(weights)
     else:
@@ -277,7 +220,7 @@ def make_case(rng: np.random.Generator):
     z[np.arange(n), labels] += margin
     zeros = mode == "probs" and rng.random() < 0.25
     if mode == "probs":
-        p = softmax64(z)[0]
+        p = softmax_rows(z)[0]
         if zeros:
             zm = rng.random((n, k)) < 0.3
             zm[np.arange(n), labels] = False
@@ -357,7 +300,7 @@ def make_case(rng: np.random.Generator):
     pseudo = ps
     if ps == "matrix":
         pz = rng.standard_normal((nf, k)) * 2
-        pm = softmax64(pz)[0]
+        pm = softmax_rows(pz)[0]
         if rng.random() < 0.3:
             pm[:, 0] = 0.0
             pm[:, 0] = 0 if k > 1 else 1
@@ -400,7 +343,7 @@ def make_vector_marginals(lph, rng):
     sup = np.isfinite(lph)
     r = np.where(sup, np.exp(rng.standard_normal(lph.shape)), 0.0)
     r /= r.sum(1, keepdims=True)
-    Ph = softmax64(lph)[0]
+    Ph = softmax_rows(lph)[0]
     Q = 0.7 * Ph + 0.3 * r
     return Q.sum(0)
 
@@ -541,7 +484,7 @@ def run_case(case, backend):
         problems.append(f"converged but residual of Q vs oracle M = {res_q:.3g} (info {info.residual:.3g})")
     # materialization check: Q vs softmax(lph - alpha / c)
     alpha = info.alpha.double().numpy()
-    Qa = softmax64(lph - (1.0 / c)[:, None] * alpha[None, :])[0]
+    Qa = softmax_rows(lph - (1.0 / c)[:, None] * alpha[None, :])[0]
     mat_err = np.abs(Qa - Q).max()
     # oracle optimum
     _, Q_o, r_o = dual_solve_robust(lph, c, M, tol=1e-12)

@@ -180,6 +180,16 @@ def oracle_solve(log_p, c, m, tol: float = 1e-10, max_iter: int = 500, alpha0=No
     crawls from zero on some saturated problems, yet converges quadratically from near the optimum,
     so another solver's answer can seed it without the oracle trusting that answer. Raises
     AssertionError if ``||colsum - M||_1 / N`` does not reach ``tol``."""
+    a, q, res = oracle_newton(log_p, c, m, tol, max_iter, alpha0)
+    assert res <= tol, f"oracle_solve: residual {res:.3g} > {tol:.3g} after {max_iter} steps"
+    return a, q
+
+
+def oracle_newton(log_p, c, m, tol: float = 1e-10, max_iter: int = 500, alpha0=None
+                  ) -> Tuple[np.ndarray, np.ndarray, float]:
+    """:func:`oracle_solve`'s Newton without its assertion: (alpha, Q, residual) of the first
+    iterate within ``tol``, or else of the one with the smallest residual (a caller that judges
+    hard problems, e.g. benchmarks/fuzz_refine.py, decides what a short stop means)."""
     lp = _np(log_p)
     c = _np(c)
     m = _np(m)
@@ -194,27 +204,43 @@ def oracle_solve(log_p, c, m, tol: float = 1e-10, max_iter: int = 500, alpha0=No
 
     a = np.zeros(k) if alpha0 is None else _np(alpha0).astype(np.float64) / c_min
     q, g = evaluate(a)
+    best = None
     for _ in range(max_iter):
         grad = q.sum(0) - m
-        if np.abs(grad).sum() / n <= tol:
-            return a * c_min, q
+        res = np.abs(grad).sum() / n
+        if best is None or res < best[2]:
+            best = (a, q, res)
+        if res <= tol:
+            return a * c_min, q, res
         wq = ic[:, None] * q
         h = np.diag(wq.sum(0)) - wq.T @ q
-        h += np.full((k, k), max(np.trace(h), 1e-300) / k)  # the gauge direction
-        d = np.linalg.lstsq(h, grad, rcond=None)[0]
+        tr = max(np.trace(h), 1e-300)
+        h += np.full((k, k), tr / k)  # the gauge direction
+        try:
+            # A tiny ridge: classes whose column is (nearly) empty at lam 1e-6 and logit margins
+            # of 60 left lstsq's direction short of what three hostile calls of
+            # benchmarks/fuzz_refine.py needed.
+            d = np.linalg.solve(h + 1e-14 * tr * np.eye(k), grad)
+        except np.linalg.LinAlgError:
+            d = np.linalg.lstsq(h, grad, rcond=None)[0]
         d -= d.mean()
-        t, res = 1.0, np.abs(grad).sum() / n
+        t, slope = 1.0, grad @ d
         while True:
             q_n, g_n = evaluate(a + t * d)
+            r_n = np.abs(q_n.sum(0) - m).sum() / n
             # Near the optimum g's float64 rounding hides the gain: a smaller residual counts too.
-            if (g_n >= g + 1e-4 * t * (grad @ d) or np.abs(q_n.sum(0) - m).sum() / n < res
-                    or t < 1e-12):
+            if np.isfinite(g_n) and (g_n >= g + 1e-4 * t * slope or r_n < res * (1 - 1e-3)):
+                break
+            if t < 1e-14:
                 break
             t *= 0.5
+        if not np.isfinite(g_n) or (t < 1e-14 and not (g_n >= g or r_n < res)):
+            break  # no usable step
         a, q, g = a + t * d, q_n, g_n
     res = np.abs(q.sum(0) - m).sum() / n
-    assert res <= tol, f"oracle_solve: residual {res:.3g} > {tol:.3g} after {max_iter} steps"
-    return a * c_min, q
+    if best is not None and not res <= best[2]:
+        a, q, res = best
+    return a * c_min, q, res
 
 
 def oracle_refine(p, mask, lam: float = 1.0, marginals="retain", pseudo="uniform", alpha0=None
