@@ -166,6 +166,20 @@ def test_scrub_r_keeps_the_closest_epoch_rule_as_an_option(setup):
         unlearn(model, split.forget, split.retain, method="scrub+r", progress=False)
 
 
+def test_result_names_the_method_that_ran(setup):
+    """``result.method`` is the name asked for, but SCRUB with ``select="val"`` is SCRUB+R, and says
+    so: the same run as ``method="scrub+r"``, labelled alike (it said "scrub" before)."""
+    split, model = setup
+    plain = run(model, split, "scrub", seed=4)
+    rewound = run(model, split, "scrub", seed=4, select="val")
+    direct = run(model, split, "scrub+r", seed=4)
+    assert plain.method == "scrub" and rewound.method == direct.method == "scrub+r"
+    assert rewound.options["select"] == "val" and same(state(rewound.model), state(direct.model))
+    for name in ("ppu-bias", "ppu-random"):  # presets of ppu's function: their own names
+        res = unlearn(model, split.forget, split.retain, method=name, seed=0, progress=False, epochs=1)
+        assert res.method == name
+
+
 def test_neggrad_ascends_on_the_forget_set(setup):
     split, model = setup
     # SCRUB's small-scale steps are gentle (no momentum, 4 batches an epoch): the mechanism is checked

@@ -33,7 +33,8 @@ class UnlearnResult:
 
     Attributes:
         model: the unlearned model (eval mode).
-        method: the registry name that produced it.
+        method: the registered method that ran: the one asked for, or the variant its options
+            chose (``unlearn(method="scrub", select="val")`` runs SCRUB+R: ``"scrub+r"``).
         targets: (N_forget + N_retain, k) fine-tuning targets, forget rows first, each part in the
             order of its dataset (a loader's: by index) (PPU only), on CPU.
         refine_info: the solver's ``RefineInfo`` (PPU privacy mode only).
@@ -297,7 +298,10 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
     result = fn(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
                 progress=progress, **options)
     result.timings["total"] = time.perf_counter() - t0
-    result.method = method
+    if result.method not in _METHODS:
+        # A registered function's own label for what it ran stands where it names a registered
+        # method (a variant its options chose); otherwise the name it was asked by is the label.
+        result.method = method
     return result
 
 

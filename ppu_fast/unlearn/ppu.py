@@ -300,14 +300,16 @@ def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset
              evals_per_epoch: int = 1) -> UnlearnResult:
     """PPU for bias removal (§5.4, "PPU w/ uniform"): targets are P^ (uniform forget rows), no solve.
     The schedule options are :func:`ppu`'s."""
-    return ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
-               progress=progress, mode="bias", pseudo=pseudo, epochs=epochs, lr=lr, optimizer=optimizer,
-               momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
-               retain_per_epoch=retain_per_epoch, select=select, history=history,
-               history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
-               retain_sampling=retain_sampling, forget_repeats=forget_repeats,
-               early_stop=early_stop, forget_kl=forget_kl, trainable=trainable,
-               evals_per_epoch=evals_per_epoch)
+    result = ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
+                 progress=progress, mode="bias", pseudo=pseudo, epochs=epochs, lr=lr, optimizer=optimizer,
+                 momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+                 retain_per_epoch=retain_per_epoch, select=select, history=history,
+                 history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
+                 retain_sampling=retain_sampling, forget_repeats=forget_repeats,
+                 early_stop=early_stop, forget_kl=forget_kl, trainable=trainable,
+                 evals_per_epoch=evals_per_epoch)
+    result.method = "ppu-bias"
+    return result
 
 
 @register("ppu-random")
@@ -323,11 +325,13 @@ def ppu_random(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Datas
                trainable: str | None = None, evals_per_epoch: int = 1) -> UnlearnResult:
     """PPU for bias removal with random pseudo-probabilities (§5.4, "PPU w/ random"). The schedule
     options are :func:`ppu`'s."""
-    return ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
-               progress=progress, mode="bias", pseudo="random", epochs=epochs, lr=lr, optimizer=optimizer,
-               momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
-               retain_per_epoch=retain_per_epoch, select=select, history=history,
-               history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
-               retain_sampling=retain_sampling, forget_repeats=forget_repeats,
-               early_stop=early_stop, forget_kl=forget_kl, trainable=trainable,
-               evals_per_epoch=evals_per_epoch)
+    result = ppu(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
+                 progress=progress, mode="bias", pseudo="random", epochs=epochs, lr=lr, optimizer=optimizer,
+                 momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+                 retain_per_epoch=retain_per_epoch, select=select, history=history,
+                 history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
+                 retain_sampling=retain_sampling, forget_repeats=forget_repeats,
+                 early_stop=early_stop, forget_kl=forget_kl, trainable=trainable,
+                 evals_per_epoch=evals_per_epoch)
+    result.method = "ppu-random"
+    return result
