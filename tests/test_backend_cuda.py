@@ -629,9 +629,15 @@ def _emulated_backend(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
+def emulated_module(tmp_path_factory):
+    """The emulation of ppu_fast._cuda, built once for this file (a proxy to it)."""
+    return _emulated_backend(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def emulated(emulated_module):
     from ppu_fast.backends import cuda as cb
-    proxy = _emulated_backend(tmp_path_factory)
+    proxy = emulated_module
     mp = pytest.MonkeyPatch()
     mp.setattr(cb, "_load_module", lambda: (proxy, ""))
     mp.setattr(cb, "_module", lambda: proxy)
@@ -640,6 +646,34 @@ def emulated(tmp_path_factory):
     mp.setenv("PPU_EMU_SMS", "1")  # a 2-block device: every grid-stride loop iterates
     yield CudaBackend()
     mp.undo()
+
+
+def test_emulated_workspaces_stay_bounded_on_a_large_device(emulated_module):
+    """On an H100-sized device (132 SMs, 4 blocks each: grids of up to 528 blocks) the plans'
+    float64 partial rows stay within 2^22 (32 MB) however wide the rows: prepare's at k = 32,000
+    and 151,936 (its grid had no cap: 0.5 and 2.6 GB), the step's wide path as before; narrow
+    rows keep the whole grid. Planned in a fresh process, whose occupancy cache sees this
+    device (the fixture's module plans for a 1-SM one)."""
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('_cuda', sys.argv[1])\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "for k in (100, 32_000, 151_936):\n"
+        "    print(k, *m.plan_prepare(50_000, k, m.PROBS, m.FLOAT32, True, m.DIAG_HESSIAN, 0))\n"
+        "print('step', *m.plan_step(50_000, 32_000, m.DIAG_HESSIAN, m.FLOAT32, 0))\n")
+    env = {**os.environ, "PPU_EMU_SMS": "132", "PPU_EMU_BLOCKS_PER_SM": "4"}
+    res = subprocess.run([sys.executable, "-c", code, emulated_module.__file__], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [ln.split() for ln in res.stdout.splitlines()]
+    plans = {int(ln[0]): tuple(int(v) for v in ln[1:]) for ln in lines if ln[0] != "step"}
+    for k, (grid, width, size) in plans.items():
+        assert width == 4 * k + 3 and size == grid * width, (k, grid, width, size)
+        assert 1 <= grid and size <= 1 << 22, (k, grid, width, size)
+    assert plans[100][0] == 132 * 4  # 3,125 tiles of 16 rows: the whole resident grid
+    assert plans[32_000][0] == (1 << 22) // (4 * 32_000 + 3) < 132 * 4
+    rows, width, size = (int(v) for v in lines[-1][1:])
+    assert rows * width <= 1 << 22
 
 
 EMU_STEP_CASES = [c for c in STEP_CASES if c[0] * c[1] <= 300_000]

@@ -41,6 +41,9 @@ constexpr int kBlock = 256;  // threads per block of every kernel but the reduct
 constexpr int kWarps = kBlock / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxBlocksPerSM = 8;  // bounds persistent grids (and so the workspaces)
+// The most float64 partial rows (one per block or row group) a workspace holds: 32 MB. Rows of
+// tens of thousands of classes would otherwise make a persistent grid's partials gigabytes.
+constexpr int64_t kMaxWorkspacePartials = int64_t{1} << 22;
 
 // Kernel function pointers for cudaLaunchKernel / the occupancy API (the emulation registers
 // the kernel's signature here).

@@ -799,8 +799,6 @@ struct StepPlan {
   int64_t size;       // workspace doubles
 };
 
-constexpr int64_t kMaxWorkspacePartials = int64_t{1} << 22;  // 32 MB of float64 partial rows
-
 // write: step_write's plan (mode kNoHessian, the kernels that also write Q; k <= kRowK).
 StepPlan make_step_plan(int64_t n, int64_t k, int mode, int dtype, int device, bool write = false) {
   StepPlan p{};

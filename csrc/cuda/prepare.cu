@@ -673,9 +673,14 @@ void check_prepare_args(int dtype, int64_t n, int64_t k, int mode, bool first, i
                                 std::to_string(k));
 }
 
-int64_t prepare_grid(int dtype, int mode, int64_t n, int64_t k, int device) {
+// Every block sums into its own partial row of `width` doubles: at most kMaxWorkspacePartials
+// doubles in all (at k = 32,000 a grid of ~500 blocks held 0.5 GB), the tiles then taken in more
+// grid-stride rounds by fewer blocks.
+int64_t prepare_grid(int dtype, int mode, int64_t n, int64_t k, int64_t width, int device) {
   const int64_t rows = k > kSmallK ? kTileRows : kBlock;
-  return persistent_grid(prepare_func(dtype, mode, k), kBlock, n, rows, device);
+  const int64_t grid = persistent_grid(prepare_func(dtype, mode, k), kBlock, n, rows, device);
+  const int64_t by_mem = kMaxWorkspacePartials / width;
+  return grid <= by_mem ? grid : (by_mem < 1 ? 1 : by_mem);
 }
 
 }  // namespace
@@ -684,8 +689,8 @@ std::tuple<int64_t, int64_t, int64_t> plan_prepare(int64_t n, int64_t k, int mod
                                                    bool first, int hess, int device) {
   check_prepare_args(dtype, n, k, mode, first, hess);
   DeviceGuard guard(device);
-  const int64_t grid = prepare_grid(dtype, mode, n, k, device);
   const int64_t width = prepare_width(k, first, hess);
+  const int64_t grid = prepare_grid(dtype, mode, n, k, width, device);
   return {grid, width, grid * width};
 }
 
@@ -715,8 +720,8 @@ void prepare(uintptr_t x, int dtype, int64_t n, int64_t k, int64_t stride_row, i
     throw std::invalid_argument("ppu_fast._cuda: hess_stride must be >= 1, got " +
                                 std::to_string(hess_stride));
   DeviceGuard guard(device);
-  const int64_t grid = prepare_grid(dtype, mode, n, k, device);
   const int64_t width = prepare_width(k, first, hess);
+  const int64_t grid = prepare_grid(dtype, mode, n, k, width, device);
   if (workspace_size < grid * width)
     throw std::invalid_argument("ppu_fast._cuda: workspace holds " +
                                 std::to_string(workspace_size) + " doubles, the plan needs " +
