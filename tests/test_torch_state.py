@@ -326,3 +326,79 @@ def test_the_cpu_draw_loader_gives_torchs_order_under_any_default_device():
         assert torch.get_default_device().type == "meta"
     assert all(b.device.type == "cpu" for b in batches)
     assert [b.tolist() for b in batches] == plain
+
+
+_PRECISION_KNOBS = [("backends", ()), ("cuda.matmul", ("cuda", "matmul")), ("mkldnn", ("mkldnn",)),
+                    ("mkldnn.matmul", ("mkldnn", "matmul")), ("cudnn", ("cudnn",))]
+
+
+def _precision_state():
+    """Every float32-precision setting torch has (None where this torch lacks it), and what the
+    older global getter says (or that it raises)."""
+    out = {}
+    for name, path in _PRECISION_KNOBS:
+        obj = torch.backends
+        for part in path:
+            obj = getattr(obj, part, None)
+        out[name] = getattr(obj, "fp32_precision", None)
+    try:
+        out["legacy"] = torch.get_float32_matmul_precision()
+    except RuntimeError as e:
+        out["legacy"] = f"raises: {str(e)[:40]}"
+    return out
+
+
+def _set_precision(setting):
+    if setting == "legacy high":
+        torch.set_float32_matmul_precision("high")
+    elif setting == "tf32, the newer way":
+        # As in a fresh process: the per-backend settings inherit ("none") from the global one.
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"
+    elif setting == "cuda matmul tf32":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    elif setting == "onednn matmul bf16":
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+
+
+@pytest.mark.parametrize("setting", ["default", "legacy high", "tf32, the newer way",
+                                     "cuda matmul tf32", "onednn matmul bf16"])
+def test_dense_hessians_under_any_float32_precision_setting(setting):
+    """A caller that turned TF32 (or oneDNN's bf16) on, the old way or the newer per-backend
+    way: the Hessian's float32 products (the torch reference's, and the GPU backends' W by
+    chunks) still run in full precision, give the default answer, and leave every setting as
+    the caller had it. (Set the newer way, TF32 made the older global getter raise inside the
+    call: a refine at k = 40 failed with "mix of the legacy and new APIs".)"""
+    from ppu_fast.backends.base import sampled_gram_by_chunks
+    from ppu_fast.backends.torch_ref import q_chunk
+
+    if setting != "default" and not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("this torch has the older global setting only")
+    p, forget = _problem(n=3000, k=40, seed=3)
+    log_p = torch.log(p)
+    inv_c = torch.ones(3000)
+
+    def rows(lp, ic, out):
+        out.copy_(q_chunk(lp, ic, torch.zeros(40, dtype=torch.float64)))
+
+    want_q = ppu_fast.refine(p, forget, backend="torch")
+    want_w = sampled_gram_by_chunks(rows, log_p, inv_c, stride=1)
+    pristine = _precision_state()
+    try:
+        _set_precision(setting)
+        before = _precision_state()
+        q, info = ppu_fast.refine(p, forget, backend="torch", return_info=True)
+        w = sampled_gram_by_chunks(rows, log_p, inv_c, stride=1)
+        assert _precision_state() == before
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        for name, path in _PRECISION_KNOBS:
+            obj = torch.backends
+            for part in path:
+                obj = getattr(obj, part, None)
+            if obj is not None and hasattr(obj, "fp32_precision"):
+                obj.fp32_precision = pristine[name]
+    assert _precision_state() == pristine
+    assert info.converged and torch.equal(q, want_q)
+    assert torch.equal(w, want_w)

@@ -564,7 +564,7 @@ def sampled_gram_by_chunks(materialize_rows: Callable[[torch.Tensor, torch.Tenso
     buf = torch.empty((rows, k), dtype=torch.float32, device=log_p.device)
     buf_w = torch.empty_like(buf)
     w = torch.zeros((k, k), dtype=torch.float64, device=log_p.device)
-    with _ieee_matmul():
+    with ieee_matmul():
         for start in range(0, total, rows):
             if idx is None:
                 lp, ic = log_p[start:start + rows], inv_c[start:start + rows]
@@ -581,7 +581,7 @@ def _add_gram(materialize_rows, lp: torch.Tensor, ic: torch.Tensor, ic_col: torc
               q: torch.Tensor, qw: torch.Tensor, qw_t: torch.Tensor, w: torch.Tensor) -> None:
     """w (k x k float64) += sum over the rows of lp (R x k) of ic q q^T: Q materialised into
     ``q`` (R x k float32), ic Q into ``qw`` (``qw_t`` its transpose, ``ic_col`` = ic[:, None]),
-    their float32 product (the caller holds :class:`_ieee_matmul`: no TF32) added in float64."""
+    their float32 product (the caller holds :class:`ieee_matmul`: no TF32) added in float64."""
     materialize_rows(lp, ic, q)
     torch.mul(q, ic_col, out=qw)
     w += torch.mm(qw_t, q).double()
@@ -622,17 +622,41 @@ class BoundGram:
         """Write W (k x k float64; ``w`` may be a view of a packed result) with
         ``materialize_rows(log_p_rows, inv_c_rows, out_rows)`` at the pass's alpha."""
         w.zero_()
-        with _ieee_matmul():
+        with ieee_matmul():
             for chunk in self.chunks:
                 _add_gram(materialize_rows, *chunk, w)
 
 
-class _ieee_matmul:
-    """float32 matmuls in full float32 precision (TF32 off) for the duration of the block."""
+# torch >= 2.9 sets the precision of float32 matmuls per backend (``fp32_precision``).
+_PER_BACKEND_PRECISION = all(
+    hasattr(getattr(torch.backends, name, None), "matmul")
+    and hasattr(getattr(torch.backends, name).matmul, "fp32_precision")
+    for name in ("cuda", "mkldnn"))
+
+
+class ieee_matmul:
+    """float32 matmuls in full float32 precision (no TF32, no bf16) for the duration of the
+    block; the caller's settings are put back as they were.
+
+    Where torch sets the precision per backend, that is what is set and restored (CUDA's and
+    oneDNN's matmul): torch's older global getter, ``torch.get_float32_matmul_precision()``,
+    raises once a caller has turned TF32 on the newer way (``torch.backends.fp32_precision =
+    "tf32"``, or ``torch.backends.cuda.matmul.fp32_precision``), and every dense Hessian above
+    the kernels' k (a refine at 33 <= k <= 128) failed there."""
 
     def __enter__(self) -> None:
-        self.prev = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
+        if _PER_BACKEND_PRECISION:
+            b = torch.backends
+            self.prev = (b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision)
+            b.cuda.matmul.fp32_precision = "ieee"
+            b.mkldnn.matmul.fp32_precision = "ieee"
+        else:
+            self.prev = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("highest")
 
     def __exit__(self, *exc) -> None:
-        torch.set_float32_matmul_precision(self.prev)
+        if _PER_BACKEND_PRECISION:
+            b = torch.backends
+            b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = self.prev
+        else:
+            torch.set_float32_matmul_precision(self.prev)

@@ -16,7 +16,8 @@ import torch
 from .base import (CHUNK_ELEMS, ERR_ALL_NEG_INF, ERR_NEGATIVE, ERR_NONFINITE, ERR_ROWSUM,
                    ROW_SUM_TOL, Backend, Hessian, PrepareOut, StepOut, assemble_hessian,
                    check_prepare_args, check_step_args, chunk_rows, compute_dtype,
-                   hessian_sample_rows, hessian_stride, packed_size, unpack_prepare)
+                   hessian_sample_rows, hessian_stride, ieee_matmul, packed_size,
+                   unpack_prepare)
 
 __all__ = ["TorchBackend", "chunk_rows", "shifted_logits", "step_chunk", "stats_from_q",
            "gram_chunk", "gram_from_q", "q_chunk",
@@ -78,12 +79,8 @@ def gram_chunk(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
 def gram_from_q(q: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
     """``sum_i inv_c_i q_i q_i^T`` (k x k f64): a float32 GEMM (TF32 off), accumulated in f64."""
     qw = q * inv_c[:, None]
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with ieee_matmul():
         return (qw.T @ q).double()
-    finally:
-        torch.set_float32_matmul_precision(prev)
 
 
 def q_chunk(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
