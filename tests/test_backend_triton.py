@@ -154,6 +154,11 @@ def test_reports_reasons_without_interpreter():
             b.step(cpu.log_softmax(1), torch.ones(4), torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="online_block_k"):
         TritonBackend(online_block_k=48)
+    # 32,768 columns a block would be 64 warps, 2,048 threads: more than a program may have.
+    for name in ("max_single_block_k", "online_block_k"):
+        with pytest.raises(ValueError, match=f"{name}: expected a power of two from 16 to 16384"):
+            TritonBackend(**{name: 32768})
+    TritonBackend(max_single_block_k=16384, online_block_k=16384)
 
 
 # ----------------------------------------------------------------------------------------------

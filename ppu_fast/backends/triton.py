@@ -921,6 +921,10 @@ def _single_tile(k: int, full_hessian: bool = False, rows: int = 2) -> _Tile:
     return _Tile(rows, bk, bk // 512)
 
 
+# The widest column block a tile may have: bk / 512 warps is 32, 1,024 threads.
+MAX_BLOCK_K = 16384
+
+
 def _online_tiles(online_block_k: int) -> Tuple[_Tile, _Tile]:
     """Tiles of the wide-row kernels: (pass 1, row statistics: 2 rows x online_block_k with
     online_block_k / 512 warps, as the single-read tiles: 0.72 warp-instructions per element for
@@ -1211,6 +1215,9 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
     hm = hessian_stride(n, k)
 
     dummy = torch.empty(1, **f64)
+    # The probes' stand-in for the int64 error keys: Triton compiles a variant per pointer type,
+    # and a float64 one made every prepare compile twice, the probe's never launched.
+    key_dummy = torch.empty(1, dtype=torch.int64, device=dev)
     fg = forget.view(torch.uint8) if has_fg else torch.zeros(1, dtype=torch.uint8, device=dev)
     # The kernels read fill[j] at fill_ptr + j: a strided fill (a column, a [::2] view) is copied;
     # a CPU fill is sent to the device, and its host values serve the fill terms below.
@@ -1237,7 +1244,7 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
         consts = dict(flags, HAS_FG=has_fg, HESS=hess, HK=hk, BLOCK_ROWS=br, BLOCK_K=bk,
                       IDX64=_needs_idx64(num_tiles * br, bk, *strides), SN=sn, ON=on, KM=km,
                       RNE=rne, NUM_STAGES=NUM_STAGES)
-        args = [x, fg, fl, ob, ic, dummy, dummy, dummy,
+        args = [x, fg, fl, ob, ic, key_dummy, dummy, dummy,
                 n, kq, snq, x.stride(1), s_f, s_c, onq, o_k, tol_hi, tol_lo,
                 hm if hess == _H_FULL else _PROBE, num_tiles, _PROBE]
         p = min(num_tiles, _capacity(_prep_tile_kernel, tuple(args), consts, tile.num_warps, dev))
@@ -1269,7 +1276,7 @@ def _launch_prepare(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor],
         num_tiles = triton.cdiv(n, t1.block_rows)
         consts = dict(flags, TOP=top, BLOCK_ROWS=t1.block_rows, BLOCK_K=t1.block_k, IDX64=idx64,
                       SN=sn, KM=km, RNE=rne, NUM_STAGES=NUM_STAGES)
-        args = [x, fg, fl, ob, ic, m_r, s_r, r_r, dummy, dummy,
+        args = [x, fg, fl, ob, ic, m_r, s_r, r_r, key_dummy, dummy,
                 n, kq, snq, x.stride(1), s_f, s_c, tol_hi, tol_lo, num_tiles, _PROBE]
         p = min(num_tiles, _capacity(_prep_stats_kernel, tuple(args), consts, t1.num_warps, dev))
         ws_key = torch.empty(p, dtype=torch.int64, device=dev)
@@ -1428,8 +1435,11 @@ class TritonBackend(Backend):
                  hessian_kernel_max_k: int = 32) -> None:
         for name, v in (("max_single_block_k", max_single_block_k),
                         ("online_block_k", online_block_k)):
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
-                raise ValueError(f"{name}: expected a power of two >= 16, got {v!r}")
+            if not isinstance(v, int) or v < 16 or v & (v - 1) or v > MAX_BLOCK_K:
+                # A block of bk columns runs on bk / 512 warps: above MAX_BLOCK_K that is more
+                # than the 1,024 threads a GPU gives one program, and every launch would fail.
+                raise ValueError(f"{name}: expected a power of two from 16 to {MAX_BLOCK_K}, "
+                                 f"got {v!r}")
         if hessian_kernel_max_k < 0:
             raise ValueError(f"hessian_kernel_max_k: expected >= 0, got {hessian_kernel_max_k}")
         self.max_single_block_k = max_single_block_k

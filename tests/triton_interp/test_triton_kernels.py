@@ -585,3 +585,52 @@ def test_refine_of_a_16_bit_input_writes_q_from_a_float32_buffer(dtype):
                            tol=1e-7, **opts)
     assert q.dtype == dtype and info.converged
     assert float((q.float() - want).abs().max()) <= torch.finfo(dtype).eps / 2 + 1e-5
+
+
+def test_grid_probes_compile_the_variant_that_is_launched(monkeypatch):
+    """``_capacity`` sizes a grid from the compiled kernel of its probe arguments: on a GPU
+    Triton compiles one variant per pointer type, so a probe whose pointers differ from the
+    launch's compiles a second variant, never launched (prepare's error keys were probed as
+    float64 for int64: every prepare compiled twice). Every probe here, on every launcher path,
+    has the launch's pointer types."""
+    from ppu_fast.backends import triton as tb
+
+    probes, launches = [], []
+    capacity = tb._capacity
+
+    def probe(kernel, args, consts, num_warps, device):
+        probes.append((kernel, tuple(a.dtype if isinstance(a, torch.Tensor) else None
+                                     for a in args)))
+        return capacity(kernel, args, consts, num_warps, device)
+
+    monkeypatch.setattr(tb, "_capacity", probe)
+    kind = type(tb._prep_tile_kernel)  # the kernels' class (the interpreter's)
+    getitem = kind.__getitem__
+
+    def launcher(self, grid):
+        run = getitem(self, grid)
+
+        def record(*args, **kw):
+            launches.append((self, tuple(a.dtype if isinstance(a, torch.Tensor) else None
+                                         for a in args)))
+            return run(*args, **kw)
+        return record
+
+    monkeypatch.setattr(kind, "__getitem__", launcher)
+    for be in (TritonBackend(), wide(100)):
+        for k in (10, 100):
+            for mode in MODES:
+                x = prepare_inputs(131, k, mode, seed=k)
+                forget = torch.zeros(131, dtype=torch.bool)
+                forget[::7] = True
+                fill = torch.full((k,), -math.log(k))
+                out = torch.empty(131, k)
+                ic = torch.ones(131)
+                be.prepare(x, mode, forget, fill, out, ic, True)
+            log_p, inv_c, alpha = make_case(131, k, seed=k)
+            be.step(log_p, inv_c, alpha, "diag")
+            be.materialize(log_p, inv_c, alpha, torch.empty_like(log_p))
+    assert probes and {k for k, _ in probes} <= {k for k, _ in launches}
+    launched = set(launches)
+    wrong = [(getattr(k, "__name__", k), spec) for k, spec in probes if (k, spec) not in launched]
+    assert not wrong, wrong
