@@ -205,6 +205,9 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
             f"(info.output_residual)")
     if from_numpy:
         q = outarg if outarg is not None else q.cpu().numpy()
+    elif dev.type == "cuda":
+        # The timings include the last pass: a separate materialize is still queued here.
+        torch.cuda.synchronize(dev)
     t5 = time.perf_counter()
     info.timings = {"setup": t1 - t0, "prepare": t2 - t1, "targets": t3 - t2, "solve": t4 - t3,
                     "materialize": t5 - t4}

@@ -52,6 +52,15 @@ CIFAR100_CLASSES = (
     "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm")
 
 
+def host_array(values) -> np.ndarray:
+    """``values`` (a tensor on any device, an array or a sequence) as a numpy array: a tensor is
+    brought to the CPU first (numpy cannot read a GPU tensor, and labels kept on the GPU are
+    common)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+    return np.asarray(values)
+
+
 def _image_extensions() -> tuple[str, ...]:
     try:  # imported late: torchvision is optional and slow to import
         from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -75,7 +84,7 @@ class ArrayDataset(Dataset):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         # Arrays and lists on the CPU whatever the caller's default device; a tensor stays where it is.
         images = images if isinstance(images, torch.Tensor) else torch.as_tensor(images, device="cpu")
-        targets = torch.as_tensor(np.asarray(targets), dtype=torch.long, device="cpu")
+        targets = torch.as_tensor(host_array(targets), dtype=torch.long, device="cpu")
         if images.dim() != 4:
             raise ValueError(f"images must have 4 dimensions (N, H, W, C) or (N, C, H, W), got shape "
                              f"{tuple(images.shape)}")
@@ -118,10 +127,9 @@ class ArrayDataset(Dataset):
 
     def fingerprint_bytes(self) -> list[bytes]:
         """Raw bytes that identify the data (for cache keys)."""
-        parts = [self.images.numpy().tobytes(), self.targets.numpy().tobytes()]
-        if self._mean is not None:
-            parts += [self._mean.numpy().tobytes(), self._std.numpy().tobytes()]
-        return parts
+        held = [self.images, self.targets] + ([self._mean, self._std] if self._mean is not None
+                                              else [])
+        return [host_array(t).tobytes() for t in held]  # images may live on a GPU
 
 
 @dataclass
@@ -187,7 +195,7 @@ def dataset_targets(data: Dataset | DataLoader) -> torch.Tensor:
         transform = getattr(data, "target_transform", None)
         if transform is not None:
             targets = [transform(t) for t in targets]
-        out = torch.as_tensor(np.asarray(targets), dtype=torch.long, device="cpu")
+        out = torch.as_tensor(host_array(targets), dtype=torch.long, device="cpu")
         # An (N, 1) column (numpy labels kept as a column), as the items' (1,) labels are read.
         out = out.reshape(-1) if out.ndim == 2 and out.shape[1] == 1 else out
         # A wrapper that shortens the dataset (its own __len__) but keeps the full targets: those

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .caller_state import _dtype_name, eval_mode, forward_failed, is_int
-from .data import dataset_targets, loader_examples, make_loader
+from .data import dataset_targets, host_array, loader_examples, make_loader
 from .training import resolve_device
 
 
@@ -250,7 +250,7 @@ def true_class_features(logits: torch.Tensor | np.ndarray,
     stays finite and ordered where p_y rounds to 1 (a well-fit training example's usual case, exactly
     where members and non-members must be told apart)."""
     z = torch.as_tensor(logits, device="cpu").double()
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device="cpu").reshape(-1)
+    y = torch.as_tensor(host_array(labels), dtype=torch.long, device="cpu").reshape(-1)
     if z.dim() != 2:
         raise ValueError(f"logits must be (N, k), got shape {tuple(z.shape)}")
     if z.shape[0] != y.shape[0]:

@@ -362,6 +362,8 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
     if c_min != 1.0:
         info.alpha = info.alpha * c_min
         info.dual_value = info.dual_value * c_min
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize(dev)  # the timings include the materialize passes still queued
     t5 = time.perf_counter()
     info.timings = {"setup": t1 - t0, "prepare": t2 - t1, "targets": t3 - t2, "solve": t4 - t3,
                     "materialize": t5 - t4}

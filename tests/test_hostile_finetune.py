@@ -320,6 +320,35 @@ def test_adam_records_no_momentum(tiny_split):
 
 
 @pytest.mark.gpu
+def test_labels_and_images_kept_on_the_gpu():
+    """Labels and images that live on the GPU (GPU-resident pipelines keep them there): the
+    metrics, ArrayDataset, its cache key and the label reader take them as the CPU copies (numpy
+    cannot read a GPU tensor), and a baseline run on the CPU over GPU batches trains on the
+    batches' values (their copies to the CPU were asynchronous, and could be read before they
+    arrived)."""
+    from ppu_fast import metrics
+    from ppu_fast.data import ArrayDataset, dataset_targets
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(50, 4, generator=g), torch.randint(0, 4, (50,), generator=g)
+    want = metrics.true_class_features(logits, labels)
+    got = metrics.true_class_features(logits.cuda(), labels.cuda())
+    assert all(np.array_equal(got[key], want[key]) for key in want)
+    pixels = torch.randint(0, 256, (20, 8, 8, 3), generator=g, dtype=torch.uint8)
+    targets = torch.randint(0, 4, (20,), generator=g)
+    on_cpu, on_gpu = ArrayDataset(pixels, targets), ArrayDataset(pixels.cuda(), targets.cuda())
+    assert torch.equal(dataset_targets(on_gpu), targets)
+    assert on_gpu.fingerprint_bytes() == on_cpu.fingerprint_bytes()
+    _, forget, retain = _split()
+    gpu_data = [TensorDataset(*(t.cuda() for t in ds.tensors)) for ds in (forget, retain)]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    runs = [ppu_fast.unlearn(net, f, r, method="neggrad+", epochs=2, device="cpu", progress=False)
+            for f, r in ((forget, retain), gpu_data)]
+    assert same(state(runs[0].model), state(runs[1].model))
+
+
+@pytest.mark.gpu
 def test_targets_on_the_gpu():
     data, targets = toy()
     model = nn.Linear(6, 3).cuda()

@@ -217,6 +217,9 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
     epochs = int(epochs)
     check_mode(mode)
     model.to(device)
+    # Asynchronous copies to a GPU only: one from a GPU to the CPU returns before its data has
+    # arrived, and the loss would read it.
+    to_gpu = torch.device(device).type == "cuda"
     frozen = frozen_modules(model)
     result = LoopResult()
 
@@ -240,7 +243,7 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
         for j, (batches, loss_fn) in enumerate(passes(epoch)):
             total, count = 0.0, 0
             for batch in batches:
-                batch = tuple(t.to(device, non_blocking=True) for t in batch)
+                batch = tuple(t.to(device, non_blocking=to_gpu) for t in batch)
                 try:
                     loss = loss_fn(model, batch)
                 except ValueError as exc:
