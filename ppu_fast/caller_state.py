@@ -4,6 +4,7 @@ frozen, and never a model of NaN weights handed back as if training had worked."
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 import numbers
@@ -74,6 +75,39 @@ def cuda_devices_to_fork(model: nn.Module, device: Any) -> list[int]:
         if d.type == "cuda":
             devs.add(d.index if d.index is not None else torch.cuda.current_device())
     return sorted(devs)
+
+
+# The CUDA devices whose random state the innermost forked_rng restores (None: outside one).
+_FORKED_GPUS: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
+    "ppu_fast_forked_gpus", default=None)
+
+
+@contextlib.contextmanager
+def forked_rng(model: nn.Module, device: Any) -> Iterator[None]:
+    """``torch.random.fork_rng`` over the CPU and :func:`cuda_devices_to_fork`: the caller's random
+    state is as it was after the block; :func:`manual_seed` inside seeds only what is restored."""
+    devices = cuda_devices_to_fork(model, device)
+    token = _FORKED_GPUS.set(tuple(devices))
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        _FORKED_GPUS.reset(token)
+
+
+def manual_seed(seed: int) -> None:
+    """``torch.manual_seed(seed)`` for the library's own draws. Inside :func:`forked_rng` it seeds
+    the CPU and the forked GPUs only: torch.manual_seed also reseeds every other GPU and queues the
+    seed for GPUs CUDA has not started yet, which the fork cannot restore, so the caller's first
+    draws on them after the call followed the library's seed, not the caller's."""
+    devices = _FORKED_GPUS.get()
+    if devices is None:
+        torch.manual_seed(seed)
+        return
+    seed = int(seed)
+    torch.default_generator.manual_seed(seed)
+    for d in devices:
+        torch.cuda.default_generators[d].manual_seed(seed)
 
 
 @contextlib.contextmanager
@@ -241,7 +275,7 @@ def keeps_caller_state(name: Callable[[dict], str]) -> Callable[[F], F]:
                                  f"or infinite; expected a model with finite weights")
             flags = {n: p.requires_grad for n, p in model.named_parameters()}
             try:
-                with torch.random.fork_rng(devices=cuda_devices_to_fork(model, kwargs.get("device"))):
+                with forked_rng(model, kwargs.get("device")):
                     result = fn(model, *args, **kwargs)
             finally:
                 for n, p in model.named_parameters():

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from .callable_module import make_callable
 from .caller_state import (caller_stacklevel, check_seed, frozen_modules, is_int, is_real,
-                           keeps_caller_state, probe_forward)
+                           keeps_caller_state, manual_seed, probe_forward)
 from .data import CpuDrawLoader
 from .metrics import check_logits
 from .training import (FREEZE_BATCHNORM, check_optimizer_options, lone_last_batch,
@@ -452,7 +452,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     opt_step = optimizer_step(opt)  # see torch_defaults: Adam's step counters
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    manual_seed(seed)
     indexed = _Indexed(data)
     if retain_fraction is not None and float(retain_fraction) >= 1.0:
         retain_fraction = None

@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .caller_state import frozen_modules
+from .caller_state import frozen_modules, manual_seed
 
 MODELS = ("smallcnn", "allcnn", "resnet18")
 
@@ -137,7 +137,7 @@ def reset_parameters(model: nn.Module, seed: int | None = None, *, keep_frozen: 
     kept_buffers = ([(b, b.detach().clone()) for m in frozen_modules(model)
                      for b in m.buffers(recurse=False)] if keep_frozen else [])
     if seed is not None:
-        torch.manual_seed(seed)
+        manual_seed(seed)
     for m in model.modules():
         fn = _reset_method(m)
         if fn is not None:

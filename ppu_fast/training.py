@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from .caller_state import (available_device, caller_stacklevel, cuda_devices_to_fork, frozen_modules,
-                           is_real, non_finite_weights)
+from .caller_state import (available_device, caller_stacklevel, forked_rng, frozen_modules, is_real,
+                           manual_seed, non_finite_weights)
 from .data import ArrayDataset, CpuDrawLoader, _label, collate_pairs
 from .torch_defaults import training_grad_mode
 
@@ -163,7 +163,7 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
     if len(data) == 0:
         raise ValueError("data is empty: nothing to train on")
     device = resolve_device(model, device)
-    with torch.random.fork_rng(devices=cuda_devices_to_fork(model, device)):
+    with forked_rng(model, device):
         _fit(model, data, config, device, progress, desc)
     bad, total = non_finite_weights(model)
     if bad:
@@ -179,7 +179,7 @@ def _fit(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.dev
     from tqdm.auto import tqdm
 
     model.to(device)
-    torch.manual_seed(config.seed)
+    manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     loader = CpuDrawLoader(data, batch_size=config.batch_size, shuffle=True, generator=gen,
                            drop_last=lone_last_batch(len(data), config.batch_size, model),

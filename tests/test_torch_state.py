@@ -402,3 +402,39 @@ def test_dense_hessians_under_any_float32_precision_setting(setting):
     assert _precision_state() == pristine
     assert info.converged and torch.equal(q, want_q)
     assert torch.equal(w, want_w)
+
+
+def _queued_gpu_seed():
+    """The seed torch.manual_seed queued for GPUs CUDA has not started (torch's own record of it:
+    private, hence the skip where it is missing)."""
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    if tracker is None or torch.cuda.is_initialized():
+        pytest.skip("this torch keeps no lazy GPU seed (or CUDA has started)")
+    call = tracker.get_calls()[1]
+    if call is None:
+        return None
+    cb = call[0]
+    return dict(zip(cb.__code__.co_freevars, (c.cell_contents for c in cb.__closure__)))["seed"]
+
+
+def test_the_seed_queued_for_gpus_not_started_is_the_callers():
+    """torch.manual_seed also queues its seed for GPUs that CUDA has not started, which a fork of
+    the random state cannot restore: a caller on a GPU machine who seeded torch, called the
+    library on the CPU and then moved to the GPU drew from the library's seed there. The calls
+    that seed for their own draws leave the queued seed as the caller set it."""
+    from ppu_fast.training import TrainConfig, fit
+
+    torch.manual_seed(123)
+    assert _queued_gpu_seed() == 123
+    x, y = torch.randn(40, 6), torch.arange(40) % 3
+    data = TensorDataset(x, y)
+    finetune(nn.Linear(6, 3), data, torch.full((40, 3), 1 / 3), epochs=1, seed=7, progress=False)
+    assert _queued_gpu_seed() == 123
+    forget, retain = TensorDataset(x[:8], y[:8]), TensorDataset(x[8:], y[8:])
+    for method, extra in (("neggrad+", {}), ("ppu", {}), ("scrub", {"msteps": 1}),
+                          ("eu-k", {"layers": ["2"]})):
+        ppu_fast.unlearn(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), forget,
+                         retain, method=method, seed=9, epochs=1, progress=False, **extra)
+        assert _queued_gpu_seed() == 123, method
+    fit(nn.Linear(6, 3), data, TrainConfig(epochs=1, seed=11), progress=False)
+    assert _queued_gpu_seed() == 123

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..caller_state import manual_seed
 from ..models import matching_entry, require_reset, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, sample, working_copy
@@ -152,7 +153,7 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
         def passes(epoch: int) -> list:
             return [(batches, loss_fn)]
 
-    torch.manual_seed(seed)
+    manual_seed(seed)
     opt = make_optimizer(work.parameters(), "adam", lr, weight_decay=weight_decay)
     t0 = time.perf_counter()
     run_loop(work, passes, opt, epochs=epochs, device=dev, progress=progress, desc="bad-t", mode=mode)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..caller_state import manual_seed
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
 from ._loop import (as_names, check_mode, fk_lr, freeze_all_but, last_block, loader, make_optimizer, pick,
@@ -64,7 +65,7 @@ def train_block(work: nn.Module, retain: Dataset, layers: Sequence[str], *, epoc
     back on afterwards, so the returned model is an ordinary trainable model."""
     freeze_all_but(work, layers)
     try:
-        torch.manual_seed(seed)
+        manual_seed(seed)
         opt = make_optimizer(work.parameters(), "sgd", lr, momentum, weight_decay)
         batches = loader(retain, batch_size, seed, model=work)
         penalty = make_l2_pull(work, l2_pull)

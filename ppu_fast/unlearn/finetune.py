@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..caller_state import manual_seed
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
 from ._loop import check_mode, loader, make_optimizer, pick, resolve_setting, run_loop
@@ -53,7 +54,7 @@ def finetune_retain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: 
     check_mode(str(hp["mode"]))
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
-    torch.manual_seed(seed)
+    manual_seed(seed)
     batches = loader(retain, int(hp["batch_size"]), seed, model=work)
     penalty = make_l2_pull(work, float(hp["l2_pull"]))
 

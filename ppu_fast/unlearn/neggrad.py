@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..caller_state import manual_seed
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
 from ._loop import check_mode, loader, make_optimizer, paired, pick, resolve_setting, run_loop
@@ -61,7 +62,7 @@ def neggrad_plus(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dat
     check_mode(str(hp["mode"]))
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
-    torch.manual_seed(seed)
+    manual_seed(seed)
     retain_batches = loader(retain, int(hp["batch_size"]), seed, model=work)
     forget_batches = loader(forget, int(hp["forget_batch_size"]), seed + 1, model=work)
     penalty = make_l2_pull(work, float(hp["l2_pull"]))

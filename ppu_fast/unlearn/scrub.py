@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..caller_state import is_int
+from ..caller_state import is_int, manual_seed
 from ..finetune import select_val
 from . import UnlearnResult, register
 from ._common import make_evaluator, resolve_device, working_copy
@@ -125,7 +125,7 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
         out = m(x)
         return gamma * F.cross_entropy(out, y) + alpha * distill_kl(out, t, T)
 
-    torch.manual_seed(seed)
+    manual_seed(seed)
     forget_batches = loader(forget, int(hp["forget_batch_size"]), seed + 1, model=work)
     retain_batches = loader(retain, int(hp["batch_size"]), seed, model=work)
 
