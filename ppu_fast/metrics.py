@@ -36,8 +36,28 @@ def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 2
             device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, k) and labels (N,) of ``model`` on ``data`` in eval mode, on CPU: float32
     logits (16-bit outputs widened), float64 for a model that outputs float64. Each module's
-    train/eval mode is restored afterwards."""
+    train/eval mode is restored afterwards. ``device``: where the model runs, which is where its
+    parameters are (None: there; another device is refused, as for every metric here: they never
+    move the caller's model)."""
     return _predict(model, data, batch_size, device, "data")
+
+
+def _check_model_on(model: nn.Module, device: torch.device, asked: object) -> None:
+    """Refuse a ``device`` other than the one ``model``'s parameters are on: the metrics run the
+    model where it is (moving a caller's model is a side effect an evaluation must not have), so
+    inputs sent elsewhere could only fail inside the forward pass, under a misleading message."""
+    p = next(iter(model.parameters()), None)
+    if p is None or asked is None:
+        return
+    here = p.device
+
+    def index(d: torch.device):
+        return d.index if d.index is not None or d.type != "cuda" else torch.cuda.current_device()
+
+    if here.type != device.type or index(here) != index(device):
+        raise ValueError(f"device: {str(asked)!r}, but the model's parameters are on {here}; the "
+                         f"metrics run the model where it is and never move it: move the model "
+                         f"first (model.to({str(asked)!r})) or leave device=None")
 
 
 @torch.no_grad()
@@ -48,7 +68,9 @@ def _predict(model: nn.Module, data: Dataset | DataLoader, batch_size: int,
     if not isinstance(data, (Dataset, DataLoader)):
         raise TypeError(f"{name} must be a torch Dataset or DataLoader of (x, y) pairs, got "
                         f"{type(data).__name__} (tensors X, y: pass TensorDataset(X, y))")
+    asked = device
     device = resolve_device(model, device)
+    _check_model_on(model, device, asked)
     logits, labels = [], []
     with eval_mode(model):
         for batch in make_loader(data, batch_size, name=name):

@@ -389,3 +389,21 @@ def test_a_device_this_machine_lacks_is_named(labelled, call):
         fn(*args, device="cuda")
     with pytest.raises(ValueError, match=r"^device: 'tpu' is not a torch device \(Expected one of"):
         fn(*args, device="tpu")
+
+
+def test_a_device_other_than_the_models_is_refused_by_name():
+    """The metrics run the model where its parameters are and never move it: a ``device=``
+    elsewhere (a CPU model with device="cuda") could only fail inside the forward pass, under a
+    message blaming the inputs; it is refused by name, for every metric. (A model on the meta
+    device stands in for "elsewhere" on a machine without a GPU.)"""
+    data = TensorDataset(torch.randn(10, 6), torch.arange(10) % 3)
+    model = nn.Linear(6, 3, device="meta")
+    for fn in (lambda: metrics.error(model, data, device="cpu"),
+               lambda: metrics.predict(model, data, device="cpu"),
+               lambda: metrics.losses(model, data, device="cpu"),
+               lambda: metrics.mia(model, data, data, device="cpu")):
+        with pytest.raises(ValueError, match=r"device: 'cpu', but the model's parameters are on "
+                                             r"meta; .*\(model\.to\('cpu'\)\)"):
+            fn()
+    here = nn.Linear(6, 3)
+    assert metrics.error(here, data, device="cpu") == metrics.error(here, data)
