@@ -341,10 +341,12 @@ def _precision_state():
         for part in path:
             obj = getattr(obj, part, None)
         out[name] = getattr(obj, "fp32_precision", None)
-    try:
-        out["legacy"] = torch.get_float32_matmul_precision()
-    except RuntimeError as e:
-        out["legacy"] = f"raises: {str(e)[:40]}"
+    for name, read in (("legacy", torch.get_float32_matmul_precision),
+                       ("cublas tf32", getattr(torch._C, "_get_cublas_allow_tf32", None))):
+        try:
+            out[name] = read() if read is not None else None
+        except RuntimeError as e:
+            out[name] = f"raises: {str(e)[:40]}"
     return out
 
 
@@ -360,10 +362,51 @@ def _set_precision(setting):
         torch.backends.cuda.matmul.fp32_precision = "tf32"
     elif setting == "onednn matmul bf16":
         torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    elif setting == "allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
-@pytest.mark.parametrize("setting", ["default", "legacy high", "tf32, the newer way",
-                                     "cuda matmul tf32", "onednn matmul bf16"])
+PRECISION_SETTINGS = ["default", "legacy high", "allow_tf32", "tf32, the newer way",
+                      "cuda matmul tf32", "onednn matmul bf16"]
+
+
+def _restore_precision(pristine):
+    torch.set_float32_matmul_precision("highest")
+    for name, path in _PRECISION_KNOBS:
+        obj = torch.backends
+        for part in path:
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            obj.fp32_precision = pristine[name]
+    assert _precision_state() == pristine
+
+
+@pytest.mark.parametrize("setting", PRECISION_SETTINGS)
+def test_ieee_matmul_agrees_with_every_check_torch_makes(setting):
+    """Inside ``ieee_matmul`` both of torch's records say full float32 precision and agree, so
+    neither its global getter nor cuBLAS's TF32 check (what a float32 matmul on a GPU asks; it
+    raises where the two disagree) fails; after it, every setting reads as before, raising or not.
+    (With only the per-backend setting made "ieee", a caller's set_float32_matmul_precision("high")
+    or allow_tf32 = True made cuBLAS's check raise inside: every dense Hessian on a GPU failed.)"""
+    from ppu_fast.backends.base import ieee_matmul
+
+    if setting != "default" and not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("this torch has the older global setting only")
+    pristine = _precision_state()
+    try:
+        _set_precision(setting)
+        before = _precision_state()
+        with ieee_matmul():
+            inside = _precision_state()
+        assert _precision_state() == before
+    finally:
+        _restore_precision(pristine)
+    assert inside["legacy"] == "highest"
+    assert inside["cublas tf32"] in (False, None)
+    assert inside["cuda.matmul"] in ("ieee", None) and inside["mkldnn.matmul"] in ("ieee", None)
+
+
+@pytest.mark.parametrize("setting", PRECISION_SETTINGS)
 def test_dense_hessians_under_any_float32_precision_setting(setting):
     """A caller that turned TF32 (or oneDNN's bf16) on, the old way or the newer per-backend
     way: the Hessian's float32 products (the torch reference's, and the GPU backends' W by
@@ -392,14 +435,7 @@ def test_dense_hessians_under_any_float32_precision_setting(setting):
         w = sampled_gram_by_chunks(rows, log_p, inv_c, stride=1)
         assert _precision_state() == before
     finally:
-        torch.set_float32_matmul_precision("highest")
-        for name, path in _PRECISION_KNOBS:
-            obj = torch.backends
-            for part in path:
-                obj = getattr(obj, part, None)
-            if obj is not None and hasattr(obj, "fp32_precision"):
-                obj.fp32_precision = pristine[name]
-    assert _precision_state() == pristine
+        _restore_precision(pristine)
     assert info.converged and torch.equal(q, want_q)
     assert torch.equal(w, want_w)
 

@@ -638,25 +638,31 @@ class ieee_matmul:
     """float32 matmuls in full float32 precision (no TF32, no bf16) for the duration of the
     block; the caller's settings are put back as they were.
 
-    Where torch sets the precision per backend, that is what is set and restored (CUDA's and
-    oneDNN's matmul): torch's older global getter, ``torch.get_float32_matmul_precision()``,
-    raises once a caller has turned TF32 on the newer way (``torch.backends.fp32_precision =
-    "tf32"``, or ``torch.backends.cuda.matmul.fp32_precision``), and every dense Hessian above
-    the kernels' k (a refine at 33 <= k <= 128) failed there."""
+    torch (2.9+) keeps two records of it, the global "matmul precision" and a per-backend
+    ``fp32_precision`` (CUDA's, oneDNN's), and raises where they disagree: its global getter once
+    a caller set TF32 the newer way (``torch.backends.fp32_precision = "tf32"``: a refine at
+    33 <= k <= 128 failed there), cuBLAS's TF32 check inside a float32 GPU matmul once only the
+    per-backend one says "ieee" after a caller's ``torch.set_float32_matmul_precision("high")``
+    or ``allow_tf32 = True``. So both are set (the global setter sets the per-backend ones to
+    agree), and both put back: the global one first (it overwrites the others), then CUDA's and
+    oneDNN's as they were. A global value torch refuses to read (the two settings mixed) is put
+    back as "highest": its default, and its only possible value under CUDA TF32 set the newer
+    way."""
 
     def __enter__(self) -> None:
         if _PER_BACKEND_PRECISION:
             b = torch.backends
-            self.prev = (b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision)
-            b.cuda.matmul.fp32_precision = "ieee"
-            b.mkldnn.matmul.fp32_precision = "ieee"
+            try:
+                legacy = torch.get_float32_matmul_precision()
+            except RuntimeError:  # a mix of the two settings
+                legacy = "highest"
+            self.prev = (legacy, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision)
         else:
-            self.prev = torch.get_float32_matmul_precision()
-            torch.set_float32_matmul_precision("highest")
+            self.prev = (torch.get_float32_matmul_precision(),)
+        torch.set_float32_matmul_precision("highest")
 
     def __exit__(self, *exc) -> None:
+        torch.set_float32_matmul_precision(self.prev[0])
         if _PER_BACKEND_PRECISION:
             b = torch.backends
-            b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = self.prev
-        else:
-            torch.set_float32_matmul_precision(self.prev)
+            b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = self.prev[1:]
