@@ -6,20 +6,23 @@
 # Meant for a one-GPU machine with no network (torch, triton, nvcc, pybind11, cmake, ninja,
 # numpy, pytest preinstalled; POT, hypothesis, tqdm, matplotlib optional). Every phase has its
 # own timeout and log, a failing phase does not stop the later ones, and the exit status is
-# non-zero if any phase failed. Total worst case ~7.5 min (120 + 60 + 150 + 180 s caps); a normal
-# run takes well under 6.
+# non-zero if any phase failed. Total worst case ~9.5 min (120 + 60 + 210 + 170 s caps: under the
+# device tool's 600 s a call); a normal run takes about 6.
 #
 # Files written into OUTDIR (flat, at most 8): install.log, info.txt, tests.log, tests.xml,
 # bench.log, cuda-<stamp>.json, cuda-<stamp>.md, cuda-<stamp>.png.
 #
 # Environment:
-#   PYTHON=...        interpreter to use (default: python)
+#   PYTHON=...        interpreter to use (default: python3, else python)
 #   SKIP_INSTALL=1    skip the pip install (e.g. testing this script on a machine where the
 #                     package is already importable, without touching that environment)
 #   BENCH_DEVICE=cpu  benchmark the CPU instead (for testing this script without a GPU)
 #   BENCH_ARGS="..."  extra arguments for benchmarks/run.py (e.g. --sizes 50000x10 --quick)
-#   INSTALL_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT  phase limits in seconds (120, 150, 180);
-#                     the benchmark stops starting new cases 40 s before its limit
+#   INSTALL_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT  phase limits in seconds (120, 210, 170);
+#                     the benchmark stops starting new cases 40 s before its limit; the tests
+#                     are interrupted (SIGINT) at theirs, so tests.log and tests.xml still name
+#                     what ran, passed and failed
+#   TEST_WORKERS=N    pytest-xdist workers for the tests where xdist is installed (default 6)
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -29,11 +32,12 @@ fi
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."   # the repository root
-PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+# python3 first: on the device image it is the interpreter that holds torch.
+PY=${PYTHON:-$(command -v python3 || command -v python || echo python3)}
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
 INSTALL_TIMEOUT=${INSTALL_TIMEOUT:-120}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-150}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-210}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
 BENCH_DEADLINE=$(( BENCH_TIMEOUT > 80 ? BENCH_TIMEOUT - 40 : BENCH_TIMEOUT / 2 ))
 read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
 
@@ -49,7 +53,8 @@ run_phase() {
     t0=$(date +%s)
     echo "== $name (limit ${limit}s): $*" >&2
     set +e
-    timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+    # PHASE_SIGNAL=INT for pytest: interrupted, it still writes its summary and junit XML.
+    timeout --signal="${PHASE_SIGNAL:-TERM}" --kill-after=10 "$limit" "$@" > "$log" 2>&1
     rc=$?
     set -e
     local res=PASS
@@ -125,16 +130,22 @@ while IFS= read -r f; do
         continue
     fi
     TEST_FILES+=("$f")
-done < <( { ls tests/test_backend_triton.py tests/test_backend_cuda.py 2>/dev/null || true
+done < <( { ls tests/test_backend_cuda.py tests/test_backend_triton.py 2>/dev/null || true
             grep -rlE 'mark\.gpu|marks=.*gpu' tests --include='test_*.py' 2>/dev/null || true; } \
           | awk '!seen[$0]++')
 if [[ ${#TEST_FILES[@]} -eq 0 ]]; then
     record tests "FAIL (no test files with gpu tests found)"
     echo "no test files found" > "$OUT/tests.log"
 else
-    run_phase tests "$TESTS_TIMEOUT" "$OUT/tests.log" \
-        "$PY" -m pytest -m gpu -p no:cacheprovider -q -rs --junitxml "$OUT/tests.xml" \
-        "${TEST_FILES[@]}"
+    # The Triton tests compile ~480 kernel variants (~0.4 s each for sm_90): spread over
+    # workers where pytest-xdist is installed (the device image has it).
+    PARALLEL=()
+    if "$PY" -c 'import xdist' >/dev/null 2>&1; then
+        PARALLEL=(-n "${TEST_WORKERS:-6}" --dist load)
+    fi
+    PHASE_SIGNAL=INT run_phase tests "$TESTS_TIMEOUT" "$OUT/tests.log" \
+        "$PY" -m pytest -m gpu -p no:cacheprovider -v -rfEs --junitxml "$OUT/tests.xml" \
+        ${PARALLEL[@]+"${PARALLEL[@]}"} "${TEST_FILES[@]}"
 fi
 
 # 4. Benchmarks. run.py stops starting new cases at --deadline-s and caps torch.compile's
