@@ -332,15 +332,18 @@ _PRECISION_KNOBS = [("backends", ()), ("cuda.matmul", ("cuda", "matmul")), ("mkl
                     ("mkldnn.matmul", ("mkldnn", "matmul")), ("cudnn", ("cudnn",))]
 
 
+def _knob(path):
+    """The torch.backends object at ``path`` (None where this torch lacks it)."""
+    obj = torch.backends
+    for part in path:
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def _precision_state():
     """Every float32-precision setting torch has (None where this torch lacks it), and what the
     older global getter says (or that it raises)."""
-    out = {}
-    for name, path in _PRECISION_KNOBS:
-        obj = torch.backends
-        for part in path:
-            obj = getattr(obj, part, None)
-        out[name] = getattr(obj, "fp32_precision", None)
+    out = {name: getattr(_knob(path), "fp32_precision", None) for name, path in _PRECISION_KNOBS}
     for name, read in (("legacy", torch.get_float32_matmul_precision),
                        ("cublas tf32", getattr(torch._C, "_get_cublas_allow_tf32", None))):
         try:
@@ -373,9 +376,7 @@ PRECISION_SETTINGS = ["default", "legacy high", "allow_tf32", "tf32, the newer w
 def _restore_precision(pristine):
     torch.set_float32_matmul_precision("highest")
     for name, path in _PRECISION_KNOBS:
-        obj = torch.backends
-        for part in path:
-            obj = getattr(obj, part, None)
+        obj = _knob(path)
         if obj is not None and hasattr(obj, "fp32_precision"):
             obj.fp32_precision = pristine[name]
     assert _precision_state() == pristine
