@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 
-def synthetic_probs(n: int, k: int, seed: int = 0, margin: float = 6.0):
+def synthetic_probs(n: int, k: int, seed: int = 0,
+                    margin: float = 6.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """(labels (n,), probabilities (n x k)) of a confident classifier: true-class logit + margin."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, k, (n,), generator=g)
@@ -25,6 +26,8 @@ def synthetic_probs(n: int, k: int, seed: int = 0, margin: float = 6.0):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the demo (or, for ``demo | run | refine``, the ``ppu-fast`` command) on ``argv``
+    (default ``sys.argv[1:]``); returns the exit status."""
     import ppu_fast
 
     args_in = sys.argv[1:] if argv is None else list(argv)

@@ -66,7 +66,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
         tol: stop when ``||colsum(Q) - M||_1 / N <= tol``.
         max_iter: most dual evaluations (passes over the matrix; default per method).
         backend: "auto" or a backend name (see ``python -m ppu_fast.info``).
-        generator: torch.Generator for ``pseudo="random"`` / ``"random-simplex"``.
+        generator: a CPU torch.Generator for ``pseudo="random"`` / ``"random-simplex"`` (also
+            for GPU inputs: the pseudo rows are drawn on the CPU).
         return_info: also return a :class:`RefineInfo` (``info.timings`` breaks the call down).
         out: where to write Q (N x k, the input's dtype, device and kind: tensor or array), as
             torch's ``out=``: reusing a buffer saves allocating N x k memory (on a CPU a new
@@ -262,6 +263,7 @@ def solve(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
         weights: c (N,), > 0 (tensor, array or list): the weight of each row's KL term; max / min
             at most 1e30.
         marginals: M (k,), >= 0, summing to N (tensor, array or list).
+        method, tol, max_iter, backend, step_size: as for :func:`refine`.
         process_group: a ``torch.distributed`` process group: each rank passes its own rows of
             ``log_p`` and ``weights`` and the same global ``marginals`` (summing to the total N
             over the ranks); every rank gets the same alpha (docs/scaling.md).
@@ -305,6 +307,7 @@ def targets(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
         log_p: log P^ (N x k), as for :func:`solve`.
         weights: c (N,) > 0 (tensor, array or list).
         alpha: the dual variables (k,), finite (tensor, array or list), e.g. from :func:`solve`.
+        backend: as for :func:`refine`.
 
     ``targets(log_p, c, info.alpha)`` reproduces ``refine``'s Q to rounding, except at extreme
     weight ratios: alpha is returned in the caller's scale, where rows of small ``c`` see

@@ -267,7 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--lam", type=_lam, default=None, help="PPU (privacy) retain weight (default 1)")
     r.add_argument("--lam-sweep", type=_lam_list, default=None, metavar="L1,L2,...",
                    help="the paper's Table 5: run PPU (privacy) once per λ, e.g. 0.1,0.5,1,2,5,10, on the "
-                        "same original model, beside Original and Retrain (replaces --methods and --lam)")
+                        "same original model, beside Original and Retrain (not together with --methods or --lam)")
     r.add_argument("--pseudo", default=None, choices=("uniform", "random", "prior"),
                    help="what replaces the forget rows in PPU (privacy) (default uniform)")
     r.add_argument("--marginals", default=None, choices=("retain", "original"),
@@ -275,7 +275,7 @@ def _parser() -> argparse.ArgumentParser:
                         "original totals (default retain)")
     r.add_argument("--select", default=None, choices=("last", "val"), help="PPU (privacy) epoch choice")
     r.add_argument("--retain-per-epoch", type=_positive_int, default=None,
-                   help="retain rows each PPU epoch visits (replaces --retain-fraction)")
+                   help="retain rows each PPU epoch visits (not together with --retain-fraction)")
     r.add_argument("--ppu-schedule", default=None, choices=("fast", "paper"),
                    help="PPU's fine-tuning schedule (default fast: early stop at the settled 'val' rule, "
                         "and in bias mode a quarter of the retain rows and each forget row 4 times per "
@@ -322,7 +322,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--forget", required=True, help="forget mask (N,) bool or row indices, .pt or .npy")
     f.add_argument("--lam", type=_lam, default=1.0, help="retain rows' weight, in [1e-30, 1e30] (default 1)")
     f.add_argument("--weights", default=None,
-                   help="(N,) each row's KL weight c_i, .pt or .npy (replaces --lam)")
+                   help="(N,) each row's KL weight c_i, .pt or .npy (not together with --lam)")
     f.add_argument("--pseudo", default="uniform",
                    choices=("uniform", "random", "random-simplex", "prior", "none"),
                    help="what replaces the forget rows; 'none': the input's forget rows already "

@@ -52,7 +52,7 @@ CIFAR100_CLASSES = (
     "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm")
 
 
-def host_array(values) -> np.ndarray:
+def host_array(values: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
     """``values`` (a tensor on any device, an array or a sequence) as a numpy array: a tensor is
     brought to the CPU first (numpy cannot read a GPU tensor, and labels kept on the GPU are
     common)."""

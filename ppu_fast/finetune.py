@@ -385,7 +385,9 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
             other parameters, and the BatchNorm statistics outside the trained modules, stay fixed.
         seed: fixes the shuffling and retain subsampling (a non-negative integer below 2**63,
             as ``ppu_fast.unlearn`` takes).
+        device: where to train (the copy is moved there); None: ``model``'s own device.
         inplace: train ``model`` itself; by default a deep copy is trained and ``model`` is untouched.
+        progress: show a tqdm bar over the epochs.
         desc: the progress bar's label (``ppu_fast.unlearn``'s PPU methods pass their name, so
             that PPU's bar is not read as the Finetune baseline's).
 

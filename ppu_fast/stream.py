@@ -351,7 +351,8 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
         process_group: a ``torch.distributed`` process group; each rank streams its own file
             or row range and writes its own ``out_path``; every rank gets the same alpha.
         progress: a tqdm bar per pass (default: when stderr is a terminal).
-        weights: (N,) row weights c_i, as ``refine``'s; kept as float64 for the call: a
+        weights: (N,) row weights c_i, as ``refine``'s (with ``rows``, over those rows:
+            (stop - start,)); kept as float64 for the call: a
             float64 CPU array or tensor is used as it is, any other is copied (8 bytes per
             row).
         generator, **options: ``refine``'s other options (lam, pseudo, marginals, method, tol,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -74,7 +74,8 @@ _LIMIT_MAX = (1 << 63) - 1
 _host_limit_read = False
 
 
-def empty_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+def empty_buffer(shape: Tuple[int, ...], dtype: torch.dtype,
+                 device: Union[torch.device, str]) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype, device=device)`` for a solver buffer (e.g. N x k).
 
     On the CPU (Linux), a buffer of at least ``HOST_CACHE_MIN_BYTES`` comes from ppu_fast's host

@@ -51,7 +51,7 @@ def pseudo_rows(pseudo: str | torch.Tensor, retain_probs: torch.Tensor, n_forget
                 generator: torch.Generator) -> torch.Tensor:
     """Pseudo-probabilities (N_forget, k) for bias mode, drawn as the solver draws them: ``uniform``,
     ``random`` (softmax of standard normals from ``generator``: ppu_fast's choice of distribution,
-    which the paper leaves open), ``prior`` (the mean of the retain rows' probabilities) or
+    which the paper leaves open), ``prior`` (the mean of ``retain_probs``' rows, (N_retain, k) probabilities) or
     a given (N_forget, k) tensor."""
     if isinstance(pseudo, torch.Tensor):
         if pseudo.shape != (n_forget, k):
@@ -125,7 +125,9 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         trainable: str | None = None, evals_per_epoch: int = 1) -> UnlearnResult:
     """PPU. ``mode="privacy"`` refines P^ with :func:`ppu_fast.refine` (``pseudo``, ``lam``,
     ``marginals``, ``refine_method``, ``tol``, ``backend`` pass through); ``mode="bias"`` (§5.4) uses
-    P^ itself. Besides refine's pseudo-probabilities, ``pseudo="probe"`` takes the forget rows'
+    P^ itself. ``pseudo``: a name or an (N_forget, k) tensor of probabilities (N_forget =
+    len(forget)); ``marginals``: a name or a (k,) tensor summing to len(forget) + len(retain).
+    Besides refine's pseudo-probabilities, ``pseudo="probe"`` takes the forget rows'
     from a retain-only probe (:func:`probe_pseudo`; with ``marginals="pseudo"`` the refine keeps
     them; measured in docs/ppu_schedule.md). Then :func:`ppu_fast.finetune` (``epochs``, ``lr``,
     ``optimizer``, ``momentum``, ``weight_decay``, ``batch_size``, ``retain_per_epoch``) with selection ``select``: by default
@@ -137,8 +139,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     ``schedule`` picks the fine-tuning's work (:data:`SCHEDULES`, per mode): ``"fast"`` (the default)
     stops once the ``"val"`` rule is settled (``early_stop``, privacy mode) and evaluates only what
     the selection reads, and in bias mode visits a share ``retain_fraction`` of the retain rows per
-    epoch and each forget row ``forget_repeats`` times; ``"paper"`` runs every row every epoch, as
-    the paper does. ``forget_kl`` (off by default; 0 switches it off) stops once the forget rows'
+    epoch and each forget row ``forget_repeats`` times; ``"paper"`` runs every row every epoch (ppu_fast's
+    plain reading of the paper, which gives no schedule). ``forget_kl`` (off by default; 0 switches it off) stops once the forget rows'
     mean KL to their targets is at most that many nats. ``retain_fraction``, ``retain_sampling``
     (``"uniform"``, or ``"weighted"``: by KL(q_i || p_i), how far each row's target moved),
     ``forget_repeats``, ``early_stop``, ``forget_kl``, ``trainable`` (``"all"``, ``"last-block"``,
