@@ -316,10 +316,10 @@ def targets(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
     """
     n, k = pb.check_matrix(pb.to_tensor(log_p, "log_p")[0], "log_p")
     c = pb.check_weights(weights, n)
-    a, _ = pb.to_tensor(alpha, "alpha", sequence=True)
+    a = pb.real_vector(alpha, "alpha")
     if a.shape != (k,):
         raise ValueError(f"alpha: shape {tuple(a.shape)}; expected ({k},)")
-    a = a.detach().cpu().double()
+    a = a.double()
     if not bool(torch.isfinite(a).all()):
         j = int(torch.nonzero(~torch.isfinite(a))[0, 0])
         raise ValueError(f"alpha: entry {j} is {float(a[j])}; expected finite dual variables")

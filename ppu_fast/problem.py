@@ -42,7 +42,12 @@ def to_tensor(x, name: str, sequence: bool = False) -> Tuple[torch.Tensor, bool]
         return _from_numpy(x, name), True
     if sequence and isinstance(x, (list, tuple)):
         try:
-            arr = np.asarray(x, dtype=np.float64)
+            arr = np.asarray(x)
+            # numpy would read '2.5' as 2.5 and drop a complex number's imaginary part.
+            if arr.dtype.kind in "USc":
+                raise TypeError(f"an entry of type {type(arr.flat[0]).__name__}" if arr.size
+                                else "no numbers")
+            arr = arr.astype(np.float64)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name}: a sequence that is not all numbers ({exc})") from None
         except OverflowError:  # a Python int beyond float64, e.g. 10**400
@@ -473,12 +478,20 @@ def check_marginals_arg(marginals, n: int, k: int) -> None:
                          f"{list(MARGINAL_NAMES)} or a tensor (k,) summing to N")
 
 
+def real_vector(x, name: str) -> torch.Tensor:
+    """A vector argument (tensor, array or list of numbers) as a CPU tensor, refusing complex
+    values (casting would silently drop their imaginary part)."""
+    t, _ = to_tensor(x, name, sequence=True)
+    if t.is_complex():
+        raise TypeError(f"{name}: complex dtype {t.dtype}; expected real numbers")
+    return t.detach().cpu()
+
+
 def check_marginals(marginals, n: int, k: int) -> torch.Tensor:
     """Validate user marginals: (k,), finite, >= 0, summing to N (relative tolerance 1e-6).
     Returns them scaled to sum to N exactly: Q's rows sum to 1, so its column totals sum to N,
     and totals off by the accepted 1e-6 would leave the solver a residual floor of that size."""
-    t, _ = to_tensor(marginals, "marginals", sequence=True)
-    t = t.detach().cpu()
+    t = real_vector(marginals, "marginals")
     if t.shape != (k,):
         raise ValueError(f"marginals: shape {tuple(t.shape)}; expected ({k},), one total per class")
     t = t.double()
@@ -516,8 +529,7 @@ def _host_array(t) -> np.ndarray:
 def check_weights(weights, n: int) -> torch.Tensor:
     """Row weights c (N,), positive and finite, with max / min <= WEIGHT_RATIO_MAX -> float64 on
     the CPU."""
-    t, _ = to_tensor(weights, "weights", sequence=True)
-    t = t.detach().cpu()
+    t = real_vector(weights, "weights")
     if t.shape != (n,):
         raise ValueError(f"weights: shape {tuple(t.shape)}; expected ({n},), one weight per row")
     t = t.double()

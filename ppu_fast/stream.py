@@ -66,12 +66,22 @@ def parse_bytes(text: Union[str, int], name: str = "memory_budget") -> int:
     return value
 
 
+def as_path(value: Any, name: str) -> Path:
+    """``value`` (str, bytes or os.PathLike) as a Path; anything else is a TypeError that names
+    the argument (pathlib's own names neither it nor what is expected)."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        path = os.fspath(value)
+        return Path(os.fsdecode(path))
+    raise TypeError(f"{name}: expected a file path (str or os.PathLike), got "
+                    f"{type(value).__name__}")
+
+
 class NpyFile:
     """A 2-D C-order ``.npy`` file of float16 / float32 / float64 whose rows are mapped a range
     at a time."""
 
     def __init__(self, path: PathLike, name: str = "probs_path") -> None:
-        self.path, self.name = Path(path), name
+        self.path, self.name = as_path(path, name), name
         if self.path.is_dir():
             raise ValueError(f"{name}: '{self.path}' is a directory; expected a .npy file")
         if not self.path.is_file():
@@ -282,7 +292,7 @@ def load_npy(path: PathLike, name: str) -> np.ndarray:
     """The whole array of a ``.npy`` file (no pickled objects), with errors that name the
     argument ``name``: a missing file, a file that is not a ``.npy`` (an ``.npz``, a ``.pt``,
     other bytes) or a truncated / unreadable one."""
-    path = Path(path)
+    path = as_path(path, name)
     if not path.is_file():
         raise FileNotFoundError(f"{name}: no such file '{path}'")
     with open(path, "rb") as f:
@@ -298,8 +308,8 @@ def load_npy(path: PathLike, name: str) -> np.ndarray:
 
 def _forget_arg(forget, n: int, rows_given: bool = False):
     """A forget argument of refine_file: a path to a bool .npy, or what ``refine`` takes."""
-    if isinstance(forget, (str, os.PathLike)):
-        path = Path(forget)
+    if isinstance(forget, (str, bytes, os.PathLike)):
+        path = as_path(forget, "forget")
         arr = load_npy(path, "forget")
         if arr.dtype != np.bool_:
             raise TypeError(f"forget: '{path}' holds {arr.dtype}; expected a bool mask (N,) "
@@ -365,7 +375,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
     t0 = time.perf_counter()
     comm = Comm(process_group)
     name = "logits" if logits else "probs"
-    out_path = Path(out_path)
+    out_path = as_path(out_path, "out_path")
 
     def open_input():
         # Every check of this rank's arguments, in one collective (collective_checks).
@@ -445,7 +455,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
                                             budget, dev.type == "cuda"))
             show = (sys.stderr is not None and sys.stderr.isatty()) if progress is None \
                 else bool(progress)
-            bar = _bar(show, max(1, -(-(r1 - r0) // rows_per)), str(Path(probs_path).name))
+            bar = _bar(show, max(1, -(-(r1 - r0) // rows_per)), as_path(probs_path, "probs_path").name)
             where = f" (file '{src.path}'{comm.where()})"
             store = FileStore(src, r0, r1, buf, rows_per, dev, sdt, result=result)
             info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=in_dt, weights=c,

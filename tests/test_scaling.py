@@ -124,6 +124,17 @@ def test_streaming_in_place_and_row_range(tmp_path):
     _q_close(np.load(tmp_path / "r.npy"), qr)
 
 
+def test_a_bytes_path_is_a_path(tmp_path):
+    # As open() and np.load take it.
+    p = _probs(40, 3, np.float32, seed=3)
+    mask = _mask(40, 0.1, seed=4)
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "f.npy", mask)
+    refine_file(os.fsencode(tmp_path / "p.npy"), os.fsencode(tmp_path / "f.npy"),
+                os.fsencode(tmp_path / "q.npy"))
+    _q_close(np.load(tmp_path / "q.npy"), refine(p, mask))
+
+
 def _listing(d: Path):
     return sorted(os.listdir(d))
 
@@ -134,6 +145,10 @@ def test_streaming_errors_name_file_and_row(tmp_path):
     mask = _mask(n)
     with pytest.raises(FileNotFoundError, match=r"probs_path: no such file .*missing\.npy"):
         refine_file(tmp_path / "missing.npy", mask, tmp_path / "q.npy")
+    for args, name in [((3, mask, tmp_path / "q.npy"), "probs_path"),
+                       ((tmp_path / "missing.npy", mask, None), "out_path")]:
+        with pytest.raises(TypeError, match=rf"^{name}: expected a file path .*got (int|NoneType)"):
+            refine_file(*args)
     np.save(tmp_path / "v.npy", p[0])
     with pytest.raises(ValueError, match=r"v\.npy' holds an array of shape \(4,\); expected 2-D"):
         refine_file(tmp_path / "v.npy", mask, tmp_path / "q.npy")

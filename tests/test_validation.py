@@ -176,6 +176,29 @@ def test_solve_bad_inputs():
         ppu_fast.targets(lp, w, torch.zeros(3))
 
 
+def test_vector_arguments_refuse_complex_values_and_text():
+    # Cast to float64 these would lose the imaginary part (at most torch's warn-once message,
+    # which names no argument) or read '1' as 1.
+    lp = torch.log_softmax(torch.randn(20, 4), 1)
+    w, m = np.ones(20), np.full(4, 5.0)
+    wc = w.astype(complex)
+    wc[3] += 5j
+    mc = m.astype(complex)
+    mc[0] += 7j
+    for call, name in [(lambda: ppu_fast.solve(lp, wc, m), "weights"),
+                       (lambda: ppu_fast.solve(lp, w, mc), "marginals"),
+                       (lambda: ppu_fast.solve(lp, torch.from_numpy(wc), m), "weights"),
+                       (lambda: ppu_fast.refine(lp.exp(), [0], marginals=list(mc)), "marginals"),
+                       (lambda: ppu_fast.targets(lp, w, np.zeros(4, complex)), "alpha"),
+                       (lambda: ppu_fast.solve(lp, ["1"] * 20, m), "weights"),
+                       (lambda: ppu_fast.solve(lp, w, [5.0, 5.0, 5.0, "5"]), "marginals")]:
+        with pytest.raises(TypeError, match=rf"^{name}: "):
+            call()
+    # Numbers of any real kind still are numbers.
+    alpha, info = ppu_fast.solve(lp, [1] * 20, [5, 5.0, np.float32(5), True * 5])
+    assert info.converged
+
+
 def test_inputs_unchanged_after_successful_refine(problem):
     p, mask = problem
     pseudo = torch.softmax(torch.randn(30, 5), 1)
