@@ -471,7 +471,7 @@ def test_refine_options_are_checked_by_argparse(tmp_path, flag, value, message, 
 
 def test_refine_messages_name_the_flags(tmp_path, capsys):
     p, argv = _refine_files(tmp_path)
-    np.save(tmp_path / "f.npy", np.asfortranarray(p.numpy()))
+    np.save(tmp_path / "f.npy", (p.numpy() * 100).astype(np.int64))
     np.save(tmp_path / "e.npy", np.zeros((0, 4), np.float32))
     torch.save(p.bfloat16(), tmp_path / "p.pt")
     out = str(tmp_path / "q.npy")
