@@ -100,6 +100,9 @@ EXACT_HESSIAN_BELOW = 1e-6
 # solve (20,000 x 40, margin 30, lam 0.01, class) took damped ones between 2e-7 and 7e-7 for 100
 # passes. Never where the sample holds every row already.
 STALL_RATIO = 0.5
+# A float32 solve out of passes whose residual fell by less than half over this many passes, near
+# the float32 floor, says so in its message (the float64 hint of _solve_loop).
+STALL_WINDOW = 10
 STALL_DAMPED_BELOW = 1e-4
 MAX_EXTRAPOLATION = 64.0
 # A dual iterate that shifts some row's logits by more than this has left every log-probability
@@ -704,6 +707,14 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
             capacity()
         if not message:
             message = f"reached max_iter={max_iter} passes"
+            cdt = compute_dtype(ev.log_p.dtype)
+            last = ev.history[-STALL_WINDOW:]
+            if (method == "newton" and cdt == torch.float32 and len(last) == STALL_WINDOW
+                    and min(last) <= 100 * TOL_FLOOR[cdt] and min(last) > 0.5 * last[0]):
+                # A float32 evaluation's rounding can be what stops it (tiny N, alphas far
+                # apart): a 2 x 33 refine sat at 3.7e-6 for 60 passes where float64 took 22.
+                message += (f" (stalled for {STALL_WINDOW} passes near the float32 precision "
+                            f"floor; a float64 input is solved in float64)")
         if best[0] < res:
             # Never hand back an iterate worse than one already seen.
             res, alpha, g = best

@@ -9,6 +9,7 @@ CUDA float64 tensor to the torch reference.
 
 from __future__ import annotations
 
+import warnings
 import numpy as np
 import pytest
 import torch
@@ -266,3 +267,52 @@ def test_exact_hessian_takes_every_row(backend):
     _, _, h32 = be.step(log_p.float(), inv_c.float(), alpha, "exact")
     assert hessian_error(h32, h_ora, 1e-300) <= 1e-5
     assert float(torch.linalg.eigvalsh(h32).min()) >= -1e-9 * float(h32.diagonal().max())
+
+
+# A fuzz-found 2 x 33 problem (one retained row, one forgotten with given pseudo-probabilities):
+# float32 evaluation stalls at ~3e-6 for tens of passes, float64 converges in ~22.
+_STALL_X = np.array([
+    [0.0003046989440917969, 0.00031065940856933594, 0.0009517669677734375, 0, 0,
+     0.00018036365509033203, 0.005588531494140625, 0.0006327629089355469, 0.00047516822814941406,
+     0.00057220458984375, 0, 0, 0.00022041797637939453, 0.0018720626831054688,
+     0.0006442070007324219, 0.002780914306640625, 0, 0.00022912025451660156, 0,
+     0.003032684326171875, 5.799531936645508e-05, 0.96826171875, 0, 0.00112152099609375,
+     0.0034809112548828125, 0.0035305023193359375, 0.00023281574249267578, 0.0010833740234375,
+     0.0027637481689453125, 5.704164505004883e-05, 0, 0.0007390975952148438,
+     0.0009217262268066406],
+    [6.002187728881836e-05, 5.21540641784668e-05, 0.0002923011779785156, 0.0006456375122070312,
+     0.0008645057678222656, 0, 0.98876953125, 0.00022470951080322266, 0.00014495849609375,
+     0.0011157989501953125, 0.0006718635559082031, 0, 0.00208282470703125, 0,
+     0.00017750263214111328, 0.0001024007797241211, 0.00028228759765625, 0.00029754638671875,
+     0.0006403923034667969, 0.00029730796813964844, 0.0007281303405761719, 0.0009102821350097656,
+     0, 0, 0.0002498626708984375, 0.0010747909545898438, 0.00018393993377685547, 0, 0, 0,
+     8.177757263183594e-05, 0, 0],
+], dtype=np.float32)
+_STALL_PSEUDO = np.array([[0.012709743343293667, 0.015931326895952225, 0.0008020774112083018, 0.03584563732147217,
+    0.010536662302911282, 0.40294814109802246, 0.004634746350347996, 0.0003442942979745567,
+    0.001122869667597115, 0.010194090195000172, 9.66648367466405e-05, 0.0060523380525410175,
+    0.022430481389164925, 0.00032588871545158327, 0.018798671662807465, 0.011176126077771187,
+    0.01260930486023426, 0.0004015108570456505, 0.03676077350974083, 0.01974516361951828,
+    0.0250710379332304, 0.012095021083950996, 0.04193468764424324, 0.022285714745521545,
+    0.24393346905708313, 0.0007875378942117095, 0.01128214132040739, 0.002737116301432252,
+    0.0035765254870057106, 0.005690655205398798, 0.0024871639907360077, 0.0015649086562916636,
+    0.003087493823841214]])
+
+
+def test_a_float32_stall_near_its_floor_says_float64_would_help():
+    args = dict(forget_mask=np.array([False, True]), lam=0.021196067681412665,
+                pseudo=_STALL_PSEUDO, marginals="original", return_info=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, info = ppu_fast.refine(_STALL_X, **args)
+    if info.converged:  # found with the AVX-512 kernels; another ISA rounds differently
+        pytest.skip("this CPU's float32 kernels do not stall on this problem")
+    assert info.residual < 1e-5
+    assert ("near the float32 precision floor; a float64 input is solved in float64"
+            in str(record[-1].message))
+    _, info64 = ppu_fast.refine(_STALL_X.astype(np.float64), **args)
+    assert info64.converged
+    # Out of passes while still converging: no such hint.
+    with pytest.warns(ppu_fast.ConvergenceWarning) as record:
+        ppu_fast.refine(_STALL_X, **{**args, "max_iter": 3})
+    assert "precision floor" not in str(record[-1].message)
