@@ -98,11 +98,12 @@ def check_optimizer_options(lr: float, momentum: float, weight_decay: float) -> 
 
 def lone_last_batch(n: int, batch_size: int, model: nn.Module) -> bool:
     """Whether a shuffled training pass over ``n`` examples should drop its last batch: when it
-    would hold a single example and ``model`` has a ``BatchNorm1d``, which cannot normalise one
-    (B, C) row in train mode (it raises). Convolutional BatchNorm normalises over the pixels too
-    and trains on one example, so other models keep every batch."""
+    would hold a single example and ``model`` has a BatchNorm (1d, 2d, 3d or Sync), which cannot
+    normalise a single value per channel in train mode (it raises): a (B, C) row, and also a
+    convolutional map reduced to 1 x 1 (a torchvision ResNet-18's last block on 32 x 32
+    images). As ``drop_last=True`` does; the shuffle leaves out a different example each epoch."""
     return (n > 1 and n % batch_size == 1
-            and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()))
+            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()))
 
 
 def one_example_batchnorm(exc: BaseException) -> bool:

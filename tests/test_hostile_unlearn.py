@@ -247,13 +247,35 @@ def test_a_last_batch_of_one_does_not_break_batchnorm(tiny):
         assert all(torch.isfinite(p).all() for p in res.model.parameters())
 
 
-def test_only_batchnorm1d_models_drop_a_lone_last_batch():
+def test_batchnorm_models_drop_a_lone_last_batch():
     from ppu_fast.models import build_model
     from ppu_fast.training import lone_last_batch
     conv = build_model("smallcnn", num_classes=5, in_channels=1)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8))
-    assert not lone_last_batch(129, 64, conv)  # BatchNorm2d trains on one image
-    assert lone_last_batch(129, 64, mlp) and not lone_last_batch(128, 64, mlp)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    for model in (conv, mlp):
+        assert lone_last_batch(129, 64, model) and not lone_last_batch(128, 64, model)
+    assert not lone_last_batch(129, 64, plain)
+
+
+def test_a_lone_last_batch_on_a_one_pixel_batchnorm2d_map(tiny):
+    # As a torchvision ResNet-18 on 32 x 32 images (1 x 1 maps in its last block): 65 examples at
+    # batch size 64 failed with "a batch of one example cannot train the model's BatchNorm".
+    _, x, y, fm = tiny
+    torch.manual_seed(0)
+    from ppu_fast.training import TrainConfig
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4),
+                          nn.Flatten(), nn.Linear(4, K))
+    keep = torch.nonzero(~fm).view(-1)[:57]
+    retain = TensorDataset(x[keep], y[keep])
+    forget = TensorDataset(x[fm][:8], y[fm][:8])
+    # PPU trains on 8 + 57 = 64 + 1 rows, Finetune and Retrain on 57 = 56 + 1.
+    for method, opts in (("ppu", {"epochs": 1, "batch_size": 64}),
+                         ("finetune", {"epochs": 1, "batch_size": 56}),
+                         ("retrain", {"config": TrainConfig(epochs=1, batch_size=56),
+                                      "cache": False})):
+        res = ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **opts)
+        assert all(torch.isfinite(p).all() for p in res.model.parameters())
 
 
 def test_one_module_name_is_not_split_into_characters(tiny):
