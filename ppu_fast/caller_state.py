@@ -214,14 +214,22 @@ def frozen_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def non_finite_weights(model: nn.Module) -> tuple[int, int]:
-    """(number of non-finite elements, number of elements) of ``model``'s parameters and floating
-    buffers (BatchNorm's running statistics diverge too, and poison eval-mode outputs)."""
+    """(number of bad elements, number of elements) of ``model``'s parameters and floating
+    buffers: non-finite parameters and running statistics (BatchNorm's diverge too, and poison
+    eval-mode outputs), NaN in any other buffer. An infinity there can be meant: an additive
+    attention mask holds -inf where attention is not allowed."""
     bad = total = 0
     with torch.no_grad():
-        for p in (*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())):
+        for p in model.parameters():
             total += p.numel()
             if p.is_floating_point() or p.is_complex():
                 bad += int((~torch.isfinite(p)).sum())
+        for name, b in model.named_buffers():
+            if not b.is_floating_point():
+                continue
+            total += b.numel()
+            stat = name.rsplit(".", 1)[-1].startswith("running_")
+            bad += int((~torch.isfinite(b) if stat else torch.isnan(b)).sum())
     return bad, total
 
 

@@ -174,7 +174,7 @@ def _attack(forget_losses: Sequence[float], test_losses: Sequence[float],
                          f"random_state, which the attack's splits take)")
     # SCRUB seeds Python's global `random` before sampling; a private Random(seed) draws the same
     # sample without reseeding the caller's stream.
-    rng = random.Random(seed)
+    rng = random.Random(None if seed is None else int(seed))  # not np.int64 (Python >= 3.11)
     if len(forget_losses) > len(test_losses):
         forget_losses = list(rng.sample(forget_losses, len(test_losses)))
     elif len(test_losses) > len(forget_losses):
@@ -272,7 +272,12 @@ def true_class_features(logits: torch.Tensor | np.ndarray,
     stays finite and ordered where p_y rounds to 1 (a well-fit training example's usual case, exactly
     where members and non-members must be told apart)."""
     z = torch.as_tensor(logits, device="cpu").double()
-    y = torch.as_tensor(host_array(labels), dtype=torch.long, device="cpu").reshape(-1)
+    y = torch.as_tensor(host_array(labels), device="cpu").reshape(-1)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        # A cast would truncate 1.7 to class 1.
+        raise ValueError(f"labels are {str(y.dtype).replace('torch.', '')}; expected integer class "
+                         f"indices")
+    y = y.long()
     if z.dim() != 2:
         raise ValueError(f"logits must be (N, k), got shape {tuple(z.shape)}")
     if z.shape[0] != y.shape[0]:

@@ -166,6 +166,24 @@ def matching_entry(state: Mapping[str, torch.Tensor], key: str, like: torch.Tens
     return v
 
 
+def init_state(init: nn.Module | Mapping[str, torch.Tensor], model: nn.Module) -> dict:
+    """The state dict of an ``init=`` option (a model or a state dict), refused when its entries
+    differ from ``model``'s in name or shape (it is not of the same architecture)."""
+    if isinstance(init, nn.Module):
+        state = init.state_dict()
+    elif isinstance(init, Mapping):
+        state = init
+    else:
+        raise TypeError(f"init: expected a model (nn.Module) or a state dict of the same "
+                        f"architecture as model, got {type(init).__name__}")
+    mine = model.state_dict()
+    extra = sorted(set(state) - set(mine))
+    if extra:
+        raise ValueError(f"init has entries the model lacks ({', '.join(map(repr, extra[:3]))}): "
+                         f"it must be a model or state dict of the same architecture as model")
+    return {key: matching_entry(state, key, like) for key, like in mine.items()}
+
+
 def not_reset(model: nn.Module, prefixes: Sequence[str] | None = None) -> list[str]:
     """Names of the trainable parameters that :func:`reset_parameters` cannot re-initialise: owned
     by a module with no ``reset_parameters`` (e.g. a hand-written layer holding ``nn.Parameter``

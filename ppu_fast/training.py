@@ -163,6 +163,9 @@ def fit(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig(), *,
     ``FloatingPointError`` (the model holds them)."""
     if len(data) == 0:
         raise ValueError("data is empty: nothing to train on")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{desc}: no trainable parameters: every parameter of the model is frozen "
+                         f"(requires_grad=False); unfreeze those to train")
     device = resolve_device(model, device)
     with forked_rng(model, device):
         _fit(model, data, config, device, progress, desc)

@@ -407,3 +407,24 @@ def test_a_device_other_than_the_models_is_refused_by_name():
             fn()
     here = nn.Linear(6, 3)
     assert metrics.error(here, data, device="cpu") == metrics.error(here, data)
+
+
+def test_numpy_integer_seeds_and_float_labels():
+    f, t = np.random.default_rng(0).random(20), np.random.default_rng(1).random(30)
+    # random.Random refuses np.int64 on Python >= 3.11; the attack's own check accepted it.
+    assert mia_from_losses(f, t, seed=np.int64(3)) == mia_from_losses(f, t, seed=3)
+    logits = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="labels are float64; expected integer class indices"):
+        metrics.true_class_features(logits, np.array([0.9, 1.7]))  # was read as [0, 1]
+
+
+def test_seeds_as_a_numpy_array_reach_the_seed_checks():
+    from ppu_fast.unlearn.experiment import run_experiment
+    kw = dict(dataset="digits5", model="smallcnn", methods=["original"], cache=False,
+              progress=False, log=None)
+    with pytest.raises(ValueError, match=r"seeds: \[0, 0\] repeats a seed"):
+        run_experiment(seeds=np.array([0, 0]), **kw)  # was numpy's "truth value ... ambiguous"
+    with pytest.raises(ValueError, match="seeds must name at least one seed"):
+        run_experiment(seeds=np.array([], dtype=np.int64), **kw)
+    with pytest.raises(TypeError, match="seeds: expected a sequence of integers"):
+        run_experiment(seeds=3, **kw)

@@ -844,3 +844,73 @@ def test_the_callable_modules_show_their_functions_signature():
         params = inspect.signature(getattr(ppu_fast, name)).parameters
         assert list(params)[:2] == ["model", "forget" if name == "unlearn" else "data"]
         assert "device" in params and "progress" in params
+
+
+def test_retrain_checks_its_init_and_takes_a_state_dict(tiny):
+    model, forget, retain = _sets(tiny)
+    cfg = ppu_fast.training.TrainConfig(epochs=1)
+    other_head = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                               nn.Linear(32, K + 2))
+    # Before: any init came back as the "Retrain" model (here with K + 2 outputs).
+    with pytest.raises(ValueError, match=r"init\['4.weight'\] has shape .*same architecture"):
+        ppu_fast.unlearn(model, forget, retain, method="retrain", init=other_head, config=cfg,
+                         cache=False, progress=False)
+    with pytest.raises(ValueError, match="init has entries the model lacks"):
+        ppu_fast.unlearn(model, forget, retain, method="retrain", init=nn.Linear(64, K),
+                         config=cfg, cache=False, progress=False)
+    with pytest.raises(TypeError, match="init: expected a model"):
+        ppu_fast.unlearn(model, forget, retain, method="retrain", init=[1], config=cfg,
+                         cache=False, progress=False)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    res = ppu_fast.unlearn(model, forget, retain, method="retrain", init=init, config=cfg,
+                           cache=False, progress=False)
+    assert type(res.model) is type(model)
+
+
+def test_retrain_of_a_frozen_model_names_the_problem(tiny):
+    model, forget, retain = _sets(tiny)
+    frozen = nn.Sequential(nn.Flatten(), nn.Linear(64, K)).requires_grad_(False)
+    with pytest.raises(ValueError, match="retrain: no trainable parameters"):
+        ppu_fast.unlearn(frozen, forget, retain, method="retrain", cache=False, progress=False,
+                         config=ppu_fast.training.TrainConfig(epochs=1))
+
+
+def test_option_types_are_named(tiny):
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(TypeError, match=r"layers: module names are strings.*got 4 \(int\)"):
+        ppu_fast.unlearn(model, forget, retain, method="cf-k", layers=[4], epochs=1,
+                         progress=False)
+    with pytest.raises(TypeError, match=r"lr_milestones: expected a list of epochs .*got 5"):
+        ppu_fast.unlearn(model, forget, retain, method="scrub", lr_milestones=5, msteps=1,
+                         epochs=1, progress=False)
+
+
+class _Masked(nn.Module):
+    """An additive attention-style mask buffer: -inf where a logit is not allowed."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, K + 1))
+        mask = torch.zeros(K + 1)
+        mask[-1] = float("-inf")
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return (self.body(x) + self.mask)[:, :K]
+
+
+def test_an_infinite_mask_buffer_is_not_a_bad_weight(tiny):
+    _, forget, retain = _sets(tiny)
+    torch.manual_seed(0)
+    model = _Masked()
+    res = ppu_fast.unlearn(model, forget, retain, method="ppu", epochs=1, progress=False)
+    assert torch.equal(res.model.mask, model.mask)
+    ppu_fast.unlearn(model, forget, retain, method="finetune", epochs=1, progress=False)
+    broken = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, K))
+    broken[2].running_var[0] = float("inf")  # a diverged statistic is still refused
+    with pytest.raises(ValueError, match="model: 1 of its .* are NaN or infinite"):
+        ppu_fast.unlearn(broken, forget, retain, method="ppu", epochs=1, progress=False)
+    broken[2].running_var[0] = 1.0
+    model.mask[0] = float("nan")  # so is a NaN in any buffer
+    with pytest.raises(ValueError, match="model: 1 of its"):
+        ppu_fast.unlearn(model, forget, retain, method="ppu", epochs=1, progress=False)

@@ -127,6 +127,10 @@ def modules_named(model: nn.Module, names: Sequence[str], arg: str = "layers") -
     table = dict(model.named_modules())
     if isinstance(names, str) or not names:
         raise ValueError(f"{arg} must be a non-empty list of module names, got {names!r}")
+    other = [n for n in names if not isinstance(n, str)]
+    if other:
+        raise TypeError(f"{arg}: module names are strings, as model.named_modules() gives them "
+                        f"(e.g. '2', 'layer4.1'), got {other[0]!r} ({type(other[0]).__name__})")
     missing = [n for n in names if n not in table or n == ""]
     if missing:
         some = ", ".join(n for n in list(table)[1:12])
@@ -277,9 +281,16 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
     return result
 
 
+def epochs_list(milestones: Sequence[int], arg: str) -> list:
+    """``milestones`` as a list of epoch numbers; a clear error for a bare number or a string."""
+    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Iterable):
+        raise TypeError(f"{arg}: expected a list of epochs (e.g. [5, 10]), got {milestones!r}")
+    return list(milestones)
+
+
 def milestone_lr(base: float, milestones: Sequence[int], decay: float) -> Callable[[int], float]:
     """SCRUB's ``adjust_learning_rate``: ``base * decay ** (number of milestones below epoch)``."""
-    marks = sorted(int(m) for m in milestones)
+    marks = sorted(int(m) for m in epochs_list(milestones, "lr_milestones"))
     return lambda epoch: base * decay ** sum(epoch > m for m in marks)
 
 
@@ -292,7 +303,7 @@ def fk_lr(lr: float, milestones: Sequence[int], decay: float,
     scale SCRUB's own lr, 5e-4, so with milestones [10, 15, 20] EU-k's 30 epochs run 11 at 0.01, then
     5e-5, 5e-6, 5e-7; at large scale main_merged.py's default, 0.01 (see cf_k.py).
     ``decayed_base=None`` decays ``lr`` itself instead."""
-    marks = sorted(int(m) for m in milestones)
+    marks = sorted(int(m) for m in epochs_list(milestones, "lr_milestones"))
     base = lr if decayed_base is None else decayed_base
 
     def at(epoch: int) -> float:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..caller_state import manual_seed
-from ..models import matching_entry, require_reset, reset_parameters
+from ..models import init_state as init_state_of, require_reset, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, sample, working_copy
 from ._loop import check_mode, loader, make_optimizer, paired, run_loop
@@ -43,19 +43,6 @@ class _Flagged(Dataset):
     def __getitem__(self, i: int) -> tuple:
         x, y = self.data[i]
         return x, y, self.flag
-
-
-def _teacher_state(init: nn.Module | dict, model: nn.Module) -> dict:
-    """The incompetent teacher's state dict from ``init`` (a model or state dict), refused when
-    its entries differ from ``model``'s in name or shape (its outputs would not be the student's
-    classes)."""
-    state = init.state_dict() if isinstance(init, nn.Module) else init
-    mine = model.state_dict()
-    extra = sorted(set(state) - set(mine))
-    if extra:
-        raise ValueError(f"init has entries the model lacks ({', '.join(map(repr, extra[:3]))}): "
-                         f"it must be a model or state dict of the same architecture as model")
-    return {key: matching_entry(state, key, like) for key, like in mine.items()}
 
 
 @register("bad-t")
@@ -110,7 +97,7 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     if init is None:
         require_reset(model, "Bad-T's incompetent teacher")
     else:
-        init_state = _teacher_state(init, model)
+        init_state = init_state_of(init, model)
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
     good = copy.deepcopy(work).eval()

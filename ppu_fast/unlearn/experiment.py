@@ -7,7 +7,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -152,13 +152,18 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; expected some of "
                          f"{', '.join(registered())}")
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        raise TypeError(f"seeds: expected a sequence of integers (e.g. [0, 1, 2] or "
+                        f"np.arange(3)), got {seeds!r}")
+    seeds = list(seeds)  # a numpy array, a range or a generator too
     if not seeds:
         raise ValueError("seeds must name at least one seed")
-    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, (int, np.integer))
-           or not 0 <= int(s) < 2 ** 32]
+    bad = [s for s in seeds if isinstance(s, (bool, np.bool_))
+           or not isinstance(s, (int, np.integer)) or not 0 <= int(s) < 2 ** 32]
     if bad:
         raise ValueError(f"seeds: {bad[0]!r} is not a seed; expected integers in [0, 2**32 - 1] "
                          f"(what torch.manual_seed and numpy accept)")
+    seeds = [int(s) for s in seeds]  # np.int64 seeds reach random.Random, which refuses them
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: {list(seeds)} repeats a seed; expected distinct seeds (each is one "
                          f"independent run: a repeat would count one run twice in the standard error)")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..models import require_reset, reset_parameters
+from ..models import init_state, require_reset, reset_parameters
 from ..training import TrainConfig, fit_cached
 from . import UnlearnResult, register
 from ._common import resolve_device
@@ -19,11 +19,13 @@ from ._common import resolve_device
 @register("retrain")
 def retrain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
             seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
-            progress: bool = True, config: TrainConfig | None = None, init: nn.Module | None = None,
+            progress: bool = True, config: TrainConfig | None = None,
+            init: nn.Module | dict | None = None,
             cache: bool = True) -> UnlearnResult:
     """Train from scratch on ``retain`` with ``config`` (default :class:`TrainConfig` with ``seed``).
     ``timings["train"]`` is the training time even when the model comes from the cache.
-    The starting weights are ``init`` if given (e.g. the original model's initialisation), else
+    The starting weights are ``init``'s if given (e.g. the original model's initialisation; a model
+    or a state dict of ``model``'s architecture, refused otherwise), else
     ``model``'s architecture re-initialised with ``seed``: parameters with ``requires_grad=False``
     keep their values (training does not train them, so neither does a retrain: a frozen
     pre-trained backbone stays as it is), and a trainable parameter that no ``reset_parameters()``
@@ -33,8 +35,10 @@ def retrain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset 
         config = TrainConfig(seed=seed)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a ppu_fast.training.TrainConfig, got {type(config).__name__}")
-    start = copy.deepcopy(init if init is not None else model)
-    if init is None:
+    start = copy.deepcopy(model)
+    if init is not None:
+        start.load_state_dict(init_state(init, model))
+    else:
         require_reset(start, "Retrain")
         reset_parameters(start, seed, keep_frozen=True)
     t0 = time.perf_counter()
