@@ -914,3 +914,30 @@ def test_an_infinite_mask_buffer_is_not_a_bad_weight(tiny):
     model.mask[0] = float("nan")  # so is a NaN in any buffer
     with pytest.raises(ValueError, match="model: 1 of its"):
         ppu_fast.unlearn(model, forget, retain, method="ppu", epochs=1, progress=False)
+
+
+def test_a_method_registered_without_the_bare_star(tiny):
+    from ppu_fast.unlearn import UnlearnResult, _METHODS, method_options, register
+
+    @register("test-noise")
+    def noise(model, forget, retain, val=None, seed=0, device=None, inplace=False,
+              progress=True, scale=0.01):
+        return UnlearnResult(model, "test-noise", options={"scale": scale})
+
+    @register("test-bare")
+    def bare(model, forget, retain, *, val=None, seed=0, device=None, inplace=False,
+             progress=True):
+        return model
+
+    try:
+        model, forget, retain = _sets(tiny)
+        assert method_options("test-noise") == {"scale": 0.01}  # was {}: "it accepts none"
+        res = ppu_fast.unlearn(model, forget, retain, method="test-noise", scale=0.5,
+                               progress=False)
+        assert res.options == {"scale": 0.5}
+        with pytest.raises(TypeError, match="'test-bare' returned Sequential; a registered "
+                                            "method must return an UnlearnResult"):
+            ppu_fast.unlearn(model, forget, retain, method="test-bare", progress=False)
+    finally:
+        _METHODS.pop("test-noise", None)
+        _METHODS.pop("test-bare", None)

@@ -79,10 +79,13 @@ def methods() -> list[str]:
 
 
 def method_options(name: str) -> dict[str, Any]:
-    """The options (keyword -> default) that method ``name`` accepts beyond the common ones."""
+    """The options (keyword -> default) that method ``name`` accepts beyond the common ones: its
+    parameters after (model, forget, retain) that a keyword can pass (a method registered without
+    the bare ``*`` too)."""
     fn = _get(name)
-    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
-            if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON}
+    params = list(inspect.signature(fn).parameters.values())[3:]
+    return {p.name: p.default for p in params
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in _COMMON}
 
 
 def _check_integer_options(fn: Callable[..., UnlearnResult], options: dict[str, Any],
@@ -297,6 +300,10 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
     t0 = time.perf_counter()
     result = fn(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
                 progress=progress, **options)
+    if not isinstance(result, UnlearnResult):
+        raise TypeError(f"unlearning method '{method}' returned {type(result).__name__}; a "
+                        f"registered method must return an UnlearnResult (e.g. "
+                        f"UnlearnResult(model, {method!r}))")
     result.timings["total"] = time.perf_counter() - t0
     if result.method not in _METHODS:
         # A registered function's own label for what it ran stands where it names a registered
