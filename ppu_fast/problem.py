@@ -538,7 +538,7 @@ def check_weights(weights, n: int) -> torch.Tensor:
         i = int(torch.nonzero(bad)[0, 0])
         raise ValueError(f"weights: row {i} has weight {float(t[i]):.6g}; expected finite "
                          f"weights > 0")
-    ratio = float(t.max() / t.min())
+    ratio = float(t.max() / t.min()) if n else 1.0  # a process group's rank may hold no rows
     if ratio > WEIGHT_RATIO_MAX * (1 + 1e-6):  # slack: weights given in float32
         raise ValueError(f"weights: max / min = {ratio:.3g}; expected at most "
                          f"{WEIGHT_RATIO_MAX:g} (the solver represents 1 / c relative to the "

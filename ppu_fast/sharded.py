@@ -322,7 +322,7 @@ def refine_rows(store: RowStore, mask: np.ndarray, *, mode: str, name: str, in_d
         pseudo_colsum = None
     else:
         pseudo_t, pseudo_colsum = pb.pseudo_totals(kind, pseudo_t, colsum_retain, colsum_forget,
-                                                   n - n_forget, n_forget, k, sdt,
+                                                   n - n_forget, n_forget, k, solver_dt,
                                                    rows_colsum if kind == "rows" else None)
     if kind == "prior" and n_forget:
         prior = pseudo_t.to(dev, sdt)
@@ -540,8 +540,7 @@ def refine_sharded(x_arg: Any, name: str, forget_mask: Any, group: Any, *, out: 
             options["pseudo"] = pseudo
         c = None
         if weights is not None:
-            c = (pb.check_weights(weights, n_local).numpy() if n_local
-                 else np.zeros(0, dtype=np.float64))
+            c = pb.check_weights(weights, n_local).numpy()
         user_out = pb.check_out(out, x, from_numpy)
         return x, from_numpy, mask, c, user_out
 
@@ -566,8 +565,7 @@ def solve_sharded(log_p: Any, weights: Any, marginals: Any, group: Any,
     def checks():
         lp, from_numpy = pb.to_tensor(log_p, "log_p")
         n_local, _ = pb.check_matrix(lp, "log_p", allow_empty=True)
-        c = (pb.check_weights(weights, n_local).numpy() if n_local
-             else np.zeros(0, dtype=np.float64))
+        c = pb.check_weights(weights, n_local).numpy()
         return lp, from_numpy, c
 
     lp, from_numpy, c = collective_checks(comm, checks)

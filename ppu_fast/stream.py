@@ -428,8 +428,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
             options["pseudo"] = pseudo
         c = None
         if weights is not None:
-            c = (pb.check_weights(weights, r1 - r0).numpy() if r1 > r0
-                 else np.zeros(0, dtype=np.float64))
+            c = pb.check_weights(weights, r1 - r0).numpy()
         if out_path.suffix != ".npy":
             raise ValueError(f"out_path: '{out_path}' must end in .npy")
         if not out_path.parent.is_dir():

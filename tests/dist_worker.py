@@ -173,6 +173,18 @@ def main(scenario: str, outdir: str) -> None:
                 res[f"{tag}_alpha"] = info.alpha.numpy()
                 res[f"{tag}_q"] = np.asarray(q, dtype=np.float64)
                 res[f"{tag}_converged"] = np.array(info.converged)
+        # The prior's pseudo rows were rounded in each rank's own dtype: with marginals="pseudo"
+        # the ranks' targets differed in the 8th digit, they stopped a pass apart and one hung.
+        pm, mm = mixed_problem(1)
+        q, info = ppu_fast.refine(pm[s:e].astype(pick(np.float32, np.float64)), mm[s:e],
+                                  pseudo="prior", marginals="pseudo", process_group=group,
+                                  return_info=True)
+        res["prior_alpha"], res["prior_passes"] = info.alpha.numpy(), np.array(info.iterations)
+        res["prior_residual"] = np.array(info.residual)
+        # A rank holding no rows passed any weights unchecked.
+        res["empty_weights_error"] = _error(lambda: ppu_fast.refine(
+            pm[pick(0, 0):pick(len(pm), 0)], mm[pick(0, 0):pick(len(pm), 0)],
+            weights=pick(np.ones(len(pm)), np.array([-1.0, np.nan, 0.0])), process_group=group))
         s, e = pick(0, 1234), pick(1234, len(p))
         w = [1.0] * (e - s)
         if rank == 1:

@@ -583,7 +583,12 @@ def test_sharded_hostile_cases(tmp_path):
             assert float(np.abs(res[0][f"{tag}_alpha"] - i0.alpha.numpy()).max()) <= 1e-4, tag
             q_all = np.concatenate([res[0][f"{tag}_q"], res[1][f"{tag}_q"]])
             assert float(np.abs(q_all - q0).max()) <= (1e-5 if low == np.float32 else 1e-3), tag
+    for key in ("prior_alpha", "prior_passes", "prior_residual"):
+        np.testing.assert_array_equal(res[0][key], res[1][key])
+    assert float(res[0]["prior_residual"]) <= 1e-6
     for r in range(2):
+        msg = str(res[r]["empty_weights_error"])
+        assert msg.startswith("weights: shape (3,); expected (0,)") and "[on rank 1]" in msg, msg
         msg = str(res[r]["overflow_error"])
         assert msg.startswith("weights: an entry is too large for float64") and "[on rank 1]" in msg
         msg = str(res[r]["readonly_error"])
