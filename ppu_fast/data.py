@@ -7,6 +7,7 @@ files go.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -303,10 +304,16 @@ def loader_examples(loader: DataLoader, arg: str) -> Dataset:
             if isinstance(g, torch.Generator)]  # one met twice is restored twice, alike
     states = [g.get_state() for g in gens]
     with torch.device("cpu"), torch.random.fork_rng(devices=[]):
-        idx = ([int(i) for b in batches for i in b] if custom_batches
-               else [int(i) for i in sampler])
+        draws = (i for b in batches for i in b) if custom_batches else iter(sampler)
+        # At most one draw past the dataset's size: an infinite sampler (iteration-based loops'
+        # InfiniteSampler) never stops, and listing its draws hung.
+        idx = [int(i) for i in itertools.islice(draws, len(ds) + 1)]
     for g, st in zip(gens, states):
         g.set_state(st)
+    if len(idx) > len(ds):
+        raise ValueError(f"{arg}: the DataLoader's sampler draws more than the dataset's {len(ds)} "
+                         f"examples (an infinite or repeating sampler?); expected a loader (or "
+                         f"Dataset) that visits each example of the set once")
     if len(set(idx)) != len(idx):
         raise ValueError(f"{arg}: the DataLoader's sampler draws {len(idx)} examples but only "
                          f"{len(set(idx))} distinct ones; expected a loader (or Dataset) that "

@@ -78,7 +78,7 @@ def test_a_loader_stands_for_the_examples_its_sampler_visits(tiny):
         ppu_fast.unlearn(model, DataLoader(full, collate_fn=lambda b: b), full,
                          method="ppu-bias", epochs=1, progress=False)
     drawn_twice = torch.utils.data.WeightedRandomSampler(torch.ones(len(fi)), 50)
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ValueError, match="distinct|draws more than the dataset"):
         ppu_fast.unlearn(model, DataLoader(TensorDataset(x[fm], y[fm]), sampler=drawn_twice),
                          TensorDataset(x[~fm], y[~fm]), method="ppu-bias", epochs=1, progress=False)
 
@@ -941,3 +941,28 @@ def test_a_method_registered_without_the_bare_star(tiny):
     finally:
         _METHODS.pop("test-noise", None)
         _METHODS.pop("test-bare", None)
+
+
+def test_an_endless_sampler_is_refused_not_listed(tiny):
+    from torch.utils.data import Sampler
+    from ppu_fast.metrics import error as error_of
+
+    class Endless(Sampler):
+        """An iteration-based loop's InfiniteSampler (stops here after 10 laps: listing every draw
+        used to run forever)."""
+
+        def __init__(self, n):
+            self.n = n
+
+        def __iter__(self):
+            for lap in range(10):
+                yield from torch.randperm(self.n).tolist()
+            raise RuntimeError("drawn 10 laps: the reader does not stop")
+
+    model, forget, retain = _sets(tiny)
+    for call in (lambda: error_of(model, DataLoader(retain, batch_size=8,
+                                                     sampler=Endless(len(retain)))),
+                 lambda: ppu_fast.unlearn(model, DataLoader(forget, sampler=Endless(len(forget))),
+                                          retain, method="ppu", epochs=1, progress=False)):
+        with pytest.raises(ValueError, match=r"sampler draws more than the dataset's \d+ examples"):
+            call()
