@@ -12,7 +12,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -225,6 +225,24 @@ def collate_pairs(items: list) -> object:
     if not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
         y = y.long()
     return x, y
+
+
+def named_batches(loader: DataLoader, name: str) -> Iterator:
+    """The batches of ``loader``, with torch's collate refusal of an item it cannot batch (a PIL
+    image, a string) reworded to name ``name`` and what is expected."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except TypeError as exc:
+            if "default_collate" not in str(exc):
+                raise
+            raise TypeError(f"{name}: its items cannot be batched (torch: {exc}); expected "
+                            f"tensors, arrays or numbers (e.g. apply torchvision's ToTensor)"
+                            ) from None
+        yield batch
 
 
 def _one(y: object) -> object:

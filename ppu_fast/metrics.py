@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .caller_state import _dtype_name, eval_mode, forward_failed, is_int
-from .data import dataset_targets, host_array, loader_examples, make_loader
+from .data import dataset_targets, host_array, loader_examples, make_loader, named_batches
 from .training import resolve_device
 
 
@@ -73,7 +73,7 @@ def _predict(model: nn.Module, data: Dataset | DataLoader, batch_size: int,
     _check_model_on(model, device, asked)
     logits, labels = [], []
     with eval_mode(model):
-        for batch in make_loader(data, batch_size, name=name):
+        for batch in named_batches(make_loader(data, batch_size, name=name), name):
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
                 raise ValueError(f"{name}: a batch is a {type(batch).__name__}"
                                  f"{f' of {len(batch)} items' if hasattr(batch, '__len__') else ''}"

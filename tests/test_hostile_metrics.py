@@ -428,3 +428,22 @@ def test_seeds_as_a_numpy_array_reach_the_seed_checks():
         run_experiment(seeds=np.array([], dtype=np.int64), **kw)
     with pytest.raises(TypeError, match="seeds: expected a sequence of integers"):
         run_experiment(seeds=3, **kw)
+
+
+def test_items_torch_cannot_batch_are_named():
+    from PIL import Image
+
+    class Pictures(torch.utils.data.Dataset):
+        """A torchvision dataset without its ToTensor: PIL images."""
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return Image.fromarray(np.zeros((8, 8), np.uint8)), i % 2
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    with pytest.raises(TypeError, match=r"^data: its items cannot be batched .*ToTensor"):
+        error(model, Pictures())
+    with pytest.raises(TypeError, match=r"^forget: its items cannot be batched"):
+        mia(model, Pictures(), TensorDataset(torch.randn(4, 64), torch.arange(4) % 2))
