@@ -142,7 +142,7 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
     # torch.get_default_device (ppu_fast/torch_defaults.py) is torch 2.3's.
-    install_requires=["torch>=2.3", "numpy", "tqdm", "matplotlib", "scikit-learn", "threadpoolctl"],
+    install_requires=["torch>=2.3", "numpy", "scipy", "tqdm", "matplotlib", "scikit-learn", "threadpoolctl"],
     extras_require={
         # pybind11, cmake and ninja: tests/test_build.py configures the CMake project itself.
         "test": ["pytest", "hypothesis", "POT", "scikit-learn", "pytest-benchmark", "pybind11",

@@ -192,7 +192,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
         final = FinalPass(lambda a: be.materialize_sums(out, inv_c, a.to(dev), result), restore)
     info = solve_dual(be, out, inv_c, m, method=method, tol=tol, max_iter=max_iter,
                       step_size=step_size, first=prep.first, weight_sums=weight_sums,
-                      capacity=lambda: pb.check_capacity(out, m), final=final)
+                      capacity=lambda: pb.check_capacity(out, m, tol=tol), final=final)
     t4 = time.perf_counter()
     if not info.materialized:
         be.materialize(out, inv_c,
@@ -290,7 +290,7 @@ def solve(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
     info = solve_dual(be, lp, inv_c.to(lp.device), m, method=method, tol=tol,
                       max_iter=max_iter, step_size=step_size, first=prep.first,
                       weight_sums=pb.weight_sums(inv_c_np),
-                      capacity=lambda: pb.check_capacity(lp, m, "marginals"))
+                      capacity=lambda: pb.check_capacity(lp, m, "marginals", tol=tol))
     _to_caller_scale(info, c_min)
     info.seconds = time.perf_counter() - t0
     alpha = info.alpha.clone().numpy() if from_numpy else info.alpha.to(lp.device)

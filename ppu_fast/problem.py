@@ -547,17 +547,67 @@ def check_weights(weights, n: int) -> torch.Tensor:
 
 
 def check_capacity(log_p: torch.Tensor, m: torch.Tensor, name: str = "marginals",
-                   chunk_elems: int = 1 << 22) -> None:
+                   chunk_elems: int = 1 << 22, tol: Optional[float] = None) -> None:
     """Raise "infeasible marginals" when a class total cannot be met by any Q on P^'s support.
 
     Each row of Q sums to 1 and puts mass only where P^ does (log P^ > -inf), so class j can
     receive at most the number of rows that give it probability, and must receive at least the
-    number of rows that give probability to j alone. (The general condition runs over every set
-    of classes; these two cover the practical cases.) One pass over log P^ (N x k): called only
-    when the solver cannot converge, never on the normal path.
+    number of rows that give probability to j alone. The general condition runs over every set
+    of classes: with ``tol``, :func:`support_floor` then decides it exactly where the support is
+    small enough, and a floor above ``tol`` is refused too. One pass over log P^ (N x k) for the
+    counts: called only when the solver cannot converge, never on the normal path.
     """
     cap, only = capacity_counts(log_p, chunk_elems)
     raise_if_over_capacity(cap, only, m, log_p.shape[0], name)
+    if tol is None:
+        return
+    floor = support_floor(log_p, m)
+    if floor is not None and floor > tol:
+        raise ValueError(f"{name}: infeasible marginals: no Q on P^'s support meets them: the "
+                         f"smallest residual ||colsum(Q) - M||_1 / N that any Q with rows summing "
+                         f"to 1 and mass only where P^ has probability reaches is {floor:.3g}, "
+                         f"above tol {tol:g} (a set of classes needs more or less mass than the "
+                         f"rows giving it probability can carry); expected class totals that the "
+                         f"support can carry")
+
+
+# support_floor's limits: the support's entries scanned (N x k), and the distinct row patterns'
+# entries the linear program holds. Above them the exact check is skipped (the counts remain).
+FLOOR_MAX_SCAN = 50_000_000
+FLOOR_MAX_ENTRIES = 2_000_000
+
+
+def support_floor(log_p: torch.Tensor, m: torch.Tensor) -> Optional[float]:
+    """The smallest ``||colsum(Q) - M||_1 / N`` over every Q (N x k) whose rows sum to 1 and put
+    mass only where ``log_p`` > -inf: 0 for marginals the support can carry, the solver's floor
+    otherwise. A linear program over the support's distinct row patterns (rows of one pattern
+    are interchangeable), solved by scipy's HiGHS; None when the support is too large to decide
+    here (``FLOOR_MAX_SCAN``, ``FLOOR_MAX_ENTRIES``) or the solver gives no answer."""
+    n, k = log_p.shape
+    if n == 0 or n * k > FLOOR_MAX_SCAN:
+        return None
+    sup = (log_p > float("-inf")).cpu().numpy()
+    packed, counts = np.unique(np.packbits(sup, axis=1), axis=0, return_counts=True)
+    patterns = np.unpackbits(packed, axis=1, count=k).astype(bool)
+    p_idx, j_idx = np.nonzero(patterns)
+    nnz, n_pat = len(p_idx), len(patterns)
+    if nnz > FLOOR_MAX_ENTRIES:
+        return None
+    from scipy.optimize import linprog
+    from scipy.sparse import csr_matrix
+
+    # Variables: the mass x of each (pattern, class) entry, then each class's excess and deficit.
+    # Rows: each pattern's rows sum to their count; each class's mass minus its excess plus its
+    # deficit is M_j.
+    cls = np.arange(k)
+    rows = np.concatenate([p_idx, n_pat + j_idx, n_pat + cls, n_pat + cls])
+    cols = np.concatenate([np.arange(nnz), np.arange(nnz), nnz + cls, nnz + k + cls])
+    vals = np.concatenate([np.ones(2 * nnz), -np.ones(k), np.ones(k)])
+    a = csr_matrix((vals, (rows, cols)), shape=(n_pat + k, nnz + 2 * k))
+    b = np.concatenate([counts.astype(np.float64), m.double().cpu().numpy()])
+    cost = np.concatenate([np.zeros(nnz), np.ones(2 * k)])
+    res = linprog(cost, A_eq=a, b_eq=b, bounds=(0, None), method="highs")
+    return float(res.fun) / n if res.status == 0 else None
 
 
 def capacity_counts(log_p: torch.Tensor, chunk_elems: int = 1 << 22

@@ -290,3 +290,22 @@ def test_labels_passed_as_forget_mask_are_refused(problem, tmp_path):
                                   forget_rows(torch.tensor([3, 5]), n))
     assert torch.equal(ppu_fast.refine(p, torch.tensor([3, 3, 5, 7])),
                        ppu_fast.refine(p, torch.tensor([3, 5, 7])))
+
+
+def test_marginals_no_set_of_rows_can_carry_are_refused():
+    # Each class alone passes the count checks (at most the rows that give it probability, at
+    # least the rows that give it alone), but classes {0, 1} must get at least 2 (rows 0 and 1
+    # give nothing else) and {2, 3} at most 3: the solver stalled at residual 0.4 and only warned.
+    with np.errstate(divide="ignore"):
+        lp = np.log(np.array([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, .5, .5], [0, 0, .5, .5],
+                              [.25] * 4]))
+    bad = np.array([0.5, 0.5, 2.0, 2.0])
+    floor = r"smallest residual .* reaches is 0.4, above tol 1e-06"
+    with pytest.raises(ValueError, match=r"marginals: infeasible marginals: .*" + floor):
+        ppu_fast.solve(lp, np.ones(5), bad)
+    with pytest.raises(ValueError, match=r"marginals: infeasible marginals: .*" + floor):
+        ppu_fast.refine(np.exp(lp), [4], pseudo=None, marginals=bad)
+    # On the boundary (row 4 must give {0, 1} nothing) and inside: solved.
+    for good in ([1.0, 1.0, 1.5, 1.5], [1.2, 1.2, 1.3, 1.3]):
+        _, info = ppu_fast.solve(lp, np.ones(5), np.array(good))
+        assert info.converged
