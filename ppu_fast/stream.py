@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import secrets
 import socket
 import sys
 import time
@@ -470,7 +471,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
                 "_in": (socket.gethostname(), os.path.realpath(src.path), r0, r1)}
 
     # From here on the temporary output may exist: every error removes it.
-    scratch = out_path.with_name(f".{out_path.name}.buffer-{os.getpid()}.npy")
+    scratch = out_path.with_name(f".{out_path.name}.buffer-{_call_tag()}.npy")
     try:
         with written_beside(out_path) as tmp:
             (src, r0, r1, mask, c, dev, budget, buf, result, in_dt, sdt), every = \
@@ -519,12 +520,19 @@ def _dir_entry(path: Path) -> Path:
     return Path(os.path.realpath(path.parent)) / path.name
 
 
+def _call_tag() -> str:
+    """A name part unique to this call: the process and a random token. With the process id
+    alone, two threads writing one out_path shared their temporaries, truncated each other's
+    mapped file (SIGBUS) or returned normally over the other's half-written Q."""
+    return f"{os.getpid()}-{secrets.token_hex(6)}"
+
+
 @contextmanager
 def written_beside(path: Path, suffix: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` (``suffix`` appended: np.save adds ".npy" to a name
     without it) that is renamed onto ``path`` when the block succeeds and removed when it fails:
     an error leaves no partial output behind."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{suffix}")
+    tmp = path.with_name(f".{path.name}.partial-{_call_tag()}{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -170,6 +170,37 @@ def test_fortran_rows_stay_a_range_in_memory(tmp_path):
     assert grown < 8, f"{grown:.1f} MB resident for a 0.4 MB range"
 
 
+def test_two_threads_writing_one_out_path(tmp_path):
+    # Their temporaries were named by the process id alone: one thread truncated the file the
+    # other had mapped (SIGBUS), or returned normally with the other's half-written Q in place.
+    import threading
+    n, k = 6000, 10
+    mask = _mask(n, 0.15, seed=2)
+    refs = []
+    for i in range(2):
+        np.save(tmp_path / f"in{i}.npy", _probs(n, k, np.float32, seed=20 + i))
+        refine_file(tmp_path / f"in{i}.npy", mask, tmp_path / f"ref{i}.npy", chunk_rows=500)
+        refs.append(np.load(tmp_path / f"ref{i}.npy"))
+    for _ in range(4):
+        errors = []
+
+        def run(i):
+            try:
+                refine_file(tmp_path / f"in{i}.npy", mask, tmp_path / "out.npy", chunk_rows=500)
+            except Exception as exc:  # noqa: BLE001 - any error is the finding
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        out = np.load(tmp_path / "out.npy")
+        assert any(np.array_equal(out, r) for r in refs)  # the last writer's, whole
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_a_bytes_path_is_a_path(tmp_path):
     # As open() and np.load take it.
     p = _probs(40, 3, np.float32, seed=3)
