@@ -10,6 +10,7 @@ import math
 import numbers
 import os
 import sys
+import threading
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
@@ -309,3 +310,32 @@ def keeps_caller_state(name: Callable[[dict], str]) -> Callable[[F], F]:
             return result
         return wrapper  # type: ignore[return-value]
     return deco
+
+
+class Overlapping:
+    """A process-wide setting changed for the duration of blocks that threads may overlap:
+    ``apply()`` (returning what ``restore`` needs) runs when the first block enters,
+    ``restore(saved)`` when the last one leaves. Saved and put back per block, two overlapping
+    calls put back each other's value: the caller's float32 matmul precision stayed "highest"
+    after two concurrent refines (and a block still running saw the caller's "medium")."""
+
+    def __init__(self, apply: Callable[[], Any], restore: Callable[[Any], None]) -> None:
+        self._apply, self._restore = apply, restore
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: Any = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = self._apply()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    saved, self._saved = self._saved, None
+                    self._restore(saved)

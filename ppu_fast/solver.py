@@ -9,7 +9,6 @@ is k-dimensional algebra in float64 (docs/design.md §1). The dual is
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -21,7 +20,7 @@ import torch
 
 from .backends.base import Backend, StepOut, compute_dtype, hessian_stride, host_step
 from .backends.cpu import _C
-from .caller_state import caller_stacklevel
+from .caller_state import Overlapping, caller_stacklevel
 from .problem import as_float, as_int
 
 METHODS = ("newton", "sinkhorn", "gradient")
@@ -155,19 +154,30 @@ BALANCE_TOL = 1e-4
 _BLAS = None
 
 
-def _one_blas_thread():
-    """numpy's BLAS on one thread for a k x k solve in numpy. OpenBLAS threads even a 100 x 100
-    solve and its worker then busy-waits on another core for a while, which halved the speed of
-    the C++ kernels' next pass (a 50,000 x 100 refine: 45 ms against 26 ms). The caller's setting
-    is restored when the solve returns."""
+def _blas_apply():
     global _BLAS
     try:
         if _BLAS is None:
             from threadpoolctl import ThreadpoolController
             _BLAS = ThreadpoolController()
-        return _BLAS.limit(limits=1, user_api="blas")
+        limit = _BLAS.limit(limits=1, user_api="blas")
     except Exception:  # threadpoolctl missing or a BLAS it cannot drive: leave BLAS as it is
-        return contextlib.nullcontext()
+        return None
+    limit.__enter__()
+    return limit
+
+
+def _blas_restore(limit) -> None:
+    if limit is not None:
+        limit.__exit__(None, None, None)
+
+
+# ``with _one_blas_thread():`` numpy's BLAS on one thread for a k x k solve in numpy. OpenBLAS
+# threads even a 100 x 100 solve and its worker then busy-waits on another core for a while,
+# which halved the speed of the C++ kernels' next pass (a 50,000 x 100 refine: 45 ms against
+# 26 ms). The caller's setting is restored when the last of overlapping solves (other threads')
+# returns.
+_one_blas_thread = Overlapping(_blas_apply, _blas_restore)
 
 
 def hessian_mode(method: str, k: int) -> Union[bool, str]:

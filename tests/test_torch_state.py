@@ -475,3 +475,41 @@ def test_the_seed_queued_for_gpus_not_started_is_the_callers():
         assert _queued_gpu_seed() == 123, method
     fit(nn.Linear(6, 3), data, TrainConfig(epochs=1, seed=11), progress=False)
     assert _queued_gpu_seed() == 123
+
+
+def test_overlapping_blocks_in_threads_restore_the_callers_setting():
+    """Two threads' refines overlap in ``ieee_matmul``: the one still inside keeps full precision
+    when the other leaves, and the caller's setting comes back when both have left (each block
+    saved and restored its own, so the first to leave put "medium" back under the other and the
+    last left "highest" behind for good)."""
+    import threading
+    from ppu_fast.backends.base import ieee_matmul
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with ieee_matmul():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with ieee_matmul():
+            b_in.set()
+            a_out.wait(10)
+            seen["b after a left"] = torch.get_float32_matmul_precision()
+
+    try:
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert seen == {"b after a left": "highest"}
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -81,6 +81,8 @@ from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..caller_state import Overlapping
+
 Hessian = Union[bool, str]
 StepOut = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
 
@@ -581,7 +583,7 @@ def _add_gram(materialize_rows, lp: torch.Tensor, ic: torch.Tensor, ic_col: torc
               q: torch.Tensor, qw: torch.Tensor, qw_t: torch.Tensor, w: torch.Tensor) -> None:
     """w (k x k float64) += sum over the rows of lp (R x k) of ic q q^T: Q materialised into
     ``q`` (R x k float32), ic Q into ``qw`` (``qw_t`` its transpose, ``ic_col`` = ic[:, None]),
-    their float32 product (the caller holds :class:`ieee_matmul`: no TF32) added in float64."""
+    their float32 product (the caller holds :data:`ieee_matmul`: no TF32) added in float64."""
     materialize_rows(lp, ic, q)
     torch.mul(q, ic_col, out=qw)
     w += torch.mm(qw_t, q).double()
@@ -634,35 +636,40 @@ _PER_BACKEND_PRECISION = all(
     for name in ("cuda", "mkldnn"))
 
 
-class ieee_matmul:
-    """float32 matmuls in full float32 precision (no TF32, no bf16) for the duration of the
-    block; the caller's settings are put back as they were.
+def _ieee_apply() -> tuple:
+    """Set full float32 matmul precision (:data:`ieee_matmul`); returns the caller's settings."""
+    if _PER_BACKEND_PRECISION:
+        b = torch.backends
+        try:
+            legacy = torch.get_float32_matmul_precision()
+        except RuntimeError:  # a mix of the two settings
+            legacy = "highest"
+        prev = (legacy, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision)
+    else:
+        prev = (torch.get_float32_matmul_precision(),)
+    torch.set_float32_matmul_precision("highest")
+    return prev
 
-    torch (2.9+) keeps two records of it, the global "matmul precision" and a per-backend
-    ``fp32_precision`` (CUDA's, oneDNN's), and raises where they disagree: its global getter once
-    a caller set TF32 the newer way (``torch.backends.fp32_precision = "tf32"``: a refine at
-    33 <= k <= 128 failed there), cuBLAS's TF32 check inside a float32 GPU matmul once only the
-    per-backend one says "ieee" after a caller's ``torch.set_float32_matmul_precision("high")``
-    or ``allow_tf32 = True``. So both are set (the global setter sets the per-backend ones to
-    agree), and both put back: the global one first (it overwrites the others), then CUDA's and
-    oneDNN's as they were. A global value torch refuses to read (the two settings mixed) is put
-    back as "highest": its default, and its only possible value under CUDA TF32 set the newer
-    way."""
 
-    def __enter__(self) -> None:
-        if _PER_BACKEND_PRECISION:
-            b = torch.backends
-            try:
-                legacy = torch.get_float32_matmul_precision()
-            except RuntimeError:  # a mix of the two settings
-                legacy = "highest"
-            self.prev = (legacy, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision)
-        else:
-            self.prev = (torch.get_float32_matmul_precision(),)
-        torch.set_float32_matmul_precision("highest")
+def _ieee_restore(prev: tuple) -> None:
+    torch.set_float32_matmul_precision(prev[0])
+    if _PER_BACKEND_PRECISION:
+        b = torch.backends
+        b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = prev[1:]
 
-    def __exit__(self, *exc) -> None:
-        torch.set_float32_matmul_precision(self.prev[0])
-        if _PER_BACKEND_PRECISION:
-            b = torch.backends
-            b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = self.prev[1:]
+
+# ``with ieee_matmul():`` float32 matmuls in full float32 precision (no TF32, no bf16) for the
+# duration of the block; the caller's settings are put back as they were when the last of
+# overlapping blocks (other threads' refines) leaves.
+#
+# torch (2.9+) keeps two records of it, the global "matmul precision" and a per-backend
+# ``fp32_precision`` (CUDA's, oneDNN's), and raises where they disagree: its global getter once
+# a caller set TF32 the newer way (``torch.backends.fp32_precision = "tf32"``: a refine at
+# 33 <= k <= 128 failed there), cuBLAS's TF32 check inside a float32 GPU matmul once only the
+# per-backend one says "ieee" after a caller's ``torch.set_float32_matmul_precision("high")``
+# or ``allow_tf32 = True``. So both are set (the global setter sets the per-backend ones to
+# agree), and both put back: the global one first (it overwrites the others), then CUDA's and
+# oneDNN's as they were. A global value torch refuses to read (the two settings mixed) is put
+# back as "highest": its default, and its only possible value under CUDA TF32 set the newer
+# way.
+ieee_matmul = Overlapping(_ieee_apply, _ieee_restore)

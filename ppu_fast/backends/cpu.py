@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import List, Optional, Tuple, Union
 
 import numpy as np
@@ -72,6 +73,7 @@ HOST_CACHE_ENV = "PPU_FAST_HOST_CACHE_MB"
 # Limits above this mean "no limit" (the C++ side holds them in a size_t).
 _LIMIT_MAX = (1 << 63) - 1
 _host_limit_read = False
+_host_limit_lock = threading.Lock()
 
 
 def empty_buffer(shape: Tuple[int, ...], dtype: torch.dtype,
@@ -125,17 +127,23 @@ def _read_host_limit() -> None:
     global _host_limit_read
     if _host_limit_read:
         return
-    raw = os.environ.get(HOST_CACHE_ENV, "").strip()
-    if raw:
-        try:
-            mb = float(raw)
-        except ValueError:
-            mb = math.nan
-        if not mb >= 0:
-            raise ValueError(f"{HOST_CACHE_ENV}: expected a number of MiB >= 0 (0 keeps no "
-                             f"freed buffer, inf no limit), got {raw!r}")
-        _C.host_set_limit(_LIMIT_MAX if mb * (1 << 20) >= _LIMIT_MAX else int(mb * (1 << 20)))
-    _host_limit_read = True
+    # Under the lock set_host_cache_limit takes: a limit it sets while another thread reads the
+    # variable must not be overwritten by the variable.
+    with _host_limit_lock:
+        if _host_limit_read:
+            return
+        raw = os.environ.get(HOST_CACHE_ENV, "").strip()
+        if raw:
+            try:
+                mb = float(raw)
+            except ValueError:
+                mb = math.nan
+            if not mb >= 0:
+                raise ValueError(f"{HOST_CACHE_ENV}: expected a number of MiB >= 0 (0 keeps no "
+                                 f"freed buffer, inf no limit), got {raw!r}")
+            _C.host_set_limit(_LIMIT_MAX if mb * (1 << 20) >= _LIMIT_MAX
+                              else int(mb * (1 << 20)))
+        _host_limit_read = True
 
 
 def empty_host_cache() -> None:
@@ -157,8 +165,9 @@ def set_host_cache_limit(nbytes: int) -> None:
     if nbytes < 0:
         raise ValueError(f"nbytes: expected a number of bytes >= 0, got {nbytes}")
     if _host_cache():
-        _C.host_set_limit(min(int(nbytes), _LIMIT_MAX))
-        _host_limit_read = True
+        with _host_limit_lock:
+            _C.host_set_limit(min(int(nbytes), _LIMIT_MAX))
+            _host_limit_read = True
 
 
 def host_cache_stats() -> dict:
