@@ -110,9 +110,15 @@ def _batch_labels(y: object, n: int, name: str) -> torch.Tensor:
     if t.ndim != 1 or len(t) != n:
         raise ValueError(f"{name}: a batch of {n} input(s) has labels of shape {tuple(t.shape)}; expected "
                          f"({n},) integer class indices")
+    return _integer_labels(t, f"{name}: ")
+
+
+def _integer_labels(t: torch.Tensor, who: str) -> torch.Tensor:
+    """Labels as int64, refused when not integers (a cast would truncate 1.7 to class 1); ``who``
+    prefixes the message (the argument)."""
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name}: labels are {str(t.dtype).replace('torch.', '')}; expected integer class "
-                         f"indices")
+        raise ValueError(f"{who}labels are {str(t.dtype).replace('torch.', '')}; expected integer "
+                         f"class indices")
     return t.long()
 
 
@@ -272,12 +278,7 @@ def true_class_features(logits: torch.Tensor | np.ndarray,
     stays finite and ordered where p_y rounds to 1 (a well-fit training example's usual case, exactly
     where members and non-members must be told apart)."""
     z = torch.as_tensor(logits, device="cpu").double()
-    y = torch.as_tensor(host_array(labels), device="cpu").reshape(-1)
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        # A cast would truncate 1.7 to class 1.
-        raise ValueError(f"labels are {str(y.dtype).replace('torch.', '')}; expected integer class "
-                         f"indices")
-    y = y.long()
+    y = _integer_labels(torch.as_tensor(host_array(labels), device="cpu").reshape(-1), "")
     if z.dim() != 2:
         raise ValueError(f"logits must be (N, k), got shape {tuple(z.shape)}")
     if z.shape[0] != y.shape[0]:

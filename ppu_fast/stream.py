@@ -483,7 +483,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
                                             budget, dev.type == "cuda"))
             show = (sys.stderr is not None and sys.stderr.isatty()) if progress is None \
                 else bool(progress)
-            bar = _bar(show, max(1, -(-(r1 - r0) // rows_per)), as_path(probs_path, "probs_path").name)
+            bar = _bar(show, max(1, -(-(r1 - r0) // rows_per)), src.path.name)
             where = f" (file '{src.path}'{comm.where()})"
             store = FileStore(src, r0, r1, buf, rows_per, dev, sdt, result=result)
             info, _ = refine_rows(store, mask, mode=name, name=name, in_dtype=in_dt, weights=c,
