@@ -1,5 +1,6 @@
-"""benchmarks/gpu/unlearn_gpu.sh, run on the CPU (DEVICE=cpu) on a tiny random ImageFolder tree, so
-that the script a GPU session spends its minutes on has run before it gets there."""
+"""benchmarks/gpu/unlearn_gpu.sh, run on the CPU (DEVICE=cpu) on a tiny random ImageFolder tree, and
+benchmarks/gpu/check.sh in its CPU mode (BENCH_DEVICE=cpu), so that the scripts a GPU session
+spends its minutes on have run before it gets there."""
 import json
 import os
 import shutil
@@ -14,6 +15,12 @@ from ppu_fast.data import CIFAR10_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "unlearn_gpu.sh"
+CHECK = ROOT / "benchmarks" / "gpu" / "check.sh"
+
+def torch_cuda_absent() -> bool:
+    import torch
+    return not torch.cuda.is_available()
+
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
@@ -60,3 +67,46 @@ def test_part_a_runs_and_merges(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert merged.returncode == 0, merged.stderr
     assert "Retrain" in (tmp_path / "m" / "results.md").read_text()
+
+
+def run_check(out: Path, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHON": sys.executable, "SKIP_INSTALL": "1", "BENCH_DEVICE": "cpu",
+            "TEST_WORKERS": "1", "PYTHONPATH": str(ROOT),
+            "BENCH_ARGS": "--sizes 2000x10 --quick --no-compile --no-pot --threads 1", **env}
+    return subprocess.run(["bash", str(CHECK), str(out)], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=300)
+
+
+def summary(out: Path) -> dict:
+    rows = (out / "summary.txt").read_text().splitlines()
+    return {line.split()[0]: line.split(None, 1)[1].rsplit(None, 1)[0].strip() for line in rows[2:]
+            if line.split() and not line.startswith("elapsed")}
+
+
+@pytest.mark.skipif(not torch_cuda_absent(), reason="runs the CPU mode; a GPU box runs the real check")
+def test_check_script_runs_every_phase_in_cpu_mode(tmp_path):
+    out = tmp_path / "out"
+    res = run_check(out)
+    phases = summary(out)
+    # No device here: the backends' check fails, so the script's status is 1; the rest passes.
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert phases == {"install": "SKIP (SKIP_INSTALL=1)", "info": "PASS",
+                      "gpu-backends": "FAIL (no CUDA device)", "tests": "PASS", "bench": "PASS"}
+    files = sorted(f.name for f in out.iterdir())
+    assert len(files) <= 8, files  # what the device tool brings back
+    assert {"install.log", "info.txt", "tests.log", "summary.txt", "bench.log"} <= set(files)
+    bench = [f for f in files if f.startswith("cpu-") and f.endswith(".json")]
+    assert len(bench) == 1
+    assert "torch.version.cuda" in (out / "info.txt").read_text()
+    assert "GPU check: FAILED" in res.stdout
+
+
+@pytest.mark.skipif(not torch_cuda_absent(), reason="runs the CPU mode; a GPU box runs the real check")
+def test_check_script_starts_no_phase_past_its_budget(tmp_path):
+    out = tmp_path / "out"
+    # 41 s leave 1 s after the kill grace (10 s) and the reserve (30 s): nothing is started.
+    res = run_check(out, TOTAL_BUDGET="41")
+    phases = summary(out)
+    assert res.returncode == 1
+    assert phases["info"] == phases["tests"] == phases["bench"] == "TIMEOUT (budget spent)"
+    assert "not started" in (out / "bench.log").read_text()

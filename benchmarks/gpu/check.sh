@@ -6,11 +6,16 @@
 # Meant for a one-GPU machine with no network (torch, triton, nvcc, pybind11, cmake, ninja,
 # numpy, pytest preinstalled; POT, hypothesis, tqdm, matplotlib optional). Every phase has its
 # own timeout and log, a failing phase does not stop the later ones, and the exit status is
-# non-zero if any phase failed. Total worst case ~9.5 min (120 + 60 + 210 + 170 s caps: under the
-# device tool's 600 s a call); a normal run takes about 6.
+# non-zero if any phase failed. The whole script keeps inside TOTAL_BUDGET (540 s; the device
+# tool stops a call at 600 s): each phase's limit is its own cap (120 + 60 + 210 + 170 s) cut to
+# what the budget has left, its kill grace (10 s) and the probes and summary (~30 s) included,
+# and a phase with under 5 s left is not started (TIMEOUT). A normal run takes about 6 minutes.
+# summary.txt is rewritten after every phase, so a run stopped from outside still says how far it
+# got.
 #
-# Files written into OUTDIR (flat, at most 8): install.log, info.txt, tests.log, tests.xml,
-# bench.log, cuda-<stamp>.json, cuda-<stamp>.md, cuda-<stamp>.png.
+# Files written into OUTDIR (flat, at most 8): install.log, info.txt (backends, driver, CUDA
+# versions), tests.log, summary.txt, bench.log, cuda-<stamp>.json, cuda-<stamp>.md,
+# cuda-<stamp>.png.
 #
 # Environment:
 #   PYTHON=...        interpreter to use (default: python3, else python)
@@ -18,10 +23,11 @@
 #                     package is already importable, without touching that environment)
 #   BENCH_DEVICE=cpu  benchmark the CPU instead (for testing this script without a GPU)
 #   BENCH_ARGS="..."  extra arguments for benchmarks/run.py (e.g. --sizes 50000x10 --quick)
-#   INSTALL_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT  phase limits in seconds (120, 210, 170);
-#                     the benchmark stops starting new cases 40 s before its limit; the tests
-#                     are interrupted (SIGINT) at theirs, so tests.log and tests.xml still name
-#                     what ran, passed and failed
+#   INSTALL_TIMEOUT, TESTS_TIMEOUT, BENCH_TIMEOUT  phase caps in seconds (120, 210, 170);
+#                     the benchmark stops starting new cases (and compilations) 40 s before its
+#                     limit; the tests are interrupted (SIGINT) at theirs, so tests.log still
+#                     names what ran, passed and failed
+#   TOTAL_BUDGET=S    seconds the whole script may take (default 540)
 #   TEST_WORKERS=N    pytest-xdist workers for the tests where xdist is installed (default 6)
 set -euo pipefail
 
@@ -38,23 +44,57 @@ BENCH_DEVICE=${BENCH_DEVICE:-cuda}
 INSTALL_TIMEOUT=${INSTALL_TIMEOUT:-120}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-210}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
-BENCH_DEADLINE=$(( BENCH_TIMEOUT > 80 ? BENCH_TIMEOUT - 40 : BENCH_TIMEOUT / 2 ))
+TOTAL_BUDGET=${TOTAL_BUDGET:-540}
+T_START=$(date +%s)
+KILL_GRACE=10   # `timeout --kill-after`: a phase may run this long past its limit
+RESERVE=30      # the probes between phases and the summary at the end
 read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
 
 declare -a NAMES=() RESULTS=() SECONDS_TAKEN=()
 FAILED=0
 
+# phase_limit CAP: CAP cut to what TOTAL_BUDGET has left after the kill grace and the reserve.
+phase_limit() {
+    local left=$(( T_START + TOTAL_BUDGET - $(date +%s) - KILL_GRACE - RESERVE ))
+    echo $(( $1 < left ? $1 : left ))
+}
+
+# probe CMD...: a short helper command, never longer than 30 s (a hung driver must not eat the
+# budget).
+probe() {
+    timeout --kill-after=5 30 "$@"
+}
+
+write_summary() {  # the phases so far, into summary.txt (rewritten after each phase)
+    {
+        echo "GPU check, started $(date -u -d "@$T_START" +%Y-%m-%dT%H:%M:%SZ), budget ${TOTAL_BUDGET}s"
+        printf '%-14s %-28s %6s\n' phase result seconds
+        for i in "${!NAMES[@]}"; do
+            printf '%-14s %-28s %6s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECONDS_TAKEN[$i]}"
+        done
+        echo "elapsed $(( $(date +%s) - T_START ))s"
+    } > "$OUT/summary.txt"
+}
+
 # run_phase NAME LIMIT_S LOGFILE CMD...: runs CMD under `timeout`, stdout+stderr to LOGFILE,
 # records PASS / FAIL (rc) / TIMEOUT. Never exits the script (set -e is suspended around it).
 run_phase() {
-    local name=$1 limit=$2 log=$3
+    local name=$1 limit log=$3
+    limit=$(phase_limit "$2")
     shift 3
     local t0 rc
     t0=$(date +%s)
+    if (( limit < 5 )); then
+        echo "== $name: not started, ${limit}s of TOTAL_BUDGET left" | tee "$log" >&2
+        NAMES+=("$name"); RESULTS+=("TIMEOUT (budget spent)"); SECONDS_TAKEN+=(0)
+        FAILED=1
+        write_summary
+        return 0
+    fi
     echo "== $name (limit ${limit}s): $*" >&2
     set +e
     # PHASE_SIGNAL=INT for pytest: interrupted, it still writes its summary and junit XML.
-    timeout --signal="${PHASE_SIGNAL:-TERM}" --kill-after=10 "$limit" "$@" > "$log" 2>&1
+    timeout --signal="${PHASE_SIGNAL:-TERM}" --kill-after="$KILL_GRACE" "$limit" "$@" > "$log" 2>&1
     rc=$?
     set -e
     local res=PASS
@@ -66,6 +106,7 @@ run_phase() {
         FAILED=1
     fi
     NAMES+=("$name"); RESULTS+=("$res"); SECONDS_TAKEN+=("$(( $(date +%s) - t0 ))")
+    write_summary
     echo "   -> $res; last lines of $(basename "$log"):" >&2
     tail -n 15 "$log" >&2 || true
 }
@@ -73,20 +114,30 @@ run_phase() {
 record() {  # record NAME RESULT (a phase decided without running a command)
     NAMES+=("$1"); RESULTS+=("$2"); SECONDS_TAKEN+=(0)
     [[ $2 == PASS* || $2 == SKIP* ]] || FAILED=1
+    write_summary
 }
 
 # 1. Install (build the C++ and CUDA modules in place). The CUDA module takes minutes to build
 # for three targets on few cores, so build only the device's own architecture here; a module
 # prebuilt from the same sources for this Python (PPU_FAST_PREBUILT_CUDA=1, the .so placed in
 # ppu_fast/ beforehand) is kept as it is.
-EXT_SUFFIX=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+EXT_SUFFIX=$(probe "$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 if [[ ${PPU_FAST_PREBUILT_CUDA:-0} == 1 && -f ppu_fast/_cuda$EXT_SUFFIX ]]; then
     echo "install: keeping the prebuilt ppu_fast/_cuda$EXT_SUFFIX" >&2
     export PPU_FAST_SKIP_CUDA=1
 else
-    CC_ARCH=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}-real")' \
+    CC_ARCH=$(probe "$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}-real")' \
               2>/dev/null || echo "80-real;90-real;90-virtual")
     export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=$CC_ARCH"
+    # CMake looks for nvcc on PATH (or CUDAToolkit_ROOT) only: an image that keeps it in
+    # /usr/local/cuda/bin would build without the CUDA module and every cuda test would skip.
+    if ! command -v nvcc >/dev/null 2>&1; then
+        for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+            if [[ -x $d/nvcc ]]; then export PATH="$d:$PATH"; break; fi
+        done
+    fi
+    # On the device, a CUDA module that cannot be built is a failed install, not a quiet skip.
+    if [[ $BENCH_DEVICE == cuda ]]; then export PPU_FAST_FORCE_CUDA=1; fi
 fi
 if [[ ${SKIP_INSTALL:-0} == 1 ]]; then
     record install "SKIP (SKIP_INSTALL=1)"
@@ -98,13 +149,21 @@ fi
 
 # 2. Backends report.
 run_phase info 60 "$OUT/info.txt" "$PY" -m ppu_fast.info
+# The driver and the CUDA versions: the CUDA module links CUDA's runtime statically, and a
+# driver older than its nvcc makes it unavailable while torch still works.
+{
+    echo "nvidia-smi: $(probe nvidia-smi --query-gpu=name,driver_version,memory.total \
+                        --format=csv,noheader 2>&1 | head -n 4 | tr '\n' ';')"
+    echo "nvcc: $(probe nvcc --version 2>&1 | grep -i release || echo 'not on PATH')"
+    probe "$PY" -c 'import torch; print(f"torch {torch.__version__}, torch.version.cuda {torch.version.cuda}")' 2>&1
+} >> "$OUT/info.txt" || true
 cat "$OUT/info.txt"
 
 # Is there a device, and can the GPU backends run on it? (A GPU box whose cuda/triton backend
 # is unavailable is a failed check, not a quiet fallback to torch.)
-HAVE_GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
+HAVE_GPU=$(probe "$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
 if [[ $HAVE_GPU == 1 ]]; then
-    if "$PY" - >> "$OUT/info.txt" 2>&1 <<'PYEOF'
+    if probe "$PY" - >> "$OUT/info.txt" 2>&1 <<'PYEOF'
 import sys
 from ppu_fast.backends import describe
 bad = [f"{n}: {why}" for n, ok, why in describe() if n in ("cuda", "triton") and not ok]
@@ -122,7 +181,7 @@ fi
 # 3. GPU tests. Name the files explicitly (collecting all of tests/ would import modules that
 # need packages absent here, e.g. hypothesis); leave out files that import hypothesis at top
 # level when it is not installed.
-HAVE_HYP=$("$PY" -c 'import hypothesis' >/dev/null 2>&1 && echo 1 || echo 0)
+HAVE_HYP=$(probe "$PY" -c 'import hypothesis' >/dev/null 2>&1 && echo 1 || echo 0)
 TEST_FILES=()
 while IFS= read -r f; do
     if [[ $HAVE_HYP == 0 ]] && grep -qE '^(import|from) hypothesis' "$f"; then
@@ -140,17 +199,19 @@ else
     # The Triton tests compile ~480 kernel variants (~0.4 s each for sm_90): spread over
     # workers where pytest-xdist is installed (the device image has it).
     PARALLEL=()
-    if "$PY" -c 'import xdist' >/dev/null 2>&1; then
+    if probe "$PY" -c 'import xdist' >/dev/null 2>&1; then
         PARALLEL=(-n "${TEST_WORKERS:-6}" --dist load)
     fi
     PHASE_SIGNAL=INT run_phase tests "$TESTS_TIMEOUT" "$OUT/tests.log" \
-        "$PY" -m pytest -m gpu -p no:cacheprovider -v -rfEs --junitxml "$OUT/tests.xml" \
+        "$PY" -m pytest -m gpu -p no:cacheprovider -v -rfEs \
         ${PARALLEL[@]+"${PARALLEL[@]}"} "${TEST_FILES[@]}"
 fi
 
-# 4. Benchmarks. run.py stops starting new cases at --deadline-s and caps torch.compile's
-# compilation at --compile-budget-s, so it ends (and writes its tables) inside the timeout;
-# it writes after every size, so even a killed run leaves what it measured.
+# 4. Benchmarks. run.py stops starting new cases (and compilations) at --deadline-s and caps
+# torch.compile's compilation at --compile-budget-s, so it ends (and writes its tables) inside
+# the timeout; it writes after every size, so even a killed run leaves what it measured.
+BENCH_LIMIT=$(phase_limit "$BENCH_TIMEOUT")
+BENCH_DEADLINE=$(( BENCH_LIMIT > 80 ? BENCH_LIMIT - 40 : (BENCH_LIMIT > 0 ? BENCH_LIMIT / 2 : 0) ))
 run_phase bench "$BENCH_TIMEOUT" "$OUT/bench.log" \
     "$PY" benchmarks/run.py --device "$BENCH_DEVICE" --out "$OUT" --no-latest \
     --budget 0.5 --max-case-s 8 --deadline-s "$BENCH_DEADLINE" --compile-budget-s 60 \
@@ -159,11 +220,9 @@ run_phase bench "$BENCH_TIMEOUT" "$OUT/bench.log" \
 # 5. Summary (last thing printed).
 echo
 echo "================ summary ================"
-printf '%-14s %-28s %6s\n' phase result seconds
-for i in "${!NAMES[@]}"; do
-    printf '%-14s %-28s %6s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECONDS_TAKEN[$i]}"
-done
-"$PY" - "$OUT" <<'PYEOF' || true
+write_summary
+cat "$OUT/summary.txt"
+probe "$PY" - "$OUT" <<'PYEOF' || true
 import json, sys
 from pathlib import Path
 files = sorted(Path(sys.argv[1]).glob("*-*.json"))
