@@ -289,6 +289,22 @@ def test_prepare_refuses_a_bad_fill(name: str) -> None:
     assert bool((out == 7.0).all())
 
 
+@pytest.mark.parametrize("name", ["cpu", "torch"])
+def test_prepare_in_log_p_mode_refuses_a_forget_set(name: str) -> None:
+    """log_p mode writes x as it is: a forget set or fill there is refused by every backend (the
+    cpu kernel ignored it while the reference wrote fill), and nothing is written."""
+    from ppu_fast.backends.torch_ref import TorchBackend
+    be = CpuBackend() if name == "cpu" else TorchBackend()
+    x = prepare_inputs(20, 5, "log_p", seed=1)
+    forget = torch.zeros(20, dtype=torch.bool)
+    forget[3] = True
+    out = torch.full((20, 5), 7.0)
+    for fg, fill in ((forget, torch.zeros(5)), (forget, None), (None, torch.zeros(5))):
+        with pytest.raises(ValueError, match=r"forget, fill: only for mode 'probs' or 'logits'"):
+            be.prepare(x, "log_p", fg, fill, out)
+    assert bool((out == 7.0).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
 @pytest.mark.parametrize("k", [5, 40, 1000])

@@ -194,10 +194,11 @@ def _prepare_configs(mode: str, k: int, device: str):
     xbf = prepare_inputs(n, k, mode, torch.bfloat16, seed=k + 2, noncontig=True, device=device)
     x16 = prepare_inputs(n, k, mode, torch.float16, seed=k + 3, margin=30.0, device=device)
     if mode == "log_p":
+        # log_p mode writes x as it is: no forget set, no fill (refused).
         return [(x32, None, None, None, inv_c, True, 1e-3),  # validate only; first from x
-                (x64, forget, fill, torch.float32, inv_c, "diag", 1e-3),
+                (x64, None, None, torch.float32, inv_c, "diag", 1e-3),
                 # first from the stored halves (no Hessian: the oracle evaluates x unrounded)
-                (xbf, forget, fill, torch.float16, inv_c, False, 1e-3),
+                (xbf, None, None, torch.float16, inv_c, False, 1e-3),
                 (x16, None, None, torch.float32, None, False, 1e-3)]
     return [(x32, forget, fill, torch.float32, inv_c, True, 1e-3),
             (x64, None, None, torch.float32, inv_c, "diag", 1e-3),

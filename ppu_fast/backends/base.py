@@ -18,8 +18,8 @@ by the cpu and torch backends (the triton and cuda backends refuse it in
       offending row and its kind (``ERR_*``) instead of raising, so that the caller words the error;
     - writes log P^ into ``out`` (N x k, a solver dtype), computed in ``compute_dtype(out.dtype)``:
       ``log p_ij - log sum_j p_ij`` ("probs"), ``log_softmax`` ("logits") or ``x`` itself
-      ("log_p"); rows flagged in ``forget`` (N,) bool get ``fill`` (k,) float32 instead when it is
-      given (otherwise they are written like the others and the caller overwrites them; ``fill``
+      ("log_p"); in "probs" / "logits" mode, rows flagged in ``forget`` (N,) bool get ``fill``
+      (k,) float32 instead when it is given ("log_p" mode takes neither) (otherwise they are written like the others and the caller overwrites them; ``fill``
       may be on x's device or on the CPU: ``refine`` passes it from the CPU, so that a GPU
       backend derives what it needs of it on the host without reading it back). ``out``
       may be None in "log_p" mode (validate only; x is then the buffer), and may be ``x`` itself
@@ -474,6 +474,11 @@ def check_prepare_args(x: torch.Tensor, mode: str, forget: Optional[torch.Tensor
                                or forget.device != dev):
         raise ValueError(f"forget: expected a bool tensor ({n},) on {dev}, got {forget.dtype} "
                          f"{tuple(forget.shape)} on {forget.device}")
+    if mode == "log_p" and (forget is not None or fill is not None):
+        # The backends' log_p passes write x as it is (the cpu kernel has no fill there): a forget
+        # set would be ignored by one backend and filled by another.
+        raise ValueError("forget, fill: only for mode 'probs' or 'logits'; mode 'log_p' writes x "
+                         "as it is (expected forget=None and fill=None)")
     if fill is not None and (fill.shape != (k,) or fill.dtype != torch.float32
                              or fill.device not in (dev, _CPU)):
         where = "the CPU" if dev == _CPU else f"{dev} or the CPU"

@@ -33,6 +33,8 @@ def prepare_case(b, n, k, mode, cfg, seed, margin=0.0, device="cpu"):
         out_dtype = torch.float32
     if mode != "log_p" and fkind == "mask" and with_inv_c:
         with_inv_c = False  # the first evaluation needs final rows (fill)
+    if mode == "log_p":
+        fkind = None  # log_p mode writes x as it is: no forget set, no fill (refused)
     x = prepare_inputs(n, k, mode, dtype=x_dtype, seed=seed, noncontig=noncontig, margin=margin,
                        device=device)
     g = torch.Generator().manual_seed(seed + 1)
