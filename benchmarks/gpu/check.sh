@@ -136,8 +136,8 @@ else
             if [[ -x $d/nvcc ]]; then export PATH="$d:$PATH"; break; fi
         done
     fi
-    # On the device, a CUDA module that cannot be built is a failed install, not a quiet skip.
-    if [[ $BENCH_DEVICE == cuda ]]; then export PPU_FAST_FORCE_CUDA=1; fi
+    # (Not PPU_FAST_FORCE_CUDA: with no nvcc at all it would fail the whole install, and the
+    # triton and cpu checks with it; a missing CUDA module already fails gpu-backends.)
 fi
 if [[ ${SKIP_INSTALL:-0} == 1 ]]; then
     record install "SKIP (SKIP_INSTALL=1)"
