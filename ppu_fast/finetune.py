@@ -227,18 +227,9 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
     if not (callable(select) or select in SELECT_POLICIES):
         raise ValueError(f"select must be one of {SELECT_POLICIES} or a callable(history) -> epoch, "
                          f"got {select!r}")
-    if retain_per_epoch is not None:
-        if forget_mask is None:
-            raise ValueError("retain_per_epoch needs forget_mask (which rows are the forget set)")
-        if not is_int(retain_per_epoch) or retain_per_epoch < 1:
-            raise ValueError(f"retain_per_epoch must be a positive int, got {retain_per_epoch!r}")
-    if retain_fraction is not None:
-        if not is_real(retain_fraction) or not 0.0 < float(retain_fraction) <= 1.0:
-            raise ValueError(f"retain_fraction must be a number in (0, 1] (the share of retain rows "
-                             f"each epoch uses), got {retain_fraction!r}")
-        if retain_per_epoch is not None:
-            raise ValueError("retain_fraction, retain_per_epoch: pass one of them (both set how many "
-                             "retain rows an epoch uses)")
+    if retain_per_epoch is not None and forget_mask is None:
+        raise ValueError("retain_per_epoch needs forget_mask (which rows are the forget set)")
+    check_epoch_rows(retain_fraction, retain_per_epoch)
     if (retain_fraction is not None or forget_repeats != 1 or retain_sampling != "uniform") \
             and forget_mask is None:
         raise ValueError("retain_fraction / forget_repeats / retain_sampling need forget_mask (which "
@@ -317,6 +308,20 @@ def _check_inputs_finite(x: torch.Tensor, rows: torch.Tensor) -> None:
             row = int(rows[int(bad.nonzero()[0, 0])])
             raise ValueError(f"data: example {row} holds NaN or infinite values; expected finite "
                              f"inputs")
+
+
+def check_epoch_rows(retain_fraction: float | None, retain_per_epoch: int | None) -> None:
+    """Refuse a bad ``retain_fraction`` / ``retain_per_epoch`` (how many retain rows an epoch
+    uses) before any work: ``unlearn``'s experiment runner checks them before its training."""
+    if retain_per_epoch is not None and (not is_int(retain_per_epoch) or retain_per_epoch < 1):
+        raise ValueError(f"retain_per_epoch must be a positive int, got {retain_per_epoch!r}")
+    if retain_fraction is not None:
+        if not is_real(retain_fraction) or not 0.0 < float(retain_fraction) <= 1.0:
+            raise ValueError(f"retain_fraction must be a number in (0, 1] (the share of retain rows "
+                             f"each epoch uses), got {retain_fraction!r}")
+        if retain_per_epoch is not None:
+            raise ValueError("retain_fraction, retain_per_epoch: pass one of them (both set how many "
+                             "retain rows an epoch uses)")
 
 
 @keeps_caller_state(lambda kw: "finetune")

@@ -253,6 +253,11 @@ def test_run_refuses_before_any_training(tmp_path, monkeypatch, capsys):
         main(base + ["--lr", "-0.05"])
     assert exc.value.code == 2
     assert "argument --lr: expected a positive number" in capsys.readouterr().err
+    # The pair finetune refuses, checked before the training too (was after Original's and
+    # Retrain's: a docs audit's find).
+    assert main(base + ["--retain-per-epoch", "50", "--retain-fraction", "0.5"]) == 2
+    assert ("error: --retain-fraction, --retain-per-epoch: pass one of them"
+            in capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
 
 

@@ -17,6 +17,7 @@ from ..data import Split, check_reduction, dataset_channels, make_split
 from ..metrics import (MIA_MIN_PER_SIDE, add_retrain_gaps, error, lira, mia_detail,
                        restrict_to_classes)
 from ..data import other_classes_dataset
+from ..finetune import check_epoch_rows
 from ..models import build_model
 from ..report import label
 from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
@@ -172,6 +173,8 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         bad = sorted(set(kw) - set(method_options(variants[name][0] if name in variants else name)))
         if bad:
             raise TypeError(f"method '{name}' does not accept option(s) {', '.join(bad)}")
+        # Values only a method's run would check, where that comes after the training.
+        check_epoch_rows(kw.get("retain_fraction"), kw.get("retain_per_epoch"))
     say = log or (lambda *_: None)
     dev = available_device(device) if device else torch.device("cpu")
     # Before any pre-training: a refused reduction should not cost its minutes first.
