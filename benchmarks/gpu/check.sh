@@ -93,7 +93,7 @@ run_phase() {
     fi
     echo "== $name (limit ${limit}s): $*" >&2
     set +e
-    # PHASE_SIGNAL=INT for pytest: interrupted, it still writes its summary and junit XML.
+    # PHASE_SIGNAL=INT for pytest: interrupted, it still writes its summary into tests.log.
     timeout --signal="${PHASE_SIGNAL:-TERM}" --kill-after="$KILL_GRACE" "$limit" "$@" > "$log" 2>&1
     rc=$?
     set -e
