@@ -289,6 +289,34 @@ def test_prepare_refuses_a_bad_fill(name: str) -> None:
     assert bool((out == 7.0).all())
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [3, 17, 40, 1000])
+def test_prepare_of_logits_far_from_zero(isa: str, k: int) -> None:
+    """log_softmax of logits offset by up to 1e30 (ties at the maximum included) against float64:
+    the kernels formed max + log(sum e) and lost the log to its rounding (two tied logits of 1e30
+    gave log P^ = 0 instead of -log 2; at 1e4 an error of ~5e-4 per row). A row-constant error
+    cancels in Q but not in the first evaluation's log Z = 0. Found by a Triton-vs-cpu fuzz."""
+    be = CpuBackend(isa=isa)
+    g = torch.Generator().manual_seed(k)
+    for dtype in (torch.float32, torch.float64):
+        for offset in (0.0, 1e2, 1e4, 1e8, 1e30, -1e30):
+            x = torch.randn(37, k, generator=g, dtype=torch.float64) * 3
+            x[:, 1] = x.max(1).values  # a tie at the maximum in every row
+            # Exactly representable offsets: the oracle sees the same values as the kernel.
+            x = (x.to(dtype) + offset).to(dtype)
+            want = torch.log_softmax(x.double(), dim=1)
+            out = torch.empty(x.shape, dtype=dtype)
+            prep = be.prepare(x, "logits", None, None, out)
+            assert prep.error is None
+            finite = want > -60
+            err = float((out.double() - want)[finite].abs().max())
+            # A few ulps of the largest |x - max| term, and the sum of k exps' rounding in the
+            # log (a sequential float32 sum of 1,000 terms: ~2.7e-5 relative).
+            span = float((x.double() - x.double().max(1, keepdim=True).values)[finite].abs().max())
+            eps = torch.finfo(dtype).eps
+            assert err <= eps * (8 * max(span, 1.0) + k), (dtype, offset, err)
+
+
 @pytest.mark.parametrize("name", ["cpu", "torch"])
 def test_prepare_in_log_p_mode_refuses_a_forget_set(name: str) -> None:
     """log_p mode writes x as it is: a forget set or fill there is refused by every backend (the

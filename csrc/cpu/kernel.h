@@ -482,7 +482,9 @@ static inline void lanes_prepare_block(const Params& P, LaneScratch<S>& sc, int6
     }
     return;
   }
-  // The normaliser: log P^ = log x - lshift (probs) or x - lshift (logits), pn = x / s or e / s.
+  // The normaliser: log P^ = log x - lshift (probs) or (x - max) - lshift (logits), pn = x / s or
+  // e / s. (Logits subtract the max first: max + log sum e rounds log sum e away when |max| is
+  // large, e.g. two tied logits of 1e30 gave log P^ = 0 instead of -log 2.)
   V inv_s, lshift;
   if (P.mode == MODE_PROBS) {
     lshift = vlog<S>(S::max(s, S::set1(1e-30f)));
@@ -498,7 +500,7 @@ static inline void lanes_prepare_block(const Params& P, LaneScratch<S>& sc, int6
       }
       S::store(sc.x + j * W, e);
     }
-    lshift = S::add(mx, vlog<S>(se));
+    lshift = vlog<S>(se);
     inv_s = S::div(one, se);
   }
   // Retained (1 - f) and forgotten (f) lanes.
@@ -526,7 +528,7 @@ static inline void lanes_prepare_block(const Params& P, LaneScratch<S>& sc, int6
       pn = S::mul(x, inv_s);
     } else {
       pn = S::mul(S::load(sc.x + j * W), inv_s);
-      lg = S::sub(x, lshift);
+      lg = S::sub(S::sub(x, mx), lshift);
     }
     if (fill) lg = S::blend(fz, S::set1(P.fill[j]), lg);
     S::store(sc.x + j * W, lg);
@@ -1113,13 +1115,14 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
     pmax = inv_s;  // e of the maximum is 1
     confident = !(sf > CONFIDENT);
     const bool fold = want_d && !confident;
-    const V SH = S::set1(mx + std::log(sf)), IS = S::set1(inv_s);
+    // (x - max) - log sum e: max + log sum e would round the log away when |max| is large.
+    const V SH = S::set1(std::log(sf)), IS = S::set1(inv_s);
     for (j = 0; j < kp; j += W) {
       const V q = S::mul(S::load(pn + j), IS);
       S::store(pn + j, q);
       S::store(dst + j, S::add(S::load(dst + j), q));
       if (fold) S::store(rs.accd + j, S::fmadd(S::fnmadd(q, q, q), WW, S::load(rs.accd + j)));
-      S::store(x + j, S::sub(S::load(x + j), SH));
+      S::store(x + j, S::sub(S::sub(S::load(x + j), M), SH));
     }
   }
   if (P.out) row_store_out<S>(P, i, (f && P.fill) ? P.fill : x);

@@ -271,7 +271,8 @@ static inline void f64_prepare_row(const Params& P, F64Scratch& rs, int64_t i, i
     }
     const double sf = D::hsum(se);
     const double inv_s = 1.0 / sf;
-    const V IS = D::set1(inv_s), SH = D::set1(mx + std::log(sf));
+    // (x - max) - log sum e: max + log sum e would round the log away when |max| is large.
+    const V IS = D::set1(inv_s), SH = D::set1(std::log(sf));
     const V RT = D::set1((D::hsum(vr) + (D::hsum(vc) - 1.0)) * inv_s);
     for (j = 0; j < kp; j += W) {
       const V e = D::load(pn + j);
@@ -282,7 +283,7 @@ static inline void f64_prepare_row(const Params& P, F64Scratch& rs, int64_t i, i
         const V r = D::blend(D::eq(e, one), RT, D::sub(one, q));
         D::store(rs.accd + j, D::fmadd(D::mul(q, r), WW, D::load(rs.accd + j)));
       }
-      D::store(x + j, D::sub(D::load(x + j), SH));
+      D::store(x + j, D::sub(D::sub(D::load(x + j), MX), SH));
     }
   }
   if (P.out) f64_store_row<D>(P, i, (f && P.fill) ? rs.fill : x);
