@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -111,13 +112,16 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _quiet_interpreter(fn):
     """Run ``fn`` with numpy's floating-point warnings off under the interpreter, which evaluates
     the kernels in numpy: log(0) = -inf and exp(-inf) = 0 are meant (zero probabilities), and
-    their RuntimeWarnings would fail a caller's ``-W error``. Compiled kernels are untouched."""
+    their RuntimeWarnings would fail a caller's ``-W error``; so would numpy's "All-NaN slice"
+    warning (``warnings.warn``, not errstate) from a max over a row of NaN, which prepare reports
+    as the row's fault. Compiled kernels are untouched."""
     if not INTERPRET:
         return fn
 
     @functools.wraps(fn)
     def quiet(*args, **kwargs):
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             return fn(*args, **kwargs)
 
     return quiet
@@ -445,20 +449,28 @@ def _q_cols_kernel(lp_ptr, ic_ptr, a_ptr, m_ptr, s_ptr, out_ptr, n, k_q, s_n, s_
 # 2 negative, 3 row sum off by more than tol, 4 all -inf; a row reports the first that applies.
 
 @triton.jit
+def _is_nan(x):
+    """NaN entries of x, tested in float32: the interpreter's bfloat16 ``x != x`` is never true
+    (a float64 value beyond float32's range turns inf, not NaN, so nothing else is flagged)."""
+    xf = x.to(tl.float32)
+    return xf != xf
+
+
+@triton.jit
 def _row_faults(xr, msk, tol, MODE: tl.constexpr):
     """(fault kind (int32, 0 none), float64 row sum ("probs"; else 0)) of the rows of a whole-row
     tile xr in the input's dtype (masked lanes: 0 for "probs", -inf otherwise)."""
     if MODE == 0:
-        bad = tl.max(((xr != xr) | (tl.abs(xr) == float("inf"))).to(tl.int32), axis=1)
+        bad = tl.max((_is_nan(xr) | (tl.abs(xr) == float("inf"))).to(tl.int32), axis=1)
         neg = tl.max((xr < 0).to(tl.int32), axis=1)
         rs = tl.sum(xr.to(tl.float64), axis=1)
         kind = tl.where(bad > 0, 1, tl.where(neg > 0, 2, tl.where(tl.abs(rs - 1.0) > tol, 3, 0)))
     elif MODE == 1:
-        bad = tl.max((((xr != xr) | (tl.abs(xr) == float("inf"))) & msk).to(tl.int32), axis=1)
+        bad = tl.max(((_is_nan(xr) | (tl.abs(xr) == float("inf"))) & msk).to(tl.int32), axis=1)
         rs = tl.zeros([xr.shape[0]], tl.float64)
         kind = tl.where(bad > 0, 1, 0)
     else:
-        bad = tl.max(((xr != xr) | (xr == float("inf"))).to(tl.int32), axis=1)
+        bad = tl.max((_is_nan(xr) | (xr == float("inf"))).to(tl.int32), axis=1)
         fin = tl.max((xr > float("-inf")).to(tl.int32), axis=1)
         rs = tl.zeros([xr.shape[0]], tl.float64)
         kind = tl.where(bad > 0, 1, tl.where(fin > 0, 0, 4))
@@ -704,7 +716,7 @@ def _prep_stats_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr, m_ptr, s_ptr, r
             xptrs = x_ptr + (ri * s_n * SN)[:, None] + ci[None, :] * s_k
             if MODE == 0:
                 xr = tl.load(xptrs, mask=msk, other=0.0)
-                bad = tl.maximum(bad, tl.max(((xr != xr) | (tl.abs(xr) == float("inf")))
+                bad = tl.maximum(bad, tl.max((_is_nan(xr) | (tl.abs(xr) == float("inf")))
                                              .to(tl.int32), axis=1))
                 neg = tl.maximum(neg, tl.max((xr < 0).to(tl.int32), axis=1))
                 rs += tl.sum(xr.to(tl.float64), axis=1)
@@ -712,12 +724,12 @@ def _prep_stats_kernel(x_ptr, fg_ptr, fill_ptr, out_ptr, ic_ptr, m_ptr, s_ptr, r
                     m_run, s_run, c_run = _max_track(m_run, s_run, c_run, xr.to(tl.float32))
             elif MODE == 1:
                 xr = tl.load(xptrs, mask=msk, other=float("-inf"))
-                bad = tl.maximum(bad, tl.max((((xr != xr) | (tl.abs(xr) == float("inf"))) & msk)
+                bad = tl.maximum(bad, tl.max(((_is_nan(xr) | (tl.abs(xr) == float("inf"))) & msk)
                                              .to(tl.int32), axis=1))
                 m_run, s_run, c_run = _online(m_run, s_run, c_run, xr.to(tl.float32), TOP)
             else:
                 xr = tl.load(xptrs, mask=msk, other=float("-inf"))
-                bad = tl.maximum(bad, tl.max(((xr != xr) | (xr == float("inf"))).to(tl.int32),
+                bad = tl.maximum(bad, tl.max((_is_nan(xr) | (xr == float("inf"))).to(tl.int32),
                                              axis=1))
                 fin = tl.maximum(fin, tl.max((xr > float("-inf")).to(tl.int32), axis=1))
                 if FIRST:

@@ -406,6 +406,35 @@ def test_prepare_bad_inputs(make_backend, mode):
         assert got.error == (1, 37)
 
 
+@pytest.mark.parametrize("make_backend", [lambda k: TritonBackend(), wide], ids=["single", "wide"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prepare_finds_nan_in_half_inputs(make_backend, dtype):
+    """A NaN in a 16-bit input is the row's fault in every mode (the NaN test on the bfloat16
+    values themselves never fired here: refine then failed in scipy, naming no row). Found by a
+    Triton-vs-cpu fuzz."""
+    from ppu_fast.problem import row_sum_tol
+
+    n, k = 40, 20
+    b = make_backend(k)
+    for mode in MODES:
+        x = prepare_inputs(n, k, mode, dtype=torch.float32, seed=3).to(dtype)
+        x[23, 4] = float("nan")
+        x[31, 0] = float("nan")
+        # The row-sum tolerance refine uses for a 16-bit input (its rounding).
+        got = b.prepare(x, mode, None, None, torch.empty(n, k), tol=row_sum_tol(dtype))
+        assert got.error == (1, 23), (mode, got.error)
+
+
+def test_refine_of_one_column_nan_logits_names_the_row():
+    """k = 1 logits with a NaN row: the row's error, and no numpy warning from the interpreter's
+    max over it (this module turns RuntimeWarnings into errors)."""
+    import ppu_fast
+
+    with pytest.raises(ValueError, match="logits: row 1 contains NaN or Inf"):
+        ppu_fast.refine(logits=torch.tensor([[0.0], [float("nan")]]), forget_mask=[0],
+                        backend="triton")
+
+
 def test_prepare_row_sum_tolerance_is_float64():
     """tol travels as float32 hi + lo and is compared in float64 like the reference's."""
     n, k = 64, 4
@@ -626,6 +655,8 @@ def test_grid_probes_compile_the_variant_that_is_launched(monkeypatch):
                 fill = torch.full((k,), -math.log(k))
                 out = torch.empty(131, k)
                 ic = torch.ones(131)
+                if mode == "log_p":  # takes no forget set (refused)
+                    forget = fill = None
                 be.prepare(x, mode, forget, fill, out, ic, True)
             log_p, inv_c, alpha = make_case(131, k, seed=k)
             be.step(log_p, inv_c, alpha, "diag")
