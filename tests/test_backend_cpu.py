@@ -317,6 +317,21 @@ def test_prepare_of_logits_far_from_zero(isa: str, k: int) -> None:
             assert err <= eps * (8 * max(span, 1.0) + k), (dtype, offset, err)
 
 
+@pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
+def test_prepare_of_no_rows(mode: str) -> None:
+    """N = 0 with out and inv_c given: the reference's zero sums and first evaluation (an empty
+    tensor's data pointer, 0, read as "no out" / "no inv_c", was refused or mis-sized)."""
+    from ppu_fast.backends.torch_ref import reference_prepare
+    x = torch.empty(0, 4)
+    for inv_c, hessian in ((None, False), (torch.ones(0), True), (torch.ones(0), "diag")):
+        got = CpuBackend().prepare(x, mode, None, None, torch.empty(0, 4), inv_c, hessian)
+        ref = reference_prepare(x, mode, None, None, torch.empty(0, 4), inv_c, hessian)
+        assert got.error is None and (got.first is None) == (ref.first is None)
+        for a, b in zip([got.retain_sums, got.forget_sums, *(got.first or ())],
+                        [ref.retain_sums, ref.forget_sums, *(ref.first or ())]):
+            assert (a is None and b is None) or torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
 @pytest.mark.parametrize("name", ["cpu", "torch"])
 def test_prepare_in_log_p_mode_refuses_a_forget_set(name: str) -> None:
     """log_p mode writes x as it is: a forget set or fill there is refused by every backend (the

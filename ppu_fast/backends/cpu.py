@@ -267,6 +267,11 @@ class CpuBackend(Backend):
         if x.device.type != "cpu":
             raise ValueError(f"x: on {x.device}; the cpu backend takes CPU tensors")
         n, k = x.shape
+        if n == 0:
+            # An empty tensor's data pointer is 0, which the binding reads as "not given" (out,
+            # inv_c); nothing to read or write: the reference's zero sums and first evaluation.
+            from .torch_ref import reference_prepare
+            return reference_prepare(x, mode, forget, fill, out, inv_c, hessian, tol)
         buf = out if out is not None else x
         # The first evaluation from the normalised rows stands for a float32 / float64 buffer only.
         first = inv_c is not None and (mode == "log_p"
