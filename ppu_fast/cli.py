@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -177,16 +176,8 @@ def _check_run_device(device: str) -> None:
 
 
 def _check_backend_environment(device: str) -> None:
-    # PPU_FAST_BACKEND / PPU_FAST_CPU_ISA / PPU_FAST_HOST_CACHE_MB are read when PPU's refine
-    # starts, after the Original, Retrain and the baselines before it have trained: a typo there
-    # is refused up front.
-    import torch
-
-    from .backends import get_backend
-    from .backends.cpu import check_host_cache_env
-    if os.environ.get("PPU_FAST_BACKEND") or os.environ.get("PPU_FAST_CPU_ISA"):
-        get_backend("auto", torch.empty(1, 2, device=device))
-    check_host_cache_env()
+    from .backends import check_environment
+    check_environment(device)
 
 
 def _name_list(text: str) -> list[str]:

@@ -785,6 +785,10 @@ def _forget_indices(targets: np.ndarray, rng: np.random.Generator, scenario: str
         if len(np.unique(idx)) != len(idx):
             raise ValueError("forget_indices contains repeated indices")
         return np.sort(idx.astype(np.int64))
+    # 1.5, True or "0" read by int() as classes 1, 1 and 0: refused instead.
+    for arg, v in (("forget_class", forget_class), ("num_forget", num_forget)):
+        if v is not None and not is_int(v):
+            raise ValueError(f"{arg}: expected an integer, got {v!r}")
     c = default_class if forget_class is None else int(forget_class)
     if not 0 <= c < num_classes:
         raise ValueError(f"forget_class must be in [0, {num_classes}), got "

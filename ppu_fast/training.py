@@ -61,8 +61,12 @@ class TrainConfig:
             object.__setattr__(self, f, cast(v))
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        # NaN / inf / momentum 1.5 trained to the end and failed there (FloatingPointError).
+        check_optimizer_options(self.lr, self.momentum, self.weight_decay)
+        if not isinstance(self.augment, (bool, np.bool_)):
+            # "no" is truthy: it cropped and flipped while the record said "no".
+            raise ValueError(f"augment must be True or False, got {self.augment!r}")
+        object.__setattr__(self, "augment", bool(self.augment))
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.schedule not in ("cosine", "constant"):
@@ -78,18 +82,23 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "ppu_fast"
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def check_optimizer_options(lr: float, momentum: float, weight_decay: float) -> None:
-    """Refuse an SGD / Adam setting that cannot train: lr positive and finite, momentum in
-    [0, 1), weight_decay finite and >= 0 (the one check of :func:`ppu_fast.finetune` and the
-    baselines' optimizer)."""
+    """Refuse an SGD / Adam setting that cannot train: lr positive and finite (at most float32's
+    largest: beyond it the first step of a float32 model overflows inside torch's optimizer),
+    momentum in [0, 1), weight_decay finite and >= 0 (the one check of
+    :func:`ppu_fast.finetune`, the baselines' optimizer and :class:`TrainConfig`)."""
     # Any one number float() reads (numpy scalars and 0-d arrays, Decimal, a 0-d tensor: torch's
     # own option), but not a string or a bool that float() would also read.
     try:
         value = None if isinstance(lr, (str, bytes, bool)) or getattr(lr, "ndim", 0) else float(lr)
     except (TypeError, ValueError):
         value = None
-    if value is None or not 0 < value < math.inf:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if value is None or not 0 < value <= _FLOAT32_MAX:
+        raise ValueError(f"lr must be a positive finite number (at most {_FLOAT32_MAX:.3g}), "
+                         f"got {lr!r}")
     if not (is_real(momentum) and 0 <= momentum < 1):
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if not (is_real(weight_decay) and 0 <= weight_decay < math.inf):

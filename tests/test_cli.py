@@ -247,8 +247,9 @@ def test_run_refuses_before_any_training(tmp_path, monkeypatch, capsys):
         main([*base[:-3], "original,retrain", *base[-2:]])
     monkeypatch.delenv("PPU_FAST_BACKEND")
     assert main(base + ["--num-forget", "5"]) == 2
-    assert re.search(r"error: the split: 5 forget and \d+ test examples; the membership attack "
-                     r"every row reports needs at least 6 of each", capsys.readouterr().err)
+    assert re.search(r"error: the split: 5 forget and \d+ test examples of the forget classes; "
+                     r"the membership attack every row reports needs at least 6 of each",
+                     capsys.readouterr().err)
     with pytest.raises(SystemExit) as exc:
         main(base + ["--lr", "-0.05"])
     assert exc.value.code == 2

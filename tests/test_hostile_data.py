@@ -337,3 +337,13 @@ def test_a_tree_without_test_says_which_folder_is_missing(tmp_path):
     root = image_tree(tmp_path / "t", ["a", "b"], {"train": 2}, size=(4, 4))
     with pytest.raises(FileNotFoundError, match=r"dataset 'imagefolder' \(test/ missing\): no data at"):
         make_split("imagefolder", data_root=root, scenario="class", progress=False)
+
+
+@pytest.mark.parametrize("arg,value", [("forget_class", 1.5), ("forget_class", True),
+                                       ("forget_class", "0"), ("num_forget", "25"),
+                                       ("num_forget", 2.5)])
+def test_split_refuses_a_class_or_count_that_is_not_an_integer(arg, value):
+    """int() read 1.5 and True as class 1 and "0" as class 0, silently (a runner hunt's find)."""
+    scenario = "class" if arg == "forget_class" else "selective"
+    with pytest.raises(ValueError, match=rf"{arg}: expected an integer, got {value!r}"):
+        make_split("digits", scenario=scenario, **{arg: value})

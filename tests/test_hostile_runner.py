@@ -381,3 +381,63 @@ def test_a_default_forget_count_too_large_for_a_reduced_split_says_so():
                                          r"5 has only \d+ training samples; expected num_forget "
                                          r"\(--num-forget\)"):
         make_split("digits", train_per_class=90, progress=False)
+
+
+@pytest.mark.parametrize("kw,error,message", [
+    # method options' values: each was refused only when its method ran
+    ({"methods": ["original", "retrain", "scrub"], "method_kwargs": {"scrub": {"lr_decay": float("nan")}}},
+     ValueError, r"method 'scrub': lr_decay=nan; expected a finite number"),
+    ({"method_kwargs": {"ppu": {"lr": 1e300}}}, ValueError,
+     r"method 'ppu': lr must be a positive finite number \(at most 3.4e\+38\), got 1e\+300"),
+    ({"method_kwargs": {"ppu": {"momentum": 1.5}}}, ValueError,
+     r"method 'ppu': momentum must be in \[0, 1\), got 1.5"),
+    ({"method_kwargs": {"finetune": {"epochs": 2.5}}}, ValueError, r"epochs=2.5; expected an integer"),
+    ({"variants": {"ppu[x]": ("ppu", {"weight_decay": -1.0})}, "methods": ["original", "ppu[x]"]},
+     ValueError, r"method 'ppu\[x\]': weight_decay must be a finite number >= 0"),
+    # options for a method not run: dropped, yet recorded
+    ({"method_kwargs": {"scrub": {"lr": 0.1}}}, ValueError, r"method_kwargs: 'scrub' not in methods"),
+    # the training's fields: after any pre-training, or never (NaN trained to the end)
+    ({"train": {"lr": float("nan")}, "pretrain": "cifar10-other"}, ValueError,
+     r"train: lr must be a positive finite number"),
+    ({"train": {"momentum": 1.5}}, ValueError, r"train: momentum must be in \[0, 1\)"),
+    ({"train": {"augment": "no"}}, ValueError, r"train: augment must be True or False, got 'no'"),
+    ({"train": {"seed": 3}}, ValueError, r"train: 'seed' is set per run by seeds"),
+    ({"pretrain": "cifar10-other", "pretrain_train": {"epochs": -1}}, ValueError,
+     r"pretrain_train: epochs must be >= 0"),
+    # never refused: the CLI's checks, not the API's
+    ({"methods": []}, ValueError, r"methods: none named"),
+    ({"pretrain_per_class": 3}, ValueError, r"pretrain_per_class: only with pretrain"),
+    ({"log": 5}, TypeError, r"log: expected a callable"),
+    # the attack's non-members are the forget classes' test images, not the whole test set
+    ({"dataset": "digits", "test_per_class": 2}, ValueError,
+     r"the split: \d+ forget and 2 test examples of the forget classes"),
+])
+def test_run_experiment_refuses_before_any_training(monkeypatch, kw, error, message):
+    """Each bad value is refused before the Original trains (a helper's hunt: ~600 of 914 probes
+    were refused only after training, some never)."""
+    import ppu_fast.training as training
+    from ppu_fast.unlearn.experiment import run_experiment
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before refusing")
+
+    monkeypatch.setattr(training, "fit", no_training)
+    with pytest.raises(error, match=message):
+        run_experiment(**{"cache": False, "progress": False, "log": None, **kw})
+
+
+def test_run_experiment_checks_the_backend_variables_before_training(monkeypatch):
+    """PPU_FAST_BACKEND is read by PPU's refine, after Original and Retrain: checked up front when
+    a method refines (as the command line already did), and not otherwise."""
+    import ppu_fast.training as training
+    from ppu_fast.unlearn.experiment import run_experiment
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before refusing")
+
+    monkeypatch.setattr(training, "fit", no_training)
+    monkeypatch.setenv("PPU_FAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="PPU_FAST_BACKEND: unknown backend name 'nope'"):
+        run_experiment(methods=["original", "retrain", "finetune+ppu"], cache=False, log=None)
+    with pytest.raises(AssertionError, match="trained before refusing"):
+        run_experiment(methods=["original", "retrain"], cache=False, log=None)

@@ -98,6 +98,16 @@ def get_backend(name: str, log_p: torch.Tensor, shape: Optional[Tuple[int, int]]
     return load(name)[0]  # type: ignore[return-value]
 
 
+def check_environment(device: "str | torch.device") -> None:
+    """Refuse a bad ``PPU_FAST_BACKEND`` / ``PPU_FAST_CPU_ISA`` / ``PPU_FAST_HOST_CACHE_MB`` now:
+    they are read when a refine starts, which in an unlearning run comes after the Original,
+    Retrain and the methods before PPU have trained."""
+    from .cpu import check_host_cache_env
+    if os.environ.get("PPU_FAST_BACKEND") or os.environ.get("PPU_FAST_CPU_ISA"):
+        get_backend("auto", torch.empty(1, 2, device=device))
+    check_host_cache_env()
+
+
 def describe() -> List[Tuple[str, bool, str]]:
     """(name, available, why-not) for every backend, judged without a particular input."""
     rows = []

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import Split, check_reduction, dataset_channels, make_split
+from ..data import Split, check_reduction, dataset_channels, dataset_targets, make_split
 from ..metrics import (MIA_MIN_PER_SIDE, add_retrain_gaps, error, lira, mia_detail,
                        restrict_to_classes)
 from ..data import other_classes_dataset
@@ -22,13 +22,41 @@ from ..models import build_model
 from ..report import label
 from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
                         transfer_body)
-from ..caller_state import available_device
+from ..backends import check_environment
+from ..caller_state import available_device, check_finite_options, is_int
 from ..torch_defaults import cpu_default_device
-from ..training import TrainConfig, fit_cached
-from . import methods as registered, method_options, unlearn
+from ..training import TrainConfig, check_optimizer_options, fit_cached
+from . import _check_integer_options, _get, methods as registered, method_options, unlearn
 from .ntk import JacobianTooLarge
 
 PPU_METHODS = ("ppu", "ppu-bias", "ppu-random")
+
+
+def _refines(method: str) -> bool:
+    """Whether ``method`` calls ``ppu_fast.refine`` (the PPU methods and the +ppu ones)."""
+    return method in PPU_METHODS or "+ppu" in method
+
+
+def _check_method_options(method: str, name: str, kw: dict) -> None:
+    """The checks ``unlearn`` makes of ``method``'s options ``kw`` (row ``name``) that need no data,
+    before any training: names, NaN / inf, integers, the optimizer's lr / momentum /
+    weight_decay, the retain rows per epoch. (Each was refused only when the method ran, after
+    the Original, Retrain and the methods before it had trained.)"""
+    bad = sorted(set(kw) - set(method_options(method)))
+    if bad:
+        raise TypeError(f"method '{name}' does not accept option(s) {', '.join(bad)}")
+    where = f"method '{name}'"
+    check_finite_options(kw, where)
+    _check_integer_options(_get(method), kw, method)
+    if any(kw.get(o) is not None for o in ("lr", "momentum", "weight_decay")):
+        try:
+            # The options not given take valid stand-ins: only those given are judged here.
+            check_optimizer_options(*(kw[o] if kw.get(o) is not None else d
+                                      for o, d in (("lr", 0.1), ("momentum", 0.0),
+                                                   ("weight_decay", 0.0))))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    check_epoch_rows(kw.get("retain_fraction"), kw.get("retain_per_epoch"))
 
 
 @cpu_default_device  # its Adam's step counter (torch_defaults)
@@ -168,15 +196,41 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: {list(seeds)} repeats a seed; expected distinct seeds (each is one "
                          f"independent run: a repeat would count one run twice in the standard error)")
+    if not methods:
+        raise ValueError("methods: none named; expected at least one method name")
     method_kwargs = dict(method_kwargs or {})
+    idle = sorted(set(method_kwargs) - set(methods))
+    if idle:
+        # They would be dropped, yet recorded in config["method_options"].
+        raise ValueError(f"method_kwargs: {', '.join(map(repr, idle))} not in methods "
+                         f"{list(methods)}; expected options for listed methods only")
     for name, kw in [*method_kwargs.items(), *((n, v[1]) for n, v in variants.items())]:
-        bad = sorted(set(kw) - set(method_options(variants[name][0] if name in variants else name)))
-        if bad:
-            raise TypeError(f"method '{name}' does not accept option(s) {', '.join(bad)}")
-        # Values only a method's run would check, where that comes after the training.
-        check_epoch_rows(kw.get("retain_fraction"), kw.get("retain_per_epoch"))
+        _check_method_options(variants[name][0] if name in variants else name, name, kw)
+    if log is not None and not callable(log):
+        raise TypeError(f"log: expected a callable taking one line (e.g. print) or None, got "
+                        f"{type(log).__name__}")
+    if pretrain is None:
+        for arg, value in (("pretrain_train", pretrain_train), ("pretrain_per_class", pretrain_per_class)):
+            if value is not None:
+                raise ValueError(f"{arg}: only with pretrain (it sets how the pre-training runs)")
+    if train is not None and "seed" in train:
+        raise ValueError("train: 'seed' is set per run by seeds (a fixed one would shuffle every seed "
+                         "alike); expected the other fields of TrainConfig")
+    # The training configurations before any work (a bad field cost the pre-training first).
+    try:
+        dataclasses.replace(default_train_config(dataset, 0), **(train or {}))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"train: {exc}") from None
+    try:
+        pcfg = pretrain_config(**(pretrain_train or {})) if pretrain is not None else None
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"pretrain_train: {exc}") from None
+    if pretrain_per_class is not None and (not is_int(pretrain_per_class) or pretrain_per_class < 1):
+        raise ValueError(f"pretrain_per_class: expected a positive integer, got {pretrain_per_class!r}")
     say = log or (lambda *_: None)
     dev = available_device(device) if device else torch.device("cpu")
+    if any(_refines(method_of[m]) for m in methods):
+        check_environment(dev)  # read by PPU's refine, after the methods before it trained
     # Before any pre-training: a refused reduction should not cost its minutes first.
     check_reduction(dataset, train_per_class, test_per_class)
     if init_checkpoint is not None and pretrain is not None:
@@ -200,13 +254,15 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         split = make_split(dataset, data_root=data_root, scenario=scenario, forget_class=forget_class,
                            num_forget=num_forget, seed=seed, progress=progress,
                            train_per_class=train_per_class, test_per_class=test_per_class)
-        # Every method's row ends in the membership attack: refuse a split it cannot score.
-        if min(len(split.forget), len(split.test)) < MIA_MIN_PER_SIDE:
-            raise ValueError(f"the split: {len(split.forget)} forget and {len(split.test)} test "
-                             f"examples; the membership attack every row reports needs at least "
-                             f"{MIA_MIN_PER_SIDE} of each (num_forget / --num-forget, or more "
-                             f"training images of the forget class: train_per_class / "
-                             f"--train-per-class)")
+        # Every method's row ends in the membership attack: refuse a split it cannot score. Its
+        # non-members are the test images of the forget set's classes.
+        test_same = restrict_to_classes(split.test, dataset_targets(split.forget).unique().tolist())
+        if min(len(split.forget), len(test_same)) < MIA_MIN_PER_SIDE:
+            raise ValueError(f"the split: {len(split.forget)} forget and {len(test_same)} test "
+                             f"examples of the forget classes; the membership attack every row "
+                             f"reports needs at least {MIA_MIN_PER_SIDE} of each (num_forget / "
+                             f"--num-forget, or more images of the forget class: train_per_class / "
+                             f"--train-per-class, test_per_class / --test-per-class)")
         return split
 
     # The first seed's split before any pre-training: its refusals (forget_class, num_forget, the
@@ -215,7 +271,6 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     if pretrain is not None:
         other, classes = other_classes_dataset(dataset, data_root=data_root, per_class=pretrain_per_class,
                                                progress=progress)
-        pcfg = pretrain_config(**(pretrain_train or {}))
         torch.manual_seed(pcfg.seed)
         base = build_model(model, len(classes), other.num_channels, width).to(dev)
         net, meta = fit_cached(base, other, pcfg, device=dev, progress=progress, desc="pretrain", cache=cache)
