@@ -124,6 +124,18 @@ def test_momentum_and_weight_decay_checked_and_integers_not_truncated(tiny):
         ppu_fast.unlearn(model, forget, retain, method="finetune", batch_size=64.9, progress=False)
 
 
+@pytest.mark.parametrize("method,opt,value,expected", [
+    ("scrub", "gamma", "0.1", "a number"), ("finetune", "lr", True, "a number"),
+    ("finetune", "l2_pull", True, "a number"), ("bad-t", "alpha", "1", "a number"),
+    ("ppu", "history", "no", "True or False")])
+def test_options_of_another_type_are_refused_by_name(tiny, method, opt, value, expected):
+    """float() read True as 1.0 and "0.1" as 0.1, and "no" is a truthy history (a runner hunt's
+    finds); refused before anything runs."""
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(ValueError, match=rf"{opt}={value!r}; expected {expected}"):
+        ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **{opt: value})
+
+
 def test_nan_logits_count_as_errors():
     model = nn.Linear(4, 3)
     with torch.no_grad():

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset
 
 from ..callable_module import make_callable
-from ..caller_state import check_finite_options, check_seed, is_int, keeps_caller_state
+from ..caller_state import check_finite_options, check_seed, is_int, is_real, keeps_caller_state
 from ..data import loader_examples
 from ..torch_defaults import training_grad_mode
 from ..training import resolve_device
@@ -88,15 +88,22 @@ def method_options(name: str) -> dict[str, Any]:
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in _COMMON}
 
 
-def _check_integer_options(fn: Callable[..., UnlearnResult], options: dict[str, Any],
-                           method: str) -> None:
+def _check_option_types(fn: Callable[..., UnlearnResult], options: dict[str, Any],
+                        method: str) -> None:
     # An option declared ``int`` (epochs, batch sizes, step counts) given as 2.9 would be cut to 2
-    # by the method's int() and recorded as 2.9: refuse it instead.
+    # by the method's int() and recorded as 2.9; one declared ``float`` given as True or "0.1"
+    # was read by float() as 1.0 or 0.1; one declared ``bool`` given as "no" was truthy: refuse.
     sig = inspect.signature(fn).parameters
     for name, v in options.items():
         ann = sig[name].annotation if name in sig else None
-        if ann in ("int", "int | None") and v is not None and not is_int(v):
+        if v is None:
+            continue
+        if ann in ("int", "int | None") and not is_int(v):
             raise ValueError(f"unlearn(method={method!r}): {name}={v!r}; expected an integer")
+        if ann in ("float", "float | None") and not is_real(v):
+            raise ValueError(f"unlearn(method={method!r}): {name}={v!r}; expected a number")
+        if ann in ("bool", "bool | None") and not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"unlearn(method={method!r}): {name}={v!r}; expected True or False")
 
 
 def _get(name: str) -> Callable[..., UnlearnResult]:
@@ -296,7 +303,7 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
         raise TypeError(f"unlearning method '{method}' got unknown option(s) {', '.join(unknown)}; it "
                         f"accepts {', '.join(sorted(accepted)) or 'none'}")
     check_finite_options(options, f"unlearn(method={method!r})")
-    _check_integer_options(fn, options, method)
+    _check_option_types(fn, options, method)
     t0 = time.perf_counter()
     result = fn(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
                 progress=progress, **options)

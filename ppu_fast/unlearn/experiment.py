@@ -26,7 +26,7 @@ from ..backends import check_environment
 from ..caller_state import available_device, check_finite_options, is_int
 from ..torch_defaults import cpu_default_device
 from ..training import TrainConfig, check_optimizer_options, fit_cached
-from . import _check_integer_options, _get, methods as registered, method_options, unlearn
+from . import _check_option_types, _get, methods as registered, method_options, unlearn
 from .ntk import JacobianTooLarge
 
 PPU_METHODS = ("ppu", "ppu-bias", "ppu-random")
@@ -47,7 +47,7 @@ def _check_method_options(method: str, name: str, kw: dict) -> None:
         raise TypeError(f"method '{name}' does not accept option(s) {', '.join(bad)}")
     where = f"method '{name}'"
     check_finite_options(kw, where)
-    _check_integer_options(_get(method), kw, method)
+    _check_option_types(_get(method), kw, method)
     if any(kw.get(o) is not None for o in ("lr", "momentum", "weight_decay")):
         try:
             # The options not given take valid stand-ins: only those given are judged here.
