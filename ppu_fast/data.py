@@ -732,6 +732,14 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
 _CIFAR10_USED = {"cifar5": list(range(5))}
 
 
+def check_other_classes(name: str) -> None:
+    """Refuse a dataset that leaves no CIFAR-10 classes for :func:`other_classes_dataset`."""
+    if name not in _CIFAR10_USED:
+        raise ValueError(f"pretrain 'cifar10-other': dataset '{name}' leaves no CIFAR-10 classes free for "
+                         f"pre-training; expected one of {', '.join(_CIFAR10_USED)} (cifar5 uses classes "
+                         f"0-4 and pre-trains on 5-9)")
+
+
 def other_classes_dataset(name: str, *, data_root: str | Path | None, per_class: int | None = None,
                           seed: int = 0, image_size: int | None = None,
                           progress: bool = True) -> tuple[ArrayDataset, list[int]]:
@@ -745,10 +753,7 @@ def other_classes_dataset(name: str, *, data_root: str | Path | None, per_class:
     all; a class with fewer keeps all of its images, and the returned dataset's length says how
     many were kept).
     Returns ``(dataset, original class indices)``."""
-    if name not in _CIFAR10_USED:
-        raise ValueError(f"pretrain 'cifar10-other': dataset '{name}' leaves no CIFAR-10 classes free for "
-                         f"pre-training; expected one of {', '.join(_CIFAR10_USED)} (cifar5 uses classes "
-                         f"0-4 and pre-trains on 5-9)")
+    check_other_classes(name)
     if per_class is not None and per_class < 1:
         raise ValueError(f"per_class must be a positive number of images per class, got {per_class}")
     train_pool, _, norm = _pools(name, data_root, seed, image_size, progress)

@@ -2,12 +2,13 @@
 scikit-learn's 8x8 digits. Every model maps (B, C, H, W) images to (B, num_classes) logits."""
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .caller_state import frozen_modules, manual_seed
+from .caller_state import frozen_modules, is_real, manual_seed
 
 MODELS = ("smallcnn", "allcnn", "resnet18")
 
@@ -102,14 +103,20 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
-    """Construct ``smallcnn``, ``allcnn`` or ``resnet18`` for ``num_classes`` classes."""
+def check_model(name: str, width: float = 1.0) -> None:
+    """Refuse an unknown model name or a width that is not a positive finite number."""
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; expected one of {', '.join(MODELS)}")
+    if not (is_real(width) and 0 < width < math.inf):
+        # inf overflowed in int(), "1" failed in a comparison, NaN passed `not width > 0` late.
+        raise ValueError(f"width must be a positive finite number, got {width!r}")
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    """Construct ``smallcnn``, ``allcnn`` or ``resnet18`` for ``num_classes`` classes."""
+    check_model(name, width)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if not width > 0:
-        raise ValueError(f"width must be positive, got {width}")
     cls = {"smallcnn": SmallCNN, "allcnn": AllCNN, "resnet18": ResNet18}[name]
     return cls(num_classes=num_classes, in_channels=in_channels, width=width)
 

@@ -408,6 +408,11 @@ def test_a_default_forget_count_too_large_for_a_reduced_split_says_so():
     ({"methods": []}, ValueError, r"methods: none named"),
     ({"pretrain_per_class": 3}, ValueError, r"pretrain_per_class: only with pretrain"),
     ({"log": 5}, TypeError, r"log: expected a callable"),
+    # before decoding the split (minutes for CIFAR-10), or never (inf overflowed in int())
+    ({"width": float("inf")}, ValueError, r"width must be a positive finite number, got inf"),
+    ({"width": "1"}, ValueError, r"width must be a positive finite number, got '1'"),
+    ({"dataset": "cifar10", "pretrain": "cifar10-other"}, ValueError,
+     r"dataset 'cifar10' leaves no CIFAR-10 classes free"),
     # the attack's non-members are the forget classes' test images, not the whole test set
     ({"dataset": "digits", "test_per_class": 2}, ValueError,
      r"the split: \d+ forget and 2 test examples of the forget classes"),

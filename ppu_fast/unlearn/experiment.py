@@ -16,9 +16,9 @@ from torch import nn
 from ..data import Split, check_reduction, dataset_channels, dataset_targets, make_split
 from ..metrics import (MIA_MIN_PER_SIDE, add_retrain_gaps, error, lira, mia_detail,
                        restrict_to_classes)
-from ..data import other_classes_dataset
+from ..data import check_other_classes, other_classes_dataset
 from ..finetune import check_epoch_rows
-from ..models import build_model
+from ..models import build_model, check_model
 from ..report import label
 from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
                         transfer_body)
@@ -225,6 +225,9 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         pcfg = pretrain_config(**(pretrain_train or {})) if pretrain is not None else None
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"pretrain_train: {exc}") from None
+    check_model(model, width)
+    if pretrain is not None and pretrain in PRETRAIN_CHOICES:
+        check_other_classes(dataset)
     if pretrain_per_class is not None and (not is_int(pretrain_per_class) or pretrain_per_class < 1):
         raise ValueError(f"pretrain_per_class: expected a positive integer, got {pretrain_per_class!r}")
     say = log or (lambda *_: None)
