@@ -136,6 +136,15 @@ def test_options_of_another_type_are_refused_by_name(tiny, method, opt, value, e
         ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **{opt: value})
 
 
+@pytest.mark.parametrize("method", ["ppu", "ppu-bias", "ppu-random"])
+@pytest.mark.parametrize("value", [2.5, "3", "nope", -1])
+def test_history_retain_must_be_a_count_none_or_auto(tiny, method, value):
+    """The bias modes took 2.5, "3" and "nope" as they came (a runner hunt's find)."""
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(ValueError, match=r"history_retain must be an int >= 0, None or 'auto'"):
+        ppu_fast.unlearn(model, forget, retain, method=method, history_retain=value, progress=False)
+
+
 def test_nan_logits_count_as_errors():
     model = nn.Linear(4, 3)
     with torch.no_grad():

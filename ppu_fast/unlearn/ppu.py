@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..caller_state import is_int
 from ..finetune import finetune as _public_finetune
 
 # The loop without the public function's guard (random state, frozen flags, divergence):
@@ -158,8 +159,10 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
             raise ValueError(f"ppu: mode='bias' fine-tunes toward P^ without refining it, so "
                              f"{', '.join(unused)} would be ignored; drop them or use "
                              f"mode='privacy'")
-    if isinstance(history_retain, int) and not isinstance(history_retain, bool) and history_retain < 0:
-        raise ValueError(f"history_retain must be >= 0, None or 'auto', got {history_retain!r}")
+    if not (history_retain is None or (isinstance(history_retain, str) and history_retain == "auto")
+            or (is_int(history_retain) and history_retain >= 0)):
+        # 2.5, "3" or "nope" were taken as they came (the bias mode never looked at them).
+        raise ValueError(f"history_retain must be an int >= 0, None or 'auto', got {history_retain!r}")
     if pseudo is None:
         # refine's pseudo=None keeps the forget rows of P as they are, for a caller who built P^;
         # here P comes from the model, so the forget rows would keep the model's own outputs.
