@@ -392,6 +392,8 @@ def test_a_default_forget_count_too_large_for_a_reduced_split_says_so():
     ({"method_kwargs": {"ppu": {"momentum": 1.5}}}, ValueError,
      r"method 'ppu': momentum must be in \[0, 1\), got 1.5"),
     ({"method_kwargs": {"finetune": {"epochs": 2.5}}}, ValueError, r"epochs=2.5; expected an integer"),
+    ({"methods": ["original", "scrub"], "method_kwargs": {"scrub": {"lr_milestones": [2.5]}}},
+     ValueError, r"lr_milestones: 2.5 is not an epoch"),
     ({"variants": {"ppu[x]": ("ppu", {"weight_decay": -1.0})}, "methods": ["original", "ppu[x]"]},
      ValueError, r"method 'ppu\[x\]': weight_decay must be a finite number >= 0"),
     # options for a method not run: dropped, yet recorded

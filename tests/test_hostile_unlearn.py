@@ -145,6 +145,18 @@ def test_history_retain_must_be_a_count_none_or_auto(tiny, method, value):
         ppu_fast.unlearn(model, forget, retain, method=method, history_retain=value, progress=False)
 
 
+@pytest.mark.parametrize("method,opt,value,message", [
+    ("scrub", "lr_milestones", [2.5], r"lr_milestones: 2.5 is not an epoch"),
+    ("scrub", "lr_milestones", [-1], r"lr_milestones: -1 is not an epoch"),
+    ("scrub", "lr_decay", -1.0, r"lr_decay must be a positive finite number, got -1.0")])
+def test_learning_rate_schedules_are_checked(tiny, method, opt, value, message):
+    """2.5 was cut to epoch 2, -1 decayed from the start, a negative decay made the learning rate
+    negative after the first milestone (a runner hunt's finds)."""
+    model, forget, retain = _sets(tiny)
+    with pytest.raises(ValueError, match=message):
+        ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **{opt: value})
+
+
 def test_nan_logits_count_as_errors():
     model = nn.Linear(4, 3)
     with torch.no_grad():

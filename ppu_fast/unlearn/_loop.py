@@ -10,6 +10,7 @@ cross-entropy SGD step without these hooks.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..caller_state import frozen_modules, is_int
+from ..caller_state import frozen_modules, is_int, is_real
 from ..data import CpuDrawLoader, collate_pairs, dataset_targets
 from ..torch_defaults import optimizer_step
 from ..training import (check_optimizer_options, lone_last_batch, one_example_batchnorm,
@@ -282,14 +283,27 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
 
 
 def epochs_list(milestones: Sequence[int], arg: str) -> list:
-    """``milestones`` as a list of epoch numbers; a clear error for a bare number or a string."""
+    """``milestones`` as a list of epoch numbers; a clear error for a bare number or a string, or
+    an entry that is not an epoch (2.5 was cut to 2, -1 decayed from the start)."""
     if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Iterable):
         raise TypeError(f"{arg}: expected a list of epochs (e.g. [5, 10]), got {milestones!r}")
-    return list(milestones)
+    marks = list(milestones)
+    bad = [m for m in marks if not (is_int(m) and m >= 0)]
+    if bad:
+        raise ValueError(f"{arg}: {bad[0]!r} is not an epoch; expected integers >= 0 (e.g. [5, 10])")
+    return marks
+
+
+def check_decay(decay: float) -> None:
+    """Refuse a learning-rate decay factor that is not a positive finite number."""
+    if not (is_real(decay) and 0 < decay < math.inf):
+        # A negative decay made the learning rate negative after the first milestone.
+        raise ValueError(f"lr_decay must be a positive finite number, got {decay!r}")
 
 
 def milestone_lr(base: float, milestones: Sequence[int], decay: float) -> Callable[[int], float]:
     """SCRUB's ``adjust_learning_rate``: ``base * decay ** (number of milestones below epoch)``."""
+    check_decay(decay)
     marks = sorted(int(m) for m in epochs_list(milestones, "lr_milestones"))
     return lambda epoch: base * decay ** sum(epoch > m for m in marks)
 
@@ -303,6 +317,7 @@ def fk_lr(lr: float, milestones: Sequence[int], decay: float,
     scale SCRUB's own lr, 5e-4, so with milestones [10, 15, 20] EU-k's 30 epochs run 11 at 0.01, then
     5e-5, 5e-6, 5e-7; at large scale main_merged.py's default, 0.01 (see cf_k.py).
     ``decayed_base=None`` decays ``lr`` itself instead."""
+    check_decay(decay)
     marks = sorted(int(m) for m in epochs_list(milestones, "lr_milestones"))
     base = lr if decayed_base is None else decayed_base
 

@@ -26,6 +26,7 @@ from ..backends import check_environment
 from ..caller_state import available_device, check_finite_options, is_int
 from ..torch_defaults import cpu_default_device
 from ..training import TrainConfig, check_optimizer_options, fit_cached
+from ._loop import check_decay, epochs_list
 from . import _check_option_types, _get, methods as registered, method_options, unlearn
 from .ntk import JacobianTooLarge
 
@@ -57,6 +58,10 @@ def _check_method_options(method: str, name: str, kw: dict) -> None:
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
     check_epoch_rows(kw.get("retain_fraction"), kw.get("retain_per_epoch"))
+    if kw.get("lr_milestones") is not None:
+        epochs_list(kw["lr_milestones"], "lr_milestones")
+    if kw.get("lr_decay") is not None:
+        check_decay(kw["lr_decay"])
 
 
 @cpu_default_device  # its Adam's step counter (torch_defaults)
