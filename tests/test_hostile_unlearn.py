@@ -148,10 +148,14 @@ def test_history_retain_must_be_a_count_none_or_auto(tiny, method, value):
 @pytest.mark.parametrize("method,opt,value,message", [
     ("scrub", "lr_milestones", [2.5], r"lr_milestones: 2.5 is not an epoch"),
     ("scrub", "lr_milestones", [-1], r"lr_milestones: -1 is not an epoch"),
-    ("scrub", "lr_decay", -1.0, r"lr_decay must be a positive finite number, got -1.0")])
-def test_learning_rate_schedules_are_checked(tiny, method, opt, value, message):
+    ("scrub", "lr_decay", -1.0, r"lr_decay must be a positive finite number, got -1.0"),
+    ("scrub", "gamma", -1.0, r"gamma must be >= 0 \(a loss weight\), got -1.0"),
+    ("scrub", "alpha", -0.5, r"alpha must be >= 0 \(a loss weight\), got -0.5"),
+    ("bad-t", "beta", -1.0, r"beta must be >= 0 \(a loss weight\), got -1.0")])
+def test_learning_rate_schedules_and_loss_weights_are_checked(tiny, method, opt, value, message):
     """2.5 was cut to epoch 2, -1 decayed from the start, a negative decay made the learning rate
-    negative after the first milestone (a runner hunt's finds)."""
+    negative after the first milestone, a negative loss weight maximised its term (a runner
+    hunt's finds)."""
     model, forget, retain = _sets(tiny)
     with pytest.raises(ValueError, match=message):
         ppu_fast.unlearn(model, forget, retain, method=method, progress=False, **{opt: value})

@@ -294,6 +294,13 @@ def epochs_list(milestones: Sequence[int], arg: str) -> list:
     return marks
 
 
+def check_loss_weights(**weights: float) -> None:
+    """Refuse a negative loss weight: it turns the term it weighs from minimised to maximised."""
+    for name, w in weights.items():
+        if not float(w) >= 0:
+            raise ValueError(f"{name} must be >= 0 (a loss weight), got {w!r}")
+
+
 def check_decay(decay: float) -> None:
     """Refuse a learning-rate decay factor that is not a positive finite number."""
     if not (is_real(decay) and 0 < decay < math.inf):

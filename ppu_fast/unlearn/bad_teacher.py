@@ -15,7 +15,7 @@ from ..caller_state import manual_seed
 from ..models import init_state as init_state_of, require_reset, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, sample, working_copy
-from ._loop import check_mode, loader, make_optimizer, paired, run_loop
+from ._loop import check_loss_weights, check_mode, loader, make_optimizer, paired, run_loop
 from .scrub import distill_kl
 
 VARIANTS = ("scrub", "chundawat")
@@ -88,6 +88,7 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
                          f"(the chundawat variant's one loss has none)")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    check_loss_weights(alpha=alpha, beta=beta)
     check_mode(mode)
     if not 0.0 < retain_fraction <= 1.0:
         raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")

@@ -24,7 +24,8 @@ from ..caller_state import is_int, manual_seed
 from ..finetune import select_val
 from . import UnlearnResult, register
 from ._common import make_evaluator, resolve_device, working_copy
-from ._loop import loader, make_optimizer, milestone_lr, pick, resolve_setting, run_loop
+from ._loop import (check_loss_weights, loader, make_optimizer, milestone_lr, pick, resolve_setting,
+                    run_loop)
 
 # SCRUB's hyper-parameters per setting. Small scale: small_scale_unlearning.ipynb, "SCRUB Forgetting"
 # (Adam, args.sgda_* and lr_decay_epochs [5, 8, 9]) and "Data Loader" (retain_bs 32, forget_bs 64).
@@ -94,6 +95,7 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
                          f"pass msteps <= epochs")
     if not hp["temperature"] > 0:
         raise ValueError(f"temperature must be positive, got {hp['temperature']}")
+    check_loss_weights(gamma=hp["gamma"], alpha=hp["alpha"])
     if select not in ("last", "val"):
         raise ValueError(f"select must be 'last' or 'val', got {select!r}")
     if rewind is not None and rewind not in REWIND_RULES:
