@@ -873,6 +873,24 @@ def test_emulated_float32_rows_sum_to_one(emulated, k):
         assert dev <= ROW_SUM_ULPS, f"shift {shift}: {dev:.2f} ulps"
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("bad", ["all -inf", "+inf"])
+def test_emulated_prepare_of_a_fill_with_no_finite_maximum(emulated, bad):
+    """The launcher's host-side softmax of fill warned ("invalid value in subtract") where the cpu
+    backend returns the same NaN first evaluation quietly (a helper's emulation fuzz)."""
+    n, k = 5, 3
+    x = torch.softmax(torch.randn(n, k, generator=torch.Generator().manual_seed(0)), 1)
+    forget = torch.tensor([True, False, False, True, False])
+    fill = torch.full((k,), float("-inf"))
+    if bad == "+inf":
+        fill[1] = float("inf")
+    got = emulated.prepare(x, "probs", forget, fill, torch.empty(n, k), torch.ones(n), False)
+    from ppu_fast.backends.cpu import CpuBackend
+    ref = CpuBackend().prepare(x, "probs", forget, fill, torch.empty(n, k), torch.ones(n), False)
+    assert got.error is None and bool(torch.isnan(got.first[0]).all())
+    assert bool(torch.isnan(ref.first[0]).all())
+
+
 @pytest.mark.parametrize("mode", ["probs", "logits", "log_p"])
 @pytest.mark.parametrize("k", PREP_KS)
 def test_emulated_prepare(emulated, mode, k):

@@ -308,7 +308,7 @@ __device__ __forceinline__ void stage_flush(const float (&f)[EPL], float* stage,
 // kOut (not with DIAG): Q is also written into qout, normalised like materialize_row_kernel's by
 // the row's float64 sum of e (for a pair of warps, the two halves' float64 sums added, so a
 // stored value can differ from materialize's in the last bit), and the column sums are of the
-// values written. Every load of a row precedes the warp's (pair's) shuffles and barriers, and
+// float32 values before any rounding to a 16-bit qout (of the values written for a float32 one). Every load of a row precedes the warp's (pair's) shuffles and barriers, and
 // each lane stores only entries it loaded: qout may be lp.
 template <int EPL, int WPR, typename T, bool DIAG, bool kOut = false>
 __global__ void __launch_bounds__(kBlock, 2)

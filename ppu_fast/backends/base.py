@@ -232,12 +232,15 @@ _CPU = torch.device("cpu")
 
 
 def softmax64(f: np.ndarray) -> Tuple[np.ndarray, float]:
-    """(softmax(f), logsumexp(f)) in float64 of a fill vector (k,) on the host."""
+    """(softmax(f), logsumexp(f)) in float64 of a fill vector (k,) on the host; NaN where f has
+    no finite maximum (all -inf, or a +inf entry), as the kernels' own evaluation gives, without
+    numpy's warning (a caller's -W error would fail on it)."""
     f = np.asarray(f, dtype=np.float64)
     mx = float(f.max())
-    e = np.exp(f - mx)
-    s = float(e.sum())
-    return e / s, mx + math.log(s)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        e = np.exp(f - mx)
+        s = float(e.sum())
+        return e / s, mx + math.log(s)
 
 
 def accurate_diag(q: np.ndarray) -> np.ndarray:

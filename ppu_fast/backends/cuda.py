@@ -108,7 +108,8 @@ def _launch_step(log_p: torch.Tensor, inv_c: torch.Tensor, alpha32: torch.Tensor
 
     ``inv_c`` (N,) float32 and ``alpha32`` (k,) float32 must be contiguous on ``log_p``'s device.
     ``q``: also write Q there (N x k, any strides, may be ``log_p``; mode 0, k <= ROW_K), in the
-    same pass (``step_write``); the column sums are then of the values written.
+    same pass (``step_write``); the column sums are then of the float32 values before any
+    rounding to a 16-bit ``q`` (of the values written for a float32 ``q``).
     ``stride``: the W sample's block stride m (mode 2; default :func:`base.hessian_stride`, 1 for
     ``hessian="exact"``).
     """
