@@ -18,8 +18,9 @@ by the cpu and torch backends (the triton and cuda backends refuse it in
       offending row and its kind (``ERR_*``) instead of raising, so that the caller words the error;
     - writes log P^ into ``out`` (N x k, a solver dtype), computed in ``compute_dtype(out.dtype)``:
       ``log p_ij - log sum_j p_ij`` ("probs"), ``log_softmax`` ("logits") or ``x`` itself
-      ("log_p"); in "probs" / "logits" mode, rows flagged in ``forget`` (N,) bool get ``fill``
-      (k,) float32 instead when it is given ("log_p" mode takes neither) (otherwise they are written like the others and the caller overwrites them; ``fill``
+      ("log_p"); in "probs" / "logits" mode ("log_p" mode takes neither), rows flagged in
+      ``forget`` (N,) bool get ``fill`` (k,) float32 instead when it is given (otherwise they are
+      written like the others and the caller overwrites them; ``fill``
       may be on x's device or on the CPU: ``refine`` passes it from the CPU, so that a GPU
       backend derives what it needs of it on the host without reading it back). ``out``
       may be None in "log_p" mode (validate only; x is then the buffer), and may be ``x`` itself

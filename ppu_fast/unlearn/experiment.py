@@ -40,9 +40,10 @@ def _refines(method: str) -> bool:
 
 def _check_method_options(method: str, name: str, kw: dict) -> None:
     """The checks ``unlearn`` makes of ``method``'s options ``kw`` (row ``name``) that need no data,
-    before any training: names, NaN / inf, integers, the optimizer's lr / momentum /
-    weight_decay, the retain rows per epoch. (Each was refused only when the method ran, after
-    the Original, Retrain and the methods before it had trained.)"""
+    before any training: names, NaN / inf, the declared types (int, float, bool), the optimizer's
+    lr / momentum / weight_decay, the retain rows per epoch, the lr schedule's milestones and
+    decay. (Each was refused only when the method ran, after the Original, Retrain and the
+    methods before it had trained.)"""
     bad = sorted(set(kw) - set(method_options(method)))
     if bad:
         raise TypeError(f"method '{name}' does not accept option(s) {', '.join(bad)}")
