@@ -88,6 +88,14 @@ def method_options(name: str) -> dict[str, Any]:
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in _COMMON}
 
 
+def check_option_values(method: str, options: dict[str, Any], where: str | None = None) -> None:
+    """The checks of ``method``'s ``options`` values that need no data: NaN / inf (named in
+    messages after ``where``, default ``unlearn(method=...)``) and the types the method declares.
+    ``unlearn`` makes them before anything runs, the experiment runner before any training."""
+    check_finite_options(options, where or f"unlearn(method={method!r})")
+    _check_option_types(_get(method), options, method)
+
+
 def _check_option_types(fn: Callable[..., UnlearnResult], options: dict[str, Any],
                         method: str) -> None:
     # An option declared ``int`` (epochs, batch sizes, step counts) given as 2.9 would be cut to 2
@@ -302,8 +310,7 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
     if unknown:
         raise TypeError(f"unlearning method '{method}' got unknown option(s) {', '.join(unknown)}; it "
                         f"accepts {', '.join(sorted(accepted)) or 'none'}")
-    check_finite_options(options, f"unlearn(method={method!r})")
-    _check_option_types(fn, options, method)
+    check_option_values(method, options)
     t0 = time.perf_counter()
     result = fn(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,
                 progress=progress, **options)

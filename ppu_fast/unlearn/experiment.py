@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import Split, check_reduction, dataset_channels, dataset_targets, make_split
+from ..data import Split, check_reduction, dataset_channels, make_split
 from ..metrics import (MIA_MIN_PER_SIDE, add_retrain_gaps, error, lira, mia_detail,
                        restrict_to_classes)
 from ..data import check_other_classes, other_classes_dataset
@@ -23,11 +23,11 @@ from ..report import label
 from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
                         transfer_body)
 from ..backends import check_environment
-from ..caller_state import available_device, check_finite_options, is_int
+from ..caller_state import available_device, is_int
 from ..torch_defaults import cpu_default_device
 from ..training import TrainConfig, check_optimizer_options, fit_cached
 from ._loop import check_decay, epochs_list
-from . import _check_option_types, _get, methods as registered, method_options, unlearn
+from . import check_option_values, methods as registered, method_options, unlearn
 from .ntk import JacobianTooLarge
 
 PPU_METHODS = ("ppu", "ppu-bias", "ppu-random")
@@ -48,8 +48,7 @@ def _check_method_options(method: str, name: str, kw: dict) -> None:
     if bad:
         raise TypeError(f"method '{name}' does not accept option(s) {', '.join(bad)}")
     where = f"method '{name}'"
-    check_finite_options(kw, where)
-    _check_option_types(_get(method), kw, method)
+    check_option_values(method, kw, where)
     if any(kw.get(o) is not None for o in ("lr", "momentum", "weight_decay")):
         try:
             # The options not given take valid stand-ins: only those given are judged here.
@@ -232,7 +231,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"pretrain_train: {exc}") from None
     check_model(model, width)
-    if pretrain is not None and pretrain in PRETRAIN_CHOICES:
+    if pretrain in PRETRAIN_CHOICES:
         check_other_classes(dataset)
     if pretrain_per_class is not None and (not is_int(pretrain_per_class) or pretrain_per_class < 1):
         raise ValueError(f"pretrain_per_class: expected a positive integer, got {pretrain_per_class!r}")
@@ -265,7 +264,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                            train_per_class=train_per_class, test_per_class=test_per_class)
         # Every method's row ends in the membership attack: refuse a split it cannot score. Its
         # non-members are the test images of the forget set's classes.
-        test_same = restrict_to_classes(split.test, dataset_targets(split.forget).unique().tolist())
+        test_same = restrict_to_classes(split.test, split.forget_classes)
         if min(len(split.forget), len(test_same)) < MIA_MIN_PER_SIDE:
             raise ValueError(f"the split: {len(split.forget)} forget and {len(test_same)} test "
                              f"examples of the forget classes; the membership attack every row "
