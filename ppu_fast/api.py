@@ -20,7 +20,8 @@ from .backends import get_backend
 from .backends.cpu import empty_buffer
 from .problem import ArrayLike, ForgetSpec, MarginalsSpec, PseudoSpec, WeightsSpec
 from .solver import (FinalPass, RefineInfo, check_options, check_tol_floor, gauge_for_kernels,
-                     hessian_mode, solve_dual)
+                     float64_backend, float64_retry_applies, hessian_mode, solve_again_in_float64,
+                     solve_dual)
 from .torch_defaults import cpu_default_device
 
 
@@ -63,6 +64,8 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
             1 / ``lam`` rule (e.g. the official notebook's 1 / entropy); not together with a
             ``lam`` other than 1.
         method: "newton" | "sinkhorn" | "gradient" (``step_size`` sets the gradient's eta).
+            A float32 / 16-bit Newton solve of at most 2^22 entries that does not reach ``tol``
+            is solved again in float64 from the same log P^ (``info.message`` says so).
         tol: stop when ``||colsum(Q) - M||_1 / N <= tol``.
         max_iter: most dual evaluations (passes over the matrix; default per method).
         backend: "auto" or a backend name (see ``python -m ppu_fast.info``).
@@ -190,13 +193,27 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
                 out[mask_dev] = pseudo_rows
 
         final = FinalPass(lambda a: be.materialize_sums(out, inv_c, a.to(dev), result), restore)
+    retry = float64_retry_applies(method, out)
     info = solve_dual(be, out, inv_c, m, method=method, tol=tol, max_iter=max_iter,
                       step_size=step_size, first=prep.first, weight_sums=weight_sums,
-                      capacity=lambda: pb.check_capacity(out, m, tol=tol), final=final)
+                      capacity=lambda: pb.check_capacity(out, m, tol=tol), final=final,
+                      warn=not retry)
+    q_from = (out, inv_c)
+    if retry and not info.converged:
+        # out still holds log P^ (no pass wrote Q: a written last pass converged).
+        q_from = (out.double(), inv_c.double())
+        be = float64_backend(be, q_from[0])
+        info = solve_again_in_float64(be, *q_from, m, info, tol=tol, max_iter=max_iter)
     t4 = time.perf_counter()
     if not info.materialized:
-        be.materialize(out, inv_c,
-                       torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev), result)
+        # Q of a float64 retry is computed in float64 too: its float32 evaluation at the same
+        # alpha missed the solver's residual by up to 6 %.
+        alpha = torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev)
+        if q_from[0] is out:
+            be.materialize(out, inv_c, alpha, result)
+        else:
+            be.materialize(*q_from, alpha, q_from[0])
+            result.copy_(q_from[0])
     _to_caller_scale(info, c_min)
     q = pb.result_tensor(result, user_out, x)
     if q.dtype in (torch.float16, torch.bfloat16):
@@ -287,10 +304,17 @@ def solve(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
     inv_c = torch.from_numpy(inv_c_np)
     lp, from_numpy, _, be, prep = _validated_log_p(log_p, backend, inv_c, hessian_mode(method, k))
     pb.check_feasible(prep.support, m)
+    retry = float64_retry_applies(method, lp)
     info = solve_dual(be, lp, inv_c.to(lp.device), m, method=method, tol=tol,
                       max_iter=max_iter, step_size=step_size, first=prep.first,
                       weight_sums=pb.weight_sums(inv_c_np),
-                      capacity=lambda: pb.check_capacity(lp, m, "marginals", tol=tol))
+                      capacity=lambda: pb.check_capacity(lp, m, "marginals", tol=tol),
+                      warn=not retry)
+    if retry and not info.converged:
+        lp64 = lp.double()
+        info = solve_again_in_float64(float64_backend(be, lp64), lp64,
+                                      inv_c.to(lp.device).double(), m, info, tol=tol,
+                                      max_iter=max_iter)
     _to_caller_scale(info, c_min)
     info.seconds = time.perf_counter() - t0
     alpha = info.alpha.clone().numpy() if from_numpy else info.alpha.to(lp.device)

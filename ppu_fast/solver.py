@@ -103,6 +103,14 @@ STALL_RATIO = 0.5
 # the float32 floor, says so in its message (the float64 hint of _solve_loop).
 STALL_WINDOW = 10
 STALL_DAMPED_BELOW = 1e-4
+# Float32 Newton stalls on some tiny problems with more classes than confident rows, where the
+# same problem widened to float64 converges: 64 x 100, logit margin 30, lam 10, pseudo "prior",
+# "original" marginals, a third of the rows forgotten failed for 21 of 30 seeds on the cpu
+# backend (23 on torch), and for none in float64 (at most 27 passes). Newton's step is accurate
+# there (the float64 oracle's residual, H within 7e-7), but 52 classes hold almost no mass and
+# the direction spans ~2e5 logits: every trial saturates. Up to this many entries (a 32 MiB
+# float64 copy) refine and solve try such a solve again in float64 (solve_again_in_float64).
+FLOAT64_RETRY_MAX_ELEMENTS = 1 << 22
 MAX_EXTRAPOLATION = 64.0
 # A dual iterate that shifts some row's logits by more than this has left every log-probability
 # behind (float32 ones reach -104 at most, float64 ones -745): the marginals are infeasible or
@@ -521,7 +529,7 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
                alpha0: Optional[torch.Tensor] = None, first: Optional[StepOut] = None,
                weight_sums: Optional[tuple] = None,
                capacity: Optional[Callable[[], None]] = None,
-               final: Optional[FinalPass] = None) -> RefineInfo:
+               final: Optional[FinalPass] = None, warn: bool = True) -> RefineInfo:
     """Maximise the dual for ``log_p`` (N x k), ``inv_c`` (N,) and ``marginals`` M (k,).
 
     ``first``: the step at alpha = 0 with the Hessian ``hessian_mode(method, k)`` asks for, on the
@@ -534,7 +542,8 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
     says whether it did.
     Returns a :class:`RefineInfo` whose ``alpha`` (k,) float64 (on the CPU) defines Q(alpha):
     the last iterate, or the one with the smallest residual when ``tol`` was not reached.
-    Warns with :class:`ConvergenceWarning` when ``tol`` is not reached.
+    Warns with :class:`ConvergenceWarning` when ``tol`` is not reached (unless ``warn`` is
+    False: the caller says it, see :func:`solve_again_in_float64`).
     """
     method, tol, max_iter, step_size = check_options(method, tol, max_iter, step_size)
     check_tol_floor(tol, log_p.dtype)
@@ -564,9 +573,12 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
     sampled = hessian is True and hessian_stride(n, k) > 1
     # (1 + 1e-6): the weights as stored, rounded (lam = 0.01 gives 100.0000002 in float32)
     log_form = inv_c_max <= LOG_FORM_WEIGHT_RATIO * (1.0 + 1e-6) * inv_c_min
-    return _solve_loop(backend, ev, method, m, alpha, first, alpha0, tol, max_iter, inv_c_max,
+    info = _solve_loop(backend, ev, method, m, alpha, first, alpha0, tol, max_iter, inv_c_max,
                        c_bar, m_safe, eta, t_start, capacity, exact_below, final, sampled,
                        log_form)
+    if warn and not info.converged:
+        _warn_not_converged(info, tol)
+    return info
 
 
 def _may_escalate_diag(ev: _Evaluator) -> bool:
@@ -729,13 +741,67 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
             # Never hand back an iterate worse than one already seen.
             res, alpha, g = best
             message += f"; returning the iterate with the smallest residual ({res:.3g})"
-    info = RefineInfo(iterations=ev.passes, converged=converged, residual=res,
+    return RefineInfo(iterations=ev.passes, converged=converged, residual=res,
                       history=ev.history, dual_value=g, alpha=torch.from_numpy(alpha),
                       method=method, backend=backend.name,
                       seconds=time.perf_counter() - t_start, message=message, steps=ev.steps,
                       materialized=materialized)
-    if not converged:
-        warnings.warn(f"ppu_fast: {method} did not converge: {message}; residual {res:.3g} > "
-                      f"tol {tol:.3g} after {ev.passes} passes (see info.converged)",
-                      ConvergenceWarning, stacklevel=caller_stacklevel())
-    return info
+
+
+def _warn_not_converged(info: RefineInfo, tol: float) -> None:
+    warnings.warn(f"ppu_fast: {info.method} did not converge: {info.message}; residual "
+                  f"{info.residual:.3g} > tol {tol:.3g} after {info.iterations} passes (see "
+                  f"info.converged)", ConvergenceWarning, stacklevel=caller_stacklevel())
+
+
+def float64_retry_applies(method: str, log_p: torch.Tensor) -> bool:
+    """Whether :func:`solve_again_in_float64` may follow a Newton solve of ``log_p`` (N x k)
+    that does not converge: a float32 evaluation (float32 or 16-bit input) of at most
+    ``FLOAT64_RETRY_MAX_ELEMENTS`` entries. The caller then solves with ``warn=False``."""
+    return (method == "newton" and compute_dtype(log_p.dtype) == torch.float32
+            and 0 < log_p.numel() <= FLOAT64_RETRY_MAX_ELEMENTS)
+
+
+def float64_backend(backend: Backend, log_p64: torch.Tensor) -> Backend:
+    """``backend`` where it solves the float64 ``log_p64`` (cpu, torch), else the torch reference
+    on the same device (the GPU kernels compute in float32)."""
+    if not backend.not_supported_reasons(log_p64):
+        return backend
+    from .backends import load
+    return load("torch")[0]  # type: ignore[return-value]
+
+
+def solve_again_in_float64(backend: Backend, log_p64: torch.Tensor, inv_c64: torch.Tensor,
+                           marginals: torch.Tensor, first: RefineInfo, *, tol: float,
+                           max_iter: Optional[int]) -> RefineInfo:
+    """Newton on ``log_p64`` (N x k) and ``inv_c64`` (N,), the float32 problem of ``first``
+    (a solve that did not converge, see :func:`float64_retry_applies`) widened to float64 (in
+    the same solver scale of the weights), on ``backend`` (one that solves float64, see
+    :func:`float64_backend`). The info returned counts both solves' passes and
+    histories, and keeps the better iterate: the float64 one unless it ends above ``first``'s.
+    Warns with :class:`ConvergenceWarning` when ``tol`` is still not reached. Not for a sharded
+    solve, whose ranks must all take the same path."""
+    t_start = time.perf_counter()
+    again = solve_dual(backend, log_p64, inv_c64, marginals, method="newton", tol=tol,
+                       max_iter=max_iter, warn=False)
+    head = (f"float32 Newton stopped after {first.iterations} passes at residual "
+            f"{first.residual:.3g} ({first.message}); solved again in float64 from the same "
+            f"log P^ and weights" + ("" if backend.name == first.backend else
+                                     f" by the {backend.name} backend"))
+    if again.converged:
+        tail = f": converged in {again.iterations} passes"
+    elif again.residual <= first.residual:
+        tail = f": {again.message}"
+    else:
+        tail = (f": {again.message}; returning the float32 iterate, whose residual "
+                f"{first.residual:.3g} is the smaller")
+        again.alpha, again.residual, again.dual_value = (first.alpha, first.residual,
+                                                         first.dual_value)
+    again.message = head + tail
+    again.iterations += first.iterations
+    again.steps += first.steps
+    again.history = first.history + again.history
+    again.seconds = first.seconds + time.perf_counter() - t_start
+    if not again.converged:
+        _warn_not_converged(again, tol)
+    return again

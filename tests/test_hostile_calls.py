@@ -5,6 +5,7 @@ the same call on an untouched copy, or a refusal that names the argument."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -327,9 +328,11 @@ def test_a_stall_far_above_the_floor_is_not_blamed_on_tol():
                                   return_info=True)
     assert not info.converged and info.residual > 1e-3
     # It gives up early: steps below the line search's floor count only if they gain the dual
-    # (a floor relative to the first trial alone let it take 100 passes of steps of 4e-13).
-    assert info.iterations <= 20, info.iterations
+    # (a floor relative to the first trial alone let it take 100 passes of steps of 4e-13);
+    # so does the float64 solve that a small float32 one's failure is followed by.
     text = " ".join(str(w.message) for w in rec)
+    first = int(re.search(r"float32 Newton stopped after (\d+) passes", text).group(1))
+    assert first <= 20 and info.iterations - first <= 20, (first, info.iterations)
     assert "far above the float32 precision floor" in text and "floor 1e-07?" not in text
 
 

@@ -299,9 +299,15 @@ _STALL_PSEUDO = np.array([[0.012709743343293667, 0.015931326895952225, 0.0008020
     0.003087493823841214]])
 
 
-def test_a_float32_stall_near_its_floor_says_float64_would_help():
+def test_a_float32_stall_near_its_floor_says_float64_would_help(monkeypatch):
     args = dict(forget_mask=np.array([False, True]), lam=0.021196067681412665,
                 pseudo=_STALL_PSEUDO, marginals="original", return_info=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ppu_fast.ConvergenceWarning)
+        _, info = ppu_fast.refine(_STALL_X, **args)
+    assert info.converged  # solved again in float64 if float32 stalled (it does on AVX-512)
+    # Above the size of that retry (set to 0 here) the stall is reported with the hint.
+    monkeypatch.setattr(solver, "FLOAT64_RETRY_MAX_ELEMENTS", 0)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         _, info = ppu_fast.refine(_STALL_X, **args)
@@ -316,3 +322,79 @@ def test_a_float32_stall_near_its_floor_says_float64_would_help():
     with pytest.warns(ppu_fast.ConvergenceWarning) as record:
         ppu_fast.refine(_STALL_X, **{**args, "max_iter": 3})
     assert "precision floor" not in str(record[-1].message)
+
+
+def _many_classes_few_rows(seed: int) -> tuple:
+    """64 x 100 float32 logits of a confident model (margin 30: at most 64 classes are anyone's
+    label) and its first third forgotten: refine with lam 10, pseudo "prior" and "original"
+    marginals stalls in float32 for most seeds (seed 0 on cpu and torch), never in float64."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 100, (64,), generator=g)
+    x = torch.randn(64, 100, generator=g)
+    x[torch.arange(64), y] += 30.0
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[:21] = True
+    return x, mask
+
+
+_MANY_CLASSES = dict(lam=10.0, pseudo="prior", marginals="original", return_info=True)
+
+
+@pytest.mark.parametrize("backend,how", [("cpu", "fresh"), ("cpu", "out=input"), ("cpu", "solve"),
+                                         ("torch", "fresh"), ("torch", "out=input")])
+def test_a_tiny_float32_stall_is_solved_again_in_float64(monkeypatch, backend, how):
+    x, mask = _many_classes_few_rows(0)
+    # The independent answer, from the formulas: P^ (forget rows = the retain rows' mean),
+    # M = the input's column sums, c = 1 / lam.
+    p = torch.softmax(x.double(), dim=1)
+    m = p.sum(0)
+    p_hat = p.clone()
+    p_hat[mask] = p[~mask].mean(0)
+    c = torch.where(mask, 1.0, 10.0).double()
+    _, q_ref = oracle_solve(torch.log(p_hat), c, m, tol=1e-10)
+
+    def call():
+        if how == "solve":
+            return ppu_fast.solve(torch.log(p_hat).float(), c, m, backend=backend)
+        xin = x.clone()
+        extra = {"out": xin} if how == "out=input" else {}
+        q, info = ppu_fast.refine(logits=xin, forget_mask=mask, backend=backend,
+                                  **_MANY_CLASSES, **extra)
+        assert q is xin or how == "fresh"
+        return q, info
+
+    # The float32 solve alone stalls (the retry switched off; solve's log P^, taken from the
+    # float64 probabilities, stalls the cpu backend only):
+    monkeypatch.setattr(solver, "FLOAT64_RETRY_MAX_ELEMENTS", 0)
+    with pytest.warns(ppu_fast.ConvergenceWarning):
+        _, info = call()
+    assert not info.converged
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ppu_fast.ConvergenceWarning)
+        got, info = call()
+    assert info.converged and "solved again in float64" in info.message
+    assert info.iterations == len(info.history) > 100  # both solves' passes
+    if how == "solve":  # alpha has a gauge, and classes with ~no mass barely pin theirs
+        got = ppu_fast.targets(torch.log(p_hat), c, got, backend=backend)
+    assert got.dtype == (torch.float64 if how == "solve" else torch.float32)
+    # Q is evaluated in float64 at the float64 alpha and then rounded: its residual is the
+    # solver's, below tol (evaluated in float32 it missed tol by up to 6 %).
+    assert float((got.double().sum(0) - m).abs().sum()) / 64 <= 1e-6
+    assert float((got.double() - torch.as_tensor(q_ref)).abs().max()) < 1e-6
+
+
+def test_the_float64_retry_warns_once_when_it_fails_too(monkeypatch):
+    x, mask = _many_classes_few_rows(0)
+    with pytest.warns(ppu_fast.ConvergenceWarning) as record:
+        q, info = ppu_fast.refine(logits=x, forget_mask=mask, backend="cpu", max_iter=3,
+                                  **_MANY_CLASSES)
+    assert len(record) == 1
+    text = str(record[0].message)
+    assert "float32 Newton stopped after 3 passes" in text and "float64" in text
+    assert not info.converged and info.iterations == len(info.history) == 6
+    # The better of the two iterates, and Q is that iterate's (evaluated in float64).
+    assert info.residual == min(info.history[2], info.history[5])
+    m = torch.softmax(x.double(), dim=1).sum(0)
+    assert float((q.double().sum(0) - m).abs().sum()) / 64 == pytest.approx(info.residual,
+                                                                              rel=1e-3)

@@ -435,6 +435,26 @@ def test_refine_of_one_column_nan_logits_names_the_row():
                         backend="triton")
 
 
+def test_a_tiny_float32_stall_is_solved_again_by_the_torch_reference():
+    """The triton kernels compute in float32 only: a small refine they leave unconverged is
+    solved again in float64 by the torch backend (tests/test_precision.py's stalling problem)."""
+    import warnings
+
+    import ppu_fast
+    from test_precision import _MANY_CLASSES, _many_classes_few_rows
+
+    x, mask = _many_classes_few_rows(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ppu_fast.ConvergenceWarning)
+        q, info = ppu_fast.refine(logits=x, forget_mask=mask, backend="triton", **_MANY_CLASSES)
+    assert info.converged and info.backend == "torch"
+    assert "solved again in float64 from the same log P^ and weights by the torch backend" in (
+        info.message)
+    m = torch.softmax(x.double(), dim=1).sum(0)
+    assert q.dtype == torch.float32
+    assert float((q.double().sum(0) - m).abs().sum()) / x.shape[0] <= 1e-6
+
+
 def test_prepare_row_sum_tolerance_is_float64():
     """tol travels as float32 hi + lo and is compared in float64 like the reference's."""
     n, k = 64, 4
