@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import problem as pb
-from .backends import get_backend
+from .backends import check_backend_name, get_backend
 from .backends.cpu import empty_buffer
 from .problem import ArrayLike, ForgetSpec, MarginalsSpec, PseudoSpec, WeightsSpec
 from .solver import (FinalPass, RefineInfo, check_options, check_tol_floor, gauge_for_kernels,
@@ -231,6 +231,17 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
                     "materialize": t5 - t4}
     info.seconds = t5 - t0
     return (q, info) if return_info else q
+
+
+def check_refine_options(*, lam: object, marginals: object, method: object, tol: object,
+                         backend: object) -> None:
+    """:func:`refine`'s checks of these options that need no data (class totals given as a
+    tensor are checked against the data later)."""
+    pb.check_lam(lam)
+    if isinstance(marginals, str):
+        pb.check_marginals_arg(marginals, 0, 0)
+    check_options(method, tol, None, None)
+    check_backend_name(backend)
 
 
 def _to_caller_scale(info: RefineInfo, c_min: float) -> None:

@@ -217,6 +217,25 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
         tol = max(tol, 2 * torch.finfo(targets.dtype).eps)
     if not bool(((targets.double().sum(1) - 1).abs() <= tol).all()):
         raise ValueError(f"targets rows must sum to 1 within {tol:g} (probabilities, not logits)")
+    check_finetune_options(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           batch_size=batch_size, optimizer=optimizer, select=select,
+                           retain_per_epoch=retain_per_epoch,
+                           has_forget_mask=forget_mask is not None,
+                           retain_fraction=retain_fraction, retain_sampling=retain_sampling,
+                           has_weights=retain_weights is not None, forget_repeats=forget_repeats,
+                           early_stop=early_stop, forget_kl=forget_kl, trainable=trainable,
+                           evals_per_epoch=evals_per_epoch)
+
+
+def check_finetune_options(*, epochs: object, lr: object, momentum: object, weight_decay: object,
+                           batch_size: object, optimizer: object, select: object,
+                           retain_per_epoch: object, has_forget_mask: bool,
+                           retain_fraction: object, retain_sampling: object, has_weights: bool,
+                           forget_repeats: object, early_stop: object, forget_kl: object,
+                           trainable: object, evals_per_epoch: object = 1) -> None:
+    """:func:`finetune`'s checks of its options, which need no model or data (``has_forget_mask``,
+    ``has_weights``: whether ``forget_mask`` / ``retain_weights`` are given); PPU's runner makes
+    them before the model's probabilities."""
     if not is_int(epochs) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     check_optimizer_options(lr, momentum, weight_decay)
@@ -227,17 +246,17 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
     if not (callable(select) or select in SELECT_POLICIES):
         raise ValueError(f"select must be one of {SELECT_POLICIES} or a callable(history) -> epoch, "
                          f"got {select!r}")
-    if retain_per_epoch is not None and forget_mask is None:
+    if retain_per_epoch is not None and not has_forget_mask:
         raise ValueError("retain_per_epoch needs forget_mask (which rows are the forget set)")
     check_epoch_rows(retain_fraction, retain_per_epoch)
     if (retain_fraction is not None or forget_repeats != 1 or retain_sampling != "uniform") \
-            and forget_mask is None:
+            and not has_forget_mask:
         raise ValueError("retain_fraction / forget_repeats / retain_sampling need forget_mask (which "
                          "rows are the forget set)")
     if retain_sampling not in RETAIN_SAMPLING:
         raise ValueError(f"retain_sampling: unknown value {retain_sampling!r}; expected one of "
                          f"{RETAIN_SAMPLING}")
-    if (retain_sampling == "weighted") != (retain_weights is not None):
+    if (retain_sampling == "weighted") != has_weights:
         raise ValueError("retain_sampling='weighted' and retain_weights go together: pass "
                          "retain_weights (N,) non-negative with retain_sampling='weighted'")
     if retain_sampling == "weighted" and retain_per_epoch is None and (
@@ -256,7 +275,7 @@ def _check(model: object, data: object, targets: object, epochs: int, lr: float,
     if forget_kl is not None:
         if not is_real(forget_kl) or not float(forget_kl) >= 0.0:
             raise ValueError(f"forget_kl must be a non-negative number of nats, got {forget_kl!r}")
-        if forget_mask is None:
+        if not has_forget_mask:
             raise ValueError("forget_kl needs forget_mask (which rows are the forget set)")
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable: unknown value {trainable!r}; expected one of {TRAINABLE}")

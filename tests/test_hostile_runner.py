@@ -418,6 +418,36 @@ def test_a_default_forget_count_too_large_for_a_reduced_split_says_so():
     # the attack's non-members are the forget classes' test images, not the whole test set
     ({"dataset": "digits", "test_per_class": 2}, ValueError,
      r"the split: \d+ forget and 2 test examples of the forget classes"),
+    # what a method refused when it ran, after the Original (and the methods before it)
+    # trained: the setting, the presets' values, option combinations, a composite's steps
+    ({"methods": ["original", "finetune"], "method_kwargs": {"finetune": {"setting": "bogus"}}},
+     ValueError, r"method 'finetune': setting must be 'auto' or one of"),
+    ({"methods": ["original", "scrub"], "method_kwargs": {"scrub": {"epochs": 2}}}, ValueError,
+     r"method 'scrub': msteps must be in \[0, epochs=2\], got 3 \(the 'small' preset's"),
+    ({"methods": ["original", "scrub+r"], "method_kwargs": {"scrub+r": {"optimizer": "x"}}},
+     ValueError, r"method 'scrub\+r': optimizer must be 'sgd' or 'adam'"),
+    ({"method_kwargs": {"ppu": {"history": False}}}, ValueError,
+     r"method 'ppu': history=False with select='val'"),
+    ({"method_kwargs": {"ppu": {"trainable": "bogus"}}}, ValueError,
+     r"method 'ppu': trainable: unknown value 'bogus'"),
+    ({"method_kwargs": {"ppu": {"marginals": "bogus"}}}, ValueError,
+     r"method 'ppu': marginals: unknown name 'bogus'"),
+    ({"method_kwargs": {"ppu": {"backend": "bogus"}}}, ValueError,
+     r"method 'ppu': backend: unknown name 'bogus'"),
+    ({"methods": ["original", "ppu-bias"], "method_kwargs": {"ppu-bias": {"forget_repeats": 0}}},
+     ValueError, r"method 'ppu-bias': forget_repeats must be a positive int"),
+    ({"methods": ["original", "scrub+ppu"],
+      "method_kwargs": {"scrub+ppu": {"scrub_options": {"bogus": 1}}}}, TypeError,
+     r"method 'scrub\+ppu': scrub_options: unlearning method 'scrub' got unknown option\(s\) bogus"),
+    ({"methods": ["original", "scrub+ppu"],
+      "method_kwargs": {"scrub+ppu": {"ppu_options": {"lr": float("nan")}}}}, ValueError,
+     r"method 'scrub\+ppu': ppu_options: unlearn\(method='ppu-bias'\): lr=nan"),
+    ({"methods": ["original", "finetune+ppu"],
+      "method_kwargs": {"finetune+ppu": {"finetune_options": {"setting": "x"}}}}, ValueError,
+     r"method 'finetune\+ppu': finetune_options: setting must be"),
+    # accepted before, stepping against the scrubbing direction
+    ({"methods": ["original", "ntk"], "method_kwargs": {"ntk": {"scale": -1.0}}}, ValueError,
+     r"method 'ntk': scale must be 'predicted' or a finite number >= 0, got -1.0"),
 ])
 def test_run_experiment_refuses_before_any_training(monkeypatch, kw, error, message):
     """Each bad value is refused before the Original trains (a helper's hunt: ~600 of 914 probes

@@ -55,13 +55,21 @@ def reasons(name: str, log_p: torch.Tensor) -> List[str]:
     return backend.available_reasons() + backend.not_supported_reasons(log_p)
 
 
+def check_backend_name(name: object) -> None:
+    """Refuse a ``backend=`` that is not "auto" or a backend's name (before any data exists)."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a string, got {type(name).__name__}")
+    if name != "auto" and name not in _SPECS:
+        raise ValueError(f"backend: unknown name {name!r}; expected 'auto' or one of "
+                         f"{list(BACKEND_NAMES)}")
+
+
 def get_backend(name: str, log_p: torch.Tensor, shape: Optional[Tuple[int, int]] = None
                 ) -> Backend:
     """Resolve ``name`` ("auto" or a backend name) to a backend able to run on ``log_p``;
     ``shape``: the whole input's (N, k) for messages, when ``log_p`` stands for it (a chunk, a
     probe row)."""
-    if not isinstance(name, str):
-        raise TypeError(f"backend: expected a string, got {type(name).__name__}")
+    check_backend_name(name)
     # Where the name came from, for the errors: a name set in the environment, away from the
     # call, must say so or the caller looks for a backend= argument that is not there.
     source = ""
@@ -89,8 +97,7 @@ def get_backend(name: str, log_p: torch.Tensor, shape: Optional[Tuple[int, int]]
             raise ValueError(f"PPU_FAST_BACKEND: unknown backend name {name!r} (the environment "
                              f"variable replaces backend='auto'); expected 'auto' or one of "
                              f"{list(BACKEND_NAMES)}, or the variable unset")
-        raise ValueError(f"backend: unknown name {name!r}; expected 'auto' or one of "
-                         f"{list(BACKEND_NAMES)}")
+        check_backend_name(name)
     why = reasons(name, log_p)
     if why:
         raise RuntimeError(f"backend: {name!r}{source} cannot run on this input ({log_p.dtype}, "

@@ -25,6 +25,7 @@ from ..training import resolve_device
 
 _METHODS: dict[str, Callable[..., "UnlearnResult"]] = {}
 _COMMON = ("val", "seed", "device", "inplace", "progress")
+_CHECKS: dict[str, Callable[..., Any]] = {}
 
 
 @dataclass
@@ -63,14 +64,35 @@ class UnlearnResult:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def register(name: str) -> Callable[[Callable[..., UnlearnResult]], Callable[..., UnlearnResult]]:
-    """Decorator that adds an unlearning method to the registry under ``name``."""
+def register(name: str, check: Callable[..., Any] | None = None
+             ) -> Callable[[Callable[..., UnlearnResult]], Callable[..., UnlearnResult]]:
+    """Decorator that adds an unlearning method to the registry under ``name``; ``check``, called
+    as ``check(forget, retain, val, **options)`` with every option (defaults filled in), makes
+    the method's checks of its options that need no model (the method makes them too, first)."""
     def deco(fn: Callable[..., UnlearnResult]) -> Callable[..., UnlearnResult]:
         if name in _METHODS:
             raise ValueError(f"unlearning method '{name}' is registered twice")
         _METHODS[name] = fn
+        if check is not None:
+            _CHECKS[name] = check
         return fn
     return deco
+
+
+def check_plan(method: str, options: dict[str, Any], forget: Dataset, retain: Dataset,
+               val: Dataset | None) -> None:
+    """What ``unlearn(model, forget, retain, method=method, val=val, **options)`` would refuse
+    without the model: the option checks of :func:`check_option_values`, the ``setting`` name
+    (``"auto"`` read from the data's labels) and the method's own ``check``. The experiment runner
+    makes them before any training."""
+    from ._loop import resolve_setting
+
+    check_option_values(method, options)
+    full = {**method_options(method), **options}
+    if "setting" in full:
+        resolve_setting(full["setting"], forget, retain)
+    if method in _CHECKS:
+        _CHECKS[method](forget, retain, val, **full)
 
 
 def methods() -> list[str]:
@@ -91,7 +113,13 @@ def method_options(name: str) -> dict[str, Any]:
 def check_option_values(method: str, options: dict[str, Any], where: str | None = None) -> None:
     """The checks of ``method``'s ``options`` values that need no data: NaN / inf (named in
     messages after ``where``, default ``unlearn(method=...)``) and the types the method declares.
-    ``unlearn`` makes them before anything runs, the experiment runner before any training."""
+    ``unlearn`` makes them before anything runs, the experiment runner before any training. An
+    option the method does not take is refused first (TypeError)."""
+    accepted = method_options(method)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"unlearning method '{method}' got unknown option(s) {', '.join(unknown)}; it "
+                        f"accepts {', '.join(sorted(accepted)) or 'none'}")
     check_finite_options(options, where or f"unlearn(method={method!r})")
     _check_option_types(_get(method), options, method)
 
@@ -305,11 +333,6 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
         raise ValueError("retain is empty: unlearning needs the data the model should keep")
     _check_disjoint(forget, retain)
     _check_output_fits(model, forget, retain, method, val)
-    accepted = method_options(method)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise TypeError(f"unlearning method '{method}' got unknown option(s) {', '.join(unknown)}; it "
-                        f"accepts {', '.join(sorted(accepted)) or 'none'}")
     check_option_values(method, options)
     t0 = time.perf_counter()
     result = fn(model, forget, retain, val=val, seed=seed, device=device, inplace=inplace,

@@ -10,9 +10,31 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import UnlearnResult, register, unlearn
+from . import UnlearnResult, check_plan, register, unlearn
 
 PPU_STEPS = ("ppu", "ppu-bias", "ppu-random")
+
+
+def _check_steps(ppu_method: str, first_options: object, ppu_options: object) -> None:
+    if ppu_method not in PPU_STEPS:
+        raise ValueError(f"ppu_method must be one of {', '.join(PPU_STEPS)}, got {ppu_method!r}")
+    for arg, value in (("first_options", first_options), ("ppu_options", ppu_options)):
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"{arg} must be a dict of options, got {type(value).__name__}")
+
+
+def _check(first: str, forget: Dataset, retain: Dataset, val: Dataset | None, *,
+           first_options: dict | None, ppu_method: str, ppu_options: dict | None) -> None:
+    """Both steps' options checked as :func:`ppu_fast.unlearn.check_plan` checks a method's (the
+    first step's own checks would otherwise wait for it to start, and the PPU step's for the
+    first step to finish)."""
+    _check_steps(ppu_method, first_options, ppu_options)
+    for method, opts, arg in ((first, first_options, f"{first}_options"),
+                              (ppu_method, ppu_options, "ppu_options")):
+        try:
+            check_plan(method, opts or {}, forget, retain, val)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{arg}: {exc}") from None
 
 
 def then_ppu(first: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None,
@@ -21,11 +43,7 @@ def then_ppu(first: str, model: nn.Module, forget: Dataset, retain: Dataset, *, 
     """``first`` (with ``first_options``), then ``ppu_method`` (with ``ppu_options``) on its model.
     Both steps go through :func:`ppu_fast.unlearn.unlearn`, so their options are checked by name.
     Timings: ``first`` (its whole call) plus the PPU step's phases; ``history`` is the PPU step's."""
-    if ppu_method not in PPU_STEPS:
-        raise ValueError(f"ppu_method must be one of {', '.join(PPU_STEPS)}, got {ppu_method!r}")
-    for arg, value in (("first_options", first_options), ("ppu_options", ppu_options)):
-        if value is not None and not isinstance(value, dict):
-            raise TypeError(f"{arg} must be a dict of options, got {type(value).__name__}")
+    _check_steps(ppu_method, first_options, ppu_options)
     a = unlearn(model, forget, retain, method=first, val=val, seed=seed, device=device, inplace=inplace,
                 progress=progress, **(first_options or {}))
     # The first step's model is already a private copy (or the caller's, with inplace): continue on it.
@@ -39,7 +57,8 @@ def then_ppu(first: str, model: nn.Module, forget: Dataset, retain: Dataset, *, 
                          timings, options)
 
 
-@register("scrub+ppu")
+@register("scrub+ppu", check=lambda forget, retain, val, scrub_options, **o: _check(
+    "scrub", forget, retain, val, first_options=scrub_options, **o))
 def scrub_ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
               seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
               progress: bool = True, scrub_options: dict | None = None, ppu_method: str = "ppu-bias",
@@ -51,7 +70,8 @@ def scrub_ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Datase
                     ppu_options=ppu_options)
 
 
-@register("finetune+ppu")
+@register("finetune+ppu", check=lambda forget, retain, val, finetune_options, **o: _check(
+    "finetune", forget, retain, val, first_options=finetune_options, **o))
 def finetune_ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                  seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                  progress: bool = True, finetune_options: dict | None = None,

@@ -27,7 +27,7 @@ from ..caller_state import available_device, is_int
 from ..torch_defaults import cpu_default_device
 from ..training import TrainConfig, check_optimizer_options, fit_cached
 from ._loop import check_decay, epochs_list
-from . import check_option_values, methods as registered, method_options, unlearn
+from . import check_option_values, check_plan, methods as registered, method_options, unlearn
 from .ntk import JacobianTooLarge
 
 PPU_METHODS = ("ppu", "ppu-bias", "ppu-random")
@@ -276,6 +276,15 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     # The first seed's split before any pre-training: its refusals (forget_class, num_forget, the
     # attack's minimum) should not cost the pre-training's minutes first.
     first_split = split_of(seeds[0])
+    for name in methods:
+        # What each method would refuse without the model (its setting, presets and option
+        # combinations; a composite's steps), before any training.
+        kw = {**(variants[name][1] if name in variants else {}), **method_kwargs.get(name, {})}
+        try:
+            check_plan(method_of[name], kw, first_split.forget, first_split.retain,
+                       first_split.val)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"method '{name}': {exc}") from None
     if pretrain is not None:
         other, classes = other_classes_dataset(dataset, data_root=data_root, per_class=pretrain_per_class,
                                                progress=progress)

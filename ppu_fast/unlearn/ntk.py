@@ -171,7 +171,34 @@ def _flat(model_or_state: nn.Module | dict, names: list[str], like: dict[str, to
     return torch.cat(out)
 
 
-@register("ntk")
+def _check_options(*, weight_decay: object, loss: object, scale: object, init: object,
+                   max_jacobian_gib: object, chunk: object, need_init: bool = True) -> None:
+    """NTK forgetting's option checks (``need_init``: whether a predicted scale without ``init``
+    is refused; the experiment runner passes ``init`` itself)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay > 0):
+        raise ValueError(f"weight_decay must be a positive number (the kernel ridge's weight), got "
+                         f"{weight_decay!r}")
+    if not (isinstance(max_jacobian_gib, (int, float)) and max_jacobian_gib > 0):
+        raise ValueError(f"max_jacobian_gib must be a positive number, got {max_jacobian_gib!r}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    if isinstance(scale, str):
+        if scale != "predicted":
+            raise ValueError(f"scale must be 'predicted' or a number, got {scale!r}")
+        if init is None and need_init:
+            raise ValueError("scale='predicted' (SCRUB's trapezium trick) needs init, the weights the "
+                             "original's training started from; pass init=... or a numeric scale")
+    elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+        # A negative scale steps against the scrubbing direction (0 is the original model).
+        raise ValueError(f"scale must be 'predicted' or a finite number >= 0, got {scale!r}")
+    if init is not None and not isinstance(init, (nn.Module, dict)):
+        raise TypeError(f"init must be a torch.nn.Module, a state dict or None, got {type(init).__name__}")
+
+
+
+@register("ntk", check=lambda forget, retain, val, **o: _check_options(**o, need_init=False))
 def ntk_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                    seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                    progress: bool = True, weight_decay: float = 0.1, loss: str = "ce",
@@ -201,26 +228,8 @@ def ntk_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val: D
     Returns:
         :class:`UnlearnResult`; ``options`` records the scale used, ``jacobian_gib``, ``n_params``
         and ``delta_norm`` (the norm of the unscaled step)."""
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay > 0):
-        raise ValueError(f"weight_decay must be a positive number (the kernel ridge's weight), got "
-                         f"{weight_decay!r}")
-    if not (isinstance(max_jacobian_gib, (int, float)) and max_jacobian_gib > 0):
-        raise ValueError(f"max_jacobian_gib must be a positive number, got {max_jacobian_gib!r}")
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    if isinstance(scale, str):
-        if scale != "predicted":
-            raise ValueError(f"scale must be 'predicted' or a number, got {scale!r}")
-        if init is None:
-            raise ValueError("scale='predicted' (SCRUB's trapezium trick) needs init, the weights the "
-                             "original's training started from; pass init=... or a numeric scale")
-    elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be 'predicted' or a finite number, got {scale!r}")
-    if init is not None and not isinstance(init, (nn.Module, dict)):
-        raise TypeError(f"init must be a torch.nn.Module, a state dict or None, got {type(init).__name__}")
-
+    _check_options(weight_decay=weight_decay, loss=loss, scale=scale, init=init,
+                   max_jacobian_gib=max_jacobian_gib, chunk=chunk)
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev).eval()
     names = [n for n, _ in work.named_parameters()]

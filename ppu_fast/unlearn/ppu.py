@@ -12,6 +12,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..caller_state import is_int
+from ..api import check_refine_options
+from ..finetune import check_finetune_options
 from ..finetune import finetune as _public_finetune
 
 # The loop without the public function's guard (random state, frozen flags, divergence):
@@ -111,44 +113,20 @@ def probe_pseudo(logits: torch.Tensor, labels: torch.Tensor, forget_mask: torch.
         return torch.softmax(z[fm] @ w + b, dim=1).float()
 
 
-@register("ppu")
-def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None, seed: int = 0,
-        device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,
-        mode: str = "privacy", pseudo: str | torch.Tensor = "uniform", lam: float = 1.0,
-        marginals: str | torch.Tensor = "retain", refine_method: str = "newton", tol: float = 1e-6,
-        backend: str = "auto", epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd",
-        momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64,
-        retain_per_epoch: int | None = None, select: str | Callable[[list[dict]], int] | None = None,
-        history: bool | None = None, history_retain: int | None | str = "auto",
-        schedule: str = "fast", retain_fraction: float | None = None,
-        retain_sampling: str | None = None, forget_repeats: int | None = None,
-        early_stop: bool | None = None, forget_kl: float | None = None,
-        trainable: str | None = None, evals_per_epoch: int = 1) -> UnlearnResult:
-    """PPU. ``mode="privacy"`` refines P^ with :func:`ppu_fast.refine` (``pseudo``, ``lam``,
-    ``marginals``, ``refine_method``, ``tol``, ``backend`` pass through); ``mode="bias"`` (§5.4) uses
-    P^ itself. ``pseudo``: a name or an (N_forget, k) tensor of probabilities (N_forget =
-    len(forget)); ``marginals``: a name or a (k,) tensor summing to len(forget) + len(retain).
-    Besides refine's pseudo-probabilities, ``pseudo="probe"`` takes the forget rows'
-    from a retain-only probe (:func:`probe_pseudo`; with ``marginals="pseudo"`` the refine keeps
-    them; measured in docs/ppu_schedule.md). Then :func:`ppu_fast.finetune` (``epochs``, ``lr``,
-    ``optimizer``, ``momentum``, ``weight_decay``, ``batch_size``, ``retain_per_epoch``) with selection ``select``: by default
-    ``"val"`` in privacy mode when ``val`` is given, else ``"last"``. ``history``: evaluate forget,
-    (retain) and validation error after every epoch; by default only when ``select`` chooses among
-    epochs, because that evaluation is part of the unlearning time. ``history_retain`` caps the
-    retain examples evaluated per epoch (None: all; 0: no retain error in the history).
-
-    ``schedule`` picks the fine-tuning's work (:data:`SCHEDULES`, per mode): ``"fast"`` (the default)
-    stops once the ``"val"`` rule is settled (``early_stop``, privacy mode) and evaluates only what
-    the selection reads, and in bias mode visits a share ``retain_fraction`` of the retain rows per
-    epoch and each forget row ``forget_repeats`` times; ``"paper"`` runs every row every epoch (ppu_fast's
-    plain reading of the paper, which gives no schedule). ``forget_kl`` (off by default; 0 switches it off) stops once the forget rows'
-    mean KL to their targets is at most that many nats. ``retain_fraction``, ``retain_sampling``
-    (``"uniform"``, or ``"weighted"``: by KL(q_i || p_i), how far each row's target moved),
-    ``forget_repeats``, ``early_stop``, ``forget_kl``, ``trainable`` (``"all"``, ``"last-block"``,
-    ``"head"``) and ``history_retain`` override the schedule's values one by one (see
-    :func:`ppu_fast.finetune`). ``evals_per_epoch`` > 1 evaluates (and checkpoints, for the
-    selection) that many times per epoch, so that the ``"val"`` rule can stop between epochs (on
-    digits that made its choice worse: docs/ppu_schedule.md)."""
+def plan_options(*, has_val: bool, mode: str = "privacy", pseudo: Any = "uniform",
+                 lam: Any = 1.0, marginals: Any = "retain", refine_method: Any = "newton",
+                 tol: Any = 1e-6, backend: Any = "auto", epochs: Any = 10, lr: Any = 0.01,
+                 optimizer: Any = "sgd", momentum: Any = 0.9, weight_decay: Any = 0.0,
+                 batch_size: Any = 64, retain_per_epoch: Any = None, select: Any = None,
+                 history: Any = None, history_retain: Any = "auto", schedule: Any = "fast",
+                 retain_fraction: Any = None, retain_sampling: Any = None,
+                 forget_repeats: Any = None, early_stop: Any = None, forget_kl: Any = None,
+                 trainable: Any = None, evals_per_epoch: Any = 1) -> tuple:
+    """PPU's options checked before any work, with no model or data (``has_val``: whether a
+    validation set is given): (pseudo, the schedule's plan, select, history) as :func:`ppu` runs
+    them. The fine-tuning's and the refine's options are checked here too, as
+    :func:`ppu_fast.finetune` and :func:`ppu_fast.refine` would check them after the model's
+    probabilities (the experiment runner calls this before any training)."""
     if mode == "bias":
         unused = [f"{n}={v!r}" for n, v, d in (("lam", lam, 1.0), ("marginals", marginals, "retain"),
                                               ("refine_method", refine_method, "newton"),
@@ -192,13 +170,13 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     if retain_per_epoch is not None and retain_fraction is None:
         plan["retain_fraction"] = None  # the explicit count wins over the schedule's share
     if select is None:
-        select = "val" if (mode == "privacy" and val is not None) else "last"
+        select = "val" if (mode == "privacy" and has_val) else "last"
     if plan["early_stop"] and select != "val":
         if early_stop:
             raise ValueError(f"early_stop=True needs select='val' (it stops once that rule is "
                              f"settled), got select={select!r}")
         plan["early_stop"] = False  # the schedule's early stop applies to the 'val' selection only
-    if select == "val" and val is None:
+    if select == "val" and not has_val:
         raise ValueError("select='val' needs a validation set: pass val=...")
     if plan["retain_sampling"] == "weighted" and mode != "privacy":
         # The weights are KL(q_i || p_i), how far the refine moved each retain row's target; bias
@@ -220,6 +198,68 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
     if select == "val" and not history:
         raise ValueError("history=False with select='val': the selection reads the per-epoch "
                          "forget and validation errors; pass history=True or select='last'")
+    check_finetune_options(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           batch_size=batch_size, optimizer=optimizer, select=select,
+                           retain_per_epoch=retain_per_epoch, has_forget_mask=True,
+                           retain_fraction=plan["retain_fraction"],
+                           retain_sampling=plan["retain_sampling"],
+                           has_weights=plan["retain_sampling"] == "weighted",
+                           forget_repeats=plan["forget_repeats"], early_stop=plan["early_stop"],
+                           forget_kl=plan["forget_kl"], trainable=plan["trainable"],
+                           evals_per_epoch=evals_per_epoch)
+    if mode == "privacy":
+        check_refine_options(lam=lam, marginals=marginals, method=refine_method, tol=tol,
+                             backend=backend)
+    return pseudo, plan, select, history
+
+
+@register("ppu", check=lambda forget, retain, val, **o: plan_options(
+    has_val=val is not None, **o))
+def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None, seed: int = 0,
+        device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,
+        mode: str = "privacy", pseudo: str | torch.Tensor = "uniform", lam: float = 1.0,
+        marginals: str | torch.Tensor = "retain", refine_method: str = "newton", tol: float = 1e-6,
+        backend: str = "auto", epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd",
+        momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64,
+        retain_per_epoch: int | None = None, select: str | Callable[[list[dict]], int] | None = None,
+        history: bool | None = None, history_retain: int | None | str = "auto",
+        schedule: str = "fast", retain_fraction: float | None = None,
+        retain_sampling: str | None = None, forget_repeats: int | None = None,
+        early_stop: bool | None = None, forget_kl: float | None = None,
+        trainable: str | None = None, evals_per_epoch: int = 1) -> UnlearnResult:
+    """PPU. ``mode="privacy"`` refines P^ with :func:`ppu_fast.refine` (``pseudo``, ``lam``,
+    ``marginals``, ``refine_method``, ``tol``, ``backend`` pass through); ``mode="bias"`` (§5.4) uses
+    P^ itself. ``pseudo``: a name or an (N_forget, k) tensor of probabilities (N_forget =
+    len(forget)); ``marginals``: a name or a (k,) tensor summing to len(forget) + len(retain).
+    Besides refine's pseudo-probabilities, ``pseudo="probe"`` takes the forget rows'
+    from a retain-only probe (:func:`probe_pseudo`; with ``marginals="pseudo"`` the refine keeps
+    them; measured in docs/ppu_schedule.md). Then :func:`ppu_fast.finetune` (``epochs``, ``lr``,
+    ``optimizer``, ``momentum``, ``weight_decay``, ``batch_size``, ``retain_per_epoch``) with selection ``select``: by default
+    ``"val"`` in privacy mode when ``val`` is given, else ``"last"``. ``history``: evaluate forget,
+    (retain) and validation error after every epoch; by default only when ``select`` chooses among
+    epochs, because that evaluation is part of the unlearning time. ``history_retain`` caps the
+    retain examples evaluated per epoch (None: all; 0: no retain error in the history).
+
+    ``schedule`` picks the fine-tuning's work (:data:`SCHEDULES`, per mode): ``"fast"`` (the default)
+    stops once the ``"val"`` rule is settled (``early_stop``, privacy mode) and evaluates only what
+    the selection reads, and in bias mode visits a share ``retain_fraction`` of the retain rows per
+    epoch and each forget row ``forget_repeats`` times; ``"paper"`` runs every row every epoch (ppu_fast's
+    plain reading of the paper, which gives no schedule). ``forget_kl`` (off by default; 0 switches it off) stops once the forget rows'
+    mean KL to their targets is at most that many nats. ``retain_fraction``, ``retain_sampling``
+    (``"uniform"``, or ``"weighted"``: by KL(q_i || p_i), how far each row's target moved),
+    ``forget_repeats``, ``early_stop``, ``forget_kl``, ``trainable`` (``"all"``, ``"last-block"``,
+    ``"head"``) and ``history_retain`` override the schedule's values one by one (see
+    :func:`ppu_fast.finetune`). ``evals_per_epoch`` > 1 evaluates (and checkpoints, for the
+    selection) that many times per epoch, so that the ``"val"`` rule can stop between epochs (on
+    digits that made its choice worse: docs/ppu_schedule.md)."""
+    pseudo, plan, select, history = plan_options(
+        has_val=val is not None, mode=mode, pseudo=pseudo, lam=lam, marginals=marginals,
+        refine_method=refine_method, tol=tol, backend=backend, epochs=epochs, lr=lr,
+        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+        retain_per_epoch=retain_per_epoch, select=select, history=history,
+        history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
+        retain_sampling=retain_sampling, forget_repeats=forget_repeats, early_stop=early_stop,
+        forget_kl=forget_kl, trainable=trainable, evals_per_epoch=evals_per_epoch)
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device)
     timings: dict[str, float] = {}
@@ -291,7 +331,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
                          timings, options)
 
 
-@register("ppu-bias")
+@register("ppu-bias", check=lambda forget, retain, val, **o: plan_options(
+    has_val=val is not None, mode="bias", **o))
 def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
              seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
              progress: bool = True, pseudo: str | torch.Tensor = "uniform", epochs: int = 10,
@@ -317,7 +358,8 @@ def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset
     return result
 
 
-@register("ppu-random")
+@register("ppu-random", check=lambda forget, retain, val, **o: plan_options(
+    has_val=val is not None, mode="bias", pseudo="random", **o))
 def ppu_random(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                progress: bool = True, epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd",

@@ -83,9 +83,12 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float)
     return F.kl_div(log_s, p_t, reduction="sum") * temperature ** 2 / student.shape[0]
 
 
-def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None,
-           seed: int, device: str | torch.device | None, inplace: bool, progress: bool, setting: str,
-           select: str, history_retain: int | None, rewind: str | None = None, **given: Any) -> UnlearnResult:
+def _plan(name: str, forget: Dataset, retain: Dataset, has_val: bool, setting: str, select: str,
+          history_retain: int | None, rewind: str | None, given: dict[str, Any]
+          ) -> tuple[str, dict[str, Any]]:
+    """SCRUB's options checked before any work (the setting's presets read the data's labels
+    only): (the setting, "auto" resolved; its hyper-parameters, each given one or else the
+    preset's)."""
     setting = resolve_setting(setting, forget, retain)
     hp = {k: pick(v, (PRESETS_R if select == "val" else PRESETS)[setting], k) for k, v in given.items()}
     if not 0 <= int(hp["msteps"]) <= int(hp["epochs"]):
@@ -102,11 +105,29 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
         raise ValueError(f"rewind must be None or one of {', '.join(REWIND_RULES)}, got {rewind!r}")
     if select == "last" and rewind not in (None, "scrub"):
         raise ValueError(f"rewind={rewind!r}: the rewinding rule applies to select='val' (SCRUB+R) only")
-    if select == "val" and val is None:
+    if select == "val" and not has_val:
         raise ValueError(f"{name} rewinds by comparing forget errors with the validation error on the "
                          f"forget classes: pass val=...")
     if history_retain is not None and not (is_int(history_retain) and history_retain >= 0):
         raise ValueError(f"history_retain must be an int >= 0 or None, got {history_retain!r}")
+    if hp["optimizer"] not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {hp['optimizer']!r}")
+    return setting, hp
+
+
+def _check(forget: Dataset, retain: Dataset, val: Dataset | None, *, select: str = "last",
+           **options: Any) -> None:
+    """The registry's check of :func:`scrub` / :func:`scrub_r`'s options (:func:`_plan`)."""
+    fixed = {k: options.pop(k) for k in ("setting", "history_retain", "rewind")}
+    _plan("scrub", forget, retain, val is not None, fixed["setting"], select,
+          fixed["history_retain"], fixed["rewind"], options)
+
+
+def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None,
+           seed: int, device: str | torch.device | None, inplace: bool, progress: bool, setting: str,
+           select: str, history_retain: int | None, rewind: str | None = None, **given: Any) -> UnlearnResult:
+    setting, hp = _plan(name, forget, retain, val is not None, setting, select, history_retain,
+                        rewind, given)
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
     teacher = copy.deepcopy(work).eval()
@@ -159,7 +180,7 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
                          options=options)
 
 
-@register("scrub")
+@register("scrub", check=_check)
 def scrub(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None, seed: int = 0,
           device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,
           setting: str = "auto", optimizer: str | None = None, lr: float | None = None,
@@ -197,7 +218,8 @@ def scrub(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | 
                   batch_size=batch_size, forget_batch_size=forget_batch_size, rewind=rewind)
 
 
-@register("scrub+r")
+@register("scrub+r", check=lambda forget, retain, val, **o: _check(
+    forget, retain, val, select="val", **o))
 def scrub_r(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
             seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
             progress: bool = True, setting: str = "auto", optimizer: str | None = None,
