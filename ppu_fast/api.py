@@ -198,22 +198,22 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
                       step_size=step_size, first=prep.first, weight_sums=weight_sums,
                       capacity=lambda: pb.check_capacity(out, m, tol=tol), final=final,
                       warn=not retry)
-    q_from = (out, inv_c)
+    wide = None  # (log P^, 1 / c) in float64, once a float64 solve followed the float32 one
     if retry and not info.converged:
         # out still holds log P^ (no pass wrote Q: a written last pass converged).
-        q_from = (out.double(), inv_c.double())
-        be = float64_backend(be, q_from[0])
-        info = solve_again_in_float64(be, *q_from, m, info, tol=tol, max_iter=max_iter)
+        wide = (out.double(), inv_c.double())
+        be = float64_backend(be, wide[0])
+        info = solve_again_in_float64(be, *wide, m, info, tol=tol, max_iter=max_iter)
     t4 = time.perf_counter()
     if not info.materialized:
-        # Q of a float64 retry is computed in float64 too: its float32 evaluation at the same
-        # alpha missed the solver's residual by up to 6 %.
         alpha = torch.from_numpy(gauge_for_kernels(info.alpha.numpy())).to(dev)
-        if q_from[0] is out:
+        if wide is None:
             be.materialize(out, inv_c, alpha, result)
         else:
-            be.materialize(*q_from, alpha, q_from[0])
-            result.copy_(q_from[0])
+            # Q of the float64 solve is computed in float64 too: its float32 evaluation at the
+            # same alpha missed the solver's residual by up to 6 %.
+            be.materialize(*wide, alpha, wide[0])
+            result.copy_(wide[0])
     _to_caller_scale(info, c_min)
     q = pb.result_tensor(result, user_out, x)
     if q.dtype in (torch.float16, torch.bfloat16):

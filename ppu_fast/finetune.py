@@ -20,8 +20,8 @@ from .caller_state import (caller_stacklevel, check_seed, frozen_modules, is_int
                            keeps_caller_state, manual_seed, probe_forward)
 from .data import CpuDrawLoader
 from .metrics import check_logits
-from .training import (FREEZE_BATCHNORM, check_optimizer_options, lone_last_batch,
-                       one_example_batchnorm_error, resolve_device)
+from .training import (FREEZE_BATCHNORM, check_optimizer_name, check_optimizer_options,
+                       lone_last_batch, one_example_batchnorm_error, resolve_device)
 from .torch_defaults import optimizer_step, training_grad_mode
 
 SELECT_POLICIES = ("last", "val")
@@ -241,8 +241,7 @@ def check_finetune_options(*, epochs: object, lr: object, momentum: object, weig
     check_optimizer_options(lr, momentum, weight_decay)
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    check_optimizer_name(optimizer)
     if not (callable(select) or select in SELECT_POLICIES):
         raise ValueError(f"select must be one of {SELECT_POLICIES} or a callable(history) -> epoch, "
                          f"got {select!r}")

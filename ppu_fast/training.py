@@ -85,6 +85,15 @@ def cache_dir() -> Path:
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
+def check_optimizer_name(name: object) -> None:
+    """Refuse an ``optimizer=`` other than "sgd" or "adam" (finetune, SCRUB, the baselines)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+
+
 def check_optimizer_options(lr: float, momentum: float, weight_decay: float) -> None:
     """Refuse an SGD / Adam setting that cannot train: lr positive and finite (at most float32's
     largest: beyond it the first step of a float32 model overflows inside torch's optimizer),

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..caller_state import frozen_modules, is_int, is_real
 from ..data import CpuDrawLoader, collate_pairs, dataset_targets
 from ..torch_defaults import optimizer_step
-from ..training import (check_optimizer_options, lone_last_batch, one_example_batchnorm,
-                        one_example_batchnorm_error)
+from ..training import (check_optimizer_name, check_optimizer_options, lone_last_batch,
+                        one_example_batchnorm, one_example_batchnorm_error)
 
 SETTINGS = ("small", "selective", "class")
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
@@ -164,9 +164,8 @@ def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, momentu
     check_optimizer_options(lr, momentum, weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+    check_optimizer_name(name)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 @dataclass

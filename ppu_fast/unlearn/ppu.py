@@ -20,7 +20,7 @@ from ..finetune import finetune as _public_finetune
 # unlearn's own guard covers the whole call, and names the method.
 finetune = _public_finetune.__wrapped__
 from ..metrics import predict
-from . import UnlearnResult, register
+from . import UnlearnResult, method_options, register
 from ._common import make_evaluator, resolve_device, working_copy
 
 MODES = ("privacy", "bias")
@@ -113,18 +113,15 @@ def probe_pseudo(logits: torch.Tensor, labels: torch.Tensor, forget_mask: torch.
         return torch.softmax(z[fm] @ w + b, dim=1).float()
 
 
-def plan_options(*, has_val: bool, mode: str = "privacy", pseudo: Any = "uniform",
-                 lam: Any = 1.0, marginals: Any = "retain", refine_method: Any = "newton",
-                 tol: Any = 1e-6, backend: Any = "auto", epochs: Any = 10, lr: Any = 0.01,
-                 optimizer: Any = "sgd", momentum: Any = 0.9, weight_decay: Any = 0.0,
-                 batch_size: Any = 64, retain_per_epoch: Any = None, select: Any = None,
-                 history: Any = None, history_retain: Any = "auto", schedule: Any = "fast",
-                 retain_fraction: Any = None, retain_sampling: Any = None,
-                 forget_repeats: Any = None, early_stop: Any = None, forget_kl: Any = None,
-                 trainable: Any = None, evals_per_epoch: Any = 1) -> tuple:
-    """PPU's options checked before any work, with no model or data (``has_val``: whether a
-    validation set is given): (pseudo, the schedule's plan, select, history) as :func:`ppu` runs
-    them. The fine-tuning's and the refine's options are checked here too, as
+def plan_options(*, has_val: bool, mode: Any, pseudo: Any, lam: Any, marginals: Any,
+                 refine_method: Any, tol: Any, backend: Any, epochs: Any, lr: Any,
+                 optimizer: Any, momentum: Any, weight_decay: Any, batch_size: Any,
+                 retain_per_epoch: Any, select: Any, history: Any, history_retain: Any,
+                 schedule: Any, retain_fraction: Any, retain_sampling: Any, forget_repeats: Any,
+                 early_stop: Any, forget_kl: Any, trainable: Any, evals_per_epoch: Any) -> tuple:
+    """PPU's options (every one of :func:`ppu`'s) checked before any work, with no model or data
+    (``has_val``: whether a validation set is given): (pseudo, the schedule's plan, select,
+    history) as :func:`ppu` runs them. The fine-tuning's and the refine's options are checked here too, as
     :func:`ppu_fast.finetune` and :func:`ppu_fast.refine` would check them after the model's
     probabilities (the experiment runner calls this before any training)."""
     if mode == "bias":
@@ -331,8 +328,13 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
                          timings, options)
 
 
-@register("ppu-bias", check=lambda forget, retain, val, **o: plan_options(
-    has_val=val is not None, mode="bias", **o))
+def _bias_check(forget: Dataset, retain: Dataset, val: Dataset | None, **options: Any) -> None:
+    """The registry's check of :func:`ppu_bias` / :func:`ppu_random`'s ``options``: :func:`ppu`'s
+    in bias mode, its defaults for the options they do not take."""
+    plan_options(has_val=val is not None, **{**method_options("ppu"), **options, "mode": "bias"})
+
+
+@register("ppu-bias", check=_bias_check)
 def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
              seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
              progress: bool = True, pseudo: str | torch.Tensor = "uniform", epochs: int = 10,
@@ -358,8 +360,8 @@ def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset
     return result
 
 
-@register("ppu-random", check=lambda forget, retain, val, **o: plan_options(
-    has_val=val is not None, mode="bias", pseudo="random", **o))
+@register("ppu-random", check=lambda forget, retain, val, **o: _bias_check(
+    forget, retain, val, pseudo="random", **o))
 def ppu_random(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                progress: bool = True, epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd",

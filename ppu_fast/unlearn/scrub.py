@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from ..caller_state import is_int, manual_seed
 from ..finetune import select_val
+from ..training import check_optimizer_name
 from . import UnlearnResult, register
 from ._common import make_evaluator, resolve_device, working_copy
 from ._loop import (check_loss_weights, loader, make_optimizer, milestone_lr, pick, resolve_setting,
@@ -110,8 +111,7 @@ def _plan(name: str, forget: Dataset, retain: Dataset, has_val: bool, setting: s
                          f"forget classes: pass val=...")
     if history_retain is not None and not (is_int(history_retain) and history_retain >= 0):
         raise ValueError(f"history_retain must be an int >= 0 or None, got {history_retain!r}")
-    if hp["optimizer"] not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {hp['optimizer']!r}")
+    check_optimizer_name(hp["optimizer"])
     return setting, hp
 
 
