@@ -212,9 +212,19 @@ def test_fisher_noise_and_class_rows(setup):
     split, model = setup
     zero = run(model, split, "fisher", alpha=0.0)
     assert same(state(model), state(zero.model)), "alpha 0 adds no noise"
-    cls = run(model, split, "fisher", alpha=0.0, setting="class")
+    # The class setting forgets whole classes: class 0's training examples, none left in retain.
+    train = split.train
+    zero_class = [i for i in range(len(train)) if int(train[i][1]) == 0]
+    rest = [i for i in range(len(train)) if int(train[i][1]) != 0]
+    cls = unlearn(model, Subset(train, zero_class), Subset(train, rest), method="fisher", alpha=0.0,
+                  setting="class", progress=False)
     w = cls.model.classifier.weight
     assert w[0].abs().max() < 0.2 and torch.equal(w[1:], model.classifier.weight[1:])
+    # On a split that keeps part of class 0 in retain, the class setting would zero the row the
+    # retained examples need: refused.
+    with pytest.raises(ValueError, match=r"setting='class' zeroes the classifier rows of the forget "
+                                         r"set's classes \[0\], but retain holds \d+ examples"):
+        run(model, split, "fisher", alpha=0.0, setting="class")
 
 
 def test_bad_teacher_moves_forget_predictions(setup):

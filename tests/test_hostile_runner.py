@@ -448,6 +448,34 @@ def test_a_default_forget_count_too_large_for_a_reduced_split_says_so():
     # accepted before, stepping against the scrubbing direction
     ({"methods": ["original", "ntk"], "method_kwargs": {"ntk": {"scale": -1.0}}}, ValueError,
      r"method 'ntk': scale must be 'predicted' or a finite number >= 0, got -1.0"),
+    # the other baselines' option checks, made when each method ran
+    ({"methods": ["original", "fisher"], "method_kwargs": {"fisher": {"alpha": -1.0}}}, ValueError,
+     r"method 'fisher': alpha must be >= 0, got -1.0"),
+    ({"methods": ["original", "bad-t"], "method_kwargs": {"bad-t": {"temperature": 0.0}}},
+     ValueError, r"method 'bad-t': temperature must be positive"),
+    ({"methods": ["original", "bad-t"],
+      "method_kwargs": {"bad-t": {"variant": "chundawat", "forget_batch_size": 8}}}, ValueError,
+     r"method 'bad-t': forget_batch_size applies to variant='scrub' only"),
+    ({"methods": ["original", "neggrad+"], "method_kwargs": {"neggrad+": {"alpha": 1.5}}},
+     ValueError, r"method 'neggrad\+': alpha must be in \[0, 1\], got 1.5"),
+    ({"methods": ["original", "cf-k"], "method_kwargs": {"cf-k": {"lr_decayed_base": -1.0}}},
+     ValueError, r"method 'cf-k': lr_decayed_base must be a positive finite number or None"),
+    ({"methods": ["original", "finetune"], "method_kwargs": {"finetune": {"epochs": 0}}},
+     ValueError, r"method 'finetune': epochs must be a positive int, got 0"),
+    ({"methods": ["original", "scrub"], "method_kwargs": {"scrub": {"batch_size": 0}}},
+     ValueError, r"method 'scrub': batch_size must be a positive int, got 0"),
+    ({"methods": ["original", "retrain"], "method_kwargs": {"retrain": {"config": 5}}},
+     TypeError, r"method 'retrain': config must be a ppu_fast.training.TrainConfig"),
+    # what reads the architecture: checked on an untrained model of it
+    ({"methods": ["original", "cf-k"], "method_kwargs": {"cf-k": {"layers": ["nope"]}}},
+     ValueError, r"method 'cf-k': layers: the model has no module 'nope'"),
+    ({"methods": ["original", "cf-k"], "method_kwargs": {"cf-k": {"layers": ["features.0.2"]}}},
+     ValueError, r"method 'cf-k': layers: 'features.0.2' hold no parameters"),
+    ({"methods": ["original", "eu-k"], "method_kwargs": {"eu-k": {"reset": ["features.3"]}}},
+     ValueError, r"method 'eu-k': reset: 'features.3' hold no parameters"),
+    # accepted before: zeroed the classifier row the retained examples of class 0 need
+    ({"methods": ["original", "fisher"], "method_kwargs": {"fisher": {"setting": "class"}}},
+     ValueError, r"method 'fisher': setting='class' zeroes the classifier rows"),
 ])
 def test_run_experiment_refuses_before_any_training(monkeypatch, kw, error, message):
     """Each bad value is refused before the Original trains (a helper's hunt: ~600 of 914 probes

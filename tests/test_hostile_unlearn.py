@@ -791,6 +791,26 @@ def test_eu_k_and_cf_k_name_what_is_wrong_with_their_layers(tiny):
     assert res.options["reset"] == ["4"]
     with pytest.raises(ValueError, match=r"layers: '3' hold no parameters \(e\.g\. an activation"):
         ppu_fast.unlearn(model, forget, retain, method="cf-k", layers=["3"], epochs=1, progress=False)
+    # a reset of modules without weights put nothing back: CF-k under EU-k's name
+    with pytest.raises(ValueError, match=r"reset: '3' hold no parameters .* weights to put back"):
+        ppu_fast.unlearn(model, forget, retain, method="eu-k", layers=["4"], reset=["3"], epochs=1,
+                         progress=False)
+    # a bare int: list(5) failed inside the method with "'int' object is not iterable"
+    with pytest.raises(TypeError, match=r"layers: expected a module name or a list of them.*got 4 "
+                                        r"\(int\)"):
+        ppu_fast.unlearn(model, forget, retain, method="cf-k", layers=4, epochs=1, progress=False)
+    with pytest.raises(TypeError, match=r"reset: expected a module name or a list of them"):
+        ppu_fast.unlearn(model, forget, retain, method="eu-k", layers=["4"], reset=4, epochs=1,
+                         progress=False)
+
+
+def test_a_forget_batch_size_is_named_as_itself(tiny):
+    model, forget, retain = _sets(tiny)
+    for method in ("neggrad+", "scrub", "bad-t"):
+        # it was refused as "batch_size must be a positive int"
+        with pytest.raises(ValueError, match=r"^forget_batch_size must be a positive int, got 0"):
+            ppu_fast.unlearn(model, forget, retain, method=method, forget_batch_size=0, epochs=1,
+                             progress=False)
 
 
 def test_a_float16_model_that_diverges_is_told_why(tiny):

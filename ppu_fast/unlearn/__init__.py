@@ -67,8 +67,11 @@ class UnlearnResult:
 def register(name: str, check: Callable[..., Any] | None = None
              ) -> Callable[[Callable[..., UnlearnResult]], Callable[..., UnlearnResult]]:
     """Decorator that adds an unlearning method to the registry under ``name``; ``check``, called
-    as ``check(forget, retain, val, **options)`` with every option (defaults filled in), makes
-    the method's checks of its options that need no model (the method makes them too, first)."""
+    as ``check(forget, retain, val, model, **options)`` with every option (defaults filled in)
+    and ``model`` an untrained model of the architecture that will be unlearned (or None when
+    the caller has none), makes the method's checks of its options before any work: those that
+    need no model always, those that read the architecture (module names) when ``model`` is
+    given. The method makes them too, first."""
     def deco(fn: Callable[..., UnlearnResult]) -> Callable[..., UnlearnResult]:
         if name in _METHODS:
             raise ValueError(f"unlearning method '{name}' is registered twice")
@@ -80,11 +83,12 @@ def register(name: str, check: Callable[..., Any] | None = None
 
 
 def check_plan(method: str, options: dict[str, Any], forget: Dataset, retain: Dataset,
-               val: Dataset | None) -> None:
+               val: Dataset | None, model: nn.Module | None = None) -> None:
     """What ``unlearn(model, forget, retain, method=method, val=val, **options)`` would refuse
-    without the model: the option checks of :func:`check_option_values`, the ``setting`` name
-    (``"auto"`` read from the data's labels) and the method's own ``check``. The experiment runner
-    makes them before any training."""
+    before it trained anything: the option checks of :func:`check_option_values`, the ``setting``
+    name (``"auto"`` read from the data's labels) and the method's own ``check``; with ``model``
+    (its architecture: untrained weights do) also what depends on it, such as the module names
+    CF-k and EU-k train and reset. The experiment runner makes them before any training."""
     from ._loop import resolve_setting
 
     check_option_values(method, options)
@@ -92,7 +96,7 @@ def check_plan(method: str, options: dict[str, Any], forget: Dataset, retain: Da
     if "setting" in full:
         resolve_setting(full["setting"], forget, retain)
     if method in _CHECKS:
-        _CHECKS[method](forget, retain, val, **full)
+        _CHECKS[method](forget, retain, val, model, **full)
 
 
 def methods() -> list[str]:

@@ -72,12 +72,12 @@ def pick(value: object, preset: dict, key: str) -> object:
 
 
 def loader(data: Dataset, batch_size: int, seed: int, shuffle: bool = True,
-           model: nn.Module | None = None) -> DataLoader:
+           model: nn.Module | None = None, arg: str = "batch_size") -> DataLoader:
     """A loader whose order is fixed by ``seed`` (its own generator, so other draws do not shift it);
     a shuffled loader for training ``model`` drops a last batch that ``model`` cannot train on
-    (:func:`~ppu_fast.training.lone_last_batch`)."""
+    (:func:`~ppu_fast.training.lone_last_batch`). ``arg`` names ``batch_size`` in errors."""
     if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise ValueError(f"{arg} must be a positive int, got {batch_size!r}")
     batch_size = int(batch_size)
     gen = torch.Generator().manual_seed(int(seed))
     drop = shuffle and model is not None and lone_last_batch(len(data), batch_size, model)
@@ -117,10 +117,23 @@ def last_block(model: nn.Module) -> list[str]:
                      f"module names from model.named_modules()")
 
 
-def as_names(names: str | Sequence[str]) -> list[str]:
+def as_names(names: str | Sequence[str], arg: str = "layers") -> list[str]:
     """A module name or a sequence of them, as a list (a single string is one name, not its
-    characters)."""
-    return [names] if isinstance(names, str) else list(names)
+    characters); ``arg`` names the option in errors."""
+    if isinstance(names, str):
+        return [names]
+    if not isinstance(names, Iterable) or isinstance(names, (bytes, dict)):
+        raise TypeError(f"{arg}: expected a module name or a list of them, as "
+                        f"model.named_modules() gives them (e.g. ['layer4']), got {names!r} "
+                        f"({type(names).__name__})")
+    out = list(names)
+    other = [n for n in out if not isinstance(n, str)]
+    if other:
+        raise TypeError(f"{arg}: module names are strings, as model.named_modules() gives them "
+                        f"(e.g. '2', 'layer4.1'), got {other[0]!r} ({type(other[0]).__name__})")
+    if not out:
+        raise ValueError(f"{arg} must be a non-empty list of module names, got {names!r}")
+    return out
 
 
 def modules_named(model: nn.Module, names: Sequence[str], arg: str = "layers") -> list[nn.Module]:
@@ -140,12 +153,20 @@ def modules_named(model: nn.Module, names: Sequence[str], arg: str = "layers") -
     return [table[n] for n in names]
 
 
+def modules_with_parameters(model: nn.Module, names: Sequence[str], arg: str = "layers",
+                            purpose: str = "to train") -> list[nn.Module]:
+    """:func:`modules_named`, refusing names that together hold no parameter (an activation or a
+    pooling module): nothing would be trained (``layers``) or put back (EU-k's ``reset``)."""
+    keep = modules_named(model, names, arg)
+    if not any(True for m in keep for _ in m.parameters()):
+        raise ValueError(f"{arg}: {', '.join(map(repr, names))} hold no parameters (e.g. an "
+                         f"activation or pooling module); expected modules with weights {purpose}")
+    return keep
+
+
 def freeze_all_but(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     """Turn off gradients of every parameter outside the modules ``names``; returns those modules."""
-    keep = modules_named(model, names)
-    if not any(True for m in keep for _ in m.parameters()):
-        raise ValueError(f"layers: {', '.join(map(repr, names))} hold no parameters (e.g. an "
-                         f"activation or pooling module); expected modules with weights to train")
+    keep = modules_with_parameters(model, names)
     for p in model.parameters():
         p.requires_grad_(False)
     for m in keep:
@@ -332,6 +353,32 @@ def fk_lr(lr: float, milestones: Sequence[int], decay: float,
         return lr if steps == 0 else base * decay ** steps
 
     return at
+
+
+def check_training_options(hp: dict) -> None:
+    """The baselines' training options that ``hp`` holds (after their presets filled them),
+    checked before any work, as the loop, its loaders, optimizer, schedule and pull would check
+    them when the method ran: ``epochs``, ``batch_size`` and ``forget_batch_size`` (None: not
+    used) positive ints; ``lr`` / ``momentum`` / ``weight_decay``; ``mode``; ``l2_pull`` >= 0;
+    ``lr_milestones``, ``lr_decay`` and ``lr_decayed_base`` (positive or None)."""
+    for name in ("epochs", "batch_size", "forget_batch_size"):
+        v = hp.get(name)
+        if (name in hp and (v is not None or name != "forget_batch_size")
+                and not (is_int(v) and v >= 1)):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if "lr" in hp:
+        check_optimizer_options(hp["lr"], hp.get("momentum", 0.0), hp.get("weight_decay", 0.0))
+    if "mode" in hp:
+        check_mode(hp["mode"])
+    if "l2_pull" in hp and not (is_real(hp["l2_pull"]) and hp["l2_pull"] >= 0):
+        raise ValueError(f"l2_pull must be a number >= 0, got {hp['l2_pull']!r}")
+    if "lr_milestones" in hp:
+        epochs_list(hp["lr_milestones"], "lr_milestones")
+    if "lr_decay" in hp:
+        check_decay(hp["lr_decay"])
+    base = hp.get("lr_decayed_base")
+    if base is not None and not (is_real(base) and 0 < base < math.inf):
+        raise ValueError(f"lr_decayed_base must be a positive finite number or None, got {base!r}")
 
 
 def l2_pull(model: nn.Module, weight: float) -> Callable[[nn.Module], torch.Tensor]:

@@ -15,7 +15,8 @@ from ..caller_state import manual_seed
 from ..models import init_state as init_state_of, require_reset, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, sample, working_copy
-from ._loop import check_loss_weights, check_mode, loader, make_optimizer, paired, run_loop
+from ._loop import (check_loss_weights, check_training_options, loader, make_optimizer, paired,
+                    run_loop)
 from .scrub import distill_kl
 
 VARIANTS = ("scrub", "chundawat")
@@ -45,7 +46,40 @@ class _Flagged(Dataset):
         return x, y, self.flag
 
 
-@register("bad-t")
+def _plan(model: nn.Module | None, *, epochs: int, lr: float, temperature: float,
+          batch_size: int | None, retain_fraction: float | None, variant: str,
+          forget_batch_size: int | None, weight_decay: float | None, alpha: float, beta: float,
+          mode: str, init: object) -> dict:
+    """The options, those left at None filled from the variant's preset, checked before any work
+    (with ``model``: that a default incompetent teacher can be drawn for it)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    preset = PRESETS[variant]
+    if variant == "chundawat" and forget_batch_size is not None:
+        raise ValueError("forget_batch_size applies to variant='scrub' only (the chundawat variant mixes "
+                         "forget and retain examples in one batch)")
+    if variant == "chundawat" and (alpha != 1.0 or beta != 1.0):
+        raise ValueError(f"alpha={alpha!r}, beta={beta!r}: the loss weights apply to variant='scrub' only "
+                         f"(the chundawat variant's one loss has none)")
+    hp = {"epochs": epochs, "lr": lr, "mode": mode,
+          **{k: preset[k] if v is None else v for k, v in
+             (("batch_size", batch_size), ("retain_fraction", retain_fraction),
+              ("weight_decay", weight_decay), ("forget_batch_size", forget_batch_size))}}
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    check_loss_weights(alpha=alpha, beta=beta)
+    check_training_options(hp)
+    if not 0.0 < hp["retain_fraction"] <= 1.0:
+        raise ValueError(f"retain_fraction must be in (0, 1], got {hp['retain_fraction']}")
+    if init is not None and not isinstance(init, (nn.Module, dict)):
+        raise TypeError(f"init must be a torch.nn.Module, a state dict or None (the incompetent "
+                        f"teacher), got {type(init).__name__}")
+    if init is None and model is not None:
+        require_reset(model, "Bad-T's incompetent teacher")
+    return hp
+
+
+@register("bad-t", check=lambda forget, retain, val, model, **o: _plan(model, **o))
 def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                 seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                 progress: bool = True, epochs: int = 1, lr: float = 1e-3, temperature: float = 4.0,
@@ -72,32 +106,12 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
     parameter has no ``reset_parameters()`` to re-draw it (that part of the teacher would keep
     the trained weights, which saw the forget set).
     Options left at None take the variant's value."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    preset = PRESETS[variant]
-    batch_size = preset["batch_size"] if batch_size is None else batch_size
-    retain_fraction = preset["retain_fraction"] if retain_fraction is None else retain_fraction
-    weight_decay = preset["weight_decay"] if weight_decay is None else weight_decay
-    if variant == "scrub":
-        forget_batch_size = preset["forget_batch_size"] if forget_batch_size is None else forget_batch_size
-    elif forget_batch_size is not None:
-        raise ValueError("forget_batch_size applies to variant='scrub' only (the chundawat variant mixes "
-                         "forget and retain examples in one batch)")
-    elif alpha != 1.0 or beta != 1.0:
-        raise ValueError(f"alpha={alpha!r}, beta={beta!r}: the loss weights apply to variant='scrub' only "
-                         f"(the chundawat variant's one loss has none)")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    check_loss_weights(alpha=alpha, beta=beta)
-    check_mode(mode)
-    if not 0.0 < retain_fraction <= 1.0:
-        raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
-    if init is not None and not isinstance(init, (nn.Module, dict)):
-        raise TypeError(f"init must be a torch.nn.Module, a state dict or None (the incompetent "
-                        f"teacher), got {type(init).__name__}")
-    if init is None:
-        require_reset(model, "Bad-T's incompetent teacher")
-    else:
+    hp = _plan(model, epochs=epochs, lr=lr, temperature=temperature, batch_size=batch_size,
+               retain_fraction=retain_fraction, variant=variant, forget_batch_size=forget_batch_size,
+               weight_decay=weight_decay, alpha=alpha, beta=beta, mode=mode, init=init)
+    batch_size, retain_fraction = hp["batch_size"], hp["retain_fraction"]
+    weight_decay, forget_batch_size = hp["weight_decay"], hp["forget_batch_size"]
+    if init is not None:
         init_state = init_state_of(init, model)
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
@@ -115,7 +129,8 @@ def bad_teacher(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Data
 
     if variant == "scrub":
         retain_batches = loader(kept, batch_size, seed, model=work)
-        forget_batches = loader(forget, forget_batch_size, seed + 1, model=work)
+        forget_batches = loader(forget, forget_batch_size, seed + 1, model=work,
+                                arg="forget_batch_size")
         batches = None
 
         def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:

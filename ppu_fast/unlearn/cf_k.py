@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 from ..caller_state import manual_seed
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
-from ._loop import (as_names, check_mode, fk_lr, freeze_all_but, last_block, loader, make_optimizer, pick,
-                    resolve_setting, run_loop)
+from ._loop import (as_names, check_training_options, fk_lr, freeze_all_but, last_block, loader,
+                    make_optimizer, modules_with_parameters, pick, resolve_setting, run_loop)
 from ._loop import l2_pull as make_l2_pull
 
 # SCRUB's code. Small scale: small_scale_unlearning.ipynb, cells "Catastrophic Forgetting k layers"
@@ -39,13 +39,27 @@ def resolve_block_options(setting: str, presets: dict, given: dict) -> dict:
     """The hyper-parameters of CF-k / EU-k: ``given`` where not None, else ``presets[setting]``;
     checked; tuples as lists (so that ``UnlearnResult.options`` reads like the presets)."""
     hp = {k: pick(v, presets[setting], k) for k, v in given.items()}
-    check_mode(str(hp["mode"]))
-    if not hp["lr_decay"] > 0:
-        raise ValueError(f"lr_decay must be positive, got {hp['lr_decay']}")
-    if hp["lr_decayed_base"] is not None and not hp["lr_decayed_base"] > 0:
-        raise ValueError(f"lr_decayed_base must be positive or None, got {hp['lr_decayed_base']}")
+    check_training_options(hp)
     hp["lr_milestones"] = [int(m) for m in hp["lr_milestones"]]
     return hp
+
+
+def block_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+    """The modules CF-k / EU-k train: ``layers`` (names) or else :func:`last_block`, each a
+    module of ``model``, together holding parameters."""
+    names = as_names(layers) if layers is not None else last_block(model)
+    modules_with_parameters(model, names)
+    return names
+
+
+def _plan(forget: Dataset, retain: Dataset, model: nn.Module | None, setting: str,
+          layers: Sequence[str] | None, given: dict) -> tuple[str, list[str] | None, dict]:
+    """(the setting, "auto" resolved from the labels; the layers trained, None without a model;
+    the hyper-parameters), checked before any work."""
+    setting = resolve_setting(setting, forget, retain)
+    hp = resolve_block_options(setting, PRESETS, given)
+    names = as_names(layers) if layers is not None else None
+    return setting, (block_layers(model, names) if model is not None else None), hp
 
 
 def _cross_entropy(m: nn.Module, batch: tuple) -> torch.Tensor:
@@ -83,7 +97,8 @@ def train_block(work: nn.Module, retain: Dataset, layers: Sequence[str], *, epoc
             p.requires_grad_(True)
 
 
-@register("cf-k")
+@register("cf-k", check=lambda forget, retain, val, model, setting, layers, **given: _plan(
+    forget, retain, model, setting, layers, given))
 def cf_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None, seed: int = 0,
          device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,
          layers: Sequence[str] | None = None, setting: str = "auto", epochs: int | None = None,
@@ -104,13 +119,11 @@ def cf_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | N
     BatchNorm statistics move, as in SCRUB's ``train_vanilla``; ``mode="train"`` keeps everything
     outside ``layers`` bit-identical), no pull. ``forget`` and ``val`` are not used beyond the common
     checks."""
-    setting = resolve_setting(setting, forget, retain)
-    hp = resolve_block_options(setting, PRESETS, {
+    setting, layers, hp = _plan(forget, retain, model, setting, layers, {
         "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
         "batch_size": batch_size, "l2_pull": l2_pull, "mode": mode, "lr_milestones": lr_milestones,
         "lr_decay": lr_decay, "lr_decayed_base": lr_decayed_base})
     work = working_copy(model, inplace, device)
-    layers = as_names(layers) if layers is not None else last_block(work)
     seconds = train_block(work, retain, layers, seed=seed, device=resolve_device(model, device),
                           progress=progress, desc="cf-k", **hp)
     return UnlearnResult(work, "cf-k", selected_epoch=int(hp["epochs"]), timings={"train": seconds},

@@ -23,8 +23,9 @@ def _check_steps(ppu_method: str, first_options: object, ppu_options: object) ->
             raise TypeError(f"{arg} must be a dict of options, got {type(value).__name__}")
 
 
-def _check(first: str, forget: Dataset, retain: Dataset, val: Dataset | None, *,
-           first_options: dict | None, ppu_method: str, ppu_options: dict | None) -> None:
+def _check(first: str, forget: Dataset, retain: Dataset, val: Dataset | None,
+           model: nn.Module | None, *, first_options: dict | None, ppu_method: str,
+           ppu_options: dict | None) -> None:
     """Both steps' options checked as :func:`ppu_fast.unlearn.check_plan` checks a method's (the
     first step's own checks would otherwise wait for it to start, and the PPU step's for the
     first step to finish)."""
@@ -32,7 +33,7 @@ def _check(first: str, forget: Dataset, retain: Dataset, val: Dataset | None, *,
     for method, opts, arg in ((first, first_options, f"{first}_options"),
                               (ppu_method, ppu_options, "ppu_options")):
         try:
-            check_plan(method, opts or {}, forget, retain, val)
+            check_plan(method, opts or {}, forget, retain, val, model)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{arg}: {exc}") from None
 
@@ -57,8 +58,8 @@ def then_ppu(first: str, model: nn.Module, forget: Dataset, retain: Dataset, *, 
                          timings, options)
 
 
-@register("scrub+ppu", check=lambda forget, retain, val, scrub_options, **o: _check(
-    "scrub", forget, retain, val, first_options=scrub_options, **o))
+@register("scrub+ppu", check=lambda forget, retain, val, model, scrub_options, **o: _check(
+    "scrub", forget, retain, val, model, first_options=scrub_options, **o))
 def scrub_ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
               seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
               progress: bool = True, scrub_options: dict | None = None, ppu_method: str = "ppu-bias",
@@ -70,8 +71,8 @@ def scrub_ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Datase
                     ppu_options=ppu_options)
 
 
-@register("finetune+ppu", check=lambda forget, retain, val, finetune_options, **o: _check(
-    "finetune", forget, retain, val, first_options=finetune_options, **o))
+@register("finetune+ppu", check=lambda forget, retain, val, model, finetune_options, **o: _check(
+    "finetune", forget, retain, val, model, first_options=finetune_options, **o))
 def finetune_ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                  seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                  progress: bool = True, finetune_options: dict | None = None,

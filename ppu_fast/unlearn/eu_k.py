@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 from ..models import AllCNN, SmallCNN, matching_entry, require_reset, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
-from ._loop import as_names, last_block, modules_named, resolve_setting
-from .cf_k import resolve_block_options, train_block
+from ._loop import as_names, last_block, modules_named, modules_with_parameters, resolve_setting
+from .cf_k import block_layers, resolve_block_options, train_block
 
 # SCRUB's code: as CF-k (see cf_k.py) with euk_epochs = training_epochs, 30 at small scale
 # (small_scale_unlearning.ipynb "Exact Unlearning k layers", "Logs") and 25 at large scale
@@ -49,7 +49,36 @@ def copy_initial(work: nn.Module, init_state: dict[str, torch.Tensor], names: Se
                 p.copy_(src.to(p.device, p.dtype))
 
 
-@register("eu-k")
+def _plan(forget: Dataset, retain: Dataset, model: nn.Module | None, setting: str,
+          layers: Sequence[str] | None, reset: Sequence[str] | None, init: object, given: dict
+          ) -> tuple[str, list[str] | None, list[str] | None, dict]:
+    """(the setting, "auto" resolved from the labels; the layers trained and the modules reset,
+    None without a model; the hyper-parameters), checked before any work. A ``reset`` whose
+    modules hold no parameter is refused: nothing would be put back (CF-k under EU-k's name)."""
+    setting = resolve_setting(setting, forget, retain)
+    hp = resolve_block_options(setting, PRESETS, given)
+    if init is not None and not isinstance(init, (nn.Module, dict)):
+        raise TypeError(f"init must be a torch.nn.Module, a state dict or None, got {type(init).__name__}")
+    names = as_names(layers) if layers is not None else None
+    reset = as_names(reset, "reset") if reset is not None else None
+    if model is None:
+        return setting, None, None, hp
+    trained = block_layers(model, names)
+    if reset is None:
+        try:
+            reset = default_reset(model)
+        except ValueError:
+            if names is None:
+                raise
+            reset = list(trained)  # a model SCRUB has no rule for: put back the block it trains
+    modules_with_parameters(model, reset, "reset", "to put back")
+    if init is None:
+        require_reset(model, "EU-k without init=", prefixes=reset)
+    return setting, trained, reset, hp
+
+
+@register("eu-k", check=lambda forget, retain, val, model, setting, layers, reset, init, **given:
+          _plan(forget, retain, model, setting, layers, reset, init, given))
 def eu_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None, seed: int = 0,
          device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,
          setting: str = "auto", layers: Sequence[str] | None = None, epochs: int | None = None,
@@ -73,33 +102,18 @@ def eu_k(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | N
     mode, pull 0.1) and 25 at large scale (batches of 64, ``mode="train-all"``, no pull); after epoch
     10 the lr follows SCRUB's ``adjust_learning_rate`` (see :func:`~ppu_fast.unlearn._loop.fk_lr`):
     at small scale 5e-5, then 5e-6 after 15, 5e-7 after 20; at large scale 1e-3, 1e-4, 1e-5."""
-    setting = resolve_setting(setting, forget, retain)
-    hp = resolve_block_options(setting, PRESETS, {
+    setting, layers, reset, hp = _plan(forget, retain, model, setting, layers, reset, init, {
         "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
         "batch_size": batch_size, "l2_pull": l2_pull, "mode": mode, "lr_milestones": lr_milestones,
         "lr_decay": lr_decay, "lr_decayed_base": lr_decayed_base})
     work = working_copy(model, inplace, device)
-    given_layers = layers is not None
-    layers = as_names(layers) if given_layers else last_block(work)
-    if reset is not None:
-        reset = as_names(reset)
-    else:
-        try:
-            reset = default_reset(work)
-        except ValueError:
-            if not given_layers:
-                raise
-            reset = list(layers)  # a model SCRUB has no rule for: put back the block it trains
     if isinstance(init, nn.Module):
         init_state, source = init.state_dict(), "given"
     elif isinstance(init, dict):
         init_state, source = init, "given"
-    elif init is None:
-        require_reset(work, "EU-k without init=", prefixes=reset)
+    else:
         # Seeded, so that the seed alone fixes the new weights.
         init_state, source = reset_parameters(copy.deepcopy(work), seed).state_dict(), "random"
-    else:
-        raise TypeError(f"init must be a torch.nn.Module, a state dict or None, got {type(init).__name__}")
     copy_initial(work, init_state, reset)
     seconds = train_block(work, retain, layers, seed=seed, device=resolve_device(model, device),
                           progress=progress, desc="eu-k", **hp)

@@ -276,13 +276,19 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     # The first seed's split before any pre-training: its refusals (forget_class, num_forget, the
     # attack's minimum) should not cost the pre-training's minutes first.
     first_split = split_of(seeds[0])
+    # What each method would refuse when it ran (its setting, presets and option combinations, a
+    # composite's steps, the module names it trains or resets), before any training: with the
+    # options the loop below passes it and the architecture, untrained, that it will get.
+    with torch.random.fork_rng(devices=[]):
+        probe = build_model(model, first_split.num_classes, first_split.in_channels, width)
+    tcfg = dataclasses.replace(default_train_config(dataset, seeds[0]), **(train or {}))
     for name in methods:
-        # What each method would refuse without the model (its setting, presets and option
-        # combinations; a composite's steps), before any training.
-        kw = {**(variants[name][1] if name in variants else {}), **method_kwargs.get(name, {})}
+        kw = runner_options(method_of[name], {**(variants[name][1] if name in variants else {}),
+                                              **method_kwargs.get(name, {})},
+                            config=tcfg, init=probe, cache=cache)
         try:
             check_plan(method_of[name], kw, first_split.forget, first_split.retain,
-                       first_split.val)
+                       first_split.val, probe)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"method '{name}': {exc}") from None
     if pretrain is not None:
@@ -340,13 +346,7 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
             method = method_of[name]
             kw = {**(variants[name][1] if name in variants else {}), **method_kwargs.get(name, {})}
             given = dict(kw)
-            if method == "retrain":
-                # Same initial weights and recipe as the original: only the data differs.
-                kw = {"config": tcfg, "init": init, "cache": cache, **kw}
-            elif method in ("eu-k", "ntk"):
-                # SCRUB's EU-k puts the block back to the weights the original's training started from;
-                # its NTK scale (the trapezium trick) measures the distance from them.
-                kw = {"init": init, **kw}
+            kw = runner_options(method, kw, config=tcfg, init=init, cache=cache)
             # Every method gets val: PPU and SCRUB+R select epochs with it, the others ignore it.
             val = split.val
             t0 = time.perf_counter()
@@ -393,6 +393,20 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         config["skipped"] = skipped
     config["method_options_used"] = used
     return {"config": config, "per_seed": per_seed, "history": history, "histories": histories}
+
+
+def runner_options(method: str, kw: dict, *, config: TrainConfig, init: nn.Module,
+                   cache: bool) -> dict:
+    """``kw`` with what the runner passes ``method`` besides: Retrain the original's recipe
+    ``config``, starting weights ``init`` and ``cache``; EU-k and NTK ``init`` (SCRUB's EU-k puts
+    the block back to the weights the original's training started from; its NTK scale, the
+    trapezium trick, measures the distance from them). The caller's options win."""
+    if method == "retrain":
+        # Same initial weights and recipe as the original: only the data differs.
+        return {"config": config, "init": init, "cache": cache, **kw}
+    if method in ("eu-k", "ntk"):
+        return {"init": init, **kw}
+    return dict(kw)
 
 
 def options_record(method: str, given: dict, reported: dict | None = None) -> dict:

@@ -99,7 +99,31 @@ def classifier_layer(model: nn.Module, data: Dataset, where: str) -> nn.Module:
     return linears[-1]
 
 
-@register("fisher")
+def _plan(forget: Dataset, retain: Dataset, setting: str, alpha: float | None,
+          max_samples: int | None) -> tuple[str, float, int | None]:
+    """(the setting, "auto" resolved from the labels; alpha, given or the setting's; the retain
+    examples' cap), checked before any work. The class setting on a forget set whose classes
+    retain still holds is refused: it zeroes the classifier rows of those classes, which the
+    retain examples need."""
+    setting = resolve_setting(setting, forget, retain)
+    alpha = float(pick(alpha, PRESETS[setting], "alpha"))
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if max_samples is not None and (not is_int(max_samples) or max_samples < 1):
+        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    if setting == "class":
+        classes = dataset_targets(forget).unique()
+        shared = int(torch.isin(dataset_targets(retain), classes).sum())
+        if shared:
+            raise ValueError(f"setting='class' zeroes the classifier rows of the forget set's classes "
+                             f"{classes.tolist()}, but retain holds {shared} examples of them; "
+                             f"expected setting='selective' (or 'auto') when part of a class is "
+                             f"forgotten")
+    return setting, alpha, None if max_samples is None else int(max_samples)
+
+
+@register("fisher", check=lambda forget, retain, val, model, setting, alpha, max_samples: _plan(
+    forget, retain, setting, alpha, max_samples))
 def fisher_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                       seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                       progress: bool = True, setting: str = "auto", alpha: float | None = None,
@@ -115,13 +139,7 @@ def fisher_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val
     ``options["capped_fraction"]`` reports the share of weights whose variance sits at the cap
     (F < 1e-3): there the noise no longer depends on the data, and a model fitted to near-certainty
     gets isotropic noise of std ``sqrt(1e3 * alpha)`` on every weight (see docs/baselines.md)."""
-    setting = resolve_setting(setting, forget, retain)
-    alpha = float(pick(alpha, PRESETS[setting], "alpha"))
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
-    if max_samples is not None and (not is_int(max_samples) or max_samples < 1):
-        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
-    max_samples = None if max_samples is None else int(max_samples)
+    setting, alpha, max_samples = _plan(forget, retain, setting, alpha, max_samples)
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
     probe = (retain, "retain[0]") if len(retain) else (forget, "forget[0]")

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from ..caller_state import manual_seed
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
-from ._loop import check_mode, loader, make_optimizer, paired, pick, resolve_setting, run_loop
+from ._loop import check_training_options, loader, make_optimizer, paired, pick, resolve_setting, run_loop
 from ._loop import l2_pull as make_l2_pull
 
 # SCRUB's code. Small scale: small_scale_unlearning.ipynb, cells "Negative Gradient" (alpha 0.95,
@@ -32,7 +32,19 @@ PRESETS = {"small": _SMALL, "selective": {**_LARGE, "batch_size": 32, "forget_ba
            "class": _LARGE}
 
 
-@register("neggrad+")
+def _plan(forget: Dataset, retain: Dataset, setting: str, given: dict) -> tuple[str, dict]:
+    """(the setting, "auto" resolved from the labels; the hyper-parameters, each given one or
+    else the preset's), checked before any work."""
+    setting = resolve_setting(setting, forget, retain)
+    hp = {k: pick(v, PRESETS[setting], k) for k, v in given.items()}
+    if not 0.0 <= float(hp["alpha"]) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {hp['alpha']}")
+    check_training_options(hp)
+    return setting, hp
+
+
+@register("neggrad+", check=lambda forget, retain, val, model, setting, **given: _plan(
+    forget, retain, setting, given))
 def neggrad_plus(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                  seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                  progress: bool = True, setting: str = "auto", alpha: float | None = None,
@@ -51,20 +63,17 @@ def neggrad_plus(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dat
     (``alpha * (CE_r + pull) - (1 - alpha) * CE_f``). Large scale: ``alpha`` 0.9999, 5 epochs, lr
     0.01, batches 128 / 512 (selective: 32 / 16, as MIA_experiments.ipynb), train mode, no pull.
     ``val`` is not used."""
-    setting = resolve_setting(setting, forget, retain)
-    hp = {k: pick(v, PRESETS[setting], k) for k, v in
-          {"alpha": alpha, "epochs": epochs, "lr": lr, "momentum": momentum,
-           "weight_decay": weight_decay, "batch_size": batch_size,
-           "forget_batch_size": forget_batch_size, "l2_pull": l2_pull, "mode": mode}.items()}
+    setting, hp = _plan(forget, retain, setting, {
+        "alpha": alpha, "epochs": epochs, "lr": lr, "momentum": momentum,
+        "weight_decay": weight_decay, "batch_size": batch_size,
+        "forget_batch_size": forget_batch_size, "l2_pull": l2_pull, "mode": mode})
     a = float(hp["alpha"])
-    if not 0.0 <= a <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {a}")
-    check_mode(str(hp["mode"]))
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev)
     manual_seed(seed)
     retain_batches = loader(retain, int(hp["batch_size"]), seed, model=work)
-    forget_batches = loader(forget, int(hp["forget_batch_size"]), seed + 1, model=work)
+    forget_batches = loader(forget, int(hp["forget_batch_size"]), seed + 1, model=work,
+                            arg="forget_batch_size")
     penalty = make_l2_pull(work, float(hp["l2_pull"]))
 
     def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:

@@ -198,7 +198,7 @@ def _check_options(*, weight_decay: object, loss: object, scale: object, init: o
 
 
 
-@register("ntk", check=lambda forget, retain, val, **o: _check_options(**o, need_init=False))
+@register("ntk", check=lambda forget, retain, val, model, **o: _check_options(**o, need_init=False))
 def ntk_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                    seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                    progress: bool = True, weight_decay: float = 0.1, loss: str = "ce",

@@ -210,7 +210,7 @@ def plan_options(*, has_val: bool, mode: Any, pseudo: Any, lam: Any, marginals: 
     return pseudo, plan, select, history
 
 
-@register("ppu", check=lambda forget, retain, val, **o: plan_options(
+@register("ppu", check=lambda forget, retain, val, model, **o: plan_options(
     has_val=val is not None, **o))
 def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None, seed: int = 0,
         device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,
@@ -328,7 +328,8 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
                          timings, options)
 
 
-def _bias_check(forget: Dataset, retain: Dataset, val: Dataset | None, **options: Any) -> None:
+def _bias_check(forget: Dataset, retain: Dataset, val: Dataset | None, model: nn.Module | None,
+                **options: Any) -> None:
     """The registry's check of :func:`ppu_bias` / :func:`ppu_random`'s ``options``: :func:`ppu`'s
     in bias mode, its defaults for the options they do not take."""
     plan_options(has_val=val is not None, **{**method_options("ppu"), **options, "mode": "bias"})
@@ -360,8 +361,8 @@ def ppu_bias(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset
     return result
 
 
-@register("ppu-random", check=lambda forget, retain, val, **o: _bias_check(
-    forget, retain, val, pseudo="random", **o))
+@register("ppu-random", check=lambda forget, retain, val, model, **o: _bias_check(
+    forget, retain, val, model, pseudo="random", **o))
 def ppu_random(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                progress: bool = True, epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd",

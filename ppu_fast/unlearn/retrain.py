@@ -16,7 +16,17 @@ from . import UnlearnResult, register
 from ._common import resolve_device
 
 
-@register("retrain")
+def _check(forget: Dataset, retain: Dataset, val: Dataset | None, model: nn.Module | None, *,
+           config: TrainConfig | None, init: nn.Module | dict | None, cache: bool) -> None:
+    """The registry's check of :func:`retrain`'s options (with ``model``: that its architecture
+    can be re-initialised when no ``init`` is given)."""
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a ppu_fast.training.TrainConfig, got {type(config).__name__}")
+    if init is None and model is not None:
+        require_reset(model, "Retrain")
+
+
+@register("retrain", check=_check)
 def retrain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
             seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
             progress: bool = True, config: TrainConfig | None = None,
@@ -31,15 +41,13 @@ def retrain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset 
     pre-trained backbone stays as it is), and a trainable parameter that no ``reset_parameters()``
     can re-draw is refused (it would keep the weights that saw the forget set; pass ``init``).
     ``inplace`` loads the result into ``model``."""
+    _check(forget, retain, val, model, config=config, init=init, cache=cache)
     if config is None:
         config = TrainConfig(seed=seed)
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a ppu_fast.training.TrainConfig, got {type(config).__name__}")
     start = copy.deepcopy(model)
     if init is not None:
         start.load_state_dict(init_state(init, model))
     else:
-        require_reset(start, "Retrain")
         reset_parameters(start, seed, keep_frozen=True)
     t0 = time.perf_counter()
     trained, meta = fit_cached(start, retain, config, device=resolve_device(model, device),

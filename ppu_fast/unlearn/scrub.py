@@ -25,8 +25,8 @@ from ..finetune import select_val
 from ..training import check_optimizer_name
 from . import UnlearnResult, register
 from ._common import make_evaluator, resolve_device, working_copy
-from ._loop import (check_loss_weights, loader, make_optimizer, milestone_lr, pick, resolve_setting,
-                    run_loop)
+from ._loop import (check_loss_weights, check_training_options, loader, make_optimizer, milestone_lr,
+                    pick, resolve_setting, run_loop)
 
 # SCRUB's hyper-parameters per setting. Small scale: small_scale_unlearning.ipynb, "SCRUB Forgetting"
 # (Adam, args.sgda_* and lr_decay_epochs [5, 8, 9]) and "Data Loader" (retain_bs 32, forget_bs 64).
@@ -92,6 +92,7 @@ def _plan(name: str, forget: Dataset, retain: Dataset, has_val: bool, setting: s
     preset's)."""
     setting = resolve_setting(setting, forget, retain)
     hp = {k: pick(v, (PRESETS_R if select == "val" else PRESETS)[setting], k) for k, v in given.items()}
+    check_training_options(hp)
     if not 0 <= int(hp["msteps"]) <= int(hp["epochs"]):
         came = ("given" if given.get("msteps") is not None
                 else f"the {setting!r} preset's, as msteps was not given")
@@ -115,8 +116,8 @@ def _plan(name: str, forget: Dataset, retain: Dataset, has_val: bool, setting: s
     return setting, hp
 
 
-def _check(forget: Dataset, retain: Dataset, val: Dataset | None, *, select: str = "last",
-           **options: Any) -> None:
+def _check(forget: Dataset, retain: Dataset, val: Dataset | None, model: nn.Module | None, *,
+           select: str = "last", **options: Any) -> None:
     """The registry's check of :func:`scrub` / :func:`scrub_r`'s options (:func:`_plan`)."""
     fixed = {k: options.pop(k) for k in ("setting", "history_retain", "rewind")}
     _plan("scrub", forget, retain, val is not None, fixed["setting"], select,
@@ -149,7 +150,8 @@ def _scrub(name: str, model: nn.Module, forget: Dataset, retain: Dataset, *, val
         return gamma * F.cross_entropy(out, y) + alpha * distill_kl(out, t, T)
 
     manual_seed(seed)
-    forget_batches = loader(forget, int(hp["forget_batch_size"]), seed + 1, model=work)
+    forget_batches = loader(forget, int(hp["forget_batch_size"]), seed + 1, model=work,
+                            arg="forget_batch_size")
     retain_batches = loader(retain, int(hp["batch_size"]), seed, model=work)
 
     def passes(epoch: int) -> list:
@@ -218,8 +220,8 @@ def scrub(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | 
                   batch_size=batch_size, forget_batch_size=forget_batch_size, rewind=rewind)
 
 
-@register("scrub+r", check=lambda forget, retain, val, **o: _check(
-    forget, retain, val, select="val", **o))
+@register("scrub+r", check=lambda forget, retain, val, model, **o: _check(
+    forget, retain, val, model, select="val", **o))
 def scrub_r(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
             seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
             progress: bool = True, setting: str = "auto", optimizer: str | None = None,
