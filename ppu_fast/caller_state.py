@@ -244,6 +244,12 @@ def is_real(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def check_positive_int(value: object, name: str) -> None:
+    """Refuse a count (epochs, a batch size, rows per epoch) that is not an integer >= 1."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def check_finite_options(options: Mapping[str, Any], where: str) -> None:
     """Refuse a NaN or infinite real-valued option, naming it (every option of the training entry
     points is a finite quantity: a learning rate, a weight, a temperature, a decay)."""

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from .callable_module import make_callable
-from .caller_state import (caller_stacklevel, check_seed, frozen_modules, is_int, is_real,
-                           keeps_caller_state, manual_seed, probe_forward)
+from .caller_state import (caller_stacklevel, check_positive_int, check_seed, frozen_modules,
+                           is_int, is_real, keeps_caller_state, manual_seed, probe_forward)
 from .data import CpuDrawLoader
 from .metrics import check_logits
 from .training import (FREEZE_BATCHNORM, check_optimizer_name, check_optimizer_options,
@@ -236,11 +236,9 @@ def check_finetune_options(*, epochs: object, lr: object, momentum: object, weig
     """:func:`finetune`'s checks of its options, which need no model or data (``has_forget_mask``,
     ``has_weights``: whether ``forget_mask`` / ``retain_weights`` are given); PPU's runner makes
     them before the model's probabilities."""
-    if not is_int(epochs) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    check_positive_int(epochs, "epochs")
     check_optimizer_options(lr, momentum, weight_decay)
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
     check_optimizer_name(optimizer)
     if not (callable(select) or select in SELECT_POLICIES):
         raise ValueError(f"select must be one of {SELECT_POLICIES} or a callable(history) -> epoch, "
@@ -331,8 +329,8 @@ def _check_inputs_finite(x: torch.Tensor, rows: torch.Tensor) -> None:
 def check_epoch_rows(retain_fraction: float | None, retain_per_epoch: int | None) -> None:
     """Refuse a bad ``retain_fraction`` / ``retain_per_epoch`` (how many retain rows an epoch
     uses) before any work: ``unlearn``'s experiment runner checks them before its training."""
-    if retain_per_epoch is not None and (not is_int(retain_per_epoch) or retain_per_epoch < 1):
-        raise ValueError(f"retain_per_epoch must be a positive int, got {retain_per_epoch!r}")
+    if retain_per_epoch is not None:
+        check_positive_int(retain_per_epoch, "retain_per_epoch")
     if retain_fraction is not None:
         if not is_real(retain_fraction) or not 0.0 < float(retain_fraction) <= 1.0:
             raise ValueError(f"retain_fraction must be a number in (0, 1] (the share of retain rows "

@@ -93,11 +93,10 @@ def get_backend(name: str, log_p: torch.Tensor, shape: Optional[Tuple[int, int]]
             tried.append(f"{cand}: {'; '.join(why)}")
         raise RuntimeError("backend: no backend can run on this input:\n  " + "\n  ".join(tried))
     if name not in _SPECS:
-        if source:
-            raise ValueError(f"PPU_FAST_BACKEND: unknown backend name {name!r} (the environment "
-                             f"variable replaces backend='auto'); expected 'auto' or one of "
-                             f"{list(BACKEND_NAMES)}, or the variable unset")
-        check_backend_name(name)
+        # Only a name from the environment gets here: check_backend_name refused the others.
+        raise ValueError(f"PPU_FAST_BACKEND: unknown backend name {name!r} (the environment "
+                         f"variable replaces backend='auto'); expected 'auto' or one of "
+                         f"{list(BACKEND_NAMES)}, or the variable unset")
     why = reasons(name, log_p)
     if why:
         raise RuntimeError(f"backend: {name!r}{source} cannot run on this input ({log_p.dtype}, "

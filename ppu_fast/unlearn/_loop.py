@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..caller_state import frozen_modules, is_int, is_real
+from ..caller_state import check_positive_int, frozen_modules, is_int, is_real
 from ..data import CpuDrawLoader, collate_pairs, dataset_targets
 from ..torch_defaults import optimizer_step
 from ..training import (check_optimizer_name, check_optimizer_options, lone_last_batch,
@@ -71,13 +71,30 @@ def pick(value: object, preset: dict, key: str) -> object:
     return preset[key] if value is None else value
 
 
+def plan_presets(presets: dict, setting: str, forget: Dataset, retain: Dataset, given: dict
+                 ) -> tuple[str, dict]:
+    """A baseline's options before any work: (the setting, ``"auto"`` resolved from the labels;
+    each option of ``given`` or else the setting's preset, checked by
+    :func:`check_training_options`)."""
+    setting = resolve_setting(setting, forget, retain)
+    hp = {k: pick(v, presets[setting], k) for k, v in given.items()}
+    check_training_options(hp)
+    return setting, hp
+
+
+def check_l2_pull(weight: object) -> None:
+    """Refuse an L2 pull weight (:func:`l2_pull`) that is not a number >= 0: a negative one
+    pushes the weights away from where they started."""
+    if not (is_real(weight) and weight >= 0):
+        raise ValueError(f"l2_pull must be a number >= 0, got {weight!r}")
+
+
 def loader(data: Dataset, batch_size: int, seed: int, shuffle: bool = True,
            model: nn.Module | None = None, arg: str = "batch_size") -> DataLoader:
     """A loader whose order is fixed by ``seed`` (its own generator, so other draws do not shift it);
     a shuffled loader for training ``model`` drops a last batch that ``model`` cannot train on
     (:func:`~ppu_fast.training.lone_last_batch`). ``arg`` names ``batch_size`` in errors."""
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"{arg} must be a positive int, got {batch_size!r}")
+    check_positive_int(batch_size, arg)
     batch_size = int(batch_size)
     gen = torch.Generator().manual_seed(int(seed))
     drop = shuffle and model is not None and lone_last_batch(len(data), batch_size, model)
@@ -237,8 +254,7 @@ def run_loop(model: nn.Module, passes: Passes, optimizer: torch.optim.Optimizer,
     each) and ``keep_checkpoints`` serve the rewinding of SCRUB+R."""
     from tqdm.auto import tqdm
 
-    if not is_int(epochs) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    check_positive_int(epochs, "epochs")
     epochs = int(epochs)
     check_mode(mode)
     model.to(device)
@@ -362,16 +378,14 @@ def check_training_options(hp: dict) -> None:
     used) positive ints; ``lr`` / ``momentum`` / ``weight_decay``; ``mode``; ``l2_pull`` >= 0;
     ``lr_milestones``, ``lr_decay`` and ``lr_decayed_base`` (positive or None)."""
     for name in ("epochs", "batch_size", "forget_batch_size"):
-        v = hp.get(name)
-        if (name in hp and (v is not None or name != "forget_batch_size")
-                and not (is_int(v) and v >= 1)):
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if name in hp and (hp[name] is not None or name != "forget_batch_size"):
+            check_positive_int(hp[name], name)
     if "lr" in hp:
         check_optimizer_options(hp["lr"], hp.get("momentum", 0.0), hp.get("weight_decay", 0.0))
     if "mode" in hp:
         check_mode(hp["mode"])
-    if "l2_pull" in hp and not (is_real(hp["l2_pull"]) and hp["l2_pull"] >= 0):
-        raise ValueError(f"l2_pull must be a number >= 0, got {hp['l2_pull']!r}")
+    if "l2_pull" in hp:
+        check_l2_pull(hp["l2_pull"])
     if "lr_milestones" in hp:
         epochs_list(hp["lr_milestones"], "lr_milestones")
     if "lr_decay" in hp:
@@ -387,8 +401,7 @@ def l2_pull(model: nn.Module, weight: float) -> Callable[[nn.Module], torch.Tens
     with ``weight = args.weight_decay = 0.1`` (small_scale_unlearning.ipynb, "Finetune and Fisher
     Helper"), which pulls them back toward the model they started from, where plain weight decay would
     pull toward zero."""
-    if not weight >= 0:
-        raise ValueError(f"l2 pull weight must be >= 0, got {weight}")
+    check_l2_pull(weight)
     anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def penalty(m: nn.Module) -> torch.Tensor:

@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 from ..caller_state import manual_seed
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
-from ._loop import (as_names, check_training_options, fk_lr, freeze_all_but, last_block, loader,
-                    make_optimizer, modules_with_parameters, pick, resolve_setting, run_loop)
+from ._loop import (as_names, fk_lr, freeze_all_but, last_block, loader, make_optimizer,
+                    modules_with_parameters, plan_presets, run_loop)
 from ._loop import l2_pull as make_l2_pull
 
 # SCRUB's code. Small scale: small_scale_unlearning.ipynb, cells "Catastrophic Forgetting k layers"
@@ -35,13 +35,13 @@ _LARGE = {**_SMALL, "l2_pull": 0.0, "batch_size": 64, "mode": "train-all", "lr_d
 PRESETS = {"small": _SMALL, "selective": _LARGE, "class": _LARGE}
 
 
-def resolve_block_options(setting: str, presets: dict, given: dict) -> dict:
-    """The hyper-parameters of CF-k / EU-k: ``given`` where not None, else ``presets[setting]``;
-    checked; tuples as lists (so that ``UnlearnResult.options`` reads like the presets)."""
-    hp = {k: pick(v, presets[setting], k) for k, v in given.items()}
-    check_training_options(hp)
+def resolve_block_options(presets: dict, setting: str, forget: Dataset, retain: Dataset,
+                          given: dict) -> tuple[str, dict]:
+    """CF-k / EU-k's :func:`~ppu_fast.unlearn._loop.plan_presets`, the milestones as a list of
+    ints (so that ``UnlearnResult.options`` reads like the presets)."""
+    setting, hp = plan_presets(presets, setting, forget, retain, given)
     hp["lr_milestones"] = [int(m) for m in hp["lr_milestones"]]
-    return hp
+    return setting, hp
 
 
 def block_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
@@ -56,8 +56,7 @@ def _plan(forget: Dataset, retain: Dataset, model: nn.Module | None, setting: st
           layers: Sequence[str] | None, given: dict) -> tuple[str, list[str] | None, dict]:
     """(the setting, "auto" resolved from the labels; the layers trained, None without a model;
     the hyper-parameters), checked before any work."""
-    setting = resolve_setting(setting, forget, retain)
-    hp = resolve_block_options(setting, PRESETS, given)
+    setting, hp = resolve_block_options(PRESETS, setting, forget, retain, given)
     names = as_names(layers) if layers is not None else None
     return setting, (block_layers(model, names) if model is not None else None), hp
 

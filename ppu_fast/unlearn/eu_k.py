@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from ..models import AllCNN, SmallCNN, matching_entry, require_reset, reset_parameters
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
-from ._loop import as_names, last_block, modules_named, modules_with_parameters, resolve_setting
+from ._loop import as_names, last_block, modules_named, modules_with_parameters
 from .cf_k import block_layers, resolve_block_options, train_block
 
 # SCRUB's code: as CF-k (see cf_k.py) with euk_epochs = training_epochs, 30 at small scale
@@ -55,8 +55,7 @@ def _plan(forget: Dataset, retain: Dataset, model: nn.Module | None, setting: st
     """(the setting, "auto" resolved from the labels; the layers trained and the modules reset,
     None without a model; the hyper-parameters), checked before any work. A ``reset`` whose
     modules hold no parameter is refused: nothing would be put back (CF-k under EU-k's name)."""
-    setting = resolve_setting(setting, forget, retain)
-    hp = resolve_block_options(setting, PRESETS, given)
+    setting, hp = resolve_block_options(PRESETS, setting, forget, retain, given)
     if init is not None and not isinstance(init, (nn.Module, dict)):
         raise TypeError(f"init must be a torch.nn.Module, a state dict or None, got {type(init).__name__}")
     names = as_names(layers) if layers is not None else None

@@ -223,7 +223,8 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
                          "alike); expected the other fields of TrainConfig")
     # The training configurations before any work (a bad field cost the pre-training first).
     try:
-        dataclasses.replace(default_train_config(dataset, 0), **(train or {}))
+        # The first seed's: the methods' checks below take Retrain's recipe from it.
+        tcfg = dataclasses.replace(default_train_config(dataset, seeds[0]), **(train or {}))
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"train: {exc}") from None
     try:
@@ -281,7 +282,6 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     # options the loop below passes it and the architecture, untrained, that it will get.
     with torch.random.fork_rng(devices=[]):
         probe = build_model(model, first_split.num_classes, first_split.in_channels, width)
-    tcfg = dataclasses.replace(default_train_config(dataset, seeds[0]), **(train or {}))
     for name in methods:
         kw = runner_options(method_of[name], {**(variants[name][1] if name in variants else {}),
                                               **method_kwargs.get(name, {})},

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from ..caller_state import manual_seed
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
-from ._loop import check_training_options, loader, make_optimizer, pick, resolve_setting, run_loop
+from ._loop import loader, make_optimizer, plan_presets, run_loop
 from ._loop import l2_pull as make_l2_pull
 
 # SCRUB's code. Small scale: small_scale_unlearning.ipynb, cells "Finetune and Fisher Helper"
@@ -28,17 +28,8 @@ _LARGE = {**_SMALL, "l2_pull": 0.0, "mode": "train"}
 PRESETS = {"small": _SMALL, "selective": {**_LARGE, "lr": 0.04, "batch_size": 32}, "class": _LARGE}
 
 
-def _plan(forget: Dataset, retain: Dataset, setting: str, given: dict) -> tuple[str, dict]:
-    """(the setting, "auto" resolved from the labels; the hyper-parameters, each given one or
-    else the preset's), checked before any work."""
-    setting = resolve_setting(setting, forget, retain)
-    hp = {k: pick(v, PRESETS[setting], k) for k, v in given.items()}
-    check_training_options(hp)
-    return setting, hp
-
-
-@register("finetune", check=lambda forget, retain, val, model, setting, **given: _plan(
-    forget, retain, setting, given))
+@register("finetune", check=lambda forget, retain, val, model, setting, **given: plan_presets(
+    PRESETS, setting, forget, retain, given))
 def finetune_retain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                     seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                     progress: bool = True, setting: str = "auto", epochs: int | None = None,
@@ -57,7 +48,7 @@ def finetune_retain(model: nn.Module, forget: Dataset, retain: Dataset, *, val: 
     :func:`ppu_fast.unlearn._loop.run_loop`), at large scale no pull and train mode. Our earlier
     defaults (momentum 0.9, weight decay 5e-4, batches of 64, train mode) remain available as options.
     ``forget`` and ``val`` are not used beyond the common checks."""
-    setting, hp = _plan(forget, retain, setting, {
+    setting, hp = plan_presets(PRESETS, setting, forget, retain, {
         "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
         "batch_size": batch_size, "l2_pull": l2_pull, "mode": mode})
     dev = resolve_device(model, device)

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from ..caller_state import manual_seed
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
-from ._loop import check_training_options, loader, make_optimizer, paired, pick, resolve_setting, run_loop
+from ._loop import loader, make_optimizer, paired, plan_presets, run_loop
 from ._loop import l2_pull as make_l2_pull
 
 # SCRUB's code. Small scale: small_scale_unlearning.ipynb, cells "Negative Gradient" (alpha 0.95,
@@ -35,11 +35,9 @@ PRESETS = {"small": _SMALL, "selective": {**_LARGE, "batch_size": 32, "forget_ba
 def _plan(forget: Dataset, retain: Dataset, setting: str, given: dict) -> tuple[str, dict]:
     """(the setting, "auto" resolved from the labels; the hyper-parameters, each given one or
     else the preset's), checked before any work."""
-    setting = resolve_setting(setting, forget, retain)
-    hp = {k: pick(v, PRESETS[setting], k) for k, v in given.items()}
+    setting, hp = plan_presets(PRESETS, setting, forget, retain, given)
     if not 0.0 <= float(hp["alpha"]) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {hp['alpha']}")
-    check_training_options(hp)
     return setting, hp
 
 

@@ -25,8 +25,7 @@ from ..finetune import select_val
 from ..training import check_optimizer_name
 from . import UnlearnResult, register
 from ._common import make_evaluator, resolve_device, working_copy
-from ._loop import (check_loss_weights, check_training_options, loader, make_optimizer, milestone_lr,
-                    pick, resolve_setting, run_loop)
+from ._loop import check_loss_weights, loader, make_optimizer, milestone_lr, plan_presets, run_loop
 
 # SCRUB's hyper-parameters per setting. Small scale: small_scale_unlearning.ipynb, "SCRUB Forgetting"
 # (Adam, args.sgda_* and lr_decay_epochs [5, 8, 9]) and "Data Loader" (retain_bs 32, forget_bs 64).
@@ -90,9 +89,8 @@ def _plan(name: str, forget: Dataset, retain: Dataset, has_val: bool, setting: s
     """SCRUB's options checked before any work (the setting's presets read the data's labels
     only): (the setting, "auto" resolved; its hyper-parameters, each given one or else the
     preset's)."""
-    setting = resolve_setting(setting, forget, retain)
-    hp = {k: pick(v, (PRESETS_R if select == "val" else PRESETS)[setting], k) for k, v in given.items()}
-    check_training_options(hp)
+    setting, hp = plan_presets(PRESETS_R if select == "val" else PRESETS, setting, forget, retain,
+                               given)
     if not 0 <= int(hp["msteps"]) <= int(hp["epochs"]):
         came = ("given" if given.get("msteps") is not None
                 else f"the {setting!r} preset's, as msteps was not given")
