@@ -533,7 +533,8 @@ def test_newton_on_class_unlearning_at_small_lam(backend, n, margin, lam, dtype)
 
 
 def test_solver_without_the_compiled_module_takes_numpy(monkeypatch):
-    """Without ``ppu_fast._C`` (a build that failed) the solver's directions come from numpy:
+    """Without ``ppu_fast._C`` (a build that failed) the solver's directions and host arithmetic
+    (log-form right-hand side, pass terms) come from numpy:
     the same passes and the same Q to float32 rounding as with the C++ route."""
     from ppu_fast import solver
     y, p = confident_classifier(4000, 12, margin=8.0, seed=3)
@@ -728,7 +729,15 @@ def test_a_trial_that_more_than_doubles_the_residual_is_refused():
     assert solver._accepted(res_n=1e-7, res=1e-9, growth=2.0, **big_gain)  # within tol
 
 
-def test_log_residual_against_its_formula():
+def _log_residual_impls():
+    """The solver's log-form right-hand side as it runs (C++ where _C is built) and its numpy
+    twin, the specification."""
+    from ppu_fast import solver
+    return {"solver": solver._log_residual, "numpy": solver._log_residual_numpy}
+
+
+@pytest.mark.parametrize("impl", ["solver", "numpy"])
+def test_log_residual_against_its_formula(impl):
     """Newton's right-hand side on log-form equations, written out class by class: s log(s / M)
     within e^span of M, the tangent line of F = log beyond, grad where s or M is not positive;
     continuous at the span's ends, and grad to first order where s is near M."""
@@ -737,6 +746,7 @@ def test_log_residual_against_its_formula():
     from decimal import Decimal, localcontext
 
     from ppu_fast import solver
+    log_residual = _log_residual_impls()[impl]
     span = solver.LOG_NEWTON_SPAN
     e = math.exp(span)
     m = np.array([3.0, 3.0, 3.0, 3.0, 0.0, 2.0, 1e-30, 5.0, 4.0, 1e-300])
@@ -760,14 +770,54 @@ def test_log_residual_against_its_formula():
         want = [oracle(float(sj), float(mj)) for sj, mj in zip(s, m)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = solver._log_residual(grad, m)
+        got = log_residual(grad, m)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
     assert got[5] == 0.0 and abs(got[7] / grad[7] - 1.0) < 1e-6
     for side in (e, 1.0 / e):  # the two pieces meet
         lo, hi = side * (1 - 1e-12), side * (1 + 1e-12)
-        a, b = solver._log_residual(np.array([lo - 1.0, hi - 1.0]), np.ones(2))
+        a, b = log_residual(np.array([lo - 1.0, hi - 1.0]), np.ones(2))
         assert abs(a - b) < 1e-9
     assert not np.shares_memory(got, grad)
+    nan = log_residual(np.array([np.nan, 1.0, -np.inf]), np.array([1.0, np.nan, 2.0]))
+    assert np.isnan(nan[0]) and nan[1] == 1.0 and nan[2] == -np.inf  # grad kept
+
+
+def test_cpp_host_arithmetic_equals_its_numpy_twins():
+    """The solver's host arithmetic in C++ (_C.log_residual, _C.pass_terms) against the numpy
+    functions that specify it, on random k-vectors spanning the log form's pieces (s far above,
+    near and far below M; M or s not positive): the log form to a few ulp (the same elementwise
+    operations; numpy's SIMD log1p and libm's differ in the last bit), the pass terms to float64
+    rounding (numpy's dot and pairwise sum add in another order) and against math.fsum."""
+    import math
+
+    from ppu_fast import solver
+    from ppu_fast.backends.cpu import _C
+    if _C is None:
+        pytest.skip("ppu_fast._C is not built")
+    rng = np.random.default_rng(7)
+    for k in (2, 3, 10, 17, 100, 1000):
+        m = rng.uniform(0.0, 50.0, k) * (rng.random(k) < 0.9)
+        s = m * np.exp(rng.uniform(-6.0, 6.0, k)) * (rng.random(k) < 0.9)
+        grad = s - m
+        got = _C.log_residual(grad, m, solver.LOG_NEWTON_SPAN)
+        want = solver._log_residual_numpy(grad, m)
+        np.testing.assert_array_equal(got == 0.0, want == 0.0)
+        np.testing.assert_allclose(got, want, rtol=8 * 2.0 ** -53, atol=0)
+        alpha = rng.normal(0.0, 10.0, k)
+        g2, am, amax, ares = _C.pass_terms(s, m, alpha)
+        ng, nam, namax, nares = solver._pass_terms_numpy(s, m, alpha)
+        np.testing.assert_array_equal(g2, ng)
+        assert amax == namax
+        scale = float(np.abs(alpha * m).sum())
+        assert abs(am - math.fsum(alpha * m)) <= 4 * k * 2.0 ** -53 * scale
+        assert abs(am - nam) <= 8 * k * 2.0 ** -53 * scale
+        assert abs(ares - math.fsum(np.abs(ng))) <= 4 * k * 2.0 ** -53 * ares
+    _, _, amax, _ = _C.pass_terms(np.ones(3), np.ones(3), np.array([1.0, np.nan, 2.0]))
+    assert np.isnan(amax)  # as numpy's max: a NaN iterate must not look small
+    with pytest.raises(ValueError, match="pass_terms: expected colsum, m and alpha"):
+        _C.pass_terms(np.ones(3), np.ones(2), np.ones(3))
+    with pytest.raises(ValueError, match="log_residual: expected grad"):
+        _C.log_residual(np.ones(3), np.ones(2), 2.0)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

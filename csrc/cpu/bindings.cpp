@@ -416,6 +416,27 @@ F64Array balanced_laplacian_py(const F64Array& h, int max_iters, double tol) {
   return out;
 }
 
+F64Array log_residual_py(const F64Array& grad, const F64Array& m, double span) {
+  if (grad.ndim() != 1 || m.ndim() != 1 || grad.shape(0) != m.shape(0))
+    throw py::value_error("log_residual: expected grad (k,) and m (k,)");
+  const int64_t k = grad.shape(0);
+  F64Array out(k);
+  log_residual(grad.data(), m.data(), k, span, out.mutable_data());
+  return out;
+}
+
+// (grad (k,), alpha . m, max |alpha|, sum |grad|) for ppu_fast.solver's _Evaluator.record.
+py::tuple pass_terms_py(const F64Array& colsum, const F64Array& m, const F64Array& alpha) {
+  if (colsum.ndim() != 1 || m.ndim() != 1 || alpha.ndim() != 1 || m.shape(0) != colsum.shape(0)
+      || alpha.shape(0) != colsum.shape(0))
+    throw py::value_error("pass_terms: expected colsum, m and alpha of one shape (k,)");
+  const int64_t k = colsum.shape(0);
+  F64Array grad(k);
+  double t[3];
+  pass_terms(colsum.data(), m.data(), alpha.data(), k, grad.mutable_data(), t);
+  return py::make_tuple(std::move(grad), t[0], t[1], t[2]);
+}
+
 // A buffer from the host cache (host_cache.cpp), exposed through the buffer protocol so that
 // torch.frombuffer wraps it without a copy: the tensor's storage holds a reference to this object,
 // and the block goes back to the cache only when the last tensor or view on it is freed.
@@ -444,8 +465,8 @@ PYBIND11_MODULE(_C, m) {
   // from older sources (an editable checkout pulled without rebuilding) is refused by it, not
   // half used. 2: prepare packs the assembled Hessian; newton_direction exists. 3:
   // newton_direction solves with the balanced Laplacian (its balance arguments). 4: HostBuffer and
-  // the host cache's functions.
-  m.attr("INTERFACE") = 4;
+  // the host cache's functions. 5: log_residual and pass_terms (the solver's host arithmetic).
+  m.attr("INTERFACE") = 5;
   m.attr("LANES_MAX_K") = LANES_MAX_K;
   m.attr("MAX_FULL_K") = MAX_FULL_K;
   m.attr("MIN_WORK") = MIN_WORK;
@@ -505,6 +526,12 @@ PYBIND11_MODULE(_C, m) {
         "d = grad by Cholesky, H = balanced_laplacian(h, balance_iters, balance_tol), s = "
         "mean(diag H), and removes d's mean; None when a pivot is not positive or d is not "
         "finite.");
+  m.def("log_residual", &log_residual_py, py::arg("grad"), py::arg("m"), py::arg("span"),
+        "Newton's right-hand side on the class totals in log form (csrc/cpu/newton.h; "
+        "ppu_fast.solver._log_residual_numpy is its specification): (k,) float64.");
+  m.def("pass_terms", &pass_terms_py, py::arg("colsum"), py::arg("m"), py::arg("alpha"),
+        "(colsum - m, alpha . m, max |alpha|, sum |colsum - m|) in float64, summed in index "
+        "order (ppu_fast.solver._Evaluator.record).");
   m.def("balanced_laplacian", &balanced_laplacian_py, py::arg("h"), py::arg("max_iters"),
         py::arg("tol"),
         "The matrix newton_direction solves with (csrc/cpu/newton.h): the Laplacian of h's "

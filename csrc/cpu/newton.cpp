@@ -138,4 +138,39 @@ bool newton_direction(const double* h, const double* g, double* d, int64_t k, in
   return finite;
 }
 
+// No target clones here: a baseline x86-64 build has no FMA to contract these expressions into,
+// so they round as numpy's elementwise twins (solver._log_residual_numpy) but for libm's log1p,
+// which can differ from numpy's SIMD one in the last bit.
+void log_residual(const double* grad, const double* m, int64_t k, double span, double* out) {
+  const double up = std::exp(span), down = std::exp(-span);
+  for (int64_t j = 0; j < k; ++j) {
+    const double g = grad[j], mj = m[j], s = g + mj;
+    if (!(s > 0.0 && mj > 0.0)) {  // NaN too: grad is kept, as the numpy twin keeps it
+      out[j] = g;
+      continue;
+    }
+    const double lr = std::log1p(g / mj);
+    out[j] = lr > span ? s - mj * up * (1.0 - span)
+             : lr < -span ? s - mj * down * (1.0 + span)
+                          : s * lr;
+  }
+}
+
+void pass_terms(const double* colsum, const double* m, const double* alpha, int64_t k,
+                double* grad, double* terms) {
+  double am = 0.0, amax = 0.0, ares = 0.0;
+  bool nan = false;
+  for (int64_t j = 0; j < k; ++j) {
+    grad[j] = colsum[j] - m[j];
+    am += alpha[j] * m[j];
+    const double a = std::fabs(alpha[j]);
+    nan = nan || std::isnan(a);
+    if (a > amax) amax = a;
+    ares += std::fabs(grad[j]);
+  }
+  terms[0] = am;
+  terms[1] = nan ? std::nan("") : amax;  // numpy's max propagates NaN
+  terms[2] = ares;
+}
+
 }  // namespace ppu_cpu

@@ -41,7 +41,7 @@ from .base import (MODE_CODE, ROW_SUM_TOL, Backend, Hessian, HostStep, HostStepO
                    check_step_args, hessian_stride, packed_size, unpack_prepare)
 
 # The version of the interface between this launcher and the compiled module (bindings.cpp).
-_C_INTERFACE = 4
+_C_INTERFACE = 5
 
 try:  # a missing build is a reason, never an import error (docs/design.md §4)
     from .. import _C  # type: ignore[attr-defined]
