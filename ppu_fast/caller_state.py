@@ -13,6 +13,7 @@ import sys
 import threading
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -242,6 +243,14 @@ def is_int(v: object) -> bool:
 def is_real(v: object) -> bool:
     """A real option's value: any ``numbers.Real`` (numpy's included), never a bool."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_flag(value: object, name: str) -> bool:
+    """A True / False argument (numpy's bool too) as a bool, or a ValueError naming it: a string
+    such as "False" is truthy, and ``inplace="False"`` trained the caller's own model."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r}: expected True or False")
+    return bool(value)
 
 
 def check_positive_int(value: object, name: str) -> None:

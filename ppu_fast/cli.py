@@ -146,6 +146,13 @@ def _check_out_folder(out: str) -> None:
     if why:
         raise ValueError(f"--out: cannot write a folder at '{p}' ({why}); expected a writable "
                          f"folder (created if missing)")
+    from .tables import TABLE_FILES
+
+    for name in ("results.json", "results.md", "results.png", *TABLE_FILES.values()):
+        if (p / name).exists() and not (p / name).is_file():
+            # Found only when the run's results were written, and they were lost.
+            raise ValueError(f"--out: '{p / name}' exists and is not a file, so the run could not "
+                             f"write its {name}; expected a folder where it can (move it away)")
 
 
 def _unwritable(folder: Path) -> str | None:
@@ -478,8 +485,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _load_array(path: str, arg: str):
-    import pickle
-
     import torch
 
     from .stream import load_npy
@@ -492,7 +497,8 @@ def _load_array(path: str, arg: str):
     if p.suffix == ".pt":
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure says the file is not a tensor file
+            # (pickle, zip and torch errors alike; a short text file raised a bare KeyError)
             raise ValueError(f"{arg}: '{p}' cannot be read as a tensor saved with torch.save "
                              f"({type(exc).__name__} from torch.load with weights_only=True)"
                              ) from None

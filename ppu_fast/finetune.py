@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from .callable_module import make_callable
-from .caller_state import (caller_stacklevel, check_positive_int, check_seed, frozen_modules,
-                           is_int, is_real, keeps_caller_state, manual_seed, probe_forward)
+from .caller_state import (caller_stacklevel, check_flag, check_positive_int, check_seed,
+                           frozen_modules, is_int, is_real, keeps_caller_state, manual_seed,
+                           probe_forward)
 from .data import CpuDrawLoader
 from .metrics import check_logits
 from .training import (FREEZE_BATCHNORM, check_optimizer_name, check_optimizer_options,
@@ -425,6 +426,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
            forget_mask, retain_per_epoch, retain_fraction, retain_sampling, retain_weights, forget_repeats, early_stop, forget_kl,
            trainable, evals_per_epoch)
     seed = check_seed(seed)
+    inplace, progress = check_flag(inplace, "inplace"), check_flag(progress, "progress")
     if select == "val" and evaluate is None:
         raise ValueError("select='val' needs evaluate=... returning 'forget_error' and 'val_error'")
     epochs, batch_size, forget_repeats, evals_per_epoch = (int(epochs), int(batch_size),
@@ -461,6 +463,10 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
                                 None if head_name is None else work.get_submodule(head_name),
                                 order)
     params = _module_params(trained)
+    if not params:
+        raise ValueError(f"model: trainable={trainable!r} selects no parameters (the "
+                         f"{type(model).__name__} has {sum(1 for _ in model.parameters())}); "
+                         f"expected a model with at least one trainable parameter")
     if not any(p.requires_grad for p in params):
         raise ValueError(f"model: trainable={trainable!r} selects {len(params)} parameters and the "
                          f"caller froze all of them (requires_grad=False); expected at least one "

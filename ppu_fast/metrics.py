@@ -30,6 +30,10 @@ def check_logits(out: object, n_inputs: int) -> None:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: its output for a batch of {n_inputs} input(s) is {shape}; "
                          f"expected (B, k) logits")
+    if not out.is_floating_point():
+        # An integer or complex output failed deep inside log_softmax, or in backward.
+        raise ValueError(f"model: its output is {str(out.dtype).split('.')[-1]}; expected "
+                         f"floating-point (B, k) logits")
 
 
 def predict(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,

@@ -18,6 +18,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .caller_state import non_finite_weights
 from .training import TrainConfig
 
 PRETRAIN_CHOICES = ("cifar10-other",)
@@ -134,6 +135,12 @@ def load_checkpoint_into(model: nn.Module, state: Mapping[str, torch.Tensor], *,
     keep_head = bool(mismatched)
     load = {k: v for k, v in state.items() if not (keep_head and k in head)}
     model.load_state_dict({**own, **load})
+    bad, total = non_finite_weights(model)
+    if bad:
+        # Found here, before any training: otherwise the first epoch's loss was NaN and the run
+        # stopped blaming the learning rate.
+        raise ValueError(f"{arg}: {source} holds {bad} NaN or infinite values among the {total} "
+                         f"weights and buffer values it gives {what}; expected finite weights")
     return "re-initialised" if keep_head else "loaded"
 
 

@@ -263,6 +263,12 @@ def _pct(v: float) -> str:
     return f"{v:.1f} %"
 
 
+def _secs(x: float) -> str:
+    """Seconds for the verdict: one decimal from 1 s, two significant digits below (a tiny run's
+    0.04 s against 0.03 s printed as 0.0 against 0.0, beside a 1.3x ratio)."""
+    return f"{x:.1f}" if x >= 1 else f"{x:.2g}"
+
+
 def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = None, n: int | None = None,
           reference: str = "retrain", start: str = "original") -> Verdict:
     """Read a results table (method -> metrics, as :func:`summarize` returns) against ``reference``.
@@ -370,8 +376,8 @@ def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = No
                 of = f" in {n_cached} of {n_ref_secs} seeds" if n_ref_secs and n_cached < n_ref_secs else ""
                 seeds += (f"; {label(reference)}'s time came from the model cache{of}: it was measured "
                           f"by the run that trained it, not beside this one")
-            lines.append(f"Time: {label(out.closest)} took {secs:.1f} s, {how} retraining from scratch "
-                         f"({secs_ref:.1f} s){seeds}.")
+            lines.append(f"Time: {label(out.closest)} took {_secs(secs)} s, {how} retraining from "
+                         f"scratch ({_secs(secs_ref)} s){seeds}.")
             out.headline += f", {how} {label(reference)}"
     if _finite(gap_attack):
         head = (f"Attack (50 % = it cannot tell the forget set from unseen data): {label(start)} "

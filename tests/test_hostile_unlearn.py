@@ -1023,3 +1023,154 @@ def test_an_endless_sampler_is_refused_not_listed(tiny):
                                           retain, method="ppu", epochs=1, progress=False)):
         with pytest.raises(ValueError, match=r"sampler draws more than the dataset's \d+ examples"):
             call()
+
+
+@pytest.mark.parametrize("value", ["False", "no", 0, None])
+def test_inplace_and_progress_must_be_booleans(tiny, value):
+    """A string is truthy: ``inplace="False"`` trained the caller's own model. unlearn and finetune
+    refuse anything but True / False (numpy's bool included) before any work."""
+    model, forget, retain = _sets(tiny)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for arg in ("inplace", "progress"):
+        with pytest.raises(ValueError, match=rf"{arg}={re.escape(repr(value))}: expected True or "
+                                             rf"False"):
+            ppu_fast.unlearn(model, forget, retain, method="finetune", epochs=1,
+                             **{"progress": False, arg: value})
+        with pytest.raises(ValueError, match=rf"{arg}={re.escape(repr(value))}: expected True"):
+            ppu_fast.finetune(model, forget, torch.full((len(forget), K), 1.0 / K),
+                              **{"progress": False, arg: value})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ppu_fast.unlearn(model, forget, retain, method="finetune", epochs=1, inplace=np.bool_(False),
+                     progress=np.bool_(False))
+
+
+def test_a_composites_ppu_options_are_checked_before_its_first_step(tiny):
+    """finetune+ppu / scrub+ppu refuse a bad PPU-step option before the first step trains (it
+    was found after it, and with inplace=True the caller's model had been changed)."""
+    model, forget, retain = _sets(tiny)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for opts, exc, message in (({"epoch": 3}, TypeError, "ppu_options: unlearning method "
+                                                          "'ppu-bias' got unknown option"),
+                               ({"epochs": 0}, ValueError, "ppu_options: epochs must be a "
+                                                           "positive int")):
+        with pytest.raises(exc, match=message):
+            ppu_fast.unlearn(model, forget, retain, method="finetune+ppu", inplace=True,
+                             finetune_options={"epochs": 3}, ppu_options=opts, progress=False)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class NoParams(nn.Module):
+    """A (B, K) 'classifier' with no parameters: its first K pixels."""
+
+    def forward(self, x):
+        return x.flatten(1)[:, :K]
+
+
+def test_ntk_checks_its_options_and_init_before_the_jacobian(tiny, monkeypatch):
+    """NTK takes numpy scalars as every method does, refuses a bool scale, and refuses an init of
+    another architecture, or a model without parameters, before the Jacobian (nearly all of its
+    work) is computed."""
+    import ppu_fast.unlearn.ntk as ntk
+    model, forget, retain = _sets(tiny)
+
+    def no_jacobian(*a, **k):
+        raise AssertionError("the Jacobian was computed before the check")
+
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                          nn.Linear(32, 3))
+    with monkeypatch.context() as mp:
+        mp.setattr(ntk, "output_jacobian", no_jacobian)
+        with pytest.raises(ValueError, match=r"init\['4.weight'\] has shape \(3, 32\)"):
+            ppu_fast.unlearn(model, forget, retain, method="ntk", init=other, progress=False)
+        with pytest.raises(ValueError, match="scale must be 'predicted' or a finite number"):
+            ppu_fast.unlearn(model, forget, retain, method="ntk", scale=True, progress=False)
+        with pytest.raises(ValueError, match="model: the NoParams has no parameters"):
+            ppu_fast.unlearn(NoParams(), forget, retain, method="ntk", scale=1.0, progress=False)
+    res = ppu_fast.unlearn(model, forget, retain, method="ntk", scale=np.float32(0.5),
+                           weight_decay=np.float64(0.1), max_jacobian_gib=np.float32(1.0),
+                           chunk=np.int64(16), progress=False)
+    assert res.options["scale"] == 0.5
+
+
+def test_outputs_indices_and_option_types_named_before_any_work(tiny):
+    """An integer output, a Subset index outside its dataset (first or later, forget or retain),
+    a schedule that is not a name, a pseudo name the mode does not take, and a model without
+    parameters: each is refused naming what is wrong, not by torch or numpy deep inside."""
+    from torch.utils.data import Subset
+    model, forget, retain = _sets(tiny)
+
+    class IntOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, K)
+
+        def forward(self, x):
+            return self.lin(x.flatten(1)).long()
+
+    with pytest.raises(ValueError, match="model: its output is int64; expected floating-point"):
+        ppu_fast.unlearn(IntOut(), forget, retain, epochs=1, progress=False)
+    n = len(retain)
+    for f, r, name, bad in ((Subset(forget, [10**6, 0]), retain, "forget", 10**6),
+                            (forget, Subset(retain, [0, 1, -n - 1]), "retain", -n - 1)):
+        with pytest.raises(IndexError, match=rf"{name}: a Subset's index {bad} is out of range"):
+            ppu_fast.unlearn(model, f, r, method="ppu-bias", epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"schedule: unknown value \['fast'\]"):
+        ppu_fast.unlearn(model, forget, retain, schedule=["fast"], progress=False)
+    with pytest.raises(ValueError, match="pseudo: unknown name 'random-simplex'; expected one of "
+                                         "'uniform', 'random', 'prior', 'probe' .mode='bias'."):
+        ppu_fast.unlearn(model, forget, retain, method="ppu", mode="bias", pseudo="random-simplex",
+                         progress=False)
+    with pytest.raises(ValueError, match="pseudo: unknown name 'uniformm'; expected one of "
+                                         "'uniform', 'random', 'random-simplex', 'prior', 'probe'"):
+        ppu_fast.unlearn(model, forget, retain, pseudo="uniformm", progress=False)
+    with pytest.raises(ValueError, match="model: trainable='all' selects no parameters"):
+        ppu_fast.finetune(NoParams(), forget, torch.full((len(forget), K), 1.0 / K),
+                          progress=False)
+    res = ppu_fast.unlearn(model, forget, retain, pseudo="random-simplex", epochs=1,
+                           progress=False)  # privacy mode takes refine's name
+    assert res.options["pseudo"] == "random-simplex"
+
+
+def test_the_runner_refuses_its_own_arguments_of_the_wrong_kind():
+    """run_experiment: a string for methods (split into letters), options that are not a dict,
+    a variant not listed in methods (dropped), a non-bool cache."""
+    from ppu_fast.unlearn.experiment import lam_variants, run_experiment
+    with pytest.raises(TypeError, match="methods: expected a sequence of method names"):
+        run_experiment(methods="ppu", log=None)
+    with pytest.raises(TypeError, match=r"method_kwargs\['ppu'\]: expected a dict"):
+        run_experiment(methods=["original", "ppu"], method_kwargs={"ppu": 5}, log=None)
+    with pytest.raises(ValueError, match=r"variants: 'ppu\[lam=2\]' not in methods"):
+        run_experiment(methods=["original"], variants=lam_variants([2.0]), log=None)
+    for arg in ("cache", "progress"):
+        with pytest.raises(ValueError, match=f"{arg}='no': expected True or False"):
+            run_experiment(methods=["original"], log=None, **{arg: "no"})
+
+
+def test_cli_names_a_bad_tensor_file_and_a_non_finite_checkpoint(tmp_path):
+    """ppu-fast refine: a .pt that is not a torch file is bad input (exit 2, naming --probs), not a
+    traceback; ppu-fast run: a checkpoint with NaN weights is refused before training (it was
+    blamed on the learning rate after it); an --out whose results.json is a folder, before the run."""
+    from ppu_fast.models import build_model
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    np.save(tmp_path / "m.npy", np.array([True, False]))
+    code, err = _cli("refine", "--probs", str(junk), "--forget", str(tmp_path / "m.npy"),
+                     "--out", str(tmp_path / "q.npy"))
+    assert code == 2 and f"--probs: '{junk}' cannot be read as a tensor" in err, err
+    state = build_model("smallcnn", 5, 1, 1.0).state_dict()
+    state["features.0.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    code, err = _cli("run", "--dataset", "digits5", "--model", "smallcnn", "--seeds", "0",
+                     "--methods", "original,ppu", "--init-checkpoint", str(tmp_path / "nan.pt"),
+                     "--no-progress", "--out", str(tmp_path / "o"))
+    assert code == 2 and "holds 1 NaN or infinite values" in err, err
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "o2" / "results.json").mkdir(parents=True)
+    code, err = _cli("demo", "--out", str(tmp_path / "o2"), "--no-progress")
+    assert code == 2 and "results.json' exists and is not a file" in err, err
+
+
+def test_the_verdict_prints_short_times_with_their_digits():
+    from ppu_fast.report import _secs
+    assert [_secs(x) for x in (0.0312, 0.0045, 0.96, 1.0, 23.456)] == [
+        "0.031", "0.0045", "0.96", "1.0", "23.5"]

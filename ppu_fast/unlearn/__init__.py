@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset
 
 from ..callable_module import make_callable
-from ..caller_state import check_finite_options, check_seed, is_int, is_real, keeps_caller_state
+from ..caller_state import (check_finite_options, check_flag, check_seed, is_int, is_real,
+                            keeps_caller_state)
 from ..data import loader_examples
 from ..torch_defaults import training_grad_mode
 from ..training import resolve_device
@@ -163,6 +164,8 @@ def _as_dataset(data: object, arg: str, allow_none: bool = False) -> Dataset | N
     if isinstance(data, IterableDataset):
         raise TypeError(f"{arg} is an IterableDataset; expected a map-style Dataset (len and "
                         f"indexing) of (x, y) pairs")
+    if isinstance(data, (Subset, ConcatDataset)):
+        _sources(data, arg)  # a Subset index out of range is named before data[0] reads it
     if len(data) > 0:
         _check_pair(data[0], f"{arg}[0]")
     return data
@@ -250,8 +253,8 @@ def _check_disjoint(forget: Dataset, retain: Dataset) -> None:
                              f"{min(both)}); the forget set must lie outside the retain set")
     # The general case: Subsets of Subsets, ConcatDatasets, repeated indices, traced to the
     # datasets they index.
-    fr, fi = _sources(forget)
-    rr, ri = _sources(retain)
+    fr, fi = _sources(forget, "forget")
+    rr, ri = _sources(retain, "retain")
     for name, ds, roots, idx in (("forget", forget, fr, fi), ("retain", retain, rr, ri)):
         if not isinstance(ds, (Subset, ConcatDataset)):
             continue  # a plain dataset holds each of its examples once
@@ -271,15 +274,21 @@ def _check_disjoint(forget: Dataset, retain: Dataset) -> None:
                              f"must lie outside the retain set")
 
 
-def _sources(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+def _sources(ds: Dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
     """For each example of ``ds`` in order: (an id of the dataset it is read from, its index
-    there), following Subset and ConcatDataset down to the datasets they wrap."""
+    there), following Subset and ConcatDataset down to the datasets they wrap. A Subset index
+    outside its dataset is refused naming ``name`` (forget or retain)."""
     if isinstance(ds, Subset):
-        roots, idx = _sources(ds.dataset)
+        roots, idx = _sources(ds.dataset, name)
         take = np.asarray(ds.indices, dtype=np.int64).reshape(-1)
+        out = (take < -len(roots)) | (take >= len(roots))
+        if out.any():
+            raise IndexError(f"{name}: a Subset's index {int(take[out][0])} is out of range for "
+                             f"the {len(roots)} examples of the dataset it indexes; expected "
+                             f"indices in [-{len(roots)}, {len(roots)})")
         return roots[take], idx[take]
     if isinstance(ds, ConcatDataset):
-        parts = [_sources(d) for d in ds.datasets]
+        parts = [_sources(d, name) for d in ds.datasets]
         if not parts:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -325,6 +334,7 @@ def unlearn(model: nn.Module, forget: Dataset | DataLoader, retain: Dataset | Da
     """
     fn = _get(method)
     seed = check_seed(seed)
+    inplace, progress = check_flag(inplace, "inplace"), check_flag(progress, "progress")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     resolve_device(model, device)  # a device this machine lacks is refused before any work

@@ -43,8 +43,11 @@ def then_ppu(first: str, model: nn.Module, forget: Dataset, retain: Dataset, *, 
              first_options: dict | None, ppu_method: str, ppu_options: dict | None) -> UnlearnResult:
     """``first`` (with ``first_options``), then ``ppu_method`` (with ``ppu_options``) on its model.
     Both steps go through :func:`ppu_fast.unlearn.unlearn`, so their options are checked by name.
-    Timings: ``first`` (its whole call) plus the PPU step's phases; ``history`` is the PPU step's."""
-    _check_steps(ppu_method, first_options, ppu_options)
+    Timings: ``first`` (its whole call) plus the PPU step's phases; ``history`` is the PPU step's.
+    Both steps' options are checked before the first runs (a PPU option refused after it had
+    trained cost its epochs, and with ``inplace`` left the caller's model changed)."""
+    _check(first, forget, retain, val, model, first_options=first_options, ppu_method=ppu_method,
+           ppu_options=ppu_options)
     a = unlearn(model, forget, retain, method=first, val=val, seed=seed, device=device, inplace=inplace,
                 progress=progress, **(first_options or {}))
     # The first step's model is already a private copy (or the caller's, with inplace): continue on it.

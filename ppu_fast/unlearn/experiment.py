@@ -23,7 +23,7 @@ from ..report import label
 from ..pretrain import (PRETRAIN_CHOICES, load_checkpoint_into, pretrain_config, read_checkpoint,
                         transfer_body)
 from ..backends import check_environment
-from ..caller_state import available_device, is_int
+from ..caller_state import available_device, check_flag, is_int
 from ..torch_defaults import cpu_default_device
 from ..training import TrainConfig, check_optimizer_options, fit_cached
 from ._loop import check_decay, epochs_list
@@ -168,6 +168,11 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
     errors only with ``history=True``), and those
     may differ in length (PPU's "fast" schedule stops early).
     """
+    if isinstance(methods, (str, bytes)) or not isinstance(methods, Iterable):
+        raise TypeError(f"methods: expected a sequence of method names (e.g. ['retrain', 'ppu']), "
+                        f"got {methods!r}")
+    methods = list(methods)
+    cache, progress = check_flag(cache, "cache"), check_flag(progress, "progress")
     variants = dict(variants or {})
     for name, spec in variants.items():
         if name in registered():
@@ -209,6 +214,15 @@ def run_experiment(*, dataset: str = "digits5", model: str = "smallcnn", scenari
         # They would be dropped, yet recorded in config["method_options"].
         raise ValueError(f"method_kwargs: {', '.join(map(repr, idle))} not in methods "
                          f"{list(methods)}; expected options for listed methods only")
+    idle = sorted(set(variants) - set(methods))
+    if idle:
+        # A variant runs only as a listed row: one left out would be dropped without a word.
+        raise ValueError(f"variants: {', '.join(map(repr, idle))} not in methods {list(methods)}; "
+                         f"list the variants to run in methods")
+    for name, kw in method_kwargs.items():
+        if not isinstance(kw, dict):
+            raise TypeError(f"method_kwargs['{name}']: expected a dict of the method's options "
+                            f"(e.g. {{'epochs': 5}}), got {type(kw).__name__}")
     for name, kw in [*method_kwargs.items(), *((n, v[1]) for n, v in variants.items())]:
         _check_method_options(variants[name][0] if name in variants else name, name, kw)
     if log is not None and not callable(log):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..caller_state import check_positive_int, is_real
 from ..models import matching_entry
 from . import UnlearnResult, register
 from ._common import resolve_device, working_copy
@@ -172,33 +173,43 @@ def _flat(model_or_state: nn.Module | dict, names: list[str], like: dict[str, to
 
 
 def _check_options(*, weight_decay: object, loss: object, scale: object, init: object,
-                   max_jacobian_gib: object, chunk: object, need_init: bool = True) -> None:
+                   max_jacobian_gib: object, chunk: object, need_init: bool = True,
+                   model: nn.Module | None = None) -> None:
     """NTK forgetting's option checks (``need_init``: whether a predicted scale without ``init``
-    is refused; the experiment runner passes ``init`` itself)."""
+    is refused; the experiment runner passes ``init`` itself). With ``model``: that it has
+    parameters, and that a predicted scale's ``init`` is of its architecture (checked here, not
+    after the Jacobian, which is nearly all of the method's work)."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay > 0):
+    if not (is_real(weight_decay) and weight_decay > 0):
         raise ValueError(f"weight_decay must be a positive number (the kernel ridge's weight), got "
                          f"{weight_decay!r}")
-    if not (isinstance(max_jacobian_gib, (int, float)) and max_jacobian_gib > 0):
+    if not (is_real(max_jacobian_gib) and max_jacobian_gib > 0):
         raise ValueError(f"max_jacobian_gib must be a positive number, got {max_jacobian_gib!r}")
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    check_positive_int(chunk, "chunk")
     if isinstance(scale, str):
         if scale != "predicted":
             raise ValueError(f"scale must be 'predicted' or a number, got {scale!r}")
         if init is None and need_init:
             raise ValueError("scale='predicted' (SCRUB's trapezium trick) needs init, the weights the "
                              "original's training started from; pass init=... or a numeric scale")
-    elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+    elif not (is_real(scale) and math.isfinite(scale) and scale >= 0):
         # A negative scale steps against the scrubbing direction (0 is the original model).
         raise ValueError(f"scale must be 'predicted' or a finite number >= 0, got {scale!r}")
     if init is not None and not isinstance(init, (nn.Module, dict)):
         raise TypeError(f"init must be a torch.nn.Module, a state dict or None, got {type(init).__name__}")
+    if model is None:
+        return
+    params = dict(model.named_parameters())
+    if not params:
+        raise ValueError(f"model: the {type(model).__name__} has no parameters; NTK forgetting "
+                         f"moves a model's weights (expected a model with parameters)")
+    if scale == "predicted" and init is not None:
+        _flat(init, list(params), params)
 
 
-
-@register("ntk", check=lambda forget, retain, val, model, **o: _check_options(**o, need_init=False))
+@register("ntk", check=lambda forget, retain, val, model, **o: _check_options(**o, need_init=False,
+                                                                              model=model))
 def ntk_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None,
                    seed: int = 0, device: str | torch.device | None = None, inplace: bool = False,
                    progress: bool = True, weight_decay: float = 0.1, loss: str = "ce",
@@ -229,7 +240,7 @@ def ntk_forgetting(model: nn.Module, forget: Dataset, retain: Dataset, *, val: D
         :class:`UnlearnResult`; ``options`` records the scale used, ``jacobian_gib``, ``n_params``
         and ``delta_norm`` (the norm of the unscaled step)."""
     _check_options(weight_decay=weight_decay, loss=loss, scale=scale, init=init,
-                   max_jacobian_gib=max_jacobian_gib, chunk=chunk)
+                   max_jacobian_gib=max_jacobian_gib, chunk=chunk, model=model)
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device).to(dev).eval()
     names = [n for n, _ in work.named_parameters()]

@@ -24,6 +24,10 @@ from . import UnlearnResult, method_options, register
 from ._common import make_evaluator, resolve_device, working_copy
 
 MODES = ("privacy", "bias")
+# The pseudo-probability names each mode takes: refine's in privacy mode, pseudo_rows' in bias
+# mode, and the retain-only probe in both.
+PSEUDO_NAMES = {"privacy": ("uniform", "random", "random-simplex", "prior", "probe"),
+                "bias": ("uniform", "random", "prior", "probe")}
 
 # Fine-tuning schedules, per mode. "paper": every forget and retain row each epoch, all epochs,
 # every layer, retain error evaluated each epoch. It is ppu_fast's plain reading of the paper, which
@@ -152,7 +156,14 @@ def plan_options(*, has_val: bool, mode: Any, pseudo: Any, lam: Any, marginals: 
                         f"or array of pseudo-probabilities, got {type(pseudo).__name__}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if schedule not in SCHEDULES:
+    names = PSEUDO_NAMES[mode]
+    if isinstance(pseudo, str) and pseudo not in names:
+        # Here, not after the model's probabilities, and with this mode's names (refine's list
+        # has None, which unlearn refuses, and lacks 'probe').
+        raise ValueError(f"pseudo: unknown name {pseudo!r}; expected one of "
+                         f"{', '.join(map(repr, names))} (mode={mode!r}) or a (N_forget, k) tensor "
+                         f"of pseudo-probabilities")
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
         raise ValueError(f"schedule: unknown value {schedule!r}; expected one of {tuple(SCHEDULES)}")
     given = {"retain_fraction": retain_fraction, "retain_sampling": retain_sampling,
              "forget_repeats": forget_repeats, "early_stop": early_stop, "forget_kl": forget_kl,
