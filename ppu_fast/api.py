@@ -341,7 +341,9 @@ def targets(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
     Args:
         log_p: log P^ (N x k), as for :func:`solve`.
         weights: c (N,) > 0 (tensor, array or list).
-        alpha: the dual variables (k,), finite (tensor, array or list), e.g. from :func:`solve`.
+        alpha: the dual variables (k,), finite (tensor, array or list), e.g. from :func:`solve`;
+            for a log_p evaluated in float32 (float32 or 16-bit), within float32's range after
+            the median is taken off and it is divided by min(c).
         backend: as for :func:`refine`.
 
     ``targets(log_p, c, info.alpha)`` reproduces ``refine``'s Q to rounding, except at extreme
@@ -361,7 +363,18 @@ def targets(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
     lp, from_numpy, orig_dtype, be, _ = _validated_log_p(log_p, backend)
     inv_c_np, c_min = pb.scaled_inv_weights(c.numpy(), lp.dtype)
     # The kernels see alpha / c_min against 1 / c scaled to a largest value of 1 (as solve does).
-    a = torch.from_numpy(gauge_for_kernels((a / c_min).numpy())).to(device=lp.device)
+    a_k = gauge_for_kernels((a / c_min).numpy())
+    if lp.dtype != torch.float64:
+        # The float32 kernels take alpha in float32: past its range it turns into +-inf, and
+        # inf - inf made every entry of Q NaN without a word.
+        big = float(np.abs(a_k).max()) if k else 0.0
+        if big > torch.finfo(torch.float32).max:
+            raise ValueError(f"alpha: its entries differ from their median by up to "
+                             f"{big * c_min:.3g}, which divided by min(weights) = {c_min:.3g} is "
+                             f"beyond float32's range, in which a {str(orig_dtype).split('.')[-1]} "
+                             f"log_p is evaluated; expected |alpha_j - median(alpha)| / min(c) <= "
+                             f"3.4e38, or a float64 log_p")
+    a = torch.from_numpy(a_k).to(device=lp.device)
     inv_c = torch.from_numpy(inv_c_np).to(lp.device)
     out = empty_buffer(lp.shape, lp.dtype, lp.device)
     be.materialize(lp, inv_c, a, out)

@@ -267,6 +267,26 @@ def test_targets_refuses_non_finite_alpha(bad):
         ppu_fast.targets(torch.log(p), torch.ones(400), alpha)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_targets_refuses_an_alpha_past_float32_range_for_a_float32_log_p(backend):
+    """Finite alphas whose spread / min(c) passes float32's range became +-inf in the float32
+    kernels and Q all NaN, silently; now refused naming alpha, while float64 log_p evaluates
+    them (one-hot on the class of the smallest alpha) and a spread within range still works."""
+    lp = torch.log_softmax(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), 1)
+    alpha = [1e39, 0.0, 0.0, -1e39]
+    for dt in (torch.float32, torch.float16):
+        with pytest.raises(ValueError, match="alpha: its entries differ from their median by up "
+                                             "to 1e.39, .*beyond float32's range"):
+            ppu_fast.targets(lp.to(dt), torch.ones(5), alpha, backend=backend)
+    with pytest.raises(ValueError, match="divided by min.weights. = 0.01 is beyond"):
+        ppu_fast.targets(lp, torch.full((5,), 0.01), [1e37, 0.0, 0.0, -1e37], backend=backend)
+    onehot = torch.tensor([0.0, 0.0, 0.0, 1.0]).expand(5, 4)
+    torch.testing.assert_close(ppu_fast.targets(lp.double(), torch.ones(5), alpha,
+                                                backend=backend), onehot.double())
+    torch.testing.assert_close(ppu_fast.targets(lp, torch.ones(5), [1e38, 0.0, 0.0, -1e38],
+                                                backend=backend), onehot)
+
+
 def test_a_cpu_isa_typo_raises_instead_of_falling_back(monkeypatch):
     p, labels = _problem()
     monkeypatch.setenv("PPU_FAST_CPU_ISA", "avx-512")
