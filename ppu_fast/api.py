@@ -67,7 +67,9 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
             A float32 / 16-bit Newton solve of at most 2^22 entries that does not reach ``tol``
             is solved again in float64 from the same log P^ (``info.message`` says so).
         tol: stop when ``||colsum(Q) - M||_1 / N <= tol``.
-        max_iter: most dual evaluations (passes over the matrix; default per method).
+        max_iter: most dual evaluations (passes over the matrix; default per method) of one
+            solve: the float64 retry above has a budget of its own (``info.iterations`` counts
+            both, so up to twice this).
         backend: "auto" or a backend name (see ``python -m ppu_fast.info``).
         generator: a CPU torch.Generator for ``pseudo="random"`` / ``"random-simplex"`` (also
             for GPU inputs: the pseudo rows are drawn on the CPU).
