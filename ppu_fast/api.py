@@ -365,17 +365,21 @@ def targets(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
     lp, from_numpy, orig_dtype, be, _ = _validated_log_p(log_p, backend)
     inv_c_np, c_min = pb.scaled_inv_weights(c.numpy(), lp.dtype)
     # The kernels see alpha / c_min against 1 / c scaled to a largest value of 1 (as solve does).
-    a_k = gauge_for_kernels((a / c_min).numpy())
-    if lp.dtype != torch.float64:
-        # The float32 kernels take alpha in float32: past its range it turns into +-inf, and
-        # inf - inf made every entry of Q NaN without a word.
-        big = float(np.abs(a_k).max()) if k else 0.0
-        if big > torch.finfo(torch.float32).max:
-            raise ValueError(f"alpha: its entries differ from their median by up to "
-                             f"{big * c_min:.3g}, which divided by min(weights) = {c_min:.3g} is "
-                             f"beyond float32's range, in which a {str(orig_dtype).split('.')[-1]} "
-                             f"log_p is evaluated; expected |alpha_j - median(alpha)| / min(c) <= "
-                             f"3.4e38, or a float64 log_p")
+    with np.errstate(invalid="ignore"):  # inf - inf: refused below, not warned about
+        a_k = gauge_for_kernels((a / c_min).numpy())
+    # The kernels take alpha / c_min in their compute dtype (float32 for a float32 or 16-bit
+    # log_p): past its range it turns into +-inf, and inf - inf made every entry of Q NaN
+    # without a word (in float64 too, once the division overflows).
+    wide = lp.dtype == torch.float64
+    limit = float(np.finfo(np.float64).max) if wide else float(torch.finfo(torch.float32).max)
+    if not float(np.abs(a_k).max()) <= limit:
+        spread = float(np.abs(gauge_for_kernels(a.numpy())).max())
+        raise ValueError(f"alpha: its entries differ from their median by up to {spread:.3g}, "
+                         f"which divided by min(weights) = {c_min:.3g} is beyond "
+                         f"{'float64' if wide else 'float32'}'s range, in which a "
+                         f"{str(orig_dtype).split('.')[-1]} log_p is evaluated; expected "
+                         f"|alpha_j - median(alpha)| / min(c) <= {limit:.3g}"
+                         + ("" if wide else ", or a float64 log_p"))
     a = torch.from_numpy(a_k).to(device=lp.device)
     inv_c = torch.from_numpy(inv_c_np).to(lp.device)
     out = empty_buffer(lp.shape, lp.dtype, lp.device)

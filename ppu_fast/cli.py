@@ -497,6 +497,8 @@ def _load_array(path: str, arg: str):
     if p.suffix == ".pt":
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
+        except MemoryError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure says the file is not a tensor file
             # (pickle, zip and torch errors alike; a short text file raised a bare KeyError)
             raise ValueError(f"{arg}: '{p}' cannot be read as a tensor saved with torch.save "

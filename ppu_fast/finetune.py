@@ -434,7 +434,7 @@ def finetune(model: nn.Module, data: Dataset, targets: torch.Tensor | np.ndarray
     if retain_per_epoch is not None:
         retain_per_epoch = int(retain_per_epoch)
     out, called, order = probe_forward(model, _first_input(data), "data[0]")
-    check_logits(out, 1)
+    check_logits(out, 1, floating=True)
     if out.shape[1] != targets.shape[1] or out.shape[1] < 2:
         raise ValueError(f"targets: {targets.shape[1]} columns, but the model outputs {out.shape[1]} "
                          f"logits per example (on data[0]); expected (N, k) probabilities over the "

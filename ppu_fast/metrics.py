@@ -24,13 +24,15 @@ def _check_model(model: object) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def check_logits(out: object, n_inputs: int) -> None:
-    """Refuse a model output that is not (B, k) logits for a batch of ``n_inputs`` inputs."""
+def check_logits(out: object, n_inputs: int, floating: bool = False) -> None:
+    """Refuse a model output that is not (B, k) logits for a batch of ``n_inputs`` inputs;
+    ``floating``: also one that is not floating-point (training takes its log_softmax and
+    gradient; the metrics here widen integer scores to float32 and only rank them)."""
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: its output for a batch of {n_inputs} input(s) is {shape}; "
                          f"expected (B, k) logits")
-    if not out.is_floating_point():
+    if floating and not out.is_floating_point():
         # An integer or complex output failed deep inside log_softmax, or in backward.
         raise ValueError(f"model: its output is {str(out.dtype).split('.')[-1]}; expected "
                          f"floating-point (B, k) logits")

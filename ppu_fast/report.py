@@ -264,9 +264,12 @@ def _pct(v: float) -> str:
 
 
 def _secs(x: float) -> str:
-    """Seconds for the verdict: one decimal from 1 s, two significant digits below (a tiny run's
-    0.04 s against 0.03 s printed as 0.0 against 0.0, beside a 1.3x ratio)."""
-    return f"{x:.1f}" if x >= 1 else f"{x:.2g}"
+    """Seconds for the verdict: one decimal from 0.95 s, two significant digits below (a tiny
+    run's 0.04 s against 0.03 s printed as 0.0 against 0.0, beside a 1.3x ratio), "< 0.001"
+    below a millisecond."""
+    if x >= 0.95:
+        return f"{x:.1f}"
+    return f"{x:.2g}" if x >= 1e-3 else "< 0.001"
 
 
 def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = None, n: int | None = None,

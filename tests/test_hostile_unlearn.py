@@ -1109,6 +1109,10 @@ def test_outputs_indices_and_option_types_named_before_any_work(tiny):
 
     with pytest.raises(ValueError, match="model: its output is int64; expected floating-point"):
         ppu_fast.unlearn(IntOut(), forget, retain, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="model: its output is int64; expected floating-point"):
+        ppu_fast.finetune(IntOut(), forget, torch.full((len(forget), K), 1.0 / K),
+                          progress=False)
+    assert 0.0 <= error(IntOut(), retain) <= 100.0  # the metrics rank integer scores as before
     n = len(retain)
     for f, r, name, bad in ((Subset(forget, [10**6, 0]), retain, "forget", 10**6),
                             (forget, Subset(retain, [0, 1, -n - 1]), "retain", -n - 1)):
@@ -1129,6 +1133,15 @@ def test_outputs_indices_and_option_types_named_before_any_work(tiny):
     res = ppu_fast.unlearn(model, forget, retain, pseudo="random-simplex", epochs=1,
                            progress=False)  # privacy mode takes refine's name
     assert res.options["pseudo"] == "random-simplex"
+
+    class NoLen(Dataset):
+        """A map-style dataset without len(): a Subset of it can still be val."""
+
+        def __getitem__(self, i):
+            return retain[i]
+
+    ppu_fast.unlearn(model, forget, retain, method="finetune", val=Subset(NoLen(), range(20)),
+                     epochs=1, progress=False)
 
 
 def test_the_runner_refuses_its_own_arguments_of_the_wrong_kind():
@@ -1172,5 +1185,5 @@ def test_cli_names_a_bad_tensor_file_and_a_non_finite_checkpoint(tmp_path):
 
 def test_the_verdict_prints_short_times_with_their_digits():
     from ppu_fast.report import _secs
-    assert [_secs(x) for x in (0.0312, 0.0045, 0.96, 1.0, 23.456)] == [
-        "0.031", "0.0045", "0.96", "1.0", "23.5"]
+    assert [_secs(x) for x in (5e-5, 0.0312, 0.0045, 0.94, 0.9995, 1.0, 23.456)] == [
+        "< 0.001", "0.031", "0.0045", "0.94", "1.0", "1.0", "23.5"]

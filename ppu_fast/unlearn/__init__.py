@@ -165,7 +165,10 @@ def _as_dataset(data: object, arg: str, allow_none: bool = False) -> Dataset | N
         raise TypeError(f"{arg} is an IterableDataset; expected a map-style Dataset (len and "
                         f"indexing) of (x, y) pairs")
     if isinstance(data, (Subset, ConcatDataset)):
-        _sources(data, arg)  # a Subset index out of range is named before data[0] reads it
+        try:
+            _sources(data, arg)  # a Subset index out of range is named before data[0] reads it
+        except TypeError:
+            pass  # a wrapped dataset without len(): nothing to check its indices against
     if len(data) > 0:
         _check_pair(data[0], f"{arg}[0]")
     return data
@@ -186,7 +189,7 @@ def _check_output_fits(model: nn.Module, forget: Dataset, retain: Dataset, metho
     from ._common import check_labels_fit
 
     out, _, _ = probe_forward(model, forget[0][0], "forget[0]")
-    check_logits(out, 1)
+    check_logits(out, 1, floating=True)
     labels = {}
     for data, name in ((forget, "forget"), (retain, "retain")):
         labels[name] = dataset_targets(data)
