@@ -1187,3 +1187,27 @@ def test_the_verdict_prints_short_times_with_their_digits():
     from ppu_fast.report import _secs
     assert [_secs(x) for x in (5e-5, 0.0312, 0.0045, 0.94, 0.9995, 1.0, 23.456)] == [
         "< 0.001", "0.031", "0.0045", "0.94", "1.0", "1.0", "23.5"]
+
+
+def test_ppus_tensor_options_are_checked_before_the_models_probabilities(tiny, monkeypatch):
+    """pseudo (N_forget, k) and marginals (k,) summing to N are checked against the data and the
+    model's classes before the pass over every example that computes P (they were read by
+    refine, after it)."""
+    import ppu_fast.unlearn.ppu as ppu_module
+    model, forget, retain = _sets(tiny)
+
+    def no_pass(*a, **k):
+        raise AssertionError("the model's probabilities were computed before the check")
+
+    monkeypatch.setattr(ppu_module, "predict", no_pass)
+    nf, n = len(forget), len(forget) + len(retain)
+    for opts, message in (({"pseudo": torch.full((nf, K - 1), 1.0 / (K - 1))},
+                           rf"pseudo: shape \({nf}, {K - 1}\); expected \(N_forget, k\)"),
+                          ({"pseudo": np.full((nf + 1, K), 1.0 / K)}, r"pseudo: shape"),
+                          ({"pseudo": torch.full((nf, K), 0.3)}, "pseudo: row 0 sums to 1.5"),
+                          ({"marginals": torch.full((K,), n / (K - 1))},
+                           f"marginals: sum to {n * K / (K - 1):g}"),
+                          ({"mode": "bias", "pseudo": torch.full((nf, K - 1), 1.0 / (K - 1))},
+                           r"pseudo: shape")):
+        with pytest.raises(ValueError, match=message):
+            ppu_fast.unlearn(model, forget, retain, progress=False, **opts)

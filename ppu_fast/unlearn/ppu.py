@@ -221,8 +221,42 @@ def plan_options(*, has_val: bool, mode: Any, pseudo: Any, lam: Any, marginals: 
     return pseudo, plan, select, history
 
 
-@register("ppu", check=lambda forget, retain, val, model, **o: plan_options(
-    has_val=val is not None, **o))
+def check_sizes(pseudo: Any, marginals: Any, mode: str, forget: Dataset, retain: Dataset,
+                model: nn.Module | None) -> None:
+    """PPU's tensor options against the data and the model's classes k (one forward pass on
+    forget[0]; nothing to check without ``model`` or when both are names): ``pseudo`` (N_forget,
+    k) probabilities, privacy mode's ``marginals`` (k,) summing to N. Why: they were read only
+    after the model's probabilities over every example (and, in the experiment runner, after the
+    methods before PPU had trained)."""
+    tensors = not isinstance(pseudo, str) or (mode == "privacy" and not isinstance(marginals, str))
+    if model is None or not tensors or len(forget) == 0:
+        return
+    from ..caller_state import probe_forward
+    from .. import problem as pb
+
+    out, _, _ = probe_forward(model, forget[0][0], "forget[0]")
+    if out.ndim != 2:
+        return  # the entry checks name such an output
+    k, n_forget = int(out.shape[1]), len(forget)
+    if isinstance(pseudo, np.ndarray):
+        pseudo = torch.from_numpy(pseudo)
+    if isinstance(pseudo, torch.Tensor):
+        if mode == "privacy":
+            pb.pseudo_log(pseudo, n_forget, k, None)
+        else:
+            pseudo_rows(pseudo, None, n_forget, k, None)
+    if mode == "privacy" and not isinstance(marginals, str):
+        pb.check_marginals(marginals, n_forget + len(retain), k)
+
+
+def _check(forget: Dataset, retain: Dataset, val: Dataset | None, model: nn.Module | None,
+           **options: Any) -> None:
+    """The registry's check of :func:`ppu`: :func:`plan_options`, then :func:`check_sizes`."""
+    pseudo = plan_options(has_val=val is not None, **options)[0]
+    check_sizes(pseudo, options["marginals"], options["mode"], forget, retain, model)
+
+
+@register("ppu", check=_check)
 def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | None = None, seed: int = 0,
         device: str | torch.device | None = None, inplace: bool = False, progress: bool = True,
         mode: str = "privacy", pseudo: str | torch.Tensor = "uniform", lam: float = 1.0,
@@ -268,6 +302,7 @@ def ppu(model: nn.Module, forget: Dataset, retain: Dataset, *, val: Dataset | No
         history_retain=history_retain, schedule=schedule, retain_fraction=retain_fraction,
         retain_sampling=retain_sampling, forget_repeats=forget_repeats, early_stop=early_stop,
         forget_kl=forget_kl, trainable=trainable, evals_per_epoch=evals_per_epoch)
+    check_sizes(pseudo, marginals, mode, forget, retain, model)
     dev = resolve_device(model, device)
     work = working_copy(model, inplace, device)
     timings: dict[str, float] = {}
@@ -343,7 +378,7 @@ def _bias_check(forget: Dataset, retain: Dataset, val: Dataset | None, model: nn
                 **options: Any) -> None:
     """The registry's check of :func:`ppu_bias` / :func:`ppu_random`'s ``options``: :func:`ppu`'s
     in bias mode, its defaults for the options they do not take."""
-    plan_options(has_val=val is not None, **{**method_options("ppu"), **options, "mode": "bias"})
+    _check(forget, retain, val, model, **{**method_options("ppu"), **options, "mode": "bias"})
 
 
 @register("ppu-bias", check=_bias_check)
