@@ -478,12 +478,18 @@ def check_marginals_arg(marginals, n: int, k: int) -> None:
                          f"{list(MARGINAL_NAMES)} or a tensor (k,) summing to N")
 
 
-def real_vector(x, name: str) -> torch.Tensor:
+def real_vector(x, name: str, hint: str = "") -> torch.Tensor:
     """A vector argument (tensor, array or list of numbers) as a CPU tensor, refusing complex
-    values (casting would silently drop their imaginary part)."""
+    values (casting would silently drop their imaginary part) and bools (read as 1 / 0: most
+    likely a mask passed where numbers belong; ``hint`` says where it goes)."""
+    if (isinstance(x, (list, tuple)) and len(x)
+            and all(isinstance(v, (bool, np.bool_)) for v in x)):
+        raise TypeError(f"{name}: bool values; expected real numbers{hint}")
     t, _ = to_tensor(x, name, sequence=True)
     if t.is_complex():
         raise TypeError(f"{name}: complex dtype {t.dtype}; expected real numbers")
+    if t.dtype == torch.bool:
+        raise TypeError(f"{name}: bool values; expected real numbers{hint}")
     return t.detach().cpu()
 
 
@@ -529,7 +535,7 @@ def _host_array(t) -> np.ndarray:
 def check_weights(weights, n: int) -> torch.Tensor:
     """Row weights c (N,), positive and finite, with max / min <= WEIGHT_RATIO_MAX -> float64 on
     the CPU."""
-    t = real_vector(weights, "weights")
+    t = real_vector(weights, "weights", " > 0, one per row (the rows to forget go in forget_mask)")
     if t.shape != (n,):
         raise ValueError(f"weights: shape {tuple(t.shape)}; expected ({n},), one weight per row")
     t = t.double()

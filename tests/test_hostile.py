@@ -267,6 +267,23 @@ def test_targets_refuses_non_finite_alpha(bad):
         ppu_fast.targets(torch.log(p), torch.ones(400), alpha)
 
 
+def test_bool_vectors_are_refused_where_numbers_belong():
+    """weights, marginals and alpha given as bools (a list, a bool tensor or array) were read as
+    1.0 / 0.0: most likely a mask passed where numbers belong."""
+    p, labels = _problem()
+    n, k = p.shape
+    mask = labels == 1
+    for bools in ([True] * n, torch.ones(n, dtype=torch.bool), np.ones(n, dtype=bool)):
+        with pytest.raises(TypeError, match="weights: bool values; expected real numbers > 0, "
+                                            "one per row .the rows to forget go in forget_mask."):
+            ppu_fast.refine(p, mask, weights=bools)
+    for bools in ([True] * k, torch.ones(k, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="marginals: bool values; expected real numbers"):
+            ppu_fast.refine(p, mask, marginals=bools)
+        with pytest.raises(TypeError, match="alpha: bool values; expected real numbers"):
+            ppu_fast.targets(torch.log(p), torch.ones(n), bools)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_targets_refuses_an_alpha_past_float32_range_for_a_float32_log_p(backend):
     """Finite alphas whose spread / min(c) passes float32's range became +-inf in the float32
