@@ -477,13 +477,15 @@ def test_a_default_forget_count_too_large_for_a_reduced_split_says_so():
     ({"methods": ["original", "fisher"], "method_kwargs": {"fisher": {"setting": "class"}}},
      ValueError, r"method 'fisher': setting='class' zeroes the classifier rows"),
     # PPU's tensors against the split and the model's classes (read when PPU ran, after training)
-    ({"methods": ["original", "ppu"], "method_kwargs": {"ppu": {"pseudo": torch.full((3, 5), 0.2)}}},
+    ({"methods": ["original", "ppu"],
+      "method_kwargs": {"ppu": {"pseudo": torch.full((3, 5), 0.2)}}},
      ValueError, r"method 'ppu': pseudo: shape \(3, 5\); expected \(N_forget, k\) = \(25, 5\)"),
     ({"methods": ["original", "ppu"], "method_kwargs": {"ppu": {"marginals": torch.ones(5)}}},
      ValueError, r"method 'ppu': marginals: sum to 5; expected N = "),
     ({"methods": ["original", "ppu-bias"],
       "method_kwargs": {"ppu-bias": {"pseudo": torch.full((25, 4), 0.25)}}},
-     ValueError, r"method 'ppu-bias': pseudo: shape \(25, 4\); expected \(N_forget, k\) = \(25, 5\)"),
+     ValueError,
+     r"method 'ppu-bias': pseudo: shape \(25, 4\); expected \(N_forget, k\) = \(25, 5\)"),
 ])
 def test_run_experiment_refuses_before_any_training(monkeypatch, kw, error, message):
     """Each bad value is refused before the Original trains (a helper's hunt: ~600 of 914 probes

@@ -1162,7 +1162,8 @@ def test_the_runner_refuses_its_own_arguments_of_the_wrong_kind():
 def test_cli_names_a_bad_tensor_file_and_a_non_finite_checkpoint(tmp_path):
     """ppu-fast refine: a .pt that is not a torch file is bad input (exit 2, naming --probs), not a
     traceback; ppu-fast run: a checkpoint with NaN weights is refused before training (it was
-    blamed on the learning rate after it); an --out whose results.json is a folder, before the run."""
+    blamed on the learning rate after it); an --out whose results.json is a folder, before the
+    run."""
     from ppu_fast.models import build_model
     junk = tmp_path / "junk.pt"
     junk.write_text("hello")
