@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler,
                               SequentialSampler, Subset, default_collate, default_convert)
 
-from .caller_state import is_int
+from .caller_state import check_seed, is_int
 
 if TYPE_CHECKING:  # PIL is imported only when an image tree is read
     from PIL import Image
@@ -85,7 +85,12 @@ class ArrayDataset(Dataset):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         # Arrays and lists on the CPU whatever the caller's default device; a tensor stays where it is.
         images = images if isinstance(images, torch.Tensor) else torch.as_tensor(images, device="cpu")
-        targets = torch.as_tensor(host_array(targets), dtype=torch.long, device="cpu")
+        targets = torch.as_tensor(host_array(targets), device="cpu")
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            # A cast would truncate 1.7 to class 1, as every metric refuses to.
+            raise ValueError(f"targets: {str(targets.dtype).split('.')[-1]} values; expected "
+                             f"integer class labels")
+        targets = targets.long()
         if images.dim() != 4:
             raise ValueError(f"images must have 4 dimensions (N, H, W, C) or (N, C, H, W), got shape "
                              f"{tuple(images.shape)}")
@@ -100,6 +105,10 @@ class ArrayDataset(Dataset):
             # Keep pixels as uint8 (4x smaller than float) and convert per item.
             self.images = images.permute(0, 3, 1, 2).contiguous()
             c = self.images.shape[1]
+            for arg, v in (("mean", mean), ("std", std)):
+                if v is not None and len(v) != c:
+                    raise ValueError(f"{arg}: {len(v)} values for {c}-channel images; expected "
+                                     f"one per channel")
             self._mean = torch.tensor(mean if mean is not None else [0.5] * c,
                                       device=images.device).view(c, 1, 1)
             self._std = torch.tensor(std if std is not None else [0.5] * c,
@@ -221,8 +230,14 @@ def collate_pairs(items: list) -> object:
     ``default_collate`` would, for the caller's own check to name."""
     if not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
         return default_collate(items)
-    x, y = default_collate([(a, _one(b)) for a, b in items])
-    if not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+    ys = [_one(b) for _, b in items]
+    if (len({type(v) for v in ys}) > 1
+            and all(isinstance(v, (torch.Tensor, np.ndarray, np.generic, int)) for v in ys)):
+        # default_collate batches by the first item's kind: a Python int after a tensor failed.
+        ys = [torch.as_tensor(v) for v in ys]
+    x, y = default_collate([(a, b) for (a, _), b in zip(items, ys)])
+    if isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex()
+                                            or y.dtype == torch.bool):
         y = y.long()
     return x, y
 
@@ -666,6 +681,7 @@ def make_split(name: str = "digits5", *, data_root: str | Path | None = None, sc
         raise ValueError(f"val_fraction={val_fraction!r}: '{name}' has the paper's fixed small-scale split "
                          f"(25 validation images per class); val_fraction applies to the large-scale datasets")
     check_reduction(name, train_per_class, test_per_class)
+    seed = check_seed(seed)  # an int in the record (results.json), as the counts below
     # numpy integers pass the check; the split's record must stay JSON (results.json).
     train_per_class = None if train_per_class is None else int(train_per_class)
     test_per_class = None if test_per_class is None else int(test_per_class)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from .caller_state import _dtype_name, eval_mode, forward_failed, is_int
 from .data import dataset_targets, host_array, loader_examples, make_loader, named_batches
@@ -32,6 +32,11 @@ def check_logits(out: object, n_inputs: int, floating: bool = False) -> None:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model: its output for a batch of {n_inputs} input(s) is {shape}; "
                          f"expected (B, k) logits")
+    if out.shape[0] != n_inputs:
+        # e.g. a flatten by view(-1, features) of the wrong size: the rows no longer match the
+        # labels, and predict returned them side by side.
+        raise ValueError(f"model: its output for a batch of {n_inputs} input(s) has "
+                         f"{out.shape[0]} rows; expected one row of logits per input, (B, k)")
     if floating and not out.is_floating_point():
         # An integer or complex output failed deep inside log_softmax, or in backward.
         raise ValueError(f"model: its output is {str(out.dtype).split('.')[-1]}; expected "
@@ -71,9 +76,7 @@ def _predict(model: nn.Module, data: Dataset | DataLoader, batch_size: int,
              device: str | torch.device | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     # ``name``: the caller's argument that ``data`` is, for the error messages (mia's "forget").
     _check_model(model)
-    if not isinstance(data, (Dataset, DataLoader)):
-        raise TypeError(f"{name} must be a torch Dataset or DataLoader of (x, y) pairs, got "
-                        f"{type(data).__name__} (tensors X, y: pass TensorDataset(X, y))")
+    _check_data(data, name)
     asked = device
     device = resolve_device(model, device)
     _check_model_on(model, device, asked)
@@ -110,7 +113,13 @@ def _predict(model: nn.Module, data: Dataset | DataLoader, batch_size: int,
 def _batch_labels(y: object, n: int, name: str) -> torch.Tensor:
     # One batch's labels as a (B,) long tensor. (B, 1) is flattened (a common TensorDataset layout,
     # which broadcasting against (B,) predictions would silently turn into B x B comparisons).
-    t = torch.as_tensor(y, device="cpu")
+    try:
+        t = torch.as_tensor(y, device="cpu")
+    except (TypeError, ValueError, RuntimeError):
+        kinds = sorted({type(v).__name__ for v in y}) if isinstance(y, (list, tuple)) else [
+            type(y).__name__]
+        raise ValueError(f"{name}: labels of type {', '.join(kinds)}; expected integer class "
+                         f"indices") from None
     if t.ndim == 2 and t.shape[1] == 1:
         t = t.reshape(-1)
     if t.ndim != 1 or len(t) != n:
@@ -161,7 +170,20 @@ MIA_MIN_PER_SIDE = 6
 
 
 def _attack_losses_list(values: Sequence[float], name: str) -> list[float]:
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    try:
+        raw = np.asarray(values)
+    except (TypeError, ValueError):  # ragged nested sequences
+        raw = np.asarray(None)
+    if raw.ndim != 1 or raw.dtype.kind not in "iuf":
+        # None read as [nan] ("contains NaN"), strings failed in float(), a (10, 2) array was
+        # flattened into 20 losses.
+        what = (type(values).__name__ if raw.dtype == object
+                else f"an array of shape {raw.shape} and dtype {raw.dtype}")
+        raise TypeError(f"{name}: expected a 1-D sequence of numbers (one loss per example), got "
+                        f"{what}")
+    v = raw.astype(np.float64)
     if np.isnan(v).any():
         raise ValueError(f"{name} contains NaN at position {int(np.flatnonzero(np.isnan(v))[0])} (a NaN "
                          f"or infinite logit?); the attack needs a finite loss for every example")
@@ -226,14 +248,39 @@ def restrict_to_classes(data: Dataset | DataLoader, classes: Sequence[int]) -> S
     if isinstance(data, DataLoader):
         data = loader_examples(data, "data")
     targets = dataset_targets(data)
-    wanted = torch.as_tensor(list(classes), dtype=torch.long, device="cpu")
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
+        raise TypeError(f"classes: expected a sequence of integer class labels, got {classes!r}")
+    classes = list(classes)
+    if not all(is_int(c) for c in classes):
+        # A float class was truncated (0.5 kept class 0).
+        raise ValueError(f"classes: {classes!r}; expected integer class labels")
+    wanted = torch.as_tensor([int(c) for c in classes], dtype=torch.long, device="cpu")
     keep = torch.isin(targets, wanted)
     return Subset(data, torch.nonzero(keep).view(-1).tolist())
 
 
+def _check_data(data: object, name: str) -> None:
+    if not isinstance(data, (Dataset, DataLoader)):
+        raise TypeError(f"{name} must be a torch Dataset or DataLoader of (x, y) pairs, got "
+                        f"{type(data).__name__} (tensors X, y: pass TensorDataset(X, y))")
+
+
 def _examples(data: Dataset | DataLoader, name: str) -> Dataset | DataLoader:
-    # A loader read once, up front, so that what is wrong with it is said of ``name``.
-    return loader_examples(data, name) if isinstance(data, DataLoader) else data
+    # A loader read once, up front, so that what is wrong with it is said of ``name``; and what
+    # the batches would be refused for (not a dataset, items that are not pairs) said before the
+    # labels are read (they failed there with numpy's, torch's or a KeyError's words).
+    _check_data(data, name)
+    data = loader_examples(data, name) if isinstance(data, DataLoader) else data
+    if isinstance(data, IterableDataset):
+        raise TypeError(f"{name} is an IterableDataset; expected a map-style Dataset (len and "
+                        f"indexing) of (x, y) pairs")
+    if hasattr(data, "__len__") and len(data) > 0:
+        item = data[0]
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            size = f" of {len(item)} items" if hasattr(item, "__len__") else ""
+            raise ValueError(f"{name}: an item is a {type(item).__name__}{size}; expected (x, y) "
+                             f"pairs of an input and an integer label")
+    return data
 
 
 def _attack_losses(model: nn.Module, forget: Dataset | DataLoader, test: Dataset | DataLoader,

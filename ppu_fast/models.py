@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .caller_state import frozen_modules, is_real, manual_seed
+from .caller_state import frozen_modules, is_int, is_real, manual_seed
 
 MODELS = ("smallcnn", "allcnn", "resnet18")
 
@@ -115,10 +115,14 @@ def check_model(name: str, width: float = 1.0) -> None:
 def build_model(name: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     """Construct ``smallcnn``, ``allcnn`` or ``resnet18`` for ``num_classes`` classes."""
     check_model(name, width)
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not is_int(num_classes) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 (a classifier's k: the metrics and "
+                         f"unlearning need two classes at least), got {num_classes!r}")
+    if not is_int(in_channels) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int (1 for greyscale, 3 for RGB), got "
+                         f"{in_channels!r}")
     cls = {"smallcnn": SmallCNN, "allcnn": AllCNN, "resnet18": ResNet18}[name]
-    return cls(num_classes=num_classes, in_channels=in_channels, width=width)
+    return cls(num_classes=int(num_classes), in_channels=int(in_channels), width=width)
 
 
 def _reset_method(m: nn.Module):

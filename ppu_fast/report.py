@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +260,14 @@ def _finite(v: Any) -> bool:
     return v is not None and not math.isnan(float(v))
 
 
+def _value(row: Mapping[str, Any], key: str) -> float:
+    """A metric of a table's row for the plots: NaN (nothing drawn) where the row lacks it or holds
+    None, as the tables show "-" (a hand-built or merged table failed in the plot, after
+    results.json and .md were written)."""
+    v = row.get(key)
+    return float("nan") if v is None else float(v)
+
+
 def _pct(v: float) -> str:
     return f"{v:.1f} %"
 
@@ -285,6 +294,11 @@ def judge(methods: Mapping[str, Mapping[str, Any]], *, chance: float | None = No
     that trained on the forget set from one that never saw it, so its scores say nothing.
     Returns a :class:`Verdict`; without the reference its ``lines`` say so and nothing is ranked.
     """
+    if chance is not None and not (isinstance(chance, numbers.Real) and not isinstance(chance, bool)
+                                   and (math.isnan(chance) or chance >= 0)):
+        # A negative spread made every gap count as real (luck < 0): the attack then ranked.
+        raise ValueError(f"chance: expected the attack's chance spread, a number >= 0 (or None or "
+                         f"NaN: unknown), got {chance!r}")
     if reference not in methods:
         return Verdict(lines=[f"No {label(reference)} row: nothing to compare against."])
     ref = methods[reference]
@@ -479,7 +493,7 @@ def plot(methods: Mapping[str, Mapping[str, Any]], history: Mapping[str, Sequenc
     width = 0.8 / len(shown)
     for j, metric in enumerate(shown):
         xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(names))]
-        ys = [methods[n][metric] for n in names]
+        ys = [_value(methods[n], metric) for n in names]
         es = [0.0 if math.isnan(spread(methods[n], metric)) else spread(methods[n], metric) for n in names]
         ax.bar(xs, ys, width, yerr=es, label=HEADERS[metric])
     ax.axhline(50, color="grey", lw=0.8, ls="--")
@@ -524,14 +538,14 @@ def plot_story(methods: Mapping[str, Mapping[str, Any]], verdict: Verdict | None
     ref = methods.get(reference)
     luck = verdict.luck if verdict is not None and _finite(verdict.luck) else None
     for ax, (metric, head) in zip(axes, panels):
-        vals = [methods[n][metric] for n in names]
+        vals = [_value(methods[n], metric) for n in names]
         shown = [0.0 if math.isnan(v) else v for v in vals]
         ax.barh(ys, shown, color=colors, height=0.65, zorder=2)
         top = max([v for v in shown if v > 0] + [1.0])
         for y, v in zip(ys, vals):
             if not math.isnan(v):
                 ax.text(v + top * 0.02, y, f"{v:.1f}", va="center", fontsize=7)
-        if ref is not None and not math.isnan(ref[metric]):
+        if ref is not None and not math.isnan(_value(ref, metric)):
             ax.axvline(ref[metric], color="#555555", ls="--", lw=1, zorder=3)
             if metric == "mia" and luck:
                 ax.axvspan(ref[metric] - luck, ref[metric] + luck, color="#555555", alpha=0.12, lw=0,

@@ -447,3 +447,102 @@ def test_items_torch_cannot_batch_are_named():
         error(model, Pictures())
     with pytest.raises(TypeError, match=r"^forget: its items cannot be batched"):
         mia(model, Pictures(), TensorDataset(torch.randn(4, 64), torch.arange(4) % 2))
+
+
+def test_a_second_reviews_misuses_are_named(labelled, tmp_path):
+    """Each gave a silent wrong number or another library's error before: an output with another
+    row count than its batch, attack inputs that are not datasets of pairs, mixed label kinds in
+    either order and string labels, a split seed or model sizes of the wrong kind, a table
+    without a metric in the plots, attack losses that are not numbers, float labels in
+    ArrayDataset, float classes, a negative chance spread."""
+    from torch.utils.data import Dataset
+
+    from ppu_fast.data import ArrayDataset, make_split
+    from ppu_fast.models import build_model
+    from ppu_fast.report import judge
+
+    model, x, y = labelled
+    ds = TensorDataset(x, y)
+
+    class Doubled(nn.Module):  # view(-1, 2) on 4 features: twice the rows of its batch
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, v):
+            return self.fc(v.reshape(-1, 2))
+
+    for call in (lambda: metrics.predict(Doubled(), ds), lambda: error(Doubled(), ds),
+                 lambda: mia(Doubled(), ds, ds)):
+        with pytest.raises(ValueError, match=r"model: its output for a batch of \d+ input\(s\) "
+                                             r"has \d+ rows; expected one row of logits per"):
+            call()
+
+    class Dicts(Dataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return {"image": x[i], "label": y[i]}
+
+    with pytest.raises(TypeError, match="forget must be a torch Dataset or DataLoader"):
+        mia(model, (x, y), ds)
+    with pytest.raises(ValueError, match="forget: an item is a dict of 2 items; expected"):
+        lira(model, Dicts(), ds)
+    with pytest.raises(TypeError, match="test must be a torch Dataset or DataLoader"):
+        metrics.mia_detail(model, ds, None)
+
+    class Items(Dataset):
+        def __init__(self, labels):
+            self.labels = labels
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            return x[i], self.labels[i]
+
+    want = error(model, TensorDataset(x[:4], y[:4]))
+    ints = [int(v) for v in y[:4]]
+    for labels in ([torch.tensor([ints[0]]), *ints[1:]], [torch.tensor(ints[0]), *ints[1:]],
+                   [ints[0], torch.tensor(ints[1]), np.int32(ints[2]), ints[3]]):
+        assert error(model, Items(labels)) == want
+    with pytest.raises(ValueError, match="data: labels of type str; expected integer class"):
+        error(model, Items(["cat", "dog", "cat", "dog"]))
+
+    for seed in (None, -1, "1", True):
+        with pytest.raises(ValueError, match=rf"seed={re.escape(repr(seed))}: expected a "
+                                             rf"non-negative integer"):
+            make_split("digits", seed=seed)
+    assert json.loads(json.dumps(make_split("digits", seed=np.int64(1)).describe()))["seed"] == 1
+    for channels in (0, -1, None, 1.0):
+        with pytest.raises(ValueError, match="in_channels must be a positive int"):
+            build_model("smallcnn", 10, channels)
+    for k in (1, True, 2.0):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
+            build_model("smallcnn", k, 1)
+    assert build_model("smallcnn", np.int64(10), np.int64(1)).classifier.out_features == 10
+
+    paths = write_results(tmp_path / "r", {}, {"retrain": {"test_error": 1.0, "forget_error": 5.0},
+                                                "ppu": {"test_error": None}}, story=True)
+    assert paths["png"].is_file()
+    write_results(tmp_path / "r2", {}, {"retrain": {"test_error": 1.0}})
+    assert (tmp_path / "r2" / "results.png").is_file()
+
+    for losses, what in ((None, "NoneType"), (["a"] * 10, "dtype <U1"),
+                         (np.ones((10, 2)), r"shape \(10, 2\)")):
+        with pytest.raises(TypeError, match=f"forget_losses: expected a 1-D sequence of numbers "
+                                            f".*{what}"):
+            mia_from_losses(losses, [0.3] * 10)
+
+    with pytest.raises(ValueError, match="targets: float64 values; expected integer class"):
+        ArrayDataset(np.zeros((2, 8, 8, 3), np.uint8), [0.5, 1.7])
+    with pytest.raises(ValueError, match="mean: 2 values for 3-channel images"):
+        ArrayDataset(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], mean=[0.5, 0.5])
+    with pytest.raises(ValueError, match=r"classes: \[0.5\]; expected integer class labels"):
+        metrics.restrict_to_classes(ds, [0.5])
+    with pytest.raises(TypeError, match="classes: expected a sequence of integer class labels"):
+        metrics.restrict_to_classes(ds, None)
+    for chance in (-5, "x", True):
+        with pytest.raises(ValueError, match="chance: expected the attack's chance spread"):
+            judge({"retrain": {"mia": 50.0}}, chance=chance)

@@ -13,7 +13,7 @@ def n_params(m: nn.Module) -> int:
 @pytest.mark.parametrize("name,channels,size,width", [
     ("smallcnn", 1, 8, 1.0), ("smallcnn", 3, 32, 0.5), ("allcnn", 3, 32, 0.25), ("resnet18", 3, 32, 0.125),
     ("allcnn", 1, 16, 0.25)])
-@pytest.mark.parametrize("classes", [1, 7])
+@pytest.mark.parametrize("classes", [2, 7])
 def test_output_shapes(name, channels, size, width, classes):
     torch.manual_seed(0)
     m = build_model(name, classes, channels, width).eval()
