@@ -490,7 +490,8 @@ def test_refine_messages_name_the_flags(tmp_path, capsys):
           "--out", out], "--out: Q has the input's dtype, bfloat16"),  # after the solve, torch's
         (argv + ["--out", str(tmp_path / "q.pt"), "--memory-budget", "100"],
          "this one streams (the input file is larger than --memory-budget 100)"),
-        (argv + ["--out", out, "--weights", str(tmp_path / "m.npy")], "--weights: bool values"),  # a mask as weights
+        # the forget mask passed as weights
+        (argv + ["--out", out, "--weights", str(tmp_path / "m.npy")], "--weights: bool values"),
     ]
     for args, message in cases:
         assert main(args) == 2, args
