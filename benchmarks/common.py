@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -48,6 +49,18 @@ def parser(doc: Optional[str]) -> argparse.ArgumentParser:
 # integers >= 1; limits where 0 means none (e.g. --quick-refine-max 0) integers >= 0.
 positive_int = _int_at_least(1, "a positive integer")
 nonneg_int = _int_at_least(0, "an integer >= 0")
+num_classes = _int_at_least(2, "a number of classes >= 2")
+
+
+def positive_float(s: str) -> float:
+    """argparse type of a finite number > 0 (a lam, a tol, a logit margin)."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a finite number > 0")
+    return v
 
 
 def nonneg_float(s: str) -> float:
@@ -70,6 +83,48 @@ def int_list(s: str) -> List[int]:
                                          f"e.g. 1,2,3") from None
 
 
+def free_stem(out: Path, prefix: str) -> str:
+    """``<prefix>-<UTC minute>`` (``...T1523Z``), or with the seconds (``...T152307Z``, then a
+    counter) when a record of that name is already in ``out``: two runs in one minute overwrote
+    each other's files without a word."""
+    now = utc_now()
+    taken = (lambda stem: any(out.glob(f"{stem}.*")))
+    for stem in (f"{prefix}-{now.strftime('%Y-%m-%dT%H%MZ')}",
+                 f"{prefix}-{now.strftime('%Y-%m-%dT%H%M%SZ')}"):
+        if not taken(stem):
+            return stem
+    i = 2
+    while taken(f"{stem}-{i}"):
+        i += 1
+    return f"{stem}-{i}"
+
+
+def out_dir(s: str) -> str:
+    """argparse type of a results folder (``--out``): refused (exit 2, before anything is measured)
+    when empty, a file, or not writable; a missing one is made and removed again to try it.
+    Records went into the working directory for an empty value, and a file or a read-only folder
+    gave a traceback after the measurements."""
+    if not str(s).strip():
+        raise argparse.ArgumentTypeError("empty; expected a folder (created if missing)")
+    p = Path(s)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"'{s}' is a file; expected a folder (created if missing)")
+    missing = [d for d in [p, *p.parents] if not d.exists()]
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=p).close()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write a folder at '{s}' "
+                                         f"({exc.strerror or exc})") from None
+    finally:
+        for d in missing:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+    return s
+
+
 def write_record(out: Path, name: str, meta: Dict[str, object], rows: List[Dict[str, object]],
                  title: str, setting: str, header: Sequence[str],
                  table: Sequence[Sequence[str]]) -> Path:
@@ -77,7 +132,7 @@ def write_record(out: Path, name: str, meta: Dict[str, object], rows: List[Dict[
     machine, versions, ``meta["command"]``, one ``setting`` line, then the table); returns the
     path both share, without suffix."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{name}-{utc_now().strftime('%Y-%m-%dT%H%MZ')}"
+    stem = out / free_stem(out, name)
     write_json(stem.with_suffix(".json"), meta, rows)
     md = [f"# {title}", "", f"- date (UTC): {meta['date_utc']}; commit: `{meta['git_commit']}`",
           *machine_lines(meta), f"- command: `{meta['command']}`", f"- {setting}", "",
@@ -99,9 +154,12 @@ def size_arg(s: str) -> str:
     allowed as digit separators), returned as "NxK"; anything else is an argparse error, not a
     traceback from the unpacking after it."""
     parts = s.lower().replace(",", "").replace("_", "").split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"{s!r}: expected N x k as NxK with positive integers, "
-                                         f"e.g. 50000x10")
+    if (len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts)
+            or int(parts[0]) < 1 or int(parts[1]) < 2):
+        # k = 1 has nothing to solve (refine returns at once: host_overhead divided by its 0
+        # passes, after the sizes before it were measured).
+        raise argparse.ArgumentTypeError(f"{s!r}: expected N x k as NxK, integers N >= 1 and "
+                                         f"k >= 2, e.g. 50000x10")
     return f"{int(parts[0])}x{int(parts[1])}"
 
 
@@ -256,7 +314,8 @@ def time_call(fn: Callable[[int], object], device: str, *, budget_s: float = 1.0
         warmup += 1
     est = max(last, 1e-7)
     reps = int(max(min_reps, min(max_reps, budget_s / est)))
-    reps = max(1, min(reps, int(max_case_s / est)))
+    if math.isfinite(max_case_s):  # inf: no limit (--max-case-s inf)
+        reps = max(1, min(reps, int(max_case_s / est)))
     samples: List[float] = []
     if device == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))

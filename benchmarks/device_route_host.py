@@ -114,7 +114,8 @@ def main() -> None:
                     help="numbers of classes k (32 rows each)")
     ap.add_argument("--reps", type=common.positive_int, default=2000,
                     help="timed passes per route, Hessian mode and k")
-    ap.add_argument("--out", default=str(common.RESULTS), help="results folder")
+    ap.add_argument("--out", type=common.out_dir,
+                    default=str(common.RESULTS), help="results folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
     meta = common.metadata("cpu")

@@ -171,7 +171,8 @@ def main() -> None:
                     help="problem sizes NxK (small: the interpreter runs the kernels in numpy)")
     ap.add_argument("--backends", nargs="+", choices=["triton", "cuda"],
                     default=["triton", "cuda"], help="GPU backends to count")
-    ap.add_argument("--out", default=str(common.RESULTS), help="results folder")
+    ap.add_argument("--out", type=common.out_dir,
+                    default=str(common.RESULTS), help="results folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
     meta = common.metadata("cpu")

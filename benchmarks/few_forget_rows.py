@@ -38,15 +38,16 @@ def probabilities(n: int, k: int, margin: float, seed: int = 0) -> torch.Tensor:
 
 def main() -> None:
     ap = common.parser(__doc__)
-    ap.add_argument("--n", type=int, default=20_000)
-    ap.add_argument("--forget", type=int, default=5)
-    ap.add_argument("--ks", nargs="+", type=int, default=[10, 100])
-    ap.add_argument("--margins", nargs="+", type=float, default=[6.0, 20.0])
-    ap.add_argument("--lams", nargs="+", type=float, default=[1.0, 0.01])
-    ap.add_argument("--tols", nargs="+", type=float, default=[1e-6, 1e-7, 1e-10])
+    # Checked here: a bad value failed inside the solver after the cases before it had run.
+    ap.add_argument("--n", type=common.positive_int, default=20_000)
+    ap.add_argument("--forget", type=common.positive_int, default=5)
+    ap.add_argument("--ks", nargs="+", type=common.num_classes, default=[10, 100])
+    ap.add_argument("--margins", nargs="+", type=common.positive_float, default=[6.0, 20.0])
+    ap.add_argument("--lams", nargs="+", type=common.positive_float, default=[1.0, 0.01])
+    ap.add_argument("--tols", nargs="+", type=common.positive_float, default=[1e-6, 1e-7, 1e-10])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
                     choices=["float32", "float64"])
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", type=common.out_dir, default=str(common.RESULTS))
     args = ap.parse_args()
     if not 0 < args.forget < args.n:
         ap.error("argument --forget: expected 0 < forget < n")

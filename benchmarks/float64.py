@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("--sizes", nargs="+", type=common.size_arg, default=["200000x100", "1000000x10", "20000x1000"])
     ap.add_argument("--threads", nargs="+", type=common.positive_int, default=[1, 2])
     ap.add_argument("--budget", type=common.nonneg_float, default=1.0, help="seconds of repeats per case")
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", type=common.out_dir, default=str(common.RESULTS))
     args = ap.parse_args()
     rows = []
     for size in args.sizes:
@@ -84,7 +84,7 @@ def main() -> int:
                                    for key, v in row.items()), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"float64-{common.utc_now().strftime('%Y-%m-%dT%H%MZ')}"
+    stem = common.free_stem(out, "float64")
     meta = common.metadata("cpu")
     common.write_json(out / f"{stem}.json", meta, rows)
     table = common.markdown_table(

@@ -105,7 +105,7 @@ def timed(fn, reps: int):
 def main() -> int:
     ap = common.parser(__doc__)
     ap.add_argument("--sizes", nargs="+", type=common.size_arg, default=["50000x10", "10000x100"])
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", type=common.out_dir, default=str(common.RESULTS))
     ap.add_argument("--reps", type=common.positive_int, default=5)
     args = ap.parse_args()
     if any(s.endswith("x1") for s in args.sizes):
@@ -154,7 +154,7 @@ def main() -> int:
                       f"res {r['residual']:.2e} max|dQ| {r['max_diff']:.2e}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"frontends-{common.utc_now().strftime('%Y-%m-%dT%H%MZ')}"
+    stem = common.free_stem(out, "frontends")
     meta = common.metadata("cpu")
     common.write_json(out / f"{stem}.json", meta, rows, {"sizes": args.sizes})
     lines = ["# ppu_fast against the official PPU solver's algorithm and POT", "",

@@ -525,13 +525,27 @@ def run_case(case, backend):
 def main() -> None:
     ap = common.parser(__doc__)
     ap.add_argument("--cases", type=common.positive_int, default=260, help="cases to draw")
-    ap.add_argument("--seed", type=int, default=12345, help="case i is drawn from (seed, i)")
+    ap.add_argument("--seed", type=common.nonneg_int, default=12345,
+                    help="case i is drawn from (seed, i)")
     ap.add_argument("--start", type=common.nonneg_int, default=0, help="first case index")
-    ap.add_argument("--only", type=int, nargs="+", default=None, help="run these indices only")
-    ap.add_argument("--backends", nargs="+", default=["cpu", "torch"], help="backends to call")
+    ap.add_argument("--only", type=common.nonneg_int, nargs="+", default=None,
+                    help="run these indices only")
+    # The cases are CPU tensors: the GPU backends cannot take them (a bogus name was counted as
+    # an exception in every case, and the record written).
+    ap.add_argument("--backends", nargs="+", default=["cpu", "torch"], choices=["cpu", "torch"],
+                    help="backends to call")
     ap.add_argument("--threads", type=common.positive_int, default=2, help="torch threads")
-    ap.add_argument("--out", default=str(common.RESULTS), help="results folder")
+    ap.add_argument("--out", type=common.out_dir,
+                    default=str(common.RESULTS), help="results folder")
     args = ap.parse_args()
+    if len(set(args.backends)) != len(args.backends):
+        ap.error(f"--backends: {args.backends} repeats a backend (its counts would add up)")
+    picked = [i for i in range(args.start, args.cases)
+              if args.only is None or i in set(args.only)]
+    if not picked:
+        ap.error(f"no case to run: --start {args.start}, --cases {args.cases}"
+                 + (f", --only {args.only}" if args.only is not None else "")
+                 + " select none (case indices run from --start to --cases - 1)")
     torch.set_num_threads(args.threads)
     meta = common.metadata("cpu")
     meta["command"] = "python benchmarks/fuzz_refine.py " + " ".join(sys.argv[1:])

@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["cpu", "torch"],
                     choices=["cpu", "torch", "triton", "cuda"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", type=common.out_dir, default=str(common.RESULTS))
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch.cuda.is_available() is False (no CUDA device)")

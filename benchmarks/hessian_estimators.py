@@ -94,7 +94,8 @@ def main() -> None:
                     help="N x k problems, e.g. 50000x100")
     ap.add_argument("--top-strides", nargs="+", type=common.positive_int, default=[4, 2, 1],
                     help="s of the top/s estimators (1: every row)")
-    ap.add_argument("--out", default=str(common.RESULTS), help="results folder")
+    ap.add_argument("--out", type=common.out_dir,
+                    default=str(common.RESULTS), help="results folder")
     args = ap.parse_args()
     meta = common.metadata("cpu")
     meta["command"] = "python benchmarks/hessian_estimators.py " + " ".join(sys.argv[1:])

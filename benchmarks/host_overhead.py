@@ -69,7 +69,8 @@ def main() -> None:
                     help="torch (and so cpu backend) threads")
     ap.add_argument("--reps", type=common.positive_int, default=300,
                     help="timed refine calls per size, after 20 untimed ones")
-    ap.add_argument("--out", default=str(common.RESULTS), help="results folder")
+    ap.add_argument("--out", type=common.out_dir,
+                    default=str(common.RESULTS), help="results folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     meta = common.metadata("cpu")

@@ -52,7 +52,7 @@ def sweep(n: int = 1500, k: int = 10, margin: float = 8.0, seed: int = 0) -> dic
 
 def main() -> None:
     ap = common.parser(__doc__)
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", type=common.out_dir, default=str(common.RESULTS))
     args = ap.parse_args()
     tables = {f"N = {n:,}, logit margin {m:g}": sweep(n=n, margin=m)
               for n, m in tqdm(PROBLEMS, desc="lam sweeps")}

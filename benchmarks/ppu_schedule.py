@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=";".join(VARIANTS), help="semicolon-separated")
     p.add_argument("--data-root", default=None)
     p.add_argument("--threads", type=common.positive_int, default=1)
-    p.add_argument("--out", default=None, help="folder (default benchmarks/results)")
+    p.add_argument("--out", type=common.out_dir,
+                   default=None, help="folder (default benchmarks/results)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rewrite the .md beside a finished run's JSON")
     args = p.parse_args(argv)

@@ -39,7 +39,7 @@ def main() -> int:
                     choices=["float32", "float64"])
     ap.add_argument("--max-iter", type=common.positive_int, default=100)
     ap.add_argument("--quick", action="store_true", help="lam = 1 only")
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", type=common.out_dir, default=str(common.RESULTS))
     args = ap.parse_args()
     lams = [1.0] if args.quick else [0.01, 1.0, 100.0]
     floors = dict(solver.TOL_FLOOR)
@@ -76,7 +76,7 @@ def main() -> int:
         worst[key] = max(worst.get(key, 0.0), r["floor"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"precision-floor-{common.utc_now().strftime('%Y-%m-%dT%H%MZ')}"
+    stem = common.free_stem(out, "precision-floor")
     meta = common.metadata("cpu")
     common.write_json(out / f"{stem}.json", meta, rows,
                       {"worst": {" ".join(k): v for k, v in worst.items()},

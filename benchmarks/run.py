@@ -594,7 +594,8 @@ def _loadavg() -> float:
 def main(argv=None) -> int:
     ap = common.parser(__doc__)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", default=str(common.RESULTS), help="where the results go")
+    ap.add_argument("--out", type=common.out_dir,
+                    default=str(common.RESULTS), help="where the results go")
     ap.add_argument("--sizes", nargs="+", type=common.size_arg, help="N x k sizes, e.g. 50000x10 (default per device)")
     ap.add_argument("--quick", action="store_true",
                     help="shorter per-case budget; anchors' refine only on small sizes")
@@ -631,8 +632,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = common.metadata(device)
-    stamp = common.utc_now().strftime("%Y-%m-%dT%H%MZ")
-    stem = f"{device}-{stamp}"
+    stem = common.free_stem(out, device)
     state = {"t0": time.perf_counter(), "load_start": _loadavg(), "compile_s": 0.0,
              "unavailable": {}, "meta_sizes": {},
              "argv": " ".join(sys.argv[1:] if argv is None else argv)}

@@ -323,7 +323,8 @@ def main() -> int:
     ap.add_argument("what", choices=("stream", "dist"))
     ap.add_argument("--n", type=common.positive_int, default=None)
     ap.add_argument("--k", type=common.positive_int, default=None)
-    ap.add_argument("--out", default=str(HERE / "results"), help="where the results go")
+    ap.add_argument("--out", type=common.out_dir,
+                    default=str(HERE / "results"), help="where the results go")
     ap.add_argument("--dir", default="/var/tmp/ppu-stream", help="where the stream files go")
     ap.add_argument("--budget", default="1GiB", help="refine_file's memory_budget (stream)")
     ap.add_argument("--reps", type=common.positive_int, default=3,

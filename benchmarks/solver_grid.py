@@ -12,6 +12,7 @@ marginals, tol 1e-6, max_iter 100. Counts, not timings: the numbers do not depen
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -30,12 +31,21 @@ PROBLEMS = [(20000, 10, 6), (20000, 10, 30), (20000, 5, 3), (20000, 40, 2), (200
 def main() -> int:
     ap = common.parser(__doc__)
     ap.add_argument("--backend", default="torch", choices=["cpu", "torch", "triton", "cuda"])
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", type=common.out_dir, default=str(common.RESULTS))
     args = ap.parse_args()
+    # The GPU backends take GPU tensors (triton CPU tensors only under TRITON_INTERPRET=1): the
+    # same problems, moved there (they were always built on the CPU, so those choices failed).
+    gpu = args.backend == "cuda" or (args.backend == "triton"
+                                     and os.environ.get("TRITON_INTERPRET") != "1")
+    if gpu and not torch.cuda.is_available():
+        ap.error(f"--backend {args.backend}: no CUDA device here (triton runs on the CPU only "
+                 f"with TRITON_INTERPRET=1)")
+    dev = "cuda" if gpu else "cpu"
     rows = []
     for (n, k, margin) in PROBLEMS:
         y, p = common.confident_classifier(n, k, margin=margin, seed=1)
         sel = torch.rand(n, generator=torch.Generator().manual_seed(0)) < 0.01
+        y, p, sel = y.to(dev), p.to(dev), sel.to(dev)
         for marg, lam, scen in itertools.product(["retain", "original"], [0.01, 1.0, 100.0],
                                                  ["class", "selective"]):
             forget = (y == 0) if scen == "class" else sel
@@ -52,7 +62,7 @@ def main() -> int:
     bad = sum(not r["converged"] for r in rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"solver-grid-{args.backend}-{common.utc_now().strftime('%Y-%m-%dT%H%MZ')}"
+    stem = common.free_stem(out, f"solver-grid-{args.backend}")
     meta = common.metadata("cpu")
     common.write_json(out / f"{stem}.json", meta, rows, {"backend": args.backend,
                                                          "total_passes": total,

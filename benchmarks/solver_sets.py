@@ -124,7 +124,8 @@ def main() -> int:
                     help="which sets to run (default: all)")
     ap.add_argument("--backend", default="cpu", choices=["cpu", "torch"],
                     help="the backend that refines (default cpu)")
-    ap.add_argument("--out", default=str(common.RESULTS), help="where the record goes")
+    ap.add_argument("--out", type=common.out_dir,
+                    default=str(common.RESULTS), help="where the record goes")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows: List[Dict[str, object]] = []

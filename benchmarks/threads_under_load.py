@@ -49,7 +49,7 @@ def main() -> int:
     ap = common.parser(__doc__)
     ap.add_argument("--sizes", nargs="+", type=common.size_arg, default=["50000x10", "1000000x100"])
     ap.add_argument("--reps", type=common.positive_int, default=31)
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", type=common.out_dir, default=str(common.RESULTS))
     args = ap.parse_args()
     rows = []
     for size in args.sizes:
@@ -76,7 +76,7 @@ def main() -> int:
                     proc.join(timeout=5)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"threads-{common.utc_now().strftime('%Y-%m-%dT%H%MZ')}"
+    stem = common.free_stem(out, "threads")
     meta = common.metadata("cpu")
     common.write_json(out / f"{stem}.json", meta, rows)
     lines = ["# refine with 1 and 2 threads, idle and under load", "",

@@ -517,6 +517,8 @@ def _refine(args: argparse.Namespace) -> int:
     from . import refine
 
     out = Path(args.out)
+    if not str(args.out).strip():
+        raise ValueError("--out: empty; expected a file path ending in .pt or .npy")
     if out.suffix not in (".pt", ".npy"):
         raise ValueError(f"--out: '{out}' must end in .pt or .npy")
     if out.is_dir():
@@ -597,11 +599,11 @@ def _streams(args: argparse.Namespace) -> bool:
     from .stream import parse_bytes
 
     src = Path(args.probs if args.probs is not None else args.logits)
+    budget = parse_bytes(args.memory_budget, "--memory-budget")  # checked for every input
     if src.suffix != ".npy":
         if args.chunk_rows is not None:
             raise ValueError(f"--chunk-rows: streaming reads .npy files; '{src}' is not one")
         return False
-    budget = parse_bytes(args.memory_budget, "--memory-budget")
     return args.chunk_rows is not None or (src.is_file() and src.stat().st_size > budget)
 
 

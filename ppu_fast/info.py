@@ -27,9 +27,19 @@ def report() -> List[str]:
     else:
         lines.append("cuda device: none")
     lines.append(f"cpu threads: {torch.get_num_threads()}  machine: {platform.machine()}")
+    from .backends import check_environment
+    try:
+        # What a refine would refuse in the environment (a backend name, an ISA, the host cache's
+        # limit): said here, not shown as if in effect.
+        check_environment("cpu")
+        env_error = None
+    except (ValueError, RuntimeError) as exc:
+        env_error = str(exc)
     override = os.environ.get("PPU_FAST_BACKEND")
-    if override:
+    if override and env_error is None:
         lines.append(f"PPU_FAST_BACKEND={override} (overrides backend='auto')")
+    if env_error is not None:
+        lines.append(f"environment: invalid, every refine refuses it: {env_error}")
     lines.append("backends:")
     for name, ok, why in describe():
         lines.append(f"  {name:7s} {'available' if ok else 'unavailable'}"

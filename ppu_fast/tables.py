@@ -850,18 +850,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("folders", nargs="+", help="run folders holding results.json")
     p.add_argument("--out", default=None, help="output folder (default: the single input folder)")
     args = p.parse_args(argv)
+    from .cli import _unwritable
+
     try:
         if args.out is not None:
             out = Path(args.out)
             if not str(args.out).strip() or (out.exists() and not out.is_dir()):
                 raise ValueError(f"--out: {args.out!r} is {'empty' if not str(args.out).strip() else 'a file'}; "
                                  f"expected a folder (created if missing)")
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ValueError(f"--out: cannot create a folder at '{out}' ({exc.strerror or exc})") from None
+            # Tried (and undone) before anything is read: a folder that cannot take the files is
+            # bad input, and a refused merge leaves no folder behind.
+            why = _unwritable(out)
+            if why:
+                raise ValueError(f"--out: cannot write a folder at '{out}' ({why}); expected a "
+                                 f"writable folder (created if missing)")
         if len(args.folders) == 1 and args.out is None:
             res = load_results(args.folders[0])
+            why = _unwritable(Path(args.folders[0]))
+            if why:
+                raise ValueError(f"{args.folders[0]}: cannot write the tables beside its "
+                                 f"results.json ({why}); pass --out to write them elsewhere")
             per_seed = [_nan(run) for run in res.get("per_seed", [])]
             # A file written before the standard errors were recorded has the per-seed rows they
             # come from: summarised again, its tables get the † marks and the "(n=K)" notes.
@@ -884,6 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = merge(args.folders)
             methods = summarize(res["per_seed"])
             chance, n = attack_size(res["per_seed"])
+            Path(args.out).mkdir(parents=True, exist_ok=True)  # the inputs merged: now the files
             write_results(args.out, res["config"], methods, per_seed=res["per_seed"], history=res["history"],
                           histories=res["histories"], verdict=judge(methods, chance=chance, n=n))
             paths = write_tables(args.out, res["config"], methods, seeds=len(res["per_seed"]),
@@ -891,6 +900,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"ppu_fast.tables: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ppu_fast.tables: interrupted; files already written in the output folder are left as "
+              "they are (run the command again to rewrite them all)", file=sys.stderr)
+        return 130
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

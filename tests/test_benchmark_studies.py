@@ -51,3 +51,50 @@ def test_hessian_study_ranks_the_estimators(tmp_path):
     for r in got["rows"]:
         assert r["hessian_stride"] > 1 and r["passes"] is not None
         assert r["history"][-1] <= 1e-6
+
+
+def _refused(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    return proc.stderr
+
+
+def test_benchmark_arguments_are_refused_before_any_measurement(tmp_path):
+    """A results folder that is empty, a file or not writable, a size with k = 1, the fuzzer's
+    repeated or unknown backends and empty selections, a bad study parameter: exit 2 naming the
+    argument (they gave tracebacks after measuring, or a record of nothing)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "argument --out: empty" in _refused("host_overhead.py", "--sizes", "256x10",
+                                               "--out", "")
+    assert "is a file" in _refused("solver_grid.py", "--out", str(afile))
+    assert "cannot write a folder at '/proc/ppu-fast-no'" in _refused(
+        "run.py", "--device", "cpu", "--sizes", "256x10", "--out", "/proc/ppu-fast-no")
+    assert "k >= 2" in _refused("host_overhead.py", "--sizes", "256x1", "--out", str(tmp_path))
+    assert "invalid choice: 'bogus'" in _refused("fuzz_refine.py", "--backends", "bogus",
+                                                 "--out", str(tmp_path))
+    assert "repeats a backend" in _refused("fuzz_refine.py", "--backends", "cpu", "cpu",
+                                           "--out", str(tmp_path))
+    assert "no case to run" in _refused("fuzz_refine.py", "--cases", "3", "--start", "10",
+                                        "--out", str(tmp_path))
+    assert "expected a finite number > 0" in _refused("few_forget_rows.py", "--lams", "0",
+                                                      "--out", str(tmp_path))
+    assert not any(tmp_path.glob("*.json"))
+
+
+def test_two_records_in_one_minute_keep_both(tmp_path):
+    """Records are named by the minute; a second one in the same minute gets the seconds (it
+    overwrote the first), and --max-case-s inf means no limit (it overflowed in every case)."""
+    for size in ("256x10", "512x10"):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--device",
+                               "cpu", "--quick", "--no-compile", "--no-pot", "--threads", "1",
+                               "--sizes", size, "--budget", "0.02", "--max-case-s", "inf",
+                               "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(r.read_text()) for r in sorted(tmp_path.glob("cpu-*.json"))]
+    assert len(records) == 2 and sorted(s for r in records for s in r["sizes"]) == [
+        "256x10", "512x10"]
+    for r in records:
+        assert r["rows"] and not any(row.get("error") for row in r["rows"]), r["rows"]

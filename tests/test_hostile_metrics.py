@@ -546,3 +546,39 @@ def test_a_second_reviews_misuses_are_named(labelled, tmp_path):
     for chance in (-5, "x", True):
         with pytest.raises(ValueError, match="chance: expected the attack's chance spread"):
             judge({"retrain": {"mia": 50.0}}, chance=chance)
+
+
+def test_a_refused_merge_writes_nothing_and_an_unwritable_out_is_named(tmp_path, capsys):
+    """python -m ppu_fast.tables: a merge refused for its inputs leaves no --out folder behind
+    (it was made first), and an --out that cannot be written is exit 2 with its name, not an
+    OSError traceback."""
+    a = _run(tmp_path / "a", [0], [{"retrain": _row(100.0), "ppu": _row(90.0)}])
+    b = _run(tmp_path / "b", [1], [{"retrain": _row(100.0), "ppu": _row(95.0)}],
+             train={"epochs": 5})
+    assert tables.main([str(a), str(b), "--out", str(tmp_path / "m" / "deep")]) == 2
+    assert "a different experiment" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text("{\n")
+    assert tables.main([str(a), str(bad), "--out", str(tmp_path / "o1")]) == 2
+    assert not (tmp_path / "o1").exists()
+    assert tables.main([str(a), str(a.parent / "a"), "--out", "/proc/ppu-fast-no"]) == 2
+    assert "--out: cannot write a folder at '/proc/ppu-fast-no'" in capsys.readouterr().err
+
+
+def test_info_says_an_environment_every_refine_would_refuse(monkeypatch):
+    from ppu_fast.info import report
+    monkeypatch.setenv("PPU_FAST_BACKEND", "bogus")
+    text = "\n".join(report())
+    assert "environment: invalid, every refine refuses it: PPU_FAST_BACKEND: unknown backend " \
+           "name 'bogus'" in text and "PPU_FAST_BACKEND=bogus (overrides" not in text
+    # The host cache's limit is read once per process: a fresh one, as the command runs.
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PPU_FAST_HOST_CACHE_MB": "abc"}
+    env.pop("PPU_FAST_BACKEND", None)
+    out = subprocess.run([sys.executable, "-m", "ppu_fast.info"], capture_output=True, text=True,
+                         env=env, timeout=300, check=True).stdout
+    assert "environment: invalid, every refine refuses it: PPU_FAST_HOST_CACHE_MB" in out

@@ -1212,3 +1212,16 @@ def test_ppus_tensor_options_are_checked_before_the_models_probabilities(tiny, m
                            r"pseudo: shape")):
         with pytest.raises(ValueError, match=message):
             ppu_fast.unlearn(model, forget, retain, progress=False, **opts)
+
+
+def test_cli_refine_checks_the_memory_budget_and_an_empty_out_for_every_input(tmp_path):
+    """--memory-budget was parsed only for a .npy input (a .pt ignored -3GiB and wrote Q); an
+    empty --out was reported as '.'."""
+    p = torch.softmax(torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), 1)
+    torch.save(p, tmp_path / "p.pt")
+    np.save(tmp_path / "m.npy", np.arange(20) < 3)
+    base = ["refine", "--probs", str(tmp_path / "p.pt"), "--forget", str(tmp_path / "m.npy")]
+    code, err = _cli(*base, "--out", str(tmp_path / "q.pt"), "--memory-budget=-3GiB")
+    assert code == 2 and "--memory-budget" in err and not (tmp_path / "q.pt").exists(), err
+    code, err = _cli(*base, "--out", "")
+    assert code == 2 and "--out: empty; expected a file path" in err, err
