@@ -248,6 +248,8 @@ def restrict_to_classes(data: Dataset | DataLoader, classes: Sequence[int]) -> S
     if isinstance(data, DataLoader):
         data = loader_examples(data, "data")
     targets = dataset_targets(data)
+    if isinstance(classes, (torch.Tensor, np.ndarray)):
+        classes = classes.tolist()  # elements as Python numbers (0-d tensors are not is_int)
     if isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
         raise TypeError(f"classes: expected a sequence of integer class labels, got {classes!r}")
     classes = list(classes)

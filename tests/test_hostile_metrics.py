@@ -543,6 +543,9 @@ def test_a_second_reviews_misuses_are_named(labelled, tmp_path):
         metrics.restrict_to_classes(ds, [0.5])
     with pytest.raises(TypeError, match="classes: expected a sequence of integer class labels"):
         metrics.restrict_to_classes(ds, None)
+    n0 = int((y == 0).sum())
+    for classes in (torch.tensor([0]), np.array([0]), [np.int64(0)]):
+        assert len(metrics.restrict_to_classes(ds, classes)) == n0
     for chance in (-5, "x", True):
         with pytest.raises(ValueError, match="chance: expected the attack's chance spread"):
             judge({"retrain": {"mia": 50.0}}, chance=chance)
