@@ -52,6 +52,17 @@ nonneg_int = _int_at_least(0, "an integer >= 0")
 num_classes = _int_at_least(2, "a number of classes >= 2")
 
 
+def finite_float(s: str) -> float:
+    """argparse type of any finite number (a logit margin)."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a finite number")
+    return v
+
+
 def positive_float(s: str) -> float:
     """argparse type of a finite number > 0 (a lam, a tol, a logit margin)."""
     try:
@@ -84,19 +95,20 @@ def int_list(s: str) -> List[int]:
 
 
 def free_stem(out: Path, prefix: str) -> str:
-    """``<prefix>-<UTC minute>`` (``...T1523Z``), or with the seconds (``...T152307Z``, then a
+    """``<prefix>-<UTC minute>`` (``...T1523Z``), or with the seconds (``...T1523Z_07s``, then a
     counter) when a record of that name is already in ``out``: two runs in one minute overwrote
     each other's files without a word."""
     now = utc_now()
     taken = (lambda stem: any(out.glob(f"{stem}.*")))
-    for stem in (f"{prefix}-{now.strftime('%Y-%m-%dT%H%MZ')}",
-                 f"{prefix}-{now.strftime('%Y-%m-%dT%H%M%SZ')}"):
+    # "_" sorts after ".": the later record sorts last by name (check.sh's summary takes the last).
+    minute = f"{prefix}-{now.strftime('%Y-%m-%dT%H%MZ')}"
+    for stem in (minute, f"{minute}_{now.strftime('%S')}s"):
         if not taken(stem):
             return stem
     i = 2
-    while taken(f"{stem}-{i}"):
+    while taken(f"{stem}_{i}"):
         i += 1
-    return f"{stem}-{i}"
+    return f"{stem}_{i}"
 
 
 def out_dir(s: str) -> str:

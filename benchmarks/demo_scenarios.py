@@ -93,7 +93,7 @@ def run(name: str, seed: int) -> dict:
 
 def main(argv=None) -> int:
     p = common.parser(__doc__)
-    p.add_argument("--out", type=common.out_dir, required=True)
+    p.add_argument("--out", required=True)  # a JSON file, checked below
     p.add_argument("--only", default=",".join(CANDIDATES))
     p.add_argument("--seeds", type=common.int_list, default=[0], help="comma-separated")
     args = p.parse_args(argv)

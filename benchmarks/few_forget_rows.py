@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--n", type=common.positive_int, default=20_000)
     ap.add_argument("--forget", type=common.positive_int, default=5)
     ap.add_argument("--ks", nargs="+", type=common.num_classes, default=[10, 100])
-    ap.add_argument("--margins", nargs="+", type=common.positive_float, default=[6.0, 20.0])
+    ap.add_argument("--margins", nargs="+", type=common.finite_float, default=[6.0, 20.0])
     ap.add_argument("--lams", nargs="+", type=common.positive_float, default=[1.0, 0.01])
     ap.add_argument("--tols", nargs="+", type=common.positive_float, default=[1e-6, 1e-7, 1e-10])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"],

@@ -28,6 +28,7 @@ Writes fuzz-refine-<stamp>.json (every case that was not ok, with what failed) /
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 import warnings
@@ -530,9 +531,11 @@ def main() -> None:
     ap.add_argument("--start", type=common.nonneg_int, default=0, help="first case index")
     ap.add_argument("--only", type=common.nonneg_int, nargs="+", default=None,
                     help="run these indices only")
-    # The cases are CPU tensors: the GPU backends cannot take them (a bogus name was counted as
-    # an exception in every case, and the record written).
-    ap.add_argument("--backends", nargs="+", default=["cpu", "torch"], choices=["cpu", "torch"],
+    # The cases are CPU tensors: cuda cannot take them, triton only in its interpreter (a bogus
+    # name was counted as an exception in every case, and the record written).
+    ap.add_argument("--backends", nargs="+", default=["cpu", "torch"],
+                    choices=["cpu", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET")
+                                                == "1" else []),
                     help="backends to call")
     ap.add_argument("--threads", type=common.positive_int, default=2, help="torch threads")
     ap.add_argument("--out", type=common.out_dir,

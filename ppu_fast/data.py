@@ -86,7 +86,8 @@ class ArrayDataset(Dataset):
         # Arrays and lists on the CPU whatever the caller's default device; a tensor stays where it is.
         images = images if isinstance(images, torch.Tensor) else torch.as_tensor(images, device="cpu")
         targets = torch.as_tensor(host_array(targets), device="cpu")
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        if targets.numel() and (targets.is_floating_point() or targets.is_complex()
+                                or targets.dtype == torch.bool):
             # A cast would truncate 1.7 to class 1, as every metric refuses to.
             raise ValueError(f"targets: {str(targets.dtype).split('.')[-1]} values; expected "
                              f"integer class labels")
@@ -106,9 +107,9 @@ class ArrayDataset(Dataset):
             self.images = images.permute(0, 3, 1, 2).contiguous()
             c = self.images.shape[1]
             for arg, v in (("mean", mean), ("std", std)):
-                if v is not None and len(v) != c:
-                    raise ValueError(f"{arg}: {len(v)} values for {c}-channel images; expected "
-                                     f"one per channel")
+                if v is not None and np.size(v) != c:
+                    raise ValueError(f"{arg}: {np.size(v)} values for {c}-channel images; "
+                                     f"expected one per channel")
             self._mean = torch.tensor(mean if mean is not None else [0.5] * c,
                                       device=images.device).view(c, 1, 1)
             self._std = torch.tensor(std if std is not None else [0.5] * c,

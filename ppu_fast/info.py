@@ -27,19 +27,30 @@ def report() -> List[str]:
     else:
         lines.append("cuda device: none")
     lines.append(f"cpu threads: {torch.get_num_threads()}  machine: {platform.machine()}")
-    from .backends import check_environment
-    try:
-        # What a refine would refuse in the environment (a backend name, an ISA, the host cache's
-        # limit): said here, not shown as if in effect.
-        check_environment("cpu")
-        env_error = None
-    except (ValueError, RuntimeError) as exc:
-        env_error = str(exc)
+    # What every refine would refuse in the environment, on any device: an unknown backend name,
+    # a CPU ISA typo, a bad host-cache limit. (Checking the override against a CPU tensor called
+    # a valid PPU_FAST_BACKEND=cuda invalid: that backend serves CUDA tensors only.)
+    from .backends import BACKEND_NAMES
+    from .backends.cpu import check_host_cache_env, check_isa
+    problems = []
     override = os.environ.get("PPU_FAST_BACKEND")
-    if override and env_error is None:
+    bad_name = bool(override) and override != "auto" and override not in BACKEND_NAMES
+    if bad_name:
+        problems.append(f"PPU_FAST_BACKEND: unknown backend name {override!r}; expected 'auto' or "
+                        f"one of {list(BACKEND_NAMES)}, or the variable unset")
+    isa = os.environ.get("PPU_FAST_CPU_ISA", "")
+    for check in ((lambda: check_isa(isa, "PPU_FAST_CPU_ISA")) if isa and isa != "auto" else None,
+                  check_host_cache_env):
+        if check is None:
+            continue
+        try:
+            check()
+        except (ValueError, RuntimeError) as exc:
+            problems.append(str(exc))
+    if override and not bad_name:
         lines.append(f"PPU_FAST_BACKEND={override} (overrides backend='auto')")
-    if env_error is not None:
-        lines.append(f"environment: invalid, every refine refuses it: {env_error}")
+    for why in problems:
+        lines.append(f"environment: invalid, every refine refuses it: {why}")
     lines.append("backends:")
     for name, ok, why in describe():
         lines.append(f"  {name:7s} {'available' if ok else 'unavailable'}"

@@ -176,6 +176,8 @@ def _attack_losses_list(values: Sequence[float], name: str) -> list[float]:
         raw = np.asarray(values)
     except (TypeError, ValueError):  # ragged nested sequences
         raw = np.asarray(None)
+    if raw.ndim == 2 and raw.shape[1] == 1:
+        raw = raw.reshape(-1)  # a column of losses, as (B, 1) labels are read
     if raw.ndim != 1 or raw.dtype.kind not in "iuf":
         # None read as [nan] ("contains NaN"), strings failed in float(), a (10, 2) array was
         # flattened into 20 losses.

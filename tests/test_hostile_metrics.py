@@ -576,6 +576,9 @@ def test_info_says_an_environment_every_refine_would_refuse(monkeypatch):
     text = "\n".join(report())
     assert "environment: invalid, every refine refuses it: PPU_FAST_BACKEND: unknown backend " \
            "name 'bogus'" in text and "PPU_FAST_BACKEND=bogus (overrides" not in text
+    monkeypatch.setenv("PPU_FAST_BACKEND", "cuda")  # valid for CUDA tensors, wherever it runs
+    text = "\n".join(report())
+    assert "PPU_FAST_BACKEND=cuda (overrides" in text and "environment: invalid" not in text
     # The host cache's limit is read once per process: a fresh one, as the command runs.
     import os
     import subprocess
