@@ -15,7 +15,6 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -29,7 +28,8 @@ if str(REPO) not in sys.path:  # benchmarks run from a checkout, installed or no
     sys.path.insert(0, str(REPO))
 
 from ppu_fast import api  # noqa: E402
-from ppu_fast.cli import _int_at_least  # noqa: E402
+from ppu_fast.cli import (_finite_float, _int_at_least, _positive_float,  # noqa: E402
+                          _unwritable)
 from ppu_fast.backends import torch_ref  # noqa: E402
 from ppu_fast.backends.base import Backend  # noqa: E402
 
@@ -52,26 +52,9 @@ nonneg_int = _int_at_least(0, "an integer >= 0")
 num_classes = _int_at_least(2, "a number of classes >= 2")
 
 
-def finite_float(s: str) -> float:
-    """argparse type of any finite number (a logit margin)."""
-    try:
-        v = float(s)
-    except ValueError:
-        v = float("nan")
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{s!r}: expected a finite number")
-    return v
-
-
-def positive_float(s: str) -> float:
-    """argparse type of a finite number > 0 (a lam, a tol, a logit margin)."""
-    try:
-        v = float(s)
-    except ValueError:
-        v = float("nan")
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"{s!r}: expected a finite number > 0")
-    return v
+# Numbers as the command line's own types take them (a finite number; one > 0).
+finite_float = _finite_float
+positive_float = _positive_float
 
 
 def nonneg_float(s: str) -> float:
@@ -121,19 +104,9 @@ def out_dir(s: str) -> str:
     p = Path(s)
     if p.exists() and not p.is_dir():
         raise argparse.ArgumentTypeError(f"'{s}' is a file; expected a folder (created if missing)")
-    missing = [d for d in [p, *p.parents] if not d.exists()]
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=p).close()
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"cannot write a folder at '{s}' "
-                                         f"({exc.strerror or exc})") from None
-    finally:
-        for d in missing:  # deepest first
-            try:
-                d.rmdir()
-            except OSError:
-                break
+    why = _unwritable(p)  # made if missing, tried, and removed again
+    if why:
+        raise argparse.ArgumentTypeError(f"cannot write a folder at '{s}' ({why})")
     return s
 
 

@@ -850,20 +850,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("folders", nargs="+", help="run folders holding results.json")
     p.add_argument("--out", default=None, help="output folder (default: the single input folder)")
     args = p.parse_args(argv)
-    from .cli import _unwritable
+    from .cli import _check_out_folder, _unwritable
 
     try:
         if args.out is not None:
-            out = Path(args.out)
-            if not str(args.out).strip() or (out.exists() and not out.is_dir()):
-                raise ValueError(f"--out: {args.out!r} is {'empty' if not str(args.out).strip() else 'a file'}; "
-                                 f"expected a folder (created if missing)")
-            # Tried (and undone) before anything is read: a folder that cannot take the files is
-            # bad input, and a refused merge leaves no folder behind.
-            why = _unwritable(out)
-            if why:
-                raise ValueError(f"--out: cannot write a folder at '{out}' ({why}); expected a "
-                                 f"writable folder (created if missing)")
+            # The command line's own check (empty, a file, not writable: tried and undone, so a
+            # refused merge leaves no folder behind; a results file that is a folder), before
+            # anything is read.
+            _check_out_folder(args.out)
         if len(args.folders) == 1 and args.out is None:
             res = load_results(args.folders[0])
             why = _unwritable(Path(args.folders[0]))

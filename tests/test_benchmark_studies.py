@@ -78,8 +78,8 @@ def test_benchmark_arguments_are_refused_before_any_measurement(tmp_path):
                                            "--out", str(tmp_path))
     assert "no case to run" in _refused("fuzz_refine.py", "--cases", "3", "--start", "10",
                                         "--out", str(tmp_path))
-    assert "expected a finite number > 0" in _refused("few_forget_rows.py", "--lams", "0",
-                                                      "--out", str(tmp_path))
+    assert "expected a positive number, got '0'" in _refused("few_forget_rows.py", "--lams",
+                                                             "0", "--out", str(tmp_path))
     assert not any(tmp_path.glob("*.json"))
 
 
