@@ -61,6 +61,7 @@ def main() -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    stem = common.free_stem(out, "lam-range")
     lines = [f"# lam range ({stamp}, commit {commit}, {meta['machine']['cpu_model']}, torch "
              f"{torch.__version__})", "",
              "`python benchmarks/lam_range.py`: refine (Newton, tol 1e-6, pseudo uniform, "
@@ -73,8 +74,8 @@ def main() -> None:
         for dt, sets in table.items():
             for name, row in sets.items():
                 lines.append(f"| {dt} | {name} | " + " | ".join(row.values()) + " |")
-    (out / f"lam-range-{stamp}.md").write_text("\n".join(lines) + "\n")
-    (out / f"lam-range-{stamp}.json").write_text(json.dumps(
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(
         {"date": stamp, "commit": commit, "torch": torch.__version__, "meta": meta,
          "tables": tables},
         indent=1))

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import markdown_table, metadata, utc_now  # noqa: E402
+from common import free_stem, markdown_table, metadata  # noqa: E402
 
 from ppu_fast.data import make_split  # noqa: E402
 from ppu_fast.finetune import select_val  # noqa: E402
@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     data_root = args.data_root
     if data_root is None and any(s.startswith("cifar") for s in settings):
         data_root = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")
-    stamp = utc_now().strftime("%Y-%m-%dT%H%MZ")
     out = Path(args.out or Path(__file__).resolve().parent / "results")
     out.mkdir(parents=True, exist_ok=True)
+    stem = free_stem(out, "ppu-schedule")
     meta = {**metadata("cpu"), "command": "python benchmarks/ppu_schedule.py " + " ".join(argv or sys.argv[1:]),
             "threads": args.threads, "loadavg_start": os.getloadavg()}
     results = []
@@ -211,13 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     for setting in settings:
         for seed in args.seeds:
             results.append(run_setting(setting, seed, variants, data_root))
-            (out / f"ppu-schedule-{stamp}.json").write_text(json.dumps(
+            (out / f"{stem}.json").write_text(json.dumps(
                 {"meta": meta, "variants": {v: VARIANTS[v] for v in variants}, "runs": results}, indent=1))
     meta["wall_seconds"] = time.perf_counter() - t0
-    (out / f"ppu-schedule-{stamp}.json").write_text(json.dumps(
+    (out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "variants": {v: VARIANTS[v] for v in variants}, "runs": results}, indent=1))
-    (out / f"ppu-schedule-{stamp}.md").write_text("\n".join(header(meta)) + summarise(results) + "\n")
-    print(out / f"ppu-schedule-{stamp}.md")
+    (out / f"{stem}.md").write_text("\n".join(header(meta)) + summarise(results) + "\n")
+    print(out / f"{stem}.md")
     return 0
 
 

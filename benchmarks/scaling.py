@@ -256,12 +256,12 @@ def bench_dist(a) -> dict:
 
 
 def write(kind: str, result: dict, res_dir: Path) -> Path:
-    from common import metadata, utc_now
+    from common import free_stem, metadata
 
-    stamp = utc_now().strftime("%Y-%m-%dT%H%MZ")
     res_dir.mkdir(parents=True, exist_ok=True)
+    stem = free_stem(res_dir, f"scaling-{kind}")
     meta = metadata("cpu")
-    path = res_dir / f"scaling-{kind}-{stamp}.json"
+    path = res_dir / f"{stem}.json"
     path.write_text(json.dumps({"meta": meta, "kind": kind, "result": result}, indent=1))
     lines = [f"# Scaling benchmark: {kind} ({meta['date_utc']}, commit {meta['git_commit']})", "",
              f"Machine: {meta['machine']['cpu_model']}, {meta['machine']['cpu_cores']} cores; "
@@ -304,7 +304,7 @@ def write(kind: str, result: dict, res_dir: Path) -> Path:
             f"{w1['pass_seconds_median'] * 1e3:.1f} ms | {w1['allreduce_share_median']:.1%} |",
             f"| 2 Gloo processes | {w2['threads_per_rank']} | {w2['seconds_median']:.3f} s | "
             f"{w2['pass_seconds_median'] * 1e3:.1f} ms | {w2['allreduce_share_median']:.1%} |"]
-    (res_dir / f"scaling-{kind}-{stamp}.md").write_text("\n".join(lines) + "\n")
+    (res_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return path
 
 

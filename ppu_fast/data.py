@@ -397,6 +397,7 @@ def _cifar_official(root: Path, hundred: bool) -> tuple[_Pool, _Pool] | None:
     if not all((base / f).is_file() for f in train_files + test_files):
         return None
     key = b"fine_labels" if hundred else b"labels"
+    n_classes = 100 if hundred else 10
 
     def read(files: list[str]) -> _Pool:
         xs, ys = [], []
@@ -409,6 +410,11 @@ def _cifar_official(root: Path, hundred: bool) -> tuple[_Pool, _Pool] | None:
                 ys.append(np.asarray(d[key], dtype=np.int64))
                 if len(ys[-1]) != len(xs[-1]):
                     raise ValueError(f"{len(xs[-1])} images but {len(ys[-1])} labels")
+                bad = np.flatnonzero((ys[-1] < 0) | (ys[-1] >= n_classes))
+                if len(bad):
+                    # The split draws per class in range(n_classes): such images were dropped.
+                    raise ValueError(f"label {ys[-1][bad[0]]} of image {bad[0]} (and {len(bad) - 1} "
+                                     f"more) is outside 0..{n_classes - 1}")
             except (pickle.UnpicklingError, EOFError, ValueError, KeyError, OSError, TypeError,
                     AttributeError) as exc:
                 raise ValueError(
@@ -416,7 +422,6 @@ def _cifar_official(root: Path, hundred: bool) -> tuple[_Pool, _Pool] | None:
                     f"expected the unmodified file from {folder}/ of the official python version "
                     f"(a dict with b'data' of 3072 uint8 per image and b'{key.decode()}')") from None
         x = np.concatenate(xs)
-        n_classes = 100 if hundred else 10
         return _Pool(np.concatenate(ys), lambda idx: x[idx], [str(c) for c in range(n_classes)])
 
     return read(train_files), read(test_files)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from .caller_state import _dtype_name, eval_mode, forward_failed, is_int
+from .caller_state import _dtype_name, eval_mode, forward_failed, is_int, is_real
 from .data import dataset_targets, host_array, loader_examples, make_loader, named_batches
 from .training import resolve_device
 
@@ -37,6 +37,10 @@ def check_logits(out: object, n_inputs: int, floating: bool = False) -> None:
         # labels, and predict returned them side by side.
         raise ValueError(f"model: its output for a batch of {n_inputs} input(s) has "
                          f"{out.shape[0]} rows; expected one row of logits per input, (B, k)")
+    if out.is_complex():
+        # The metrics' float cast dropped the imaginary part (numpy's ComplexWarning only).
+        raise ValueError(f"model: its output is {str(out.dtype).split('.')[-1]}; expected real "
+                         f"(B, k) logits")
     if floating and not out.is_floating_point():
         # An integer or complex output failed deep inside log_softmax, or in backward.
         raise ValueError(f"model: its output is {str(out.dtype).split('.')[-1]}; expected "
@@ -404,8 +408,9 @@ def tpr_at_fpr(member_scores: Sequence[float] | np.ndarray, nonmember_scores: Se
     """The largest true positive rate (fraction) of a threshold whose false positive rate is at most
     ``fpr`` (a fraction in [0, 1]); no interpolation between thresholds. With fewer than 1 / ``fpr``
     non-members this is the TPR at zero false positives."""
-    if not 0.0 <= float(fpr) <= 1.0:
-        raise ValueError(f"fpr must be a fraction in [0, 1], got {fpr}")
+    # A string was read as its number and a bool as 0 / 1: say so instead.
+    if not is_real(fpr) or not 0.0 <= float(fpr) <= 1.0:
+        raise ValueError(f"fpr must be a fraction in [0, 1], got {fpr!r}")
     f, t = roc_curve(member_scores, nonmember_scores)
     # The small slack keeps an FPR of exactly fpr (e.g. 1 of 100) from failing on rounding.
     return float(t[f <= float(fpr) + 1e-12].max())

@@ -98,3 +98,26 @@ def test_two_records_in_one_minute_keep_both(tmp_path):
         "256x10", "512x10"]
     for r in records:
         assert r["rows"] and not any(row.get("error") for row in r["rows"]), r["rows"]
+
+
+def test_the_studies_records_of_one_minute_keep_both(tmp_path, monkeypatch):
+    """lam_range.py and scaling.py named their records by the minute alone: a second run in
+    the same minute overwrote the first (their measurements are replaced by stand-ins here)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import lam_range
+    import scaling
+
+    monkeypatch.setattr(lam_range, "PROBLEMS", [(100, 6.0)])
+    monkeypatch.setattr(lam_range, "sweep",
+                        lambda n, margin: {"float32": {"class": {"lam 1": f"ok {n}"}}})
+    monkeypatch.setattr(sys, "argv", ["lam_range.py", "--out", str(tmp_path)])
+    lam_range.main()
+    lam_range.main()
+    assert len(list(tmp_path.glob("lam-range-*.md"))) == 2
+    assert len(list(tmp_path.glob("lam-range-*.json"))) == 2
+    world = {"threads_per_rank": 1, "seconds_median": 0.5, "pass_seconds_median": 0.1,
+             "allreduce_share_median": 0.05}
+    result = {"n": 100, "k": 10, "worlds": {"1": world, "2": world},
+              "plain_in_memory": {"seconds_median": 0.4, "pass_seconds_median": 0.08}}
+    paths = {scaling.write("dist", result, tmp_path) for _ in range(2)}
+    assert len(paths) == 2 and all(p.is_file() and p.with_suffix(".md").is_file() for p in paths)

@@ -185,6 +185,12 @@ def test_an_unreadable_official_batch_is_named(tmp_path):
         pickle.dump({b"data": np.zeros((2, 3072), dtype=np.uint8)}, fh)
     with pytest.raises(ValueError, match=r"data_batch_3' is not a readable CIFAR batch \(KeyError"):
         make_split("cifar10", data_root=tmp_path, progress=False)
+    # A label outside 0..9 (a modified batch): its image was dropped from every split silently.
+    with open(batch, "wb") as fh:
+        pickle.dump({b"data": np.zeros((3, 3072), dtype=np.uint8), b"labels": [1, 10, -1]}, fh)
+    with pytest.raises(ValueError, match=r"data_batch_3' is not a readable CIFAR batch \(ValueError: "
+                                         r"label 10 of image 1 \(and 1 more\) is outside 0\.\.9\)"):
+        make_split("cifar10", data_root=tmp_path, progress=False)
 
 
 def test_other_cifar10_classes_for_pretraining(tmp_path):

@@ -551,6 +551,33 @@ def test_a_second_reviews_misuses_are_named(labelled, tmp_path):
             judge({"retrain": {"mia": 50.0}}, chance=chance)
 
 
+def test_a_complex_output_and_a_string_fpr_are_named(labelled):
+    """A complex model output was cast to float by the metrics (the imaginary part dropped, a
+    ComplexWarning only); an fpr given as a string or a bool was read as its number."""
+    model, x, y = labelled
+    ds = TensorDataset(x, y)
+
+    class Complex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, v):
+            return self.inner(v).to(torch.complex64) * (1 + 1j)
+
+    for call in (lambda: metrics.predict(Complex(), ds), lambda: error(Complex(), ds),
+                 lambda: mia(Complex(), ds, ds)):
+        with pytest.raises(ValueError, match="model: its output is complex64; expected real "
+                                             r"\(B, k\) logits"):
+            call()
+    assert 0.0 <= error(model, ds) <= 100.0
+    for fpr in ("0.1", True, None, float("nan")):
+        with pytest.raises(ValueError, match=rf"fpr must be a fraction in \[0, 1\], got "
+                                             rf"{re.escape(repr(fpr))}"):
+            metrics.tpr_at_fpr([1.0, 2.0], [0.0, 3.0], fpr)
+    assert metrics.tpr_at_fpr([1.0, 2.0], [0.0, 3.0], np.float32(0.5)) == 1.0
+
+
 def test_a_refused_merge_writes_nothing_and_an_unwritable_out_is_named(tmp_path, capsys):
     """python -m ppu_fast.tables: a merge refused for its inputs leaves no --out folder behind
     (it was made first), and an --out that cannot be written is exit 2 with its name, not an

@@ -854,6 +854,7 @@ void launch_reduce(const double* ws, int64_t rows, int64_t width, double* out, c
   check(cudaLaunchKernel(PPU_KERNEL(reduce_partials_kernel), dim3(rgrid), dim3(kBlock), args, 0,
                          st),
         "launch of reduce_partials_kernel");
+  check(cudaGetLastError(), "launch of reduce_partials_kernel");
 }
 
 }  // namespace

@@ -761,6 +761,7 @@ void prepare(uintptr_t x, int dtype, int64_t n, int64_t k, int64_t stride_row, i
   check(cudaLaunchKernel(PPU_KERNEL(reduce_prepare_kernel), dim3(rgrid), dim3(kBlock), rargs, 0,
                          st),
         "launch of reduce_prepare_kernel");
+  check(cudaGetLastError(), "launch of reduce_prepare_kernel");
 }
 
 }  // namespace ppu_cuda
