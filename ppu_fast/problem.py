@@ -482,8 +482,8 @@ def real_vector(x, name: str, hint: str = "") -> torch.Tensor:
     """A vector argument (tensor, array or list of numbers) as a CPU tensor, refusing complex
     values (casting would silently drop their imaginary part) and bools (read as 1 / 0: most
     likely a mask passed where numbers belong; ``hint`` says where it goes)."""
-    if (isinstance(x, (list, tuple)) and len(x)
-            and all(isinstance(v, (bool, np.bool_)) for v in x)):
+    # One bool among numbers too: torch reads [2.0, True] as [2.0, 1.0].
+    if isinstance(x, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in x):
         raise TypeError(f"{name}: bool values; expected real numbers{hint}")
     t, _ = to_tensor(x, name, sequence=True)
     if t.is_complex():

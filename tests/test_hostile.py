@@ -268,16 +268,19 @@ def test_targets_refuses_non_finite_alpha(bad):
 
 
 def test_bool_vectors_are_refused_where_numbers_belong():
-    """weights, marginals and alpha given as bools (a list, a bool tensor or array) were read as
-    1.0 / 0.0: most likely a mask passed where numbers belong."""
+    """weights, marginals and alpha given as bools (a list, a bool tensor or array, or one bool
+    in a list of numbers) were read as 1.0 / 0.0: most likely a mask passed where numbers
+    belong."""
     p, labels = _problem()
     n, k = p.shape
     mask = labels == 1
-    for bools in ([True] * n, torch.ones(n, dtype=torch.bool), np.ones(n, dtype=bool)):
+    for bools in ([True] * n, torch.ones(n, dtype=torch.bool), np.ones(n, dtype=bool),
+                  [0.5] * (n - 1) + [True]):
         with pytest.raises(TypeError, match="weights: bool values; expected real numbers > 0, "
                                             "one per row .the rows to forget go in forget_mask."):
             ppu_fast.refine(p, mask, weights=bools)
-    for bools in ([True] * k, torch.ones(k, dtype=torch.bool)):
+    for bools in ([True] * k, torch.ones(k, dtype=torch.bool),
+                  [float(n - 1), True] + [0] * (k - 2)):
         with pytest.raises(TypeError, match="marginals: bool values; expected real numbers"):
             ppu_fast.refine(p, mask, marginals=bools)
         with pytest.raises(TypeError, match="alpha: bool values; expected real numbers"):
