@@ -424,12 +424,15 @@ static inline void lanes_prepare_block(const Params& P, LaneScratch<S>& sc, int6
   constexpr int W = S::W;
   const int k = static_cast<int>(P.k);
   lanes_load_raw<S>(P, sc, b, nv);
-  bool any_forget = false;
-  for (int r = 0; r < W; ++r) {
-    const bool fr = r < nv && P.forget && P.forget[b + r];
-    sc.fmask[r] = fr ? 1.0f : 0.0f;
-    any_forget |= fr;
+  // The block's forget rows as lane values and as bits (bit r: row b + r). Branch-free: with a
+  // class forget the rows are scattered, and per-row branches mispredicted about one row in ten
+  // (prepare at 50,000 x 10 took 0.57 ms on one thread against 0.46 without a forget set).
+  unsigned fbits = 0;
+  if (P.forget) {
+    for (int r = 0; r < nv; ++r) fbits |= static_cast<unsigned>(P.forget[b + r] != 0) << r;
   }
+  for (int r = 0; r < W; ++r) sc.fmask[r] = static_cast<float>((fbits >> r) & 1u);
+  const bool any_forget = fbits != 0;
   const V f = S::load(sc.fmask);
   const V one = S::set1(1.0f);
   // With the Hessian (probs), also the sum of a row's entries but one of its maxima: each entry
@@ -545,14 +548,14 @@ static inline void lanes_prepare_block(const Params& P, LaneScratch<S>& sc, int6
   // retained sums); the forget rows, all equal to fill, are added by the binding.
   if (P.stats && any_forget) {
     const bool samp = sampled_row(P, b);
-    for (int r = 0; r < nv; ++r) {
-      if (sc.fmask[r] > 0.0f) {
-        const double w = P.inv_c[b + r];
-        fpart[0] += 1.0;
-        fpart[1] += w;
-        fpart[2] += 1.0 / w;
-        if (samp) fpart[3] += w;
-      }
+    // The forget rows in ascending order, as the bits say (one loop exit to predict per block).
+    for (unsigned bits = fbits; bits; bits &= bits - 1) {
+      const int r = __builtin_ctz(bits);
+      const double w = P.inv_c[b + r];
+      fpart[0] += 1.0;
+      fpart[1] += w;
+      fpart[2] += 1.0 / w;
+      if (samp) fpart[3] += w;
     }
   }
 }
