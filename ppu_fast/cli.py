@@ -521,6 +521,8 @@ def _refine(args: argparse.Namespace) -> int:
         raise ValueError("--out: empty; expected a file path ending in .pt or .npy")
     if out.suffix not in (".pt", ".npy"):
         raise ValueError(f"--out: '{out}' must end in .pt or .npy")
+    from .stream import check_name_length
+    check_name_length(out, "--out")  # before a stat of it fails (ENAMETOOLONG)
     if out.is_dir():
         raise ValueError(f"--out: '{out}' is a directory; expected a file path ending in .pt or "
                          f".npy")

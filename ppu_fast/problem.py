@@ -99,6 +99,14 @@ INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_matrix(x: torch.Tensor, name: str, allow_empty: bool = False) -> Tuple[int, int]:
     """Shape and dtype checks shared by probs, logits and log_p; returns (N, k).
     ``allow_empty``: N == 0 is accepted (one rank's rows of a sharded solve)."""
+    # Refused here, with the other checks: they failed later inside torch, on one rank of a
+    # sharded call only, which left the others waiting in its next collective.
+    if x.layout != torch.strided:
+        raise TypeError(f"{name}: a {str(x.layout).replace('torch.', '')} tensor; expected a "
+                        f"dense (strided) tensor ({name}.to_dense())")
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: a meta tensor holds no data; expected a tensor on the CPU or "
+                         f"a CUDA device")
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D array (N x k), got shape {tuple(x.shape)}")
     if x.dtype not in INPUT_DTYPES:

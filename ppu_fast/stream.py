@@ -12,6 +12,7 @@ renamed onto it when the refine succeeds: an error leaves no partial output behi
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import secrets
@@ -434,6 +435,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
             raise ValueError(f"out_path: '{out_path}' must end in .npy")
         if not out_path.parent.is_dir():
             raise FileNotFoundError(f"out_path: no such directory '{out_path.parent}'")
+        check_name_length(out_path, "out_path")  # before a stat of it fails (ENAMETOOLONG)
         if out_path.is_dir():
             raise ValueError(f"out_path: '{out_path}' is a directory; expected a .npy file path")
         if not os.access(out_path.parent, os.W_OK | os.X_OK):
@@ -471,7 +473,7 @@ def refine_file(probs_path: PathLike, forget: Union[PathLike, ForgetSpec], out_p
                 "_in": (socket.gethostname(), os.path.realpath(src.path), r0, r1)}
 
     # From here on the temporary output may exist: every error removes it.
-    scratch = out_path.with_name(f".{out_path.name}.buffer-{_call_tag()}.npy")
+    scratch = temporary_beside(out_path, "buffer", ".npy")
     try:
         with written_beside(out_path) as tmp:
             (src, r0, r1, mask, c, dev, budget, buf, result, in_dt, sdt), every = \
@@ -527,12 +529,45 @@ def _call_tag() -> str:
     return f"{os.getpid()}-{secrets.token_hex(6)}"
 
 
+def temporary_beside(path: Path, part: str, suffix: str = "") -> Path:
+    """A hidden name beside ``path`` for one call's temporary file: ``.<name>.<part>-<tag>
+    <suffix>``, with the name cut and a hash of it added where the whole would pass the 255 bytes
+    of a file name (a long but valid out_path failed in the temporary's creation, after the
+    solve for ``ppu-fast refine``)."""
+    tail = f".{part}-{_call_tag()}{suffix}"
+    name = path.name
+    if len(os.fsencode(f".{name}{tail}")) > _NAME_MAX:
+        digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:8]
+        keep = _NAME_MAX - len(os.fsencode(tail)) - len(digest) - 2  # the leading '.' and '~'
+        name = os.fsencode(name)[:keep].decode("utf-8", errors="ignore") + "~" + digest
+    return path.with_name(f".{name}{tail}")
+
+
+# The longest file name most file systems take (bytes): ext4, XFS, btrfs, tmpfs, NTFS (in UTF-16
+# units), APFS.
+_NAME_MAX = 255
+
+
+def check_name_length(path: Path, arg: str) -> None:
+    """Refuse an output path whose file name its folder's file system cannot hold, before the
+    work whose result it would take (``os.pathconf``'s limit where it says one)."""
+    limit = _NAME_MAX
+    try:
+        limit = os.pathconf(path.parent if str(path.parent) else ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        pass
+    size = len(os.fsencode(path.name))
+    if size > limit:
+        raise ValueError(f"{arg}: the file name '{path.name[:40]}...' is {size} bytes; expected "
+                         f"at most {limit}, the longest name its folder's file system takes")
+
+
 @contextmanager
 def written_beside(path: Path, suffix: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` (``suffix`` appended: np.save adds ".npy" to a name
     without it) that is renamed onto ``path`` when the block succeeds and removed when it fails:
     an error leaves no partial output behind."""
-    tmp = path.with_name(f".{path.name}.partial-{_call_tag()}{suffix}")
+    tmp = temporary_beside(path, "partial", suffix)
     try:
         yield tmp
         os.replace(tmp, path)

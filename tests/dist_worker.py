@@ -212,6 +212,13 @@ def main(scenario: str, outdir: str) -> None:
         res["empty_out_q"] = empty_out
         res["group_error"] = _error(lambda: ppu_fast.refine(p[s:e], mask[s:e],
                                                             process_group="world"))
+        # A sparse / meta matrix on one rank failed inside torch after the checks, on that rank
+        # only: the other waited in the next collective.
+        dense = torch.as_tensor(p[s:e])
+        res["sparse_error"] = _error(lambda: ppu_fast.refine(
+            dense.to_sparse() if rank == 1 else dense, mask[s:e], process_group=group))
+        res["meta_error"] = _error(lambda: ppu_fast.refine(
+            dense.to("meta") if rank == 1 else dense, mask[s:e], process_group=group))
         # out= the input on every rank, a NaN in rank 1's rows: rank 0's rows are valid, but its
         # pass wrote log P^ over them before the error reached it.
         mine = p[s:e].copy()

@@ -349,6 +349,39 @@ def test_streaming_out_path_is_a_directory(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["p.npy", "q.npy"]
 
 
+def test_a_long_out_path_name_is_written_or_refused_up_front(tmp_path, capsys):
+    """An out_path whose name is valid but within ~30 bytes of the file system's limit failed
+    creating the temporaries beside it (their names add a tag), with chained OSErrors naming a
+    hidden file; ppu-fast refine failed so after the whole solve. A name past the limit is
+    refused before any work, naming the argument."""
+    from ppu_fast.cli import main
+    p = _probs(40, 3, np.float64, seed=2)
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "p16.npy", p.astype(np.float16))  # float16: a scratch buffer file too
+    mask = np.arange(40) < 5
+    np.save(tmp_path / "f.npy", mask)
+    want = refine(p, mask)
+    for src, tol in (("p.npy", 1e-12), ("p16.npy", 2e-3)):
+        long = tmp_path / ("a" * 226 + ".npy")  # 230 bytes: np.save takes it
+        refine_file(tmp_path / src, mask, long)
+        np.testing.assert_allclose(np.load(long).astype(np.float64), want, rtol=0, atol=tol)
+        long.unlink()
+        for stream in ([], ["--chunk-rows", "8"]):
+            assert main(["refine", "--probs", str(tmp_path / src), "--forget",
+                         str(tmp_path / "f.npy"), "--out", str(long), *stream]) == 0
+            capsys.readouterr()
+            np.testing.assert_allclose(np.load(long).astype(np.float64), want, rtol=0, atol=tol)
+            long.unlink()
+    too_long = tmp_path / ("b" * 252 + ".npy")
+    with pytest.raises(ValueError, match=r"out_path: the file name 'b+\.\.\.' is 256 bytes; "
+                                         r"expected at most 255"):
+        refine_file(tmp_path / "p.npy", mask, too_long)
+    assert main(["refine", "--probs", str(tmp_path / "p.npy"), "--forget",
+                 str(tmp_path / "f.npy"), "--out", str(too_long)]) == 2
+    assert "--out: the file name" in capsys.readouterr().err
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["f.npy", "p.npy", "p16.npy"]
+
+
 def test_cli_refine_unreadable_inputs_exit_2(tmp_path, capsys):
     """Unreadable --probs / --forget / --weights files exit 2 naming the flag (numpy's and
     torch's own errors named neither; a corrupt .pt exited 1 with a traceback); --out naming a
@@ -599,7 +632,8 @@ def test_sharded_hostile_cases(tmp_path):
     raises it. Overlapping file ranges counted rows twice; a rank holding no rows could not
     pass a numpy out= (strides (0, 0)); a process_group that is not one got torch's raw error;
     with out= the input on every rank, a bad row on rank 1 was reported on rank 0 without saying
-    that rank 0's input was overwritten too."""
+    that rank 0's input was overwritten too; a sparse or meta matrix on rank 1 failed there
+    alone, inside torch, and rank 0 waited."""
     from dist_worker import mixed_problem, problem as dist_problem
 
     res = _run_ranks(tmp_path, "hostile", 2)
@@ -630,6 +664,11 @@ def test_sharded_hostile_cases(tmp_path):
         assert list(res[r]["leftovers"]) == []
         msg = str(res[r]["group_error"])
         assert msg.startswith("process_group: expected a torch.distributed ProcessGroup"), msg
+        msg = str(res[r]["sparse_error"])
+        assert msg.startswith("probs: a sparse_coo tensor; expected a dense (strided) tensor") \
+            and "[on rank 1]" in msg, msg
+        msg = str(res[r]["meta_error"])
+        assert msg.startswith("probs: a meta tensor holds no data") and "[on rank 1]" in msg, msg
         msg = str(res[r]["in_place_error"])
         assert msg.startswith("probs on rank 1: row 2 contains NaN or Inf (out= is the input"), msg
         assert msg.endswith("out= is the input on rank 0 too: the pass has overwritten its rows "
