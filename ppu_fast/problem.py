@@ -37,6 +37,7 @@ def to_tensor(x, name: str, sequence: bool = False) -> Tuple[torch.Tensor, bool]
     (``refine`` produces targets, not a differentiable layer). ``sequence``: also accept a list
     or tuple of numbers (the vector arguments), read as float64."""
     if isinstance(x, torch.Tensor):
+        check_dense(x, name)
         return x.detach(), False
     if isinstance(x, np.ndarray):
         return _from_numpy(x, name), True
@@ -57,6 +58,18 @@ def to_tensor(x, name: str, sequence: bool = False) -> Tuple[torch.Tensor, bool]
     what = ("a torch.Tensor, numpy.ndarray or list of numbers" if sequence
             else "a torch.Tensor or numpy.ndarray")
     raise TypeError(f"{name}: expected {what}, got {type(x).__name__}")
+
+
+def check_dense(t: torch.Tensor, name: str) -> None:
+    """Refuse a sparse or meta tensor, naming the argument: they failed later inside torch (for
+    a sharded call on their rank alone, after the collective checks, and the other ranks waited
+    in the next collective)."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: a {str(t.layout).replace('torch.', '')} tensor; expected a "
+                        f"dense (strided) tensor ({name}.to_dense())")
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: a meta tensor holds no data; expected a tensor on the CPU or "
+                         f"a CUDA device")
 
 
 def from_numpy_readonly(a: np.ndarray) -> torch.Tensor:
@@ -99,14 +112,7 @@ INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_matrix(x: torch.Tensor, name: str, allow_empty: bool = False) -> Tuple[int, int]:
     """Shape and dtype checks shared by probs, logits and log_p; returns (N, k).
     ``allow_empty``: N == 0 is accepted (one rank's rows of a sharded solve)."""
-    # Refused here, with the other checks: they failed later inside torch, on one rank of a
-    # sharded call only, which left the others waiting in its next collective.
-    if x.layout != torch.strided:
-        raise TypeError(f"{name}: a {str(x.layout).replace('torch.', '')} tensor; expected a "
-                        f"dense (strided) tensor ({name}.to_dense())")
-    if x.device.type == "meta":
-        raise ValueError(f"{name}: a meta tensor holds no data; expected a tensor on the CPU or "
-                         f"a CUDA device")
+    check_dense(x, name)
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D array (N x k), got shape {tuple(x.shape)}")
     if x.dtype not in INPUT_DTYPES:
@@ -147,6 +153,7 @@ def forget_spec(forget_mask, n: int, name: str = "forget_mask"
         raise ValueError(f"{name}: required; pass a bool mask (N,) or row indices "
                          "(an empty index list forgets nothing)")
     if isinstance(forget_mask, torch.Tensor):
+        check_dense(forget_mask, name)
         fm = forget_mask.detach().cpu().numpy()
     elif isinstance(forget_mask, np.ndarray):
         fm = forget_mask
@@ -671,6 +678,8 @@ def check_out(out, x: torch.Tensor, from_numpy: bool) -> Optional[torch.Tensor]:
     if from_numpy != isinstance(out, np.ndarray) or not isinstance(out, (np.ndarray,
                                                                          torch.Tensor)):
         raise TypeError(f"out: expected a {kind} like the input, got {type(out).__name__}")
+    if isinstance(out, torch.Tensor):
+        check_dense(out, "out")
     if from_numpy and not out.flags.writeable:
         raise ValueError("out: the array is read-only (out.flags.writeable is False); expected a "
                          "writable array")

@@ -342,3 +342,33 @@ def test_the_design_doc_is_in_the_repository_and_linked():
     for path in list((ROOT / "ppu_fast").rglob("*.py")) + [ROOT / "README.md"]:
         text = path.read_text()
         assert not re.search(r"(?<!docs/)DESIGN\.md", text), path
+
+
+def test_sparse_and_meta_tensors_are_named():
+    """A sparse or meta tensor as any tensor argument failed inside torch (NotImplementedError,
+    'can't convert Sparse layout', 'Cannot copy out of meta tensor'), or as out= with a message
+    about shared memory; a sharded call's other ranks then waited (test_scaling)."""
+    p, labels = _problem()
+    n, k = p.shape
+    mask = labels == 1
+    lp = torch.log(p)
+    totals = torch.full((k,), n / k, dtype=torch.float64)
+    for kind, convert in (("sparse_coo", lambda t: t.to_sparse()),
+                          ("meta", lambda t: t.to("meta"))):
+        want = ("a sparse_coo tensor; expected a dense (strided) tensor" if kind == "sparse_coo"
+                else "a meta tensor holds no data; expected a tensor on the CPU or a CUDA device")
+        calls = {
+            "probs": lambda: ppu_fast.refine(convert(p), mask),
+            "logits": lambda: ppu_fast.refine(logits=convert(lp), forget_mask=mask),
+            "forget_mask": lambda: ppu_fast.refine(p, convert(torch.as_tensor(mask))),
+            "pseudo": lambda: ppu_fast.refine(p, mask, pseudo=convert(
+                torch.full((int(mask.sum()), k), 1.0 / k))),
+            "marginals": lambda: ppu_fast.refine(p, mask, marginals=convert(totals)),
+            "weights": lambda: ppu_fast.refine(p, mask, weights=convert(torch.ones(n))),
+            "out": lambda: ppu_fast.refine(p, mask, out=convert(torch.empty_like(p))),
+            "log_p": lambda: ppu_fast.solve(convert(lp), torch.ones(n), totals),
+            "alpha": lambda: ppu_fast.targets(lp, torch.ones(n), convert(torch.zeros(k))),
+        }
+        for name, call in calls.items():
+            with pytest.raises((TypeError, ValueError), match=rf"^{name}: {re.escape(want)}"):
+                call()
