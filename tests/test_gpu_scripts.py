@@ -110,3 +110,14 @@ def test_check_script_starts_no_phase_past_its_budget(tmp_path):
     assert res.returncode == 1
     assert phases["info"] == phases["tests"] == phases["bench"] == "TIMEOUT (budget spent)"
     assert "not started" in (out / "bench.log").read_text()
+
+
+def test_check_script_names_a_python_that_cannot_run(tmp_path):
+    """A PYTHON that cannot run (a wrong path in the documented example) stopped the script at
+    its first probe under set -e: exit 127, no summary, nothing in OUTDIR."""
+    out = tmp_path / "out"
+    res = run_check(out, PYTHON=str(tmp_path / "no" / "python"))
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert summary(out) == {"python": "FAIL (cannot run PYTHON)"}
+    assert "set PYTHON to the interpreter that holds torch" in res.stderr
+    assert "GPU check: FAILED" in res.stdout

@@ -117,6 +117,15 @@ record() {  # record NAME RESULT (a phase decided without running a command)
     write_summary
 }
 
+# 0. The interpreter: one that cannot run (a wrong PYTHON) failed the first probe below under
+# set -e, with no summary and nothing in OUTDIR.
+if ! probe "$PY" -c 'import sys' >/dev/null 2>&1; then
+    echo "python: cannot run '$PY'; set PYTHON to the interpreter that holds torch" >&2
+    record python "FAIL (cannot run PYTHON)"
+    echo "GPU check: FAILED (see $OUT/summary.txt)"
+    exit 1
+fi
+
 # 1. Install (build the C++ and CUDA modules in place). The CUDA module takes minutes to build
 # for three targets on few cores, so build only the device's own architecture here; a module
 # prebuilt from the same sources for this Python (PPU_FAST_PREBUILT_CUDA=1, the .so placed in
