@@ -468,13 +468,31 @@ def pyplot() -> Any:
 def save_figure(fig: Any, path: str | Path, *, dpi: int = 110,
                 rect: tuple[float, float, float, float] | None = None) -> Path:
     """Lay ``fig`` out (inside ``rect`` when a caption needs room), write it to ``path`` and close it
-    (a run draws many figures: open ones would pile up in pyplot's registry)."""
+    (a run draws many figures: open ones would pile up in pyplot's registry). Written beside and
+    renamed, as :func:`write_text_whole` writes."""
     import matplotlib.pyplot as plt
+
+    from .stream import written_beside
 
     fig.tight_layout(**({"rect": rect} if rect is not None else {}))
     path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with written_beside(path, path.suffix) as tmp:  # the suffix tells savefig the format
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_text_whole(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it, renamed onto it: an
+    interrupt or a full disk leaves the previous file or the new one, never a truncated one (a
+    truncated results.json failed the tables tool's merge with a JSON error)."""
+    from .stream import written_beside
+
+    path = Path(path)
+    with written_beside(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -590,14 +608,15 @@ def write_results(out_dir: str | Path, config: Mapping[str, Any], methods: Mappi
                               "attack_informative": verdict.attack_informative, "luck": verdict.luck,
                               "lines": verdict.lines}
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
-    paths["json"].write_text(json.dumps(_clean(payload), indent=2) + "\n")
+    write_text_whole(paths["json"], json.dumps(_clean(payload), indent=2) + "\n")
     cfg = ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, (dict, list)))
     cached = sum(bool((run.get("retrain") or {}).get("cached")) for run in per_seed)
     if cached:
         cfg += (f"\n\nRetrain came from the model cache in {cached} of {len(per_seed)} seed(s): its "
                 f"Seconds there are the training time recorded when it was trained, by another run "
                 f"(perhaps on another machine, device or thread count), not measured in this one.")
-    paths["md"].write_text(
+    write_text_whole(
+        paths["md"],
         f"# Unlearning results\n\n{cfg}\n\nErrors in %; MIA is the attacker's accuracy in % (50 is "
         f"ideal); Seconds is the unlearning time (Retrain: its training time)"
         f"; Attack AUC and TPR@x%FPR: the offline LiRA-style attack (members: forget set, non-members: "

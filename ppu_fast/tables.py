@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import report
-from .report import LAM_ROW, differs, pyplot, save_figure, seeds_note, spread
+from .report import LAM_ROW, differs, pyplot, save_figure, seeds_note, spread, write_text_whole
 
 PAPER_FILE = Path(__file__).with_name("paper_numbers.json")
 SMALL_SCALE = ("digits5", "cifar5")
@@ -628,7 +628,7 @@ def write_tables(out_dir: str | Path, config: Mapping[str, Any], methods: Mappin
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {key: out / name for key, name in TABLE_FILES.items()}
-    paths["tables"].write_text(render(config, methods, seeds=seeds, per_seed=per_seed), encoding="utf-8")
+    write_text_whole(paths["tables"], render(config, methods, seeds=seeds, per_seed=per_seed))
     ctx = context(config)
     where = f"{ctx['dataset']} / {ctx['model']}{' / ' + ctx['scenario'] if ctx['scenario'] else ''}"
     if not histories and history:

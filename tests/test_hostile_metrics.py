@@ -615,3 +615,26 @@ def test_info_says_an_environment_every_refine_would_refuse(monkeypatch):
     out = subprocess.run([sys.executable, "-m", "ppu_fast.info"], capture_output=True, text=True,
                          env=env, timeout=300, check=True).stdout
     assert "environment: invalid, every refine refuses it: PPU_FAST_HOST_CACHE_MB" in out
+
+
+def test_an_interrupted_write_leaves_the_previous_results_whole(tmp_path, monkeypatch):
+    """results.json / .md / .png and tables.md were written in place: an interrupt (or a full
+    disk) in the middle left a truncated file, and the tables tool's merge then failed on its
+    JSON. Now each goes through a file beside it, renamed onto it."""
+    from pathlib import Path
+
+    methods = {"retrain": {"test_error": 1.0, "forget_error": 5.0}}
+    write_results(tmp_path, {}, methods)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = Path.write_text
+
+    def half_then_interrupt(self, data, *a, **kw):
+        real(self, data[: len(data) // 2], *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_results(tmp_path, {}, {"retrain": {"test_error": 2.0, "forget_error": 6.0}})
+    monkeypatch.setattr(Path, "write_text", real)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no hidden leftovers
+    assert json.loads((tmp_path / "results.json").read_text())["methods"] == methods
