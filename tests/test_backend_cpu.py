@@ -717,3 +717,54 @@ def test_dense_hessian_above_128_for_a_stalled_diagonal_newton(isa, n, k, dtype)
         log_p, inv_c, alpha = make_case(n, k, dtype, margin=margin, seed=k + n)
         check_step(be, log_p, inv_c, alpha, True)
         check_step(be, log_p, inv_c, alpha, "exact")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_row_sums_at_the_tolerance_are_judged_as_the_reference_judges_them(isa, dtype) -> None:
+    """Rows whose sum is off by tol plus or minus 1e-11 .. 1e-5: the cpu kernels flagged rows by
+    float32 sums against tol rounded to float32, and let rows up to ~k * 6e-8 past tol through
+    that the reference (the float64 sum) refused. Every row of each matrix is judged alone."""
+    from ppu_fast.backends.torch_ref import TorchBackend
+    from ppu_fast.problem import row_sum_tol
+
+    be, ref = CpuBackend(isa=isa), TorchBackend()
+    tol = row_sum_tol(dtype)
+    rng = np.random.default_rng(11)
+    disagree = []
+    for k in (3, 10, 15, 16, 17, 100, 1000):
+        for trial in range(12):
+            p = rng.dirichlet(np.full(k, 0.5))
+            sign = rng.choice([-1.0, 1.0])
+            delta = sign * tol + rng.choice([-1.0, 1.0]) * 10.0 ** rng.uniform(-11, -5)
+            x = torch.tensor(p * (1.0 + delta), dtype=dtype).reshape(1, k)
+            if trial % 3 == 2:  # a strided view
+                x = torch.cat([x, x], dim=1)[:, ::2]
+            for out_dtype in {compute_dtype(dtype), torch.float32}:
+                if dtype == torch.float64 or out_dtype == torch.float32:
+                    got = be.prepare(x, "probs", None, None, torch.empty(x.shape, dtype=out_dtype),
+                                     None, False, tol).error
+                    want = ref.prepare(x, "probs", None, None,
+                                       torch.empty(x.shape, dtype=out_dtype), None, False,
+                                       tol).error
+                    if got != want:
+                        exact = float(x.double().sum()) - 1.0
+                        disagree.append((k, trial, str(out_dtype), exact, got, want))
+    assert not disagree, disagree[:5]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [16, 17, 40, 100])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_prepare_takes_a_fill_at_any_alignment(isa: str, k: int, out_dtype) -> None:
+    """The forget rows' fill was read with aligned vector loads where k >= 16: a fill that is a
+    view at an offset (or numpy memory, 16-byte aligned) crashed the process on AVX-512."""
+    be = CpuBackend(isa=isa)
+    g = torch.Generator().manual_seed(k)
+    x = torch.softmax(torch.randn(300, k, generator=g), 1)
+    forget = torch.rand(300, generator=g) < 0.3
+    whole = torch.log_softmax(torch.randn(k + 16, generator=g), 0)
+    for offset in (1, 3, 4, 8):
+        fill = whole[offset:offset + k]  # contiguous, 4 * offset bytes past an aligned start
+        assert fill.data_ptr() % 64 != 0
+        check_prepare(be, x, "probs", forget, fill, out_dtype, torch.ones(300), True)

@@ -288,7 +288,7 @@ void prepare(uintptr_t x, int x_dtype, int64_t n, int64_t k, int64_t sr, int64_t
   p.mode = mode;
   p.forget = ptr<const uint8_t>(forget);
   p.fill = ptr<const float>(fill);
-  p.tol = static_cast<float>(tol);
+  p.tol = tol;
   p.out = ptr<void>(out);
   p.out_dtype = out_dtype; p.osr = osr; p.osc = osc;
   p.stream_out = out && out != x && out_dtype == F32 && osc == 1 &&

@@ -237,6 +237,17 @@ static inline bool sampled_row(const Params& P, int64_t i) {
   return P.hmode == H_FULL && ((i / ROW_UNIT) % P.hstride) == 0;
 }
 
+// The threshold the vector checks flag a probability row's |sum - 1| with: tol less a bound on
+// the rounding of a sum of `adds` additions of nonnegative terms in precision `unit` (the sum's
+// own relative error is at most adds * unit), so that every row whose exact sum is off by more
+// than tol is flagged, and classify_row, which sums in float64 like the reference, decides. (The
+// float32 sums compared with tol rounded to float32 let rows off by up to ~k * 6e-8 more than
+// tol through, which the reference and the GPU backends refused.) Negative when tol is below the
+// bound: then every row is flagged.
+static inline double flag_tol(double tol, double adds, double unit) {
+  return tol - (adds + 2.0) * unit * (1.0 + tol);
+}
+
 // The exact fault kind of row i of the input (scalar; only for rows the vector checks flagged).
 static int classify_row(const Params& P, int64_t i) {
   const int64_t k = P.k;
@@ -453,7 +464,9 @@ static inline void lanes_prepare_block(const Params& P, LaneScratch<S>& sc, int6
   if (P.mode == MODE_PROBS) {
     const V dev = S::sub(s, one);
     const V adev = S::max(dev, S::sub(S::zero(), dev));
-    flag = S::blend(S::gt(adev, S::set1(P.tol)), one, S::zero());            // NaN s: not > tol
+    // Each lane sums its row's k entries one by one in float32.
+    const float thr = static_cast<float>(flag_tol(P.tol, static_cast<double>(k), 0x1p-24));
+    flag = S::blend(S::gt(adev, S::set1(thr)), one, S::zero());              // NaN s: not > thr
     flag = S::max(flag, S::blend(S::eq(S::sub(s, s), S::zero()), S::zero(), one));
     flag = S::max(flag, S::blend(S::lt(mn, S::zero()), one, S::zero()));
   } else if (P.mode == MODE_LOGITS) {
@@ -982,8 +995,10 @@ static inline void row_store_out(const Params& P, int64_t i, const float* v) {
       for (; j + W <= k; j += W) S::stream(o + j, S::loadu(v + j));
     } else if (P.out_dtype == F32) {
       float* o = static_cast<float*>(P.out) + i * P.osr;
-      for (; j < kv; j += W) S::storeu(o + j, S::load(v + j));
-      // v may be the caller's fill (k floats, no padding): read its tail masked too.
+      for (; j < kv; j += W) S::storeu(o + j, S::loadu(v + j));
+      // v may be the caller's fill (k floats, no padding, any alignment: unaligned loads; an
+      // aligned one crashed on a fill that is a view at an offset or numpy memory): read its
+      // tail masked too.
       if (j < k) {
         // The partial last vector: a whole vector ending at column k (it rewrites the columns
         // before j with the same values) where the row is that long, else masked. A masked
@@ -995,10 +1010,10 @@ static inline void row_store_out(const Params& P, int64_t i, const float* v) {
       return;
     } else if (P.out_dtype == F16) {
       uint16_t* o = static_cast<uint16_t*>(P.out) + i * P.osr;
-      for (; j < kv; j += W) S::store_f16(o + j, S::load(v + j));
+      for (; j < kv; j += W) S::store_f16(o + j, S::loadu(v + j));
     } else {
       uint16_t* o = static_cast<uint16_t*>(P.out) + i * P.osr;
-      for (; j < kv; j += W) S::store_bf16(o + j, S::load(v + j));
+      for (; j < kv; j += W) S::store_bf16(o + j, S::loadu(v + j));
     }
   }
   for (; j < k; ++j) store_scalar(P.out, P.out_dtype, i * P.osr + j * P.osc, v[j]);
@@ -1061,7 +1076,10 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
   for (j = k; j < kp; ++j) x[j] = P.mode == MODE_PROBS ? 0.0f : -INFINITY;
   const double s = static_cast<double>(S::hsum(vs)) + s_tail;
   bool flagged;
-  if (P.mode == MODE_PROBS) flagged = !(std::fabs(s - 1.0) <= P.tol) || !(mn >= 0.0f);
+  // Each lane sums ceil(k / W) entries, then the lanes are added (log2 W), all in float32.
+  if (P.mode == MODE_PROBS)
+    flagged = !(std::fabs(s - 1.0) <= flag_tol(P.tol, static_cast<double>(k / S::W + 2 * S::W),
+                                               0x1p-24)) || !(mn >= 0.0f);
   else if (P.mode == MODE_LOGITS) flagged = !std::isfinite(s);
   else flagged = !(s < INFINITY) || !(mx > -INFINITY);  // NaN, +inf, or no finite entry
   if (flagged && *err < 0) {

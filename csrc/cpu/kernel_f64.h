@@ -210,7 +210,9 @@ static inline void f64_prepare_row(const Params& P, F64Scratch& rs, int64_t i, i
     mx = v > mx ? v : mx;
   }
   bool flagged;
-  if (P.mode == MODE_PROBS) flagged = !(std::fabs(s - 1.0) <= P.tol) || !(mn >= 0.0);
+  if (P.mode == MODE_PROBS)
+    flagged = !(std::fabs(s - 1.0) <= flag_tol(P.tol, static_cast<double>(k + W), 0x1p-53)) ||
+              !(mn >= 0.0);
   else if (P.mode == MODE_LOGITS) flagged = !std::isfinite(s);
   else flagged = !(s < INFINITY) || !(mx > -INFINITY);  // NaN, +inf, or no finite entry
   if (flagged && *err < 0) {

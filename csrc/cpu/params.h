@@ -59,7 +59,8 @@ struct Params {
   const float* fill;    // (k,) log pseudo-probabilities for forget rows, or null
   const float* qfill;   // (k,) softmax(fill), when fill and stats
   float lzfill;         // logsumexp(fill)
-  float tol;            // probabilities: |row sum - 1| <= tol
+  double tol;           // probabilities: |row sum - 1| <= tol, the sum in float64 (as the
+                        // reference's); the vector checks flag rows with flag_tol (below)
   // Fixed partition of the rows into ranges (independent of the thread count): range r is rows
   // [r * range_rows, min(n, (r + 1) * range_rows)). Each range writes its own partial sums, and
   // the binding adds the partials in range order, so results are bit-identical for any number
