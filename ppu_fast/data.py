@@ -302,6 +302,14 @@ class _CpuDrawIterator:
             return next(self._it)
 
 
+def check_map_style(data: object, name: str) -> None:
+    """Refuse an IterableDataset as ``name``: the methods and the metrics index the examples and
+    count them (len)."""
+    if isinstance(data, IterableDataset):
+        raise TypeError(f"{name} is an IterableDataset; expected a map-style Dataset (len and "
+                        f"indexing) of (x, y) pairs")
+
+
 def loader_examples(loader: DataLoader, arg: str) -> Dataset:
     """The examples a loader visits, as a Dataset: its dataset when it visits all of it once (the
     plain sequential or shuffled loader), else the ``Subset`` its sampler draws, each example once

@@ -30,14 +30,16 @@ def report() -> List[str]:
     # What every refine would refuse in the environment, on any device: an unknown backend name,
     # a CPU ISA typo, a bad host-cache limit. (Checking the override against a CPU tensor called
     # a valid PPU_FAST_BACKEND=cuda invalid: that backend serves CUDA tensors only.)
-    from .backends import BACKEND_NAMES
+    from .backends import env_backend_name
     from .backends.cpu import check_host_cache_env, check_isa
     problems = []
     override = os.environ.get("PPU_FAST_BACKEND")
-    bad_name = bool(override) and override != "auto" and override not in BACKEND_NAMES
-    if bad_name:
-        problems.append(f"PPU_FAST_BACKEND: unknown backend name {override!r}; expected 'auto' or "
-                        f"one of {list(BACKEND_NAMES)}, or the variable unset")
+    try:
+        env_backend_name()
+        if override:
+            lines.append(f"PPU_FAST_BACKEND={override} (overrides backend='auto')")
+    except ValueError as exc:
+        problems.append(str(exc))
     isa = os.environ.get("PPU_FAST_CPU_ISA", "")
     for check in ((lambda: check_isa(isa, "PPU_FAST_CPU_ISA")) if isa and isa != "auto" else None,
                   check_host_cache_env):
@@ -47,8 +49,6 @@ def report() -> List[str]:
             check()
         except (ValueError, RuntimeError) as exc:
             problems.append(str(exc))
-    if override and not bad_name:
-        lines.append(f"PPU_FAST_BACKEND={override} (overrides backend='auto')")
     for why in problems:
         lines.append(f"environment: invalid, every refine refuses it: {why}")
     lines.append("backends:")

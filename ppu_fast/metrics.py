@@ -12,10 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .caller_state import _dtype_name, eval_mode, forward_failed, is_int, is_real
-from .data import dataset_targets, host_array, loader_examples, make_loader, named_batches
+from .data import (check_map_style, dataset_targets, host_array, loader_examples, make_loader,
+                   named_batches)
 from .training import resolve_device
 
 
@@ -279,9 +280,7 @@ def _examples(data: Dataset | DataLoader, name: str) -> Dataset | DataLoader:
     # labels are read (they failed there with numpy's, torch's or a KeyError's words).
     _check_data(data, name)
     data = loader_examples(data, name) if isinstance(data, DataLoader) else data
-    if isinstance(data, IterableDataset):
-        raise TypeError(f"{name} is an IterableDataset; expected a map-style Dataset (len and "
-                        f"indexing) of (x, y) pairs")
+    check_map_style(data, name)
     if hasattr(data, "__len__") and len(data) > 0:
         item = data[0]
         if not (isinstance(item, (tuple, list)) and len(item) == 2):

@@ -111,8 +111,8 @@ INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_matrix(x: torch.Tensor, name: str, allow_empty: bool = False) -> Tuple[int, int]:
     """Shape and dtype checks shared by probs, logits and log_p; returns (N, k).
-    ``allow_empty``: N == 0 is accepted (one rank's rows of a sharded solve)."""
-    check_dense(x, name)
+    ``allow_empty``: N == 0 is accepted (one rank's rows of a sharded solve). ``x`` as
+    :func:`to_tensor` returned it (which refused a sparse or meta tensor)."""
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D array (N x k), got shape {tuple(x.shape)}")
     if x.dtype not in INPUT_DTYPES:

@@ -64,6 +64,17 @@ def check_backend_name(name: object) -> None:
                          f"{list(BACKEND_NAMES)}")
 
 
+def env_backend_name() -> str:
+    """The backend ``PPU_FAST_BACKEND`` names ("auto" when unset or empty), or the ValueError for
+    a name no backend has."""
+    name = os.environ.get("PPU_FAST_BACKEND", "auto") or "auto"
+    if name != "auto" and name not in _SPECS:
+        raise ValueError(f"PPU_FAST_BACKEND: unknown backend name {name!r} (the environment "
+                         f"variable replaces backend='auto'); expected 'auto' or one of "
+                         f"{list(BACKEND_NAMES)}, or the variable unset")
+    return name
+
+
 def get_backend(name: str, log_p: torch.Tensor, shape: Optional[Tuple[int, int]] = None
                 ) -> Backend:
     """Resolve ``name`` ("auto" or a backend name) to a backend able to run on ``log_p``;
@@ -74,7 +85,7 @@ def get_backend(name: str, log_p: torch.Tensor, shape: Optional[Tuple[int, int]]
     # call, must say so or the caller looks for a backend= argument that is not there.
     source = ""
     if name == "auto":
-        name = os.environ.get("PPU_FAST_BACKEND", "auto") or "auto"
+        name = env_backend_name()
         if name != "auto":
             source = " (from the environment variable PPU_FAST_BACKEND, which replaces 'auto')"
     if log_p.device.type == "cpu" and name in ("auto", "cpu"):
@@ -92,11 +103,6 @@ def get_backend(name: str, log_p: torch.Tensor, shape: Optional[Tuple[int, int]]
                 return load(cand)[0]  # type: ignore[return-value]
             tried.append(f"{cand}: {'; '.join(why)}")
         raise RuntimeError("backend: no backend can run on this input:\n  " + "\n  ".join(tried))
-    if name not in _SPECS:
-        # Only a name from the environment gets here: check_backend_name refused the others.
-        raise ValueError(f"PPU_FAST_BACKEND: unknown backend name {name!r} (the environment "
-                         f"variable replaces backend='auto'); expected 'auto' or one of "
-                         f"{list(BACKEND_NAMES)}, or the variable unset")
     why = reasons(name, log_p)
     if why:
         raise RuntimeError(f"backend: {name!r}{source} cannot run on this input ({log_p.dtype}, "

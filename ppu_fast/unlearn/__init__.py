@@ -15,12 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from ..callable_module import make_callable
 from ..caller_state import (check_finite_options, check_flag, check_seed, is_int, is_real,
                             keeps_caller_state)
-from ..data import loader_examples
+from ..data import check_map_style, loader_examples
 from ..torch_defaults import training_grad_mode
 from ..training import resolve_device
 
@@ -161,9 +161,7 @@ def _as_dataset(data: object, arg: str, allow_none: bool = False) -> Dataset | N
     if not isinstance(data, Dataset):
         raise TypeError(f"{arg} must be a torch Dataset or DataLoader of (x, y) pairs, got "
                         f"{type(data).__name__}")
-    if isinstance(data, IterableDataset):
-        raise TypeError(f"{arg} is an IterableDataset; expected a map-style Dataset (len and "
-                        f"indexing) of (x, y) pairs")
+    check_map_style(data, arg)
     if isinstance(data, (Subset, ConcatDataset)):
         try:
             _sources(data, arg)  # a Subset index out of range is named before data[0] reads it
