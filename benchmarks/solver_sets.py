@@ -95,9 +95,9 @@ def run_set(name: str, backend: str) -> Dict[str, object]:
     failed = [0]
     write = solver._write_final
 
-    def counted(*a, **kw):  # a failed prediction returns None (Q not written)
+    def counted(*a, **kw):  # (written, trial): a failed prediction did not write Q
         out = write(*a, **kw)
-        failed[0] += out is None
+        failed[0] += not out[0]
         return out
 
     solver._write_final = counted

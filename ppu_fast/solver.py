@@ -131,6 +131,12 @@ DIVERGED_LOGIT = 1e4
 # 2,663 -> 2,664, the solver grid 405 -> 410 (a 1.66x rise at 20,000 x 10, lam 100, that helped is
 # now refused), all converged either way.
 RES_GROWTH_MAX = 1.5
+# The last pass writes Q when res * (res / res_prev) <= this times tol (_solve_loop). A failed
+# prediction costs a prepare (the line search reuses its pass); on the four sets of
+# benchmarks/solver_sets.py (cost528 / weights288 / rare120 / saturated200, passes + separate
+# materialize + failed predictions) 1: 2,850 / 2,927 / 3,648 / 4,382; 1.5: 2,853 / 2,929 / 3,689 /
+# 4,376; 2: 2,859 / 2,947 / 3,723 / 4,373 (rare120 loses most: early misses disable the write).
+FINAL_PREDICT_SLACK = 1.0
 # Newton's equation for a class total is log s_j = log M_j while s_j is within this many
 # e-folds of M_j, linear beyond (_log_residual). Measured (cpu; solver grid, the 288-refine set
 # of docs/solver.md): plain Newton 410 / 2,839 passes; spans 1 / 2 / 3 / 5 / unlimited 385 / 375 /
@@ -291,7 +297,7 @@ class FinalPass(NamedTuple):
     one that writes Q, is one pass too many. ``write(alpha)`` writes Q(alpha) (alpha (k,) float64,
     the kernels' gauge) over the solver's buffer and returns ``(colsum (k,), wlogz)`` of the rows
     it wrote, in the same pass; ``restore()`` puts log P^ back in the buffer, for the rare
-    prediction that fails (the solve then goes on exactly as without ``final``).
+    prediction that fails (the line search then takes that pass as its first trial).
     """
 
     write: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
@@ -478,7 +484,8 @@ def _dense_direction_numpy(h: np.ndarray, grad: np.ndarray) -> np.ndarray:
 
 
 def _line_search(ev: _Evaluator, alpha, d, grad, g, res, t0: float = 1.0, hessian=None,
-                 tol: float = 0.0, growth: float = math.inf, interpolate: bool = False):
+                 tol: float = 0.0, growth: float = math.inf, interpolate: bool = False,
+                 known: Optional[Tuple[np.ndarray, float, float, float]] = None):
     """Armijo backtracking on g. Near the optimum g's float rounding hides real progress: a gain
     in g only counts when it exceeds g's rounding noise, and a step that leaves g unchanged
     within that noise is accepted when it decreases the residual sufficiently; a step that
@@ -490,14 +497,19 @@ def _line_search(ev: _Evaluator, alpha, d, grad, g, res, t0: float = 1.0, hessia
     refusal skipped octaves, and at 1,500 x 10, margin 30, lam 1e-10 (float32) the one step
     g accepted (8.5e-9 of a 1.5e9-logit direction) lay between two trials, and the line search
     failed (benchmarks/lam_range.py). Returns the new state, or None when no step is accepted
-    within the pass budget."""
+    within the pass budget. ``known``: (grad, g, res, g_noise) of the trial t0, evaluated
+    without H (a failed last-pass prediction): accepted, it returns H = None (the caller keeps
+    its previous H for one direction)."""
     slope = float(grad @ d)
     t = t0
     noise = ev.g_noise
     t_min = min(MIN_STEP, t0 / 2.0 ** BELOW_FLOOR_HALVINGS)
-    while t >= t_min and ev.passes < ev.max_passes:
+    while t >= t_min and (known is not None or ev.passes < ev.max_passes):
         a_new = alpha + t * d
-        grad_n, g_n, h_n, res_n = ev(a_new, hessian)
+        if known is not None:
+            (grad_n, g_n, res_n, ev.g_noise), h_n, known = known, None, None
+        else:
+            grad_n, g_n, h_n, res_n = ev(a_new, hessian)
         if _accepted(g_n, res_n, g, res, t, slope, max(noise, ev.g_noise), tol, growth):
             return a_new, grad_n, g_n, h_n, res_n, t
         shortfall = slope * t - (g_n - g)
@@ -530,20 +542,19 @@ def _accepted(g_n: float, res_n: float, g: float, res: float, t: float, slope: f
 
 def _write_final(ev: "_Evaluator", final: FinalPass, alpha: np.ndarray, d: np.ndarray, t0: float,
                  tol: float):
-    """Newton's predicted last step, written as Q: the new state when Q(alpha + t0 d) has
-    converged (the buffer then holds it), else None with log P^ restored and the evaluator's
-    noise estimate as it was (the pass stays counted, and in ``history``)."""
-    a_new = alpha + t0 * d
+    """Newton's predicted last step, written as Q. Returns ``(written, (grad, g, res, g_noise))``
+    of Q(alpha + t0 d): ``written`` when it has converged (the buffer then holds Q), else log P^
+    is restored and the trial is the line search's first (its pass is not taken again)."""
+    a_k = gauge_for_kernels(alpha + t0 * d)
     noise = ev.g_noise
-    a_k = gauge_for_kernels(a_new)
     colsum, wlogz, _ = host_step(*final.write(torch.from_numpy(a_k)))
     ev.steps += 1
     grad_n, g_n, _, res_n = ev.record(a_k, colsum, wlogz, None)
-    if res_n <= tol and math.isfinite(g_n):
-        return a_new, grad_n, g_n, res_n
-    final.restore()
-    ev.g_noise = noise
-    return None
+    written = res_n <= tol and math.isfinite(g_n)
+    if not written:
+        final.restore()
+        noise, ev.g_noise = ev.g_noise, noise  # the line search sets it as its own pass would
+    return written, (grad_n, g_n, res_n, noise)
 
 
 def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
@@ -655,21 +666,22 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
                 d = _newton_direction(h, grad)
                 spread = float(d.max() - d.min()) * inv_c_max
             t0 = min(t_next, cap / spread) if spread > 0 else t_next
+            trial = None
             # Near the optimum the residual shrinks faster than linearly, so after a step taken
             # whole res * (res / res_prev) bounds the next one: when that is below tol, write Q
             # with this pass (once: a prediction that failed says the model does not hold here).
             if (final is not None and t0 == t_next and res_prev < math.inf
-                    and res * (res / res_prev) <= tol and ev.passes < max_iter):
-                done = _write_final(ev, final, alpha, d, t0, tol)
-                if done is not None:
-                    alpha, grad, g, res = done
-                    alpha = _centred(alpha)
+                    and res * (res / res_prev) <= FINAL_PREDICT_SLACK * tol
+                    and ev.passes < max_iter):
+                written, trial = _write_final(ev, final, alpha, d, t0, tol)
+                if written:
+                    alpha, (grad, g, res, _) = _centred(alpha + t0 * d), trial
                     materialized = True
                     break
                 final = None
             res_prev = res
             out = _line_search(ev, alpha, d, grad, g, res, t0, tol=tol, growth=RES_GROWTH_MAX,
-                               interpolate=True)
+                               interpolate=True, known=trial)
             # A capped step taken whole says the cap, not the model, limited it: when the rows
             # that must move are heavy (inv_c << max inv_c, e.g. forget rows at lam = 1e-8) the
             # solution lies ~1 / inv_c away, and a fixed cap would need a million passes. Unless

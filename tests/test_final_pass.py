@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ppu_fast
+from ppu_fast import solver
 from conftest import confident_classifier
 from oracle import oracle_step
 
@@ -82,37 +83,53 @@ def test_refine_ends_on_the_pass_that_writes_q(pseudo: str, k: int) -> None:
 
 @pytest.mark.parametrize("pseudo", ["uniform", "random"])
 @pytest.mark.parametrize("logits", [False, True])
-def test_mispredicted_last_pass_rebuilds_log_p(monkeypatch, pseudo: str, logits: bool) -> None:
-    """A fused pass whose Q is rejected leaves Q in the buffer: refine rebuilds log P^ (pseudo
-    rows included) and goes on exactly as without the fused pass: the same Q, bit for bit, one
-    pass later."""
+@pytest.mark.parametrize("how", ["short", "refused"])
+def test_mispredicted_last_pass_rebuilds_log_p(monkeypatch, pseudo: str, logits: bool,
+                                               how: str) -> None:
+    """A fused pass whose Q has not converged leaves Q in the buffer: refine rebuilds log P^
+    (pseudo rows included), the line search takes that pass as its first trial (the point is
+    not evaluated again), and the solve ends on the Q it reaches without the fused pass.
+    "short": an honest pass that falls short of tol (predicted at the first chance, float64,
+    tol 1e-10), accepted by the line search; "refused": one whose sums are far off, refused."""
     y, p = confident_classifier(20_000, 10, seed=3)
+    p = p.double()
     x = torch.log(p) + 3.0 if logits else p
+    x_before = x.clone()
     mask = y == 0
-    kw = dict(pseudo=pseudo, backend="cpu", return_info=True)
+    kw = dict(pseudo=pseudo, backend="cpu", return_info=True, tol=1e-10)
     kw["logits" if logits else "probs"] = x
 
     monkeypatch.setattr(CpuBackend, "fused_materialize", False)
     q_plain, info_plain = ppu_fast.refine(forget_mask=mask,
                                           generator=torch.Generator().manual_seed(1), **kw)
-    assert not info_plain.materialized
+    assert not info_plain.materialized and info_plain.converged
     monkeypatch.setattr(CpuBackend, "fused_materialize", True)
+    monkeypatch.setattr(solver, "FINAL_PREDICT_SLACK", 1e12)  # predicted while far from tol
 
-    real = CpuBackend.materialize_sums
-    calls = []
+    real_write, real_bind = CpuBackend.materialize_sums, CpuBackend.bind_step
+    written, stepped = [], []
 
-    def rejected(self, log_p, inv_c, alpha, out):
-        colsum, wlogz = real(self, log_p, inv_c, alpha, out)  # Q is now in the buffer
-        calls.append(1)
-        return colsum + 1.0, wlogz  # a residual far above tol: the prediction failed
+    def write(self, log_p, inv_c, alpha, out):
+        colsum, wlogz = real_write(self, log_p, inv_c, alpha, out)  # Q is now in the buffer
+        written.append(alpha.clone())
+        return (colsum + 1.0 if how == "refused" else colsum), wlogz
 
-    monkeypatch.setattr(CpuBackend, "materialize_sums", rejected)
+    def bind(self, log_p, inv_c):
+        run = real_bind(self, log_p, inv_c)
+
+        def spied(alpha, hessian):
+            stepped.append(torch.from_numpy(alpha.copy()))
+            return run(alpha, hessian)
+        return spied
+
+    monkeypatch.setattr(CpuBackend, "materialize_sums", write)
+    monkeypatch.setattr(CpuBackend, "bind_step", bind)
     q, info = ppu_fast.refine(forget_mask=mask, generator=torch.Generator().manual_seed(1), **kw)
-    assert calls == [1] and not info.materialized and info.converged
-    assert torch.equal(q, q_plain)
-    assert torch.equal(info.alpha, info_plain.alpha)
-    assert info.iterations == info_plain.iterations + 1
-    assert torch.equal(x, p if not logits else torch.log(p) + 3.0), "refine modified its input"
+    assert len(written) == 1 and not info.materialized and info.converged, info.history
+    assert info.residual <= 1e-10
+    assert not any(torch.equal(a, written[0]) for a in stepped), "the trial was evaluated again"
+    torch.testing.assert_close(q, q_plain, rtol=0, atol=1e-8)
+    assert torch.equal(x, x_before), "refine modified its input"
 
 
 def test_in_place_refine_keeps_the_separate_materialize() -> None:
