@@ -513,3 +513,51 @@ def test_overlapping_blocks_in_threads_restore_the_callers_setting():
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+_FORK_SCRIPT = r'''
+import os, signal, sys
+import numpy as np, torch, ppu_fast
+torch.set_num_threads(2)
+torch.log_softmax(torch.randn(400_000, 10), dim=1)  # the parent's OpenMP team exists now
+rng = np.random.default_rng(0)
+n, k = 50_000, 10
+p = rng.random((n, k)); p /= p.sum(1, keepdims=True)
+mask = np.zeros(n, bool); mask[::5] = True
+p32 = torch.from_numpy(p.astype(np.float32))
+calls = {
+    "float16": lambda: ppu_fast.refine(p32.half(), mask),
+    "weights": lambda: ppu_fast.refine(p32, mask, weights=np.full(n, 0.5)),
+    "random": lambda: ppu_fast.refine(p32, mask, pseudo="random",
+                                      generator=torch.Generator().manual_seed(0)),
+    "solve": lambda: ppu_fast.solve(torch.log(p32), np.ones(n), p.sum(0))[0],
+    "uniform": lambda: ppu_fast.refine(p32, mask),
+}
+want = {name: f() for name, f in calls.items()}
+for name, f in calls.items():
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(60)  # a hang ends the child with SIGALRM
+        if name != "uniform":
+            torch.set_num_threads(1)  # the documented advice for a forked child
+        got = f()
+        # numpy compares: torch.equal is itself a parallel torch op.
+        os._exit(0 if np.array_equal(got.numpy(), want[name].numpy()) else 3)
+    _, status = os.waitpid(pid, 0)
+    print(name, os.waitstatus_to_exitcode(status), flush=True)
+'''
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no os.fork here")
+def test_forked_children_finish_as_docs_design_says():
+    """docs/design.md ("Threads, processes"): after the parent ran parallel torch ops, a forked
+    child that sets one torch thread finishes every call with the parent's answer (the 16-bit,
+    weights=, random pseudo and solve paths run torch ops, which hang in libgomp otherwise); a
+    float32 refine with the default uniform pseudo runs none, and finishes on two threads (a
+    fresh pool in the child)."""
+    run = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.split()
+    assert dict(zip(lines[::2], lines[1::2])) == {
+        name: "0" for name in ("float16", "weights", "random", "solve", "uniform")}, run.stdout
