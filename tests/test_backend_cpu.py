@@ -12,6 +12,10 @@ ppu_fast/backends/cpu.py came from median-of-N ``time.perf_counter`` loops aroun
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -533,6 +537,52 @@ def test_small_problems_stay_on_one_thread() -> None:
     assert _C.threads_for(1_000_000, 100, 2) == 2
     assert _C.threads_for(1_000_000, 100, 64) == 64
     assert _C.threads_for(300_000, 1, 64) == 300_000 // _C.MIN_WORK
+
+
+_NO_THREADS_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+static int fail = 0;
+void shim_fail(int on) { fail = on; }
+int pthread_create(pthread_t* t, const pthread_attr_t* a, void* (*f)(void*), void* arg) {
+  static int (*real)(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*) = 0;
+  if (!real) real = (int (*)(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*))
+      dlsym(RTLD_NEXT, "pthread_create");
+  return fail ? EAGAIN : real(t, a, f, arg);
+}
+"""
+
+_NO_THREADS_SCRIPT = r"""
+import ctypes, numpy as np, torch, ppu_fast
+torch.set_num_threads(1)  # no pool thread yet, and none of torch's
+g = torch.Generator().manual_seed(0)
+p = torch.softmax(torch.randn(200_000, 10, generator=g), 1)
+mask = torch.arange(200_000) % 7 == 0
+want = ppu_fast.refine(p, mask, backend="cpu").numpy()
+ctypes.CDLL(None).shim_fail(1)  # from here the OS refuses every new thread
+torch.set_num_threads(2)
+for _ in range(2):
+    got = ppu_fast.refine(p, mask, backend="cpu").numpy()  # numpy: torch's ops would want threads
+    assert np.array_equal(got, want)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or shutil.which("cc") is None,
+                    reason="needs Linux and a C compiler (an LD_PRELOAD shim)")
+def test_a_refused_thread_leaves_the_call_on_fewer_threads(tmp_path) -> None:
+    """Where the OS refuses a pool thread (a container's process limit), the kernels run on the
+    threads there are, with the same answer; they raised RuntimeError("Resource temporarily
+    unavailable") from std::thread."""
+    (tmp_path / "shim.c").write_text(_NO_THREADS_SHIM)
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(tmp_path / "shim.so"),
+                    str(tmp_path / "shim.c"), "-ldl"], check=True)
+    env = dict(os.environ, LD_PRELOAD=str(tmp_path / "shim.so"))
+    run = subprocess.run([sys.executable, "-c", _NO_THREADS_SCRIPT], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
 
 
 def test_registry_picks_cpu_for_cpu_tensors() -> None:

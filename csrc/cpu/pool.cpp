@@ -13,6 +13,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 #include <atomic>
@@ -31,10 +32,18 @@ class Pool {
     if (!busy.owns_lock()) return false;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      while (static_cast<int>(threads_.size()) < helpers) {
-        threads_.emplace_back([this] { worker(); });
+      while (static_cast<int>(threads_.size()) < helpers && !refused_) {
+        try {
+          threads_.emplace_back([this] { worker(); });
+        } catch (const std::system_error&) {
+          // The OS refuses another thread (a container's or ulimit's process limit): run with
+          // the helpers there are, as a smaller num_threads would, rather than fail the call.
+          refused_ = true;
+          break;
+        }
         threads_.back().detach();
       }
+      if (static_cast<int>(threads_.size()) < helpers) helpers = static_cast<int>(threads_.size());
       fn_ = fn;
       ctx_ = ctx;
       nranges_ = nranges;
@@ -90,6 +99,7 @@ class Pool {
   uint64_t gen_ = 0;
   int want_ = 0, joined_ = 0, active_ = 0;
   bool open_ = false;
+  bool refused_ = false;  // thread creation failed once: do not retry every call
 };
 
 // Never destroyed: its threads are detached and blocked on a condition variable at exit. A forked
