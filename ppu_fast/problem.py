@@ -9,6 +9,7 @@ temporaries); :func:`raise_row_error` words what a backend reported.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -91,6 +92,19 @@ def from_numpy_readonly(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a)
 
 
+def unmasked(a: np.ndarray, name: str) -> np.ndarray:
+    """A numpy masked array's data when nothing is masked; one with masked entries is refused
+    (their values are whatever the data holds, which np.asarray and torch would read silently)."""
+    if not isinstance(a, np.ma.MaskedArray):
+        return a
+    if np.ma.is_masked(a):
+        first = np.argwhere(np.ma.getmaskarray(a))[0]
+        raise ValueError(f"{name}: a masked array with masked entries (the first at "
+                         f"{tuple(int(i) for i in first)}); expected values for every entry "
+                         f"({name}.filled(...))")
+    return a.data
+
+
 def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
     """``torch.from_numpy`` (no copy), its refusals reworded to name the argument."""
     if any(s < 0 for s in a.strides):
@@ -99,6 +113,11 @@ def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
     if not a.dtype.isnative:
         raise TypeError(f"{name}: byte order of {a.dtype.str} is not this machine's; expected "
                         f"native byte order ({name}.astype('{a.dtype.newbyteorder('=').name}'))")
+    if any(s % a.itemsize for s in a.strides):
+        raise ValueError(f"{name}: strides {a.strides} are not multiples of the element size "
+                         f"{a.itemsize} (e.g. a field of a structured array); expected an array "
+                         f"of whole elements (np.ascontiguousarray({name}))")
+    a = unmasked(a, name)
     try:
         return from_numpy_readonly(a)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -156,26 +175,29 @@ def forget_spec(forget_mask, n: int, name: str = "forget_mask"
         check_dense(forget_mask, name)
         fm = forget_mask.detach().cpu().numpy()
     elif isinstance(forget_mask, np.ndarray):
-        fm = forget_mask
-    elif isinstance(forget_mask, (str, bytes)) or not hasattr(forget_mask, "__len__"):
+        fm = unmasked(forget_mask, name)
+    elif (isinstance(forget_mask, (str, bytes, Mapping))
+          or not hasattr(forget_mask, "__len__")):
+        # A mapping would be read by its keys alone ({0: False, 3: True} forgot rows 0 and 3).
         raise TypeError(f"{name}: expected a bool mask (N,) or integer row indices (tensor, "
                         f"array or sequence), got {type(forget_mask).__name__}")
     else:
         items = list(forget_mask)
+        # bool is an int: one test names an element that is neither (pd.NA, None, 0.5).
+        bad = [v for v in items if not isinstance(v, (bool, np.bool_, int, np.integer))][:1]
+        if bad:
+            raise TypeError(f"{name}: a sequence element is {type(bad[0]).__name__} "
+                            f"({bad[0]!r}); " + MASK_HELP)
         if items and all(isinstance(v, (bool, np.bool_)) for v in items):
             fm = np.asarray(items, dtype=bool)
         elif any(isinstance(v, (bool, np.bool_)) for v in items):
             raise TypeError(f"{name}: a sequence mixing bools and integers; " + MASK_HELP)
-        elif all(isinstance(v, (int, np.integer)) for v in items):
+        else:
             try:
                 fm = np.asarray(items, dtype=np.int64)
             except OverflowError:  # a Python int beyond int64 (2**64 - 1, 10**30)
                 raise _index_out_of_range(next(int(v) for v in items if not -n <= int(v) < n),
                                           n, name) from None
-        else:
-            bad = next(v for v in items if not isinstance(v, (int, np.integer)))
-            raise TypeError(f"{name}: a sequence element is {type(bad).__name__} "
-                            f"({bad!r}); " + MASK_HELP)
     if fm.ndim != 1:
         raise ValueError(f"{name}: expected 1-D (a bool mask (N,) or row indices), got shape "
                          f"{tuple(fm.shape)}")
@@ -691,6 +713,11 @@ def check_out(out, x: torch.Tensor, from_numpy: bool) -> Optional[torch.Tensor]:
         raise ValueError("out: negative strides are not supported")
     if o.requires_grad:
         raise ValueError("out: a tensor that requires grad cannot receive the targets")
+    if o.is_inference() and not torch.is_inference_mode_enabled():
+        # torch refuses in-place writes to these outside inference_mode; the kernels would not.
+        raise ValueError("out: an inference tensor (made under torch.inference_mode) cannot be "
+                         "written outside inference_mode; expected a normal tensor, or call "
+                         "refine inside torch.inference_mode()")
     if o.numel() and _self_overlaps(o):  # numpy gives empty arrays strides (0, 0)
         raise ValueError(f"out: its elements share memory (strides {o.stride()} for shape "
                          f"{tuple(o.shape)}, e.g. from expand()); expected a buffer with one "

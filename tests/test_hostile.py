@@ -68,8 +68,16 @@ def test_integer_indices_stay_indices_and_negative_ones_count_from_the_end():
 @pytest.mark.parametrize("bad,err,msg", [
     ([True, 1, 0], TypeError, "mixing bools and integers"),
     ([0.5, 2], TypeError, "a sequence element is float"),
+    # An element neither bool nor int is named, also beside bools (it was "mixing bools and
+    # integers" with no integer there: a pandas boolean Series holding pd.NA, None, 0.5).
+    ([True, False, None], TypeError, r"a sequence element is NoneType \(None\)"),
+    ([True, 0.5], TypeError, r"a sequence element is float \(0.5\)"),
     ("0,1", TypeError, "forget_mask: expected a bool mask"),
     (3, TypeError, "forget_mask: expected a bool mask"),
+    # A mapping was read by its keys: {0: False, 3: True} forgot rows 0 and 3.
+    ({0: False, 3: True}, TypeError, "forget_mask: expected a bool mask .* got dict"),
+    (np.ma.array([True, False, True], mask=[0, 0, 1]), ValueError,
+     r"forget_mask: a masked array with masked entries \(the first at \(2,\)\)"),
 ])
 def test_malformed_masks(bad, err, msg):
     p, _ = _problem()

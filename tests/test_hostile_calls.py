@@ -345,6 +345,35 @@ def test_numpy_inputs_torch_cannot_wrap_are_refused_by_name():
         ppu_fast.refine(a.astype(">f4"), mask.numpy())
     with pytest.raises(TypeError, match="probs: expected a floating-point dtype"):
         ppu_fast.refine(p.to(torch.float8_e4m3fn), mask)
+    # A field of a structured array: torch refuses its strides, which were reported as
+    # "numpy dtype float64 cannot be read ... expected ... float64".
+    rec = np.zeros(a.shape[0], dtype=[("id", "i1"), ("p", "f4", (a.shape[1],))])
+    rec["p"] = a
+    for kw in ({}, {"out": rec["p"]}):
+        name = "out" if kw else "probs"
+        with pytest.raises(ValueError, match=rf"{name}: strides \(\d+, 4\) are not multiples "
+                                             r"of the element size 4"):
+            ppu_fast.refine(rec["p"] if not kw else a, mask.numpy(), **kw)
+    # Masked entries would be read as whatever the data holds under them.
+    masked = np.ma.array(a, mask=np.zeros(a.shape, dtype=bool))
+    assert np.array_equal(ppu_fast.refine(masked, mask.numpy()), ppu_fast.refine(a, mask.numpy()))
+    masked[3, 1] = np.ma.masked
+    with pytest.raises(ValueError, match=r"probs: a masked array with masked entries \(the "
+                                         r"first at \(3, 1\)\)"):
+        ppu_fast.refine(masked, mask.numpy())
+
+
+def test_an_inference_tensor_is_written_only_inside_inference_mode():
+    """torch refuses in-place writes to an inference tensor outside inference_mode; the kernels,
+    writing through a pointer, did not."""
+    p, mask = _problem()
+    with torch.inference_mode():
+        out = torch.empty_like(p)
+    with pytest.raises(ValueError, match="out: an inference tensor"):
+        ppu_fast.refine(p, mask, out=out)
+    with torch.inference_mode():
+        q = ppu_fast.refine(p, mask, out=out)
+    assert q is out and torch.equal(q, ppu_fast.refine(p, mask))
 
 
 def test_a_generator_that_is_not_one_is_refused_by_name():
