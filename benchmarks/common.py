@@ -194,8 +194,14 @@ def utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
+# The run's start, when the script imported this module (and this checkout's ppu_fast): the
+# commit of the code that runs, and the date a record names, whenever the script writes it (most
+# write their record at the end, and a commit made meanwhile is not the code that ran).
+_STARTED = {"date_utc": utc_now().isoformat(timespec="seconds"), "git_commit": git_commit()}
+
+
 def metadata(device: str) -> Dict[str, object]:
-    """Machine, versions, commit and date of this run."""
+    """Machine, versions, commit and date of this run (commit and date as at its start)."""
     gpu = None
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -204,8 +210,7 @@ def metadata(device: str) -> Dict[str, object]:
                "l2_cache_MiB": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
                "cuda": torch.version.cuda}
     return {
-        "date_utc": utc_now().isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        **_STARTED,
         "machine": {"cpu_model": _cpu_model(), "cpu_cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "gpu": gpu},
@@ -269,7 +274,8 @@ def time_call(fn: Callable[[int], object], device: str, *, budget_s: float = 1.0
     a pair of CUDA events around each call on the current stream (GPU time, including any gap
     the host leaves the GPU idle within the call), synchronised once at the end.
     A first call longer than ``max_case_s`` is returned as the only sample (``reps`` 1).
-    Returns median/q1/q3 in ms, the repeat count, and the first warm-up call's time.
+    Returns median/q1/q3 in ms (:func:`summarize`), the repeat count, and the first warm-up
+    call's time.
     """
     warmup = max(1, warmup)
     first = last = 0.0
@@ -321,15 +327,22 @@ def time_call(fn: Callable[[int], object], device: str, *, budget_s: float = 1.0
     return summarize(samples, first_s=first)
 
 
-def summarize(samples_ms: Sequence[float], first_s: float = float("nan")) -> Dict[str, float]:
+SPREAD_MIN_SAMPLES = 5
+
+
+def summarize(samples_ms: Sequence[float], first_s: float = float("nan")) -> Dict[str, object]:
+    """Median and spread of ``samples_ms``: the quartiles (q1_ms, q3_ms) from
+    ``SPREAD_MIN_SAMPLES`` samples on, below that the smallest and largest sample (``spread`` =
+    "range"): quartiles interpolated between two or three samples are no sample's time (two
+    samples 8,076 and 9,383 ms gave "8,403-9,056")."""
     xs = sorted(samples_ms)
-    if len(xs) >= 2:
+    if len(xs) >= SPREAD_MIN_SAMPLES:
         q = statistics.quantiles(xs, n=4, method="inclusive")
-        q1, q3 = q[0], q[2]
+        q1, q3, spread = q[0], q[2], "iqr"
     else:
-        q1 = q3 = xs[0]
-    return {"median_ms": statistics.median(xs), "q1_ms": q1, "q3_ms": q3, "reps": len(xs),
-            "first_call_s": first_s}
+        q1, q3, spread = xs[0], xs[-1], "range"
+    return {"median_ms": statistics.median(xs), "q1_ms": q1, "q3_ms": q3, "spread": spread,
+            "reps": len(xs), "first_call_s": first_s}
 
 
 # ---------------------------------------------------------------------------------------------

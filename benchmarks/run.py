@@ -134,6 +134,10 @@ def copy_bandwidth(device: str, args) -> Optional[Dict[str, float]]:
     return t
 
 
+# Reads of K per POT iteration: two matrix-vector products, and every 10th iteration's check.
+POT_K_READS = 2.1
+
+
 def pot_per_iteration(log_p: torch.Tensor, marg: torch.Tensor, args) -> Dict[str, object]:
     """Anchor (c): one iteration of POT's numpy ``sinkhorn_knopp`` on the same N x k problem.
 
@@ -367,7 +371,8 @@ def measure_size(n: int, k: int, device: str, args, state, bar) -> List[Dict[str
                 r.update(pot_per_iteration(lps[0], marginals_retain(p, forget), args))
                 t = r["median_ms"] * 1e-3
                 if t > 0:
-                    r["GB_s"] = n * k * elem_bytes / t / 1e9
+                    # K read twice an iteration (K^T u, K v) and once more by every 10th's check.
+                    r["GB_s"] = POT_K_READS * n * k * 4 / t / 1e9
                 state["pot_prev"] = {"elems": n * k, "pot_call_ms": r["pot_call_ms"]}
             except Exception as exc:
                 r["note"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
@@ -385,7 +390,10 @@ def _refine_details(r: Dict[str, object], infos) -> None:
     if not infos or "median_ms" not in r:
         return
     info = infos[-1]
-    r["passes"] = info.steps  # solver passes over the matrix after prepare's (step calls)
+    # The solver's passes over the matrix after prepare's (step calls), the last one writing Q
+    # where the refine fused it (info.materialized: no separate materialize then).
+    r["passes"] = info.steps
+    r["materialized"] = info.materialized
     r["evaluations"] = info.iterations  # the first may come from prepare's pass
     r["converged"] = info.converged
     r["residual"] = info.residual
@@ -480,12 +488,19 @@ def render_markdown(meta, rows, device, state, png_name: Optional[str]) -> str:
     if state["compile_s"]:
         lines.append(f"- torch.compile time spent (excluded from timings): "
                      f"{state['compile_s']:.1f} s")
-    lines += ["", "Median over `reps` repeats after warm-up; IQR = interquartile range. "
-              "G exp/s and GB/s count N*k exps and N*k*4 bytes of log_p per step. "
-              "x vs (a)/(b) = anchor median / this median (> 1 is faster). "
+    lines += ["", "Median over `reps` repeats after warm-up; IQR = interquartile range "
+              "(below 5 repeats: the fastest and slowest repeat, marked (range)). "
+              "G exp/s and GB/s count N*k exps and N*k*4 bytes of log_p per step (POT's row: "
+              f"{POT_K_READS} reads of its float32 K per iteration, two matrix-vector products "
+              "and every 10th iteration's check). "
+              "x vs (a)/(b) = anchor median / this median (> 1 is faster; refine out= and refine "
+              "cold against the anchor's refine). (b) compiles the reference's per-chunk step "
+              "function; its Hessian's Gram product, prepare and materialize run eager "
+              "(benchmarks/README.md). "
               "refine = full `ppu_fast.refine` (Newton, tol 1e-6, lam 1, class unlearning of 10 % "
               "of the rows); `passes` = the solver's passes over the matrix after prepare's (step "
-              "calls); refine / step = refine median / the same backend's step median; the "
+              "calls; where the last one writes Q, `info.materialized`, no materialize pass "
+              "follows); refine / step = refine median / the same backend's step median; the "
               "phases are medians of the refine's own clock (`info.timings`). "
               "refine holds its previous result until the next call returns (as "
               "`q = refine(...)` in a loop), so its fresh N x k result comes from ppu_fast's "
@@ -520,6 +535,8 @@ def render_markdown(meta, rows, device, state, png_name: Optional[str]) -> str:
             iqr = ""
             if r.get("q1_ms") is not None and r.get("q3_ms") is not None:
                 iqr = f"{common.fmt(r['q1_ms'])}-{common.fmt(r['q3_ms'])}"
+                if r.get("spread") == "range":
+                    iqr += " (range)"
             tgt = "; ".join(f"{'MET' if x['met'] else 'MISSED'} {x['text']}"
                             for x in r.get("targets", []))
             if tgt and r.get("target_note"):
@@ -564,7 +581,7 @@ def plot(rows, path: Path, device: str) -> Optional[str]:
             xs, ys = [], []
             for i, s in enumerate(sizes):
                 for r in rows:
-                    # POT's per-iteration time sits beside the steps (one pass each).
+                    # POT's per-iteration time sits beside the steps (an iteration reads K twice).
                     match = r["op"] == op or (op == "step" and r["op"] == "sinkhorn iter")
                     if r["size"] == s and r["impl"] == impl and match and r.get("median_ms"):
                         xs.append(i + (j - (len(impls) - 1) / 2) * width)
