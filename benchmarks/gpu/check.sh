@@ -29,6 +29,8 @@
 #                     names what ran, passed and failed
 #   TOTAL_BUDGET=S    seconds the whole script may take (default 540)
 #   TEST_WORKERS=N    pytest-xdist workers for the tests where xdist is installed (default 6)
+#   PPU_FAST_COMMIT=SHA  the commit the benchmark record names, for a copy of the tree without
+#                     .git (the device tool's); without it the record says "unknown"
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
