@@ -585,6 +585,30 @@ def test_a_refused_thread_leaves_the_call_on_fewer_threads(tmp_path) -> None:
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_wide_rows_sum_without_the_float32_bias(isa: str) -> None:
+    """At k = 100,000 a plain float32 sum of e = exp(x - m) per lane dropped the terms below half
+    an ulp of its running sum: row sums low, every q high, sum(colsum) / N - 1 = +2.3e-6, a
+    residual floor above tol 1e-6 (a refine stalled). Wide rows sum compensated: the column sums
+    of the step, of its diagonal-Hessian variant and of prepare's first evaluation ("log_p") add
+    up to N within float32's tol floor (checked also against float64 row by row)."""
+    n, k = 24, 100_000
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, k, generator=g) * 3
+    x[torch.arange(n), torch.randint(0, k, (n,), generator=g)] += 9  # peaked rows
+    log_p = torch.log_softmax(x.double(), dim=1).float()
+    inv_c = torch.ones(n)
+    alpha = torch.zeros(k, dtype=torch.float64)
+    be = CpuBackend(isa=isa, num_threads=1)
+    q64 = torch.softmax(log_p.double(), dim=1)
+    for hessian in (False, "diag"):
+        colsum, _, _ = be.step(log_p, inv_c, alpha, hessian)
+        assert abs(float(colsum.sum()) / n - 1.0) < 2e-8, hessian
+        torch.testing.assert_close(colsum.double(), q64.sum(0), rtol=1e-5, atol=1e-9)
+    first = be.prepare(log_p, "log_p", None, None, None, inv_c, "diag").first
+    assert abs(float(first[0].sum()) / n - 1.0) < 2e-8
+
+
 def test_registry_picks_cpu_for_cpu_tensors() -> None:
     log_p, _, _ = make_case(10, 3)
     assert get_backend("cpu", log_p).name == "cpu"

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import ppu_fast
+
 from backend_cases import (HESS_TOL, HESS_TOL_F64, bad_inputs, hessian_floor, make_case,
                            prepare_inputs, rel_err)
 from oracle import hessian_error, oracle_prepare, oracle_q, oracle_step, wlogz_scale
@@ -334,3 +336,13 @@ def test_float32_rows_sum_to_one_within_two_ulps(k):
             q = reference_materialize(log_p.to(dtype), inv_c, alpha)
             dev = float((q.double().sum(1) - 1.0).abs().max()) / 2.0 ** -23
             assert dev <= ROW_SUM_ULPS, f"shift {shift}, {dtype}: {dev:.2f} ulps"
+
+
+def test_prepare_allocates_no_k_by_k_matrix_without_the_dense_hessian():
+    """prepare allocated a k x k float64 matrix whatever the Hessian asked for (only the dense
+    one, k <= 128, reads it): at k = 100,000 that is 80 GB, and refine failed."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(8, 100_000, generator=g), 1)
+    q, info = ppu_fast.refine(p, [0], backend="torch", return_info=True)
+    assert info.converged and q.shape == p.shape
+    torch.testing.assert_close(q.double().sum(1), torch.ones(8, dtype=torch.float64))

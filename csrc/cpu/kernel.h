@@ -788,6 +788,14 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
 // ------------------------------------------------------------------------------------------
 constexpr int FLUSH_ROWS = 32;
 
+// Rows at least this wide (padded) sum e = exp(x - m) compensated in every pass, not only when
+// written as Q: a plain float32 sum per lane (k / W terms each) drops the terms below half an
+// ulp of its running sum, so the row sums came out low and every q high. That bias is the solver's
+// residual floor: at k = 100,000 (peaked rows) 2.3e-6, and a refine stalled above tol 1e-6 for
+// its 40 passes; at k = 10,000 5.6e-8, under float32's tol floor of 1e-7, where the 3 extra
+// operations per vector are not spent.
+constexpr int64_t COMPENSATED_ROW_K = 8192;
+
 template <class S>
 // s_exact: when given, also the row sum to float64 accuracy (compensated), for rows written as Q.
 static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, float& s_out,
@@ -850,13 +858,14 @@ static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, 
   } else {
     // The compensated sum starts every lane at 1 (taken off at the end): each e = exp(x - m) is
     // at most 1, so a lane's running sum is never below the term added, and Fast2Sum (3 extra
-    // operations) is exact where TwoSum took 6.
-    V vs = s_exact ? S::set1(1.0f) : S::zero(), vc = S::zero();
+    // operations) is exact where TwoSum took 6. Wide rows always take it (COMPENSATED_ROW_K).
+    const bool comp = s_exact != nullptr || kp >= COMPENSATED_ROW_K;
+    V vs = comp ? S::set1(1.0f) : S::zero(), vc = S::zero();
     for (j = 0; j < kp; j += W) {
       const V x = (contig && j < kv) ? xvec(j) : S::load(xb + j);
       const V e = vexp<S>(S::sub(x, M));
       S::store(xb + j, e);
-      if (s_exact) {
+      if (comp) {
         const V t = S::add(vs, e);
         vc = S::add(vc, S::sub(e, S::sub(t, vs)));
         vs = t;
@@ -864,9 +873,10 @@ static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, 
         vs = S::add(vs, e);
       }
     }
-    if (s_exact) {
-      *s_exact = (S::hsum_d(vs) - static_cast<double>(W)) + S::hsum_d(vc);
-      s = static_cast<float>(*s_exact);
+    if (comp) {
+      const double sd = (S::hsum_d(vs) - static_cast<double>(W)) + S::hsum_d(vc);
+      if (s_exact) *s_exact = sd;
+      s = static_cast<float>(sd);
     } else {
       s = S::hsum(vs);
     }
@@ -1285,13 +1295,22 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
           for (int64_t j = 0; j < kp; j += W) vm = S::max(vm, S::load(rs.xb + j));
           m = S::hmax(vm);
           const V M = S::set1(m);
-          V vs = S::zero();
+          // As row_exp (whose one-lane sum is a double): one float32 lane is k terms.
+          const bool comp = W == 1 || kp >= COMPENSATED_ROW_K;
+          V vs = comp ? S::set1(1.0f) : S::zero(), vc = S::zero();
           for (int64_t j = 0; j < kp; j += W) {
             const V e = vexp<S>(S::sub(S::load(rs.xb + j), M));
             S::store(rs.xb + j, e);
-            vs = S::add(vs, e);
+            if (comp) {
+              const V t = S::add(vs, e);
+              vc = S::add(vc, S::sub(e, S::sub(t, vs)));
+              vs = t;
+            } else {
+              vs = S::add(vs, e);
+            }
           }
-          s = S::hsum(vs);
+          s = comp ? static_cast<float>((S::hsum_d(vs) - static_cast<double>(W)) + S::hsum_d(vc))
+                   : S::hsum(vs);
           if (hess && !(s > CONFIDENT)) rest = row_rest<S>(P, rs.xb, 1.0f);
         } else {
           row_exp<S>(P, i, rs.xb, m, s, exact ? &s_exact : nullptr);

@@ -159,7 +159,9 @@ class TorchBackend(Backend):
         b = torch.zeros(k, **f64)
         colsum, wlogz = torch.zeros(k, **f64), torch.zeros((), **f64)
         d = torch.zeros(k, **f64)
-        w = torch.zeros(k, k, **f64)
+        # k x k only where the dense Hessian is asked for (k <= DENSE_HESSIAN_MAX_K): at
+        # k = 100,000 it was 80 GB that nothing read.
+        w = torch.zeros(k, k, **f64) if first and hessian is True else None
         m = hessian_stride(n, k)
         zero = torch.zeros(k, **f64)
         rows = chunk_rows(n, k, self.chunk_elems)
