@@ -796,6 +796,21 @@ constexpr int FLUSH_ROWS = 32;
 // operations per vector are not spent.
 constexpr int64_t COMPENSATED_ROW_K = 8192;
 
+// Fast2Sum of e into the lanes (s, c) of a compensated sum whose lanes start at 1: e = exp(x -
+// m) <= 1 <= s, so the error term is exact with 3 operations.
+template <class S>
+static inline void fast_two_sum(typename S::V& s, typename S::V& c, typename S::V e) {
+  const typename S::V t = S::add(s, e);
+  c = S::add(c, S::sub(e, S::sub(t, s)));
+  s = t;
+}
+
+// The total of such a sum, the lanes' starting 1s taken off, in float64.
+template <class S>
+static inline double sum_from_one(typename S::V s, typename S::V c) {
+  return (S::hsum_d(s) - static_cast<double>(S::W)) + S::hsum_d(c);
+}
+
 template <class S>
 // s_exact: when given, also the row sum to float64 accuracy (compensated), for rows written as Q.
 static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, float& s_out,
@@ -866,15 +881,13 @@ static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, 
       const V e = vexp<S>(S::sub(x, M));
       S::store(xb + j, e);
       if (comp) {
-        const V t = S::add(vs, e);
-        vc = S::add(vc, S::sub(e, S::sub(t, vs)));
-        vs = t;
+        fast_two_sum<S>(vs, vc, e);
       } else {
         vs = S::add(vs, e);
       }
     }
     if (comp) {
-      const double sd = (S::hsum_d(vs) - static_cast<double>(W)) + S::hsum_d(vc);
+      const double sd = sum_from_one<S>(vs, vc);
       if (s_exact) *s_exact = sd;
       s = static_cast<float>(sd);
     } else {
@@ -1302,15 +1315,12 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
             const V e = vexp<S>(S::sub(S::load(rs.xb + j), M));
             S::store(rs.xb + j, e);
             if (comp) {
-              const V t = S::add(vs, e);
-              vc = S::add(vc, S::sub(e, S::sub(t, vs)));
-              vs = t;
+              fast_two_sum<S>(vs, vc, e);
             } else {
               vs = S::add(vs, e);
             }
           }
-          s = comp ? static_cast<float>((S::hsum_d(vs) - static_cast<double>(W)) + S::hsum_d(vc))
-                   : S::hsum(vs);
+          s = comp ? static_cast<float>(sum_from_one<S>(vs, vc)) : S::hsum(vs);
           if (hess && !(s > CONFIDENT)) rest = row_rest<S>(P, rs.xb, 1.0f);
         } else {
           row_exp<S>(P, i, rs.xb, m, s, exact ? &s_exact : nullptr);
