@@ -229,7 +229,9 @@ def mia_table(methods: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any
     else:
         lines.append("The paper reports the attack only at large scale: ours alone.")
     lines.append("")
-    head = ["Method", "MIA (ours)"] + [f"MIA (paper, {MODEL_NAMES[c.split('/')[0]]})" for c in cols]
+    # The paper prints mean ± standard deviation; ours is mean ± standard error over the seeds.
+    head = ["Method", "MIA (ours)"] + [f"MIA (paper, {MODEL_NAMES[c.split('/')[0]]}; ± std)"
+                                        for c in cols]
     lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for label, name, row in _rows(table, methods):
         cells = [label, _ours(methods, name, "mia", with_std)]

@@ -111,6 +111,8 @@ def test_mia_table_puts_both_architectures_beside_ours():
         assert f"{row['values']['resnet18/selective']['mean']:.2f} ±" not in line or \
             row["values"]["resnet18/selective"]["mean"] in (row["values"]["resnet18/class"]["mean"],
                                                              row["values"]["allcnn/class"]["mean"])
+    # The paper's ± is a standard deviation, ours a standard error: the header says which.
+    assert "| MIA (paper, ResNet-18; ± std) | MIA (paper, ALL-CNN; ± std) |" in text
     small = mia_table(ours, {"dataset": "digits5", "model": "smallcnn"})
     assert "ours alone" in small and "(paper" not in small
 
