@@ -78,10 +78,10 @@ def int_list(s: str) -> List[int]:
 
 
 def free_stem(out: Path, prefix: str) -> str:
-    """``<prefix>-<UTC minute>`` (``...T1523Z``), or with the seconds (``...T1523Z_07s``, then a
-    counter) when a record of that name is already in ``out``: two runs in one minute overwrote
-    each other's files without a word."""
-    now = utc_now()
+    """``<prefix>-<UTC minute>`` (``...T1523Z``) of the run's start (the date its record gives),
+    or with the seconds (``...T1523Z_07s``, then a counter) when a record of that name is already
+    in ``out``: two runs in one minute overwrote each other's files without a word."""
+    now = _dt.datetime.fromisoformat(_STARTED["date_utc"])
     taken = (lambda stem: any(out.glob(f"{stem}.*")))
     # "_" sorts after ".": the later record sorts last by name (check.sh's summary takes the last).
     minute = f"{prefix}-{now.strftime('%Y-%m-%dT%H%MZ')}"

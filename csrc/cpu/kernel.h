@@ -788,8 +788,8 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
 // ------------------------------------------------------------------------------------------
 constexpr int FLUSH_ROWS = 32;
 
-// Rows at least this wide (padded) sum e = exp(x - m) compensated in every pass, not only when
-// written as Q: a plain float32 sum per lane (k / W terms each) drops the terms below half an
+// Rows of at least this many columns sum e = exp(x - m) (and prepare the probabilities or the
+// exps it normalises by) compensated in every pass, not only when written as Q: a plain float32 sum per lane (k / W terms each) drops the terms below half an
 // ulp of its running sum, so the row sums came out low and every q high. That bias is the solver's
 // residual floor: at k = 100,000 (peaked rows) 2.3e-6, and a refine stalled above tol 1e-6 for
 // its 40 passes; at k = 10,000 5.6e-8, under float32's tol floor of 1e-7, where the 3 extra
@@ -874,7 +874,7 @@ static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, 
     // The compensated sum starts every lane at 1 (taken off at the end): each e = exp(x - m) is
     // at most 1, so a lane's running sum is never below the term added, and Fast2Sum (3 extra
     // operations) is exact where TwoSum took 6. Wide rows always take it (COMPENSATED_ROW_K).
-    const bool comp = s_exact != nullptr || kp >= COMPENSATED_ROW_K;
+    const bool comp = s_exact != nullptr || k >= COMPENSATED_ROW_K;
     V vs = comp ? S::set1(1.0f) : S::zero(), vc = S::zero();
     for (j = 0; j < kp; j += W) {
       const V x = (contig && j < kv) ? xvec(j) : S::load(xb + j);
@@ -1060,8 +1060,16 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
   const bool f = P.forget && P.forget[i];
   float* x = rs.xb;
   const V one = S::set1(1.0f);
-  // Pass A.
-  V vs = S::zero(), vmn = S::set1(INFINITY), vmx = S::set1(-INFINITY);
+  // Pass A. A wide row of probabilities is summed compensated (COMPENSATED_ROW_K): its sum
+  // normalises P^, whose column sums are the targets, which the compensated passes must meet.
+  // (Entries outside [0, 1] flag the row, which classify_row then judges in float64.)
+  const bool comp = P.mode == MODE_PROBS && k >= COMPENSATED_ROW_K;
+  V vs = comp ? one : S::zero(), vc = S::zero(), vmn = S::set1(INFINITY),
+    vmx = S::set1(-INFINITY);
+  auto add = [&](V v) {
+    if (comp) fast_two_sum<S>(vs, vc, v);
+    else vs = S::add(vs, v);
+  };
   int64_t j = 0;
   if (P.sc == 1 && W > 1) {
     for (; j < kv; j += W) {
@@ -1071,7 +1079,7 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
       else if (dt == F16) v = S::load_f16(static_cast<const uint16_t*>(P.lp) + i * P.sr + j);
       else v = S::load_bf16(static_cast<const uint16_t*>(P.lp) + i * P.sr + j);
       S::store(x + j, v);
-      vs = S::add(vs, v);
+      add(v);
       vmn = S::min(vmn, v);
       vmx = S::max(vmx, v);
     }
@@ -1080,7 +1088,7 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
       const auto in = S::first_n(n);
       const V v = S::loadu_n(static_cast<const float*>(P.lp) + i * P.sr + j, n);
       S::store(x + j, v);
-      vs = S::add(vs, v);
+      add(v);
       vmn = S::min(vmn, S::blend(in, v, S::set1(INFINITY)));
       vmx = S::max(vmx, S::blend(in, v, S::set1(-INFINITY)));
       j = k;
@@ -1097,7 +1105,7 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
     mx = v > mx ? v : mx;
   }
   for (j = k; j < kp; ++j) x[j] = P.mode == MODE_PROBS ? 0.0f : -INFINITY;
-  const double s = static_cast<double>(S::hsum(vs)) + s_tail;
+  const double s = (comp ? sum_from_one<S>(vs, vc) : static_cast<double>(S::hsum(vs))) + s_tail;
   bool flagged;
   // Each lane sums ceil(k / W) entries, then the lanes are added (log2 W), all in float32.
   if (P.mode == MODE_PROBS)
@@ -1148,13 +1156,15 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
     }
   } else {
     const V M = S::set1(mx);
-    V se = S::zero();
+    const bool comp_e = k >= COMPENSATED_ROW_K;  // as pass A's, for the softmax
+    V se = comp_e ? one : S::zero(), ce = S::zero();
     for (j = 0; j < kp; j += W) {
       const V e = vexp<S>(S::sub(S::load(x + j), M));
       S::store(pn + j, e);
-      se = S::add(se, e);
+      if (comp_e) fast_two_sum<S>(se, ce, e);
+      else se = S::add(se, e);
     }
-    const float sf = S::hsum(se);
+    const float sf = comp_e ? static_cast<float>(sum_from_one<S>(se, ce)) : S::hsum(se);
     inv_s = 1.0f / sf;
     pmax = inv_s;  // e of the maximum is 1
     confident = !(sf > CONFIDENT);
@@ -1309,7 +1319,7 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
           m = S::hmax(vm);
           const V M = S::set1(m);
           // As row_exp (whose one-lane sum is a double): one float32 lane is k terms.
-          const bool comp = W == 1 || kp >= COMPENSATED_ROW_K;
+          const bool comp = W == 1 || k >= COMPENSATED_ROW_K;
           V vs = comp ? S::set1(1.0f) : S::zero(), vc = S::zero();
           for (int64_t j = 0; j < kp; j += W) {
             const V e = vexp<S>(S::sub(S::load(rs.xb + j), M));
