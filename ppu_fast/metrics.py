@@ -270,9 +270,9 @@ def _null_spread(features: np.ndarray, labels: np.ndarray, splits: list, seed: i
     carry no membership at all: the same losses dealt to the examples at random
     (``MIA_NULL_DRAWS`` deals), the same labels and splits, the same classifier. Its 5 splits
     share examples and one threshold scores a split's 8 examples, so it strays further from 50
-    than ``scored`` independent coin flips would (measured on null losses at 36 a side: 9.1-10.3
-    points against 50 / sqrt(40) = 7.9, and a gap "real" at 2 standard deviations of those in
-    10-15 % of null tables). Never below ``50 / sqrt(scored)``."""
+    than ``scored`` independent coin flips would (on null losses at 36 a side 8.7-9.9 points
+    against 50 / sqrt(40) = 7.9, and a gap "real" at 2 standard deviations of those in up to
+    15 % of null tables: benchmarks/attack_null.py). Never below ``50 / sqrt(scored)``."""
     rng = np.random.default_rng(seed)
     x = np.stack([rng.permutation(features) for _ in range(MIA_NULL_DRAWS)])
     acc = np.zeros(MIA_NULL_DRAWS)
