@@ -269,7 +269,7 @@ def _null_spread(features: np.ndarray, labels: np.ndarray, splits: list, seed: i
     """The standard deviation (% points) of the attack's mean split accuracy when the losses
     carry no membership at all: the same losses dealt to the examples at random
     (``MIA_NULL_DRAWS`` deals), the same labels and splits, the same classifier. Its 5 splits
-    share examples and one threshold scores a split's 8 examples, so it strays further from 50
+    share examples and one threshold scores each split's test part, so it strays further from 50
     than ``scored`` independent coin flips would (on null losses at 36 a side 8.7-9.9 points
     against 50 / sqrt(40) = 7.9, and a gap "real" at 2 standard deviations of those in up to
     15 % of null tables: benchmarks/attack_null.py). Never below ``50 / sqrt(scored)``."""
