@@ -789,27 +789,39 @@ static void lanes_range(const Params& P, int64_t r0, int64_t r1, double* colsum,
 constexpr int FLUSH_ROWS = 32;
 
 // Rows of at least this many columns sum e = exp(x - m) (and prepare the probabilities or the
-// exps it normalises by) compensated in every pass, not only when written as Q: a plain float32 sum per lane (k / W terms each) drops the terms below half an
-// ulp of its running sum, so the row sums came out low and every q high. That bias is the solver's
-// residual floor: at k = 100,000 (peaked rows) 2.3e-6, and a refine stalled above tol 1e-6 for
-// its 40 passes; at k = 10,000 5.6e-8, under float32's tol floor of 1e-7, where the 3 extra
-// operations per vector are not spent.
+// exps it normalises by) compensated in every pass, not only when written as Q: a plain float32
+// sum per lane (k / W terms each) drops the terms below half an ulp of its running sum, so the
+// row sums came out low and every q high. That bias is the solver's residual floor: at k =
+// 100,000 (peaked rows) 2.3e-6, and a refine stalled above tol 1e-6 for its 40 passes; at k =
+// 10,000 5.6e-8, under float32's tol floor of 1e-7, where the 3 extra operations per vector are
+// not spent.
 constexpr int64_t COMPENSATED_ROW_K = 8192;
 
-// Fast2Sum of e into the lanes (s, c) of a compensated sum whose lanes start at 1: e = exp(x -
-// m) <= 1 <= s, so the error term is exact with 3 operations.
+// A row's sum of terms in [0, 1], lane by lane: plain float32, or compensated. The compensated
+// sum starts every lane at 1 (taken off at the end), so a lane's running sum is never below the
+// term added and Fast2Sum (3 extra operations) is exact where TwoSum took 6.
 template <class S>
-static inline void fast_two_sum(typename S::V& s, typename S::V& c, typename S::V e) {
-  const typename S::V t = S::add(s, e);
-  c = S::add(c, S::sub(e, S::sub(t, s)));
-  s = t;
-}
-
-// The total of such a sum, the lanes' starting 1s taken off, in float64.
-template <class S>
-static inline double sum_from_one(typename S::V s, typename S::V c) {
-  return (S::hsum_d(s) - static_cast<double>(S::W)) + S::hsum_d(c);
-}
+struct RowSum {
+  using V = typename S::V;
+  bool comp;
+  V s, c;
+  explicit RowSum(bool compensated)
+      : comp(compensated), s(compensated ? S::set1(1.0f) : S::zero()), c(S::zero()) {}
+  void add(V e) {
+    if (comp) {
+      const V t = S::add(s, e);
+      c = S::add(c, S::sub(e, S::sub(t, s)));
+      s = t;
+    } else {
+      s = S::add(s, e);
+    }
+  }
+  // The total, in float64 when compensated (the lanes' starting 1s taken off).
+  double total() const {
+    return comp ? (S::hsum_d(s) - static_cast<double>(S::W)) + S::hsum_d(c)
+                : static_cast<double>(S::hsum(s));
+  }
+};
 
 template <class S>
 // s_exact: when given, also the row sum to float64 accuracy (compensated), for rows written as Q.
@@ -871,28 +883,17 @@ static inline void row_exp(const Params& P, int64_t i, float* xb, float& m_out, 
     s = static_cast<float>(sd);
     if (s_exact) *s_exact = sd;
   } else {
-    // The compensated sum starts every lane at 1 (taken off at the end): each e = exp(x - m) is
-    // at most 1, so a lane's running sum is never below the term added, and Fast2Sum (3 extra
-    // operations) is exact where TwoSum took 6. Wide rows always take it (COMPENSATED_ROW_K).
-    const bool comp = s_exact != nullptr || k >= COMPENSATED_ROW_K;
-    V vs = comp ? S::set1(1.0f) : S::zero(), vc = S::zero();
+    // Compensated for rows written as Q, and for wide rows (COMPENSATED_ROW_K).
+    RowSum<S> sum(s_exact != nullptr || k >= COMPENSATED_ROW_K);
     for (j = 0; j < kp; j += W) {
       const V x = (contig && j < kv) ? xvec(j) : S::load(xb + j);
       const V e = vexp<S>(S::sub(x, M));
       S::store(xb + j, e);
-      if (comp) {
-        fast_two_sum<S>(vs, vc, e);
-      } else {
-        vs = S::add(vs, e);
-      }
+      sum.add(e);
     }
-    if (comp) {
-      const double sd = sum_from_one<S>(vs, vc);
-      if (s_exact) *s_exact = sd;
-      s = static_cast<float>(sd);
-    } else {
-      s = S::hsum(vs);
-    }
+    const double sd = sum.total();
+    if (s_exact) *s_exact = sd;
+    s = static_cast<float>(sd);
   }
   m_out = m;
   s_out = s;
@@ -1063,13 +1064,8 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
   // Pass A. A wide row of probabilities is summed compensated (COMPENSATED_ROW_K): its sum
   // normalises P^, whose column sums are the targets, which the compensated passes must meet.
   // (Entries outside [0, 1] flag the row, which classify_row then judges in float64.)
-  const bool comp = P.mode == MODE_PROBS && k >= COMPENSATED_ROW_K;
-  V vs = comp ? one : S::zero(), vc = S::zero(), vmn = S::set1(INFINITY),
-    vmx = S::set1(-INFINITY);
-  auto add = [&](V v) {
-    if (comp) fast_two_sum<S>(vs, vc, v);
-    else vs = S::add(vs, v);
-  };
+  RowSum<S> sum(P.mode == MODE_PROBS && k >= COMPENSATED_ROW_K);
+  V vmn = S::set1(INFINITY), vmx = S::set1(-INFINITY);
   int64_t j = 0;
   if (P.sc == 1 && W > 1) {
     for (; j < kv; j += W) {
@@ -1079,7 +1075,7 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
       else if (dt == F16) v = S::load_f16(static_cast<const uint16_t*>(P.lp) + i * P.sr + j);
       else v = S::load_bf16(static_cast<const uint16_t*>(P.lp) + i * P.sr + j);
       S::store(x + j, v);
-      add(v);
+      sum.add(v);
       vmn = S::min(vmn, v);
       vmx = S::max(vmx, v);
     }
@@ -1088,7 +1084,7 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
       const auto in = S::first_n(n);
       const V v = S::loadu_n(static_cast<const float*>(P.lp) + i * P.sr + j, n);
       S::store(x + j, v);
-      add(v);
+      sum.add(v);
       vmn = S::min(vmn, S::blend(in, v, S::set1(INFINITY)));
       vmx = S::max(vmx, S::blend(in, v, S::set1(-INFINITY)));
       j = k;
@@ -1105,7 +1101,7 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
     mx = v > mx ? v : mx;
   }
   for (j = k; j < kp; ++j) x[j] = P.mode == MODE_PROBS ? 0.0f : -INFINITY;
-  const double s = (comp ? sum_from_one<S>(vs, vc) : static_cast<double>(S::hsum(vs))) + s_tail;
+  const double s = sum.total() + s_tail;
   bool flagged;
   // Each lane sums ceil(k / W) entries, then the lanes are added (log2 W), all in float32.
   if (P.mode == MODE_PROBS)
@@ -1156,15 +1152,13 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
     }
   } else {
     const V M = S::set1(mx);
-    const bool comp_e = k >= COMPENSATED_ROW_K;  // as pass A's, for the softmax
-    V se = comp_e ? one : S::zero(), ce = S::zero();
+    RowSum<S> se(k >= COMPENSATED_ROW_K);  // as pass A's, for the softmax
     for (j = 0; j < kp; j += W) {
       const V e = vexp<S>(S::sub(S::load(x + j), M));
       S::store(pn + j, e);
-      if (comp_e) fast_two_sum<S>(se, ce, e);
-      else se = S::add(se, e);
+      se.add(e);
     }
-    const float sf = comp_e ? static_cast<float>(sum_from_one<S>(se, ce)) : S::hsum(se);
+    const float sf = static_cast<float>(se.total());
     inv_s = 1.0f / sf;
     pmax = inv_s;  // e of the maximum is 1
     confident = !(sf > CONFIDENT);
@@ -1319,18 +1313,13 @@ static void rows_range(const Params& P, int64_t r0, int64_t r1, double* colsum, 
           m = S::hmax(vm);
           const V M = S::set1(m);
           // As row_exp (whose one-lane sum is a double): one float32 lane is k terms.
-          const bool comp = W == 1 || k >= COMPENSATED_ROW_K;
-          V vs = comp ? S::set1(1.0f) : S::zero(), vc = S::zero();
+          RowSum<S> sum(W == 1 || k >= COMPENSATED_ROW_K);
           for (int64_t j = 0; j < kp; j += W) {
             const V e = vexp<S>(S::sub(S::load(rs.xb + j), M));
             S::store(rs.xb + j, e);
-            if (comp) {
-              fast_two_sum<S>(vs, vc, e);
-            } else {
-              vs = S::add(vs, e);
-            }
+            sum.add(e);
           }
-          s = comp ? static_cast<float>(sum_from_one<S>(vs, vc)) : S::hsum(vs);
+          s = static_cast<float>(sum.total());
           if (hess && !(s > CONFIDENT)) rest = row_rest<S>(P, rs.xb, 1.0f);
         } else {
           row_exp<S>(P, i, rs.xb, m, s, exact ? &s_exact : nullptr);
