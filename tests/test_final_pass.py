@@ -104,7 +104,8 @@ def test_mispredicted_last_pass_rebuilds_log_p(monkeypatch, pseudo: str, logits:
                                           generator=torch.Generator().manual_seed(1), **kw)
     assert not info_plain.materialized and info_plain.converged
     monkeypatch.setattr(CpuBackend, "fused_materialize", True)
-    monkeypatch.setattr(solver, "FINAL_PREDICT_SLACK", 1e12)  # predicted while far from tol
+    # One prediction, made while far from tol.
+    monkeypatch.setattr(solver, "FINAL_PREDICT_SLACKS", (1e12,))
 
     real_write, real_bind = CpuBackend.materialize_sums, CpuBackend.bind_step
     written, stepped = [], []
@@ -130,6 +131,42 @@ def test_mispredicted_last_pass_rebuilds_log_p(monkeypatch, pseudo: str, logits:
     assert not any(torch.equal(a, written[0]) for a in stepped), "the trial was evaluated again"
     torch.testing.assert_close(q, q_plain, rtol=0, atol=1e-8)
     assert torch.equal(x, x_before), "refine modified its input"
+
+
+@pytest.mark.parametrize("slacks", [(1e12,), (1e12, 1e12)])
+def test_failed_write_predictions_are_bounded(monkeypatch, slacks) -> None:
+    """Each failed write prediction costs a rebuild of log P^: the solver predicts again after
+    a failure, but at most ``len(FINAL_PREDICT_SLACKS)`` times in one solve, and ends on the Q
+    the plain solve reaches."""
+    y, p = confident_classifier(20_000, 10, seed=3)
+    p = p.double()
+    mask = y == 0
+    kw = dict(backend="cpu", return_info=True, tol=1e-10)
+    monkeypatch.setattr(CpuBackend, "fused_materialize", False)
+    q_plain, info_plain = ppu_fast.refine(p, mask, **kw)
+    assert not info_plain.materialized and info_plain.converged
+    assert info_plain.iterations > len(slacks) + 1, "too few passes to predict that often"
+    monkeypatch.setattr(CpuBackend, "fused_materialize", True)
+    monkeypatch.setattr(solver, "FINAL_PREDICT_SLACKS", slacks)
+    real_write, real_prepare = CpuBackend.materialize_sums, CpuBackend.prepare
+    written, prepared = [], []
+
+    def write(self, log_p, inv_c, alpha, out):
+        colsum, wlogz = real_write(self, log_p, inv_c, alpha, out)
+        written.append(alpha.clone())
+        return colsum + 1.0, wlogz  # refused: never converged
+
+    def prepare(self, *a, **kw):
+        prepared.append(1)
+        return real_prepare(self, *a, **kw)
+
+    monkeypatch.setattr(CpuBackend, "materialize_sums", write)
+    monkeypatch.setattr(CpuBackend, "prepare", prepare)
+    q, info = ppu_fast.refine(p, mask, **kw)
+    assert len(written) == len(slacks), info.history
+    assert len(prepared) == 1 + len(slacks)  # the first, and a rebuild per failure
+    assert info.converged and not info.materialized
+    torch.testing.assert_close(q, q_plain, rtol=0, atol=1e-8)
 
 
 def test_in_place_refine_keeps_the_separate_materialize() -> None:
