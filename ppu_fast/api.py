@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from . import problem as pb
 from .backends import check_backend_name, get_backend
 from .backends.cpu import empty_buffer
+from .caller_state import caller_stacklevel
 from .problem import ArrayLike, ForgetSpec, MarginalsSpec, PseudoSpec, WeightsSpec
 from .solver import (FinalPass, RefineInfo, check_options, check_tol_floor, gauge_for_kernels,
                      float64_backend, float64_retry_applies, hessian_mode, solve_again_in_float64,
@@ -62,7 +64,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
             totals, the official PPU code's target) or class totals (k,) summing to N.
         weights: (N,) each row's KL weight c_i > 0 (tensor, array or list), replacing the
             1 / ``lam`` rule (e.g. the official notebook's 1 / entropy); not together with a
-            ``lam`` other than 1.
+            ``lam`` other than 1. Each in [1e-150, 1e150], max / min at most 1e30.
         method: "newton" | "sinkhorn" | "gradient" (``step_size`` sets the gradient's eta).
             A float32 / 16-bit Newton solve of at most 2^22 entries that does not reach ``tol``
             is solved again in float64 from the same log P^ (``info.message`` says so).
@@ -290,8 +292,8 @@ def solve(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
         log_p: log P^ (N x k); rows need not be normalised (a per-row shift changes nothing
             in exact arithmetic; in float32 keep rows within ~100 of normalised: a shift of
             1,000 costs the solve about 1e-5 of residual); -inf marks zero probabilities.
-        weights: c (N,), > 0 (tensor, array or list): the weight of each row's KL term; max / min
-            at most 1e30.
+        weights: c (N,), > 0 (tensor, array or list): the weight of each row's KL term; each
+            in [1e-150, 1e150], max / min at most 1e30.
         marginals: M (k,), >= 0, summing to N (tensor, array or list).
         method, tol, max_iter, backend, step_size: as for :func:`refine`.
         process_group: a ``torch.distributed`` process group: each rank passes its own rows of
@@ -328,6 +330,15 @@ def solve(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
         info = solve_again_in_float64(float64_backend(be, lp64), lp64,
                                       inv_c.to(lp.device).double(), m, info, tol=tol,
                                       max_iter=max_iter)
+        if info.solve_dtype == torch.float64:
+            # targets() evaluates a float32 log_p in float32, where this alpha is not the
+            # solution (a Q 1e-5 to 1e-1 off the targets, where the float64 one met tol).
+            hint = ("alpha was solved in float64 (info.solve_dtype): pass log_p in float64 to "
+                    "targets() for its Q; a float32 evaluation misses the targets")
+            info.message += "; " + hint
+            if info.converged:
+                warnings.warn(f"ppu_fast.solve: {hint}", UserWarning,
+                              stacklevel=caller_stacklevel())
     _to_caller_scale(info, c_min)
     info.seconds = time.perf_counter() - t0
     alpha = info.alpha.clone().numpy() if from_numpy else info.alpha.to(lp.device)
@@ -342,12 +353,14 @@ def targets(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
 
     Args:
         log_p: log P^ (N x k), as for :func:`solve`.
-        weights: c (N,) > 0 (tensor, array or list).
+        weights: c (N,) > 0 (tensor, array or list), as for :func:`solve`.
         alpha: the dual variables (k,), finite (tensor, array or list), e.g. from :func:`solve`;
             for a log_p evaluated in float32 (float32 or 16-bit), within float32's range after
             the median is taken off and it is divided by min(c).
         backend: as for :func:`refine`.
 
+    For an alpha that ``solve`` found in float64 from a float32 log_p (``info.solve_dtype``;
+    ``solve`` warns), pass log_p in float64: this alpha is not the float32 problem's solution.
     ``targets(log_p, c, info.alpha)`` reproduces ``refine``'s Q to rounding, except at extreme
     weight ratios: alpha is returned in the caller's scale, where rows of small ``c`` see
     ``alpha / c``, so one float64 rounding of alpha moves their logits by about 1e-16 / min(c)

@@ -308,6 +308,9 @@ def as_int(value, name: str) -> int:
 # shifts the most movable rows by O(1) and the others by less); the smallest 1 / c must then
 # stay a normal float32. Weight ratios (and lam) beyond this range are refused.
 WEIGHT_RATIO_MAX = 1e30
+# Each weight lies within [1 / this, this]: alpha is returned as alpha_solver * min(c), which
+# overflowed to -inf at weights of 1e308 and kept only a few digits at 1e-320 (subnormal).
+WEIGHT_ABS_MAX = 1e150
 
 
 def check_lam(lam) -> float:
@@ -488,21 +491,30 @@ def target_marginals(marginals, colsum_retain: torch.Tensor, colsum_forget: torc
 
     ``colsum_retain`` / ``colsum_forget``: column sums of P over the retain / forget rows;
     ``p_hat_colsum``: column sums of P^'s forget rows (the pseudo-probabilities): "pseudo" is P^'s
-    own totals, and "retain" falls back to them when nothing is retained.
+    own totals, and "retain" falls back to them when nothing is retained. Every kind is scaled
+    to sum to N exactly: the rows' sums carry their evaluation's rounding (float32 at k = 5,000
+    put "original" 6.8e-5 short of N = 200, and a refine at tol 2e-7, above that dtype's floor,
+    was refused as infeasible: Q's totals sum to N, so no Q came closer than that gap).
     """
     if isinstance(marginals, str):
         if marginals == "original":
-            return colsum_retain + colsum_forget
+            return _summing_to(colsum_retain + colsum_forget, n)
         if marginals == "pseudo":
-            return colsum_retain + p_hat_colsum
+            return _summing_to(colsum_retain + p_hat_colsum, n)
         if marginals == "retain":
             n_retain = float(colsum_retain.sum())
             if n_retain < 0.5:
                 # Nothing is retained: the retain mix is undefined; keep P^'s own totals.
-                return colsum_retain + p_hat_colsum
+                return _summing_to(colsum_retain + p_hat_colsum, n)
             return colsum_retain * (n / n_retain)
         check_marginals_arg(marginals, n, k)  # raises: the name is unknown
     return check_marginals(marginals, n, k)
+
+
+def _summing_to(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` (k,) float64 scaled to sum to ``n`` (left as it is when it sums to 0)."""
+    s = float(t.sum())
+    return t * (n / s) if s > 0 else t
 
 
 def check_marginals_arg(marginals, n: int, k: int) -> None:
@@ -548,7 +560,7 @@ def check_marginals(marginals, n: int, k: int) -> torch.Tensor:
     if abs(s - n) > MARGINAL_RTOL * n:
         raise ValueError(f"marginals: sum to {s:.10g}; expected N = {n} (relative tolerance "
                          f"{MARGINAL_RTOL})")
-    return t * (n / s) if s > 0 else t
+    return _summing_to(t, n)
 
 
 def check_feasible(support: Union[torch.Tensor, np.ndarray], m: torch.Tensor,
@@ -581,6 +593,11 @@ def check_weights(weights, n: int) -> torch.Tensor:
         i = int(torch.nonzero(bad)[0, 0])
         raise ValueError(f"weights: row {i} has weight {float(t[i]):.6g}; expected finite "
                          f"weights > 0")
+    if n and not (1.0 / WEIGHT_ABS_MAX <= float(t.min()) and float(t.max()) <= WEIGHT_ABS_MAX):
+        i = int(torch.argmin(t) if float(t.min()) < 1.0 / WEIGHT_ABS_MAX else torch.argmax(t))
+        raise ValueError(f"weights: row {i} has weight {float(t[i]):.6g}; expected weights in "
+                         f"[{1 / WEIGHT_ABS_MAX:g}, {WEIGHT_ABS_MAX:g}] (Q depends only on "
+                         f"their ratios: divide them by a common scale, e.g. their largest)")
     ratio = float(t.max() / t.min()) if n else 1.0  # a process group's rank may hold no rows
     if ratio > WEIGHT_RATIO_MAX * (1 + 1e-6):  # slack: weights given in float32
         raise ValueError(f"weights: max / min = {ratio:.3g}; expected at most "

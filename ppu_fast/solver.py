@@ -272,6 +272,9 @@ class RefineInfo:
         :class:`FinalPass`); ``residual`` is then that of the Q written.
     chunk_rows: rows per chunk of a streamed refine (``refine_file``); None for the calls that
         hold the matrix in memory.
+    solve_dtype: the dtype the solver evaluated Q in to reach ``alpha`` and ``residual``
+        (float32 for float32 and 16-bit log P^; float64 for float64, and after a float32 solve
+        that was solved again in float64); None where no solve ran (k = 1).
     """
 
     iterations: int
@@ -289,6 +292,7 @@ class RefineInfo:
     output_residual: Optional[float] = None
     materialized: bool = False
     chunk_rows: Optional[int] = None
+    solve_dtype: Optional[torch.dtype] = None
 
 
 class FinalPass(NamedTuple):
@@ -785,7 +789,7 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
                       history=ev.history, dual_value=g, alpha=torch.from_numpy(alpha),
                       method=method, backend=backend.name,
                       seconds=time.perf_counter() - t_start, message=message, steps=ev.steps,
-                      materialized=materialized)
+                      materialized=materialized, solve_dtype=compute_dtype(ev.log_p.dtype))
 
 
 def _warn_not_converged(info: RefineInfo, tol: float) -> None:
@@ -835,8 +839,8 @@ def solve_again_in_float64(backend: Backend, log_p64: torch.Tensor, inv_c64: tor
     else:
         tail = (f": {again.message}; returning the float32 iterate, whose residual "
                 f"{first.residual:.3g} is the smaller")
-        again.alpha, again.residual, again.dual_value = (first.alpha, first.residual,
-                                                         first.dual_value)
+        again.alpha, again.residual, again.dual_value, again.solve_dtype = (
+            first.alpha, first.residual, first.dual_value, first.solve_dtype)
     again.message = head + tail
     again.iterations += first.iterations
     again.steps += first.steps

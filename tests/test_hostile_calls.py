@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ppu_fast
+from ppu_fast.backends import get_backend
 from backend_cases import classifier_probs
 from oracle import oracle_refine
 
@@ -390,6 +391,72 @@ def test_marginals_off_by_the_accepted_rounding_are_met_exactly():
     assert info.converged
     target = m * (n / float(m.sum()))
     assert float((q.sum(0) - target).abs().sum()) / n <= 2e-10
+
+
+@pytest.mark.parametrize("marginals", ["original", "pseudo"])
+def test_named_targets_sum_to_n_exactly(marginals):
+    """"original" and "pseudo" totals come from float32 row sums: scaled to sum to N, as
+    "retain" and given totals are, or a refine at a legal tol above the gap between their sum
+    and N (6.8e-5 at N = 200, k = 5,000) was refused as infeasible."""
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((200, 5000)) * 5).astype(np.float32)
+    mask = np.zeros(200, bool)
+    mask[0] = True
+    _, info = ppu_fast.refine(logits=logits, forget_mask=mask, marginals=marginals, tol=1e-6,
+                              return_info=True)
+    assert info.converged
+    from ppu_fast import problem as pb
+    colsum = torch.from_numpy(rng.random(5000) * 0.08)
+    m = pb.target_marginals(marginals, colsum, colsum * 0.01, 200, 5000, colsum * 0.02)
+    assert float(m.sum()) == pytest.approx(200.0, rel=1e-15, abs=0)
+
+
+def test_the_reference_sums_normalised_logit_rows_to_one():
+    """The torch reference's prepare normalises logits as e / s with s in float64: as
+    exp(log_softmax), rows summed to 1 +- 7e-6 at k = 20,000, and an "original" refine aimed at
+    totals that far from N and was refused as infeasible."""
+    rng = np.random.default_rng(7)
+    n, k = 4, 20_000
+    logits = rng.standard_normal((n, k)) * 2
+    logits[np.arange(n), rng.integers(0, k, n)] += 15
+    x = torch.from_numpy(logits.astype(np.float32))
+    prep = get_backend("torch", x).prepare(x, "logits", None, None, torch.empty_like(x))
+    exact = torch.softmax(x.double(), dim=1).sum(0)
+    assert float((prep.retain_sums - exact).abs().sum()) <= 5e-7
+    mask = np.array([True, False, False, False])
+    q, info = ppu_fast.refine(logits=logits.astype(np.float32), forget_mask=mask,
+                              marginals="original", backend="torch", return_info=True)
+    assert info.converged
+    assert float(np.abs(q.astype(np.float64).sum(0) - exact.numpy()).sum()) / n <= 1.5e-6
+
+
+def test_solve_says_when_its_alpha_needs_a_float64_targets():
+    """A float32 solve that fails is solved again in float64: its alpha then belongs to the
+    float64 evaluation, and targets() of the float32 log_p missed the targets by ~3e-4 without a
+    word. solve warns, says so in info.message and info.solve_dtype, and targets() of the
+    float64 log_p meets tol."""
+    import warnings
+    rng = np.random.default_rng(11)
+    n, k = 5, 20
+    lp = np.full((n, k), -np.log(k), np.float32)
+    c = 10.0 ** rng.uniform(-4, 4, n)
+    m = np.maximum(rng.dirichlet(np.ones(k) * 0.3) * n, 1e-4)
+    m *= n / m.sum()
+    with pytest.warns(UserWarning, match=r"alpha was solved in float64 \(info.solve_dtype\): "
+                                         r"pass log_p in float64 to targets\(\)"):
+        alpha, info = ppu_fast.solve(lp, c, m)
+    assert info.converged and info.solve_dtype == torch.float64
+    assert "pass log_p in float64" in info.message
+    q = ppu_fast.targets(lp.astype(np.float64), c, alpha)
+    assert np.abs(q.sum(0) - m).sum() / n <= 1e-6
+    # A float32 solve that converges in float32 says float32 and does not warn.
+    p, mask = _problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alpha, info = ppu_fast.solve(torch.log(p), torch.ones(p.shape[0]), p.sum(0))
+    assert info.converged and info.solve_dtype == torch.float32
+    _, info = ppu_fast.refine(p.double(), mask, return_info=True)
+    assert info.solve_dtype == torch.float64
 
 
 def test_an_unavailable_backend_is_named_with_the_input_shape_and_the_cli_exits_2(tmp_path):
