@@ -28,8 +28,6 @@ def synthetic_probs(n: int, k: int, seed: int = 0,
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the demo (or, for ``demo | run | refine``, the ``ppu-fast`` command) on ``argv``
     (default ``sys.argv[1:]``); returns the exit status."""
-    import ppu_fast
-
     args_in = sys.argv[1:] if argv is None else list(argv)
     if args_in and args_in[0] in ("demo", "run", "refine"):
         # `python -m ppu_fast refine ...` is the `ppu-fast` command, as a user would guess.
@@ -61,6 +59,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         get_backend(args.backend, torch.empty(1, 2, device=args.device))
     except (ValueError, RuntimeError) as exc:
         ap.error(str(exc))
+    try:
+        return _solve_demo(ap, args)
+    except (MemoryError, RuntimeError) as exc:
+        # As the ppu-fast commands: a size the machine cannot hold is not a crash to debug.
+        text = str(exc) or type(exc).__name__
+        if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+                or "can't allocate memory" in text):
+            raise
+        print(f"{ap.prog}: error: out of memory ({text.splitlines()[0]}); expected sizes that "
+              f"fit this machine (--n, --k)", file=sys.stderr)
+        return 3
+
+
+def _solve_demo(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The demo's table of the three methods on validated ``args``; returns the exit status."""
+    import ppu_fast
+
     y, p = synthetic_probs(args.n, args.k)
     p = p.to(args.device)
     mask = (y == args.forget_class).to(args.device)

@@ -9,7 +9,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 DEMO_METHODS = ("original", "retrain", "finetune", "ppu", "ppu-bias", "ppu-random")
 # Class unlearning: Retrain never saw a 5, so it misreads every one (100 % forget error) and the
@@ -68,14 +68,15 @@ def _seed(text: str) -> int:
     return v
 
 
-def _int_at_least(low: int, what: str):
-    """An argparse type: an integer >= ``low``, the message saying ``what`` is expected."""
+def _int_at_least(low: int, what: str, high: Optional[int] = None):
+    """An argparse type: an integer >= ``low`` (and <= ``high``), the message saying ``what`` is
+    expected."""
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             v = low - 1
-        if v < low:
+        if v < low or (high is not None and v > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return v
     return parse
@@ -83,6 +84,10 @@ def _int_at_least(low: int, what: str):
 
 _nonneg_int = _int_at_least(0, "a non-negative integer")
 _positive_int = _int_at_least(1, "a positive integer")
+# torch accepts any count, but 100,000 threads crashed the process (segmentation fault) and
+# 1,000 on 2 cores took 6x as long as 2.
+THREADS_MAX = 1024
+_threads = _int_at_least(1, f"a thread count from 1 to {THREADS_MAX}", THREADS_MAX)
 
 
 def _float_in(low: float, high: float, what: str, low_open: bool = False):
@@ -284,7 +289,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="share of the retain rows each PPU epoch visits, in (0, 1] (default: the schedule's)")
     r.add_argument("--trainable", default=None, choices=("all", "last-block", "head"),
                    help="which layers PPU fine-tunes (default all)")
-    r.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    r.add_argument("--threads", type=_threads, default=None,
+                   help=f"torch CPU threads, 1 to {THREADS_MAX}")
     init = r.add_mutually_exclusive_group()
     init.add_argument("--init-checkpoint", default=None, metavar="PATH",
                       help="start Original and Retrain from this state dict of the chosen --model/--width "
@@ -360,12 +366,14 @@ def _finish(result: dict, out: str, started: float, tables: bool = False, story:
     verdict = judge(methods, chance=chance, n=n)
     config = {**result["config"], "wall_seconds": round(time.perf_counter() - started, 2)}
     replaced = (Path(out) / "results.json").is_file()
-    if not tables:
-        # The demo writes no tables: a former run's in the same folder would pass for this one's.
-        from .tables import TABLE_FILES
+    from .tables import TABLE_FILES
 
-        for name in TABLE_FILES.values():
-            (Path(out) / name).unlink(missing_ok=True)
+    # A former run's files go first, all of them (the demo writes no tables): a write that is
+    # interrupted or fails then leaves part of this run's files, never some of another run's
+    # beside them, which would pass for this one's.
+    for name in ("results.json", "results.md", "results.png", *TABLE_FILES.values()):
+        (Path(out) / name).unlink(missing_ok=True)
+    _writing[0] = out
     paths = write_results(out, config, methods, per_seed=result["per_seed"], history=result["history"],
                           verdict=verdict, story=story, histories=result.get("histories"))
     print()
@@ -384,6 +392,11 @@ def _finish(result: dict, out: str, started: float, tables: bool = False, story:
         extra = write_tables(out, config, methods, seeds=len(result["per_seed"]), history=result["history"],
                              histories=result.get("histories"), per_seed=result["per_seed"])
         print("wrote " + ", ".join(str(p) for p in extra.values()))
+    _writing[0] = None
+
+
+# The results folder while _finish writes into it (for the message of an interrupt then).
+_writing: list = [None]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -449,6 +462,13 @@ def _run(args: argparse.Namespace) -> int:
         args.methods = ["original", "retrain", *variants]
     else:
         args.methods = expand_methods(args.methods or list(DEMO_METHODS[:5]), args.dataset)
+        # Before the checks of options against the methods: a misspelt PPU method made them
+        # blame --unlearn-epochs or --lam instead of the name.
+        from .unlearn.experiment import registered
+        unknown = [m for m in args.methods if m not in registered()]
+        if unknown:
+            raise ValueError(f"--methods: unknown method(s) {', '.join(map(repr, unknown))}; "
+                             f"expected some of {', '.join(registered())} or all")
     runs_ppu = variants is not None or any("+ppu" in m or m in PPU_METHODS for m in args.methods)
     if runs_ppu:
         _check_backend_environment(args.device)  # only PPU's refine reads it
@@ -700,6 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     input (or a file it cannot read or write), 1 when ``refine`` wrote Q but its solver did not converge or when an unlearning run
     diverged (NaN weights), 3 when the machine ran out of memory, 130 on Ctrl-C."""
     args = _parser().parse_args(argv)
+    _writing[0] = None
     if getattr(args, "out", None):
         # A quoted '~/x' reached us unexpanded and became a folder named '~' (--data-root and
         # PPU_FAST_CACHE expand it already).
@@ -716,7 +737,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # What a shell reports for SIGINT; the handlers' own cleanup (temporary files, folders
         # they made) has run by now.
-        print(f"ppu-fast {args.command}: interrupted", file=sys.stderr)
+        where = _writing[0]
+        print(f"ppu-fast {args.command}: interrupted"
+              + (f" while writing the results: '{where}' holds only the files of this run "
+                 f"written so far (the earlier ones there were removed first); run it again for "
+                 f"the whole set" if where else ""), file=sys.stderr)
         return 130
     except MemoryError as exc:
         print(f"ppu-fast {args.command}: error: out of memory ({exc or 'MemoryError'}); expected "

@@ -456,6 +456,9 @@ def _image_folder(root: Path, image_size: int | None, progress: bool) -> tuple[_
         missing, extra = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
         raise ValueError(f"data_root: '{root}/test' and '{root}/train' must hold the same class folders; "
                          f"test/ lacks {missing} and has {extra} that train/ lacks")
+    if len(classes) < 2:
+        raise ValueError(f"data_root: '{root}/train' holds one class folder ({classes[0]!r}); "
+                         f"expected at least 2 (one folder per class)")
     index = {c: i for i, c in enumerate(classes)}
     extensions = _image_extensions()
 

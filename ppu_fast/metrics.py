@@ -68,6 +68,8 @@ def _check_model_on(model: nn.Module, device: torch.device, asked: object) -> No
     here = p.device
 
     def index(d: torch.device):
+        if d.type == "cpu":  # torch's CPU tensors carry no index: "cpu:1" is the CPU
+            return None
         return d.index if d.index is not None or d.type != "cuda" else torch.cuda.current_device()
 
     if here.type != device.type or index(here) != index(device):

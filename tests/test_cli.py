@@ -541,3 +541,79 @@ def test_flag_renaming_leaves_other_words_alone(tmp_path, capsys):
                  str(tmp_path / "none.pt"), "--out", out]) == 2
     err = capsys.readouterr().err
     assert "(--init-checkpoint)" in err and "--init-checkpoint (--init-checkpoint)" not in err
+
+
+def test_an_interrupted_write_leaves_no_file_of_the_earlier_run(tmp_path, capsys, monkeypatch,
+                                                                tiny_demo):
+    """A second run into a folder, interrupted while writing: the folder held the new
+    results.json and .md beside the former run's results.png, which passed for this run's. The
+    former files go first; the message says the set is partial."""
+    import ppu_fast.report as report
+    out = tmp_path / "o"
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "results.png").is_file()
+    (out / "forget_vs_seconds.png").write_bytes(b"a run's table figure")  # as `run` writes
+    capsys.readouterr()
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "plot_story", interrupted)
+    assert main(["demo", "--out", str(out), "--no-progress", "--seed", "1"]) == 130
+    err = capsys.readouterr().err
+    assert (f"ppu-fast demo: interrupted while writing the results: '{out}' holds only the files "
+            f"of this run written so far") in err
+    assert json.loads((out / "results.json").read_text())["config"]["seeds"] == [1]
+    assert not (out / "results.png").exists() and not (out / "forget_vs_seconds.png").exists()
+
+
+def test_an_indexed_cpu_device_is_the_cpu():
+    """torch puts a module moved to "cpu:1" on "cpu": the metrics compared the indices and
+    refused their own model after the command line had trained it there."""
+    from ppu_fast import metrics
+    from ppu_fast.models import build_model
+    model = build_model("smallcnn", num_classes=3, in_channels=1, width=0.25).to("cpu:1")
+    data = torch.utils.data.TensorDataset(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]))
+    for device in ("cpu", "cpu:0", "cpu:1"):
+        assert 0.0 <= metrics.error(model, data, device=device) <= 100.0
+
+
+def test_run_refuses_a_thread_count_past_its_bound(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--dataset", "digits5", "--model", "smallcnn", "--threads", "100000",
+              "--out", "x"])
+    assert exc.value.code == 2
+    assert "--threads: expected a thread count from 1 to 1024, got '100000'" in capsys.readouterr().err
+
+
+def test_a_misspelt_method_is_named_before_the_options_it_would_take(tmp_path, capsys):
+    # The PPU options' check ran first and blamed them ("--methods has none").
+    for extra in (["--unlearn-epochs", "3"], ["--lam", "2"], []):
+        assert main(["run", "--dataset", "digits5", "--model", "smallcnn", "--methods",
+                     "original,retrain,ppu-privacy", "--out", str(tmp_path / "o"), *extra]) == 2
+        assert "--methods: unknown method(s) 'ppu-privacy'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_one_class_image_folder_is_refused_by_its_root(tmp_path, capsys):
+    from PIL import Image
+    for part in ("train", "test"):
+        (tmp_path / "t" / part / "cat").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 90, 20, 40)).save(tmp_path / "t" / part / "cat" / f"{i}.png")
+    assert main(["run", "--dataset", "imagefolder", "--data-root", str(tmp_path / "t"), "--model",
+                 "smallcnn", "--scenario", "class", "--forget-class", "0", "--methods",
+                 "original,retrain", "--seeds", "0", "--out", str(tmp_path / "o")]) == 2
+    assert (f"--data-root: '{tmp_path / 't'}/train' holds one class folder ('cat'); expected at "
+            f"least 2") in capsys.readouterr().err
+
+
+def test_the_solver_demo_reports_a_size_past_memory(monkeypatch, capsys):
+    import ppu_fast.__main__ as solver_demo
+
+    def too_big(n, k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           f"can't allocate memory: you tried to allocate {4 * n * k} bytes.")
+    monkeypatch.setattr(solver_demo, "synthetic_probs", too_big)
+    assert solver_demo.main(["--n", "100000000", "--k", "1000"]) == 3
+    assert ("python -m ppu_fast: error: out of memory ([enforce fail at alloc_cpu.cpp:127] err == "
+            "0. DefaultCPUAllocator: can't allocate memory") in capsys.readouterr().err
