@@ -621,6 +621,29 @@ def test_wide_rows_sum_without_the_float32_bias(isa: str) -> None:
         assert abs(total / n - 1.0) < 1e-7, mode
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k, scale", [(1000, 2.0), (5000, 5.0)])
+def test_rows_of_many_small_entries_sum_without_the_float32_bias(isa: str, k: int,
+                                                                 scale: float) -> None:
+    """Below the compensated width, one plain float32 sum per lane dropped every entry below
+    half an ulp of it: with many small entries (logits randn * 5, k = 5,000) the step's and
+    prepare's column sums added up to N + 3.5e-7 per row, above float32's tol floor 1e-7, and a
+    refine to "original" or "retain" targets at tol 2e-7 stopped short or was refused as
+    infeasible. Blocks of vectors summed plainly, then paired (RowSum's blocked mode), keep
+    them within 1e-7 of N per row, and the step's column sums match float64's."""
+    n = 300
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, k, generator=g) * scale
+    be = CpuBackend(isa=isa, num_threads=1)
+    out = torch.empty(n, k)
+    res = be.prepare(x, "logits", None, None, out)
+    assert abs(float(res.retain_sums.sum()) / n - 1.0) < 5e-8
+    colsum, _, _ = be.step(out, torch.ones(n), torch.zeros(k, dtype=torch.float64))
+    assert abs(float(colsum.sum()) / n - 1.0) < 5e-8
+    q64 = torch.softmax(x.double(), dim=1)
+    assert float((colsum - q64.sum(0)).abs().sum()) / n < 2e-7
+
+
 def test_a_wide_refine_meets_original_targets() -> None:
     """k = 100,000 with marginals="original": refused as infeasible (2.6e-6 above tol 1e-6)
     while prepare's normalisation still summed plainly."""
