@@ -64,7 +64,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
             totals, the official PPU code's target) or class totals (k,) summing to N.
         weights: (N,) each row's KL weight c_i > 0 (tensor, array or list), replacing the
             1 / ``lam`` rule (e.g. the official notebook's 1 / entropy); not together with a
-            ``lam`` other than 1. Each in [1e-150, 1e150], max / min at most 1e30.
+            ``lam`` other than 1. Each in [1e-250, 1e250], max / min at most 1e30.
         method: "newton" | "sinkhorn" | "gradient" (``step_size`` sets the gradient's eta).
             A float32 / 16-bit Newton solve of at most 2^22 entries that does not reach ``tol``
             is solved again in float64 from the same log P^ (``info.message`` says so).
@@ -293,7 +293,7 @@ def solve(log_p: ArrayLike, weights: Union[ArrayLike, Sequence[float]],
             in exact arithmetic; in float32 keep rows within ~100 of normalised: a shift of
             1,000 costs the solve about 1e-5 of residual); -inf marks zero probabilities.
         weights: c (N,), > 0 (tensor, array or list): the weight of each row's KL term; each
-            in [1e-150, 1e150], max / min at most 1e30.
+            in [1e-250, 1e250], max / min at most 1e30.
         marginals: M (k,), >= 0, summing to N (tensor, array or list).
         method, tol, max_iter, backend, step_size: as for :func:`refine`.
         process_group: a ``torch.distributed`` process group: each rank passes its own rows of

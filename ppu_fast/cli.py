@@ -399,6 +399,16 @@ def _finish(result: dict, out: str, started: float, tables: bool = False, story:
 _writing: list = [None]
 
 
+def _partial_results(lead: str) -> str:
+    """What the message of a command stopped while ``_finish`` wrote adds: that the folder holds
+    part of this run's files; "" at any other time."""
+    where = _writing[0]
+    if not where:
+        return ""
+    return (f"{lead} the results: '{where}' holds only the files of this run written so far "
+            f"(the earlier ones there were removed first); run it again for the whole set")
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -737,11 +747,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # What a shell reports for SIGINT; the handlers' own cleanup (temporary files, folders
         # they made) has run by now.
-        where = _writing[0]
-        print(f"ppu-fast {args.command}: interrupted"
-              + (f" while writing the results: '{where}' holds only the files of this run "
-                 f"written so far (the earlier ones there were removed first); run it again for "
-                 f"the whole set" if where else ""), file=sys.stderr)
+        print(f"ppu-fast {args.command}: interrupted" + _partial_results(" while writing"),
+              file=sys.stderr)
         return 130
     except MemoryError as exc:
         print(f"ppu-fast {args.command}: error: out of memory ({exc or 'MemoryError'}); expected "
@@ -754,7 +761,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         # A file or folder the command could not write or read (permissions, a full disk): not
         # a crash to debug, and not status 1, which says Q was written.
-        print(f"ppu-fast {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ppu-fast {args.command}: error: {exc}" + _partial_results("; while writing"),
+              file=sys.stderr)
         return 2
     except FloatingPointError as exc:
         # A diverged training (unlearn refuses to hand back its NaN weights): the run failed.

@@ -309,8 +309,10 @@ def as_int(value, name: str) -> int:
 # stay a normal float32. Weight ratios (and lam) beyond this range are refused.
 WEIGHT_RATIO_MAX = 1e30
 # Each weight lies within [1 / this, this]: alpha is returned as alpha_solver * min(c), which
-# overflowed to -inf at weights of 1e308 and kept only a few digits at 1e-320 (subnormal).
-WEIGHT_ABS_MAX = 1e150
+# overflowed to -inf at weights of 1e308 and kept only a few digits at 1e-320 (subnormal); within
+# 1e+-250 it and the dual value keep float64's range with room for any ratio up to 1e30 (weights
+# of 1e+-200 solve as at 1: tests/test_hostile.py).
+WEIGHT_ABS_MAX = 1e250
 
 
 def check_lam(lam) -> float:
@@ -493,7 +495,7 @@ def target_marginals(marginals, colsum_retain: torch.Tensor, colsum_forget: torc
     ``p_hat_colsum``: column sums of P^'s forget rows (the pseudo-probabilities): "pseudo" is P^'s
     own totals, and "retain" falls back to them when nothing is retained. Every kind is scaled
     to sum to N exactly: the rows' sums carry their evaluation's rounding (float32 at k = 5,000
-    put "original" 6.8e-5 short of N = 200, and a refine at tol 2e-7, above that dtype's floor,
+    put "original" 6.8e-5 off N = 200, and a refine at tol 2e-7, above that dtype's floor,
     was refused as infeasible: Q's totals sum to N, so no Q came closer than that gap).
     """
     if isinstance(marginals, str):

@@ -543,11 +543,14 @@ def test_flag_renaming_leaves_other_words_alone(tmp_path, capsys):
     assert "(--init-checkpoint)" in err and "--init-checkpoint (--init-checkpoint)" not in err
 
 
+@pytest.mark.parametrize("stop, status, said", [
+    (KeyboardInterrupt, 130, "interrupted while writing the results"),
+    (OSError(28, "No space left on device"), 2, "No space left on device; while writing the results")])
 def test_an_interrupted_write_leaves_no_file_of_the_earlier_run(tmp_path, capsys, monkeypatch,
-                                                                tiny_demo):
-    """A second run into a folder, interrupted while writing: the folder held the new
-    results.json and .md beside the former run's results.png, which passed for this run's. The
-    former files go first; the message says the set is partial."""
+                                                                tiny_demo, stop, status, said):
+    """A second run into a folder, interrupted (or failing) while writing: the folder held the
+    new results.json and .md beside the former run's results.png, which passed for this run's.
+    The former files go first; the message says the set is partial."""
     import ppu_fast.report as report
     out = tmp_path / "o"
     assert main(["demo", "--out", str(out), "--no-progress"]) == 0
@@ -556,12 +559,11 @@ def test_an_interrupted_write_leaves_no_file_of_the_earlier_run(tmp_path, capsys
     capsys.readouterr()
 
     def interrupted(*a, **kw):
-        raise KeyboardInterrupt
+        raise stop
     monkeypatch.setattr(report, "plot_story", interrupted)
-    assert main(["demo", "--out", str(out), "--no-progress", "--seed", "1"]) == 130
+    assert main(["demo", "--out", str(out), "--no-progress", "--seed", "1"]) == status
     err = capsys.readouterr().err
-    assert (f"ppu-fast demo: interrupted while writing the results: '{out}' holds only the files "
-            f"of this run written so far") in err
+    assert f"{said}: '{out}' holds only the files of this run written so far" in err
     assert json.loads((out / "results.json").read_text())["config"]["seeds"] == [1]
     assert not (out / "results.png").exists() and not (out / "forget_vs_seconds.png").exists()
 
