@@ -359,7 +359,7 @@ def _cli(*args: str) -> tuple[int, str]:
 @pytest.mark.parametrize("flags,message", [
     (["--seeds", "0,0"], "argument --seeds: expected distinct"),
     (["--seeds", "-1"], "argument --seeds: expected distinct integers in [0, 2**32 - 1]"),
-    (["--threads", "0"], "argument --threads: expected a positive integer"),
+    (["--threads", "0"], "argument --threads: expected a thread count from 1 to 1024"),
     (["--device", "bogus"], "device: 'bogus' is not a torch device"),
     (["--unlearn-lr", "inf"], "argument --unlearn-lr: expected a finite number"),
     (["--methods", ","], "argument --methods: expected comma-separated names without empty"),
