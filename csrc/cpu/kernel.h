@@ -805,19 +805,23 @@ constexpr int64_t COMPENSATED_ROW_K = 8192;
 // rounding the same way, and with many small entries (k = 5,000, logits randn * 5) the row sums
 // came out ~3.5e-7 low, the class totals as much high, above float32's tol floor 1e-7 (refines
 // to tol 2e-7 then stopped short); compensating every vector cost the step 25-50 %. Rows of at
-// most ROW_SUM_BLOCK vectors (k <= 128 with 16 lanes) are the plain sum, as before.
+// most ROW_SUM_BLOCK vectors (k <= 128 with 16 lanes) are the plain sum, as before. Plain: one
+// running sum, for sums that only flag a non-finite row (raw logits, log_p with its -inf
+// entries, where TwoSum's inf - inf would turn every such row's sum into NaN and flag it).
 constexpr int ROW_SUM_BLOCK = 8;
+enum class RowSumKind { PLAIN, BLOCKED };
 
 template <class S>
 struct RowSum {
   using V = typename S::V;
-  bool comp;
+  bool comp, blocked;
   V s, c, b;
   int n = 0;
   bool paired = false;  // a block went into (s, c)
-  explicit RowSum(bool compensated)
-      : comp(compensated), s(compensated ? S::set1(1.0f) : S::zero()), c(S::zero()),
-        b(S::zero()) {}
+  // compensated: Fast2Sum on every vector; else blocked (or, with kind PLAIN, plain).
+  explicit RowSum(bool compensated, RowSumKind other = RowSumKind::BLOCKED)
+      : comp(compensated), blocked(!compensated && other == RowSumKind::BLOCKED),
+        s(compensated ? S::set1(1.0f) : S::zero()), c(S::zero()), b(S::zero()) {}
   void add(V e) {
     if (comp) {
       const V t = S::add(s, e);
@@ -825,7 +829,7 @@ struct RowSum {
       s = t;
     } else {
       b = S::add(b, e);
-      if (++n == ROW_SUM_BLOCK) {
+      if (blocked && ++n == ROW_SUM_BLOCK) {
         two_sum<S>(s, c, b);
         b = S::zero();
         n = 0;
@@ -1084,7 +1088,9 @@ static inline void row_prepare(const Params& P, RowScratch& rs, int64_t i, int64
   // Pass A. A wide row of probabilities is summed compensated (COMPENSATED_ROW_K): its sum
   // normalises P^, whose column sums are the targets, which the compensated passes must meet.
   // (Entries outside [0, 1] flag the row, which classify_row then judges in float64.)
-  RowSum<S> sum(P.mode == MODE_PROBS && k >= COMPENSATED_ROW_K);
+  // Raw logits and log_p values are summed only to flag a non-finite row: plainly.
+  RowSum<S> sum(P.mode == MODE_PROBS && k >= COMPENSATED_ROW_K,
+                P.mode == MODE_PROBS ? RowSumKind::BLOCKED : RowSumKind::PLAIN);
   V vmn = S::set1(INFINITY), vmx = S::set1(-INFINITY);
   int64_t j = 0;
   if (P.sc == 1 && W > 1) {
