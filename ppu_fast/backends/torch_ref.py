@@ -89,9 +89,16 @@ def q_chunk(log_p: torch.Tensor, inv_c: torch.Tensor, alpha: torch.Tensor,
 
     The row sums of exp(x - max) are taken in float64: torch's float32 softmax left rows of a
     float32 Q up to 6 ulps from summing to 1 at k = 1000, this leaves them within 1."""
-    x = shifted_logits(log_p, inv_c, alpha, compute_dtype)
-    e = torch.exp(x - x.amax(dim=1, keepdim=True))
-    return e * e.sum(dim=1, keepdim=True, dtype=torch.float64).reciprocal().to(compute_dtype)
+    _, e, s = _exp_rows(shifted_logits(log_p, inv_c, alpha, compute_dtype))
+    return e * s.reciprocal().to(compute_dtype)
+
+
+def _exp_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x - row max, e = exp of it, the row sums of e (r x 1) in float64) of x (r x k): a
+    softmax's pieces, with its normaliser kept to float64 accuracy (Q, the normalised logits)."""
+    sh = x - x.amax(dim=1, keepdim=True)
+    e = torch.exp(sh)
+    return sh, e, e.sum(dim=1, keepdim=True, dtype=torch.float64)
 
 
 def _row_faults(x: torch.Tensor, mode: str, tol: float) -> torch.Tensor:
@@ -120,10 +127,7 @@ def _log_rows(x: torch.Tensor, mode: str, dtype: torch.dtype = torch.float32
         # The normalised rows as e / s, s summed in float64: exp(log_softmax) carries the
         # rounding of each row's log-sum-exp into every entry (rows summing to 1 +- 7e-6 at
         # k = 20,000, the class totals "original" refines aimed at off by as much).
-        xf = x.to(dtype)
-        sh = xf - xf.amax(dim=1, keepdim=True)
-        e = torch.exp(sh)
-        s = e.sum(dim=1, keepdim=True, dtype=torch.float64)
+        sh, e, s = _exp_rows(x.to(dtype))
         return sh - torch.log(s).to(dtype), e * s.reciprocal().to(dtype)
     return x.to(dtype), None
 
