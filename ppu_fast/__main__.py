@@ -63,9 +63,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _solve_demo(ap, args)
     except (MemoryError, RuntimeError) as exc:
         # As the ppu-fast commands: a size the machine cannot hold is not a crash to debug.
+        from .cli import allocation_failed
+
         text = str(exc) or type(exc).__name__
-        if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
-                or "can't allocate memory" in text):
+        if not (isinstance(exc, MemoryError) or allocation_failed(exc)):
             raise
         print(f"{ap.prog}: error: out of memory ({text.splitlines()[0]}); expected sizes that "
               f"fit this machine (--n, --k)", file=sys.stderr)

@@ -725,6 +725,13 @@ def _as_flags(message: str, args: argparse.Namespace) -> str | None:
     return ", ".join(flags) + message[m.end():]
 
 
+def allocation_failed(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is torch's allocator refusing a size (CPU or CUDA), not another error."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ppu-fast`` console script. Returns the exit status: 0, 2 for bad
     input (or a file it cannot read or write), 1 when ``refine`` wrote Q but its solver did not converge or when an unlearning run
@@ -771,10 +778,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         # torch's allocators raise RuntimeError (CUDA's OutOfMemoryError is one): a size the
         # machine cannot hold, not a crash to debug.
-        import torch
-
         text = str(exc)
-        if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text:
+        if allocation_failed(exc):
             print(f"ppu-fast {args.command}: error: out of memory ({text.splitlines()[0]}); "
                   f"expected sizes that fit this machine (--width, --batch-size, "
                   f"--train-per-class, --memory-budget)", file=sys.stderr)
