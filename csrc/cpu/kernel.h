@@ -809,27 +809,27 @@ constexpr int64_t COMPENSATED_ROW_K = 8192;
 // running sum, for sums that only flag a non-finite row (raw logits, log_p with its -inf
 // entries, where TwoSum's inf - inf would turn every such row's sum into NaN and flag it).
 constexpr int ROW_SUM_BLOCK = 8;
-enum class RowSumKind { PLAIN, BLOCKED };
+enum class RowSumKind { PLAIN, BLOCKED, COMPENSATED };
 
 template <class S>
 struct RowSum {
   using V = typename S::V;
-  bool comp, blocked;
+  RowSumKind kind;
   V s, c, b;
   int n = 0;
   bool paired = false;  // a block went into (s, c)
-  // compensated: Fast2Sum on every vector; else blocked (or, with kind PLAIN, plain).
+  // Compensated when asked for, else ``other`` (blocked, or plain).
   explicit RowSum(bool compensated, RowSumKind other = RowSumKind::BLOCKED)
-      : comp(compensated), blocked(!compensated && other == RowSumKind::BLOCKED),
+      : kind(compensated ? RowSumKind::COMPENSATED : other),
         s(compensated ? S::set1(1.0f) : S::zero()), c(S::zero()), b(S::zero()) {}
   void add(V e) {
-    if (comp) {
+    if (kind == RowSumKind::COMPENSATED) {
       const V t = S::add(s, e);
       c = S::add(c, S::sub(e, S::sub(t, s)));
       s = t;
     } else {
       b = S::add(b, e);
-      if (blocked && ++n == ROW_SUM_BLOCK) {
+      if (kind == RowSumKind::BLOCKED && ++n == ROW_SUM_BLOCK) {
         two_sum<S>(s, c, b);
         b = S::zero();
         n = 0;
@@ -840,7 +840,8 @@ struct RowSum {
   // The total, in float64 unless the row was a single block (the lanes' starting 1s taken off
   // when compensated).
   double total() {
-    if (comp) return (S::hsum_d(s) - static_cast<double>(S::W)) + S::hsum_d(c);
+    if (kind == RowSumKind::COMPENSATED)
+      return (S::hsum_d(s) - static_cast<double>(S::W)) + S::hsum_d(c);
     if (!paired) return static_cast<double>(S::hsum(b));
     two_sum<S>(s, c, b);
     return S::hsum_d(s) + S::hsum_d(c);
