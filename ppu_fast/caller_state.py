@@ -97,6 +97,12 @@ def forked_rng(model: nn.Module, device: Any) -> Iterator[None]:
         _FORKED_GPUS.reset(token)
 
 
+def inside_forked_rng() -> bool:
+    """Whether a :func:`forked_rng` block is running (in this context): its seeding is undone
+    when the block ends."""
+    return _FORKED_GPUS.get() is not None
+
+
 def manual_seed(seed: int) -> None:
     """``torch.manual_seed(seed)`` for the library's own draws. Inside :func:`forked_rng` it seeds
     the CPU and the forked GPUs only: torch.manual_seed also reseeds every other GPU and queues the

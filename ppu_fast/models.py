@@ -2,13 +2,15 @@
 scikit-learn's 8x8 digits. Every model maps (B, C, H, W) images to (B, num_classes) logits."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .caller_state import frozen_modules, is_int, is_real, manual_seed
+from .caller_state import (forked_rng, frozen_modules, inside_forked_rng, is_int, is_real,
+                           manual_seed)
 
 MODELS = ("smallcnn", "allcnn", "resnet18")
 
@@ -140,21 +142,31 @@ def reset_parameters(model: nn.Module, seed: int | None = None, *, keep_frozen: 
     an arbitrary model from scratch. ``keep_frozen``: parameters with ``requires_grad=False`` keep
     their values, and frozen modules (``caller_state.frozen_modules``) their running statistics
     (a frozen pre-trained backbone is not what training trained, and a retrain that re-drew it
-    would train around random features it never updates)."""
+    would train around random features it never updates).
+
+    ``seed``: the weights that ``torch.manual_seed(seed)`` followed by the modules' own
+    ``reset_parameters()`` draw, and the caller's global random state (CPU, and the model's GPUs)
+    is afterwards as it was before the call, as scikit-learn's ``random_state`` leaves numpy's
+    (it was reseeded: the caller's later draws followed ``seed``). ``seed=None`` draws from the
+    global stream, as torch's ``reset_parameters()`` does."""
     kept = ({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
             if keep_frozen else {})
     # A frozen module's buffers (BatchNorm's running statistics) stay too: training keeps it in
     # eval mode. (BatchNorm's reset_parameters() resets them as well.)
     kept_buffers = ([(b, b.detach().clone()) for m in frozen_modules(model)
                      for b in m.buffers(recurse=False)] if keep_frozen else [])
-    if seed is not None:
-        manual_seed(seed)
-    for m in model.modules():
-        fn = _reset_method(m)
-        if fn is not None:
-            fn()
-        if hasattr(m, "reset_running_stats"):
-            m.reset_running_stats()
+    # Inside a method's forked_rng (unlearn's methods) the seeding is left as it was: the method's
+    # later draws follow the seed, as they always have, and its fork restores the caller's state.
+    fork = seed is not None and not inside_forked_rng()
+    with forked_rng(model, None) if fork else contextlib.nullcontext():
+        if seed is not None:
+            manual_seed(seed)
+        for m in model.modules():
+            fn = _reset_method(m)
+            if fn is not None:
+                fn()
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in kept:

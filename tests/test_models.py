@@ -64,3 +64,19 @@ def test_reset_parameters_reinitialises_deterministically():
 def test_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         build_model(*args)
+
+
+def test_reset_parameters_with_a_seed_leaves_the_callers_random_state():
+    """A seed gives torch.manual_seed(seed)'s weights without reseeding the caller's stream (it
+    did: the caller's next draws followed the seed); seed=None draws from that stream, as torch's
+    own reset_parameters() does."""
+    a, b = SmallCNN(5), SmallCNN(5)  # their constructors draw from the global stream
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    reset_parameters(a, seed=7)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(7)
+    reset_parameters(b)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(torch.rand(4), expected)  # seed=None consumed the global stream
