@@ -556,7 +556,7 @@ int pthread_create(pthread_t* t, const pthread_attr_t* a, void* (*f)(void*), voi
 """
 
 _NO_THREADS_SCRIPT = r"""
-import ctypes, numpy as np, torch, ppu_fast
+import ctypes, time, numpy as np, torch, ppu_fast
 torch.set_num_threads(1)  # no pool thread yet, and none of torch's
 g = torch.Generator().manual_seed(0)
 p = torch.softmax(torch.randn(200_000, 10, generator=g), 1)
@@ -567,6 +567,13 @@ torch.set_num_threads(2)
 for _ in range(2):
     got = ppu_fast.refine(p, mask, backend="cpu").numpy()  # numpy: torch's ops would want threads
     assert np.array_equal(got, want)
+assert ppu_fast._C.pool_threads() == 0
+# The limit was a moment's: a call a second after the refusal tries again and gets its helper.
+ctypes.CDLL(None).shim_fail(0)
+time.sleep(1.1)
+got = ppu_fast.refine(p, mask, backend="cpu").numpy()
+assert np.array_equal(got, want)
+assert ppu_fast._C.pool_threads() == 1, ppu_fast._C.pool_threads()
 print("ok")
 """
 
@@ -576,7 +583,8 @@ print("ok")
 def test_a_refused_thread_leaves_the_call_on_fewer_threads(tmp_path) -> None:
     """Where the OS refuses a pool thread (a container's process limit), the kernels run on the
     threads there are, with the same answer; they raised RuntimeError("Resource temporarily
-    unavailable") from std::thread."""
+    unavailable") from std::thread. Once the OS allows threads again, a call a second later gets
+    its helper (the pool had stopped trying for the rest of the process)."""
     (tmp_path / "shim.c").write_text(_NO_THREADS_SHIM)
     subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(tmp_path / "shim.so"),
                     str(tmp_path / "shim.c"), "-ldl"], check=True)

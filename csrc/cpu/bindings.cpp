@@ -502,6 +502,8 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "The host cache's counters: cached_bytes, cached_blocks, limit_bytes, hits, misses.");
   m.def("best_isa", &best_isa, "The instruction set 'auto' picks on this CPU.");
+  m.def("pool_threads", &pool_threads,
+        "The helper threads the kernels' pool holds now (it grows to num_threads - 1 on use).");
   m.def("threads_for", &threads_for, py::arg("n"), py::arg("k"), py::arg("nthreads"),
         "Threads a call on an n x k matrix uses when allowed nthreads (at least MIN_WORK "
         "elements each).");

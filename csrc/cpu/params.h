@@ -86,6 +86,8 @@ struct Params {
 // waits only for ranges a helper has already started.
 using RangeFn = void (*)(const void* ctx, int64_t r);
 void parallel_ranges(int64_t nranges, int nthreads, RangeFn fn, const void* ctx);
+// The helper threads the pool holds (they persist between calls).
+int pool_threads();
 
 // The float64 kernels (kernel_f64.h), by instruction set; bindings.cpp picks one.
 void run_f64_generic(const Params& p);

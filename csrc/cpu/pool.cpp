@@ -10,6 +10,7 @@
 // order by the caller of this pool, so results never depend on who ran which range.
 #include <pthread.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -32,6 +33,11 @@ class Pool {
     if (!busy.owns_lock()) return false;
     {
       std::lock_guard<std::mutex> lk(mu_);
+      // A refusal may have been a moment's (other processes held the limit's threads then): a
+      // later call tries again, at most once per kRetryAfter, so that a process that met it once
+      // does not stay on fewer threads for good, nor pays a failed thread creation every call.
+      if (refused_ && std::chrono::steady_clock::now() - refused_at_ >= kRetryAfter)
+        refused_ = false;
       while (static_cast<int>(threads_.size()) < helpers && !refused_) {
         try {
           threads_.emplace_back([this] { worker(); });
@@ -39,6 +45,7 @@ class Pool {
           // The OS refuses another thread (a container's or ulimit's process limit): run with
           // the helpers there are, as a smaller num_threads would, rather than fail the call.
           refused_ = true;
+          refused_at_ = std::chrono::steady_clock::now();
           break;
         }
         threads_.back().detach();
@@ -59,6 +66,11 @@ class Pool {
     open_ = false;  // helpers not yet started stay out; wait for those that joined
     cv_done_.wait(lk, [this] { return active_ == 0; });
     return true;
+  }
+
+  int size() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return static_cast<int>(threads_.size());
   }
 
  private:
@@ -99,7 +111,9 @@ class Pool {
   uint64_t gen_ = 0;
   int want_ = 0, joined_ = 0, active_ = 0;
   bool open_ = false;
-  bool refused_ = false;  // thread creation failed once: do not retry every call
+  bool refused_ = false;  // thread creation failed at refused_at_
+  std::chrono::steady_clock::time_point refused_at_;
+  static constexpr std::chrono::seconds kRetryAfter{1};
 };
 
 // Never destroyed: its threads are detached and blocked on a condition variable at exit. A forked
@@ -119,6 +133,8 @@ Pool& pool() {
 }
 
 }  // namespace
+
+int pool_threads() { return pool().size(); }
 
 void parallel_ranges(int64_t nranges, int nthreads, RangeFn fn, const void* ctx) {
   const int64_t helpers = (nthreads < nranges ? nthreads : nranges) - 1;
