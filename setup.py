@@ -145,8 +145,9 @@ setup(
     install_requires=["torch>=2.3", "numpy", "scipy", "tqdm", "matplotlib", "scikit-learn", "threadpoolctl"],
     extras_require={
         # pybind11, cmake and ninja: tests/test_build.py configures the CMake project itself.
-        "test": ["pytest", "hypothesis", "POT", "scikit-learn", "pytest-benchmark", "pybind11",
-                 "cmake", "ninja"],
+        # pytest-xdist: README's test command runs the suite on two workers (CI's two cores).
+        "test": ["pytest", "pytest-xdist>=3.2", "hypothesis", "POT", "scikit-learn",
+                 "pytest-benchmark", "pybind11", "cmake", "ninja"],
         "bench": ["pytest-benchmark"],
     },
     entry_points={"console_scripts": ["ppu-fast = ppu_fast.cli:main"]},
