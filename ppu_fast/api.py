@@ -201,7 +201,7 @@ def refine(probs: Optional[ArrayLike] = None, forget_mask: Optional[ForgetSpec] 
     info = solve_dual(be, out, inv_c, m, method=method, tol=tol, max_iter=max_iter,
                       step_size=step_size, first=prep.first, weight_sums=weight_sums,
                       capacity=lambda: pb.check_capacity(out, m, tol=tol), final=final,
-                      warn=not retry)
+                      warn=not retry, hand_over=retry)
     wide = None  # (log P^, 1 / c) in float64, once a float64 solve followed the float32 one
     if retry and not info.converged:
         # out still holds log P^ (no pass wrote Q: a written last pass converged).

@@ -390,6 +390,28 @@ def test_a_tiny_float32_stall_is_solved_again_in_float64(monkeypatch, backend, h
     assert float((got.double() - torch.as_tensor(q_ref)).abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_float32_stall_hands_over_to_float64_before_max_iter(backend):
+    """A refine's float32 solve that stalls below residual 1e-4 stops there and lets the float64
+    solve finish, instead of running on to max_iter (it did: 100 float32 passes, then 2-20 in
+    float64): found within the first seeds of the stall family (6 of 30 on cpu, 11 on torch)."""
+    for seed in range(30):
+        x, mask = _many_classes_few_rows(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ppu_fast.ConvergenceWarning)
+            _, info = ppu_fast.refine(logits=x, forget_mask=mask, backend=backend,
+                                      **_MANY_CLASSES)
+        if "no progress in 10 passes below residual 0.0001" in info.message:
+            break
+    else:
+        pytest.fail("no float32 solve of the stall family handed over")
+    first = int(re.search(r"float32 Newton stopped after (\d+) passes at residual ([0-9.e+-]+)",
+                          info.message).group(1))
+    assert first < 100 and info.converged and info.solve_dtype == torch.float64
+    # It had stalled below 1e-4: its best residual then, not at its last pass.
+    assert min(info.history[:first]) <= 1e-4 < info.history[0]
+
+
 def test_the_float64_retry_warns_once_when_it_fails_too(monkeypatch):
     x, mask = _many_classes_few_rows(0)
     with pytest.warns(ppu_fast.ConvergenceWarning) as record:
