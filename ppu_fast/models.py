@@ -3,6 +3,7 @@ scikit-learn's 8x8 digits. Every model maps (B, C, H, W) images to (B, num_class
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from typing import Mapping, Sequence
 
@@ -147,8 +148,9 @@ def reset_parameters(model: nn.Module, seed: int | None = None, *, keep_frozen: 
     ``seed``: the weights that ``torch.manual_seed(seed)`` followed by the modules' own
     ``reset_parameters()`` draw, and the caller's global random state (CPU, and the model's GPUs)
     is afterwards as it was before the call, as scikit-learn's ``random_state`` leaves numpy's
-    (it was reseeded: the caller's later draws followed ``seed``). ``seed=None`` draws from the
-    global stream, as torch's ``reset_parameters()`` does."""
+    (it was reseeded: the caller's later draws followed ``seed``); for a model on a device other
+    than the CPU and CUDA (mps, xpu, ...) it is still reseeded, as by ``torch.manual_seed``.
+    ``seed=None`` draws from the global stream, as torch's ``reset_parameters()`` does."""
     kept = ({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
             if keep_frozen else {})
     # A frozen module's buffers (BatchNorm's running statistics) stay too: training keeps it in
@@ -157,7 +159,11 @@ def reset_parameters(model: nn.Module, seed: int | None = None, *, keep_frozen: 
                      for b in m.buffers(recurse=False)] if keep_frozen else [])
     # Inside a method's forked_rng (unlearn's methods) the seeding is left as it was: the method's
     # later draws follow the seed, as they always have, and its fork restores the caller's state.
-    fork = seed is not None and not inside_forked_rng()
+    # A model on another device type (mps, xpu, ...) keeps torch.manual_seed's semantics: the fork
+    # covers the CPU and CUDA only, and seeding those alone would draw its weights unseeded.
+    other = any(t.device.type not in ("cpu", "cuda")
+                for t in itertools.chain(model.parameters(), model.buffers()))
+    fork = seed is not None and not inside_forked_rng() and not other
     with forked_rng(model, None) if fork else contextlib.nullcontext():
         if seed is not None:
             manual_seed(seed)

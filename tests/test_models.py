@@ -80,3 +80,15 @@ def test_reset_parameters_with_a_seed_leaves_the_callers_random_state():
     reset_parameters(b)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.equal(torch.rand(4), expected)  # seed=None consumed the global stream
+
+
+def test_reset_parameters_of_a_model_on_another_device_type_reseeds_as_before():
+    """torch's fork covers the CPU and CUDA: a model elsewhere (mps, xpu; meta here) gets
+    torch.manual_seed(seed)'s semantics, which seed every device type (its weights drawn
+    reproducibly) and leave the caller's stream reseeded."""
+    meta = torch.nn.Linear(3, 3, device="meta")
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    reset_parameters(meta, seed=7)
+    assert torch.equal(torch.rand(4), expected)

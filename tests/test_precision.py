@@ -401,7 +401,7 @@ def test_a_float32_stall_hands_over_to_float64_before_max_iter(backend):
             warnings.simplefilter("error", ppu_fast.ConvergenceWarning)
             _, info = ppu_fast.refine(logits=x, forget_mask=mask, backend=backend,
                                       **_MANY_CLASSES)
-        if "no progress in 10 passes below residual 0.0001" in info.message:
+        if "residual not halved in 10 passes below 0.0001" in info.message:
             break
     else:
         pytest.fail("no float32 solve of the stall family handed over")
