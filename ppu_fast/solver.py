@@ -623,8 +623,6 @@ def solve_dual(backend: Backend, log_p: torch.Tensor, inv_c: torch.Tensor,
     sampled = hessian is True and hessian_stride(n, k) > 1
     # (1 + 1e-6): the weights as stored, rounded (lam = 0.01 gives 100.0000002 in float32)
     log_form = inv_c_max <= LOG_FORM_WEIGHT_RATIO * (1.0 + 1e-6) * inv_c_min
-    hand_over = (hand_over and method == "newton"
-                 and compute_dtype(log_p.dtype) == torch.float32)
     info = _solve_loop(backend, ev, method, m, alpha, first, alpha0, tol, max_iter, inv_c_max,
                        c_bar, m_safe, eta, t_start, capacity, exact_below, final, sampled,
                        log_form, hand_over)
@@ -684,6 +682,9 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
     best = (res, alpha, g)
     res_prev = math.inf
     materialized = False
+    # A float32 Newton solve: one that float32 rounding can stall (hand_over, the max_iter hint).
+    f32_newton = method == "newton" and compute_dtype(ev.log_p.dtype) == torch.float32
+    hand_over = hand_over and f32_newton
     misses = 0  # failed write predictions
     recent = [(res, False)]  # (residual, taken as a full step) of the accepted iterates
     while res > tol and ev.passes < max_iter:
@@ -806,8 +807,7 @@ def _solve_loop(backend: Backend, ev: _Evaluator, method: str, m: np.ndarray, al
             capacity()
         if not message:
             message = f"reached max_iter={max_iter} passes"
-            if (method == "newton" and compute_dtype(ev.log_p.dtype) == torch.float32
-                    and _float32_stall(ev.history, 100 * TOL_FLOOR[torch.float32])):
+            if f32_newton and _float32_stall(ev.history, 100 * TOL_FLOOR[torch.float32]):
                 message += (f" (stalled for {STALL_WINDOW} passes near the float32 precision "
                             f"floor; a float64 input is solved in float64)")
         if best[0] < res:
